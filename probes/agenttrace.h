@@ -1,0 +1,199 @@
+/* agenttrace wire format: every struct the kernel writes to the ring buffer, and the
+ * event-type enum. Mirrored by ctypes classes in tracer/events.py; tests/test_wire.py
+ * compiles this header and proves sizes and offsets match.
+ *
+ * Rules for editing: never renumber an event type; add fields only at the end of a body;
+ * keep every struct free of implicit padding (explicit pad fields) so the layout is the same
+ * for clang -target bpf and for the host compiler the test uses.
+ */
+#ifndef AGENTTRACE_H
+#define AGENTTRACE_H
+
+#ifndef __BCC__
+#include <linux/types.h>
+typedef __u8 u8; typedef __u16 u16; typedef __u32 u32; typedef __u64 u64; typedef __s32 s32;
+#endif
+
+#define AT_COMM_LEN 16
+#define AT_PATH_MAX 256
+#define AT_ARGS_MAX 4096     /* argv bytes kept per exec; longer argv is marked truncated */
+#define AT_DNS_MAX 512       /* a DNS message over UDP fits in 512 bytes without EDNS */
+#define AT_FLOW_BYTES 256    /* first payload bytes of a flow: enough for banners, ClientHello SNI, request lines */
+
+enum at_event_type {
+	AT_EV_EXEC = 1,
+	AT_EV_FORK = 2,
+	AT_EV_EXIT = 3,
+	AT_EV_CONNECT = 4,      /* connect()/sendmsg() destination seen by the cgroup sock_addr hooks */
+	AT_EV_CONN_RESULT = 5,  /* what became of a TCP connect: established / refused / error */
+	AT_EV_LISTEN = 6,       /* listen() or an accepted inbound connection */
+	AT_EV_DNS = 7,          /* a DNS message (query or answer) from/to an agent socket */
+	AT_EV_FLOW = 8,         /* first payload bytes of a TCP flow, one direction */
+	AT_EV_DEVICE = 9,       /* device access checked by the cgroup device hook */
+	AT_EV_FILE = 10,        /* access to a watched sensitive file (ssh keys) */
+	AT_EV__MAX = 11,
+};
+
+/* Header of every record. pid/tgid/uid/comm are the current task's when the event fired. */
+struct at_header {
+	u16 type;
+	u16 size;            /* bytes of the whole record, header included */
+	u32 pid;             /* kernel thread id */
+	u32 tgid;            /* process id */
+	u32 uid;
+	u64 ktime;           /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
+	u64 cgroup_id;       /* the task's own cgroup v2 id (inode of its directory) */
+	u64 agent_cgroup_id; /* the agent's cgroup: direct child of the watched cgroup, or the watched one */
+	char comm[AT_COMM_LEN];
+};
+
+#define AT_EXEC_ARGS_TRUNCATED   0x1
+#define AT_EXEC_ARGS_READ_FAILED 0x2
+#define AT_EXEC_KILLED           0x4   /* the exec was killed in the kernel by policy */
+
+struct at_exec {
+	struct at_header h;
+	u32 ppid;
+	u32 old_pid;         /* the thread id that called exec (differs when a thread execs) */
+	u32 flags;
+	u32 args_len;        /* bytes valid in args: NUL-separated argv */
+	u32 policy_id;       /* kill-policy entry that matched, 0 when none */
+	u32 pad;
+	char filename[AT_PATH_MAX];  /* kernel copy of the exec path (sched_process_exec) */
+	char args[AT_ARGS_MAX];      /* variable length on the wire: only args_len bytes are sent */
+};
+
+struct at_fork {
+	struct at_header h;  /* the parent */
+	u32 child_tgid;
+	u32 parent_tgid;
+};
+
+struct at_exit {
+	struct at_header h;
+	s32 exit_code;       /* raw wait status: (code << 8) | signal */
+	u32 pad;
+	u64 start_ktime;     /* task start, CLOCK_MONOTONIC, for duration */
+};
+
+#define AT_OP_CONNECT 0
+#define AT_OP_SENDMSG 1
+
+#define AT_VERDICT_ALLOWED 0
+#define AT_VERDICT_BLOCKED 1
+
+struct at_connect {
+	struct at_header h;
+	u64 cookie;          /* bpf_get_socket_cookie: ties connect, result, flow and dns records */
+	u64 sk;              /* kernel socket address, used only as an id to match the result */
+	u16 family;          /* AF_INET / AF_INET6 */
+	u16 protocol;        /* IPPROTO_TCP / IPPROTO_UDP */
+	u16 dport;           /* host byte order */
+	u8 op;               /* AT_OP_* */
+	u8 verdict;          /* AT_VERDICT_* */
+	u8 daddr[16];        /* IPv4 in the first 4 bytes */
+	u32 policy_id;       /* deny entry that blocked it, 0 when none */
+	u32 pad;
+};
+
+#define AT_RESULT_ESTABLISHED 1
+#define AT_RESULT_REFUSED     2
+#define AT_RESULT_ERROR       3
+
+struct at_conn_result {
+	struct at_header h;
+	u64 sk;
+	u16 family;
+	u16 sport;
+	u16 dport;
+	u16 result;          /* AT_RESULT_* */
+	s32 error;           /* errno reported by the socket, 0 when established */
+	u32 pad;
+	u8 saddr[16];
+	u8 daddr[16];
+};
+
+#define AT_LISTEN_LISTEN 1
+#define AT_LISTEN_ACCEPT 2
+
+struct at_listen {
+	struct at_header h;
+	u64 cookie;
+	u16 family;
+	u16 protocol;
+	u16 lport;
+	u16 rport;           /* peer port of an accepted connection */
+	u8 what;             /* AT_LISTEN_* */
+	u8 pad[7];
+	u8 laddr[16];
+	u8 raddr[16];
+};
+
+#define AT_DIR_EGRESS  0
+#define AT_DIR_INGRESS 1
+
+struct at_dns {
+	struct at_header h;
+	u64 cookie;
+	u16 family;
+	u16 protocol;
+	u16 sport;
+	u16 dport;
+	u8 direction;        /* AT_DIR_* */
+	u8 pad;
+	u16 len;             /* bytes valid in msg */
+	u32 pad2;
+	u8 saddr[16];
+	u8 daddr[16];
+	u8 msg[AT_DNS_MAX];
+};
+
+struct at_flow {
+	struct at_header h;
+	u64 cookie;
+	u16 family;
+	u16 sport;
+	u16 dport;
+	u8 direction;        /* AT_DIR_* */
+	u8 verdict;          /* AT_VERDICT_*: blocked when the handshake packet was dropped */
+	u32 len;             /* bytes valid in data */
+	u32 proto_hint;      /* kernel classification, see AT_PROTO_* */
+	u8 saddr[16];
+	u8 daddr[16];
+	u8 data[AT_FLOW_BYTES];
+};
+
+#define AT_PROTO_UNKNOWN 0
+#define AT_PROTO_SSH     1
+#define AT_PROTO_STRATUM 2
+#define AT_PROTO_TLS     3
+#define AT_PROTO_HTTP    4
+
+struct at_device {
+	struct at_header h;
+	u32 major;
+	u32 minor;
+	u32 access;          /* BPF_DEVCG_ACC_* bits */
+	u16 dev_type;        /* BPF_DEVCG_DEV_* */
+	u8 verdict;          /* AT_VERDICT_* */
+	u8 pad;
+};
+
+#define AT_FILE_READ  1
+#define AT_FILE_WRITE 2
+
+struct at_file {
+	struct at_header h;
+	u32 op;              /* AT_FILE_* */
+	u32 flags;           /* open flags */
+	char path[AT_PATH_MAX];
+};
+
+/* Key of the per-agent drop counters (map `drops`): ring-buffer reserve failures. */
+struct at_drop_key {
+	u64 agent_cgroup_id;
+	u32 type;
+	u32 pad;
+};
+
+#endif /* AGENTTRACE_H */
