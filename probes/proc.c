@@ -1,0 +1,163 @@
+/* Process lifecycle: fork, exec, exit of tasks inside watched cgroups.
+ *
+ * Why these hooks: sched:* tracepoints fire once per process event whatever syscall or
+ * io_uring path caused it (execve, execveat, fexecve of a memfd all end in
+ * sched_process_exec), and unlike syscall tracepoints they leave every other task on the
+ * fast syscall path (DESIGN §3).
+ *
+ * Kernel fields we cannot avoid (parent, argv, exit code) are read at offsets the loader
+ * takes from the running kernel's BTF and passes as AT_OFF_* constants. */
+
+#ifndef AT_OFF_TASK_PID
+#error "loader must pass the task_struct/mm_struct offsets from BTF (AT_OFF_*)"
+#endif
+
+/* exec kill policy (enforce mode): the loader fills these from rules whose `match` names exec
+ * paths or basenames; value is the policy id reported back in the event. */
+struct at_path_key { char path[AT_PATH_MAX]; };
+struct at_name_key { char name[AT_COMM_LEN]; };
+BPF_HASH(kill_paths, struct at_path_key, u32, 1024);
+BPF_HASH(kill_names, struct at_name_key, u32, 1024);
+/* [0] = 1 when kernel-side actions are enforced (mode enforce), else report only. */
+BPF_ARRAY(proc_enforce, u32, 1);
+
+/* The exec record is ~4.4 KiB, over the 512-byte BPF stack: build it in per-CPU scratch and
+ * send only the bytes of argv actually read. */
+BPF_PERCPU_ARRAY(exec_scratch, struct at_exec, 1);
+
+static __always_inline u32 at_task_tgid(void *task)
+{
+	u32 v = 0;
+	bpf_probe_read_kernel(&v, sizeof(v), task + AT_OFF_TASK_TGID);
+	return v;
+}
+
+RAW_TRACEPOINT_PROBE(sched_process_fork)
+{
+	/* args: (struct task_struct *parent, struct task_struct *child). Threads share the
+	 * parent's tgid; only new processes are reported. */
+	void *child = (void *)ctx->args[1];
+	u32 cpid = 0, ctgid = 0;
+	u64 cg, agent;
+
+	if (!at_scope(&cg, &agent))
+		return 0;
+	bpf_probe_read_kernel(&cpid, sizeof(cpid), child + AT_OFF_TASK_PID);
+	ctgid = at_task_tgid(child);
+	if (cpid != ctgid)
+		return 0;
+
+	struct at_fork *e = events.ringbuf_reserve(sizeof(struct at_fork));
+	if (!e) {
+		at_count_drop(agent, AT_EV_FORK);
+		return 0;
+	}
+	at_fill_header(&e->h, AT_EV_FORK, sizeof(*e), cg, agent);
+	e->child_tgid = ctgid;
+	e->parent_tgid = e->h.tgid;
+	events.ringbuf_submit(e, 0);
+	return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exec)
+{
+	u64 cg, agent;
+	u32 zero = 0;
+
+	if (!at_scope(&cg, &agent))
+		return 0;
+	struct at_exec *e = exec_scratch.lookup(&zero);
+	if (!e)
+		return 0;
+
+	at_fill_header(&e->h, AT_EV_EXEC, 0, cg, agent);
+	e->old_pid = args->old_pid;
+	e->flags = 0;
+	e->policy_id = 0;
+	e->args_len = 0;
+	bpf_probe_read_kernel_str(e->filename, sizeof(e->filename),
+				  (void *)args + (args->data_loc_filename & 0xFFFF));
+
+	void *task = (void *)bpf_get_current_task();
+	void *parent = 0, *mm = 0;
+	bpf_probe_read_kernel(&parent, sizeof(parent), task + AT_OFF_TASK_REAL_PARENT);
+	e->ppid = parent ? at_task_tgid(parent) : 0;
+
+	/* argv: the new image's stack holds it between mm->arg_start and arg_end; the kernel has
+	 * just written those pages, so the user read normally succeeds. A failure is flagged,
+	 * never hidden (DESIGN §3). */
+	bpf_probe_read_kernel(&mm, sizeof(mm), task + AT_OFF_TASK_MM);
+	if (mm) {
+		unsigned long start = 0, end = 0;
+		bpf_probe_read_kernel(&start, sizeof(start), mm + AT_OFF_MM_ARG_START);
+		bpf_probe_read_kernel(&end, sizeof(end), mm + AT_OFF_MM_ARG_END);
+		u64 len = end > start ? end - start : 0;
+		if (len > AT_ARGS_MAX) {
+			len = AT_ARGS_MAX;
+			e->flags |= AT_EXEC_ARGS_TRUNCATED;
+		}
+		if (len > 0) {
+			if (bpf_probe_read_user(e->args, (u32)len, (void *)start) == 0)
+				e->args_len = len;
+			else
+				e->flags |= AT_EXEC_ARGS_READ_FAILED;
+		}
+	} else {
+		e->flags |= AT_EXEC_ARGS_READ_FAILED;
+	}
+
+	/* Kernel-side kill: the exec is stopped before the new image runs a single instruction. */
+	u32 *pid_kill = kill_paths.lookup((struct at_path_key *)e->filename);
+	if (!pid_kill)
+		pid_kill = kill_names.lookup((struct at_name_key *)e->h.comm);
+	if (pid_kill) {
+		u32 *enf = proc_enforce.lookup(&zero);
+		e->policy_id = *pid_kill;
+		if (enf && *enf) {
+			bpf_send_signal(9);
+			e->flags |= AT_EXEC_KILLED;
+		}
+	}
+
+	u64 size = sizeof(struct at_exec) - AT_ARGS_MAX + e->args_len;
+	if (size > sizeof(struct at_exec))
+		size = sizeof(struct at_exec);
+	e->h.size = size;
+	if (events.ringbuf_output(e, size, 0) != 0)
+		at_count_drop(agent, AT_EV_EXEC);
+	return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exit)
+{
+	u64 cg, agent;
+
+#ifdef AT_HAVE_GROUP_DEAD
+	/* the last thread of the process is leaving: that is the process exit */
+	if (!args->group_dead)
+		return 0;
+#else
+	u64 pt = bpf_get_current_pid_tgid();
+	if ((u32)pt != (u32)(pt >> 32))
+		return 0;
+#endif
+	if (!at_scope(&cg, &agent))
+		return 0;
+	struct at_exit *e = events.ringbuf_reserve(sizeof(struct at_exit));
+	if (!e) {
+		at_count_drop(agent, AT_EV_EXIT);
+		return 0;
+	}
+	at_fill_header(&e->h, AT_EV_EXIT, sizeof(*e), cg, agent);
+	void *task = (void *)bpf_get_current_task();
+	void *leader = 0;
+	e->exit_code = 0;
+	e->pad = 0;
+	e->start_ktime = 0;
+	bpf_probe_read_kernel(&e->exit_code, sizeof(e->exit_code), task + AT_OFF_TASK_EXIT_CODE);
+	bpf_probe_read_kernel(&leader, sizeof(leader), task + AT_OFF_TASK_GROUP_LEADER);
+	if (leader)
+		bpf_probe_read_kernel(&e->start_ktime, sizeof(e->start_ktime), leader + AT_OFF_TASK_START_TIME);
+	events.ringbuf_submit(e, 0);
+	return 0;
+}

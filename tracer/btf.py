@@ -1,0 +1,123 @@
+"""Struct member offsets from the running kernel's BTF (/sys/kernel/btf/vmlinux).
+
+The probes read a handful of kernel-internal fields (a task's parent, argv bounds, exit
+code). Those offsets must come from the running kernel, never from headers that may belong
+to another kernel (DESIGN §3), so the loader asks this module and passes them as -D constants.
+Only the parts of the BTF format needed to find struct members are decoded.
+"""
+from __future__ import annotations
+
+import struct
+from functools import lru_cache
+from pathlib import Path
+
+VMLINUX = Path("/sys/kernel/btf/vmlinux")
+
+_KIND_STRUCT, _KIND_UNION = 4, 5
+# bytes that follow the 12-byte common header, per kind (vlen = number of entries)
+_FIXED_EXTRA = {1: 4, 3: 12, 14: 4, 17: 4}
+_PER_VLEN = {4: 12, 5: 12, 6: 8, 13: 8, 15: 12, 19: 12}
+
+
+class BTFError(Exception):
+    pass
+
+
+class BTF:
+    def __init__(self, data: bytes):
+        if len(data) < 24:
+            raise BTFError("BTF blob too short")
+        magic, _ver, _flags, hdr_len = struct.unpack_from("<HBBI", data, 0)
+        if magic != 0xEB9F:
+            raise BTFError(f"bad BTF magic {magic:#x}")
+        type_off, type_len, str_off, str_len = struct.unpack_from("<IIII", data, 8)
+        self._strings = data[hdr_len + str_off: hdr_len + str_off + str_len]
+        self._types: list = [None]  # type id 0 is void
+        self._by_name: dict[str, list[int]] = {}
+        pos, end = hdr_len + type_off, hdr_len + type_off + type_len
+        while pos < end:
+            name_off, info, size_or_type = struct.unpack_from("<III", data, pos)
+            kind = (info >> 24) & 0x1F
+            vlen = info & 0xFFFF
+            kflag = info >> 31
+            pos += 12
+            members = None
+            if kind in (_KIND_STRUCT, _KIND_UNION):
+                members = []
+                for i in range(vlen):
+                    m_name, m_type, m_off = struct.unpack_from("<III", data, pos + 12 * i)
+                    bit_off = m_off & 0xFFFFFF if kflag else m_off
+                    members.append((m_name, m_type, bit_off))
+            pos += _FIXED_EXTRA.get(kind, 0) + _PER_VLEN.get(kind, 0) * vlen
+            tid = len(self._types)
+            self._types.append((kind, name_off, members))
+            if kind in (_KIND_STRUCT, _KIND_UNION) and name_off:
+                self._by_name.setdefault(self._str(name_off), []).append(tid)
+
+    def _str(self, off: int) -> str:
+        end = self._strings.index(b"\0", off)
+        return self._strings[off:end].decode()
+
+    def _find(self, tid: int, field: str) -> int | None:
+        """Bit offset of `field` in struct/union `tid`, looking into anonymous members."""
+        kind, _name, members = self._types[tid]
+        for m_name, m_type, bit_off in members:
+            if m_name and self._str(m_name) == field:
+                return bit_off
+            if not m_name:
+                inner = self._resolve_aggregate(m_type)
+                if inner is not None:
+                    sub = self._find(inner, field)
+                    if sub is not None:
+                        return bit_off + sub
+        return None
+
+    def _resolve_aggregate(self, tid: int) -> int | None:
+        # anonymous members may sit behind typedef/volatile/const modifiers
+        for _ in range(8):
+            t = self._types[tid]
+            if t is None:
+                return None
+            kind = t[0]
+            if kind in (_KIND_STRUCT, _KIND_UNION):
+                return tid
+            return None
+        return None
+
+    def member_offset(self, struct_name: str, field: str) -> int:
+        """Byte offset of struct_name.field (fields of anonymous sub-structs included)."""
+        for tid in self._by_name.get(struct_name, []):
+            if self._types[tid][2]:
+                bit = self._find(tid, field)
+                if bit is not None:
+                    if bit % 8:
+                        raise BTFError(f"{struct_name}.{field} is a bitfield")
+                    return bit // 8
+        raise BTFError(f"{struct_name}.{field} not found in kernel BTF")
+
+
+@lru_cache(maxsize=1)
+def kernel_btf() -> BTF:
+    try:
+        return BTF(VMLINUX.read_bytes())
+    except FileNotFoundError:
+        raise BTFError(f"{VMLINUX} not found: the kernel was built without CONFIG_DEBUG_INFO_BTF") from None
+
+
+# The only kernel-internal fields any probe reads, and why.
+PROBE_FIELDS = {
+    "AT_OFF_TASK_PID": ("task_struct", "pid"),            # tell a new thread from a new process at fork
+    "AT_OFF_TASK_TGID": ("task_struct", "tgid"),
+    "AT_OFF_TASK_REAL_PARENT": ("task_struct", "real_parent"),  # ppid at exec
+    "AT_OFF_TASK_MM": ("task_struct", "mm"),              # argv lives in the new mm
+    "AT_OFF_TASK_EXIT_CODE": ("task_struct", "exit_code"),
+    "AT_OFF_TASK_GROUP_LEADER": ("task_struct", "group_leader"),
+    "AT_OFF_TASK_START_TIME": ("task_struct", "start_time"),  # monotonic ns, for duration
+    "AT_OFF_MM_ARG_START": ("mm_struct", "arg_start"),
+    "AT_OFF_MM_ARG_END": ("mm_struct", "arg_end"),
+}
+
+
+def probe_offsets(btf: BTF | None = None) -> dict[str, int]:
+    btf = btf or kernel_btf()
+    return {k: btf.member_offset(s, f) for k, (s, f) in PROBE_FIELDS.items()}

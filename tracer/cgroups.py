@@ -1,0 +1,216 @@
+"""cgroup v2: where it is mounted, path/id resolution, and agent identity.
+
+A cgroup's id is the inode number of its directory (what bpf_get_current_cgroup_id returns).
+cgroup v2 may be the only hierarchy (/sys/fs/cgroup) or share the machine with v1
+(hybrid: /sys/fs/cgroup/unified), so the mount is read from /proc/self/mountinfo.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from functools import lru_cache
+from pathlib import Path
+
+
+class CgroupError(Exception):
+    pass
+
+
+@lru_cache(maxsize=1)
+def cgroup2_mount() -> Path:
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                if right.split(" ", 1)[0] == "cgroup2":
+                    return Path(left.split()[4])
+    except OSError as e:
+        raise CgroupError(f"cannot read /proc/self/mountinfo: {e}") from None
+    raise CgroupError("no cgroup2 filesystem is mounted (mount -t cgroup2 none /sys/fs/cgroup)")
+
+
+def resolve(path: str | os.PathLike) -> Path:
+    """Accept a cgroup both relative to the cgroup2 mount (/agents) and as an absolute
+    cgroupfs path (/sys/fs/cgroup/agents); return the absolute directory, which must exist."""
+    mount = cgroup2_mount()
+    p = Path(path)
+    if not p.is_absolute():
+        p = Path("/") / p
+    cand = p if (p == mount or mount in p.parents) else mount / str(p).lstrip("/")
+    cand = Path(os.path.normpath(cand))
+    if cand != mount and mount not in cand.parents:
+        raise CgroupError(f"cgroup path '{path}' escapes the cgroup2 mount {mount}")
+    if not (cand / "cgroup.procs").is_file():
+        raise CgroupError(f"cgroup '{path}' does not exist (looked for {cand})")
+    return cand
+
+
+def relpath(abs_path: Path) -> str:
+    mount = cgroup2_mount()
+    rel = os.path.relpath(abs_path, mount)
+    return "/" if rel == "." else "/" + rel
+
+
+def cgroup_id(abs_path: Path) -> int:
+    return os.stat(abs_path).st_ino
+
+
+def level(abs_path: Path) -> int:
+    rel = relpath(abs_path)
+    return 0 if rel == "/" else rel.count("/")
+
+
+def pid_cgroup(pid: int) -> str | None:
+    """The v2 cgroup of a process, relative to the mount ('0::/path' line), or None."""
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            for line in f:
+                if line.startswith("0::"):
+                    return line[3:].strip()
+    except OSError:
+        return None
+    return None
+
+
+def procs(abs_path: Path, recursive: bool = True) -> list[int]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(abs_path):
+        try:
+            with open(os.path.join(dirpath, "cgroup.procs")) as f:
+                out.extend(int(x) for x in f.read().split())
+        except OSError:
+            pass
+        if not recursive:
+            break
+    return out
+
+
+class AgentResolver:
+    """Maps the agent cgroup id the kernel reports to the agent's identity.
+
+    Each direct child of a watched cgroup is one agent named after its directory; processes
+    directly in the watched cgroup form an agent named after it. Unknown ids trigger one
+    rescan of the watched cgroups' children (new agents appear at any time); ids of cgroups
+    already removed keep their cached identity, and truly unknown ones get a stable
+    placeholder rather than failing the event."""
+
+    def __init__(self, labels: dict | None = None, namer=None):
+        self._lock = threading.Lock()
+        self._watched: dict[int, Path] = {}
+        self._agents: dict[int, dict] = {}
+        self._labels = labels or {}
+        self._namer = namer
+
+    def watch(self, abs_path: Path) -> int:
+        cid = cgroup_id(abs_path)
+        with self._lock:
+            self._watched[cid] = abs_path
+            self._add(abs_path, cid)
+        self.rescan()
+        return cid
+
+    def unwatch(self, cid: int) -> None:
+        with self._lock:
+            self._watched.pop(cid, None)
+
+    def watched(self) -> dict[int, Path]:
+        with self._lock:
+            return dict(self._watched)
+
+    def _add(self, abs_path: Path, cid: int) -> dict:
+        rel = relpath(abs_path)
+        name = self._namer(rel) if self._namer else abs_path.name
+        ident = {"id": name, "cgroup": rel, "cgroup_id": cid}
+        for k, v in self._labels.items():
+            ident.setdefault(k, v)
+        self._agents[cid] = ident
+        return ident
+
+    def rescan(self) -> None:
+        with self._lock:
+            roots = list(self._watched.values())
+        for root in roots:
+            try:
+                with os.scandir(root) as it:
+                    for ent in it:
+                        if ent.is_dir(follow_symlinks=False):
+                            ino = ent.inode()
+                            if ino not in self._agents:
+                                with self._lock:
+                                    self._add(Path(ent.path), ino)
+            except OSError:
+                continue
+
+    def agent(self, cid: int) -> dict:
+        a = self._agents.get(cid)
+        if a is None:
+            self.rescan()
+            a = self._agents.get(cid)
+            if a is None:
+                a = {"id": f"cgroup-{cid}", "cgroup": None, "cgroup_id": cid}
+                with self._lock:
+                    self._agents[cid] = a
+        return a
+
+    def path_of(self, cid: int) -> Path | None:
+        a = self.agent(cid)
+        if a.get("cgroup") is None:
+            return None
+        return cgroup2_mount() / a["cgroup"].lstrip("/")
+
+
+class TempCgroup:
+    """A cgroup this process creates and must remove (run -- CMD, tests)."""
+
+    def __init__(self, rel: str):
+        self.path = cgroup2_mount() / rel.lstrip("/")
+        self.created: list[Path] = []
+
+    def create(self) -> Path:
+        missing = []
+        p = self.path
+        while not p.exists():
+            missing.append(p)
+            p = p.parent
+        for d in reversed(missing):
+            d.mkdir()
+            self.created.append(d)
+        return self.path
+
+    def kill_all(self) -> None:
+        kill = self.path / "cgroup.kill"
+        if kill.exists() and procs(self.path):
+            try:
+                kill.write_text("1")
+            except OSError:
+                for pid in procs(self.path):
+                    try:
+                        os.kill(pid, 9)
+                    except ProcessLookupError:
+                        pass
+
+    def remove(self, timeout: float = 5.0) -> None:
+        import time
+        self.kill_all()
+        deadline = time.monotonic() + timeout
+        for d in reversed(sorted(self._all_dirs(), key=lambda x: len(x.parts))):
+            while True:
+                try:
+                    d.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.02)
+        for d in reversed(self.created):
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+
+    def _all_dirs(self):
+        if not self.path.exists():
+            return []
+        return [Path(dp) for dp, _, _ in os.walk(self.path)]

@@ -1,0 +1,158 @@
+"""ctypes mirrors of probes/agenttrace.h and the decode stage.
+
+tests/test_wire.py compiles the C header with the host compiler and checks every size and
+offset below, so a field added on one side and not the other fails the suite.
+"""
+from __future__ import annotations
+
+import ctypes as C
+import ipaddress
+import socket
+
+COMM_LEN = 16
+PATH_MAX = 256
+ARGS_MAX = 4096
+DNS_MAX = 512
+FLOW_BYTES = 256
+
+# enum at_event_type: never renumber
+EV_EXEC, EV_FORK, EV_EXIT, EV_CONNECT, EV_CONN_RESULT = 1, 2, 3, 4, 5
+EV_LISTEN, EV_DNS, EV_FLOW, EV_DEVICE, EV_FILE = 6, 7, 8, 9, 10
+EV_MAX = 11
+
+TYPE_NAMES = {EV_EXEC: "exec", EV_FORK: "fork", EV_EXIT: "exit", EV_CONNECT: "connect",
+              EV_CONN_RESULT: "conn_result", EV_LISTEN: "listen", EV_DNS: "dns", EV_FLOW: "flow",
+              EV_DEVICE: "device", EV_FILE: "file"}
+
+EXEC_ARGS_TRUNCATED, EXEC_ARGS_READ_FAILED, EXEC_KILLED = 0x1, 0x2, 0x4
+OP_CONNECT, OP_SENDMSG = 0, 1
+VERDICT_ALLOWED, VERDICT_BLOCKED = 0, 1
+RESULT_ESTABLISHED, RESULT_REFUSED, RESULT_ERROR = 1, 2, 3
+LISTEN_LISTEN, LISTEN_ACCEPT = 1, 2
+DIR_EGRESS, DIR_INGRESS = 0, 1
+PROTO_UNKNOWN, PROTO_SSH, PROTO_STRATUM, PROTO_TLS, PROTO_HTTP = 0, 1, 2, 3, 4
+FILE_READ, FILE_WRITE = 1, 2
+
+
+class Header(C.Structure):
+    _fields_ = [("type", C.c_uint16), ("size", C.c_uint16), ("pid", C.c_uint32),
+                ("tgid", C.c_uint32), ("uid", C.c_uint32), ("ktime", C.c_uint64),
+                ("cgroup_id", C.c_uint64), ("agent_cgroup_id", C.c_uint64),
+                ("comm", C.c_char * COMM_LEN)]
+
+
+class Exec(C.Structure):
+    _fields_ = [("h", Header), ("ppid", C.c_uint32), ("old_pid", C.c_uint32),
+                ("flags", C.c_uint32), ("args_len", C.c_uint32), ("policy_id", C.c_uint32),
+                ("pad", C.c_uint32), ("filename", C.c_char * PATH_MAX),
+                ("args", C.c_char * ARGS_MAX)]
+
+
+class Fork(C.Structure):
+    _fields_ = [("h", Header), ("child_tgid", C.c_uint32), ("parent_tgid", C.c_uint32)]
+
+
+class Exit(C.Structure):
+    _fields_ = [("h", Header), ("exit_code", C.c_int32), ("pad", C.c_uint32),
+                ("start_ktime", C.c_uint64)]
+
+
+class Connect(C.Structure):
+    _fields_ = [("h", Header), ("cookie", C.c_uint64), ("sk", C.c_uint64),
+                ("family", C.c_uint16), ("protocol", C.c_uint16), ("dport", C.c_uint16),
+                ("op", C.c_uint8), ("verdict", C.c_uint8), ("daddr", C.c_uint8 * 16),
+                ("policy_id", C.c_uint32), ("pad", C.c_uint32)]
+
+
+class ConnResult(C.Structure):
+    _fields_ = [("h", Header), ("sk", C.c_uint64), ("family", C.c_uint16),
+                ("sport", C.c_uint16), ("dport", C.c_uint16), ("result", C.c_uint16),
+                ("error", C.c_int32), ("pad", C.c_uint32), ("saddr", C.c_uint8 * 16),
+                ("daddr", C.c_uint8 * 16)]
+
+
+class Listen(C.Structure):
+    _fields_ = [("h", Header), ("cookie", C.c_uint64), ("family", C.c_uint16),
+                ("protocol", C.c_uint16), ("lport", C.c_uint16), ("rport", C.c_uint16),
+                ("what", C.c_uint8), ("pad", C.c_uint8 * 7), ("laddr", C.c_uint8 * 16),
+                ("raddr", C.c_uint8 * 16)]
+
+
+class Dns(C.Structure):
+    _fields_ = [("h", Header), ("cookie", C.c_uint64), ("family", C.c_uint16),
+                ("protocol", C.c_uint16), ("sport", C.c_uint16), ("dport", C.c_uint16),
+                ("direction", C.c_uint8), ("pad", C.c_uint8), ("len", C.c_uint16),
+                ("pad2", C.c_uint32), ("saddr", C.c_uint8 * 16), ("daddr", C.c_uint8 * 16),
+                ("msg", C.c_uint8 * DNS_MAX)]
+
+
+class Flow(C.Structure):
+    _fields_ = [("h", Header), ("cookie", C.c_uint64), ("family", C.c_uint16),
+                ("sport", C.c_uint16), ("dport", C.c_uint16), ("direction", C.c_uint8),
+                ("verdict", C.c_uint8), ("len", C.c_uint32), ("proto_hint", C.c_uint32),
+                ("saddr", C.c_uint8 * 16), ("daddr", C.c_uint8 * 16),
+                ("data", C.c_uint8 * FLOW_BYTES)]
+
+
+class Device(C.Structure):
+    _fields_ = [("h", Header), ("major", C.c_uint32), ("minor", C.c_uint32),
+                ("access", C.c_uint32), ("dev_type", C.c_uint16), ("verdict", C.c_uint8),
+                ("pad", C.c_uint8)]
+
+
+class File(C.Structure):
+    _fields_ = [("h", Header), ("op", C.c_uint32), ("flags", C.c_uint32),
+                ("path", C.c_char * PATH_MAX)]
+
+
+class DropKey(C.Structure):
+    _fields_ = [("agent_cgroup_id", C.c_uint64), ("type", C.c_uint32), ("pad", C.c_uint32)]
+
+
+STRUCTS = {"at_header": Header, "at_exec": Exec, "at_fork": Fork, "at_exit": Exit,
+           "at_connect": Connect, "at_conn_result": ConnResult, "at_listen": Listen,
+           "at_dns": Dns, "at_flow": Flow, "at_device": Device, "at_file": File,
+           "at_drop_key": DropKey}
+
+BY_TYPE = {EV_EXEC: Exec, EV_FORK: Fork, EV_EXIT: Exit, EV_CONNECT: Connect,
+           EV_CONN_RESULT: ConnResult, EV_LISTEN: Listen, EV_DNS: Dns, EV_FLOW: Flow,
+           EV_DEVICE: Device, EV_FILE: File}
+
+_V4_MAPPED = b"\0" * 10 + b"\xff\xff"
+
+
+def addr_str(raw, family: int) -> str:
+    b = bytes(raw)
+    if family == socket.AF_INET or b[:12] == _V4_MAPPED:
+        return socket.inet_ntop(socket.AF_INET, b[12:16])
+    return str(ipaddress.IPv6Address(b))
+
+
+def split_args(raw: bytes) -> list[str]:
+    """argv as the kernel lays it out: NUL-separated, the last one NUL-terminated."""
+    if raw.endswith(b"\0"):
+        raw = raw[:-1]
+    if not raw:
+        return []
+    return [a.decode("utf-8", "backslashreplace") for a in raw.split(b"\0")]
+
+
+def cstr(b: bytes) -> str:
+    return b.split(b"\0", 1)[0].decode("utf-8", "backslashreplace")
+
+
+def decode(ptr: int, size: int):
+    """Decode one ring-buffer record into (type, header, body ctypes object).
+
+    The body is copied out of the ring buffer (which is reused after the callback)."""
+    h = Header.from_address(ptr)
+    cls = BY_TYPE.get(h.type)
+    if cls is None:
+        return h.type, None
+    full = C.sizeof(cls)
+    if size >= full:
+        return h.type, cls.from_buffer_copy(C.string_at(ptr, full))
+    # variable-length tail (exec argv): pad the copy to the full struct
+    buf = C.create_string_buffer(full)
+    C.memmove(buf, ptr, size)
+    return h.type, cls.from_buffer(buf)

@@ -1,0 +1,230 @@
+"""Load the probes (one BCC compile unit), attach them, and manage their maps.
+
+Tracepoint programs attach themselves when BCC loads them. cgroup programs (connect/sendmsg
+hooks, skb and device hooks) are attached to each watched cgroup through BPF links: a link
+goes away with the last fd that holds it, so a crashed tracer never leaves hooks behind
+unless they were pinned on purpose (daemon fail-closed mode).
+"""
+from __future__ import annotations
+
+import ctypes as C
+import errno
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import btf
+from .cgroups import cgroup_id, level
+from .paths import probes_dir
+
+TRACEFS = Path("/sys/kernel/tracing")
+
+# attach types (uapi enum bpf_attach_type)
+CGROUP_INET_INGRESS, CGROUP_INET_EGRESS, CGROUP_DEVICE = 0, 1, 6
+CGROUP_INET4_CONNECT, CGROUP_INET6_CONNECT = 10, 11
+CGROUP_UDP4_SENDMSG, CGROUP_UDP6_SENDMSG = 14, 15
+BPF_F_ALLOW_MULTI = 2
+
+# feature -> (source file in probes/, [(cgroup program, prog type name, attach type)]).
+# Tracepoint programs need no entry: BCC attaches TRACEPOINT_PROBE/RAW_TRACEPOINT_PROBE itself.
+FEATURES: dict[str, tuple[str, list[tuple[str, str, int]]]] = {
+    "proc": ("proc.c", []),
+    "net": ("net.c", [
+        ("at_connect4", "CGROUP_SOCK_ADDR", CGROUP_INET4_CONNECT),
+        ("at_connect6", "CGROUP_SOCK_ADDR", CGROUP_INET6_CONNECT),
+        ("at_sendmsg4", "CGROUP_SOCK_ADDR", CGROUP_UDP4_SENDMSG),
+        ("at_sendmsg6", "CGROUP_SOCK_ADDR", CGROUP_UDP6_SENDMSG),
+    ]),
+    "listen": ("listen.c", []),
+    "flow": ("flow.c", [
+        ("at_skb_egress", "CGROUP_SKB", CGROUP_INET_EGRESS),
+        ("at_skb_ingress", "CGROUP_SKB", CGROUP_INET_INGRESS),
+    ]),
+    "dns": ("dns.c", []),
+    "device": ("device.c", [
+        ("at_device_check", "CGROUP_DEVICE", CGROUP_DEVICE),
+    ]),
+}
+DEFAULT_FEATURES = ("proc", "net")
+
+
+class ProbeError(Exception):
+    pass
+
+
+def ensure_tracefs() -> Path:
+    """tracefs may not be mounted (DESIGN §3); BCC needs it to attach tracepoints."""
+    if (TRACEFS / "events").is_dir():
+        return TRACEFS
+    legacy = Path("/sys/kernel/debug/tracing")
+    if (legacy / "events").is_dir():
+        return legacy
+    TRACEFS.mkdir(parents=True, exist_ok=True)
+    rc = os.system(f"mount -t tracefs tracefs {TRACEFS} 2>/dev/null")
+    if rc != 0 or not (TRACEFS / "events").is_dir():
+        raise ProbeError(f"tracefs is not mounted and mounting it at {TRACEFS} failed")
+    return TRACEFS
+
+
+def tracepoint_has_field(tracefs: Path, category: str, event: str, fieldname: str) -> bool:
+    try:
+        fmt = (tracefs / "events" / category / event / "format").read_text()
+    except OSError:
+        return False
+    return re.search(rf"field:[^;]*\b{re.escape(fieldname)}\b", fmt) is not None
+
+
+_libbpf = None
+
+
+def _lib():
+    global _libbpf
+    if _libbpf is None:
+        try:
+            _libbpf = C.CDLL("libbpf.so.1", use_errno=True)
+        except OSError:
+            _libbpf = C.CDLL("libbpf.so.0", use_errno=True)
+        _libbpf.bpf_link_create.argtypes = [C.c_int, C.c_int, C.c_int, C.c_void_p]
+        _libbpf.bpf_link_create.restype = C.c_int
+        _libbpf.bpf_obj_pin.argtypes = [C.c_int, C.c_char_p]
+        _libbpf.bpf_obj_pin.restype = C.c_int
+    return _libbpf
+
+
+def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
+    fd = _lib().bpf_link_create(prog_fd, target_fd, attach_type, None)
+    if fd < 0:
+        err = -fd if fd < -1 else C.get_errno()
+        raise ProbeError(f"attaching a cgroup program failed: {os.strerror(err)}")
+    return fd
+
+
+@dataclass
+class _Attachment:
+    cgroup_path: Path
+    cgroup_id: int
+    link_fds: list[int] = field(default_factory=list)
+
+
+class Probes:
+    """The loaded BPF object."""
+
+    def __init__(self, features=DEFAULT_FEATURES, ringbuf_pages: int = 4096,
+                 extra_cflags: list[str] | None = None):
+        unknown = set(features) - set(FEATURES)
+        if unknown:
+            raise ProbeError(f"unknown probe feature(s): {', '.join(sorted(unknown))}")
+        self.features = tuple(features)
+        self.ringbuf_pages = ringbuf_pages
+        self.extra_cflags = list(extra_cflags or [])
+        self.bpf = None
+        self._cgroup_funcs: list[tuple[object, int]] = []
+        self._attached: dict[int, _Attachment] = {}
+
+    def source(self) -> str:
+        """The compile unit: common.h, then each feature's file in order.
+
+        BCC rewrites map calls (`events.ringbuf_reserve`, `m.lookup`) and generates tracepoint
+        argument structs only in its main text, not in #included files, so the files are laid
+        one after another here; #line directives keep compiler errors pointing at the real
+        file and line. Only agenttrace.h (plain structs) is #included."""
+        d = probes_dir()
+        parts = []
+        for path in [d / "common.h"] + [d / FEATURES[f][0] for f in self.features]:
+            parts.append(f'#line 1 "{path}"\n{path.read_text()}\n')
+        return "".join(parts)
+
+    def cflags(self) -> list[str]:
+        tracefs = ensure_tracefs()
+        flags = [f"-I{probes_dir()}", f"-DAT_RINGBUF_PAGES={self.ringbuf_pages}"]
+        for feat in self.features:
+            flags.append(f"-DAT_WITH_{feat.upper()}")
+        for name, off in btf.probe_offsets().items():
+            flags.append(f"-D{name}={off}")
+        if tracepoint_has_field(tracefs, "sched", "sched_process_exit", "group_dead"):
+            flags.append("-DAT_HAVE_GROUP_DEAD")
+        return flags + self.extra_cflags
+
+    def load(self) -> None:
+        if os.geteuid() != 0:
+            raise ProbeError("agenttrace must run as root to load eBPF programs")
+        try:
+            from bcc import BPF
+        except ImportError as e:
+            raise ProbeError(f"BCC is not importable ({e}); run scripts/setup.sh") from None
+        src = self.source()
+        try:
+            self.bpf = BPF(text=src.encode(), cflags=self.cflags())
+        except Exception as e:  # BCC raises bare Exception on compile/verifier failure
+            raise ProbeError(f"compiling/loading probes ({', '.join(self.features)}) failed: {e}") from None
+        for feat in self.features:
+            for fname, ptype, atype in FEATURES[feat][1]:
+                try:
+                    fn = self.bpf.load_func(fname.encode(), getattr(BPF, ptype), attach_type=atype)
+                except Exception as e:
+                    raise ProbeError(f"loading program {fname} failed: {e}") from None
+                self._cgroup_funcs.append((fn, atype))
+
+    def __getitem__(self, name: str):
+        return self.bpf[name.encode()]
+
+    def watch(self, abs_path: Path) -> int:
+        """Scope the tracepoints to this cgroup subtree and attach the cgroup hooks to it."""
+        cid = cgroup_id(abs_path)
+        if cid in self._attached:
+            return cid
+        att = _Attachment(abs_path, cid)
+        if self._cgroup_funcs:
+            fd = os.open(abs_path, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                for fn, atype in self._cgroup_funcs:
+                    att.link_fds.append(link_create(fn.fd, fd, atype))
+            except ProbeError:
+                for lfd in att.link_fds:
+                    os.close(lfd)
+                raise
+            finally:
+                os.close(fd)
+        watched = self["watched"]
+        watched[watched.Key(cid)] = watched.Leaf(level(abs_path))
+        self._attached[cid] = att
+        return cid
+
+    def unwatch(self, cid: int) -> None:
+        att = self._attached.pop(cid, None)
+        if att is None:
+            return
+        watched = self["watched"]
+        try:
+            del watched[watched.Key(cid)]
+        except KeyError:
+            pass
+        for lfd in att.link_fds:
+            os.close(lfd)
+
+    def watched_ids(self) -> list[int]:
+        return list(self._attached)
+
+    def drops(self) -> dict[tuple[int, int], int]:
+        """Kernel-side drops (ring buffer full) per (agent cgroup id, event type)."""
+        out: dict[tuple[int, int], int] = {}
+        if self.bpf is None:
+            return out
+        for k, v in self["drops"].items():
+            out[(k.agent_cgroup_id, k.type)] = sum(v)
+        return out
+
+    def set_flag(self, array: str, index: int, value: int) -> None:
+        t = self[array]
+        t[t.Key(index)] = t.Leaf(value)
+
+    def close(self) -> None:
+        for cid in list(self._attached):
+            self.unwatch(cid)
+        if self.bpf is not None:
+            try:
+                self.bpf.cleanup()
+            except Exception:
+                pass
+            self.bpf = None

@@ -1,0 +1,33 @@
+"""RFC 3339 timestamps with nanoseconds, UTC, both ways."""
+from __future__ import annotations
+
+import calendar
+import time
+
+
+def format_ns(t_ns: int) -> str:
+    sec, ns = divmod(t_ns, 1_000_000_000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)) + f".{ns:09d}Z"
+
+
+def parse_ns(ts: str) -> int:
+    """Parse what format_ns writes, and the other RFC 3339 forms (offsets, fewer digits)."""
+    s = ts.strip()
+    if s.endswith("Z") or s.endswith("z"):
+        off = 0
+        s = s[:-1]
+    elif len(s) > 6 and s[-6] in "+-" and s[-3] == ":":
+        sign = 1 if s[-6] == "+" else -1
+        off = sign * (int(s[-5:-3]) * 3600 + int(s[-2:]) * 60)
+        s = s[:-6]
+    else:
+        raise ValueError(f"timestamp without a UTC offset: {ts!r}")
+    if "." in s:
+        base, frac = s.split(".", 1)
+        if not frac.isdigit() or len(frac) > 9:
+            raise ValueError(f"bad fraction in timestamp {ts!r}")
+        ns = int(frac.ljust(9, "0"))
+    else:
+        base, ns = s, 0
+    tm = time.strptime(base.replace("t", "T"), "%Y-%m-%dT%H:%M:%S")
+    return (calendar.timegm(tm) - off) * 1_000_000_000 + ns
