@@ -1,0 +1,731 @@
+"""Where records go: JSON lines to streams, rotated files, a root-only Unix socket, syslog.
+
+Every sink implements the CONTRACTS.md interface (`name`, `emit(record)`, `close()`,
+`dropped`). Concrete sinks write synchronously; `QueuedSink` puts any of them on its own
+thread behind a bounded queue so a slow or dead consumer costs the kernel reader one
+append and, when full, one counted drop — never a wait. `Fanout` is what the pipeline holds.
+"""
+from __future__ import annotations
+
+import collections
+import errno
+import ipaddress
+import logging
+import os
+import selectors
+import socket
+import struct
+import tempfile
+import threading
+from typing import Any, Callable, Dict, IO, Iterable, List, Optional
+
+import orjson
+
+log = logging.getLogger(__name__)
+
+Formatter = Callable[[dict], dict]
+
+_OPTS = orjson.OPT_APPEND_NEWLINE
+
+
+def _default(obj: Any) -> Any:
+    # Records come from decoded kernel data; a stray bytes value (a comm that is not UTF-8,
+    # a raw banner) must not kill the sink, and must stay readable.
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        return bytes(obj).decode("utf-8", "backslashreplace")
+    if isinstance(obj, (set, frozenset, tuple)):
+        return list(obj)
+    if isinstance(obj, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
+        return str(obj)
+    raise TypeError(f"cannot serialize {type(obj).__name__}")
+
+
+def dumps_line(record: dict) -> bytes:
+    """One record as one JSON line, `\\n` terminated. orjson escapes control characters in
+    strings, so an agent-supplied newline can never split a record across lines."""
+    return orjson.dumps(record, default=_default, option=_OPTS)
+
+
+class Sink:
+    """Base class: a name, a drop counter, and the formatter (json = identity, or OCSF)."""
+
+    name: str = "sink"
+
+    def __init__(self, name: str, formatter: Optional[Formatter] = None):
+        self.name = name
+        self.dropped = 0
+        self._fmt = formatter
+
+    def _line(self, record: dict) -> bytes:
+        if self._fmt is not None:
+            record = self._fmt(record)
+        return dumps_line(record)
+
+    def emit(self, record: dict) -> None:
+        self.emit_batch((record,))
+
+    def emit_batch(self, records: Iterable[dict]) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def stats(self) -> dict:
+        return {"name": self.name, "dropped": self.dropped}
+
+
+class StreamSink(Sink):
+    """JSON lines to a binary stream (stdout under systemd goes to the journal)."""
+
+    def __init__(self, stream: IO[bytes], name: str = "stream", formatter: Optional[Formatter] = None,
+                 close_stream: bool = False):
+        super().__init__(name, formatter)
+        self._stream = stream
+        self._close_stream = close_stream
+        self._broken = False
+
+    def emit_batch(self, records: Iterable[dict]) -> None:
+        if self._broken:
+            self.dropped += sum(1 for _ in records)
+            return
+        n = 0
+        try:
+            for rec in records:
+                self._stream.write(self._line(rec))
+                n += 1
+            self._stream.flush()
+        except (BrokenPipeError, ValueError, OSError) as e:
+            # A closed pipe (`agenttrace run | head`) stops this sink, not the tracer.
+            self._broken = True
+            self.dropped += 1
+            log.warning("sink %s: output failed (%s); dropping its records from now on", self.name, e)
+
+    def close(self) -> None:
+        try:
+            self._stream.flush()
+        except (OSError, ValueError):
+            pass
+        if self._close_stream:
+            try:
+                self._stream.close()
+            except OSError:
+                pass
+
+
+class StdoutSink(StreamSink):
+    def __init__(self, formatter: Optional[Formatter] = None, stream: Optional[IO[bytes]] = None):
+        import sys
+        super().__init__(stream if stream is not None else sys.stdout.buffer, "stdout", formatter)
+
+
+class FileSink(Sink):
+    """JSON lines to a file rotated by size: path → path.1 → … → path.N (N = keep).
+
+    Rotation happens only between whole lines, on the writer's thread, so no line is split
+    across files and none is lost however fast records arrive. A line longer than
+    max_bytes gets a file of its own rather than being cut.
+    """
+
+    def __init__(self, path: str, max_bytes: int = 100 * 1024 * 1024, keep: int = 5,
+                 formatter: Optional[Formatter] = None, mode: int = 0o600):
+        if max_bytes <= 0:
+            raise ValueError("max_bytes must be positive")
+        if keep < 1:
+            raise ValueError("keep must be at least 1")
+        super().__init__(f"file:{path}", formatter)
+        self.path = os.fspath(path)
+        self.max_bytes = max_bytes
+        self.keep = keep
+        self._mode = mode
+        self.rotations = 0
+        self._lock = threading.Lock()
+        self._open()
+
+    def _open(self) -> None:
+        # Events carry agents' command lines: readable by root only.
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, self._mode)
+        self._fh = os.fdopen(fd, "ab", buffering=1 << 16)
+        self._size = os.fstat(fd).st_size
+
+    def _rotate(self) -> None:
+        self._fh.close()
+        for i in range(self.keep - 1, 0, -1):
+            src = f"{self.path}.{i}"
+            if os.path.exists(src):
+                os.replace(src, f"{self.path}.{i + 1}")
+        os.replace(self.path, f"{self.path}.1")
+        self.rotations += 1
+        self._open()
+
+    def emit_batch(self, records: Iterable[dict]) -> None:
+        with self._lock:
+            for rec in records:
+                try:
+                    line = self._line(rec)
+                except TypeError:
+                    self.dropped += 1
+                    continue
+                if self._size > 0 and self._size + len(line) > self.max_bytes:
+                    self._rotate()
+                try:
+                    self._fh.write(line)
+                except OSError as e:
+                    self.dropped += 1
+                    log.warning("sink %s: write failed: %s", self.name, e)
+                    continue
+                self._size += len(line)
+            try:
+                self._fh.flush()
+            except OSError as e:
+                log.warning("sink %s: flush failed: %s", self.name, e)
+
+    def reopen(self) -> None:
+        """For SIGHUP after an external logrotate moved the file away."""
+        with self._lock:
+            self._fh.close()
+            self._open()
+
+    def close(self) -> None:
+        with self._lock:
+            try:
+                self._fh.close()
+            except OSError:
+                pass
+
+    def stats(self) -> dict:
+        return {"name": self.name, "dropped": self.dropped, "rotations": self.rotations}
+
+
+class _Client:
+    __slots__ = ("sock", "pid", "uid", "queue", "pending", "dropped", "sent")
+
+    def __init__(self, sock: socket.socket, pid: int, uid: int):
+        self.sock = sock
+        self.pid = pid
+        self.uid = uid
+        self.queue: collections.deque = collections.deque()
+        self.pending = b""
+        self.dropped = 0
+        self.sent = 0
+
+
+def _peercred(sock: socket.socket) -> tuple:
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", raw)  # pid, uid, gid
+
+
+class UnixSocketSink(Sink):
+    """A listening SOCK_STREAM socket streaming JSON lines to every connected client.
+
+    The socket file is mode 0600 and owned by the daemon's user (root), and each peer's
+    uid is checked again with SO_PEERCRED: agents must neither read the stream nor
+    connect to it. Each client has its own bounded queue; a client that stops reading
+    loses records (counted on that client and in `dropped`) without slowing the others
+    or the caller. Clients never write: anything they send is discarded.
+    """
+
+    def __init__(self, path: str, queue_size: int = 10000, formatter: Optional[Formatter] = None,
+                 allowed_uids: Optional[Iterable[int]] = None, mode: int = 0o600):
+        super().__init__(f"socket:{path}", formatter)
+        self.path = os.fspath(path)
+        self.queue_size = queue_size
+        self.allowed_uids = set(allowed_uids) if allowed_uids is not None else {os.geteuid()}
+        self.refused = 0
+        self._lock = threading.Lock()
+        self._clients: Dict[int, _Client] = {}
+        self._closed_dropped = 0
+        self._stop = False
+        self._listener = self._bind(mode)
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._sel = selectors.DefaultSelector()
+        self._sel.register(self._listener, selectors.EVENT_READ, None)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, None)
+        self._thread = threading.Thread(target=self._loop, name=f"agenttrace-{self.name}", daemon=True)
+        self._thread.start()
+
+    def _bind(self, mode: int) -> socket.socket:
+        parent = os.path.dirname(os.path.abspath(self.path)) or "/"
+        os.makedirs(parent, exist_ok=True)
+        if os.path.lexists(self.path):
+            # A stale socket from a previous run: replace it, but never clobber a regular file.
+            import stat
+            if not stat.S_ISSOCK(os.lstat(self.path).st_mode):
+                raise FileExistsError(f"{self.path} exists and is not a socket")
+            os.unlink(self.path)
+        # Bind inside a private 0700 directory, fix the mode, then rename into place: there is
+        # no moment at which the socket exists at `path` with looser permissions.
+        tmpdir = tempfile.mkdtemp(prefix=".agenttrace-sock-", dir=parent)
+        tmp = os.path.join(tmpdir, "s")
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            s.bind(tmp)
+            os.chmod(tmp, mode)
+            if os.geteuid() == 0:
+                os.chown(tmp, 0, 0)
+            os.rename(tmp, self.path)
+        except BaseException:
+            s.close()
+            raise
+        finally:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            os.rmdir(tmpdir)
+        s.listen(16)
+        s.setblocking(False)
+        return s
+
+    # -- producer side (the pipeline's thread) -------------------------------------------
+    def emit_batch(self, records: Iterable[dict]) -> None:
+        if not self._clients:
+            return  # nobody listening: nothing to serialize, nothing dropped
+        lines = []
+        for rec in records:
+            try:
+                lines.append(self._line(rec))
+            except TypeError:
+                self.dropped += 1
+        if not lines:
+            return
+        wake = False
+        with self._lock:
+            for c in self._clients.values():
+                was_empty = not c.queue and not c.pending
+                for line in lines:
+                    if len(c.queue) >= self.queue_size:
+                        c.dropped += 1
+                        self.dropped += 1
+                    else:
+                        c.queue.append(line)
+                wake = wake or was_empty
+        if wake:
+            try:
+                os.write(self._wake_w, b"x")
+            except BlockingIOError:
+                pass  # a wake-up is already pending
+
+    def clients(self) -> List[dict]:
+        with self._lock:
+            return [{"pid": c.pid, "uid": c.uid, "queued": len(c.queue), "dropped": c.dropped,
+                     "sent": c.sent} for c in self._clients.values()]
+
+    @property
+    def depth(self) -> int:
+        with self._lock:
+            return max((len(c.queue) for c in self._clients.values()), default=0)
+
+    # -- the socket's own thread -----------------------------------------------------------
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                log.warning("sink %s: accept failed: %s", self.name, e)
+                return
+            try:
+                pid, uid, _gid = _peercred(conn)
+            except OSError:
+                conn.close()
+                continue
+            if uid not in self.allowed_uids:
+                self.refused += 1
+                log.warning("sink %s: refused client pid %d uid %d", self.name, pid, uid)
+                conn.close()
+                continue
+            conn.setblocking(False)
+            # Our side only writes; a half-close tells well-behaved clients not to send.
+            c = _Client(conn, pid, uid)
+            with self._lock:
+                self._clients[conn.fileno()] = c
+            self._sel.register(conn, selectors.EVENT_READ, c)
+
+    def _drop_client(self, c: _Client) -> None:
+        with self._lock:
+            self._clients.pop(c.sock.fileno(), None)
+            self._closed_dropped += c.dropped
+        try:
+            self._sel.unregister(c.sock)
+        except (KeyError, ValueError):
+            pass
+        c.sock.close()
+
+    def _flush_client(self, c: _Client) -> None:
+        while True:
+            if not c.pending:
+                with self._lock:
+                    if not c.queue:
+                        break
+                    # Coalesce up to ~256 KiB per send to keep syscalls few under load.
+                    parts, size = [], 0
+                    while c.queue and size < 262144:
+                        line = c.queue.popleft()
+                        parts.append(line)
+                        size += len(line)
+                    c.sent += len(parts)
+                c.pending = b"".join(parts)
+            try:
+                n = c.sock.send(c.pending)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                self._drop_client(c)
+                return
+            c.pending = c.pending[n:]
+        want = selectors.EVENT_READ | (selectors.EVENT_WRITE if (c.pending or c.queue) else 0)
+        try:
+            self._sel.modify(c.sock, want, c)
+        except (KeyError, ValueError):
+            pass
+
+    def _loop(self) -> None:
+        while not self._stop:
+            for key, ev in self._sel.select(timeout=1.0):
+                if key.fileobj is self._listener:
+                    self._accept()
+                elif key.fileobj == self._wake_r:
+                    try:
+                        while os.read(self._wake_r, 4096):
+                            pass
+                    except BlockingIOError:
+                        pass
+                else:
+                    c = key.data
+                    if ev & selectors.EVENT_READ:
+                        try:
+                            data = c.sock.recv(4096)
+                        except (BlockingIOError, InterruptedError):
+                            data = b"-"
+                        except OSError:
+                            data = b""
+                        if not data:
+                            self._drop_client(c)
+                            continue
+            for c in list(self._clients.values()):
+                if c.queue or c.pending:
+                    self._flush_client(c)
+
+    def close(self) -> None:
+        if self._stop:
+            return
+        # Give connected clients what is already queued before closing.
+        self._stop = True
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:
+            pass
+        self._thread.join(timeout=5)
+        for c in list(self._clients.values()):
+            try:
+                c.sock.setblocking(True)
+                c.sock.settimeout(1.0)
+                if c.pending:
+                    c.sock.sendall(c.pending)
+                while c.queue:
+                    c.sock.sendall(c.queue.popleft())
+            except OSError:
+                pass
+            self._drop_client(c)
+        self._sel.close()
+        self._listener.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    def stats(self) -> dict:
+        return {"name": self.name, "dropped": self.dropped, "refused": self.refused,
+                "clients": self.clients()}
+
+
+# RFC 5424 §6.2.1 severities for our severities; events that are not alerts are informational.
+_SYSLOG_SEVERITY = {"critical": 2, "high": 3, "medium": 4, "low": 5, "info": 6}
+_FACILITIES = {
+    "kern": 0, "user": 1, "mail": 2, "daemon": 3, "auth": 4, "syslog": 5, "lpr": 6, "news": 7,
+    "uucp": 8, "cron": 9, "authpriv": 10, "ftp": 11, "ntp": 12, "security": 13, "console": 14,
+    "local0": 16, "local1": 17, "local2": 18, "local3": 19, "local4": 20, "local5": 21,
+    "local6": 22, "local7": 23,
+}
+
+
+def parse_syslog_address(address: str) -> tuple:
+    """'/dev/log' → (AF_UNIX, '/dev/log'); 'udp://127.0.0.1:514' or '127.0.0.1:514' or
+    '[::1]:514' → (AF_INET/AF_INET6, (host, port)). IP literals only: no DNS at emit time."""
+    a = address
+    if a.startswith("unix://"):
+        a = a[len("unix://"):]
+    if a.startswith("/"):
+        return socket.AF_UNIX, a
+    if a.startswith("udp://"):
+        a = a[len("udp://"):]
+    if a.startswith("["):
+        host, sep, port = a[1:].partition("]:")
+    else:
+        host, sep, port = a.rpartition(":")
+    if not sep or not port.isdigit() or not (0 < int(port) < 65536):
+        raise ValueError(f"syslog address {address!r}: expected /path/to/socket or udp://IP:PORT")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"syslog address {address!r}: host must be an IP address") from None
+    return (socket.AF_INET6 if ip.version == 6 else socket.AF_INET), (str(ip), int(port))
+
+
+class SyslogSink(Sink):
+    """RFC 5424 messages (one record per datagram) to /dev/log or to UDP.
+
+    PRI is facility*8 + severity, the severity taken from the alert's rule severity
+    (critical→crit … info→info); MSGID is the record kind; MSG is the JSON record.
+    A datagram the receiver cannot take (no listener, buffer full, too big) is a drop.
+    """
+
+    APP_NAME = "agenttrace"
+
+    def __init__(self, address: str = "/dev/log", facility: str = "daemon",
+                 formatter: Optional[Formatter] = None, hostname: Optional[str] = None,
+                 max_message: int = 65000, timeout: float = 1.0):
+        super().__init__(f"syslog:{address}", formatter)
+        if facility not in _FACILITIES:
+            raise ValueError(f"unknown syslog facility {facility!r} (one of {', '.join(_FACILITIES)})")
+        self.facility = _FACILITIES[facility]
+        self.family, self.target = parse_syslog_address(address)
+        self.hostname = (hostname or socket.gethostname())[:255] or "-"
+        self.max_message = max_message
+        self.oversize = 0
+        self._timeout = timeout
+        self._sock: Optional[socket.socket] = None
+        self._procid = str(os.getpid())
+
+    def _socket(self) -> socket.socket:
+        if self._sock is None:
+            s = socket.socket(self.family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            s.settimeout(self._timeout)
+            try:
+                s.connect(self.target)
+            except OSError:
+                s.close()
+                raise
+            self._sock = s
+        return self._sock
+
+    @staticmethod
+    def _field(v: Any, limit: int) -> str:
+        # Header fields are PRINTUSASCII without spaces (RFC 5424 §6); anything else → '-'.
+        s = str(v or "")
+        if not s or len(s) > limit or any(not (33 <= ord(ch) <= 126) for ch in s):
+            return "-"
+        return s
+
+    def format(self, record: dict) -> bytes:
+        sev = 6
+        if record.get("kind") == "alert":
+            sev = _SYSLOG_SEVERITY.get(str((record.get("rule") or {}).get("severity")), 4)
+        pri = self.facility * 8 + sev
+        ts = record.get("ts")
+        if isinstance(ts, str) and "." in ts and ts.endswith("Z"):
+            # RFC 5424 allows at most 6 fractional digits.
+            base, frac = ts[:-1].split(".", 1)
+            ts = f"{base}.{frac[:6]}Z"
+        elif not isinstance(ts, str):
+            ts = "-"
+        host = self._field(record.get("node") or self.hostname, 255)
+        msgid = self._field(record.get("kind"), 32)
+        body = self._line(record)[:-1]
+        head = f"<{pri}>1 {ts} {host} {self.APP_NAME} {self._procid} {msgid} - ".encode("ascii")
+        return head + body
+
+    def emit_batch(self, records: Iterable[dict]) -> None:
+        for rec in records:
+            try:
+                msg = self.format(rec)
+            except TypeError:
+                self.dropped += 1
+                continue
+            if len(msg) > self.max_message:
+                self.oversize += 1
+                self.dropped += 1
+                continue
+            try:
+                self._socket().send(msg)
+            except (ConnectionRefusedError, FileNotFoundError) as e:
+                # No listener now (rsyslog restarting): reconnect on the next record.
+                self.dropped += 1
+                self._reset(e)
+            except OSError as e:
+                self.dropped += 1
+                if e.errno not in (errno.EAGAIN, errno.ENOBUFS, errno.EMSGSIZE) and not isinstance(e, socket.timeout):
+                    self._reset(e)
+
+    def _reset(self, e: Exception) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def stats(self) -> dict:
+        return {"name": self.name, "dropped": self.dropped, "oversize": self.oversize}
+
+
+class QueuedSink:
+    """Runs `inner` on its own thread behind a bounded queue.
+
+    `emit` is one length check and one append: the caller (the ring-buffer reader) never
+    waits on the consumer. A full queue drops the record and counts it. `dropped` adds
+    the inner sink's own drops (write errors, per-client drops of the socket sink).
+    """
+
+    def __init__(self, inner: Sink, maxsize: int = 10000, batch: int = 512):
+        if maxsize < 1:
+            raise ValueError("maxsize must be at least 1")
+        self.inner = inner
+        self.name = inner.name
+        self.maxsize = maxsize
+        self._batch = batch
+        self._q: collections.deque = collections.deque()
+        self._wake = threading.Event()
+        self._idle = threading.Event()
+        self._idle.set()
+        self.queue_dropped = 0
+        self.errors = 0
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name=f"agenttrace-sink-{self.name}", daemon=True)
+        self._thread.start()
+
+    @property
+    def dropped(self) -> int:
+        return self.queue_dropped + self.inner.dropped
+
+    @property
+    def depth(self) -> int:
+        return len(self._q)
+
+    def emit(self, record: dict) -> None:
+        if self._closing or len(self._q) >= self.maxsize:
+            self.queue_dropped += 1
+            return
+        self._q.append(record)
+        if not self._wake.is_set():
+            self._wake.set()
+
+    def _run(self) -> None:
+        q = self._q
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            while q:
+                self._idle.clear()
+                batch = []
+                try:
+                    while len(batch) < self._batch:
+                        batch.append(q.popleft())
+                except IndexError:
+                    pass
+                try:
+                    self.inner.emit_batch(batch)
+                except Exception:  # one bad sink must not kill its thread silently
+                    self.errors += 1
+                    self.queue_dropped += len(batch)
+                    log.exception("sink %s failed", self.name)
+            self._idle.set()
+            if self._closing and not q:
+                return
+
+    def flush(self, timeout: Optional[float] = None) -> bool:
+        """Wait until everything queued so far has been handed to the inner sink."""
+        import time
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._q or not self._idle.is_set():
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            self._wake.set()
+            self._idle.wait(0.05)
+        return True
+
+    def close(self, timeout: float = 10.0) -> None:
+        self._closing = True
+        self._wake.set()
+        self._thread.join(timeout)
+        self.inner.close()
+
+    def stats(self) -> dict:
+        s = dict(self.inner.stats())
+        s.update(name=self.name, dropped=self.dropped, queue_dropped=self.queue_dropped,
+                 depth=self.depth, errors=self.errors)
+        return s
+
+
+class Fanout:
+    """Every record to every sink; per-sink drop counters for `lifecycle` stats records."""
+
+    name = "fanout"
+
+    def __init__(self, sinks: Iterable[Any] = ()):
+        self.sinks: List[Any] = list(sinks)
+        self.errors = 0
+
+    def add(self, sink: Any) -> None:
+        self.sinks.append(sink)
+
+    def emit(self, record: dict) -> None:
+        for s in self.sinks:
+            try:
+                s.emit(record)
+            except Exception:
+                self.errors += 1
+                log.exception("sink %s failed", getattr(s, "name", s))
+
+    @property
+    def dropped(self) -> int:
+        return sum(s.dropped for s in self.sinks)
+
+    def drops(self) -> Dict[str, int]:
+        return {s.name: s.dropped for s in self.sinks}
+
+    def depths(self) -> Dict[str, int]:
+        return {s.name: int(getattr(s, "depth", 0)) for s in self.sinks}
+
+    def stats(self) -> List[dict]:
+        return [s.stats() if hasattr(s, "stats") else {"name": s.name, "dropped": s.dropped}
+                for s in self.sinks]
+
+    def close(self) -> None:
+        for s in self.sinks:
+            try:
+                s.close()
+            except Exception:
+                log.exception("closing sink %s failed", getattr(s, "name", s))
+
+
+def build_sinks(cfg: Any, queue_size: int = 10000, *, stdout: Optional[IO[bytes]] = None) -> Fanout:
+    """Sinks from a `config.SinksConfig` (duck-typed), each behind its own QueuedSink.
+
+    The socket sink keeps its own per-client queues, so it is not wrapped again.
+    """
+    fmt: Optional[Formatter] = None
+    if getattr(cfg, "format", "json") == "ocsf":
+        from .ocsf import to_ocsf
+        fmt = to_ocsf
+    qsize = queue_size
+    out = Fanout()
+    if getattr(cfg, "stdout", False):
+        out.add(QueuedSink(StdoutSink(fmt, stream=stdout), qsize))
+    f = getattr(cfg, "file", None)
+    if f is not None:
+        out.add(QueuedSink(FileSink(f.path, f.max_bytes, f.keep, fmt), qsize))
+    s = getattr(cfg, "socket", None)
+    if s is not None:
+        # `agenttrace tail` parses §5 records, so the socket always carries them, whatever
+        # `format` says for the outputs bound for a SIEM.
+        out.add(UnixSocketSink(s.path, queue_size=qsize))
+    y = getattr(cfg, "syslog", None)
+    if y is not None:
+        out.add(QueuedSink(SyslogSink(y.address, y.facility, fmt), qsize))
+    return out
