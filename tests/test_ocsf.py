@@ -1,0 +1,144 @@
+"""OCSF rendering: the mandatory base fields on every class, and each class's own required
+attributes (OCSF 1.x: Process Activity needs actor, device, process; Network/DNS Activity
+at least one endpoint; Detection Finding finding_info with uid and title)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from agenttrace.ocsf import OCSF_VERSION, to_ocsf
+from agenttrace.timefmt import parse_ns
+
+TS = "2026-11-27T07:00:00.123456789Z"
+AGENT = {"id": "a1", "cgroup": "/agents/a1", "cgroup_id": 4242, "team": "rl"}
+PROC = {"pid": 321, "ppid": 300, "uid": 1000, "comm": "bash", "exe": "/usr/bin/ssh",
+        "args": ["ssh", "-R", "2222:localhost:22", "user@203.0.113.7"],
+        "ancestry": [{"pid": 300, "comm": "python3", "exe": "/usr/bin/python3.11"},
+                     {"pid": 1, "comm": "init", "exe": "/sbin/init"}]}
+NET = {"proto": "tcp", "family": "ipv4", "src": {"addr": "10.0.0.5", "port": 40000},
+       "dst": {"addr": "203.0.113.7", "port": 22, "scope": "external", "name": "evil.example"},
+       "verdict": "blocked", "result": "blocked"}
+
+
+def base(kind, **body):
+    r = {"ts": TS, "kind": kind, "node": "gpu-node-1", "agent": dict(AGENT)}
+    r.update(body)
+    return r
+
+
+MANDATORY = ("category_uid", "class_uid", "activity_id", "type_uid", "severity_id", "time", "metadata")
+
+
+def check_base(ev, class_uid, category_uid):
+    for k in MANDATORY:
+        assert k in ev, k
+    assert ev["class_uid"] == class_uid
+    assert ev["category_uid"] == category_uid
+    assert ev["type_uid"] == class_uid * 100 + ev["activity_id"]
+    assert isinstance(ev["severity_id"], int) and 0 <= ev["severity_id"] <= 6
+    assert ev["time"] == parse_ns(TS) // 1_000_000
+    md = ev["metadata"]
+    assert md["version"] == OCSF_VERSION and md["version"].startswith("1.")
+    assert md["product"]["name"] == "agenttrace" and md["product"]["vendor_name"]
+    assert ev["unmapped"]["agent"]["id"] == "a1"
+
+
+def test_exec_is_process_activity_launch():
+    r = base("exec", proc=copy.deepcopy(PROC))
+    ev = to_ocsf(r)
+    check_base(ev, 1007, 1)
+    assert ev["activity_id"] == 1 and ev["activity_name"] == "Launch"
+    assert ev["severity_id"] == 1
+    assert ev["device"]["hostname"] == "gpu-node-1"
+    p = ev["process"]
+    assert p["pid"] == 321 and p["file"]["path"] == "/usr/bin/ssh" and p["file"]["name"] == "ssh"
+    assert p["cmd_line"] == "ssh -R 2222:localhost:22 user@203.0.113.7"
+    assert p["parent_process"]["pid"] == 300 and p["user"]["uid"] == "1000"
+    assert p["lineage"] == ["/usr/bin/python3.11", "/sbin/init"]
+    assert ev["actor"]["process"]["pid"] == 300
+    assert r == base("exec", proc=PROC)  # the record itself is untouched
+
+
+def test_exit_is_process_activity_terminate():
+    ev = to_ocsf(base("exit", proc=copy.deepcopy(PROC), exit_code=3, duration_ms=12))
+    check_base(ev, 1007, 1)
+    assert ev["activity_id"] == 2 and ev["exit_code"] == 3
+    assert ev["actor"]["process"]["pid"] == 321 and "process" in ev and "device" in ev
+
+
+@pytest.mark.parametrize("result,verdict,activity,action,disposition", [
+    ("established", "allowed", 1, 1, 1),
+    ("refused", "allowed", 5, 1, 1),
+    ("error", "allowed", 4, 1, 1),
+    ("blocked", "blocked", 5, 2, 2),
+    ("sent", "allowed", 6, 1, 1),
+])
+def test_connect_is_network_activity(result, verdict, activity, action, disposition):
+    net = dict(NET, result=result, verdict=verdict)
+    ev = to_ocsf(base("connect", proc=PROC, net=net))
+    check_base(ev, 4001, 4)
+    assert ev["activity_id"] == activity
+    assert ev["action_id"] == action and ev["disposition_id"] == disposition
+    assert ev["src_endpoint"] == {"ip": "10.0.0.5", "port": 40000}
+    assert ev["dst_endpoint"] == {"ip": "203.0.113.7", "port": 22, "hostname": "evil.example"}
+    assert ev["connection_info"]["protocol_num"] == 6 and ev["connection_info"]["direction_id"] == 2
+    assert ev["connection_info"]["protocol_ver_id"] == 4
+    assert ev["unmapped"]["scope"] == "external"
+
+
+def test_listen_and_flow_are_network_activity():
+    ev = to_ocsf(base("listen", proc=PROC, net={"proto": "tcp", "local": {"addr": "0.0.0.0", "port": 8080}}))
+    check_base(ev, 4001, 4)
+    assert ev["activity_id"] == 7 and ev["dst_endpoint"]["port"] == 8080
+    ev = to_ocsf(base("flow", proc=PROC, net=dict(NET, verdict="allowed", result="established"),
+                      flow={"protocol": "tls", "detail": {"sni": "pool.example"}}))
+    check_base(ev, 4001, 4)
+    assert ev["activity_id"] == 6 and ev["app_name"] == "tls" and ev["tls"]["sni"] == "pool.example"
+
+
+def test_dns_is_dns_activity():
+    d = {"query": "pool.example", "qtype": "A", "server": {"addr": "10.0.0.53", "port": 53}}
+    ev = to_ocsf(base("dns", proc=PROC, dns=d))
+    check_base(ev, 4003, 4)
+    assert ev["activity_id"] == 1 and ev["query"]["hostname"] == "pool.example" and ev["query"]["type"] == "A"
+    assert ev["dst_endpoint"] == {"ip": "10.0.0.53", "port": 53}
+    ev = to_ocsf(base("dns", proc=PROC, dns=dict(d, answers=["198.51.100.9"])))
+    assert ev["activity_id"] == 6 and ev["answers"] == [{"rdata": "198.51.100.9"}]
+
+
+@pytest.mark.parametrize("severity,sev_id", [("info", 1), ("low", 2), ("medium", 3), ("high", 4), ("critical", 5)])
+def test_alert_is_detection_finding(severity, sev_id):
+    rule = {"id": "tunnel.reverse_ssh", "category": "tunnel", "severity": severity, "action": "block",
+            "outcome": "blocked", "tags": ["T1572", "T1021.004", "not-mitre"],
+            "message": "reverse SSH tunnel to an external host"}
+    ev = to_ocsf(base("alert", rule=rule, proc=PROC, net=NET))
+    check_base(ev, 2004, 2)
+    assert ev["activity_id"] == 1 and ev["severity_id"] == sev_id
+    fi = ev["finding_info"]
+    assert fi["uid"] and fi["title"] == "reverse SSH tunnel to an external host"
+    assert fi["analytic"]["uid"] == "tunnel.reverse_ssh" and fi["types"] == ["tunnel"]
+    assert [a["technique"]["uid"] for a in fi["attacks"]] == ["T1572", "T1021.004"]
+    assert ev["disposition_id"] == 2 and ev["action_id"] == 2 and ev["is_alert"] is True
+    assert ev["evidences"][0]["dst_endpoint"]["ip"] == "203.0.113.7"
+    assert ev["evidences"][0]["process"]["pid"] == 321
+
+
+def test_alert_outcomes():
+    for outcome, disp in (("reported", 15), ("killed", 7)):
+        ev = to_ocsf(base("alert", rule={"id": "r", "severity": "high", "outcome": outcome}))
+        assert ev["disposition_id"] == disp
+
+
+def test_lifecycle_and_unmapped_kinds():
+    ev = to_ocsf(base("lifecycle", phase="started", counters={"events": 0}))
+    check_base(ev, 6002, 6)
+    assert ev["activity_id"] == 3 and ev["app"]["name"] == "agenttrace"
+    assert ev["unmapped"]["counters"] == {"events": 0}
+    ev = to_ocsf(base("gpu", proc=PROC, gpu={"index": 0, "uuid": "GPU-1", "name": "H100",
+                                               "used_memory_mib": 10, "sm_util_pct": 99}))
+    check_base(ev, 0, 0)
+    assert ev["activity_id"] == 99 and ev["unmapped"]["gpu"]["sm_util_pct"] == 99
+    ev = to_ocsf(base("device", proc=PROC, device={"major": 195, "minor": 0, "access": "rw", "verdict": "blocked"}))
+    check_base(ev, 0, 0)
+    assert ev["unmapped"]["device"]["major"] == 195
