@@ -1,0 +1,367 @@
+"""The daemon's one YAML config file: pydantic models and a loader whose errors name file,
+line and field.
+
+Unknown keys are errors (a typo must not silently fall back to a default on a security
+tool). `packaging/agenttrace.example.yaml` documents every key and is loaded by a test.
+"""
+from __future__ import annotations
+
+import ipaddress
+import os
+import string
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Optional, Union
+
+import yaml
+from pydantic import (BaseModel, ByteSize, ConfigDict, Field, ValidationError, PrivateAttr, field_validator)
+
+DEFAULT_PATH = "/etc/agenttrace/agenttrace.yaml"
+DEFAULT_SOCKET = "/run/agenttrace/events.sock"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+_NAME_FIELDS = {"name", "parent", "path", "cgroup_id"}
+_RESERVED_LABELS = {"id", "cgroup", "cgroup_id"}
+
+
+class AgentWatch(_Model):
+    """One watched cgroup pattern and how its agents are named and labelled."""
+
+    cgroup: str
+    """Path relative to the cgroup2 mount, e.g. `/agents`; glob characters (`*`, `?`, `[...]`)
+    match existing and future cgroups, e.g. `/kubepods.slice/*/agent-*`."""
+    agent: Literal["child", "self"] = "child"
+    """`child`: each direct child cgroup is one agent; `self`: the matched cgroup is one agent."""
+    name: str = "{name}"
+    """Agent id template: {name} directory name, {parent} its parent's name, {path} the
+    cgroup path relative to the mount, {cgroup_id}."""
+    labels: Dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("cgroup")
+    @classmethod
+    def _cgroup(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError("must start with '/' (a path relative to the cgroup2 mount, e.g. /agents)")
+        if any(part == ".." for part in v.split("/")):
+            raise ValueError("must not contain '..'")
+        if v.startswith("/sys/fs/cgroup"):
+            raise ValueError("give the path relative to the cgroup2 mount (e.g. /agents), not the cgroupfs path")
+        return v.rstrip("/") or "/"
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        try:
+            fields = {f for _, f, _, _ in string.Formatter().parse(v) if f is not None}
+        except ValueError as e:
+            raise ValueError(f"bad template: {e}") from None
+        bad = fields - _NAME_FIELDS
+        if bad:
+            raise ValueError(f"unknown placeholder(s) {', '.join('{%s}' % b for b in sorted(bad))}; "
+                             f"allowed: {', '.join('{%s}' % f for f in sorted(_NAME_FIELDS))}")
+        if not v:
+            raise ValueError("must not be empty")
+        return v
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, v: Dict[str, str]) -> Dict[str, str]:
+        for k in v:
+            if k in _RESERVED_LABELS:
+                raise ValueError(f"label {k!r} would overwrite the agent's own field")
+            if not k.isidentifier():
+                raise ValueError(f"label name {k!r} must be an identifier (letters, digits, _)")
+        return v
+
+
+class FileSinkConfig(_Model):
+    path: str
+    max_bytes: ByteSize = ByteSize(100 * 1024 * 1024)
+    keep: int = Field(5, ge=1, le=1000)
+
+    @field_validator("max_bytes")
+    @classmethod
+    def _positive(cls, v: ByteSize) -> ByteSize:
+        if v < 4096:
+            raise ValueError("must be at least 4KiB")
+        return v
+
+
+class SocketSinkConfig(_Model):
+    path: str = DEFAULT_SOCKET
+
+    @field_validator("path")
+    @classmethod
+    def _abs(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError("must be an absolute path")
+        if len(v.encode()) > 107:
+            raise ValueError("longer than a Unix socket path may be (107 bytes)")
+        return v
+
+
+class SyslogSinkConfig(_Model):
+    address: str = "/dev/log"
+    facility: str = "daemon"
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str) -> str:
+        from .sinks import parse_syslog_address
+        parse_syslog_address(v)
+        return v
+
+    @field_validator("facility")
+    @classmethod
+    def _facility(cls, v: str) -> str:
+        from .sinks import _FACILITIES
+        if v not in _FACILITIES:
+            raise ValueError(f"unknown facility; one of {', '.join(_FACILITIES)}")
+        return v
+
+
+class SinksConfig(_Model):
+    format: Literal["json", "ocsf"] = "json"
+    stdout: bool = True
+    file: Optional[FileSinkConfig] = None
+    socket: Optional[SocketSinkConfig] = Field(default_factory=SocketSinkConfig)
+    syslog: Optional[SyslogSinkConfig] = None
+
+
+class LimitsConfig(_Model):
+    ring_buffer_pages: int = Field(1024, ge=1)
+    agent_events_per_sec: int = Field(20000, ge=0)
+    agent_burst: Optional[int] = Field(None, ge=1)
+    pipeline_queue: int = Field(65536, ge=1)
+    sink_queue: int = Field(10000, ge=1)
+    proc_table_size: int = Field(65536, ge=64)
+
+    @field_validator("ring_buffer_pages")
+    @classmethod
+    def _pow2(cls, v: int) -> int:
+        if v & (v - 1):
+            raise ValueError("must be a power of two (the kernel's ring buffer requires it)")
+        return v
+
+
+def _parse_listen(v: str) -> tuple:
+    if v.startswith("["):
+        host, sep, port = v[1:].partition("]:")
+    else:
+        host, sep, port = v.rpartition(":")
+    if not sep or not port.isdigit() or not (0 < int(port) < 65536):
+        raise ValueError("expected IP:PORT, e.g. 127.0.0.1:9464")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{host!r} is not an IP address") from None
+    return host, int(port)
+
+
+class MetricsConfig(_Model):
+    enabled: bool = False
+    listen: str = "127.0.0.1:9464"
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        _parse_listen(v)
+        return v
+
+    @property
+    def address(self) -> tuple:
+        return _parse_listen(self.listen)
+
+
+class PinningConfig(_Model):
+    enabled: bool = False
+    fail_mode: Literal["closed", "open"] = "closed"
+    path: str = "/sys/fs/bpf/agenttrace"
+
+    @field_validator("path")
+    @classmethod
+    def _bpffs(cls, v: str) -> str:
+        if not v.startswith("/sys/fs/bpf/"):
+            raise ValueError("must be a directory under the bpffs mount /sys/fs/bpf/")
+        return v
+
+
+class Config(_Model):
+    node: Optional[str] = None
+    mode: Literal["monitor", "enforce"] = "monitor"
+    agents: List[AgentWatch] = Field(default_factory=list)
+    rules: List[str] = Field(default_factory=list)
+    internal_cidrs: List[Union[ipaddress.IPv4Network, ipaddress.IPv6Network]] = Field(default_factory=list)
+    # Filled by the rules/network work (EgressPolicy) and the GPU work; loose until then.
+    egress: Optional[Dict[str, Any]] = None
+    gpu: Optional[Dict[str, Any]] = None
+    sinks: SinksConfig = Field(default_factory=SinksConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    pinning: PinningConfig = Field(default_factory=PinningConfig)
+
+    _source: Optional[str] = PrivateAttr(None)
+
+    @property
+    def source(self) -> Optional[str]:
+        """The file this was loaded from (set by load_config)."""
+        return self._source
+
+    @field_validator("internal_cidrs", mode="before")
+    @classmethod
+    def _cidrs(cls, v: Any) -> Any:
+        # ip_network(strict) refuses host bits set; say which entry is wrong, not a union dump.
+        if isinstance(v, list):
+            out = []
+            for i, item in enumerate(v):
+                try:
+                    out.append(ipaddress.ip_network(str(item), strict=True))
+                except ValueError as e:
+                    raise ValueError(f"entry {i} ({item!r}): {e}") from None
+            return out
+        return v
+
+
+class ConfigIssue:
+    __slots__ = ("file", "line", "column", "field", "message")
+
+    def __init__(self, file: str, line: Optional[int], column: Optional[int], field: str, message: str):
+        self.file, self.line, self.column, self.field, self.message = file, line, column, field, message
+
+    def __str__(self) -> str:
+        where = self.file
+        if self.line is not None:
+            where += f":{self.line}"
+            if self.column is not None:
+                where += f":{self.column}"
+        return f"{where}: {self.field + ': ' if self.field else ''}{self.message}"
+
+    def __repr__(self) -> str:
+        return f"ConfigIssue({str(self)!r})"
+
+
+class ConfigError(Exception):
+    """Every problem found in a config file; `str()` lists them one per line."""
+
+    def __init__(self, issues: List[ConfigIssue]):
+        self.issues = issues
+        super().__init__("\n".join(str(i) for i in issues))
+
+
+def _mark(node: yaml.Node) -> tuple:
+    return node.start_mark.line + 1, node.start_mark.column + 1
+
+
+def _locate(root: Optional[yaml.Node], loc: tuple) -> tuple:
+    """Line/column of the YAML node a pydantic error location points at (the deepest that
+    exists: a missing field points at its parent mapping)."""
+    if root is None:
+        return None, None
+    node, mark = root, _mark(root)
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                if isinstance(k, yaml.ScalarNode) and k.value == str(part):
+                    # Point at the value for bad values, which is what an editor wants; the key
+                    # line and the value line differ only for block collections.
+                    node, mark = v, _mark(k if not isinstance(v, yaml.ScalarNode) else v)
+                    break
+            else:
+                return mark
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and 0 <= part < len(node.value):
+            node = node.value[part]
+            mark = _mark(node)
+        else:
+            return mark
+    return mark
+
+
+def _duplicates(node: Optional[yaml.Node], path: tuple, out: List[tuple]) -> None:
+    # PyYAML keeps the last of two equal keys without a word; on a policy file that hides edits.
+    if isinstance(node, yaml.MappingNode):
+        seen: Dict[str, yaml.Node] = {}
+        for k, v in node.value:
+            if isinstance(k, yaml.ScalarNode):
+                if k.value in seen:
+                    out.append((path + (k.value,), k, seen[k.value]))
+                seen[k.value] = k
+                _duplicates(v, path + (k.value,), out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            _duplicates(v, path + (i,), out)
+
+
+def _field_name(loc: tuple) -> str:
+    parts = []
+    for p in loc:
+        if isinstance(p, int):
+            parts.append(f"[{p}]")
+        else:
+            parts.append(("." if parts else "") + str(p))
+    return "".join(parts)
+
+
+def parse_config(text: str, filename: str = "<config>") -> Config:
+    """Validate YAML text. Raises ConfigError listing every problem."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        m = getattr(e, "problem_mark", None)
+        msg = " ".join(str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x) or str(e)
+        raise ConfigError([ConfigIssue(filename, m.line + 1 if m else None, m.column + 1 if m else None,
+                                       "", f"YAML syntax: {msg}")]) from None
+    issues: List[ConfigIssue] = []
+    dups: List[tuple] = []
+    _duplicates(root, (), dups)
+    for path, k, first in dups:
+        issues.append(ConfigIssue(filename, k.start_mark.line + 1, k.start_mark.column + 1, _field_name(path),
+                                  f"duplicate key (first at line {first.start_mark.line + 1})"))
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        line, col = _locate(root, ())
+        issues.append(ConfigIssue(filename, line, col, "", "the config must be a mapping of keys to values"))
+        raise ConfigError(issues)
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as e:
+        for err in e.errors(include_url=False):
+            loc = tuple(err["loc"])
+            line, col = _locate(root, loc)
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key"
+            elif err["type"] == "missing":
+                msg = "required key is missing"
+            if msg.startswith("Value error, "):
+                msg = msg[len("Value error, "):]
+            issues.append(ConfigIssue(filename, line, col, _field_name(loc), msg))
+        cfg = None
+    if issues:
+        issues.sort(key=lambda i: (i.line or 0, i.column or 0))
+        raise ConfigError(issues)
+    assert cfg is not None
+    return cfg
+
+
+def load_config(path: Union[str, os.PathLike]) -> Config:
+    """Load and validate a config file. Relative `rules` and file-sink paths are resolved
+    against the config file's folder. Raises ConfigError (with file, line, field)."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError([ConfigIssue(str(p), None, None, "", f"cannot read: {e.strerror or e}")]) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError([ConfigIssue(str(p), None, None, "", f"not UTF-8: {e}")]) from None
+    cfg = parse_config(text, str(p))
+    base = p.resolve().parent
+    cfg.rules = [str(base / r) if not os.path.isabs(r) else r for r in cfg.rules]
+    if cfg.sinks.file is not None and not os.path.isabs(cfg.sinks.file.path):
+        cfg.sinks.file.path = str(base / cfg.sinks.file.path)
+    cfg._source = str(p)
+    return cfg
