@@ -1,2 +1,223 @@
-def main():
-    print("placeholder")
+"""The command line: thin. Commands parse and validate input, then hand off to the modules
+that do the work. Exit codes live in exitcodes.Exit."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from . import __version__
+from .exitcodes import Exit
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                  help="agenttrace: eBPF tracing and policy for AI-agent processes.")
+
+
+class BadInput(Exception):
+    """Bad CLI/config/rules input or an environment that cannot run: exit 2, nothing started."""
+
+
+def fail(msg: str, code: int = Exit.BAD_INPUT) -> "typer.Exit":
+    typer.echo(f"agenttrace: {msg}", err=True)
+    return typer.Exit(int(code))
+
+
+def _require_root() -> None:
+    if os.geteuid() != 0:
+        raise BadInput("must run as root (loading eBPF programs and managing cgroups need it)")
+
+
+def _resolve_cgroups(paths: List[str]) -> list[Path]:
+    from .cgroups import CgroupError, resolve
+    out = []
+    for p in paths:
+        try:
+            out.append(resolve(p))
+        except CgroupError as e:
+            raise BadInput(f"--cgroup: {e}") from None
+    return out
+
+
+def _check_cidrs(cidrs: List[str]) -> list[str]:
+    from .netscope import parse_cidr
+    try:
+        return [parse_cidr(c) for c in cidrs]
+    except ValueError as e:
+        raise BadInput(str(e)) from None
+
+
+def _sinks(output: Optional[Path], fmt: str):
+    from .sinks import StdoutSink, StreamSink
+    formatter = None
+    if fmt == "ocsf":
+        from .ocsf import to_ocsf
+        formatter = to_ocsf
+    if output is not None:
+        if not output.parent.is_dir():
+            raise BadInput(f"--output: folder {output.parent} does not exist")
+        try:
+            stream = open(output, "ab", buffering=1 << 16)
+        except OSError as e:
+            raise BadInput(f"--output: cannot open {output}: {e.strerror}") from None
+        return [StreamSink(stream, name="file", formatter=formatter, close_stream=True)]
+    return [StdoutSink(formatter=formatter)]
+
+
+MODES = ("monitor", "enforce")
+FORMATS = ("json", "ocsf")
+
+
+@app.command(context_settings={"allow_interspersed_args": False})
+def run(
+    cmd: Optional[List[str]] = typer.Argument(None, metavar="[-- CMD ARGS...]",
+                                              help="Start CMD in a fresh agent cgroup and trace it until it exits."),
+    cgroup: List[str] = typer.Option([], "--cgroup", "-c", help="Watch this cgroup (relative to the cgroup2 mount or absolute); each child is an agent. Repeatable."),
+    mode: str = typer.Option("monitor", "--mode", help="monitor (report only) or enforce (apply rule actions)."),
+    fmt: str = typer.Option("json", "--format", help="json or ocsf"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write JSON lines here instead of stdout."),
+    internal: List[str] = typer.Option([], "--internal", help="CIDR that counts as internal (adds to RFC 1918 & co). Repeatable."),
+    agent: Optional[str] = typer.Option(None, "--agent", help="Agent name for -- CMD (default run-<pid>)."),
+    no_net: bool = typer.Option(False, "--no-net", help="Process events only (no connect hooks)."),
+):
+    """Trace watched cgroups, or run CMD in a fresh agent cgroup and trace it."""
+    from .runtime import Options, Tracer
+    from .runner import CommandNotFound, StopFlag, run_command, trace_cgroups
+    from .probes import ProbeError
+    from .cgroups import CgroupError
+    try:
+        if mode not in MODES:
+            raise BadInput(f"--mode: '{mode}' is not one of {', '.join(MODES)}")
+        if fmt not in FORMATS:
+            raise BadInput(f"--format: '{fmt}' is not one of {', '.join(FORMATS)}")
+        if not cmd and not cgroup:
+            raise BadInput("nothing to trace: give --cgroup PATH or -- CMD ARGS")
+        if cmd and cgroup:
+            raise BadInput("give either --cgroup or -- CMD, not both")
+        if agent is not None and (not agent or "/" in agent or agent in (".", "..")):
+            raise BadInput(f"--agent: '{agent}' is not a valid cgroup directory name")
+        _require_root()
+        cidrs = _check_cidrs(internal)
+        paths = _resolve_cgroups(cgroup)
+        features = ("proc",) if no_net else ("proc", "net")
+        sinks = _sinks(output, fmt)
+    except BadInput as e:
+        raise fail(str(e))
+    except CgroupError as e:
+        raise fail(str(e))
+
+    flag = StopFlag().install()
+
+    def make(paths_):
+        return Tracer(Options(cgroups=list(paths_), mode=mode, features=features, internal=cidrs), sinks)
+    try:
+        if cmd:
+            rc = run_command(make, cmd, agent or f"run-{os.getpid()}", flag)
+            raise typer.Exit(rc)
+        trace_cgroups(make(paths), flag)
+    except ProbeError as e:
+        raise fail(str(e))
+    except CommandNotFound as e:
+        raise fail(str(e), Exit.CMD_NOT_FOUND)
+    finally:
+        flag.restore()
+
+
+@app.command()
+def tail(
+    cmd: Optional[List[str]] = typer.Argument(None, metavar="[-- CMD ARGS...]"),
+    cgroup: List[str] = typer.Option([], "--cgroup", "-c", help="Trace these cgroups yourself (when no daemon runs)."),
+    socket_path: Path = typer.Option(Path("/run/agenttrace/events.sock"), "--socket", help="The daemon's event socket."),
+    agent_f: List[str] = typer.Option([], "--agent", help="Only these agents (repeatable)."),
+    kind: List[str] = typer.Option([], "--kind", help="Only these event kinds (repeatable)."),
+    severity: Optional[str] = typer.Option(None, "--severity", help="Only alerts at or above this severity."),
+    alerts: bool = typer.Option(False, "--alerts", help="Only alerts."),
+    color: Optional[bool] = typer.Option(None, "--color/--no-color", help="Colour (default: when a terminal)."),
+):
+    """The human view: one coloured line per event. Attaches to the daemon when it runs."""
+    from .tailview import Filter, render
+    from .runtime import Options, Tracer
+    from .runner import StopFlag, run_command, trace_cgroups
+    from .probes import ProbeError
+    from .cgroups import CgroupError
+    use_color = sys.stdout.isatty() if color is None else color
+    try:
+        filt = Filter(agents=agent_f or None, kinds=kind or None, min_severity=severity, alerts_only=alerts)
+    except ValueError as e:
+        raise fail(str(e))
+
+    class _TermSink:
+        name = "terminal"
+        dropped = 0
+
+        def emit_batch(self, records):
+            out = []
+            for r in records:
+                if filt.accepts(r):
+                    out.append(render(r, color=use_color))
+            if out:
+                sys.stdout.write("\n".join(out) + "\n")
+                sys.stdout.flush()
+
+        def emit(self, record):
+            self.emit_batch([record])
+
+        def close(self):
+            pass
+
+    if not cmd and not cgroup:
+        from .sinks import read_socket_records
+        if not socket_path.exists():
+            raise fail(f"no daemon socket at {socket_path}: start `agenttrace daemon`, or give --cgroup PATH / -- CMD to trace directly")
+        sink = _TermSink()
+        try:
+            for rec in read_socket_records(str(socket_path)):
+                sink.emit(rec)
+        except PermissionError:
+            raise fail(f"{socket_path}: permission denied (the event socket is root-only)")
+        except (ConnectionRefusedError, FileNotFoundError):
+            raise fail(f"{socket_path}: no daemon is listening")
+        except KeyboardInterrupt:
+            pass
+        return
+    try:
+        _require_root()
+        paths = _resolve_cgroups(cgroup)
+    except (BadInput, CgroupError) as e:
+        raise fail(str(e))
+    flag = StopFlag().install()
+
+    def make(paths_):
+        return Tracer(Options(cgroups=list(paths_)), [_TermSink()])
+    try:
+        if cmd:
+            raise typer.Exit(run_command(make, cmd, f"tail-{os.getpid()}", flag))
+        trace_cgroups(make(paths), flag)
+    except ProbeError as e:
+        raise fail(str(e))
+    finally:
+        flag.restore()
+
+
+@app.command()
+def doctor():
+    """What this machine supports, and what to do about what it lacks."""
+    from .doctor import run_checks
+    ok = run_checks(typer.echo)
+    raise typer.Exit(Exit.OK if ok else Exit.FAILURE)
+
+
+@app.command()
+def version():
+    """Print the version."""
+    typer.echo(f"agenttrace {__version__}")
+
+
+def main() -> None:
+    app(prog_name="agenttrace")
+
+
+if __name__ == "__main__":
+    main()

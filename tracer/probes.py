@@ -137,7 +137,8 @@ class Probes:
 
     def cflags(self) -> list[str]:
         tracefs = ensure_tracefs()
-        flags = [f"-I{probes_dir()}", f"-DAT_RINGBUF_PAGES={self.ringbuf_pages}"]
+        # -w: the distro headers may be older than the kernel; their warnings are noise to users
+        flags = ["-w", f"-I{probes_dir()}", f"-DAT_RINGBUF_PAGES={self.ringbuf_pages}"]
         for feat in self.features:
             flags.append(f"-DAT_WITH_{feat.upper()}")
         for name, off in btf.probe_offsets().items():

@@ -1,0 +1,196 @@
+"""Decode + enrich: ring-buffer records → pipeline Events in the DESIGN §5 shape.
+
+Runs in the reader's callback, so it must stay cheap: dict building, a process-table lookup,
+a cached scope lookup; /proc is touched only for processes we have not seen.
+"""
+from __future__ import annotations
+
+import ctypes as C
+import socket
+import time
+
+from . import events as E
+from .cgroups import AgentResolver
+from .netscope import Scoper
+from .pipeline import Event
+from .proctable import ProcTable, readlink_exe
+from .timefmt import format_ns
+
+_RESULTS = {E.RESULT_ESTABLISHED: "established", E.RESULT_REFUSED: "refused",
+            E.RESULT_ERROR: "error"}
+_PROTO = {6: "tcp", 17: "udp"}
+_ARGS_OFF = E.Exec.args.offset
+_FAMILY = {socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6"}
+
+
+def wait_status(status: int) -> tuple[int, int | None]:
+    """(exit_code, signal) from a raw wait status; a signal death reads as 128+sig like a shell."""
+    sig = status & 0x7F
+    if sig:
+        return 128 + sig, sig
+    return (status >> 8) & 0xFF, None
+
+
+class Enricher:
+    def __init__(self, agents: AgentResolver, procs: ProcTable, scoper: Scoper,
+                 node: str | None = None, name_lookup=None, gpu_summary=None):
+        self.agents = agents
+        self.procs = procs
+        self.scoper = scoper
+        self.node = node or socket.gethostname()
+        self.name_lookup = name_lookup      # (agent_cgroup_id, addr) -> name | None (DNS cache)
+        self.gpu_summary = gpu_summary      # pid -> gpu dict | None
+        self.clock_offset = 0
+        self.resync_clock()
+        self.argv_read_failures = 0
+        self.unknown_types = 0
+        # TCP connects waiting for their outcome, by kernel socket address
+        self.pending: dict[int, tuple[Event, int]] = {}
+
+    def resync_clock(self) -> None:
+        # ktime is CLOCK_MONOTONIC; the offset to wall time moves with NTP, so it is re-read
+        # periodically rather than once
+        self.clock_offset = time.time_ns() - time.monotonic_ns()
+
+    def _base(self, kind: str, h: E.Header) -> tuple[dict, int]:
+        t = h.ktime + self.clock_offset
+        return {"ts": format_ns(t), "kind": kind, "node": self.node,
+                "agent": self.agents.agent(h.agent_cgroup_id)}, t
+
+    def _proc(self, h: E.Header) -> dict:
+        p = self.procs.get(h.tgid)
+        if p is None:
+            rec = {"pid": h.tgid, "ppid": 0, "uid": h.uid, "comm": E.cstr(h.comm), "exe": "",
+                   "args": []}
+        else:
+            rec = p.record()
+        rec["ancestry"] = self.procs.ancestry(h.tgid)
+        if self.gpu_summary is not None:
+            g = self.gpu_summary(h.tgid)
+            if g:
+                rec["gpu"] = g
+        return rec
+
+    def __call__(self, rtype: int, o) -> list[Event]:
+        """Returns the events ready to go on (connects may be held for their outcome)."""
+        if rtype == E.EV_EXEC:
+            return [self._exec(o)]
+        if rtype == E.EV_FORK:
+            return [self._fork(o)]
+        if rtype == E.EV_EXIT:
+            return [self._exit(o)]
+        if rtype == E.EV_CONNECT:
+            return self._connect(o)
+        if rtype == E.EV_CONN_RESULT:
+            return self._result(o)
+        self.unknown_types += 1
+        return []
+
+    def _exec(self, o: E.Exec) -> Event:
+        h = o.h
+        filename = E.cstr(o.filename)
+        args = E.split_args(C.string_at(C.addressof(o) + _ARGS_OFF, o.args_len)) if o.args_len else []
+        exe = filename
+        if not filename.startswith("/") or filename.startswith("/dev/fd/") or filename.startswith("/proc/"):
+            # execveat(fd, "", AT_EMPTY_PATH) / fexecve of a memfd / relative paths: the
+            # kernel's name says little, the exe link says what ran (if the process still runs)
+            exe = readlink_exe(h.tgid) or filename
+        p = self.procs.on_exec(h.tgid, o.ppid, h.uid, E.cstr(h.comm), exe, args, h.ktime)
+        rec, t = self._base("exec", h)
+        proc = p.record()
+        proc["ancestry"] = self.procs.ancestry(h.tgid)
+        proc["filename"] = filename
+        if o.flags & E.EXEC_ARGS_TRUNCATED:
+            proc["args_truncated"] = True
+        if o.flags & E.EXEC_ARGS_READ_FAILED:
+            proc["args_read_failed"] = True
+            self.argv_read_failures += 1
+        if o.flags & E.EXEC_KILLED:
+            proc["killed_in_kernel"] = True
+        if o.policy_id:
+            proc["policy_id"] = o.policy_id
+        p.cgroup_id, p.agent_cgroup_id = h.cgroup_id, h.agent_cgroup_id
+        rec["proc"] = proc
+        return Event("exec", t, rec, h.tgid, h.agent_cgroup_id)
+
+    def _fork(self, o: E.Fork) -> Event:
+        h = o.h
+        child = self.procs.on_fork(o.parent_tgid, o.child_tgid, h.ktime, h.uid, E.cstr(h.comm))
+        child.cgroup_id, child.agent_cgroup_id = h.cgroup_id, h.agent_cgroup_id
+        rec, t = self._base("fork", h)
+        proc = child.record()
+        proc["ancestry"] = self.procs.ancestry(o.child_tgid)
+        rec["proc"] = proc
+        return Event("fork", t, rec, o.child_tgid, h.agent_cgroup_id)
+
+    def _exit(self, o: E.Exit) -> Event:
+        h = o.h
+        rec, t = self._base("exit", h)
+        rec["proc"] = self._proc(h)
+        code, sig = wait_status(o.exit_code)
+        rec["exit_code"] = code
+        if sig is not None:
+            rec["signal"] = sig
+        start = o.start_ktime
+        if not start:
+            p = self.procs.peek(h.tgid)
+            start = p.start_ktime if p else 0
+        rec["duration_ms"] = round((h.ktime - start) / 1e6, 3) if start and h.ktime >= start else None
+        self.procs.on_exit(h.tgid)
+        return Event("exit", t, rec, h.tgid, h.agent_cgroup_id)
+
+    def _dst(self, agent_id: int, addr: str, port: int) -> dict:
+        d = {"addr": addr, "port": port, "scope": self.scoper.scope(addr), "name": None}
+        if self.name_lookup is not None:
+            d["name"] = self.name_lookup(agent_id, addr)
+        return d
+
+    def _connect(self, o: E.Connect) -> list[Event]:
+        h = o.h
+        rec, t = self._base("connect", h)
+        rec["proc"] = self._proc(h)
+        addr = E.addr_str(o.daddr, o.family)
+        proto = _PROTO.get(o.protocol, str(o.protocol))
+        blocked = o.verdict == E.VERDICT_BLOCKED
+        net = {"proto": proto, "family": _FAMILY.get(o.family, str(o.family)),
+               "op": "sendmsg" if o.op == E.OP_SENDMSG else "connect",
+               "src": None, "dst": self._dst(h.agent_cgroup_id, addr, o.dport),
+               "verdict": "blocked" if blocked else "allowed",
+               "result": "blocked" if blocked else ("sent" if proto == "udp" else "pending")}
+        if o.policy_id:
+            net["policy_id"] = o.policy_id
+        rec["net"] = net
+        ev = Event("connect", t, rec, h.tgid, h.agent_cgroup_id, o.cookie)
+        if net["result"] == "pending":
+            self.pending[o.sk] = (ev, time.monotonic_ns())
+            return []
+        return [ev]
+
+    def _result(self, o: E.ConnResult) -> list[Event]:
+        held = self.pending.pop(o.sk, None)
+        if held is None:
+            return []   # the connect was already released as pending (slow handshake)
+        ev = held[0]
+        net = ev.record["net"]
+        net["result"] = _RESULTS.get(o.result, "error")
+        if o.error:
+            net["error"] = o.error
+        net["src"] = {"addr": E.addr_str(o.saddr, o.family), "port": o.sport}
+        return [ev]
+
+    def expire_pending(self, older_than_ns: int) -> list[Event]:
+        """Release connects whose outcome has not arrived (slow or silently failed handshakes)."""
+        if not self.pending:
+            return []
+        now = time.monotonic_ns()
+        out = []
+        for sk, (ev, since) in list(self.pending.items()):
+            if now - since >= older_than_ns:
+                del self.pending[sk]
+                out.append(ev)
+        return out
+
+    def flush_pending(self) -> list[Event]:
+        out = [ev for ev, _ in self.pending.values()]
+        self.pending.clear()
+        return out

@@ -1,0 +1,159 @@
+"""Process table: what agenttrace knows of each process, for attribution and ancestry.
+
+Fed by fork/exec/exit events; processes that existed before start (or whose events were
+not seen, like an agent's ancestors outside its cgroup) are read from /proc on demand.
+Bounded: least recently used entries are evicted past `max_entries` (evictions counted), so
+a fork bomb cannot grow memory without limit.
+"""
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+
+ANCESTRY_DEPTH = 8
+
+
+class Proc:
+    __slots__ = ("pid", "ppid", "parent", "uid", "comm", "exe", "args", "start_ktime",
+                 "cgroup_id", "agent_cgroup_id", "exited", "gpu")
+
+    def __init__(self, pid: int, ppid: int = 0, uid: int = 0, comm: str = "", exe: str = "",
+                 args: list | None = None, start_ktime: int = 0):
+        self.pid = pid
+        self.ppid = ppid          # the kernel's parent now (after reparenting: init/subreaper)
+        self.parent = ppid        # the process that forked this one, kept for ancestry
+        self.uid = uid
+        self.comm = comm
+        self.exe = exe
+        self.args = args or []
+        self.start_ktime = start_ktime
+        self.cgroup_id = 0
+        self.agent_cgroup_id = 0
+        self.exited = False
+        self.gpu = None
+
+    def record(self) -> dict:
+        return {"pid": self.pid, "ppid": self.ppid, "uid": self.uid, "comm": self.comm,
+                "exe": self.exe, "args": self.args}
+
+
+def _read(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def readlink_exe(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return None
+
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def from_proc(pid: int) -> Proc | None:
+    stat = _read(f"/proc/{pid}/stat")
+    if stat is None:
+        return None
+    # comm may contain spaces and parentheses: it ends at the last ')'
+    lp, rp = stat.find(b"("), stat.rfind(b")")
+    comm = stat[lp + 1:rp].decode("utf-8", "backslashreplace")
+    fields = stat[rp + 2:].split()
+    ppid = int(fields[1])
+    start_ticks = int(fields[19])
+    cmdline = _read(f"/proc/{pid}/cmdline") or b""
+    args = [a.decode("utf-8", "backslashreplace") for a in cmdline.rstrip(b"\0").split(b"\0")] if cmdline else []
+    uid = 0
+    status = _read(f"/proc/{pid}/status") or b""
+    for line in status.split(b"\n"):
+        if line.startswith(b"Uid:"):
+            uid = int(line.split()[1])
+            break
+    # /proc start time is boot-based ticks; CLOCK_MONOTONIC differs from boottime only by
+    # suspended time, which is good enough for a duration of a process we did not see start
+    p = Proc(pid, ppid, uid, comm, readlink_exe(pid) or "", args,
+             start_ktime=start_ticks * (1_000_000_000 // _CLK_TCK))
+    return p
+
+
+class ProcTable:
+    def __init__(self, max_entries: int = 65536):
+        self.max_entries = max_entries
+        self._t: OrderedDict[int, Proc] = OrderedDict()
+        self.evictions = 0
+
+    def __len__(self) -> int:
+        return len(self._t)
+
+    def _put(self, p: Proc) -> Proc:
+        self._t[p.pid] = p
+        self._t.move_to_end(p.pid)
+        while len(self._t) > self.max_entries:
+            self._t.popitem(last=False)
+            self.evictions += 1
+        return p
+
+    def peek(self, pid: int) -> Proc | None:
+        return self._t.get(pid)
+
+    def get(self, pid: int) -> Proc | None:
+        p = self._t.get(pid)
+        if p is None and pid > 0:
+            p = from_proc(pid)
+            if p is not None:
+                self._put(p)
+        return p
+
+    def bootstrap(self, pids) -> int:
+        n = 0
+        for pid in pids:
+            if pid not in self._t and self.get(pid) is not None:
+                n += 1
+        return n
+
+    def on_fork(self, parent_pid: int, child_pid: int, ktime: int, uid: int, comm: str) -> Proc:
+        parent = self.get(parent_pid)
+        child = Proc(child_pid, parent_pid, uid, comm, parent.exe if parent else "",
+                     list(parent.args) if parent else [], start_ktime=ktime)
+        return self._put(child)
+
+    def on_exec(self, pid: int, ppid: int, uid: int, comm: str, exe: str, args: list,
+                ktime: int) -> Proc:
+        p = self._t.get(pid)
+        if p is None:
+            p = Proc(pid, ppid, uid, comm, exe, args, start_ktime=ktime)
+            # an exec we saw without its fork (process older than us): the creator is unknown
+            # beyond the current parent
+        p.ppid = ppid
+        if not p.parent:
+            p.parent = ppid
+        p.uid, p.comm, p.exe, p.args = uid, comm, exe, args
+        return self._put(p)
+
+    def on_exit(self, pid: int) -> Proc | None:
+        p = self._t.get(pid)
+        if p is not None:
+            p.exited = True
+        return p
+
+    def forget(self, pid: int) -> None:
+        self._t.pop(pid, None)
+
+    def ancestry(self, pid: int, depth: int = ANCESTRY_DEPTH) -> list[dict]:
+        """Creator chain, nearest first: who forked whom, even after a parent exited."""
+        out = []
+        p = self._t.get(pid)
+        seen = {pid}
+        nxt = p.parent if p else 0
+        while nxt and nxt not in seen and len(out) < depth:
+            seen.add(nxt)
+            a = self.get(nxt)
+            if a is None:
+                break
+            out.append({"pid": a.pid, "comm": a.comm, "exe": a.exe})
+            nxt = a.parent
+        return out

@@ -1,0 +1,108 @@
+"""`agenttrace run`: watch cgroups, or start a command in a fresh agent cgroup and trace it."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Optional
+
+from .cgroups import TempCgroup, procs as cgroup_procs
+from .runtime import Tracer
+
+RUN_PARENT = "agenttrace"   # fresh agent cgroups live under <cgroup2>/agenttrace/
+
+
+class StopFlag:
+    """SIGINT/SIGTERM → stop; with a child running, the first signal is passed to it."""
+
+    def __init__(self):
+        self.stop = False
+        self.child: Optional[subprocess.Popen] = None
+        self.signals = 0
+        self._old = {}
+
+    def install(self):
+        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def restore(self):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+    def _handle(self, signum, _frame):
+        if signum == signal.SIGHUP:
+            self.reload = True
+            return
+        self.signals += 1
+        if self.child is not None and self.child.poll() is None and self.signals == 1:
+            try:
+                os.kill(self.child.pid, signum)
+            except ProcessLookupError:
+                pass
+            return
+        self.stop = True
+
+    reload = False
+
+
+def trace_cgroups(tracer: Tracer, flag: StopFlag, on_reload=None) -> None:
+    tracer.start()
+    try:
+        while not flag.stop:
+            tracer.poll(100)
+            if flag.reload and on_reload is not None:
+                flag.reload = False
+                on_reload()
+    finally:
+        tracer.stop()
+
+
+def run_command(tracer_factory, cmd: list[str], agent_name: str, flag: StopFlag) -> int:
+    """Create <cgroup2>/agenttrace/<agent_name>, trace it, run cmd inside, return its code.
+
+    Processes the command left behind (daemonised children) are killed with the cgroup when
+    it exits: the agent's run is over and the cgroup must go."""
+    cg = TempCgroup(f"{RUN_PARENT}/{agent_name}")
+    path = cg.create()
+    tracer = None
+    try:
+        tracer = tracer_factory([path])
+        tracer.start()
+        procs_file = str(path / "cgroup.procs")
+
+        def enter_cgroup():
+            with open(procs_file, "w") as f:
+                f.write("0")
+        try:
+            child = subprocess.Popen(cmd, preexec_fn=enter_cgroup)
+        except FileNotFoundError:
+            raise CommandNotFound(cmd[0]) from None
+        except PermissionError:
+            raise CommandNotFound(cmd[0], "permission denied") from None
+        flag.child = child
+        while child.poll() is None and not flag.stop:
+            tracer.poll(100)
+        if child.poll() is None:          # stopped by a second signal
+            child.kill()
+            child.wait()
+        rc = child.returncode
+        # the child's own exit record is written by the kernel before wait() returns; drain
+        # until the cgroup is empty (leftovers killed) and the ring buffer is read out
+        cg.kill_all()
+        deadline = time.monotonic() + 5
+        while cgroup_procs(path) and time.monotonic() < deadline:
+            tracer.poll(20)
+        tracer.poll(0)
+        return 128 - rc if rc < 0 else rc
+    finally:
+        if tracer is not None:
+            tracer.stop()
+        cg.remove()
+
+
+class CommandNotFound(Exception):
+    def __init__(self, cmd: str, why: str = "command not found"):
+        super().__init__(f"{cmd}: {why}")
