@@ -592,8 +592,9 @@ def _dns_answer(wire: bytes, records: Mapping[str, str], ttl: int, log: str, pee
     resp.flags |= dns.flags.RA
     for rr in q.question:
         name = rr.name.to_text(omit_final_dot=True).lower()
+        # The raw query is kept so tests can parse what a real resolver library sent.
         _log(log, {"kind": "dns", "proto": proto, "peer": peer[0], "query": name,
-                   "qtype": dns.rdatatype.to_text(rr.rdtype)})
+                   "qtype": dns.rdatatype.to_text(rr.rdtype), "wire": wire.hex()})
         if name not in records:
             resp.set_rcode(dns.rcode.NXDOMAIN)
             continue
