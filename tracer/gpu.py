@@ -835,27 +835,28 @@ class GpuFence:
         self.config = config
         self.mode = mode
 
-    def install(self, majors: Sequence[int] = ()) -> None:
-        import ctypes as ct  # noqa: PLC0415
+    @staticmethod
+    def _put(table, key: int, value: int) -> None:
+        table[table.Key(key)] = table.Leaf(value)
 
+    def install(self, majors: Sequence[int] = ()) -> None:
+        """Set the GPU majors beyond 195 and the uvm major compiled in, and the enforce flags."""
         m = self.bpf["gpu_dev_majors"]
         for major in set(majors) | set(self.config.extra_device_majors):
-            m[ct.c_uint32(major)] = ct.c_uint32(1)
+            self._put(m, major, 1)
         enforce = self.config.fence == "follow-mode" and self.mode == "enforce"
         e = self.bpf["gpu_enforce"]
-        e[ct.c_int(0)] = ct.c_uint32(1 if enforce else 0)
-        e[ct.c_int(1)] = ct.c_uint32(0 if self.config.default.allowed else 1)
+        self._put(e, 0, 1 if enforce else 0)
+        self._put(e, 1, 0 if self.config.default.allowed else 1)
 
     def set_agent(self, agent: Mapping) -> None:
-        import ctypes as ct  # noqa: PLC0415
-
+        """Record an agent's policy (call when an agent cgroup is first seen or config reloads)."""
         pol = self.config.policy_for(agent)
-        self.bpf["gpu_policy"][ct.c_uint64(int(agent["cgroup_id"]))] = ct.c_uint32(0 if pol.allowed else 1)
+        self._put(self.bpf["gpu_policy"], int(agent["cgroup_id"]), 0 if pol.allowed else 1)
 
     def forget_agent(self, cgroup_id: int) -> None:
-        import ctypes as ct  # noqa: PLC0415
-
+        t = self.bpf["gpu_policy"]
         try:
-            del self.bpf["gpu_policy"][ct.c_uint64(int(cgroup_id))]
+            del t[t.Key(int(cgroup_id))]
         except KeyError:
             pass

@@ -1,0 +1,66 @@
+/* GPU device fence: every open (and mknod) of an NVIDIA device node by an agent is reported,
+ * and denied in enforce mode when the agent's group is not allowed GPUs.
+ *
+ * Why the cgroup device hook: the kernel asks it on every device-node access check of a
+ * task in the cgroup (open, mknod), whatever path or bind mount the node was reached by,
+ * so a copied /dev/nvidia0 made with mknod in a sandbox is fenced too; returning 0 makes
+ * open() fail with EPERM. It is attached with BPF_F_ALLOW_MULTI on the watched cgroup, so it
+ * runs for every descendant and costs nothing for the rest of the node.
+ *
+ * Cost: NVIDIA majors are known up front; anything else returns 1 after two compares and,
+ * for unusual majors, one hash lookup, without touching the ring buffer. */
+
+#ifndef AT_NVIDIA_MAJOR
+#define AT_NVIDIA_MAJOR 195      /* /dev/nvidia[0-9]*, /dev/nvidiactl, /dev/nvidia-modeset */
+#endif
+#ifndef AT_NVIDIA_UVM_MAJOR
+#define AT_NVIDIA_UVM_MAJOR 0    /* dynamic; the loader reads it from /proc/devices (0: not loaded) */
+#endif
+
+/* More char majors that count as GPU devices (nvidia-caps, a uvm major that appeared after
+ * load, ...): major -> 1. */
+BPF_HASH(gpu_dev_majors, u32, u32, 64);
+/* Agent cgroup id -> 1 deny GPUs, 0 allow. */
+BPF_HASH(gpu_policy, u64, u32, AT_MAX_WATCHED * 16);
+/* [0] enforce (1: deny where policy says deny; 0: only report).
+ * [1] policy of agents with no gpu_policy entry yet (1: deny), so an agent cgroup made a
+ *     moment ago is fenced from its first open, before userspace has seen it. */
+BPF_ARRAY(gpu_enforce, u32, 2);
+
+int at_device_check(struct bpf_cgroup_dev_ctx *ctx)
+{
+	u32 dev_type = ctx->access_type & 0xFFFF;
+	u32 major = ctx->major;
+
+	if (dev_type != BPF_DEVCG_DEV_CHAR)
+		return 1;
+	if (major != AT_NVIDIA_MAJOR && (AT_NVIDIA_UVM_MAJOR == 0 || major != AT_NVIDIA_UVM_MAJOR) &&
+	    !gpu_dev_majors.lookup(&major))
+		return 1;
+
+	u64 cg = 0, agent = 0;
+	if (!at_scope(&cg, &agent))
+		return 1;  /* attached only to watched subtrees; a miss means the map is being edited */
+
+	u32 k_enforce = 0, k_default = 1;
+	u32 *enf = gpu_enforce.lookup(&k_enforce);
+	u32 *dflt = gpu_enforce.lookup(&k_default);
+	u32 *pol = gpu_policy.lookup(&agent);
+	u32 deny = pol ? *pol : (dflt ? *dflt : 0);
+	int blocked = deny && enf && *enf;
+
+	struct at_device *e = events.ringbuf_reserve(sizeof(struct at_device));
+	if (!e) {
+		at_count_drop(agent, AT_EV_DEVICE);
+		return blocked ? 0 : 1;
+	}
+	at_fill_header(&e->h, AT_EV_DEVICE, sizeof(struct at_device), cg, agent);
+	e->major = major;
+	e->minor = ctx->minor;
+	e->access = ctx->access_type >> 16;
+	e->dev_type = (u16)dev_type;
+	e->verdict = blocked ? AT_VERDICT_BLOCKED : AT_VERDICT_ALLOWED;
+	e->pad = 0;
+	events.ringbuf_submit(e, 0);
+	return blocked ? 0 : 1;
+}
