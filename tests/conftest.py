@@ -1,0 +1,220 @@
+"""Shared fixtures: real cgroups, a real tracer with probes in the kernel, cleanup by pid."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+REQUIRE_BPF = os.environ.get("AGENTTRACE_REQUIRE_BPF") == "1"
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = REPO / ".venv" / "bin"
+AGENTTRACE = str(VENV_BIN / "agenttrace") if (VENV_BIN / "agenttrace").exists() else shutil.which("agenttrace")
+
+try:  # the network lab's fixtures (netns, sshd, pool stub) for every test module
+    from netlab import netlab, netlab_fresh  # noqa: F401
+except Exception:  # pragma: no cover - netlab reports its own requirement failures
+    pass
+
+
+def _bpf_unavailable() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root"
+    try:
+        import bcc  # noqa: F401
+    except ImportError as e:
+        return f"BCC not importable: {e}"
+    try:
+        from agenttrace.cgroups import cgroup2_mount
+        cgroup2_mount()
+    except Exception as e:
+        return f"no cgroup2: {e}"
+    return None
+
+
+def need_bpf() -> None:
+    """Kernel tests fail in CI (AGENTTRACE_REQUIRE_BPF=1) and skip with the reason elsewhere."""
+    why = _bpf_unavailable()
+    if why:
+        if REQUIRE_BPF:
+            pytest.fail(f"kernel test cannot run: {why} (AGENTTRACE_REQUIRE_BPF=1)")
+        pytest.skip(f"kernel test cannot run: {why}")
+
+
+@pytest.fixture
+def require_bpf():
+    need_bpf()
+
+
+@pytest.fixture
+def cgroup2_root() -> Path:
+    need_bpf()
+    from agenttrace.cgroups import cgroup2_mount
+    return cgroup2_mount()
+
+
+def _kill_and_rmdir(path: Path) -> None:
+    from agenttrace.cgroups import procs
+    if not path.exists():
+        return
+    kill = path / "cgroup.kill"
+    for _ in range(100):
+        pids = procs(path)
+        if not pids:
+            break
+        if kill.exists():
+            try:
+                kill.write_text("1")
+            except OSError:
+                pass
+        else:
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        time.sleep(0.02)
+    for dirpath, _dirs, _files in sorted(os.walk(path), key=lambda x: -len(x[0])):
+        for _ in range(100):
+            try:
+                os.rmdir(dirpath)
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                time.sleep(0.02)
+
+
+class AgentTree:
+    """<cgroup2>/agenttrace-test-XXXX (the watched cgroup) with agent children."""
+
+    def __init__(self, root: Path):
+        self.root = root / f"agenttrace-test-{uuid.uuid4().hex[:8]}"
+        self.root.mkdir()
+
+    def agent(self, name: str) -> Path:
+        p = self.root / name
+        p.mkdir(exist_ok=True)
+        return p
+
+    def spawn(self, cgroup: Path, argv, **kw) -> subprocess.Popen:
+        procs_file = str(cgroup / "cgroup.procs")
+
+        def enter():
+            with open(procs_file, "w") as f:
+                f.write("0")
+        return subprocess.Popen(argv, preexec_fn=enter, **kw)
+
+    def run(self, cgroup: Path, argv, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
+        p = self.spawn(cgroup, argv, stdout=kw.pop("stdout", subprocess.PIPE),
+                       stderr=kw.pop("stderr", subprocess.PIPE), **kw)
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out, err = p.communicate()
+            raise
+        return subprocess.CompletedProcess(argv, p.returncode, out, err)
+
+    def cleanup(self) -> None:
+        _kill_and_rmdir(self.root)
+
+
+@pytest.fixture
+def agent_tree(cgroup2_root):
+    tree = AgentTree(cgroup2_root)
+    try:
+        yield tree
+    finally:
+        tree.cleanup()
+
+
+class ListSink:
+    name = "list"
+
+    def __init__(self):
+        self.records: list[dict] = []
+        self.dropped = 0
+
+    def emit(self, record):
+        self.records.append(record)
+
+    def emit_batch(self, records):
+        self.records.extend(records)
+
+    def close(self):
+        pass
+
+
+class Session:
+    """A started Tracer whose records land in a list; poll until what the test waits for."""
+
+    def __init__(self, tracer, sink: ListSink):
+        self.tracer = tracer
+        self.sink = sink
+
+    @property
+    def records(self):
+        return self.sink.records
+
+    def of(self, kind, **where):
+        out = []
+        for r in self.sink.records:
+            if r.get("kind") != kind:
+                continue
+            if all(_get(r, k) == v for k, v in where.items()):
+                out.append(r)
+        return out
+
+    def wait_for(self, pred, timeout: float = 20.0):
+        """Poll the ring buffer until pred() is truthy; generous timeout, no timing asserted."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.tracer.poll(50)
+            v = pred()
+            if v:
+                return v
+        self.tracer.drain()
+        return pred()
+
+    def settle(self, rounds: int = 5):
+        for _ in range(rounds):
+            self.tracer.poll(20)
+        self.tracer.drain()
+
+
+def _get(rec: dict, dotted: str):
+    cur = rec
+    for part in dotted.split("__"):
+        if not isinstance(cur, dict):
+            return None
+        cur = cur.get(part)
+    return cur
+
+
+@pytest.fixture
+def make_session():
+    """make_session(paths, **Options) → a started Session; stopped at teardown."""
+    started = []
+
+    def make(paths, engine=None, actor=None, **opts):
+        from agenttrace.runtime import Options, Tracer
+        sink = ListSink()
+        tracer = Tracer(Options(cgroups=list(paths), **opts), [sink], engine=engine, actor=actor)
+        tracer.start()
+        started.append(tracer)
+        return Session(tracer, sink)
+    yield make
+    for t in started:
+        t.stop()
+
+
+@pytest.fixture
+def python():
+    return sys.executable
