@@ -11,7 +11,6 @@ import subprocess
 import threading
 import time
 import types
-import uuid
 from pathlib import Path
 
 import pynvml
@@ -19,6 +18,7 @@ import pytest
 from pydantic import ValidationError
 
 from agenttrace import cgroups
+from conftest import AgentTree
 from agenttrace.clock import FakeClock
 from agenttrace.gpu import (GpuConfig, GpuEnricher, GpuSampler, GpuTracker, GpuUnavailable, NvmlBackend,
                             ProcfsResolver, device_body, nvidia_majors, nvidia_uvm_major, probe_nvml)
@@ -28,37 +28,23 @@ from agenttrace.pipeline import Event
 FIX = Path(__file__).parent / "fixtures"
 
 
-def _need_root():
-    if os.geteuid() != 0:
-        if os.environ.get("AGENTTRACE_REQUIRE_BPF") == "1":
-            pytest.fail("GPU attribution tests need root to make cgroups")
-        pytest.skip("needs root to make cgroups")
-
-
 class Tree:
-    """A watched cgroup with one agent child, a non-agent sibling, and sleepers placed in them."""
+    """The conftest agent tree (watched cgroup) with agent `a1`, a non-agent cgroup outside it,
+    and `sleep` processes placed in them."""
 
-    def __init__(self):
+    def __init__(self, agents: AgentTree, outside: AgentTree):
         self.mount = Path(cgroups.cgroup2_mount())
-        tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.watched = self.mount / f"at-gpu-test-{tag}"
-        self.agent = self.watched / "a1"
-        self.other = self.mount / f"at-gpu-other-{tag}"
+        self._trees = (agents, outside)
+        self.watched = agents.root
+        self.agent = agents.agent("a1")
+        self.other = outside.root
         self.procs: list[subprocess.Popen] = []
-        for d in (self.watched, self.agent, self.other):
-            d.mkdir()
 
     def rel(self, p: Path) -> str:
         return "/" + str(p.relative_to(self.mount))
 
     def spawn(self, cg: Path) -> int:
-        procs_file = str(cg / "cgroup.procs")
-
-        def enter():  # in the child before exec: the sleeper starts life inside the cgroup
-            with open(procs_file, "w") as f:
-                f.write("0")
-
-        p = subprocess.Popen(["sleep", "1000"], preexec_fn=enter)
+        p = self._trees[0].spawn(cg, ["sleep", "1000"])
         self.procs.append(p)
         return p.pid
 
@@ -67,25 +53,17 @@ class Tree:
             if p.poll() is None:
                 p.kill()
             p.wait()
-        for d in (self.agent, self.watched, self.other):
-            for _ in range(50):  # a reaped task can take a moment to leave the cgroup
-                try:
-                    d.rmdir()
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError:
-                    time.sleep(0.02)
 
 
 @pytest.fixture
-def tree():
-    _need_root()
-    t = Tree()
+def tree(agent_tree, cgroup2_root):
+    outside = AgentTree(cgroup2_root)
+    t = Tree(agent_tree, outside)
     try:
         yield t
     finally:
         t.close()
+        outside.cleanup()
 
 
 def _setup(tree: Tree, fixture: str, config: GpuConfig | None = None, interval_s: float = 1.0):

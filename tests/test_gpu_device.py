@@ -13,13 +13,12 @@ import os
 import stat
 import subprocess
 import sys
-import time
-import uuid
 from pathlib import Path
 
 import pytest
 
 from agenttrace import cgroups
+from conftest import AgentTree, need_bpf
 from agenttrace.gpu import NVIDIA_MAJOR, GpuConfig, GpuFence, device_body, nvidia_uvm_major
 
 pytestmark = pytest.mark.bpf
@@ -34,26 +33,12 @@ except OSError as e:
 """
 
 
-def _unavailable(why: str):
-    if os.environ.get("AGENTTRACE_REQUIRE_BPF") == "1":
-        pytest.fail(why)
-    pytest.skip(why)
-
-
 @pytest.fixture(scope="module")
 def probes():
-    if os.geteuid() != 0:
-        _unavailable("the device fence needs root to load eBPF programs")
-    try:
-        import bcc  # noqa: F401
-        from agenttrace.probes import Probes
-    except ImportError as e:
-        _unavailable(f"BCC or the loader is not importable: {e}")
+    need_bpf()
+    from agenttrace.probes import Probes
     p = Probes(features=("device",), extra_cflags=[f"-DAT_NVIDIA_UVM_MAJOR={nvidia_uvm_major() or 0}"])
-    try:
-        p.load()
-    except Exception as e:  # noqa: BLE001 - the reason is the test's message
-        _unavailable(f"loading probes/device.c failed: {e}")
+    p.load()  # a compile or verifier error must fail loudly, not skip
     records = []
 
     def on_event(ctx, data, size):
@@ -78,12 +63,9 @@ def _free_major() -> int:
 
 
 @pytest.fixture
-def lab(probes, tmp_path):
-    mount = Path(cgroups.cgroup2_mount())
-    watched = mount / f"at-dev-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    denied, allowed = watched / "sandbox", watched / "trainer"
-    for d in (watched, denied, allowed):
-        d.mkdir()
+def lab(probes, agent_tree, tmp_path):
+    watched = agent_tree.root
+    denied, allowed = agent_tree.agent("sandbox"), agent_tree.agent("trainer")
     nodes = {}
     for name, major, minor in (("nvidia0", NVIDIA_MAJOR, 0), ("nvidiactl", NVIDIA_MAJOR, 255),
                                ("null", 1, 3), ("extra", _free_major(), 0)):
@@ -99,17 +81,7 @@ def lab(probes, tmp_path):
         yield lab
     finally:
         probes.unwatch(cid)
-        t = probes.bpf[b"gpu_policy"]
-        t.clear()
-        for d in (denied, allowed, watched):
-            for _ in range(50):
-                try:
-                    d.rmdir()
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError:
-                    time.sleep(0.02)
+        probes.bpf[b"gpu_policy"].clear()
 
 
 def _open_in(cg: Path, path: Path) -> tuple[int, int]:
@@ -200,10 +172,9 @@ def test_extra_gpu_major_from_the_map(lab):
 
 def test_processes_outside_watched_cgroups_are_not_fenced(lab):
     _fence(lab, "enforce")
-    outside = Path(cgroups.cgroup2_mount()) / f"at-dev-outside-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    outside.mkdir()
+    outside = AgentTree(Path(cgroups.cgroup2_mount()))
     try:
-        assert _open_in(outside, lab.nodes["nvidia0"])[1] == errno.ENXIO
+        assert _open_in(outside.root, lab.nodes["nvidia0"])[1] == errno.ENXIO
         assert _events(lab) == []
     finally:
-        outside.rmdir()
+        outside.cleanup()
