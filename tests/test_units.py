@@ -1,0 +1,62 @@
+"""Pure units: timestamps, scope, process table bounds, wait status."""
+import os
+
+import pytest
+
+from agenttrace.enrich import wait_status
+from agenttrace.netscope import Scoper, parse_cidr
+from agenttrace.proctable import ProcTable
+from agenttrace.timefmt import format_ns, parse_ns
+
+
+def test_timestamps_round_trip():
+    t = 1_764_225_600_123_456_789
+    s = format_ns(t)
+    assert s == "2025-11-27T06:40:00.123456789Z"
+    assert parse_ns(s) == t
+    assert parse_ns("2025-11-27T07:40:00.5+01:00") == 1_764_225_600_500_000_000
+    with pytest.raises(ValueError):
+        parse_ns("2025-11-27T06:40:00")
+
+
+@pytest.mark.parametrize("addr,scope", [
+    ("127.0.0.1", "loopback"), ("::1", "loopback"), ("10.1.2.3", "internal"),
+    ("192.168.1.1", "internal"), ("100.64.0.1", "internal"), ("fd12::1", "internal"),
+    ("169.254.169.254", "metadata"), ("fd00:ec2::254", "metadata"), ("100.100.100.200", "metadata"),
+    ("203.0.113.10", "external"), ("8.8.8.8", "external"), ("::ffff:10.0.0.1", "internal"),
+])
+def test_scope(addr, scope):
+    assert Scoper().scope(addr) == scope
+
+
+def test_extra_internal_cidr():
+    s = Scoper(internal=["203.0.113.0/24"])
+    assert s.scope("203.0.113.7") == "internal"
+    with pytest.raises(ValueError, match="not a CIDR"):
+        parse_cidr("300.1.1.1/8")
+
+
+def test_proc_table_is_bounded_and_keeps_creator_chain():
+    t = ProcTable(max_entries=100)
+    t.on_exec(10_000_001, 1, 0, "top", "/bin/top", ["top"], 1)
+    t.on_fork(10_000_001, 10_000_002, 2, 0, "mid")
+    t.on_fork(10_000_002, 10_000_003, 3, 0, "leaf")
+    t.on_exit(10_000_002)
+    t.on_exec(10_000_003, 1, 0, "echo", "/bin/echo", ["echo"], 4)   # reparented to 1
+    anc = t.ancestry(10_000_003)
+    assert [a["pid"] for a in anc[:2]] == [10_000_002, 10_000_001]
+    for i in range(500):
+        t.on_fork(10_000_001, 20_000_000 + i, 5, 0, "x")
+    assert len(t) <= 100 and t.evictions >= 400
+
+
+def test_proc_table_reads_proc_for_unknown():
+    t = ProcTable()
+    me = t.get(os.getpid())
+    assert me is not None and me.pid == os.getpid() and me.args
+
+
+def test_wait_status():
+    assert wait_status(3 << 8) == (3, None)
+    assert wait_status(9) == (137, 9)
+    assert wait_status(0) == (0, None)
