@@ -123,6 +123,7 @@ class DeviceMatch(_Strict):
 
 
 class MatchBase(_Strict):
+    groups: List[str] = Field(default_factory=list)   # agent groups (agent.group, "default" when unset)
     dst: Optional[DstMatch] = None
     proto: List[Literal["tcp", "udp"]] = Field(default_factory=list)
     protocols: List[str] = Field(default_factory=list)
@@ -131,7 +132,8 @@ class MatchBase(_Strict):
 
 
 class Match(MatchBase):
-    unless: Optional[MatchBase] = None     # an exception: events matching it do not fire
+    # exceptions: an event matching any of them does not fire
+    unless: Optional[Union[MatchBase, List[MatchBase]]] = None
 
 
 class Window(_Strict):
@@ -417,14 +419,23 @@ class CompiledMatch:
     basenames: Optional[re.Pattern] = None
     basename_list: Tuple[str, ...] = ()
     args_contain: Tuple[str, ...] = ()
-    args_regex: Optional[re.Pattern] = None
-    cmdline_regex: Optional[re.Pattern] = None
+    args_regex: Tuple[re.Pattern, ...] = ()
+    cmdline_regex: Tuple[re.Pattern, ...] = ()
     majors: frozenset = frozenset()
     has_dst: bool = False
     has_exe: bool = False
-    unless: Optional["CompiledMatch"] = None
+    groups: frozenset = frozenset()
+    unless: Tuple["CompiledMatch", ...] = ()
+    # A list written in the rule expanded to nothing (e.g. an empty shared allow-list): the
+    # match can never hold. Matching everything instead would turn "allow nothing yet" into
+    # "block everything".
+    never: bool = False
 
     def __call__(self, rec: dict) -> bool:
+        if self.never:
+            return False
+        if self.groups and ((rec.get("agent") or {}).get("group") or "default") not in self.groups:
+            return False
         if self.has_dst or self.proto or self.protocols:
             net = rec.get("net")
             if self.has_dst:
@@ -442,8 +453,9 @@ class CompiledMatch:
             dev = rec.get("device")
             if not dev or dev.get("major") not in self.majors:
                 return False
-        if self.unless is not None and self.unless(rec):
-            return False
+        for u in self.unless:
+            if u(rec):
+                return False
         return True
 
     def _dst_ok(self, rec: dict, net: Optional[dict]) -> bool:
@@ -492,14 +504,14 @@ class CompiledMatch:
             comm = proc.get("comm") or ""
             if not (self.basenames.match(base) or (comm and self.basenames.match(comm))):
                 return False
-        if self.args_contain or self.args_regex is not None or self.cmdline_regex is not None:
+        if self.args_contain or self.args_regex or self.cmdline_regex:
             args = proc.get("args") or []
             line = " ".join(args)
             if self.args_contain and not any(s in line for s in self.args_contain):
                 return False
-            if self.args_regex is not None and not any(self.args_regex.search(a) for a in args):
+            if self.args_regex and not any(r.search(a) for r in self.args_regex for a in args):
                 return False
-            if self.cmdline_regex is not None and not self.cmdline_regex.search(line):
+            if self.cmdline_regex and not any(r.search(line) for r in self.cmdline_regex):
                 return False
         return True
 
@@ -534,6 +546,7 @@ class RuleSet:
     lists: Dict[str, List[Any]]
     list_sources: Dict[str, Optional[str]]
     files: List[str]
+    egress: Dict[str, Any] = field(default_factory=dict)     # group → EgressPolicy
     by_kind: Dict[str, List[Rule]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -667,7 +680,7 @@ def _report(ve: ValidationError, prefix: List[Any], ctx: "_FileCtx", errors: Lis
 
 
 def _expand(values: Sequence[Any], lists: Dict[str, List[Any]], ctx: _FileCtx, loc: List[Any],
-            rid: str, errors: List[RuleError]) -> List[Any]:
+            rid: str, errors: List[RuleError], cm: Optional["CompiledMatch"] = None) -> List[Any]:
     out: List[Any] = []
     for i, v in enumerate(values):
         if isinstance(v, str) and v.startswith("$"):
@@ -678,6 +691,8 @@ def _expand(values: Sequence[Any], lists: Dict[str, List[Any]], ctx: _FileCtx, l
                 out.extend(lists[name])
         else:
             out.append(v)
+    if values and not out and cm is not None:
+        cm.never = True
     return out
 
 
@@ -687,13 +702,13 @@ def _compile_match(m: MatchBase, lists: Dict[str, List[Any]], ctx: _FileCtx, loc
     if m.dst is not None:
         d = m.dst
         dl = loc + ["dst"]
-        for i, c in enumerate(_expand(d.cidrs, lists, ctx, dl + ["cidrs"], rid, errors)):
+        for i, c in enumerate(_expand(d.cidrs, lists, ctx, dl + ["cidrs"], rid, errors, cm)):
             try:
                 cm.nets.append(ipaddress.ip_network(str(c), strict=False))
             except ValueError:
                 errors.append(ctx.err(dl + ["cidrs", min(i, len(d.cidrs) - 1)], f"not a CIDR: {c!r}", rid))
         ports, ranges = set(), []
-        for i, p in enumerate(_expand(d.ports, lists, ctx, dl + ["ports"], rid, errors)):
+        for i, p in enumerate(_expand(d.ports, lists, ctx, dl + ["ports"], rid, errors, cm)):
             if isinstance(p, int) and not isinstance(p, bool) and 0 < p < 65536:
                 ports.add(p)
             elif isinstance(p, str) and re.fullmatch(r"\d+-\d+", p):
@@ -708,18 +723,18 @@ def _compile_match(m: MatchBase, lists: Dict[str, List[Any]], ctx: _FileCtx, loc
                 errors.append(ctx.err(dl + ["ports", min(i, len(d.ports) - 1)],
                                       f"not a port (1-65535) or range 'lo-hi': {p!r}", rid))
         cm.ports, cm.port_ranges = frozenset(ports), tuple(ranges)
-        scopes = _expand(d.scopes, lists, ctx, dl + ["scopes"], rid, errors)
+        scopes = _expand(d.scopes, lists, ctx, dl + ["scopes"], rid, errors, cm)
         for i, s in enumerate(scopes):
             if s not in SCOPES:
                 errors.append(ctx.err(dl + ["scopes", min(i, len(d.scopes) - 1)],
                                       f"unknown scope {s!r} (one of {', '.join(SCOPES)})", rid))
         cm.scopes = frozenset(scopes)
-        names = [str(n).lower().rstrip(".") for n in _expand(d.names, lists, ctx, dl + ["names"], rid, errors)]
+        names = [str(n).lower().rstrip(".") for n in _expand(d.names, lists, ctx, dl + ["names"], rid, errors, cm)]
         cm.names = _wild(names, icase=True)
         cm.name_patterns = tuple(names)
         cm.has_dst = bool(cm.nets or cm.ports or cm.port_ranges or cm.scopes or cm.names)
     cm.proto = frozenset(m.proto)
-    protocols = _expand(m.protocols, lists, ctx, loc + ["protocols"], rid, errors)
+    protocols = _expand(m.protocols, lists, ctx, loc + ["protocols"], rid, errors, cm)
     for i, p in enumerate(protocols):
         if p not in FLOW_PROTOCOLS:
             errors.append(ctx.err(loc + ["protocols", min(i, len(m.protocols) - 1)],
@@ -728,27 +743,31 @@ def _compile_match(m: MatchBase, lists: Dict[str, List[Any]], ctx: _FileCtx, loc
     if m.exe is not None:
         e = m.exe
         el = loc + ["exe"]
-        paths = [str(x) for x in _expand(e.paths, lists, ctx, el + ["paths"], rid, errors)]
+        paths = [str(x) for x in _expand(e.paths, lists, ctx, el + ["paths"], rid, errors, cm)]
         cm.exe_paths, cm.exe_path_list = _wild(paths), tuple(paths)
-        bases = [str(x) for x in _expand(e.basenames, lists, ctx, el + ["basenames"], rid, errors)]
+        bases = [str(x) for x in _expand(e.basenames, lists, ctx, el + ["basenames"], rid, errors, cm)]
         cm.basenames, cm.basename_list = _wild(bases), tuple(bases)
-        cm.args_contain = tuple(str(x) for x in _expand(e.args_contain, lists, ctx, el + ["args_contain"], rid, errors))
+        cm.args_contain = tuple(str(x) for x in _expand(e.args_contain, lists, ctx, el + ["args_contain"], rid, errors, cm))
         for key in ("args_regex", "cmdline_regex"):
-            pats = [str(x) for x in _expand(getattr(e, key), lists, ctx, el + [key], rid, errors)]
+            pats = [str(x) for x in _expand(getattr(e, key), lists, ctx, el + [key], rid, errors, cm)]
             good = []
             for i, p in enumerate(pats):
                 try:
-                    re.compile(p)
-                    good.append(p)
+                    good.append(re.compile(p))
                 except re.error as ex:
                     errors.append(ctx.err(el + [key, min(i, len(getattr(e, key)) - 1)], f"bad regex {p!r}: {ex}", rid))
-            if good:
-                setattr(cm, key, re.compile("|".join(f"(?:{p})" for p in good)))
+            # kept apart: each pattern may carry its own inline flags such as (?i)
+            setattr(cm, key, tuple(good))
         cm.has_exe = bool(cm.exe_paths or cm.basenames or cm.args_contain or cm.args_regex or cm.cmdline_regex)
     if m.device is not None:
         cm.majors = frozenset(m.device.majors)
+    cm.groups = frozenset(m.groups)
     if isinstance(m, Match) and m.unless is not None:
-        cm.unless = _compile_match(m.unless, lists, ctx, loc + ["unless"], rid, errors)
+        if isinstance(m.unless, list):
+            cm.unless = tuple(_compile_match(u, lists, ctx, loc + ["unless", i], rid, errors)
+                              for i, u in enumerate(m.unless))
+        else:
+            cm.unless = (_compile_match(m.unless, lists, ctx, loc + ["unless"], rid, errors),)
     return cm
 
 
@@ -808,9 +827,6 @@ def kernel_block_problems(model: RuleModel) -> List[Tuple[List[Any], str]]:
         elif k == "flow":
             if not m.protocols:
                 probs.append((["match"], "'block' on flow needs match.protocols"))
-            for p in m.protocols:
-                if not p.startswith("$") and p not in KERNEL_PROTOCOLS:
-                    probs.append((["match", "protocols"], f"the kernel can only recognise {', '.join(KERNEL_PROTOCOLS)}, not {p!r}"))
         elif k == "device":
             if not (m.device and m.device.majors):
                 probs.append((["match"], "'block' on device needs device.majors"))
@@ -841,9 +857,11 @@ def _check_field_path(path: str) -> Optional[str]:
     return None
 
 
-def load_rules(paths: Iterable[Union[str, os.PathLike]]) -> RuleSet:
+def load_rules(paths: Iterable[Union[str, os.PathLike]], egress: Optional[Dict[str, Any]] = None) -> RuleSet:
     """Load, validate and compile rule files (or directories of *.yaml) into one RuleSet.
 
+    `egress` maps an agent group name to an `agenttrace.policy.EgressPolicy` (from the
+    config file); each becomes rules named `egress-policy.<group>...` in the set.
     Raises RulesError listing every problem. The caller swaps the result in atomically, so a
     failed reload leaves the running rules untouched."""
     files = expand_paths(paths)
@@ -879,91 +897,113 @@ def load_rules(paths: Iterable[Union[str, os.PathLike]]) -> RuleSet:
 
     rules: List[Rule] = []
     seen_ids: Dict[str, str] = {}
+    envs = (check_env, eval_env, cel_problem)
     for rf, ctx in parsed:
         for pos, rm in enumerate(rf.rules):
             idx = ctx.rule_index[pos] if pos < len(ctx.rule_index) else pos
-            loc: List[Any] = ["rules", idx]
-            rid = rm.id
-            start = len(errors)
-            id_node = ctx.node(loc + ["id"])
-            if rid in seen_ids:
-                errors.append(ctx.err(loc + ["id"], f"duplicate rule id (first defined at {seen_ids[rid]})", rid))
-            else:
-                l, c = _mark(id_node)
-                seen_ids[rid] = f"{ctx.path}:{l}"
-            cm = None
-            if rm.match is not None:
-                _check_match_kinds(rm.match, rm.on, ctx, loc + ["match"], rid, errors)
-                cm = _compile_match(rm.match, lists, ctx, loc + ["match"], rid, errors)
-            cond = None
-            if rm.condition is not None:
-                cnode = ctx.node(loc + ["condition"])
-                if cel_problem:
-                    errors.append(ctx.err(loc + ["condition"], cel_problem, rid))
-                else:
-                    try:
-                        checked = check_env.compile(rm.condition)
-                        rt = checked.return_type()
-                        if rt.name() not in ("bool", "BOOL", "dyn", "DYN"):
-                            errors.append(ctx.err(loc + ["condition"], f"condition must be a bool, it is {rt.name()}", rid))
-                        prog = eval_env.compile(rm.condition)
-                        used = referenced_vars(rm.condition)
-                        missing = {}
-                        for k in rm.on:
-                            have = set(COMMON_VARS) | set(KIND_SECTIONS.get(k, ())) | {"lists"}
-                            for v in used:
-                                if v not in have:
-                                    missing.setdefault(v, []).append(k)
-                        for v, ks in missing.items():
-                            errors.append(ctx.err(loc + ["condition"], f"condition uses '{v}', which {', '.join(ks)} events do not carry", rid))
-                        for lref in re.findall(r"\blists\.([A-Za-z_]\w*)", _STRLIT.sub("''", rm.condition)):
-                            if lref not in lists:
-                                errors.append(ctx.err(loc + ["condition"], f"unknown list 'lists.{lref}'", rid))
-                        cond = CompiledCondition(rm.condition, prog, used)
-                    except Exception as e:
-                        for line, col, text in _cel_errors(cnode, str(e)):
-                            errors.append(ctx.err(loc + ["condition"], f"CEL: {text}", rid, pos=(line, col)))
-            if rm.window is not None:
-                for f in rm.window.distinct_fields():
-                    p = _check_field_path(f)
-                    if p:
-                        errors.append(ctx.err(loc + ["window", "distinct"], p, rid))
-            dd_fields: Tuple[str, ...]
-            if rm.dedup is not None and rm.dedup.fields is not None:
-                dd_fields = tuple(rm.dedup.fields)
-                for f in dd_fields:
-                    p = _check_field_path(f)
-                    if p:
-                        errors.append(ctx.err(loc + ["dedup", "fields"], p, rid))
-            else:
-                dd_fields = tuple(dict.fromkeys(f for k in rm.on for f in DEFAULT_DEDUP_FIELDS.get(k, ())))
-            enforced = "none"
-            if rm.action == "block":
-                for ploc, msg in kernel_block_problems(rm):
-                    errors.append(ctx.err(loc + ploc, f"'block' the kernel cannot hold: {msg}", rid))
-                enforced = "kernel"
-            elif rm.action == "kill":
-                enforced = "kernel" if _kernel_kill(rm) else "userspace"
-            elif rm.action in ("kill-agent", "freeze-agent"):
-                enforced = "userspace"
-            if len(errors) > start or not rm.enabled:
-                continue
-            line, _ = _mark(ctx.node(loc))
-            rules.append(Rule(
-                id=rid, description=rm.description, category=rm.category, severity=rm.severity,
-                on=tuple(dict.fromkeys(rm.on)), action=rm.action, tags=tuple(rm.tags), match=cm,
-                condition=cond, window=rm.window, dedup_fields=dd_fields,
-                dedup_seconds=rm.dedup.seconds if rm.dedup else 60.0, message=rm.message,
-                file=ctx.path, line=line, model=rm, enforced_in=enforced))
+            r = _compile_rule(rm, ["rules", idx], ctx, lists, errors, envs, seen_ids)
+            if r is not None:
+                rules.append(r)
+    if egress:
+        from .policy import egress_rule_models
+
+        ectx = _FileCtx("<config: egress>", None)
+        for i, rm in enumerate(egress_rule_models(egress)):
+            r = _compile_rule(rm, ["egress", i], ectx, lists, errors, envs, seen_ids, kernel_trusted=True)
+            if r is not None:
+                rules.append(r)
     if errors:
         raise RulesError(errors)
-    return RuleSet(rules=rules, lists=lists, list_sources=sources, files=files)
+    return RuleSet(rules=rules, lists=lists, list_sources=sources, files=files, egress=dict(egress or {}))
 
 
-def lint(paths: Iterable[Union[str, os.PathLike]]) -> List[RuleError]:
+def _compile_rule(rm: RuleModel, loc: List[Any], ctx: _FileCtx, lists: Dict[str, List[Any]],
+                  errors: List[RuleError], envs: Tuple[Any, Any, Optional[str]],
+                  seen_ids: Dict[str, str], kernel_trusted: bool = False) -> Optional[Rule]:
+    check_env, eval_env, cel_problem = envs
+    rid = rm.id
+    start = len(errors)
+    if rid in seen_ids:
+        errors.append(ctx.err(loc + ["id"], f"duplicate rule id (first defined at {seen_ids[rid]})", rid))
+    else:
+        seen_ids[rid] = f"{ctx.path}:{_mark(ctx.node(loc + ['id']))[0]}"
+    cm = None
+    if rm.match is not None:
+        _check_match_kinds(rm.match, rm.on, ctx, loc + ["match"], rid, errors)
+        cm = _compile_match(rm.match, lists, ctx, loc + ["match"], rid, errors)
+    cond = None
+    if rm.condition is not None:
+        cnode = ctx.node(loc + ["condition"])
+        if cel_problem:
+            errors.append(ctx.err(loc + ["condition"], cel_problem, rid))
+        else:
+            try:
+                checked = check_env.compile(rm.condition)
+                rt = checked.return_type()
+                if rt.name() not in ("bool", "BOOL", "dyn", "DYN"):
+                    errors.append(ctx.err(loc + ["condition"], f"condition must be a bool, it is {rt.name()}", rid))
+                prog = eval_env.compile(rm.condition)
+                used = referenced_vars(rm.condition)
+                missing: Dict[str, List[str]] = {}
+                for k in rm.on:
+                    have = set(COMMON_VARS) | set(KIND_SECTIONS.get(k, ())) | {"lists"}
+                    for v in used:
+                        if v not in have:
+                            missing.setdefault(v, []).append(k)
+                for v, ks in missing.items():
+                    errors.append(ctx.err(loc + ["condition"], f"condition uses '{v}', which {', '.join(ks)} events do not carry", rid))
+                for lref in re.findall(r"\blists\.([A-Za-z_]\w*)", _STRLIT.sub("''", rm.condition)):
+                    if lref not in lists:
+                        errors.append(ctx.err(loc + ["condition"], f"unknown list 'lists.{lref}'", rid))
+                cond = CompiledCondition(rm.condition, prog, used)
+            except Exception as e:
+                for line, col, text in _cel_errors(cnode, str(e)):
+                    errors.append(ctx.err(loc + ["condition"], f"CEL: {text}", rid, pos=(line, col)))
+    if rm.window is not None:
+        for f in rm.window.distinct_fields():
+            p = _check_field_path(f)
+            if p:
+                errors.append(ctx.err(loc + ["window", "distinct"], p, rid))
+    dd_fields: Tuple[str, ...]
+    if rm.dedup is not None and rm.dedup.fields is not None:
+        dd_fields = tuple(rm.dedup.fields)
+        for f in dd_fields:
+            p = _check_field_path(f)
+            if p:
+                errors.append(ctx.err(loc + ["dedup", "fields"], p, rid))
+    else:
+        dd_fields = tuple(dict.fromkeys(f for k in rm.on for f in DEFAULT_DEDUP_FIELDS.get(k, ())))
+    enforced = "none"
+    if rm.action == "block":
+        if not kernel_trusted:
+            for ploc, msg in kernel_block_problems(rm):
+                errors.append(ctx.err(loc + ploc, f"'block' the kernel cannot hold: {msg}", rid))
+        enforced = "kernel"
+        if cm is not None and "flow" in rm.on:
+            for p in sorted(cm.protocols - set(KERNEL_PROTOCOLS)):
+                errors.append(ctx.err(loc + ["match", "protocols"], f"'block' the kernel cannot hold: the kernel "
+                                      f"can only recognise {', '.join(KERNEL_PROTOCOLS)}, not {p!r}", rid))
+    elif rm.action == "kill":
+        enforced = "kernel" if _kernel_kill(rm) else "userspace"
+        # list items spliced in may carry wildcards the kernel cannot compare
+        if cm is not None and any(_is_wild(x) for x in cm.basename_list + cm.exe_path_list):
+            enforced = "userspace"
+    elif rm.action in ("kill-agent", "freeze-agent"):
+        enforced = "userspace"
+    if len(errors) > start or not rm.enabled:
+        return None
+    return Rule(
+        id=rid, description=rm.description, category=rm.category, severity=rm.severity,
+        on=tuple(dict.fromkeys(rm.on)), action=rm.action, tags=tuple(rm.tags), match=cm,
+        condition=cond, window=rm.window, dedup_fields=dd_fields,
+        dedup_seconds=rm.dedup.seconds if rm.dedup else 60.0, message=rm.message,
+        file=ctx.path, line=_mark(ctx.node(loc))[0], model=rm, enforced_in=enforced)
+
+
+def lint(paths: Iterable[Union[str, os.PathLike]], egress: Optional[Dict[str, Any]] = None) -> List[RuleError]:
     """Every problem in the given rule files (empty list: they load)."""
     try:
-        load_rules(paths)
+        load_rules(paths, egress)
     except RulesError as e:
         return e.errors
     return []
