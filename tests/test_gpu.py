@@ -21,7 +21,7 @@ from agenttrace import cgroups
 from conftest import AgentTree
 from agenttrace.clock import FakeClock
 from agenttrace.gpu import (GpuConfig, GpuEnricher, GpuSampler, GpuTracker, GpuUnavailable, NvmlBackend,
-                            ProcfsResolver, device_body, nvidia_majors, nvidia_uvm_major, probe_nvml)
+                            ProcfsResolver, device_body, nvidia_majors, nvidia_uvm_major, nvml_status)
 from agenttrace.gpu_fake import FakeBackend, FixtureError, load_fixture, parse_fixture
 from agenttrace.pipeline import Event
 
@@ -330,8 +330,8 @@ def test_real_nvml_without_driver_is_unavailable_with_reason():
     with pytest.raises(GpuUnavailable) as ei:
         NvmlBackend().init()
     assert "libnvidia-ml.so.1" in ei.value.reason or "driver" in ei.value.reason
-    st = probe_nvml()
-    assert st["available"] is False and st["reason"] == ei.value.reason
+    st = nvml_status()
+    assert st["available"] is False and st["reason"] == ei.value.reason == st["detail"]
 
 
 def _stand_in(**over):
@@ -369,12 +369,12 @@ def test_nvml_backend_reads_and_merges():
     b.init()
     assert [(d.index, d.uuid, d.name, d.memory_total_mib) for d in b.devices()] == [(0, "GPU-abc", "Tesla T4", 16384)]
     assert [(p.pid, p.used_memory_mib, p.kind) for p in b.processes(0)] == [(10, 512, "compute"), (11, None, "compute"), (10, 256, "graphics")]
-    assert b.utilization(0) == (55.0, 12.0)
-    assert b.process_utilization(0, 0) == {10: (60.0, 6.0)}   # the newest sample per pid
+    assert b.utilization(0) == (55, 12)
+    assert b.process_utilization(0, 0) == {10: (60, 6)}   # the newest sample per pid
     clock = FakeClock()
     s = GpuSampler(b, 1.0, clock=clock).sample_once()
     uses = {u.pid: u for u in s.by_pid[10] + s.by_pid[11]}
-    assert (uses[10].used_memory_mib, uses[10].sm_util_pct, uses[11].used_memory_mib) == (512, 60.0, None)
+    assert (uses[10].used_memory_mib, uses[10].sm_util_pct, uses[11].used_memory_mib) == (512, 60, None)
 
 
 def test_nvml_backend_not_supported_is_per_call():
@@ -467,5 +467,5 @@ def test_nvidia_majors_from_proc_devices(tmp_path):
 
 def test_device_body():
     assert device_body(195, 0, 2 | 4, 2, 1, {195: "nvidia"}) == {
-        "major": 195, "minor": 0, "access": ["read", "write"], "type": "char", "name": "nvidia",
+        "major": 195, "minor": 0, "access": "rw", "type": "char", "name": "nvidia",
         "verdict": "blocked"}

@@ -123,7 +123,7 @@ def test_monitor_mode_reports_and_allows(lab):
     assert (e.h.type, e.major, e.minor, e.dev_type, e.verdict) == (9, 195, 0, 2, 0)
     assert e.h.agent_cgroup_id == agent_id and e.h.cgroup_id == agent_id
     assert e.h.tgid == pid and e.h.comm.startswith(b"python")
-    assert device_body(e.major, e.minor, e.access, e.dev_type, e.verdict)["access"] == ["read", "write"]
+    assert device_body(e.major, e.minor, e.access, e.dev_type, e.verdict)["access"] == "rw"
 
 
 def test_enforce_mode_denies_agents_not_allowed_gpus(lab):

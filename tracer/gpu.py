@@ -71,10 +71,10 @@ class GpuBackend(Protocol):
 
     def processes(self, index: int) -> List[GpuProcess]: ...
 
-    def utilization(self, index: int) -> Tuple[Optional[float], Optional[float]]:
+    def utilization(self, index: int) -> Tuple[Optional[int], Optional[int]]:
         """(sm_pct, mem_pct) of the whole device; None where not reported."""
 
-    def process_utilization(self, index: int, since_us: int) -> Dict[int, Tuple[float, float]]:
+    def process_utilization(self, index: int, since_us: int) -> Dict[int, Tuple[int, int]]:
         """pid -> (sm_pct, mem_pct) over samples newer than since_us; {} where not reported."""
 
 
@@ -174,43 +174,45 @@ class NvmlBackend:
                 out.append(GpuProcess(int(p.pid), _mib(getattr(p, "usedGpuMemory", None)), kind))
         return out
 
-    def utilization(self, index: int) -> Tuple[Optional[float], Optional[float]]:
+    def utilization(self, index: int) -> Tuple[Optional[int], Optional[int]]:
         n = self._nvml
         try:
             u = n.nvmlDeviceGetUtilizationRates(self._handle(index))
         except n.NVMLError_NotSupported:
             return (None, None)
-        return (float(u.gpu), float(u.memory))
+        return (int(u.gpu), int(u.memory))
 
-    def process_utilization(self, index: int, since_us: int) -> Dict[int, Tuple[float, float]]:
+    def process_utilization(self, index: int, since_us: int) -> Dict[int, Tuple[int, int]]:
         n = self._nvml
         try:
             samples = n.nvmlDeviceGetProcessUtilization(self._handle(index), int(since_us))
         except (n.NVMLError_NotSupported, n.NVMLError_NotFound):
             # NotFound: no sample newer than since_us (an idle GPU), not a failure.
             return {}
-        latest: Dict[int, Tuple[int, float, float]] = {}
+        latest: Dict[int, Tuple[int, int, int]] = {}
         for s in samples:
             prev = latest.get(int(s.pid))
             if prev is None or s.timeStamp >= prev[0]:
-                latest[int(s.pid)] = (int(s.timeStamp), float(s.smUtil), float(s.memUtil))
+                latest[int(s.pid)] = (int(s.timeStamp), int(s.smUtil), int(s.memUtil))
         return {pid: (sm, mem) for pid, (_, sm, mem) in latest.items()}
 
 
-def probe_nvml(backend: Optional[GpuBackend] = None) -> dict:
-    """NVML/driver state for `agenttrace doctor`: {"available": bool, "reason"|"devices": ...}."""
+def nvml_status(backend: Optional[GpuBackend] = None) -> dict:
+    """NVML/driver state for `agenttrace doctor`: {"available", "detail", "reason" | "devices"}."""
     try:
         b = backend if backend is not None else NvmlBackend()
         b.init()
     except GpuUnavailable as e:
-        return {"available": False, "reason": e.reason}
+        return {"available": False, "reason": e.reason, "detail": e.reason}
     try:
         devs = b.devices()
         return {"available": True,
+                "detail": f"{len(devs)} GPU(s): " + ", ".join(f"[{d.index}] {d.name}" for d in devs),
                 "devices": [{"index": d.index, "uuid": d.uuid, "name": d.name,
                              "memory_total_mib": d.memory_total_mib} for d in devs]}
     except Exception as e:  # noqa: BLE001 - doctor reports whatever NVML says
-        return {"available": False, "reason": f"NVML error while listing GPUs: {e}"}
+        reason = f"NVML error while listing GPUs: {e}"
+        return {"available": False, "reason": reason, "detail": reason}
     finally:
         b.shutdown()
 
@@ -225,16 +227,16 @@ class GpuUse:
     pid: int
     index: int
     used_memory_mib: Optional[int]
-    sm_util_pct: Optional[float]
-    mem_util_pct: Optional[float]
+    sm_util_pct: Optional[int]
+    mem_util_pct: Optional[int]
     kind: str
 
 
 @dataclass(frozen=True)
 class GpuState:
     device: GpuDevice
-    sm_util_pct: Optional[float]
-    mem_util_pct: Optional[float]
+    sm_util_pct: Optional[int]
+    mem_util_pct: Optional[int]
     uses: Tuple[GpuUse, ...]
 
 
@@ -403,7 +405,7 @@ class GpuThresholds(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     memory_mib: Optional[int] = Field(None, ge=0, description="used GPU memory of one process on one GPU")
-    sm_util_pct: Optional[float] = Field(None, ge=0, le=100, description="SM utilisation of one process on one GPU")
+    sm_util_pct: Optional[int] = Field(None, ge=0, le=100, description="SM utilisation (%) of one process on one GPU")
     sustain_s: float = Field(0.0, ge=0, description="SM use must stay above sm_util_pct this long before it counts")
 
 
@@ -809,14 +811,14 @@ def nvidia_uvm_major(proc_devices: str = "/proc/devices") -> Optional[int]:
     return None
 
 
-_ACCESS = ((1, "mknod"), (2, "read"), (4, "write"))  # BPF_DEVCG_ACC_*
+_ACCESS = ((2, "r"), (4, "w"), (1, "m"))  # BPF_DEVCG_ACC_READ/WRITE/MKNOD, in cgroup v1 "rwm" notation
 
 
 def device_body(major: int, minor: int, access: int, dev_type: int, verdict: int,
                 names: Optional[Mapping[int, str]] = None) -> dict:
     """The `device` body of DESIGN §5 from an `at_device` record (for the decoder)."""
     return {"major": major, "minor": minor,
-            "access": [n for bit, n in _ACCESS if access & bit],
+            "access": "".join(n for bit, n in _ACCESS if access & bit),
             "type": {1: "block", 2: "char"}.get(dev_type, str(dev_type)),
             "name": (names or {}).get(major, ""),
             "verdict": "blocked" if verdict else "allowed"}

@@ -56,8 +56,8 @@ class _Proc(BaseModel):
     pid: Union[int, str]
     gpu: int = Field(ge=0)
     memory_mib: Optional[int] = Field(None, ge=0)
-    sm: Optional[float] = Field(None, ge=0, le=100)
-    mem: Optional[float] = Field(None, ge=0, le=100)
+    sm: Optional[int] = Field(None, ge=0, le=100)
+    mem: Optional[int] = Field(None, ge=0, le=100)
     kind: str = "compute"
 
     @field_validator("kind")
@@ -70,8 +70,8 @@ class _Proc(BaseModel):
 
 class _DevUtil(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    sm: Optional[float] = Field(None, ge=0, le=100)
-    mem: Optional[float] = Field(None, ge=0, le=100)
+    sm: Optional[int] = Field(None, ge=0, le=100)
+    mem: Optional[int] = Field(None, ge=0, le=100)
 
 
 class _Error(BaseModel):
@@ -242,20 +242,20 @@ class FakeBackend:
             return []
         return [GpuProcess(self._pid(p.pid), p.memory_mib, p.kind) for p in s.procs if p.gpu == index]
 
-    def utilization(self, index: int) -> Tuple[Optional[float], Optional[float]]:
+    def utilization(self, index: int) -> Tuple[Optional[int], Optional[int]]:
         s = self._step("utilization")
         d = s.devices.get(index) if s is not None else None
         if d is not None:
             return (d.sm, d.mem)
         if s is None:
-            return (0.0, 0.0)
+            return (0, 0)
         sms = [p.sm for p in s.procs if p.gpu == index and p.sm is not None]
         mems = [p.mem for p in s.procs if p.gpu == index and p.mem is not None]
-        return (min(sum(sms), 100.0), min(sum(mems), 100.0))
+        return (min(sum(sms), 100), min(sum(mems), 100))
 
-    def process_utilization(self, index: int, since_us: int) -> Dict[int, Tuple[float, float]]:
+    def process_utilization(self, index: int, since_us: int) -> Dict[int, Tuple[int, int]]:
         s = self._step("process_utilization")
         if s is None or not self.fixture.process_utilization:
             return {}
-        return {self._pid(p.pid): (p.sm or 0.0, p.mem or 0.0)
+        return {self._pid(p.pid): (p.sm or 0, p.mem or 0)
                 for p in s.procs if p.gpu == index and (p.sm is not None or p.mem is not None)}
