@@ -1,0 +1,328 @@
+"""`python -m bench`: every workload under every tracer, alternated, several rounds; then the
+zero-drop sweep and latency for agenttrace; writes result.json, report.md and a plot.
+
+Order of work in a round: the tracer configurations in an order rotated by one each round
+(so no configuration always runs first, or right after the same neighbour, on a noisy 2-core
+node); inside one tracer session every workload runs once per placement, the placements
+alternating between rounds. Ratios divide medians of the same run's no-tracer rounds."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import loadgen, report, sysinfo, tracers
+
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    gen: str
+    placements: tuple
+    kind: str | None  # the event kind every operation produces for a tracer; None: untraced
+    what: str
+
+    def args(self, size: dict) -> list:
+        n = size[self.name]
+        return [n, 64] if self.name == "burst" else [n]
+
+    def expected(self, size: dict, placement: str) -> int:
+        """Events of `kind` a tracer should report for one run (0 outside the agent cgroup)."""
+        if placement != "inside" or self.kind is None:
+            return 0
+        return 1 if self.name == "bulk_tcp" else size[self.name]
+
+
+WORKLOADS = [
+    Workload("exec_storm", "exec_storm", ("inside", "outside"), "exec", "fork + exec /bin/true, one at a time"),
+    Workload("connect_storm", "connect_storm", ("inside", "outside"), "connect",
+             "loopback TCP connect + RST close to a listener thread"),
+    Workload("refused_storm", "refused_storm", ("inside", "outside"), "connect",
+             "TCP connect to a closed loopback port (ECONNREFUSED)"),
+    Workload("bulk_tcp", "bulk_tcp", ("inside", "outside"), "connect",
+             "one loopback TCP connection, N MiB in 128 KiB writes"),
+    Workload("getppid_loop", "getppid_loop", ("outside",), None, "syscall(SYS_getppid) loop: the untraced-syscall tax"),
+    Workload("write_loop", "write_loop", ("outside",), None, "64-byte write(2) to /dev/null loop"),
+    Workload("burst", "burst", ("inside",), "exec",
+             "N execs of /bin/true as fast as possible, 64 children alive at once (ring-buffer sizing)"),
+]
+WORKLOAD_NAMES = [w.name for w in WORKLOADS] + ["rate_sweep"]
+
+SIZES = {
+    "tiny": {"exec_storm": 30, "connect_storm": 200, "refused_storm": 500, "bulk_tcp": 8,
+             "getppid_loop": 200_000, "write_loop": 100_000, "burst": 300,
+             "rate_steps": [2_000, 10_000], "rate_ms": 300, "rounds": 1},
+    "small": {"exec_storm": 400, "connect_storm": 4_000, "refused_storm": 10_000, "bulk_tcp": 128,
+              "getppid_loop": 2_000_000, "write_loop": 1_000_000, "burst": 10_000,
+              "rate_steps": [5_000, 10_000, 20_000, 35_000, 50_000, 75_000, 100_000, 150_000], "rate_ms": 1_000,
+              "rounds": 3},
+    "full": {"exec_storm": 2_000, "connect_storm": 20_000, "refused_storm": 50_000, "bulk_tcp": 1_024,
+             "getppid_loop": 10_000_000, "write_loop": 5_000_000, "burst": 10_000,
+             "rate_steps": [5_000, 10_000, 20_000, 35_000, 50_000, 75_000, 100_000, 150_000, 200_000, 300_000],
+             "rate_ms": 3_000, "rounds": 5},
+}
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def percentile(values: list, p: float):
+    if not values:
+        return None
+    s = sorted(values)
+    k = (len(s) - 1) * p / 100
+    lo = int(k)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def lat_summary(values: list) -> dict | None:
+    if not values:
+        return None
+    return {"n": len(values), "p50_ms": percentile(values, 50) / 1e6, "p99_ms": percentile(values, 99) / 1e6,
+            "max_ms": max(values) / 1e6}
+
+
+class Bench:
+    def __init__(self, opts):
+        self.opts = opts
+        self.size = SIZES[opts.size]
+        self.out = Path(opts.out)
+        self.work = self.out / "work"
+        self.runs: list[dict] = []
+        self.sessions: list[dict] = []
+        self.latencies: dict[str, list] = {}  # "tracer|workload/placement" -> ns values
+        self.cg: sysinfo.AgentCgroup | None = None
+        self.gens: dict = {}
+
+    # -- one tracer session: every selected workload, each placement
+    def session(self, tname: str, rnd: int, workloads: list) -> None:
+        tracer = tracers.make(tname)
+        sess = {"tracer": tname, "round": rnd, "ok": False}
+        pending = []
+        started = False
+        t_start = time.monotonic()
+        try:
+            tracer.start(self.cg, self.work, self.gens)
+            started = True
+            sess["startup_s"] = tracer.startup_s
+            for wl in workloads:
+                placements = wl.placements if rnd % 2 == 0 else tuple(reversed(wl.placements))
+                for pl in placements:
+                    m0, c0 = tracer.mark(), tracer.cpu_ns()
+                    res = loadgen.run(self.gens[wl.gen], wl.args(self.size),
+                                      self.cg.path if pl == "inside" else None)
+                    expected = wl.expected(self.size, pl)
+                    tracer.drain(m0, expected)
+                    m1, c1 = tracer.mark(), tracer.cpu_ns()
+                    tracer.alive_check()
+                    rec = {"round": rnd, "tracer": tname, "workload": wl.name, "placement": pl,
+                           "n": res.n, "elapsed_ns": res.elapsed_ns, "errors": res.errors,
+                           "expected_events": expected, "tracer_cpu_ns": max(c1 - c0, 0), **res.extra}
+                    self.runs.append(rec)
+                    pending.append((rec, m0, m1))
+            sess["ok"] = True
+        except (tracers.TracerError, loadgen.LoadgenError, OSError) as e:
+            sess["error"] = str(e)
+            log(f"{tname} round {rnd}: {e}")
+        finally:
+            if started or tracer.proc is not None or getattr(tracer, "rule_added", False):
+                try:
+                    sess.update(tracer.stop())
+                except (tracers.TracerError, OSError) as e:
+                    sess["ok"] = False
+                    sess["error"] = (sess.get("error", "") + f"; stop: {e}").lstrip("; ")
+                    log(f"{tname} round {rnd} stop: {e}")
+            sess["wall_s"] = time.monotonic() - t_start
+            if tracer.proc is not None:
+                sess["pid"] = tracer.proc.pid
+            self.sessions.append(sess)
+        for rec, m0, m1 in pending:
+            w = tracer.window(m0, m1)
+            rec["events"] = w["events"]
+            rec["events_by_kind"] = w["by_kind"]
+            kind = next(x.kind for x in WORKLOADS if x.name == rec["workload"])
+            rec["seen_expected_kind"] = w["by_kind"].get(kind, 0) if kind else 0
+            if w["latency_ns"]:
+                rec["latency"] = lat_summary(w["latency_ns"])
+                self.latencies.setdefault(f"{tname}|{rec['workload']}/{rec['placement']}", []).extend(w["latency_ns"])
+
+    # -- agenttrace only: zero-drop sweep, then latency at half the zero-drop rate
+    def rate_step(self, rate: int, ms: int, mode: str = "refused") -> dict:
+        tracer = tracers.make("agenttrace-monitor")
+        step = {"target_rate": rate, "ms": ms, "gen_mode": mode}
+        try:
+            tracer.start(self.cg, self.work, self.gens)
+            m0 = tracer.mark()
+            res = loadgen.run(self.gens["rate"], [mode, rate, ms], self.cg.path)
+            tracer.drain(m0, res.n, quiet=0.5, timeout=60)
+            m1 = tracer.mark()
+        except (tracers.TracerError, loadgen.LoadgenError) as e:
+            step["error"] = str(e)
+            if tracer.proc is not None:
+                try:
+                    tracer.stop()
+                except (tracers.TracerError, OSError):
+                    pass
+            return step
+        st = tracer.stop()
+        w = tracer.window(m0, m1)
+        kind = "exec" if mode == "exec" else "connect"
+        received = w["by_kind"].get(kind, 0)
+        drops = st.get("drops")
+        step.update({"generated": res.n, "achieved_rate": round(res.n * 1e9 / res.elapsed_ns),
+                     "received": received, "drops_reported": drops,
+                     "missing": res.n - received,
+                     "unaccounted": None if drops is None else res.n - received - drops,
+                     "latency": lat_summary(w["latency_ns"]), "tracer_cpu_ns": st.get("cpu_ns"),
+                     "rss_hwm_kb": st.get("rss_hwm_kb")})
+        return step
+
+    def rate_sweep(self) -> dict:
+        steps, ms = self.size["rate_steps"], self.size["rate_ms"]
+        out = {"generator": "rate refused: connect() to a closed loopback port, paced in 1 ms slices",
+               "mode": "agenttrace-monitor", "steps": []}
+        best = None
+        for rate in steps:
+            log(f"rate sweep: {rate}/s for {ms} ms")
+            step = self.rate_step(rate, ms)
+            out["steps"].append(step)
+            if "error" in step:
+                break
+            clean = step["drops_reported"] == 0 and step["missing"] == 0
+            if clean:
+                best = step
+            else:
+                out["first_dropping"] = step
+                break
+            if step["achieved_rate"] < 0.8 * rate:
+                out["limit"] = (f"the generator reached only {step['achieved_rate']}/s of {rate}/s asked: "
+                                "the machine, not the tracer, set the ceiling")
+                break
+        out["max_zero_drop_rate"] = best["achieved_rate"] if best else 0
+        half = max((best["achieved_rate"] if best else steps[0]) // 2, 100)
+        log(f"latency at half the zero-drop rate: {half}/s")
+        lat = self.rate_step(half, ms)
+        out["latency_at_half"] = lat
+        return out
+
+    def run(self) -> dict:
+        opts = self.opts
+        t0 = time.time()
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.work.mkdir(parents=True, exist_ok=True)
+        result = {"schema": "agenttrace-bench/1", "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0)),
+                  "machine": sysinfo.machine(),
+                  "config": {"size": opts.size, "rounds": opts.rounds, "sizes": self.size,
+                             "tracers_requested": opts.tracers, "only": opts.only,
+                             "cpu_time_source": "sum of /proc/<pid>/task/*/schedstat run time (ns) over the "
+                                                "tracer's process tree; auditd adds the kauditd kernel thread",
+                             "audit_login_uid": loadgen.BENCH_AUID}}
+        self.gens = loadgen.build(self.out / "bin")
+        names = tracers.expand(opts.tracers)
+        info = {}
+        for n in names:
+            t = tracers.make(n)
+            reason = t.unavailable()
+            info[n] = {"available": reason is None, "reason": reason, "description": t.description,
+                       "scope": t.scope}
+            if reason:
+                log(f"{n}: not available: {reason}")
+        result["tracers"] = info
+        active = [n for n in names if info[n]["available"]]
+        only = set(opts.only or WORKLOAD_NAMES)
+        workloads = [w for w in WORKLOADS if w.name in only]
+        result["workloads"] = {w.name: {"what": w.what, "placements": list(w.placements), "event_kind": w.kind,
+                                        "args": w.args(self.size)} for w in workloads}
+        self.cg = sysinfo.AgentCgroup().create()
+        result["agent_cgroup"] = {"path": str(self.cg.path), "id": self.cg.id}
+        try:
+            if workloads:
+                for rnd in range(opts.rounds):
+                    k = rnd % len(active)
+                    order = active[k:] + active[:k]
+                    log(f"round {rnd + 1}/{opts.rounds}: {', '.join(order)}")
+                    for tname in order:
+                        self.session(tname, rnd, workloads)
+            if "rate_sweep" in only:
+                if not info.get("agenttrace-monitor", {}).get("available"):
+                    why = (info["agenttrace-monitor"]["reason"] if "agenttrace-monitor" in info
+                           else "agenttrace not among --tracers")
+                    result["rate_sweep"] = {"status": f"not measured: {why}"}
+                else:
+                    result["rate_sweep"] = self.rate_sweep()
+        finally:
+            self.cg.remove()
+        result["runs"] = self.runs
+        result["sessions"] = self.sessions
+        result["latency"] = {k: lat_summary(v) for k, v in sorted(self.latencies.items())}
+        result["summary"] = report.summarize(self.runs, self.sessions, active, workloads)
+        result["goals"] = report.goals(result)
+        result["machine"]["loadavg_end"] = list(os.getloadavg())
+        result["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        result["duration_s"] = round(time.time() - t0, 1)
+        return result
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--size", choices=sorted(SIZES), default="small")
+    ap.add_argument("--rounds", type=int, default=None, help="rounds per configuration (default by size: "
+                    + ", ".join(f"{k} {v['rounds']}" for k, v in SIZES.items()) + ")")
+    ap.add_argument("--only", default=None,
+                    help="comma-separated workloads to run (" + ", ".join(WORKLOAD_NAMES) + ")")
+    ap.add_argument("--tracers", default="none,agenttrace,bpftrace,bpftrace-syscalls,auditd",
+                    help="comma-separated: none, agenttrace (= agenttrace-monitor + agenttrace-enforce), "
+                         "agenttrace-monitor, agenttrace-enforce, bpftrace, bpftrace-syscalls, auditd")
+    ap.add_argument("--out", default=str(HERE / "out"), help="output folder (default bench/out)")
+    opts = ap.parse_args(argv)
+    if opts.rounds is None:
+        opts.rounds = SIZES[opts.size]["rounds"]
+    if opts.rounds < 1:
+        ap.error("--rounds must be at least 1")
+    opts.tracers = [t.strip() for t in opts.tracers.split(",") if t.strip()]
+    try:
+        tracers.expand(opts.tracers)
+    except ValueError as e:
+        ap.error(str(e))
+    if opts.only:
+        opts.only = [w.strip() for w in opts.only.split(",") if w.strip()]
+        bad = [w for w in opts.only if w not in WORKLOAD_NAMES]
+        if bad:
+            ap.error(f"unknown workload {', '.join(bad)}; known: {', '.join(WORKLOAD_NAMES)}")
+    return opts
+
+
+def _terminate(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def main(argv=None) -> int:
+    opts = parse_args(argv)
+    if os.geteuid() != 0:
+        print("python -m bench: needs root (cgroups, tracers)", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, _terminate)
+    bench = Bench(opts)
+    try:
+        result = bench.run()
+    except loadgen.LoadgenError as e:
+        print(f"python -m bench: {e}", file=sys.stderr)
+        return 1
+    except Exception:
+        traceback.print_exc()
+        return 1
+    out = Path(opts.out)
+    (out / "result.json").write_text(json.dumps(result, indent=1) + "\n")
+    files = report.write(result, out)
+    log(f"wrote {out / 'result.json'}, " + ", ".join(str(f) for f in files))
+    return 0

@@ -1,0 +1,23 @@
+/* loopback TCP connect + close storm against a listener thread. usage: connect_storm N */
+#include "net.h"
+
+int main(int argc, char **argv)
+{
+	long long n = arg_ll(argc, argv, 1, 1000), errors = 0;
+	bench_setup();
+	struct sockaddr_in addr;
+	int lfd = listen_loopback(&addr);
+	pthread_t th;
+	pthread_create(&th, NULL, accept_and_close, &lfd);
+	uint64_t t0 = now_ns();
+	for (long long i = 0; i < n; i++) {
+		int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+		if (fd < 0)
+			die("socket");
+		if (connect(fd, (struct sockaddr *)&addr, sizeof(addr)) < 0)
+			errors++;
+		close_rst(fd);
+	}
+	report("connect_storm", n, now_ns() - t0, errors, NULL);
+	return 0;
+}

@@ -1,0 +1,229 @@
+"""The machine side of the harness: the cgroup2 mount, temporary agent cgroups, and what
+/proc says about a process (CPU time, peak RSS)."""
+from __future__ import annotations
+
+import os
+import platform
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _unescape_mount(field: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \ooo octal
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and i + 4 <= len(field) and field[i + 1:i + 4].isdigit():
+            out.append(chr(int(field[i + 1:i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def cgroup2_mount(mountinfo: str = "/proc/self/mountinfo") -> Path:
+    """The cgroup2 mount point: /sys/fs/cgroup on unified hosts, /sys/fs/cgroup/unified on
+    hybrid ones (this project's machines)."""
+    with open(mountinfo) as f:
+        for lineno, line in enumerate(f, 1):
+            left, sep, right = line.partition(" - ")
+            if not sep:
+                continue
+            if right.split()[0] == "cgroup2":
+                return Path(_unescape_mount(left.split()[4]))
+    raise RuntimeError(f"{mountinfo}: no cgroup2 mount (the harness needs cgroup v2)")
+
+
+class AgentCgroup:
+    """A temporary cgroup2 directory that plays the agent cgroup. Its id (what bpftrace's
+    `cgroup` builtin and agenttrace's maps hold) is the directory's inode number."""
+
+    PREFIX = "agenttrace-bench-"
+
+    def __init__(self, root: Path | None = None, tag: str = ""):
+        self.root = root or cgroup2_mount()
+        self.name = f"{self.PREFIX}{os.getpid()}{'-' + tag if tag else ''}"
+        self.path = self.root / self.name
+        self.id = 0
+
+    @property
+    def rel(self) -> str:
+        return "/" + self.name
+
+    def create(self) -> "AgentCgroup":
+        os.mkdir(self.path)
+        self.id = os.stat(self.path).st_ino
+        return self
+
+    def pids(self, path: Path | None = None) -> list[int]:
+        try:
+            with open((path or self.path) / "cgroup.procs") as f:
+                return [int(x) for x in f.read().split()]
+        except FileNotFoundError:
+            return []
+
+    def remove(self, timeout: float = 10.0) -> None:
+        """Kill what is left inside (everything in this cgroup was started by the harness),
+        one pid at a time, then remove the directory and any child a tracer made."""
+        if not self.path.exists():
+            return
+        deadline = time.monotonic() + timeout
+        dirs = sorted((p for p in self.path.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts))
+        dirs.append(self.path)
+        for d in dirs:
+            while True:
+                for pid in self.pids(d):
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                try:
+                    os.rmdir(d)
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.02)
+
+    def __enter__(self) -> "AgentCgroup":
+        return self.create()
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def _task_ids(pid: int) -> list[int]:
+    try:
+        return [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except FileNotFoundError:
+        return []
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid and every live descendant."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for tid in _task_ids(p):
+            try:
+                with open(f"/proc/{p}/task/{tid}/children") as f:
+                    todo.extend(int(c) for c in f.read().split())
+            except FileNotFoundError:
+                pass
+    return out
+
+
+def cpu_ns(pids: list[int]) -> int:
+    """On-CPU time (user + system) of the given processes and all their threads, in ns.
+
+    Read from each thread's schedstat (ns resolution) rather than utime+stime in
+    /proc/<pid>/stat, whose clock ticks (10 ms) are coarser than a whole tiny workload.
+    Both count the same run time; stat is the fallback when schedstat is missing."""
+    total = 0
+    for pid in pids:
+        tids = _task_ids(pid)
+        got = False
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    total += int(f.read().split()[0])
+                    got = True
+            except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+                pass
+        if not got:
+            total += stat_cpu_ns(pid)
+    return total
+
+
+def stat_cpu_ns(pid: int) -> int:
+    """utime + stime from /proc/<pid>/stat (whole thread group, exited threads included)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return 0
+    fields = data[data.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) * 1_000_000_000 // CLK_TCK
+
+
+def vm_hwm_kb(pid: int) -> int:
+    """Peak resident set (VmHWM) in KiB; 0 for kernel threads and gone processes."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except FileNotFoundError:
+        pass
+    return 0
+
+
+def kernel_thread_pid(comm: str) -> int:
+    """Pid of a kernel thread (child of kthreadd) with this exact comm, 0 if none.
+    Read-only: used to charge kauditd's CPU to auditd, never to signal anything."""
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                data = f.read()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        name = data[data.index("(") + 1:data.rindex(")")]
+        ppid = int(data[data.rindex(")") + 2:].split()[1])
+        if name == comm and ppid == 2:
+            return int(d)
+    return 0
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        return state not in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
+def _version(cmd: list[str]) -> str:
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+        return (r.stdout or r.stderr).strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return "unavailable"
+
+
+def machine() -> dict:
+    cpu_model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu_model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    with open("/proc/meminfo") as f:
+        mem_kb = int(f.readline().split()[1])
+    return {
+        "hostname": platform.node(),
+        "nproc": os.cpu_count(),
+        "nproc_usable": len(os.sched_getaffinity(0)),
+        "kernel": platform.release(),
+        "kernel_version": platform.version(),
+        "cpu_model": cpu_model,
+        "mem_total_mb": mem_kb // 1024,
+        "loadavg": list(os.getloadavg()),
+        "python": platform.python_version(),
+        "gcc": _version(["gcc", "--version"]),
+        "bpftrace": _version(["bpftrace", "--version"]),
+        "auditctl": _version(["auditctl", "-v"]),
+        "cgroup2_mount": str(cgroup2_mount()),
+    }
