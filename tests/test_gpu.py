@@ -123,11 +123,11 @@ def test_agent_and_non_agent_holders_are_attributed(tree):
     enr = GpuEnricher(sampler, tracker)
     ev = Event("connect", 1, {"kind": "connect", "proc": {"pid": worker}}, pid=worker)
     assert enr(ev) == [ev]
-    s = ev.record["gpu"]
+    s = ev.record["proc"]["gpu"]
     assert (s["index"], s["used_memory_mib"], s["count"]) == (0, 1000, 1)
-    other = Event("exec", 1, {"kind": "exec"}, pid=os.getpid())
+    other = Event("exec", 1, {"kind": "exec", "proc": {"pid": os.getpid()}}, pid=os.getpid())
     enr(other)
-    assert "gpu" not in other.record
+    assert "gpu" not in other.record["proc"]
 
     # Release: the worker's context disappears from NVML.
     for t_s in (10, 20, 25):
@@ -211,8 +211,8 @@ def test_nvml_errors_mid_run_one_notice_then_recovery(tree):
     assert sampler.tick()                                  # fails again (GpuIsLost on processes), quietly
     assert len(notices) == 1 and sampler.errors == 2
     # The pipeline keeps going meanwhile: no released event, the holder keeps its summary.
-    ev = Event("exec", 1, {"kind": "exec"}, pid=worker)
-    assert enr(ev) == [ev] and ev.record["gpu"]["used_memory_mib"] == 2048
+    ev = Event("exec", 1, {"kind": "exec", "proc": {"pid": worker}}, pid=worker)
+    assert enr(ev) == [ev] and ev.record["proc"]["gpu"]["used_memory_mib"] == 2048
 
     clock.advance(16)                                      # t=30: NVML answers again
     assert sampler.tick() and not sampler.failing
@@ -234,8 +234,8 @@ def test_unavailable_backend_gives_one_notice_and_passes_events_through():
     assert notices == [("gpu_unavailable", "GPU enrichment off: NVIDIA kernel driver is not loaded (nvidia module missing)")]
     assert sampler.latest is None and sampler.available is False
     enr = GpuEnricher(sampler, GpuTracker(lambda pid: None, node="n"))
-    ev = Event("exec", 1, {"kind": "exec"}, pid=os.getpid())
-    assert enr(ev) == [ev] and "gpu" not in ev.record
+    ev = Event("exec", 1, {"kind": "exec", "proc": {"pid": os.getpid()}}, pid=os.getpid())
+    assert enr(ev) == [ev] and "gpu" not in ev.record["proc"]
 
 
 class _BlockingBackend(FakeBackend):
@@ -270,8 +270,8 @@ def test_hung_nvml_call_never_stalls_the_pipeline(tree):
         backend.block = True
         assert backend.entered.wait(30)
         # The sampler thread is stuck inside NVML; events still go through with the last snapshot.
-        ev = Event("exec", 1, {"kind": "exec"}, pid=worker)
-        assert enr(ev) == [ev] and ev.record["gpu"]["used_memory_mib"] == 2048
+        ev = Event("exec", 1, {"kind": "exec", "proc": {"pid": worker}}, pid=worker)
+        assert enr(ev) == [ev] and ev.record["proc"]["gpu"]["used_memory_mib"] == 2048
     finally:
         backend.release.set()
         sampler.stop()
@@ -469,3 +469,19 @@ def test_device_body():
     assert device_body(195, 0, 2 | 4, 2, 1, {195: "nvidia"}) == {
         "major": 195, "minor": 0, "access": "rw", "type": "char", "name": "nvidia",
         "verdict": "blocked"}
+
+
+def test_table_resolver_on_the_process_table(tree):
+    from agenttrace.cgroups import AgentResolver
+    from agenttrace.gpu import table_resolver
+    from agenttrace.proctable import ProcTable
+
+    agents = AgentResolver(labels={"pool": "rl"})
+    agents.watch(tree.watched)
+    resolve = table_resolver(ProcTable(), agents)
+    inside, outside = tree.spawn(tree.agent), tree.spawn(tree.other)
+    proc, agent = resolve(inside)
+    assert agent == {"id": "a1", "cgroup": tree.rel(tree.agent), "cgroup_id": os.stat(tree.agent).st_ino, "pool": "rl"}
+    assert proc["pid"] == inside and proc["exe"].endswith("/sleep") and proc["ancestry"][0]["pid"] == os.getpid()
+    assert resolve(outside)[1] is None
+    assert resolve(999999999) is None

@@ -682,7 +682,7 @@ class GpuTracker:
 
 class GpuEnricher:
     """The pipeline stage: injects `gpu` events as snapshots arrive and puts the GPU summary on
-    every event of a GPU-holding process (`record["gpu"]`, for kinds other than gpu).
+    every event of a GPU-holding process (`record["proc"]["gpu"]`, for kinds other than gpu).
 
     `poll()` is for the reader's idle path (ring-buffer poll timeout), so GPU changes of a quiet
     agent are still reported.
@@ -697,10 +697,11 @@ class GpuEnricher:
 
     def __call__(self, event: Event) -> List[Event]:
         out = self.poll()
-        if event.kind != "gpu" and event.pid:
+        proc = event.record.get("proc")
+        if event.kind != "gpu" and event.pid and isinstance(proc, dict):
             s = self.tracker.summary(event.pid)
             if s is not None:
-                event.record["gpu"] = s
+                proc["gpu"] = s  # where enrich.Enricher puts it too: the process's, not the event's
         out.append(event)
         return out
 
@@ -711,6 +712,47 @@ class GpuEnricher:
 
 def _proc_cgroup_path(pid: int) -> str:
     return pid_cgroup(pid) or ""
+
+
+def agent_cgroup_of(cgroup: str, watched: Sequence[str]) -> Optional[str]:
+    """The agent cgroup (relative path) a cgroup belongs to: the watched cgroup's direct child on
+    its path, or the watched cgroup itself (DESIGN §7); None outside every watched cgroup."""
+    for w in watched:
+        w = w.rstrip("/") or "/"
+        if cgroup == w or cgroup.startswith(w.rstrip("/") + "/"):
+            rest = cgroup[len(w.rstrip("/")):].strip("/")
+            return w.rstrip("/") + "/" + rest.split("/")[0] if rest else w
+    return None
+
+
+def table_resolver(procs, agents) -> Resolver:
+    """resolve(pid) on the daemon's process table (`proctable.ProcTable`) and agent identities
+    (`cgroups.AgentResolver`). GPU holders are often processes that started before agenttrace
+    or live outside agent cgroups, so the agent comes from the pid's cgroup, not from events."""
+    from .cgroups import relpath  # noqa: PLC0415
+
+    def resolve(pid: int):
+        p = procs.get(pid)
+        if p is None:
+            return None
+        rec = p.record()
+        rec["ancestry"] = procs.ancestry(pid)
+        cg = pid_cgroup(pid)
+        if cg is None:
+            return rec, None
+        by_rel = {relpath(path): cid for cid, path in agents.watched().items()}
+        acg = agent_cgroup_of(cg, list(by_rel))
+        if acg is None:
+            return rec, None
+        cid = by_rel.get(acg)
+        if cid is None:
+            try:
+                cid = os.stat(str(cgroup2_mount()) + acg).st_ino
+            except OSError:
+                return rec, None
+        return rec, agents.agent(cid)
+
+    return resolve
 
 
 def _read_stat(pid: int) -> Tuple[str, int]:
@@ -736,16 +778,14 @@ class ProcfsResolver:
         return p if p.startswith("/") else "/" + p
 
     def agent_of(self, cgroup: str) -> Optional[dict]:
-        for w in self.watched:
-            if cgroup == w or cgroup.startswith(w.rstrip("/") + "/"):
-                rest = cgroup[len(w.rstrip("/")):].strip("/")
-                acg = w.rstrip("/") + "/" + rest.split("/")[0] if rest else w
-                try:
-                    cid = os.stat(self.mount.rstrip("/") + acg).st_ino
-                except OSError:
-                    return None
-                return {"id": os.path.basename(acg) or acg, "cgroup": acg, "cgroup_id": cid}
-        return None
+        acg = agent_cgroup_of(cgroup, self.watched)
+        if acg is None:
+            return None
+        try:
+            cid = os.stat(self.mount.rstrip("/") + acg).st_ino
+        except OSError:
+            return None
+        return {"id": os.path.basename(acg) or acg, "cgroup": acg, "cgroup_id": cid}
 
     def _one(self, pid: int) -> dict:
         comm, ppid = _read_stat(pid)
