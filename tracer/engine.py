@@ -112,6 +112,8 @@ def render_message(rule: Rule, rec: dict, window: Optional[dict] = None) -> str:
                 v = get_path(rec, k)
             if isinstance(v, list):
                 v = " ".join(str(x) for x in v)
+            elif isinstance(v, float):
+                v = format(v, "g")
             return "?" if v is None else str(v)[:300]
         return re.sub(r"\{([a-z_][\w.]*)\}", sub, rule.message)
     msg = describe_event(rec)
