@@ -485,3 +485,58 @@ def test_table_resolver_on_the_process_table(tree):
     assert proc["pid"] == inside and proc["exe"].endswith("/sleep") and proc["ancestry"][0]["pid"] == os.getpid()
     assert resolve(outside)[1] is None
     assert resolve(999999999) is None
+
+
+# ---- the service the runtime wires (real thread, real clock, fake NVML chosen by environment)
+
+
+def test_service_end_to_end_with_fake_nvml_from_env(tree, tmp_path, monkeypatch):
+    from agenttrace.gpu import FAKE_ENV, GpuService
+
+    monkeypatch.setenv(FAKE_ENV, str(FIX / "gpu_agent_burner.yaml"))
+    burner = tmp_path / "gpu-burner"
+    burner.symlink_to("/usr/bin/sleep")  # comm comes from the exec'd name: the fixture selects on it
+    p = tree._trees[0].spawn(tree.agent, [str(burner), "1000"])
+    tree.procs.append(p)
+    notices = []
+    svc = GpuService(GpuConfig(interval_s=0.05, thresholds={"sm_util_pct": 90}),
+                     ProcfsResolver([str(tree.watched)]), notice=lambda c, m: notices.append(c), node="n")
+    svc.start()
+    try:
+        got = []
+        deadline = time.monotonic() + 60  # generous: only a hung sampler would take this long
+        while time.monotonic() < deadline and not any(e.record["gpu"]["change"] == "threshold" for e in got):
+            got += svc.poll()
+            time.sleep(0.02)
+        assert [(e.pid, e.record["gpu"]["change"]) for e in got] == [(p.pid, "acquired"), (p.pid, "threshold")]
+        assert got[0].record["agent"]["id"] == "a1" and got[0].record["proc"]["comm"] == "gpu-burner"
+        assert got[1].record["gpu"]["threshold"]["metric"] == "sm_util_pct"
+        assert svc.summary(p.pid)["sm_util_pct"] == 98
+        assert notices == []
+    finally:
+        svc.stop()
+
+
+def test_service_without_gpu_notices_once(monkeypatch):
+    from agenttrace.gpu import FAKE_ENV, GpuService
+
+    monkeypatch.setenv(FAKE_ENV, str(FIX / "gpu_unavailable.yaml"))
+    notices = []
+    svc = GpuService(None, lambda pid: None, notice=lambda c, m: notices.append(m))
+    svc.start()
+    svc.sampler._thread.join(10)
+    svc.stop()
+    assert notices == ["GPU enrichment off: NVIDIA kernel driver is not loaded (nvidia module missing)"]
+    assert svc.poll() == [] and svc.summary(1) is None
+
+
+def test_service_probe_flags_from_proc_devices(tmp_path):
+    from agenttrace.gpu import GpuService
+
+    f = tmp_path / "devices"
+    f.write_text("Character devices:\n195 nvidia\n237 nvidia-caps\n511 nvidia-uvm\n\nBlock devices:\n")
+    svc = GpuService(None, lambda pid: None, backend=FakeBackend(FIX / "gpu_unavailable.yaml"))
+    assert svc.probe_cflags(str(f)) == ["-DAT_NVIDIA_UVM_MAJOR=511"]
+    assert svc.device_names(str(f)) == {195: "nvidia", 237: "nvidia-caps", 511: "nvidia-uvm"}
+    f.write_text("Character devices:\n  1 mem\n\nBlock devices:\n")
+    assert svc.probe_cflags(str(f)) == ["-DAT_NVIDIA_UVM_MAJOR=0"]

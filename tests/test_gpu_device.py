@@ -178,3 +178,26 @@ def test_processes_outside_watched_cgroups_are_not_fenced(lab):
         assert _events(lab) == []
     finally:
         outside.cleanup()
+
+
+def test_service_installs_the_fence_by_mode_and_config(lab):
+    from agenttrace.gpu import GpuService
+    from agenttrace.gpu_fake import FakeBackend
+
+    fixture = Path(__file__).parent / "fixtures" / "gpu_unavailable.yaml"
+    trainer = {"id": "trainer", "cgroup": "/t", "cgroup_id": os.stat(lab.allowed).st_ino}
+    cfg = GpuConfig(groups=[{"agents": ["trainer"], "allowed": True}])
+    svc = GpuService(cfg, lambda pid: None, mode="enforce", backend=FakeBackend(fixture))
+    svc.install_fence(lab.probes)
+    svc.agent_seen(trainer)
+    assert _open_in(lab.denied, lab.nodes["nvidia0"])[1] == errno.EPERM
+    assert _open_in(lab.allowed, lab.nodes["nvidia0"])[1] == errno.ENXIO
+    svc.agent_gone(trainer["cgroup_id"])  # back to the default for unknown agents: deny
+    assert _open_in(lab.allowed, lab.nodes["nvidia0"])[1] == errno.EPERM
+    # fence: monitor keeps reporting but never denies, even in enforce mode
+    mon = GpuService(cfg.model_copy(update={"fence": "monitor"}), lambda pid: None, mode="enforce",
+                     backend=FakeBackend(fixture))
+    mon.install_fence(lab.probes)
+    _events(lab)
+    assert _open_in(lab.denied, lab.nodes["nvidia0"])[1] == errno.ENXIO
+    assert [(e.h.agent_cgroup_id, e.verdict) for e in _events(lab)] == [(os.stat(lab.denied).st_ino, 0)]

@@ -902,3 +902,94 @@ class GpuFence:
             del t[t.Key(int(cgroup_id))]
         except KeyError:
             pass
+
+
+# --------------------------------------------------------------------------------------------
+# One object for the daemon / run / tail wiring
+
+FAKE_ENV = "AGENTTRACE_FAKE_NVML"
+"""Path of a gpu_fake fixture: use the fake backend instead of NVML (end-to-end tests, demos)."""
+
+
+def default_backend(clock: Optional[Clock] = None) -> GpuBackend:
+    fixture = os.environ.get(FAKE_ENV)
+    if fixture:
+        from .gpu_fake import FakeBackend  # noqa: PLC0415
+
+        return FakeBackend(fixture, clock)
+    return NvmlBackend()
+
+
+class _NoBackend:
+    """Stands in when even the NVML binding cannot be imported: init says why."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+    def init(self) -> None:
+        raise GpuUnavailable(self.reason)
+
+    def shutdown(self) -> None:
+        pass
+
+
+class GpuService:
+    """Sampler + tracker + fence behind the calls the runtime makes.
+
+        gpu = GpuService(config.gpu, table_resolver(procs, agents), mode=mode, notice=lifecycle_notice)
+        probes = Probes(features + ("device",), extra_cflags=gpu.probe_cflags())   # unless config.fence == "off"
+        gpu.install_fence(probes); gpu.agent_seen(agent) for each agent (new ones too)
+        gpu.start()
+        ... reader idle path: events += gpu.poll(); Enricher(gpu_summary=gpu.summary)
+        gpu.stop()
+    """
+
+    def __init__(self, config: Optional[GpuConfig], resolve: Resolver, *, mode: str = "monitor",
+                 notice: Optional[Notice] = None, backend: Optional[GpuBackend] = None,
+                 clock: Optional[Clock] = None, node: Optional[str] = None):
+        self.config = config or GpuConfig()
+        self.mode = mode
+        if backend is None:
+            try:
+                backend = default_backend(clock)
+            except GpuUnavailable as e:
+                backend = _NoBackend(e.reason)
+        self.sampler = GpuSampler(backend, self.config.interval_s, clock=clock, notice=notice,
+                                  max_backoff_s=self.config.max_backoff_s)
+        self.tracker = GpuTracker(resolve, self.config, node=node)
+        self.fence: Optional[GpuFence] = None
+
+    def start(self) -> None:
+        if self.config.enabled:
+            self.sampler.start()
+
+    def stop(self) -> None:
+        self.sampler.stop()
+
+    def poll(self) -> List[Event]:
+        """New `gpu` events since the last call (cheap when nothing changed: one reference compare)."""
+        return self.tracker.update(self.sampler.latest)
+
+    def summary(self, pid: int) -> Optional[dict]:
+        return self.tracker.summary(pid)
+
+    def probe_cflags(self, proc_devices: str = "/proc/devices") -> List[str]:
+        return [f"-DAT_NVIDIA_UVM_MAJOR={nvidia_uvm_major(proc_devices) or 0}"]
+
+    def device_names(self, proc_devices: str = "/proc/devices") -> Dict[int, str]:
+        """major -> driver name, for the `device.name` of decoded device events."""
+        return nvidia_majors(proc_devices)
+
+    def install_fence(self, probes, proc_devices: str = "/proc/devices") -> GpuFence:
+        self.fence = GpuFence(probes, self.config, self.mode)
+        # nvidia-caps (MIG access) and any other nvidia* majors the driver registered.
+        self.fence.install([m for m in nvidia_majors(proc_devices) if m != NVIDIA_MAJOR])
+        return self.fence
+
+    def agent_seen(self, agent: Mapping) -> None:
+        if self.fence is not None:
+            self.fence.set_agent(agent)
+
+    def agent_gone(self, cgroup_id: int) -> None:
+        if self.fence is not None:
+            self.fence.forget_agent(cgroup_id)

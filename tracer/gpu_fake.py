@@ -21,12 +21,16 @@ Fixture format::
       - at: 20
         procs: []
 
-`pid` is a number or a symbolic name bound at run time with `bind(name, pid)`, so a test can
-put the pid of a process it just started into the fixture. Time is measured on the clock
+`pid` is a number, a symbolic name bound at run time with `bind(name, pid)` (so a test can
+put the pid of a process it just started into the fixture), `comm:NAME` (every process whose
+comm is NAME when the fake is asked) or `cgroup:/path` (every process in that cgroup subtree,
+relative to the cgroup2 mount). The last two let an end-to-end run (`AGENTTRACE_FAKE_NVML`)
+make its own workload a GPU holder without knowing pids in advance. Time is measured on the clock
 given (a FakeClock in tests) from `init()`.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Tuple, Union
 
@@ -224,11 +228,15 @@ class FakeBackend:
             raise _error_class(cur.error.code)()
         return cur
 
-    def _pid(self, p: Union[int, str]) -> int:
+    def _pids_of(self, p: Union[int, str]) -> List[int]:
         if isinstance(p, int):
-            return p
+            return [p]
+        if p.startswith("comm:"):
+            return _pids_with_comm(p[5:])
+        if p.startswith("cgroup:"):
+            return _pids_in_cgroup(p[7:])
         try:
-            return self._pids[p]
+            return [self._pids[p]]
         except KeyError:
             raise KeyError(f"fixture pid '{p}' is not bound (FakeBackend.bind('{p}', pid))") from None
 
@@ -240,7 +248,7 @@ class FakeBackend:
         s = self._step("processes")
         if s is None:
             return []
-        return [GpuProcess(self._pid(p.pid), p.memory_mib, p.kind) for p in s.procs if p.gpu == index]
+        return [GpuProcess(pid, p.memory_mib, p.kind) for p in s.procs if p.gpu == index for pid in self._pids_of(p.pid)]
 
     def utilization(self, index: int) -> Tuple[Optional[int], Optional[int]]:
         s = self._step("utilization")
@@ -257,5 +265,33 @@ class FakeBackend:
         s = self._step("process_utilization")
         if s is None or not self.fixture.process_utilization:
             return {}
-        return {self._pid(p.pid): (p.sm or 0, p.mem or 0)
-                for p in s.procs if p.gpu == index and (p.sm is not None or p.mem is not None)}
+        return {pid: (p.sm or 0, p.mem or 0)
+                for p in s.procs if p.gpu == index and (p.sm is not None or p.mem is not None)
+                for pid in self._pids_of(p.pid)}
+
+
+def _pids_with_comm(comm: str) -> List[int]:
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/comm") as f:
+                    if f.read().rstrip("\n") == comm:
+                        out.append(int(d))
+            except OSError:
+                continue
+    return sorted(out)
+
+
+def _pids_in_cgroup(rel: str) -> List[int]:
+    from .cgroups import cgroup2_mount  # noqa: PLC0415
+
+    root = os.path.join(str(cgroup2_mount()), rel.lstrip("/"))
+    out = []
+    for dirpath, _dirs, _files in os.walk(root):
+        try:
+            with open(os.path.join(dirpath, "cgroup.procs")) as f:
+                out.extend(int(x) for x in f.read().split())
+        except OSError:
+            continue
+    return sorted(set(out))
