@@ -1,0 +1,293 @@
+/* Flows: the first payload bytes of each TCP flow of an agent socket, each way, once.
+ *
+ * Why cgroup_skb: the programs run only for sockets of the cgroups they are attached to (agent
+ * cgroups), so other workloads pay nothing; they see every TCP segment of those sockets
+ * whatever the port, the process name or the library; and their return value drops the packet
+ * (0) — which is how a forbidden protocol is stopped before its handshake reaches the peer.
+ *
+ * Per flow (socket cookie) one LRU entry remembers which directions were captured, whether
+ * the flow is blocked, and the task that owned the socket when it was last seen in process
+ * context (the SYN of connect(), the first send of an accepted socket): ingress runs in
+ * softirq, where the current task is unrelated, so the owner recorded earlier names it.
+ *
+ * Reads only UAPI (`__sk_buff`) and packet bytes via bpf_skb_load_bytes. */
+
+#define AT_ETH_P_IP   0x0800
+#define AT_ETH_P_IPV6 0x86DD
+#define AT_NEXTHDR_TCP 6
+#define AT_SKB_AF_INET 2
+#define AT_SKB_AF_INET6 10
+
+#ifndef AT_SKB_SCOPE_DEFINED
+#define AT_SKB_SCOPE_DEFINED
+/* The agent of a socket: walk the socket's cgroup ancestors (not the current task's — skb
+ * hooks also run in softirq) for a watched one. Shared with dns.c, which has the same block. */
+static __always_inline int at_skb_scope(struct __sk_buff *skb, u64 *cg, u64 *agent)
+{
+	#pragma unroll
+	for (int lvl = 0; lvl < AT_MAX_DEPTH; lvl++) {
+		u64 id = bpf_skb_ancestor_cgroup_id(skb, lvl);
+		if (id == 0)
+			return 0;
+		if (watched.lookup(&id)) {
+			u64 a = bpf_skb_ancestor_cgroup_id(skb, lvl + 1);
+			*agent = a ? a : id;
+			*cg = bpf_skb_cgroup_id(skb);
+			return 1;
+		}
+	}
+	return 0;
+}
+
+/* Header for an skb event: the current task's identity when it is the socket's own cgroup
+ * (egress from a syscall), else only the socket's cgroup ids (pid 0, empty comm). */
+static __always_inline int at_skb_header(struct at_header *h, u16 type, u16 size, u64 cg, u64 agent)
+{
+	if (bpf_get_current_cgroup_id() == cg) {
+		at_fill_header(h, type, size, cg, agent);
+		return 1;
+	}
+	__builtin_memset(h, 0, sizeof(*h));
+	h->type = type;
+	h->size = size;
+	h->ktime = bpf_ktime_get_ns();
+	h->cgroup_id = cg;
+	h->agent_cgroup_id = agent;
+	return 0;
+}
+
+/* Transport header position and addresses of an skb (data starts at the IP header in cgroup
+ * skb programs). IPv6 extension headers are not walked: TCP/UDP right after the fixed header
+ * is what sockets of these programs carry in practice. */
+struct at_l3 {
+	u16 family;
+	u8 proto;
+	u8 pad;
+	u32 l4off;
+	u32 l3end;          /* end of the IP packet (total length) */
+	u8 saddr[16];
+	u8 daddr[16];
+};
+
+static __always_inline int at_skb_l3(struct __sk_buff *skb, struct at_l3 *l)
+{
+	__builtin_memset(l, 0, sizeof(*l));
+	if (skb->protocol == bpf_htons(AT_ETH_P_IP)) {
+		u8 iph[20];
+		if (bpf_skb_load_bytes(skb, 0, iph, 20) < 0)
+			return -1;
+		l->family = AT_SKB_AF_INET;
+		l->proto = iph[9];
+		l->l4off = (iph[0] & 0xf) * 4;
+		l->l3end = ((u32)iph[2] << 8) | iph[3];
+		l->saddr[10] = l->saddr[11] = 0xff;
+		l->daddr[10] = l->daddr[11] = 0xff;
+		__builtin_memcpy(&l->saddr[12], &iph[12], 4);
+		__builtin_memcpy(&l->daddr[12], &iph[16], 4);
+		return 0;
+	}
+	if (skb->protocol == bpf_htons(AT_ETH_P_IPV6)) {
+		u8 ip6[40];
+		if (bpf_skb_load_bytes(skb, 0, ip6, 40) < 0)
+			return -1;
+		l->family = AT_SKB_AF_INET6;
+		l->proto = ip6[6];
+		l->l4off = 40;
+		l->l3end = 40 + (((u32)ip6[4] << 8) | ip6[5]);
+		__builtin_memcpy(l->saddr, &ip6[8], 16);
+		__builtin_memcpy(l->daddr, &ip6[24], 16);
+		return 0;
+	}
+	return -1;
+}
+#endif /* AT_SKB_SCOPE_DEFINED */
+
+#define AT_SCOPE_EXTERNAL 1
+#define AT_SCOPE_INTERNAL 2
+
+/* Protocol policy, filled by the loader from rules: (agent cgroup id, AT_PROTO_*) -> verdict.
+ * Agent 0 = every agent. `scopes` says for which remote addresses it applies (AT_SCOPE_* bits,
+ * 0 = all), so "SSH to anything external" leaves SSH to internal hosts alone. `deny` is set
+ * only in enforce mode; in monitor mode an entry with deny 0 marks the flow as matched. */
+struct at_proto_key {
+	u64 agent;
+	u32 proto;
+	u32 pad;
+};
+struct at_proto_val {
+	u32 policy_id;
+	u8 deny;
+	u8 scopes;
+	u16 pad;
+};
+BPF_HASH(proto_policy, struct at_proto_key, struct at_proto_val, 1024);
+
+/* Internal networks (config: RFC 1918, loopback, ...), IPv4 as ::ffff:a.b.c.d. */
+struct at_net_key {
+	u32 prefixlen;
+	u8 addr[16];
+};
+BPF_LPM_TRIE(flow_internal, struct at_net_key, u8, 256);
+
+struct at_flow_state {
+	struct at_header owner;  /* valid when owner_known */
+	u8 seen[2];              /* per AT_DIR_*: first payload captured */
+	u8 blocked;
+	u8 owner_known;
+	u32 policy_id;
+};
+BPF_TABLE("lru_hash", u64, struct at_flow_state, flow_state, 65536);
+
+/* Scratch record: classified before it is copied to the ring buffer, so a failed reserve
+ * never changes a verdict. */
+BPF_PERCPU_ARRAY(flow_scratch, struct at_flow, 1);
+
+/* bytes of `needle` found in the first `len` bytes of d (bounded: once per flow and way) */
+static __always_inline int at_has8(const u8 *d, u32 len, u64 needle)
+{
+	for (u32 i = 0; i + 8 <= AT_FLOW_BYTES; i++) {
+		if (i + 8 > len)
+			return 0;
+		u64 w;
+		__builtin_memcpy(&w, &d[i], 8);
+		if (w == needle)
+			return 1;
+	}
+	return 0;
+}
+
+/* Cheap kernel-side guess; userspace (agenttrace.protocols) does the real parse. */
+static __always_inline u32 at_classify(const u8 *d, u32 len)
+{
+	if (len >= 4 && d[0] == 'S' && d[1] == 'S' && d[2] == 'H' && d[3] == '-')
+		return AT_PROTO_SSH;
+	if (len >= 6 && d[0] == 0x16 && d[1] == 0x03 && d[5] == 0x01)
+		return AT_PROTO_TLS;
+	if (len >= 2 && d[0] == '{') {
+		/* "mining. / "login" as little-endian u64 words */
+		u64 mining = 0x2e676e696e696d22ULL;   /* "mining. */
+		u64 login = 0x226e69676f6c22ULL;      /* "login" + next byte masked below */
+		if (at_has8(d, len, mining))
+			return AT_PROTO_STRATUM;
+		for (u32 i = 0; i + 8 <= AT_FLOW_BYTES; i++) {
+			if (i + 8 > len)
+				break;
+			u64 w;
+			__builtin_memcpy(&w, &d[i], 8);
+			if ((w & 0x00ffffffffffffffULL) == login)
+				return AT_PROTO_STRATUM;
+		}
+		return AT_PROTO_UNKNOWN;
+	}
+	if (len >= 4) {
+		u32 w;
+		__builtin_memcpy(&w, d, 4);
+		/* request methods by their first four bytes, little-endian */
+		if (w == 0x20544547 /* "GET " */ || w == 0x54534f50 /* POST */ || w == 0x20545550 /* "PUT " */ ||
+		    w == 0x44414548 /* HEAD */ || w == 0x4e4e4f43 /* CONN */ || w == 0x454c4544 /* DELE */ ||
+		    w == 0x4954504f /* OPTI */ || w == 0x43544150 /* PATC */ || w == 0x50545448 /* HTTP */ ||
+		    w == 0x20495250 /* "PRI " */)
+			return AT_PROTO_HTTP;
+	}
+	return AT_PROTO_UNKNOWN;
+}
+
+static __always_inline u32 at_flow_verdict(u64 agent, u32 proto, const u8 *remote, u32 *policy)
+{
+	if (proto == AT_PROTO_UNKNOWN)
+		return AT_VERDICT_ALLOWED;
+	struct at_net_key nk = {};
+	nk.prefixlen = 128;
+	__builtin_memcpy(nk.addr, remote, 16);
+	u8 scope = flow_internal.lookup(&nk) ? AT_SCOPE_INTERNAL : AT_SCOPE_EXTERNAL;
+	struct at_proto_key k = {};
+	k.proto = proto;
+	#pragma unroll
+	for (int i = 0; i < 2; i++) {
+		k.agent = i == 0 ? agent : 0;
+		struct at_proto_val *v = proto_policy.lookup(&k);
+		if (v && (v->scopes == 0 || (v->scopes & scope))) {
+			*policy = v->policy_id;
+			return v->deny ? AT_VERDICT_BLOCKED : AT_VERDICT_ALLOWED;
+		}
+	}
+	return AT_VERDICT_ALLOWED;
+}
+
+static __always_inline int at_flow(struct __sk_buff *skb, u8 dir)
+{
+	u64 cg = 0, agent = 0;
+	struct at_l3 l;
+	if (!at_skb_scope(skb, &cg, &agent))
+		return 1;
+	if (at_skb_l3(skb, &l) < 0 || l.proto != AT_NEXTHDR_TCP)
+		return 1;
+	u8 tcph[20];
+	if (bpf_skb_load_bytes(skb, l.l4off, tcph, 20) < 0)
+		return 1;
+	u32 doff = (tcph[12] >> 4) * 4;
+	u32 off = l.l4off + doff;
+	u32 plen = l.l3end > off ? l.l3end - off : 0;
+	u64 cookie = bpf_get_socket_cookie(skb);
+
+	struct at_flow_state *st = flow_state.lookup(&cookie);
+	if (!st) {
+		struct at_flow_state fresh = {};
+		flow_state.update(&cookie, &fresh);
+		st = flow_state.lookup(&cookie);
+		if (!st)
+			return 1;
+	}
+	if (!st->owner_known && dir == AT_DIR_EGRESS &&
+	    at_skb_header(&st->owner, AT_EV_FLOW, sizeof(struct at_flow), cg, agent))
+		st->owner_known = 1;
+	if (plen == 0)
+		return 1;  /* SYN, pure ACK, FIN: a blocked flow may still close */
+	if (st->blocked)
+		return 0;  /* every retransmission and every later segment of a blocked flow */
+	if (st->seen[dir & 1])
+		return 1;
+	st->seen[dir & 1] = 1;
+
+	u32 zero = 0;
+	struct at_flow *e = flow_scratch.lookup(&zero);
+	if (!e)
+		return 1;
+	if (st->owner_known) {
+		__builtin_memcpy(&e->h, &st->owner, sizeof(e->h));
+		e->h.ktime = bpf_ktime_get_ns();
+		e->h.type = AT_EV_FLOW;
+		e->h.size = sizeof(*e);
+	} else {
+		at_skb_header(&e->h, AT_EV_FLOW, sizeof(*e), cg, agent);
+	}
+	e->cookie = cookie;
+	e->family = l.family;
+	e->sport = ((u16)tcph[0] << 8) | tcph[1];
+	e->dport = ((u16)tcph[2] << 8) | tcph[3];
+	e->direction = dir;
+	__builtin_memcpy(e->saddr, l.saddr, 16);
+	__builtin_memcpy(e->daddr, l.daddr, 16);
+	u32 n = plen > AT_FLOW_BYTES ? AT_FLOW_BYTES : plen;
+	/* plen > 0 here, so this is n again, in a form the verifier can bound to [1, 256] */
+	n = ((n - 1) & (AT_FLOW_BYTES - 1)) + 1;
+	e->len = n;
+	if (bpf_skb_load_bytes(skb, off, e->data, n) < 0) {
+		e->len = 0;
+		n = 0;
+	}
+	e->proto_hint = at_classify(e->data, n);
+	u32 policy = 0;
+	/* the remote end is the destination of egress and the source of ingress */
+	e->verdict = at_flow_verdict(agent, e->proto_hint, dir == AT_DIR_EGRESS ? l.daddr : l.saddr, &policy);
+	if (e->verdict == AT_VERDICT_BLOCKED) {
+		st->blocked = 1;
+		st->policy_id = policy;
+	}
+	if (events.ringbuf_output(e, sizeof(*e), 0) < 0)
+		at_count_drop(agent, AT_EV_FLOW);
+	return e->verdict == AT_VERDICT_BLOCKED ? 0 : 1;
+}
+
+int at_skb_egress(struct __sk_buff *skb) { return at_flow(skb, AT_DIR_EGRESS); }
+int at_skb_ingress(struct __sk_buff *skb) { return at_flow(skb, AT_DIR_INGRESS); }
