@@ -540,3 +540,14 @@ def test_service_probe_flags_from_proc_devices(tmp_path):
     assert svc.device_names(str(f)) == {195: "nvidia", 237: "nvidia-caps", 511: "nvidia-uvm"}
     f.write_text("Character devices:\n  1 mem\n\nBlock devices:\n")
     assert svc.probe_cflags(str(f)) == ["-DAT_NVIDIA_UVM_MAJOR=0"]
+
+
+def test_backend_init_crash_is_unavailable_not_fatal():
+    class Broken(FakeBackend):
+        def init(self):
+            raise RuntimeError("libnvidia-ml.so.1: undefined symbol nvmlFoo")
+
+    notices = []
+    s = GpuSampler(Broken(FIX / "gpu_errors.yaml"), 1.0, notice=lambda c, m: notices.append((c, m)))
+    assert s.open() is False
+    assert notices == [("gpu_unavailable", "GPU enrichment off: RuntimeError: libnvidia-ml.so.1: undefined symbol nvmlFoo")]

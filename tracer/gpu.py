@@ -151,7 +151,10 @@ class NvmlBackend:
     def devices(self) -> List[GpuDevice]:
         n = self._nvml
         out = []
-        for i in range(n.nvmlDeviceGetCount()):
+        count = n.nvmlDeviceGetCount()
+        if count != len(self._handles):
+            self._handles.clear()  # a GPU fell off the bus or came back: indexes may have moved
+        for i in range(count):
             h = self._handle(i)
             try:
                 total = _mib(n.nvmlDeviceGetMemoryInfo(h).total)
@@ -295,10 +298,11 @@ class GpuSampler:
         """Initialise the backend; False (after one notice) when no GPU can be sampled."""
         try:
             self.backend.init()
-        except GpuUnavailable as e:
+        except Exception as e:  # noqa: BLE001 - whatever stops NVML from starting turns GPU enrichment off, not the tracer
+            reason = e.reason if isinstance(e, GpuUnavailable) else f"{type(e).__name__}: {e}"
             self.available = False
-            self.unavailable_reason = e.reason
-            self._notice("gpu_unavailable", f"GPU enrichment off: {e.reason}")
+            self.unavailable_reason = reason
+            self._notice("gpu_unavailable", f"GPU enrichment off: {reason}")
             return False
         self.available = True
         return True
@@ -316,6 +320,8 @@ class GpuSampler:
         t, self._thread = self._thread, None
         if t is not None:
             t.join(timeout_s)
+            if t.is_alive():
+                return  # stuck inside an NVML call: shutting NVML down under it could crash the process
         if self.available:
             self.backend.shutdown()
             self.available = None
@@ -534,22 +540,32 @@ class GpuTracker:
         self._agent_over: Dict[int, bool] = {}  # agent cgroup id -> above quota
         self._last_seq = -1
         self._snap: Optional[GpuSnapshot] = None
+        self._summaries: Dict[int, dict] = {}
 
     # -- queries used by the enrich stage
 
     def summary(self, pid: int) -> Optional[dict]:
-        """The `gpu` summary for any event of `pid`, or None when it holds no GPU."""
-        items = [h for (p, _), h in self._held.items() if p == pid]
-        if not items:
-            return None
-        items.sort(key=lambda h: h.use.index)
-        devs = [self._gpu_body(h) for h in items]
-        mems = [d["used_memory_mib"] for d in devs if d["used_memory_mib"] is not None]
-        sms = [d["sm_util_pct"] for d in devs if d["sm_util_pct"] is not None]
-        return {"index": devs[0]["index"], "uuid": devs[0]["uuid"], "name": devs[0]["name"],
-                "used_memory_mib": sum(mems) if mems else None,
-                "sm_util_pct": max(sms) if sms else None,
-                "count": len(devs), "devices": devs}
+        """The `gpu` summary for any event of `pid`, or None when it holds no GPU.
+
+        Called for every event on the hot path: a dict lookup; the summaries are rebuilt once per
+        new snapshot. The dict is shared by all events of the pid until then: read it, never edit it."""
+        return self._summaries.get(pid)
+
+    def _rebuild_summaries(self) -> None:
+        per: Dict[int, List[_Holding]] = {}
+        for (pid, _), h in self._held.items():
+            per.setdefault(pid, []).append(h)
+        out = {}
+        for pid, items in per.items():
+            items.sort(key=lambda h: h.use.index)
+            devs = [self._gpu_body(h) for h in items]
+            mems = [d["used_memory_mib"] for d in devs if d["used_memory_mib"] is not None]
+            sms = [d["sm_util_pct"] for d in devs if d["sm_util_pct"] is not None]
+            out[pid] = {"index": devs[0]["index"], "uuid": devs[0]["uuid"], "name": devs[0]["name"],
+                        "used_memory_mib": sum(mems) if mems else None,
+                        "sm_util_pct": max(sms) if sms else None,
+                        "count": len(devs), "devices": devs}
+        self._summaries = out
 
     def holders(self) -> List[Tuple[int, int]]:
         return sorted(self._held)
@@ -579,6 +595,7 @@ class GpuTracker:
             h = self._held.pop(key)
             out.append(self._event(snap, h, "released"))
         out.extend(self._quotas(snap))
+        self._rebuild_summaries()
         return out
 
     def _new_holding(self, use: GpuUse) -> _Holding:
