@@ -427,3 +427,53 @@ sinks:
     # OCSF on stdout and in the file; §5 records on the socket (for tail).
     assert json.loads(out.getvalue())["class_uid"] == 1007
     assert json.loads((tmp_path / "ev.jsonl").read_bytes())["class_uid"] == 1007
+
+
+def test_tail_reader_half_closes_and_still_receives(sockdir):
+    from agenttrace.sinks import read_socket_records
+    path = str(sockdir / "events.sock")
+    s = UnixSocketSink(path)
+    got = []
+    it = read_socket_records(path, timeout=30)
+
+    def reader():
+        for r in it:
+            got.append(r["seq"])
+            if len(got) == 3:
+                break
+        it.close()
+
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        wait_clients(s, 1)
+        for i in range(3):
+            s.emit(rec(i))
+        t.join(60)
+        assert got == [0, 1, 2]
+        # The reader has gone: the next records find its socket closed and forget it.
+        s.emit(rec(3))
+        s.emit(rec(4))
+        import time
+        while s.clients():
+            time.sleep(0.005)
+            s.emit(rec(5))
+    finally:
+        s.close()
+
+
+def test_queued_sink_and_fanout_take_batches(tmp_path):
+    buf = io.BytesIO()
+    inner = StreamSink(buf, "mem")
+    q = QueuedSink(inner, maxsize=3)
+    blocked = Blocking()
+    qb = QueuedSink(blocked, maxsize=3)
+    f = Fanout([q, qb])
+    f.emit_batch([rec(0)])
+    assert blocked.entered.wait(30)
+    f.emit_batch([rec(i) for i in range(1, 6)])
+    assert q.flush(30)
+    assert qb.dropped == 2 and f.drops()["blocking"] == 2
+    blocked.release.set()
+    f.close()
+    assert [json.loads(x)["seq"] for x in buf.getvalue().splitlines()][:1] == [0]

@@ -139,3 +139,9 @@ def test_filter():
     assert [Filter(min_severity="info")(r) for r in (exec_a1, low)] == [True, True]
     with pytest.raises(ValueError):
         Filter(min_severity="severe")
+
+
+def test_lifecycle_stats_show_nested_counters():
+    line = render({"ts": TS, "kind": "lifecycle", "node": "n", "agent": None, "phase": "stats", "events": 10,
+                   "drops": {"kernel": 3, "kernel_by_agent": {"a\x1b1": 3}, "sinks": {"stdout": 0}}}, color=False)
+    assert "stats events=10 drops.kernel=3 drops.kernel_by_agent.a\\x1b1=3 drops.sinks.stdout=0" in line

@@ -17,7 +17,7 @@ import socket
 import struct
 import tempfile
 import threading
-from typing import Any, Callable, Dict, IO, Iterable, List, Optional
+from typing import Any, Callable, Dict, IO, Iterable, Iterator, List, Optional
 
 import orjson
 
@@ -197,7 +197,7 @@ class FileSink(Sink):
 
 
 class _Client:
-    __slots__ = ("sock", "pid", "uid", "queue", "pending", "dropped", "sent")
+    __slots__ = ("sock", "pid", "uid", "queue", "pending", "dropped", "sent", "eof", "events")
 
     def __init__(self, sock: socket.socket, pid: int, uid: int):
         self.sock = sock
@@ -207,6 +207,8 @@ class _Client:
         self.pending = b""
         self.dropped = 0
         self.sent = 0
+        self.eof = False     # the client shut down its sending side; it may still read
+        self.events = selectors.EVENT_READ
 
 
 def _peercred(sock: socket.socket) -> tuple:
@@ -336,7 +338,6 @@ class UnixSocketSink(Sink):
                 conn.close()
                 continue
             conn.setblocking(False)
-            # Our side only writes; a half-close tells well-behaved clients not to send.
             c = _Client(conn, pid, uid)
             with self._lock:
                 self._clients[conn.fileno()] = c
@@ -367,18 +368,29 @@ class UnixSocketSink(Sink):
                     c.sent += len(parts)
                 c.pending = b"".join(parts)
             try:
-                n = c.sock.send(c.pending)
+                n = c.sock.send(c.pending, socket.MSG_NOSIGNAL)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
                 self._drop_client(c)
                 return
             c.pending = c.pending[n:]
-        want = selectors.EVENT_READ | (selectors.EVENT_WRITE if (c.pending or c.queue) else 0)
+        self._interest(c)
+
+    def _interest(self, c: _Client) -> None:
+        want = (0 if c.eof else selectors.EVENT_READ) | (selectors.EVENT_WRITE if (c.pending or c.queue) else 0)
+        if want == c.events:
+            return
         try:
-            self._sel.modify(c.sock, want, c)
-        except (KeyError, ValueError):
+            if c.events and want:
+                self._sel.modify(c.sock, want, c)
+            elif want:
+                self._sel.register(c.sock, want, c)
+            else:
+                self._sel.unregister(c.sock)
+        except (KeyError, ValueError, OSError):
             pass
+        c.events = want
 
     def _loop(self) -> None:
         while not self._stop:
@@ -399,10 +411,13 @@ class UnixSocketSink(Sink):
                         except (BlockingIOError, InterruptedError):
                             data = b"-"
                         except OSError:
-                            data = b""
-                        if not data:
                             self._drop_client(c)
                             continue
+                        if not data:
+                            # EOF on a reader-only client (`tail` shuts down its write side) is
+                            # not a goodbye; a client that really left fails the next send.
+                            c.eof = True
+                            self._interest(c)
             for c in list(self._clients.values()):
                 if c.queue or c.pending:
                     self._flush_client(c)
@@ -615,6 +630,18 @@ class QueuedSink:
         if not self._wake.is_set():
             self._wake.set()
 
+    def emit_batch(self, records: Iterable[dict]) -> None:
+        q, room = self._q, self.maxsize - len(self._q)
+        n = 0
+        for rec in records:
+            if self._closing or n >= room:
+                self.queue_dropped += 1
+                continue
+            q.append(rec)
+            n += 1
+        if n and not self._wake.is_set():
+            self._wake.set()
+
     def _run(self) -> None:
         q = self._q
         while True:
@@ -682,6 +709,20 @@ class Fanout:
                 self.errors += 1
                 log.exception("sink %s failed", getattr(s, "name", s))
 
+    def emit_batch(self, records: Iterable[dict]) -> None:
+        batch = records if isinstance(records, (list, tuple)) else list(records)
+        for s in self.sinks:
+            try:
+                eb = getattr(s, "emit_batch", None)
+                if eb is not None:
+                    eb(batch)
+                else:
+                    for r in batch:
+                        s.emit(r)
+            except Exception:
+                self.errors += 1
+                log.exception("sink %s failed", getattr(s, "name", s))
+
     @property
     def dropped(self) -> int:
         return sum(s.dropped for s in self.sinks)
@@ -729,3 +770,28 @@ def build_sinks(cfg: Any, queue_size: int = 10000, *, stdout: Optional[IO[bytes]
     if y is not None:
         out.add(QueuedSink(SyslogSink(y.address, y.facility, fmt), qsize))
     return out
+
+
+def read_socket_records(path: str, *, timeout: Optional[float] = None) -> Iterator[dict]:
+    """Records from a running daemon's UnixSocketSink, as they arrive (for `agenttrace tail`).
+
+    Ends when the daemon closes the stream. Raises PermissionError when the caller may not
+    connect (not root), ConnectionRefusedError / FileNotFoundError when nothing listens.
+    A line that is not a JSON object (never written by the sink) is skipped.
+    """
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        s.settimeout(timeout)
+        s.connect(path)
+        # We never send; say so, so the daemon's side sees EOF only when we go.
+        s.shutdown(socket.SHUT_WR)
+        f = s.makefile("rb", buffering=1 << 16)
+        for line in f:
+            try:
+                rec = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(rec, dict):
+                yield rec
+    finally:
+        s.close()

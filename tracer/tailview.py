@@ -82,6 +82,17 @@ def _time(ts: Any) -> str:
     return escape(ts if ts is not None else "-")[:12].ljust(12)
 
 
+def _flat(d: dict, prefix: str = "", depth: int = 0) -> Iterable[tuple]:
+    """Nested counters as escaped dotted keys: drops.kernel_by_agent.a1=3."""
+    for k, v in d.items():
+        key = prefix + escape(k)
+        if isinstance(v, dict):
+            if depth < 3:
+                yield from _flat(v, key + ".", depth + 1)
+        elif not isinstance(v, list):
+            yield key, v
+
+
 def _exec_gist(proc: dict) -> str:
     exe = proc.get("exe") or ""
     args = proc.get("args") or []
@@ -156,11 +167,8 @@ def _gist(rec: dict, st: _Style) -> str:
             s += " " + escape(dv["verdict"])
         return s
     if kind == "lifecycle":
-        extra = " ".join(f"{escape(k)}={escape(v)}" for k, v in rec.items()
-                         if k not in ("ts", "kind", "node", "agent", "phase") and not isinstance(v, (dict, list)))
-        counters = _d(rec.get("counters"))
-        if counters:
-            extra = (extra + " " if extra else "") + " ".join(f"{escape(k)}={escape(v)}" for k, v in counters.items())
+        extra = " ".join(f"{k}={escape(v)}" for k, v in _flat(
+            {k: v for k, v in rec.items() if k not in ("ts", "kind", "node", "agent", "phase")}))
         return f"{escape(rec.get('phase', ''))} {extra}".strip()
     if kind == "alert":
         rule = _d(rec.get("rule"))
@@ -235,3 +243,5 @@ class Filter:
             if _SEV_RANK.get(str(sev), 0) < self.min_rank:
                 return False
         return True
+
+    accepts = __call__
