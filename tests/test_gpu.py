@@ -551,3 +551,28 @@ def test_backend_init_crash_is_unavailable_not_fatal():
     s = GpuSampler(Broken(FIX / "gpu_errors.yaml"), 1.0, notice=lambda c, m: notices.append((c, m)))
     assert s.open() is False
     assert notices == [("gpu_unavailable", "GPU enrichment off: RuntimeError: libnvidia-ml.so.1: undefined symbol nvmlFoo")]
+
+
+def test_gpu_records_match_the_event_schema(tree):
+    import json
+
+    import jsonschema
+
+    from agenttrace.paths import schema_dir
+
+    validator = jsonschema.Draft202012Validator(json.loads((schema_dir() / "event.schema.json").read_text()))
+    cfg = GpuConfig(thresholds={"memory_mib": 4000, "sm_util_pct": 90, "sustain_s": 8},
+                    groups=[{"agents": ["a*"], "memory_quota_mib": 3000}])
+    clock, backend, sampler, tracker, notices, worker, trainer = _setup(tree, "gpu_two_holders.yaml", cfg)
+    now = [0.0]
+    recs = []
+    for t_s in (0, 5, 10, 20, 25, 30):
+        recs += [e.record for e in _step(clock, sampler, tracker, t_s, now)]
+    assert {r["gpu"]["change"] for r in recs} == {"acquired", "threshold", "released"}
+    assert any(r["agent"] is None for r in recs) and any(r["agent"] for r in recs)
+    for r in recs:
+        errors = [e.message for e in validator.iter_errors(json.loads(json.dumps(r)))]
+        assert errors == [], (r, errors)
+    dev = {"ts": recs[0]["ts"], "kind": "device", "node": "n", "agent": next(r["agent"] for r in recs if r["agent"]),
+           "proc": recs[0]["proc"], "device": device_body(195, 0, 6, 2, 1, {195: "nvidia"})}
+    assert [e.message for e in validator.iter_errors(dev)] == []
