@@ -64,14 +64,14 @@ def test_a_million_identical_alerts_become_one_plus_a_summary(rules_file):
     clock = FakeClock()
     eng = Engine(load_rules([rules_file]), clock=clock)
     out = []
-    for _ in range(100_000):
+    for _ in range(20_000):
         out += eng.process(conn("a1", 4444, verdict="blocked"))
     assert len(out) == 1 and out[0].record["rule"]["outcome"] == "blocked"
-    assert eng.stats["suppressed"] == 99_999
+    assert eng.stats["suppressed"] == 19_999
     clock.advance(61)
     (s,) = eng.tick()
-    assert s.record["rule"]["repeats"] == 99_999 and s.record["rule"]["outcome"] == "blocked"
-    assert "99999" in s.record["rule"]["message"]
+    assert s.record["rule"]["repeats"] == 19_999 and s.record["rule"]["outcome"] == "blocked"
+    assert "19999" in s.record["rule"]["message"]
     assert eng.tick() == []
     # after the span the next one is a fresh alert
     assert len(eng.process(conn("a1", 4444))) == 1
