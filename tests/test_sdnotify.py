@@ -84,3 +84,18 @@ def test_values_with_newlines_are_refused(path_socket):
     p, _ = path_socket
     with pytest.raises(ValueError):
         Notifier({"NOTIFY_SOCKET": p}).status("two\nlines")
+
+
+def test_tick_pings_every_half_timeout_by_the_clock(path_socket):
+    from agenttrace.clock import FakeClock
+    p, s = path_socket
+    clock = FakeClock()
+    n = Notifier({"NOTIFY_SOCKET": p, "WATCHDOG_USEC": "10000000"}, clock=clock)
+    assert n.tick() is True            # first call pings at once
+    assert recv_fields(s) == {"WATCHDOG": "1"}
+    clock.advance(4.9)
+    assert n.tick() is False
+    clock.advance(0.1)
+    assert n.tick() is True
+    assert recv_fields(s) == {"WATCHDOG": "1"}
+    assert Notifier({"NOTIFY_SOCKET": p}, clock=clock).tick() is False  # no watchdog configured

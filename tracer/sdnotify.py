@@ -13,8 +13,13 @@ from typing import Mapping, Optional
 
 
 class Notifier:
-    def __init__(self, env: Optional[Mapping[str, str]] = None):
+    def __init__(self, env: Optional[Mapping[str, str]] = None, clock=None):
         env = os.environ if env is None else env
+        if clock is None:
+            from .clock import SystemClock
+            clock = SystemClock()
+        self._clock = clock
+        self._last_ping_ns: Optional[int] = None
         self.address = self._address(env.get("NOTIFY_SOCKET", ""))
         self.watchdog_usec = self._watchdog_usec(env)
         self.sent = 0
@@ -85,6 +90,18 @@ class Notifier:
 
     def watchdog(self) -> bool:
         return self.notify(WATCHDOG=1)
+
+    def tick(self) -> bool:
+        """Call from the loop whose liveness the watchdog should vouch for (the ring-buffer
+        reader): sends WATCHDOG=1 when half the watchdog timeout has passed since the last
+        ping. Cheap enough to call on every poll; True when a ping went out."""
+        if self.watchdog_usec is None or self.address is None:
+            return False
+        now = self._clock.monotonic_ns()
+        if self._last_ping_ns is not None and now - self._last_ping_ns < self.watchdog_usec * 500:
+            return False
+        self._last_ping_ns = now
+        return self.watchdog()
 
     def status(self, text: str) -> bool:
         return self.notify(STATUS=text)

@@ -746,10 +746,9 @@ class Fanout:
 
 
 def build_sinks(cfg: Any, queue_size: int = 10000, *, stdout: Optional[IO[bytes]] = None) -> Fanout:
-    """Sinks from a `config.SinksConfig` (duck-typed), each behind its own QueuedSink.
-
-    The socket sink keeps its own per-client queues, so it is not wrapped again.
-    """
+    """Sinks from a `config.SinksConfig` (duck-typed), each behind its own QueuedSink, so
+    serializing and writing happen off the caller's thread (the socket sink keeps, in
+    addition, one queue per connected client)."""
     fmt: Optional[Formatter] = None
     if getattr(cfg, "format", "json") == "ocsf":
         from .ocsf import to_ocsf
@@ -765,7 +764,7 @@ def build_sinks(cfg: Any, queue_size: int = 10000, *, stdout: Optional[IO[bytes]
     if s is not None:
         # `agenttrace tail` parses §5 records, so the socket always carries them, whatever
         # `format` says for the outputs bound for a SIEM.
-        out.add(UnixSocketSink(s.path, queue_size=qsize))
+        out.add(QueuedSink(UnixSocketSink(s.path, queue_size=qsize), qsize))
     y = getattr(cfg, "syslog", None)
     if y is not None:
         out.add(QueuedSink(SyslogSink(y.address, y.facility, fmt), qsize))
