@@ -174,3 +174,24 @@ def test_bad_values(text, field):
     issues = issues_of(text)
     assert [i.field for i in issues] == [field], issues
     assert issues[0].line == 1
+
+
+def test_agent_cgroup_and_id_from_a_watch():
+    cfg = parse_config("""
+agents:
+  - {cgroup: /agents}
+  - {cgroup: /kubepods.slice/*/agent-*, agent: self, name: "{parent}/{name}"}
+  - {cgroup: /ci, name: "ci-{name}-{cgroup_id}"}
+""")
+    child, pattern, tmpl = cfg.agents
+    assert child.agent_cgroup("/agents/run-17") == "/agents/run-17"
+    assert child.agent_cgroup("/agents/run-17/sub/deeper") == "/agents/run-17"
+    assert child.agent_cgroup("/agents") == "/agents"           # processes directly in the watched cgroup
+    assert child.agent_cgroup("/agentsX/run-1") is None
+    assert child.agent_cgroup("/other/agents/run-1") is None
+    assert child.agent_id("/agents/run-17") == "run-17"
+    assert pattern.agent_cgroup("/kubepods.slice/pod-a/agent-7/x") == "/kubepods.slice/pod-a/agent-7"
+    assert pattern.agent_cgroup("/kubepods.slice/pod-a/b/agent-7") is None  # '*' stays in one component
+    assert pattern.agent_cgroup("/kubepods.slice/pod-a/worker-1") is None
+    assert pattern.agent_id("/kubepods.slice/pod-a/agent-7") == "pod-a/agent-7"
+    assert tmpl.agent_id("/ci/job-3", 99) == "ci-job-3-99"

@@ -6,6 +6,7 @@ tool). `packaging/agenttrace.example.yaml` documents every key and is loaded by 
 """
 from __future__ import annotations
 
+import fnmatch
 import ipaddress
 import os
 import string
@@ -75,6 +76,30 @@ class AgentWatch(_Model):
             if not k.isidentifier():
                 raise ValueError(f"label name {k!r} must be an identifier (letters, digits, _)")
         return v
+
+
+    def _parts(self) -> List[str]:
+        return [p for p in self.cgroup.split("/") if p]
+
+    def agent_cgroup(self, path: str) -> Optional[str]:
+        """The agent cgroup (relative to the mount) that a process in cgroup `path` belongs to
+        under this watch, or None when `path` is outside it. Glob characters match within one
+        path component. With agent=child, a process directly in the watched cgroup is an agent
+        of its own, named after the watched cgroup (DESIGN §7)."""
+        pat = self._parts()
+        parts = [p for p in path.split("/") if p]
+        if len(parts) < len(pat):
+            return None
+        if not all(fnmatch.fnmatchcase(c, p) for c, p in zip(parts, pat)):
+            return None
+        depth = len(pat) + (1 if self.agent == "child" and len(parts) > len(pat) else 0)
+        return "/" + "/".join(parts[:depth])
+
+    def agent_id(self, agent_cgroup: str, cgroup_id: int = 0) -> str:
+        """The agent id for an agent cgroup, from the `name` template."""
+        parts = [p for p in agent_cgroup.split("/") if p]
+        return self.name.format(name=parts[-1] if parts else "/", parent=parts[-2] if len(parts) > 1 else "",
+                                path="/" + "/".join(parts), cgroup_id=cgroup_id)
 
 
 class FileSinkConfig(_Model):
