@@ -142,3 +142,8 @@ def test_lifecycle_and_unmapped_kinds():
     ev = to_ocsf(base("device", proc=PROC, device={"major": 195, "minor": 0, "access": "rw", "verdict": "blocked"}))
     check_base(ev, 0, 0)
     assert ev["unmapped"]["device"]["major"] == 195
+
+
+def test_a_record_with_a_broken_ts_still_gets_a_time():
+    ev = to_ocsf({"kind": "exec", "ts": "yesterday", "node": "n", "proc": PROC})
+    assert isinstance(ev["time"], int) and ev["time"] > 0

@@ -477,3 +477,22 @@ def test_queued_sink_and_fanout_take_batches(tmp_path):
     blocked.release.set()
     f.close()
     assert [json.loads(x)["seq"] for x in buf.getvalue().splitlines()][:1] == [0]
+
+
+def test_one_unrenderable_record_is_one_drop_not_a_lost_batch(tmp_path):
+    def fmt(r):
+        if r["seq"] == 1:
+            raise ValueError("cannot render")
+        return r
+    path = str(tmp_path / "e.jsonl")
+    q = QueuedSink(FileSink(path, formatter=fmt))
+    buf = io.BytesIO()
+    qs = QueuedSink(StreamSink(buf, "mem", formatter=fmt))
+    for i in range(3):
+        q.emit(rec(i, extra={7: "int key"}))
+        qs.emit(rec(i))
+    q.close()
+    qs.close()
+    assert [json.loads(x)["seq"] for x in open(path, "rb")] == [0, 2]
+    assert [json.loads(x)["seq"] for x in buf.getvalue().splitlines()] == [0, 2]
+    assert q.dropped == 1 and qs.dropped == 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import time
 from typing import Any, Dict, Optional
 
 from . import __version__
@@ -38,6 +39,14 @@ _OUTCOME = {"reported": (3, "Observed", 15, "Detected"), "blocked": (2, "Denied"
 _PROTO_NUM = {"tcp": 6, "udp": 17}
 
 
+def _ms(ts: Any) -> int:
+    # `time` is mandatory; a record with a broken ts still gets one (when we render it).
+    try:
+        return parse_ns(ts) // 1_000_000
+    except (TypeError, ValueError, AttributeError):
+        return time.time_ns() // 1_000_000
+
+
 def _base(record: dict, class_uid: int, activity_id: int, activity_name: str,
           severity: str = "info") -> Dict[str, Any]:
     class_name, category_uid = _CLASS[class_uid]
@@ -54,7 +63,7 @@ def _base(record: dict, class_uid: int, activity_id: int, activity_name: str,
         "type_name": f"{class_name}: {activity_name}",
         "severity_id": sev_id,
         "severity": sev_name,
-        "time": parse_ns(ts) // 1_000_000 if isinstance(ts, str) else 0,
+        "time": _ms(ts),
         "metadata": {"product": dict(PRODUCT), "version": OCSF_VERSION, "log_name": record.get("kind")},
     }
     if isinstance(ts, str):

@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 
 Formatter = Callable[[dict], dict]
 
-_OPTS = orjson.OPT_APPEND_NEWLINE
+# Non-string keys (a counter map keyed by int) are written as strings rather than refused.
+_OPTS = orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS
 
 
 def _default(obj: Any) -> Any:
@@ -88,11 +89,14 @@ class StreamSink(Sink):
         if self._broken:
             self.dropped += sum(1 for _ in records)
             return
-        n = 0
         try:
             for rec in records:
-                self._stream.write(self._line(rec))
-                n += 1
+                try:
+                    line = self._line(rec)
+                except Exception:
+                    self.dropped += 1
+                    continue
+                self._stream.write(line)
             self._stream.flush()
         except (BrokenPipeError, ValueError, OSError) as e:
             # A closed pipe (`agenttrace run | head`) stops this sink, not the tracer.
@@ -162,7 +166,7 @@ class FileSink(Sink):
             for rec in records:
                 try:
                     line = self._line(rec)
-                except TypeError:
+                except Exception:  # one unrenderable record, not the batch
                     self.dropped += 1
                     continue
                 if self._size > 0 and self._size + len(line) > self.max_bytes:
@@ -286,7 +290,7 @@ class UnixSocketSink(Sink):
         for rec in records:
             try:
                 lines.append(self._line(rec))
-            except TypeError:
+            except Exception:  # one unrenderable record, not the batch
                 self.dropped += 1
         if not lines:
             return
@@ -557,7 +561,7 @@ class SyslogSink(Sink):
         for rec in records:
             try:
                 msg = self.format(rec)
-            except TypeError:
+            except Exception:  # one unrenderable record, not the batch
                 self.dropped += 1
                 continue
             if len(msg) > self.max_message:
