@@ -178,7 +178,7 @@ class Engine:
         self.max_agents = max_agents
         self.max_keys = max_keys
         self.max_dedup = max_dedup
-        self._lock = threading.RLock()
+        self._lock = threading.Lock()
         self._windows: "OrderedDict[str, Dict[str, _Win]]" = OrderedDict()
         self._dedup: "OrderedDict[Tuple, _Dup]" = OrderedDict()
         self.stats: Dict[str, Any] = {
@@ -226,7 +226,7 @@ class Engine:
         data = {}
         for v in c.variables:
             if v == "lists":
-                data["lists"] = self._lists
+                data["lists"] = c.lists
             elif v in rec:
                 data[v] = rec[v]
         try:
