@@ -496,3 +496,23 @@ def test_one_unrenderable_record_is_one_drop_not_a_lost_batch(tmp_path):
     assert [json.loads(x)["seq"] for x in open(path, "rb")] == [0, 2]
     assert [json.loads(x)["seq"] for x in buf.getvalue().splitlines()] == [0, 2]
     assert q.dropped == 1 and qs.dropped == 1
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount a small tmpfs")
+def test_a_full_disk_counts_lost_lines_and_leaves_no_torn_line(tmp_path):
+    import subprocess
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(mnt)], check=True)
+    try:
+        path = str(mnt / "e.jsonl")
+        s = FileSink(path, max_bytes=1 << 20, keep=2)
+        s.emit_batch([rec(i, pad=700) for i in range(60)])
+        s.close()
+        data = open(path, "rb").read()
+        assert data.endswith(b"\n")
+        seqs = [json.loads(x)["seq"] for x in data.splitlines()]
+        assert seqs == list(range(len(seqs))) and 0 < len(seqs) < 60
+        assert s.dropped == 60 - len(seqs)
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)

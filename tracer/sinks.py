@@ -142,27 +142,61 @@ class FileSink(Sink):
         self.keep = keep
         self._mode = mode
         self.rotations = 0
+        self.rotate_errors = 0
         self._lock = threading.Lock()
         self._open()
 
     def _open(self) -> None:
         # Events carry agents' command lines: readable by root only.
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, self._mode)
-        self._fh = os.fdopen(fd, "ab", buffering=1 << 16)
-        self._size = os.fstat(fd).st_size
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, self._mode)
+        self._size = os.fstat(self._fd).st_size
+
+    def _write(self, chunk: List[bytes]) -> None:
+        # Our own batching and os.write, not a buffered file: a failed write (disk full) is
+        # known at once, its lines are counted, and a torn last line is cut off again.
+        if not chunk:
+            return
+        blob = b"".join(chunk)
+        data = memoryview(blob)
+        start = -1
+        try:
+            start = os.fstat(self._fd).st_size
+            while data:
+                n = os.write(self._fd, data)
+                data = data[n:]
+        except OSError as e:
+            written = len(blob) - len(data)
+            whole = blob.rfind(b"\n", 0, written) + 1  # bytes up to the last complete line
+            if start >= 0 and whole < written:
+                try:
+                    os.ftruncate(self._fd, start + whole)
+                except OSError:
+                    pass
+            lost = blob.count(b"\n", whole)
+            self.dropped += lost
+            self._size -= len(blob) - whole
+            log.warning("sink %s: write failed (%s): %d records lost", self.name, e, lost)
 
     def _rotate(self) -> None:
-        self._fh.close()
-        for i in range(self.keep - 1, 0, -1):
-            src = f"{self.path}.{i}"
-            if os.path.exists(src):
-                os.replace(src, f"{self.path}.{i + 1}")
-        os.replace(self.path, f"{self.path}.1")
+        try:
+            for i in range(self.keep - 1, 0, -1):
+                src = f"{self.path}.{i}"
+                if os.path.exists(src):
+                    os.replace(src, f"{self.path}.{i + 1}")
+            os.replace(self.path, f"{self.path}.1")
+        except OSError as e:
+            # Better an oversized file than lost events: keep writing where we are.
+            self.rotate_errors += 1
+            log.warning("sink %s: rotation failed: %s", self.name, e)
+            self._size = 0
+            return
+        os.close(self._fd)
         self.rotations += 1
         self._open()
 
     def emit_batch(self, records: Iterable[dict]) -> None:
         with self._lock:
+            chunk: List[bytes] = []
             for rec in records:
                 try:
                     line = self._line(rec)
@@ -170,34 +204,28 @@ class FileSink(Sink):
                     self.dropped += 1
                     continue
                 if self._size > 0 and self._size + len(line) > self.max_bytes:
+                    self._write(chunk)
+                    chunk = []
                     self._rotate()
-                try:
-                    self._fh.write(line)
-                except OSError as e:
-                    self.dropped += 1
-                    log.warning("sink %s: write failed: %s", self.name, e)
-                    continue
+                chunk.append(line)
                 self._size += len(line)
-            try:
-                self._fh.flush()
-            except OSError as e:
-                log.warning("sink %s: flush failed: %s", self.name, e)
+            self._write(chunk)
 
     def reopen(self) -> None:
         """For SIGHUP after an external logrotate moved the file away."""
         with self._lock:
-            self._fh.close()
+            os.close(self._fd)
             self._open()
 
     def close(self) -> None:
         with self._lock:
-            try:
-                self._fh.close()
-            except OSError:
-                pass
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
 
     def stats(self) -> dict:
-        return {"name": self.name, "dropped": self.dropped, "rotations": self.rotations}
+        return {"name": self.name, "dropped": self.dropped, "rotations": self.rotations,
+                "rotate_errors": self.rotate_errors}
 
 
 class _Client:
