@@ -18,27 +18,47 @@
 #define AT_TCP_SYN_SENT 2
 #define AT_TCP_CLOSE 7
 
-/* Destination policy (enforce mode), filled by the loader from rules and config.
- * LPM key: agent cgroup id, destination port, address; an entry's prefix covers the agent
- * and port bytes fully (or the port is 0 = any) plus the address prefix. IPv4 is mapped into
- * ::ffff:a.b.c.d so one trie holds both families. Agent 0 = every agent. */
-struct at_dst_key {
-	u32 prefixlen;
-	u8 agent[8];         /* little-endian cgroup id */
-	u8 port[2];          /* network order; 0 = any port */
-	u8 addr[16];
+/* Destination policy, filled by tracer/enforce.py from the compiled rules (policy.py).
+ *
+ * A destination is first given a scope (loopback/internal/metadata bit; no entry = external)
+ * from `scopes`. Entries then apply per agent group (gid 0 = every agent; an agent's group
+ * comes from `agent_group`):
+ *  - `dst_policy`: CIDR entries, LPM over (group, address); up to AT_DST_SLOTS port/proto
+ *    variants share one prefix;
+ *  - `scope_policy`: address-independent entries keyed by (group, port or 0 = any port), each
+ *    with a scope mask (e.g. "port 3333 to anything external");
+ *  - `group_allow`: allow-list groups: a destination in the masked scopes that no allow entry
+ *    matched is denied.
+ * IPv4 is mapped into ::ffff:a.b.c.d so one trie holds both families. In monitor mode the
+ * verdict stays "allowed" but the matching policy id is still reported. */
+#define AT_SCOPE_LOOPBACK 1
+#define AT_SCOPE_INTERNAL 2
+#define AT_SCOPE_METADATA 4
+#define AT_SCOPE_EXTERNAL 8
+#define AT_DST_SLOTS 4
+
+struct at_scope_key { u32 prefixlen; u8 addr[16]; };
+BPF_LPM_TRIE(scopes, struct at_scope_key, u32, 1024);
+BPF_HASH(agent_group, u64, u32, 4096);
+
+struct at_dst_slot {
+	u32 policy_id;       /* 0 = unused slot */
+	u16 port_lo;
+	u16 port_hi;
+	u8 proto;            /* 0 any, 6 tcp, 17 udp */
+	u8 deny;             /* 1 deny; 0 explicit allow */
+	u8 scope_mask;       /* 0 any scope */
+	u8 pad;
 };
-struct at_dst_val {
-	u32 policy_id;
-	u8 proto;            /* 0 = any, 6 tcp, 17 udp */
-	u8 deny;             /* 1 deny; 0 an explicit allow (exception / allow-list entry) */
-	u16 pad;
-};
+struct at_dst_val { struct at_dst_slot s[AT_DST_SLOTS]; };
+struct at_dst_key { u32 prefixlen; u8 gid[4]; u8 addr[16]; };
 BPF_LPM_TRIE(dst_policy, struct at_dst_key, struct at_dst_val, 8192);
+struct at_sp_key { u32 gid; u32 port; };
+BPF_HASH(scope_policy, struct at_sp_key, struct at_dst_val, 8192);
+struct at_group_allow { u32 scope_mask; u32 policy_id; };
+BPF_HASH(group_allow, u32, struct at_group_allow, 1024);
 /* [0] enforce flag */
 BPF_ARRAY(net_config, u32, 1);
-/* Agents in allow-list mode: anything not explicitly allowed is denied; value = policy id. */
-BPF_HASH(allowlist_agents, u64, u32, 1024);
 
 /* socket address -> the connect's header, to attribute the result (which fires in softirq
  * context where `current` is unrelated). LRU: results that never come age out. */
@@ -61,37 +81,76 @@ BPF_PERCPU_ARRAY(closing, struct at_closing, 1);
 struct at_udp_key { u64 cookie; u8 addr[16]; u16 port; u16 pad; u32 pad2; };
 BPF_TABLE("lru_hash", struct at_udp_key, u8, udp_seen, 16384);
 
+/* 1 = a slot matched (verdict in *deny), 0 = none */
+static __always_inline int at_slots(struct at_dst_val *v, u16 port, u8 proto, u32 scope, u32 *policy, u8 *deny)
+{
+	#pragma unroll
+	for (int i = 0; i < AT_DST_SLOTS; i++) {
+		struct at_dst_slot *sl = &v->s[i];
+		if (sl->policy_id == 0)
+			continue;
+		if (port < sl->port_lo || port > sl->port_hi)
+			continue;
+		if (sl->proto && sl->proto != proto)
+			continue;
+		if (sl->scope_mask && !(sl->scope_mask & scope))
+			continue;
+		*policy = sl->policy_id;
+		*deny = sl->deny;
+		return 1;
+	}
+	return 0;
+}
+
 static __always_inline u32 at_dst_verdict(u64 agent, u8 *addr16, u16 port, u8 proto, u32 *policy)
 {
 	u32 zero = 0;
 	u32 *enf = net_config.lookup(&zero);
 	u32 enforce = enf ? *enf : 0;
-	struct at_dst_key k = {};
-	struct at_dst_val *v;
+	struct at_scope_key sk = {};
+	u32 scope = AT_SCOPE_EXTERNAL, gid = 0;
+	u8 deny = 0;
 
-	/* most specific first: this agent before every agent, this port before any port */
+	sk.prefixlen = 128;
+	__builtin_memcpy(sk.addr, addr16, 16);
+	u32 *sc = scopes.lookup(&sk);
+	if (sc)
+		scope = *sc;
+	u32 *g = agent_group.lookup(&agent);
+	if (g)
+		gid = *g;
+
 	#pragma unroll
-	for (int i = 0; i < 4; i++) {
-		u64 a = i < 2 ? agent : 0;
-		u16 p = (i & 1) ? 0 : bpf_htons(port);
-		k.prefixlen = (8 + 2 + 16) * 8;
-		__builtin_memcpy(k.agent, &a, 8);
-		__builtin_memcpy(k.port, &p, 2);
+	for (int gi = 0; gi < 2; gi++) {
+		u32 cur = gi == 0 ? gid : 0;
+		if (gi == 1 && gid == 0)
+			break;
+		struct at_dst_key k = {};
+		k.prefixlen = 32 + 128;
+		__builtin_memcpy(k.gid, &cur, 4);
 		__builtin_memcpy(k.addr, addr16, 16);
-		v = dst_policy.lookup(&k);
-		if (v && (v->proto == 0 || v->proto == proto)) {
-			*policy = v->policy_id;
-			if (!v->deny)
-				return AT_VERDICT_ALLOWED;
-			return enforce ? AT_VERDICT_BLOCKED : AT_VERDICT_ALLOWED;
+		struct at_dst_val *v = dst_policy.lookup(&k);
+		if (v && at_slots(v, port, proto, scope, policy, &deny))
+			goto decided;
+		#pragma unroll
+		for (int pi = 0; pi < 2; pi++) {
+			struct at_sp_key spk = {cur, pi == 0 ? port : 0};
+			v = scope_policy.lookup(&spk);
+			if (v && at_slots(v, port, proto, scope, policy, &deny))
+				goto decided;
 		}
 	}
-	u32 *al = allowlist_agents.lookup(&agent);
-	if (al) {
-		*policy = *al;
-		return enforce ? AT_VERDICT_BLOCKED : AT_VERDICT_ALLOWED;
+	struct at_group_allow *ga = group_allow.lookup(&gid);
+	if (ga && (ga->scope_mask & scope)) {
+		*policy = ga->policy_id;
+		deny = 1;
+		goto decided;
 	}
 	return AT_VERDICT_ALLOWED;
+decided:
+	if (!deny)
+		*policy = 0;     /* an explicit allow is not a policy hit */
+	return deny && enforce ? AT_VERDICT_BLOCKED : AT_VERDICT_ALLOWED;
 }
 
 static __always_inline int at_sock_addr(struct bpf_sock_addr *ctx, u8 op, u16 family)

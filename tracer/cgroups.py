@@ -100,6 +100,7 @@ class AgentResolver:
         self._agents: dict[int, dict] = {}
         self._labels = labels or {}
         self._namer = namer
+        self.on_new = None          # callback(cgroup_id, identity) for each agent discovered
 
     def watch(self, abs_path: Path) -> int:
         cid = cgroup_id(abs_path)
@@ -124,6 +125,11 @@ class AgentResolver:
         for k, v in self._labels.items():
             ident.setdefault(k, v)
         self._agents[cid] = ident
+        if self.on_new is not None:
+            try:
+                self.on_new(cid, ident)
+            except Exception:
+                pass
         return ident
 
     def rescan(self) -> None:
@@ -140,6 +146,10 @@ class AgentResolver:
                                     self._add(Path(ent.path), ino)
             except OSError:
                 continue
+
+    def known(self) -> dict[int, dict]:
+        with self._lock:
+            return dict(self._agents)
 
     def agent(self, cid: int) -> dict:
         a = self._agents.get(cid)

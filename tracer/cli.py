@@ -66,6 +66,34 @@ def _sinks(output: Optional[Path], fmt: str):
     return [StdoutSink(formatter=formatter)]
 
 
+def _load_engine(rule_paths: List[str], mode: str, egress=None):
+    """Rules are checked before anything is attached; every error is listed."""
+    from .engine import Engine
+    from .policy import PolicyError, compile_policy
+    from .rules import RulesError, default_rule_paths, expand_paths, load_rules
+    for p in rule_paths:
+        if not Path(p).exists():
+            raise BadInput(f"--rules: {p} does not exist")
+    paths = expand_paths(rule_paths) if rule_paths else default_rule_paths()
+    try:
+        rs = load_rules(paths, egress=egress)
+        compile_policy(rs)
+    except RulesError as e:
+        raise BadInput("invalid rules:\n" + "\n".join(f"  {x}" for x in e.errors)) from None
+    except PolicyError as e:
+        raise BadInput(f"rules cannot be enforced: {e}") from None
+    return Engine(rs, mode=mode)
+
+
+def _gpu_config(choice: str):
+    if choice not in ("allow", "deny", "off"):
+        raise BadInput(f"--gpu: '{choice}' is not one of allow, deny, off")
+    if choice == "off":
+        return None
+    from .gpu import GpuConfig, GpuGroupPolicy
+    return GpuConfig(default=GpuGroupPolicy(allowed=choice == "allow"))
+
+
 MODES = ("monitor", "enforce")
 FORMATS = ("json", "ocsf")
 
@@ -80,7 +108,10 @@ def run(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write JSON lines here instead of stdout."),
     internal: List[str] = typer.Option([], "--internal", help="CIDR that counts as internal (adds to RFC 1918 & co). Repeatable."),
     agent: Optional[str] = typer.Option(None, "--agent", help="Agent name for -- CMD (default run-<pid>)."),
+    rules: List[str] = typer.Option([], "--rules", "-r", help="Rule file or folder (repeatable; default: the built-in pack)."),
+    no_rules: bool = typer.Option(False, "--no-rules", help="Trace only: no rules, no alerts."),
     no_net: bool = typer.Option(False, "--no-net", help="Process events only (no connect hooks)."),
+    gpu: str = typer.Option("allow", "--gpu", help="GPU policy for the traced agents: allow, deny (fenced in enforce mode) or off (no NVML, no fence)."),
 ):
     """Trace watched cgroups, or run CMD in a fresh agent cgroup and trace it."""
     from .runtime import Options, Tracer
@@ -102,6 +133,8 @@ def run(
         cidrs = _check_cidrs(internal)
         paths = _resolve_cgroups(cgroup)
         features = ("proc",) if no_net else ("proc", "net")
+        engine = None if no_rules else _load_engine(rules, mode)
+        gpu_cfg = _gpu_config(gpu)
         sinks = _sinks(output, fmt)
     except BadInput as e:
         raise fail(str(e))
@@ -111,7 +144,8 @@ def run(
     flag = StopFlag().install()
 
     def make(paths_):
-        return Tracer(Options(cgroups=list(paths_), mode=mode, features=features, internal=cidrs), sinks)
+        return Tracer(Options(cgroups=list(paths_), mode=mode, features=features, internal=cidrs,
+                              gpu=gpu_cfg), sinks, engine=engine)
     try:
         if cmd:
             rc = run_command(make, cmd, agent or f"run-{os.getpid()}", flag)
@@ -199,6 +233,59 @@ def tail(
         raise fail(str(e))
     finally:
         flag.restore()
+
+
+rules_app = typer.Typer(no_args_is_help=True, help="Check and replay rule files.")
+app.add_typer(rules_app, name="rules")
+
+
+@rules_app.command("lint")
+def rules_lint(paths: List[Path] = typer.Argument(..., help="Rule files or folders.")):
+    """Validate rule files; exit 2 listing every error as file:line:col."""
+    from .rules import expand_paths, lint
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise fail(f"no such file or folder: {', '.join(missing)}")
+    files = expand_paths(paths)
+    errors = lint(files)
+    for e in errors:
+        typer.echo(str(e), err=True)
+    if errors:
+        typer.echo(f"{len(errors)} error(s) in {len(files)} file(s)", err=True)
+        raise typer.Exit(Exit.BAD_INPUT)
+    typer.echo(f"ok: {len(files)} file(s)")
+
+
+@rules_app.command("test")
+def rules_test(
+    paths: List[Path] = typer.Argument(..., help="Rule files or folders."),
+    events: Path = typer.Option(..., "--events", help="Recorded JSON lines to replay."),
+    color: bool = typer.Option(False, "--color/--no-color"),
+    as_json: bool = typer.Option(False, "--json", help="Print alert records as JSON lines."),
+):
+    """Replay recorded events through the rules offline (no root) and print the alerts."""
+    from .engine import replay
+    from .rules import RulesError, expand_paths
+    import orjson
+    missing = [str(p) for p in list(paths) + [events] if not p.exists()]
+    if missing:
+        raise fail(f"no such file or folder: {', '.join(missing)}")
+    try:
+        alerts = replay(expand_paths(paths), str(events))
+    except RulesError as e:
+        for x in e.errors:
+            typer.echo(str(x), err=True)
+        raise typer.Exit(Exit.BAD_INPUT)
+    except ValueError as e:
+        raise fail(str(e))
+    if as_json:
+        for a in alerts:
+            sys.stdout.buffer.write(orjson.dumps(a) + b"\n")
+    else:
+        from .tailview import render
+        for a in alerts:
+            typer.echo(render(a, color=color))
+        typer.echo(f"{len(alerts)} alert(s)")
 
 
 @app.command()

@@ -44,6 +44,7 @@ class Enricher:
         self.resync_clock()
         self.argv_read_failures = 0
         self.unknown_types = 0
+        self.device_names: dict = {}
         # TCP connects waiting for their outcome, by kernel socket address
         self.pending: dict[int, tuple[Event, int]] = {}
 
@@ -83,6 +84,8 @@ class Enricher:
             return self._connect(o)
         if rtype == E.EV_CONN_RESULT:
             return self._result(o)
+        if rtype == E.EV_DEVICE:
+            return [self._device(o)]
         self.unknown_types += 1
         return []
 
@@ -138,6 +141,14 @@ class Enricher:
         rec["duration_ms"] = round((h.ktime - start) / 1e6, 3) if start and h.ktime >= start else None
         self.procs.on_exit(h.tgid)
         return Event("exit", t, rec, h.tgid, h.agent_cgroup_id)
+
+    def _device(self, o: E.Device) -> Event:
+        from .gpu import device_body
+        h = o.h
+        rec, t = self._base("device", h)
+        rec["proc"] = self._proc(h)
+        rec["device"] = device_body(o.major, o.minor, o.access, o.dev_type, o.verdict, self.device_names)
+        return Event("device", t, rec, h.tgid, h.agent_cgroup_id)
 
     def _dst(self, agent_id: int, addr: str, port: int) -> dict:
         d = {"addr": addr, "port": port, "scope": self.scoper.scope(addr), "name": None}

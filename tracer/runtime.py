@@ -8,6 +8,7 @@ the same for all three.
 """
 from __future__ import annotations
 
+import collections
 import logging
 import socket
 import threading
@@ -41,10 +42,13 @@ class Options:
     connect_hold_ms: int = 250           # how long a TCP connect waits for its outcome
     stats_interval_s: float = 0.0        # 0 = no periodic stats records
     labels: dict = field(default_factory=dict)
+    gpu: object = None                   # gpu.GpuConfig; None = no GPU sampling or fence
+    gpu_backend: object = None           # a gpu.GpuBackend (tests: the fake); None = real NVML
 
 
 class Tracer:
     def __init__(self, opts: Options, sinks: Iterable, engine=None, actor=None, clock=None):
+        # actor: kept for callers that act outside the engine; the engine acts itself
         self.opts = opts
         self.sinks = list(sinks)
         self.engine = engine
@@ -66,17 +70,53 @@ class Tracer:
         self._stopped = False
         self._logged: set = set()
         self.hooks: list[Callable[[Event], None]] = []   # extra observers (tests, gpu, tail)
+        self.policy_writer = None
+        self._last_tick = 0.0
+        self.gpu = None
+        self._on_agent: list = []
+        self.agents.on_new = self._agent_discovered
+        self._notices: "collections.deque" = collections.deque(maxlen=1000)
 
     # --- lifecycle -------------------------------------------------------------------
+    def _agent_discovered(self, cid: int, ident: dict) -> None:
+        for cb in self._on_agent:
+            cb(cid, ident)
+        if self.gpu is not None:
+            self.gpu.agent_seen(ident)
+
+    def _notice(self, code: str, message: str) -> None:
+        # may be called from other threads (the GPU sampler): queued, written by the reader
+        self._notices.append((code, message))
+
+    def _start_gpu(self) -> tuple:
+        from .gpu import GpuService, table_resolver
+        cfg = self.opts.gpu
+        self.gpu = GpuService(cfg, table_resolver(self.procs, self.agents), mode=self.opts.mode,
+                              notice=self._notice, backend=self.opts.gpu_backend, node=self.node)
+        self.enrich.gpu_summary = self.gpu.summary
+        if cfg.fence == "off":
+            return (), []
+        return ("device",), self.gpu.probe_cflags()
+
     def start(self) -> None:
         t0 = time.monotonic()
-        self.probes = Probes(self.opts.features, self.opts.ringbuf_pages)
+        features, cflags = tuple(self.opts.features), []
+        if self.opts.gpu is not None and getattr(self.opts.gpu, "enabled", True):
+            extra, cflags = self._start_gpu()
+            features += tuple(f for f in extra if f not in features)
+        self.probes = Probes(features, self.opts.ringbuf_pages, extra_cflags=cflags)
         try:
             self.probes.load()
+            if self.gpu is not None and "device" in features:
+                self.gpu.install_fence(self.probes)
+                self.enrich.device_names = self.gpu.device_names()
             if "proc" in self.opts.features:
                 self.probes.set_flag("proc_enforce", 0, 1 if self.opts.mode == "enforce" else 0)
             if "net" in self.opts.features:
                 self.probes.set_flag("net_config", 0, 1 if self.opts.mode == "enforce" else 0)
+            if self.engine is not None:
+                # the policy is in the maps before any cgroup is watched: no unenforced window
+                self.install_policy(self.engine.ruleset)
             for path in self.opts.cgroups:
                 self.watch(path)
             self.probes["events"].open_ring_buffer(self._on_record)
@@ -84,11 +124,31 @@ class Tracer:
             self.probes.close()
             self.probes = None
             raise
+        if self.gpu is not None:
+            self.gpu.start()
         self.started_ns = time.time_ns()
         self._last_stats = time.monotonic()
         self._lifecycle("started", startup_ms=round((time.monotonic() - t0) * 1000, 1),
-                        probes=list(self.opts.features),
+                        probes=list(features),
                         watched=[self.agents.agent(c)["cgroup"] for c in self.probes.watched_ids()])
+        self._flush()
+
+    def install_policy(self, ruleset) -> None:
+        """Compile what the kernel can enforce from `ruleset` and write it into the maps."""
+        from .enforce import PolicyWriter
+        from .netscope import DEFAULT_INTERNAL
+        from .policy import compile_policy
+        kp = compile_policy(ruleset, internal=list(DEFAULT_INTERNAL) + list(self.opts.internal))
+        if self.policy_writer is None:
+            self.policy_writer = PolicyWriter(self.probes)
+            self._on_agent.append(lambda cid, ident: self.policy_writer.assign(cid, ident.get("group")))
+        self.policy_writer.apply(kp, {cid: a.get("group") for cid, a in self.agents.known().items()})
+
+    def reload_rules(self, ruleset) -> None:
+        """Swap rules without detaching probes; the caller has validated `ruleset`."""
+        self.install_policy(ruleset)
+        self.engine.swap_rules(ruleset)
+        self._lifecycle("reloaded", rules=len(ruleset.rules))
         self._flush()
 
     def watch(self, path: Path) -> int:
@@ -106,6 +166,15 @@ class Tracer:
         self.probes.bpf.ring_buffer_poll(timeout_ms)
         for ev in self.enrich.expire_pending(self.opts.connect_hold_ms * 1_000_000):
             self._process(ev)
+        if self.gpu is not None:
+            for ev in self.gpu.poll():
+                self._process(ev)
+        while self._notices:
+            code, message = self._notices.popleft()
+            self._lifecycle("notice", code=code, message=message)
+        if self.engine is not None and time.monotonic() - self._last_tick >= 1.0:
+            self._last_tick = time.monotonic()
+            self._alerts(self.engine.tick())
         if self.opts.stats_interval_s and time.monotonic() - self._last_stats >= self.opts.stats_interval_s:
             self._last_stats = time.monotonic()
             self.enrich.resync_clock()
@@ -117,6 +186,8 @@ class Tracer:
         self.probes.bpf.ring_buffer_consume()
         for ev in self.enrich.flush_pending():
             self._process(ev)
+        if self.engine is not None:
+            self._alerts(self.engine.flush())
         self._flush()
 
     def stop(self) -> dict:
@@ -131,6 +202,8 @@ class Tracer:
                 self._lifecycle("stopped", **counters)
                 self._flush()
         finally:
+            if self.gpu is not None:
+                self.gpu.stop()
             if self.probes is not None:
                 self.probes.close()
             for s in self.sinks:
@@ -178,17 +251,21 @@ class Tracer:
             except Exception as e:
                 self._stage_error("match", e)
                 alerts = []
-            for al in alerts:
-                if self.actor is not None:
-                    try:
-                        self.actor(al)
-                    except Exception as e:
-                        self._stage_error("act", e)
-                self.alerts += 1
-                self.counts["alert"] = self.counts.get("alert", 0) + 1
-                self._batch.append(al.record)
+            self._alerts(alerts)
         if len(self._batch) >= 512:
             self._flush()
+
+    def _alerts(self, alerts) -> None:
+        # the engine acts (enforce mode) before returning, so each alert's outcome is final
+        for al in alerts:
+            for hook in self.hooks:
+                try:
+                    hook(al)
+                except Exception as e:
+                    self._stage_error("hook", e)
+            self.alerts += 1
+            self.counts["alert"] = self.counts.get("alert", 0) + 1
+            self._batch.append(al.record)
 
     def _flush(self) -> None:
         if not self._batch:

@@ -1,0 +1,179 @@
+"""Write a compiled KernelPolicy (policy.py) into the probes' maps.
+
+The maps are rewritten as a whole on start and on reload: new entries are written first and
+stale ones deleted after, so a reload never opens a window in which a denied destination is
+allowed. Anything the maps cannot hold raises EnforceError (a `block` is never silently
+weakened).
+"""
+from __future__ import annotations
+
+import ctypes as C
+
+from .policy import (EXEC_MATCH_BASENAME, EXEC_MATCH_PATH, KernelPolicy)
+
+SLOTS = 4                 # AT_DST_SLOTS in probes/net.c
+MAX_PORT_EXPANSION = 4096  # port ranges narrower than "any" are expanded into per-port keys
+COMM_LEN = 16
+PATH_MAX = 256
+
+
+class EnforceError(Exception):
+    pass
+
+
+def _mapped16(family: int, addr: bytes) -> bytes:
+    if family == 4:
+        return b"\0" * 10 + b"\xff\xff" + addr
+    return addr
+
+
+def _plen16(family: int, prefixlen: int) -> int:
+    return prefixlen + 96 if family == 4 else prefixlen
+
+
+class PolicyWriter:
+    def __init__(self, probes):
+        self.probes = probes
+        self.policy: KernelPolicy | None = None
+
+    def _has(self, name: str) -> bool:
+        try:
+            self.probes[name]
+            return True
+        except KeyError:
+            return False
+
+    def apply(self, kp: KernelPolicy, agent_groups: dict[int, str] | None = None) -> None:
+        """Install kp; agent_groups maps agent cgroup id → group name (labels.group)."""
+        if self._has("dst_policy"):
+            self._net(kp)
+        if self._has("kill_paths"):
+            self._exec(kp)
+        self.policy = kp
+        if agent_groups:
+            for cid, name in agent_groups.items():
+                self.assign(cid, name)
+
+    def assign(self, agent_cgroup_id: int, group: str | None) -> None:
+        """Tell the kernel which egress group an agent belongs to."""
+        if self.policy is None or not self._has("agent_group"):
+            return
+        gid = self.policy.group_ids.get(group or "default", 0)
+        t = self.probes["agent_group"]
+        k = t.Key(agent_cgroup_id)
+        if gid:
+            t[k] = t.Leaf(gid)
+        else:
+            try:
+                del t[k]
+            except KeyError:
+                pass
+
+    # --- network ---------------------------------------------------------------------
+    def _net(self, kp: KernelPolicy) -> None:
+        p = self.probes
+        scopes = p["scopes"]
+        want_scopes = {}
+        for e in kp.scopes:
+            k = scopes.Key()
+            k.prefixlen = _plen16(e.family, e.prefixlen)
+            raw = _mapped16(e.family, e.addr.ljust(4 if e.family == 4 else 16, b"\0"))
+            C.memmove(C.addressof(k) + 4, raw, 16)
+            want_scopes[bytes(k)] = (k, e.scope)
+
+        dst: dict[bytes, tuple] = {}
+        sp: dict[tuple, list] = {}
+
+        def add_slot(bucket: list, pid, lo, hi, proto, deny, mask, where):
+            if len(bucket) >= SLOTS:
+                raise EnforceError(f"more than {SLOTS} policy entries share {where}; "
+                                   "merge the rules' ports or split them by CIDR")
+            bucket.append((pid, lo, hi, proto, deny, mask))
+
+        for entries, deny in ((kp.dest_deny, 1), (kp.dest_allow, 0)):
+            for e in entries:
+                if e.prefixlen > 0 or e.addr:
+                    k = p["dst_policy"].Key()
+                    k.prefixlen = 32 + _plen16(e.family, e.prefixlen)
+                    C.memmove(C.addressof(k) + 4, e.group_id.to_bytes(4, "little"), 4)
+                    raw = _mapped16(e.family, e.addr.ljust(4 if e.family == 4 else 16, b"\0"))
+                    C.memmove(C.addressof(k) + 8, raw, 16)
+                    key = bytes(k)
+                    slot = dst.setdefault(key, (k, []))[1]
+                    add_slot(slot, e.policy_id, e.port_lo, e.port_hi, e.proto, deny, e.scope_mask,
+                             f"group {e.group_id} prefix /{e.prefixlen}")
+                else:
+                    if (e.port_lo, e.port_hi) in ((0, 65535), (1, 65535)):
+                        ports = [0]
+                    elif e.port_hi - e.port_lo + 1 <= MAX_PORT_EXPANSION:
+                        ports = range(e.port_lo, e.port_hi + 1)
+                    else:
+                        raise EnforceError(f"policy {e.policy_id}: port range {e.port_lo}-{e.port_hi} "
+                                           f"is wider than {MAX_PORT_EXPANSION} ports without a CIDR")
+                    for port in ports:
+                        add_slot(sp.setdefault((e.group_id, port), []), e.policy_id, e.port_lo,
+                                 e.port_hi, e.proto, deny, e.scope_mask,
+                                 f"group {e.group_id} port {port or 'any'}")
+
+        # write new, then delete stale
+        for key, (k, sc) in want_scopes.items():
+            scopes[k] = scopes.Leaf(sc)
+        self._delete_stale(scopes, set(want_scopes))
+        t = p["dst_policy"]
+        for key, (k, slots) in dst.items():
+            t[k] = self._slots(t.Leaf(), slots)
+        self._delete_stale(t, set(dst))
+        t = p["scope_policy"]
+        want = set()
+        for (gid, port), slots in sp.items():
+            k = t.Key(gid, port)
+            t[k] = self._slots(t.Leaf(), slots)
+            want.add(bytes(k))
+        self._delete_stale(t, want)
+        t = p["group_allow"]
+        want = set()
+        for g in kp.groups:
+            if g.allow_list:
+                k = t.Key(g.group_id)
+                t[k] = t.Leaf(g.allow_scope_mask, g.policy_id)
+                want.add(bytes(k))
+        self._delete_stale(t, want)
+
+    @staticmethod
+    def _slots(leaf, slots):
+        for i, (pid, lo, hi, proto, deny, mask) in enumerate(slots):
+            s = leaf.s[i]
+            s.policy_id, s.port_lo, s.port_hi, s.proto, s.deny, s.scope_mask = pid, lo, hi, proto, deny, mask
+        return leaf
+
+    @staticmethod
+    def _delete_stale(table, keep: set[bytes]) -> None:
+        for k in list(table.keys()):
+            if bytes(k) not in keep:
+                try:
+                    del table[k]
+                except KeyError:
+                    pass
+
+    # --- exec ------------------------------------------------------------------------
+    def _exec(self, kp: KernelPolicy) -> None:
+        paths, names = self.probes["kill_paths"], self.probes["kill_names"]
+        want_p, want_n = set(), set()
+        for e in kp.exec_kill:
+            if e.match == EXEC_MATCH_PATH:
+                if len(e.value) >= PATH_MAX:
+                    raise EnforceError(f"policy {e.policy_id}: exec path longer than {PATH_MAX - 1} bytes")
+                k = paths.Key()
+                C.memmove(C.addressof(k), e.value, len(e.value))
+                paths[k] = paths.Leaf(e.policy_id)
+                want_p.add(bytes(k))
+            elif e.match == EXEC_MATCH_BASENAME:
+                # the kernel compares against comm, which holds the first 15 bytes of the
+                # basename: longer names match on that prefix
+                v = e.value[:COMM_LEN - 1]
+                k = names.Key()
+                C.memmove(C.addressof(k), v, len(v))
+                names[k] = names.Leaf(e.policy_id)
+                want_n.add(bytes(k))
+        self._delete_stale(paths, want_p)
+        self._delete_stale(names, want_n)
