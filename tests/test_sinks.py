@@ -331,7 +331,13 @@ def test_socket_replaces_a_stale_socket_but_not_a_file(sockdir):
     old.bind(str(path))
     old.close()
     s = UnixSocketSink(str(path))
-    s.close()
+    try:
+        # A live socket belongs to a running daemon: a second one must not steal it.
+        with pytest.raises(FileExistsError, match="already serving"):
+            UnixSocketSink(str(path))
+        assert os.path.exists(path)
+    finally:
+        s.close()
 
 
 # --- syslog ------------------------------------------------------------------------------------

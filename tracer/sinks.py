@@ -285,6 +285,15 @@ class UnixSocketSink(Sink):
             import stat
             if not stat.S_ISSOCK(os.lstat(self.path).st_mode):
                 raise FileExistsError(f"{self.path} exists and is not a socket")
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            try:
+                probe.connect(self.path)
+            except OSError:
+                pass  # nobody listens: stale, safe to replace
+            else:
+                raise FileExistsError(f"{self.path}: another agenttrace is already serving this socket")
+            finally:
+                probe.close()
             os.unlink(self.path)
         # Bind inside a private 0700 directory, fix the mode, then rename into place: there is
         # no moment at which the socket exists at `path` with looser permissions.
