@@ -212,3 +212,28 @@ def test_directories_expand_to_yaml_files(tmp_path):
     assert [r.id for r in rs.rules] == ["pool-port"]
     with pytest.raises(RulesError, match="cannot read"):
         load_rules([tmp_path / "missing.yaml"])
+
+
+def test_message_placeholders_and_field_paths_are_checked(tmp_path):
+    f = write(tmp_path, "m.yaml", rule("""\
+        on: [exec]
+        match: {exe: {basenames: [x]}}
+        message: "{proc.exe} {prc.args} {window.count}"
+        dedup: {fields: [proc.exe, nope.x]}
+    """))
+    errs = lint([f])
+    assert sorted(e.field for e in errs) == ["rules[0].dedup.fields", "rules[0].message", "rules[0].message"]
+    assert all(e.line > 0 for e in errs)
+
+
+def test_union_fields_give_one_error_at_the_deepest_spot(tmp_path):
+    f = write(tmp_path, "u.yaml", rule("""\
+        on: [connect]
+        match:
+          dst: {scopes: [external], ports: [1.5]}
+          unless:
+            - dst: {cidrz: [10.0.0.0/8]}
+    """))
+    errs = lint([f])
+    assert [(e.field, e.line) for e in errs] == [("rules[0].match.dst.ports[0]", 8),
+                                                 ("rules[0].match.unless[0].dst.cidrz", 10)]

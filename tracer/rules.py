@@ -224,6 +224,7 @@ def _node_at(root: Optional[yaml.Node], loc: Sequence[Any], key: bool = True) ->
     Returns the deepest node reached and whether the whole path was found. For a mapping
     the last step lands on the key node (an unknown field points at its name)."""
     node = root
+    loc = [p for p in loc if not _is_union_tag(p)]
     for i, part in enumerate(loc):
         if isinstance(node, yaml.MappingNode):
             nxt = None
@@ -244,6 +245,11 @@ def _node_at(root: Optional[yaml.Node], loc: Sequence[Any], key: bool = True) ->
     return node, True
 
 
+def _is_union_tag(part: Any) -> bool:
+    # pydantic puts the union branch it tried into the location: "list[...]", "MatchBase", "int"
+    return isinstance(part, str) and ("[" in part or part[:1].isupper() or part in ("int", "str"))
+
+
 def _mark(node: Optional[yaml.Node]) -> Tuple[int, int]:
     if node is None:
         return 0, 0
@@ -255,8 +261,8 @@ def _field_path(loc: Sequence[Any]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif isinstance(part, str) and ("[" in part or part[:1].isupper()):
-            continue  # union branch tag, not a field
+        elif _is_union_tag(part):
+            continue
         else:
             out += ("." if out else "") + str(part)
     return out
@@ -673,7 +679,13 @@ def _parse_file(path: str, errors: List[RuleError]) -> Tuple[Optional[RuleFile],
 
 def _report(ve: ValidationError, prefix: List[Any], ctx: "_FileCtx", errors: List[RuleError],
             rid: Optional[str]) -> None:
-    for e in ve.errors():
+    errs = ve.errors()
+    paths = [_field_path(prefix + list(e["loc"])) for e in errs]
+    done: Dict[str, RuleError] = {}
+    for e, path in zip(errs, paths):
+        # a union reports every branch it tried; keep the one that got deepest into the input
+        if any(o != path and (o.startswith(path + ".") or o.startswith(path + "[")) for o in paths):
+            continue
         loc = prefix + list(e["loc"])
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
@@ -684,7 +696,11 @@ def _report(ve: ValidationError, prefix: List[Any], ctx: "_FileCtx", errors: Lis
             msg = f"{msg} (got {e.get('input')!r})"
         elif msg.startswith("Value error, "):
             msg = msg[len("Value error, "):]
-        errors.append(ctx.err(loc, msg, rid))
+        if path in done:            # same spot, another union branch: one error, both reasons
+            done[path].message += f"; or {msg[:1].lower()}{msg[1:]}"
+            continue
+        done[path] = ctx.err(loc, msg, rid)
+        errors.append(done[path])
 
 
 def _expand(values: Sequence[Any], lists: Dict[str, List[Any]], ctx: _FileCtx, loc: List[Any],
@@ -977,6 +993,15 @@ def _compile_rule(rm: RuleModel, loc: List[Any], ctx: _FileCtx, lists: Dict[str,
             p = _check_field_path(f)
             if p:
                 errors.append(ctx.err(loc + ["window", "distinct"], p, rid))
+    if rm.message is not None:
+        for ref in re.findall(r"\{([^{}]*)\}", rm.message):
+            if ref.startswith("window."):
+                if rm.window is None or ref[7:] not in ("count", "threshold", "seconds", "fields"):
+                    errors.append(ctx.err(loc + ["message"], f"unknown placeholder {{{ref}}}", rid))
+                continue
+            p = _check_field_path(ref) if re.fullmatch(r"[a-z_][\w.]*", ref) else f"bad placeholder {{{ref}}}"
+            if p:
+                errors.append(ctx.err(loc + ["message"], p, rid))
     dd_fields: Tuple[str, ...]
     if rm.dedup is not None and rm.dedup.fields is not None:
         dd_fields = tuple(rm.dedup.fields)
