@@ -167,3 +167,15 @@ def test_bad_mode_and_bad_event_file(rules_file, tmp_path):
     ev.write_text('{"ts": "2025-11-27T08:00:00Z", "kind": "exec", "proc": {}}\n{not json\n')
     with pytest.raises(ValueError, match=r"e\.jsonl:2:"):
         replay([rules_file], str(ev))
+
+
+def test_malformed_records_are_counted_not_raised(rules_file):
+    eng = Engine(load_rules([rules_file]), clock=FakeClock())
+    e = ex("/usr/bin/tool", [1, None, {"x": 1}])
+    e.record["proc"]["exe"] = 42
+    assert eng.process(e) == []
+    c = conn("a1", "4444")
+    c.record["net"]["dst"] = "198.51.100.1:4444"
+    assert eng.process(c) == []
+    assert eng.stats["errors"] >= 1 and eng.stats["last_error"]
+    assert len(eng.process(conn("a1", 4444))) == 1     # and the engine keeps working

@@ -184,7 +184,7 @@ class Engine:
         self.stats: Dict[str, Any] = {
             "events": 0, "alerts": 0, "suppressed": 0, "summaries": 0, "cel_errors": 0,
             "window_key_evictions": 0, "window_agent_evictions": 0, "dedup_evictions": 0,
-            "action_failures": 0, "matched": Counter(),
+            "action_failures": 0, "errors": 0, "last_error": None, "matched": Counter(),
         }
         self._set_rules(ruleset)
 
@@ -251,15 +251,21 @@ class Engine:
         with self._lock:
             now = self.clock.monotonic_ns()
             for rule in rules:
-                if rule.match is not None and not rule.match(rec):
-                    continue
-                if rule.condition is not None and not self._cel(rule, rec):
-                    continue
-                self.stats["matched"][rule.id] += 1
-                if rule.window is not None:
-                    self._window(rule, event, now, out)
-                else:
-                    self._fire(rule, event, now, out)
+                try:
+                    if rule.match is not None and not rule.match(rec):
+                        continue
+                    if rule.condition is not None and not self._cel(rule, rec):
+                        continue
+                    self.stats["matched"][rule.id] += 1
+                    if rule.window is not None:
+                        self._window(rule, event, now, out)
+                    else:
+                        self._fire(rule, event, now, out)
+                except Exception as e:
+                    # a malformed record (wrong types from a buggy enricher) must not stop
+                    # the pipeline or the other rules; it is counted and shown in stats
+                    self.stats["errors"] += 1
+                    self.stats["last_error"] = f"{rule.id}: {type(e).__name__}: {e}"
         return out
 
     # ------------------------------------------------------------------ windows
