@@ -202,3 +202,19 @@ def test_attack_events_raise_the_expected_alerts():
     for a in alerts:
         assert a["kind"] == "alert" and a["agent"]["id"] == "ep-0042"
         assert set(a["rule"]) >= {"id", "category", "severity", "action", "outcome", "tags", "message"}
+
+
+def test_alerts_and_fixture_events_validate_against_the_event_schema():
+    import json
+
+    import jsonschema
+
+    from agenttrace.paths import schema_dir
+    schema = json.loads((schema_dir() / "event.schema.json").read_text())
+    v = jsonschema.Draft202012Validator(schema)
+    alerts = replay(default_rule_paths(), str(FIX / "events_attack.jsonl"))
+    records = alerts + [json.loads(line) for name in ("benign", "attack")
+                        for line in (FIX / f"events_{name}.jsonl").read_text().splitlines()]
+    for r in records:
+        errs = sorted(v.iter_errors(r), key=lambda e: list(e.path))
+        assert not errs, (r.get("kind"), r.get("rule", {}).get("id"), [f"{list(e.path)}: {e.message}" for e in errs[:3]])
