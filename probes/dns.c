@@ -107,8 +107,7 @@ static __always_inline int at_dns(struct __sk_buff *skb, u8 dir)
 {
 	u64 cg = 0, agent = 0;
 	struct at_l3 l;
-	if (!at_skb_scope(skb, &cg, &agent))
-		return 1;
+	/* ports first, the cgroup walk only for port-53 packets: most packets are not DNS */
 	if (at_skb_l3(skb, &l) < 0 || (l.proto != AT_NEXTHDR_UDP && l.proto != AT_NEXTHDR_TCP))
 		return 1;
 	u8 ports[4];
@@ -118,6 +117,8 @@ static __always_inline int at_dns(struct __sk_buff *skb, u8 dir)
 	u16 dport = ((u16)ports[2] << 8) | ports[3];
 	/* a query leaves for port 53; an answer arrives from it */
 	if ((dir == AT_DIR_EGRESS ? dport : sport) != AT_DNS_PORT)
+		return 1;
+	if (!at_skb_scope(skb, &cg, &agent))
 		return 1;
 	u32 off;
 	if (l.proto == AT_NEXTHDR_UDP) {

@@ -216,6 +216,13 @@ static __always_inline u32 at_flow_verdict(u64 agent, u32 proto, const u8 *remot
 
 static __always_inline int at_flow(struct __sk_buff *skb, u8 dir)
 {
+	u64 cookie = bpf_get_socket_cookie(skb);
+	struct at_flow_state *st = flow_state.lookup(&cookie);
+	/* The steady state of a flow (both ways captured, not blocked) costs one hash lookup per
+	 * packet: no cgroup walk, no header parsing. */
+	if (st && st->seen[0] && st->seen[1] && !st->blocked)
+		return 1;
+
 	u64 cg = 0, agent = 0;
 	struct at_l3 l;
 	if (!at_skb_scope(skb, &cg, &agent))
@@ -228,9 +235,7 @@ static __always_inline int at_flow(struct __sk_buff *skb, u8 dir)
 	u32 doff = (tcph[12] >> 4) * 4;
 	u32 off = l.l4off + doff;
 	u32 plen = l.l3end > off ? l.l3end - off : 0;
-	u64 cookie = bpf_get_socket_cookie(skb);
 
-	struct at_flow_state *st = flow_state.lookup(&cookie);
 	if (!st) {
 		struct at_flow_state fresh = {};
 		flow_state.update(&cookie, &fresh);
