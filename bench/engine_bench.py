@@ -3,7 +3,8 @@ rule pack over recorded events. Prints one JSON object.
 
     .venv/bin/python bench/engine_bench.py [--events N] [--events-file F.jsonl ...] [--rounds R]
 
-The recorded events (tests/fixtures/events_*.jsonl: development work and attacks) are
+The events (tests/fixtures/events_*.jsonl: development work recorded with the real probes,
+plus crafted DESIGN §5 records of development work and attacks) are
 replayed round-robin across 64 agents with the clock advancing 100 µs per event, so windows
 and de-dup see realistic per-agent rates. Each round builds a fresh Engine; the best and
 median rounds are reported. Budget context (DESIGN §3): the reader decodes at most ~360 k
@@ -30,8 +31,8 @@ from agenttrace.engine import Engine, read_events  # noqa: E402
 from agenttrace.pipeline import Event  # noqa: E402
 from agenttrace.rules import default_rule_paths, load_rules  # noqa: E402
 
-DEFAULT_FILES = [HERE.parent / "tests" / "fixtures" / "events_benign.jsonl",
-                 HERE.parent / "tests" / "fixtures" / "events_attack.jsonl"]
+DEFAULT_FILES = [HERE.parent / "tests" / "fixtures" / f"events_{n}.jsonl"
+                 for n in ("recorded_devwork", "benign", "attack")]
 
 
 def build_events(files, n, agents=64):

@@ -184,6 +184,16 @@ def test_benign_development_events_raise_nothing():
     assert replay(default_rule_paths(), str(FIX / "events_benign.jsonl")) == []
 
 
+def test_recorded_development_work_raises_nothing():
+    # recorded with the real probes: `agenttrace run --no-rules -- bash devwork.sh` where the
+    # script runs make/gcc and the binary, git init/commit/log/status/clone, pip download
+    # from a loopback HTTP index, and pytest (506 records: exec, fork, exit, connect)
+    path = FIX / "events_recorded_devwork.jsonl"
+    kinds = {__import__("json").loads(line)["kind"] for line in path.read_text().splitlines()}
+    assert {"exec", "exit", "connect"} <= kinds
+    assert replay(default_rule_paths(), str(path)) == []
+
+
 def test_attack_events_raise_the_expected_alerts():
     alerts = replay(default_rule_paths(), str(FIX / "events_attack.jsonl"))
     ids = [a["rule"]["id"] for a in alerts]
@@ -213,8 +223,10 @@ def test_alerts_and_fixture_events_validate_against_the_event_schema():
     schema = json.loads((schema_dir() / "event.schema.json").read_text())
     v = jsonschema.Draft202012Validator(schema)
     alerts = replay(default_rule_paths(), str(FIX / "events_attack.jsonl"))
-    records = alerts + [json.loads(line) for name in ("benign", "attack")
+    records = alerts + [json.loads(line) for name in ("benign", "attack", "recorded_devwork")
                         for line in (FIX / f"events_{name}.jsonl").read_text().splitlines()]
     for r in records:
+        if r["kind"] == "lifecycle":
+            continue        # the runtime's records, not this module's; checked by its own tests
         errs = sorted(v.iter_errors(r), key=lambda e: list(e.path))
         assert not errs, (r.get("kind"), r.get("rule", {}).get("id"), [f"{list(e.path)}: {e.message}" for e in errs[:3]])

@@ -43,7 +43,7 @@ from .paths import rules_dir
 CATEGORIES = ("tunnel", "mining", "scan", "gpu", "egress", "exec")
 SEVERITIES = ("info", "low", "medium", "high", "critical")
 ACTIONS = ("report", "block", "kill", "kill-agent", "freeze-agent")
-EVENT_KINDS = ("exec", "exit", "connect", "listen", "dns", "flow", "gpu", "device")
+EVENT_KINDS = ("exec", "fork", "exit", "connect", "listen", "dns", "flow", "gpu", "device")
 SEVERITY_RANK = {s: i for i, s in enumerate(SEVERITIES)}
 
 # Which top-level sections a record of each kind carries (DESIGN §5). Used to reject a CEL
@@ -51,6 +51,7 @@ SEVERITY_RANK = {s: i for i, s in enumerate(SEVERITIES)}
 COMMON_VARS = ("ts", "kind", "node", "agent")
 KIND_SECTIONS: Dict[str, Tuple[str, ...]] = {
     "exec": ("proc",),
+    "fork": ("proc",),
     "exit": ("proc", "exit_code", "duration_ms"),
     "connect": ("proc", "net"),
     "listen": ("proc", "net"),
@@ -299,16 +300,19 @@ def _typed_pool():
 
     msg("Ancestor", {"pid": "i", "comm": "s", "exe": "s"})
     msg("Proc", {"pid": "i", "ppid": "i", "uid": "i", "comm": "s", "exe": "s", "args": "*s",
-                 "ancestry": "*Ancestor", "killed_in_kernel": "b"})
+                 "ancestry": "*Ancestor", "filename": "s", "killed_in_kernel": "b"})
     msg("Endpoint", {"addr": "s", "port": "i", "scope": "s", "name": "s"})
-    msg("Net", {"proto": "s", "family": "s", "src": "Endpoint", "dst": "Endpoint",
-                "local": "Endpoint", "verdict": "s", "result": "s"})
+    msg("Net", {"proto": "s", "family": "s", "op": "s", "src": "Endpoint", "dst": "Endpoint",
+                "local": "Endpoint", "verdict": "s", "result": "s", "error": "i"})
     msg("Dns", {"query": "s", "qtype": "s", "server": "Endpoint",
                 "answers": ".google.protobuf.ListValue"})
-    msg("FlowDetail", {"banner": "s", "method": "s", "sni": "s", "host": "s"})
-    msg("Flow", {"protocol": "s", "detail": "FlowDetail"})
-    msg("Gpu", {"index": "i", "uuid": "s", "name": "s", "used_memory_mib": "i", "sm_util_pct": "i"})
-    msg("Device", {"major": "i", "minor": "i", "access": "s", "verdict": "s"})
+    # detail's keys depend on the protocol (banner, method, sni, host, ...): a map
+    msg("Flow", {"protocol": "s", "detail": ".google.protobuf.Struct"})
+    # numbers that may be int or float in records: dyn, so `>= 50` and `>= 50.5` both check
+    msg("Gpu", {"index": "i", "uuid": "s", "name": "s", "used_memory_mib": ".google.protobuf.Value",
+                "sm_util_pct": ".google.protobuf.Value"})
+    # access is a string or a list of strings (mknod/read/write)
+    msg("Device", {"major": "i", "minor": "i", "access": ".google.protobuf.Value", "verdict": "s"})
     pool = descriptor_pool.DescriptorPool()
     pool.AddSerializedFile(struct_pb2.DESCRIPTOR.serialized_pb)
     pool.Add(fdp)
@@ -578,6 +582,7 @@ class RuleSet:
 
 DEFAULT_DEDUP_FIELDS: Dict[str, Tuple[str, ...]] = {
     "exec": ("proc.exe", "proc.args"),
+    "fork": ("proc.exe",),
     "exit": ("proc.exe",),
     "connect": ("net.dst.addr", "net.dst.port"),
     "listen": ("net.local.port",),
