@@ -179,3 +179,14 @@ def test_malformed_records_are_counted_not_raised(rules_file):
     assert eng.process(c) == []
     assert eng.stats["errors"] >= 1 and eng.stats["last_error"]
     assert len(eng.process(conn("a1", 4444))) == 1     # and the engine keeps working
+
+
+def test_repeats_of_a_rule_removed_by_reload_are_still_summarised(rules_file, tmp_path):
+    eng = Engine(load_rules([rules_file]), clock=FakeClock())
+    for _ in range(5):
+        eng.process(conn("a1", 4444))
+    other = tmp_path / "other.yaml"
+    other.write_text(rules_file.read_text().replace("id: bad-port", "id: renamed-port"))
+    eng.swap_rules(load_rules([other]))
+    (s,) = eng.tick()
+    assert s.record["rule"]["id"] == "bad-port" and s.record["rule"]["repeats"] == 4

@@ -181,6 +181,7 @@ class Engine:
         self._lock = threading.Lock()
         self._windows: "OrderedDict[str, Dict[str, _Win]]" = OrderedDict()
         self._dedup: "OrderedDict[Tuple, _Dup]" = OrderedDict()
+        self._pending: List[Event] = []
         self.stats: Dict[str, Any] = {
             "events": 0, "alerts": 0, "suppressed": 0, "summaries": 0, "cel_errors": 0,
             "window_key_evictions": 0, "window_agent_evictions": 0, "dedup_evictions": 0,
@@ -216,6 +217,8 @@ class Engine:
             for key, d in list(self._dedup.items()):
                 if key[0] not in new_by_id:
                     del self._dedup[key]
+                    # counted repeats of a removed rule still go out, with the next tick
+                    self._summary(key, d, self._pending)
                 else:
                     d.rule = new_by_id[key[0]]
             self._set_rules(ruleset)
@@ -446,8 +449,8 @@ class Engine:
     def tick(self) -> List[Event]:
         """Summaries that are due: de-dup spans that ended with repeats, and window episodes
         that went quiet. Call about once a second from the pipeline."""
-        out: List[Event] = []
         with self._lock:
+            out, self._pending = self._pending, []
             now = self.clock.monotonic_ns()
             for key, d in list(self._dedup.items()):
                 if now - d.first_ns >= d.span_ns:
@@ -467,8 +470,8 @@ class Engine:
 
     def flush(self) -> List[Event]:
         """Every pending summary now (end of a replay, shutdown)."""
-        out: List[Event] = []
         with self._lock:
+            out, self._pending = self._pending, []
             for key, d in list(self._dedup.items()):
                 self._summary(key, d, out)
             self._dedup.clear()
