@@ -190,3 +190,25 @@ def test_repeats_of_a_rule_removed_by_reload_are_still_summarised(rules_file, tm
     eng.swap_rules(load_rules([other]))
     (s,) = eng.tick()
     assert s.record["rule"]["id"] == "bad-port" and s.record["rule"]["repeats"] == 4
+
+
+def test_basename_gate_matches_exe_basename_or_truncated_comm(tmp_path):
+    f = tmp_path / "g.yaml"
+    f.write_text("""\
+rules:
+  - id: long-name
+    description: a basename longer than the kernel's 15-byte comm
+    category: exec
+    severity: low
+    on: [exec]
+    match: {exe: {basenames: [averyverylongtoolname]}}
+""")
+    rs = load_rules([f])
+    assert rs.rules[0].gate == {"averyverylongtoolname", "averyverylongto"}
+    eng = Engine(rs, clock=FakeClock())
+    assert len(eng.process(ex("/opt/averyverylongtoolname", ["x"]))) == 1
+    # a process that renamed itself (prctl) to a listed short name is caught by comm
+    e = ex("/opt/renamed", ["y"])
+    e.record["proc"]["comm"] = "averyverylongto"   # a 15-byte prefix alone is not the name
+    assert eng.process(e) == []
+    assert eng.process(ex("/opt/other", ["z"])) == []

@@ -193,6 +193,7 @@ class Engine:
     def _set_rules(self, ruleset: RuleSet) -> None:
         self.ruleset = ruleset
         self._by_kind = {k: tuple(v) for k, v in ruleset.by_kind.items()}
+        self._gated_kinds = frozenset(k for k, v in ruleset.by_kind.items() if any(r.gate for r in v))
         self._lists = ruleset.lists
 
     @property
@@ -251,9 +252,19 @@ class Engine:
             return []
         rec = event.record
         out: List[Event] = []
+        base = comm = None
+        if event.kind in self._gated_kinds:
+            proc = rec.get("proc")
+            if isinstance(proc, dict):
+                exe = proc.get("exe")
+                base = exe.rsplit("/", 1)[-1] if isinstance(exe, str) else None
+                comm = proc.get("comm")
         with self._lock:
             now = self.clock.monotonic_ns()
             for rule in rules:
+                g = rule.gate
+                if g is not None and base not in g and comm not in g:
+                    continue
                 try:
                     if rule.match is not None and not rule.match(rec):
                         continue

@@ -556,6 +556,9 @@ class Rule:
     # "kernel" when the kernel enforces the action from policy maps (block, exec kill by
     # path/basename), "userspace" when the act stage does, "none" for report.
     enforced_in: str = "none"
+    # Exact basenames (and their 15-byte comm prefixes) the rule needs, when it needs one:
+    # the engine skips the rule with a set lookup instead of running the match.
+    gate: Optional[frozenset] = None
 
 
 @dataclass
@@ -1035,12 +1038,15 @@ def _compile_rule(rm: RuleModel, loc: List[Any], ctx: _FileCtx, lists: Dict[str,
         enforced = "userspace"
     if len(errors) > start or not rm.enabled:
         return None
+    gate = None
+    if cm is not None and cm.basename_list and not cm.never and not any(_is_wild(b) for b in cm.basename_list):
+        gate = frozenset(cm.basename_list) | frozenset(b[:15] for b in cm.basename_list)
     return Rule(
         id=rid, description=rm.description, category=rm.category, severity=rm.severity,
         on=tuple(dict.fromkeys(rm.on)), action=rm.action, tags=tuple(rm.tags), match=cm,
         condition=cond, window=rm.window, dedup_fields=dd_fields,
         dedup_seconds=rm.dedup.seconds if rm.dedup else 60.0, message=rm.message,
-        file=ctx.path, line=_mark(ctx.node(loc))[0], model=rm, enforced_in=enforced)
+        file=ctx.path, line=_mark(ctx.node(loc))[0], model=rm, enforced_in=enforced, gate=gate)
 
 
 def lint(paths: Iterable[Union[str, os.PathLike]], egress: Optional[Dict[str, Any]] = None) -> List[RuleError]:
