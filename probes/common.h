@@ -68,4 +68,46 @@ static __always_inline void at_count_drop(u64 agent, u32 type)
 		(*c)++;
 }
 
+/* Per-agent admission: a token bucket so one flooding agent (fork or connect storm) cannot
+ * fill the ring buffer and blind agenttrace to the others. [0] events/s per agent
+ * (0 = unlimited), [1] burst. What is refused is counted per agent with this flag set in
+ * the drop type, so userspace can tell rate limiting from a full buffer. Enforcement
+ * decisions (kills, blocks) are taken before admission and never skipped. */
+#define AT_DROP_RATE_LIMITED 0x8000
+BPF_ARRAY(rate_cfg, u64, 2);
+struct at_rate { u64 last_ns; u64 tokens; };
+BPF_TABLE("lru_hash", u64, struct at_rate, rate_state, 8192);
+
+static __always_inline int at_admit(u64 agent, u32 type)
+{
+	u32 k0 = 0, k1 = 1;
+	u64 *lim = rate_cfg.lookup(&k0);
+	if (!lim || *lim == 0)
+		return 1;
+	u64 limit = *lim;
+	u64 *bp = rate_cfg.lookup(&k1);
+	u64 burst = bp && *bp ? *bp : limit;
+	u64 now = bpf_ktime_get_ns();
+	struct at_rate *r = rate_state.lookup(&agent);
+	if (!r) {
+		struct at_rate n = {now, burst - 1};
+		rate_state.update(&agent, &n);
+		return 1;
+	}
+	u64 elapsed = now - r->last_ns;
+	/* approximate across CPUs by design: a lost update costs one token, not correctness */
+	u64 add = elapsed > 10000000000ULL ? burst : elapsed * limit / 1000000000ULL;
+	if (add) {
+		u64 t = r->tokens + add;
+		r->tokens = t > burst ? burst : t;
+		r->last_ns = now;
+	}
+	if (r->tokens == 0) {
+		at_count_drop(agent, type | AT_DROP_RATE_LIMITED);
+		return 0;
+	}
+	r->tokens--;
+	return 1;
+}
+
 #endif

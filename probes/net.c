@@ -191,6 +191,8 @@ static __always_inline int at_sock_addr(struct bpf_sock_addr *ctx, u8 op, u16 fa
 	}
 
 	u8 verdict = at_dst_verdict(agent, addr, port, proto, &policy);
+	if (!at_admit(agent, AT_EV_CONNECT))
+		return verdict == AT_VERDICT_BLOCKED ? 0 : 1;
 	struct at_connect *e = events.ringbuf_reserve(sizeof(struct at_connect));
 	if (!e) {
 		at_count_drop(agent, AT_EV_CONNECT);

@@ -46,6 +46,8 @@ RAW_TRACEPOINT_PROBE(sched_process_fork)
 	ctgid = at_task_tgid(child);
 	if (cpid != ctgid)
 		return 0;
+	if (!at_admit(agent, AT_EV_FORK))
+		return 0;
 
 	struct at_fork *e = events.ringbuf_reserve(sizeof(struct at_fork));
 	if (!e) {
@@ -119,6 +121,8 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 		}
 	}
 
+	if (!at_admit(agent, AT_EV_EXEC))
+		return 0;
 	u64 size = sizeof(struct at_exec) - AT_ARGS_MAX + e->args_len;
 	if (size > sizeof(struct at_exec))
 		size = sizeof(struct at_exec);
@@ -142,6 +146,8 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 		return 0;
 #endif
 	if (!at_scope(&cg, &agent))
+		return 0;
+	if (!at_admit(agent, AT_EV_EXIT))
 		return 0;
 	struct at_exit *e = events.ringbuf_reserve(sizeof(struct at_exit));
 	if (!e) {

@@ -101,29 +101,40 @@ class AgentResolver:
         self._labels = labels or {}
         self._namer = namer
         self.on_new = None          # callback(cgroup_id, identity) for each agent discovered
+        self._roots: dict[int, tuple] = {}
 
-    def watch(self, abs_path: Path) -> int:
+    def watch(self, abs_path: Path, mode: str = "child", namer=None, labels: dict | None = None) -> int:
+        """mode "child": each direct child is an agent (named by `namer(rel_path, cgroup_id)`,
+        default its directory name); mode "self": the watched cgroup and everything below it
+        are one agent."""
         cid = cgroup_id(abs_path)
         with self._lock:
             self._watched[cid] = abs_path
-            self._add(abs_path, cid)
+            self._roots[cid] = (mode, namer, labels or {})
+            self._add(abs_path, cid, cid)
         self.rescan()
         return cid
 
     def unwatch(self, cid: int) -> None:
         with self._lock:
             self._watched.pop(cid, None)
+            self._roots.pop(cid, None)
 
     def watched(self) -> dict[int, Path]:
         with self._lock:
             return dict(self._watched)
 
-    def _add(self, abs_path: Path, cid: int) -> dict:
-        rel = relpath(abs_path)
-        name = self._namer(rel) if self._namer else abs_path.name
-        ident = {"id": name, "cgroup": rel, "cgroup_id": cid}
-        for k, v in self._labels.items():
-            ident.setdefault(k, v)
+    def _add(self, abs_path: Path, cid: int, root_cid: int) -> dict:
+        mode, namer, labels = self._roots.get(root_cid, ("child", None, {}))
+        if mode == "self" and cid != root_cid and root_cid in self._agents:
+            ident = self._agents[root_cid]       # everything below is the watched agent
+        else:
+            rel = relpath(abs_path)
+            namer = namer or self._namer
+            name = namer(rel, cid) if namer else abs_path.name
+            ident = {"id": name, "cgroup": rel, "cgroup_id": cid}
+            for k, v in list(labels.items()) + list(self._labels.items()):
+                ident.setdefault(k, v)
         self._agents[cid] = ident
         if self.on_new is not None:
             try:
@@ -134,8 +145,8 @@ class AgentResolver:
 
     def rescan(self) -> None:
         with self._lock:
-            roots = list(self._watched.values())
-        for root in roots:
+            roots = list(self._watched.items())
+        for root_cid, root in roots:
             try:
                 with os.scandir(root) as it:
                     for ent in it:
@@ -143,7 +154,7 @@ class AgentResolver:
                             ino = ent.inode()
                             if ino not in self._agents:
                                 with self._lock:
-                                    self._add(Path(ent.path), ino)
+                                    self._add(Path(ent.path), ino, root_cid)
             except OSError:
                 continue
 

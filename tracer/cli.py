@@ -2,6 +2,7 @@
 that do the work. Exit codes live in exitcodes.Exit."""
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -286,6 +287,57 @@ def rules_test(
         for a in alerts:
             typer.echo(render(a, color=color))
         typer.echo(f"{len(alerts)} alert(s)")
+
+
+@app.command()
+def daemon(config: Path = typer.Option(Path("/etc/agenttrace/agenttrace.yaml"), "--config", help="The daemon's YAML config."),
+           status_file: Path = typer.Option(Path("/run/agenttrace/status.json"), "--status-file", hidden=True)):
+    """The systemd service: watch agent cgroups per the config, write to its sinks."""
+    from .daemon import DaemonInputError, run_daemon
+    from .probes import ProbeError
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        _require_root()
+        rc = run_daemon(str(config), status_file)
+    except (BadInput, DaemonInputError) as e:
+        raise fail(str(e))
+    except ProbeError as e:
+        raise fail(str(e))
+    raise typer.Exit(rc)
+
+
+@app.command()
+def status(status_file: Path = typer.Option(Path("/run/agenttrace/status.json"), "--status-file"),
+           as_json: bool = typer.Option(False, "--json")):
+    """The running daemon's probes, watched agents, counters and mode."""
+    import json
+    try:
+        st = json.loads(status_file.read_text())
+    except FileNotFoundError:
+        raise fail(f"no daemon status at {status_file}: is `agenttrace daemon` running?", Exit.FAILURE)
+    except PermissionError:
+        raise fail(f"{status_file}: permission denied (root only)")
+    alive = True
+    try:
+        os.kill(int(st["pid"]), 0)
+    except (ProcessLookupError, KeyError, ValueError):
+        alive = False
+    st["running"] = alive
+    if as_json:
+        typer.echo(json.dumps(st, indent=2))
+        return
+    c = st.get("counters", {})
+    d = c.get("drops", {})
+    typer.echo(f"daemon pid {st.get('pid')} ({'running' if alive else 'NOT running: stale status'}), mode {st.get('mode')}")
+    typer.echo(f"config   {st.get('config')}")
+    typer.echo(f"probes   {', '.join(st.get('probes', []))}")
+    typer.echo(f"watching {', '.join(st.get('watched', [])) or '-'}")
+    typer.echo(f"agents   {', '.join(st.get('agents', [])) or '-'}")
+    typer.echo(f"pinning  {st.get('pinning')}")
+    typer.echo(f"events {c.get('events', 0)}  alerts {c.get('alerts', 0)}  kernel drops {d.get('kernel', 0)}  "
+               f"sink drops {sum((d.get('sinks') or {}).values())}")
+    if not alive:
+        raise typer.Exit(Exit.FAILURE)
 
 
 @app.command()

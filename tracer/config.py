@@ -160,7 +160,7 @@ class LimitsConfig(_Model):
     ring_buffer_pages: int = Field(1024, ge=1)
     agent_events_per_sec: int = Field(20000, ge=0)
     agent_burst: Optional[int] = Field(None, ge=1)
-    pipeline_queue: int = Field(65536, ge=1)
+    flood_action: Literal["report", "freeze-agent"] = "report"
     sink_queue: int = Field(10000, ge=1)
     proc_table_size: int = Field(65536, ge=64)
 

@@ -105,6 +105,14 @@ class _Attachment:
     cgroup_path: Path
     cgroup_id: int
     link_fds: list[int] = field(default_factory=list)
+    pinned: list[Path] = field(default_factory=list)
+
+
+def pin_object(fd: int, path: Path) -> None:
+    rc = _lib().bpf_obj_pin(fd, str(path).encode())
+    if rc < 0:
+        err = -rc if rc < -1 else C.get_errno()
+        raise ProbeError(f"pinning {path} failed: {os.strerror(err)}")
 
 
 class Probes:
@@ -121,6 +129,7 @@ class Probes:
         self.bpf = None
         self._cgroup_funcs: list[tuple[object, int]] = []
         self._attached: dict[int, _Attachment] = {}
+        self.pin_dir: Path | None = None
 
     def source(self) -> str:
         """The compile unit: common.h, then each feature's file in order.
@@ -190,7 +199,51 @@ class Probes:
         watched = self["watched"]
         watched[watched.Key(cid)] = watched.Leaf(level(abs_path))
         self._attached[cid] = att
+        if self.pin_dir is not None:
+            self._pin(att)
         return cid
+
+    # --- pinning (daemon, fail-closed) -------------------------------------------------
+    # A pinned link keeps its cgroup program -- and through it the policy maps it reads --
+    # attached after this process exits or crashes, so a forbidden connect attempted while
+    # the daemon is down still fails. A restarted daemon attaches its own links first, then
+    # removes the pins of its predecessors: at no moment is a cgroup without enforcement.
+    def enable_pinning(self, pin_dir: Path) -> None:
+        pin_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.pin_dir = pin_dir
+        for att in self._attached.values():
+            self._pin(att)
+
+    def _pin(self, att: _Attachment) -> None:
+        for lfd, (_fn, atype) in zip(att.link_fds, self._cgroup_funcs):
+            path = self.pin_dir / f"link-{att.cgroup_id}-{atype}-{os.getpid()}"
+            if not path.exists():
+                pin_object(lfd, path)
+                att.pinned.append(path)
+
+    def remove_foreign_pins(self) -> list[str]:
+        """Unpin links left by earlier agenttrace processes (after ours are attached)."""
+        removed = []
+        if self.pin_dir is None or not self.pin_dir.is_dir():
+            return removed
+        mine = {p for att in self._attached.values() for p in att.pinned}
+        for f in self.pin_dir.iterdir():
+            if f.name.startswith("link-") and f not in mine:
+                try:
+                    f.unlink()
+                    removed.append(f.name)
+                except OSError:
+                    pass
+        return removed
+
+    def unpin(self) -> None:
+        for att in self._attached.values():
+            for p in att.pinned:
+                try:
+                    p.unlink()
+                except OSError:
+                    pass
+            att.pinned.clear()
 
     def unwatch(self, cid: int) -> None:
         att = self._attached.pop(cid, None)
@@ -201,6 +254,11 @@ class Probes:
             del watched[watched.Key(cid)]
         except KeyError:
             pass
+        for p in att.pinned:
+            try:
+                p.unlink()
+            except OSError:
+                pass
         for lfd in att.link_fds:
             os.close(lfd)
 
@@ -220,7 +278,11 @@ class Probes:
         t = self[array]
         t[t.Key(index)] = t.Leaf(value)
 
-    def close(self) -> None:
+    def close(self, keep_pins: bool = False) -> None:
+        """Detach everything; with keep_pins, pinned links stay attached (fail-closed)."""
+        if keep_pins:
+            for att in self._attached.values():
+                att.pinned.clear()     # forget them: unwatch must not unlink
         for cid in list(self._attached):
             self.unwatch(cid)
         if self.bpf is not None:

@@ -29,6 +29,7 @@ from .proctable import ProcTable
 from .timefmt import format_ns
 
 log = logging.getLogger("agenttrace")
+RATE_LIMITED = 0x8000   # AT_DROP_RATE_LIMITED in probes/common.h
 
 
 @dataclass
@@ -42,6 +43,9 @@ class Options:
     connect_hold_ms: int = 250           # how long a TCP connect waits for its outcome
     stats_interval_s: float = 0.0        # 0 = no periodic stats records
     labels: dict = field(default_factory=dict)
+    rate_limit: int = 0                  # events/s per agent admitted by the kernel (0 = no limit)
+    rate_burst: int = 0
+    flood_action: str = "report"         # or "freeze-agent" (enforce mode) when events are dropped
     gpu: object = None                   # gpu.GpuConfig; None = no GPU sampling or fence
     gpu_backend: object = None           # a gpu.GpuBackend (tests: the fake); None = real NVML
 
@@ -73,6 +77,8 @@ class Tracer:
         self.policy_writer = None
         self._last_tick = 0.0
         self.gpu = None
+        self.keep_pins = False
+        self._drops_seen: dict[int, int] = {}      # daemon fail-closed: pinned enforcement outlives us
         self._on_agent: list = []
         self.agents.on_new = self._agent_discovered
         self._notices: "collections.deque" = collections.deque(maxlen=1000)
@@ -114,6 +120,9 @@ class Tracer:
                 self.probes.set_flag("proc_enforce", 0, 1 if self.opts.mode == "enforce" else 0)
             if "net" in self.opts.features:
                 self.probes.set_flag("net_config", 0, 1 if self.opts.mode == "enforce" else 0)
+            if self.opts.rate_limit:
+                self.probes.set_flag("rate_cfg", 0, self.opts.rate_limit)
+                self.probes.set_flag("rate_cfg", 1, max(self.opts.rate_burst, self.opts.rate_limit))
             if self.engine is not None:
                 # the policy is in the maps before any cgroup is watched: no unenforced window
                 self.install_policy(self.engine.ruleset)
@@ -144,6 +153,17 @@ class Tracer:
             self._on_agent.append(lambda cid, ident: self.policy_writer.assign(cid, ident.get("group")))
         self.policy_writer.apply(kp, {cid: a.get("group") for cid, a in self.agents.known().items()})
 
+    def set_mode(self, mode: str) -> None:
+        self.opts.mode = mode
+        enforce = 1 if mode == "enforce" else 0
+        for arr in ("proc_enforce", "net_config"):
+            try:
+                self.probes.set_flag(arr, 0, enforce)
+            except KeyError:
+                pass
+        if self.engine is not None:
+            self.engine.mode = mode
+
     def reload_rules(self, ruleset) -> None:
         """Swap rules without detaching probes; the caller has validated `ruleset`."""
         self.install_policy(ruleset)
@@ -151,9 +171,9 @@ class Tracer:
         self._lifecycle("reloaded", rules=len(ruleset.rules))
         self._flush()
 
-    def watch(self, path: Path) -> int:
+    def watch(self, path: Path, mode: str = "child", namer=None, labels: dict | None = None) -> int:
         cid = self.probes.watch(path)
-        self.agents.watch(path)
+        self.agents.watch(path, mode=mode, namer=namer, labels=labels)
         # processes already inside: known from /proc so their events carry identity/ancestry
         self.procs.bootstrap(cgroup_procs(path))
         return cid
@@ -172,9 +192,11 @@ class Tracer:
         while self._notices:
             code, message = self._notices.popleft()
             self._lifecycle("notice", code=code, message=message)
-        if self.engine is not None and time.monotonic() - self._last_tick >= 1.0:
+        if time.monotonic() - self._last_tick >= 1.0:
             self._last_tick = time.monotonic()
-            self._alerts(self.engine.tick())
+            if self.engine is not None:
+                self._alerts(self.engine.tick())
+            self.check_drops()
         if self.opts.stats_interval_s and time.monotonic() - self._last_stats >= self.opts.stats_interval_s:
             self._last_stats = time.monotonic()
             self.enrich.resync_clock()
@@ -205,7 +227,7 @@ class Tracer:
             if self.gpu is not None:
                 self.gpu.stop()
             if self.probes is not None:
-                self.probes.close()
+                self.probes.close(keep_pins=self.keep_pins)
             for s in self.sinks:
                 try:
                     s.close()
@@ -290,20 +312,32 @@ class Tracer:
 
     def counters(self) -> dict:
         kdrops = self.probes.drops() if self.probes else {}
-        by_agent: dict[str, int] = {}
-        for (agent, _t), n in kdrops.items():
+        full_by_agent: dict[str, int] = {}
+        rate_by_agent: dict[str, int] = {}
+        by_type: dict[str, int] = {}
+        for (agent, t), n in kdrops.items():
             aid = self.agents.agent(agent)["id"]
-            by_agent[aid] = by_agent.get(aid, 0) + n
+            target = rate_by_agent if t & RATE_LIMITED else full_by_agent
+            target[aid] = target.get(aid, 0) + n
+            name = E.TYPE_NAMES.get(t & ~RATE_LIMITED, str(t))
+            by_type[name] = by_type.get(name, 0) + n
         events = {k: v for k, v in self.counts.items() if k != "alert"}
+        sink_drops: dict[str, int] = {}
+        for s in self.sinks:
+            if hasattr(s, "drops"):
+                sink_drops.update(s.drops())
+            else:
+                sink_drops[getattr(s, "name", type(s).__name__)] = getattr(s, "dropped", 0)
         return {
             "events": sum(events.values()),
             "events_by_kind": events,
             "alerts": self.alerts,
             "drops": {
-                "kernel": sum(kdrops.values()),
-                "kernel_by_agent": by_agent,
-                "kernel_by_type": {E.TYPE_NAMES.get(t, str(t)): n for (_a, t), n in _sum_by_type(kdrops).items()},
-                "sinks": {getattr(s, "name", type(s).__name__): getattr(s, "dropped", 0) for s in self.sinks},
+                "kernel": sum(full_by_agent.values()) + sum(rate_by_agent.values()),
+                "kernel_by_agent": full_by_agent,
+                "rate_limited_by_agent": rate_by_agent,
+                "kernel_by_type": by_type,
+                "sinks": sink_drops,
                 "stage_errors": self.stage_errors,
                 "unknown_records": self.enrich.unknown_types,
             },
@@ -311,9 +345,35 @@ class Tracer:
             "proc_table": {"size": len(self.procs), "evictions": self.procs.evictions},
         }
 
+    def check_drops(self) -> None:
+        """An alert when an agent's events are being dropped (flooding blinds a tracer: that
+        is itself worth a human's look); optionally freeze the agent."""
+        if self.probes is None:
+            return
+        per_agent: dict[int, int] = {}
+        for (agent, _t), n in self.probes.drops().items():
+            per_agent[agent] = per_agent.get(agent, 0) + n
+        for agent, n in per_agent.items():
+            before = self._drops_seen.get(agent, 0)
+            if n <= before:
+                continue
+            self._drops_seen[agent] = n
+            ident = self.agents.agent(agent)
+            t = time.time_ns()
+            action = self.opts.flood_action
+            outcome = "reported"
+            if action == "freeze-agent" and self.opts.mode == "enforce" and ident.get("cgroup"):
+                from .actions import Actions
+                res = Actions().freeze_cgroup(ident["cgroup"])
+                outcome = res.outcome
+            rec = {"ts": format_ns(t), "kind": "alert", "node": self.node, "agent": ident,
+                   "trigger": "lifecycle",
+                   "rule": {"id": "agenttrace-events-dropped", "category": "evasion", "severity": "high",
+                            "action": action, "outcome": outcome, "tags": ["T1562"],
+                            "message": f"{n - before} events of agent {ident['id']} were dropped "
+                                       f"({n} in all): rate limit or full ring buffer; its activity is "
+                                       "partly unseen"},
+                   "drops": {"new": n - before, "total": n}}
+            self._alerts([Event("alert", t, rec, 0, agent)])
 
-def _sum_by_type(kdrops: dict) -> dict:
-    out: dict = {}
-    for (_agent, t), n in kdrops.items():
-        out[(0, t)] = out.get((0, t), 0) + n
-    return out
+
