@@ -131,3 +131,33 @@ def test_swap_keeps_window_state_for_surviving_rules(rs, tmp_path):
     p.write_text(SCAN.replace("count: 30", "count: 25").split("  - id: burst")[0])
     eng.swap_rules(load_rules([p]))
     assert eng._windows == {} or all("scan" not in s for s in eng._windows.values())
+
+
+def test_a_looping_scanner_is_one_alert_and_summaries_of_growth(rs):
+    clock = FakeClock()
+    eng = Engine(rs, clock=clock)
+    out = []
+    # the same 40 ports over and over for 3 minutes, never quiet
+    for _ in range(45):
+        out += feed(eng, clock, [conn("a1", "10.0.0.5", p) for p in range(1, 41)], step=0.1)
+        out += eng.tick()
+    clock.advance(11)
+    out += eng.tick()
+    got = [(o.record["window"]["count"], o.record["rule"].get("repeats")) for o in out]
+    assert got == [(30, None), (40, 10)]
+
+
+def test_a_scan_that_keeps_growing_reports_progress(rs):
+    clock = FakeClock()
+    eng = Engine(rs, clock=clock)
+    out = []
+    for p in range(1, 1801):          # a new port every 0.1 s for 3 minutes
+        out += eng.process(conn("a1", "10.0.0.5", p))
+        clock.advance(0.1)
+        if p % 10 == 0:
+            out += eng.tick()
+    clock.advance(11)
+    out += eng.tick()
+    counts = [o.record["window"]["count"] for o in out]
+    assert counts[0] == 30 and counts[-1] == 1800 and len(out) == 4      # alert at 3 s, progress at 63 s and 123 s, end
+    assert sum(o.record["rule"].get("repeats", 0) for o in out) == 1800 - 30

@@ -127,11 +127,13 @@ def render_message(rule: Rule, rec: dict, window: Optional[dict] = None) -> str:
 class _Win:
     keys: "OrderedDict[Any, int]" = field(default_factory=OrderedDict)   # distinct value → last seen
     times: deque = field(default_factory=deque)                           # plain count
-    fired: bool = False
-    fired_count: int = 0
+    fired: bool = False                 # an episode is open
+    fired_count: int = 0                # count when the alert fired
+    reported_count: int = 0             # count in the last alert/summary sent
     episode_keys: set = field(default_factory=set)
     episode_count: int = 0
-    last_new: int = 0
+    last_seen: int = 0
+    summary_at: int = 0
     last_event: Optional[Event] = None
     outcome: str = "reported"
 
@@ -298,17 +300,41 @@ class Engine:
         return st
 
     def _window(self, rule: Rule, event: Event, now: int, out: List[Event]) -> None:
+        """Count what matched, per agent, over the rule's span.
+
+        Crossing the threshold fires one alert and opens an episode. The episode lasts while
+        matching events keep coming; it ends after a quiet span, and a summary with the
+        episode total (`rule.repeats` = growth since the last report) goes out then, or every
+        `_progress_ns` while the behaviour goes on, so a looping scanner is one alert plus a
+        summary a minute, not an alert per span."""
         w = rule.window
         span = int(w.seconds * 1e9)
         st = self._win_state(_agent_id(event.record), rule.id)
-        if st.fired and now - st.last_new > span:
-            self._end_episode(rule, st, out)
+        if st.fired:
+            if now - st.last_seen > span:
+                self._end_episode(rule, st, out)
+            elif now - st.summary_at >= self._progress_ns(span):
+                self._summarise_episode(rule, st, out, now)
         fields = w.distinct_fields()
-        new = True
+        if st.fired:
+            st.last_seen = now
+            if fields:
+                key = tuple(_hashable(get_path(event.record, f)) for f in fields)
+                if key in st.episode_keys:
+                    return
+                if len(st.episode_keys) < self.max_keys:
+                    st.episode_keys.add(key)
+                else:
+                    self.stats["window_key_evictions"] += 1
+            st.episode_count += 1
+            st.last_event = event
+            if self.mode == "enforce" and rule.action != "report":
+                # an enforcing window rule keeps enforcing while the behaviour goes on
+                st.outcome = self._act(rule, event).outcome
+            return
         if fields:
             key = tuple(_hashable(get_path(event.record, f)) for f in fields)
             keys = st.keys
-            new = key not in keys
             keys[key] = now
             keys.move_to_end(key)
             if len(keys) > self.max_keys:
@@ -316,13 +342,12 @@ class Engine:
                 self.stats["window_key_evictions"] += 1
             cutoff = now - span
             while keys:
-                k0, t0 = next(iter(keys.items()))
+                t0 = next(iter(keys.values()))
                 if t0 >= cutoff:
                     break
                 keys.popitem(last=False)
             n = len(keys)
         else:
-            key = None
             st.times.append(now)
             while st.times and st.times[0] < now - span:
                 st.times.popleft()
@@ -330,45 +355,42 @@ class Engine:
                 st.times.popleft()
                 self.stats["window_key_evictions"] += 1
             n = len(st.times)
-        if not st.fired:
-            if n >= w.count:
-                st.fired, st.fired_count, st.last_new = True, n, now
-                st.episode_keys = set(st.keys) if fields else set()
-                st.episode_count = n
-                info = self._window_info(rule, n)
-                outcome = self._fire(rule, event, now, out, window=info, dedup=False)
-                st.outcome = outcome
-        elif new:
-            st.last_new = now
-            st.last_event = event
-            if fields:
-                if len(st.episode_keys) < self.max_keys:
-                    st.episode_keys.add(key)
-                st.episode_count += 1
-            else:
-                st.episode_count += 1
-            if self.mode == "enforce" and rule.action != "report":
-                # an enforcing window rule keeps enforcing while the behaviour goes on
-                st.outcome = self._act(rule, event).outcome
+        if n >= w.count:
+            st.fired = True
+            st.fired_count = st.reported_count = st.episode_count = n
+            st.last_seen = st.summary_at = now
+            st.episode_keys = set(st.keys) if fields else set()
+            st.keys.clear()
+            st.times.clear()
+            st.outcome = self._fire(rule, event, now, out, window=self._window_info(rule, n), dedup=False)
+
+    @staticmethod
+    def _progress_ns(span: int) -> int:
+        return max(60_000_000_000, 6 * span)
 
     def _window_info(self, rule: Rule, n: int) -> dict:
         w = rule.window
         return {"count": n, "threshold": w.count, "seconds": w.seconds,
                 "fields": list(w.distinct_fields())}
 
-    def _end_episode(self, rule: Rule, st: _Win, out: List[Event]) -> None:
-        if st.episode_count > st.fired_count and st.last_event is not None:
+    def _summarise_episode(self, rule: Rule, st: _Win, out: List[Event], now: int) -> None:
+        if st.episode_count > st.reported_count and st.last_event is not None:
             info = self._window_info(rule, st.episode_count)
             rec = self._alert_record(rule, st.last_event.record, st.outcome, info)
-            rec["rule"]["repeats"] = st.episode_count - st.fired_count
-            rec["rule"]["message"] += f" (episode total; first alert at {st.fired_count})"
+            rec["rule"]["repeats"] = st.episode_count - st.reported_count
+            rec["rule"]["message"] += f" (episode total so far; first alert at {st.fired_count})"
             out.append(self._event(st.last_event, rec))
             self.stats["summaries"] += 1
+            st.reported_count = st.episode_count
+        st.summary_at = now
+
+    def _end_episode(self, rule: Rule, st: _Win, out: List[Event]) -> None:
+        self._summarise_episode(rule, st, out, st.last_seen)
         st.fired = False
         st.keys.clear()
         st.times.clear()
         st.episode_keys = set()
-        st.episode_count = st.fired_count = 0
+        st.episode_count = st.fired_count = st.reported_count = 0
         st.last_event = None
 
     # ------------------------------------------------------------------ firing
@@ -476,8 +498,13 @@ class Engine:
                 rule = self.ruleset.get(rid)
                 if rule is None or rule.window is None:
                     continue
-                if st.fired and (force or now - st.last_new > int(rule.window.seconds * 1e9)):
+                if not st.fired:
+                    continue
+                span = int(rule.window.seconds * 1e9)
+                if force or now - st.last_seen > span:
                     self._end_episode(rule, st, out)
+                elif now - st.summary_at >= self._progress_ns(span):
+                    self._summarise_episode(rule, st, out, now)
 
     def flush(self) -> List[Event]:
         """Every pending summary now (end of a replay, shutdown)."""
