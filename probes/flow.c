@@ -102,32 +102,39 @@ static __always_inline int at_skb_l3(struct __sk_buff *skb, struct at_l3 *l)
 }
 #endif /* AT_SKB_SCOPE_DEFINED */
 
-#define AT_SCOPE_EXTERNAL 1
+/* Protocol policy: tracer/policy.py compiles rules with `on: flow` + `action: block` into
+ * ProtocolDrop entries (group, protocol, scope mask, remote port range); the writer puts them
+ * here keyed by (agent group, AT_PROTO_*), up to AT_FLOW_SLOTS variants per key. Group 0 =
+ * every agent. Scopes, agent groups and the enforce flag are the ones net.c uses, so one
+ * writer fills them for both: when net.c is in the unit (it must come first) its maps are
+ * used, otherwise the same maps are declared here. In monitor mode nothing is dropped. */
+#ifndef AT_WITH_NET
+#define AT_SCOPE_LOOPBACK 1
 #define AT_SCOPE_INTERNAL 2
+#define AT_SCOPE_METADATA 4
+#define AT_SCOPE_EXTERNAL 8
+struct at_scope_key { u32 prefixlen; u8 addr[16]; };
+BPF_LPM_TRIE(scopes, struct at_scope_key, u32, 1024);
+BPF_HASH(agent_group, u64, u32, 4096);
+BPF_ARRAY(net_config, u32, 1);   /* [0] enforce flag */
+#endif
 
-/* Protocol policy, filled by the loader from rules: (agent cgroup id, AT_PROTO_*) -> verdict.
- * Agent 0 = every agent. `scopes` says for which remote addresses it applies (AT_SCOPE_* bits,
- * 0 = all), so "SSH to anything external" leaves SSH to internal hosts alone. `deny` is set
- * only in enforce mode; in monitor mode an entry with deny 0 marks the flow as matched. */
-struct at_proto_key {
-	u64 agent;
-	u32 proto;
-	u32 pad;
+#define AT_FLOW_SLOTS 4
+struct at_flow_slot {
+	u32 policy_id;       /* 0 = unused slot */
+	u16 port_lo;         /* remote port range, host order, inclusive */
+	u16 port_hi;
+	u8 scope_mask;       /* AT_SCOPE_* bits of the remote address; 0 = any */
+	u8 pad[3];
 };
-struct at_proto_val {
-	u32 policy_id;
-	u8 deny;
-	u8 scopes;
-	u16 pad;
+struct at_flow_pkey {
+	u32 gid;
+	u32 proto;           /* AT_PROTO_* */
 };
-BPF_HASH(proto_policy, struct at_proto_key, struct at_proto_val, 1024);
-
-/* Internal networks (config: RFC 1918, loopback, ...), IPv4 as ::ffff:a.b.c.d. */
-struct at_net_key {
-	u32 prefixlen;
-	u8 addr[16];
+struct at_flow_pval {
+	struct at_flow_slot s[AT_FLOW_SLOTS];
 };
-BPF_LPM_TRIE(flow_internal, struct at_net_key, u8, 256);
+BPF_HASH(flow_policy, struct at_flow_pkey, struct at_flow_pval, 1024);
 
 struct at_flow_state {
 	struct at_header owner;  /* valid when owner_known */
@@ -192,23 +199,40 @@ static __always_inline u32 at_classify(const u8 *d, u32 len)
 	return AT_PROTO_UNKNOWN;
 }
 
-static __always_inline u32 at_flow_verdict(u64 agent, u32 proto, const u8 *remote, u32 *policy)
+static __always_inline u32 at_flow_verdict(u64 agent, u32 proto, const u8 *remote, u16 rport, u32 *policy)
 {
-	if (proto == AT_PROTO_UNKNOWN)
+	if (proto == AT_PROTO_UNKNOWN || proto == AT_PROTO_TLS || proto == AT_PROTO_HTTP)
+		return AT_VERDICT_ALLOWED;  /* only ssh and stratum can be forbidden in the kernel */
+	u32 zero = 0;
+	u32 *enf = net_config.lookup(&zero);
+	if (!enf || !*enf)
 		return AT_VERDICT_ALLOWED;
-	struct at_net_key nk = {};
-	nk.prefixlen = 128;
-	__builtin_memcpy(nk.addr, remote, 16);
-	u8 scope = flow_internal.lookup(&nk) ? AT_SCOPE_INTERNAL : AT_SCOPE_EXTERNAL;
-	struct at_proto_key k = {};
+	struct at_scope_key sk = {};
+	sk.prefixlen = 128;
+	__builtin_memcpy(sk.addr, remote, 16);
+	u32 *sc = scopes.lookup(&sk);
+	u32 scope = sc ? *sc : AT_SCOPE_EXTERNAL;
+	u32 *g = agent_group.lookup(&agent);
+	u32 gid = g ? *g : 0;
+	struct at_flow_pkey k = {};
 	k.proto = proto;
 	#pragma unroll
-	for (int i = 0; i < 2; i++) {
-		k.agent = i == 0 ? agent : 0;
-		struct at_proto_val *v = proto_policy.lookup(&k);
-		if (v && (v->scopes == 0 || (v->scopes & scope))) {
-			*policy = v->policy_id;
-			return v->deny ? AT_VERDICT_BLOCKED : AT_VERDICT_ALLOWED;
+	for (int gi = 0; gi < 2; gi++) {
+		if (gi == 1 && gid == 0)
+			break;
+		k.gid = gi == 0 ? gid : 0;
+		struct at_flow_pval *v = flow_policy.lookup(&k);
+		if (!v)
+			continue;
+		#pragma unroll
+		for (int i = 0; i < AT_FLOW_SLOTS; i++) {
+			struct at_flow_slot *sl = &v->s[i];
+			if (sl->policy_id == 0 || rport < sl->port_lo || rport > sl->port_hi)
+				continue;
+			if (sl->scope_mask && !(sl->scope_mask & scope))
+				continue;
+			*policy = sl->policy_id;
+			return AT_VERDICT_BLOCKED;
 		}
 	}
 	return AT_VERDICT_ALLOWED;
@@ -284,7 +308,8 @@ static __always_inline int at_flow(struct __sk_buff *skb, u8 dir)
 	e->proto_hint = at_classify(e->data, n);
 	u32 policy = 0;
 	/* the remote end is the destination of egress and the source of ingress */
-	e->verdict = at_flow_verdict(agent, e->proto_hint, dir == AT_DIR_EGRESS ? l.daddr : l.saddr, &policy);
+	e->verdict = dir == AT_DIR_EGRESS ? at_flow_verdict(agent, e->proto_hint, l.daddr, e->dport, &policy)
+					  : at_flow_verdict(agent, e->proto_hint, l.saddr, e->sport, &policy);
 	if (e->verdict == AT_VERDICT_BLOCKED) {
 		st->blocked = 1;
 		st->policy_id = policy;

@@ -558,9 +558,9 @@ def _serve_stratum(addr: str, port: int, log: str) -> socket.socket:
                 try:
                     msg = json.loads(line)
                 except ValueError:
-                    _log(log, {"kind": "stratum", "port": port, "peer": peer[0], "raw": line, "error": "bad json"})
+                    _log(log, {"kind": "stratum", "port": port, "peer": peer[0], "peer_port": peer[1], "raw": line, "error": "bad json"})
                     return
-                _log(log, {"kind": "stratum", "port": port, "peer": peer[0], "method": msg.get("method"),
+                _log(log, {"kind": "stratum", "port": port, "peer": peer[0], "peer_port": peer[1], "method": msg.get("method"),
                            "params": msg.get("params")})
                 for rep in _stratum_reply(msg, peer, port):
                     f.write((json.dumps(rep) + "\n").encode())

@@ -19,6 +19,7 @@ import pytest
 from conftest import need_bpf
 from agenttrace import events as ev
 from agenttrace.dns import NameCache, parse_message
+from agenttrace.policy import SCOPE_EXTERNAL, ProtocolDrop
 from agenttrace.protocols import PROTO_HINT_IDS, classify
 from netlab import cgroup2_mount, netlab  # noqa: F401 (fixture)
 
@@ -81,24 +82,24 @@ class Kernel:
             self.p.bpf.ring_buffer_poll(20)
         self.p.bpf.ring_buffer_consume()
 
-    def set_proto_policy(self, proto: str, policy_id: int, deny: bool, scopes: int = 0, agent: int = 0):
-        t = self.p["proto_policy"]
-        k = t.Key()
-        k.agent, k.proto = agent, PROTO_HINT_IDS[proto]
-        v = t.Leaf()
-        v.policy_id, v.deny, v.scopes = policy_id, int(deny), scopes
-        t[k] = v
-
-    def set_internal(self, cidr: str):
+    def enforce(self, drops, groups: dict[int, int] | None = None, internal=("10.0.0.0/8",)):
+        """Enforce mode with these ProtocolDrop entries, agent→group ids, internal CIDRs."""
         import ipaddress
-        net = ipaddress.ip_network(cidr)
-        t = self.p["flow_internal"]
-        k = t.Key()
-        raw = v4mapped(str(net.network_address)) if net.version == 4 else net.network_address.packed
-        k.prefixlen = net.prefixlen + (96 if net.version == 4 else 0)
-        for i, b in enumerate(raw):
-            k.addr[i] = b
-        t[k] = C.c_uint8(1)
+        from agenttrace.policy import SCOPE_INTERNAL
+        from agenttrace.protocols import write_flow_policy
+        self.p.set_flag("net_config", 0, 1)
+        sc = self.p["scopes"]
+        for cidr in internal:
+            net = ipaddress.ip_network(cidr)
+            k = sc.Key()
+            raw = v4mapped(str(net.network_address)) if net.version == 4 else net.network_address.packed
+            k.prefixlen = net.prefixlen + (96 if net.version == 4 else 0)
+            C.memmove(C.addressof(k) + 4, raw, 16)
+            sc[k] = sc.Leaf(SCOPE_INTERNAL)
+        for agent, gid in (groups or {}).items():
+            t = self.p["agent_group"]
+            t[t.Key(agent)] = t.Leaf(gid)
+        write_flow_policy(self.p["flow_policy"], drops)
 
     def close(self):
         self.p.close()
@@ -150,8 +151,8 @@ def test_ssh_flow_both_ways_attributed_to_the_client(kernel, agent_tree, netlab)
 def test_ssh_blocked_in_kernel_no_tunnel_internal_still_allowed(kernel, agent_tree, netlab_fresh):
     lab = netlab_fresh
     a = agent_tree.agent("tunnel")
-    kernel.set_internal("10.0.0.0/8")
-    kernel.set_proto_policy("ssh", policy_id=42, deny=True, scopes=1)  # external only
+    # SSH to anything external, any port, every agent: the default pack's tunnel rule.
+    kernel.enforce([ProtocolDrop(42, 0, PROTO_HINT_IDS["ssh"], SCOPE_EXTERNAL, 0, 65535)])
     ssh = lab.run_in_agent(lab.ssh_argv(lab.ssh_host, 22, "-N", "-R", "9000:127.0.0.1:8000"),
                            cgroup=a, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -176,6 +177,7 @@ def test_ssh_blocked_in_kernel_no_tunnel_internal_still_allowed(kernel, agent_tr
 STRATUM = (
     "import json, socket, sys\n"
     "s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)\n"
+    "print(s.getsockname()[1], flush=True)\n"
     "f = s.makefile('rwb')\n"
     "f.write(json.dumps({'id': 1, 'method': 'mining.subscribe', 'params': ['cpuminer/2.5.1']}).encode() + b'\\n')\n"
     "f.flush()\n"
@@ -190,22 +192,24 @@ STRATUM = (
 def test_stratum_hint_and_block_on_any_port(kernel, agent_tree, netlab, port):
     a = agent_tree.agent(f"miner{port}")
     r = netlab.python_in_agent(STRATUM, netlab.pool_host, str(port), cgroup=a, check=True)
-    assert json.loads(r.stdout)["id"] == 1
+    assert json.loads(r.stdout.splitlines()[1])["id"] == 1
     f = kernel.wait(lambda: [x for x in flows(kernel, direction=ev.DIR_EGRESS) if x.dport == port])[0]
     assert f.proto_hint == ev.PROTO_STRATUM
     assert classify(data(f), "egress")[1]["agent"] == "cpuminer/2.5.1"
     # Now forbid stratum everywhere for this agent only: the subscribe never reaches the pool.
-    kernel.set_proto_policy("stratum", policy_id=7, deny=True, agent=os.stat(a).st_ino)
-    before = len(netlab.server_events("stratum"))
+    kernel.enforce([ProtocolDrop(7, 5, PROTO_HINT_IDS["stratum"], 0, 0, 65535)], groups={os.stat(a).st_ino: 5})
     r = netlab.python_in_agent(STRATUM, netlab.pool_host, str(port), cgroup=a)
-    assert r.stdout.startswith("ERR"), r.stdout  # timed out waiting for a reply
+    cport, reply = r.stdout.splitlines()
+    assert reply.startswith("ERR"), r.stdout  # timed out waiting for a reply
     blocked = kernel.wait(lambda: [x for x in flows(kernel) if x.verdict == ev.VERDICT_BLOCKED])
-    assert blocked[0].proto_hint == ev.PROTO_STRATUM
-    assert len(netlab.server_events("stratum")) == before
+    assert blocked[0].proto_hint == ev.PROTO_STRATUM and blocked[0].sport == int(cport)
+    # While the probes are attached, no retransmission of the dropped subscribe gets through.
+    kernel.drain()
+    assert not [e for e in netlab.server_events("stratum") if e["peer_port"] == int(cport)]
     # Another agent is not covered by that entry.
     b = agent_tree.agent(f"other{port}")
     r = netlab.python_in_agent(STRATUM, netlab.pool_host, str(port), cgroup=b, check=True)
-    assert json.loads(r.stdout)["id"] == 1
+    assert json.loads(r.stdout.splitlines()[1])["id"] == 1
 
 
 def test_tls_and_http_flows_are_classified_and_allowed(kernel, agent_tree, netlab):

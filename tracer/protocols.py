@@ -384,3 +384,44 @@ def _http_headers(out: dict, rest: bytes) -> None:
                 out["truncated"] = True
     if not complete:
         out.setdefault("truncated", True)
+
+
+# -- the kernel's protocol policy map (probes/flow.c `flow_policy`) ------------------------------
+
+FLOW_SLOTS = 4  # AT_FLOW_SLOTS in probes/flow.c
+
+
+class FlowPolicyError(ValueError):
+    pass
+
+
+def write_flow_policy(table, drops) -> None:
+    """Write compiled ``ProtocolDrop`` entries (agenttrace.policy) into the BCC table
+    ``flow_policy``: new entries first, stale ones deleted after, so a reload never opens a
+    window in which a forbidden protocol passes. More than FLOW_SLOTS entries for one
+    (group, protocol) cannot be held and raise FlowPolicyError instead of being dropped."""
+    want: dict[tuple[int, int], list] = {}
+    for d in drops:
+        if d.protocol not in (PROTO_HINT_IDS[SSH], PROTO_HINT_IDS[STRATUM]):
+            raise FlowPolicyError(f"policy {d.policy_id}: the kernel recognises only ssh and stratum, "
+                                  f"not protocol {d.protocol}")
+        slots = want.setdefault((d.group_id, d.protocol), [])
+        if len(slots) >= FLOW_SLOTS:
+            raise FlowPolicyError(f"more than {FLOW_SLOTS} protocol drops for group {d.group_id} and "
+                                  f"{PROTO_HINT_NAMES[d.protocol]}; merge their port ranges")
+        slots.append(d)
+    keep = set()
+    for (gid, proto), slots in want.items():
+        leaf = table.Leaf()
+        for i, d in enumerate(slots):
+            s = leaf.s[i]
+            s.policy_id, s.port_lo, s.port_hi, s.scope_mask = d.policy_id, d.port_lo, d.port_hi, d.scope_mask
+        key = table.Key(gid, proto)
+        table[key] = leaf
+        keep.add((gid, proto))
+    for k in list(table.keys()):
+        if (k.gid, k.proto) not in keep:
+            try:
+                del table[k]
+            except KeyError:
+                pass
