@@ -323,3 +323,22 @@ def test_sockets_outside_agent_cgroups_are_not_seen(kernel, agent_tree, netlab):
     netlab.check_in_agent(["getent", "ahostsv4", "www.example.org"], check=True)
     kernel.drain()
     assert not kernel.of(ev.EV_FLOW) and not kernel.of(ev.EV_DNS) and not kernel.of(ev.EV_LISTEN)
+
+
+def test_write_flow_policy_replaces_and_refuses_what_it_cannot_hold(kernel):
+    from agenttrace.protocols import FlowPolicyError, write_flow_policy
+    t = kernel.p["flow_policy"]
+    ssh, stratum = PROTO_HINT_IDS["ssh"], PROTO_HINT_IDS["stratum"]
+    write_flow_policy(t, [ProtocolDrop(1, 0, ssh, SCOPE_EXTERNAL, 0, 65535),
+                          ProtocolDrop(2, 0, ssh, 0, 22, 22),
+                          ProtocolDrop(3, 4, stratum, 0, 0, 65535)])
+    got = {(k.gid, k.proto): [(s.policy_id, s.port_lo, s.port_hi, s.scope_mask) for s in v.s if s.policy_id]
+           for k, v in t.items()}
+    assert got == {(0, ssh): [(1, 0, 65535, SCOPE_EXTERNAL), (2, 22, 22, 0)], (4, stratum): [(3, 0, 65535, 0)]}
+    write_flow_policy(t, [ProtocolDrop(3, 4, stratum, 0, 0, 65535)])  # a reload drops the rest
+    assert [(k.gid, k.proto) for k in t.keys()] == [(4, stratum)]
+    with pytest.raises(FlowPolicyError, match="more than 4"):
+        write_flow_policy(t, [ProtocolDrop(i, 0, ssh, 0, i, i) for i in range(1, 6)])
+    with pytest.raises(FlowPolicyError, match="only ssh and stratum"):
+        write_flow_policy(t, [ProtocolDrop(9, 0, PROTO_HINT_IDS["tls"], 0, 0, 65535)])
+    assert [(k.gid, k.proto) for k in t.keys()] == [(4, stratum)]  # a refused write changes nothing
