@@ -5,12 +5,16 @@ Topology (built with pyroute2, torn down afterwards)::
     agent netns                               server netns
     ───────────                               ────────────
     up0  172.31.255.2/30  ──veth──  172.31.255.1/30    (the "uplink" gateway)
+         2001:db8:ffff::2/64        2001:db8:ffff::1/64
     lan0 10.77.0.2/24     ──veth──  10.77.0.5/24       (the internal host)
+         fd77::2/64                 fd77::5/64
     routes: 203.0.113.0/24, 198.51.100.0/24,           lo: 203.0.113.10  ssh bastion  (sshd :22, :443)
-            192.0.2.0/24 via 172.31.255.1;                 203.0.113.20  mining pool  (stratum :3333, :443)
-            NO default route                               198.51.100.7  web server   (http :80)
+            192.0.2.0/24 via 172.31.255.1,                 203.0.113.20  mining pool  (stratum :3333, :443)
+            2001:db8::/32 via 2001:db8:ffff::1;            198.51.100.7  web server   (http :80)
+            NO default route (v4 or v6)                    2001:db8:10::10 ssh (:22, :443)
+                                                           2001:db8:20::20 pool (:3333)
                                                            192.0.2.53    DNS resolver (udp+tcp :53)
-                                                       lan0: 10.77.0.5   internal host (sshd :22, http :80)
+                                                       lan0: 10.77.0.5, fd77::5  internal host (sshd :22, http :80)
 
 The agent namespace has routes only to the documentation prefixes and the internal LAN, so a
 workload that tries anything else gets ENETUNREACH instead of reaching the real network.
@@ -56,6 +60,15 @@ SERVER_UPLINK_ADDR = "172.31.255.1"
 AGENT_LAN_ADDR = "10.77.0.2"
 EXTERNAL_PREFIXES = ("203.0.113.0/24", "198.51.100.0/24", "192.0.2.0/24")
 INTERNAL_PREFIX = "10.77.0.0/24"
+# IPv6: "external" hosts in the documentation prefix 2001:db8::/32, the LAN in ULA space.
+SSH_HOST6 = "2001:db8:10::10"
+POOL_HOST6 = "2001:db8:20::20"
+INTERNAL_HOST6 = "fd77::5"
+AGENT_UPLINK_ADDR6 = "2001:db8:ffff::2"
+SERVER_UPLINK_ADDR6 = "2001:db8:ffff::1"
+AGENT_LAN_ADDR6 = "fd77::2"
+EXTERNAL_PREFIX6 = "2001:db8::/32"
+IFA_F_NODAD = 0x02  # no duplicate-address detection: the addresses are usable at once
 
 SSH_PORTS = (22, 443)
 POOL_PORTS = (3333, 443)
@@ -72,6 +85,11 @@ DEFAULT_RECORDS: dict[str, str] = {
     "www.example.org": WEB_HOST,
     "git.corp.internal": INTERNAL_HOST,
     "db.corp.internal": INTERNAL_HOST,
+}
+# AAAA records only for names of their own, so lookups of the names above stay IPv4.
+DEFAULT_RECORDS6: dict[str, str] = {
+    "bastion6.example.com": SSH_HOST6,
+    "pool6.supportxmr.com": POOL_HOST6,
 }
 DNS_TTL = 300
 
@@ -179,6 +197,7 @@ class NetLab:
         self.records = dict(DEFAULT_RECORDS)
         if records:
             self.records.update(records)
+        self.records6 = dict(DEFAULT_RECORDS6)
         self.want_sshd = sshd
         self.dir: Path | None = None
         self.sshd_proc: subprocess.Popen | None = None
@@ -193,6 +212,10 @@ class NetLab:
     web_host = WEB_HOST
     dns_host = DNS_HOST
     internal_host = INTERNAL_HOST
+    ssh_host6 = SSH_HOST6
+    pool_host6 = POOL_HOST6
+    internal_host6 = INTERNAL_HOST6
+    agent_addr6 = AGENT_UPLINK_ADDR6
     agent_addr = AGENT_UPLINK_ADDR
     agent_lan_addr = AGENT_LAN_ADDR
     ssh_ports = SSH_PORTS
@@ -299,9 +322,11 @@ class NetLab:
         with IPRoute(netns=self.agent_ns) as ipr:
             ipr.link("add", ifname=up_a, kind="veth", peer={"ifname": up_s, "net_ns_fd": self.server_ns})
             ipr.link("add", ifname=lan_a, kind="veth", peer={"ifname": lan_s, "net_ns_fd": self.server_ns})
-            for ifname, addr, plen in ((up_a, AGENT_UPLINK_ADDR, 30), (lan_a, AGENT_LAN_ADDR, 24)):
+            for ifname, addr, plen in ((up_a, AGENT_UPLINK_ADDR, 30), (lan_a, AGENT_LAN_ADDR, 24),
+                                       (up_a, AGENT_UPLINK_ADDR6, 64), (lan_a, AGENT_LAN_ADDR6, 64)):
                 idx = ipr.link_lookup(ifname=ifname)[0]
-                ipr.addr("add", index=idx, address=addr, prefixlen=plen)
+                ipr.addr("add", index=idx, address=addr, prefixlen=plen,
+                         **({"flags": IFA_F_NODAD} if ":" in addr else {}))
                 ipr.link("set", index=idx, state="up")
             ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
         with IPRoute(netns=self.server_ns) as ipr:
@@ -311,13 +336,18 @@ class NetLab:
             # route, and no dummy module is needed (this kernel has none).
             for addr in (SSH_HOST, POOL_HOST, WEB_HOST, DNS_HOST):
                 ipr.addr("add", index=lo, address=addr, prefixlen=32)
-            for ifname, addr, plen in ((up_s, SERVER_UPLINK_ADDR, 30), (lan_s, INTERNAL_HOST, 24)):
+            for addr in (SSH_HOST6, POOL_HOST6):
+                ipr.addr("add", index=lo, address=addr, prefixlen=128)
+            for ifname, addr, plen in ((up_s, SERVER_UPLINK_ADDR, 30), (lan_s, INTERNAL_HOST, 24),
+                                       (up_s, SERVER_UPLINK_ADDR6, 64), (lan_s, INTERNAL_HOST6, 64)):
                 idx = ipr.link_lookup(ifname=ifname)[0]
-                ipr.addr("add", index=idx, address=addr, prefixlen=plen)
+                ipr.addr("add", index=idx, address=addr, prefixlen=plen,
+                         **({"flags": IFA_F_NODAD} if ":" in addr else {}))
                 ipr.link("set", index=idx, state="up")
         with IPRoute(netns=self.agent_ns) as ipr:
             for prefix in EXTERNAL_PREFIXES:
                 ipr.route("add", dst=prefix, gateway=SERVER_UPLINK_ADDR)
+            ipr.route("add", dst=EXTERNAL_PREFIX6, gateway=SERVER_UPLINK_ADDR6)
 
     def routes(self, ns: str | None = None) -> list[str]:
         """`ip route` lines of a lab namespace (the agent's by default)."""
@@ -375,9 +405,10 @@ class NetLab:
     def _start_servers(self) -> None:
         cfg = {
             "records": self.records,
+            "records6": self.records6,
             "ttl": DNS_TTL,
             "dns": [DNS_HOST, DNS_PORT],
-            "stratum": [[POOL_HOST, p] for p in POOL_PORTS],
+            "stratum": [[POOL_HOST, p] for p in POOL_PORTS] + [[POOL_HOST6, 3333]],
             "http": [[WEB_HOST, HTTP_PORT], [INTERNAL_HOST, HTTP_PORT]],
             "http_root": str(self.http_root),
             "log": str(self.server_log_path),
@@ -400,7 +431,8 @@ class NetLab:
         # sshd's privilege-separation chroot; left in place afterwards because a system sshd or a
         # concurrent lab may rely on it too.
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
-        listen = [f"ListenAddress {SSH_HOST}:{p}" for p in SSH_PORTS] + [f"ListenAddress {INTERNAL_HOST}:22"]
+        listen = ([f"ListenAddress {SSH_HOST}:{p}" for p in SSH_PORTS] + [f"ListenAddress {INTERNAL_HOST}:22"]
+                  + [f"ListenAddress [{SSH_HOST6}]:{p}" for p in SSH_PORTS] + [f"ListenAddress [{INTERNAL_HOST6}]:22"])
         cfg = "\n".join([
             *(f"Port {p}" for p in SSH_PORTS),
             *listen,
@@ -428,7 +460,8 @@ class NetLab:
         self.sshd_proc = self.run_in_server(
             ["/usr/sbin/sshd", "-D", "-f", str(d / "sshd_config"), "-E", str(self.sshd_log_path)],
             stdin=subprocess.DEVNULL)
-        want = {(SSH_HOST, p) for p in SSH_PORTS} | {(INTERNAL_HOST, 22)}
+        want = ({(SSH_HOST, p) for p in SSH_PORTS} | {(INTERNAL_HOST, 22)}
+                | {(SSH_HOST6, p) for p in SSH_PORTS} | {(INTERNAL_HOST6, 22)})
         # Startup wait, not an assertion: sshd binds within milliseconds; the bound keeps a broken
         # sshd from hanging the suite.
         deadline = time.monotonic() + 20
@@ -547,7 +580,7 @@ def _stratum_reply(msg: dict, peer, port: int) -> list[dict]:
 
 
 def _serve_stratum(addr: str, port: int, log: str) -> socket.socket:
-    srv = socket.create_server((addr, port), reuse_port=False)
+    srv = socket.create_server((addr, port), family=socket.AF_INET6 if ":" in addr else socket.AF_INET)
 
     def handle(conn: socket.socket, peer) -> None:
         with conn, conn.makefile("rwb") as f:
@@ -575,7 +608,8 @@ def _serve_stratum(addr: str, port: int, log: str) -> socket.socket:
     return srv
 
 
-def _dns_answer(wire: bytes, records: Mapping[str, str], ttl: int, log: str, peer, proto: str) -> bytes | None:
+def _dns_answer(wire: bytes, records: Mapping[str, str], ttl: int, log: str, peer, proto: str,
+                records6: Mapping[str, str] = {}) -> bytes | None:
     import dns.flags
     import dns.message
     import dns.rcode
@@ -595,16 +629,19 @@ def _dns_answer(wire: bytes, records: Mapping[str, str], ttl: int, log: str, pee
         # The raw query is kept so tests can parse what a real resolver library sent.
         _log(log, {"kind": "dns", "proto": proto, "peer": peer[0], "query": name,
                    "qtype": dns.rdatatype.to_text(rr.rdtype), "wire": wire.hex()})
-        if name not in records:
+        if name not in records and name not in records6:
             resp.set_rcode(dns.rcode.NXDOMAIN)
             continue
-        if rr.rdtype in (dns.rdatatype.A, dns.rdatatype.ANY):
+        if rr.rdtype in (dns.rdatatype.A, dns.rdatatype.ANY) and name in records:
             resp.answer.append(dns.rrset.from_text(rr.name, ttl, dns.rdataclass.IN, dns.rdatatype.A, records[name]))
+        if rr.rdtype in (dns.rdatatype.AAAA, dns.rdatatype.ANY) and name in records6:
+            resp.answer.append(dns.rrset.from_text(rr.name, ttl, dns.rdataclass.IN, dns.rdatatype.AAAA, records6[name]))
         # Other types of a known name: NOERROR with no data, like a real authoritative answer.
     return resp.to_wire()
 
 
-def _serve_dns(addr: str, port: int, records, ttl: int, log: str) -> None:
+def _serve_dns(addr: str, port: int, records, ttl: int, log: str, records6=None) -> None:
+    records6 = records6 or {}
     udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     udp.bind((addr, port))
     tcp = socket.create_server((addr, port))
@@ -612,7 +649,7 @@ def _serve_dns(addr: str, port: int, records, ttl: int, log: str) -> None:
     def udp_loop() -> None:
         while True:
             data, peer = udp.recvfrom(4096)
-            out = _dns_answer(data, records, ttl, log, peer, "udp")
+            out = _dns_answer(data, records, ttl, log, peer, "udp", records6)
             if out is not None:
                 udp.sendto(out, peer)
 
@@ -625,7 +662,7 @@ def _serve_dns(addr: str, port: int, records, ttl: int, log: str) -> None:
                 data = _recv_exact(conn, int.from_bytes(hdr, "big"))
                 if data is None:
                     return
-                out = _dns_answer(data, records, ttl, log, peer, "tcp")
+                out = _dns_answer(data, records, ttl, log, peer, "tcp", records6)
                 if out is None:
                     return
                 conn.sendall(len(out).to_bytes(2, "big") + out)
@@ -666,7 +703,7 @@ def _serve_main(cfg: dict) -> None:
     log = cfg["log"]
     for addr, port in cfg["stratum"]:
         _serve_stratum(addr, port, log)
-    _serve_dns(cfg["dns"][0], cfg["dns"][1], cfg["records"], cfg["ttl"], log)
+    _serve_dns(cfg["dns"][0], cfg["dns"][1], cfg["records"], cfg["ttl"], log, cfg["records6"])
     for addr, port in cfg["http"]:
         _serve_http(addr, port, cfg["http_root"], log)
     sys.stdout.write("READY\n")

@@ -342,3 +342,14 @@ def test_write_flow_policy_replaces_and_refuses_what_it_cannot_hold(kernel):
     with pytest.raises(FlowPolicyError, match="only ssh and stratum"):
         write_flow_policy(t, [ProtocolDrop(9, 0, PROTO_HINT_IDS["tls"], 0, 0, 65535)])
     assert [(k.gid, k.proto) for k in t.keys()] == [(4, stratum)]  # a refused write changes nothing
+
+
+def test_ipv6_ssh_flow(kernel, agent_tree, netlab):
+    a = agent_tree.agent("v6")
+    r = netlab.check_in_agent(netlab.ssh_argv(netlab.ssh_host6, 22, command=["true"]), cgroup=a)
+    assert r.returncode == 0, r.stderr
+    f = kernel.wait(lambda: [x for x in flows(kernel, direction=ev.DIR_EGRESS) if x.family == socket.AF_INET6])[0]
+    assert f.proto_hint == ev.PROTO_SSH and f.dport == 22
+    assert bytes(f.daddr) == socket.inet_pton(socket.AF_INET6, netlab.ssh_host6)
+    assert bytes(f.saddr) == socket.inet_pton(socket.AF_INET6, netlab.agent_addr6)
+    assert kernel.wait(lambda: flows(kernel, f.cookie, ev.DIR_INGRESS))[0].proto_hint == ev.PROTO_SSH

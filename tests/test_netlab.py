@@ -53,6 +53,16 @@ def test_ssh_login_with_the_lab_key_on_22_and_443(netlab):
     assert "Accepted publickey for root" in netlab.sshd_log()
 
 
+def test_ipv6_ssh_pool_and_aaaa(netlab):
+    for host in (netlab.ssh_host6, netlab.internal_host6):
+        r = netlab.check_in_agent(netlab.ssh_argv(host, 22, command=["echo", "v6"]))
+        assert r.stdout == "v6\n", r.stderr
+    r = netlab.python_in_agent(STRATUM_CLIENT, netlab.pool_host6, "3333", check=True)
+    assert json.loads(r.stdout)["subscribe"][0]["error"] is None
+    r = netlab.check_in_agent(["getent", "ahostsv6", "bastion6.example.com"], check=True)
+    assert r.stdout.split()[0] == netlab.ssh_host6
+
+
 def test_remote_forward_opens_the_port_on_the_server(netlab_fresh):
     lab = netlab_fresh
     assert not lab.server_port_open(lab.ssh_host, 9000)
