@@ -76,7 +76,8 @@ if ! grep -q ' /sys/fs/bpf bpf ' /proc/mounts; then
 fi
 
 # The venv sees Debian's BCC (PyPI's "bcc" is an unrelated package).
-VENV=$ROOT/.venv
+# AGENTTRACE_VENV_DIR: a venv elsewhere (the Vagrant VM keeps its own off the shared folder)
+VENV=${AGENTTRACE_VENV_DIR:-$ROOT/.venv}
 if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import bcc' 2>/dev/null; then
   say "creating $VENV"
   rm -rf "$VENV"

@@ -151,7 +151,18 @@ def run(
         if cmd:
             rc = run_command(make, cmd, agent or f"run-{os.getpid()}", flag)
             raise typer.Exit(rc)
-        trace_cgroups(make(paths), flag)
+        tracer = make(paths)
+
+        def reload():
+            # SIGHUP: re-read the rule files; a rule set that fails keeps the running one
+            try:
+                new = _load_engine(rules, mode)
+            except BadInput as e:
+                tracer._lifecycle("reload_failed", error=str(e))
+                typer.echo(f"agenttrace: reload failed, keeping the running rules: {e}", err=True)
+                return
+            tracer.reload_rules(new.ruleset)
+        trace_cgroups(tracer, flag, on_reload=None if engine is None else reload)
     except ProbeError as e:
         raise fail(str(e))
     except CommandNotFound as e:
