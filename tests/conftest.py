@@ -14,8 +14,9 @@ import pytest
 
 REQUIRE_BPF = os.environ.get("AGENTTRACE_REQUIRE_BPF") == "1"
 REPO = Path(__file__).resolve().parent.parent
-VENV_BIN = REPO / ".venv" / "bin"
-AGENTTRACE = str(VENV_BIN / "agenttrace") if (VENV_BIN / "agenttrace").exists() else shutil.which("agenttrace")
+# the console script of the venv running the tests (wherever setup put that venv)
+_BIN = Path(sys.executable).parent / "agenttrace"
+AGENTTRACE = str(_BIN) if _BIN.exists() else shutil.which("agenttrace")
 
 try:  # the network lab's fixtures (netns, sshd, pool stub) for every test module
     from netlab import netlab, netlab_fresh  # noqa: F401
