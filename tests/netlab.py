@@ -711,7 +711,9 @@ def _serve_main(cfg: dict) -> None:
     signal.sigwait({signal.SIGTERM, signal.SIGINT})
 
 
-# -- pytest fixtures (import them in tests/conftest.py: `from netlab import netlab, netlab_fresh`) -
+# -- pytest fixtures ------------------------------------------------------------------------------
+# tests/conftest.py imports them (`from netlab import netlab, netlab_fresh`). Test modules must
+# not import them again: each import defines another session fixture, i.e. another lab.
 
 def _require() -> str | None:
     if os.geteuid() != 0:

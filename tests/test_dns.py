@@ -13,7 +13,6 @@ import pytest
 from agenttrace.clock import FakeClock
 from agenttrace.dns import (DnsParseError, NameCache, NamePatterns, dns_body, name_matches,
                             parse_message)
-from netlab import netlab  # noqa: F401 (fixture)
 
 
 def _response(qname: str, addrs: list[str], ttl: int = 300, cname: str | None = None, pad: int = 0) -> bytes:

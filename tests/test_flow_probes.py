@@ -21,7 +21,7 @@ from agenttrace import events as ev
 from agenttrace.dns import NameCache, parse_message
 from agenttrace.policy import SCOPE_EXTERNAL, ProtocolDrop
 from agenttrace.protocols import PROTO_HINT_IDS, classify
-from netlab import cgroup2_mount, netlab  # noqa: F401 (fixture)
+# The netlab and netlab_fresh fixtures come from conftest.py (one session lab for all modules).
 
 PY = sys.executable
 CGROUP_SOCK_OPS = 3

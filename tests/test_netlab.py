@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from netlab import NetLab, cgroup2_mount, netlab, netlab_fresh  # noqa: F401 (fixtures)
+from netlab import NetLab, cgroup2_mount  # fixtures netlab, netlab_fresh: conftest.py
 
 STRATUM_CLIENT = r"""
 import json, socket, sys
