@@ -149,3 +149,34 @@ def test_name_patterns():
     for bad in ["", ".", "a..b", "bad name.example", 7]:
         with pytest.raises(ValueError, match="pattern #0"):
             NamePatterns([bad])
+
+
+def _dns_rec(wire: bytes, direction: int, protocol: int = 17):
+    import ctypes as C
+    import socket
+    from agenttrace import events as ev
+    r = ev.Dns()
+    r.family, r.protocol, r.direction = socket.AF_INET, protocol, direction
+    agent, server = b"\0" * 10 + b"\xff\xff" + bytes([172, 31, 255, 2]), b"\0" * 10 + b"\xff\xff" + bytes([192, 0, 2, 53])
+    s, d, sp, dp = (agent, server, 41000, 53) if direction == 0 else (server, agent, 53, 41000)
+    C.memmove(r.saddr, s, 16)
+    C.memmove(r.daddr, d, 16)
+    r.sport, r.dport, r.len = sp, dp, len(wire)
+    C.memmove(r.msg, wire, len(wire))
+    return r
+
+
+def test_dns_parts_query_answer_and_garbage():
+    from agenttrace.dns import dns_parts
+    q = dns.message.make_query("pool.supportxmr.com", "A").to_wire()
+    net, body = dns_parts(_dns_rec(q, 0))
+    assert net["proto"] == "udp" and net["dst"] == {"addr": "192.0.2.53", "port": 53}
+    assert net["src"] == {"addr": "172.31.255.2", "port": 41000}
+    assert (body["query"], body["qtype"], body["server"], body["direction"]) == (
+        "pool.supportxmr.com", "A", {"addr": "192.0.2.53", "port": 53}, "egress")
+    a = _response("pool.supportxmr.com", ["203.0.113.20"])
+    net, body = dns_parts(_dns_rec(struct.pack("!H", len(a)) + a, 1, protocol=6))
+    assert net["proto"] == "tcp" and body["server"] == {"addr": "192.0.2.53", "port": 53}
+    assert body["answers"][0]["data"] == "203.0.113.20" and body["direction"] == "ingress"
+    net, body = dns_parts(_dns_rec(b"\x01\x02\x03", 0))
+    assert "shorter than the 12-byte header" in body["error"] and body["first_bytes"] == "010203"

@@ -18,9 +18,9 @@ import pytest
 
 from conftest import need_bpf
 from agenttrace import events as ev
-from agenttrace.dns import NameCache, parse_message
+from agenttrace.dns import NameCache, dns_parts, parse_message
 from agenttrace.policy import SCOPE_EXTERNAL, ProtocolDrop
-from agenttrace.protocols import PROTO_HINT_IDS, classify
+from agenttrace.protocols import PROTO_HINT_IDS, classify, flow_parts
 # The netlab and netlab_fresh fixtures come from conftest.py (one session lab for all modules).
 
 PY = sys.executable
@@ -144,6 +144,10 @@ def test_ssh_flow_both_ways_attributed_to_the_client(kernel, agent_tree, netlab)
         assert rec.verdict == ev.VERDICT_ALLOWED
     assert bytes(f.daddr) == v4mapped(netlab.ssh_host) and bytes(f.saddr) == v4mapped(netlab.agent_addr)
     assert (ing[0].sport, bytes(ing[0].saddr)) == (443, v4mapped(netlab.ssh_host))
+    for rec in (f, ing[0]):
+        net, flow = flow_parts(rec)
+        assert net["dst"] == {"addr": netlab.ssh_host, "port": 443} and net["src"]["addr"] == netlab.agent_addr
+        assert flow["protocol"] == "ssh"
     # The connect record of net.c has the same cookie: that is how userspace joins them.
     assert kernel.wait(lambda: kernel.of(ev.EV_CONNECT, cookie=f.cookie))
 
@@ -263,6 +267,8 @@ def test_dns_queries_and_answers_udp_and_tcp(kernel, agent_tree, netlab):
             cache.learn(d.h.agent_cgroup_id, m)
         else:
             assert d.direction == ev.DIR_EGRESS and d.dport == 53 and d.h.tgid != 0
+        net, body = dns_parts(d)
+        assert body["server"] == {"addr": netlab.dns_host, "port": 53} and body["query"] == m["query"]
     queries = [(m["query"], ev.cstr(d.h.comm)) for d, m in got if not m["response"]]
     assert ("pool.supportxmr.com", "getent") in queries
     assert cache.lookup(agent_id, netlab.pool_host) in ("pool.supportxmr.com", "xmr-eu1.nanopool.org")

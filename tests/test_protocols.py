@@ -275,3 +275,35 @@ def test_agent_bytes_stay_json_safe():
     assert proto == "ssh"
     json.dumps(d)  # no exception: undecodable bytes are backslash-escaped
     assert "\\xff" in d["software"]
+
+
+def _flow_rec(data: bytes, direction: int, hint: int = 0, verdict: int = 0):
+    from agenttrace import events as ev
+    r = ev.Flow()
+    r.family, r.direction, r.verdict, r.proto_hint = socket.AF_INET, direction, verdict, hint
+    agent, remote = b"\0" * 10 + b"\xff\xff" + bytes([172, 31, 255, 2]), b"\0" * 10 + b"\xff\xff" + bytes([203, 0, 113, 10])
+    # packet addresses: egress leaves the agent, ingress arrives from the remote end
+    s, d, sp, dp = (agent, remote, 40000, 443) if direction == 0 else (remote, agent, 443, 40000)
+    C = __import__("ctypes")
+    C.memmove(r.saddr, s, 16)
+    C.memmove(r.daddr, d, 16)
+    r.sport, r.dport = sp, dp
+    r.len = len(data)
+    C.memmove(r.data, data, len(data))
+    return r
+
+
+def test_flow_parts_normalises_ends_and_classifies():
+    from agenttrace.protocols import flow_parts
+    for direction in (0, 1):
+        net, flow = flow_parts(_flow_rec(b"SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u10\r\n", direction, hint=1))
+        assert net["src"] == {"addr": "172.31.255.2", "port": 40000}
+        assert net["dst"] == {"addr": "203.0.113.10", "port": 443}
+        assert (net["proto"], net["family"], net["verdict"]) == ("tcp", "ipv4", "allowed")
+        assert flow["protocol"] == "ssh" and flow["detail"]["software"] == "OpenSSH_9.2p1"
+        assert flow["direction"] == ("egress", "ingress")[direction] and flow["kernel_hint"] == "ssh"
+    # The kernel's hint stands where userspace finds nothing; a drop is reported as blocked.
+    net, flow = flow_parts(_flow_rec(b'{"id":1,"method":"login","params":{"lo', 0, hint=2, verdict=1))
+    assert (flow["protocol"], net["verdict"], flow["bytes"]) == ("stratum", "blocked", 38)
+    net, flow = flow_parts(_flow_rec(b"\x00\x01", 0))
+    assert (flow["protocol"], flow["kernel_hint"]) == ("unknown", "unknown")

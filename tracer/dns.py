@@ -155,6 +155,29 @@ def dns_body(parsed: dict, server_addr: str, server_port: int) -> dict:
     return body
 
 
+def dns_parts(rec) -> tuple[dict, dict]:
+    """The ``net`` and ``dns`` parts of a DESIGN §5 ``dns`` record from one kernel
+    ``struct at_dns`` (agenttrace.events.Dns). The server is the destination of a query and
+    the source of an answer. A message that cannot be parsed still yields a record, with
+    ``dns.error`` saying why and the first bytes in hex."""
+    from .events import addr_str
+
+    egress = rec.direction == 0
+    tcp = rec.protocol == 6
+    src = {"addr": addr_str(rec.saddr, rec.family), "port": int(rec.sport)}
+    dst = {"addr": addr_str(rec.daddr, rec.family), "port": int(rec.dport)}
+    local, server = (src, dst) if egress else (dst, src)
+    net = {"proto": "tcp" if tcp else "udp", "family": "ipv6" if rec.family == 10 else "ipv4",
+           "src": local, "dst": dict(server), "verdict": "allowed"}
+    wire = bytes(rec.msg)[:min(int(rec.len), len(rec.msg))]
+    try:
+        body = dns_body(parse_message(wire, tcp=tcp), server["addr"], server["port"])
+    except DnsParseError as e:
+        body = {"query": "", "qtype": "", "server": dict(server), "error": str(e), "first_bytes": wire[:32].hex()}
+    body["direction"] = "egress" if egress else "ingress"
+    return net, body
+
+
 # -- the per-agent name cache --------------------------------------------------------------------
 
 class NameCache:

@@ -386,6 +386,34 @@ def _http_headers(out: dict, rest: bytes) -> None:
         out.setdefault("truncated", True)
 
 
+# -- kernel flow records → record parts ---------------------------------------------------------
+
+def flow_parts(rec) -> tuple[dict, dict]:
+    """The ``net`` and ``flow`` parts of a DESIGN §5 ``flow`` record from one kernel
+    ``struct at_flow`` (agenttrace.events.Flow). ``net.src`` is always the agent's end and
+    ``net.dst`` the remote end, whichever way the bytes went (``flow.direction``); scope and
+    name are left for the enrich stage. ``flow.protocol`` is the userspace classification;
+    where that finds nothing but the kernel's quick check did (the kernel acts on it), the
+    kernel's is reported, and ``kernel_hint`` always says what the kernel saw."""
+    from .events import addr_str
+
+    egress = rec.direction == 0
+    fam = "ipv6" if rec.family == 10 else "ipv4"
+    src = {"addr": addr_str(rec.saddr, rec.family), "port": int(rec.sport)}
+    dst = {"addr": addr_str(rec.daddr, rec.family), "port": int(rec.dport)}
+    local, remote = (src, dst) if egress else (dst, src)
+    data = bytes(rec.data)[:min(int(rec.len), len(rec.data))]
+    protocol, detail = classify(data, EGRESS if egress else INGRESS)
+    hint = PROTO_HINT_NAMES.get(int(rec.proto_hint), UNKNOWN)
+    if protocol == UNKNOWN and hint != UNKNOWN:
+        protocol = hint
+    net = {"proto": "tcp", "family": fam, "src": local, "dst": dict(remote),
+           "verdict": "blocked" if rec.verdict == 1 else "allowed"}
+    flow = {"protocol": protocol, "detail": detail, "direction": EGRESS if egress else INGRESS,
+            "bytes": len(data), "kernel_hint": hint}
+    return net, flow
+
+
 # -- the kernel's protocol policy map (probes/flow.c `flow_policy`) ------------------------------
 
 FLOW_SLOTS = 4  # AT_FLOW_SLOTS in probes/flow.c
