@@ -352,6 +352,18 @@ def status(status_file: Path = typer.Option(Path("/run/agenttrace/status.json"),
 
 
 @app.command()
+def demo(color: Optional[bool] = typer.Option(None, "--color/--no-color")):
+    """A misbehaving agent in a throwaway sandbox, traced in monitor then enforce mode."""
+    from .demo import run_demo
+    try:
+        _require_root()
+    except BadInput as e:
+        raise fail(str(e))
+    use_color = sys.stdout.isatty() if color is None else color
+    raise typer.Exit(run_demo(typer.echo, color=use_color))
+
+
+@app.command()
 def doctor():
     """What this machine supports, and what to do about what it lacks."""
     from .doctor import run_checks
