@@ -42,10 +42,14 @@ static __always_inline int at_skb_scope(struct __sk_buff *skb, u64 *cg, u64 *age
  * (egress from a syscall), else only the socket's cgroup ids (pid 0, empty comm). */
 static __always_inline int at_skb_header(struct at_header *h, u16 type, u16 size, u64 cg, u64 agent)
 {
+#ifndef AT_SKB_NO_CURRENT
+	/* bpf_get_current_* in cgroup_skb programs needs kernel 6.10; before that the loader
+	 * passes -DAT_SKB_NO_CURRENT and userspace attributes records by socket cookie alone. */
 	if (bpf_get_current_cgroup_id() == cg) {
 		at_fill_header(h, type, size, cg, agent);
 		return 1;
 	}
+#endif
 	__builtin_memset(h, 0, sizeof(*h));
 	h->type = type;
 	h->size = size;

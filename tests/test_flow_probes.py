@@ -41,13 +41,14 @@ def v4mapped(addr: str) -> bytes:
 class Kernel:
     """Loaded probes watching one agent cgroup; raw records collected from the ring buffer."""
 
-    def __init__(self, root, monkeypatch):
+    def __init__(self, root, monkeypatch, extra_cflags=()):
         from agenttrace import probes as P
         for feat, entry in NEEDED.items():
             have = P.FEATURES.get(feat)
             if have is None or {f[0] for f in have[1]} != {f[0] for f in entry[1]}:
                 monkeypatch.setitem(P.FEATURES, feat, entry)
-        self.p = P.Probes(features=("net", "listen", "flow", "dns"), ringbuf_pages=256)
+        self.p = P.Probes(features=("net", "listen", "flow", "dns"), ringbuf_pages=256,
+                          extra_cflags=list(extra_cflags))
         self.p.load()
         self.records: list[tuple[int, object]] = []
         self.p["events"].open_ring_buffer(self._cb)
@@ -359,3 +360,20 @@ def test_ipv6_ssh_flow(kernel, agent_tree, netlab):
     assert bytes(f.daddr) == socket.inet_pton(socket.AF_INET6, netlab.ssh_host6)
     assert bytes(f.saddr) == socket.inet_pton(socket.AF_INET6, netlab.agent_addr6)
     assert kernel.wait(lambda: flows(kernel, f.cookie, ev.DIR_INGRESS))[0].proto_hint == ev.PROTO_SSH
+
+
+def test_without_current_task_helpers_records_join_by_cookie(agent_tree, netlab, monkeypatch):
+    """Kernels before 6.10 refuse bpf_get_current_* in cgroup_skb; the fallback build keeps
+    the socket's cgroup ids and leaves the process to the connect record of the same cookie."""
+    need_bpf()
+    k = Kernel(agent_tree.root, monkeypatch, extra_cflags=["-DAT_SKB_NO_CURRENT"])
+    try:
+        a = agent_tree.agent("old")
+        r = netlab.check_in_agent(netlab.ssh_argv(netlab.ssh_host, 22, command=["true"]), cgroup=a)
+        assert r.returncode == 0, r.stderr
+        f = k.wait(lambda: flows(k, direction=ev.DIR_EGRESS))[0]
+        assert f.proto_hint == ev.PROTO_SSH and f.h.tgid == 0 and f.h.agent_cgroup_id == os.stat(a).st_ino
+        conn = k.wait(lambda: k.of(ev.EV_CONNECT, cookie=f.cookie))[0]
+        assert ev.cstr(conn.h.comm) == "ssh" and conn.h.tgid != 0
+    finally:
+        k.close()
