@@ -178,5 +178,7 @@ def test_dns_parts_query_answer_and_garbage():
     net, body = dns_parts(_dns_rec(struct.pack("!H", len(a)) + a, 1, protocol=6))
     assert net["proto"] == "tcp" and body["server"] == {"addr": "192.0.2.53", "port": 53}
     assert body["answers"][0]["data"] == "203.0.113.20" and body["direction"] == "ingress"
+    cache = NameCache(FakeClock())
+    assert cache.learn("a1", body) == 1 and cache.lookup("a1", "203.0.113.20") == "pool.supportxmr.com"
     net, body = dns_parts(_dns_rec(b"\x01\x02\x03", 0))
     assert "shorter than the 12-byte header" in body["error"] and body["first_bytes"] == "010203"
