@@ -253,9 +253,9 @@ static __always_inline int at_flow(struct __sk_buff *skb, u8 dir)
 
 	u64 cg = 0, agent = 0;
 	struct at_l3 l;
-	if (!at_skb_scope(skb, &cg, &agent))
-		return 1;
 	if (at_skb_l3(skb, &l) < 0 || l.proto != AT_NEXTHDR_TCP)
+		return 1;
+	if (!at_skb_scope(skb, &cg, &agent))
 		return 1;
 	u8 tcph[20];
 	if (bpf_skb_load_bytes(skb, l.l4off, tcph, 20) < 0)
