@@ -50,6 +50,7 @@ class GenResult:
     gen: str
     n: int
     elapsed_ns: int
+    cpu_ns: int
     errors: int
     extra: dict
 
@@ -75,7 +76,7 @@ def run(exe: Path, args: list, cgroup: Path | None, timeout: float = 300.0) -> G
         rec = json.loads(out.strip().splitlines()[-1])
     except (ValueError, IndexError) as e:
         raise LoadgenError(f"{exe.name} {args}: unreadable result {out!r}: {e}") from e
-    extra = {k: v for k, v in rec.items() if k not in ("gen", "n", "elapsed_ns", "errors")}
+    extra = {k: v for k, v in rec.items() if k not in ("gen", "n", "elapsed_ns", "cpu_ns", "errors")}
     if rec["elapsed_ns"] <= 0:
         raise LoadgenError(f"{exe.name} {args}: non-positive elapsed time {rec['elapsed_ns']}")
-    return GenResult(rec["gen"], int(rec["n"]), int(rec["elapsed_ns"]), int(rec["errors"]), extra)
+    return GenResult(rec["gen"], int(rec["n"]), int(rec["elapsed_ns"]), int(rec["cpu_ns"]), int(rec["errors"]), extra)

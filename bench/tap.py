@@ -75,14 +75,16 @@ class LineTap:
                 self._cond.wait(min(left, 0.1))
         return True
 
-    def wait_quiet(self, quiet: float, timeout: float, at_least: int = 0) -> bool:
-        """Wait until `at_least` events have arrived and then nothing for `quiet` seconds."""
+    def wait_quiet(self, quiet: float, timeout: float, at_least: int = 0, give_up_idle: float = 2.0) -> bool:
+        """Wait until `at_least` events have arrived and then nothing for `quiet` seconds, or
+        until nothing at all has arrived for `give_up_idle` seconds (events that were dropped
+        never come; the caller counts what did)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self._cond:
                 enough = self.events >= at_least
                 idle = time.monotonic() - self.last_arrival
-            if enough and idle >= quiet:
+            if (enough and idle >= quiet) or idle >= max(give_up_idle, quiet):
                 return True
             time.sleep(min(quiet / 2, 0.05))
         return False

@@ -277,6 +277,26 @@ def parse_ts_ns(ts: str) -> int:
     return sec * 1_000_000_000 + int((frac or "0").ljust(9, "0")[:9])
 
 
+def drops_total(d) -> int | None:
+    """Events lost anywhere: the `stopped` record's drops are a number or, as agenttrace writes
+    them, {"kernel": n, "kernel_by_agent": {..}, "kernel_by_type": {..}, "sinks": {name: n}, ...}
+    where the *_by_* maps (kernel_by_agent, rate_limited_by_agent, kernel_by_type) break
+    `kernel` down and must not be added again."""
+    if d is None or isinstance(d, bool):
+        return None
+    if isinstance(d, (int, float)):
+        return int(d)
+    if isinstance(d, dict):
+        total = 0
+        for k, v in d.items():
+            if "_by_" in k or k in ("stage_errors", "unknown_records"):
+                continue
+            sub = drops_total(v)
+            total += sub or 0
+        return total
+    return None
+
+
 class Agenttrace(_TapTracer):
     family = "agenttrace"
     latency_clock = "wall"
@@ -351,7 +371,7 @@ class Agenttrace(_TapTracer):
         self.counters = counters
         return {"rss_hwm_kb": rss, "cpu_ns": cpu, "events": self.tap.events, "end": how,
                 "stopped_record": bool(stopped), "counters": counters,
-                "drops": counters.get("drops") if stopped else None,
+                "drops": drops_total(counters.get("drops")) if stopped else None,
                 "stderr_tail": _tail(self.err_path) if not stopped else ""}
 
     def window(self, a, b) -> dict:

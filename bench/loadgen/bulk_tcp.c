@@ -34,7 +34,7 @@ int main(int argc, char **argv)
 	static char buf[1 << 17];
 	memset(buf, 'x', sizeof(buf));
 	long long total = mb << 20;
-	uint64_t t0 = now_ns();
+	uint64_t t0 = start_timing();
 	int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
 	if (fd < 0 || connect(fd, (struct sockaddr *)&addr, sizeof(addr)) < 0)
 		die("connect");

@@ -16,7 +16,7 @@ int main(int argc, char **argv)
 	bench_setup();
 	char *const args[] = {"true", NULL};
 	long long started = 0, alive = 0;
-	uint64_t t0 = now_ns();
+	uint64_t t0 = start_timing();
 	while (started < n || alive > 0) {
 		while (started < n && alive < inflight) {
 			pid_t pid;

@@ -17,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 static inline uint64_t now_ns(void)
@@ -24,6 +25,28 @@ static inline uint64_t now_ns(void)
 	struct timespec ts;
 	clock_gettime(CLOCK_MONOTONIC, &ts);
 	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* CPU time (user + system) of this process, all its threads, and its reaped children, in ns.
+ * Beside the wall clock because it barely moves when a neighbour takes the other core, while
+ * a tracer's in-task costs (BPF programs, the syscall slow path, audit) land in it in full. */
+static inline uint64_t cpu_ns(void)
+{
+	struct rusage s, c;
+	getrusage(RUSAGE_SELF, &s);
+	getrusage(RUSAGE_CHILDREN, &c);
+	uint64_t us = (uint64_t)(s.ru_utime.tv_sec + s.ru_stime.tv_sec + c.ru_utime.tv_sec + c.ru_stime.tv_sec) * 1000000ull +
+		      (uint64_t)(s.ru_utime.tv_usec + s.ru_stime.tv_usec + c.ru_utime.tv_usec + c.ru_stime.tv_usec);
+	return us * 1000ull;
+}
+
+static uint64_t bench_cpu0;
+
+/* Starts both clocks; report() stops them. */
+static inline uint64_t start_timing(void)
+{
+	bench_cpu0 = cpu_ns();
+	return now_ns();
 }
 
 static inline void die(const char *what)
@@ -69,11 +92,12 @@ static long long arg_ll(int argc, char **argv, int i, long long dflt)
 	return v;
 }
 
-/* One line, parsed by the harness: {"gen":..., "n":..., "elapsed_ns":..., "errors":..., extra} */
+/* One line, parsed by the harness: {"gen":..., "n":..., "elapsed_ns":..., "cpu_ns":..., "errors":..., extra} */
 static inline void report(const char *gen, long long n, uint64_t elapsed, long long errors, const char *extra)
 {
-	printf("{\"gen\":\"%s\",\"n\":%lld,\"elapsed_ns\":%llu,\"errors\":%lld%s%s}\n", gen, n,
-	       (unsigned long long)elapsed, errors, extra ? "," : "", extra ? extra : "");
+	unsigned long long cpu = cpu_ns() - bench_cpu0;
+	printf("{\"gen\":\"%s\",\"n\":%lld,\"elapsed_ns\":%llu,\"cpu_ns\":%llu,\"errors\":%lld%s%s}\n", gen, n,
+	       (unsigned long long)elapsed, cpu, errors, extra ? "," : "", extra ? extra : "");
 	fflush(stdout);
 }
 

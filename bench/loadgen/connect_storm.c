@@ -9,7 +9,7 @@ int main(int argc, char **argv)
 	int lfd = listen_loopback(&addr);
 	pthread_t th;
 	pthread_create(&th, NULL, accept_and_close, &lfd);
-	uint64_t t0 = now_ns();
+	uint64_t t0 = start_timing();
 	for (long long i = 0; i < n; i++) {
 		int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
 		if (fd < 0)

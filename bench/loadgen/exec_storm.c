@@ -6,7 +6,7 @@ int main(int argc, char **argv)
 {
 	long long n = arg_ll(argc, argv, 1, 1000), errors = 0;
 	bench_setup();
-	uint64_t t0 = now_ns();
+	uint64_t t0 = start_timing();
 	for (long long i = 0; i < n; i++) {
 		pid_t pid = fork();
 		if (pid < 0)

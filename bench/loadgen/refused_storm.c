@@ -6,7 +6,7 @@ int main(int argc, char **argv)
 	long long n = arg_ll(argc, argv, 1, 1000), errors = 0;
 	bench_setup();
 	struct sockaddr_in addr = closed_port();
-	uint64_t t0 = now_ns();
+	uint64_t t0 = start_timing();
 	for (long long i = 0; i < n; i++) {
 		int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
 		if (fd < 0)

@@ -10,7 +10,7 @@ int main(int argc, char **argv)
 		die("/dev/null");
 	char buf[64];
 	memset(buf, 'x', sizeof(buf));
-	uint64_t t0 = now_ns();
+	uint64_t t0 = start_timing();
 	for (long long i = 0; i < n; i++)
 		if (write(fd, buf, sizeof(buf)) != sizeof(buf))
 			errors++;

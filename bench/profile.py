@@ -1,0 +1,114 @@
+"""Where agenttrace's CPU goes: py-spy samples of a tracer session under a storm, folded into
+the functions that take the most time (self and inclusive), plus the BPF programs' run time.
+
+Run as its own session after the measured rounds (`--profile`): sampling costs the profiled
+process, so it never shares a session with the figures the goals are judged on."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from . import loadgen, sysinfo, tracers
+
+
+def pyspy_exe() -> str | None:
+    for cand in (os.environ.get("BENCH_PYSPY"), str(Path(sys.prefix) / "bin" / "py-spy"), shutil.which("py-spy")):
+        if cand and os.access(cand, os.X_OK):
+            return cand
+    return None
+
+
+_FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::\d+)?\)$")
+
+
+def _short(frame: str) -> str:
+    """'emit (/work/main/tracer/sinks.py:88)' -> 'sinks.py:emit' (line numbers dropped so one
+    function's samples add up)."""
+    m = _FRAME.match(frame.strip())
+    if not m:
+        return frame.strip()
+    return f"{os.path.basename(m.group('file'))}:{m.group('func')}"
+
+
+def fold(raw: str, top: int = 15) -> dict:
+    """Summarise py-spy's collapsed stacks ('frame;frame;... count' per line)."""
+    self_t: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    total = 0
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        frames = [_short(f) for f in stack.split(";")[1:]]  # first entry names the thread
+        if not frames:
+            continue
+        total += n
+        self_t[frames[-1]] = self_t.get(frames[-1], 0) + n
+        for f in set(frames):
+            incl[f] = incl.get(f, 0) + n
+
+    def pct(d):
+        return [{"function": k, "pct": round(100 * v / total, 1)}
+                for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:top]]
+    return {"samples": total, "top_self": pct(self_t) if total else [], "top_inclusive": pct(incl) if total else []}
+
+
+def profile_agenttrace(mode: str, cg, work: Path, gens: dict, size: dict) -> dict:
+    exe = pyspy_exe()
+    if exe is None:
+        return {"status": "not measured: py-spy not found (pip install py-spy, or set BENCH_PYSPY)"}
+    tracer = tracers.make(f"agenttrace-{mode}")
+    why = tracer.unavailable()
+    if why:
+        return {"status": f"not measured: {why}"}
+    out = work / f"profile-{mode}.txt"
+    result: dict = {"mode": mode}
+    spy = None
+    try:
+        tracer.start(cg, work, gens)
+        pids = tracer.pids()
+        b0 = sysinfo.bpf_prog_stats(pids)
+        with open(work / f"py-spy-{mode}.stderr", "wb") as err:
+            spy = subprocess.Popen([exe, "record", "--pid", str(tracer.proc.pid), "--rate", "250", "--format", "raw",
+                                    "--nonblocking", "--output", str(out)], stdout=err, stderr=err,
+                                   start_new_session=True)
+        ops = {}
+        for wl, args in (("exec_storm", [size["exec_storm"]]), ("refused_storm", [size["refused_storm"]]),
+                         ("burst", [size["burst"], 64])):
+            m0 = tracer.mark()
+            r = loadgen.run(gens[wl], args, cg.path)
+            tracer.drain(m0, r.n)
+            ops[wl] = r.n
+        b1 = sysinfo.bpf_prog_stats(pids)
+        result["workloads"] = ops
+        result["bpf"] = sysinfo.bpf_stats_delta(b0, b1)
+    except (tracers.TracerError, loadgen.LoadgenError, OSError) as e:
+        result["error"] = str(e)
+    finally:
+        if spy is not None:
+            if spy.poll() is None:
+                spy.send_signal(signal.SIGINT)
+            try:
+                spy.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                spy.kill()
+                spy.wait()
+        if tracer.proc is not None:
+            try:
+                st = tracer.stop()
+                result["events"] = st.get("events")
+                result["cpu_ns"] = st.get("cpu_ns")
+            except (tracers.TracerError, OSError) as e:
+                result["error"] = (result.get("error", "") + f"; stop: {e}").lstrip("; ")
+    if out.exists():
+        result.update(fold(out.read_text(errors="replace")))
+        result["raw"] = str(out)
+    elif "error" not in result:
+        result["error"] = f"py-spy wrote nothing ({work / f'py-spy-{mode}.stderr'})"
+    return result
