@@ -89,7 +89,7 @@ class _Collect:
 def run_demo(out=print, color: bool = True) -> int:
     from .engine import Engine
     from .gpu import FAKE_ENV, GpuConfig, GpuGroupPolicy
-    from .lab import NetLab
+    NetLab = _netlab()
     from .rules import default_rule_paths, load_rules
     from .runtime import Options, Tracer
     from .tailview import Filter, render
@@ -165,6 +165,21 @@ def run_demo(out=print, color: bool = True) -> int:
     out("\nall behaviours detected; enforce mode stopped what the default pack blocks" if ok
         else "\nsome behaviours were not handled as expected (see above)")
     return 0 if ok else 1
+
+
+def _netlab():
+    """The sandbox network is the test suite's lab (tests/netlab.py): one implementation of
+    the namespaces and servers for tests and demo. It lives in the source checkout, which is
+    where the README's `make demo` runs."""
+    import importlib.util
+    path = Path(__file__).resolve().parent.parent / "tests" / "netlab.py"
+    if not path.exists():
+        raise RuntimeError(f"the demo needs the source checkout (looked for {path})")
+    spec = importlib.util.spec_from_file_location("agenttrace_netlab", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod.NetLab
 
 
 def _spawn_in(cgroup: Path, argv):
