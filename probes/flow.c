@@ -309,7 +309,9 @@ static __always_inline int at_flow(struct __sk_buff *skb, u8 dir)
 		e->len = 0;
 		n = 0;
 	}
-	e->proto_hint = at_classify(e->data, n);
+	/* classify from a re-read length: every path reaches the scan with the same state, so
+	 * the verifier walks it once instead of once per path */
+	e->proto_hint = at_classify(e->data, *(volatile u32 *)&e->len);
 	u32 policy = 0;
 	/* the remote end is the destination of egress and the source of ingress */
 	e->verdict = dir == AT_DIR_EGRESS ? at_flow_verdict(agent, e->proto_hint, l.daddr, e->dport, &policy)
