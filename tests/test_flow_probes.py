@@ -377,3 +377,39 @@ def test_without_current_task_helpers_records_join_by_cookie(agent_tree, netlab,
         assert ev.cstr(conn.h.comm) == "ssh" and conn.h.tgid != 0
     finally:
         k.close()
+
+
+PARAMIKO = (
+    "import sys, paramiko\n"
+    "c = paramiko.SSHClient()\n"
+    "c.set_missing_host_key_policy(paramiko.AutoAddPolicy())\n"
+    "c.connect(sys.argv[1], port=int(sys.argv[2]), username='root', key_filename=sys.argv[3],\n"
+    "          look_for_keys=False, allow_agent=False, timeout=10, banner_timeout=10)\n"
+    "print(c.exec_command('echo via-paramiko')[1].read().decode().strip())\n"
+)
+
+
+def test_detection_does_not_depend_on_name_port_or_client(kernel, agent_tree, netlab, tmp_path):
+    pytest.importorskip("paramiko")
+    a = agent_tree.agent("sneaky")
+    # The ssh binary renamed to a kernel-thread-looking name, on port 443.
+    renamed = tmp_path / "kworker"
+    renamed.write_bytes(open("/usr/bin/ssh", "rb").read())
+    renamed.chmod(0o755)
+    r = netlab.check_in_agent(netlab.ssh_argv(netlab.ssh_host, 443, command=["true"], binary=str(renamed)), cgroup=a)
+    assert r.returncode == 0, r.stderr
+    # A library client (paramiko) on 443.
+    r = netlab.python_in_agent(PARAMIKO, netlab.ssh_host, "443", str(netlab.user_key), cgroup=a, check=True)
+    assert r.stdout.strip() == "via-paramiko"
+    got = kernel.wait(lambda: (lambda fs: fs if len(fs) >= 2 else None)(
+        [f for f in flows(kernel, direction=ev.DIR_EGRESS) if f.dport == 443]))
+    pycomm = os.path.basename(PY)[:15]  # comm: the exec'd file's name
+    by_comm = {ev.cstr(f.h.comm): f for f in got}
+    assert set(by_comm) == {"kworker", pycomm}
+    assert all(f.proto_hint == ev.PROTO_SSH for f in got)
+    assert classify(data(by_comm[pycomm]), "egress")[1]["software"].startswith("paramiko_")
+    # Forbidden in the kernel: paramiko's session never establishes.
+    kernel.enforce([ProtocolDrop(3, 0, PROTO_HINT_IDS["ssh"], SCOPE_EXTERNAL, 0, 65535)])
+    r = netlab.python_in_agent(PARAMIKO, netlab.ssh_host, "443", str(netlab.user_key), cgroup=a)
+    assert r.returncode != 0 and "via-paramiko" not in r.stdout
+    assert kernel.wait(lambda: [f for f in flows(kernel) if f.verdict == ev.VERDICT_BLOCKED and ev.cstr(f.h.comm) == pycomm])
