@@ -59,15 +59,15 @@ WORKLOAD_NAMES = [w.name for w in WORKLOADS] + ["rate_sweep"]
 SIZES = {
     "tiny": {"exec_storm": 30, "connect_storm": 200, "refused_storm": 500, "bulk_tcp": 8,
              "getppid_loop": 200_000, "write_loop": 100_000, "burst": 300,
-             "rate_steps": [2_000, 10_000], "rate_ms": 300, "rounds": 1},
+             "rate_steps": [2_000, 10_000], "rate_ms": 300, "rounds": 1, "reps": 1},
     "small": {"exec_storm": 400, "connect_storm": 4_000, "refused_storm": 10_000, "bulk_tcp": 128,
               "getppid_loop": 2_000_000, "write_loop": 1_000_000, "burst": 10_000,
               "rate_steps": [10_000, 20_000, 35_000, 50_000, 75_000, 100_000, 150_000, 200_000], "rate_ms": 2_000,
-              "rounds": 5},
+              "rounds": 5, "reps": 3},
     "full": {"exec_storm": 2_000, "connect_storm": 20_000, "refused_storm": 50_000, "bulk_tcp": 1_024,
              "getppid_loop": 10_000_000, "write_loop": 5_000_000, "burst": 10_000,
              "rate_steps": [10_000, 20_000, 35_000, 50_000, 75_000, 100_000, 150_000, 200_000, 300_000, 400_000],
-             "rate_ms": 5_000, "rounds": 7},
+             "rate_ms": 5_000, "rounds": 7, "reps": 3},
 }
 
 
@@ -118,7 +118,8 @@ class Bench:
             sess["startup_s"] = tracer.startup_s
             for wl in workloads:
                 placements = wl.placements if rnd % 2 == 0 else tuple(reversed(wl.placements))
-                for pl in placements:
+                reps = self.opts.reps if wl.name != "burst" else 1
+                for rep, pl in [(r, p) for r in range(reps) for p in placements]:
                     pids = tracer.pids()
                     b0 = sysinfo.bpf_prog_stats(pids) if self.bpf_stats_fd >= 0 else {}
                     m0, c0 = tracer.mark(), tracer.cpu_ns()
@@ -129,7 +130,7 @@ class Bench:
                     m1, c1 = tracer.mark(), tracer.cpu_ns()
                     b1 = sysinfo.bpf_prog_stats(pids) if self.bpf_stats_fd >= 0 else {}
                     tracer.alive_check()
-                    rec = {"round": rnd, "tracer": tname, "workload": wl.name, "placement": pl,
+                    rec = {"round": rnd, "rep": rep, "tracer": tname, "workload": wl.name, "placement": pl,
                            "n": res.n, "elapsed_ns": res.elapsed_ns, "cpu_ns": res.cpu_ns, "errors": res.errors,
                            "expected_events": expected, "tracer_cpu_ns": max(c1 - c0, 0), **res.extra}
                     if b1:
@@ -252,7 +253,7 @@ class Bench:
         self.work.mkdir(parents=True, exist_ok=True)
         result = {"schema": "agenttrace-bench/1", "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0)),
                   "machine": sysinfo.machine(),
-                  "config": {"size": opts.size, "rounds": opts.rounds, "sizes": self.size,
+                  "config": {"size": opts.size, "rounds": opts.rounds, "reps": opts.reps, "sizes": self.size,
                              "tracers_requested": opts.tracers, "only": opts.only, "judge": opts.judge,
                              "cpu_time_source": "sum of /proc/<pid>/task/*/schedstat run time (ns) over the "
                                                 "tracer's process tree; auditd adds the kauditd kernel thread",
@@ -289,7 +290,9 @@ class Bench:
                     log(f"round {rnd + 1}/{opts.rounds}: {', '.join(order)}")
                     for tname in order:
                         self.session(tname, rnd, workloads)
-            if "rate_sweep" in only:
+            if "rate_sweep" not in only:
+                result["rate_sweep"] = {"status": "not measured: not selected by --only"}
+            else:
                 if not info.get("agenttrace-monitor", {}).get("available"):
                     why = (info["agenttrace-monitor"]["reason"] if "agenttrace-monitor" in info
                            else "agenttrace not among --tracers")
@@ -328,6 +331,10 @@ def parse_args(argv=None):
     ap.add_argument("--size", choices=sorted(SIZES), default="small")
     ap.add_argument("--rounds", type=int, default=None, help="rounds per configuration (default by size: "
                     + ", ".join(f"{k} {v['rounds']}" for k, v in SIZES.items()) + ")")
+    ap.add_argument("--reps", type=int, default=None,
+                    help="repetitions of each workload inside one tracer session; the session's best counts "
+                         "(default by size: " + ", ".join(f"{k} {v['reps']}" for k, v in SIZES.items())
+                         + "; burst always runs once)")
     ap.add_argument("--only", default=None,
                     help="comma-separated workloads to run (" + ", ".join(WORKLOAD_NAMES) + ")")
     ap.add_argument("--tracers", default="none,agenttrace,bpftrace,bpftrace-syscalls,auditd",
@@ -349,8 +356,10 @@ def parse_args(argv=None):
     opts = ap.parse_args(argv)
     if opts.rounds is None:
         opts.rounds = SIZES[opts.size]["rounds"]
-    if opts.rounds < 1:
-        ap.error("--rounds must be at least 1")
+    if opts.reps is None:
+        opts.reps = SIZES[opts.size]["reps"]
+    if opts.rounds < 1 or opts.reps < 1:
+        ap.error("--rounds and --reps must be at least 1")
     opts.tracers = [t.strip() for t in opts.tracers.split(",") if t.strip()]
     try:
         tracers.expand(opts.tracers)

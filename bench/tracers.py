@@ -212,6 +212,9 @@ tracepoint:syscalls:sys_enter_connect /cgroup == {cg}/ {{
 
 
 def agenttrace_exe() -> Path | None:
+    """$BENCH_AGENTTRACE (to compare two builds), else the venv's console script."""
+    if os.environ.get("BENCH_AGENTTRACE"):
+        return Path(os.environ["BENCH_AGENTTRACE"])
     for cand in (Path(sys.prefix) / "bin" / "agenttrace", REPO / ".venv" / "bin" / "agenttrace"):
         if cand.exists():
             return cand
@@ -231,6 +234,8 @@ def agenttrace_unavailable() -> str | None:
     reason = None
     if exe is None:
         reason = "no agenttrace executable (install with scripts/setup.sh)"
+    elif not os.access(exe, os.X_OK):
+        reason = f"{exe} is not an executable file"
     elif os.geteuid() != 0:
         reason = "needs root to load probes"
     else:

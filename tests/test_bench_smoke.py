@@ -95,3 +95,23 @@ def test_tiny_run_with_bpftrace(tmp_path):
     # cleanup: the agent cgroup is gone and the tracer process with it
     assert not Path(res["agent_cgroup"]["path"]).exists()
     assert not _alive(bts[0]["pid"])
+
+
+def test_agenttrace_missing_is_reported_not_fatal(tmp_path):
+    _need(os.geteuid() == 0, "needs root (cgroups)")
+    _need(shutil.which("gcc") is not None, "gcc not installed")
+    out = tmp_path / "out"
+    env = dict(os.environ, BENCH_AGENTTRACE=str(tmp_path / "no-such-agenttrace"))
+    r = subprocess.run([sys.executable, "-m", "bench", "--size", "tiny", "--only", "getppid_loop",
+                        "--tracers", "none,agenttrace", "--out", str(out)],
+                       cwd=REPO, capture_output=True, text=True, timeout=110, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((out / "result.json").read_text())
+    for mode in ("agenttrace-monitor", "agenttrace-enforce"):
+        assert res["tracers"][mode]["available"] is False
+        assert "no-such-agenttrace" in res["tracers"][mode]["reason"]
+    assert {r["tracer"] for r in res["runs"]} == {"none"}
+    assert res["rate_sweep"]["status"].startswith("not measured: ")
+    assert all(g["status"] == "not measured" for g in res["goals"])
+    assert "not available: " in (out / "report.md").read_text()
+    assert not Path(res["agent_cgroup"]["path"]).exists()
