@@ -49,6 +49,12 @@ class PolicyWriter:
             self._net(kp)
         if self._has("kill_paths"):
             self._exec(kp)
+        if self._has("flow_policy"):
+            from .protocols import FlowPolicyError, write_flow_policy
+            try:
+                write_flow_policy(self.probes["flow_policy"], kp.protocol_drop)
+            except FlowPolicyError as e:
+                raise EnforceError(str(e)) from None
         self.policy = kp
         if agent_groups:
             for cid, name in agent_groups.items():

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes as C
 import socket
 import time
+from collections import OrderedDict
 
 from . import events as E
 from .cgroups import AgentResolver
@@ -47,6 +48,14 @@ class Enricher:
         self.device_names: dict = {}
         # TCP connects waiting for their outcome, by kernel socket address
         self.pending: dict[int, tuple[Event, int]] = {}
+        # socket cookie -> (tgid, agent cgroup id) from connect/accept records: skb records
+        # seen in softirq (or on kernels without bpf_get_current_* there) carry no process
+        self.sockets: "OrderedDict[int, tuple[int, int]]" = OrderedDict()
+        from .dns import NameCache
+        from .clock import SystemClock
+        self.names = NameCache(SystemClock())
+        if self.name_lookup is None:
+            self.name_lookup = self.names.lookup
 
     def resync_clock(self) -> None:
         # ktime is CLOCK_MONOTONIC; the offset to wall time moves with NTP, so it is re-read
@@ -86,6 +95,12 @@ class Enricher:
             return self._result(o)
         if rtype == E.EV_DEVICE:
             return [self._device(o)]
+        if rtype == E.EV_FLOW:
+            return [self._flow(o)]
+        if rtype == E.EV_DNS:
+            return [self._dns(o)]
+        if rtype == E.EV_LISTEN:
+            return [self._listen(o)]
         self.unknown_types += 1
         return []
 
@@ -150,6 +165,66 @@ class Enricher:
         rec["device"] = device_body(o.major, o.minor, o.access, o.dev_type, o.verdict, self.device_names)
         return Event("device", t, rec, h.tgid, h.agent_cgroup_id)
 
+    def _remember_socket(self, cookie: int, tgid: int, agent: int) -> None:
+        if not cookie or not tgid:
+            return
+        self.sockets[cookie] = (tgid, agent)
+        self.sockets.move_to_end(cookie)
+        if len(self.sockets) > 65536:
+            self.sockets.popitem(last=False)
+
+    def _owner(self, h: E.Header, cookie: int) -> E.Header:
+        """The header with the socket's owner filled in when the kernel could not tell."""
+        if h.tgid or not cookie:
+            return h
+        own = self.sockets.get(cookie)
+        if own is not None:
+            h.tgid, h.pid = own[0], own[0]
+            if not h.agent_cgroup_id:
+                h.agent_cgroup_id = own[1]
+        return h
+
+    def _flow(self, o: E.Flow) -> Event:
+        from .protocols import flow_parts
+        h = self._owner(o.h, o.cookie)
+        rec, t = self._base("flow", h)
+        rec["proc"] = self._proc(h)
+        net, flow = flow_parts(o)
+        net["dst"] = self._dst(h.agent_cgroup_id, net["dst"]["addr"], net["dst"]["port"])
+        rec["net"] = net
+        rec["flow"] = flow
+        return Event("flow", t, rec, h.tgid, h.agent_cgroup_id, o.cookie)
+
+    def _dns(self, o: E.Dns) -> Event:
+        from .dns import dns_parts
+        h = self._owner(o.h, o.cookie)
+        rec, t = self._base("dns", h)
+        rec["proc"] = self._proc(h)
+        net, body = dns_parts(o)
+        net["dst"]["scope"] = self.scoper.scope(net["dst"]["addr"])
+        if body.get("answers"):
+            try:
+                self.names.learn(h.agent_cgroup_id, body)
+            except Exception:
+                pass
+        rec["net"] = net
+        rec["dns"] = body
+        return Event("dns", t, rec, h.tgid, h.agent_cgroup_id, o.cookie)
+
+    def _listen(self, o: E.Listen) -> Event:
+        h = o.h
+        self._remember_socket(o.cookie, h.tgid, h.agent_cgroup_id)
+        rec, t = self._base("listen", h)
+        rec["proc"] = self._proc(h)
+        net = {"proto": _PROTO.get(o.protocol, "tcp"), "family": _FAMILY.get(o.family, str(o.family)),
+               "local": {"addr": E.addr_str(o.laddr, o.family), "port": o.lport},
+               "what": "accept" if o.what == E.LISTEN_ACCEPT else "listen"}
+        if o.what == E.LISTEN_ACCEPT:
+            raddr = E.addr_str(o.raddr, o.family)
+            net["remote"] = {"addr": raddr, "port": o.rport, "scope": self.scoper.scope(raddr)}
+        rec["net"] = net
+        return Event("listen", t, rec, h.tgid, h.agent_cgroup_id, o.cookie)
+
     def _dst(self, agent_id: int, addr: str, port: int) -> dict:
         d = {"addr": addr, "port": port, "scope": self.scoper.scope(addr), "name": None}
         if self.name_lookup is not None:
@@ -172,6 +247,7 @@ class Enricher:
             net["policy_id"] = o.policy_id
         rec["net"] = net
         ev = Event("connect", t, rec, h.tgid, h.agent_cgroup_id, o.cookie)
+        self._remember_socket(o.cookie, h.tgid, h.agent_cgroup_id)
         if net["result"] == "pending":
             self.pending[o.sk] = (ev, time.monotonic_ns())
             return []

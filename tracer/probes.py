@@ -21,7 +21,7 @@ from .paths import probes_dir
 TRACEFS = Path("/sys/kernel/tracing")
 
 # attach types (uapi enum bpf_attach_type)
-CGROUP_INET_INGRESS, CGROUP_INET_EGRESS, CGROUP_DEVICE = 0, 1, 6
+CGROUP_INET_INGRESS, CGROUP_INET_EGRESS, CGROUP_SOCK_OPS, CGROUP_DEVICE = 0, 1, 3, 6
 CGROUP_INET4_CONNECT, CGROUP_INET6_CONNECT = 10, 11
 CGROUP_UDP4_SENDMSG, CGROUP_UDP6_SENDMSG = 14, 15
 BPF_F_ALLOW_MULTI = 2
@@ -36,17 +36,22 @@ FEATURES: dict[str, tuple[str, list[tuple[str, str, int]]]] = {
         ("at_sendmsg4", "CGROUP_SOCK_ADDR", CGROUP_UDP4_SENDMSG),
         ("at_sendmsg6", "CGROUP_SOCK_ADDR", CGROUP_UDP6_SENDMSG),
     ]),
-    "listen": ("listen.c", []),
+    "listen": ("listen.c", [
+        ("at_sockops", "SOCK_OPS", CGROUP_SOCK_OPS),
+    ]),
     "flow": ("flow.c", [
         ("at_skb_egress", "CGROUP_SKB", CGROUP_INET_EGRESS),
         ("at_skb_ingress", "CGROUP_SKB", CGROUP_INET_INGRESS),
     ]),
-    "dns": ("dns.c", []),
+    "dns": ("dns.c", [
+        ("at_dns_egress", "CGROUP_SKB", CGROUP_INET_EGRESS),
+        ("at_dns_ingress", "CGROUP_SKB", CGROUP_INET_INGRESS),
+    ]),
     "device": ("device.c", [
         ("at_device_check", "CGROUP_DEVICE", CGROUP_DEVICE),
     ]),
 }
-DEFAULT_FEATURES = ("proc", "net")
+DEFAULT_FEATURES = ("proc", "net", "listen", "flow", "dns")
 
 
 class ProbeError(Exception):
@@ -73,6 +78,11 @@ def tracepoint_has_field(tracefs: Path, category: str, event: str, fieldname: st
     except OSError:
         return False
     return re.search(rf"field:[^;]*\b{re.escape(fieldname)}\b", fmt) is not None
+
+
+def _kernel_before(major: int, minor: int) -> bool:
+    m = re.match(r"(\d+)\.(\d+)", os.uname().release)
+    return bool(m) and (int(m.group(1)), int(m.group(2))) < (major, minor)
 
 
 _libbpf = None
@@ -140,7 +150,9 @@ class Probes:
         file and line. Only agenttrace.h (plain structs) is #included."""
         d = probes_dir()
         parts = []
-        for path in [d / "common.h"] + [d / FEATURES[f][0] for f in self.features]:
+        # FEATURES order, not the caller's: later files use maps earlier ones declare
+        ordered = [f for f in FEATURES if f in self.features]
+        for path in [d / "common.h"] + [d / FEATURES[f][0] for f in ordered]:
             parts.append(f'#line 1 "{path}"\n{path.read_text()}\n')
         return "".join(parts)
 
@@ -154,6 +166,10 @@ class Probes:
             flags.append(f"-D{name}={off}")
         if tracepoint_has_field(tracefs, "sched", "sched_process_exit", "group_dead"):
             flags.append("-DAT_HAVE_GROUP_DEAD")
+        if _kernel_before(6, 10):
+            # cgroup_skb programs may call bpf_get_current_* only from 6.10 on; older kernels
+            # build the skb probes without them and attribute by socket cookie
+            flags.append("-DAT_SKB_NO_CURRENT")
         return flags + self.extra_cflags
 
     def load(self) -> None:
