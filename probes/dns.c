@@ -6,104 +6,12 @@
  * userspace, which parses it with dnspython (agenttrace.dns). Answers feed the per-agent name
  * cache. These programs never drop: DNS policy is decided on names, in userspace.
  *
- * The skb helpers below are shared with flow.c (identical guarded block): whichever of the two
- * files comes first in the compile unit defines them. */
+ * The skb helpers (at_skb_scope, at_skb_header, at_skb_l3) are in common.h, shared with flow.c. */
 
-#define AT_ETH_P_IP   0x0800
-#define AT_ETH_P_IPV6 0x86DD
 #define AT_NEXTHDR_TCP 6
-#define AT_SKB_AF_INET 2
-#define AT_SKB_AF_INET6 10
 #define AT_NEXTHDR_UDP 17
 #define AT_DNS_PORT 53
 
-#ifndef AT_SKB_SCOPE_DEFINED
-#define AT_SKB_SCOPE_DEFINED
-/* The agent of a socket: walk the socket's cgroup ancestors (not the current task's — skb
- * hooks also run in softirq) for a watched one. Shared with dns.c, which has the same block. */
-static __always_inline int at_skb_scope(struct __sk_buff *skb, u64 *cg, u64 *agent)
-{
-	#pragma unroll
-	for (int lvl = 0; lvl < AT_MAX_DEPTH; lvl++) {
-		u64 id = bpf_skb_ancestor_cgroup_id(skb, lvl);
-		if (id == 0)
-			return 0;
-		if (watched.lookup(&id)) {
-			u64 a = bpf_skb_ancestor_cgroup_id(skb, lvl + 1);
-			*agent = a ? a : id;
-			*cg = bpf_skb_cgroup_id(skb);
-			return 1;
-		}
-	}
-	return 0;
-}
-
-/* Header for an skb event: the current task's identity when it is the socket's own cgroup
- * (egress from a syscall), else only the socket's cgroup ids (pid 0, empty comm). */
-static __always_inline int at_skb_header(struct at_header *h, u16 type, u16 size, u64 cg, u64 agent)
-{
-#ifndef AT_SKB_NO_CURRENT
-	/* bpf_get_current_* in cgroup_skb programs needs kernel 6.10; before that the loader
-	 * passes -DAT_SKB_NO_CURRENT and userspace attributes records by socket cookie alone. */
-	if (bpf_get_current_cgroup_id() == cg) {
-		at_fill_header(h, type, size, cg, agent);
-		return 1;
-	}
-#endif
-	__builtin_memset(h, 0, sizeof(*h));
-	h->type = type;
-	h->size = size;
-	h->ktime = bpf_ktime_get_ns();
-	h->cgroup_id = cg;
-	h->agent_cgroup_id = agent;
-	return 0;
-}
-
-/* Transport header position and addresses of an skb (data starts at the IP header in cgroup
- * skb programs). IPv6 extension headers are not walked: TCP/UDP right after the fixed header
- * is what sockets of these programs carry in practice. */
-struct at_l3 {
-	u16 family;
-	u8 proto;
-	u8 pad;
-	u32 l4off;
-	u32 l3end;          /* end of the IP packet (total length) */
-	u8 saddr[16];
-	u8 daddr[16];
-};
-
-static __always_inline int at_skb_l3(struct __sk_buff *skb, struct at_l3 *l)
-{
-	__builtin_memset(l, 0, sizeof(*l));
-	if (skb->protocol == bpf_htons(AT_ETH_P_IP)) {
-		u8 iph[20];
-		if (bpf_skb_load_bytes(skb, 0, iph, 20) < 0)
-			return -1;
-		l->family = AT_SKB_AF_INET;
-		l->proto = iph[9];
-		l->l4off = (iph[0] & 0xf) * 4;
-		l->l3end = ((u32)iph[2] << 8) | iph[3];
-		l->saddr[10] = l->saddr[11] = 0xff;
-		l->daddr[10] = l->daddr[11] = 0xff;
-		__builtin_memcpy(&l->saddr[12], &iph[12], 4);
-		__builtin_memcpy(&l->daddr[12], &iph[16], 4);
-		return 0;
-	}
-	if (skb->protocol == bpf_htons(AT_ETH_P_IPV6)) {
-		u8 ip6[40];
-		if (bpf_skb_load_bytes(skb, 0, ip6, 40) < 0)
-			return -1;
-		l->family = AT_SKB_AF_INET6;
-		l->proto = ip6[6];
-		l->l4off = 40;
-		l->l3end = 40 + (((u32)ip6[4] << 8) | ip6[5]);
-		__builtin_memcpy(l->saddr, &ip6[8], 16);
-		__builtin_memcpy(l->daddr, &ip6[24], 16);
-		return 0;
-	}
-	return -1;
-}
-#endif /* AT_SKB_SCOPE_DEFINED */
 
 BPF_PERCPU_ARRAY(dns_scratch, struct at_dns, 1);
 
