@@ -20,4 +20,6 @@ def test_demo_detects_everything_and_cleans_up(require_bpf):
     summary = r.stdout.split("=== summary")[1]
     assert "MISSED" not in summary and "unexpected" not in summary
     assert "detected, killed" in summary and "detected, blocked" in summary
-    assert _leftovers() == before
+    after = _leftovers()
+    # nothing the demo made is left (comparing additions: other labs may come and go)
+    assert set(after[0]) <= set(before[0]) and set(after[1]) <= set(before[1]), (before, after)
