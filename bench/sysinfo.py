@@ -153,16 +153,26 @@ def stat_cpu_ns(pid: int) -> int:
     return (int(fields[11]) + int(fields[12])) * 1_000_000_000 // CLK_TCK
 
 
-def vm_hwm_kb(pid: int) -> int:
-    """Peak resident set (VmHWM) in KiB; 0 for kernel threads and gone processes."""
+def _status_kb(pid: int, field: str) -> int:
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1])
     except FileNotFoundError:
         pass
     return 0
+
+
+def vm_hwm_kb(pid: int) -> int:
+    """Peak resident set (VmHWM) in KiB; 0 for kernel threads and gone processes."""
+    return _status_kb(pid, "VmHWM")
+
+
+def vm_rss_kb(pid: int) -> int:
+    """Resident set now (VmRSS) in KiB: beside the peak, tells a start-up spike (compiling
+    probes) from a steady-state footprint."""
+    return _status_kb(pid, "VmRSS")
 
 
 def kernel_thread_pid(comm: str) -> int:

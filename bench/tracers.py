@@ -190,13 +190,15 @@ tracepoint:syscalls:sys_enter_connect /cgroup == {cg}/ {{
 
     def stop(self) -> dict:
         rss = max((sysinfo.vm_hwm_kb(p) for p in self.pids()), default=0)
+        rss_now = sum(sysinfo.vm_rss_kb(p) for p in self.pids())
         cpu = self.cpu_ns()
         how = _stop_pid(self.proc, signal.SIGINT, 15)
         self.tap.close()
         self.proc.stdout.close()
         err = _tail(self.err_path, 4000)
         self.lost = sum(int(m) for m in re.findall(r"Lost (\d+) events", err))
-        return {"rss_hwm_kb": rss, "cpu_ns": cpu, "events": self.tap.events, "drops": self.lost, "end": how}
+        return {"rss_hwm_kb": rss, "rss_end_kb": rss_now, "cpu_ns": cpu, "events": self.tap.events,
+                "drops": self.lost, "end": how}
 
     def window(self, a, b) -> dict:
         by_kind: dict[str, int] = {}
@@ -363,6 +365,7 @@ class Agenttrace(_TapTracer):
 
     def stop(self) -> dict:
         rss = max((sysinfo.vm_hwm_kb(p) for p in self.pids()), default=0)
+        rss_now = sum(sysinfo.vm_rss_kb(p) for p in self.pids())
         cpu = self.cpu_ns()
         how = _stop_pid(self.proc, signal.SIGINT, 30)
         self.tap.close()
@@ -374,7 +377,7 @@ class Agenttrace(_TapTracer):
             src = rec.get("counters") if isinstance(rec.get("counters"), dict) else rec
             counters = {k: src.get(k) for k in ("events", "drops", "alerts") if k in src}
         self.counters = counters
-        return {"rss_hwm_kb": rss, "cpu_ns": cpu, "events": self.tap.events, "end": how,
+        return {"rss_hwm_kb": rss, "rss_end_kb": rss_now, "cpu_ns": cpu, "events": self.tap.events, "end": how,
                 "stopped_record": bool(stopped), "counters": counters,
                 "drops": drops_total(counters.get("drops")) if stopped else None,
                 "stderr_tail": _tail(self.err_path) if not stopped else ""}
@@ -563,7 +566,9 @@ class Auditd(Tracer):
         self._read_log()
         return len(self._lines)
 
-    def drain(self, since, expected: int, quiet: float = 0.3, timeout: float = 20.0) -> None:
+    def drain(self, since, expected: int, quiet: float = 0.6, timeout: float = 20.0) -> None:
+        # quiet is longer than for the pipe tracers: auditd writes its log asynchronously
+        # (flush = INCREMENTAL_ASYNC), and a record flushed late would land in the next window
         deadline = time.monotonic() + timeout
         last, last_change = self._read_log(), time.monotonic()
         while time.monotonic() < deadline:
@@ -584,6 +589,7 @@ class Auditd(Tracer):
 
     def stop(self) -> dict:
         rss = sysinfo.vm_hwm_kb(self.daemon_pid)
+        rss_now = sysinfo.vm_rss_kb(self.daemon_pid)
         cpu = self.cpu_ns()
         errors = []
         lost = None
@@ -617,7 +623,8 @@ class Auditd(Tracer):
             errors.append(str(e))
         if errors:
             raise TracerError("; ".join(errors))
-        return {"rss_hwm_kb": rss, "cpu_ns": cpu, "events": len(self._lines), "drops": lost, "end": how,
+        return {"rss_hwm_kb": rss, "rss_end_kb": rss_now, "cpu_ns": cpu, "events": len(self._lines), "drops": lost,
+                "end": how,
                 "log": str(self.log_path)}
 
 
