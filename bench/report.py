@@ -160,12 +160,14 @@ def goals(result: dict) -> list:
             detail=info.get("agenttrace-enforce", {}).get("reason") or why_not)
 
     # 3. CPU per event
-    g = "agenttrace CPU per event <= 10 us"
+    g = "agenttrace CPU per event <= 10 us (workloads with >= 1000 events)"
     vals = {}
     for t in at_avail:
         for key, cell in wl.items():
             c = cell.get(t, {})
-            if key.endswith("/inside") and c.get("cpu_per_event_us") is not None and c.get("events", 0) >= 10:
+            # only where events dominate the window: with a handful of events (bulk_tcp: one
+            # connect) the figure is the tracer's idle cost over the window, not a per-event cost
+            if key.endswith("/inside") and c.get("cpu_per_event_us") is not None and c.get("events", 0) >= 1000:
                 vals[f"{t} {key}"] = c["cpu_per_event_us"]
     if vals:
         worst = max(vals, key=vals.get)
