@@ -563,8 +563,12 @@ class Auditd(Tracer):
         return [p for p in (self.daemon_pid, self.kauditd) if p and sysinfo.alive(p)]
 
     def mark(self):
+        """(records so far, wall time): window() also drops records stamped before the first
+        mark's time. The kernel keeps undelivered records queued across an auditd restart and
+        hands them to the next daemon, so a late record of an earlier session must not be
+        counted for the workload that happens to be running when it arrives."""
         self._read_log()
-        return len(self._lines)
+        return (len(self._lines), time.time_ns())
 
     def drain(self, since, expected: int, quiet: float = 0.6, timeout: float = 20.0) -> None:
         # quiet is longer than for the pipe tracers: auditd writes its log asynchronously
@@ -576,16 +580,21 @@ class Auditd(Tracer):
             n = self._read_log()
             if n != last:
                 last, last_change = n, time.monotonic()
-            if n - (since or 0) >= expected and time.monotonic() - last_change >= quiet:
+            if n - since[0] >= expected and time.monotonic() - last_change >= quiet:
                 return
 
     def window(self, a, b) -> dict:
         by_kind: dict[str, int] = {}
-        for line in self._lines[a:b]:
+        for line in self._lines[a[0]:b[0]]:
+            t = re.search(rb"audit\((\d+)\.(\d+):", line)
+            # audit stamps have ms resolution: allow one tick of slack before the window opened
+            if t and int(t.group(1)) * 1_000_000_000 + int(t.group(2)) * 1_000_000 < a[1] - 2_000_000:
+                by_kind["stale"] = by_kind.get("stale", 0) + 1
+                continue
             m = re.search(rb" syscall=(\d+)", line)
             kind = SYSCALL_NR.get(int(m.group(1)), "other") if m else "other"
             by_kind[kind] = by_kind.get(kind, 0) + 1
-        return {"events": sum(by_kind.values()), "by_kind": by_kind, "latency_ns": []}
+        return {"events": sum(v for k, v in by_kind.items() if k != "stale"), "by_kind": by_kind, "latency_ns": []}
 
     def stop(self) -> dict:
         rss = sysinfo.vm_hwm_kb(self.daemon_pid)
