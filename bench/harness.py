@@ -308,7 +308,7 @@ class Bench:
                 else:
                     result["rate_sweep"] = self.rate_sweep()
             if opts.profile:
-                modes = [t.split("-", 1)[1] for t in active if t.startswith("agenttrace-")]
+                modes = [t.split("-", 1)[1] for t in active if t in ("agenttrace-monitor", "agenttrace-enforce")]
                 if not modes:
                     why = next((info[t]["reason"] for t in info if t.startswith("agenttrace-")),
                                "agenttrace not among --tracers")
@@ -347,7 +347,9 @@ def parse_args(argv=None):
                     help="comma-separated workloads to run (" + ", ".join(WORKLOAD_NAMES) + ")")
     ap.add_argument("--tracers", default="none,agenttrace,bpftrace,bpftrace-syscalls,auditd",
                     help="comma-separated: none, agenttrace (= agenttrace-monitor + agenttrace-enforce), "
-                         "agenttrace-monitor, agenttrace-enforce, bpftrace, bpftrace-syscalls, auditd")
+                         "agenttrace-monitor, agenttrace-enforce, bpftrace, bpftrace-syscalls, auditd; "
+                         "agenttrace-<mode>-wake<ms> runs agenttrace with --wakeup-ms <ms> (wake0: the "
+                         "reader woken on every record, for before/after figures)")
     ap.add_argument("--rate-mode", choices=("udp", "refused", "connect", "exec"), default="udp",
                     help="event source of the zero-drop sweep (default udp: the cheapest connect event to "
                          "make, so the tracer and not the generator meets the limit first)")

@@ -308,11 +308,15 @@ class Agenttrace(_TapTracer):
     family = "agenttrace"
     latency_clock = "wall"
 
-    def __init__(self, mode: str):
+    def __init__(self, mode: str, wakeup_ms: str | None = None):
         super().__init__()
         self.mode = mode
-        self.name = f"agenttrace-{mode}"
-        self.description = (f"`agenttrace run --cgroup <agent cgroup> --mode {mode} --output <fifo>`, "
+        # `agenttrace-<mode>-wake<ms>`: the same build with another ring-buffer wakeup interval,
+        # for before/after figures in one run (wake0 = a reader wakeup on every record)
+        self.extra = [] if wakeup_ms is None else ["--wakeup-ms", wakeup_ms]
+        self.name = f"agenttrace-{mode}" + ("" if wakeup_ms is None else f"-wake{wakeup_ms}")
+        self.description = (f"`agenttrace run --cgroup <agent cgroup> --mode {mode} --output <fifo>"
+                            + "".join(" " + a for a in self.extra) + "`, "
                             "default rule pack: every event kind it emits (exec, exit, connect, ...)")
         self.scope = "agent cgroup (and descendants) via its watched-cgroup map"
         self.fifo_fd = -1
@@ -337,7 +341,8 @@ class Agenttrace(_TapTracer):
         self.fifo_fd = os.open(fifo, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         self.tap = LineTap(self.fifo_fd, is_event=self._is_event)
         self.err_path = workdir / f"{self.name}-{self._n}.stderr"
-        cmd = [str(agenttrace_exe()), "run", "--cgroup", str(cg.path), "--mode", self.mode, "--output", str(fifo)]
+        cmd = [str(agenttrace_exe()), "run", "--cgroup", str(cg.path), "--mode", self.mode, "--output", str(fifo),
+               *self.extra]
         t0_wall = time.time_ns()
         t0 = time.monotonic()
         with open(self.err_path, "wb") as err:
@@ -644,9 +649,13 @@ def make(name: str) -> Tracer:
         return Bpftrace(name)
     if name == "auditd":
         return Auditd()
-    if name.startswith("agenttrace-") and name[len("agenttrace-"):] in ("monitor", "enforce"):
-        return Agenttrace(name[len("agenttrace-"):])
+    m = _AGENTTRACE_NAME.fullmatch(name)
+    if m:
+        return Agenttrace(m.group(1), m.group(2))
     raise ValueError(name)
+
+
+_AGENTTRACE_NAME = re.compile(r"agenttrace-(monitor|enforce)(?:-wake(\d+(?:\.\d+)?))?")
 
 
 ALIASES = {"agenttrace": ["agenttrace-monitor", "agenttrace-enforce"]}
@@ -657,7 +666,7 @@ def expand(names: list[str]) -> list[str]:
     out = []
     for n in names:
         for m in ALIASES.get(n, [n]):
-            if m not in KNOWN:
+            if m not in KNOWN and not _AGENTTRACE_NAME.fullmatch(m):
                 raise ValueError(f"unknown tracer {n!r}; known: {', '.join(KNOWN + list(ALIASES))}")
             if m not in out:
                 out.append(m)

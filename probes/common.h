@@ -17,6 +17,43 @@
 /* One ring buffer for every probe: userspace sees one ordered stream. */
 BPF_RINGBUF_OUTPUT(events, AT_RINGBUF_PAGES);
 
+/* Reader wakeups. Waking the reader is an irq_work self-interrupt that the kernel raises inside
+ * the submitting program; on this project's VMs it measured ~20 us per record (bench/
+ * ringbuf_wakeup.py), more than everything else a probe does. So records are submitted with
+ * BPF_RB_NO_WAKEUP except the first after AT_WAKE_NS of quiet on this CPU (a lone event is seen
+ * at once) and every AT_WAKE_BATCH-th (a burst never waits long in a small ring); the reader
+ * polls with an AT_WAKE_NS timeout and then consumes, so no record waits longer than that.
+ * AT_WAKE_NS 0 restores the kernel's default (wake on every record the reader is waiting for). */
+#ifndef AT_WAKE_NS
+#define AT_WAKE_NS 5000000ULL
+#endif
+#ifndef AT_WAKE_BATCH
+#define AT_WAKE_BATCH 64
+#endif
+struct at_wake { u64 last_ns; u64 count; };
+BPF_PERCPU_ARRAY(wake_state, struct at_wake, 1);
+
+static __always_inline u64 at_wake_flags(void)
+{
+#if AT_WAKE_NS == 0
+	return 0;
+#else
+	u32 zero = 0;
+	struct at_wake *w = wake_state.lookup(&zero);
+	if (!w)
+		return 0;
+	u64 now = bpf_ktime_get_ns();
+	if (++w->count >= AT_WAKE_BATCH || now - w->last_ns >= AT_WAKE_NS) {
+		w->count = 0;
+		w->last_ns = now;
+		/* forced: records held back before this one mean the reader is behind, and the
+		 * kernel's own rule wakes only a reader that has caught up */
+		return BPF_RB_FORCE_WAKEUP;
+	}
+	return BPF_RB_NO_WAKEUP;
+#endif
+}
+
 /* Watched cgroup id -> its level. Every descendant, including cgroups made later, is in scope
  * because the check walks the current task's ancestors. */
 BPF_HASH(watched, u64, u32, AT_MAX_WATCHED);

@@ -61,6 +61,6 @@ int at_device_check(struct bpf_cgroup_dev_ctx *ctx)
 	e->dev_type = (u16)dev_type;
 	e->verdict = blocked ? AT_VERDICT_BLOCKED : AT_VERDICT_ALLOWED;
 	e->pad = 0;
-	events.ringbuf_submit(e, 0);
+	events.ringbuf_submit(e, at_wake_flags());
 	return blocked ? 0 : 1;
 }

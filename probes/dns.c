@@ -66,7 +66,7 @@ static __always_inline int at_dns(struct __sk_buff *skb, u8 dir)
 	e->len = n;
 	if (bpf_skb_load_bytes(skb, off, e->msg, n) < 0)
 		e->len = 0;
-	if (events.ringbuf_output(e, sizeof(*e), 0) < 0)
+	if (events.ringbuf_output(e, sizeof(*e), at_wake_flags()) < 0)
 		at_count_drop(agent, AT_EV_DNS);
 	return 1;
 }

@@ -229,7 +229,7 @@ static __always_inline int at_flow(struct __sk_buff *skb, u8 dir)
 		st->blocked = 1;
 		st->policy_id = policy;
 	}
-	if (events.ringbuf_output(e, sizeof(*e), 0) < 0)
+	if (events.ringbuf_output(e, sizeof(*e), at_wake_flags()) < 0)
 		at_count_drop(agent, AT_EV_FLOW);
 	return e->verdict == AT_VERDICT_BLOCKED ? 0 : 1;
 }

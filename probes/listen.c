@@ -73,7 +73,7 @@ static __always_inline void at_emit_listen(struct bpf_sock_ops *ctx, struct at_h
 	at_sockops_addrs(ctx, family, e->laddr, e->raddr);
 	if (what == AT_LISTEN_LISTEN)
 		__builtin_memset(e->raddr, 0, 16);
-	events.ringbuf_submit(e, 0);
+	events.ringbuf_submit(e, at_wake_flags());
 }
 
 int at_sockops(struct bpf_sock_ops *ctx)

@@ -216,7 +216,7 @@ static __always_inline int at_sock_addr(struct bpf_sock_addr *ctx, u8 op, u16 fa
 		u64 sk = e->sk;
 		pending_conn.update(&sk, &p);
 	}
-	events.ringbuf_submit(e, 0);
+	events.ringbuf_submit(e, at_wake_flags());
 	return verdict == AT_VERDICT_BLOCKED ? 0 : 1;
 
 verdict_only:
@@ -258,7 +258,7 @@ static __always_inline void at_emit_result(struct at_pending *p, u64 sk, u16 fam
 		bpf_probe_read_kernel(r->saddr, 16, saddr6);
 		bpf_probe_read_kernel(r->daddr, 16, daddr6);
 	}
-	events.ringbuf_submit(r, 0);
+	events.ringbuf_submit(r, at_wake_flags());
 }
 
 TRACEPOINT_PROBE(sock, inet_sock_set_state)

@@ -57,7 +57,7 @@ RAW_TRACEPOINT_PROBE(sched_process_fork)
 	at_fill_header(&e->h, AT_EV_FORK, sizeof(*e), cg, agent);
 	e->child_tgid = ctgid;
 	e->parent_tgid = e->h.tgid;
-	events.ringbuf_submit(e, 0);
+	events.ringbuf_submit(e, at_wake_flags());
 	return 0;
 }
 
@@ -127,7 +127,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 	if (size > sizeof(struct at_exec))
 		size = sizeof(struct at_exec);
 	e->h.size = size;
-	if (events.ringbuf_output(e, size, 0) != 0)
+	if (events.ringbuf_output(e, size, at_wake_flags()) != 0)
 		at_count_drop(agent, AT_EV_EXEC);
 	return 0;
 }
@@ -164,6 +164,6 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 	bpf_probe_read_kernel(&leader, sizeof(leader), task + AT_OFF_TASK_GROUP_LEADER);
 	if (leader)
 		bpf_probe_read_kernel(&e->start_ktime, sizeof(e->start_ktime), leader + AT_OFF_TASK_START_TIME);
-	events.ringbuf_submit(e, 0);
+	events.ringbuf_submit(e, at_wake_flags());
 	return 0;
 }

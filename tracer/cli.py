@@ -113,6 +113,7 @@ def run(
     no_rules: bool = typer.Option(False, "--no-rules", help="Trace only: no rules, no alerts."),
     no_net: bool = typer.Option(False, "--no-net", help="Process events only (no connect hooks)."),
     gpu: str = typer.Option("allow", "--gpu", help="GPU policy for the traced agents: allow, deny (fenced in enforce mode) or off (no NVML, no fence)."),
+    wakeup_ms: float = typer.Option(5.0, "--wakeup-ms", help="Longest a record waits in the kernel ring buffer before it is read; 0 wakes the reader on every record (costs ~20 us of kernel time per event on VMs)."),
 ):
     """Trace watched cgroups, or run CMD in a fresh agent cgroup and trace it."""
     from .runtime import Options, Tracer
@@ -124,6 +125,8 @@ def run(
             raise BadInput(f"--mode: '{mode}' is not one of {', '.join(MODES)}")
         if fmt not in FORMATS:
             raise BadInput(f"--format: '{fmt}' is not one of {', '.join(FORMATS)}")
+        if not 0 <= wakeup_ms <= 1000:
+            raise BadInput(f"--wakeup-ms: {wakeup_ms} is not between 0 and 1000")
         if not cmd and not cgroup:
             raise BadInput("nothing to trace: give --cgroup PATH or -- CMD ARGS")
         if cmd and cgroup:
@@ -146,7 +149,7 @@ def run(
 
     def make(paths_):
         return Tracer(Options(cgroups=list(paths_), mode=mode, features=features, internal=cidrs,
-                              gpu=gpu_cfg), sinks, engine=engine)
+                              gpu=gpu_cfg, wakeup_ms=wakeup_ms), sinks, engine=engine)
     try:
         if cmd:
             rc = run_command(make, cmd, agent or f"run-{os.getpid()}", flag)

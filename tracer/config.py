@@ -163,6 +163,8 @@ class LimitsConfig(_Model):
     flood_action: Literal["report", "freeze-agent"] = "report"
     sink_queue: int = Field(10000, ge=1)
     proc_table_size: int = Field(65536, ge=64)
+    # the longest a record waits in the ring buffer (0 = wake the reader on every record)
+    wakeup_ms: float = Field(5.0, ge=0, le=1000)
 
     @field_validator("ring_buffer_pages")
     @classmethod

@@ -245,6 +245,8 @@ class NameCache:
 
     def lookup(self, agent, addr: str) -> str | None:
         """The name ``agent`` resolved to reach ``addr``, or None (unknown or expired)."""
+        if agent not in self._agents:
+            return None     # the common case (no DNS answer seen): skip parsing the address
         try:
             addr = self._norm_addr(addr)
         except ValueError:

@@ -125,7 +125,17 @@ def addr_str(raw, family: int) -> str:
     b = bytes(raw)
     if family == socket.AF_INET or b[:12] == _V4_MAPPED:
         return socket.inet_ntop(socket.AF_INET, b[12:16])
-    return str(ipaddress.IPv6Address(b))
+    s = _V6_STR.get(b)
+    if s is None:
+        # ipaddress gives the RFC 5952 form the rest of the pipeline compares against;
+        # it is slow, and storms repeat a handful of addresses
+        if len(_V6_STR) >= 4096:
+            _V6_STR.clear()
+        s = _V6_STR[b] = str(ipaddress.IPv6Address(b))
+    return s
+
+
+_V6_STR: dict[bytes, str] = {}
 
 
 def split_args(raw: bytes) -> list[str]:
@@ -139,6 +149,19 @@ def split_args(raw: bytes) -> list[str]:
 
 def cstr(b: bytes) -> str:
     return b.split(b"\0", 1)[0].decode("utf-8", "backslashreplace")
+
+
+def decode_buf(buf, size: int):
+    """`decode` for a record held in a buffer (tracer/ringbuf.py hands out memoryviews)."""
+    rtype = int.from_bytes(buf[:2], "little")
+    cls = BY_TYPE.get(rtype)
+    if cls is None:
+        return rtype, None
+    full = C.sizeof(cls)
+    if size >= full:
+        return rtype, cls.from_buffer_copy(buf[:full])
+    # variable-length tail (exec argv): pad the copy to the full struct
+    return rtype, cls.from_buffer_copy(bytes(buf) + bytes(full - size))
 
 
 def decode(ptr: int, size: int):

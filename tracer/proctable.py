@@ -15,7 +15,7 @@ ANCESTRY_DEPTH = 8
 
 class Proc:
     __slots__ = ("pid", "ppid", "parent", "uid", "comm", "exe", "args", "start_ktime",
-                 "cgroup_id", "agent_cgroup_id", "exited", "gpu")
+                 "cgroup_id", "agent_cgroup_id", "exited", "gpu", "_summary")
 
     def __init__(self, pid: int, ppid: int = 0, uid: int = 0, comm: str = "", exe: str = "",
                  args: list | None = None, start_ktime: int = 0):
@@ -31,6 +31,15 @@ class Proc:
         self.agent_cgroup_id = 0
         self.exited = False
         self.gpu = None
+        self._summary = None
+
+    def summary(self) -> dict:
+        """{pid, comm, exe} for ancestry lists; rebuilt only when comm or exe changed. Shared
+        by every record that names this ancestor, so never mutate it."""
+        s = self._summary
+        if s is None or s["comm"] is not self.comm or s["exe"] is not self.exe:
+            s = self._summary = {"pid": self.pid, "comm": self.comm, "exe": self.exe}
+        return s
 
     def record(self) -> dict:
         return {"pid": self.pid, "ppid": self.ppid, "uid": self.uid, "comm": self.comm,
@@ -154,6 +163,6 @@ class ProcTable:
             a = self.get(nxt)
             if a is None:
                 break
-            out.append({"pid": a.pid, "comm": a.comm, "exe": a.exe})
+            out.append(a.summary())
             nxt = a.parent
         return out

@@ -19,6 +19,7 @@ from typing import Callable, Iterable, Optional
 
 from . import __version__
 from . import events as E
+from . import ringbuf
 from .cgroups import AgentResolver, procs as cgroup_procs
 from .clock import SystemClock
 from .enrich import Enricher
@@ -41,6 +42,10 @@ class Options:
     ringbuf_pages: int = 4096
     proc_table_size: int = 65536
     connect_hold_ms: int = 250           # how long a TCP connect waits for its outcome
+    # Longest a record waits in the ring buffer before the reader takes it (probes/common.h
+    # at_wake_flags); 0 = wake the reader on every record, the kernel's default and ~20 us of
+    # BPF time per record on VMs.
+    wakeup_ms: float = 5.0
     stats_interval_s: float = 0.0        # 0 = no periodic stats records
     labels: dict = field(default_factory=dict)
     rate_limit: int = 0                  # events/s per agent admitted by the kernel (0 = no limit)
@@ -76,6 +81,9 @@ class Tracer:
         self.hooks: list[Callable[[Event], None]] = []   # extra observers (tests, gpu, tail)
         self.policy_writer = None
         self._last_tick = 0.0
+        self._records = 0          # ring-buffer records taken, for the reader's idle test
+        self._reader: ringbuf.RingReader | None = None   # None: BCC's callback reader
+        self._quiet = False        # a full wakeup interval passed with nothing read
         self.gpu = None
         self.keep_pins = False
         self._drops_seen: dict[int, int] = {}      # daemon fail-closed: pinned enforcement outlives us
@@ -110,6 +118,7 @@ class Tracer:
         if self.opts.gpu is not None and getattr(self.opts.gpu, "enabled", True):
             extra, cflags = self._start_gpu()
             features += tuple(f for f in extra if f not in features)
+        cflags = list(cflags) + [f"-DAT_WAKE_NS={int(self.opts.wakeup_ms * 1_000_000)}ULL"]
         self.probes = Probes(features, self.opts.ringbuf_pages, extra_cflags=cflags)
         try:
             self.probes.load()
@@ -128,7 +137,7 @@ class Tracer:
                 self.install_policy(self.engine.ruleset)
             for path in self.opts.cgroups:
                 self.watch(path)
-            self.probes["events"].open_ring_buffer(self._on_record)
+            self._open_reader()
         except BaseException:
             self.probes.close()
             self.probes = None
@@ -182,8 +191,39 @@ class Tracer:
         self.probes.unwatch(cid)
         self.agents.unwatch(cid)
 
+    def _open_reader(self) -> None:
+        table = self.probes["events"]
+        if ringbuf.supported():
+            self._reader = ringbuf.RingReader(table.map_fd, self.opts.ringbuf_pages * ringbuf.PAGE,
+                                              self._on_view)
+        else:
+            table.open_ring_buffer(self._on_record)
+
+    def _read(self, wait_ms: int) -> None:
+        """Wait up to wait_ms for a wakeup, then take every record in the ring."""
+        if self._reader is not None:
+            self._reader.poll(wait_ms)
+            return
+        bpf = self.probes.bpf
+        if wait_ms > 0:
+            bpf.ring_buffer_poll(wait_ms)
+        bpf.ring_buffer_consume()
+
     def poll(self, timeout_ms: int = 100) -> None:
-        self.probes.bpf.ring_buffer_poll(timeout_ms)
+        if self.opts.wakeup_ms > 0:
+            # Most records arrive without a wakeup (probes/common.h at_wake_flags), so wait at
+            # most the wakeup interval, then take whatever is in the ring. Once a whole
+            # interval has passed with nothing read, every CPU's next record wakes the reader
+            # (its last wakeup is older than the interval), so an idle reader may sleep for the
+            # caller's full timeout: no 200 wakeups a second on an idle node.
+            interval = max(1, int(self.opts.wakeup_ms))
+            wait = timeout_ms if self._quiet else min(timeout_ms, interval)
+            n0, t0 = self._records, time.monotonic()
+            self._read(wait)
+            self._quiet = self._records == n0 and (
+                self._quiet or (time.monotonic() - t0) * 1000 >= self.opts.wakeup_ms)
+        else:
+            self._read(timeout_ms)
         for ev in self.enrich.expire_pending(self.opts.connect_hold_ms * 1_000_000):
             self._process(ev)
         if self.gpu is not None:
@@ -205,7 +245,7 @@ class Tracer:
 
     def drain(self) -> None:
         """Consume what the kernel already wrote and release held connects."""
-        self.probes.bpf.ring_buffer_consume()
+        self._read(0)
         for ev in self.enrich.flush_pending():
             self._process(ev)
         if self.engine is not None:
@@ -226,6 +266,9 @@ class Tracer:
         finally:
             if self.gpu is not None:
                 self.gpu.stop()
+            if self._reader is not None:
+                self._reader.close()
+                self._reader = None
             if self.probes is not None:
                 self.probes.close(keep_pins=self.keep_pins)
             for s in self.sinks:
@@ -236,19 +279,36 @@ class Tracer:
         return counters
 
     # --- pipeline ----------------------------------------------------------------------
+    def _on_view(self, view, size) -> None:
+        self._records += 1
+        try:
+            rtype, obj = E.decode_buf(view, size)
+        except Exception as e:
+            self._stage_error("decode/enrich", e)
+            return
+        self._handle(rtype, obj)
+
     def _on_record(self, _ctx, data, size) -> int:
+        self._records += 1
         try:
             rtype, obj = E.decode(data, size)
+        except Exception as e:
+            self._stage_error("decode/enrich", e)
+            return 0
+        self._handle(rtype, obj)
+        return 0
+
+    def _handle(self, rtype: int, obj) -> None:
+        try:
             if obj is None:
                 self.enrich.unknown_types += 1
-                return 0
+                return
             for ev in self.enrich(rtype, obj):
                 self._process(ev)
         except Exception as e:
             # one bad record or a failing enricher never stops the reader; it is counted,
             # and the first of each kind is logged so it cannot go unnoticed
             self._stage_error("decode/enrich", e)
-        return 0
 
     def _stage_error(self, stage: str, e: Exception) -> None:
         self.stage_errors += 1

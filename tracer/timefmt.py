@@ -5,9 +5,16 @@ import calendar
 import time
 
 
+_last = [-1, ""]   # the last second formatted: events come in bursts within one second
+
+
 def format_ns(t_ns: int) -> str:
     sec, ns = divmod(t_ns, 1_000_000_000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)) + f".{ns:09d}Z"
+    last = _last
+    if sec != last[0]:
+        last[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+        last[0] = sec
+    return f"{last[1]}.{ns:09d}Z"
 
 
 def parse_ns(ts: str) -> int:
