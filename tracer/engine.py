@@ -437,6 +437,10 @@ class Engine:
     def _alert_record(self, rule: Rule, rec: dict, outcome: str, window: Optional[dict] = None,
                       detail: str = "") -> dict:
         msg = render_message(rule, rec, window)
+        fil = rec.get("file")
+        if outcome == "killed" and isinstance(fil, dict) and fil.get("kill_effect") == "name_in_place":
+            # said in every alert, whatever the rule's message template: the kill came after the fact
+            msg += " [killed after the new name was in place: the file was changed]"
         if detail and outcome == "reported" and self.mode == "enforce" and rule.action != "report":
             msg += f" [{rule.action} not done: {detail}]"
         out = dict(rec)
