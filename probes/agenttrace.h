@@ -182,11 +182,41 @@ struct at_device {
 #define AT_FILE_READ  1
 #define AT_FILE_WRITE 2
 
+/* which syscall the path came from (at_file.syscall) */
+#define AT_SYS_OPENAT    1
+#define AT_SYS_OPENAT2   2
+#define AT_SYS_OPEN      3
+#define AT_SYS_CREAT     4
+#define AT_SYS_RENAMEAT2 5
+#define AT_SYS_RENAMEAT  6
+#define AT_SYS_RENAME    7
+#define AT_SYS_LINKAT    8
+#define AT_SYS_LINK      9
+
+/* the kernel's classification of the path (at_file.fclass); userspace applies the same rules */
+#define AT_FCLASS_UNKNOWN         0  /* the path could not be read */
+#define AT_FCLASS_AUTHORIZED_KEYS 1
+#define AT_FCLASS_PRIVATE_KEY     2
+#define AT_FCLASS_HOST_KEY        3
+#define AT_FCLASS_SSH_OTHER       4
+
+/* at_file.fflags */
+#define AT_FILE_KILLED         0x1  /* the process was sent SIGKILL at syscall entry by policy */
+#define AT_FILE_READ_FAILED    0x2  /* the path could not be read from user memory */
+#define AT_FILE_PATH_TRUNCATED 0x4  /* the path filled AT_PATH_MAX bytes */
+#define AT_FILE_LATE_READ      0x8  /* read at syscall exit: at entry the page was not faulted in */
+
 struct at_file {
 	struct at_header h;
 	u32 op;              /* AT_FILE_* */
-	u32 flags;           /* open flags */
-	char path[AT_PATH_MAX];
+	u32 flags;           /* open flags (O_*); 0 for rename/link */
+	char path[AT_PATH_MAX];  /* as the process passed it: may be relative to dfd */
+	s32 dfd;             /* directory fd a relative path starts from; -100 (AT_FDCWD) = cwd */
+	u32 policy_id;       /* file kill-policy entry that matched, 0 when none */
+	u16 syscall;         /* AT_SYS_* */
+	u16 path_len;        /* bytes read including the NUL; 0 when the read failed */
+	u16 fclass;          /* AT_FCLASS_* */
+	u16 fflags;          /* AT_FILE_KILLED | AT_FILE_READ_FAILED | AT_FILE_PATH_TRUNCATED */
 };
 
 /* Key of the per-agent drop counters (map `drops`): ring-buffer reserve failures. */

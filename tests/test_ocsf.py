@@ -147,3 +147,24 @@ def test_lifecycle_and_unmapped_kinds():
 def test_a_record_with_a_broken_ts_still_gets_a_time():
     ev = to_ocsf({"kind": "exec", "ts": "yesterday", "node": "n", "proc": PROC})
     assert isinstance(ev["time"], int) and ev["time"] > 0
+
+
+@pytest.mark.parametrize("syscall,verdict,activity,action", [
+    ("openat", "allowed", (14, "Open"), (1, "Allowed")),
+    ("renameat2", "killed", (5, "Rename"), (2, "Denied")),
+    ("linkat", "allowed", (1, "Create"), (1, "Allowed")),
+])
+def test_file_is_file_system_activity(syscall, verdict, activity, action):
+    f = {"path": "/home/dev/.ssh/authorized_keys", "raw_path": "authorized_keys", "op": "write",
+         "syscall": syscall, "flags": [], "class": "authorized_keys", "verdict": verdict}
+    ev = to_ocsf(base("file", proc=copy.deepcopy(PROC), file=f))
+    check_base(ev, 1001, 1)
+    assert (ev["activity_id"], ev["activity_name"]) == activity
+    assert (ev["action_id"], ev["action"]) == action
+    assert ev["file"] == {"name": "authorized_keys", "path": "/home/dev/.ssh/authorized_keys",
+                          "type_id": 0, "type": "Unknown"}
+    assert ev["actor"] and ev["device"] and ev["unmapped"]["file"]["class"] == "authorized_keys"
+    al = to_ocsf(base("alert", proc=copy.deepcopy(PROC), file=f, trigger="file",
+                      rule={"id": "ssh-authorized-keys-write", "category": "tunnel", "severity": "critical",
+                            "action": "kill", "outcome": "killed", "tags": ["T1098.004"], "message": "m"}))
+    assert al["evidences"][0]["file"]["path"] == "/home/dev/.ssh/authorized_keys"

@@ -97,6 +97,8 @@ def _gpu_config(choice: str):
 
 MODES = ("monitor", "enforce")
 FORMATS = ("json", "ocsf")
+FILES_HELP = ("Also trace SSH files (authorized_keys writes, private/host key reads). Off by default: "
+              "its syscall tracepoints slow every process's syscalls a little (see README, measured costs).")
 
 
 @app.command(context_settings={"allow_interspersed_args": False})
@@ -112,6 +114,7 @@ def run(
     rules: List[str] = typer.Option([], "--rules", "-r", help="Rule file or folder (repeatable; default: the built-in pack)."),
     no_rules: bool = typer.Option(False, "--no-rules", help="Trace only: no rules, no alerts."),
     no_net: bool = typer.Option(False, "--no-net", help="Process events only (no connect hooks)."),
+    files: bool = typer.Option(False, "--files/--no-files", help=FILES_HELP),
     gpu: str = typer.Option("allow", "--gpu", help="GPU policy for the traced agents: allow, deny (fenced in enforce mode) or off (no NVML, no fence)."),
     wakeup_ms: float = typer.Option(5.0, "--wakeup-ms", help="Longest a record waits in the kernel ring buffer before it is read; 0 wakes the reader on every record (costs ~20 us of kernel time per event on VMs)."),
 ):
@@ -136,7 +139,7 @@ def run(
         _require_root()
         cidrs = _check_cidrs(internal)
         paths = _resolve_cgroups(cgroup)
-        features = ("proc",) if no_net else ("proc", "net")
+        features = (("proc",) if no_net else ("proc", "net")) + (("files",) if files else ())
         engine = None if no_rules else _load_engine(rules, mode)
         gpu_cfg = _gpu_config(gpu)
         sinks = _sinks(output, fmt)
@@ -184,6 +187,7 @@ def tail(
     severity: Optional[str] = typer.Option(None, "--severity", help="Only alerts at or above this severity."),
     alerts: bool = typer.Option(False, "--alerts", help="Only alerts."),
     color: Optional[bool] = typer.Option(None, "--color/--no-color", help="Colour (default: when a terminal)."),
+    files: bool = typer.Option(False, "--files/--no-files", help=FILES_HELP),
 ):
     """The human view: one coloured line per event. Attaches to the daemon when it runs."""
     from .tailview import Filter, render
@@ -238,8 +242,11 @@ def tail(
         raise fail(str(e))
     flag = StopFlag().install()
 
+    from .probes import DEFAULT_FEATURES
+    features = DEFAULT_FEATURES + (("files",) if files else ())
+
     def make(paths_):
-        return Tracer(Options(cgroups=list(paths_)), [_TermSink()])
+        return Tracer(Options(cgroups=list(paths_), features=features), [_TermSink()])
     try:
         if cmd:
             raise typer.Exit(run_command(make, cmd, f"tail-{os.getpid()}", flag))

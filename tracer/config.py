@@ -216,6 +216,15 @@ class PinningConfig(_Model):
         return v
 
 
+class ProbesConfig(_Model):
+    files: bool = False
+    """SSH-file probes (syscall tracepoints on open/openat/openat2/creat/rename/link): writes
+    to authorized_keys, reads of private and host keys. Off by default because every
+    syscall tracepoint moves every task on the node to the slow syscall path; the cost
+    measured here is in the README. Changing it takes a restart (probes stay attached
+    across reloads)."""
+
+
 class Config(_Model):
     node: Optional[str] = None
     mode: Literal["monitor", "enforce"] = "monitor"
@@ -229,6 +238,7 @@ class Config(_Model):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     pinning: PinningConfig = Field(default_factory=PinningConfig)
+    probes: ProbesConfig = Field(default_factory=ProbesConfig)
 
     _source: Optional[str] = PrivateAttr(None)
 

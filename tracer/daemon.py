@@ -104,7 +104,9 @@ def _tracer_from(cfg, ruleset):
         from .gpu import GpuConfig
         gpu = cfg.gpu if isinstance(cfg.gpu, GpuConfig) else GpuConfig.model_validate(cfg.gpu)
     fanout = build_sinks(cfg.sinks, queue_size=cfg.limits.sink_queue)
-    opts = Options(cgroups=[], mode=cfg.mode, internal=[str(c) for c in cfg.internal_cidrs],
+    from .probes import DEFAULT_FEATURES
+    features = DEFAULT_FEATURES + (("files",) if cfg.probes.files else ())
+    opts = Options(cgroups=[], mode=cfg.mode, internal=[str(c) for c in cfg.internal_cidrs], features=features,
                    ringbuf_pages=cfg.limits.ring_buffer_pages, proc_table_size=cfg.limits.proc_table_size,
                    stats_interval_s=60.0, gpu=gpu,
                    rate_limit=cfg.limits.agent_events_per_sec,
@@ -190,6 +192,10 @@ def _reload(config_path, old_cfg, tracer, watcher):
         return old_cfg
     if cfg.mode != tracer.opts.mode:
         tracer.set_mode(cfg.mode)
+    if cfg.probes.files != ("files" in tracer.opts.features):
+        # the probes stay attached across a reload: adding/removing one needs a restart
+        tracer._lifecycle("notice", code="restart_needed",
+                          message="probes.files changed: it takes effect when the daemon restarts")
     tracer.reload_rules(rs)
     watcher.watches = cfg.agents
     watcher.scan()

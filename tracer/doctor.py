@@ -75,6 +75,15 @@ def run_checks(out) -> bool:
         except Exception as e:
             good &= _check(out, False, f"loading the probes: {e}", "see the error; run scripts/setup.sh")
 
+    from .probes import FILE_SYSCALLS
+    have = [n for n in ("openat",) + FILE_SYSCALLS
+            if (TRACEFS / "events" / "syscalls" / f"sys_enter_{n}").is_dir()]
+    _check(out, "openat" in have,
+           f"syscall tracepoints for the optional SSH-file probes (--files / probes.files): {', '.join(have) or 'none'}",
+           "enable CONFIG_FTRACE_SYSCALLS; without it the files feature cannot load", required=False)
+    out("note: the files feature is off by default: its syscall tracepoints slow every process's "
+        "syscalls (measured 1.14-1.28x here, README 'What it costs')")
+
     try:
         from .gpu import nvml_status
         st = nvml_status()

@@ -15,6 +15,7 @@ SLOTS = 4                 # AT_DST_SLOTS in probes/net.c
 MAX_PORT_EXPANSION = 4096  # port ranges narrower than "any" are expanded into per-port keys
 COMM_LEN = 16
 PATH_MAX = 256
+FILE_POLICY_MAX = 64       # AT_FILE_POLICY_MAX in probes/files.c
 
 
 class EnforceError(Exception):
@@ -49,6 +50,8 @@ class PolicyWriter:
             self._net(kp)
         if self._has("kill_paths"):
             self._exec(kp)
+        if self._has("file_policy"):
+            self._files(kp)
         if self._has("flow_policy"):
             from .protocols import FlowPolicyError, write_flow_policy
             try:
@@ -183,3 +186,19 @@ class PolicyWriter:
                 want_n.add(bytes(k))
         self._delete_stale(paths, want_p)
         self._delete_stale(names, want_n)
+
+    # --- files -----------------------------------------------------------------------
+    def _files(self, kp: KernelPolicy) -> None:
+        t = self.probes["file_policy"]
+        want: dict[int, int] = {}
+        for e in kp.file_kill:
+            # two rules on the same class/op: the first (lowest policy id) is reported
+            want.setdefault(e.key, e.policy_id)
+        if len(want) > FILE_POLICY_MAX:
+            raise EnforceError(f"more than {FILE_POLICY_MAX} file kill entries")
+        keep = set()
+        for key, pid in want.items():
+            k = t.Key(key)
+            t[k] = t.Leaf(pid)
+            keep.add(bytes(k))
+        self._delete_stale(t, keep)

@@ -94,6 +94,14 @@ def describe_event(rec: dict) -> str:
     if kind == "device" and rec.get("device"):
         d = rec["device"]
         return f"{who} opened device {d.get('major')}:{d.get('minor')}"
+    if kind == "file" and rec.get("file"):
+        f = rec["file"]
+        verb = {"read": "read", "write": "wrote"}.get(f.get("op"), f.get("op"))
+        s = f"{who} {verb} {f.get('class')} {f.get('path') or '<unreadable path>'} ({f.get('syscall')})"
+        if f.get("verdict") == "killed":
+            s += ("; killed after the new name was in place" if f.get("kill_effect") == "name_in_place"
+                  else "; killed at open, before any byte was read or written")
+        return s
     if kind == "gpu" and rec.get("gpu"):
         g = rec["gpu"]
         return f"{who} on GPU {g.get('index')} ({g.get('used_memory_mib')} MiB, {g.get('sm_util_pct')}% SM)"
@@ -402,6 +410,9 @@ class Engine:
         # What the kernel already did is the truth in either mode.
         if proc.get("killed_in_kernel"):
             return ActionResult("killed", "exec killed in the kernel")
+        fil = rec.get("file")
+        if fil and fil.get("verdict") == "killed":
+            return ActionResult("killed", "killed in the kernel at syscall entry")
         if net.get("verdict") == "blocked" or dev.get("verdict") in ("blocked", "denied"):
             return ActionResult("blocked", "blocked in the kernel")
         if self.mode != "enforce" or rule.action == "report":
@@ -426,6 +437,10 @@ class Engine:
     def _alert_record(self, rule: Rule, rec: dict, outcome: str, window: Optional[dict] = None,
                       detail: str = "") -> dict:
         msg = render_message(rule, rec, window)
+        fil = rec.get("file")
+        if outcome == "killed" and isinstance(fil, dict) and fil.get("kill_effect") == "name_in_place":
+            # said in every alert, whatever the rule's message template: the kill came after the fact
+            msg += " [killed after the new name was in place: the file was changed]"
         if detail and outcome == "reported" and self.mode == "enforce" and rule.action != "report":
             msg += f" [{rule.action} not done: {detail}]"
         out = dict(rec)

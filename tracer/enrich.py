@@ -44,6 +44,7 @@ class Enricher:
         self.clock_offset = 0
         self.resync_clock()
         self.argv_read_failures = 0
+        self.file_path_read_failures = 0
         self.unknown_types = 0
         self.device_names: dict = {}
         # TCP connects waiting for their outcome, by kernel socket address
@@ -101,6 +102,8 @@ class Enricher:
             return [self._dns(o)]
         if rtype == E.EV_LISTEN:
             return [self._listen(o)]
+        if rtype == E.EV_FILE:
+            return [self._file(o)]
         self.unknown_types += 1
         return []
 
@@ -164,6 +167,22 @@ class Enricher:
         rec["proc"] = self._proc(h)
         rec["device"] = device_body(o.major, o.minor, o.access, o.dev_type, o.verdict, self.device_names)
         return Event("device", t, rec, h.tgid, h.agent_cgroup_id)
+
+    def _file(self, o: E.File) -> Event:
+        from .files import file_body
+        h = o.h
+        rec, t = self._base("file", h)
+        rec["proc"] = self._proc(h)
+        read_failed = bool(o.fflags & E.FILE_READ_FAILED)
+        if read_failed:
+            self.file_path_read_failures += 1
+        raw = "" if read_failed else E.cstr(o.path)
+        rec["file"] = file_body(raw, o.op, E.SYS_NAMES.get(o.syscall, str(o.syscall)), o.flags,
+                                E.FCLASS_NAMES.get(o.fclass) if o.fclass else None,
+                                bool(o.fflags & E.FILE_KILLED), o.policy_id, h.tgid, o.dfd,
+                                read_failed, bool(o.fflags & E.FILE_PATH_TRUNCATED),
+                                bool(o.fflags & E.FILE_LATE_READ))
+        return Event("file", t, rec, h.tgid, h.agent_cgroup_id)
 
     def _remember_socket(self, cookie: int, tgid: int, agent: int) -> None:
         if not cookie or not tgid:

@@ -32,6 +32,12 @@ LISTEN_LISTEN, LISTEN_ACCEPT = 1, 2
 DIR_EGRESS, DIR_INGRESS = 0, 1
 PROTO_UNKNOWN, PROTO_SSH, PROTO_STRATUM, PROTO_TLS, PROTO_HTTP = 0, 1, 2, 3, 4
 FILE_READ, FILE_WRITE = 1, 2
+SYS_NAMES = {1: "openat", 2: "openat2", 3: "open", 4: "creat", 5: "renameat2", 6: "renameat",
+             7: "rename", 8: "linkat", 9: "link"}
+FCLASS_UNKNOWN, FCLASS_AUTHORIZED_KEYS, FCLASS_PRIVATE_KEY, FCLASS_HOST_KEY, FCLASS_SSH_OTHER = 0, 1, 2, 3, 4
+FCLASS_NAMES = {0: "unknown", 1: "authorized_keys", 2: "private_key", 3: "host_key", 4: "ssh_other"}
+FILE_KILLED, FILE_READ_FAILED, FILE_PATH_TRUNCATED, FILE_LATE_READ = 0x1, 0x2, 0x4, 0x8
+AT_FDCWD = -100
 
 
 class Header(C.Structure):
@@ -102,7 +108,9 @@ class Device(C.Structure):
 
 class File(C.Structure):
     _fields_ = [("h", Header), ("op", C.c_uint32), ("flags", C.c_uint32),
-                ("path", C.c_char * PATH_MAX)]
+                ("path", C.c_char * PATH_MAX), ("dfd", C.c_int32), ("policy_id", C.c_uint32),
+                ("syscall", C.c_uint16), ("path_len", C.c_uint16), ("fclass", C.c_uint16),
+                ("fflags", C.c_uint16)]
 
 
 class DropKey(C.Structure):

@@ -1,6 +1,7 @@
 """DESIGN §5 records rendered as OCSF 1.x events for SIEMs that ingest OCSF.
 
-Classes: exec/exit → Process Activity (1007); connect/listen/flow → Network Activity (4001);
+Classes: exec/exit → Process Activity (1007); file → File System Activity (1001);
+connect/listen/flow → Network Activity (4001);
 dns → DNS Activity (4003); alert → Detection Finding (2004); lifecycle → Application
 Lifecycle (6002); gpu/device, which no OCSF 1.x class describes, → Base Event (0) with the
 body under `unmapped`. Every event carries the base mandatory fields (category_uid,
@@ -25,7 +26,7 @@ _SEVERITY = {"info": (1, "Informational"), "low": (2, "Low"), "medium": (3, "Med
 
 _CATEGORY = {0: "Uncategorized", 1: "System Activity", 2: "Findings", 4: "Network Activity",
              6: "Application Activity"}
-_CLASS = {0: ("Base Event", 0), 1007: ("Process Activity", 1), 2004: ("Detection Finding", 2),
+_CLASS = {0: ("Base Event", 0), 1001: ("File System Activity", 1), 1007: ("Process Activity", 1), 2004: ("Detection Finding", 2),
           4001: ("Network Activity", 4), 4003: ("DNS Activity", 4), 6002: ("Application Lifecycle", 6)}
 
 # Network Activity activity_id by the §5 connect result.
@@ -272,11 +273,35 @@ def _finding(record: dict) -> dict:
         evidence["connection_info"] = _connection_info(net, 2)
     if record.get("dns"):
         evidence["query"] = {"hostname": record["dns"].get("query") or "", "class": "IN"}
+    if record.get("file"):
+        fp = record["file"].get("path") or record["file"].get("raw_path") or ""
+        evidence["file"] = {"name": fp.rsplit("/", 1)[-1], "path": fp, "type_id": 0, "type": "Unknown"}
     if evidence:
         ev["evidences"] = [evidence]
     _unmapped(ev, "rule", {k: rule[k] for k in ("action", "outcome", "tags", "category") if k in rule})
-    for k in ("net", "flow", "dns", "gpu", "device"):
+    for k in ("net", "flow", "dns", "gpu", "device", "file"):
         _unmapped(ev, k, record.get(k))
+    return ev
+
+
+def _file_activity(record: dict) -> dict:
+    f = record.get("file") or {}
+    sc = f.get("syscall") or ""
+    if sc.startswith("rename"):
+        aid, aname = 5, "Rename"
+    elif sc.startswith("link"):
+        aid, aname = 1, "Create"      # a new name for an existing file; OCSF has no "link"
+    else:
+        aid, aname = 14, "Open"
+    ev = _base(record, 1001, aid, aname)
+    ev["actor"] = _actor(record.get("proc"))
+    path = f.get("path") or f.get("raw_path") or ""
+    ev["file"] = {"name": path.rsplit("/", 1)[-1], "path": path, "type_id": 0, "type": "Unknown"}
+    killed = f.get("verdict") == "killed"
+    ev["action_id"], ev["action"] = (2, "Denied") if killed else (1, "Allowed")
+    ev["disposition_id"], ev["disposition"] = (7, "Custom Action") if killed else (1, "Allowed")
+    ev.setdefault("device", {"type_id": 0, "type": "Unknown"})
+    _unmapped(ev, "file", f)
     return ev
 
 
@@ -302,7 +327,7 @@ def _other(record: dict) -> dict:
 
 
 _BY_KIND = {"exec": _process_activity, "exit": _process_activity, "connect": _network,
-            "listen": _network, "flow": _network, "dns": _dns, "alert": _finding,
+            "listen": _network, "flow": _network, "dns": _dns, "alert": _finding, "file": _file_activity,
             "lifecycle": _lifecycle}
 
 

@@ -1,7 +1,7 @@
 """What the kernel enforces: a rule set compiled into plain tables for BPF maps.
 
 `compile_policy(ruleset)` turns every rule the kernel can hold (action `block`; action `kill`
-on exec by exact path/basename) plus the per-group egress policies into a `KernelPolicy` of
+on exec by exact path/basename; action `kill` on file by class/op) plus the per-group egress policies into a `KernelPolicy` of
 plain dataclasses holding ints and bytes — ready to be written into maps by the loader and
 free of any BCC import so it is testable offline.
 
@@ -85,6 +85,24 @@ class ExecKill:
     value: bytes
 
 
+# probes/agenttrace.h AT_FCLASS_* and AT_FILE_*
+FILE_CLASS_NUM = {"authorized_keys": 1, "private_key": 2, "host_key": 3, "ssh_other": 4}
+FILE_OP_NUM = {"read": 1, "write": 2}
+
+
+@dataclass(frozen=True)
+class FileKill:
+    """Kill a process at syscall entry when it opens (or renames/links onto) a file of class
+    `fclass` for `op` (probes/files.c: key fclass << 8 | op)."""
+    policy_id: int
+    fclass: int          # FILE_CLASS_NUM
+    op: int              # FILE_OP_NUM
+
+    @property
+    def key(self) -> int:
+        return (self.fclass << 8) | self.op
+
+
 @dataclass(frozen=True)
 class DeviceDeny:
     policy_id: int
@@ -114,6 +132,7 @@ class KernelPolicy:
     dest_allow: List[DestEntry] = field(default_factory=list)
     protocol_drop: List[ProtocolDrop] = field(default_factory=list)
     exec_kill: List[ExecKill] = field(default_factory=list)
+    file_kill: List[FileKill] = field(default_factory=list)
     device_deny: List[DeviceDeny] = field(default_factory=list)
     policy_ids: Dict[int, str] = field(default_factory=dict)     # policy_id → rule id
 
@@ -269,6 +288,13 @@ def compile_policy(ruleset: RuleSet, internal: Iterable[str] = DEFAULT_INTERNAL,
             raise PolicyError(f"rule {r.id}: kernel action without a match")
         if r.id.startswith("egress-policy.") and r.id.endswith(".allow-list"):
             allow_list_rules[next(iter(m.groups))] = (pid, r)
+            continue
+        if r.action == "kill" and list(r.on) == ["file"]:
+            for c in sorted(m.file_classes):
+                if c not in FILE_CLASS_NUM:
+                    raise PolicyError(f"rule {r.id}: the kernel cannot classify files as {c!r}")
+                for op in sorted(m.file_ops or FILE_OP_NUM):
+                    kp.file_kill.append(FileKill(pid, FILE_CLASS_NUM[c], FILE_OP_NUM[op]))
             continue
         if r.action == "kill":
             for p in m.exe_path_list:

@@ -50,8 +50,22 @@ FEATURES: dict[str, tuple[str, list[tuple[str, str, int]]]] = {
     "device": ("device.c", [
         ("at_device_check", "CGROUP_DEVICE", CGROUP_DEVICE),
     ]),
+    # syscall tracepoints on opens/renames/links of ssh files: the one feature that costs
+    # every task on the machine something (the slow syscall path), so not a default; see
+    # the README's measured costs
+    "files": ("files.c", []),
 }
 DEFAULT_FEATURES = ("proc", "net", "listen", "flow", "dns")
+OPTIONAL_FEATURES = ("files",)   # selectable in run/tail (--files) and the daemon config
+
+# syscall tracepoints files.c uses besides sys_enter_openat (present everywhere); each is
+# compiled only where tracefs has it (arm64 has no open, creat, rename or link)
+FILE_SYSCALLS = ("openat2", "open", "creat", "renameat2", "renameat", "rename", "linkat", "link")
+
+
+def file_syscall_flags(tracefs: Path) -> list[str]:
+    return [f"-DAT_HAVE_SYS_{name.upper()}" for name in FILE_SYSCALLS
+            if (tracefs / "events" / "syscalls" / f"sys_enter_{name}").is_dir()]
 
 
 class ProbeError(Exception):
@@ -164,6 +178,8 @@ class Probes:
             flags.append(f"-DAT_WITH_{feat.upper()}")
         for name, off in btf.probe_offsets().items():
             flags.append(f"-D{name}={off}")
+        if "files" in self.features:
+            flags += file_syscall_flags(tracefs)
         if tracepoint_has_field(tracefs, "sched", "sched_process_exit", "group_dead"):
             flags.append("-DAT_HAVE_GROUP_DEAD")
         if _kernel_before(6, 10):

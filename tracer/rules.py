@@ -43,7 +43,7 @@ from .paths import rules_dir
 CATEGORIES = ("tunnel", "mining", "scan", "gpu", "egress", "exec")
 SEVERITIES = ("info", "low", "medium", "high", "critical")
 ACTIONS = ("report", "block", "kill", "kill-agent", "freeze-agent")
-EVENT_KINDS = ("exec", "fork", "exit", "connect", "listen", "dns", "flow", "gpu", "device")
+EVENT_KINDS = ("exec", "fork", "exit", "connect", "listen", "dns", "flow", "gpu", "device", "file")
 SEVERITY_RANK = {s: i for i, s in enumerate(SEVERITIES)}
 
 # Which top-level sections a record of each kind carries (DESIGN §5). Used to reject a CEL
@@ -59,9 +59,12 @@ KIND_SECTIONS: Dict[str, Tuple[str, ...]] = {
     "flow": ("proc", "net", "flow"),
     "gpu": ("proc", "gpu"),
     "device": ("proc", "device"),
+    "file": ("proc", "file"),
 }
 CEL_VARS = COMMON_VARS + ("proc", "exit_code", "duration_ms", "net", "dns", "flow", "gpu",
-                          "device", "lists")
+                          "device", "file", "lists")
+FILE_CLASSES = ("authorized_keys", "private_key", "host_key", "ssh_other", "unknown")
+FILE_OPS = ("read", "write")
 
 # Protocols the kernel can tell from a flow's first payload bytes (cgroup_skb egress).
 KERNEL_PROTOCOLS = ("ssh", "stratum")
@@ -123,6 +126,12 @@ class DeviceMatch(_Strict):
     majors: List[int] = Field(default_factory=list)
 
 
+class FileMatch(_Strict):
+    classes: List[str] = Field(default_factory=list)   # authorized_keys|private_key|host_key|ssh_other|unknown
+    ops: List[str] = Field(default_factory=list)       # read|write
+    paths: List[str] = Field(default_factory=list)     # wildcards on file.path (absolute when resolved)
+
+
 class MatchBase(_Strict):
     groups: List[str] = Field(default_factory=list)   # agent groups (agent.group, "default" when unset)
     dst: Optional[DstMatch] = None
@@ -130,6 +139,7 @@ class MatchBase(_Strict):
     protocols: List[str] = Field(default_factory=list)
     exe: Optional[ExeMatch] = None
     device: Optional[DeviceMatch] = None
+    file: Optional[FileMatch] = None
 
 
 class Match(MatchBase):
@@ -313,6 +323,9 @@ def _typed_pool():
                 "sm_util_pct": ".google.protobuf.Value"})
     # access is a string or a list of strings (mknod/read/write)
     msg("Device", {"major": "i", "minor": "i", "access": ".google.protobuf.Value", "verdict": "s"})
+    msg("File", {"path": "s", "raw_path": "s", "op": "s", "syscall": "s", "flags": "*s", "class": "s",
+                 "verdict": "s", "kill_effect": "s", "policy_id": "i", "path_unresolved": "b",
+                 "path_read_failed": "b", "path_truncated": "b", "path_read_late": "b"})
     pool = descriptor_pool.DescriptorPool()
     pool.AddSerializedFile(struct_pb2.DESCRIPTOR.serialized_pb)
     pool.Add(fdp)
@@ -331,10 +344,10 @@ def cel_envs():
                   "lists": lists_t}
         typed = dict(common)
         for name, msg in (("proc", "Proc"), ("net", "Net"), ("dns", "Dns"), ("flow", "Flow"),
-                          ("gpu", "Gpu"), ("device", "Device")):
+                          ("gpu", "Gpu"), ("device", "Device"), ("file", "File")):
             typed[name] = C.Type(f"agenttrace.{msg}")
         untyped = dict(common)
-        for name in ("proc", "net", "dns", "flow", "gpu", "device"):
+        for name in ("proc", "net", "dns", "flow", "gpu", "device", "file"):
             untyped[name] = dyn_map
         try:
             from cel_expr_python.ext import ext_strings
@@ -435,6 +448,11 @@ class CompiledMatch:
     args_regex: Tuple[re.Pattern, ...] = ()
     cmdline_regex: Tuple[re.Pattern, ...] = ()
     majors: frozenset = frozenset()
+    file_classes: frozenset = frozenset()
+    file_ops: frozenset = frozenset()
+    file_paths: Optional[re.Pattern] = None
+    file_path_list: Tuple[str, ...] = ()
+    has_file: bool = False
     has_dst: bool = False
     has_exe: bool = False
     groups: frozenset = frozenset()
@@ -465,6 +483,16 @@ class CompiledMatch:
         if self.majors:
             dev = rec.get("device")
             if not dev or dev.get("major") not in self.majors:
+                return False
+        if self.has_file:
+            f = rec.get("file")
+            if not f:
+                return False
+            if self.file_classes and f.get("class") not in self.file_classes:
+                return False
+            if self.file_ops and f.get("op") not in self.file_ops:
+                return False
+            if self.file_paths is not None and not self.file_paths.match(f.get("path") or ""):
                 return False
         for u in self.unless:
             if u(rec):
@@ -593,6 +621,7 @@ DEFAULT_DEDUP_FIELDS: Dict[str, Tuple[str, ...]] = {
     "flow": ("net.dst.addr", "net.dst.port", "flow.protocol"),
     "gpu": ("gpu.index",),
     "device": ("device.major", "device.minor"),
+    "file": ("file.path", "file.op"),
 }
 
 _VALID_FIELD_ROOTS = set(CEL_VARS) - {"lists"}
@@ -793,6 +822,19 @@ def _compile_match(m: MatchBase, lists: Dict[str, List[Any]], ctx: _FileCtx, loc
         cm.has_exe = bool(cm.exe_paths or cm.basenames or cm.args_contain or cm.args_regex or cm.cmdline_regex)
     if m.device is not None:
         cm.majors = frozenset(m.device.majors)
+    if m.file is not None:
+        fl = loc + ["file"]
+        for key, allowed in (("classes", FILE_CLASSES), ("ops", FILE_OPS)):
+            vals = [str(x) for x in _expand(getattr(m.file, key), lists, ctx, fl + [key], rid, errors, cm)]
+            for i, v in enumerate(vals):
+                if v not in allowed:
+                    errors.append(ctx.err(fl + [key, min(i, len(getattr(m.file, key)) - 1)],
+                                          f"unknown file {key[:-1] if key == 'ops' else 'class'} {v!r} "
+                                          f"(one of {', '.join(allowed)})", rid))
+            setattr(cm, "file_" + key, frozenset(vals))
+        paths = [str(x) for x in _expand(m.file.paths, lists, ctx, fl + ["paths"], rid, errors, cm)]
+        cm.file_paths, cm.file_path_list = _wild(paths), tuple(paths)
+        cm.has_file = bool(cm.file_classes or cm.file_ops or cm.file_paths is not None)
     cm.groups = frozenset(m.groups)
     if isinstance(m, Match) and m.unless is not None:
         if isinstance(m.unless, list):
@@ -810,6 +852,7 @@ _GROUP_KINDS = {
     "protocols": {"flow"},
     "exe": set(EVENT_KINDS),
     "device": {"device"},
+    "file": {"file"},
 }
 
 
@@ -867,9 +910,24 @@ def kernel_block_problems(model: RuleModel) -> List[Tuple[List[Any], str]]:
     return probs
 
 
+def _kernel_file_kill(model: RuleModel) -> bool:
+    """A file kill decided in the kernel: `on: [file]`, match.file with classes (and
+    optionally ops) only; paths, exe, CEL, windows and exceptions live in userspace."""
+    m = model.match
+    if model.action != "kill" or list(model.on) != ["file"] or m is None or m.file is None:
+        return False
+    if model.condition or model.window or m.unless or m.dst or m.proto or m.protocols or m.device or m.exe:
+        return False
+    if m.groups or m.file.paths or not m.file.classes:
+        return False
+    return "unknown" not in m.file.classes
+
+
 def _kernel_kill(model: RuleModel) -> bool:
     """An exec kill decided in the kernel: only exact paths/basenames, nothing userspace-only."""
     m = model.match
+    if _kernel_file_kill(model):
+        return True
     if model.action != "kill" or list(model.on) != ["exec"] or m is None:
         return False
     if model.condition or model.window or m.unless or m.dst or m.proto or m.protocols or m.device:

@@ -129,6 +129,8 @@ class Tracer:
                 self.probes.set_flag("proc_enforce", 0, 1 if self.opts.mode == "enforce" else 0)
             if "net" in self.opts.features:
                 self.probes.set_flag("net_config", 0, 1 if self.opts.mode == "enforce" else 0)
+            if "files" in self.opts.features:
+                self.probes.set_flag("file_enforce", 0, 1 if self.opts.mode == "enforce" else 0)
             if self.opts.rate_limit:
                 self.probes.set_flag("rate_cfg", 0, self.opts.rate_limit)
                 self.probes.set_flag("rate_cfg", 1, max(self.opts.rate_burst, self.opts.rate_limit))
@@ -165,7 +167,7 @@ class Tracer:
     def set_mode(self, mode: str) -> None:
         self.opts.mode = mode
         enforce = 1 if mode == "enforce" else 0
-        for arr in ("proc_enforce", "net_config"):
+        for arr in ("proc_enforce", "net_config", "file_enforce"):
             try:
                 self.probes.set_flag(arr, 0, enforce)
             except KeyError:
@@ -402,6 +404,7 @@ class Tracer:
                 "unknown_records": self.enrich.unknown_types,
             },
             "argv_read_failures": self.enrich.argv_read_failures,
+            "file_path_read_failures": self.enrich.file_path_read_failures,
             "proc_table": {"size": len(self.procs), "evictions": self.procs.evictions},
         }
 

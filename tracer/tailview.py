@@ -56,7 +56,7 @@ class _Style:
 
 DIM, BOLD, RED, GREEN, YELLOW, BLUE, MAGENTA, CYAN = "2", "1", "31", "32", "33", "34", "35", "36"
 _KIND_STYLE = {"exec": (CYAN,), "exit": (DIM,), "connect": (BLUE,), "listen": (BLUE,), "dns": (MAGENTA,),
-               "flow": (YELLOW,), "gpu": (GREEN,), "device": (GREEN,), "lifecycle": (DIM, GREEN),
+               "flow": (YELLOW,), "gpu": (GREEN,), "device": (GREEN,), "file": (YELLOW,), "lifecycle": (DIM, GREEN),
                "alert": (BOLD, RED)}
 _SEV_STYLE = {"critical": ("1", "97", "41"), "high": (BOLD, RED), "medium": (BOLD, YELLOW),
               "low": (YELLOW,), "info": ()}
@@ -165,6 +165,13 @@ def _gist(rec: dict, st: _Style) -> str:
             s += " " + st("BLOCKED", BOLD, RED)
         elif dv.get("verdict"):
             s += " " + escape(dv["verdict"])
+        return s
+    if kind == "file":
+        fl = _d(rec.get("file"))
+        s = (f"{escape(fl.get('op', '?'))} {escape(fl.get('class', '?'))} "
+             f"{escape(fl.get('path') or fl.get('raw_path') or '<unreadable>')} ({escape(fl.get('syscall', '?'))})")
+        if fl.get("verdict") == "killed":
+            s += " " + st("KILLED", BOLD, RED)
         return s
     if kind == "lifecycle":
         extra = " ".join(f"{k}={escape(v)}" for k, v in _flat(
