@@ -238,7 +238,7 @@ static __always_inline int at_file_event(u16 sys, s32 dfd, const char *upath, u3
 	e->dfd = dfd;
 	e->syscall = sys;
 	e->fclass = fclass;
-	if (events.ringbuf_output(e, sizeof(*e), 0) != 0)
+	if (events.ringbuf_output(e, sizeof(*e), at_wake_flags()) != 0)
 		at_count_drop(agent, AT_EV_FILE);
 	return 0;
 }
