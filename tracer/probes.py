@@ -72,6 +72,41 @@ class ProbeError(Exception):
     pass
 
 
+_MADV_PAGEOUT = 21    # Linux 5.4+
+
+
+def release_compiler_memory() -> int:
+    """Give back what compiling the probes left resident; returns the mappings paged out.
+
+    BCC compiles in-process with clang/LLVM: ~60 MB of heap freed but kept by malloc, and
+    ~80 MB of libLLVM/libclang pages touched once. Nothing compiles again after load (rule
+    reloads only rewrite maps), so the heap is trimmed and those clean file pages are paged
+    out; a later use would fault them back in from the page cache. Peak RSS (the compile
+    itself) is unchanged; the daemon's steady-state RSS drops by about 100 MB."""
+    import ctypes
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.malloc_trim(0)
+        madvise = libc.madvise
+    except (OSError, AttributeError):
+        return 0
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    n = 0
+    try:
+        with open("/proc/self/maps") as f:
+            maps = f.read().splitlines()
+    except OSError:
+        return 0
+    for line in maps:
+        parts = line.split(None, 5)
+        if len(parts) < 6 or not ("/libLLVM" in parts[5] or "/libclang" in parts[5]):
+            continue
+        lo, hi = (int(x, 16) for x in parts[0].split("-"))
+        if madvise(lo, hi - lo, _MADV_PAGEOUT) == 0:   # EINVAL before 5.4: nothing lost
+            n += 1
+    return n
+
+
 def ensure_tracefs() -> Path:
     """tracefs may not be mounted (DESIGN §3); BCC needs it to attach tracepoints."""
     if (TRACEFS / "events").is_dir():
@@ -207,6 +242,7 @@ class Probes:
                 except Exception as e:
                     raise ProbeError(f"loading program {fname} failed: {e}") from None
                 self._cgroup_funcs.append((fn, atype))
+        release_compiler_memory()
 
     def __getitem__(self, name: str):
         return self.bpf[name.encode()]
