@@ -50,6 +50,21 @@ def test_proc_table_is_bounded_and_keeps_creator_chain():
     assert len(t) <= 100 and t.evictions >= 400
 
 
+def test_cached_ancestry_follows_exec_fork_and_pid_reuse():
+    t = ProcTable()
+    t.on_exec(10_000_001, 1, 0, "sh", "/bin/sh", ["sh"], 1)
+    t.on_fork(10_000_001, 10_000_002, 2, 0, "sh")
+    first = t.ancestry(10_000_002)
+    assert [(a["pid"], a["exe"]) for a in first][:1] == [(10_000_001, "/bin/sh")]
+    first.append({"pid": 0})                      # a caller's list is its own
+    assert t.ancestry(10_000_002)[-1] != {"pid": 0}
+    t.on_exec(10_000_001, 1, 0, "python3", "/usr/bin/python3", ["python3"], 3)   # the parent execs
+    assert t.ancestry(10_000_002)[0]["exe"] == "/usr/bin/python3"
+    t.forget(10_000_001)
+    t.on_exec(10_000_001, 1, 0, "other", "/bin/other", ["other"], 4)   # pid reused
+    assert t.ancestry(10_000_002)[0]["comm"] == "other"
+
+
 def test_proc_table_reads_proc_for_unknown():
     t = ProcTable()
     me = t.get(os.getpid())

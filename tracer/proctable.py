@@ -15,7 +15,7 @@ ANCESTRY_DEPTH = 8
 
 class Proc:
     __slots__ = ("pid", "ppid", "parent", "uid", "comm", "exe", "args", "start_ktime",
-                 "cgroup_id", "agent_cgroup_id", "exited", "gpu", "_summary")
+                 "cgroup_id", "agent_cgroup_id", "exited", "gpu", "_summary", "_anc", "_anc_gen")
 
     def __init__(self, pid: int, ppid: int = 0, uid: int = 0, comm: str = "", exe: str = "",
                  args: list | None = None, start_ktime: int = 0):
@@ -32,6 +32,8 @@ class Proc:
         self.exited = False
         self.gpu = None
         self._summary = None
+        self._anc: list | None = None   # ancestry as of ProcTable generation _anc_gen
+        self._anc_gen = -1
 
     def summary(self) -> dict:
         """{pid, comm, exe} for ancestry lists; rebuilt only when comm or exe changed. Shared
@@ -94,11 +96,16 @@ class ProcTable:
         self.max_entries = max_entries
         self._t: OrderedDict[int, Proc] = OrderedDict()
         self.evictions = 0
+        # Bumped whenever an entry is added, replaced, changed by exec or removed: a cached
+        # ancestry is valid only while nothing on any chain can have changed. Cheap and
+        # coarse: a connect storm from one process reuses its ancestry, an exec storm does not.
+        self._gen = 0
 
     def __len__(self) -> int:
         return len(self._t)
 
     def _put(self, p: Proc) -> Proc:
+        self._gen += 1
         self._t[p.pid] = p
         self._t.move_to_end(p.pid)
         while len(self._t) > self.max_entries:
@@ -150,12 +157,15 @@ class ProcTable:
         return p
 
     def forget(self, pid: int) -> None:
-        self._t.pop(pid, None)
+        if self._t.pop(pid, None) is not None:
+            self._gen += 1
 
     def ancestry(self, pid: int, depth: int = ANCESTRY_DEPTH) -> list[dict]:
         """Creator chain, nearest first: who forked whom, even after a parent exited."""
-        out = []
         p = self._t.get(pid)
+        if p is not None and p._anc_gen == self._gen and depth == ANCESTRY_DEPTH:
+            return list(p._anc)
+        out = []
         seen = {pid}
         nxt = p.parent if p else 0
         while nxt and nxt not in seen and len(out) < depth:
@@ -165,4 +175,7 @@ class ProcTable:
                 break
             out.append(a.summary())
             nxt = a.parent
+        if p is not None and depth == ANCESTRY_DEPTH:
+            p._anc, p._anc_gen = out, self._gen    # after any lookups above bumped it
+            return list(out)
         return out
