@@ -147,6 +147,20 @@ static __always_inline int at_admit(u64 agent, u32 type)
 	return 1;
 }
 
+#if defined(AT_WITH_NET) || defined(AT_WITH_FLOW)
+/* Shared by the connect (net.c) and flow (flow.c) policies, filled by one writer
+ * (tracer/enforce.py): destination scope of an address (IPv4 mapped into ::ffff:a.b.c.d, longest
+ * prefix wins, no entry = external), each agent's policy group, and the enforce flag. */
+#define AT_SCOPE_LOOPBACK 1
+#define AT_SCOPE_INTERNAL 2
+#define AT_SCOPE_METADATA 4
+#define AT_SCOPE_EXTERNAL 8
+struct at_scope_key { u32 prefixlen; u8 addr[16]; };
+BPF_LPM_TRIE(scopes, struct at_scope_key, u32, 1024);
+BPF_HASH(agent_group, u64, u32, 4096);
+BPF_ARRAY(net_config, u32, 1);   /* [0] enforce flag */
+#endif
+
 #if defined(AT_WITH_FLOW) || defined(AT_WITH_DNS)
 /* Shared by the cgroup_skb probes (flow.c, dns.c). */
 #define AT_ETH_P_IP   0x0800

@@ -18,20 +18,8 @@
 /* Protocol policy: tracer/policy.py compiles rules with `on: flow` + `action: block` into
  * ProtocolDrop entries (group, protocol, scope mask, remote port range); the writer puts them
  * here keyed by (agent group, AT_PROTO_*), up to AT_FLOW_SLOTS variants per key. Group 0 =
- * every agent. Scopes, agent groups and the enforce flag are the ones net.c uses, so one
- * writer fills them for both: when net.c is in the unit (it must come first) its maps are
- * used, otherwise the same maps are declared here. In monitor mode nothing is dropped. */
-#ifndef AT_WITH_NET
-#define AT_SCOPE_LOOPBACK 1
-#define AT_SCOPE_INTERNAL 2
-#define AT_SCOPE_METADATA 4
-#define AT_SCOPE_EXTERNAL 8
-struct at_scope_key { u32 prefixlen; u8 addr[16]; };
-BPF_LPM_TRIE(scopes, struct at_scope_key, u32, 1024);
-BPF_HASH(agent_group, u64, u32, 4096);
-BPF_ARRAY(net_config, u32, 1);   /* [0] enforce flag */
-#endif
-
+ * every agent. Scopes, agent groups and the enforce flag are the ones net.c uses (common.h),
+ * so one writer fills them for both. In monitor mode nothing is dropped. */
 #define AT_FLOW_SLOTS 4
 struct at_flow_slot {
 	u32 policy_id;       /* 0 = unused slot */

@@ -31,15 +31,7 @@
  *    matched is denied.
  * IPv4 is mapped into ::ffff:a.b.c.d so one trie holds both families. In monitor mode the
  * verdict stays "allowed" but the matching policy id is still reported. */
-#define AT_SCOPE_LOOPBACK 1
-#define AT_SCOPE_INTERNAL 2
-#define AT_SCOPE_METADATA 4
-#define AT_SCOPE_EXTERNAL 8
 #define AT_DST_SLOTS 4
-
-struct at_scope_key { u32 prefixlen; u8 addr[16]; };
-BPF_LPM_TRIE(scopes, struct at_scope_key, u32, 1024);
-BPF_HASH(agent_group, u64, u32, 4096);
 
 struct at_dst_slot {
 	u32 policy_id;       /* 0 = unused slot */
@@ -57,9 +49,6 @@ struct at_sp_key { u32 gid; u32 port; };
 BPF_HASH(scope_policy, struct at_sp_key, struct at_dst_val, 8192);
 struct at_group_allow { u32 scope_mask; u32 policy_id; };
 BPF_HASH(group_allow, u32, struct at_group_allow, 1024);
-/* [0] enforce flag */
-BPF_ARRAY(net_config, u32, 1);
-
 /* socket address -> the connect's header, to attribute the result (which fires in softirq
  * context where `current` is unrelated). LRU: results that never come age out. */
 struct at_pending {

@@ -160,7 +160,9 @@ def cstr(b: bytes) -> str:
 
 
 def decode_buf(buf, size: int):
-    """`decode` for a record held in a buffer (tracer/ringbuf.py hands out memoryviews)."""
+    """Decode one ring-buffer record held in a buffer (bytes, or a memoryview of the ring from
+    tracer/ringbuf.py) into (type, body ctypes object); the body is a copy, so the ring's space
+    can be reused at once. (type, None) for a type this build does not know."""
     rtype = int.from_bytes(buf[:2], "little")
     cls = BY_TYPE.get(rtype)
     if cls is None:
@@ -173,17 +175,5 @@ def decode_buf(buf, size: int):
 
 
 def decode(ptr: int, size: int):
-    """Decode one ring-buffer record into (type, header, body ctypes object).
-
-    The body is copied out of the ring buffer (which is reused after the callback)."""
-    h = Header.from_address(ptr)
-    cls = BY_TYPE.get(h.type)
-    if cls is None:
-        return h.type, None
-    full = C.sizeof(cls)
-    if size >= full:
-        return h.type, cls.from_buffer_copy(C.string_at(ptr, full))
-    # variable-length tail (exec argv): pad the copy to the full struct
-    buf = C.create_string_buffer(full)
-    C.memmove(buf, ptr, size)
-    return h.type, cls.from_buffer(buf)
+    """`decode_buf` for a record at an address (BCC's per-record callback)."""
+    return decode_buf(C.string_at(ptr, size), size)

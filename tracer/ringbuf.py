@@ -60,7 +60,6 @@ class RingReader:
         self._hdr = self._data.cast("I")
         self._ep = select.epoll()
         self._ep.register(map_fd, select.EPOLLIN)
-        self.records = 0
 
     def poll(self, timeout_ms: int) -> int:
         if timeout_ms != 0:
@@ -95,7 +94,6 @@ class RingReader:
                 self._cons[0] = cons    # publish per batch: the kernel may reuse the space
         finally:
             self._cons[0] = cons
-        self.records += n
         return n
 
     def close(self) -> None:

@@ -9,6 +9,7 @@ the same for all three.
 from __future__ import annotations
 
 import collections
+import ctypes as C
 import logging
 import socket
 import threading
@@ -285,23 +286,6 @@ class Tracer:
         self._records += 1
         try:
             rtype, obj = E.decode_buf(view, size)
-        except Exception as e:
-            self._stage_error("decode/enrich", e)
-            return
-        self._handle(rtype, obj)
-
-    def _on_record(self, _ctx, data, size) -> int:
-        self._records += 1
-        try:
-            rtype, obj = E.decode(data, size)
-        except Exception as e:
-            self._stage_error("decode/enrich", e)
-            return 0
-        self._handle(rtype, obj)
-        return 0
-
-    def _handle(self, rtype: int, obj) -> None:
-        try:
             if obj is None:
                 self.enrich.unknown_types += 1
                 return
@@ -311,6 +295,11 @@ class Tracer:
             # one bad record or a failing enricher never stops the reader; it is counted,
             # and the first of each kind is logged so it cannot go unnoticed
             self._stage_error("decode/enrich", e)
+
+    def _on_record(self, _ctx, data, size) -> int:
+        """BCC's callback (architectures without the mmap reader)."""
+        self._on_view(C.string_at(data, size), size)
+        return 0
 
     def _stage_error(self, stage: str, e: Exception) -> None:
         self.stage_errors += 1
