@@ -16,6 +16,9 @@ from typing import Any, Dict, List, Literal, Optional, Union
 import yaml
 from pydantic import (BaseModel, ByteSize, ConfigDict, Field, ValidationError, PrivateAttr, field_validator)
 
+from .gpu import GpuConfig
+from .policy import EgressPolicy
+
 DEFAULT_PATH = "/etc/agenttrace/agenttrace.yaml"
 DEFAULT_SOCKET = "/run/agenttrace/events.sock"
 
@@ -231,9 +234,9 @@ class Config(_Model):
     agents: List[AgentWatch] = Field(default_factory=list)
     rules: List[str] = Field(default_factory=list)
     internal_cidrs: List[Union[ipaddress.IPv4Network, ipaddress.IPv6Network]] = Field(default_factory=list)
-    # Filled by the rules/network work (EgressPolicy) and the GPU work; loose until then.
-    egress: Optional[Dict[str, Any]] = None
-    gpu: Optional[Dict[str, Any]] = None
+    # Validated by the models that use them, so an error names file, line and field.
+    egress: Optional[Dict[str, EgressPolicy]] = None
+    gpu: Optional[GpuConfig] = None
     sinks: SinksConfig = Field(default_factory=SinksConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
