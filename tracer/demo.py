@@ -87,11 +87,9 @@ class _Collect:
 
 
 def run_demo(out=print, color: bool = True) -> int:
-    from .engine import Engine
+    from . import session as S
     from .gpu import FAKE_ENV, GpuConfig, GpuGroupPolicy
     NetLab = _netlab()
-    from .rules import default_rule_paths, load_rules
-    from .runtime import Options, Tracer
     from .tailview import Filter, render
 
     os.environ.setdefault(FAKE_ENV, str(Path(__file__).with_name("demo_gpu.yaml")))
@@ -108,9 +106,11 @@ def run_demo(out=print, color: bool = True) -> int:
                 agent = root / f"agent-{mode}"
                 agent.mkdir()
                 sink = _Collect(lambda r: out(render(r, color=color)) if interesting.accepts(r) else None)
-                tracer = Tracer(Options(cgroups=[root], mode=mode, internal=["10.77.0.0/24", "fd77::/64"],
-                                        gpu=GpuConfig(default=GpuGroupPolicy(allowed=True), interval_s=0.5)),
-                                [sink], engine=Engine(load_rules(default_rule_paths()), mode=mode))
+                # the session `agenttrace run --cgroup ROOT --mode MODE` builds: same probes,
+                # same default pack, same enforcement; only the sink differs
+                opts = S.SessionOptions(cgroups=[root], mode=mode, internal=["10.77.0.0/24", "fd77::/64"],
+                                        gpu=GpuConfig(default=GpuGroupPolicy(allowed=True), interval_s=0.5))
+                tracer = S.build(opts, [sink], S.load_ruleset(opts))
                 tracer.start()
                 spans = {}
                 try:
