@@ -12,9 +12,9 @@ Honest outcomes:
 - a target that was already gone (or a zombie: its pidfd is readable before we signal) is
   `exited`, with its exit status when the exit record says it, and the rule whose kernel block
   made it give up when there was one;
-- `kill` stops the target, then every descendant it created since the matched exec (children
-  from /proc and double-forked ones from the process table's creator chain), then kills them
-  all: a `sh -c 'ssh -f ...; sleep 100 &'` style tree dies whole;
+- `kill` stops the target, then every live descendant (children from /proc, double-forked
+  ones from the process table's creator chain), then kills them all: a tree that forked and
+  daemonised (`sh -c 'ssh -f ...; sleep 100 &'` style) dies whole;
 - a full queue is counted and reported (`reported`, "act queue full"), never dropped silently.
 """
 from __future__ import annotations
@@ -212,30 +212,38 @@ class ActWorker:
         return ActionResult("killed", f"pid {job.pid}{extra} killed")
 
     def _stop_descendants(self, job: ActJob) -> dict:
-        """pid -> pidfd of every descendant, each stopped. Children come from the kernel's
-        /proc/PID/task/*/children (exact, for live parents); processes that were double-forked
-        away (reparented to init, e.g. `ssh -f`) from the process table's creator chain."""
+        """pid -> pidfd of every live descendant, each stopped. Children come from the kernel's
+        /proc/PID/task/*/children (exact: we hold their stopped parent); processes that were
+        double-forked away (reparented to init, e.g. `ssh -f`) from the process table's creator
+        chain, where an entry counts only if the live process under that pid started when the
+        table saw it forked (a recycled pid is someone else) and is in the agent's cgroup."""
         victims: dict[int, int] = {}
         todo = [job.pid]
         seen = {job.pid}
         creator = self._creator_children()
         while todo:
             pid = todo.pop()
-            kids = set(_proc_children(pid)) | creator.get(pid, set())
-            for k in kids:
+            kids = {k: None for k in _proc_children(pid)}
+            for k, start_kt in creator.get(pid, ()):
+                kids.setdefault(k, start_kt)
+            for k, start_kt in kids.items():
                 if k in seen:
                     continue
                 seen.add(k)
+                # walk through exited intermediates too: a double fork leaves the grandchild
+                # linked to us only through its dead parent's entry in the process table
+                todo.append(k)
                 try:
                     kfd = os.pidfd_open(k)
                 except OSError:
                     continue
-                start = proc_start_ns(k)
-                if (start is not None and job.ktime and start + _START_SLACK_NS < job.ktime) or \
-                        (job.cgroup is not None and not self.actions._in_cgroup(k, job.cgroup)):
-                    # older than the matched exec (not created by it since), or outside the
-                    # agent: not ours to kill
-                    os.close(kfd)
+                if start_kt:
+                    st = proc_start_ns(k)
+                    if st is None or abs(st - start_kt) > _START_SLACK_NS:
+                        os.close(kfd)
+                        continue
+                if job.cgroup is not None and not self.actions._in_cgroup(k, job.cgroup):
+                    os.close(kfd)       # outside the agent: not ours to kill
                     continue
                 try:
                     signal.pidfd_send_signal(kfd, signal.SIGSTOP)
@@ -243,11 +251,11 @@ class ActWorker:
                     os.close(kfd)
                     continue
                 victims[k] = kfd
-                todo.append(k)
         return victims
 
     def _creator_children(self) -> dict:
-        out: dict[int, set] = {}
+        """creator pid -> [(pid, fork ktime)] from the process table (read, never changed)."""
+        out: dict[int, list] = {}
         if self.procs is None:
             return out
         try:
@@ -255,8 +263,8 @@ class ActWorker:
         except RuntimeError:
             return out
         for p in entries:
-            if not p.exited and p.parent:
-                out.setdefault(p.parent, set()).add(p.pid)
+            if p.parent:
+                out.setdefault(p.parent, []).append((p.pid, p.start_ktime))
         return out
 
 

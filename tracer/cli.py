@@ -77,6 +77,7 @@ def _gpu_config(choice: str):
 
 from .session import MODES  # noqa: E402
 FORMATS = ("json", "ocsf")
+TAIL_ALWAYS = ("started", "reloaded", "reload_failed", "stopped")
 FILES_HELP = ("Also trace SSH files (authorized_keys writes, private/host key reads). Off by default: "
               "its syscall tracepoints slow every process's syscalls a little (see README, measured costs).")
 
@@ -195,7 +196,8 @@ def tail(
         def emit_batch(self, records):
             out = []
             for r in records:
-                if filt.accepts(r):
+                # the tracer's own state (attached, reloaded, stopped) shows whatever the filter
+                if filt.accepts(r) or (r.get("kind") == "lifecycle" and r.get("phase") in TAIL_ALWAYS):
                     out.append(render(r, color=use_color))
             if out:
                 sys.stdout.write("\n".join(out) + "\n")
