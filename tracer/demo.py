@@ -142,7 +142,10 @@ def run_demo(out=print, color: bool = True) -> int:
                     tracer.stop()
                 for st in steps:
                     a, b = spans.get(st.name, (0, 0))
-                    raised = [r for r in sink.records[a:b] if r.get("kind") == "alert"]
+                    # this agent's alerts only: another process on the node (another demo, a
+                    # real GPU user) must not count for or against a step
+                    raised = [r for r in sink.records[a:b] if r.get("kind") == "alert"
+                              and (r.get("agent") or {}).get("id") == agent.name]
                     alerts = [r for r in raised if r["rule"]["id"] in st.rules]
                     if not st.rules:
                         results.setdefault(st.name, {})[mode] = (

@@ -490,6 +490,19 @@ class Tracer:
                 "unknown_records": self.enrich.unknown_types,
             },
             "actions": {"completed": self.act.completed, "queue_full": self.act.queue_full},
+            # each stage's own count, in pipeline order: where records went and where they stopped
+            "stages": {
+                "read": self._records,
+                "decode": {"records": sum(self.enrich.by_type.values()), "unknown": self.enrich.unknown_types,
+                           "by_type": {E.TYPE_NAMES.get(t, str(t)): n for t, n in self.enrich.by_type.items()}},
+                "enrich": {"events": sum(events.values()), "errors": self.stage_errors},
+                "match": ({"events": self.engine.stats["events"], "alerts": self.engine.stats["alerts"],
+                           "suppressed": self.engine.stats["suppressed"], "errors": self.engine.stats["errors"]}
+                          if self.engine is not None else None),
+                "act": {"completed": self.act.completed, "queue_full": self.act.queue_full,
+                        "pending": len(self._await_exit)},
+                "sink": {"drops": sink_drops},
+            },
             "argv_read_failures": self.enrich.argv_read_failures,
             "file_path_read_failures": self.enrich.file_path_read_failures,
             "proc_table": {"size": len(self.procs), "evictions": self.procs.evictions},
