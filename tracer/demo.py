@@ -19,7 +19,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .cgroups import cgroup2_mount
+from .cgroups import cgroup2_mount, kill_and_remove
 
 
 STOPPED = ("blocked", "killed", "exited")
@@ -158,9 +158,9 @@ def run_demo(out=print, color: bool = True) -> int:
                         outcome_sets.setdefault(st.name, {})[mode] = set(outcomes)
                     else:
                         results.setdefault(st.name, {})[mode] = "MISSED"
-                _kill_and_remove(agent)
+                kill_and_remove(agent)
     finally:
-        _kill_and_remove(root)
+        kill_and_remove(root)
         shutil.rmtree(tmp, ignore_errors=True)
 
     out("\n=== summary " + "=" * 64)
@@ -203,22 +203,3 @@ def _spawn_in(cgroup: Path, argv):
         with open(procs, "w") as f:
             f.write("0")
     return subprocess.Popen(argv, preexec_fn=enter, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def _kill_and_remove(path: Path) -> None:
-    from .cgroups import procs
-    if not path.exists():
-        return
-    for _ in range(100):
-        if not procs(path):
-            break
-        try:
-            (path / "cgroup.kill").write_text("1")
-        except OSError:
-            pass
-        time.sleep(0.05)
-    for dirpath, _d, _f in sorted(os.walk(path), key=lambda x: -len(x[0])):
-        try:
-            os.rmdir(dirpath)
-        except OSError:
-            pass
