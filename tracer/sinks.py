@@ -17,6 +17,7 @@ import socket
 import struct
 import tempfile
 import threading
+import time
 from typing import Any, Callable, Dict, IO, Iterable, Iterator, List, Optional
 
 import orjson
@@ -508,64 +509,87 @@ _FACILITIES = {
 }
 
 
-def parse_syslog_address(address: str) -> tuple:
-    """'/dev/log' → (AF_UNIX, '/dev/log'); 'udp://127.0.0.1:514' or '127.0.0.1:514' or
-    '[::1]:514' → (AF_INET/AF_INET6, (host, port)). IP literals only: no DNS at emit time."""
+def parse_syslog_target(address: str) -> tuple:
+    """'/dev/log' → ('unix', AF_UNIX, '/dev/log'); 'udp://127.0.0.1:514', '127.0.0.1:514' or
+    '[::1]:514' → ('udp', AF_INET/AF_INET6, (host, port)); 'tcp://IP:PORT' → ('tcp', ...).
+    IP literals only: no DNS at emit time."""
     a = address
     if a.startswith("unix://"):
         a = a[len("unix://"):]
     if a.startswith("/"):
-        return socket.AF_UNIX, a
-    if a.startswith("udp://"):
-        a = a[len("udp://"):]
+        return "unix", socket.AF_UNIX, a
+    transport = "udp"
+    for scheme in ("udp", "tcp"):
+        if a.startswith(scheme + "://"):
+            a, transport = a[len(scheme) + 3:], scheme
     if a.startswith("["):
         host, sep, port = a[1:].partition("]:")
     else:
         host, sep, port = a.rpartition(":")
     if not sep or not port.isdigit() or not (0 < int(port) < 65536):
-        raise ValueError(f"syslog address {address!r}: expected /path/to/socket or udp://IP:PORT")
+        raise ValueError(f"syslog address {address!r}: expected /path/to/socket, udp://IP:PORT or tcp://IP:PORT")
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
         raise ValueError(f"syslog address {address!r}: host must be an IP address") from None
-    return (socket.AF_INET6 if ip.version == 6 else socket.AF_INET), (str(ip), int(port))
+    return transport, (socket.AF_INET6 if ip.version == 6 else socket.AF_INET), (str(ip), int(port))
+
+
+def parse_syslog_address(address: str) -> tuple:
+    """(family, target) of a syslog address; see parse_syslog_target for the forms."""
+    return parse_syslog_target(address)[1:]
 
 
 class SyslogSink(Sink):
-    """RFC 5424 messages (one record per datagram) to /dev/log or to UDP.
+    """RFC 5424 messages to /dev/log, to UDP (one record per datagram) or to TCP (RFC 6587
+    octet counting: `LEN SP MSG`, so a record may hold any byte and any length).
 
     PRI is facility*8 + severity, the severity taken from the alert's rule severity
     (critical→crit … info→info); MSGID is the record kind; MSG is the JSON record.
-    A datagram the receiver cannot take (no listener, buffer full, too big) is a drop.
+    A message the receiver cannot take (no listener, buffer full, too big, connection lost
+    mid-write) is a drop, counted. A lost TCP connection is redialled on a later record, at
+    most once per `retry_s`; records in between are drops.
     """
 
     APP_NAME = "agenttrace"
 
     def __init__(self, address: str = "/dev/log", facility: str = "daemon",
                  formatter: Optional[Formatter] = None, hostname: Optional[str] = None,
-                 max_message: int = 65000, timeout: float = 1.0):
+                 max_message: Optional[int] = None, timeout: float = 1.0, retry_s: float = 1.0):
         super().__init__(f"syslog:{address}", formatter)
         if facility not in _FACILITIES:
             raise ValueError(f"unknown syslog facility {facility!r} (one of {', '.join(_FACILITIES)})")
         self.facility = _FACILITIES[facility]
-        self.family, self.target = parse_syslog_address(address)
+        self.transport, self.family, self.target = parse_syslog_target(address)
         self.hostname = (hostname or socket.gethostname())[:255] or "-"
-        self.max_message = max_message
+        # A datagram cannot exceed 64 KiB; a stream has no such bound, rsyslog's own default
+        # (maxMessageSize 8k) is the receiver's to raise.
+        self.max_message = max_message if max_message is not None else \
+            (1 << 20 if self.transport == "tcp" else 65000)
         self.oversize = 0
+        self.sent = 0
+        self.reconnects = 0
         self._timeout = timeout
+        self._retry_s = retry_s
+        self._next_dial = 0.0
         self._sock: Optional[socket.socket] = None
         self._procid = str(os.getpid())
 
     def _socket(self) -> socket.socket:
         if self._sock is None:
-            s = socket.socket(self.family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            if self.transport == "tcp" and time.monotonic() < self._next_dial:
+                raise ConnectionRefusedError("syslog receiver down; redial later")
+            kind = socket.SOCK_STREAM if self.transport == "tcp" else socket.SOCK_DGRAM
+            s = socket.socket(self.family, kind | socket.SOCK_CLOEXEC)
             s.settimeout(self._timeout)
             try:
                 s.connect(self.target)
             except OSError:
                 s.close()
+                self._next_dial = time.monotonic() + self._retry_s
                 raise
             self._sock = s
+            self.reconnects += 1
         return self._sock
 
     @staticmethod
@@ -606,14 +630,22 @@ class SyslogSink(Sink):
                 self.dropped += 1
                 continue
             try:
-                self._socket().send(msg)
+                if self.transport == "tcp":
+                    # sendall may write part of a frame before failing: the connection is
+                    # then dropped with it, so the receiver never sees a torn frame followed
+                    # by a good one.
+                    self._socket().sendall(b"%d " % len(msg) + msg)
+                else:
+                    self._socket().send(msg)
+                self.sent += 1
             except (ConnectionRefusedError, FileNotFoundError) as e:
                 # No listener now (rsyslog restarting): reconnect on the next record.
                 self.dropped += 1
                 self._reset(e)
             except OSError as e:
                 self.dropped += 1
-                if e.errno not in (errno.EAGAIN, errno.ENOBUFS, errno.EMSGSIZE) and not isinstance(e, socket.timeout):
+                if self.transport == "tcp" or (e.errno not in (errno.EAGAIN, errno.ENOBUFS, errno.EMSGSIZE)
+                                               and not isinstance(e, socket.timeout)):
                     self._reset(e)
 
     def _reset(self, e: Exception) -> None:
@@ -627,7 +659,8 @@ class SyslogSink(Sink):
             self._sock = None
 
     def stats(self) -> dict:
-        return {"name": self.name, "dropped": self.dropped, "oversize": self.oversize}
+        return {"name": self.name, "transport": self.transport, "sent": self.sent, "dropped": self.dropped,
+                "oversize": self.oversize, "connects": self.reconnects}
 
 
 class QueuedSink:
