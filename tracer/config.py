@@ -194,6 +194,8 @@ def _parse_listen(v: str) -> tuple:
 class MetricsConfig(_Model):
     enabled: bool = False
     listen: str = "127.0.0.1:9464"
+    # per-agent series kept (agents with the most drops); the rest are summed as `_other`
+    max_agents: int = Field(50, ge=1, le=10000)
 
     @field_validator("listen")
     @classmethod

@@ -119,6 +119,11 @@ def run_daemon(config_path: str, status_path: Path = STATUS_PATH) -> int:
     flag = StopFlag().install()
     tracer, fanout = _tracer_from(cfg, rs)
     metrics = None
+    records = heartbeat = None
+    if cfg.metrics.enabled:
+        from .metrics import Heartbeat, RecordCounter
+        records, heartbeat = RecordCounter(), Heartbeat()
+        fanout.tap(records)      # before start: the `started` record counts too
     try:
         tracer.start()
         watcher = PatternWatcher(cfg.agents, tracer)
@@ -129,13 +134,15 @@ def run_daemon(config_path: str, status_path: Path = STATUS_PATH) -> int:
             tracer.probes.remove_foreign_pins()
             tracer.keep_pins = True
         if cfg.metrics.enabled:
-            metrics = _start_metrics(cfg, tracer, fanout)
+            metrics = _start_metrics(cfg, tracer, fanout, records, heartbeat)
         write_status(tracer, cfg, status_path)
         notifier.ready(f"watching {len(tracer.agents.known())} agent cgroups, mode {cfg.mode}")
         last = 0.0
         while not flag.stop:
             tracer.poll(100)
             notifier.tick()
+            if heartbeat is not None:
+                heartbeat.beat()
             if flag.reload:
                 flag.reload = False
                 notifier.reloading()
@@ -212,18 +219,8 @@ def _reload(config_path, old_cfg, tracer, watcher):
     return cfg
 
 
-def _start_metrics(cfg, tracer, fanout):
-    from .metrics import MetricsServer, Registry
-    reg = Registry()
-    reg.counter_func("agenttrace_events_total", "Events by kind",
-                   lambda: {(k,): v for k, v in tracer.counts.items()}, ["kind"])
-    reg.counter_func("agenttrace_kernel_drops_total", "Ring-buffer drops by agent",
-                   lambda: {(a,): n for a, n in tracer.counters()["drops"]["kernel_by_agent"].items()}, ["agent"])
-    reg.counter_func("agenttrace_sink_drops_total", "Drops by sink",
-                   lambda: {(k,): v for k, v in fanout.drops().items()}, ["sink"])
-    reg.gauge_func("agenttrace_queue_depth", "Sink queue depths",
-                   lambda: {(k,): v for k, v in fanout.depths().items()}, ["sink"])
-    reg.counter_func("agenttrace_alerts_total", "Alerts raised", lambda: tracer.alerts)
-    reg.gauge_func("agenttrace_probe_up", "Probes loaded and attached",
-                   lambda: {(f,): 1 if tracer.probes else 0 for f in tracer.opts.features}, ["probe"])
-    return MetricsServer(reg, *cfg.metrics.address)
+def _start_metrics(cfg, tracer, fanout, records, heartbeat):
+    from .metrics import MetricsServer, make_registry
+    reg = make_registry(tracer, fanout, records, max_agents=cfg.metrics.max_agents,
+                        features=tracer.opts.features)
+    return MetricsServer(reg, *cfg.metrics.address, health=heartbeat)

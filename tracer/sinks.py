@@ -770,12 +770,28 @@ class Fanout:
 
     def __init__(self, sinks: Iterable[Any] = ()):
         self.sinks: List[Any] = list(sinks)
+        self.taps: List[Callable[[List[dict]], None]] = []
         self.errors = 0
 
     def add(self, sink: Any) -> None:
         self.sinks.append(sink)
 
+    def tap(self, fn: Callable[[List[dict]], None]) -> None:
+        """`fn(records)` sees every batch before the sinks do (metrics counting what is
+        emitted); a tap is not a sink: no queue, no drops, no filter."""
+        self.taps.append(fn)
+
+    def _tap(self, batch: List[dict]) -> None:
+        for fn in self.taps:
+            try:
+                fn(batch)
+            except Exception:
+                self.errors += 1
+                log.exception("tap %s failed", fn)
+
     def emit(self, record: dict) -> None:
+        if self.taps:
+            self._tap([record])
         for s in self.sinks:
             try:
                 s.emit(record)
@@ -785,6 +801,8 @@ class Fanout:
 
     def emit_batch(self, records: Iterable[dict]) -> None:
         batch = records if isinstance(records, (list, tuple)) else list(records)
+        if self.taps:
+            self._tap(batch)
         for s in self.sinks:
             try:
                 eb = getattr(s, "emit_batch", None)
