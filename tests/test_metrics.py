@@ -139,7 +139,10 @@ def test_daemon_metrics_match_the_records_it_emitted(tmp_path, agent_tree, rsysl
           stdout: false
           file: {{path: {d.out}}}
           socket: {{path: {d.sock}}}
-          syslog: {{address: "tcp://127.0.0.1:{rsyslogd.tcp_port}", facility: local4}}
+          syslog:
+            address: "tcp://127.0.0.1:{rsyslogd.tcp_port}"
+            facility: local4
+            filter: {{kinds: [exec, alert], agents: ["m*"]}}
         metrics: {{enabled: true, listen: "127.0.0.1:{mport}"}}
     """))
     try:
@@ -189,8 +192,11 @@ def test_daemon_metrics_match_the_records_it_emitted(tmp_path, agent_tree, rsysl
         assert ("agenttrace_sink_drops_total", frozenset({("sink", f"syslog:tcp://127.0.0.1:{rsyslogd.tcp_port}")})) in smp
         assert get("127.0.0.1", mport, "/healthz")[2] == "ok\n"
 
-        # the same records reached rsyslogd over TCP, each once
-        file_lines = [json.dumps(r, sort_keys=True) for r in d.records()]
+        # the same records, as the syslog sink's filter selects them, reached rsyslogd over
+        # TCP, each once
+        file_lines = [json.dumps(r, sort_keys=True) for r in d.records()
+                      if r["kind"] in ("exec", "alert") and (r.get("agent") or {}).get("id", "").startswith("m")]
+        assert len(file_lines) >= 4
         got = rsyslogd.wait_lines(len(file_lines))
         assert sorted(json.dumps(json.loads(m), sort_keys=True) for _, _, m in got) == sorted(file_lines)
         assert all(inp == "imtcp" for inp, _, _ in got)

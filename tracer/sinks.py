@@ -763,6 +763,55 @@ class QueuedSink:
         return s
 
 
+class FilteredSink:
+    """A sink that takes only what its filter accepts (sinkfilter.RecordFilter), decided
+    before its queue so what it refuses costs the queue nothing. Refused records are not
+    drops: they are counted as `filtered`."""
+
+    def __init__(self, inner: Any, accept: Callable[[dict], bool]):
+        self.inner = inner
+        self.accept = accept
+        self.name = inner.name
+        self.filtered = 0
+
+    @property
+    def dropped(self) -> int:
+        return self.inner.dropped
+
+    @property
+    def depth(self) -> int:
+        return int(getattr(self.inner, "depth", 0))
+
+    def emit(self, record: dict) -> None:
+        if self.accept(record):
+            self.inner.emit(record)
+        else:
+            self.filtered += 1
+
+    def emit_batch(self, records: Iterable[dict]) -> None:
+        records = records if isinstance(records, (list, tuple)) else list(records)
+        batch = [r for r in records if self.accept(r)]
+        self.filtered += len(records) - len(batch)
+        if batch:
+            self.inner.emit_batch(batch)
+
+    def flush(self, timeout: Optional[float] = None) -> bool:
+        fl = getattr(self.inner, "flush", None)
+        return fl(timeout) if fl is not None else True
+
+    def close(self, *a, **kw) -> None:
+        self.inner.close(*a, **kw)
+
+    def stats(self) -> dict:
+        st = self.inner.stats() if hasattr(self.inner, "stats") else {"name": self.name, "dropped": self.dropped}
+        st = dict(st)
+        st["filtered"] = self.filtered
+        desc = getattr(self.accept, "describe", None)
+        if desc is not None:
+            st["filter"] = desc()
+        return st
+
+
 class Fanout:
     """Every record to every sink; per-sink drop counters for `lifecycle` stats records."""
 
@@ -847,11 +896,19 @@ def build_sinks(cfg: Any, queue_size: int = 10000, *, stdout: Optional[IO[bytes]
         fmt = to_ocsf
     qsize = queue_size
     out = Fanout()
-    if getattr(cfg, "stdout", False):
-        out.add(QueuedSink(StdoutSink(fmt, stream=stdout), qsize))
+
+    def add(sink: Sink, sub: Any) -> None:
+        from .sinkfilter import RecordFilter
+        q = QueuedSink(sink, qsize)
+        flt = RecordFilter.from_config(getattr(sub, "filter", None))
+        out.add(FilteredSink(q, flt) if flt is not None and not flt.empty else q)
+
+    so = getattr(cfg, "stdout", False)
+    if so:
+        add(StdoutSink(fmt, stream=stdout), so)
     f = getattr(cfg, "file", None)
     if f is not None:
-        out.add(QueuedSink(FileSink(f.path, f.max_bytes, f.keep, fmt), qsize))
+        add(FileSink(f.path, f.max_bytes, f.keep, fmt), f)
     s = getattr(cfg, "socket", None)
     if s is not None:
         # `agenttrace tail` parses §5 records, so the socket always carries them, whatever
@@ -859,7 +916,7 @@ def build_sinks(cfg: Any, queue_size: int = 10000, *, stdout: Optional[IO[bytes]
         out.add(QueuedSink(UnixSocketSink(s.path, queue_size=qsize), qsize))
     y = getattr(cfg, "syslog", None)
     if y is not None:
-        out.add(QueuedSink(SyslogSink(y.address, y.facility, fmt), qsize))
+        add(SyslogSink(y.address, y.facility, fmt), y)
     return out
 
 
