@@ -262,6 +262,8 @@ class Config(_Model):
     agents: List[AgentWatch] = Field(default_factory=list)
     rules: List[str] = Field(default_factory=list)
     internal_cidrs: List[Union[ipaddress.IPv4Network, ipaddress.IPv6Network]] = Field(default_factory=list)
+    # the subnets of the node's own interfaces (netlink) count as internal too
+    node_subnets_internal: bool = True
     # Validated by the models that use them, so an error names file, line and field.
     egress: Optional[Dict[str, EgressPolicy]] = None
     gpu: Optional[GpuConfig] = None

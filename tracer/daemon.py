@@ -128,6 +128,9 @@ def run_daemon(config_path: str, status_path: Path = STATUS_PATH) -> int:
         tracer.start()
         watcher = PatternWatcher(cfg.agents, tracer)
         watcher.scan()
+        # connections the agents opened while no daemon ran (tracer/inventory.py)
+        from .inventory import inventory
+        inventory(tracer)
         pinning = cfg.pinning.enabled and cfg.pinning.fail_mode == "closed"
         if pinning:
             tracer.probes.enable_pinning(Path(cfg.pinning.path))
@@ -203,11 +206,12 @@ def _reload(config_path, old_cfg, tracer, watcher):
     if later:
         return failed(f"{config_path}: {', '.join(later)} changed: these take effect only when the "
                       "daemon restarts; nothing was changed")
-    new_internal = [str(c) for c in cfg.internal_cidrs]
-    old_internal = tracer.opts.internal
-    tracer.opts.internal = new_internal
+    from . import session as S
+    new_internal, own = S.config_internal(cfg)
+    old_internal, old_own = tracer.opts.internal, getattr(tracer.opts, "node_subnets", [])
+    tracer.opts.internal, tracer.opts.node_subnets = new_internal, own
     if not tracer.reload_rules(rs, mode=cfg.mode):     # policy first: it may not fit
-        tracer.opts.internal = old_internal
+        tracer.opts.internal, tracer.opts.node_subnets = old_internal, old_own
         return old_cfg
     if new_internal != old_internal:
         from .netscope import Scoper
