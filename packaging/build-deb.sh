@@ -41,7 +41,10 @@ fi
 
 say "building the venv in $PREFIX (staged)"
 "$PY" -m venv --system-site-packages "$STAGE$PREFIX"
-"$STAGE$PREFIX/bin/pip" install -q --disable-pip-version-check --no-compile --no-warn-script-location "$WORK/src"
+# --ignore-installed: every dependency goes into the venv, none is taken from the system
+# site-packages that happen to be on the build machine (only BCC comes from there)
+"$STAGE$PREFIX/bin/pip" install -q --disable-pip-version-check --no-compile --no-warn-script-location \
+  --ignore-installed "$WORK/src"
 # pip and setuptools are not needed at run time
 "$STAGE$PREFIX/bin/pip" uninstall -q -y pip setuptools >/dev/null 2>&1 || true
 find "$STAGE$PREFIX" -name __pycache__ -prune -exec rm -rf {} +
