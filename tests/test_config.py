@@ -53,7 +53,11 @@ def test_commented_examples_in_the_example_are_valid_too():
     text = text.replace("  file: null\n  #  path", "  file:\n    path").replace("  #  max_bytes", "    max_bytes")
     text = text.replace("  #  keep", "    keep")
     text = text.replace("  syslog: null\n  #  address", "  syslog:\n    address").replace("  #  facility", "    facility")
+    text = text.replace("  #  filter:", "    filter:")
+    for key in ("kinds", "min_severity", "agents", "labels"):
+        text = text.replace(f"  #    {key}:", f"      {key}:")
     cfg = parse_config(text, "uncommented.yaml")
+    assert cfg.sinks.syslog.filter.kinds == ["alert", "summary"] and cfg.sinks.syslog.filter.min_severity == "high"
     assert cfg.rules == ["/etc/agenttrace/rules.d/"]
     assert cfg.internal_cidrs == [ipaddress.ip_network("10.20.0.0/16")]
     assert cfg.sinks.file.max_bytes == 100 * 1024 * 1024 and cfg.sinks.file.keep == 5
