@@ -140,6 +140,17 @@ def every_kind() -> dict[str, dict]:
         "file link": rec("file", proc=PROC, file=dict(FILE, syscall="linkat", flags=[])),
         "file unreadable": rec("file", proc=PROC, file=dict(FILE, path=None, raw_path=None, path_read_failed=True)),
     }
+    pod_agent = dict(AGENT, container={"runtime": "containerd", "id": "4f" * 32},
+                     pod={"uid": "0d5e1c9a-3b7f-4c2e-9a1d-6f8e2b4c7a10", "qos": "burstable"})
+    out["exec in a kubernetes pod"] = dict(rec("exec", proc=dict(PROC, exec_id="b1:321:99", parent_exec_id="b1:300:7")),
+                                           agent=pod_agent, schema_version="1.1")
+    out["summary"] = rec("summary", summary={
+        "reason": "cgroup_removed", "first_ts": TS, "last_ts": TS, "duration_s": 1.5, "records": 3,
+        "records_by_kind": {"exec": 2, "alert": 1}, "processes": {"execs": 2, "forks": 0, "distinct_pids": 2},
+        "root": {"pid": 321, "exe": "/usr/bin/ssh", "exit_code": 0}, "alerts": 1,
+        "alerts_by_rule": {"tunnel-ssh": {"reported": 1}}, "connects_by_proto": {"tcp/allowed": 1},
+        "flows_by_protocol": {"ssh": 1}, "destinations": [["203.0.113.7:22", 1]], "dns_names": [], "gpu": []})
+    out["connect from the inventory"] = rec("connect", proc=PROC, net=dict(NET, op="inventory", cookie=77))
     for result in ("established", "pending", "refused", "error", "sent", "blocked"):
         net = dict(NET, result=result, verdict="blocked" if result == "blocked" else "allowed")
         if result == "blocked":
