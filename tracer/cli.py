@@ -163,11 +163,11 @@ def run(
             # SIGHUP: re-read the rule files; a rule set that fails keeps the running one
             try:
                 new = _load_engine(rules, mode)
-            except BadInput as e:
-                tracer._lifecycle("reload_failed", error=str(e))
-                typer.echo(f"agenttrace: reload failed, keeping the running rules: {e}", err=True)
-                return
-            tracer.reload_rules(new.ruleset)
+                tracer.reload_rules(new.ruleset)
+            except Exception as e:   # BadInput, or maps that cannot hold it: keep running
+                why = str(e) if isinstance(e, BadInput) else f"{type(e).__name__}: {e}"
+                tracer.reload_failed(why)
+                typer.echo(f"agenttrace: reload failed, keeping the running rules: {why}", err=True)
         trace_cgroups(tracer, flag, on_reload=None if engine is None else reload)
     except ProbeError as e:
         raise fail(str(e))

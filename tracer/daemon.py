@@ -182,24 +182,39 @@ def run_daemon(config_path: str, status_path: Path = STATUS_PATH) -> int:
 
 
 def _reload(config_path, old_cfg, tracer, watcher):
-    """New config and rules, or the old ones with the reason in a lifecycle record."""
+    """New config and rules, or the old ones with the reason in a lifecycle record. Nothing
+    raised while reading or applying them stops the daemon: the running policy stays."""
     try:
         cfg, rs = load_inputs(config_path)
     except DaemonInputError as e:
-        tracer._lifecycle("reload_failed", error=str(e))
-        tracer._flush()
-        log.error("agenttrace: reload failed, keeping the running config and rules:\n%s", e)
-        return old_cfg
-    if cfg.mode != tracer.opts.mode:
-        tracer.set_mode(cfg.mode)
-    if cfg.probes.files != ("files" in tracer.opts.features):
-        # the probes stay attached across a reload: adding/removing one needs a restart
-        tracer._lifecycle("notice", code="restart_needed",
-                          message="probes.files changed: it takes effect when the daemon restarts")
-    tracer.reload_rules(rs)
-    watcher.watches = cfg.agents
-    watcher.scan()
+        return _reload_failed(tracer, old_cfg, str(e))
+    except Exception as e:
+        return _reload_failed(tracer, old_cfg, f"reading the config failed: {type(e).__name__}: {e}")
+    try:
+        # rules first (all or nothing, runtime.reload_rules), then the mode: a rule set the
+        # kernel maps cannot hold leaves both as they were
+        tracer.reload_rules(rs)
+    except Exception as e:
+        return _reload_failed(tracer, old_cfg, f"applying the rules failed: {type(e).__name__}: {e}")
+    try:
+        if cfg.mode != tracer.opts.mode:
+            tracer.set_mode(cfg.mode)
+        if cfg.probes.files != ("files" in tracer.opts.features):
+            # the probes stay attached across a reload: adding/removing one needs a restart
+            tracer._lifecycle("notice", code="restart_needed",
+                              message="probes.files changed: it takes effect when the daemon restarts")
+        watcher.watches = cfg.agents
+        watcher.scan()
+    except Exception as e:
+        tracer._lifecycle("notice", code="reload_partial", message=f"{type(e).__name__}: {e}")
+        log.error("agenttrace: reload: applying the config failed part-way: %s", e)
     return cfg
+
+
+def _reload_failed(tracer, old_cfg, why: str):
+    tracer.reload_failed(why)
+    log.error("agenttrace: reload failed, keeping the running config and rules: %s", why.replace("\n", " "))
+    return old_cfg
 
 
 def _start_metrics(cfg, tracer, fanout):

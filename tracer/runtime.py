@@ -177,10 +177,28 @@ class Tracer:
             self.engine.mode = mode
 
     def reload_rules(self, ruleset) -> None:
-        """Swap rules without detaching probes; the caller has validated `ruleset`."""
-        self.install_policy(ruleset)
-        self.engine.swap_rules(ruleset)
+        """Swap rules without detaching probes. All or nothing: when the maps cannot hold the
+        new policy (EnforceError) or anything else fails, the running policy is written back
+        and kept, and the error is raised for the caller's `reload_failed` record."""
+        old = self.engine.ruleset if self.engine is not None else None
+        try:
+            self.install_policy(ruleset)
+            self.engine.swap_rules(ruleset)
+        except Exception:
+            if old is not None:
+                try:
+                    # the writer puts new entries first and deletes stale ones after, so a
+                    # failure part-way left a mix: rewrite the old policy whole
+                    self.install_policy(old)
+                    self.engine.swap_rules(old)
+                except Exception as e2:
+                    self._stage_error("reload rollback", e2)
+            raise
         self._lifecycle("reloaded", rules=len(ruleset.rules))
+        self._flush()
+
+    def reload_failed(self, error: str) -> None:
+        self._lifecycle("reload_failed", error=error)
         self._flush()
 
     def watch(self, path: Path, mode: str = "child", namer=None, labels: dict | None = None) -> int:
