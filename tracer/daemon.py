@@ -108,7 +108,7 @@ def _tracer_from(cfg, ruleset):
     features = DEFAULT_FEATURES + (("files",) if cfg.probes.files else ())
     opts = Options(cgroups=[], mode=cfg.mode, internal=[str(c) for c in cfg.internal_cidrs], features=features,
                    ringbuf_pages=cfg.limits.ring_buffer_pages, proc_table_size=cfg.limits.proc_table_size,
-                   stats_interval_s=60.0, gpu=gpu,
+                   stats_interval_s=cfg.limits.stats_interval, gpu=gpu,
                    rate_limit=cfg.limits.agent_events_per_sec,
                    rate_burst=cfg.limits.agent_burst or cfg.limits.agent_events_per_sec,
                    flood_action=cfg.limits.flood_action, wakeup_ms=cfg.limits.wakeup_ms)
@@ -155,9 +155,14 @@ def run_daemon(config_path: str, status_path: Path = STATUS_PATH) -> int:
         write_status(tracer, cfg, status_path)
         notifier.ready(f"watching {len(tracer.agents.known())} agent cgroups, mode {cfg.mode}")
         last = 0.0
+        pinged_at = -1
         while not flag.stop:
             tracer.poll(100)
-            notifier.tick()
+            # the watchdog vouches for the reader: it pings while the reader is caught up or
+            # has taken records since the last ping, never for a loop that only spins
+            if not tracer.backlog or tracer.records_read != pinged_at:
+                if notifier.tick():
+                    pinged_at = tracer.records_read
             if flag.reload:
                 flag.reload = False
                 notifier.reloading()

@@ -48,6 +48,12 @@ class Options:
     # BPF time per record on VMs.
     wakeup_ms: float = 5.0
     stats_interval_s: float = 0.0        # 0 = no periodic stats records
+    # Work per poll: at most this many records / this much time before timers, drop alerts
+    # and the caller's loop (sd_notify watchdog, signals) get their turn; what is left is read
+    # on the next poll without waiting. A flood costs records (dropped in the kernel, counted)
+    # instead of the schedule.
+    poll_max_records: int = 8192
+    poll_budget_ms: float = 100.0
     labels: dict = field(default_factory=dict)
     rate_limit: int = 0                  # events/s per agent admitted by the kernel (0 = no limit)
     rate_burst: int = 0
@@ -220,11 +226,30 @@ class Tracer:
         else:
             table.open_ring_buffer(self._on_record)
 
-    def _read(self, wait_ms: int) -> None:
-        """Wait up to wait_ms for a wakeup, then take every record in the ring."""
+    @property
+    def backlog(self) -> bool:
+        """Records were left in the ring at the end of the last poll (the reader is behind)."""
+        return self._reader is not None and self._reader.backlog
+
+    @property
+    def records_read(self) -> int:
+        return self._records
+
+    def _read(self, wait_ms: int, bounded: bool = True) -> None:
+        """Wait up to wait_ms for a wakeup, then take the records in the ring (bounded per
+        poll; `drain` takes them all)."""
         if self._reader is not None:
-            self._reader.poll(wait_ms)
+            if self._reader.backlog:
+                wait_ms = 0
+            if bounded:
+                self._reader.poll(wait_ms, self.opts.poll_max_records, int(self.opts.poll_budget_ms * 1e6))
+            else:
+                # everything already written, but not forever: an agent still flooding while
+                # we stop must not keep the stop from finishing
+                self._reader.poll(wait_ms, 0, 2_000_000_000)
             return
+        # BCC's reader (architectures without the mmap reader) cannot be bounded: it returns
+        # only once the ring is empty
         bpf = self.probes.bpf
         if wait_ms > 0:
             bpf.ring_buffer_poll(wait_ms)
@@ -266,7 +291,7 @@ class Tracer:
 
     def drain(self) -> None:
         """Consume what the kernel already wrote and release held connects."""
-        self._read(0)
+        self._read(0, bounded=False)
         for ev in self.enrich.flush_pending():
             self._process(ev)
         if self.engine is not None:
