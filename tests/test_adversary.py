@@ -200,3 +200,137 @@ def test_reader_keeps_its_schedule_under_a_flood_it_cannot_keep_up_with(tmp_path
           f"stats {len(stats)}, drop alerts {len(drops)}, watchdog pings {len(pings)}, "
           f"max gaps stats {_max_gap(stats, w0, w1):.2f}s drops {_max_gap(drops, w0, w1):.2f}s "
           f"pings {_max_gap(pings, w0, w1):.2f}s")
+
+
+# --- `run` isolation -------------------------------------------------------------------------
+BLOCK_EXTERNAL = """
+rules:
+  - id: test-no-external
+    description: test rule, no connection to external addresses
+    category: egress
+    severity: high
+    on: [connect]
+    match:
+      dst: {scopes: [external]}
+    action: block
+  - id: test-stratum-args
+    description: test rule, a userspace-decided kill (args are matched in the reader)
+    category: mining
+    severity: critical
+    on: [exec]
+    match:
+      exe: {cmdline_regex: ['stratum\\+tcp://']}
+    action: kill
+"""
+CONNECT = ("import socket,sys; s=socket.socket(); s.settimeout(5); "
+           "print(sys.argv[1], s.connect_ex(('203.0.113.10', 22)), flush=True)")
+
+
+def _run_cleanup(name):
+    from agenttrace.cgroups import cgroup2_mount
+    from agenttrace.isolation import run_pin_dir
+    from conftest import _kill_and_rmdir
+    _kill_and_rmdir(cgroup2_mount() / "agenttrace" / name)
+    d = run_pin_dir(name)
+    if d.exists():
+        for f in d.iterdir():
+            f.unlink()
+        d.rmdir()
+
+
+def test_run_enforcement_outlives_kill_of_its_tracer(netlab, tmp_path, require_bpf):
+    """`kill -9 $PPID` from the agent kills `agenttrace run`; the pinned programs keep the
+    agent from reaching an external address."""
+    import uuid
+    name = f"adv-{uuid.uuid4().hex[:6]}"
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(BLOCK_EXTERNAL)
+    out = tmp_path / "agent.out"
+    script = (f"{PY} -c \"{CONNECT}\" before >> {out}; kill -9 $PPID; sleep 1; "
+              f"{PY} -c \"{CONNECT}\" after >> {out}")
+    tracer = netlab.run_in_agent([AGENTTRACE_BIN, "run", "--mode", "enforce", "--rules", str(rules), "--agent", name,
+                                  "--output", str(tmp_path / "ev.jsonl"), "--", "sh", "-c", script],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        rc = tracer.wait(timeout=120)
+        assert rc == -signal.SIGKILL, tracer.stderr.read()
+        from agenttrace.cgroups import cgroup2_mount, procs
+        cg = cgroup2_mount() / "agenttrace" / name
+        deadline = time.monotonic() + 30
+        while procs(cg) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        lines = dict(l.split() for l in out.read_text().splitlines())
+        assert lines["before"] == str(errno.EPERM)
+        assert lines["after"] == str(errno.EPERM), "the agent reached an external address once its tracer was killed"
+        from agenttrace.isolation import run_pin_dir
+        assert any(run_pin_dir(name).iterdir())
+        # the next run sweeps pins whose agent is gone
+        r = subprocess.run([AGENTTRACE_BIN, "run", "--mode", "enforce", "--rules", str(rules), "--no-net",
+                            "--agent", name + "x", "--output", str(tmp_path / "ev2.jsonl"), "--", "true"],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert not run_pin_dir(name).exists()
+    finally:
+        if tracer.poll() is None:
+            tracer.kill()
+            tracer.wait()
+        _run_cleanup(name)
+        _run_cleanup(name + "x")
+
+
+def test_run_survives_group_kill_and_a_stopped_terminal(netlab, tmp_path, require_bpf):
+    """The agent stops output on the terminal it shares with the tracer (TCOOFF on a pty the
+    test provides), floods it, then kills its whole process group: the tracer keeps reading
+    and acting (a userspace-decided kill still happens), the kernel keeps blocking, and the
+    tracer ends by itself with the agent's exit code."""
+    import pty
+    import uuid
+    name = f"adv-{uuid.uuid4().hex[:6]}"
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(BLOCK_EXTERNAL)
+    out = tmp_path / "agent.out"
+    script = (
+        # the agent's own messages (the shell's "Killed") would block on the stopped terminal
+        f"exec 2>>{out}.err; {PY} -c 'import termios; termios.tcflow(1, termios.TCOOFF)'; "
+        "for i in $(seq 200); do /bin/true; done; "
+        f"{PY} -c 'import time; time.sleep(60)' stratum+tcp://pool.example:3333; echo stratum $? >> {out}; "
+        f"{PY} -c \"{CONNECT}\" connect >> {out}; "
+        f"echo pgid $(ps -o pgid= $$) >> {out}; kill -9 -$(ps -o pgid= $$ | tr -d ' ')")
+    # a file, not `sh -c`: the shell's own command line must not carry the pool URL
+    (tmp_path / "agent.sh").write_text(script + "\n")
+    master, slave = pty.openpty()
+    tracer = netlab.run_in_agent([AGENTTRACE_BIN, "run", "--mode", "enforce", "--rules", str(rules),
+                                  "--agent", name, "--", "sh", str(tmp_path / "agent.sh")],
+                                 stdin=slave, stdout=slave, stderr=slave)
+    os.close(slave)
+    try:
+        rc = tracer.wait(timeout=90)
+        got = dict(l.split(None, 1) for l in out.read_text().splitlines())
+        assert got["stratum"].strip() == "137", "the reader stopped acting while the terminal was stopped"
+        assert got["connect"].split()[-1] == str(errno.EPERM)
+        assert int(got["pgid"]) != os.getpgid(0)
+        assert rc == 137, f"the tracer did not end by itself with the agent's code (rc {rc})"
+    finally:
+        if tracer.poll() is None:
+            tracer.kill()
+            tracer.wait()
+        os.close(master)
+        _run_cleanup(name)
+
+
+def test_run_user_runs_the_command_unprivileged(tmp_path, require_bpf):
+    ev = tmp_path / "ev.jsonl"
+    r = subprocess.run([AGENTTRACE_BIN, "run", "--no-rules", "--user", "nobody", "--output", str(ev), "--",
+                        "sh", "-c", "id -u; id -g; touch /root/agenttrace-should-not-exist"],
+                       capture_output=True, text=True, timeout=120)
+    import pwd
+    nobody = pwd.getpwnam("nobody")
+    assert r.stdout.split()[:2] == [str(nobody.pw_uid), str(nobody.pw_gid)], r.stderr
+    assert r.returncode != 0 and "Permission denied" in r.stderr
+    import orjson
+    recs = [orjson.loads(l) for l in ev.read_bytes().splitlines()]
+    ids = [x["proc"]["uid"] for x in recs if x["kind"] == "exec" and x["proc"]["exe"].endswith("/id")]
+    assert ids and set(ids) == {nobody.pw_uid}
+    bad = subprocess.run([AGENTTRACE_BIN, "run", "--user", "no-such-user-x", "--", "true"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "no such user" in bad.stderr

@@ -50,7 +50,7 @@ def _check_cidrs(cidrs: List[str]) -> list[str]:
         raise BadInput(str(e)) from None
 
 
-def _sinks(output: Optional[Path], fmt: str):
+def _sinks(output: Optional[Path], fmt: str, isolated: bool = False):
     from .sinks import StdoutSink, StreamSink
     formatter = None
     if fmt == "ocsf":
@@ -64,6 +64,11 @@ def _sinks(output: Optional[Path], fmt: str):
         except OSError as e:
             raise BadInput(f"--output: cannot open {output}: {e.strerror}") from None
         return [StreamSink(stream, name="file", formatter=formatter, close_stream=True)]
+    if isolated:
+        # the agent shares this stdout (often a terminal it can stop): never write it from
+        # the reader's thread
+        from .isolation import stdout_sink
+        return [stdout_sink(formatter)]
     return [StdoutSink(formatter=formatter)]
 
 
@@ -117,6 +122,7 @@ def run(
     files: bool = typer.Option(False, "--files/--no-files", help=FILES_HELP),
     gpu: str = typer.Option("allow", "--gpu", help="GPU policy for the traced agents: allow, deny (fenced in enforce mode) or off (no NVML, no fence)."),
     wakeup_ms: float = typer.Option(5.0, "--wakeup-ms", help="Longest a record waits in the kernel ring buffer before it is read; 0 wakes the reader on every record (costs ~20 us of kernel time per event on VMs)."),
+    user: Optional[str] = typer.Option(None, "--user", help="Run CMD as this user (name or uid) instead of root."),
 ):
     """Trace watched cgroups, or run CMD in a fresh agent cgroup and trace it."""
     from .runtime import Options, Tracer
@@ -136,13 +142,22 @@ def run(
             raise BadInput("give either --cgroup or -- CMD, not both")
         if agent is not None and (not agent or "/" in agent or agent in (".", "..")):
             raise BadInput(f"--agent: '{agent}' is not a valid cgroup directory name")
+        if user is not None and not cmd:
+            raise BadInput("--user applies to -- CMD only")
         _require_root()
+        run_user = None
+        if user is not None:
+            from .isolation import resolve_user
+            try:
+                run_user = resolve_user(user)
+            except ValueError as e:
+                raise BadInput(str(e)) from None
         cidrs = _check_cidrs(internal)
         paths = _resolve_cgroups(cgroup)
         features = (("proc",) if no_net else ("proc", "net")) + (("files",) if files else ())
         engine = None if no_rules else _load_engine(rules, mode)
         gpu_cfg = _gpu_config(gpu)
-        sinks = _sinks(output, fmt)
+        sinks = _sinks(output, fmt, isolated=bool(cmd))
     except BadInput as e:
         raise fail(str(e))
     except CgroupError as e:
@@ -155,7 +170,8 @@ def run(
                               gpu=gpu_cfg, wakeup_ms=wakeup_ms), sinks, engine=engine)
     try:
         if cmd:
-            rc = run_command(make, cmd, agent or f"run-{os.getpid()}", flag)
+            rc = run_command(make, cmd, agent or f"run-{os.getpid()}", flag, user=run_user,
+                             pin=mode == "enforce")
             raise typer.Exit(rc)
         tracer = make(paths)
 
