@@ -89,3 +89,30 @@ def test_decoy_answer_does_not_hide_the_real_one():
     cache = NameCache()
     assert cache.learn(7, parsed) == 1
     assert cache.lookup(7, "203.0.113.20") == "pool.example"
+
+
+def test_held_connect_is_released_not_overwritten_when_its_socket_address_is_reused():
+    # two connects on the same kernel socket address (the first socket freed and its memory
+    # reused) before any outcome: the first goes out as "pending" and is counted, the outcome
+    # goes to the second
+    import ctypes as C
+    from agenttrace import events as E
+    from agenttrace.fuzzing import _Env
+    enr = _Env().enricher
+
+    def connect(cookie):
+        o = E.Connect()
+        o.h.type, o.h.tgid, o.h.agent_cgroup_id = E.EV_CONNECT, 4242, 9
+        o.cookie, o.sk, o.family, o.protocol, o.dport = cookie, 0xffff0001, 2, 6, 80
+        o.daddr[10] = o.daddr[11] = 0xff
+        return enr(E.EV_CONNECT, o)
+
+    assert connect(11) == []
+    first = connect(12)
+    assert [e.cookie for e in first] == [11] and first[0].record["net"]["result"] == "pending"
+    assert enr.pending_displaced == 1
+    r = E.ConnResult()
+    r.h.type, r.sk, r.family, r.result = E.EV_CONN_RESULT, 0xffff0001, 2, E.RESULT_ESTABLISHED
+    got = enr(E.EV_CONN_RESULT, r)
+    assert [e.cookie for e in got] == [12] and got[0].record["net"]["result"] == "established"
+    assert enr.pending == {} and enr.flush_pending() == []

@@ -31,7 +31,7 @@ from .proctable import ProcTable
 from .timefmt import format_ns
 
 log = logging.getLogger("agenttrace")
-RATE_LIMITED = 0x8000   # AT_DROP_RATE_LIMITED in probes/common.h
+from .flood import RATE_LIMITED  # noqa: E402  (one copy: AT_DROP_RATE_LIMITED in probes/common.h)
 
 
 @dataclass
@@ -57,7 +57,8 @@ class Options:
     labels: dict = field(default_factory=dict)
     rate_limit: int = 0                  # events/s per agent admitted by the kernel (0 = no limit)
     rate_burst: int = 0
-    flood_action: str = "report"         # or "freeze-agent" (enforce mode) when events are dropped
+    # on an agent over its rate limit: "auto" = freeze-agent in enforce mode, report in monitor
+    flood_action: str = "auto"
     gpu: object = None                   # gpu.GpuConfig; None = no GPU sampling or fence
     gpu_backend: object = None           # a gpu.GpuBackend (tests: the fake); None = real NVML
 
@@ -93,7 +94,7 @@ class Tracer:
         self._quiet = False        # a full wakeup interval passed with nothing read
         self.gpu = None
         self.keep_pins = False
-        self._drops_seen: dict[int, int] = {}      # daemon fail-closed: pinned enforcement outlives us
+        self._flood = None         # flood.FloodGuard, made on the first drop check
         self._on_agent: list = []
         self.agents.on_new = self._agent_discovered
         self._notices: "collections.deque" = collections.deque(maxlen=1000)
@@ -170,6 +171,8 @@ class Tracer:
             self.policy_writer = PolicyWriter(self.probes)
             self._on_agent.append(lambda cid, ident: self.policy_writer.assign(cid, ident.get("group")))
         self.policy_writer.apply(kp, {cid: a.get("group") for cid, a in self.agents.known().items()})
+        from .flood import exec_watch_names, write_exec_watch
+        write_exec_watch(self.probes, exec_watch_names(ruleset))
 
     def set_mode(self, mode: str) -> None:
         self.opts.mode = mode
@@ -435,6 +438,7 @@ class Tracer:
                 "stage_errors": self.stage_errors,
                 "unknown_records": self.enrich.unknown_types,
             },
+            "held_connects_displaced": self.enrich.pending_displaced,
             "argv_read_failures": self.enrich.argv_read_failures,
             "file_path_read_failures": self.enrich.file_path_read_failures,
             "proc_table": {"size": len(self.procs), "evictions": self.procs.evictions},
@@ -442,33 +446,15 @@ class Tracer:
 
     def check_drops(self) -> None:
         """An alert when an agent's events are being dropped (flooding blinds a tracer: that
-        is itself worth a human's look); optionally freeze the agent."""
+        is itself worth a human's look), by cause; in enforce mode the agent that exceeded its
+        own rate limit is frozen (tracer/flood.py)."""
         if self.probes is None:
             return
-        per_agent: dict[int, int] = {}
-        for (agent, _t), n in self.probes.drops().items():
-            per_agent[agent] = per_agent.get(agent, 0) + n
-        for agent, n in per_agent.items():
-            before = self._drops_seen.get(agent, 0)
-            if n <= before:
-                continue
-            self._drops_seen[agent] = n
-            ident = self.agents.agent(agent)
-            t = time.time_ns()
-            action = self.opts.flood_action
-            outcome = "reported"
-            if action == "freeze-agent" and self.opts.mode == "enforce" and ident.get("cgroup"):
-                from .actions import Actions
-                res = Actions().freeze_cgroup(ident["cgroup"])
-                outcome = res.outcome
-            rec = {"ts": format_ns(t), "kind": "alert", "node": self.node, "agent": ident,
-                   "trigger": "lifecycle",
-                   "rule": {"id": "agenttrace-events-dropped", "category": "evasion", "severity": "high",
-                            "action": action, "outcome": outcome, "tags": ["T1562"],
-                            "message": f"{n - before} events of agent {ident['id']} were dropped "
-                                       f"({n} in all): rate limit or full ring buffer; its activity is "
-                                       "partly unseen"},
-                   "drops": {"new": n - before, "total": n}}
-            self._alerts([Event("alert", t, rec, 0, agent)])
+        from .flood import FloodGuard
+        if self._flood is None:
+            self._flood = FloodGuard(self.opts.flood_action)
 
-
+        def freeze(cgroup):
+            from .actions import Actions
+            return Actions().freeze_cgroup(cgroup).outcome
+        self._alerts(self._flood.check(self.probes.drops(), self.agents, self.opts.mode, self.node, freeze))
