@@ -377,6 +377,8 @@ class Tracer:
     def _alerts(self, alerts) -> None:
         # the engine acts (enforce mode) before returning, so each alert's outcome is final
         for al in alerts:
+            # when the alert was made, next to `ts` (its trigger's): the detection latency
+            al.record.setdefault("alerted", format_ns(time.time_ns()))
             for hook in self.hooks:
                 try:
                     hook(al)
