@@ -44,8 +44,19 @@ def test_reload_that_cannot_be_held_keeps_the_old_policy(tmp_path, agent_tree, p
     rules.write_text(RULE.format(port=port))
     a = agent_tree.agent("a1")
     d = Daemon(tmp_path, agent_tree.root, rules, pin_dir)
+    # stderr is "the journal": JOURNAL_STREAM names its pipe, as systemd does, so the
+    # daemon's diagnostics must carry syslog priority prefixes
+    from test_daemon import Notify
+    r_fd, w_fd = os.pipe()
+    st = os.fstat(w_fd)
+    d.notify = Notify(tmp_path / "notify")
+    env = dict(os.environ, NOTIFY_SOCKET=d.notify.path, JOURNAL_STREAM=f"{st.st_dev}:{st.st_ino}")
+    d.proc = subprocess.Popen([AGENTTRACE_BIN, "daemon", "--config", str(d.cfg), "--status-file", str(d.status)],
+                              env=env, stderr=w_fd)
+    os.close(w_fd)
+    journal = os.fdopen(r_fd, "rb")
     try:
-        d.start()
+        assert d.notify.wait("READY=1")
         assert d.wait_record(lambda r: r.get("phase") == "started")
         assert _connect_errno(agent_tree, a, port) == errno.EPERM
         from agenttrace.rules import load_rules
@@ -74,6 +85,10 @@ def test_reload_that_cannot_be_held_keeps_the_old_policy(tmp_path, agent_tree, p
     finally:
         d.stop()
         srv.close()
+    diag = journal.read().decode(errors="replace").splitlines()
+    journal.close()
+    assert any(l.startswith("<3>agenttrace: reload failed") for l in diag), diag
+    assert all(l[:1] == "<" and l[2:3] == ">" for l in diag if l), diag
 
 
 class NotifyLog:

@@ -331,8 +331,9 @@ def daemon(config: Path = typer.Option(Path("/etc/agenttrace/agenttrace.yaml"), 
            status_file: Path = typer.Option(Path("/run/agenttrace/status.json"), "--status-file", hidden=True)):
     """The systemd service: watch agent cgroups per the config, write to its sinks."""
     from .daemon import DaemonInputError, run_daemon
+    from .journal import setup_daemon_logging
     from .probes import ProbeError
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_daemon_logging()
     try:
         _require_root()
         rc = run_daemon(str(config), status_file)
