@@ -220,15 +220,26 @@ def tail(
     class _TermSink:
         name = "terminal"
         dropped = 0
+        fd = None       # tail -- CMD: a private descriptor, written off the reader's thread
 
         def emit_batch(self, records):
             out = []
             for r in records:
                 if filt.accepts(r):
                     out.append(render(r, color=use_color))
-            if out:
-                sys.stdout.write("\n".join(out) + "\n")
+            if not out:
+                return
+            text = "\n".join(out) + "\n"
+            if self.fd is None:
+                sys.stdout.write(text)
                 sys.stdout.flush()
+                return
+            data = memoryview(text.encode("utf-8", "backslashreplace"))
+            try:
+                while data:
+                    data = data[os.write(self.fd, data):]
+            except OSError:
+                self.dropped += len(out)
 
         def emit(self, record):
             self.emit_batch([record])
@@ -262,7 +273,14 @@ def tail(
     features = DEFAULT_FEATURES + (("files",) if files else ())
 
     def make(paths_):
-        return Tracer(Options(cgroups=list(paths_), features=features), [_TermSink()])
+        sink = _TermSink()
+        if cmd:
+            # the agent shares this terminal and may stop it (tcflow): see tracer/isolation.py
+            from .sinks import QueuedSink
+            sink.fd = os.dup(1)
+            sink = QueuedSink(sink)
+            sink.close_timeout = 2.0
+        return Tracer(Options(cgroups=list(paths_), features=features), [sink])
     try:
         if cmd:
             raise typer.Exit(run_command(make, cmd, f"tail-{os.getpid()}", flag))
