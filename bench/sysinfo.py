@@ -68,28 +68,9 @@ class AgentCgroup:
 
     def remove(self, timeout: float = 10.0) -> None:
         """Kill what is left inside (everything in this cgroup was started by the harness),
-        one pid at a time, then remove the directory and any child a tracer made."""
-        if not self.path.exists():
-            return
-        deadline = time.monotonic() + timeout
-        dirs = sorted((p for p in self.path.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts))
-        dirs.append(self.path)
-        for d in dirs:
-            while True:
-                for pid in self.pids(d):
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-                try:
-                    os.rmdir(d)
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.02)
+        then remove the directory and any child a tracer made."""
+        from agenttrace.cgroups import kill_and_remove
+        kill_and_remove(self.path, timeout)
 
     def __enter__(self) -> "AgentCgroup":
         return self.create()

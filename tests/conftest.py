@@ -61,35 +61,8 @@ def cgroup2_root() -> Path:
 
 
 def _kill_and_rmdir(path: Path) -> None:
-    from agenttrace.cgroups import procs
-    if not path.exists():
-        return
-    kill = path / "cgroup.kill"
-    for _ in range(100):
-        pids = procs(path)
-        if not pids:
-            break
-        if kill.exists():
-            try:
-                kill.write_text("1")
-            except OSError:
-                pass
-        else:
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        time.sleep(0.02)
-    for dirpath, _dirs, _files in sorted(os.walk(path), key=lambda x: -len(x[0])):
-        for _ in range(100):
-            try:
-                os.rmdir(dirpath)
-                break
-            except FileNotFoundError:
-                break
-            except OSError:
-                time.sleep(0.02)
+    from agenttrace.cgroups import kill_and_remove
+    kill_and_remove(path)
 
 
 class AgentTree:

@@ -71,13 +71,11 @@ def cg():
                 time.sleep(0.01)
 
 
-def test_find_cgroup2_mount_reads_mountinfo(tmp_path):
-    mi = tmp_path / "mountinfo"
-    mi.write_text("31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw\n"
-                  "41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n")
-    assert find_cgroup2_mount(str(mi)) == "/sys/fs/cgroup/unified"
-    mi.write_text("31 23 0:28 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n")
-    assert find_cgroup2_mount(str(mi)) is None
+def test_cgroup2_mount_parsed_from_mountinfo():
+    from agenttrace.cgroups import parse_cgroup2_mount
+    assert parse_cgroup2_mount("31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw\n"
+                               "41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n") == "/sys/fs/cgroup/unified"
+    assert parse_cgroup2_mount("31 23 0:28 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n") is None
 
 
 def test_kill_pid_verifies_exit(cg):

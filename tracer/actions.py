@@ -32,17 +32,13 @@ class ActionResult:
         return self.outcome != "reported"
 
 
-def find_cgroup2_mount(mountinfo: str = "/proc/self/mountinfo") -> Optional[str]:
-    """The cgroup2 mount point (hybrid hosts mount it at /sys/fs/cgroup/unified)."""
+def find_cgroup2_mount() -> Optional[str]:
+    """The cgroup2 mount point (cgroups.cgroup2_mount), or None where there is none."""
+    from .cgroups import CgroupError, cgroup2_mount
     try:
-        with open(mountinfo, encoding="utf-8") as f:
-            for line in f:
-                left, _, right = line.partition(" - ")
-                if right.split(" ", 1)[0] == "cgroup2":
-                    return left.split()[4].replace("\\040", " ")
-    except OSError:
+        return str(cgroup2_mount())
+    except CgroupError:
         return None
-    return None
 
 
 def _read(path: Path) -> str:

@@ -16,17 +16,26 @@ class CgroupError(Exception):
     pass
 
 
+def parse_cgroup2_mount(mountinfo: str) -> str | None:
+    """The cgroup2 mount point in a /proc/self/mountinfo text (hybrid hosts mount it at
+    /sys/fs/cgroup/unified, unified ones at /sys/fs/cgroup), None if there is none."""
+    for line in mountinfo.splitlines():
+        left, _, right = line.partition(" - ")
+        if right.split(" ", 1)[0] == "cgroup2":
+            return left.split()[4].replace("\\040", " ")
+    return None
+
+
 @lru_cache(maxsize=1)
 def cgroup2_mount() -> Path:
     try:
         with open("/proc/self/mountinfo") as f:
-            for line in f:
-                left, _, right = line.partition(" - ")
-                if right.split(" ", 1)[0] == "cgroup2":
-                    return Path(left.split()[4])
+            m = parse_cgroup2_mount(f.read())
     except OSError as e:
         raise CgroupError(f"cannot read /proc/self/mountinfo: {e}") from None
-    raise CgroupError("no cgroup2 filesystem is mounted (mount -t cgroup2 none /sys/fs/cgroup)")
+    if m is None:
+        raise CgroupError("no cgroup2 filesystem is mounted (mount -t cgroup2 none /sys/fs/cgroup)")
+    return Path(m)
 
 
 def resolve(path: str | os.PathLike) -> Path:
@@ -180,6 +189,41 @@ class AgentResolver:
         return cgroup2_mount() / a["cgroup"].lstrip("/")
 
 
+def kill_and_remove(path: Path, timeout: float = 10.0) -> None:
+    """Kill every process in `path` and below (cgroup.kill where the kernel has it, else one
+    pid at a time), then remove the directories, deepest first. For cgroups this process made:
+    `run -- CMD`'s agent cgroup, the demo's sandbox, the tests' and the benchmark's trees.
+    Raises OSError if a directory is still busy after `timeout`."""
+    import signal
+    import time
+    path = Path(path)
+    if not path.exists():
+        return
+    deadline = time.monotonic() + timeout
+    dirs = sorted((Path(dp) for dp, _, _ in os.walk(path)), key=lambda p: -len(p.parts))
+    for d in dirs:
+        while True:
+            pids = procs(d)
+            if pids:
+                try:
+                    (d / "cgroup.kill").write_text("1")
+                except OSError:
+                    for pid in pids:
+                        try:
+                            os.kill(pid, signal.SIGKILL)
+                        except ProcessLookupError:
+                            pass
+            try:
+                d.rmdir()
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+
+
 class TempCgroup:
     """A cgroup this process creates and must remove (run -- CMD, tests)."""
 
@@ -211,27 +255,10 @@ class TempCgroup:
                         pass
 
     def remove(self, timeout: float = 5.0) -> None:
-        import time
-        self.kill_all()
-        deadline = time.monotonic() + timeout
-        for d in reversed(sorted(self._all_dirs(), key=lambda x: len(x.parts))):
-            while True:
-                try:
-                    d.rmdir()
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.02)
+        kill_and_remove(self.path, timeout)
         for d in reversed(self.created):
             try:
                 d.rmdir()
             except OSError:
                 pass
 
-    def _all_dirs(self):
-        if not self.path.exists():
-            return []
-        return [Path(dp) for dp, _, _ in os.walk(self.path)]

@@ -17,8 +17,7 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_
                   help="agenttrace: eBPF tracing and policy for AI-agent processes.")
 
 
-class BadInput(Exception):
-    """Bad CLI/config/rules input or an environment that cannot run: exit 2, nothing started."""
+from .session import InputError as BadInput  # one input-error type for every front end
 
 
 def fail(msg: str, code: int = Exit.BAD_INPUT) -> "typer.Exit":
@@ -72,25 +71,6 @@ def _sinks(output: Optional[Path], fmt: str, isolated: bool = False):
     return [StdoutSink(formatter=formatter)]
 
 
-def _load_engine(rule_paths: List[str], mode: str, egress=None):
-    """Rules are checked before anything is attached; every error is listed."""
-    from .engine import Engine
-    from .policy import PolicyError, compile_policy
-    from .rules import RulesError, default_rule_paths, expand_paths, load_rules
-    for p in rule_paths:
-        if not Path(p).exists():
-            raise BadInput(f"--rules: {p} does not exist")
-    paths = expand_paths(rule_paths) if rule_paths else default_rule_paths()
-    try:
-        rs = load_rules(paths, egress=egress)
-        compile_policy(rs)
-    except RulesError as e:
-        raise BadInput("invalid rules:\n" + "\n".join(f"  {x}" for x in e.errors)) from None
-    except PolicyError as e:
-        raise BadInput(f"rules cannot be enforced: {e}") from None
-    return Engine(rs, mode=mode)
-
-
 def _gpu_config(choice: str):
     if choice not in ("allow", "deny", "off"):
         raise BadInput(f"--gpu: '{choice}' is not one of allow, deny, off")
@@ -100,10 +80,14 @@ def _gpu_config(choice: str):
     return GpuConfig(default=GpuGroupPolicy(allowed=choice == "allow"))
 
 
-MODES = ("monitor", "enforce")
+from .session import MODES  # noqa: E402
 FORMATS = ("json", "ocsf")
+TAIL_ALWAYS = ("started", "reloaded", "reload_failed", "stopped")
 FILES_HELP = ("Also trace SSH files (authorized_keys writes, private/host key reads). Off by default: "
               "its syscall tracepoints slow every process's syscalls a little (see README, measured costs).")
+
+
+NOT_HELP = "Leave out the {} probes (on by default)."
 
 
 @app.command(context_settings={"allow_interspersed_args": False})
@@ -118,20 +102,22 @@ def run(
     agent: Optional[str] = typer.Option(None, "--agent", help="Agent name for -- CMD (default run-<pid>)."),
     rules: List[str] = typer.Option([], "--rules", "-r", help="Rule file or folder (repeatable; default: the built-in pack)."),
     no_rules: bool = typer.Option(False, "--no-rules", help="Trace only: no rules, no alerts."),
-    no_net: bool = typer.Option(False, "--no-net", help="Process events only (no connect hooks)."),
+    no_net: bool = typer.Option(False, "--no-net", help="Process events only (no connect, flow, DNS or listen hooks)."),
+    no_flow: bool = typer.Option(False, "--no-flow", help=NOT_HELP.format("flow (protocol banner)")),
+    no_dns: bool = typer.Option(False, "--no-dns", help=NOT_HELP.format("DNS")),
+    no_listen: bool = typer.Option(False, "--no-listen", help=NOT_HELP.format("listen/accept")),
     files: bool = typer.Option(False, "--files/--no-files", help=FILES_HELP),
     gpu: str = typer.Option("allow", "--gpu", help="GPU policy for the traced agents: allow, deny (fenced in enforce mode) or off (no NVML, no fence)."),
     wakeup_ms: float = typer.Option(5.0, "--wakeup-ms", help="Longest a record waits in the kernel ring buffer before it is read; 0 wakes the reader on every record (costs ~20 us of kernel time per event on VMs)."),
     user: Optional[str] = typer.Option(None, "--user", help="Run CMD as this user (name or uid) instead of root."),
 ):
     """Trace watched cgroups, or run CMD in a fresh agent cgroup and trace it."""
-    from .runtime import Options, Tracer
     from .runner import CommandNotFound, StopFlag, run_command, trace_cgroups
     from .probes import ProbeError
     from .cgroups import CgroupError
+    from . import session as S
     try:
-        if mode not in MODES:
-            raise BadInput(f"--mode: '{mode}' is not one of {', '.join(MODES)}")
+        S.check_mode(mode)
         if fmt not in FORMATS:
             raise BadInput(f"--format: '{fmt}' is not one of {', '.join(FORMATS)}")
         if not 0 <= wakeup_ms <= 1000:
@@ -152,39 +138,37 @@ def run(
                 run_user = resolve_user(user)
             except ValueError as e:
                 raise BadInput(str(e)) from None
-        cidrs = _check_cidrs(internal)
-        paths = _resolve_cgroups(cgroup)
-        features = (("proc",) if no_net else ("proc", "net")) + (("files",) if files else ())
-        engine = None if no_rules else _load_engine(rules, mode)
-        gpu_cfg = _gpu_config(gpu)
+        opts = S.SessionOptions(
+            mode=mode, internal=_check_cidrs(internal), cgroups=_resolve_cgroups(cgroup),
+            features=S.features(no_net=no_net, no_flow=no_flow, no_dns=no_dns, no_listen=no_listen, files=files),
+            rule_paths=list(rules) or None, use_rules=not no_rules, gpu=_gpu_config(gpu), wakeup_ms=wakeup_ms)
+        ruleset = S.load_ruleset(opts)
         sinks = _sinks(output, fmt, isolated=bool(cmd))
-    except BadInput as e:
-        raise fail(str(e))
-    except CgroupError as e:
+    except (BadInput, CgroupError) as e:
         raise fail(str(e))
 
     flag = StopFlag().install()
 
     def make(paths_):
-        return Tracer(Options(cgroups=list(paths_), mode=mode, features=features, internal=cidrs,
-                              gpu=gpu_cfg, wakeup_ms=wakeup_ms), sinks, engine=engine)
+        opts.cgroups = list(paths_)
+        return S.build(opts, sinks, ruleset)
     try:
         if cmd:
             rc = run_command(make, cmd, agent or f"run-{os.getpid()}", flag, user=run_user,
                              pin=mode == "enforce")
             raise typer.Exit(rc)
-        tracer = make(paths)
+        tracer = make(opts.cgroups)
 
         def reload():
             # SIGHUP: re-read the rule files; a rule set that fails keeps the running one
             try:
-                new = _load_engine(rules, mode)
-                tracer.reload_rules(new.ruleset)
-            except Exception as e:   # BadInput, or maps that cannot hold it: keep running
+                new = S.load_ruleset(opts)
+                tracer.reload_rules(new)     # writes reload_failed itself when the maps refuse
+            except Exception as e:   # bad input, or anything else: the running rules stay
                 why = str(e) if isinstance(e, BadInput) else f"{type(e).__name__}: {e}"
                 tracer.reload_failed(why)
                 typer.echo(f"agenttrace: reload failed, keeping the running rules: {why}", err=True)
-        trace_cgroups(tracer, flag, on_reload=None if engine is None else reload)
+        trace_cgroups(tracer, flag, on_reload=None if ruleset is None else reload)
     except ProbeError as e:
         raise fail(str(e))
     except CommandNotFound as e:
@@ -204,13 +188,17 @@ def tail(
     alerts: bool = typer.Option(False, "--alerts", help="Only alerts."),
     color: Optional[bool] = typer.Option(None, "--color/--no-color", help="Colour (default: when a terminal)."),
     files: bool = typer.Option(False, "--files/--no-files", help=FILES_HELP),
+    rules: List[str] = typer.Option([], "--rules", "-r", help="When tracing itself: rule file or folder (repeatable; default: the built-in pack)."),
+    no_rules: bool = typer.Option(False, "--no-rules", help="When tracing itself: no rules, no alerts."),
+    mode: str = typer.Option("monitor", "--mode", help="When tracing itself: monitor or enforce."),
+    internal: List[str] = typer.Option([], "--internal", help="When tracing itself: CIDR that counts as internal. Repeatable."),
 ):
     """The human view: one coloured line per event. Attaches to the daemon when it runs."""
     from .tailview import Filter, render
-    from .runtime import Options, Tracer
     from .runner import StopFlag, run_command, trace_cgroups
     from .probes import ProbeError
     from .cgroups import CgroupError
+    from . import session as S
     use_color = sys.stdout.isatty() if color is None else color
     try:
         filt = Filter(agents=agent_f or None, kinds=kind or None, min_severity=severity, alerts_only=alerts)
@@ -225,7 +213,8 @@ def tail(
         def emit_batch(self, records):
             out = []
             for r in records:
-                if filt.accepts(r):
+                # the tracer's own state (attached, reloaded, stopped) shows whatever the filter
+                if filt.accepts(r) or (r.get("kind") == "lifecycle" and r.get("phase") in TAIL_ALWAYS):
                     out.append(render(r, color=use_color))
             if not out:
                 return
@@ -263,16 +252,20 @@ def tail(
             pass
         return
     try:
+        S.check_mode(mode)
         _require_root()
-        paths = _resolve_cgroups(cgroup)
+        # the same session `run` builds (probes, rules, enforcement): only the sink differs
+        opts = S.SessionOptions(mode=mode, cgroups=_resolve_cgroups(cgroup), internal=_check_cidrs(internal),
+                                features=S.features(files=files), rule_paths=list(rules) or None,
+                                use_rules=not no_rules, gpu=_gpu_config("allow"))
+        ruleset = S.load_ruleset(opts)
     except (BadInput, CgroupError) as e:
         raise fail(str(e))
     flag = StopFlag().install()
-
-    from .probes import DEFAULT_FEATURES
-    features = DEFAULT_FEATURES + (("files",) if files else ())
+    paths = opts.cgroups
 
     def make(paths_):
+        opts.cgroups = list(paths_)
         sink = _TermSink()
         if cmd:
             # the agent shares this terminal and may stop it (tcflow): see tracer/isolation.py
@@ -280,7 +273,7 @@ def tail(
             sink.fd = os.dup(1)
             sink = QueuedSink(sink)
             sink.close_timeout = 2.0
-        return Tracer(Options(cgroups=list(paths_), features=features), [sink])
+        return S.build(opts, [sink], ruleset)
     try:
         if cmd:
             raise typer.Exit(run_command(make, cmd, f"tail-{os.getpid()}", flag))
@@ -298,7 +291,8 @@ app.add_typer(rules_app, name="rules")
 @rules_app.command("lint")
 def rules_lint(paths: List[Path] = typer.Argument(..., help="Rule files or folders.")):
     """Validate rule files; exit 2 listing every error as file:line:col."""
-    from .rules import expand_paths, lint
+    from .capability import lint
+    from .rules import expand_paths
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
         raise fail(f"no such file or folder: {', '.join(missing)}")

@@ -76,9 +76,10 @@ class FloodGuard:
             return "freeze-agent" if mode == "enforce" else "report"
         return self.action
 
-    def check(self, drops: dict, agents, mode: str, node: str, freeze=None) -> list[Event]:
-        """drops: {(agent cgroup id, type): count} from the kernel; agents: AgentResolver;
-        freeze(cgroup) -> outcome string. Returns the alerts for agents with new drops."""
+    def check(self, drops: dict, agents, mode: str, node: str) -> list[tuple[Event, bool]]:
+        """drops: {(agent cgroup id, type): count} from the kernel; agents: AgentResolver.
+        Returns (alert, freeze) for each agent with new drops; an alert to freeze has outcome
+        "pending" for the act stage to fill in."""
         totals: dict[int, dict[str, int]] = {}
         for (agent, t), n in drops.items():
             by = totals.setdefault(agent, {})
@@ -95,26 +96,25 @@ class FloodGuard:
                 self.seen[(agent, c)] = n
             ident = agents.agent(agent)
             flooding = new.get("rate_limit", 0) > 0
-            outcome = "reported"
-            if action == "freeze-agent" and mode == "enforce" and flooding and ident.get("cgroup"):
-                if agent in self.frozen:
-                    outcome = "frozen"
-                elif freeze is not None:
-                    outcome = freeze(ident["cgroup"])
-                    if outcome == "frozen":
-                        self.frozen.add(agent)
+            freeze = (action == "freeze-agent" and mode == "enforce" and flooding and bool(ident.get("cgroup"))
+                      and agent not in self.frozen)
+            if freeze:
+                self.frozen.add(agent)
             total, fresh = sum(by.values()), sum(new.values())
             parts = ", ".join(f"{n} to the {'rate limit' if c == 'rate_limit' else 'full ring buffer'}"
                               for c, n in sorted(new.items()))
             msg = f"{fresh} events of agent {ident['id']} were dropped ({parts}; {total} in all): its activity is partly unseen"
-            if outcome == "frozen":
-                msg += "; the agent exceeded its own rate limit and is frozen"
+            if freeze:
+                msg += "; the agent exceeded its own rate limit: freezing it"
+            elif agent in self.frozen:
+                msg += "; its freeze was requested earlier"
             elif not flooding:
                 msg += "; not acted on: a full ring buffer may be another agent's flood"
             t = time.time_ns()
             rec = {"ts": format_ns(t), "kind": "alert", "node": node, "agent": ident, "trigger": "lifecycle",
                    "rule": {"id": "agenttrace-events-dropped", "category": "evasion", "severity": "high",
-                            "action": action, "outcome": outcome, "tags": ["T1562"], "message": msg},
+                            "action": action, "outcome": "pending" if freeze else "reported",
+                            "tags": ["T1562"], "message": msg},
                    "drops": {"new": fresh, "total": total, "new_by_cause": new, "total_by_cause": by}}
-            out.append(Event("alert", t, rec, 0, agent))
+            out.append((Event("alert", t, rec, 0, agent), freeze))
         return out
