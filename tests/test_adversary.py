@@ -411,7 +411,7 @@ def test_flooder_is_frozen_and_its_neighbour_is_still_seen_and_blocked(netlab, t
         frozen = d.wait_record(lambda r: r.get("kind") == "alert" and r["rule"]["id"] == "agenttrace-events-dropped"
                                and r["rule"]["outcome"] == "frozen", timeout=30)
         assert frozen and frozen[0]["agent"]["id"] == "flooder"
-        assert "frozen" in frozen[0]["rule"]["message"]
+        assert "exceeded its own rate limit" in frozen[0]["rule"]["message"]
         assert (flooder / "cgroup.events").read_text().count("frozen 1") == 1
         assert "frozen 0" in (victim / "cgroup.events").read_text()
     finally:
