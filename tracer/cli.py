@@ -49,7 +49,7 @@ def _check_cidrs(cidrs: List[str]) -> list[str]:
         raise BadInput(str(e)) from None
 
 
-def _sinks(output: Optional[Path], fmt: str):
+def _sinks(output: Optional[Path], fmt: str, isolated: bool = False):
     from .sinks import StdoutSink, StreamSink
     formatter = None
     if fmt == "ocsf":
@@ -63,6 +63,11 @@ def _sinks(output: Optional[Path], fmt: str):
         except OSError as e:
             raise BadInput(f"--output: cannot open {output}: {e.strerror}") from None
         return [StreamSink(stream, name="file", formatter=formatter, close_stream=True)]
+    if isolated:
+        # the agent shares this stdout (often a terminal it can stop): never write it from
+        # the reader's thread
+        from .isolation import stdout_sink
+        return [stdout_sink(formatter)]
     return [StdoutSink(formatter=formatter)]
 
 
@@ -104,6 +109,7 @@ def run(
     files: bool = typer.Option(False, "--files/--no-files", help=FILES_HELP),
     gpu: str = typer.Option("allow", "--gpu", help="GPU policy for the traced agents: allow, deny (fenced in enforce mode) or off (no NVML, no fence)."),
     wakeup_ms: float = typer.Option(5.0, "--wakeup-ms", help="Longest a record waits in the kernel ring buffer before it is read; 0 wakes the reader on every record (costs ~20 us of kernel time per event on VMs)."),
+    user: Optional[str] = typer.Option(None, "--user", help="Run CMD as this user (name or uid) instead of root."),
 ):
     """Trace watched cgroups, or run CMD in a fresh agent cgroup and trace it."""
     from .runner import CommandNotFound, StopFlag, run_command, trace_cgroups
@@ -122,13 +128,22 @@ def run(
             raise BadInput("give either --cgroup or -- CMD, not both")
         if agent is not None and (not agent or "/" in agent or agent in (".", "..")):
             raise BadInput(f"--agent: '{agent}' is not a valid cgroup directory name")
+        if user is not None and not cmd:
+            raise BadInput("--user applies to -- CMD only")
         _require_root()
+        run_user = None
+        if user is not None:
+            from .isolation import resolve_user
+            try:
+                run_user = resolve_user(user)
+            except ValueError as e:
+                raise BadInput(str(e)) from None
         opts = S.SessionOptions(
             mode=mode, internal=_check_cidrs(internal), cgroups=_resolve_cgroups(cgroup),
             features=S.features(no_net=no_net, no_flow=no_flow, no_dns=no_dns, no_listen=no_listen, files=files),
             rule_paths=list(rules) or None, use_rules=not no_rules, gpu=_gpu_config(gpu), wakeup_ms=wakeup_ms)
         ruleset = S.load_ruleset(opts)
-        sinks = _sinks(output, fmt)
+        sinks = _sinks(output, fmt, isolated=bool(cmd))
     except (BadInput, CgroupError) as e:
         raise fail(str(e))
 
@@ -139,7 +154,8 @@ def run(
         return S.build(opts, sinks, ruleset)
     try:
         if cmd:
-            rc = run_command(make, cmd, agent or f"run-{os.getpid()}", flag)
+            rc = run_command(make, cmd, agent or f"run-{os.getpid()}", flag, user=run_user,
+                             pin=mode == "enforce")
             raise typer.Exit(rc)
         tracer = make(opts.cgroups)
 
@@ -147,11 +163,11 @@ def run(
             # SIGHUP: re-read the rule files; a rule set that fails keeps the running one
             try:
                 new = S.load_ruleset(opts)
-            except BadInput as e:
-                tracer._lifecycle("reload_failed", error=str(e))
-                typer.echo(f"agenttrace: reload failed, keeping the running rules: {e}", err=True)
-                return
-            tracer.reload_rules(new)
+                tracer.reload_rules(new)     # writes reload_failed itself when the maps refuse
+            except Exception as e:   # bad input, or anything else: the running rules stay
+                why = str(e) if isinstance(e, BadInput) else f"{type(e).__name__}: {e}"
+                tracer.reload_failed(why)
+                typer.echo(f"agenttrace: reload failed, keeping the running rules: {why}", err=True)
         trace_cgroups(tracer, flag, on_reload=None if ruleset is None else reload)
     except ProbeError as e:
         raise fail(str(e))
@@ -192,6 +208,7 @@ def tail(
     class _TermSink:
         name = "terminal"
         dropped = 0
+        fd = None       # tail -- CMD: a private descriptor, written off the reader's thread
 
         def emit_batch(self, records):
             out = []
@@ -199,9 +216,19 @@ def tail(
                 # the tracer's own state (attached, reloaded, stopped) shows whatever the filter
                 if filt.accepts(r) or (r.get("kind") == "lifecycle" and r.get("phase") in TAIL_ALWAYS):
                     out.append(render(r, color=use_color))
-            if out:
-                sys.stdout.write("\n".join(out) + "\n")
+            if not out:
+                return
+            text = "\n".join(out) + "\n"
+            if self.fd is None:
+                sys.stdout.write(text)
                 sys.stdout.flush()
+                return
+            data = memoryview(text.encode("utf-8", "backslashreplace"))
+            try:
+                while data:
+                    data = data[os.write(self.fd, data):]
+            except OSError:
+                self.dropped += len(out)
 
         def emit(self, record):
             self.emit_batch([record])
@@ -239,7 +266,14 @@ def tail(
 
     def make(paths_):
         opts.cgroups = list(paths_)
-        return S.build(opts, [_TermSink()], ruleset)
+        sink = _TermSink()
+        if cmd:
+            # the agent shares this terminal and may stop it (tcflow): see tracer/isolation.py
+            from .sinks import QueuedSink
+            sink.fd = os.dup(1)
+            sink = QueuedSink(sink)
+            sink.close_timeout = 2.0
+        return S.build(opts, [sink], ruleset)
     try:
         if cmd:
             raise typer.Exit(run_command(make, cmd, f"tail-{os.getpid()}", flag))
@@ -309,8 +343,9 @@ def daemon(config: Path = typer.Option(Path("/etc/agenttrace/agenttrace.yaml"), 
            status_file: Path = typer.Option(Path("/run/agenttrace/status.json"), "--status-file", hidden=True)):
     """The systemd service: watch agent cgroups per the config, write to its sinks."""
     from .daemon import DaemonInputError, run_daemon
+    from .journal import setup_daemon_logging
     from .probes import ProbeError
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_daemon_logging()
     try:
         _require_root()
         rc = run_daemon(str(config), status_file)

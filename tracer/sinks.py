@@ -717,10 +717,15 @@ class QueuedSink:
             self._idle.wait(0.05)
         return True
 
-    def close(self, timeout: float = 10.0) -> None:
+    close_timeout = 10.0
+
+    def close(self, timeout: Optional[float] = None) -> None:
         self._closing = True
         self._wake.set()
-        self._thread.join(timeout)
+        self._thread.join(self.close_timeout if timeout is None else timeout)
+        if self._thread.is_alive():
+            # the consumer is stuck (a stopped terminal): what it never took is counted
+            self.queue_dropped += len(self._q)
         self.inner.close()
 
     def stats(self) -> dict:
