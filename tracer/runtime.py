@@ -90,6 +90,7 @@ class Tracer:
         self._drops_seen: dict[int, int] = {}      # daemon fail-closed: pinned enforcement outlives us
         self._on_agent: list = []
         self.agents.on_new = self._agent_discovered
+        self.agents.on_notice = self._notice
         self._notices: "collections.deque" = collections.deque(maxlen=1000)
 
     # --- lifecycle -------------------------------------------------------------------
@@ -392,6 +393,7 @@ class Tracer:
                 "stage_errors": self.stage_errors,
                 "unknown_records": self.enrich.unknown_types,
             },
+            "labels_rejected": self.agents.labels_rejected,
             "argv_read_failures": self.enrich.argv_read_failures,
             "file_path_read_failures": self.enrich.file_path_read_failures,
             "proc_table": {"size": len(self.procs), "evictions": self.procs.evictions},
