@@ -95,6 +95,18 @@ def _gpu_config(choice: str):
     return GpuConfig(default=GpuGroupPolicy(allowed=choice == "allow"))
 
 
+def _labels(specs: List[str]) -> dict:
+    from .labels import LabelError, parse_kv
+    out = {}
+    for spec in specs:
+        try:
+            k, v = parse_kv(spec)
+        except LabelError as e:
+            raise BadInput(f"--label: {e}") from None
+        out[k] = v
+    return out
+
+
 MODES = ("monitor", "enforce")
 FORMATS = ("json", "ocsf")
 FILES_HELP = ("Also trace SSH files (authorized_keys writes, private/host key reads). Off by default: "
@@ -117,6 +129,7 @@ def run(
     files: bool = typer.Option(False, "--files/--no-files", help=FILES_HELP),
     gpu: str = typer.Option("allow", "--gpu", help="GPU policy for the traced agents: allow, deny (fenced in enforce mode) or off (no NVML, no fence)."),
     wakeup_ms: float = typer.Option(5.0, "--wakeup-ms", help="Longest a record waits in the kernel ring buffer before it is read; 0 wakes the reader on every record (costs ~20 us of kernel time per event on VMs)."),
+    label: List[str] = typer.Option([], "--label", "-l", help="KEY=VALUE on every record's agent object (repeatable); wins over user.agenttrace.KEY xattrs on the cgroup."),
 ):
     """Trace watched cgroups, or run CMD in a fresh agent cgroup and trace it."""
     from .runtime import Options, Tracer
@@ -136,6 +149,7 @@ def run(
             raise BadInput("give either --cgroup or -- CMD, not both")
         if agent is not None and (not agent or "/" in agent or agent in (".", "..")):
             raise BadInput(f"--agent: '{agent}' is not a valid cgroup directory name")
+        labels = _labels(label)
         _require_root()
         cidrs = _check_cidrs(internal)
         paths = _resolve_cgroups(cgroup)
@@ -152,7 +166,7 @@ def run(
 
     def make(paths_):
         return Tracer(Options(cgroups=list(paths_), mode=mode, features=features, internal=cidrs,
-                              gpu=gpu_cfg, wakeup_ms=wakeup_ms), sinks, engine=engine)
+                              gpu=gpu_cfg, wakeup_ms=wakeup_ms, labels=labels), sinks, engine=engine)
     try:
         if cmd:
             rc = run_command(make, cmd, agent or f"run-{os.getpid()}", flag)

@@ -70,6 +70,7 @@ def run_command(tracer_factory, cmd: list[str], agent_name: str, flag: StopFlag)
     tracer = None
     try:
         tracer = tracer_factory([path])
+        tracer.summary_on_stop = "command_exited"
         tracer.start()
         procs_file = str(path / "cgroup.procs")
 

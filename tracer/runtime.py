@@ -28,6 +28,8 @@ from .netscope import Scoper
 from .pipeline import Event
 from .probes import DEFAULT_FEATURES, Probes
 from .proctable import ProcTable
+from .schemaver import SCHEMA_VERSION
+from .summary import Summaries, check_removed, finish_all
 from .timefmt import format_ns
 
 log = logging.getLogger("agenttrace")
@@ -92,9 +94,12 @@ class Tracer:
         self.agents.on_new = self._agent_discovered
         self.agents.on_notice = self._notice
         self._notices: "collections.deque" = collections.deque(maxlen=1000)
+        self.summaries = Summaries(self.node)
+        self.summary_on_stop: Optional[str] = None   # reason: every agent's summary at stop
 
     # --- lifecycle -------------------------------------------------------------------
     def _agent_discovered(self, cid: int, ident: dict) -> None:
+        self.summaries.register(ident)
         for cb in self._on_agent:
             cb(cid, ident)
         if self.gpu is not None:
@@ -241,6 +246,7 @@ class Tracer:
             if self.engine is not None:
                 self._alerts(self.engine.tick())
             self.check_drops()
+            check_removed(self)
         if self.opts.stats_interval_s and time.monotonic() - self._last_stats >= self.opts.stats_interval_s:
             self._last_stats = time.monotonic()
             self.enrich.resync_clock()
@@ -264,6 +270,8 @@ class Tracer:
         try:
             if self.probes is not None:
                 self.drain()
+                if self.summary_on_stop:
+                    finish_all(self, self.summary_on_stop)
                 counters = self.counters()
                 self._lifecycle("stopped", **counters)
                 self._flush()
@@ -345,6 +353,10 @@ class Tracer:
         if not self._batch:
             return
         batch, self._batch = self._batch, []
+        observe = self.summaries.observe
+        for r in batch:
+            r.setdefault("schema_version", SCHEMA_VERSION)
+            observe(r)
         for s in self.sinks:
             try:
                 s.emit_batch(batch)
