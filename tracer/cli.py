@@ -202,6 +202,7 @@ def tail(
     alerts: bool = typer.Option(False, "--alerts", help="Only alerts."),
     color: Optional[bool] = typer.Option(None, "--color/--no-color", help="Colour (default: when a terminal)."),
     files: bool = typer.Option(False, "--files/--no-files", help=FILES_HELP),
+    label: List[str] = typer.Option([], "--label", "-l", help="Only records whose agent has KEY=VALUE (repeatable; e.g. episode=ep-7). Filtered by the daemon when attached to it."),
 ):
     """The human view: one coloured line per event. Attaches to the daemon when it runs."""
     from .tailview import Filter, render
@@ -212,8 +213,15 @@ def tail(
     use_color = sys.stdout.isatty() if color is None else color
     try:
         filt = Filter(agents=agent_f or None, kinds=kind or None, min_severity=severity, alerts_only=alerts)
+        want = _labels(label)
+    except BadInput as e:
+        raise fail(str(e))
     except ValueError as e:
         raise fail(str(e))
+
+    def _labelled(r) -> bool:
+        a = r.get("agent") or {}
+        return all(a.get(k) == v for k, v in want.items())
 
     class _TermSink:
         name = "terminal"
@@ -222,7 +230,7 @@ def tail(
         def emit_batch(self, records):
             out = []
             for r in records:
-                if filt.accepts(r):
+                if filt.accepts(r) and (not want or _labelled(r)):
                     out.append(render(r, color=use_color))
             if out:
                 sys.stdout.write("\n".join(out) + "\n")
@@ -240,12 +248,21 @@ def tail(
             raise fail(f"no daemon socket at {socket_path}: start `agenttrace daemon`, or give --cgroup PATH / -- CMD to trace directly")
         sink = _TermSink()
         try:
-            for rec in read_socket_records(str(socket_path)):
+            if want:
+                from .client import Client
+                stream = Client(str(socket_path), labels=want, reconnect=False)
+            else:
+                stream = read_socket_records(str(socket_path))
+            for rec in stream:
                 sink.emit(rec)
         except PermissionError:
             raise fail(f"{socket_path}: permission denied (the event socket is root-only)")
         except (ConnectionRefusedError, FileNotFoundError):
             raise fail(f"{socket_path}: no daemon is listening")
+        except ConnectionError:
+            return      # the daemon closed the stream
+        except RuntimeError as e:     # client.ClientError: refused subscription / root-only
+            raise fail(str(e))
         except KeyboardInterrupt:
             pass
         return
