@@ -393,7 +393,8 @@ def status(status_file: Path = typer.Option(Path("/run/agenttrace/status.json"),
 
 
 @app.command()
-def demo(color: Optional[bool] = typer.Option(None, "--color/--no-color")):
+def demo(color: Optional[bool] = typer.Option(None, "--color/--no-color"),
+         events: Optional[Path] = typer.Option(None, "--events", help="Also write every record to this JSON lines file (for `agenttrace report`).")):
     """A misbehaving agent in a throwaway sandbox, traced in monitor then enforce mode."""
     from .demo import run_demo
     try:
@@ -401,7 +402,30 @@ def demo(color: Optional[bool] = typer.Option(None, "--color/--no-color")):
     except BadInput as e:
         raise fail(str(e))
     use_color = sys.stdout.isatty() if color is None else color
-    raise typer.Exit(run_demo(typer.echo, color=use_color))
+    if events is not None and not events.parent.is_dir():
+        raise fail(f"--events: folder {events.parent} does not exist")
+    raise typer.Exit(run_demo(typer.echo, color=use_color, events_path=str(events) if events else None))
+
+
+@app.command()
+def report(events: Path = typer.Argument(..., help="Recorded JSON lines (agenttrace run -o / the daemon's file sink)."),
+           html_out: Optional[Path] = typer.Option(None, "--html", help="Write one self-contained HTML page here instead."),
+           agent_f: List[str] = typer.Option([], "--agent", help="Only these agents or episodes (repeatable)."),
+           limit: int = typer.Option(200, "--limit", help="Timeline lines per agent in the terminal."),
+           color: Optional[bool] = typer.Option(None, "--color/--no-color")):
+    """What each agent (episode) did: a timeline per agent, in the terminal or as HTML."""
+    from .report import ReportInputError, run_report
+    if not events.is_file():
+        raise fail(f"{events}: no such file")
+    if html_out is not None and not html_out.parent.is_dir():
+        raise fail(f"--html: folder {html_out.parent} does not exist")
+    use_color = (sys.stdout.isatty() and not os.environ.get("NO_COLOR")) if color is None else color
+    try:
+        rc = run_report(str(events), str(html_out) if html_out else None, typer.echo, color=use_color,
+                        limit=limit, agents=agent_f or None)
+    except ReportInputError as e:
+        raise fail(str(e))
+    raise typer.Exit(rc)
 
 
 @app.command()

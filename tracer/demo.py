@@ -86,7 +86,7 @@ class _Collect:
         pass
 
 
-def run_demo(out=print, color: bool = True) -> int:
+def run_demo(out=print, color: bool = True, events_path: str | None = None) -> int:
     from .engine import Engine
     from .gpu import FAKE_ENV, GpuConfig, GpuGroupPolicy
     NetLab = _netlab()
@@ -134,6 +134,10 @@ def run_demo(out=print, color: bool = True) -> int:
                         spans[st.name] = (start, len(sink.records))
                 finally:
                     tracer.stop()
+                if events_path:     # what was traced, for `agenttrace report`
+                    from .sinks import dumps_line
+                    with open(events_path, "ab") as f:
+                        f.writelines(dumps_line(r) for r in sink.records)
                 for st in steps:
                     a, b = spans.get(st.name, (0, 0))
                     raised = [r for r in sink.records[a:b] if r.get("kind") == "alert"]
