@@ -119,3 +119,7 @@ def test_container_identity_on_records_from_real_cgroups(agent_tree, make_sessio
         assert r["agent"]["container"] == {"runtime": rt, "id": cid}
         assert (r["agent"].get("pod") or {}).get("uid") == pod
         assert (r["agent"].get("pod") or {}).get("qos") == qos
+    from jsonschema import Draft202012Validator
+    from agenttrace.paths import schema_dir
+    v = Draft202012Validator(json.loads((schema_dir() / "event.schema.json").read_text()))
+    assert [e.message for r in sess.records for e in v.iter_errors(r)] == []
