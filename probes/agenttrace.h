@@ -15,6 +15,15 @@ typedef __u8 u8; typedef __u16 u16; typedef __u32 u32; typedef __u64 u64; typede
 #endif
 
 #define AT_COMM_LEN 16
+
+/* Indices of the one runtime-config map `at_config` (probes/common.h), written by one place in
+ * userspace (tracer/runtime.py Tracer.set_mode, GpuFence): every enforce switch together, so a
+ * reload between monitor and enforce flips exec kills, file kills, connect blocks, protocol
+ * drops and the GPU fence at once. Mirrored in tracer/events.py; never renumber. */
+#define AT_CFG_ENFORCE        0   /* 1: enforce mode (kernel verdicts deny); 0: report only */
+#define AT_CFG_GPU_FENCE      1   /* 1: the GPU fence follows the mode; 0: it only reports */
+#define AT_CFG_GPU_DEFAULT    2   /* GPU verdict for agents with no gpu_policy entry yet (1: deny) */
+#define AT_CFG__MAX           4
 #define AT_PATH_MAX 256
 #define AT_ARGS_MAX 4096     /* argv bytes kept per exec; longer argv is marked truncated */
 #define AT_DNS_MAX 512       /* a DNS message over UDP fits in 512 bytes without EDNS */

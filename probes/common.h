@@ -16,6 +16,14 @@
 
 /* One ring buffer for every probe: userspace sees one ordered stream. */
 BPF_RINGBUF_OUTPUT(events, AT_RINGBUF_PAGES);
+/* Runtime switches, AT_CFG_* in agenttrace.h: one map for every probe family. */
+BPF_ARRAY(at_config, u32, AT_CFG__MAX);
+
+static __always_inline u32 at_cfg(u32 idx)
+{
+	u32 *v = at_config.lookup(&idx);
+	return v ? *v : 0;
+}
 
 /* Reader wakeups. Waking the reader is an irq_work self-interrupt that the kernel raises inside
  * the submitting program; on this project's VMs it measured ~20 us per record (bench/
@@ -158,7 +166,6 @@ static __always_inline int at_admit(u64 agent, u32 type)
 struct at_scope_key { u32 prefixlen; u8 addr[16]; };
 BPF_LPM_TRIE(scopes, struct at_scope_key, u32, 1024);
 BPF_HASH(agent_group, u64, u32, 4096);
-BPF_ARRAY(net_config, u32, 1);   /* [0] enforce flag */
 #endif
 
 #if defined(AT_WITH_FLOW) || defined(AT_WITH_DNS)

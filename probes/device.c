@@ -22,10 +22,9 @@
 BPF_HASH(gpu_dev_majors, u32, u32, 64);
 /* Agent cgroup id -> 1 deny GPUs, 0 allow. */
 BPF_HASH(gpu_policy, u64, u32, AT_MAX_WATCHED * 16);
-/* [0] enforce (1: deny where policy says deny; 0: only report).
- * [1] policy of agents with no gpu_policy entry yet (1: deny), so an agent cgroup made a
- *     moment ago is fenced from its first open, before userspace has seen it. */
-BPF_ARRAY(gpu_enforce, u32, 2);
+/* The fence denies only when at_config says enforce AND gpu-fence-follows-mode; agents with
+ * no gpu_policy entry yet get AT_CFG_GPU_DEFAULT, so an agent cgroup made a moment ago is
+ * fenced from its first open, before userspace has seen it. */
 
 int at_device_check(struct bpf_cgroup_dev_ctx *ctx)
 {
@@ -42,12 +41,9 @@ int at_device_check(struct bpf_cgroup_dev_ctx *ctx)
 	if (!at_scope(&cg, &agent))
 		return 1;  /* attached only to watched subtrees; a miss means the map is being edited */
 
-	u32 k_enforce = 0, k_default = 1;
-	u32 *enf = gpu_enforce.lookup(&k_enforce);
-	u32 *dflt = gpu_enforce.lookup(&k_default);
 	u32 *pol = gpu_policy.lookup(&agent);
-	u32 deny = pol ? *pol : (dflt ? *dflt : 0);
-	int blocked = deny && enf && *enf;
+	u32 deny = pol ? *pol : at_cfg(AT_CFG_GPU_DEFAULT);
+	int blocked = deny && at_cfg(AT_CFG_ENFORCE) && at_cfg(AT_CFG_GPU_FENCE);
 
 	struct at_device *e = events.ringbuf_reserve(sizeof(struct at_device));
 	if (!e) {

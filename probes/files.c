@@ -41,8 +41,6 @@
 
 /* (class << 8 | op) -> policy id (the rule, see tracer/policy.py FileKill) */
 BPF_HASH(file_policy, u32, u32, AT_FILE_POLICY_MAX);
-/* [0] = 1 when kernel-side actions are enforced (mode enforce), else report only. */
-BPF_ARRAY(file_enforce, u32, 1);
 /* [0] path reads that failed, [1] candidate events seen, [2] paths read late (at sys_exit)
  * (per CPU, summed by userspace) */
 BPF_PERCPU_ARRAY(file_stats, u64, 3);
@@ -224,8 +222,7 @@ static __always_inline int at_file_event(u16 sys, s32 dfd, const char *upath, u3
 	u32 *pid = file_policy.lookup(&pkey);
 	if (pid) {
 		e->policy_id = *pid;
-		u32 *enf = file_enforce.lookup(&zero);
-		if (enf && *enf) {
+		if (at_cfg(AT_CFG_ENFORCE)) {
 			bpf_send_signal(9);
 			e->fflags |= AT_FILE_KILLED;
 		}

@@ -104,9 +104,7 @@ static __always_inline u32 at_flow_verdict(u64 agent, u32 proto, const u8 *remot
 {
 	if (proto == AT_PROTO_UNKNOWN || proto == AT_PROTO_TLS || proto == AT_PROTO_HTTP)
 		return AT_VERDICT_ALLOWED;  /* only ssh and stratum can be forbidden in the kernel */
-	u32 zero = 0;
-	u32 *enf = net_config.lookup(&zero);
-	if (!enf || !*enf)
+	if (!at_cfg(AT_CFG_ENFORCE))
 		return AT_VERDICT_ALLOWED;
 	struct at_scope_key sk = {};
 	sk.prefixlen = 128;

@@ -93,9 +93,7 @@ static __always_inline int at_slots(struct at_dst_val *v, u16 port, u8 proto, u3
 
 static __always_inline u32 at_dst_verdict(u64 agent, u8 *addr16, u16 port, u8 proto, u32 *policy)
 {
-	u32 zero = 0;
-	u32 *enf = net_config.lookup(&zero);
-	u32 enforce = enf ? *enf : 0;
+	u32 enforce = at_cfg(AT_CFG_ENFORCE);
 	struct at_scope_key sk = {};
 	u32 scope = AT_SCOPE_EXTERNAL, gid = 0;
 	u8 deny = 0;

@@ -18,8 +18,6 @@ struct at_path_key { char path[AT_PATH_MAX]; };
 struct at_name_key { char name[AT_COMM_LEN]; };
 BPF_HASH(kill_paths, struct at_path_key, u32, 1024);
 BPF_HASH(kill_names, struct at_name_key, u32, 1024);
-/* [0] = 1 when kernel-side actions are enforced (mode enforce), else report only. */
-BPF_ARRAY(proc_enforce, u32, 1);
 
 /* The exec record is ~4.4 KiB, over the 512-byte BPF stack: build it in per-CPU scratch and
  * send only the bytes of argv actually read. */
@@ -113,9 +111,8 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 	if (!pid_kill)
 		pid_kill = kill_names.lookup((struct at_name_key *)e->h.comm);
 	if (pid_kill) {
-		u32 *enf = proc_enforce.lookup(&zero);
 		e->policy_id = *pid_kill;
-		if (enf && *enf) {
+		if (at_cfg(AT_CFG_ENFORCE)) {
 			bpf_send_signal(9);
 			e->flags |= AT_EXEC_KILLED;
 		}

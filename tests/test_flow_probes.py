@@ -88,7 +88,8 @@ class Kernel:
         import ipaddress
         from agenttrace.policy import SCOPE_INTERNAL
         from agenttrace.protocols import write_flow_policy
-        self.p.set_flag("net_config", 0, 1)
+        from agenttrace.events import AT_CFG_ENFORCE
+        self.p.set_flag("at_config", AT_CFG_ENFORCE, 1)
         sc = self.p["scopes"]
         for cidr in internal:
             net = ipaddress.ip_network(cidr)

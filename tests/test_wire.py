@@ -71,3 +71,46 @@ def test_addr_str_v4_mapped_and_v6():
     assert E.addr_str(v4, socket.AF_INET) == "127.0.0.1"
     v6 = bytes(15) + b"\x01"
     assert E.addr_str(v6, socket.AF_INET6) == "::1"
+
+
+def _defines(path):
+    """Numeric `#define NAME VALUE` lines of a probe source (literal values only)."""
+    import re
+    out = {}
+    for m in re.finditer(r"^#define\s+(AT_[A-Z0-9_]+)\s+(0x[0-9a-fA-F]+|\d+)(?:U?L*)?\b", path.read_text(), re.M):
+        v = m.group(2)
+        out[m.group(1)] = int(v, 16) if v.lower().startswith("0x") else int(v, 10)
+    return out
+
+
+def test_every_header_constant_is_mirrored():
+    """Each constant of the wire header has one Python mirror with the same value (the C
+    header is the source; a constant added on one side only fails here)."""
+    bad = []
+    for name, value in _defines(probes_dir() / "agenttrace.h").items():
+        short = name[3:]
+        if short.startswith("SYS_"):
+            got = {v: k for k, v in E.SYS_NAMES.items()}.get(short[4:].lower())
+        else:
+            got = getattr(E, short, None)
+        if got != value:
+            bad.append(f"{name} = {value} in agenttrace.h, tracer/events.py {short} = {got}")
+    assert not bad, "\n".join(bad)
+
+
+def test_probe_limits_and_bits_mirrored():
+    """Constants userspace relies on that live in the probe sources rather than the header."""
+    from agenttrace import enforce, policy, protocols, runtime
+    common = _defines(probes_dir() / "common.h")
+    net = _defines(probes_dir() / "net.c")
+    flow = _defines(probes_dir() / "flow.c")
+    files = _defines(probes_dir() / "files.c")
+    pairs = {
+        "AT_SCOPE_LOOPBACK": (common, policy.SCOPE_LOOPBACK), "AT_SCOPE_INTERNAL": (common, policy.SCOPE_INTERNAL),
+        "AT_SCOPE_METADATA": (common, policy.SCOPE_METADATA), "AT_SCOPE_EXTERNAL": (common, policy.SCOPE_EXTERNAL),
+        "AT_DROP_RATE_LIMITED": (common, runtime.RATE_LIMITED),
+        "AT_DST_SLOTS": (net, enforce.SLOTS), "AT_FLOW_SLOTS": (flow, protocols.FLOW_SLOTS),
+        "AT_FILE_POLICY_MAX": (files, enforce.FILE_POLICY_MAX),
+    }
+    bad = [f"{n}: C {src.get(n)} py {v}" for n, (src, v) in pairs.items() if src.get(n) != v]
+    assert not bad, "\n".join(bad)

@@ -17,8 +17,7 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_
                   help="agenttrace: eBPF tracing and policy for AI-agent processes.")
 
 
-class BadInput(Exception):
-    """Bad CLI/config/rules input or an environment that cannot run: exit 2, nothing started."""
+from .session import InputError as BadInput  # one input-error type for every front end
 
 
 def fail(msg: str, code: int = Exit.BAD_INPUT) -> "typer.Exit":
@@ -67,25 +66,6 @@ def _sinks(output: Optional[Path], fmt: str):
     return [StdoutSink(formatter=formatter)]
 
 
-def _load_engine(rule_paths: List[str], mode: str, egress=None):
-    """Rules are checked before anything is attached; every error is listed."""
-    from .engine import Engine
-    from .policy import PolicyError, compile_policy
-    from .rules import RulesError, default_rule_paths, expand_paths, load_rules
-    for p in rule_paths:
-        if not Path(p).exists():
-            raise BadInput(f"--rules: {p} does not exist")
-    paths = expand_paths(rule_paths) if rule_paths else default_rule_paths()
-    try:
-        rs = load_rules(paths, egress=egress)
-        compile_policy(rs)
-    except RulesError as e:
-        raise BadInput("invalid rules:\n" + "\n".join(f"  {x}" for x in e.errors)) from None
-    except PolicyError as e:
-        raise BadInput(f"rules cannot be enforced: {e}") from None
-    return Engine(rs, mode=mode)
-
-
 def _gpu_config(choice: str):
     if choice not in ("allow", "deny", "off"):
         raise BadInput(f"--gpu: '{choice}' is not one of allow, deny, off")
@@ -107,10 +87,14 @@ def _labels(specs: List[str]) -> dict:
     return out
 
 
-MODES = ("monitor", "enforce")
+from .session import MODES  # noqa: E402
 FORMATS = ("json", "ocsf")
+TAIL_ALWAYS = ("started", "reloaded", "reload_failed", "stopped")
 FILES_HELP = ("Also trace SSH files (authorized_keys writes, private/host key reads). Off by default: "
               "its syscall tracepoints slow every process's syscalls a little (see README, measured costs).")
+
+
+NOT_HELP = "Leave out the {} probes (on by default)."
 
 
 @app.command(context_settings={"allow_interspersed_args": False})
@@ -125,20 +109,22 @@ def run(
     agent: Optional[str] = typer.Option(None, "--agent", help="Agent name for -- CMD (default run-<pid>)."),
     rules: List[str] = typer.Option([], "--rules", "-r", help="Rule file or folder (repeatable; default: the built-in pack)."),
     no_rules: bool = typer.Option(False, "--no-rules", help="Trace only: no rules, no alerts."),
-    no_net: bool = typer.Option(False, "--no-net", help="Process events only (no connect hooks)."),
+    no_net: bool = typer.Option(False, "--no-net", help="Process events only (no connect, flow, DNS or listen hooks)."),
+    no_flow: bool = typer.Option(False, "--no-flow", help=NOT_HELP.format("flow (protocol banner)")),
+    no_dns: bool = typer.Option(False, "--no-dns", help=NOT_HELP.format("DNS")),
+    no_listen: bool = typer.Option(False, "--no-listen", help=NOT_HELP.format("listen/accept")),
     files: bool = typer.Option(False, "--files/--no-files", help=FILES_HELP),
     gpu: str = typer.Option("allow", "--gpu", help="GPU policy for the traced agents: allow, deny (fenced in enforce mode) or off (no NVML, no fence)."),
     wakeup_ms: float = typer.Option(5.0, "--wakeup-ms", help="Longest a record waits in the kernel ring buffer before it is read; 0 wakes the reader on every record (costs ~20 us of kernel time per event on VMs)."),
     label: List[str] = typer.Option([], "--label", "-l", help="KEY=VALUE on every record's agent object (repeatable); wins over user.agenttrace.KEY xattrs on the cgroup."),
 ):
     """Trace watched cgroups, or run CMD in a fresh agent cgroup and trace it."""
-    from .runtime import Options, Tracer
     from .runner import CommandNotFound, StopFlag, run_command, trace_cgroups
     from .probes import ProbeError
     from .cgroups import CgroupError
+    from . import session as S
     try:
-        if mode not in MODES:
-            raise BadInput(f"--mode: '{mode}' is not one of {', '.join(MODES)}")
+        S.check_mode(mode)
         if fmt not in FORMATS:
             raise BadInput(f"--format: '{fmt}' is not one of {', '.join(FORMATS)}")
         if not 0 <= wakeup_ms <= 1000:
@@ -151,38 +137,37 @@ def run(
             raise BadInput(f"--agent: '{agent}' is not a valid cgroup directory name")
         labels = _labels(label)
         _require_root()
-        cidrs = _check_cidrs(internal)
-        paths = _resolve_cgroups(cgroup)
-        features = (("proc",) if no_net else ("proc", "net")) + (("files",) if files else ())
-        engine = None if no_rules else _load_engine(rules, mode)
-        gpu_cfg = _gpu_config(gpu)
+        opts = S.SessionOptions(
+            mode=mode, internal=_check_cidrs(internal), cgroups=_resolve_cgroups(cgroup),
+            features=S.features(no_net=no_net, no_flow=no_flow, no_dns=no_dns, no_listen=no_listen, files=files),
+            rule_paths=list(rules) or None, use_rules=not no_rules, gpu=_gpu_config(gpu), wakeup_ms=wakeup_ms,
+            labels=labels)
+        ruleset = S.load_ruleset(opts)
         sinks = _sinks(output, fmt)
-    except BadInput as e:
-        raise fail(str(e))
-    except CgroupError as e:
+    except (BadInput, CgroupError) as e:
         raise fail(str(e))
 
     flag = StopFlag().install()
 
     def make(paths_):
-        return Tracer(Options(cgroups=list(paths_), mode=mode, features=features, internal=cidrs,
-                              gpu=gpu_cfg, wakeup_ms=wakeup_ms, labels=labels), sinks, engine=engine)
+        opts.cgroups = list(paths_)
+        return S.build(opts, sinks, ruleset)
     try:
         if cmd:
             rc = run_command(make, cmd, agent or f"run-{os.getpid()}", flag)
             raise typer.Exit(rc)
-        tracer = make(paths)
+        tracer = make(opts.cgroups)
 
         def reload():
             # SIGHUP: re-read the rule files; a rule set that fails keeps the running one
             try:
-                new = _load_engine(rules, mode)
+                new = S.load_ruleset(opts)
             except BadInput as e:
                 tracer._lifecycle("reload_failed", error=str(e))
                 typer.echo(f"agenttrace: reload failed, keeping the running rules: {e}", err=True)
                 return
-            tracer.reload_rules(new.ruleset)
-        trace_cgroups(tracer, flag, on_reload=None if engine is None else reload)
+            tracer.reload_rules(new)
+        trace_cgroups(tracer, flag, on_reload=None if ruleset is None else reload)
     except ProbeError as e:
         raise fail(str(e))
     except CommandNotFound as e:
@@ -202,14 +187,18 @@ def tail(
     alerts: bool = typer.Option(False, "--alerts", help="Only alerts."),
     color: Optional[bool] = typer.Option(None, "--color/--no-color", help="Colour (default: when a terminal)."),
     files: bool = typer.Option(False, "--files/--no-files", help=FILES_HELP),
+    rules: List[str] = typer.Option([], "--rules", "-r", help="When tracing itself: rule file or folder (repeatable; default: the built-in pack)."),
+    no_rules: bool = typer.Option(False, "--no-rules", help="When tracing itself: no rules, no alerts."),
+    mode: str = typer.Option("monitor", "--mode", help="When tracing itself: monitor or enforce."),
+    internal: List[str] = typer.Option([], "--internal", help="When tracing itself: CIDR that counts as internal. Repeatable."),
     label: List[str] = typer.Option([], "--label", "-l", help="Only records whose agent has KEY=VALUE (repeatable; e.g. episode=ep-7). Filtered by the daemon when attached to it."),
 ):
     """The human view: one coloured line per event. Attaches to the daemon when it runs."""
     from .tailview import Filter, render
-    from .runtime import Options, Tracer
     from .runner import StopFlag, run_command, trace_cgroups
     from .probes import ProbeError
     from .cgroups import CgroupError
+    from . import session as S
     use_color = sys.stdout.isatty() if color is None else color
     try:
         filt = Filter(agents=agent_f or None, kinds=kind or None, min_severity=severity, alerts_only=alerts)
@@ -230,7 +219,9 @@ def tail(
         def emit_batch(self, records):
             out = []
             for r in records:
-                if filt.accepts(r) and (not want or _labelled(r)):
+                # the tracer's own state (attached, reloaded, stopped) shows whatever the filter
+                if (filt.accepts(r) and (not want or _labelled(r))) or \
+                        (r.get("kind") == "lifecycle" and r.get("phase") in TAIL_ALWAYS):
                     out.append(render(r, color=use_color))
             if out:
                 sys.stdout.write("\n".join(out) + "\n")
@@ -267,17 +258,21 @@ def tail(
             pass
         return
     try:
+        S.check_mode(mode)
         _require_root()
-        paths = _resolve_cgroups(cgroup)
+        # the same session `run` builds (probes, rules, enforcement): only the sink differs
+        opts = S.SessionOptions(mode=mode, cgroups=_resolve_cgroups(cgroup), internal=_check_cidrs(internal),
+                                features=S.features(files=files), rule_paths=list(rules) or None,
+                                use_rules=not no_rules, gpu=_gpu_config("allow"))
+        ruleset = S.load_ruleset(opts)
     except (BadInput, CgroupError) as e:
         raise fail(str(e))
     flag = StopFlag().install()
-
-    from .probes import DEFAULT_FEATURES
-    features = DEFAULT_FEATURES + (("files",) if files else ())
+    paths = opts.cgroups
 
     def make(paths_):
-        return Tracer(Options(cgroups=list(paths_), features=features), [_TermSink()])
+        opts.cgroups = list(paths_)
+        return S.build(opts, [_TermSink()], ruleset)
     try:
         if cmd:
             raise typer.Exit(run_command(make, cmd, f"tail-{os.getpid()}", flag))
@@ -295,7 +290,8 @@ app.add_typer(rules_app, name="rules")
 @rules_app.command("lint")
 def rules_lint(paths: List[Path] = typer.Argument(..., help="Rule files or folders.")):
     """Validate rule files; exit 2 listing every error as file:line:col."""
-    from .rules import expand_paths, lint
+    from .capability import lint
+    from .rules import expand_paths
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
         raise fail(f"no such file or folder: {', '.join(missing)}")

@@ -29,11 +29,9 @@ class DaemonInputError(Exception):
 
 
 def load_inputs(config_path: str):
-    """Config + rules + compiled policy, all validated: (config, engine_ruleset)."""
+    """Config + rules, all validated and proven to fit the kernel: (config, ruleset)."""
     from .config import ConfigError, load_config
-    from .netscope import DEFAULT_INTERNAL
-    from .policy import PolicyError, compile_policy
-    from .rules import RulesError, default_rule_paths, expand_paths, load_rules
+    from . import session as S
     try:
         cfg = load_config(config_path)
     except ConfigError as e:
@@ -43,14 +41,10 @@ def load_inputs(config_path: str):
     missing = [p for p in cfg.rules if not Path(p).exists()]
     if missing:
         raise DaemonInputError(f"{config_path}: rules: no such file or folder: {', '.join(missing)}")
-    paths = expand_paths(cfg.rules) if cfg.rules else default_rule_paths()
     try:
-        rs = load_rules(paths, egress=cfg.egress or None)
-        compile_policy(rs, internal=list(DEFAULT_INTERNAL) + [str(c) for c in cfg.internal_cidrs])
-    except RulesError as e:
-        raise DaemonInputError("invalid rules:\n" + "\n".join(f"  {x}" for x in e.errors)) from None
-    except PolicyError as e:
-        raise DaemonInputError(f"rules cannot be enforced: {e}") from None
+        rs = S.load_ruleset(S.from_config(cfg))
+    except S.InputError as e:
+        raise DaemonInputError(f"{config_path}: {e}") from None
     return cfg, rs
 
 
@@ -96,26 +90,10 @@ class PatternWatcher:
 
 
 def _tracer_from(cfg, ruleset):
-    from .engine import Engine
-    from .runtime import Options, Tracer
+    from . import session as S
     from .sinks import build_sinks
-    gpu = None
-    if cfg.gpu is not None:
-        from .gpu import GpuConfig
-        gpu = cfg.gpu if isinstance(cfg.gpu, GpuConfig) else GpuConfig.model_validate(cfg.gpu)
     fanout = build_sinks(cfg.sinks, queue_size=cfg.limits.sink_queue)
-    from .probes import DEFAULT_FEATURES
-    features = DEFAULT_FEATURES + (("files",) if cfg.probes.files else ())
-    opts = Options(cgroups=[], mode=cfg.mode, internal=[str(c) for c in cfg.internal_cidrs], features=features,
-                   ringbuf_pages=cfg.limits.ring_buffer_pages, proc_table_size=cfg.limits.proc_table_size,
-                   stats_interval_s=60.0, gpu=gpu,
-                   rate_limit=cfg.limits.agent_events_per_sec,
-                   rate_burst=cfg.limits.agent_burst or cfg.limits.agent_events_per_sec,
-                   flood_action=cfg.limits.flood_action, wakeup_ms=cfg.limits.wakeup_ms)
-    t = Tracer(opts, [fanout], engine=Engine(ruleset, mode=cfg.mode))
-    if cfg.node:
-        t.node = t.enrich.node = cfg.node
-    return t, fanout
+    return S.build(S.from_config(cfg), [fanout], ruleset), fanout
 
 
 def write_status(tracer, cfg, path: Path = STATUS_PATH) -> None:
@@ -161,7 +139,12 @@ def run_daemon(config_path: str, status_path: Path = STATUS_PATH) -> int:
             if flag.reload:
                 flag.reload = False
                 notifier.reloading()
-                cfg = _reload(config_path, cfg, tracer, watcher)
+                try:
+                    cfg = _reload(config_path, cfg, tracer, watcher)
+                except Exception as e:      # a reload never takes the daemon down
+                    log.exception("agenttrace: reload failed")
+                    tracer._lifecycle("reload_failed", error=f"{type(e).__name__}: {e}")
+                    tracer._flush()
                 notifier.ready()
             now = time.monotonic()
             if now - last >= 2.0:
@@ -181,22 +164,49 @@ def run_daemon(config_path: str, status_path: Path = STATUS_PATH) -> int:
     return 0
 
 
+# Sections a running daemon cannot change without reattaching probes or reopening sinks.
+RESTART_SECTIONS = ("sinks", "limits", "metrics", "pinning", "probes", "node")
+
+
+def _restart_needed(old, new) -> list[str]:
+    out = [k for k in RESTART_SECTIONS if getattr(old, k) != getattr(new, k)]
+    og, ng = old.gpu, new.gpu
+    # GPU policy (groups, quotas, thresholds, trainers) applies live; whether the sampler and
+    # the device fence exist at all was decided when the probes were loaded
+    if (og is None) != (ng is None) or (og is not None and (og.enabled != ng.enabled or
+                                                            (og.fence == "off") != (ng.fence == "off"))):
+        out.append("gpu")
+    return out
+
+
 def _reload(config_path, old_cfg, tracer, watcher):
-    """New config and rules, or the old ones with the reason in a lifecycle record."""
+    """All of the new config and rules, or none of it: the old ones stay, and a
+    `lifecycle/reload_failed` record says why (also when a section changed that only a
+    restart can apply)."""
+    def failed(msg):
+        tracer._lifecycle("reload_failed", error=msg)
+        tracer._flush()
+        log.error("agenttrace: reload failed, keeping the running config and rules:\n%s", msg)
+        return old_cfg
     try:
         cfg, rs = load_inputs(config_path)
     except DaemonInputError as e:
-        tracer._lifecycle("reload_failed", error=str(e))
-        tracer._flush()
-        log.error("agenttrace: reload failed, keeping the running config and rules:\n%s", e)
+        return failed(str(e))
+    later = _restart_needed(old_cfg, cfg)
+    if later:
+        return failed(f"{config_path}: {', '.join(later)} changed: these take effect only when the "
+                      "daemon restarts; nothing was changed")
+    new_internal = [str(c) for c in cfg.internal_cidrs]
+    old_internal = tracer.opts.internal
+    tracer.opts.internal = new_internal
+    if not tracer.reload_rules(rs, mode=cfg.mode):     # policy first: it may not fit
+        tracer.opts.internal = old_internal
         return old_cfg
-    if cfg.mode != tracer.opts.mode:
-        tracer.set_mode(cfg.mode)
-    if cfg.probes.files != ("files" in tracer.opts.features):
-        # the probes stay attached across a reload: adding/removing one needs a restart
-        tracer._lifecycle("notice", code="restart_needed",
-                          message="probes.files changed: it takes effect when the daemon restarts")
-    tracer.reload_rules(rs)
+    if new_internal != old_internal:
+        from .netscope import Scoper
+        tracer.scoper = tracer.enrich.scoper = Scoper(internal=new_internal)
+    if tracer.gpu is not None and cfg.gpu is not None:
+        tracer.gpu.set_config(cfg.gpu, tracer.agents.known().values())
     watcher.watches = cfg.agents
     watcher.scan()
     return cfg

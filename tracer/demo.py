@@ -22,11 +22,16 @@ from pathlib import Path
 from .cgroups import cgroup2_mount
 
 
+STOPPED = ("blocked", "killed", "exited")
+
+
 @dataclass
 class Step:
     name: str            # what the agent does, for the table
     rules: tuple         # rule ids that detect it (any of them)
-    expect: str          # what enforce mode should do: "blocked", "killed" or "reported"
+    # outcomes enforce mode may end with, all of its alerts for this step: a stop is a stop
+    # whether the kernel blocked it, our signal killed it, or it gave up (exited) after a block
+    expect: tuple
     argv: list = field(default_factory=list)
     netns: bool = True
 
@@ -50,18 +55,18 @@ def _steps(lab, tmp: Path) -> list[Step]:
             s = socket.socket(); s.settimeout(1); s.connect_ex(("{lab.internal_host}", port)); s.close()
     """)
     return [
-        Step("benign: python prints, fetches from the internal web server", (), "none",
+        Step("benign: python prints, fetches from the internal web server", (), (),
              [py, "-c", f"import urllib.request; print(len(urllib.request.urlopen('http://{lab.internal_host}/', timeout=5).read()))"]),
         Step("reverse SSH tunnel: ssh -R 9000:127.0.0.1:8000 to an external host",
-             ("tunnel-ssh-forwarding", "tunnel-ssh-external-port", "tunnel-ssh-external-flow"), "killed",
+             ("tunnel-ssh-forwarding", "tunnel-ssh-external-port", "tunnel-ssh-external-flow"), STOPPED,
              ["timeout", "8"] + lab.ssh_argv(lab.ssh_host, 22, "-N", "-R", "9000:127.0.0.1:8000")),
-        Step("miner binary: xmrig", ("mining-binary-exec",), "killed", [str(miner), "3"], netns=False),
+        Step("miner binary: xmrig", ("mining-binary-exec",), STOPPED, [str(miner), "3"], netns=False),
         Step("stratum handshake to a pool on port 3333",
-             ("mining-pool-port", "mining-stratum-flow"), "blocked", [py, "-c", stratum]),
-        Step("scan of 40 ports on an internal host", ("scan-internal-ports",), "reported", [py, "-c", scan]),
-        Step("cloud metadata endpoint 169.254.169.254", ("egress-metadata-address",), "blocked",
+             ("mining-pool-port", "mining-stratum-flow"), STOPPED, [py, "-c", stratum]),
+        Step("scan of 40 ports on an internal host", ("scan-internal-ports",), ("reported",), [py, "-c", scan]),
+        Step("cloud metadata endpoint 169.254.169.254", ("egress-metadata-address",), ("blocked",),
              [py, "-c", "import socket; print(socket.socket().connect_ex(('169.254.169.254', 80)))"]),
-        Step("GPU held by a non-ML process (fake NVML)", ("gpu-busy-non-ml-process",), "reported",
+        Step("GPU held by a non-ML process (fake NVML)", ("gpu-busy-non-ml-process",), ("reported",),
              [str(burner), "4"], netns=False),
     ]
 
@@ -87,16 +92,15 @@ class _Collect:
 
 
 def run_demo(out=print, color: bool = True, events_path: str | None = None) -> int:
-    from .engine import Engine
+    from . import session as S
     from .gpu import FAKE_ENV, GpuConfig, GpuGroupPolicy
     NetLab = _netlab()
-    from .rules import default_rule_paths, load_rules
-    from .runtime import Options, Tracer
     from .tailview import Filter, render
 
     os.environ.setdefault(FAKE_ENV, str(Path(__file__).with_name("demo_gpu.yaml")))
     interesting = Filter(kinds=["exec", "connect", "alert", "gpu"])
     results: dict[str, dict[str, str]] = {}
+    outcome_sets: dict[str, dict[str, set]] = {}
     root = cgroup2_mount() / f"agenttrace-demo-{uuid.uuid4().hex[:6]}"
     tmp = Path(tempfile.mkdtemp(prefix="agenttrace-demo-"))
     root.mkdir()
@@ -108,9 +112,11 @@ def run_demo(out=print, color: bool = True, events_path: str | None = None) -> i
                 agent = root / f"agent-{mode}"
                 agent.mkdir()
                 sink = _Collect(lambda r: out(render(r, color=color)) if interesting.accepts(r) else None)
-                tracer = Tracer(Options(cgroups=[root], mode=mode, internal=["10.77.0.0/24", "fd77::/64"],
-                                        gpu=GpuConfig(default=GpuGroupPolicy(allowed=True), interval_s=0.5)),
-                                [sink], engine=Engine(load_rules(default_rule_paths()), mode=mode))
+                # the session `agenttrace run --cgroup ROOT --mode MODE` builds: same probes,
+                # same default pack, same enforcement; only the sink differs
+                opts = S.SessionOptions(cgroups=[root], mode=mode, internal=["10.77.0.0/24", "fd77::/64"],
+                                        gpu=GpuConfig(default=GpuGroupPolicy(allowed=True), interval_s=0.5))
+                tracer = S.build(opts, [sink], S.load_ruleset(opts))
                 tracer.start()
                 spans = {}
                 try:
@@ -140,14 +146,20 @@ def run_demo(out=print, color: bool = True, events_path: str | None = None) -> i
                         f.writelines(dumps_line(r) for r in sink.records)
                 for st in steps:
                     a, b = spans.get(st.name, (0, 0))
-                    raised = [r for r in sink.records[a:b] if r.get("kind") == "alert"]
+                    # this agent's alerts only: another process on the node (another demo, a
+                    # real GPU user) must not count for or against a step
+                    raised = [r for r in sink.records[a:b] if r.get("kind") == "alert"
+                              and (r.get("agent") or {}).get("id") == agent.name]
                     alerts = [r for r in raised if r["rule"]["id"] in st.rules]
                     if not st.rules:
                         results.setdefault(st.name, {})[mode] = (
                             "quiet" if not raised else "ALERT: " + ", ".join(sorted({r["rule"]["id"] for r in raised})))
                     elif alerts:
                         outcomes = sorted({a["rule"]["outcome"] for a in alerts})
-                        results.setdefault(st.name, {})[mode] = "detected, " + "/".join(outcomes)
+                        stopper = sorted({a["rule"]["stopped_by"] for a in alerts if a["rule"].get("stopped_by")})
+                        results.setdefault(st.name, {})[mode] = "detected, " + "/".join(outcomes) + (
+                            f" ({', '.join(stopper)})" if stopper else "")
+                        outcome_sets.setdefault(st.name, {})[mode] = set(outcomes)
                     else:
                         results.setdefault(st.name, {})[mode] = "MISSED"
                 _kill_and_remove(agent)
@@ -162,8 +174,9 @@ def run_demo(out=print, color: bool = True, events_path: str | None = None) -> i
     for st in steps:
         row = results.get(st.name, {})
         mon, enf = row.get("monitor", "-"), row.get("enforce", "-")
+        got = outcome_sets.get(st.name, {}).get("enforce", set())
         good = (("quiet" == mon == enf) if not st.rules else
-                (mon.startswith("detected") and enf.startswith("detected") and st.expect in enf))
+                (mon.startswith("detected") and enf.startswith("detected") and bool(got) and got <= set(st.expect)))
         ok &= good
         out(f"{st.name:<{w}}{mon:<28}{enf:<28}{'' if good else '  <-- unexpected'}")
     out("\nall behaviours detected; enforce mode stopped what the default pack blocks" if ok

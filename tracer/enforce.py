@@ -8,6 +8,7 @@ weakened).
 from __future__ import annotations
 
 import ctypes as C
+from dataclasses import dataclass, field
 
 from .policy import (EXEC_MATCH_BASENAME, EXEC_MATCH_PATH, KernelPolicy)
 
@@ -19,10 +20,80 @@ FILE_POLICY_MAX = 64       # AT_FILE_POLICY_MAX in probes/files.c
 
 
 class EnforceError(Exception):
-    pass
+    """A policy the maps cannot hold; `policy_id` names the rule (KernelPolicy.policy_ids)."""
+
+    def __init__(self, message: str, policy_id: int = 0):
+        super().__init__(message)
+        self.policy_id = policy_id
+
+
+@dataclass
+class NetPlan:
+    """The connect-policy maps' contents as plain tuples: what `_net` writes, and what
+    `check_fits` proves fits before anything is loaded."""
+    scopes: list = field(default_factory=list)        # (family, addr16-ready bytes, prefixlen, scope)
+    dst: dict = field(default_factory=dict)           # (gid, family, addr, prefixlen) -> slots
+    ports: dict = field(default_factory=dict)         # (gid, port) -> slots
+
+
+def _pad(family: int, addr: bytes) -> bytes:
+    return addr.ljust(4 if family == 4 else 16, b"\0")
+
+
+def plan_net(kp: KernelPolicy) -> NetPlan:
+    """Bucket destination entries the way net.c looks them up; EnforceError when a bucket
+    needs more than AT_DST_SLOTS slots or a port range would expand past the bound."""
+    plan = NetPlan(scopes=[(e.family, _pad(e.family, e.addr), e.prefixlen, e.scope) for e in kp.scopes])
+
+    def add_slot(bucket: list, e, deny, where):
+        if len(bucket) >= SLOTS:
+            raise EnforceError(f"more than {SLOTS} policy entries share {where}; "
+                               "merge the rules' ports or split them by CIDR", e.policy_id)
+        bucket.append((e.policy_id, e.port_lo, e.port_hi, e.proto, deny, e.scope_mask))
+
+    for entries, deny in ((kp.dest_deny, 1), (kp.dest_allow, 0)):
+        for e in entries:
+            if e.prefixlen > 0 or e.addr:
+                key = (e.group_id, e.family, _pad(e.family, e.addr), e.prefixlen)
+                add_slot(plan.dst.setdefault(key, []), e, deny, f"group {e.group_id} prefix /{e.prefixlen}")
+                continue
+            if (e.port_lo, e.port_hi) in ((0, 65535), (1, 65535)):
+                ports = [0]
+            elif e.port_hi - e.port_lo + 1 <= MAX_PORT_EXPANSION:
+                ports = range(e.port_lo, e.port_hi + 1)
+            else:
+                raise EnforceError(f"port range {e.port_lo}-{e.port_hi} is wider than "
+                                   f"{MAX_PORT_EXPANSION} ports without a CIDR", e.policy_id)
+            for port in ports:
+                add_slot(plan.ports.setdefault((e.group_id, port), []), e, deny,
+                         f"group {e.group_id} port {port or 'any'}")
+    return plan
+
+
+def check_fits(kp: KernelPolicy) -> None:
+    """Raise EnforceError for the first part of `kp` the probes' maps cannot hold. Pure: the
+    same limits `PolicyWriter.apply` meets, checked without a kernel (rules lint, start and
+    reload all call it through capability.check)."""
+    plan_net(kp)
+    for e in kp.exec_kill:
+        if e.match == EXEC_MATCH_PATH and len(e.value) >= PATH_MAX:
+            raise EnforceError(f"exec path longer than {PATH_MAX - 1} bytes", e.policy_id)
+    keys: dict[int, int] = {}
+    for e in kp.file_kill:
+        keys.setdefault(e.key, e.policy_id)
+    if len(keys) > FILE_POLICY_MAX:
+        raise EnforceError(f"more than {FILE_POLICY_MAX} file kill entries", kp.file_kill[-1].policy_id)
+    from .protocols import FLOW_SLOTS
+    per: dict[tuple, int] = {}
+    for d in kp.protocol_drop:
+        n = per[(d.group_id, d.protocol)] = per.get((d.group_id, d.protocol), 0) + 1
+        if n > FLOW_SLOTS:
+            raise EnforceError(f"more than {FLOW_SLOTS} protocol drops for one group and protocol; "
+                               "merge their port ranges", d.policy_id)
 
 
 def _mapped16(family: int, addr: bytes) -> bytes:
+    addr = _pad(family, addr)
     if family == 4:
         return b"\0" * 10 + b"\xff\xff" + addr
     return addr
@@ -81,48 +152,21 @@ class PolicyWriter:
     # --- network ---------------------------------------------------------------------
     def _net(self, kp: KernelPolicy) -> None:
         p = self.probes
+        plan = plan_net(kp)
         scopes = p["scopes"]
         want_scopes = {}
-        for e in kp.scopes:
+        for fam, addr, plen, scope in plan.scopes:
             k = scopes.Key()
-            k.prefixlen = _plen16(e.family, e.prefixlen)
-            raw = _mapped16(e.family, e.addr.ljust(4 if e.family == 4 else 16, b"\0"))
-            C.memmove(C.addressof(k) + 4, raw, 16)
-            want_scopes[bytes(k)] = (k, e.scope)
-
-        dst: dict[bytes, tuple] = {}
-        sp: dict[tuple, list] = {}
-
-        def add_slot(bucket: list, pid, lo, hi, proto, deny, mask, where):
-            if len(bucket) >= SLOTS:
-                raise EnforceError(f"more than {SLOTS} policy entries share {where}; "
-                                   "merge the rules' ports or split them by CIDR")
-            bucket.append((pid, lo, hi, proto, deny, mask))
-
-        for entries, deny in ((kp.dest_deny, 1), (kp.dest_allow, 0)):
-            for e in entries:
-                if e.prefixlen > 0 or e.addr:
-                    k = p["dst_policy"].Key()
-                    k.prefixlen = 32 + _plen16(e.family, e.prefixlen)
-                    C.memmove(C.addressof(k) + 4, e.group_id.to_bytes(4, "little"), 4)
-                    raw = _mapped16(e.family, e.addr.ljust(4 if e.family == 4 else 16, b"\0"))
-                    C.memmove(C.addressof(k) + 8, raw, 16)
-                    key = bytes(k)
-                    slot = dst.setdefault(key, (k, []))[1]
-                    add_slot(slot, e.policy_id, e.port_lo, e.port_hi, e.proto, deny, e.scope_mask,
-                             f"group {e.group_id} prefix /{e.prefixlen}")
-                else:
-                    if (e.port_lo, e.port_hi) in ((0, 65535), (1, 65535)):
-                        ports = [0]
-                    elif e.port_hi - e.port_lo + 1 <= MAX_PORT_EXPANSION:
-                        ports = range(e.port_lo, e.port_hi + 1)
-                    else:
-                        raise EnforceError(f"policy {e.policy_id}: port range {e.port_lo}-{e.port_hi} "
-                                           f"is wider than {MAX_PORT_EXPANSION} ports without a CIDR")
-                    for port in ports:
-                        add_slot(sp.setdefault((e.group_id, port), []), e.policy_id, e.port_lo,
-                                 e.port_hi, e.proto, deny, e.scope_mask,
-                                 f"group {e.group_id} port {port or 'any'}")
+            k.prefixlen = _plen16(fam, plen)
+            C.memmove(C.addressof(k) + 4, _mapped16(fam, addr), 16)
+            want_scopes[bytes(k)] = (k, scope)
+        dst = {}
+        for (gid, fam, addr, plen), slots in plan.dst.items():
+            k = p["dst_policy"].Key()
+            k.prefixlen = 32 + _plen16(fam, plen)
+            C.memmove(C.addressof(k) + 4, gid.to_bytes(4, "little"), 4)
+            C.memmove(C.addressof(k) + 8, _mapped16(fam, addr), 16)
+            dst[bytes(k)] = (k, slots)
 
         # write new, then delete stale
         for key, (k, sc) in want_scopes.items():
@@ -134,7 +178,7 @@ class PolicyWriter:
         self._delete_stale(t, set(dst))
         t = p["scope_policy"]
         want = set()
-        for (gid, port), slots in sp.items():
+        for (gid, port), slots in plan.ports.items():
             k = t.Key(gid, port)
             t[k] = self._slots(t.Leaf(), slots)
             want.add(bytes(k))

@@ -26,7 +26,7 @@ from __future__ import annotations
 import threading
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 from .actions import ActionResult, Actions
 from .clock import Clock, SystemClock
@@ -197,6 +197,10 @@ class Engine:
             "window_key_evictions": 0, "window_agent_evictions": 0, "dedup_evictions": 0,
             "action_failures": 0, "errors": 0, "last_error": None, "matched": Counter(),
         }
+        # Set by the pipeline: userspace actions (kill, kill-agent, freeze-agent) in enforce
+        # mode go to the act worker (act.ActWorker) instead of running here, so matching never
+        # waits for a kill to be verified. Unset (offline replay, unit tests): acted inline.
+        self.defer: Optional[Callable[[Any], None]] = None
         self._set_rules(ruleset)
 
     # ------------------------------------------------------------------ rules
@@ -419,6 +423,8 @@ class Engine:
             return ActionResult("reported")
         agent = rec.get("agent") or {}
         cg = agent.get("cgroup")
+        if self.defer is not None and rule.action in ("kill", "kill-agent", "freeze-agent"):
+            return ActionResult("pending")
         if rule.action == "block":
             res = ActionResult("reported", "kernel verdict was not 'blocked' (is the kernel policy loaded?)")
         elif rule.action == "kill":
@@ -457,6 +463,38 @@ class Engine:
     def _event(src: Event, rec: dict) -> Event:
         return Event("alert", src.t_ns, rec, src.pid, src.agent_cgroup_id, src.cookie)
 
+    def _job(self, rule: Rule, event: Event, alert: Optional[Event], on_done=None):
+        from .act import ActJob
+        rec = event.record
+        proc = rec.get("proc") or {}
+        cg = (rec.get("agent") or {}).get("cgroup")
+        # ktime carries the event's wall time here; the pipeline turns it into kernel time
+        job = ActJob(rule.action, int(proc.get("pid") or event.pid or 0), cg, event.t_ns, alert, on_done)
+        self.defer(job)
+        return job
+
+    def job_done(self, job) -> None:
+        """Called on the reader thread when the act worker finished `job`: the alert's outcome
+        becomes what the worker saw."""
+        res = job.result
+        if not res.ok and res.outcome != "exited":
+            self.stats["action_failures"] += 1
+        if job.on_done is not None:
+            with self._lock:
+                job.on_done(res.outcome)
+        if job.alert is not None:
+            r = job.alert.record["rule"]
+            r["outcome"] = res.outcome
+            rule = self.ruleset.get(r["id"])
+            if res.outcome == "reported" and res.detail:
+                r["message"] += f" [{r['action']} not done: {res.detail}]"
+            elif res.outcome == "exited" and res.detail:
+                r["message"] += f" [{res.detail}]"
+            elif res.outcome == "killed" and res.detail and rule is not None:
+                r["detail"] = res.detail
+            if getattr(job, "descendants", None):
+                r["killed_descendants"] = list(job.descendants)
+
     def _fire(self, rule: Rule, event: Event, now: int, out: List[Event],
               window: Optional[dict] = None, dedup: bool = True) -> str:
         res = self._act(rule, event)
@@ -467,7 +505,11 @@ class Engine:
             if d is not None and now - d.first_ns < d.span_ns:
                 d.suppressed += 1
                 d.last_event = event
-                d.outcomes[res.outcome] += 1
+                if res.outcome == "pending":
+                    # the repeat is acted on all the same; its outcome counts when known
+                    self._job(rule, event, None, lambda oc, d=d: d.outcomes.__setitem__(oc, d.outcomes[oc] + 1))
+                else:
+                    d.outcomes[res.outcome] += 1
                 self.stats["suppressed"] += 1
                 return res.outcome
             if d is not None:
@@ -478,8 +520,13 @@ class Engine:
                 k0, d0 = self._dedup.popitem(last=False)
                 self.stats["dedup_evictions"] += 1
                 self._summary(k0, d0, out)
-        out.append(self._event(event, self._alert_record(rule, rec, res.outcome, window, res.detail)))
+        alert = self._event(event, self._alert_record(rule, rec, res.outcome, window, res.detail))
         self.stats["alerts"] += 1
+        if res.outcome == "pending":
+            # written by the pipeline once the act worker has the final outcome
+            self._job(rule, event, alert)
+        else:
+            out.append(alert)
         return res.outcome
 
     def _summary(self, key: Tuple, d: _Dup, out: List[Event]) -> None:

@@ -15,6 +15,10 @@ ARGS_MAX = 4096
 DNS_MAX = 512
 FLOW_BYTES = 256
 
+# at_config indices (one runtime-config map for every probe family); never renumber
+CFG_ENFORCE, CFG_GPU_FENCE, CFG_GPU_DEFAULT, CFG__MAX = 0, 1, 2, 4
+AT_CFG_ENFORCE, AT_CFG_GPU_FENCE, AT_CFG_GPU_DEFAULT = CFG_ENFORCE, CFG_GPU_FENCE, CFG_GPU_DEFAULT
+
 # enum at_event_type: never renumber
 EV_EXEC, EV_FORK, EV_EXIT, EV_CONNECT, EV_CONN_RESULT = 1, 2, 3, 4, 5
 EV_LISTEN, EV_DNS, EV_FLOW, EV_DEVICE, EV_FILE = 6, 7, 8, 9, 10

@@ -882,12 +882,11 @@ def device_body(major: int, minor: int, access: int, dev_type: int, verdict: int
 
 
 class GpuFence:
-    """Fills the maps of probes/device.c: `gpu_dev_majors`, `gpu_policy`, `gpu_enforce`.
-
-    gpu_enforce[0] = 1 → deny (return 0) for agents whose policy says deny; 0 → only report.
-    gpu_enforce[1] = verdict for agents with no `gpu_policy` entry yet (1 = deny), so a new agent
-    cgroup is fenced from its first open, before userspace has seen it.
-    """
+    """Fills the maps of probes/device.c (`gpu_dev_majors`, `gpu_policy`) and its two switches
+    in the shared `at_config` map: AT_CFG_GPU_FENCE (1: the fence denies in enforce mode — the
+    mode itself is AT_CFG_ENFORCE, written with every other enforce switch by Tracer.set_mode)
+    and AT_CFG_GPU_DEFAULT (verdict for agents with no `gpu_policy` entry yet, 1 = deny, so a new
+    agent cgroup is fenced from its first open, before userspace has seen it)."""
 
     def __init__(self, bpf, config: GpuConfig, mode: str):
         self.bpf = bpf
@@ -903,10 +902,10 @@ class GpuFence:
         m = self.bpf["gpu_dev_majors"]
         for major in set(majors) | set(self.config.extra_device_majors):
             self._put(m, major, 1)
-        enforce = self.config.fence == "follow-mode" and self.mode == "enforce"
-        e = self.bpf["gpu_enforce"]
-        self._put(e, 0, 1 if enforce else 0)
-        self._put(e, 1, 0 if self.config.default.allowed else 1)
+        from .events import AT_CFG_GPU_DEFAULT, AT_CFG_GPU_FENCE
+        e = self.bpf["at_config"]
+        self._put(e, AT_CFG_GPU_FENCE, 1 if self.config.fence == "follow-mode" else 0)
+        self._put(e, AT_CFG_GPU_DEFAULT, 0 if self.config.default.allowed else 1)
 
     def set_agent(self, agent: Mapping) -> None:
         """Record an agent's policy (call when an agent cgroup is first seen or config reloads)."""
@@ -1006,6 +1005,19 @@ class GpuService:
     def agent_seen(self, agent: Mapping) -> None:
         if self.fence is not None:
             self.fence.set_agent(agent)
+
+    def set_config(self, config: GpuConfig, agents: Sequence[Mapping] = ()) -> None:
+        """A reloaded `gpu:` section: policy, thresholds, trainers and the fence's per-agent
+        verdicts change live (the caller checked that sampler and fence stay as they are)."""
+        self.config = config
+        self.tracker.config = config
+        self.sampler.interval_s = config.interval_s
+        self.sampler.max_backoff_s = config.max_backoff_s
+        if self.fence is not None:
+            self.fence.config = config
+            self.fence.install([m for m in nvidia_majors() if m != NVIDIA_MAJOR])
+            for a in agents:
+                self.fence.set_agent(a)
 
     def agent_gone(self, cgroup_id: int) -> None:
         if self.fence is not None:

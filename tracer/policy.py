@@ -104,14 +104,6 @@ class FileKill:
 
 
 @dataclass(frozen=True)
-class DeviceDeny:
-    policy_id: int
-    group_id: int
-    major: int
-    minor: int           # -1 = any
-
-
-@dataclass(frozen=True)
 class GroupPolicy:
     """Per agent group: in allow-list mode a connect to a destination whose scope is in
     `allow_scope_mask` is denied (with `policy_id`) unless a `dest_allow` entry of the group
@@ -133,7 +125,6 @@ class KernelPolicy:
     protocol_drop: List[ProtocolDrop] = field(default_factory=list)
     exec_kill: List[ExecKill] = field(default_factory=list)
     file_kill: List[FileKill] = field(default_factory=list)
-    device_deny: List[DeviceDeny] = field(default_factory=list)
     policy_ids: Dict[int, str] = field(default_factory=dict)     # policy_id → rule id
 
     def rule_for(self, policy_id: int) -> Optional[str]:
@@ -320,10 +311,6 @@ def compile_policy(ruleset: RuleSet, internal: Iterable[str] = DEFAULT_INTERNAL,
                             raise PolicyError(f"rule {r.id}: kernel cannot recognise protocol {proto!r}")
                         for lo, hi in _ranges(m):
                             kp.protocol_drop.append(ProtocolDrop(pid, g, PROTOCOL_NUM[proto], _scope_mask(m), lo, hi))
-            elif kind == "device":
-                for g in gids(m):
-                    for major in sorted(m.majors):
-                        kp.device_deny.append(DeviceDeny(pid, g, major, -1))
             else:
                 raise PolicyError(f"rule {r.id}: the kernel cannot block {kind} events")
     for name, gid in sorted(kp.group_ids.items(), key=lambda kv: kv[1]):

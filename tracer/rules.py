@@ -876,11 +876,16 @@ def kernel_block_problems(model: RuleModel) -> List[Tuple[List[Any], str]]:
     """Why a `block` rule cannot be held in kernel maps (empty list: it can).
 
     The kernel sees a connect's destination address/port/protocol (cgroup connect hooks), a
-    flow's first payload bytes (ssh/stratum banners), and device numbers (cgroup/dev). Names,
-    command lines, CEL and windows live only in userspace, so a `block` using them would be a
-    silent downgrade to reporting."""
+    flow's first payload bytes (ssh/stratum banners). Names, command lines, CEL and windows
+    live only in userspace, so a `block` using them would be a silent downgrade to reporting.
+    Device numbers are seen by cgroup/dev, but that hook holds the GPU fence only (per-agent
+    deny of GPU majors, from the config's `gpu:` section): a rule's device `block` has no map
+    to live in, so it is refused here rather than accepted and never enforced."""
     probs: List[Tuple[List[Any], str]] = []
     hint = "; use action 'kill' (userspace) or 'report'"
+    if "device" in model.on:
+        probs.append((["on"], "the kernel device hook holds only the GPU fence: deny GPUs with the "
+                              "config's gpu: policy (or run --gpu deny) and use action 'report' here"))
     if model.condition is not None:
         probs.append((["condition"], "a CEL condition cannot be evaluated in the kernel" + hint))
     if model.window is not None:
@@ -903,10 +908,9 @@ def kernel_block_problems(model: RuleModel) -> List[Tuple[List[Any], str]]:
             if not m.protocols:
                 probs.append((["match"], "'block' on flow needs match.protocols"))
         elif k == "device":
-            if not (m.device and m.device.majors):
-                probs.append((["match"], "'block' on device needs device.majors"))
+            pass    # refused above
         else:
-            probs.append((["on"], f"'block' cannot act on {k} events (the kernel blocks connects, flows and devices)"))
+            probs.append((["on"], f"'block' cannot act on {k} events (the kernel blocks connects and flows)"))
     return probs
 
 

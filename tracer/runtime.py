@@ -14,7 +14,6 @@ import logging
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
@@ -26,7 +25,9 @@ from .clock import SystemClock
 from .enrich import Enricher
 from .netscope import Scoper
 from .pipeline import Event
-from .probes import DEFAULT_FEATURES, Probes
+from .probes import Probes
+from .session import SessionOptions, describe
+from .act import ActJob, ActWorker
 from .proctable import ProcTable
 from .schemaver import SCHEMA_VERSION
 from .summary import Summaries, check_removed, finish_all
@@ -36,26 +37,13 @@ log = logging.getLogger("agenttrace")
 RATE_LIMITED = 0x8000   # AT_DROP_RATE_LIMITED in probes/common.h
 
 
-@dataclass
-class Options:
-    cgroups: list[Path] = field(default_factory=list)     # absolute, existing
-    mode: str = "monitor"
-    features: tuple = DEFAULT_FEATURES
-    internal: list[str] = field(default_factory=list)
-    ringbuf_pages: int = 4096
-    proc_table_size: int = 65536
-    connect_hold_ms: int = 250           # how long a TCP connect waits for its outcome
-    # Longest a record waits in the ring buffer before the reader takes it (probes/common.h
-    # at_wake_flags); 0 = wake the reader on every record, the kernel's default and ~20 us of
-    # BPF time per record on VMs.
-    wakeup_ms: float = 5.0
-    stats_interval_s: float = 0.0        # 0 = no periodic stats records
-    labels: dict = field(default_factory=dict)
-    rate_limit: int = 0                  # events/s per agent admitted by the kernel (0 = no limit)
-    rate_burst: int = 0
-    flood_action: str = "report"         # or "freeze-agent" (enforce mode) when events are dropped
-    gpu: object = None                   # gpu.GpuConfig; None = no GPU sampling or fence
-    gpu_backend: object = None           # a gpu.GpuBackend (tests: the fake); None = real NVML
+# The tracer's knobs are the session's options: one definition (session.py), chosen in one place.
+Options = SessionOptions
+
+# Kernel switches flipped together by set_mode (probes/agenttrace.h AT_CFG_*): the exec and
+# file kills, connect blocks and protocol drops read AT_CFG_ENFORCE; the GPU fence reads it
+# and AT_CFG_GPU_FENCE (GpuFence writes that one from the config).
+_HOLD_EXITED_NS = 1_000_000_000     # how long an `exited` alert waits for the exit record
 
 
 class Tracer:
@@ -96,6 +84,16 @@ class Tracer:
         self._notices: "collections.deque" = collections.deque(maxlen=1000)
         self.summaries = Summaries(self.node)
         self.summary_on_stop: Optional[str] = None   # reason: every agent's summary at stop
+        # the act stage: userspace actions on their own thread; the reader never waits for one
+        self.act = ActWorker(getattr(engine, "actions", None) if engine is not None else None,
+                             procs=self.procs, maxsize=opts.act_queue)
+        if engine is not None:
+            engine.defer = self._defer
+        # what `exited` outcomes report: recent exit statuses, and the rule whose kernel block
+        # a process met before it gave up (bounded; pids are recycled, entries are short-lived)
+        self._exits: "collections.OrderedDict[int, tuple]" = collections.OrderedDict()
+        self._blocked_by: "collections.OrderedDict[int, str]" = collections.OrderedDict()
+        self._await_exit: list = []
 
     # --- lifecycle -------------------------------------------------------------------
     def _agent_discovered(self, cid: int, ident: dict) -> None:
@@ -132,12 +130,7 @@ class Tracer:
             if self.gpu is not None and "device" in features:
                 self.gpu.install_fence(self.probes)
                 self.enrich.device_names = self.gpu.device_names()
-            if "proc" in self.opts.features:
-                self.probes.set_flag("proc_enforce", 0, 1 if self.opts.mode == "enforce" else 0)
-            if "net" in self.opts.features:
-                self.probes.set_flag("net_config", 0, 1 if self.opts.mode == "enforce" else 0)
-            if "files" in self.opts.features:
-                self.probes.set_flag("file_enforce", 0, 1 if self.opts.mode == "enforce" else 0)
+            self._write_mode()
             if self.opts.rate_limit:
                 self.probes.set_flag("rate_cfg", 0, self.opts.rate_limit)
                 self.probes.set_flag("rate_cfg", 1, max(self.opts.rate_burst, self.opts.rate_limit))
@@ -153,41 +146,69 @@ class Tracer:
             raise
         if self.gpu is not None:
             self.gpu.start()
+        self.act.start()
         self.started_ns = time.time_ns()
         self._last_stats = time.monotonic()
         self._lifecycle("started", startup_ms=round((time.monotonic() - t0) * 1000, 1),
                         probes=list(features),
-                        watched=[self.agents.agent(c)["cgroup"] for c in self.probes.watched_ids()])
+                        watched=[self.agents.agent(c)["cgroup"] for c in self.probes.watched_ids()],
+                        **describe(self))
         self._flush()
 
     def install_policy(self, ruleset) -> None:
-        """Compile what the kernel can enforce from `ruleset` and write it into the maps."""
+        """Compile what the kernel can enforce from `ruleset` and write it into the maps.
+        capability.check proves the policy fits first, so a failure here is not a rule the
+        kernel cannot hold but a map write that failed."""
+        from .capability import check
         from .enforce import PolicyWriter
-        from .netscope import DEFAULT_INTERNAL
-        from .policy import compile_policy
-        kp = compile_policy(ruleset, internal=list(DEFAULT_INTERNAL) + list(self.opts.internal))
+        kp = check(ruleset, internal=self.opts.internal)
         if self.policy_writer is None:
             self.policy_writer = PolicyWriter(self.probes)
             self._on_agent.append(lambda cid, ident: self.policy_writer.assign(cid, ident.get("group")))
         self.policy_writer.apply(kp, {cid: a.get("group") for cid, a in self.agents.known().items()})
 
+    def _write_mode(self) -> None:
+        # every kernel enforce switch is this one map slot (AT_CFG_ENFORCE): exec kills, file
+        # kills, connect blocks, protocol drops and the GPU fence cannot disagree after a reload
+        self.probes.set_flag("at_config", E.CFG_ENFORCE, 1 if self.opts.mode == "enforce" else 0)
+
     def set_mode(self, mode: str) -> None:
+        """monitor <-> enforce, kernel and userspace together."""
         self.opts.mode = mode
-        enforce = 1 if mode == "enforce" else 0
-        for arr in ("proc_enforce", "net_config", "file_enforce"):
-            try:
-                self.probes.set_flag(arr, 0, enforce)
-            except KeyError:
-                pass
+        if self.probes is not None:
+            self._write_mode()
+        if self.gpu is not None:
+            self.gpu.mode = mode
+            if self.gpu.fence is not None:
+                self.gpu.fence.mode = mode
         if self.engine is not None:
             self.engine.mode = mode
 
-    def reload_rules(self, ruleset) -> None:
-        """Swap rules without detaching probes; the caller has validated `ruleset`."""
-        self.install_policy(ruleset)
+    def reload_rules(self, ruleset, mode: str | None = None) -> bool:
+        """Swap rules (and optionally the mode) without detaching probes. The new policy is
+        proven to fit before anything changes; if it does not, or writing the maps fails, the
+        running policy stays and `lifecycle/reload_failed` says why (returns False)."""
+        from .capability import CapabilityError, check
+        from .enforce import EnforceError
+        try:
+            check(ruleset, internal=self.opts.internal)
+            self.install_policy(ruleset)
+        except (CapabilityError, EnforceError, OSError, KeyError) as e:
+            msg = str(e) if not isinstance(e, CapabilityError) else "; ".join(str(x) for x in e.errors)
+            if self.engine is not None:
+                try:
+                    self.install_policy(self.engine.ruleset)   # the running policy, whole again
+                except Exception as e2:       # pragma: no cover - maps unwritable
+                    self._stage_error("reload", e2)
+            self._lifecycle("reload_failed", error=msg)
+            self._flush()
+            return False
+        if mode is not None and mode != self.opts.mode:
+            self.set_mode(mode)
         self.engine.swap_rules(ruleset)
-        self._lifecycle("reloaded", rules=len(ruleset.rules))
+        self._lifecycle("reloaded", rules=len(ruleset.rules), **describe(self))
         self._flush()
+        return True
 
     def watch(self, path: Path, mode: str = "child", namer=None, labels: dict | None = None) -> int:
         cid = self.probes.watch(path)
@@ -238,6 +259,8 @@ class Tracer:
         if self.gpu is not None:
             for ev in self.gpu.poll():
                 self._process(ev)
+        if self.act.done or self._await_exit:
+            self._collect_actions()
         while self._notices:
             code, message = self._notices.popleft()
             self._lifecycle("notice", code=code, message=message)
@@ -260,6 +283,10 @@ class Tracer:
             self._process(ev)
         if self.engine is not None:
             self._alerts(self.engine.flush())
+        # actions in flight finish before their alerts are written (bounded by verify time)
+        self.act.wait_idle(self.act.actions.verify_s + 1.0)
+        self._read(0)
+        self._collect_actions(force=True)
         self._flush()
 
     def stop(self) -> dict:
@@ -276,6 +303,7 @@ class Tracer:
                 self._lifecycle("stopped", **counters)
                 self._flush()
         finally:
+            self.act.stop()
             if self.gpu is not None:
                 self.gpu.stop()
             if self._reader is not None:
@@ -289,6 +317,73 @@ class Tracer:
                 except Exception:
                     pass
         return counters
+
+    # --- act -------------------------------------------------------------------------
+    def _defer(self, job: ActJob) -> None:
+        """Engine → act worker, on the reader thread at decision time."""
+        job.ktime -= self.enrich.clock_offset       # wall → kernel time of the event
+        job.open_target()
+        self.act.submit(job)
+
+    def _collect_actions(self, force: bool = False) -> None:
+        """Alerts whose action finished: written now, with the final outcome."""
+        done = self.act.done
+        while done:
+            job = done.popleft()
+            if self.engine is not None:
+                self.engine.job_done(job)
+            if job.alert is None:
+                continue
+            if job.result.outcome == "exited" and job.pid not in self._exits and not force:
+                self._await_exit.append((time.monotonic_ns(), job))
+                continue
+            self._emit_acted(job)
+        if self._await_exit:
+            now = time.monotonic_ns()
+            keep = []
+            for t, job in self._await_exit:
+                if job.pid in self._exits or force or now - t > _HOLD_EXITED_NS:
+                    self._emit_acted(job)
+                else:
+                    keep.append((t, job))
+            self._await_exit = keep
+
+    def _emit_acted(self, job: ActJob) -> None:
+        r = job.alert.record["rule"]
+        if job.result.outcome == "exited":
+            st = self._exits.get(job.pid)
+            if st is not None:
+                r["exit_code"] = st[0]
+                if st[1] is not None:
+                    r["exit_signal"] = st[1]
+            stopper = self._blocked_by.get(job.pid)
+            if stopper:
+                r["stopped_by"] = stopper
+                r["message"] += f" [its connect was blocked in the kernel by rule {stopper}]"
+        self._alerts([job.alert])
+
+    def _note(self, ev: Event) -> None:
+        """Facts the act stage reports with `exited`: exit status, kernel blocks."""
+        rec = ev.record
+        if ev.kind == "exit":
+            d = self._exits
+            d[ev.pid] = (rec.get("exit_code"), rec.get("signal"))
+        elif ev.kind in ("connect", "flow"):
+            net = rec.get("net") or {}
+            if net.get("verdict") != "blocked":
+                return
+            pid = net.get("policy_id")
+            rid = self.policy_writer.policy.rule_for(pid) if (pid and self.policy_writer and
+                                                            self.policy_writer.policy) else None
+            if not rid:
+                return
+            d = self._blocked_by
+            d[ev.pid] = rid
+        else:
+            return
+        d.move_to_end(ev.pid)
+        while len(d) > 4096:
+            d.popitem(last=False)
 
     # --- pipeline ----------------------------------------------------------------------
     def _on_view(self, view, size) -> None:
@@ -321,6 +416,8 @@ class Tracer:
 
     def _process(self, ev: Event) -> None:
         self.counts[ev.kind] = self.counts.get(ev.kind, 0) + 1
+        if ev.kind in ("exit", "connect", "flow"):
+            self._note(ev)
         for hook in self.hooks:
             try:
                 hook(ev)
@@ -406,6 +503,20 @@ class Tracer:
                 "unknown_records": self.enrich.unknown_types,
             },
             "labels_rejected": self.agents.labels_rejected,
+            "actions": {"completed": self.act.completed, "queue_full": self.act.queue_full},
+            # each stage's own count, in pipeline order: where records went and where they stopped
+            "stages": {
+                "read": self._records,
+                "decode": {"records": sum(self.enrich.by_type.values()), "unknown": self.enrich.unknown_types,
+                           "by_type": {E.TYPE_NAMES.get(t, str(t)): n for t, n in self.enrich.by_type.items()}},
+                "enrich": {"events": sum(events.values()), "errors": self.stage_errors},
+                "match": ({"events": self.engine.stats["events"], "alerts": self.engine.stats["alerts"],
+                           "suppressed": self.engine.stats["suppressed"], "errors": self.engine.stats["errors"]}
+                          if self.engine is not None else None),
+                "act": {"completed": self.act.completed, "queue_full": self.act.queue_full,
+                        "pending": len(self._await_exit)},
+                "sink": {"drops": sink_drops},
+            },
             "argv_read_failures": self.enrich.argv_read_failures,
             "file_path_read_failures": self.enrich.file_path_read_failures,
             "proc_table": {"size": len(self.procs), "evictions": self.procs.evictions},
@@ -427,11 +538,8 @@ class Tracer:
             ident = self.agents.agent(agent)
             t = time.time_ns()
             action = self.opts.flood_action
-            outcome = "reported"
-            if action == "freeze-agent" and self.opts.mode == "enforce" and ident.get("cgroup"):
-                from .actions import Actions
-                res = Actions().freeze_cgroup(ident["cgroup"])
-                outcome = res.outcome
+            freeze = action == "freeze-agent" and self.opts.mode == "enforce" and ident.get("cgroup")
+            outcome = "pending" if freeze else "reported"
             rec = {"ts": format_ns(t), "kind": "alert", "node": self.node, "agent": ident,
                    "trigger": "lifecycle",
                    "rule": {"id": "agenttrace-events-dropped", "category": "evasion", "severity": "high",
@@ -440,6 +548,10 @@ class Tracer:
                                        f"({n} in all): rate limit or full ring buffer; its activity is "
                                        "partly unseen"},
                    "drops": {"new": n - before, "total": n}}
-            self._alerts([Event("alert", t, rec, 0, agent)])
+            ev = Event("alert", t, rec, 0, agent)
+            if freeze:
+                self.act.submit(ActJob("freeze-agent", 0, ident["cgroup"], 0, ev))
+            else:
+                self._alerts([ev])
 
 

@@ -63,6 +63,7 @@ class Summaries:
         self.node = node
         self.top_n = top_n
         self._a: dict[int, _Agent] = {}
+        self.waiting: dict[int, int] = {}     # removed agents whose summary waits for the act stage
 
     def active(self) -> list[int]:
         return list(self._a)
@@ -198,6 +199,8 @@ def finish_agent(tracer, cid: int, reason: str) -> None:
     held = [sk for sk, (ev, _since) in tracer.enrich.pending.items() if ev.agent_cgroup_id == cid]
     for sk in held:
         tracer._process(tracer.enrich.pending.pop(sk)[0])
+    if getattr(tracer, "act", None) is not None:
+        tracer._collect_actions(force=True)
     if tracer.engine is not None:
         ident = tracer.agents.known().get(cid) or {}
         tracer._alerts(tracer.engine.flush_agent(cid, ident.get("id", "")))
@@ -225,6 +228,15 @@ def check_removed(tracer) -> None:
         except OSError:
             continue
         if gone:
+            # alerts whose action is still in flight come before the summary that counts
+            # them: wait for the act stage by ticks (the reader never blocks on it), 5 at most
+            act = getattr(tracer, "act", None)
+            idle = getattr(act, "_idle", None)
+            waited = tracer.summaries.waiting.get(cid, 0)
+            if idle is not None and not idle.is_set() and waited < 5:
+                tracer.summaries.waiting[cid] = waited + 1
+                continue
+            tracer.summaries.waiting.pop(cid, None)
             finish_agent(tracer, cid, "cgroup_removed")
 
 

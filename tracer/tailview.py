@@ -91,6 +91,12 @@ def _flat(d: dict, prefix: str = "", depth: int = 0) -> Iterable[tuple]:
                 yield from _flat(v, key + ".", depth + 1)
         elif not isinstance(v, list):
             yield key, v
+        elif key in _LIST_KEYS:
+            # what is attached and watched, in a word each: the line a person checks first
+            yield key, ",".join(str(x) for x in v)
+
+
+_LIST_KEYS = {"probes", "watched"}
 
 
 def _exec_gist(proc: dict) -> str:

@@ -1,0 +1,178 @@
+"""Every front end started the way a user starts it — `run --cgroup`, `run -- CMD`,
+`tail --cgroup --alerts`, the daemon — loads the full default probe set (from its
+`lifecycle/started` record) and raises a tunnel alert for SSH spoken on port 443.
+
+This is the test that would have caught `run` loading two of five probe families while the
+unit tests, built on internal constructors, stayed green."""
+import json
+import os
+import signal
+import subprocess
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+from conftest import AGENTTRACE, need_bpf
+
+FULL = {"proc", "net", "listen", "flow", "dns"}
+TUNNEL_RULE = "tunnel-ssh-external-flow"
+
+
+def _ssh443(lab):
+    return lab.ssh_argv(lab.ssh_host, 443, command=["true"])
+
+
+def _records(path: Path):
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            pass        # a line being written
+    return out
+
+
+def _wait(pred, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.1)
+    return pred()
+
+
+def _started(recs):
+    return [r for r in recs if r.get("kind") == "lifecycle" and r.get("phase") == "started"]
+
+
+def _tunnel(recs):
+    return [r for r in recs if r.get("kind") == "alert" and r["rule"]["id"] == TUNNEL_RULE]
+
+
+def _check_started(rec):
+    assert FULL <= set(rec["probes"]), rec["probes"]
+    assert FULL <= set(rec["features"])
+    assert rec["ruleset"]["count"] > 10, rec["ruleset"]
+
+
+def _stop(p: subprocess.Popen) -> int:
+    if p.poll() is None:
+        p.send_signal(signal.SIGINT)
+        try:
+            return p.wait(30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            return p.wait()
+    return p.returncode
+
+
+def test_run_cgroup(netlab, agent_tree, tmp_path):
+    need_bpf()
+    out = tmp_path / "ev.jsonl"
+    a = agent_tree.agent("a443")
+    p = subprocess.Popen([AGENTTRACE, "run", "--cgroup", str(agent_tree.root), "--internal", "10.77.0.0/24",
+                          "--output", str(out)], stderr=subprocess.PIPE)
+    try:
+        st = _wait(lambda: _started(_records(out)))
+        assert st, p.stderr.read().decode() if p.poll() is not None else "no started record"
+        _check_started(st[0])
+        r = netlab.check_in_agent(_ssh443(netlab), cgroup=a)
+        assert r.returncode == 0, r.stderr
+        al = _wait(lambda: _tunnel(_records(out)))
+        assert al and al[0]["agent"]["id"] == "a443" and al[0]["net"]["dst"]["port"] == 443
+    finally:
+        assert _stop(p) == 0
+
+
+def test_run_command(netlab, tmp_path):
+    need_bpf()
+    out = tmp_path / "ev.jsonl"
+    cmd = ["nsenter", f"--net=/var/run/netns/{netlab.agent_ns}", *_ssh443(netlab)]
+    r = subprocess.run([AGENTTRACE, "run", "--agent", "cmd443", "--internal", "10.77.0.0/24",
+                        "--output", str(out), "--", *cmd], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr        # ssh's own exit code
+    recs = _records(out)
+    _check_started(_started(recs)[0])
+    al = _tunnel(recs)
+    assert al and al[0]["agent"]["id"] == "cmd443", [x["rule"]["id"] for x in recs if x.get("kind") == "alert"]
+
+
+def test_tail_cgroup_alerts(netlab, agent_tree):
+    need_bpf()
+    a = agent_tree.agent("tail443")
+    p = subprocess.Popen([AGENTTRACE, "tail", "--cgroup", str(agent_tree.root), "--alerts", "--no-color",
+                          "--internal", "10.77.0.0/24"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    th = threading.Thread(target=lambda: lines.extend(iter(p.stdout.readline, "")), daemon=True)
+    th.start()
+    try:
+        started = _wait(lambda: [x for x in lines if x.startswith("started") or " started " in x])
+        assert started, p.stderr.read() if p.poll() is not None else "no started line"
+        for f in FULL:
+            assert f in started[0], started[0]
+        r = netlab.check_in_agent(_ssh443(netlab), cgroup=a)
+        assert r.returncode == 0, r.stderr
+        al = _wait(lambda: [x for x in lines if TUNNEL_RULE in x])
+        assert al and "tail443" in al[0]
+        # --alerts: no plain event lines (exec, connect, flow) made it through
+        assert not [x for x in lines if " exec " in x and "ALERT" not in x]
+    finally:
+        _stop(p)
+
+
+def test_daemon(netlab, agent_tree, tmp_path):
+    need_bpf()
+    out = tmp_path / "ev.jsonl"
+    cfg = tmp_path / "agenttrace.yaml"
+    cfg.write_text(textwrap.dedent(f"""
+        mode: monitor
+        agents:
+          - cgroup: /{agent_tree.root.name}
+        internal_cidrs: [10.77.0.0/24]
+        sinks:
+          stdout: false
+          file: {{path: {out}}}
+    """))
+    a = agent_tree.agent("d443")
+    env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
+    p = subprocess.Popen([AGENTTRACE, "daemon", "--config", str(cfg), "--status-file", str(tmp_path / "st.json")],
+                         stderr=subprocess.PIPE, env=env)
+    try:
+        st = _wait(lambda: _started(_records(out)))
+        assert st, p.stderr.read().decode() if p.poll() is not None else "no started record"
+        _check_started(st[0])
+        # the daemon finds agent cgroups by pattern: wait until it watches ours
+        _wait(lambda: (tmp_path / "st.json").exists() and
+              f"/{agent_tree.root.name}" in json.loads((tmp_path / "st.json").read_text()).get("watched", []))
+        r = netlab.check_in_agent(_ssh443(netlab), cgroup=a)
+        assert r.returncode == 0, r.stderr
+        al = _wait(lambda: _tunnel(_records(out)))
+        assert al and al[0]["agent"]["id"] == "d443"
+    finally:
+        p.send_signal(signal.SIGTERM)
+        p.wait(30)
+
+
+def test_bad_gpu_and_egress_sections_exit_2(tmp_path):
+    """Typed config: the gpu: and egress: sections are validated by their real models."""
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(textwrap.dedent("""
+        mode: enforce
+        gpu:
+          interval_s: -1
+        egress:
+          web:
+            mode: allow-list
+            allow:
+              - cidr: not-a-cidr
+    """).lstrip())
+    r = subprocess.run([AGENTTRACE, "daemon", "--config", str(cfg)], capture_output=True, text=True)
+    assert r.returncode == 2, r.stderr
+    assert f"{cfg}:3:" in r.stderr and "gpu.interval_s" in r.stderr
+    assert f"{cfg}:8:" in r.stderr and "egress.web.allow[0].cidr" in r.stderr
+    assert "Traceback" not in r.stderr

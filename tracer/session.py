@@ -1,0 +1,138 @@
+"""The one place a tracing session is chosen: features, rules, mode, GPU policy, limits, sinks.
+
+`run`, `tail`, `daemon`, `demo` and the benchmark harness (through `run`) all build their
+session here and differ only in what they watch and where records go. A front end that
+assembled its own pipeline drifted once (`run` loaded two of five probe families while its
+unit tests stayed green); routing every front end through `SessionOptions` and `build()` is
+what keeps "what a user runs" equal to "what was tested".
+
+Input problems raise `InputError` (the CLI exits 2, nothing is attached): rules that do not
+load, or that the kernel cannot hold (`capability.check`), are found before any probe loads.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional
+
+from .probes import DEFAULT_FEATURES, OPTIONAL_FEATURES
+
+MODES = ("monitor", "enforce")
+
+
+class InputError(Exception):
+    """Bad CLI/config/rules input, or an environment that cannot run: exit 2, nothing started."""
+
+
+@dataclass
+class SessionOptions:
+    cgroups: List[Path] = field(default_factory=list)      # absolute, existing
+    mode: str = "monitor"
+    features: tuple = DEFAULT_FEATURES
+    internal: List[str] = field(default_factory=list)
+    ringbuf_pages: int = 4096
+    proc_table_size: int = 65536
+    connect_hold_ms: int = 250           # how long a TCP connect waits for its outcome
+    # Longest a record waits in the ring buffer before the reader takes it (probes/common.h
+    # at_wake_flags); 0 = wake the reader on every record, the kernel's default and ~20 us of
+    # BPF time per record on VMs.
+    wakeup_ms: float = 5.0
+    stats_interval_s: float = 0.0        # 0 = no periodic stats records
+    labels: Dict[str, str] = field(default_factory=dict)
+    rate_limit: int = 0                  # events/s per agent admitted by the kernel (0 = no limit)
+    rate_burst: int = 0
+    flood_action: str = "report"         # or "freeze-agent" (enforce mode) when events are dropped
+    gpu: Any = None                      # gpu.GpuConfig; None = no GPU sampling or fence
+    gpu_backend: Any = None              # a gpu.GpuBackend (tests: the fake); None = real NVML
+    # rules: None = the built-in pack; [] with use_rules False = trace only
+    rule_paths: Optional[List[str]] = None
+    use_rules: bool = True
+    egress: Optional[Dict[str, Any]] = None
+    node: Optional[str] = None
+    act_queue: int = 1024                # pending userspace actions (kills/freezes) at most
+
+
+def features(no_net: bool = False, no_flow: bool = False, no_dns: bool = False,
+             no_listen: bool = False, files: bool = False) -> tuple:
+    """The probe families of a session: the full default set unless the user opts out."""
+    drop = set()
+    if no_net:
+        # without the connect hooks there are no agent sockets to follow
+        drop |= {"net", "flow", "dns", "listen"}
+    if no_flow:
+        drop.add("flow")
+    if no_dns:
+        drop.add("dns")
+    if no_listen:
+        drop.add("listen")
+    out = tuple(f for f in DEFAULT_FEATURES if f not in drop)
+    if files:
+        out += tuple(f for f in OPTIONAL_FEATURES if f == "files")
+    return out
+
+
+def check_mode(mode: str, what: str = "--mode") -> str:
+    if mode not in MODES:
+        raise InputError(f"{what}: '{mode}' is not one of {', '.join(MODES)}")
+    return mode
+
+
+def load_ruleset(opts: SessionOptions):
+    """The session's rules, validated, with everything the kernel must hold checked to fit:
+    a rule set that loads here always starts and always reloads. None when rules are off."""
+    if not opts.use_rules:
+        return None
+    from .capability import CapabilityError, check
+    from .rules import RulesError, default_rule_paths, expand_paths, load_rules
+    paths = opts.rule_paths
+    for p in paths or []:
+        if not Path(p).exists():
+            raise InputError(f"--rules: {p} does not exist")
+    files = expand_paths(paths) if paths else default_rule_paths()
+    try:
+        rs = load_rules(files, egress=opts.egress or None)
+        check(rs, internal=opts.internal)
+    except RulesError as e:
+        raise InputError("invalid rules:\n" + "\n".join(f"  {x}" for x in e.errors)) from None
+    except CapabilityError as e:
+        raise InputError("rules the kernel cannot hold:\n" + "\n".join(f"  {x}" for x in e.errors)) from None
+    return rs
+
+
+def from_config(cfg) -> SessionOptions:
+    """The daemon's session, from a validated `config.Config`."""
+    feats = features(files=cfg.probes.files)
+    return SessionOptions(
+        cgroups=[], mode=cfg.mode, internal=[str(c) for c in cfg.internal_cidrs], features=feats,
+        ringbuf_pages=cfg.limits.ring_buffer_pages, proc_table_size=cfg.limits.proc_table_size,
+        stats_interval_s=60.0, gpu=cfg.gpu,
+        rate_limit=cfg.limits.agent_events_per_sec,
+        rate_burst=cfg.limits.agent_burst or cfg.limits.agent_events_per_sec,
+        flood_action=cfg.limits.flood_action, wakeup_ms=cfg.limits.wakeup_ms,
+        rule_paths=list(cfg.rules) or None, egress=cfg.egress or None, node=cfg.node)
+
+
+def build(opts: SessionOptions, sinks: Iterable, ruleset=None, clock=None, actions=None):
+    """A Tracer (not started) with the rules engine of `ruleset` (load_ruleset's result)."""
+    from .engine import Engine
+    from .runtime import Tracer
+    engine = Engine(ruleset, mode=opts.mode, clock=clock, actions=actions) if ruleset is not None else None
+    t = Tracer(opts, sinks, engine=engine, clock=clock)
+    if opts.node:
+        t.node = t.enrich.node = opts.node
+    return t
+
+
+def describe(tracer) -> dict:
+    """What `lifecycle/started` says is active: probes, features, rules, mode, enforcement."""
+    e = tracer.engine
+    out: Dict[str, Any] = {"features": list(tracer.opts.features)}
+    if e is not None:
+        rs = e.ruleset
+        out["ruleset"] = {"count": len(rs.rules),
+                        "files": [str(f) for f in rs.files],
+                        "kernel_enforced": sorted(r.id for r in rs.rules if r.enforced_in == "kernel"),
+                        "userspace_enforced": sorted(r.id for r in rs.rules if r.enforced_in == "userspace")}
+    else:
+        out["ruleset"] = None
+    return out
