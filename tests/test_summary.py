@@ -135,3 +135,15 @@ def test_run_cmd_ends_with_summary_and_labels_via_cli(tmp_path, require_bpf):
     bad = subprocess.run([AGENTTRACE, "run", "--label", "episode=\x1b[2J", "--", "true"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--label" in bad.stderr and "\x1b" not in bad.stderr
+
+
+def test_summary_in_ocsf():
+    from agenttrace.ocsf import to_ocsf
+    rec = {"ts": "2026-12-01T10:00:02Z", "kind": "summary", "node": "n",
+           "agent": {"id": "ep", "cgroup": "/a/ep", "cgroup_id": 9, "episode": "ep-7"},
+           "summary": {"reason": "cgroup_removed", "first_ts": "2026-12-01T10:00:00Z", "last_ts": "2026-12-01T10:00:01.5Z",
+                       "records": 12, "alerts": 1}}
+    ev = to_ocsf(rec)
+    assert ev["class_uid"] == 0 and ev["count"] == 12 and ev["duration"] == 1500
+    assert ev["unmapped"]["summary"]["alerts"] == 1 and ev["unmapped"]["agent"]["episode"] == "ep-7"
+    assert "ep: 12 records, 1 alerts" in ev["message"]

@@ -286,8 +286,8 @@ _CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:0;color:#1d232b;background:#f6f7f9}
 header{background:#1d232b;color:#fff;padding:14px 24px}header h1{margin:0;font-size:20px}
 header p{margin:4px 0 0;color:#c5ccd6}main{padding:12px 24px}
-section.agent{background:#fff;border:1px solid #d9dde3;border-radius:6px;margin:14px 0;padding:12px 16px}
-section.agent h2{margin:0 0 4px;font-size:17px}.labels span{display:inline-block;background:#eef1f5;border-radius:3px;padding:0 6px;margin:0 4px 2px 0;font-size:12px}
+section.agent,section.node{background:#fff;border:1px solid #d9dde3;border-radius:6px;margin:14px 0;padding:12px 16px}
+section.agent h2,section.node h2{margin:0 0 4px;font-size:17px}.labels span{display:inline-block;background:#eef1f5;border-radius:3px;padding:0 6px;margin:0 4px 2px 0;font-size:12px}
 .stats{display:flex;flex-wrap:wrap;gap:8px;margin:8px 0}.stat{background:#f1f3f6;border-radius:4px;padding:4px 8px;font-size:12px}
 .stat b{font-size:15px;display:block}.stat.bad b{color:#b3261e}
 svg.timeline{background:#fbfcfd;border:1px solid #e3e6ea;border-radius:4px;margin:6px 0}
@@ -401,6 +401,15 @@ def html_page(runs: list[AgentRun], node_records: list[dict], source: str) -> st
             f"<header><h1>agenttrace report</h1><p>{_e(source)} · node {_e(', '.join(nodes))} · "
             f"{len(runs)} agents · {n_rec} records · {n_alerts} alerts</p></header><main>")
     body = [_agent_html(run, i, by_exec) for i, run in enumerate(runs)]
+    loose = [r for r in node_records if r.get("kind") == "alert"]
+    if loose:       # e.g. a GPU held by a process in no agent cgroup
+        body.append(f'<section class="node"><h2>Alerts outside any agent ({len(loose)})</h2><table><thead><tr>'
+                    '<th>time</th><th>severity</th><th>rule</th><th>outcome</th><th>message</th></tr></thead><tbody>')
+        for r in loose:
+            rule = r.get("rule") or {}
+            body.append(f"<tr class=alert><td>{_e(r['ts'])}</td><td>{_e(rule.get('severity'))}</td><td>{_e(rule.get('id'))}</td>"
+                        f"<td>{_e(rule.get('outcome'))}</td><td>{_e(rule.get('message'))}</td></tr>")
+        body.append("</tbody></table></section>")
     if not runs:
         body.append("<p>no agent records in this file</p>")
     return head + "".join(body) + f"</main><script>{_JS}</script></body></html>"
