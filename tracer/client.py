@@ -9,8 +9,8 @@
     # or, between training steps, without blocking for long:
     rec = c.next(timeout=0.05)              # None when nothing arrived in time
 
-The socket is root-only (mode 0600 and a peer-uid check), so the trainer runs as root or
-the daemon's `allowed_uids` must name it. Filters are applied by the daemon
+The socket is root-only (mode 0600 and a peer-uid check), so the trainer's hook runs as
+root (it also creates and labels the episode cgroups, which needs root anyway). Filters are applied by the daemon
 (`agenttrace.subscription`), so a busy node does not stream every exec to each trainer.
 
 Across reconnects no record is delivered twice: records carry the daemon run's instance
