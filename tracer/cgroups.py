@@ -164,8 +164,11 @@ class AgentResolver:
         for k, v in ok.items():
             ident.setdefault(k, v)      # configured and --label values win over xattrs
         for key, why in bad:
+            # counted and reported once per agent, key and reason, not on every re-read
+            if (cid, key, why) in self._rejected_seen:
+                continue
             self.labels_rejected += 1
-            if (cid, key, why) not in self._rejected_seen and len(self._rejected_seen) < 10000:
+            if len(self._rejected_seen) < 10000:
                 self._rejected_seen.add((cid, key, why))
                 if self.on_notice is not None:
                     try:
