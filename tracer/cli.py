@@ -80,6 +80,18 @@ def _gpu_config(choice: str):
     return GpuConfig(default=GpuGroupPolicy(allowed=choice == "allow"))
 
 
+def _labels(specs: List[str]) -> dict:
+    from .labels import LabelError, parse_kv
+    out = {}
+    for spec in specs:
+        try:
+            k, v = parse_kv(spec)
+        except LabelError as e:
+            raise BadInput(f"--label: {e}") from None
+        out[k] = v
+    return out
+
+
 from .session import MODES  # noqa: E402
 FORMATS = ("json", "ocsf")
 TAIL_ALWAYS = ("started", "reloaded", "reload_failed", "stopped")
@@ -110,6 +122,7 @@ def run(
     gpu: str = typer.Option("allow", "--gpu", help="GPU policy for the traced agents: allow, deny (fenced in enforce mode) or off (no NVML, no fence)."),
     wakeup_ms: float = typer.Option(5.0, "--wakeup-ms", help="Longest a record waits in the kernel ring buffer before it is read; 0 wakes the reader on every record (costs ~20 us of kernel time per event on VMs)."),
     user: Optional[str] = typer.Option(None, "--user", help="Run CMD as this user (name or uid) instead of root."),
+    label: List[str] = typer.Option([], "--label", "-l", help="KEY=VALUE on every record's agent object (repeatable); wins over user.agenttrace.KEY xattrs on the cgroup."),
 ):
     """Trace watched cgroups, or run CMD in a fresh agent cgroup and trace it."""
     from .runner import CommandNotFound, StopFlag, run_command, trace_cgroups
@@ -130,6 +143,7 @@ def run(
             raise BadInput(f"--agent: '{agent}' is not a valid cgroup directory name")
         if user is not None and not cmd:
             raise BadInput("--user applies to -- CMD only")
+        labels = _labels(label)
         _require_root()
         run_user = None
         if user is not None:
@@ -141,7 +155,8 @@ def run(
         opts = S.SessionOptions(
             mode=mode, internal=_check_cidrs(internal), cgroups=_resolve_cgroups(cgroup),
             features=S.features(no_net=no_net, no_flow=no_flow, no_dns=no_dns, no_listen=no_listen, files=files),
-            rule_paths=list(rules) or None, use_rules=not no_rules, gpu=_gpu_config(gpu), wakeup_ms=wakeup_ms)
+            rule_paths=list(rules) or None, use_rules=not no_rules, gpu=_gpu_config(gpu), wakeup_ms=wakeup_ms,
+            labels=labels)
         ruleset = S.load_ruleset(opts)
         sinks = _sinks(output, fmt, isolated=bool(cmd))
     except (BadInput, CgroupError) as e:
@@ -192,6 +207,7 @@ def tail(
     no_rules: bool = typer.Option(False, "--no-rules", help="When tracing itself: no rules, no alerts."),
     mode: str = typer.Option("monitor", "--mode", help="When tracing itself: monitor or enforce."),
     internal: List[str] = typer.Option([], "--internal", help="When tracing itself: CIDR that counts as internal. Repeatable."),
+    label: List[str] = typer.Option([], "--label", "-l", help="Only records whose agent has KEY=VALUE (repeatable; e.g. episode=ep-7). Filtered by the daemon when attached to it."),
 ):
     """The human view: one coloured line per event. Attaches to the daemon when it runs."""
     from .tailview import Filter, render
@@ -202,8 +218,15 @@ def tail(
     use_color = sys.stdout.isatty() if color is None else color
     try:
         filt = Filter(agents=agent_f or None, kinds=kind or None, min_severity=severity, alerts_only=alerts)
+        want = _labels(label)
+    except BadInput as e:
+        raise fail(str(e))
     except ValueError as e:
         raise fail(str(e))
+
+    def _labelled(r) -> bool:
+        a = r.get("agent") or {}
+        return all(a.get(k) == v for k, v in want.items())
 
     class _TermSink:
         name = "terminal"
@@ -214,7 +237,8 @@ def tail(
             out = []
             for r in records:
                 # the tracer's own state (attached, reloaded, stopped) shows whatever the filter
-                if filt.accepts(r) or (r.get("kind") == "lifecycle" and r.get("phase") in TAIL_ALWAYS):
+                if (filt.accepts(r) and (not want or _labelled(r))) or \
+                        (r.get("kind") == "lifecycle" and r.get("phase") in TAIL_ALWAYS):
                     out.append(render(r, color=use_color))
             if not out:
                 return
@@ -242,12 +266,21 @@ def tail(
             raise fail(f"no daemon socket at {socket_path}: start `agenttrace daemon`, or give --cgroup PATH / -- CMD to trace directly")
         sink = _TermSink()
         try:
-            for rec in read_socket_records(str(socket_path)):
+            if want:
+                from .client import Client
+                stream = Client(str(socket_path), labels=want, reconnect=False)
+            else:
+                stream = read_socket_records(str(socket_path))
+            for rec in stream:
                 sink.emit(rec)
         except PermissionError:
             raise fail(f"{socket_path}: permission denied (the event socket is root-only)")
         except (ConnectionRefusedError, FileNotFoundError):
             raise fail(f"{socket_path}: no daemon is listening")
+        except ConnectionError:
+            return      # the daemon closed the stream
+        except RuntimeError as e:     # client.ClientError: refused subscription / root-only
+            raise fail(str(e))
         except KeyboardInterrupt:
             pass
         return
@@ -391,7 +424,8 @@ def status(status_file: Path = typer.Option(Path("/run/agenttrace/status.json"),
 
 
 @app.command()
-def demo(color: Optional[bool] = typer.Option(None, "--color/--no-color")):
+def demo(color: Optional[bool] = typer.Option(None, "--color/--no-color"),
+         events: Optional[Path] = typer.Option(None, "--events", help="Also write every record to this JSON lines file (for `agenttrace report`).")):
     """A misbehaving agent in a throwaway sandbox, traced in monitor then enforce mode."""
     from .demo import run_demo
     try:
@@ -399,7 +433,30 @@ def demo(color: Optional[bool] = typer.Option(None, "--color/--no-color")):
     except BadInput as e:
         raise fail(str(e))
     use_color = sys.stdout.isatty() if color is None else color
-    raise typer.Exit(run_demo(typer.echo, color=use_color))
+    if events is not None and not events.parent.is_dir():
+        raise fail(f"--events: folder {events.parent} does not exist")
+    raise typer.Exit(run_demo(typer.echo, color=use_color, events_path=str(events) if events else None))
+
+
+@app.command()
+def report(events: Path = typer.Argument(..., help="Recorded JSON lines (agenttrace run -o / the daemon's file sink)."),
+           html_out: Optional[Path] = typer.Option(None, "--html", help="Write one self-contained HTML page here instead."),
+           agent_f: List[str] = typer.Option([], "--agent", help="Only these agents or episodes (repeatable)."),
+           limit: int = typer.Option(200, "--limit", help="Timeline lines per agent in the terminal."),
+           color: Optional[bool] = typer.Option(None, "--color/--no-color")):
+    """What each agent (episode) did: a timeline per agent, in the terminal or as HTML."""
+    from .report import ReportInputError, run_report
+    if not events.is_file():
+        raise fail(f"{events}: no such file")
+    if html_out is not None and not html_out.parent.is_dir():
+        raise fail(f"--html: folder {html_out.parent} does not exist")
+    use_color = (sys.stdout.isatty() and not os.environ.get("NO_COLOR")) if color is None else color
+    try:
+        rc = run_report(str(events), str(html_out) if html_out else None, typer.echo, color=use_color,
+                        limit=limit, agents=agent_f or None)
+    except ReportInputError as e:
+        raise fail(str(e))
+    raise typer.Exit(rc)
 
 
 @app.command()

@@ -81,7 +81,7 @@ class Enricher:
         p = self.procs.get(h.tgid)
         if p is None:
             rec = {"pid": h.tgid, "ppid": 0, "uid": h.uid, "comm": E.cstr(h.comm), "exe": "",
-                   "args": []}
+                   "args": [], "exec_id": None, "parent_exec_id": None}
         else:
             rec = p.record()
         rec["ancestry"] = self.procs.ancestry(h.tgid)

@@ -81,6 +81,7 @@ def run_command(tracer_factory, cmd: list[str], agent_name: str, flag: StopFlag,
     pin_dir = None
     try:
         tracer = tracer_factory([path])
+        tracer.summary_on_stop = "command_exited"
         tracer.start()
         if pin:
             isolation.sweep_stale_pins(path.parent)

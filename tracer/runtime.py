@@ -29,6 +29,8 @@ from .probes import Probes
 from .session import SessionOptions, describe
 from .act import ActJob, ActWorker
 from .proctable import ProcTable
+from .schemaver import SCHEMA_VERSION
+from .summary import Summaries, check_removed, finish_all
 from .timefmt import format_ns
 
 log = logging.getLogger("agenttrace")
@@ -78,7 +80,10 @@ class Tracer:
         self._flood = None         # flood.FloodGuard, made on the first drop check
         self._on_agent: list = []
         self.agents.on_new = self._agent_discovered
+        self.agents.on_notice = self._notice
         self._notices: "collections.deque" = collections.deque(maxlen=1000)
+        self.summaries = Summaries(self.node)
+        self.summary_on_stop: Optional[str] = None   # reason: every agent's summary at stop
         # the act stage: userspace actions on their own thread; the reader never waits for one
         self.act = ActWorker(getattr(engine, "actions", None) if engine is not None else None,
                              procs=self.procs, maxsize=opts.act_queue)
@@ -92,6 +97,7 @@ class Tracer:
 
     # --- lifecycle -------------------------------------------------------------------
     def _agent_discovered(self, cid: int, ident: dict) -> None:
+        self.summaries.register(ident)
         for cb in self._on_agent:
             cb(cid, ident)
         if self.gpu is not None:
@@ -295,6 +301,7 @@ class Tracer:
             if self.engine is not None:
                 self._alerts(self.engine.tick())
             self.check_drops()
+            check_removed(self)
         if self.opts.stats_interval_s and time.monotonic() - self._last_stats >= self.opts.stats_interval_s:
             self._last_stats = time.monotonic()
             self.enrich.resync_clock()
@@ -322,6 +329,8 @@ class Tracer:
         try:
             if self.probes is not None:
                 self.drain()
+                if self.summary_on_stop:
+                    finish_all(self, self.summary_on_stop)
                 counters = self.counters()
                 self._lifecycle("stopped", **counters)
                 self._flush()
@@ -475,6 +484,10 @@ class Tracer:
         if not self._batch:
             return
         batch, self._batch = self._batch, []
+        observe = self.summaries.observe
+        for r in batch:
+            r.setdefault("schema_version", SCHEMA_VERSION)
+            observe(r)
         for s in self.sinks:
             try:
                 s.emit_batch(batch)
@@ -524,6 +537,7 @@ class Tracer:
                 "unknown_records": self.enrich.unknown_types,
             },
             "held_connects_displaced": self.enrich.pending_displaced,
+            "labels_rejected": self.agents.labels_rejected,
             "actions": {"completed": self.act.completed, "queue_full": self.act.queue_full},
             # each stage's own count, in pipeline order: where records went and where they stopped
             "stages": {
