@@ -123,7 +123,12 @@ BPF_ARRAY(rate_cfg, u64, 2);
 struct at_rate { u64 last_ns; u64 tokens; };
 BPF_TABLE("lru_hash", u64, struct at_rate, rate_state, 8192);
 
-static __always_inline int at_admit(u64 agent, u32 type)
+/* `key` selects the bucket: the agent's own id, or AT_POLICY_BUCKET | id for records a rule
+ * names (proc.c exec_watch hits, net.c policy hits), so an agent's flood of ordinary events
+ * cannot use up the budget of the records the rules act on, and a flood of those is still
+ * bounded and counted. */
+#define AT_POLICY_BUCKET (1ULL << 63)
+static __always_inline int at_admit_key(u64 agent, u64 key, u32 type)
 {
 	u32 k0 = 0, k1 = 1;
 	u64 *lim = rate_cfg.lookup(&k0);
@@ -133,10 +138,10 @@ static __always_inline int at_admit(u64 agent, u32 type)
 	u64 *bp = rate_cfg.lookup(&k1);
 	u64 burst = bp && *bp ? *bp : limit;
 	u64 now = bpf_ktime_get_ns();
-	struct at_rate *r = rate_state.lookup(&agent);
+	struct at_rate *r = rate_state.lookup(&key);
 	if (!r) {
 		struct at_rate n = {now, burst - 1};
-		rate_state.update(&agent, &n);
+		rate_state.update(&key, &n);
 		return 1;
 	}
 	u64 elapsed = now - r->last_ns;
@@ -153,6 +158,11 @@ static __always_inline int at_admit(u64 agent, u32 type)
 	}
 	r->tokens--;
 	return 1;
+}
+
+static __always_inline int at_admit(u64 agent, u32 type)
+{
+	return at_admit_key(agent, agent, type);
 }
 
 #if defined(AT_WITH_NET) || defined(AT_WITH_FLOW)

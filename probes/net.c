@@ -166,19 +166,19 @@ static __always_inline int at_sock_addr(struct bpf_sock_addr *ctx, u8 op, u16 fa
 	}
 	u64 cookie = bpf_get_socket_cookie(ctx);
 
+	struct at_udp_key uk = {};
 	if (op == AT_OP_SENDMSG) {
-		struct at_udp_key uk = {};
-		u8 one = 1;
 		uk.cookie = cookie;
 		__builtin_memcpy(uk.addr, addr, 16);
 		uk.port = port;
 		if (udp_seen.lookup(&uk))
 			goto verdict_only;
-		udp_seen.update(&uk, &one);
 	}
 
 	u8 verdict = at_dst_verdict(agent, addr, port, proto, &policy);
-	if (!at_admit(agent, AT_EV_CONNECT))
+	/* a connect a rule matched is admitted from the agent's policy bucket (common.h) */
+	u64 bucket = policy || verdict == AT_VERDICT_BLOCKED ? (agent | AT_POLICY_BUCKET) : agent;
+	if (!at_admit_key(agent, bucket, AT_EV_CONNECT))
 		return verdict == AT_VERDICT_BLOCKED ? 0 : 1;
 	struct at_connect *e = events.ringbuf_reserve(sizeof(struct at_connect));
 	if (!e) {
@@ -204,6 +204,12 @@ static __always_inline int at_sock_addr(struct bpf_sock_addr *ctx, u8 op, u16 fa
 		pending_conn.update(&sk, &p);
 	}
 	events.ringbuf_submit(e, at_wake_flags());
+	if (op == AT_OP_SENDMSG) {
+		/* only once the record is on its way: a datagram refused by the rate limit or a full
+		 * ring is reported when the destination is next used, instead of never */
+		u8 one = 1;
+		udp_seen.update(&uk, &one);
+	}
 	return verdict == AT_VERDICT_BLOCKED ? 0 : 1;
 
 verdict_only:

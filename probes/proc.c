@@ -18,6 +18,10 @@ struct at_path_key { char path[AT_PATH_MAX]; };
 struct at_name_key { char name[AT_COMM_LEN]; };
 BPF_HASH(kill_paths, struct at_path_key, u32, 1024);
 BPF_HASH(kill_names, struct at_name_key, u32, 1024);
+/* Basenames (as comm: first 15 bytes) that any rule's exec match names, kill or not: their
+ * exec records are what userspace-decided rules act on (e.g. ssh with forwarding flags), so
+ * they are admitted from the policy bucket, never lost in the agent's own flood. */
+BPF_HASH(exec_watch, struct at_name_key, u32, 4096);
 
 /* The exec record is ~4.4 KiB, over the 512-byte BPF stack: build it in per-CPU scratch and
  * send only the bytes of argv actually read. */
@@ -118,7 +122,8 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 		}
 	}
 
-	if (!at_admit(agent, AT_EV_EXEC))
+	int named = pid_kill || exec_watch.lookup((struct at_name_key *)e->h.comm);
+	if (!at_admit_key(agent, named ? (agent | AT_POLICY_BUCKET) : agent, AT_EV_EXEC))
 		return 0;
 	u64 size = sizeof(struct at_exec) - AT_ARGS_MAX + e->args_len;
 	if (size > sizeof(struct at_exec))

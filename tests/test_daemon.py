@@ -229,7 +229,7 @@ def test_flooding_agent_cannot_blind_the_others(tmp_path, agent_tree, pin_dir):
     rules.write_text(RULE.format(port=port))
     flooder, victim = agent_tree.agent("flooder"), agent_tree.agent("quiet")
     d = Daemon(tmp_path, agent_tree.root, rules, pin_dir,
-               extra="limits:\n  agent_events_per_sec: 200\n  ring_buffer_pages: 64\n")
+               extra="limits:\n  agent_events_per_sec: 200\n  ring_buffer_pages: 64\n  flood_action: report\n")
     storm = None
     try:
         d.start()

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from functools import lru_cache
 from pathlib import Path
+
+from .containers import identity as container_identity
+from .labels import XATTR_PREFIX, read_xattrs
 
 
 class CgroupError(Exception):
@@ -103,14 +107,21 @@ class AgentResolver:
     already removed keep their cached identity, and truly unknown ones get a stable
     placeholder rather than failing the event."""
 
-    def __init__(self, labels: dict | None = None, namer=None):
+    def __init__(self, labels: dict | None = None, namer=None, label_refresh_ms: int = 250):
         self._lock = threading.Lock()
         self._watched: dict[int, Path] = {}
         self._agents: dict[int, dict] = {}
         self._labels = labels or {}
         self._namer = namer
         self.on_new = None          # callback(cgroup_id, identity) for each agent discovered
+        self.on_notice = None       # callback(code, message): a label was rejected
         self._roots: dict[int, tuple] = {}
+        # xattr labels are re-read at most every label_refresh_ms per agent: cgroupfs (kernfs)
+        # does not move a directory's ctime on setxattr, so there is no cheaper change test
+        self.label_refresh_ns = int(label_refresh_ms * 1_000_000)
+        self._src: dict[int, list] = {}     # owner cid -> [abs_path, next_check_ns, base]
+        self._rejected_seen: set = set()
+        self.labels_rejected = 0
 
     def watch(self, abs_path: Path, mode: str = "child", namer=None, labels: dict | None = None) -> int:
         """mode "child": each direct child is an agent (named by `namer(rel_path, cgroup_id)`,
@@ -141,9 +152,12 @@ class AgentResolver:
             rel = relpath(abs_path)
             namer = namer or self._namer
             name = namer(rel, cid) if namer else abs_path.name
-            ident = {"id": name, "cgroup": rel, "cgroup_id": cid}
+            base = {"id": name, "cgroup": rel, "cgroup_id": cid}
+            base.update(container_identity(rel))
             for k, v in list(labels.items()) + list(self._labels.items()):
-                ident.setdefault(k, v)
+                base.setdefault(k, v)
+            self._src[cid] = [abs_path, time.monotonic_ns() + self.label_refresh_ns, base]
+            ident = self._with_xattrs(cid, abs_path, base)
         self._agents[cid] = ident
         if self.on_new is not None:
             try:
@@ -151,6 +165,40 @@ class AgentResolver:
             except Exception:
                 pass
         return ident
+
+    def _with_xattrs(self, cid: int, abs_path: Path, base: dict) -> dict:
+        """A new identity dict: records already built keep the labels they were made with."""
+        ok, bad = read_xattrs(abs_path)
+        ident = dict(base)
+        for k, v in ok.items():
+            ident.setdefault(k, v)      # configured and --label values win over xattrs
+        for key, why in bad:
+            # counted and reported once per agent, key and reason, not on every re-read
+            if (cid, key, why) in self._rejected_seen:
+                continue
+            self.labels_rejected += 1
+            if len(self._rejected_seen) < 10000:
+                self._rejected_seen.add((cid, key, why))
+                if self.on_notice is not None:
+                    try:
+                        self.on_notice("label_rejected",
+                                       f"agent {base['id']}: xattr {XATTR_PREFIX}{key.strip(chr(39))} rejected: {why}")
+                    except Exception:
+                        pass
+        return ident
+
+    def _refresh(self, cid: int, now: int) -> None:
+        src = self._src.get(cid)
+        if src is None or now < src[1]:
+            return
+        src[1] = now + self.label_refresh_ns
+        if not os.path.isdir(src[0]):
+            del self._src[cid]          # removed: the last identity stays for late records
+            return
+        old = self._agents.get(cid)
+        new = self._with_xattrs(cid, src[0], src[2])
+        if new != old:
+            self._agents[cid] = new
 
     def rescan(self) -> None:
         with self._lock:
@@ -173,6 +221,10 @@ class AgentResolver:
 
     def agent(self, cid: int) -> dict:
         a = self._agents.get(cid)
+        if a is not None and self._src:
+            owner = a["cgroup_id"]
+            self._refresh(owner, time.monotonic_ns())
+            a = self._agents.get(owner, a)
         if a is None:
             self.rescan()
             a = self._agents.get(cid)

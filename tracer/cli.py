@@ -67,7 +67,7 @@ def _check_cidrs(cidrs: List[str]) -> list[str]:
         raise BadInput(str(e)) from None
 
 
-def _sinks(output: Optional[Path], fmt: str):
+def _sinks(output: Optional[Path], fmt: str, isolated: bool = False):
     from .sinks import StdoutSink, StreamSink
     formatter = None
     if fmt == "ocsf":
@@ -81,6 +81,11 @@ def _sinks(output: Optional[Path], fmt: str):
         except OSError as e:
             raise BadInput(f"--output: cannot open {output}: {e.strerror}") from None
         return [StreamSink(stream, name="file", formatter=formatter, close_stream=True)]
+    if isolated:
+        # the agent shares this stdout (often a terminal it can stop): never write it from
+        # the reader's thread
+        from .isolation import stdout_sink
+        return [stdout_sink(formatter)]
     return [StdoutSink(formatter=formatter)]
 
 
@@ -91,6 +96,18 @@ def _gpu_config(choice: str):
         return None
     from .gpu import GpuConfig, GpuGroupPolicy
     return GpuConfig(default=GpuGroupPolicy(allowed=choice == "allow"))
+
+
+def _labels(specs: List[str]) -> dict:
+    from .labels import LabelError, parse_kv
+    out = {}
+    for spec in specs:
+        try:
+            k, v = parse_kv(spec)
+        except LabelError as e:
+            raise BadInput(f"--label: {e}") from None
+        out[k] = v
+    return out
 
 
 from .session import MODES  # noqa: E402
@@ -122,6 +139,8 @@ def run(
     files: bool = typer.Option(False, "--files/--no-files", help=FILES_HELP),
     gpu: Literal["allow", "deny", "off"] = typer.Option("allow", "--gpu", help="GPU policy for the traced agents: allow, deny (fenced in enforce mode) or off (no NVML, no fence)."),
     wakeup_ms: float = typer.Option(5.0, "--wakeup-ms", help="Longest a record waits in the kernel ring buffer before it is read; 0 wakes the reader on every record (costs ~20 us of kernel time per event on VMs)."),
+    user: Optional[str] = typer.Option(None, "--user", help="Run CMD as this user (name or uid) instead of root."),
+    label: List[str] = typer.Option([], "--label", "-l", help="KEY=VALUE on every record's agent object (repeatable); wins over user.agenttrace.KEY xattrs on the cgroup."),
 ):
     """Trace watched cgroups, or run CMD in a fresh agent cgroup and trace it."""
     from .runner import CommandNotFound, StopFlag, run_command, trace_cgroups
@@ -140,13 +159,24 @@ def run(
             raise BadInput("give either --cgroup or -- CMD, not both")
         if agent is not None and (not agent or "/" in agent or agent in (".", "..")):
             raise BadInput(f"--agent: '{agent}' is not a valid cgroup directory name")
+        if user is not None and not cmd:
+            raise BadInput("--user applies to -- CMD only")
+        labels = _labels(label)
         _require_root()
+        run_user = None
+        if user is not None:
+            from .isolation import resolve_user
+            try:
+                run_user = resolve_user(user)
+            except ValueError as e:
+                raise BadInput(str(e)) from None
         opts = S.SessionOptions(
             mode=mode, internal=_check_cidrs(internal), cgroups=_resolve_cgroups(cgroup),
             features=S.features(no_net=no_net, no_flow=no_flow, no_dns=no_dns, no_listen=no_listen, files=files),
-            rule_paths=list(rules) or None, use_rules=not no_rules, gpu=_gpu_config(gpu), wakeup_ms=wakeup_ms)
+            rule_paths=list(rules) or None, use_rules=not no_rules, gpu=_gpu_config(gpu), wakeup_ms=wakeup_ms,
+            labels=labels)
         ruleset = S.load_ruleset(opts)
-        sinks = _sinks(output, fmt)
+        sinks = _sinks(output, fmt, isolated=bool(cmd))
     except (BadInput, CgroupError) as e:
         raise fail(str(e))
 
@@ -157,7 +187,8 @@ def run(
         return S.build(opts, sinks, ruleset)
     try:
         if cmd:
-            rc = run_command(make, cmd, agent or f"run-{os.getpid()}", flag)
+            rc = run_command(make, cmd, agent or f"run-{os.getpid()}", flag, user=run_user,
+                             pin=mode == "enforce")
             raise typer.Exit(rc)
         tracer = make(opts.cgroups)
 
@@ -165,11 +196,11 @@ def run(
             # SIGHUP: re-read the rule files; a rule set that fails keeps the running one
             try:
                 new = S.load_ruleset(opts)
-            except BadInput as e:
-                tracer._lifecycle("reload_failed", error=str(e))
-                typer.echo(f"agenttrace: reload failed, keeping the running rules: {e}", err=True)
-                return
-            tracer.reload_rules(new)
+                tracer.reload_rules(new)     # writes reload_failed itself when the maps refuse
+            except Exception as e:   # bad input, or anything else: the running rules stay
+                why = str(e) if isinstance(e, BadInput) else f"{type(e).__name__}: {e}"
+                tracer.reload_failed(why)
+                typer.echo(f"agenttrace: reload failed, keeping the running rules: {why}", err=True)
         trace_cgroups(tracer, flag, on_reload=None if ruleset is None else reload)
     except ProbeError as e:
         raise fail(str(e))
@@ -204,6 +235,7 @@ def tail(
     no_rules: bool = typer.Option(False, "--no-rules", help="When tracing itself: no rules, no alerts."),
     mode: Literal["monitor", "enforce"] = typer.Option("monitor", "--mode", help="When tracing itself: monitor or enforce."),
     internal: List[str] = typer.Option([], "--internal", help="When tracing itself: CIDR that counts as internal. Repeatable."),
+    label: List[str] = typer.Option([], "--label", "-l", help="Only records whose agent has KEY=VALUE (repeatable; e.g. episode=ep-7). Filtered by the daemon when attached to it."),
 ):
     """The human view: one coloured line per event. Attaches to the daemon when it runs."""
     from .tailview import Filter, render
@@ -217,8 +249,12 @@ def tail(
             ("color" if color_default() else "compact")
     use_color = output_fmt == "color"
     try:
+        want = _labels(label)
+        # one matcher (sinkfilter.RecordFilter) for every tail filter, labels included
         filt = Filter(agents=agent_f or None, kinds=[k.value for k in kind] or None, min_severity=severity,
-                      alerts_only=alerts)
+                      alerts_only=alerts, labels=want)
+    except BadInput as e:
+        raise fail(str(e))
     except ValueError as e:
         raise fail(str(e))
 
@@ -230,6 +266,7 @@ def tail(
     class _TermSink:
         name = "terminal"
         dropped = 0
+        fd = None       # tail -- CMD: a private descriptor, written off the reader's thread
 
         def emit_batch(self, records):
             out = []
@@ -237,9 +274,19 @@ def tail(
                 # the tracer's own state (attached, reloaded, stopped) shows whatever the filter
                 if filt.accepts(r) or (r.get("kind") == "lifecycle" and r.get("phase") in TAIL_ALWAYS):
                     out.append(line(r))
-            if out:
-                sys.stdout.write("\n".join(out) + "\n")
+            if not out:
+                return
+            text = "\n".join(out) + "\n"
+            if self.fd is None:
+                sys.stdout.write(text)
                 sys.stdout.flush()
+                return
+            data = memoryview(text.encode("utf-8", "backslashreplace"))
+            try:
+                while data:
+                    data = data[os.write(self.fd, data):]
+            except OSError:
+                self.dropped += len(out)
 
         def emit(self, record):
             self.emit_batch([record])
@@ -253,12 +300,21 @@ def tail(
             raise fail(f"no daemon socket at {socket_path}: start `agenttrace daemon`, or give --cgroup PATH / -- CMD to trace directly")
         sink = _TermSink()
         try:
-            for rec in read_socket_records(str(socket_path)):
+            if want:
+                from .client import Client
+                stream = Client(str(socket_path), labels=want, reconnect=False)
+            else:
+                stream = read_socket_records(str(socket_path))
+            for rec in stream:
                 sink.emit(rec)
         except PermissionError:
             raise fail(f"{socket_path}: permission denied (the event socket is root-only)")
         except (ConnectionRefusedError, FileNotFoundError):
             raise fail(f"{socket_path}: no daemon is listening")
+        except ConnectionError:
+            return      # the daemon closed the stream
+        except RuntimeError as e:     # client.ClientError: refused subscription / root-only
+            raise fail(str(e))
         except KeyboardInterrupt:
             pass
         return
@@ -277,7 +333,14 @@ def tail(
 
     def make(paths_):
         opts.cgroups = list(paths_)
-        return S.build(opts, [_TermSink()], ruleset)
+        sink = _TermSink()
+        if cmd:
+            # the agent shares this terminal and may stop it (tcflow): see tracer/isolation.py
+            from .sinks import QueuedSink
+            sink.fd = os.dup(1)
+            sink = QueuedSink(sink)
+            sink.close_timeout = 2.0
+        return S.build(opts, [sink], ruleset)
     try:
         if cmd:
             raise typer.Exit(run_command(make, cmd, f"tail-{os.getpid()}", flag))
@@ -347,8 +410,9 @@ def daemon(config: Path = typer.Option(Path("/etc/agenttrace/agenttrace.yaml"), 
            status_file: Path = typer.Option(Path("/run/agenttrace/status.json"), "--status-file", hidden=True)):
     """The systemd service: watch agent cgroups per the config, write to its sinks."""
     from .daemon import DaemonInputError, run_daemon
+    from .journal import setup_daemon_logging
     from .probes import ProbeError
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_daemon_logging()
     try:
         _require_root()
         rc = run_daemon(str(config), status_file)
@@ -394,7 +458,8 @@ def status(status_file: Path = typer.Option(Path("/run/agenttrace/status.json"),
 
 
 @app.command()
-def demo(color: Optional[bool] = typer.Option(None, "--color/--no-color")):
+def demo(color: Optional[bool] = typer.Option(None, "--color/--no-color"),
+         events: Optional[Path] = typer.Option(None, "--events", help="Also write every record to this JSON lines file (for `agenttrace report`).")):
     """A misbehaving agent in a throwaway sandbox, traced in monitor then enforce mode."""
     from .demo import run_demo
     try:
@@ -402,7 +467,30 @@ def demo(color: Optional[bool] = typer.Option(None, "--color/--no-color")):
     except BadInput as e:
         raise fail(str(e))
     use_color = color_default() if color is None else color
-    raise typer.Exit(run_demo(typer.echo, color=use_color))
+    if events is not None and not events.parent.is_dir():
+        raise fail(f"--events: folder {events.parent} does not exist")
+    raise typer.Exit(run_demo(typer.echo, color=use_color, events_path=str(events) if events else None))
+
+
+@app.command()
+def report(events: Path = typer.Argument(..., help="Recorded JSON lines (agenttrace run -o / the daemon's file sink)."),
+           html_out: Optional[Path] = typer.Option(None, "--html", help="Write one self-contained HTML page here instead."),
+           agent_f: List[str] = typer.Option([], "--agent", help="Only these agents or episodes (repeatable)."),
+           limit: int = typer.Option(200, "--limit", help="Timeline lines per agent in the terminal."),
+           color: Optional[bool] = typer.Option(None, "--color/--no-color")):
+    """What each agent (episode) did: a timeline per agent, in the terminal or as HTML."""
+    from .report import ReportInputError, run_report
+    if not events.is_file():
+        raise fail(f"{events}: no such file")
+    if html_out is not None and not html_out.parent.is_dir():
+        raise fail(f"--html: folder {html_out.parent} does not exist")
+    use_color = color_default() if color is None else color
+    try:
+        rc = run_report(str(events), str(html_out) if html_out else None, typer.echo, color=use_color,
+                        limit=limit, agents=agent_f or None)
+    except ReportInputError as e:
+        raise fail(str(e))
+    raise typer.Exit(rc)
 
 
 @app.command()

@@ -189,11 +189,14 @@ class LimitsConfig(_Model):
     ring_buffer_pages: int = Field(1024, ge=1)
     agent_events_per_sec: int = Field(20000, ge=0)
     agent_burst: Optional[int] = Field(None, ge=1)
-    flood_action: Literal["report", "freeze-agent"] = "report"
+    # auto: freeze-agent in enforce mode, report in monitor mode
+    flood_action: Literal["auto", "report", "freeze-agent"] = "auto"
     sink_queue: int = Field(10000, ge=1)
     proc_table_size: int = Field(65536, ge=64)
     # the longest a record waits in the ring buffer (0 = wake the reader on every record)
     wakeup_ms: float = Field(5.0, ge=0, le=1000)
+    # seconds between lifecycle/stats records (counters, drops by agent and cause)
+    stats_interval: float = Field(60.0, gt=0, le=86400)
 
     @field_validator("ring_buffer_pages")
     @classmethod

@@ -141,11 +141,16 @@ def run_daemon(config_path: str, status_path: Path = STATUS_PATH) -> int:
         write_status(tracer, cfg, status_path)
         notifier.ready(f"watching {len(tracer.agents.known())} agent cgroups, mode {cfg.mode}")
         last = 0.0
+        pinged_at = -1
         while not flag.stop:
             tracer.poll(100)
-            notifier.tick()
-            if heartbeat is not None:
-                heartbeat.beat()
+            # the watchdog vouches for the reader: it pings while the reader is caught up or
+            # has taken records since the last ping, never for a loop that only spins
+            if not tracer.backlog or tracer.records_read != pinged_at:
+                if notifier.tick():
+                    pinged_at = tracer.records_read
+                if heartbeat is not None:      # /healthz vouches on the same terms
+                    heartbeat.beat()
             if flag.reload:
                 flag.reload = False
                 notifier.reloading()
@@ -192,16 +197,18 @@ def _restart_needed(old, new) -> list[str]:
 def _reload(config_path, old_cfg, tracer, watcher):
     """All of the new config and rules, or none of it: the old ones stay, and a
     `lifecycle/reload_failed` record says why (also when a section changed that only a
-    restart can apply)."""
+    restart can apply). Nothing raised while reading or applying them stops the daemon."""
     def failed(msg):
         tracer._lifecycle("reload_failed", error=msg)
         tracer._flush()
-        log.error("agenttrace: reload failed, keeping the running config and rules:\n%s", msg)
+        log.error("agenttrace: reload failed, keeping the running config and rules: %s", msg.replace("\n", " "))
         return old_cfg
     try:
         cfg, rs = load_inputs(config_path)
     except DaemonInputError as e:
         return failed(str(e))
+    except Exception as e:
+        return failed(f"reading the config failed: {type(e).__name__}: {e}")
     later = _restart_needed(old_cfg, cfg)
     if later:
         return failed(f"{config_path}: {', '.join(later)} changed: these take effect only when the "
@@ -210,16 +217,26 @@ def _reload(config_path, old_cfg, tracer, watcher):
     new_internal, own = S.config_internal(cfg)
     old_internal, old_own = tracer.opts.internal, getattr(tracer.opts, "node_subnets", [])
     tracer.opts.internal, tracer.opts.node_subnets = new_internal, own
-    if not tracer.reload_rules(rs, mode=cfg.mode):     # policy first: it may not fit
+    try:
+        ok = tracer.reload_rules(rs, mode=cfg.mode)     # policy first: it may not fit
+    except Exception as e:      # reload_rules keeps the running policy whatever it raises
         tracer.opts.internal, tracer.opts.node_subnets = old_internal, old_own
+        return failed(f"applying the rules failed: {type(e).__name__}: {e}")
+    if not ok:
+        tracer.opts.internal, tracer.opts.node_subnets = old_internal, old_own
+        log.error("agenttrace: reload failed, keeping the running config and rules")
         return old_cfg
-    if new_internal != old_internal:
-        from .netscope import Scoper
-        tracer.scoper = tracer.enrich.scoper = Scoper(internal=new_internal)
-    if tracer.gpu is not None and cfg.gpu is not None:
-        tracer.gpu.set_config(cfg.gpu, tracer.agents.known().values())
-    watcher.watches = cfg.agents
-    watcher.scan()
+    try:
+        if new_internal != old_internal:
+            from .netscope import Scoper
+            tracer.scoper = tracer.enrich.scoper = Scoper(internal=new_internal)
+        if tracer.gpu is not None and cfg.gpu is not None:
+            tracer.gpu.set_config(cfg.gpu, tracer.agents.known().values())
+        watcher.watches = cfg.agents
+        watcher.scan()
+    except Exception as e:
+        tracer._lifecycle("notice", code="reload_partial", message=f"{type(e).__name__}: {e}")
+        log.error("agenttrace: reload: applying the config failed part-way: %s", e)
     return cfg
 
 

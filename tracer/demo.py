@@ -91,7 +91,7 @@ class _Collect:
         pass
 
 
-def run_demo(out=print, color: bool = True) -> int:
+def run_demo(out=print, color: bool = True, events_path: str | None = None) -> int:
     from . import session as S
     from .gpu import FAKE_ENV, GpuConfig, GpuGroupPolicy
     NetLab = _netlab()
@@ -140,6 +140,10 @@ def run_demo(out=print, color: bool = True) -> int:
                         spans[st.name] = (start, len(sink.records))
                 finally:
                     tracer.stop()
+                if events_path:     # what was traced, for `agenttrace report`
+                    from .sinks import dumps_line
+                    with open(events_path, "ab") as f:
+                        f.writelines(dumps_line(r) for r in sink.records)
                 for st in steps:
                     a, b = spans.get(st.name, (0, 0))
                     # this agent's alerts only: another process on the node (another demo, a

@@ -90,9 +90,11 @@ def _header(mid: int, flags: int) -> dict:
 
 
 def _answer(name, rdtype: int, ttl: int, rd) -> dict:
-    if rdtype in _ADDR_TYPES:
+    # an A/AAAA/CNAME type in a class other than IN decodes as GenericRdata (no .address,
+    # no .target): fuzzing found it; its text form is still reported
+    if rdtype in _ADDR_TYPES and hasattr(rd, "address"):
         data = rd.address
-    elif rdtype in (dns.rdatatype.CNAME, dns.rdatatype.PTR, dns.rdatatype.NS):
+    elif rdtype in (dns.rdatatype.CNAME, dns.rdatatype.PTR, dns.rdatatype.NS) and hasattr(rd, "target"):
         data = _name(rd.target)
     else:
         data = rd.to_text()
@@ -174,6 +176,9 @@ def dns_parts(rec) -> tuple[dict, dict]:
         body = dns_body(parse_message(wire, tcp=tcp), server["addr"], server["port"])
     except DnsParseError as e:
         body = {"query": "", "qtype": "", "server": dict(server), "error": str(e), "first_bytes": wire[:32].hex()}
+    except Exception as e:   # a decoder bug: the record still goes out, saying so
+        body = {"query": "", "qtype": "", "server": dict(server), "first_bytes": wire[:32].hex(),
+                "error": f"DNS decoder failed: {type(e).__name__}: {e}"}
     body["direction"] = "egress" if egress else "ingress"
     return net, body
 
@@ -239,7 +244,12 @@ class NameCache:
         n = 0
         for a in parsed.get("answers", ()):
             if a.get("type") in ("A", "AAAA"):
-                self.add(agent, a["data"], query or a["name"], a.get("ttl", 0))
+                try:
+                    self.add(agent, a["data"], query or a["name"], a.get("ttl", 0))
+                except ValueError:
+                    # not an address (an A record of another class): skipping it must not
+                    # cost the answers after it, or a decoy first record hides the name
+                    continue
                 n += 1
         return n
 

@@ -568,6 +568,23 @@ class Engine:
                 elif now - st.summary_at >= self._progress_ns(span):
                     self._summarise_episode(rule, st, out, now)
 
+    def flush_agent(self, agent_cgroup_id: int, agent_id: str) -> List[Event]:
+        """Every pending summary of one agent now: its cgroup is gone, and its `summary`
+        record must come after the last alert about it."""
+        with self._lock:
+            out = [e for e in self._pending if e.agent_cgroup_id == agent_cgroup_id]
+            self._pending = [e for e in self._pending if e.agent_cgroup_id != agent_cgroup_id]
+            for key, d in list(self._dedup.items()):
+                if d.last_event is not None and d.last_event.agent_cgroup_id == agent_cgroup_id:
+                    del self._dedup[key]
+                    self._summary(key, d, out)
+            states = self._windows.get(agent_id) or {}
+            for rid, st in list(states.items()):
+                rule = self.ruleset.get(rid)
+                if rule is not None and rule.window is not None and st.fired:
+                    self._end_episode(rule, st, out)
+        return out
+
     def flush(self) -> List[Event]:
         """Every pending summary now (end of a replay, shutdown)."""
         with self._lock:

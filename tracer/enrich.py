@@ -49,8 +49,15 @@ class Enricher:
         self.file_path_read_failures = 0
         self.unknown_types = 0
         self.device_names: dict = {}
-        # TCP connects waiting for their outcome, by kernel socket address
-        self.pending: dict[int, tuple[Event, int]] = {}
+        # TCP connects waiting for their outcome, by socket cookie (unique for the boot; a
+        # kernel socket address is reused as soon as the socket is freed), and the cookie
+        # held for each socket address, since the outcome tracepoint knows only the address
+        self.pending: dict[int, tuple[Event, int, int]] = {}
+        self._pending_sk: dict[int, int] = {}
+        # held connects let go before their outcome because a newer connect took over their
+        # socket address (the kernel keeps one pending entry per address): each still goes
+        # out, with result "pending", and is counted here
+        self.pending_displaced = 0
         # socket cookie -> (tgid, agent cgroup id) from connect/accept records: skb records
         # seen in softirq (or on kernels without bpf_get_current_* there) carry no process
         self.sockets: "OrderedDict[int, tuple[int, int]]" = OrderedDict()
@@ -74,7 +81,7 @@ class Enricher:
         p = self.procs.get(h.tgid)
         if p is None:
             rec = {"pid": h.tgid, "ppid": 0, "uid": h.uid, "comm": E.cstr(h.comm), "exe": "",
-                   "args": []}
+                   "args": [], "exec_id": None, "parent_exec_id": None}
         else:
             rec = p.record()
         rec["ancestry"] = self.procs.ancestry(h.tgid)
@@ -265,12 +272,20 @@ class Enricher:
         ev = Event("connect", t, rec, h.tgid, h.agent_cgroup_id, o.cookie)
         self._remember_socket(o.cookie, h.tgid, h.agent_cgroup_id)
         if net["result"] == "pending":
-            self.pending[o.sk] = (ev, time.monotonic_ns())
-            return []
+            out = []
+            for key in {self._pending_sk.get(o.sk), o.cookie}:
+                old = self.pending.pop(key, None) if key is not None else None
+                if old is not None:
+                    self.pending_displaced += 1
+                    out.append(old[0])
+            self.pending[o.cookie] = (ev, time.monotonic_ns(), o.sk)
+            self._pending_sk[o.sk] = o.cookie
+            return out
         return [ev]
 
     def _result(self, o: E.ConnResult) -> list[Event]:
-        held = self.pending.pop(o.sk, None)
+        cookie = self._pending_sk.pop(o.sk, None)
+        held = self.pending.pop(cookie, None) if cookie is not None else None
         if held is None:
             return []   # the connect was already released as pending (slow handshake)
         ev = held[0]
@@ -287,13 +302,16 @@ class Enricher:
             return []
         now = time.monotonic_ns()
         out = []
-        for sk, (ev, since) in list(self.pending.items()):
+        for cookie, (ev, since, sk) in list(self.pending.items()):
             if now - since >= older_than_ns:
-                del self.pending[sk]
+                del self.pending[cookie]
+                if self._pending_sk.get(sk) == cookie:
+                    del self._pending_sk[sk]
                 out.append(ev)
         return out
 
     def flush_pending(self) -> list[Event]:
-        out = [ev for ev, _ in self.pending.values()]
+        out = [v[0] for v in self.pending.values()]
         self.pending.clear()
+        self._pending_sk.clear()
         return out

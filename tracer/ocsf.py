@@ -475,3 +475,21 @@ _BY_KIND = {"exec": _process_activity, "exit": _process_activity, "connect": _ne
 def to_ocsf(record: dict) -> dict:
     """One §5 record as one OCSF event (a new dict; the record is not changed)."""
     return _BY_KIND.get(record.get("kind"), _other)(record)
+
+
+def _summary(record: dict) -> dict:
+    """An agent's `summary`: no OCSF class describes a session's totals, so a Base Event whose
+    own attributes carry the span and the record count, the body under `unmapped.summary`."""
+    ev = _other(record)
+    s = record.get("summary") or {}
+    agent = record.get("agent") or {}
+    ev["message"] = (f"agent {agent.get('id')}: {s.get('records', 0)} records, {s.get('alerts', 0)} alerts "
+                     f"({s.get('reason')})")
+    ev["count"] = s.get("records", 0)
+    if s.get("first_ts") and s.get("last_ts"):
+        ev["start_time"], ev["end_time"] = _ms(s["first_ts"]), _ms(s["last_ts"])
+        ev["duration"] = ev["end_time"] - ev["start_time"]
+    return ev
+
+
+_BY_KIND["summary"] = _summary

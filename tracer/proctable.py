@@ -15,7 +15,8 @@ ANCESTRY_DEPTH = 8
 
 class Proc:
     __slots__ = ("pid", "ppid", "parent", "uid", "comm", "exe", "args", "start_ktime",
-                 "cgroup_id", "agent_cgroup_id", "exited", "gpu", "_summary", "_anc", "_anc_gen")
+                 "cgroup_id", "agent_cgroup_id", "exited", "gpu", "_summary", "_anc", "_anc_gen",
+                 "exec_id", "parent_exec_id")
 
     def __init__(self, pid: int, ppid: int = 0, uid: int = 0, comm: str = "", exe: str = "",
                  args: list | None = None, start_ktime: int = 0):
@@ -34,18 +35,21 @@ class Proc:
         self._summary = None
         self._anc: list | None = None   # ancestry as of ProcTable generation _anc_gen
         self._anc_gen = -1
+        self.exec_id = make_exec_id(pid, start_ktime)
+        self.parent_exec_id: str | None = None
 
     def summary(self) -> dict:
         """{pid, comm, exe} for ancestry lists; rebuilt only when comm or exe changed. Shared
         by every record that names this ancestor, so never mutate it."""
         s = self._summary
-        if s is None or s["comm"] is not self.comm or s["exe"] is not self.exe:
-            s = self._summary = {"pid": self.pid, "comm": self.comm, "exe": self.exe}
+        if s is None or s["comm"] is not self.comm or s["exe"] is not self.exe or s["exec_id"] is not self.exec_id:
+            s = self._summary = {"pid": self.pid, "comm": self.comm, "exe": self.exe, "exec_id": self.exec_id}
         return s
 
     def record(self) -> dict:
         return {"pid": self.pid, "ppid": self.ppid, "uid": self.uid, "comm": self.comm,
-                "exe": self.exe, "args": self.args}
+                "exe": self.exe, "args": self.args, "exec_id": self.exec_id,
+                "parent_exec_id": self.parent_exec_id}
 
 
 def _read(path: str) -> bytes | None:
@@ -64,6 +68,24 @@ def readlink_exe(pid: int) -> str | None:
 
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip().replace("-", "")[:16]
+    except OSError:
+        return "0" * 16
+
+
+BOOT_ID = _boot_id()
+
+
+def make_exec_id(pid: int, start_ns: int) -> str:
+    """One process image on this node's boot: boot id, pid, and when the image began (ns).
+    Pids are reused, (pid, start) within one boot is not, and the boot id keeps ids from
+    different boots apart, so ids stay unique when agenttrace restarts."""
+    return f"{BOOT_ID}-{pid}-{start_ns}"
 
 
 def from_proc(pid: int) -> Proc | None:
@@ -122,6 +144,9 @@ class ProcTable:
             p = from_proc(pid)
             if p is not None:
                 self._put(p)
+                if p.ppid:
+                    par = self.get(p.ppid)
+                    p.parent_exec_id = par.exec_id if par else None
         return p
 
     def bootstrap(self, pids) -> int:
@@ -135,6 +160,7 @@ class ProcTable:
         parent = self.get(parent_pid)
         child = Proc(child_pid, parent_pid, uid, comm, parent.exe if parent else "",
                      list(parent.args) if parent else [], start_ktime=ktime)
+        child.parent_exec_id = parent.exec_id if parent else None
         return self._put(child)
 
     def on_exec(self, pid: int, ppid: int, uid: int, comm: str, exe: str, args: list,
@@ -144,6 +170,11 @@ class ProcTable:
             p = Proc(pid, ppid, uid, comm, exe, args, start_ktime=ktime)
             # an exec we saw without its fork (process older than us): the creator is unknown
             # beyond the current parent
+            par = self.get(ppid) if ppid else None
+            p.parent_exec_id = par.exec_id if par else None
+        else:
+            # a new image in the same process: a new id; the parent link stays the creator's
+            p.exec_id = make_exec_id(pid, ktime)
         p.ppid = ppid
         if not p.parent:
             p.parent = ppid

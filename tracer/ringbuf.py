@@ -24,6 +24,7 @@ import mmap
 import os
 import platform
 import select
+import time
 from typing import Callable
 
 BUSY_BIT = 1 << 31
@@ -60,19 +61,27 @@ class RingReader:
         self._hdr = self._data.cast("I")
         self._ep = select.epoll()
         self._ep.register(map_fd, select.EPOLLIN)
+        self.backlog = False
 
-    def poll(self, timeout_ms: int) -> int:
+    def poll(self, timeout_ms: int, limit: int = 0, budget_ns: int = 0) -> int:
         if timeout_ms != 0:
             try:
                 self._ep.poll(timeout_ms / 1000 if timeout_ms > 0 else -1, 1)
             except InterruptedError:
                 pass
-        return self.consume()
+        return self.consume(limit, budget_ns)
 
-    def consume(self) -> int:
+    def consume(self, limit: int = 0, budget_ns: int = 0) -> int:
+        """Read committed records: all of them, or at most `limit` records / `budget_ns` of
+        time (0 = no bound). A producer that writes faster than the callback runs would
+        otherwise keep this loop going forever and starve everything the caller does between
+        reads (timers, drop alerts, the watchdog). `backlog` says whether records were left."""
         cons = self._cons[0]
         n = 0
         hdr, data, mask, cb = self._hdr, self._data, self.mask, self.callback
+        deadline = time.monotonic_ns() + budget_ns if budget_ns else 0
+        limit = limit or -1
+        self.backlog = False
         try:
             while True:
                 prod = self._prod[0]
@@ -89,9 +98,15 @@ class RingReader:
                     if not ln & DISCARD_BIT:
                         n += 1
                         cb(data[off + HDR_SZ:off + HDR_SZ + size], size)
+                        if n == limit or (deadline and not n & 63 and time.monotonic_ns() >= deadline):
+                            prod = -2
+                            break
                 if prod == -1:
                     break
                 self._cons[0] = cons    # publish per batch: the kernel may reuse the space
+                if prod == -2:
+                    self.backlog = cons < self._prod[0]
+                    break
         finally:
             self._cons[0] = cons
         return n

@@ -39,9 +39,14 @@ class StopFlag:
         self.signals += 1
         if self.child is not None and self.child.poll() is None and self.signals == 1:
             try:
-                os.kill(self.child.pid, signum)
-            except ProcessLookupError:
-                pass
+                # the agent leads its own session and group (isolation.agent_preexec): ^C
+                # from the caller's terminal reaches it only through us
+                os.killpg(self.child.pid, signum)
+            except (ProcessLookupError, PermissionError):
+                try:
+                    os.kill(self.child.pid, signum)
+                except ProcessLookupError:
+                    pass
             return
         self.stop = True
 
@@ -60,24 +65,32 @@ def trace_cgroups(tracer: Tracer, flag: StopFlag, on_reload=None) -> None:
         tracer.stop()
 
 
-def run_command(tracer_factory, cmd: list[str], agent_name: str, flag: StopFlag) -> int:
+def run_command(tracer_factory, cmd: list[str], agent_name: str, flag: StopFlag,
+                user=None, pin: bool = False) -> int:
     """Create <cgroup2>/agenttrace/<agent_name>, trace it, run cmd inside, return its code.
 
-    Processes the command left behind (daemonised children) are killed with the cgroup when
-    it exits: the agent's run is over and the cgroup must go."""
+    The command runs in its own session (tracer/isolation.py), as `user` when given; with
+    `pin` (enforce mode) the cgroup programs are pinned before it starts, so killing the
+    tracer does not lift its enforcement. Processes the command left behind (daemonised
+    children) are killed with the cgroup when it exits: the agent's run is over and the
+    cgroup must go."""
+    from . import isolation
     cg = TempCgroup(f"{RUN_PARENT}/{agent_name}")
     path = cg.create()
     tracer = None
+    pin_dir = None
     try:
         tracer = tracer_factory([path])
+        tracer.summary_on_stop = "command_exited"
         tracer.start()
+        if pin:
+            isolation.sweep_stale_pins(path.parent)
+            pin_dir = isolation.run_pin_dir(agent_name)
+            tracer.probes.enable_pinning(pin_dir)
         procs_file = str(path / "cgroup.procs")
-
-        def enter_cgroup():
-            with open(procs_file, "w") as f:
-                f.write("0")
         try:
-            child = subprocess.Popen(cmd, preexec_fn=enter_cgroup)
+            child = subprocess.Popen(cmd, preexec_fn=isolation.agent_preexec(procs_file, user),
+                                     env=isolation.user_env(user))
         except FileNotFoundError:
             raise CommandNotFound(cmd[0]) from None
         except PermissionError:
@@ -99,7 +112,12 @@ def run_command(tracer_factory, cmd: list[str], agent_name: str, flag: StopFlag)
         return 128 - rc if rc < 0 else rc
     finally:
         if tracer is not None:
-            tracer.stop()
+            tracer.stop()            # unpins: this run's end is not a tracer death
+        if pin_dir is not None:
+            try:
+                pin_dir.rmdir()
+            except OSError:
+                pass
         cg.remove()
 
 

@@ -29,10 +29,12 @@ from .probes import Probes
 from .session import SessionOptions, describe
 from .act import ActJob, ActWorker
 from .proctable import ProcTable
+from .schemaver import SCHEMA_VERSION
+from .summary import Summaries, check_removed, finish_all
 from .timefmt import format_ns
 
 log = logging.getLogger("agenttrace")
-RATE_LIMITED = 0x8000   # AT_DROP_RATE_LIMITED in probes/common.h
+from .flood import RATE_LIMITED  # noqa: E402  (one copy: AT_DROP_RATE_LIMITED in probes/common.h)
 
 
 # The tracer's knobs are the session's options: one definition (session.py), chosen in one place.
@@ -75,10 +77,13 @@ class Tracer:
         self._quiet = False        # a full wakeup interval passed with nothing read
         self.gpu = None
         self.keep_pins = False
-        self._drops_seen: dict[int, int] = {}      # daemon fail-closed: pinned enforcement outlives us
+        self._flood = None         # flood.FloodGuard, made on the first drop check
         self._on_agent: list = []
         self.agents.on_new = self._agent_discovered
+        self.agents.on_notice = self._notice
         self._notices: "collections.deque" = collections.deque(maxlen=1000)
+        self.summaries = Summaries(self.node)
+        self.summary_on_stop: Optional[str] = None   # reason: every agent's summary at stop
         # the act stage: userspace actions on their own thread; the reader never waits for one
         self.act = ActWorker(getattr(engine, "actions", None) if engine is not None else None,
                              procs=self.procs, maxsize=opts.act_queue)
@@ -92,6 +97,7 @@ class Tracer:
 
     # --- lifecycle -------------------------------------------------------------------
     def _agent_discovered(self, cid: int, ident: dict) -> None:
+        self.summaries.register(ident)
         for cb in self._on_agent:
             cb(cid, ident)
         if self.gpu is not None:
@@ -160,6 +166,8 @@ class Tracer:
             self.policy_writer = PolicyWriter(self.probes)
             self._on_agent.append(lambda cid, ident: self.policy_writer.assign(cid, ident.get("group")))
         self.policy_writer.apply(kp, {cid: a.get("group") for cid, a in self.agents.known().items()})
+        from .flood import exec_watch_names, write_exec_watch
+        write_exec_watch(self.probes, exec_watch_names(ruleset))
 
     def _write_mode(self) -> None:
         # every kernel enforce switch is this one map slot (AT_CFG_ENFORCE): exec kills, file
@@ -187,8 +195,15 @@ class Tracer:
         try:
             check(ruleset, internal=self.opts.internal)
             self.install_policy(ruleset)
-        except (CapabilityError, EnforceError, OSError, KeyError) as e:
-            msg = str(e) if not isinstance(e, CapabilityError) else "; ".join(str(x) for x in e.errors)
+        except Exception as e:
+            # whatever fails (maps that cannot hold it, anything unexpected), the daemon
+            # keeps running on the old policy
+            if isinstance(e, CapabilityError):
+                msg = "; ".join(str(x) for x in e.errors)
+            elif isinstance(e, (EnforceError, OSError, KeyError)):
+                msg = str(e)
+            else:
+                msg = f"{type(e).__name__}: {e}"
             if self.engine is not None:
                 try:
                     self.install_policy(self.engine.ruleset)   # the running policy, whole again
@@ -203,6 +218,10 @@ class Tracer:
         self._lifecycle("reloaded", rules=len(ruleset.rules), **describe(self))
         self._flush()
         return True
+
+    def reload_failed(self, error: str) -> None:
+        self._lifecycle("reload_failed", error=error)
+        self._flush()
 
     def watch(self, path: Path, mode: str = "child", namer=None, labels: dict | None = None) -> int:
         cid = self.probes.watch(path)
@@ -223,11 +242,30 @@ class Tracer:
         else:
             table.open_ring_buffer(self._on_record)
 
-    def _read(self, wait_ms: int) -> None:
-        """Wait up to wait_ms for a wakeup, then take every record in the ring."""
+    @property
+    def backlog(self) -> bool:
+        """Records were left in the ring at the end of the last poll (the reader is behind)."""
+        return self._reader is not None and self._reader.backlog
+
+    @property
+    def records_read(self) -> int:
+        return self._records
+
+    def _read(self, wait_ms: int, bounded: bool = True) -> None:
+        """Wait up to wait_ms for a wakeup, then take the records in the ring (bounded per
+        poll; `drain` takes them all)."""
         if self._reader is not None:
-            self._reader.poll(wait_ms)
+            if self._reader.backlog:
+                wait_ms = 0
+            if bounded:
+                self._reader.poll(wait_ms, self.opts.poll_max_records, int(self.opts.poll_budget_ms * 1e6))
+            else:
+                # everything already written, but not forever: an agent still flooding while
+                # we stop must not keep the stop from finishing
+                self._reader.poll(wait_ms, 0, 2_000_000_000)
             return
+        # BCC's reader (architectures without the mmap reader) cannot be bounded: it returns
+        # only once the ring is empty
         bpf = self.probes.bpf
         if wait_ms > 0:
             bpf.ring_buffer_poll(wait_ms)
@@ -263,6 +301,7 @@ class Tracer:
             if self.engine is not None:
                 self._alerts(self.engine.tick())
             self.check_drops()
+            check_removed(self)
         if self.opts.stats_interval_s and time.monotonic() - self._last_stats >= self.opts.stats_interval_s:
             self._last_stats = time.monotonic()
             self.enrich.resync_clock()
@@ -271,7 +310,7 @@ class Tracer:
 
     def drain(self) -> None:
         """Consume what the kernel already wrote and release held connects."""
-        self._read(0)
+        self._read(0, bounded=False)
         for ev in self.enrich.flush_pending():
             self._process(ev)
         if self.engine is not None:
@@ -290,6 +329,8 @@ class Tracer:
         try:
             if self.probes is not None:
                 self.drain()
+                if self.summary_on_stop:
+                    finish_all(self, self.summary_on_stop)
                 counters = self.counters()
                 self._lifecycle("stopped", **counters)
                 self._flush()
@@ -428,6 +469,8 @@ class Tracer:
     def _alerts(self, alerts) -> None:
         # the engine acts (enforce mode) before returning, so each alert's outcome is final
         for al in alerts:
+            # when the alert was made, next to `ts` (its trigger's): the detection latency
+            al.record.setdefault("alerted", format_ns(time.time_ns()))
             for hook in self.hooks:
                 try:
                     hook(al)
@@ -441,6 +484,10 @@ class Tracer:
         if not self._batch:
             return
         batch, self._batch = self._batch, []
+        observe = self.summaries.observe
+        for r in batch:
+            r.setdefault("schema_version", SCHEMA_VERSION)
+            observe(r)
         for s in self.sinks:
             try:
                 s.emit_batch(batch)
@@ -489,6 +536,8 @@ class Tracer:
                 "stage_errors": self.stage_errors,
                 "unknown_records": self.enrich.unknown_types,
             },
+            "held_connects_displaced": self.enrich.pending_displaced,
+            "labels_rejected": self.agents.labels_rejected,
             "actions": {"completed": self.act.completed, "queue_full": self.act.queue_full},
             # each stage's own count, in pipeline order: where records went and where they stopped
             "stages": {
@@ -510,34 +559,17 @@ class Tracer:
 
     def check_drops(self) -> None:
         """An alert when an agent's events are being dropped (flooding blinds a tracer: that
-        is itself worth a human's look); optionally freeze the agent."""
+        is itself worth a human's look), by cause; in enforce mode the agent that exceeded its
+        own rate limit is frozen (tracer/flood.py)."""
         if self.probes is None:
             return
-        per_agent: dict[int, int] = {}
-        for (agent, _t), n in self.probes.drops().items():
-            per_agent[agent] = per_agent.get(agent, 0) + n
-        for agent, n in per_agent.items():
-            before = self._drops_seen.get(agent, 0)
-            if n <= before:
-                continue
-            self._drops_seen[agent] = n
-            ident = self.agents.agent(agent)
-            t = time.time_ns()
-            action = self.opts.flood_action
-            freeze = action == "freeze-agent" and self.opts.mode == "enforce" and ident.get("cgroup")
-            outcome = "pending" if freeze else "reported"
-            rec = {"ts": format_ns(t), "kind": "alert", "node": self.node, "agent": ident,
-                   "trigger": "lifecycle",
-                   "rule": {"id": "agenttrace-events-dropped", "category": "evasion", "severity": "high",
-                            "action": action, "outcome": outcome, "tags": ["T1562"],
-                            "message": f"{n - before} events of agent {ident['id']} were dropped "
-                                       f"({n} in all): rate limit or full ring buffer; its activity is "
-                                       "partly unseen"},
-                   "drops": {"new": n - before, "total": n}}
-            ev = Event("alert", t, rec, 0, agent)
+        from .flood import FloodGuard
+        if self._flood is None:
+            self._flood = FloodGuard(self.opts.flood_action)
+
+        for ev, freeze in self._flood.check(self.probes.drops(), self.agents, self.opts.mode, self.node):
             if freeze:
-                self.act.submit(ActJob("freeze-agent", 0, ident["cgroup"], 0, ev))
+                # off the reader, like every action: the act stage fills in the outcome
+                self.act.submit(ActJob("freeze-agent", 0, ev.record["agent"]["cgroup"], 0, ev))
             else:
                 self._alerts([ev])
-
-

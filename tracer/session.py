@@ -38,10 +38,17 @@ class SessionOptions:
     # BPF time per record on VMs.
     wakeup_ms: float = 5.0
     stats_interval_s: float = 0.0        # 0 = no periodic stats records
+    # Work per poll: at most this many records / this much time before timers, drop alerts
+    # and the caller's loop (sd_notify watchdog, signals) get their turn; what is left is read
+    # on the next poll without waiting. A flood costs records (dropped in the kernel, counted)
+    # instead of the schedule.
+    poll_max_records: int = 8192
+    poll_budget_ms: float = 100.0
     labels: Dict[str, str] = field(default_factory=dict)
     rate_limit: int = 0                  # events/s per agent admitted by the kernel (0 = no limit)
     rate_burst: int = 0
-    flood_action: str = "report"         # or "freeze-agent" (enforce mode) when events are dropped
+    # on an agent over its rate limit: "auto" = freeze-agent in enforce mode, report in monitor
+    flood_action: str = "auto"
     gpu: Any = None                      # gpu.GpuConfig; None = no GPU sampling or fence
     gpu_backend: Any = None              # a gpu.GpuBackend (tests: the fake); None = real NVML
     # rules: None = the built-in pack; [] with use_rules False = trace only
@@ -119,7 +126,7 @@ def from_config(cfg) -> SessionOptions:
     return SessionOptions(
         cgroups=[], mode=cfg.mode, internal=internal, node_subnets=own, features=feats,
         ringbuf_pages=cfg.limits.ring_buffer_pages, proc_table_size=cfg.limits.proc_table_size,
-        stats_interval_s=60.0, gpu=cfg.gpu,
+        stats_interval_s=cfg.limits.stats_interval, gpu=cfg.gpu,
         rate_limit=cfg.limits.agent_events_per_sec,
         rate_burst=cfg.limits.agent_burst or cfg.limits.agent_events_per_sec,
         flood_action=cfg.limits.flood_action, wakeup_ms=cfg.limits.wakeup_ms,

@@ -230,9 +230,10 @@ class FileSink(Sink):
 
 
 class _Client:
-    __slots__ = ("sock", "pid", "uid", "queue", "pending", "dropped", "sent", "eof", "events")
+    __slots__ = ("sock", "pid", "uid", "queue", "pending", "dropped", "sent", "eof", "events",
+                 "sub", "inbuf", "accept_seq")
 
-    def __init__(self, sock: socket.socket, pid: int, uid: int):
+    def __init__(self, sock: socket.socket, pid: int, uid: int, accept_seq: int = 0):
         self.sock = sock
         self.pid = pid
         self.uid = uid
@@ -242,6 +243,9 @@ class _Client:
         self.sent = 0
         self.eof = False     # the client shut down its sending side; it may still read
         self.events = selectors.EVENT_READ
+        self.sub = None          # a subscription.Subscription once the client sent one
+        self.inbuf = b""
+        self.accept_seq = accept_seq
 
 
 def _peercred(sock: socket.socket) -> tuple:
@@ -260,8 +264,15 @@ class UnixSocketSink(Sink):
     """
 
     def __init__(self, path: str, queue_size: int = 10000, formatter: Optional[Formatter] = None,
-                 allowed_uids: Optional[Iterable[int]] = None, mode: int = 0o600):
+                 allowed_uids: Optional[Iterable[int]] = None, mode: int = 0o600,
+                 replay_size: int = 4096):
         super().__init__(f"socket:{path}", formatter)
+        # subscriptions (tracer/subscription.py): records are numbered per daemon run and the
+        # last `replay_size` kept, so a client that reconnects misses nothing still held
+        import uuid
+        self.instance = uuid.uuid4().hex[:16]
+        self._seq = 0
+        self._ring: collections.deque = collections.deque(maxlen=max(1, replay_size))
         self.path = os.fspath(path)
         self.queue_size = queue_size
         self.allowed_uids = set(allowed_uids) if allowed_uids is not None else {os.geteuid()}
@@ -322,12 +333,17 @@ class UnixSocketSink(Sink):
 
     # -- producer side (the pipeline's thread) -------------------------------------------
     def emit_batch(self, records: Iterable[dict]) -> None:
+        with self._lock:
+            first = self._seq + 1
+            batch = list(records)
+            self._seq += len(batch)
+            self._ring.extend(zip(range(first, first + len(batch)), batch))
         if not self._clients:
             return  # nobody listening: nothing to serialize, nothing dropped
         lines = []
-        for rec in records:
+        for seq, rec in zip(range(first, first + len(batch)), batch):
             try:
-                lines.append(self._line(rec))
+                lines.append((seq, rec, self._line(rec)))
             except Exception:  # one unrenderable record, not the batch
                 self.dropped += 1
         if not lines:
@@ -336,7 +352,11 @@ class UnixSocketSink(Sink):
         with self._lock:
             for c in self._clients.values():
                 was_empty = not c.queue and not c.pending
-                for line in lines:
+                for seq, rec, line in lines:
+                    if c.sub is not None:
+                        if not c.sub.matches(rec):
+                            continue
+                        line = _envelope(seq, line)
                     if len(c.queue) >= self.queue_size:
                         c.dropped += 1
                         self.dropped += 1
@@ -380,7 +400,9 @@ class UnixSocketSink(Sink):
                 conn.close()
                 continue
             conn.setblocking(False)
-            c = _Client(conn, pid, uid)
+            with self._lock:
+                seq = self._seq
+            c = _Client(conn, pid, uid, seq)
             with self._lock:
                 self._clients[conn.fileno()] = c
             self._sel.register(conn, selectors.EVENT_READ, c)
@@ -460,9 +482,55 @@ class UnixSocketSink(Sink):
                             # not a goodbye; a client that really left fails the next send.
                             c.eof = True
                             self._interest(c)
+                        elif c.sub is None and data != b"-":
+                            self._request(c, data)
             for c in list(self._clients.values()):
                 if c.queue or c.pending:
                     self._flush_client(c)
+
+    def _request(self, c: _Client, data: bytes) -> None:
+        """A client's subscription line: from now on it gets only matching records, as
+        envelopes, after what it missed that the replay buffer still holds."""
+        from .subscription import MAX_LINE, SubscriptionError, parse_request
+        c.inbuf += data
+        line, nl, _rest = c.inbuf.partition(b"\n")
+        if not nl:
+            if len(c.inbuf) > MAX_LINE:
+                self._refuse(c, f"subscription line over {MAX_LINE} bytes")
+            return
+        try:
+            sub, resume = parse_request(line)
+        except SubscriptionError as e:
+            self._refuse(c, str(e))
+            return
+        with self._lock:
+            if resume and resume.get("instance") == self.instance:
+                after = int(resume.get("seq", 0))
+            elif resume:
+                after = 0               # a new daemon run: all of it is new to this client
+            else:
+                after = c.accept_seq
+            replay = [(seq, rec) for seq, rec in self._ring if seq > after and sub.matches(rec)]
+            # what was queued bare since accept is replaced by the replay; bytes already
+            # half-sent finish first so the line framing holds
+            c.queue.clear()
+            hello = {"hello": {"instance": self.instance, "seq": self._seq, "replayed": len(replay),
+                               "oldest": self._ring[0][0] if self._ring else None}}
+            c.queue.append(orjson.dumps(hello) + b"\n")
+            for seq, rec in replay:
+                try:
+                    c.queue.append(_envelope(seq, self._line(rec)))
+                except Exception:
+                    self.dropped += 1
+            c.sub = sub
+        c.inbuf = b""
+
+    def _refuse(self, c: _Client, why: str) -> None:
+        try:
+            c.sock.send(orjson.dumps({"error": why}) + b"\n", socket.MSG_NOSIGNAL)
+        except OSError:
+            pass
+        self._drop_client(c)
 
     def close(self) -> None:
         if self._stop:
@@ -497,6 +565,10 @@ class UnixSocketSink(Sink):
     def stats(self) -> dict:
         return {"name": self.name, "dropped": self.dropped, "refused": self.refused,
                 "clients": self.clients()}
+
+
+def _envelope(seq: int, line: bytes) -> bytes:
+    return b'{"seq":%d,"record":%s}\n' % (seq, line.rstrip(b"\n"))
 
 
 # RFC 5424 §6.2.1 severities for our severities; events that are not alerts are informational.
@@ -750,10 +822,15 @@ class QueuedSink:
             self._idle.wait(0.05)
         return True
 
-    def close(self, timeout: float = 10.0) -> None:
+    close_timeout = 10.0
+
+    def close(self, timeout: Optional[float] = None) -> None:
         self._closing = True
         self._wake.set()
-        self._thread.join(timeout)
+        self._thread.join(self.close_timeout if timeout is None else timeout)
+        if self._thread.is_alive():
+            # the consumer is stuck (a stopped terminal): what it never took is counted
+            self.queue_dropped += len(self._q)
         self.inner.close()
 
     def stats(self) -> dict:
