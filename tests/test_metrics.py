@@ -191,6 +191,15 @@ def test_daemon_metrics_match_the_records_it_emitted(tmp_path, agent_tree, rsysl
         assert smp[("process_open_fds", frozenset())] > 0
         assert ("agenttrace_sink_drops_total", frozenset({("sink", f"syslog:tcp://127.0.0.1:{rsyslogd.tcp_port}")})) in smp
         assert get("127.0.0.1", mport, "/healthz")[2] == "ok\n"
+        # what is served is what the README lists, no more, no less
+        import re
+        from pathlib import Path
+        readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+        para = readme[readme.index("- Metrics (`metrics.enabled`"):readme.index("### Shipping records")]
+        documented = set(re.findall(r"`(agenttrace_[a-z_]+)", para))
+        body = get("127.0.0.1", mport)[2]
+        served = set(re.findall(r"^# TYPE (agenttrace_[a-z_]+) ", body, re.M))   # families without samples too
+        assert served == documented, (served - documented, documented - served)
 
         # the same records, as the syslog sink's filter selects them, reached rsyslogd over
         # TCP, each once
