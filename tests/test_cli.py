@@ -113,6 +113,8 @@ def test_tail_output_formats_and_no_color(require_bpf):
     assert r.returncode == 0, r.stderr
     recs = [orjson.loads(l) for l in r.stdout.splitlines()]
     assert any(x["kind"] == "exec" and x["proc"]["exe"] == "/bin/true" for x in recs)
+    r = _run("tail", "-o", "json", "--kind", "exit", *cmd)
+    assert r.returncode == 0 and {orjson.loads(l)["kind"] for l in r.stdout.splitlines()} == {"exit"}
     r = _run("tail", "-o", "compact", *cmd)
     assert r.returncode == 0 and "/bin/true" in r.stdout and "\x1b[" not in r.stdout
     r = _run("tail", "-o", "color", *cmd)

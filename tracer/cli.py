@@ -271,8 +271,10 @@ def tail(
         def emit_batch(self, records):
             out = []
             for r in records:
-                # the tracer's own state (attached, reloaded, stopped) shows whatever the filter
-                if filt.accepts(r) or (r.get("kind") == "lifecycle" and r.get("phase") in TAIL_ALWAYS):
+                # the tracer's own state (attached, reloaded, stopped) shows whatever the filter,
+                # to a person; `-o json` feeds programs, which get exactly what they filtered
+                if filt.accepts(r) or (output_fmt != "json" and r.get("kind") == "lifecycle"
+                                       and r.get("phase") in TAIL_ALWAYS):
                     out.append(line(r))
             if not out:
                 return
