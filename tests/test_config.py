@@ -42,7 +42,25 @@ def test_example_loads_cleanly_and_documents_every_key():
     # The example values equal the defaults where the file says they are defaults.
     d = Config()
     assert cfg.limits == d.limits and cfg.metrics == d.metrics and cfg.pinning == d.pinning
-    assert cfg.sinks == d.sinks
+    # the packaged daemon sends events to the file and the socket, not to the journal
+    # (journald's rate limit would drop them uncounted); every other sink key is the default
+    assert cfg.sinks.stdout is False and d.sinks.stdout is True
+    assert cfg.sinks.file is not None and cfg.sinks.socket is not None
+    assert cfg.sinks.format == d.sinks.format and cfg.sinks.syslog == d.sinks.syslog
+
+
+def _uncomment_block(text: str, head: str) -> str:
+    """Strip the leading '#' of the commented lines right after `head` (a top-level key)."""
+    out, inside = [], False
+    for line in text.splitlines(keepends=True):
+        if line.startswith(head):
+            inside = True
+        elif inside and line.startswith("#  "):
+            line = line[1:]
+        elif inside:
+            inside = False
+        out.append(line)
+    return "".join(out)
 
 
 def test_commented_examples_in_the_example_are_valid_too():
@@ -56,8 +74,12 @@ def test_commented_examples_in_the_example_are_valid_too():
     text = text.replace("  #  filter:", "    filter:")
     for key in ("kinds", "min_severity", "agents", "labels"):
         text = text.replace(f"  #    {key}:", f"      {key}:")
+    # the gpu: block, uncommented line by line
+    text = _uncomment_block(text.replace("gpu: null\n#gpu:", "gpu:"), "gpu:")
     cfg = parse_config(text, "uncommented.yaml")
     assert cfg.sinks.syslog.filter.kinds == ["alert", "summary"] and cfg.sinks.syslog.filter.min_severity == "high"
+    assert cfg.gpu is not None and cfg.gpu.groups[0].memory_quota_mib == 40960
+    assert cfg.gpu.trainers[0].exe == ["/opt/train/bin/python*"]
     assert cfg.rules == ["/etc/agenttrace/rules.d/"]
     assert cfg.internal_cidrs == [ipaddress.ip_network("10.20.0.0/16")]
     assert cfg.sinks.file.max_bytes == 100 * 1024 * 1024 and cfg.sinks.file.keep == 5
@@ -151,10 +173,18 @@ def test_sinks_can_be_switched_off_and_sizes_take_units():
     assert cfg.sinks.file.max_bytes == 1 << 30
 
 
-def test_egress_and_gpu_are_kept_for_their_owners():
-    cfg = parse_config(yaml.safe_dump({"egress": {"default": "deny", "allow": ["10.0.0.0/8:443"]},
-                                       "gpu": {"allow_agents": ["a1"]}}))
-    assert cfg.egress["default"] == "deny" and cfg.gpu == {"allow_agents": ["a1"]}
+def test_egress_and_gpu_are_typed_by_their_models():
+    from agenttrace.gpu import GpuConfig
+    from agenttrace.policy import EgressPolicy
+    cfg = parse_config(yaml.safe_dump({"egress": {"web": {"mode": "allow-list", "allow": [{"cidr": "10.0.0.0/8", "ports": [443]}]}},
+                                       "gpu": {"interval_s": 5, "default": {"allowed": True}}}))
+    assert isinstance(cfg.egress["web"], EgressPolicy) and isinstance(cfg.gpu, GpuConfig)
+    assert cfg.gpu.default.allowed and cfg.egress["web"].allow[0].ports == [443]
+    with pytest.raises(ConfigError) as e:
+        parse_config("gpu:\n  allow_agents: [a1]\negress:\n  default: deny\n", "c.yaml")
+    text = str(e.value)
+    assert "c.yaml:2:3: gpu.allow_agents: unknown key" in text
+    assert "c.yaml:4:12: egress.default" in text
 
 
 @pytest.mark.parametrize("text,field", [

@@ -105,10 +105,17 @@ def _events(lab):
     return out
 
 
+def _mode(lab, mode: str) -> None:
+    """The session's one enforce switch (at_config[AT_CFG_ENFORCE]), as Tracer.set_mode writes it."""
+    from agenttrace.events import CFG_ENFORCE
+    lab.probes.set_flag("at_config", CFG_ENFORCE, 1 if mode == "enforce" else 0)
+
+
 def _fence(lab, mode: str, **cfg):
     config = GpuConfig(**cfg)
     f = GpuFence(lab.probes, config, mode)
     f.install()
+    _mode(lab, mode)
     return f, config
 
 
@@ -189,6 +196,7 @@ def test_service_installs_the_fence_by_mode_and_config(lab):
     cfg = GpuConfig(groups=[{"agents": ["trainer"], "allowed": True}])
     svc = GpuService(cfg, lambda pid: None, mode="enforce", backend=FakeBackend(fixture))
     svc.install_fence(lab.probes)
+    _mode(lab, "enforce")
     svc.agent_seen(trainer)
     assert _open_in(lab.denied, lab.nodes["nvidia0"])[1] == errno.EPERM
     assert _open_in(lab.allowed, lab.nodes["nvidia0"])[1] == errno.ENXIO

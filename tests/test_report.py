@@ -110,3 +110,17 @@ def test_html_report_of_the_demo_in_headless_chromium(tmp_path, require_bpf):
     shot = tmp_path / "shot.png"
     s = _chromium(page.as_uri(), "--window-size=1280,1600", f"--screenshot={shot}")
     assert s.returncode == 0 and shot.stat().st_size > 10_000
+
+
+def test_one_timeline_per_episode_when_a_cgroup_is_reused(tmp_path):
+    def rec(ts, ep, kind="exec"):
+        return {"ts": ts, "kind": kind, "node": "n", "agent": {"id": "w1", "cgroup": "/a/w1", "cgroup_id": 3, "episode": ep},
+                "proc": {"pid": 9, "ppid": 1, "comm": "sh", "exe": "/bin/sh", "args": ["sh"]}}
+    f = tmp_path / "ev.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in (
+        rec("2026-01-01T00:00:00Z", "ep-7"), rec("2026-01-01T00:00:01Z", "ep-7"), rec("2026-01-01T00:00:02Z", "ep-8"))))
+    out = tmp_path / "r.html"
+    assert _run("report", str(f), "--html", str(out)).returncode == 0
+    assert re.findall(r'<svg class="timeline" data-agent="([^"]+)"', out.read_text()) == ["w1 · ep-7", "w1 · ep-8"]
+    term = _run("report", str(f), "--no-color", "--agent", "ep-8").stdout
+    assert "w1 · ep-8" in term and "ep-7" not in term

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 from netlab import WEB_HOST
@@ -40,13 +41,18 @@ def test_summary_matches_records_after_removal(netlab, agent_tree, make_session,
     from agenttrace.gpu_fake import FakeBackend
     a = agent_tree.agent("episode")
     os.setxattr(a, "user.agenttrace.episode", b"ep-7")
-    burner = tmp_path / "gpu-burner"
-    burner.symlink_to("/usr/bin/sleep")     # the fixture makes every `gpu-burner` a GPU 0 holder
+    # the fake NVML makes every process with this comm a GPU 0 holder; a name of our own, so
+    # another demo or test on the machine (a `gpu-burner`) is not taken for ours
+    comm = f"gb-{uuid.uuid4().hex[:8]}"
+    fixture = tmp_path / "gpu.yaml"
+    fixture.write_text((FIX / "gpu_agent_burner.yaml").read_text().replace("comm:gpu-burner", f"comm:{comm}"))
+    burner = tmp_path / comm
+    burner.symlink_to("/usr/bin/sleep")
     ready = tmp_path / "gpu-seen"
     script = EPISODE.format(py=sys.executable, web=WEB_HOST, burner=burner, ready=ready)
     gpu = GpuConfig(interval_s=0.1, default=GpuGroupPolicy(allowed=True), fence="off")
     sess = make_session([agent_tree.root], engine=_engine(), mode="enforce",
-                        gpu=gpu, gpu_backend=FakeBackend(FIX / "gpu_agent_burner.yaml"))
+                        gpu=gpu, gpu_backend=FakeBackend(fixture))
     p = netlab.run_in_agent(["/bin/sh", "-c", script], cgroup=a, stdout=subprocess.DEVNULL)
     # the burner is released once the sampler saw it hold the GPU
     try:

@@ -40,7 +40,9 @@ class AgentRun:
 
     @property
     def name(self) -> str:
-        return str(self.ident.get("id") or self.ident.get("cgroup_id") or "?")
+        base = str(self.ident.get("id") or self.ident.get("cgroup_id") or "?")
+        ep = self.ident.get("episode")
+        return f"{base} · {ep}" if ep is not None and str(ep) != base else base
 
     def labels(self) -> dict:
         skip = {"id", "cgroup", "cgroup_id", "container", "pod"}
@@ -76,7 +78,9 @@ def group(records: Iterable[dict]) -> tuple[list[AgentRun], list[dict]]:
         if not isinstance(a, dict):
             node.append(r)
             continue
-        key = (a.get("id"), a.get("cgroup_id"))
+        # an agent cgroup reused for several episodes (labels changed in between) shows as one
+        # timeline per episode: that is the unit a trainer thinks in
+        key = (a.get("id"), a.get("cgroup_id"), a.get("episode"))
         run = runs.get(key)
         if run is None:
             run = runs[key] = AgentRun(key, a)
@@ -420,7 +424,7 @@ def run_report(path: str, html_out: Optional[str], out: Callable[[str], None], c
     records = load(path)
     runs, node = group(records)
     if agents:
-        runs = [r for r in runs if r.name in agents or r.ident.get("episode") in agents]
+        runs = [r for r in runs if str(r.ident.get("id")) in agents or str(r.ident.get("episode")) in agents]
     if html_out:
         page = html_page(runs, node, path)
         tmp = html_out + ".tmp"
