@@ -1,5 +1,5 @@
 # The README's two commands are `sudo make demo` and `sudo make test`; both install first.
-.PHONY: setup demo test bench install clean
+.PHONY: setup demo test bench install deb clean
 VENV ?= $(or $(AGENTTRACE_VENV_DIR),.venv)
 
 setup:
@@ -17,12 +17,16 @@ bench:
 	scripts/setup.sh --test --bench
 	$(VENV)/bin/python -m bench
 
-# The systemd service on this node (see packaging/agenttrace.service).
-install: setup
-	ln -sf "$(CURDIR)/$(VENV)/bin/agenttrace" /usr/local/bin/agenttrace
-	test -e /etc/agenttrace/agenttrace.yaml || install -D -m 0600 packaging/agenttrace.example.yaml /etc/agenttrace/agenttrace.yaml
-	install -m 0644 packaging/agenttrace.service /etc/systemd/system/agenttrace.service
-	@echo "installed; now: systemctl daemon-reload && systemctl enable --now agenttrace"
+# A Debian package of this tree (packaging/build-deb.sh): agenttrace in its own venv in
+# /opt/agenttrace, the unit, the example config (a conffile) and a man page. DEB_OUT: where.
+deb:
+	packaging/build-deb.sh
+
+# The systemd service on this node, from the package: the root daemon runs files dpkg owns
+# in /opt/agenttrace, never this checkout or its .venv.
+install: setup deb
+	dpkg -i build/agenttrace_$$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)_$$(dpkg --print-architecture).deb
+	@echo "installed; review /etc/agenttrace/agenttrace.yaml, then: systemctl enable --now agenttrace"
 
 clean:
 	rm -rf $(VENV) build *.egg-info bench/out

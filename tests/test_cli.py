@@ -22,8 +22,12 @@ def _run(*args, **kw):
 
 @pytest.mark.parametrize("args,needle", [
     (["run", "--cgroup", "/does/not/exist"], "does not exist"),
-    (["run", "--mode", "yolo", "--", "true"], "--mode: 'yolo'"),
-    (["run", "--format", "xml", "--", "true"], "--format: 'xml'"),
+    (["run", "--mode", "yolo", "--", "true"], "'yolo' is not one of"),
+    (["run", "--format", "xml", "--", "true"], "'xml' is not one of"),
+    (["run", "--gpu", "maybe", "--", "true"], "'maybe' is not one of"),
+    (["tail", "-o", "yaml", "--", "true"], "'yaml' is not one of"),
+    (["tail", "--kind", "execs", "--", "true"], "'execs' is not one of"),
+    (["tail", "--severity", "severe", "--", "true"], "'severe' is not one of"),
     (["run", "--internal", "10.0.0.0/33", "--", "true"], "not a CIDR"),
     (["run"], "nothing to trace"),
     (["run", "--agent", "../x", "--", "true"], "--agent"),
@@ -84,3 +88,49 @@ def test_version_and_doctor(require_bpf):
     r = _run("doctor")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "probes compile, verify and load" in r.stdout
+
+
+def test_version_flag_completion_and_choices_in_help():
+    r = _run("--version")
+    assert r.returncode == 0 and r.stdout.startswith("agenttrace ")
+    r = _run("--show-completion", "bash")
+    assert r.returncode == 0 and "_agenttrace_completion" in r.stdout
+    env = dict(os.environ, _AGENTTRACE_COMPLETE="complete_bash", COMP_WORDS="agenttrace tail --output ", COMP_CWORD="3")
+    r = subprocess.run([AGENTTRACE], capture_output=True, text=True, timeout=60, env=env)
+    assert r.stdout.split() == ["json", "compact", "color"]
+    env = dict(os.environ, COLUMNS="200")
+    h = subprocess.run([AGENTTRACE, "tail", "--help"], capture_output=True, text=True, timeout=60, env=env).stdout
+    assert "json|compact|color" in h and "info|low|medium|high|critical" in h
+    h = subprocess.run([AGENTTRACE, "run", "--help"], capture_output=True, text=True, timeout=60, env=env).stdout
+    assert "monitor|enforce" in h and "json|ocsf" in h and "allow|deny|off" in h
+
+
+def test_tail_output_formats_and_no_color(require_bpf):
+    """-o json: parseable records; -o compact / NO_COLOR: no escape sequences; -o color: colour
+    even into a pipe."""
+    cmd = ["--no-rules", "--", "/bin/sh", "-c", "/bin/true"]
+    r = _run("tail", "-o", "json", *cmd)
+    assert r.returncode == 0, r.stderr
+    recs = [orjson.loads(l) for l in r.stdout.splitlines()]
+    assert any(x["kind"] == "exec" and x["proc"]["exe"] == "/bin/true" for x in recs)
+    r = _run("tail", "-o", "json", "--kind", "exit", *cmd)
+    assert r.returncode == 0 and {orjson.loads(l)["kind"] for l in r.stdout.splitlines()} == {"exit"}
+    r = _run("tail", "-o", "compact", *cmd)
+    assert r.returncode == 0 and "/bin/true" in r.stdout and "\x1b[" not in r.stdout
+    r = _run("tail", "-o", "color", *cmd)
+    assert r.returncode == 0 and "\x1b[" in r.stdout
+    # NO_COLOR wins over the terminal default; a pipe is never coloured by default either
+    r = _run("tail", *cmd, env=dict(os.environ, NO_COLOR="1"))
+    assert r.returncode == 0 and "/bin/true" in r.stdout and "\x1b[" not in r.stdout
+
+
+def test_no_color_turns_off_the_terminal_default(monkeypatch):
+    import sys
+    from agenttrace.cli import color_default
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    assert color_default() is True
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert color_default() is False
+    monkeypatch.setenv("NO_COLOR", "")     # present but empty: no effect (no-color.org)
+    assert color_default() is True

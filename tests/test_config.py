@@ -71,9 +71,13 @@ def test_commented_examples_in_the_example_are_valid_too():
     text = text.replace("  file: null\n  #  path", "  file:\n    path").replace("  #  max_bytes", "    max_bytes")
     text = text.replace("  #  keep", "    keep")
     text = text.replace("  syslog: null\n  #  address", "  syslog:\n    address").replace("  #  facility", "    facility")
+    text = text.replace("  #  filter:", "    filter:")
+    for key in ("kinds", "min_severity", "agents", "labels"):
+        text = text.replace(f"  #    {key}:", f"      {key}:")
     # the gpu: block, uncommented line by line
     text = _uncomment_block(text.replace("gpu: null\n#gpu:", "gpu:"), "gpu:")
     cfg = parse_config(text, "uncommented.yaml")
+    assert cfg.sinks.syslog.filter.kinds == ["alert", "summary"] and cfg.sinks.syslog.filter.min_severity == "high"
     assert cfg.gpu is not None and cfg.gpu.groups[0].memory_quota_mib == 40960
     assert cfg.gpu.trainers[0].exe == ["/opt/train/bin/python*"]
     assert cfg.rules == ["/etc/agenttrace/rules.d/"]

@@ -1,101 +1,233 @@
-"""The Prometheus endpoint, scraped over loopback."""
+"""Prometheus metrics (prometheus-client): the registry's parts on their own, and a scrape of a
+real daemon parsed by `prometheus_client.parser`, its counters matching the records it emitted.
+The same daemon also delivers its records over syslog TCP to a real rsyslogd."""
 from __future__ import annotations
 
-import re
+import errno
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
 import urllib.error
 import urllib.request
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from agenttrace.metrics import MetricsServer, PipelineMetrics, Registry
+from agenttrace.metrics import Heartbeat, MetricsServer, RecordCounter, bounded, make_registry
+
+from conftest import AGENTTRACE
+
+PY = sys.executable
 
 
-def scrape(server: MetricsServer, path: str = "/metrics") -> tuple:
-    host, port = server.address
-    with urllib.request.urlopen(f"http://{host}:{port}{path}", timeout=30) as r:
-        return r.headers["Content-Type"], r.read().decode()
+def get(host, port, path="/metrics", accept=None):
+    req = urllib.request.Request(f"http://{host}:{port}{path}")
+    if accept:
+        req.add_header("Accept", accept)
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return r.status, r.headers["Content-Type"], r.read().decode()
 
 
-def parse(text: str) -> dict:
-    """{'name{labels}': value} for every sample line; checks the line grammar on the way."""
+def samples(text: str) -> dict:
+    """{(name, frozenset(labels)): value} from a parsed exposition."""
     out = {}
-    sample = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\]|\\.)*",?)*\})? (\S+)$')
-    for line in text.splitlines():
-        if line.startswith("#"):
-            assert re.match(r"^# (HELP|TYPE) \S+ .*$", line), line
-            continue
-        m = sample.match(line)
-        assert m, f"not a valid sample line: {line!r}"
-        out[m.group(1) + (m.group(2) or "")] = float(m.group(3))
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
     return out
 
 
-def test_pipeline_metrics_are_scraped_over_loopback():
-    pm = PipelineMetrics()
-    depths = {"sink:stdout": 3, "pipeline": 7}
-    pm.registry.gauge_func("agenttrace_sink_queue_depth", "Depth per sink.", lambda: depths, ["sink"])
-    pm.registry.counter_func("agenttrace_sink_dropped_total", "Drops per sink.", lambda: {"stdout": 5}, ["sink"])
-    pm.events.inc(kind="exec")
-    pm.events.inc(3, kind="connect")
-    pm.drops.set_total(12, source="kernel_ringbuf", agent="a1")
-    pm.alerts.inc(rule="tunnel.ssh", outcome="blocked")
-    pm.probe_up.set(1, probe="exec")
-    pm.probe_up.set(0, probe="gpu")
-    pm.agents.set(2)
-    srv = MetricsServer(pm.registry, "127.0.0.1", 0)
+def by_name(smp: dict, name: str) -> dict:
+    return {dict(k[1]).__repr__(): v for k, v in smp.items() if k[0] == name}
+
+
+def test_bounded_agent_labels_keep_the_top_and_sum_the_rest():
+    drops = {f"ep-{i}": i for i in range(1, 101)}
+    b = bounded(drops, 10)
+    assert len(b) == 11 and b["ep-100"] == 100 and "ep-1" not in b
+    assert sum(b.values()) == sum(drops.values())
+    assert bounded({"a": 1}, 10) == {"a": 1}
+
+
+def test_registry_without_a_tracer_serves_build_process_and_health():
+    beat = Heartbeat(max_silence_s=3600)
+    srv = MetricsServer(make_registry(), "127.0.0.1", 0, health=beat)
     try:
-        assert srv.address[0] == "127.0.0.1"
-        ctype, body = scrape(srv)
-        assert ctype.startswith("text/plain; version=0.0.4")
-        got = parse(body)
-        assert got['agenttrace_events_total{kind="exec"}'] == 1
-        assert got['agenttrace_events_total{kind="connect"}'] == 3
-        assert got['agenttrace_drops_total{source="kernel_ringbuf",agent="a1"}'] == 12
-        assert got['agenttrace_alerts_total{rule="tunnel.ssh",outcome="blocked"}'] == 1
-        assert got['agenttrace_probe_up{probe="gpu"}'] == 0
-        assert got['agenttrace_agents_watched'] == 2
-        assert got['agenttrace_sink_queue_depth{sink="sink:stdout"}'] == 3
-        assert got['agenttrace_sink_dropped_total{sink="stdout"}'] == 5
-        assert "# TYPE agenttrace_events_total counter" in body
-        assert "# TYPE agenttrace_queue_depth gauge" in body
-        # Scrape-time values follow their source.
-        depths["pipeline"] = 99
-        assert parse(scrape(srv)[1])['agenttrace_sink_queue_depth{sink="pipeline"}'] == 99
+        code, ctype, body = get(*srv.address)
+        assert code == 200 and ctype.startswith("text/plain; version=0.0.4")
+        smp = samples(body)
+        info = [dict(k[1]) for k in smp if k[0] == "agenttrace_build_info"]
+        assert info and info[0]["version"] and info[0]["kernel"] == os.uname().release
+        assert smp[("process_resident_memory_bytes", frozenset())] > 0
+        assert ("python_info", frozenset()) not in smp   # has labels
+        assert any(k[0] == "python_info" for k in smp)
+        # OpenMetrics when the scraper asks for it
+        _, ctype, body = get(*srv.address, accept="application/openmetrics-text; version=1.0.0")
+        assert ctype.startswith("application/openmetrics-text") and body.rstrip().endswith("# EOF")
+        assert get(*srv.address, "/healthz")[2] == "ok\n"
+        beat.last -= 7200
         with pytest.raises(urllib.error.HTTPError) as ei:
-            scrape(srv, "/other")
+            get(*srv.address, "/healthz")
+        assert ei.value.code == 503
+        with pytest.raises(urllib.error.HTTPError) as ei:
+            get(*srv.address, "/other")
         assert ei.value.code == 404
     finally:
         srv.close()
 
 
-def test_label_values_from_agents_are_escaped():
-    r = Registry()
-    c = r.counter("x_total", "help with \\ and\nnewline", ["agent"])
-    c.inc(agent='ev"il\\\n} 1\nfake_metric 1')
-    text = r.render()
-    got = parse(text)
-    assert "fake_metric" not in got
-    assert list(k for k in got if k.startswith("x_total")) == ['x_total{agent="ev\\"il\\\\\\n} 1\\nfake_metric 1"}']
+def test_record_counter_counts_kinds_and_alerts_by_rule():
+    rc = RecordCounter()
+    rc([{"kind": "exec"}, {"kind": "exec"}, {"kind": "alert", "rule": {"id": "r1", "severity": "high",
+                                                                     "outcome": "blocked"}}])
+    kinds, alerts = rc.snapshot()
+    assert kinds == {"exec": 2, "alert": 1} and alerts == {("r1", "high", "blocked"): 1}
 
 
-def test_a_failing_callback_does_not_break_the_scrape():
-    r = Registry()
-    r.gauge_func("broken", "raises", lambda: 1 / 0)
-    g = r.gauge("fine", "ok")
-    g.set(4)
-    got = parse(r.render())
-    assert got["fine"] == 4 and "broken" not in got
-    assert got["agenttrace_metrics_collect_errors_total"] == 1
+RULES = """
+rules:
+  - id: test-metrics-block-{port}
+    description: test rule, blocks one loopback port
+    category: egress
+    severity: high
+    on: [connect]
+    match:
+      dst: {{cidrs: ["127.0.0.1/32"], ports: [{port}]}}
+    action: block
+"""
 
 
-def test_misuse_is_refused():
-    r = Registry()
-    c = r.counter("a_total", "a", ["kind"])
-    with pytest.raises(ValueError):
-        c.inc(-1, kind="x")
-    with pytest.raises(ValueError):
-        c.inc(agent="x")
-    with pytest.raises(ValueError):
-        r.counter("a_total", "again")
-    with pytest.raises(ValueError):
-        r.gauge("bad-name", "x")
+def _free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+@pytest.fixture
+def rsyslogd(tmp_path):
+    from rsyslog import RSYSLOGD, Rsyslogd
+    if not os.path.exists(RSYSLOGD):
+        pytest.fail("rsyslogd not installed: scripts/setup.sh --test installs it")
+    r = Rsyslogd(tmp_path / "rsyslog").start()
+    yield r
+    r.stop()
+
+
+def test_daemon_metrics_match_the_records_it_emitted(tmp_path, agent_tree, rsyslogd):
+    from test_daemon import Daemon
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    port = srv.getsockname()[1]
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES.format(port=port))
+    mport = _free_port()
+    a = agent_tree.agent("m1")
+    d = Daemon(tmp_path, agent_tree.root, rules, tmp_path / "unused-pins")
+    d.cfg.write_text(textwrap.dedent(f"""
+        mode: enforce
+        agents:
+          - cgroup: /{agent_tree.root.name}
+        rules: [{rules}]
+        sinks:
+          stdout: false
+          file: {{path: {d.out}}}
+          socket: {{path: {d.sock}}}
+          syslog:
+            address: "tcp://127.0.0.1:{rsyslogd.tcp_port}"
+            facility: local4
+            filter: {{kinds: [exec, alert], agents: ["m*"]}}
+        metrics: {{enabled: true, listen: "127.0.0.1:{mport}"}}
+    """))
+    try:
+        d.start()
+        assert d.wait_record(lambda r: r.get("phase") == "started")
+        for _ in range(3):
+            r = agent_tree.run(a, [PY, "-c", f"import socket; print(socket.socket().connect_ex(('127.0.0.1', {port})))"])
+            assert int(r.stdout) == errno.EPERM
+        # (repeats of one alert may be folded by the engine's dedup: at least one is written)
+        assert len(d.wait_record(lambda r: r.get("kind") == "alert")) >= 1
+        deadline = time.monotonic() + 60
+        counted = kinds = None
+        # the file sink writes from its own queue: wait until it holds what the tap counted
+        while time.monotonic() < deadline:
+            smp = samples(get("127.0.0.1", mport)[2])
+            counted = {dict(k[1])["kind"]: v for k, v in smp.items() if k[0] == "agenttrace_records_total"}
+            recs = d.records()
+            kinds = {}
+            for r in recs:
+                kinds[r["kind"]] = kinds.get(r["kind"], 0) + 1
+            if counted == kinds:
+                break
+            time.sleep(0.2)
+        assert counted == kinds and kinds["alert"] >= 1 and kinds["exec"] >= 3
+        alerts = {(dict(k[1])["rule"], dict(k[1])["outcome"]): v for k, v in smp.items()
+                  if k[0] == "agenttrace_alerts_total"}
+        file_alerts = {}
+        for r in recs:
+            if r["kind"] == "alert":
+                key = (r["rule"]["id"], r["rule"]["outcome"])
+                file_alerts[key] = file_alerts.get(key, 0) + 1
+        assert alerts == file_alerts and alerts[(f"test-metrics-block-{port}", "blocked")] >= 1
+
+        # probe state from the loaded programs: every default feature's programs are up, and
+        # each cgroup program is linked to the one watched cgroup
+        up = {(dict(k[1])["feature"], dict(k[1])["program"]): v for k, v in smp.items()
+              if k[0] == "agenttrace_probe_up"}
+        assert up[("proc", "sched:sched_process_exec")] == 1 and up[("net", "at_connect4")] == 1
+        assert set(f for f, _ in up) >= {"proc", "net", "listen", "flow", "dns"} and all(v == 1 for v in up.values())
+        links = {dict(k[1])["program"]: v for k, v in smp.items() if k[0] == "agenttrace_probe_cgroup_links"}
+        assert links and all(v == 1 for v in links.values())
+        assert smp[("agenttrace_mode", frozenset({("mode", "enforce")}))] == 1
+        assert smp[("agenttrace_watched_cgroups", frozenset())] == 1
+        assert any(k[0] == "agenttrace_build_info" for k in smp)
+        assert smp[("process_resident_memory_bytes", frozenset())] > 0
+        assert smp[("process_open_fds", frozenset())] > 0
+        assert ("agenttrace_sink_drops_total", frozenset({("sink", f"syslog:tcp://127.0.0.1:{rsyslogd.tcp_port}")})) in smp
+        assert get("127.0.0.1", mport, "/healthz")[2] == "ok\n"
+        # what is served is what the README lists, no more, no less
+        import re
+        from pathlib import Path
+        readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+        para = readme[readme.index("- Metrics (`metrics.enabled`"):readme.index("### Shipping records")]
+        documented = set(re.findall(r"`(agenttrace_[a-z_]+)", para))
+        body = get("127.0.0.1", mport)[2]
+        served = set(re.findall(r"^# TYPE (agenttrace_[a-z_]+) ", body, re.M))   # families without samples too
+        assert served == documented, (served - documented, documented - served)
+
+        # the same records, as the syslog sink's filter selects them, reached rsyslogd over
+        # TCP, each once
+        file_lines = [json.dumps(r, sort_keys=True) for r in d.records()
+                      if r["kind"] in ("exec", "alert") and (r.get("agent") or {}).get("id", "").startswith("m")]
+        assert len(file_lines) >= 4
+        got = rsyslogd.wait_lines(len(file_lines))
+        assert sorted(json.dumps(json.loads(m), sort_keys=True) for _, _, m in got) == sorted(file_lines)
+        assert all(inp == "imtcp" for inp, _, _ in got)
+    finally:
+        assert d.stop() == 0
+        srv.close()
+
+
+def test_probe_state_is_read_from_the_loaded_programs(agent_tree):
+    """Detach one cgroup program behind the tracer's back: its series goes to 0, the rest stay."""
+    from agenttrace.metrics import probe_states
+    from agenttrace.runtime import Options, Tracer
+    t = Tracer(Options(cgroups=[agent_tree.root]), [])
+    t.start()
+    try:
+        states = {(f, p): (up, n) for f, p, _h, up, n in probe_states(t.probes)}
+        assert states[("net", "at_connect4")] == (True, 1) and states[("proc", "sched:sched_process_exec")][0]
+        att = next(iter(t.probes._attached.values()))
+        os.close(att.link_fds[0])        # at_connect4's link to the watched cgroup: detached
+        states = {(f, p): (up, n) for f, p, _h, up, n in probe_states(t.probes)}
+        assert states[("net", "at_connect4")] == (False, 0)
+        assert states[("net", "at_connect6")] == (True, 1)
+        att.link_fds[0] = os.open("/dev/null", os.O_RDONLY)   # something for close() to close
+    finally:
+        t.stop()

@@ -1,6 +1,5 @@
-"""OCSF rendering: the mandatory base fields on every class, and each class's own required
-attributes (OCSF 1.x: Process Activity needs actor, device, process; Network/DNS Activity
-at least one endpoint; Detection Finding finding_info with uid and title)."""
+"""OCSF rendering: what each record kind maps to, the mandatory base fields, and each class's
+own required attributes. The check against the official schema is test_ocsf_schema.py."""
 from __future__ import annotations
 
 import copy
@@ -40,7 +39,8 @@ def check_base(ev, class_uid, category_uid):
     assert ev["time"] == parse_ns(TS) // 1_000_000
     md = ev["metadata"]
     assert md["version"] == OCSF_VERSION and md["version"].startswith("1.")
-    assert md["product"]["name"] == "agenttrace" and md["product"]["vendor_name"]
+    assert md["product"]["name"] == "agenttrace" and md["product"]["vendor_name"] and md["product"]["version"]
+    assert md["version"] == "1.4.0"
     assert ev["unmapped"]["agent"]["id"] == "a1"
 
 
@@ -92,9 +92,12 @@ def test_listen_and_flow_are_network_activity():
     check_base(ev, 4001, 4)
     assert ev["activity_id"] == 7 and ev["dst_endpoint"]["port"] == 8080
     ev = to_ocsf(base("flow", proc=PROC, net=dict(NET, verdict="allowed", result="established"),
-                      flow={"protocol": "tls", "detail": {"sni": "pool.example"}}))
+                      flow={"protocol": "tls", "detail": {"sni": "pool.example", "version": "TLS 1.3"}}))
     check_base(ev, 4001, 4)
-    assert ev["activity_id"] == 6 and ev["app_name"] == "tls" and ev["tls"]["sni"] == "pool.example"
+    assert ev["activity_id"] == 6 and ev["app_name"] == "tls" and ev["tls"] == {"version": "TLS 1.3", "sni": "pool.example"}
+    # tls.version is required by OCSF: a hello whose version is unknown keeps the SNI unmapped
+    ev = to_ocsf(base("flow", proc=PROC, net=NET, flow={"protocol": "tls", "detail": {"sni": "pool.example"}}))
+    assert "tls" not in ev and ev["unmapped"]["flow"]["detail"]["sni"] == "pool.example"
 
 
 def test_dns_is_dns_activity():
@@ -103,8 +106,23 @@ def test_dns_is_dns_activity():
     check_base(ev, 4003, 4)
     assert ev["activity_id"] == 1 and ev["query"]["hostname"] == "pool.example" and ev["query"]["type"] == "A"
     assert ev["dst_endpoint"] == {"ip": "10.0.0.53", "port": 53}
-    ev = to_ocsf(base("dns", proc=PROC, dns=dict(d, answers=["198.51.100.9"])))
-    assert ev["activity_id"] == 6 and ev["answers"] == [{"rdata": "198.51.100.9"}]
+    ev = to_ocsf(base("dns", proc=PROC, dns=dict(d, response=True, rcode="NOERROR", answers=["198.51.100.9"])))
+    assert (ev["activity_id"], ev["activity_name"]) == (2, "Response") and ev["answers"] == [{"rdata": "198.51.100.9"}]
+    assert (ev["rcode_id"], ev["rcode"]) == (0, "NoError")
+
+
+def test_dns_nxdomain_is_a_response_with_its_rcode_and_the_client_endpoint():
+    net = {"proto": "udp", "family": "ipv4", "src": {"addr": "10.0.0.5", "port": 5353},
+           "dst": {"addr": "10.0.0.53", "port": 53}, "verdict": "allowed"}
+    d = {"query": "nothing.example", "qtype": "A", "server": {"addr": "10.0.0.53", "port": 53},
+         "response": True, "rcode": "NXDOMAIN", "direction": "ingress"}
+    ev = to_ocsf(base("dns", proc=PROC, net=net, dns=d))
+    assert ev["activity_id"] == 2 and (ev["rcode_id"], ev["rcode"]) == (3, "NXDomain")
+    assert ev["src_endpoint"] == {"ip": "10.0.0.5", "port": 5353}
+    assert ev["dst_endpoint"] == {"ip": "10.0.0.53", "port": 53}
+    # names that are not host names (underscores, empty) stay unmapped, never half-valid
+    ev = to_ocsf(base("dns", proc=PROC, net=net, dns=dict(d, query="_dmarc.example")))
+    assert "query" not in ev and ev["unmapped"]["dns"]["query"] == "_dmarc.example"
 
 
 @pytest.mark.parametrize("severity,sev_id", [("info", 1), ("low", 2), ("medium", 3), ("high", 4), ("critical", 5)])
@@ -125,9 +143,38 @@ def test_alert_is_detection_finding(severity, sev_id):
 
 
 def test_alert_outcomes():
-    for outcome, disp in (("reported", 15), ("killed", 7)):
+    for outcome, action, disp in (("reported", 3, 15), ("blocked", 2, 2), ("killed", 2, 7),
+                                  ("frozen", 2, 4), ("exited", 3, 16)):
         ev = to_ocsf(base("alert", rule={"id": "r", "severity": "high", "outcome": outcome}))
-        assert ev["disposition_id"] == disp
+        assert (ev["action_id"], ev["disposition_id"]) == (action, disp), outcome
+        assert "security_control" in ev["metadata"]["profiles"]
+
+
+def test_finding_uid_is_unique_per_alert_and_stable_per_record():
+    a = base("alert", rule={"id": "r", "severity": "high", "outcome": "reported"}, proc=PROC)
+    b = dict(a, proc=dict(PROC, pid=322))    # same rule, agent and ts: another alert
+    ua, ub = to_ocsf(a)["finding_info"]["uid"], to_ocsf(b)["finding_info"]["uid"]
+    assert ua != ub and to_ocsf(copy.deepcopy(a))["finding_info"]["uid"] == ua
+
+
+def test_kernel_killed_exec_is_a_denied_launch():
+    ev = to_ocsf(base("exec", proc=dict(PROC, killed_in_kernel=True)))
+    assert ev["activity_id"] == 1 and (ev["action_id"], ev["disposition_id"]) == (2, 2)
+    ev = to_ocsf(base("exec", proc=PROC))
+    assert "action_id" not in ev and "security_control" not in ev["metadata"]["profiles"]
+
+
+def test_parent_process_is_the_parent_not_the_creator():
+    # reparented to init after its creator (ancestry[0], pid 300) exited
+    ev = to_ocsf(base("exec", proc=dict(PROC, ppid=1)))
+    assert ev["process"]["parent_process"] == {"pid": 1}
+    assert ev["process"]["lineage"][0] == "/usr/bin/python3.11"
+
+
+@pytest.mark.parametrize("scope,bid", [("loopback", 1), ("internal", 2), ("external", 3), ("metadata", 99)])
+def test_scope_is_the_connection_boundary(scope, bid):
+    ev = to_ocsf(base("connect", proc=PROC, net=dict(NET, dst=dict(NET["dst"], scope=scope))))
+    assert ev["connection_info"]["boundary_id"] == bid
 
 
 def test_lifecycle_and_unmapped_kinds():
@@ -135,6 +182,8 @@ def test_lifecycle_and_unmapped_kinds():
     check_base(ev, 6002, 6)
     assert ev["activity_id"] == 3 and ev["app"]["name"] == "agenttrace"
     assert ev["unmapped"]["counters"] == {"events": 0}
+    ev = to_ocsf(base("lifecycle", phase="stats"))
+    assert (ev["activity_id"], ev["activity_name"], ev["type_name"]) == (99, "stats", "Application Lifecycle: Other")
     ev = to_ocsf(base("gpu", proc=PROC, gpu={"index": 0, "uuid": "GPU-1", "name": "H100",
                                                "used_memory_mib": 10, "sm_util_pct": 99}))
     check_base(ev, 0, 0)

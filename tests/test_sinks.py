@@ -405,6 +405,7 @@ def test_syslog_counts_oversize_messages(tmp_path):
 
 @pytest.mark.parametrize("addr,ok", [
     ("/dev/log", True), ("udp://127.0.0.1:514", True), ("[::1]:514", True), ("127.0.0.1:514", True),
+    ("tcp://127.0.0.1:6514", True), ("tcp://[::1]:514", True), ("tcp://loghost:514", False),
     ("localhost:514", False), ("udp://127.0.0.1", False), ("udp://127.0.0.1:0", False),
 ])
 def test_syslog_address_parsing(addr, ok):

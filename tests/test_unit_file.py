@@ -14,7 +14,7 @@ import pytest
 from agenttrace.config import DEFAULT_PATH, DEFAULT_SOCKET
 
 UNIT = Path(__file__).resolve().parent.parent / "packaging" / "agenttrace.service"
-EXEC = "/usr/local/bin/agenttrace"
+EXEC = "/opt/agenttrace/bin/agenttrace"   # the Debian package's prefix (make deb)
 
 
 def analyze() -> str:

@@ -2,19 +2,37 @@
 that do the work. Exit codes live in exitcodes.Exit."""
 from __future__ import annotations
 
+import enum
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Literal, Optional
 
 import typer
 
 from . import __version__
 from .exitcodes import Exit
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+app = typer.Typer(add_completion=True, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="agenttrace: eBPF tracing and policy for AI-agent processes.")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"agenttrace {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                       help="Print the version and exit.")) -> None:
+    """agenttrace: eBPF tracing and policy for AI-agent processes."""
+
+
+def color_default() -> bool:
+    """Colour when writing to a terminal, unless NO_COLOR is set (https://no-color.org)."""
+    return sys.stdout.isatty() and not os.environ.get("NO_COLOR")
 
 
 from .session import InputError as BadInput  # one input-error type for every front end
@@ -107,8 +125,8 @@ def run(
     cmd: Optional[List[str]] = typer.Argument(None, metavar="[-- CMD ARGS...]",
                                               help="Start CMD in a fresh agent cgroup and trace it until it exits."),
     cgroup: List[str] = typer.Option([], "--cgroup", "-c", help="Watch this cgroup (relative to the cgroup2 mount or absolute); each child is an agent. Repeatable."),
-    mode: str = typer.Option("monitor", "--mode", help="monitor (report only) or enforce (apply rule actions)."),
-    fmt: str = typer.Option("json", "--format", help="json or ocsf"),
+    mode: Literal["monitor", "enforce"] = typer.Option("monitor", "--mode", help="monitor (report only) or enforce (apply rule actions)."),
+    fmt: Literal["json", "ocsf"] = typer.Option("json", "--format", help="Record format: the agenttrace JSON lines, or OCSF 1.4.0 events."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write JSON lines here instead of stdout."),
     internal: List[str] = typer.Option([], "--internal", help="CIDR that counts as internal (adds to RFC 1918 & co). Repeatable."),
     agent: Optional[str] = typer.Option(None, "--agent", help="Agent name for -- CMD (default run-<pid>)."),
@@ -119,7 +137,7 @@ def run(
     no_dns: bool = typer.Option(False, "--no-dns", help=NOT_HELP.format("DNS")),
     no_listen: bool = typer.Option(False, "--no-listen", help=NOT_HELP.format("listen/accept")),
     files: bool = typer.Option(False, "--files/--no-files", help=FILES_HELP),
-    gpu: str = typer.Option("allow", "--gpu", help="GPU policy for the traced agents: allow, deny (fenced in enforce mode) or off (no NVML, no fence)."),
+    gpu: Literal["allow", "deny", "off"] = typer.Option("allow", "--gpu", help="GPU policy for the traced agents: allow, deny (fenced in enforce mode) or off (no NVML, no fence)."),
     wakeup_ms: float = typer.Option(5.0, "--wakeup-ms", help="Longest a record waits in the kernel ring buffer before it is read; 0 wakes the reader on every record (costs ~20 us of kernel time per event on VMs)."),
     user: Optional[str] = typer.Option(None, "--user", help="Run CMD as this user (name or uid) instead of root."),
     label: List[str] = typer.Option([], "--label", "-l", help="KEY=VALUE on every record's agent object (repeatable); wins over user.agenttrace.KEY xattrs on the cgroup."),
@@ -192,20 +210,30 @@ def run(
         flag.restore()
 
 
+# An Enum, not a Literal: typer shows and checks the choices of a repeatable option only so.
+RecordKind = enum.Enum("RecordKind", {k: k for k in (
+    "exec", "fork", "exit", "connect", "listen", "dns", "flow", "gpu", "device", "file", "alert",
+    "lifecycle", "summary")}, type=str)
+
+
 @app.command()
 def tail(
     cmd: Optional[List[str]] = typer.Argument(None, metavar="[-- CMD ARGS...]"),
     cgroup: List[str] = typer.Option([], "--cgroup", "-c", help="Trace these cgroups yourself (when no daemon runs)."),
     socket_path: Path = typer.Option(Path("/run/agenttrace/events.sock"), "--socket", help="The daemon's event socket."),
     agent_f: List[str] = typer.Option([], "--agent", help="Only these agents (repeatable)."),
-    kind: List[str] = typer.Option([], "--kind", help="Only these event kinds (repeatable)."),
-    severity: Optional[str] = typer.Option(None, "--severity", help="Only alerts at or above this severity."),
+    kind: List[RecordKind] = typer.Option([], "--kind", help="Only these event kinds (repeatable)."),
+    severity: Optional[Literal["info", "low", "medium", "high", "critical"]] = typer.Option(
+        None, "--severity", help="Only alerts at or above this severity."),
     alerts: bool = typer.Option(False, "--alerts", help="Only alerts."),
-    color: Optional[bool] = typer.Option(None, "--color/--no-color", help="Colour (default: when a terminal)."),
+    output_fmt: Optional[Literal["json", "compact", "color"]] = typer.Option(
+        None, "--output", "-o", help="json: one JSON record per line (for jq); compact: one plain line per "
+        "event; color: the same, coloured. Default: color on a terminal unless NO_COLOR is set, else compact."),
+    color: Optional[bool] = typer.Option(None, "--color/--no-color", help="Same as -o color / -o compact."),
     files: bool = typer.Option(False, "--files/--no-files", help=FILES_HELP),
     rules: List[str] = typer.Option([], "--rules", "-r", help="When tracing itself: rule file or folder (repeatable; default: the built-in pack)."),
     no_rules: bool = typer.Option(False, "--no-rules", help="When tracing itself: no rules, no alerts."),
-    mode: str = typer.Option("monitor", "--mode", help="When tracing itself: monitor or enforce."),
+    mode: Literal["monitor", "enforce"] = typer.Option("monitor", "--mode", help="When tracing itself: monitor or enforce."),
     internal: List[str] = typer.Option([], "--internal", help="When tracing itself: CIDR that counts as internal. Repeatable."),
     label: List[str] = typer.Option([], "--label", "-l", help="Only records whose agent has KEY=VALUE (repeatable; e.g. episode=ep-7). Filtered by the daemon when attached to it."),
 ):
@@ -214,19 +242,26 @@ def tail(
     from .runner import StopFlag, run_command, trace_cgroups
     from .probes import ProbeError
     from .cgroups import CgroupError
+    from .sinks import dumps_line
     from . import session as S
-    use_color = sys.stdout.isatty() if color is None else color
+    if output_fmt is None:
+        output_fmt = ("color" if color else "compact") if color is not None else \
+            ("color" if color_default() else "compact")
+    use_color = output_fmt == "color"
     try:
-        filt = Filter(agents=agent_f or None, kinds=kind or None, min_severity=severity, alerts_only=alerts)
         want = _labels(label)
+        # one matcher (sinkfilter.RecordFilter) for every tail filter, labels included
+        filt = Filter(agents=agent_f or None, kinds=[k.value for k in kind] or None, min_severity=severity,
+                      alerts_only=alerts, labels=want)
     except BadInput as e:
         raise fail(str(e))
     except ValueError as e:
         raise fail(str(e))
 
-    def _labelled(r) -> bool:
-        a = r.get("agent") or {}
-        return all(a.get(k) == v for k, v in want.items())
+    def line(r: dict) -> str:
+        if output_fmt == "json":
+            return dumps_line(r)[:-1].decode()
+        return render(r, color=use_color)
 
     class _TermSink:
         name = "terminal"
@@ -236,10 +271,11 @@ def tail(
         def emit_batch(self, records):
             out = []
             for r in records:
-                # the tracer's own state (attached, reloaded, stopped) shows whatever the filter
-                if (filt.accepts(r) and (not want or _labelled(r))) or \
-                        (r.get("kind") == "lifecycle" and r.get("phase") in TAIL_ALWAYS):
-                    out.append(render(r, color=use_color))
+                # the tracer's own state (attached, reloaded, stopped) shows whatever the filter,
+                # to a person; `-o json` feeds programs, which get exactly what they filtered
+                if filt.accepts(r) or (output_fmt != "json" and r.get("kind") == "lifecycle"
+                                       and r.get("phase") in TAIL_ALWAYS):
+                    out.append(line(r))
             if not out:
                 return
             text = "\n".join(out) + "\n"
@@ -432,7 +468,7 @@ def demo(color: Optional[bool] = typer.Option(None, "--color/--no-color"),
         _require_root()
     except BadInput as e:
         raise fail(str(e))
-    use_color = sys.stdout.isatty() if color is None else color
+    use_color = color_default() if color is None else color
     if events is not None and not events.parent.is_dir():
         raise fail(f"--events: folder {events.parent} does not exist")
     raise typer.Exit(run_demo(typer.echo, color=use_color, events_path=str(events) if events else None))
@@ -450,7 +486,7 @@ def report(events: Path = typer.Argument(..., help="Recorded JSON lines (agenttr
         raise fail(f"{events}: no such file")
     if html_out is not None and not html_out.parent.is_dir():
         raise fail(f"--html: folder {html_out.parent} does not exist")
-    use_color = (sys.stdout.isatty() and not os.environ.get("NO_COLOR")) if color is None else color
+    use_color = color_default() if color is None else color
     try:
         rc = run_report(str(events), str(html_out) if html_out else None, typer.echo, color=use_color,
                         limit=limit, agents=agent_f or None)

@@ -105,8 +105,32 @@ class AgentWatch(_Model):
                                 path="/" + "/".join(parts), cgroup_id=cgroup_id)
 
 
+RECORD_KINDS = ("exec", "fork", "exit", "connect", "listen", "dns", "flow", "gpu", "device", "file",
+                "alert", "lifecycle", "summary")
+
+
+class SinkFilterConfig(_Model):
+    """Which records one sink takes (tracer/sinkfilter.py); every key optional, ANDed."""
+    kinds: Optional[List[Literal[RECORD_KINDS]]] = None  # type: ignore[valid-type]
+    min_severity: Optional[Literal["info", "low", "medium", "high", "critical"]] = None
+    agents: Optional[List[str]] = None
+    labels: Dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("kinds", "agents")
+    @classmethod
+    def _nonempty(cls, v):
+        if v is not None and not v:
+            raise ValueError("an empty list would match nothing; leave the key out to match all")
+        return v
+
+
+class StdoutSinkConfig(_Model):
+    filter: Optional[SinkFilterConfig] = None
+
+
 class FileSinkConfig(_Model):
     path: str
+    filter: Optional[SinkFilterConfig] = None
     max_bytes: ByteSize = ByteSize(100 * 1024 * 1024)
     keep: int = Field(5, ge=1, le=1000)
 
@@ -134,6 +158,7 @@ class SocketSinkConfig(_Model):
 class SyslogSinkConfig(_Model):
     address: str = "/dev/log"
     facility: str = "daemon"
+    filter: Optional[SinkFilterConfig] = None
 
     @field_validator("address")
     @classmethod
@@ -153,7 +178,8 @@ class SyslogSinkConfig(_Model):
 
 class SinksConfig(_Model):
     format: Literal["json", "ocsf"] = "json"
-    stdout: bool = True
+    # true/false, or {filter: {...}} for stdout with a filter
+    stdout: Union[bool, StdoutSinkConfig] = True
     file: Optional[FileSinkConfig] = None
     socket: Optional[SocketSinkConfig] = Field(default_factory=SocketSinkConfig)
     syslog: Optional[SyslogSinkConfig] = None
@@ -197,6 +223,8 @@ def _parse_listen(v: str) -> tuple:
 class MetricsConfig(_Model):
     enabled: bool = False
     listen: str = "127.0.0.1:9464"
+    # per-agent series kept (agents with the most drops); the rest are summed as `_other`
+    max_agents: int = Field(50, ge=1, le=10000)
 
     @field_validator("listen")
     @classmethod
@@ -237,6 +265,8 @@ class Config(_Model):
     agents: List[AgentWatch] = Field(default_factory=list)
     rules: List[str] = Field(default_factory=list)
     internal_cidrs: List[Union[ipaddress.IPv4Network, ipaddress.IPv6Network]] = Field(default_factory=list)
+    # the subnets of the node's own interfaces (netlink) count as internal too
+    node_subnets_internal: bool = True
     # Validated by the models that use them, so an error names file, line and field.
     egress: Optional[Dict[str, EgressPolicy]] = None
     gpu: Optional[GpuConfig] = None

@@ -119,17 +119,25 @@ def run_daemon(config_path: str, status_path: Path = STATUS_PATH) -> int:
     flag = StopFlag().install()
     tracer, fanout = _tracer_from(cfg, rs)
     metrics = None
+    records = heartbeat = None
+    if cfg.metrics.enabled:
+        from .metrics import Heartbeat, RecordCounter
+        records, heartbeat = RecordCounter(), Heartbeat()
+        fanout.tap(records)      # before start: the `started` record counts too
     try:
         tracer.start()
         watcher = PatternWatcher(cfg.agents, tracer)
         watcher.scan()
+        # connections the agents opened while no daemon ran (tracer/inventory.py)
+        from .inventory import inventory
+        inventory(tracer)
         pinning = cfg.pinning.enabled and cfg.pinning.fail_mode == "closed"
         if pinning:
             tracer.probes.enable_pinning(Path(cfg.pinning.path))
             tracer.probes.remove_foreign_pins()
             tracer.keep_pins = True
         if cfg.metrics.enabled:
-            metrics = _start_metrics(cfg, tracer, fanout)
+            metrics = _start_metrics(cfg, tracer, fanout, records, heartbeat)
         write_status(tracer, cfg, status_path)
         notifier.ready(f"watching {len(tracer.agents.known())} agent cgroups, mode {cfg.mode}")
         last = 0.0
@@ -141,6 +149,8 @@ def run_daemon(config_path: str, status_path: Path = STATUS_PATH) -> int:
             if not tracer.backlog or tracer.records_read != pinged_at:
                 if notifier.tick():
                     pinged_at = tracer.records_read
+                if heartbeat is not None:      # /healthz vouches on the same terms
+                    heartbeat.beat()
             if flag.reload:
                 flag.reload = False
                 notifier.reloading()
@@ -203,16 +213,17 @@ def _reload(config_path, old_cfg, tracer, watcher):
     if later:
         return failed(f"{config_path}: {', '.join(later)} changed: these take effect only when the "
                       "daemon restarts; nothing was changed")
-    new_internal = [str(c) for c in cfg.internal_cidrs]
-    old_internal = tracer.opts.internal
-    tracer.opts.internal = new_internal
+    from . import session as S
+    new_internal, own = S.config_internal(cfg)
+    old_internal, old_own = tracer.opts.internal, getattr(tracer.opts, "node_subnets", [])
+    tracer.opts.internal, tracer.opts.node_subnets = new_internal, own
     try:
         ok = tracer.reload_rules(rs, mode=cfg.mode)     # policy first: it may not fit
     except Exception as e:      # reload_rules keeps the running policy whatever it raises
-        tracer.opts.internal = old_internal
+        tracer.opts.internal, tracer.opts.node_subnets = old_internal, old_own
         return failed(f"applying the rules failed: {type(e).__name__}: {e}")
     if not ok:
-        tracer.opts.internal = old_internal
+        tracer.opts.internal, tracer.opts.node_subnets = old_internal, old_own
         log.error("agenttrace: reload failed, keeping the running config and rules")
         return old_cfg
     try:
@@ -229,20 +240,8 @@ def _reload(config_path, old_cfg, tracer, watcher):
     return cfg
 
 
-
-
-def _start_metrics(cfg, tracer, fanout):
-    from .metrics import MetricsServer, Registry
-    reg = Registry()
-    reg.counter_func("agenttrace_events_total", "Events by kind",
-                   lambda: {(k,): v for k, v in tracer.counts.items()}, ["kind"])
-    reg.counter_func("agenttrace_kernel_drops_total", "Ring-buffer drops by agent",
-                   lambda: {(a,): n for a, n in tracer.counters()["drops"]["kernel_by_agent"].items()}, ["agent"])
-    reg.counter_func("agenttrace_sink_drops_total", "Drops by sink",
-                   lambda: {(k,): v for k, v in fanout.drops().items()}, ["sink"])
-    reg.gauge_func("agenttrace_queue_depth", "Sink queue depths",
-                   lambda: {(k,): v for k, v in fanout.depths().items()}, ["sink"])
-    reg.counter_func("agenttrace_alerts_total", "Alerts raised", lambda: tracer.alerts)
-    reg.gauge_func("agenttrace_probe_up", "Probes loaded and attached",
-                   lambda: {(f,): 1 if tracer.probes else 0 for f in tracer.opts.features}, ["probe"])
-    return MetricsServer(reg, *cfg.metrics.address)
+def _start_metrics(cfg, tracer, fanout, records, heartbeat):
+    from .metrics import MetricsServer, make_registry
+    reg = make_registry(tracer, fanout, records, max_agents=cfg.metrics.max_agents,
+                        features=tracer.opts.features)
+    return MetricsServer(reg, *cfg.metrics.address, health=heartbeat)

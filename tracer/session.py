@@ -57,6 +57,7 @@ class SessionOptions:
     egress: Optional[Dict[str, Any]] = None
     node: Optional[str] = None
     act_queue: int = 1024                # pending userspace actions (kills/freezes) at most
+    node_subnets: List[str] = field(default_factory=list)   # of `internal`: the node's own links
 
 
 def features(no_net: bool = False, no_flow: bool = False, no_dns: bool = False,
@@ -106,11 +107,24 @@ def load_ruleset(opts: SessionOptions):
     return rs
 
 
+def config_internal(cfg) -> tuple[List[str], List[str]]:
+    """(internal CIDRs, of which the node's own subnets) for a config: `internal_cidrs`, plus
+    the node's interface subnets (netlink, tracer/nodenet.py) unless `node_subnets_internal`
+    is off. Read again on each reload: interfaces change."""
+    given = [str(c) for c in cfg.internal_cidrs]
+    if not getattr(cfg, "node_subnets_internal", False):
+        return given, []
+    from .nodenet import node_subnets
+    own = node_subnets(exclude=given)
+    return given + own, own
+
+
 def from_config(cfg) -> SessionOptions:
     """The daemon's session, from a validated `config.Config`."""
     feats = features(files=cfg.probes.files)
+    internal, own = config_internal(cfg)
     return SessionOptions(
-        cgroups=[], mode=cfg.mode, internal=[str(c) for c in cfg.internal_cidrs], features=feats,
+        cgroups=[], mode=cfg.mode, internal=internal, node_subnets=own, features=feats,
         ringbuf_pages=cfg.limits.ring_buffer_pages, proc_table_size=cfg.limits.proc_table_size,
         stats_interval_s=cfg.limits.stats_interval, gpu=cfg.gpu,
         rate_limit=cfg.limits.agent_events_per_sec,
@@ -134,6 +148,8 @@ def describe(tracer) -> dict:
     """What `lifecycle/started` says is active: probes, features, rules, mode, enforcement."""
     e = tracer.engine
     out: Dict[str, Any] = {"features": list(tracer.opts.features)}
+    if getattr(tracer.opts, "node_subnets", None):
+        out["node_subnets"] = list(tracer.opts.node_subnets)
     if e is not None:
         rs = e.ruleset
         out["ruleset"] = {"count": len(rs.rules),

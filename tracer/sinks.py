@@ -17,6 +17,7 @@ import socket
 import struct
 import tempfile
 import threading
+import time
 from typing import Any, Callable, Dict, IO, Iterable, Iterator, List, Optional
 
 import orjson
@@ -580,64 +581,87 @@ _FACILITIES = {
 }
 
 
-def parse_syslog_address(address: str) -> tuple:
-    """'/dev/log' → (AF_UNIX, '/dev/log'); 'udp://127.0.0.1:514' or '127.0.0.1:514' or
-    '[::1]:514' → (AF_INET/AF_INET6, (host, port)). IP literals only: no DNS at emit time."""
+def parse_syslog_target(address: str) -> tuple:
+    """'/dev/log' → ('unix', AF_UNIX, '/dev/log'); 'udp://127.0.0.1:514', '127.0.0.1:514' or
+    '[::1]:514' → ('udp', AF_INET/AF_INET6, (host, port)); 'tcp://IP:PORT' → ('tcp', ...).
+    IP literals only: no DNS at emit time."""
     a = address
     if a.startswith("unix://"):
         a = a[len("unix://"):]
     if a.startswith("/"):
-        return socket.AF_UNIX, a
-    if a.startswith("udp://"):
-        a = a[len("udp://"):]
+        return "unix", socket.AF_UNIX, a
+    transport = "udp"
+    for scheme in ("udp", "tcp"):
+        if a.startswith(scheme + "://"):
+            a, transport = a[len(scheme) + 3:], scheme
     if a.startswith("["):
         host, sep, port = a[1:].partition("]:")
     else:
         host, sep, port = a.rpartition(":")
     if not sep or not port.isdigit() or not (0 < int(port) < 65536):
-        raise ValueError(f"syslog address {address!r}: expected /path/to/socket or udp://IP:PORT")
+        raise ValueError(f"syslog address {address!r}: expected /path/to/socket, udp://IP:PORT or tcp://IP:PORT")
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
         raise ValueError(f"syslog address {address!r}: host must be an IP address") from None
-    return (socket.AF_INET6 if ip.version == 6 else socket.AF_INET), (str(ip), int(port))
+    return transport, (socket.AF_INET6 if ip.version == 6 else socket.AF_INET), (str(ip), int(port))
+
+
+def parse_syslog_address(address: str) -> tuple:
+    """(family, target) of a syslog address; see parse_syslog_target for the forms."""
+    return parse_syslog_target(address)[1:]
 
 
 class SyslogSink(Sink):
-    """RFC 5424 messages (one record per datagram) to /dev/log or to UDP.
+    """RFC 5424 messages to /dev/log, to UDP (one record per datagram) or to TCP (RFC 6587
+    octet counting: `LEN SP MSG`, so a record may hold any byte and any length).
 
     PRI is facility*8 + severity, the severity taken from the alert's rule severity
     (critical→crit … info→info); MSGID is the record kind; MSG is the JSON record.
-    A datagram the receiver cannot take (no listener, buffer full, too big) is a drop.
+    A message the receiver cannot take (no listener, buffer full, too big, connection lost
+    mid-write) is a drop, counted. A lost TCP connection is redialled on a later record, at
+    most once per `retry_s`; records in between are drops.
     """
 
     APP_NAME = "agenttrace"
 
     def __init__(self, address: str = "/dev/log", facility: str = "daemon",
                  formatter: Optional[Formatter] = None, hostname: Optional[str] = None,
-                 max_message: int = 65000, timeout: float = 1.0):
+                 max_message: Optional[int] = None, timeout: float = 1.0, retry_s: float = 1.0):
         super().__init__(f"syslog:{address}", formatter)
         if facility not in _FACILITIES:
             raise ValueError(f"unknown syslog facility {facility!r} (one of {', '.join(_FACILITIES)})")
         self.facility = _FACILITIES[facility]
-        self.family, self.target = parse_syslog_address(address)
+        self.transport, self.family, self.target = parse_syslog_target(address)
         self.hostname = (hostname or socket.gethostname())[:255] or "-"
-        self.max_message = max_message
+        # A datagram cannot exceed 64 KiB; a stream has no such bound, rsyslog's own default
+        # (maxMessageSize 8k) is the receiver's to raise.
+        self.max_message = max_message if max_message is not None else \
+            (1 << 20 if self.transport == "tcp" else 65000)
         self.oversize = 0
+        self.sent = 0
+        self.reconnects = 0
         self._timeout = timeout
+        self._retry_s = retry_s
+        self._next_dial = 0.0
         self._sock: Optional[socket.socket] = None
         self._procid = str(os.getpid())
 
     def _socket(self) -> socket.socket:
         if self._sock is None:
-            s = socket.socket(self.family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            if self.transport == "tcp" and time.monotonic() < self._next_dial:
+                raise ConnectionRefusedError("syslog receiver down; redial later")
+            kind = socket.SOCK_STREAM if self.transport == "tcp" else socket.SOCK_DGRAM
+            s = socket.socket(self.family, kind | socket.SOCK_CLOEXEC)
             s.settimeout(self._timeout)
             try:
                 s.connect(self.target)
             except OSError:
                 s.close()
+                self._next_dial = time.monotonic() + self._retry_s
                 raise
             self._sock = s
+            self.reconnects += 1
         return self._sock
 
     @staticmethod
@@ -678,14 +702,22 @@ class SyslogSink(Sink):
                 self.dropped += 1
                 continue
             try:
-                self._socket().send(msg)
+                if self.transport == "tcp":
+                    # sendall may write part of a frame before failing: the connection is
+                    # then dropped with it, so the receiver never sees a torn frame followed
+                    # by a good one.
+                    self._socket().sendall(b"%d " % len(msg) + msg)
+                else:
+                    self._socket().send(msg)
+                self.sent += 1
             except (ConnectionRefusedError, FileNotFoundError) as e:
                 # No listener now (rsyslog restarting): reconnect on the next record.
                 self.dropped += 1
                 self._reset(e)
             except OSError as e:
                 self.dropped += 1
-                if e.errno not in (errno.EAGAIN, errno.ENOBUFS, errno.EMSGSIZE) and not isinstance(e, socket.timeout):
+                if self.transport == "tcp" or (e.errno not in (errno.EAGAIN, errno.ENOBUFS, errno.EMSGSIZE)
+                                               and not isinstance(e, socket.timeout)):
                     self._reset(e)
 
     def _reset(self, e: Exception) -> None:
@@ -699,7 +731,8 @@ class SyslogSink(Sink):
             self._sock = None
 
     def stats(self) -> dict:
-        return {"name": self.name, "dropped": self.dropped, "oversize": self.oversize}
+        return {"name": self.name, "transport": self.transport, "sent": self.sent, "dropped": self.dropped,
+                "oversize": self.oversize, "connects": self.reconnects}
 
 
 class QueuedSink:
@@ -807,6 +840,55 @@ class QueuedSink:
         return s
 
 
+class FilteredSink:
+    """A sink that takes only what its filter accepts (sinkfilter.RecordFilter), decided
+    before its queue so what it refuses costs the queue nothing. Refused records are not
+    drops: they are counted as `filtered`."""
+
+    def __init__(self, inner: Any, accept: Callable[[dict], bool]):
+        self.inner = inner
+        self.accept = accept
+        self.name = inner.name
+        self.filtered = 0
+
+    @property
+    def dropped(self) -> int:
+        return self.inner.dropped
+
+    @property
+    def depth(self) -> int:
+        return int(getattr(self.inner, "depth", 0))
+
+    def emit(self, record: dict) -> None:
+        if self.accept(record):
+            self.inner.emit(record)
+        else:
+            self.filtered += 1
+
+    def emit_batch(self, records: Iterable[dict]) -> None:
+        records = records if isinstance(records, (list, tuple)) else list(records)
+        batch = [r for r in records if self.accept(r)]
+        self.filtered += len(records) - len(batch)
+        if batch:
+            self.inner.emit_batch(batch)
+
+    def flush(self, timeout: Optional[float] = None) -> bool:
+        fl = getattr(self.inner, "flush", None)
+        return fl(timeout) if fl is not None else True
+
+    def close(self, *a, **kw) -> None:
+        self.inner.close(*a, **kw)
+
+    def stats(self) -> dict:
+        st = self.inner.stats() if hasattr(self.inner, "stats") else {"name": self.name, "dropped": self.dropped}
+        st = dict(st)
+        st["filtered"] = self.filtered
+        desc = getattr(self.accept, "describe", None)
+        if desc is not None:
+            st["filter"] = desc()
+        return st
+
+
 class Fanout:
     """Every record to every sink; per-sink drop counters for `lifecycle` stats records."""
 
@@ -814,12 +896,28 @@ class Fanout:
 
     def __init__(self, sinks: Iterable[Any] = ()):
         self.sinks: List[Any] = list(sinks)
+        self.taps: List[Callable[[List[dict]], None]] = []
         self.errors = 0
 
     def add(self, sink: Any) -> None:
         self.sinks.append(sink)
 
+    def tap(self, fn: Callable[[List[dict]], None]) -> None:
+        """`fn(records)` sees every batch before the sinks do (metrics counting what is
+        emitted); a tap is not a sink: no queue, no drops, no filter."""
+        self.taps.append(fn)
+
+    def _tap(self, batch: List[dict]) -> None:
+        for fn in self.taps:
+            try:
+                fn(batch)
+            except Exception:
+                self.errors += 1
+                log.exception("tap %s failed", fn)
+
     def emit(self, record: dict) -> None:
+        if self.taps:
+            self._tap([record])
         for s in self.sinks:
             try:
                 s.emit(record)
@@ -829,6 +927,8 @@ class Fanout:
 
     def emit_batch(self, records: Iterable[dict]) -> None:
         batch = records if isinstance(records, (list, tuple)) else list(records)
+        if self.taps:
+            self._tap(batch)
         for s in self.sinks:
             try:
                 eb = getattr(s, "emit_batch", None)
@@ -873,11 +973,19 @@ def build_sinks(cfg: Any, queue_size: int = 10000, *, stdout: Optional[IO[bytes]
         fmt = to_ocsf
     qsize = queue_size
     out = Fanout()
-    if getattr(cfg, "stdout", False):
-        out.add(QueuedSink(StdoutSink(fmt, stream=stdout), qsize))
+
+    def add(sink: Sink, sub: Any) -> None:
+        from .sinkfilter import RecordFilter
+        q = QueuedSink(sink, qsize)
+        flt = RecordFilter.from_config(getattr(sub, "filter", None))
+        out.add(FilteredSink(q, flt) if flt is not None and not flt.empty else q)
+
+    so = getattr(cfg, "stdout", False)
+    if so:
+        add(StdoutSink(fmt, stream=stdout), so)
     f = getattr(cfg, "file", None)
     if f is not None:
-        out.add(QueuedSink(FileSink(f.path, f.max_bytes, f.keep, fmt), qsize))
+        add(FileSink(f.path, f.max_bytes, f.keep, fmt), f)
     s = getattr(cfg, "socket", None)
     if s is not None:
         # `agenttrace tail` parses §5 records, so the socket always carries them, whatever
@@ -885,7 +993,7 @@ def build_sinks(cfg: Any, queue_size: int = 10000, *, stdout: Optional[IO[bytes]
         out.add(QueuedSink(UnixSocketSink(s.path, queue_size=qsize), qsize))
     y = getattr(cfg, "syslog", None)
     if y is not None:
-        out.add(QueuedSink(SyslogSink(y.address, y.facility, fmt), qsize))
+        add(SyslogSink(y.address, y.facility, fmt), y)
     return out
 
 

@@ -8,12 +8,10 @@ the operator's terminal, nor make one line look like another.
 """
 from __future__ import annotations
 
-import fnmatch
 import shlex
 from typing import Any, Iterable, Optional
 
-SEVERITIES = ("info", "low", "medium", "high", "critical")
-_SEV_RANK = {s: i for i, s in enumerate(SEVERITIES)}
+from .sinkfilter import SEVERITIES, SEVERITY_RANK as _SEV_RANK, RecordFilter  # noqa: F401
 
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\\": "\\\\"}
 
@@ -224,37 +222,22 @@ def render(record: dict, color: bool = True) -> str:
     return line.rstrip()
 
 
-class Filter:
-    """Which records `tail` shows.
+class Filter(RecordFilter):
+    """Which records `tail` shows: `sinkfilter.RecordFilter` (agents: glob patterns on agent
+    id; kinds; min_severity: alerts at or above it, other events count as `info`; labels)
+    plus alerts_only: only `alert` records."""
 
-    agents: glob patterns on agent id (none: all); kinds: event kinds (none: all);
-    min_severity: alerts at or above it — other events count as `info`, so any level
-    above info shows alerts only; alerts_only: only `alert` records.
-    """
+    __slots__ = ("alerts_only",)
 
     def __init__(self, agents: Optional[Iterable[str]] = None, kinds: Optional[Iterable[str]] = None,
-                 min_severity: Optional[str] = None, alerts_only: bool = False):
-        self.agents = list(agents or [])
-        self.kinds = set(kinds or [])
-        if min_severity is not None and min_severity not in _SEV_RANK:
-            raise ValueError(f"unknown severity {min_severity!r}; one of {', '.join(SEVERITIES)}")
-        self.min_rank = _SEV_RANK[min_severity] if min_severity else 0
+                 min_severity: Optional[str] = None, alerts_only: bool = False,
+                 labels: Optional[dict] = None):
+        super().__init__(kinds=kinds, min_severity=min_severity, agents=agents, labels=labels)
         self.alerts_only = alerts_only
 
     def __call__(self, record: dict) -> bool:
-        kind = record.get("kind")
-        if self.alerts_only and kind != "alert":
+        if self.alerts_only and record.get("kind") != "alert":
             return False
-        if self.kinds and kind not in self.kinds:
-            return False
-        if self.agents:
-            aid = _d(record.get("agent")).get("id")
-            if not isinstance(aid, str) or not any(fnmatch.fnmatchcase(aid, p) for p in self.agents):
-                return False
-        if self.min_rank:
-            sev = _d(record.get("rule")).get("severity") if kind == "alert" else "info"
-            if _SEV_RANK.get(str(sev), 0) < self.min_rank:
-                return False
-        return True
+        return RecordFilter.__call__(self, record)
 
     accepts = __call__

@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# `make deb`: a Debian package of this working tree, built with dpkg-deb.
+#
+# agenttrace goes into its own prefix, /opt/agenttrace, a Python venv that sees Debian's BCC
+# (--system-site-packages; PyPI's "bcc" is another project) and holds every other dependency,
+# so the root daemon runs only files the package owns, never a user's checkout. Also shipped:
+# /usr/bin/agenttrace (a link), the systemd unit, the example config as a conffile, a man page.
+#
+# The venv is built under a staging root and moved into place by rewriting the staging path
+# out of every text file that names it (scripts' #! lines, pyvenv.cfg, pip's records); the
+# interpreter link stays /usr/bin/python3, hence the python3 (>= 3.11, << 3.12) dependency:
+# the compiled wheels inside are for that minor version.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+OUT=${DEB_OUT:-$ROOT/build}
+PREFIX=/opt/agenttrace
+PY=/usr/bin/python3
+say() { echo "deb: $*"; }
+
+command -v dpkg-deb >/dev/null || { echo "deb: dpkg-deb not found (Debian's dpkg package)" >&2; exit 2; }
+"$PY" -c 'import bcc' 2>/dev/null || { echo "deb: Debian's python3-bpfcc is needed (scripts/setup.sh installs it)" >&2; exit 2; }
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+VERSION=$("$PY" -c 'import tomllib,sys; print(tomllib.load(open(sys.argv[1],"rb"))["project"]["version"])' "$ROOT/pyproject.toml")
+PYMINOR=$("$PY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
+PYNEXT=$("$PY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1] + 1}")')
+ARCH=$(dpkg --print-architecture)
+WORK=$(mktemp -d "$OUT/.deb-build.XXXXXX")
+trap 'rm -rf "$WORK"' EXIT
+STAGE=$WORK/root
+
+# The working tree's files (tracked, and new ones git does not ignore): no venv, no caches.
+say "copying the source"
+mkdir -p "$WORK/src"
+if git -C "$ROOT" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+  (cd "$ROOT" && git ls-files -z --cached --others --exclude-standard | xargs -0 -r tar -cf - --ignore-failed-read 2>/dev/null) \
+    | tar -xf - -C "$WORK/src"
+else
+  tar -C "$ROOT" --exclude=./.venv --exclude=./build --exclude='*.egg-info' --exclude=__pycache__ -cf - . | tar -xf - -C "$WORK/src"
+fi
+
+say "building the venv in $PREFIX (staged)"
+"$PY" -m venv --system-site-packages "$STAGE$PREFIX"
+# --ignore-installed: every dependency goes into the venv, none is taken from the system
+# site-packages that happen to be on the build machine (only BCC comes from there)
+"$STAGE$PREFIX/bin/pip" install -q --disable-pip-version-check --no-compile --no-warn-script-location \
+  --ignore-installed "$WORK/src"
+# pip and setuptools are not needed at run time
+"$STAGE$PREFIX/bin/pip" uninstall -q -y pip setuptools >/dev/null 2>&1 || true
+find "$STAGE$PREFIX" -name __pycache__ -prune -exec rm -rf {} +
+grep -rlIF "$STAGE" "$STAGE$PREFIX" | while IFS= read -r f; do sed -i "s|$STAGE||g" "$f"; done
+if grep -rqIF "$STAGE" "$STAGE$PREFIX"; then echo "deb: the staging path is still named in the venv" >&2; exit 1; fi
+
+say "adding the unit, config, man page, docs"
+install -D -m 0644 "$WORK/src/packaging/agenttrace.service" "$STAGE/lib/systemd/system/agenttrace.service"
+install -D -m 0600 "$WORK/src/packaging/agenttrace.example.yaml" "$STAGE/etc/agenttrace/agenttrace.yaml"
+chmod 0700 "$STAGE/etc/agenttrace"
+install -D -m 0644 "$WORK/src/packaging/agenttrace.8" "$STAGE/usr/share/man/man8/agenttrace.8"
+gzip -9n "$STAGE/usr/share/man/man8/agenttrace.8"
+install -D -m 0644 "$WORK/src/packaging/deb/copyright" "$STAGE/usr/share/doc/agenttrace/copyright"
+install -D -m 0644 "$WORK/src/packaging/agenttrace.example.yaml" "$STAGE/usr/share/doc/agenttrace/agenttrace.example.yaml"
+mkdir -p "$STAGE/usr/bin"
+ln -s "$PREFIX/bin/agenttrace" "$STAGE/usr/bin/agenttrace"
+
+mkdir -p "$STAGE/DEBIAN"
+for s in postinst prerm postrm; do install -m 0755 "$WORK/src/packaging/deb/$s" "$STAGE/DEBIAN/$s"; done
+echo /etc/agenttrace/agenttrace.yaml > "$STAGE/DEBIAN/conffiles"
+SIZE=$(du -sk --exclude=DEBIAN "$STAGE" | cut -f1)
+cat > "$STAGE/DEBIAN/control" <<CTL
+Package: agenttrace
+Version: $VERSION
+Architecture: $ARCH
+Maintainer: agenttrace developers <agenttrace@localhost>
+Installed-Size: $SIZE
+Depends: python3 (>= $PYMINOR), python3 (<< $PYNEXT), python3-bpfcc, libbpfcc
+Recommends: linux-headers-$ARCH
+Section: admin
+Priority: optional
+Description: eBPF tracer and policy for AI-agent processes
+ Traces exec, network, DNS, protocol, file and GPU activity of processes in
+ agent cgroups with eBPF, matches it against rules that report, block, kill or
+ freeze, and writes JSON lines (or OCSF) to the journal, files, syslog and a
+ local socket. Runs as a systemd service on every GPU node.
+CTL
+DEB="$OUT/agenttrace_${VERSION}_${ARCH}.deb"
+say "dpkg-deb --build → $DEB"
+dpkg-deb --root-owner-group -Zgzip -z6 --build "$STAGE" "$DEB" >/dev/null
+echo "$DEB"
