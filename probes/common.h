@@ -158,11 +158,13 @@ static __always_inline int at_admit(u64 agent, u32 type)
 struct at_scope_key { u32 prefixlen; u8 addr[16]; };
 BPF_LPM_TRIE(scopes, struct at_scope_key, u32, 1024);
 BPF_HASH(agent_group, u64, u32, 4096);
-BPF_ARRAY(net_config, u32, 1);   /* [0] enforce flag */
+/* [0] enforce flag; [1] the group of agents that have no agent_group entry yet (the config's
+ * "default" group): a new agent cgroup is under its policy before userspace has seen it */
+BPF_ARRAY(net_config, u32, 2);
 #endif
 
-#if defined(AT_WITH_FLOW) || defined(AT_WITH_DNS)
-/* Shared by the cgroup_skb probes (flow.c, dns.c). */
+#if defined(AT_WITH_FLOW) || defined(AT_WITH_DNS) || defined(AT_WITH_EGRESS)
+/* Shared by the cgroup_skb probes (flow.c, dns.c, egress.c). */
 #define AT_ETH_P_IP   0x0800
 #define AT_ETH_P_IPV6 0x86DD
 #define AT_SKB_AF_INET 2
@@ -251,6 +253,6 @@ static __always_inline int at_skb_l3(struct __sk_buff *skb, struct at_l3 *l)
 	}
 	return -1;
 }
-#endif /* AT_WITH_FLOW || AT_WITH_DNS */
+#endif /* AT_WITH_FLOW || AT_WITH_DNS || AT_WITH_EGRESS */
 
 #endif

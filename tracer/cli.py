@@ -67,15 +67,16 @@ def _sinks(output: Optional[Path], fmt: str):
     return [StdoutSink(formatter=formatter)]
 
 
-def _load_engine(rule_paths: List[str], mode: str, egress=None):
-    """Rules are checked before anything is attached; every error is listed."""
+def _load_engine(rule_paths: List[str], mode: str, egress=None, pack: bool = True):
+    """Rules are checked before anything is attached; every error is listed. pack=False: no
+    rule files at all (--no-rules), only the egress policy."""
     from .engine import Engine
     from .policy import PolicyError, compile_policy
     from .rules import RulesError, default_rule_paths, expand_paths, load_rules
     for p in rule_paths:
         if not Path(p).exists():
             raise BadInput(f"--rules: {p} does not exist")
-    paths = expand_paths(rule_paths) if rule_paths else default_rule_paths()
+    paths = expand_paths(rule_paths) if rule_paths else default_rule_paths() if pack else []
     try:
         rs = load_rules(paths, egress=egress)
         compile_policy(rs)
@@ -116,6 +117,7 @@ def run(
     no_net: bool = typer.Option(False, "--no-net", help="Process events only (no connect hooks)."),
     files: bool = typer.Option(False, "--files/--no-files", help=FILES_HELP),
     gpu: str = typer.Option("allow", "--gpu", help="GPU policy for the traced agents: allow, deny (fenced in enforce mode) or off (no NVML, no fence)."),
+    allow_egress: List[str] = typer.Option([], "--allow-egress", metavar="SPEC", help="Allow the agents this external destination and no other: a DNS name (pypi.org), a *. wildcard (*.pythonhosted.org) or a CIDR, optionally :PORT or :LO-HI. Repeatable. Names are learned from DNS answers in the kernel; in enforce mode the rest fail with EPERM."),
     wakeup_ms: float = typer.Option(5.0, "--wakeup-ms", help="Longest a record waits in the kernel ring buffer before it is read; 0 wakes the reader on every record (costs ~20 us of kernel time per event on VMs)."),
 ):
     """Trace watched cgroups, or run CMD in a fresh agent cgroup and trace it."""
@@ -140,7 +142,17 @@ def run(
         cidrs = _check_cidrs(internal)
         paths = _resolve_cgroups(cgroup)
         features = (("proc",) if no_net else ("proc", "net")) + (("files",) if files else ())
-        engine = None if no_rules else _load_engine(rules, mode)
+        egress = None
+        if allow_egress:
+            from .egress import SpecError, run_policy
+            if no_net:
+                raise BadInput("--allow-egress needs the connect hooks: drop --no-net")
+            try:
+                egress = run_policy(allow_egress, mode)
+            except SpecError as e:
+                raise BadInput(str(e)) from None
+            features += ("dns",)
+        engine = None if no_rules and not egress else _load_engine(rules, mode, egress, pack=not no_rules)
         gpu_cfg = _gpu_config(gpu)
         sinks = _sinks(output, fmt)
     except BadInput as e:
@@ -162,7 +174,7 @@ def run(
         def reload():
             # SIGHUP: re-read the rule files; a rule set that fails keeps the running one
             try:
-                new = _load_engine(rules, mode)
+                new = _load_engine(rules, mode, egress, pack=not no_rules)
             except BadInput as e:
                 tracer._lifecycle("reload_failed", error=str(e))
                 typer.echo(f"agenttrace: reload failed, keeping the running rules: {e}", err=True)

@@ -47,6 +47,8 @@ class Enricher:
         self.file_path_read_failures = 0
         self.unknown_types = 0
         self.device_names: dict = {}
+        # policy id -> rule id of the kernel policy in the maps; None while none is installed
+        self.policy_rule = None
         # TCP connects waiting for their outcome, by kernel socket address
         self.pending: dict[int, tuple[Event, int]] = {}
         # socket cookie -> (tgid, agent cgroup id) from connect/accept records: skb records
@@ -264,12 +266,17 @@ class Enricher:
                "result": "blocked" if blocked else ("sent" if proto == "udp" else "pending")}
         if o.policy_id:
             net["policy_id"] = o.policy_id
+        if self.policy_rule is not None:
+            net["policy_rule"] = self.policy_rule(o.policy_id) if o.policy_id else None
         rec["net"] = net
         ev = Event("connect", t, rec, h.tgid, h.agent_cgroup_id, o.cookie)
         self._remember_socket(o.cookie, h.tgid, h.agent_cgroup_id)
         if net["result"] == "pending":
+            # a closed socket's address is reused by the next one: a connect still held for
+            # it will get no outcome now, so it goes on as it is instead of being lost
+            prev = self.pending.pop(o.sk, None)
             self.pending[o.sk] = (ev, time.monotonic_ns())
-            return []
+            return [prev[0]] if prev is not None else []
         return [ev]
 
     def _result(self, o: E.ConnResult) -> list[Event]:

@@ -47,6 +47,10 @@ FEATURES: dict[str, tuple[str, list[tuple[str, str, int]]]] = {
         ("at_dns_egress", "CGROUP_SKB", CGROUP_INET_EGRESS),
         ("at_dns_ingress", "CGROUP_SKB", CGROUP_INET_INGRESS),
     ]),
+    # learns the addresses DNS answers give for allowed names (needs "net": its maps)
+    "egress": ("egress.c", [
+        ("at_egress_learn", "CGROUP_SKB", CGROUP_INET_INGRESS),
+    ]),
     "device": ("device.c", [
         ("at_device_check", "CGROUP_DEVICE", CGROUP_DEVICE),
     ]),
@@ -54,6 +58,10 @@ FEATURES: dict[str, tuple[str, list[tuple[str, str, int]]]] = {
     # every task on the machine something (the slow syscall path), so not a default; see
     # the README's measured costs
     "files": ("files.c", []),
+}
+# Programs reached only by tail call: feature -> [(prog array, index, program, prog type)].
+TAIL_CALLS: dict[str, list[tuple[str, int, str, str]]] = {
+    "egress": [("egress_progs", 0, "at_egress_rr", "CGROUP_SKB")],
 }
 DEFAULT_FEATURES = ("proc", "net", "listen", "flow", "dns")
 OPTIONAL_FEATURES = ("files",)   # selectable in run/tail (--files) and the daemon config
@@ -182,6 +190,8 @@ class Probes:
         unknown = set(features) - set(FEATURES)
         if unknown:
             raise ProbeError(f"unknown probe feature(s): {', '.join(sorted(unknown))}")
+        if "egress" in features and "net" not in features:
+            raise ProbeError("probe feature 'egress' needs 'net' (the connect hooks it feeds)")
         self.features = tuple(features)
         self.ringbuf_pages = ringbuf_pages
         self.extra_cflags = list(extra_cflags or [])
@@ -242,6 +252,13 @@ class Probes:
                 except Exception as e:
                     raise ProbeError(f"loading program {fname} failed: {e}") from None
                 self._cgroup_funcs.append((fn, atype))
+            for array, idx, fname, ptype in TAIL_CALLS.get(feat, ()):
+                try:
+                    fn = self.bpf.load_func(fname.encode(), getattr(BPF, ptype))
+                except Exception as e:
+                    raise ProbeError(f"loading program {fname} failed: {e}") from None
+                t = self[array]
+                t[C.c_int(idx)] = C.c_int(fn.fd)
         release_compiler_memory()
 
     def __getitem__(self, name: str):

@@ -461,10 +461,18 @@ class CompiledMatch:
     # match can never hold. Matching everything instead would turn "allow nothing yet" into
     # "block everything".
     never: bool = False
+    # Set on rules the kernel decides (egress allow-lists): a record the kernel checked says
+    # which rule it applied (net.policy_rule), and that is the answer; the fields are matched
+    # only for records without it (offline replay of older recordings).
+    kernel_rule: Optional[str] = None
 
     def __call__(self, rec: dict) -> bool:
         if self.never:
             return False
+        if self.kernel_rule is not None:
+            net = rec.get("net")
+            if net is not None and "policy_rule" in net:
+                return net["policy_rule"] == self.kernel_rule
         if self.groups and ((rec.get("agent") or {}).get("group") or "default") not in self.groups:
             return False
         if self.has_dst or self.proto or self.protocols:
@@ -956,7 +964,7 @@ def load_rules(paths: Iterable[Union[str, os.PathLike]], egress: Optional[Dict[s
     failed reload leaves the running rules untouched."""
     files = expand_paths(paths)
     errors: List[RuleError] = []
-    if not files:
+    if not files and not egress:     # an egress policy alone (run --no-rules --allow-egress) is a rule set
         raise RulesError([RuleError("<none>", 0, 0, "", "no rule files given")])
     parsed: List[Tuple[RuleFile, _FileCtx]] = []
     for f in files:
@@ -1001,6 +1009,8 @@ def load_rules(paths: Iterable[Union[str, os.PathLike]], egress: Optional[Dict[s
         for i, rm in enumerate(egress_rule_models(egress)):
             r = _compile_rule(rm, ["egress", i], ectx, lists, errors, envs, seen_ids, kernel_trusted=True)
             if r is not None:
+                if r.match is not None and r.id.endswith(".allow-list"):
+                    r.match.kernel_rule = r.id
                 rules.append(r)
     if errors:
         raise RulesError(errors)

@@ -54,6 +54,9 @@ class Options:
     flood_action: str = "report"         # or "freeze-agent" (enforce mode) when events are dropped
     gpu: object = None                   # gpu.GpuConfig; None = no GPU sampling or fence
     gpu_backend: object = None           # a gpu.GpuBackend (tests: the fake); None = real NVML
+    # enforce mode with pinned programs: seconds without a heartbeat after which the pinned
+    # connect hooks deny agents every non-loopback destination (0 = not armed)
+    fail_closed_grace_s: float = 0.0
 
 
 class Tracer:
@@ -91,6 +94,7 @@ class Tracer:
         self._on_agent: list = []
         self.agents.on_new = self._agent_discovered
         self._notices: "collections.deque" = collections.deque(maxlen=1000)
+        self.heartbeat = None
 
     # --- lifecycle -------------------------------------------------------------------
     def _agent_discovered(self, cid: int, ident: dict) -> None:
@@ -116,6 +120,9 @@ class Tracer:
     def start(self) -> None:
         t0 = time.monotonic()
         features, cflags = tuple(self.opts.features), []
+        if "net" in features and "egress" not in features:
+            # allow-lists by name need the kernel's DNS learner wherever connects are hooked
+            features += ("egress",)
         if self.opts.gpu is not None and getattr(self.opts.gpu, "enabled", True):
             extra, cflags = self._start_gpu()
             features += tuple(f for f in extra if f not in features)
@@ -132,6 +139,8 @@ class Tracer:
                 self.probes.set_flag("net_config", 0, 1 if self.opts.mode == "enforce" else 0)
             if "files" in self.opts.features:
                 self.probes.set_flag("file_enforce", 0, 1 if self.opts.mode == "enforce" else 0)
+            if self.opts.fail_closed_grace_s and self.opts.mode == "enforce" and "net" in features:
+                self.arm_fail_closed(self.opts.fail_closed_grace_s)
             if self.opts.rate_limit:
                 self.probes.set_flag("rate_cfg", 0, self.opts.rate_limit)
                 self.probes.set_flag("rate_cfg", 1, max(self.opts.rate_burst, self.opts.rate_limit))
@@ -164,6 +173,14 @@ class Tracer:
             self.policy_writer = PolicyWriter(self.probes)
             self._on_agent.append(lambda cid, ident: self.policy_writer.assign(cid, ident.get("group")))
         self.policy_writer.apply(kp, {cid: a.get("group") for cid, a in self.agents.known().items()})
+        from .egress import policy_rule_namer
+        self.enrich.policy_rule = policy_rule_namer(kp)
+
+    def arm_fail_closed(self, grace_s: float) -> None:
+        """Pinned enforcement: once this tracer stops beating, agents lose the network."""
+        from .egress import Heartbeat
+        self.heartbeat = Heartbeat(self.probes, grace_s)
+        self.heartbeat.arm()
 
     def set_mode(self, mode: str) -> None:
         self.opts.mode = mode
@@ -213,6 +230,8 @@ class Tracer:
         bpf.ring_buffer_consume()
 
     def poll(self, timeout_ms: int = 100) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.beat()
         if self.opts.wakeup_ms > 0:
             # Most records arrive without a wakeup (probes/common.h at_wake_flags), so wait at
             # most the wakeup interval, then take whatever is in the ring. Once a whole

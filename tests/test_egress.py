@@ -1,0 +1,239 @@
+"""Egress allow-lists by DNS name and CIDR, enforced at connect in the kernel, with names
+learned from DNS answers parsed in the kernel (probes/egress.c), in the netlab."""
+import errno
+import json
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from conftest import AGENTTRACE
+
+from agenttrace.egress import SpecError, parse_allow_spec, run_policy
+from agenttrace.policy import (NAME_EXACT, NAME_SUBDOMAINS, EgressPolicy, PolicyError, compile_policy,
+                               name_hash)
+from agenttrace.rules import load_rules
+
+RULE = "egress-policy.default.allow-list"
+DNS = "192.0.2.53:53"
+
+
+# ------------------------------------------------------------------ offline
+
+def test_spec_parsing():
+    assert parse_allow_spec("pypi.org").name == "pypi.org"
+    d = parse_allow_spec("*.PythonHosted.org:443")
+    assert d.name == "*.pythonhosted.org" and d.ports == ["443"]
+    assert parse_allow_spec("192.0.2.53:53").cidr == "192.0.2.53/32"
+    assert parse_allow_spec("[2001:db8::]/32:80-90").cidr == "2001:db8::/32"
+    assert parse_allow_spec("2001:db8::/32").ports == []
+    for bad in ("", "bad..name", "*.a*b", "x:0", "x:70000", "x:1-a", "[::1"):
+        with pytest.raises(SpecError):
+            parse_allow_spec(bad)
+
+
+def test_name_entries_compile_to_backward_suffix_hashes():
+    eg = run_policy(["pypi.org:443", "*.pythonhosted.org", "*.pypi.org:443", DNS], "enforce")
+    kp = compile_policy(load_rules([], egress=eg))
+    by = {n.pattern: n for n in kp.name_allow}
+    assert by["*.pythonhosted.org"].hash == name_hash("pythonhosted.org")
+    assert by["*.pythonhosted.org"].flags == NAME_SUBDOMAINS
+    # pypi.org and *.pypi.org share one key (same suffix), both flags, same ports
+    both = [n for n in kp.name_allow if n.hash == name_hash("pypi.org")]
+    assert len(both) == 1 and both[0].flags == NAME_EXACT | NAME_SUBDOMAINS
+    assert (both[0].port_lo, both[0].port_hi) == (443, 443)
+    (g,) = [g for g in kp.groups if g.name == "default"]
+    assert g.allow_list and (g.ttl_min, g.ttl_max) == (30, 3600)
+    with pytest.raises(PolicyError):
+        compile_policy(load_rules([], egress=run_policy(["pypi.org:443", "*.pypi.org:80"], "enforce")))
+
+
+def test_config_model_names_its_errors():
+    with pytest.raises(ValueError, match="exactly one of 'cidr' or 'name'"):
+        EgressPolicy.model_validate({"mode": "allow-list", "allow": [{"cidr": "10.0.0.0/8", "name": "x.org"}]})
+    with pytest.raises(ValueError, match="not a DNS name"):
+        EgressPolicy.model_validate({"mode": "allow-list", "allow": [{"name": "a..b"}]})
+    with pytest.raises(ValueError, match="ttl_max"):
+        EgressPolicy.model_validate({"mode": "allow-list", "ttl_min": 10, "ttl_max": 5})
+
+
+def test_cli_rejects_a_bad_spec_before_starting():
+    p = subprocess.run([AGENTTRACE, "run", "--allow-egress", "bad..name", "--", "true"],
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and "--allow-egress 'bad..name'" in p.stderr
+
+
+# ------------------------------------------------------------------ kernel, in the netlab
+
+# One address per name, none of them hosts of the lab: a connect that gets past the hook
+# reports EINPROGRESS (non-blocking), one the kernel denies EPERM -- no server needed.
+N4 = 500
+N6 = 500
+_POOL4 = ([f"198.51.100.{j}" for j in range(1, 249) if j != 7] + [f"203.0.113.{j}" for j in range(21, 255)]
+          + [f"192.0.2.{j}" for j in range(1, 255) if j != 53])
+NAMES4 = {f"n{i}.mirror.test": _POOL4[i] for i in range(N4)}
+NAMES6 = {f"v{i}.mirror.test": f"2001:db8:77::{i + 1:x}" for i in range(N6)}
+RECORDS = {
+    **NAMES4,
+    "alias.corp.test": "edge.cdn.test",           # CNAME chain: alias -> edge -> A
+    "edge.cdn.test": "hop2.cdn.test",
+    "hop2.cdn.test": "198.51.100.250",
+    "other.test": "198.51.100.251",               # resolvable, but not allowed
+    "short.mirror.test": "198.51.100.252",        # TTL 2 s
+}
+TTLS = {"short.mirror.test": 2}
+
+CONNECT = r"""
+import errno, socket, sys, json
+def connect(addr, port=80):
+    fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    s = socket.socket(fam, socket.SOCK_STREAM)
+    s.setblocking(False)
+    try:
+        s.connect((addr, port))
+        return 0
+    except OSError as e:
+        return e.errno
+    finally:
+        s.close()
+def resolve(name, fam=socket.AF_INET):
+    return socket.getaddrinfo(name, 80, fam, socket.SOCK_STREAM)[0][4][0]
+"""
+
+
+@pytest.fixture(scope="module")
+def lab():
+    from netlab import NetLab, _require
+    why = _require()
+    if why:
+        pytest.fail(why) if __import__("os").environ.get("AGENTTRACE_REQUIRE_BPF") == "1" else pytest.skip(why)
+    with NetLab(records=RECORDS, ttls=TTLS, records6=NAMES6, sshd=False) as lab:
+        yield lab
+
+
+def _engine(mode, specs, ttl_min=30):
+    from agenttrace.engine import Engine
+    eg = run_policy(specs, mode)
+    eg = {k: v.model_copy(update={"ttl_min": ttl_min}) for k, v in eg.items()}
+    return Engine(load_rules([], egress=eg), mode=mode)
+
+
+def _run(lab, cg, body, timeout=120):
+    res = lab.python_in_agent(CONNECT + textwrap.dedent(body), cgroup=cg, timeout=timeout)
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_resolve_then_connect_never_fails(lab, agent_tree, make_session):
+    """1,000 names, each resolved through glibc and connected to at once: every answer's
+    address must be allowed before the resolver library returns it."""
+    a = agent_tree.agent("storm")
+    sess = make_session([agent_tree.root], engine=_engine("enforce", ["*.mirror.test", DNS]),
+                        mode="enforce", features=("proc", "net"))
+    out = _run(lab, a, f"""
+        bad = []
+        for i in range({N4}):
+            ad = resolve(f"n{{i}}.mirror.test")
+            e = connect(ad)
+            if e not in (0, errno.EINPROGRESS):
+                bad.append((ad, e))
+        for i in range({N6}):
+            ad = resolve(f"v{{i}}.mirror.test", socket.AF_INET6)
+            e = connect(ad)
+            if e not in (0, errno.EINPROGRESS):
+                bad.append((ad, e))
+        print(json.dumps({{"bad": bad[:10], "nbad": len(bad)}}))
+    """)
+    assert out["nbad"] == 0, out["bad"]
+    from agenttrace.egress import egress_stats
+    st = egress_stats(sess.tracer.probes)
+    assert st["addresses_learned"] >= N4 + N6 and st["messages_unparsed"] == 0
+    sess.settle()
+    assert not [al for al in sess.of("alert") if al["rule"]["id"] == RULE]
+
+
+@pytest.mark.parametrize("mode", ["enforce", "monitor"])
+def test_unreturned_address_is_blocked_with_an_alert(lab, agent_tree, make_session, mode):
+    a = agent_tree.agent(f"deny-{mode}")
+    sess = make_session([agent_tree.root], engine=_engine(mode, ["alias.corp.test", DNS]),
+                        mode=mode, features=("proc", "net", "dns"))
+    out = _run(lab, a, """
+        r = {}
+        r["alias"] = resolve("alias.corp.test")          # through a two-CNAME chain
+        r["alias_c"] = connect(r["alias"])
+        r["other"] = resolve("other.test")               # answered, but not an allowed name
+        r["other_c"] = connect(r["other"])
+        r["never"] = connect("198.51.100.249")           # no answer ever returned it
+        print(json.dumps(r))
+    """)
+    assert out["alias"] == "198.51.100.250" and out["alias_c"] == errno.EINPROGRESS
+    want = errno.EPERM if mode == "enforce" else errno.EINPROGRESS
+    assert out["other_c"] == want and out["never"] == want
+    alerts = sess.wait_for(lambda: [al for al in sess.of("alert") if al["rule"]["id"] == RULE
+                                    and al["net"]["dst"]["addr"] in ("198.51.100.251", "198.51.100.249")])
+    sess.settle()
+    alerts = [al for al in sess.of("alert") if al["rule"]["id"] == RULE]
+    assert sorted(al["net"]["dst"]["addr"] for al in alerts) == ["198.51.100.249", "198.51.100.251"]
+    for al in alerts:
+        assert al["rule"]["category"] == "egress"
+        assert al["rule"]["outcome"] == ("blocked" if mode == "enforce" else "reported")
+        assert al["net"]["verdict"] == ("blocked" if mode == "enforce" else "allowed")
+    conn = sess.of("connect", net__dst__addr="198.51.100.250")
+    assert conn and conn[0]["net"]["verdict"] == "allowed" and conn[0]["net"]["dst"]["name"] == "alias.corp.test"
+
+
+def test_learned_address_expires_after_its_ttl(lab, agent_tree, make_session):
+    a = agent_tree.agent("ttl")
+    make_session([agent_tree.root], engine=_engine("enforce", ["short.mirror.test", DNS], ttl_min=1),
+                 mode="enforce", features=("proc", "net"))
+    out = _run(lab, a, """
+        import time
+        ad = resolve("short.mirror.test")
+        first = connect(ad)
+        time.sleep(3.5)                                  # the answer's TTL is 2 s
+        later = connect(ad)
+        again = connect(resolve("short.mirror.test"))    # a fresh answer allows it again
+        print(json.dumps([first, later, again]))
+    """)
+    assert out == [errno.EINPROGRESS, errno.EPERM, errno.EINPROGRESS]
+
+
+def test_dns_to_an_unlisted_resolver_is_just_unlisted_traffic(lab, agent_tree, make_session):
+    a = agent_tree.agent("resolver")
+    make_session([agent_tree.root], engine=_engine("enforce", ["*.mirror.test"]),
+                 mode="enforce", features=("proc", "net"))
+    out = _run(lab, a, """
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            s.sendto(b"\\0" * 12, ("192.0.2.53", 53))
+            print(json.dumps(0))
+        except OSError as e:
+            print(json.dumps(e.errno))
+    """)
+    assert out == errno.EPERM
+
+
+def test_run_allow_egress_through_the_cli(lab, tmp_path):
+    """`agenttrace run --mode enforce --allow-egress ... -- CMD` as a user runs it."""
+    out = tmp_path / "events.jsonl"
+    script = tmp_path / "agent.py"
+    script.write_text(CONNECT + textwrap.dedent("""
+        ok = connect(resolve("n1.mirror.test"))
+        no = connect(resolve("other.test"))
+        print(json.dumps([ok, no]))
+    """))
+    p = lab.run_in_agent([AGENTTRACE, "run", "--mode", "enforce", "--no-rules", "-o", str(out),
+                          "--allow-egress", "*.mirror.test", "--allow-egress", DNS,
+                          "--", sys.executable, str(script)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    so, se = p.communicate(timeout=120)
+    assert p.returncode == 0, se.decode()
+    assert json.loads(so.decode().strip().splitlines()[-1]) == [errno.EINPROGRESS, errno.EPERM]
+    recs = [json.loads(l) for l in out.read_text().splitlines()]
+    started = [r for r in recs if r["kind"] == "lifecycle" and r["phase"] == "started"][0]
+    assert "egress" in started["probes"]
+    alerts = [r for r in recs if r["kind"] == "alert" and r["rule"]["id"] == RULE]
+    assert [a["net"]["dst"]["addr"] for a in alerts] == ["198.51.100.251"]
+    assert alerts[0]["rule"]["outcome"] == "blocked"
