@@ -31,7 +31,9 @@ enum at_event_type {
 	AT_EV_FLOW = 8,         /* first payload bytes of a TCP flow, one direction */
 	AT_EV_DEVICE = 9,       /* device access checked by the cgroup device hook */
 	AT_EV_FILE = 10,        /* access to a watched sensitive file (ssh keys) */
-	AT_EV__MAX = 11,
+	AT_EV_SOCKET = 11,      /* an agent created a fenced socket (raw IP, ...): cgroup/sock_create */
+	AT_EV_ESCAPE = 12,      /* an agent process was moved to a cgroup outside the watched subtree */
+	AT_EV__MAX = 13,
 };
 
 /* Header of every record. pid/tgid/uid/comm are the current task's when the event fired. */
@@ -217,6 +219,35 @@ struct at_file {
 	u16 path_len;        /* bytes read including the NUL; 0 when the read failed */
 	u16 fclass;          /* AT_FCLASS_* */
 	u16 fflags;          /* AT_FILE_KILLED | AT_FILE_READ_FAILED | AT_FILE_PATH_TRUNCATED */
+};
+
+#define AT_SOCK_DENY   1     /* at_socket.action: fenced (EPERM in enforce mode) */
+#define AT_SOCK_REPORT 2     /* only reported */
+
+struct at_socket {
+	struct at_header h;
+	u16 family;          /* AF_* */
+	u16 type;            /* SOCK_* */
+	u16 protocol;        /* IPPROTO_* */
+	u8 verdict;          /* AT_VERDICT_*: blocked = socket() failed with EPERM */
+	u8 action;           /* AT_SOCK_* of the fence entry that matched */
+	u32 policy_id;
+	u32 pad;
+};
+
+#define AT_ESC_SELF      0x1 /* the process moved itself (else: `writer` moved it) */
+#define AT_ESC_KILLED    0x2 /* killed in the kernel (enforce mode) before it ran again */
+#define AT_ESC_WRITER_IN 0x4 /* the writer is inside the watched subtree */
+#define AT_ESC_AT_EXEC   0x8 /* found at exec: it was outside already (clone3 CLONE_INTO_CGROUP) */
+
+struct at_escape {
+	struct at_header h;  /* the writer (current); agent_cgroup_id: the agent the process left */
+	u64 dst_cgroup_id;
+	u32 moved_tgid;
+	u32 writer_tgid;
+	s32 dst_level;
+	u32 flags;           /* AT_ESC_* */
+	char dst_path[AT_PATH_MAX];   /* relative to the cgroup2 root; empty when unknown */
 };
 
 /* Key of the per-agent drop counters (map `drops`): ring-buffer reserve failures. */

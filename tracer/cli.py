@@ -141,7 +141,7 @@ def run(
         _require_root()
         cidrs = _check_cidrs(internal)
         paths = _resolve_cgroups(cgroup)
-        features = (("proc",) if no_net else ("proc", "net")) + (("files",) if files else ())
+        features = (("proc",) if no_net else ("proc", "net")) + ("sock", "escape") + (("files",) if files else ())
         egress = None
         if allow_egress:
             from .egress import SpecError, run_policy

@@ -413,7 +413,9 @@ class Engine:
         fil = rec.get("file")
         if fil and fil.get("verdict") == "killed":
             return ActionResult("killed", "killed in the kernel at syscall entry")
-        if net.get("verdict") == "blocked" or dev.get("verdict") in ("blocked", "denied"):
+        sock = rec.get("socket") or {}
+        if net.get("verdict") == "blocked" or dev.get("verdict") in ("blocked", "denied") \
+                or sock.get("verdict") == "blocked":
             return ActionResult("blocked", "blocked in the kernel")
         if self.mode != "enforce" or rule.action == "report":
             return ActionResult("reported")
@@ -423,7 +425,8 @@ class Engine:
             res = ActionResult("reported", "kernel verdict was not 'blocked' (is the kernel policy loaded?)")
         elif rule.action == "kill":
             pid = int(proc.get("pid") or event.pid or 0)
-            res = self.actions.kill_pid(pid, cg)
+            # an escaped process is by definition no longer in its agent's cgroup
+            res = self.actions.kill_pid(pid, None if event.kind == "escape" else cg)
         elif rule.action == "kill-agent":
             res = self.actions.kill_cgroup(cg) if cg else ActionResult("reported", "event has no agent cgroup")
         elif rule.action == "freeze-agent":

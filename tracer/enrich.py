@@ -106,6 +106,12 @@ class Enricher:
             return [self._listen(o)]
         if rtype == E.EV_FILE:
             return [self._file(o)]
+        if rtype == E.EV_SOCKET:
+            return [self._socket(o)]
+        if rtype == E.EV_ESCAPE:
+            from .escape import escape_event
+            ev = escape_event(self, o)
+            return [ev] if ev is not None else []
         self.unknown_types += 1
         return []
 
@@ -185,6 +191,14 @@ class Enricher:
                                 read_failed, bool(o.fflags & E.FILE_PATH_TRUNCATED),
                                 bool(o.fflags & E.FILE_LATE_READ))
         return Event("file", t, rec, h.tgid, h.agent_cgroup_id)
+
+    def _socket(self, o: E.Socket) -> Event:
+        from .sockfence import socket_body
+        h = o.h
+        rec, t = self._base("socket", h)
+        rec["proc"] = self._proc(h)
+        rec["socket"] = socket_body(o)
+        return Event("socket", t, rec, h.tgid, h.agent_cgroup_id)
 
     def _remember_socket(self, cookie: int, tgid: int, agent: int) -> None:
         if not cookie or not tgid:

@@ -22,6 +22,7 @@ TRACEFS = Path("/sys/kernel/tracing")
 
 # attach types (uapi enum bpf_attach_type)
 CGROUP_INET_INGRESS, CGROUP_INET_EGRESS, CGROUP_SOCK_OPS, CGROUP_DEVICE = 0, 1, 3, 6
+CGROUP_INET_SOCK_CREATE = 2
 CGROUP_INET4_CONNECT, CGROUP_INET6_CONNECT = 10, 11
 CGROUP_UDP4_SENDMSG, CGROUP_UDP6_SENDMSG = 14, 15
 BPF_F_ALLOW_MULTI = 2
@@ -51,6 +52,12 @@ FEATURES: dict[str, tuple[str, list[tuple[str, str, int]]]] = {
     "egress": ("egress.c", [
         ("at_egress_learn", "CGROUP_SKB", CGROUP_INET_INGRESS),
     ]),
+    # socket fencing: raw IP sockets (and whatever else the fence names) per agent
+    "sock": ("sock.c", [
+        ("at_sock_create", "CGROUP_SOCK", CGROUP_INET_SOCK_CREATE),
+    ]),
+    # agent processes leaving the watched subtree (needs "proc": its BTF offsets)
+    "escape": ("escape.c", []),
     "device": ("device.c", [
         ("at_device_check", "CGROUP_DEVICE", CGROUP_DEVICE),
     ]),
@@ -63,7 +70,13 @@ FEATURES: dict[str, tuple[str, list[tuple[str, str, int]]]] = {
 TAIL_CALLS: dict[str, list[tuple[str, int, str, str]]] = {
     "egress": [("egress_progs", 0, "at_egress_rr", "CGROUP_SKB")],
 }
-DEFAULT_FEATURES = ("proc", "net", "listen", "flow", "dns")
+# Raw tracepoint programs with names of their own (a tracepoint another feature already uses
+# through BCC's RAW_TRACEPOINT_PROBE): feature -> [(tracepoint, program)].
+RAW_TRACEPOINTS: dict[str, list[tuple[str, str]]] = {
+    "escape": [("sched_process_fork", "at_esc_fork"), ("sched_process_exit", "at_esc_exit"),
+               ("sched_process_exec", "at_esc_exec")],
+}
+DEFAULT_FEATURES = ("proc", "net", "listen", "flow", "dns", "sock", "escape")
 OPTIONAL_FEATURES = ("files",)   # selectable in run/tail (--files) and the daemon config
 
 # syscall tracepoints files.c uses besides sys_enter_openat (present everywhere); each is
@@ -156,6 +169,8 @@ def _lib():
         _libbpf.bpf_link_create.restype = C.c_int
         _libbpf.bpf_obj_pin.argtypes = [C.c_int, C.c_char_p]
         _libbpf.bpf_obj_pin.restype = C.c_int
+        _libbpf.bpf_raw_tracepoint_open.argtypes = [C.c_char_p, C.c_int]
+        _libbpf.bpf_raw_tracepoint_open.restype = C.c_int
     return _libbpf
 
 
@@ -192,11 +207,14 @@ class Probes:
             raise ProbeError(f"unknown probe feature(s): {', '.join(sorted(unknown))}")
         if "egress" in features and "net" not in features:
             raise ProbeError("probe feature 'egress' needs 'net' (the connect hooks it feeds)")
+        if "escape" in features and "proc" not in features:
+            raise ProbeError("probe feature 'escape' needs 'proc' (its BTF offsets)")
         self.features = tuple(features)
         self.ringbuf_pages = ringbuf_pages
         self.extra_cflags = list(extra_cflags or [])
         self.bpf = None
         self._cgroup_funcs: list[tuple[object, int]] = []
+        self._raw_tp_fds: list[int] = []
         self._attached: dict[int, _Attachment] = {}
         self.pin_dir: Path | None = None
 
@@ -259,6 +277,17 @@ class Probes:
                     raise ProbeError(f"loading program {fname} failed: {e}") from None
                 t = self[array]
                 t[C.c_int(idx)] = C.c_int(fn.fd)
+            for tp, fname in RAW_TRACEPOINTS.get(feat, ()):
+                # BCC keeps one program per raw tracepoint; libbpf attaches any number
+                try:
+                    fn = self.bpf.load_func(fname.encode(), BPF.RAW_TRACEPOINT)
+                except Exception as e:
+                    raise ProbeError(f"loading program {fname} failed: {e}") from None
+                fd = _lib().bpf_raw_tracepoint_open(tp.encode(), fn.fd)
+                if fd < 0:
+                    err = -fd if fd < -1 else C.get_errno()
+                    raise ProbeError(f"attaching {fname} to raw tracepoint {tp} failed: {os.strerror(err)}")
+                self._raw_tp_fds.append(fd)
         release_compiler_memory()
 
     def __getitem__(self, name: str):
@@ -370,6 +399,9 @@ class Probes:
                 att.pinned.clear()     # forget them: unwatch must not unlink
         for cid in list(self._attached):
             self.unwatch(cid)
+        for fd in self._raw_tp_fds:
+            os.close(fd)
+        self._raw_tp_fds.clear()
         if self.bpf is not None:
             try:
                 self.bpf.cleanup()

@@ -40,10 +40,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .paths import rules_dir
 
-CATEGORIES = ("tunnel", "mining", "scan", "gpu", "egress", "exec")
+CATEGORIES = ("tunnel", "mining", "scan", "gpu", "egress", "exec", "escape")
 SEVERITIES = ("info", "low", "medium", "high", "critical")
 ACTIONS = ("report", "block", "kill", "kill-agent", "freeze-agent")
-EVENT_KINDS = ("exec", "fork", "exit", "connect", "listen", "dns", "flow", "gpu", "device", "file")
+EVENT_KINDS = ("exec", "fork", "exit", "connect", "listen", "dns", "flow", "gpu", "device", "file",
+               "socket", "escape")
 SEVERITY_RANK = {s: i for i, s in enumerate(SEVERITIES)}
 
 # Which top-level sections a record of each kind carries (DESIGN §5). Used to reject a CEL
@@ -60,6 +61,8 @@ KIND_SECTIONS: Dict[str, Tuple[str, ...]] = {
     "gpu": ("proc", "gpu"),
     "device": ("proc", "device"),
     "file": ("proc", "file"),
+    "socket": ("proc", "socket"),
+    "escape": ("proc", "escape"),
 }
 CEL_VARS = COMMON_VARS + ("proc", "exit_code", "duration_ms", "net", "dns", "flow", "gpu",
                           "device", "file", "lists")
@@ -630,9 +633,13 @@ DEFAULT_DEDUP_FIELDS: Dict[str, Tuple[str, ...]] = {
     "gpu": ("gpu.index",),
     "device": ("device.major", "device.minor"),
     "file": ("file.path", "file.op"),
+    "socket": ("socket.family", "socket.type", "socket.protocol"),
+    "escape": ("proc.pid", "escape.to.cgroup"),
 }
 
-_VALID_FIELD_ROOTS = set(CEL_VARS) - {"lists"}
+# socket and escape records are matched by kind only (no CEL types for them yet), but their
+# fields can be named in messages and dedup keys
+_VALID_FIELD_ROOTS = (set(CEL_VARS) - {"lists"}) | {"socket", "escape"}
 
 
 # --------------------------------------------------------------------------- loading

@@ -28,6 +28,7 @@ from .netscope import Scoper
 from .pipeline import Event
 from .probes import DEFAULT_FEATURES, Probes
 from .proctable import ProcTable
+from .sockfence import default_entries as default_fence
 from .timefmt import format_ns
 
 log = logging.getLogger("agenttrace")
@@ -57,6 +58,7 @@ class Options:
     # enforce mode with pinned programs: seconds without a heartbeat after which the pinned
     # connect hooks deny agents every non-loopback destination (0 = not armed)
     fail_closed_grace_s: float = 0.0
+    sock_fence: list = field(default_factory=default_fence)   # sockfence.FenceEntry list
 
 
 class Tracer:
@@ -139,6 +141,12 @@ class Tracer:
                 self.probes.set_flag("net_config", 0, 1 if self.opts.mode == "enforce" else 0)
             if "files" in self.opts.features:
                 self.probes.set_flag("file_enforce", 0, 1 if self.opts.mode == "enforce" else 0)
+            if "sock" in features:
+                from .sockfence import write_fence
+                self.probes.set_flag("sock_config", 0, 1 if self.opts.mode == "enforce" else 0)
+                write_fence(self.probes["sock_fence"], self.opts.sock_fence)
+            if "escape" in features:
+                self.probes.set_flag("escape_config", 0, 1 if self.opts.mode == "enforce" else 0)
             if self.opts.fail_closed_grace_s and self.opts.mode == "enforce" and "net" in features:
                 self.arm_fail_closed(self.opts.fail_closed_grace_s)
             if self.opts.rate_limit:
@@ -185,7 +193,7 @@ class Tracer:
     def set_mode(self, mode: str) -> None:
         self.opts.mode = mode
         enforce = 1 if mode == "enforce" else 0
-        for arr in ("proc_enforce", "net_config", "file_enforce"):
+        for arr in ("proc_enforce", "net_config", "file_enforce", "sock_config", "escape_config"):
             try:
                 self.probes.set_flag(arr, 0, enforce)
             except KeyError:
@@ -203,6 +211,9 @@ class Tracer:
     def watch(self, path: Path, mode: str = "child", namer=None, labels: dict | None = None) -> int:
         cid = self.probes.watch(path)
         self.agents.watch(path, mode=mode, namer=namer, labels=labels)
+        if "escape" in self.probes.features:
+            from .escape import members, seed_members
+            seed_members(self.probes, members(path))
         # processes already inside: known from /proc so their events carry identity/ancestry
         self.procs.bootstrap(cgroup_procs(path))
         return cid
