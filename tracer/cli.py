@@ -167,7 +167,7 @@ def run(
                               gpu=gpu_cfg, wakeup_ms=wakeup_ms), sinks, engine=engine)
     try:
         if cmd:
-            rc = run_command(make, cmd, agent or f"run-{os.getpid()}", flag)
+            rc = run_command(make, cmd, agent or f"run-{os.getpid()}", flag, pin=mode == "enforce")
             raise typer.Exit(rc)
         tracer = make(paths)
 

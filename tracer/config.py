@@ -210,6 +210,9 @@ class PinningConfig(_Model):
     enabled: bool = False
     fail_mode: Literal["closed", "open"] = "closed"
     path: str = "/sys/fs/bpf/agenttrace"
+    # fail_mode closed: seconds the pinned connect hooks wait for the daemon's heartbeat
+    # before they deny agents every non-loopback destination (enforce mode)
+    grace_s: float = Field(5.0, gt=0, le=300)
 
     @field_validator("path")
     @classmethod

@@ -111,7 +111,8 @@ def _tracer_from(cfg, ruleset):
                    stats_interval_s=60.0, gpu=gpu,
                    rate_limit=cfg.limits.agent_events_per_sec,
                    rate_burst=cfg.limits.agent_burst or cfg.limits.agent_events_per_sec,
-                   flood_action=cfg.limits.flood_action, wakeup_ms=cfg.limits.wakeup_ms)
+                   flood_action=cfg.limits.flood_action, wakeup_ms=cfg.limits.wakeup_ms,
+                   fail_closed_grace_s=cfg.pinning.grace_s)
     t = Tracer(opts, [fanout], engine=Engine(ruleset, mode=cfg.mode))
     if cfg.node:
         t.node = t.enrich.node = cfg.node

@@ -217,6 +217,8 @@ class Probes:
         self._raw_tp_fds: list[int] = []
         self._attached: dict[int, _Attachment] = {}
         self.pin_dir: Path | None = None
+        self.heartbeat = None               # egress.Heartbeat once pinned (fail-closed)
+        self.fail_closed_grace_s = 5.0
 
     def source(self) -> str:
         """The compile unit: common.h, then each feature's file in order.
@@ -325,6 +327,12 @@ class Probes:
     def enable_pinning(self, pin_dir: Path) -> None:
         pin_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.pin_dir = pin_dir
+        if "net" in self.features and self.heartbeat is None:
+            # pinned connect hooks outlive this process: armed, they deny agents every
+            # non-loopback destination (in enforce mode) once the reader stops beating
+            from .egress import Heartbeat
+            self.heartbeat = Heartbeat(self, self.fail_closed_grace_s)
+            self.heartbeat.arm()
         for att in self._attached.values():
             self._pin(att)
 
@@ -351,6 +359,9 @@ class Probes:
         return removed
 
     def unpin(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.disarm()
+            self.heartbeat = None
         for att in self._attached.values():
             for p in att.pinned:
                 try:
@@ -394,6 +405,9 @@ class Probes:
 
     def close(self, keep_pins: bool = False) -> None:
         """Detach everything; with keep_pins, pinned links stay attached (fail-closed)."""
+        if not keep_pins and self.heartbeat is not None and self.bpf is not None:
+            self.heartbeat.disarm()
+            self.heartbeat = None
         if keep_pins:
             for att in self._attached.values():
                 att.pinned.clear()     # forget them: unwatch must not unlink

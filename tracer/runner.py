@@ -60,7 +60,10 @@ def trace_cgroups(tracer: Tracer, flag: StopFlag, on_reload=None) -> None:
         tracer.stop()
 
 
-def run_command(tracer_factory, cmd: list[str], agent_name: str, flag: StopFlag) -> int:
+RUN_PIN_ROOT = Path("/sys/fs/bpf/agenttrace-run")
+
+
+def run_command(tracer_factory, cmd: list[str], agent_name: str, flag: StopFlag, pin: bool = False) -> int:
     """Create <cgroup2>/agenttrace/<agent_name>, trace it, run cmd inside, return its code.
 
     Processes the command left behind (daemonised children) are killed with the cgroup when
@@ -71,6 +74,10 @@ def run_command(tracer_factory, cmd: list[str], agent_name: str, flag: StopFlag)
     try:
         tracer = tracer_factory([path])
         tracer.start()
+        if pin:
+            # enforce mode: the cgroup programs outlive a killed tracer and fail closed
+            # (minimal; issue #16 owns run's pinning and sweeps stale pins)
+            tracer.probes.enable_pinning(RUN_PIN_ROOT / agent_name)
         procs_file = str(path / "cgroup.procs")
 
         def enter_cgroup():
@@ -100,6 +107,11 @@ def run_command(tracer_factory, cmd: list[str], agent_name: str, flag: StopFlag)
     finally:
         if tracer is not None:
             tracer.stop()
+        if pin:
+            try:
+                (RUN_PIN_ROOT / agent_name).rmdir()
+            except OSError:
+                pass
         cg.remove()
 
 

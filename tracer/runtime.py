@@ -55,9 +55,9 @@ class Options:
     flood_action: str = "report"         # or "freeze-agent" (enforce mode) when events are dropped
     gpu: object = None                   # gpu.GpuConfig; None = no GPU sampling or fence
     gpu_backend: object = None           # a gpu.GpuBackend (tests: the fake); None = real NVML
-    # enforce mode with pinned programs: seconds without a heartbeat after which the pinned
-    # connect hooks deny agents every non-loopback destination (0 = not armed)
-    fail_closed_grace_s: float = 0.0
+    # pinned programs (daemon pinning, run --mode enforce): seconds without a heartbeat after
+    # which the pinned connect hooks deny agents every non-loopback destination (enforce mode)
+    fail_closed_grace_s: float = 5.0
     sock_fence: list = field(default_factory=default_fence)   # sockfence.FenceEntry list
 
 
@@ -96,7 +96,6 @@ class Tracer:
         self._on_agent: list = []
         self.agents.on_new = self._agent_discovered
         self._notices: "collections.deque" = collections.deque(maxlen=1000)
-        self.heartbeat = None
 
     # --- lifecycle -------------------------------------------------------------------
     def _agent_discovered(self, cid: int, ident: dict) -> None:
@@ -147,8 +146,7 @@ class Tracer:
                 write_fence(self.probes["sock_fence"], self.opts.sock_fence)
             if "escape" in features:
                 self.probes.set_flag("escape_config", 0, 1 if self.opts.mode == "enforce" else 0)
-            if self.opts.fail_closed_grace_s and self.opts.mode == "enforce" and "net" in features:
-                self.arm_fail_closed(self.opts.fail_closed_grace_s)
+            self.probes.fail_closed_grace_s = self.opts.fail_closed_grace_s
             if self.opts.rate_limit:
                 self.probes.set_flag("rate_cfg", 0, self.opts.rate_limit)
                 self.probes.set_flag("rate_cfg", 1, max(self.opts.rate_burst, self.opts.rate_limit))
@@ -183,12 +181,6 @@ class Tracer:
         self.policy_writer.apply(kp, {cid: a.get("group") for cid, a in self.agents.known().items()})
         from .egress import policy_rule_namer
         self.enrich.policy_rule = policy_rule_namer(kp)
-
-    def arm_fail_closed(self, grace_s: float) -> None:
-        """Pinned enforcement: once this tracer stops beating, agents lose the network."""
-        from .egress import Heartbeat
-        self.heartbeat = Heartbeat(self.probes, grace_s)
-        self.heartbeat.arm()
 
     def set_mode(self, mode: str) -> None:
         self.opts.mode = mode
@@ -241,8 +233,9 @@ class Tracer:
         bpf.ring_buffer_consume()
 
     def poll(self, timeout_ms: int = 100) -> None:
-        if self.heartbeat is not None:
-            self.heartbeat.beat()
+        hb = self.probes.heartbeat if self.probes is not None else None
+        if hb is not None:
+            hb.beat()      # pinned enforcement (probes.enable_pinning) fails closed without it
         if self.opts.wakeup_ms > 0:
             # Most records arrive without a wakeup (probes/common.h at_wake_flags), so wait at
             # most the wakeup interval, then take whatever is in the ring. Once a whole
