@@ -237,3 +237,85 @@ def test_run_allow_egress_through_the_cli(lab, tmp_path):
     alerts = [r for r in recs if r["kind"] == "alert" and r["rule"]["id"] == RULE]
     assert [a["net"]["dst"]["addr"] for a in alerts] == ["198.51.100.251"]
     assert alerts[0]["rule"]["outcome"] == "blocked"
+
+
+# ------------------------------------------------------------------ policy learn
+
+def test_policy_learn_on_the_devwork_fixture_raises_nothing(tmp_path):
+    """The learned allow-list, with the default pack, replayed over the run it came from."""
+    from agenttrace.config import parse_config
+    from agenttrace.engine import replay
+    from agenttrace.rules import default_rule_paths
+    fixture = __import__("conftest").REPO / "tests" / "fixtures" / "events_recorded_devwork.jsonl"
+    out = tmp_path / "learned.yaml"
+    p = subprocess.run([AGENTTRACE, "policy", "learn", "--events", str(fixture), "-o", str(out)],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    cfg = parse_config(out.read_text(), str(out))
+    assert cfg.egress["default"].mode == "allow-list"
+    rs = load_rules(default_rule_paths(), egress=cfg.egress)
+    assert replay([], str(fixture), ruleset=rs) == []
+
+
+def test_policy_learn_entries_from_names_and_addresses(tmp_path):
+    from agenttrace.policylearn import learn
+    recs = [
+        {"kind": "dns", "agent": {"id": "a"}, "dns": {"query": "pypi.org", "answers": [
+            {"name": "pypi.org", "type": "A", "data": "198.51.100.5", "ttl": 60}]}},
+        {"kind": "connect", "agent": {"id": "a"}, "net": {"proto": "tcp", "dst": {
+            "addr": "198.51.100.5", "port": 443, "scope": "external", "name": None}}},
+        {"kind": "connect", "agent": {"id": "a", "group": "gpu"}, "net": {"proto": "tcp", "dst": {
+            "addr": "2001:db8::9", "port": 8443, "scope": "external", "name": None}}},
+        {"kind": "connect", "agent": {"id": "a"}, "net": {"proto": "tcp", "dst": {
+            "addr": "169.254.169.254", "port": 80, "scope": "metadata", "name": None}}},
+        {"kind": "connect", "agent": {"id": "a"}, "net": {"proto": "tcp", "dst": {
+            "addr": "10.0.0.5", "port": 80, "scope": "internal", "name": None}}},
+    ]
+    f = tmp_path / "r.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    res = learn(str(f))
+    assert res.specs("default") == ["pypi.org:443"]
+    assert res.specs("gpu") == ["[2001:db8::9]/128:8443"]
+    assert res.skipped == ["169.254.169.254:80 (metadata: never allowed)"]
+    for s in res.specs("default") + res.specs("gpu"):
+        parse_allow_spec(s)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"kind": "connect"}\nnot json\n')
+    p = subprocess.run([AGENTTRACE, "policy", "learn", "--events", str(bad)], capture_output=True, text=True)
+    assert p.returncode == 2 and f"{bad}:1" in p.stderr
+
+
+WORK = CONNECT + """
+import urllib.request
+body = urllib.request.urlopen("http://www.example.org/", timeout=10).read()
+r = [connect(resolve("n3.mirror.test")), connect("203.0.113.200")]
+print(json.dumps(r))
+"""
+
+
+def test_learned_policy_lets_the_same_workload_run_in_enforce_mode(lab, tmp_path):
+    """Record a benign run, learn its allow-list, run it again under that list, enforced."""
+    script = tmp_path / "work.py"
+    script.write_text(WORK)
+    (lab.http_root / "index.html").write_text("hello")
+
+    def run(*extra, out):
+        p = lab.run_in_agent([AGENTTRACE, "run", "-o", str(out), *extra, "--", sys.executable, str(script)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        so, se = p.communicate(timeout=120)
+        assert p.returncode == 0, se.decode()
+        return json.loads(so.decode().strip().splitlines()[-1]), [json.loads(l) for l in out.read_text().splitlines()]
+
+    first, _ = run(out=tmp_path / "rec.jsonl")
+    assert first == [errno.EINPROGRESS, errno.EINPROGRESS]
+    p = subprocess.run([AGENTTRACE, "policy", "learn", "--events", str(tmp_path / "rec.jsonl"), "--flags"],
+                       capture_output=True, text=True, check=True)
+    flags = p.stdout.split()
+    specs = flags[1::2]
+    assert "www.example.org:80" in specs and "n3.mirror.test:80" in specs
+    assert "203.0.113.200/32:80" in specs and "192.0.2.53/32:53" in specs
+    again, recs = run("--mode", "enforce", *flags, out=tmp_path / "enforced.jsonl")
+    assert again == first
+    assert not [r for r in recs if r["kind"] == "alert" and r["rule"]["category"] == "egress"
+                and r["rule"]["id"].startswith("egress-policy.")]
+    assert not [r for r in recs if r["kind"] == "connect" and r["net"]["verdict"] == "blocked"]

@@ -141,7 +141,7 @@ def run(
         _require_root()
         cidrs = _check_cidrs(internal)
         paths = _resolve_cgroups(cgroup)
-        features = (("proc",) if no_net else ("proc", "net")) + ("sock", "escape") + (("files",) if files else ())
+        features = (("proc",) if no_net else ("proc", "net", "dns")) + ("sock", "escape") + (("files",) if files else ())
         egress = None
         if allow_egress:
             from .egress import SpecError, run_policy
@@ -151,7 +151,6 @@ def run(
                 egress = run_policy(allow_egress, mode)
             except SpecError as e:
                 raise BadInput(str(e)) from None
-            features += ("dns",)
         engine = None if no_rules and not egress else _load_engine(rules, mode, egress, pack=not no_rules)
         gpu_cfg = _gpu_config(gpu)
         sinks = _sinks(output, fmt)
@@ -320,6 +319,35 @@ def rules_test(
         for a in alerts:
             typer.echo(render(a, color=color))
         typer.echo(f"{len(alerts)} alert(s)")
+
+
+policy_app = typer.Typer(no_args_is_help=True, help="Egress policies from what workloads really do.")
+app.add_typer(policy_app, name="policy")
+
+
+@policy_app.command("learn")
+def policy_learn(
+    events: Path = typer.Option(..., "--events", help="Recorded JSON lines of a benign run."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the YAML here instead of stdout."),
+    as_flags: bool = typer.Option(False, "--flags", help="Print `--allow-egress SPEC` arguments for `run` instead of YAML."),
+):
+    """Write the egress allow-list that would have permitted a recorded run (no root needed)."""
+    from .policylearn import LearnError, learn, to_yaml
+    try:
+        res = learn(str(events))
+    except LearnError as e:
+        raise fail(str(e))
+    if as_flags:
+        text = " ".join(f"--allow-egress {s}" for g in sorted(res.entries) for s in res.specs(g)) + "\n"
+    else:
+        text = to_yaml(res, str(events))
+    if output is not None:
+        try:
+            output.write_text(text)
+        except OSError as e:
+            raise fail(f"--output: cannot write {output}: {e.strerror}")
+    else:
+        sys.stdout.write(text)
 
 
 @app.command()
