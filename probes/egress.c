@@ -42,7 +42,7 @@ struct at_dnp {
 	u32 ttl_min;
 	u32 ttl_max;
 	u32 allowed;
-	struct at_dn_val allow;  /* the pattern that allowed the question name */
+	u64 allow_key;           /* name_allow key of the pattern that allowed the question name */
 	/* name decoder state */
 	u32 pos, rem, hops, next, outlen, want_name, err, done, lastptr;
 	u64 hash;
@@ -158,7 +158,7 @@ static __always_inline void at_dn_hit(struct at_dnp *s, u8 need)
 	struct at_dn_val *v = name_allow.lookup(&k);
 	if (v && (v->flags & need)) {
 		s->allowed = 1;
-		s->allow = *v;      /* the longest matching suffix wins: it is checked last */
+		s->allow_key = k.hash;   /* the longest matching suffix wins: it is checked last */
 	}
 }
 
@@ -202,20 +202,26 @@ static __always_inline void at_learn(struct at_dnp *s, u32 rd, u32 alen, u32 ttl
 		ttl = s->ttl_max;
 	u64 now = bpf_ktime_get_ns();
 	struct at_learn_val v = {};
-	v.expires_ns = now + (u64)ttl * 1000000000ULL;
-	v.port_lo = s->allow.port_lo;
-	v.port_hi = s->allow.port_hi;
-	v.proto = s->allow.proto;
+	u64 exp = now + (u64)ttl * 1000000000ULL, key = s->allow_key;
 	struct at_learn_val *old = learned.lookup(&k);
-	if (old && old->expires_ns > now) {
-		if (old->expires_ns > v.expires_ns)
-			v.expires_ns = old->expires_ns;
-		if (old->port_lo < v.port_lo)
-			v.port_lo = old->port_lo;
-		if (old->port_hi > v.port_hi)
-			v.port_hi = old->port_hi;
-		if (old->proto != v.proto)
-			v.proto = 0;
+	v.name[0] = key;
+	v.expires_ns[0] = exp;
+	if (old) {
+		/* the address may have come from another allowed name too: keep the newest two */
+		if (old->name[0] == key) {
+			if (old->expires_ns[0] > exp)
+				v.expires_ns[0] = old->expires_ns[0];
+			v.name[1] = old->name[1];
+			v.expires_ns[1] = old->expires_ns[1];
+		} else if (old->name[1] == key) {
+			if (old->expires_ns[1] > exp)
+				v.expires_ns[0] = old->expires_ns[1];
+			v.name[1] = old->name[0];
+			v.expires_ns[1] = old->expires_ns[0];
+		} else {
+			v.name[1] = old->name[0];
+			v.expires_ns[1] = old->expires_ns[0];
+		}
 	}
 	learned.update(&k, &v);
 	at_estat(1);

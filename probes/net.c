@@ -57,19 +57,22 @@ BPF_HASH(group_allow, u32, struct at_group_allow, 1024);
  * the backward hash of a name's suffix is a prefix of the backward hash of the whole name, so
  * one pass over an answer's question name checks every `*.suffix` and the exact name.
  * `learned` holds the addresses that answers for allowed names returned, per group, until
- * the answer's TTL (clamped by the group's ttl_min/ttl_max) runs out. Two names with
- * different port limits that return the same address share one entry: its ports widen to
- * cover both (the bounding range), never narrow. */
+ * the answer's TTL (clamped by the group's ttl_min/ttl_max) runs out. */
 #ifndef AT_LEARNED_MAX
 #define AT_LEARNED_MAX 131072
 #endif
 #define AT_DN_EXACT 1        /* the pattern's own name */
 #define AT_DN_SUBDOMAINS 2   /* `*.name`: any name with at least one more label */
 struct at_dn_key { u32 gid; u32 pad; u64 hash; };
-struct at_dn_val { u16 port_lo; u16 port_hi; u8 proto; u8 flags; u16 pad; };
+#define AT_NAME_RANGES 4     /* port ranges one name (and one learned address) may carry */
+struct at_prange { u16 lo; u16 hi; u8 proto; u8 pad; };   /* lo 0 = unused slot */
+struct at_dn_val { struct at_prange r[AT_NAME_RANGES]; u8 flags; u8 pad[3]; };
 BPF_HASH(name_allow, struct at_dn_key, struct at_dn_val, 16384);
 struct at_learn_key { u32 gid; u8 addr[16]; };
-struct at_learn_val { u64 expires_ns; u16 port_lo; u16 port_hi; u8 proto; u8 pad[3]; };
+/* the name_allow keys (of this group) of the newest two patterns that returned the address,
+ * each with its own expiry: ports are those the pattern allows now, so a reload that narrows
+ * or drops a name applies to what was learned for it at once */
+struct at_learn_val { u64 expires_ns[2]; u64 name[2]; };
 BPF_TABLE("lru_hash", struct at_learn_key, struct at_learn_val, learned, AT_LEARNED_MAX);
 
 /* Fail-closed (enforce mode, pinned programs): [0] armed, [1] last heartbeat (ktime ns) the
@@ -96,11 +99,27 @@ static __always_inline int at_learned_ok(u32 gid, u8 *addr16, u16 port, u8 proto
 	lk.gid = gid;
 	__builtin_memcpy(lk.addr, addr16, 16);
 	struct at_learn_val *lv = learned.lookup(&lk);
-	if (!lv || lv->expires_ns < bpf_ktime_get_ns())
+	if (!lv)
 		return 0;
-	if (port < lv->port_lo || port > lv->port_hi)
-		return 0;
-	return !lv->proto || lv->proto == proto;
+	u64 now = bpf_ktime_get_ns();
+	#pragma unroll
+	for (int n = 0; n < 2; n++) {
+		if (lv->expires_ns[n] < now || !lv->name[n])
+			continue;
+		struct at_dn_key dk = {};
+		dk.gid = gid;
+		dk.hash = lv->name[n];
+		struct at_dn_val *dv = name_allow.lookup(&dk);
+		if (!dv)
+			continue;
+		#pragma unroll
+		for (int i = 0; i < AT_NAME_RANGES; i++) {
+			struct at_prange *r = &dv->r[i];
+			if (r->lo && port >= r->lo && port <= r->hi && (!r->proto || r->proto == proto))
+				return 1;
+		}
+	}
+	return 0;
 }
 /* socket address -> the connect's header, to attribute the result (which fires in softirq
  * context where `current` is unrelated). LRU: results that never come age out. */

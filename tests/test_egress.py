@@ -43,11 +43,17 @@ def test_name_entries_compile_to_backward_suffix_hashes():
     # pypi.org and *.pypi.org share one key (same suffix), both flags, same ports
     both = [n for n in kp.name_allow if n.hash == name_hash("pypi.org")]
     assert len(both) == 1 and both[0].flags == NAME_EXACT | NAME_SUBDOMAINS
-    assert (both[0].port_lo, both[0].port_hi) == (443, 443)
+    assert both[0].ranges == ((443, 443, 0),)
     (g,) = [g for g in kp.groups if g.name == "default"]
     assert g.allow_list and (g.ttl_min, g.ttl_max) == (30, 3600)
     with pytest.raises(PolicyError):
         compile_policy(load_rules([], egress=run_policy(["pypi.org:443", "*.pypi.org:80"], "enforce")))
+    # one name, several ports: one kernel entry with a range each
+    kp = compile_policy(load_rules([], egress=run_policy(["git.corp.example:22", "git.corp.example:443"], "enforce")))
+    (g,) = [n for n in kp.name_allow if n.pattern == "git.corp.example"]
+    assert sorted(g.ranges) == [(22, 22, 0), (443, 443, 0)]
+    with pytest.raises(PolicyError, match="more than 4 port ranges"):
+        compile_policy(load_rules([], egress=run_policy([f"x.example:{p}" for p in range(1, 6)], "enforce")))
 
 
 def test_config_model_names_its_errors():

@@ -85,7 +85,9 @@ def write_name_allow(table, entries: List[NameAllow]) -> None:
         k = table.Key()
         k.gid, k.pad, k.hash = e.group_id, 0, e.hash
         v = table.Leaf()
-        v.port_lo, v.port_hi, v.proto, v.flags = e.port_lo, e.port_hi, e.proto, e.flags
+        for i, (lo, hi, proto) in enumerate(e.ranges):
+            v.r[i].lo, v.r[i].hi, v.r[i].proto = max(lo, 1), hi, proto
+        v.flags = e.flags
         table[k] = v
         keep.add(bytes(k))
     for k in list(table.keys()):

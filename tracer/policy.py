@@ -138,9 +138,10 @@ class NameAllow:
     pattern: str
     hash: int
     flags: int           # NAME_EXACT | NAME_SUBDOMAINS
-    port_lo: int
-    port_hi: int
-    proto: int
+    ranges: Tuple[Tuple[int, int, int], ...]   # (port_lo, port_hi, proto), at most NAME_RANGES
+
+
+NAME_RANGES = 4          # AT_NAME_RANGES in probes/net.c
 
 
 FNV_BASIS, FNV_PRIME = 0xcbf29ce484222325, 0x100000001b3
@@ -215,8 +216,6 @@ class EgressDest(BaseModel):
     def _one(self) -> "EgressDest":
         if (self.cidr is None) == (self.name is None):
             raise ValueError("give exactly one of 'cidr' or 'name'")
-        if self.name is not None and len(self.ports) > 1:
-            raise ValueError("a name entry takes at most one port or range (add one entry per port)")
         return self
 
     def spec(self) -> str:
@@ -436,13 +435,18 @@ def compile_policy(ruleset: RuleSet, internal: Iterable[str] = DEFAULT_INTERNAL,
 def _add_name(names: Dict[int, NameAllow], gid: int, a: EgressDest) -> None:
     wild = a.name.startswith("*.")
     base = a.name[2:] if wild else a.name
-    lo, hi = _port_range(a.ports[0]) if a.ports else (0, 65535)
+    rng = [(lo, hi, PROTO_NUM[a.proto]) for lo, hi in ([_port_range(p) for p in a.ports] or [(1, 65535)])]
     flag = NAME_SUBDOMAINS if wild else NAME_EXACT
     h = name_hash(base)
     old = names.get(h)
     if old is not None:
-        if (old.port_lo, old.port_hi, old.proto) != (lo, hi, PROTO_NUM[a.proto]):
+        # `x.org` and `*.x.org` share one kernel key (the suffix): their ports must agree
+        if old.flags != flag and set(old.ranges) != set(rng):
             raise PolicyError(f"egress allow entries {old.pattern!r} and {a.name!r} share the name "
                               f"{base!r} with different ports or protocols; give them the same")
         flag |= old.flags
-    names[h] = NameAllow(gid, base if flag == NAME_EXACT else a.name, h, flag, lo, hi, PROTO_NUM[a.proto])
+        rng = list(dict.fromkeys(list(old.ranges) + rng))
+    if len(rng) > NAME_RANGES:
+        raise PolicyError(f"egress allow entries for {a.name!r}: more than {NAME_RANGES} port ranges; "
+                          "merge them into ranges")
+    names[h] = NameAllow(gid, base if flag == NAME_EXACT else a.name, h, flag, tuple(rng))
