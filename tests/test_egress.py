@@ -325,3 +325,44 @@ def test_learned_policy_lets_the_same_workload_run_in_enforce_mode(lab, tmp_path
     assert not [r for r in recs if r["kind"] == "alert" and r["rule"]["category"] == "egress"
                 and r["rule"]["id"].startswith("egress-policy.")]
     assert not [r for r in recs if r["kind"] == "connect" and r["net"]["verdict"] == "blocked"]
+
+
+# ------------------------------------------------------------------ the contain profile
+
+CONTAIN = __import__("conftest").REPO / "packaging" / "contain.yaml"
+
+
+def test_contain_profile_loads_and_compiles():
+    from agenttrace.daemon import load_inputs
+    cfg, rs = load_inputs(str(CONTAIN))
+    assert cfg.mode == "enforce" and cfg.pinning.enabled
+    kp = compile_policy(rs)
+    (g,) = [g for g in kp.groups if g.name == "default"]
+    assert g.allow_list and g.allow_scope_mask == 2 | 4 | 8
+    pats = {n.pattern for n in kp.name_allow}
+    assert pats == {"*.pypi.corp.internal", "git.corp.internal"}
+
+
+def test_contain_profile_in_the_lab(lab, agent_tree, make_session):
+    """The profile's egress section with the lab's resolver: the forge by name is reachable,
+    an internal host by another name, the web and metadata are not."""
+    from agenttrace.config import load_config
+    from agenttrace.engine import Engine
+    from agenttrace.policy import EgressDest
+    cfg = load_config(CONTAIN)
+    pol = cfg.egress["default"]
+    allow = [a if a.cidr is None else EgressDest(cidr="192.0.2.53/32", ports=[53]) for a in pol.allow]
+    eg = {"default": pol.model_copy(update={"allow": allow})}
+    a = agent_tree.agent("contained")
+    make_session([agent_tree.root], engine=Engine(load_rules([], egress=eg), mode="enforce"),
+                 mode="enforce", features=("proc", "net"))
+    out = _run(lab, a, """
+        r = {}
+        r["forge"] = connect(resolve("git.corp.internal"), 22)
+        r["db"] = connect(resolve("db.corp.internal"), 5432)      # same host, other name and port
+        r["web"] = connect(resolve("www.example.org"), 80)
+        r["metadata"] = connect("169.254.169.254", 80)
+        print(json.dumps(r))
+    """)
+    assert out["forge"] in (0, errno.EINPROGRESS)
+    assert out["db"] == out["web"] == out["metadata"] == errno.EPERM
