@@ -366,3 +366,56 @@ def test_contain_profile_in_the_lab(lab, agent_tree, make_session):
     """)
     assert out["forge"] in (0, errno.EINPROGRESS)
     assert out["db"] == out["web"] == out["metadata"] == errno.EPERM
+
+
+# ------------------------------------------------------------------ tricks that get nowhere
+
+def test_tls_wrapped_ssh_tunnel_never_opens_its_port(netlab, agent_tree, make_session):
+    """ssh -R through `ProxyCommand openssl s_client -quiet -connect <not allowed>:443`: ssh
+    itself never connects, openssl's connect fails in the kernel, no remote port listens."""
+    a = agent_tree.agent("tunnel")
+    sess = make_session([agent_tree.root], engine=_engine("enforce", ["*.mirror.test", DNS]),
+                        mode="enforce", features=("proc", "net"))
+    argv = netlab.ssh_argv(netlab.ssh_host, 443, "-o",
+                           f"ProxyCommand=openssl s_client -quiet -connect {netlab.ssh_host}:443",
+                           "-N", "-R", "9443:127.0.0.1:22")
+    p = netlab.run_in_agent(argv, cgroup=a, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        p.wait(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode != 0
+    assert not netlab.server_port_open(netlab.ssh_host, 9443)
+    blocked = sess.wait_for(lambda: [al for al in sess.of("alert") if al["rule"]["id"] == RULE
+                                     and al["net"]["dst"]["addr"] == netlab.ssh_host])
+    assert blocked and blocked[0]["proc"]["comm"] == "openssl" and blocked[0]["rule"]["outcome"] == "blocked"
+
+
+def test_stratum_over_tls_to_a_pool_not_listed_never_reaches_it(netlab, agent_tree, make_session):
+    a = agent_tree.agent("miner")
+    sess = make_session([agent_tree.root], engine=_engine("enforce", ["*.mirror.test", DNS]),
+                        mode="enforce", features=("proc", "net"))
+    before = len([e for e in netlab.server_events("stratum") if e.get("peer") == netlab.agent_addr])
+    res = netlab.check_in_agent(["openssl", "s_client", "-quiet", "-connect", f"{netlab.pool_host}:443"],
+                                cgroup=a, timeout=60, input=b'{"id":1,"method":"login","params":{}}\n')
+    assert res.returncode != 0
+    after = len([e for e in netlab.server_events("stratum") if e.get("peer") == netlab.agent_addr])
+    assert after == before
+    assert sess.wait_for(lambda: [al for al in sess.of("alert") if al["rule"]["id"] == RULE
+                                  and al["net"]["dst"]["addr"] == netlab.pool_host])
+
+
+def test_answers_over_tcp_dns_are_learned_too(lab, agent_tree, make_session):
+    a = agent_tree.agent("tcpdns")
+    make_session([agent_tree.root], engine=_engine("enforce", ["*.mirror.test", DNS]),
+                 mode="enforce", features=("proc", "net"))
+    out = _run(lab, a, """
+        import dns.message, dns.query
+        q = dns.message.make_query("n7.mirror.test", "A")
+        r = dns.query.tcp(q, "192.0.2.53", timeout=5)
+        ad = r.answer[0][0].address
+        print(json.dumps([ad, connect(ad)]))
+    """)
+    assert out[1] == errno.EINPROGRESS, out
