@@ -120,6 +120,8 @@ def test_daemon_sigkill_fails_closed_and_a_new_daemon_takes_over(netlab, tmp_pat
         loop = netlab.run_in_agent([PY, "-c", LOOP, str(res), WEB], cgroup=a,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         assert _wait(lambda: [r for r in _results(res) if r.get("e") == 0])
+        pins = {f.name.split("-")[0] for f in pin_dir.iterdir()}
+        assert pins == {"link", "rawtp"}, "cgroup links and the escape raw tracepoints are pinned"
         d.proc.send_signal(signal.SIGKILL)
         d.proc.wait()
         t_kill = time.monotonic()

@@ -215,6 +215,8 @@ class Probes:
         self.bpf = None
         self._cgroup_funcs: list[tuple[object, int]] = []
         self._raw_tp_fds: list[int] = []
+        self._raw_tp_names: list[str] = []
+        self._raw_pins: list[Path] = []
         self._attached: dict[int, _Attachment] = {}
         self.pin_dir: Path | None = None
         self.heartbeat = None               # egress.Heartbeat once pinned (fail-closed)
@@ -290,6 +292,7 @@ class Probes:
                     err = -fd if fd < -1 else C.get_errno()
                     raise ProbeError(f"attaching {fname} to raw tracepoint {tp} failed: {os.strerror(err)}")
                 self._raw_tp_fds.append(fd)
+                self._raw_tp_names.append(fname)
         release_compiler_memory()
 
     def __getitem__(self, name: str):
@@ -333,6 +336,12 @@ class Probes:
             from .egress import Heartbeat
             self.heartbeat = Heartbeat(self, self.fail_closed_grace_s)
             self.heartbeat.arm()
+        # raw tracepoint links pin too (checked on 6.18): the escape killer outlives us as well
+        for fd, name in zip(self._raw_tp_fds, self._raw_tp_names):
+            path = pin_dir / f"rawtp-{name}-{os.getpid()}"
+            if not path.exists():
+                pin_object(fd, path)
+                self._raw_pins.append(path)
         for att in self._attached.values():
             self._pin(att)
 
@@ -348,9 +357,9 @@ class Probes:
         removed = []
         if self.pin_dir is None or not self.pin_dir.is_dir():
             return removed
-        mine = {p for att in self._attached.values() for p in att.pinned}
+        mine = {p for att in self._attached.values() for p in att.pinned} | set(self._raw_pins)
         for f in self.pin_dir.iterdir():
-            if f.name.startswith("link-") and f not in mine:
+            if f.name.startswith(("link-", "rawtp-")) and f not in mine:
                 try:
                     f.unlink()
                     removed.append(f.name)
@@ -362,6 +371,7 @@ class Probes:
         if self.heartbeat is not None:
             self.heartbeat.disarm()
             self.heartbeat = None
+        self._unpin_raw()
         for att in self._attached.values():
             for p in att.pinned:
                 try:
@@ -369,6 +379,14 @@ class Probes:
                 except OSError:
                     pass
             att.pinned.clear()
+
+    def _unpin_raw(self) -> None:
+        for p in self._raw_pins:
+            try:
+                p.unlink()
+            except OSError:
+                pass
+        self._raw_pins.clear()
 
     def unwatch(self, cid: int) -> None:
         att = self._attached.pop(cid, None)
@@ -409,8 +427,11 @@ class Probes:
             self.heartbeat.disarm()
             self.heartbeat = None
         if keep_pins:
+            self._raw_pins.clear()
             for att in self._attached.values():
                 att.pinned.clear()     # forget them: unwatch must not unlink
+        else:
+            self._unpin_raw()
         for cid in list(self._attached):
             self.unwatch(cid)
         for fd in self._raw_tp_fds:
