@@ -146,3 +146,47 @@ def test_daemon_sigkill_fails_closed_and_a_new_daemon_takes_over(netlab, tmp_pat
             for f in pin_dir.iterdir():
                 f.unlink()
             pin_dir.rmdir()
+
+
+def test_sigkill_of_run_cgroup_enforce_fails_closed_and_the_next_run_takes_over(netlab, tmp_path, agent_tree):
+    from agenttrace.runner import cgroups_pin_dir
+    a = agent_tree.agent("fc-cgroup")
+    res = tmp_path / "loop.jsonl"
+    pins = cgroups_pin_dir([agent_tree.root])
+
+    def start_tracer(tag):
+        out = tmp_path / f"{tag}.jsonl"
+        p = subprocess.Popen([AGENTTRACE, "run", "--cgroup", str(agent_tree.root), "--mode", "enforce",
+                              "--no-rules", "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        assert _wait(lambda: out.exists() and b'"started"' in out.read_bytes() or p.poll() is not None)
+        assert p.poll() is None, p.stderr.read()
+        return p
+
+    t1 = start_tracer("first")
+    t2 = loop = None
+    try:
+        loop = netlab.run_in_agent([PY, "-c", LOOP, str(res), WEB], cgroup=a,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        assert _wait(lambda: [r for r in _results(res) if r.get("e") == 0])
+        assert pins.is_dir() and any(f.name.startswith("link-") for f in pins.iterdir())
+        t1.send_signal(signal.SIGKILL)
+        t1.wait()
+        t_kill = time.monotonic()
+        assert _wait(lambda: [r for r in _after(res, t_kill) if r["e"] == errno.EPERM])
+        old = {f.name for f in pins.iterdir()}
+        t2 = start_tracer("second")
+        t_new = time.monotonic()
+        assert _wait(lambda: [r for r in _after(res, t_new) if r["e"] == 0]), _after(res, t_new)[-5:]
+        assert not old & {f.name for f in pins.iterdir()}, "the killed run's pins were replaced"
+        t2.send_signal(signal.SIGTERM)
+        assert t2.wait(timeout=60) == 0
+        assert not pins.exists(), "a clean stop leaves no pins"
+    finally:
+        for p in (loop, t1, t2):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+        if pins.is_dir():
+            for f in pins.iterdir():
+                f.unlink()
+            pins.rmdir()

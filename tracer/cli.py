@@ -179,7 +179,9 @@ def run(
                 typer.echo(f"agenttrace: reload failed, keeping the running rules: {e}", err=True)
                 return
             tracer.reload_rules(new.ruleset)
-        trace_cgroups(tracer, flag, on_reload=None if engine is None else reload)
+        from .runner import cgroups_pin_dir
+        trace_cgroups(tracer, flag, on_reload=None if engine is None else reload,
+                      pin_dir=cgroups_pin_dir(paths) if mode == "enforce" else None)
     except ProbeError as e:
         raise fail(str(e))
     except CommandNotFound as e:
