@@ -419,3 +419,94 @@ def test_answers_over_tcp_dns_are_learned_too(lab, agent_tree, make_session):
         print(json.dumps([ad, connect(ad)]))
     """)
     assert out[1] == errno.EINPROGRESS, out
+
+
+# ------------------------------------------------------------------ the kernel parser, adversarial
+
+CRAFTED = r"""
+import ctypes, errno, json, socket, struct, subprocess, sys
+if ctypes.CDLL(None, use_errno=True).unshare(0x40000000) != 0:
+    sys.exit("unshare(CLONE_NEWNET) failed")
+subprocess.run(["ip", "link", "set", "lo", "up"], check=True)   # a namespace with only lo: nothing leaves
+
+def name(n):
+    return b"".join(bytes([len(l)]) + l for l in n.encode().split(b".")) + b"\0"
+
+def label_name(labels):
+    return b"".join(bytes([len(l)]) + l for l in labels) + b"\0"
+
+PTR_Q = b"\xc0\x0c"
+
+def msg(q, answers, flags=0x8180):
+    body = struct.pack("!HHHHHH", 7, flags, 1, len(answers), 0, 0) + q + struct.pack("!HH", 1, 1)
+    for owner, typ, ttl, rdata in answers:
+        if owner == "SELF":
+            owner = bytes([0xc0 | (len(body) >> 8), len(body) & 0xff])
+        body += owner + struct.pack("!HHIH", typ, 1, ttl, len(rdata)) + rdata
+    return body
+
+def a(ip):
+    return socket.inet_aton(ip)
+
+resp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+resp.bind(("127.0.0.1", 53))
+
+def ask(wire):
+    c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    c.settimeout(5)
+    c.sendto(b"\0" * 12, ("127.0.0.1", 53))
+    _, peer = resp.recvfrom(512)
+    resp.sendto(wire, peer)
+    c.recv(4096)
+    c.close()
+
+def connect(ip):
+    s = socket.socket()
+    s.setblocking(False)
+    e = s.connect_ex((ip, 443))
+    s.close()
+    return "allowed" if e == errno.ENETUNREACH else "blocked" if e == errno.EPERM else e
+
+cases = {}
+def case(key, wire, ip):
+    ask(wire)
+    cases[key] = connect(ip)
+
+case("plain", msg(name("n1.mirror.test"), [(PTR_Q, 1, 60, a("203.0.113.101"))]), "203.0.113.101")
+case("mixed_case", msg(name("N2.MiRRoR.TEST"), [(PTR_Q, 1, 60, a("203.0.113.102"))]), "203.0.113.102")
+case("unrelated_owner", msg(name("n3.mirror.test"), [(name("evil.test"), 1, 60, a("203.0.113.103"))]), "203.0.113.103")
+case("pointer_loop", msg(name("n4.mirror.test"), [("SELF", 1, 60, a("203.0.113.104"))]), "203.0.113.104")
+chain2 = msg(name("n5.mirror.test"), [(PTR_Q, 5, 60, name("a.cdn.test")), (name("a.cdn.test"), 5, 60, name("b.cdn.test")),
+                                       (name("b.cdn.test"), 1, 60, a("203.0.113.105"))])
+case("cname_chain", chain2, "203.0.113.105")
+hops = [f"h{i}.cdn.test" for i in range(9)]
+ans = [(PTR_Q, 5, 60, name(hops[0]))] + [(name(hops[i]), 5, 60, name(hops[i + 1])) for i in range(8)]
+case("cname_chain_too_long", msg(name("n6.mirror.test"), ans + [(name(hops[8]), 1, 60, a("203.0.113.106"))]), "203.0.113.106")
+case("dot_in_label", msg(label_name([b"x", b"mirror.test"]), [(PTR_Q, 1, 60, a("203.0.113.107"))]), "203.0.113.107")
+case("ttl_zero", msg(name("n8.mirror.test"), [(PTR_Q, 1, 0, a("203.0.113.108"))]), "203.0.113.108")
+case("not_a_response", msg(name("n9.mirror.test"), [(PTR_Q, 1, 60, a("203.0.113.109"))], flags=0x0100), "203.0.113.109")
+case("nxdomain", msg(name("n10.mirror.test"), [(PTR_Q, 1, 60, a("203.0.113.110"))], flags=0x8183), "203.0.113.110")
+case("suffix_only", msg(name("mirror.test"), [(PTR_Q, 1, 60, a("203.0.113.111"))]), "203.0.113.111")
+case("lookalike", msg(name("n1.mirror.test.evil.test"), [(PTR_Q, 1, 60, a("203.0.113.112"))]), "203.0.113.112")
+case("truncated_record", msg(name("n13.mirror.test"), [(PTR_Q, 1, 60, a("203.0.113.113"))])[:-2], "203.0.113.113")
+print(json.dumps(cases))
+"""
+
+
+def test_kernel_dns_parser_against_crafted_answers(agent_tree, make_session):
+    """Answers a resolver would never send, and some it would, straight at the agent's socket
+    on loopback of a namespace of its own: only well-formed answers for allowed names open."""
+    a = agent_tree.agent("crafted")
+    sess = make_session([agent_tree.root], engine=_engine("enforce", ["*.mirror.test"]),
+                        mode="enforce", features=("proc", "net"))
+    res = agent_tree.run(a, [sys.executable, "-c", CRAFTED])
+    assert res.returncode == 0, res.stderr.decode()
+    got = json.loads(res.stdout)
+    assert got == {
+        "plain": "allowed", "mixed_case": "allowed", "unrelated_owner": "blocked", "pointer_loop": "blocked",
+        "cname_chain": "allowed", "cname_chain_too_long": "blocked", "dot_in_label": "blocked",
+        "ttl_zero": "allowed", "not_a_response": "blocked", "nxdomain": "blocked", "suffix_only": "blocked",
+        "lookalike": "blocked", "truncated_record": "blocked"}
+    from agenttrace.egress import egress_stats
+    st = egress_stats(sess.tracer.probes)
+    assert st["messages_unparsed"] >= 2          # the pointer loop, the truncated record
