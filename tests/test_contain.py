@@ -171,3 +171,14 @@ def test_moves_inside_the_subtree_are_not_escapes(agent_tree, make_session):
     assert res.returncode == 0 and res.stdout.strip() == b"ok"
     sess.settle()
     assert not sess.of("escape") and not _alerts(sess, "escape-cgroup-move")
+
+
+def test_self_escape_killed_through_the_cli(tmp_path, outside):
+    out = tmp_path / "ev.jsonl"
+    code = f"import os; open('{outside}/cgroup.procs', 'w').write(str(os.getpid())); print('outside')"
+    p = subprocess.run([AGENTTRACE, "run", "--mode", "enforce", "-o", str(out), "--", PY, "-c", code],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 128 + signal.SIGKILL and "outside" not in p.stdout
+    recs = [json.loads(l) for l in out.read_text().splitlines()]
+    al = [r for r in recs if r["kind"] == "alert" and r["rule"]["id"] == "escape-cgroup-move"]
+    assert al and al[0]["rule"]["outcome"] == "killed" and al[0]["escape"]["to"]["cgroup"].endswith(outside.name)
