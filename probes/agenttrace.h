@@ -80,6 +80,7 @@ struct at_exit {
 
 #define AT_OP_CONNECT 0
 #define AT_OP_SENDMSG 1
+#define AT_OP_ICMP    2      /* an ICMP echo request (probes/egress.c), port 0 */
 
 #define AT_VERDICT_ALLOWED 0
 #define AT_VERDICT_BLOCKED 1

@@ -182,3 +182,41 @@ def test_self_escape_killed_through_the_cli(tmp_path, outside):
     recs = [json.loads(l) for l in out.read_text().splitlines()]
     al = [r for r in recs if r["kind"] == "alert" and r["rule"]["id"] == "escape-cgroup-move"]
     assert al and al[0]["rule"]["outcome"] == "killed" and al[0]["escape"]["to"]["cgroup"].endswith(outside.name)
+
+
+PING_SWEEP = """
+import json, socket, struct, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
+res = {}
+for host in sys.argv[1:]:
+    try:
+        s.sendto(struct.pack("!BBHHH", 8, 0, 0, 0, 1) + b"agenttrace", (host, 0))
+        res[host] = 0
+    except OSError as e:
+        res[host] = e.errno
+print(json.dumps(res))
+"""
+
+
+def test_icmp_echo_is_seen_counted_by_scan_windows_and_held_to_the_allow_list(netlab, agent_tree, make_session):
+    """A ping sweep through a ping socket: one connect record (op echo) per destination, the
+    internal-scan window fires; under an allow-list an unlisted external host's echo is dropped."""
+    from agenttrace.engine import Engine
+    from agenttrace.egress import run_policy
+    from agenttrace.rules import default_rule_paths, load_rules
+    netlab.check_in_agent(["sysctl", "-q", "-w", "net.ipv4.ping_group_range=0 2147483647"], check=True)
+    a = agent_tree.agent("pinger")
+    eng = Engine(load_rules(default_rule_paths(), egress=run_policy(["192.0.2.53:53"], "enforce")), mode="enforce")
+    sess = make_session([agent_tree.root], engine=eng, mode="enforce")
+    hosts = [f"10.77.0.{i}" for i in range(10, 45)] + [netlab.web_host]
+    res = netlab.check_in_agent([PY, "-c", PING_SWEEP, *hosts], cgroup=a, timeout=60)
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout)
+    assert all(got[h] == 0 for h in hosts[:-1])
+    assert got[netlab.web_host] == errno.EPERM
+    scan = sess.wait_for(lambda: [al for al in sess.of("alert") if al["rule"]["id"] == "scan-internal-ports"])
+    assert scan and scan[0]["net"]["op"] == "echo" and scan[0]["net"]["proto"] == "icmp"
+    echoes = sess.of("connect", net__op="echo")
+    assert {e["net"]["dst"]["addr"] for e in echoes} >= set(hosts)
+    (web,) = [e for e in echoes if e["net"]["dst"]["addr"] == netlab.web_host]
+    assert web["net"]["verdict"] == "blocked"

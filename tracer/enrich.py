@@ -19,7 +19,8 @@ from .timefmt import format_ns
 
 _RESULTS = {E.RESULT_ESTABLISHED: "established", E.RESULT_REFUSED: "refused",
             E.RESULT_ERROR: "error"}
-_PROTO = {6: "tcp", 17: "udp"}
+_PROTO = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6"}
+_OPS = {E.OP_CONNECT: "connect", E.OP_SENDMSG: "sendmsg", E.OP_ICMP: "echo"}
 _ARGS_OFF = E.Exec.args.offset
 _FAMILY = {socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6"}
 
@@ -274,10 +275,10 @@ class Enricher:
         proto = _PROTO.get(o.protocol, str(o.protocol))
         blocked = o.verdict == E.VERDICT_BLOCKED
         net = {"proto": proto, "family": _FAMILY.get(o.family, str(o.family)),
-               "op": "sendmsg" if o.op == E.OP_SENDMSG else "connect",
+               "op": _OPS.get(o.op, "connect"),
                "src": None, "dst": self._dst(h.agent_cgroup_id, addr, o.dport),
                "verdict": "blocked" if blocked else "allowed",
-               "result": "blocked" if blocked else ("sent" if proto == "udp" else "pending")}
+               "result": "blocked" if blocked else ("sent" if proto != "tcp" else "pending")}
         if o.policy_id:
             net["policy_id"] = o.policy_id
         if self.policy_rule is not None:

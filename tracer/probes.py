@@ -51,6 +51,7 @@ FEATURES: dict[str, tuple[str, list[tuple[str, str, int]]]] = {
     # learns the addresses DNS answers give for allowed names (needs "net": its maps)
     "egress": ("egress.c", [
         ("at_egress_learn", "CGROUP_SKB", CGROUP_INET_INGRESS),
+        ("at_icmp_egress", "CGROUP_SKB", CGROUP_INET_EGRESS),
     ]),
     # socket fencing: raw IP sockets (and whatever else the fence names) per agent
     "sock": ("sock.c", [
