@@ -52,8 +52,10 @@ struct at_dnp {
 BPF_PERCPU_ARRAY(dnp_scratch, struct at_dnp, 1);
 
 /* [0] answers for allowed names parsed, [1] addresses learned, [2] messages not parsed
- * (malformed, truncated, unsupported), [3] answers for names no pattern allows */
-BPF_PERCPU_ARRAY(egress_stats, u64, 4);
+ * (malformed, truncated, unsupported), [3] answers for names no pattern allows, [4] answers
+ * from a server the agent may not reach (forged: an accomplice sending "answers" from port 53
+ * to an agent's socket) */
+BPF_PERCPU_ARRAY(egress_stats, u64, 5);
 
 static __always_inline void at_estat(u32 i)
 {
@@ -307,6 +309,12 @@ int at_egress_learn(struct __sk_buff *skb)
 	struct at_group_allow *ga = group_allow.lookup(&gid);
 	if (!ga)
 		return 1;                /* no allow-list for this agent: nothing to learn */
+	/* only a server the agent may itself send DNS to can teach it addresses */
+	u32 pol = 0;
+	if (at_dst_verdict(agent, l.saddr, 53, l.proto, &pol) == AT_VERDICT_BLOCKED || pol) {
+		at_estat(4);
+		return 1;
+	}
 	u32 off, tcp = l.proto == 6;
 	if (!tcp) {
 		off = l.l4off + 8;

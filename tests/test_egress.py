@@ -489,6 +489,16 @@ case("nxdomain", msg(name("n10.mirror.test"), [(PTR_Q, 1, 60, a("203.0.113.110")
 case("suffix_only", msg(name("mirror.test"), [(PTR_Q, 1, 60, a("203.0.113.111"))]), "203.0.113.111")
 case("lookalike", msg(name("n1.mirror.test.evil.test"), [(PTR_Q, 1, 60, a("203.0.113.112"))]), "203.0.113.112")
 case("truncated_record", msg(name("n13.mirror.test"), [(PTR_Q, 1, 60, a("203.0.113.113"))])[:-2], "203.0.113.113")
+# an accomplice's unsolicited "answer" from port 53 of a host the agent may not reach
+subprocess.run(["ip", "addr", "add", "203.0.113.53/32", "dev", "lo"], check=True)
+forger = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+forger.bind(("203.0.113.53", 53))
+c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+c.bind(("127.0.0.1", 0))
+c.settimeout(5)
+forger.sendto(msg(name("n14.mirror.test"), [(PTR_Q, 1, 60, a("203.0.113.114"))]), c.getsockname())
+c.recv(4096)
+cases["forged_source"] = connect("203.0.113.114")
 print(json.dumps(cases))
 """
 
@@ -506,7 +516,8 @@ def test_kernel_dns_parser_against_crafted_answers(agent_tree, make_session):
         "plain": "allowed", "mixed_case": "allowed", "unrelated_owner": "blocked", "pointer_loop": "blocked",
         "cname_chain": "allowed", "cname_chain_too_long": "blocked", "dot_in_label": "blocked",
         "ttl_zero": "allowed", "not_a_response": "blocked", "nxdomain": "blocked", "suffix_only": "blocked",
-        "lookalike": "blocked", "truncated_record": "blocked"}
+        "lookalike": "blocked", "truncated_record": "blocked", "forged_source": "blocked"}
     from agenttrace.egress import egress_stats
     st = egress_stats(sess.tracer.probes)
     assert st["messages_unparsed"] >= 2          # the pointer loop, the truncated record
+    assert st["answers_from_unlisted_servers"] == 1

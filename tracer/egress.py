@@ -111,7 +111,8 @@ def egress_stats(probes) -> dict:
         t = probes["egress_stats"]
     except KeyError:
         return {}
-    names = ("answers_allowed", "addresses_learned", "messages_unparsed", "answers_not_allowed")
+    names = ("answers_allowed", "addresses_learned", "messages_unparsed", "answers_not_allowed",
+             "answers_from_unlisted_servers")
     out = {}
     for i, n in enumerate(names):
         out[n] = sum(t[t.Key(i)])
