@@ -243,6 +243,8 @@ def test_run_allow_egress_through_the_cli(lab, tmp_path):
     alerts = [r for r in recs if r["kind"] == "alert" and r["rule"]["id"] == RULE]
     assert [a["net"]["dst"]["addr"] for a in alerts] == ["198.51.100.251"]
     assert alerts[0]["rule"]["outcome"] == "blocked"
+    stopped = [r for r in recs if r["kind"] == "lifecycle" and r["phase"] == "stopped"][0]
+    assert stopped["egress_learner"]["addresses_learned"] >= 1
 
 
 # ------------------------------------------------------------------ policy learn

@@ -418,7 +418,15 @@ class Tracer:
             "argv_read_failures": self.enrich.argv_read_failures,
             "file_path_read_failures": self.enrich.file_path_read_failures,
             "proc_table": {"size": len(self.procs), "evictions": self.procs.evictions},
+            **self._egress_counters(),
         }
+
+    def _egress_counters(self) -> dict:
+        # the kernel DNS learner's counts: answers it could not parse are never silent
+        if self.probes is None or "egress" not in self.probes.features:
+            return {}
+        from .egress import egress_stats
+        return {"egress_learner": egress_stats(self.probes)}
 
     def check_drops(self) -> None:
         """An alert when an agent's events are being dropped (flooding blinds a tracer: that
