@@ -220,3 +220,49 @@ def test_icmp_echo_is_seen_counted_by_scan_windows_and_held_to_the_allow_list(ne
     assert {e["net"]["dst"]["addr"] for e in echoes} >= set(hosts)
     (web,) = [e for e in echoes if e["net"]["dst"]["addr"] == netlab.web_host]
     assert web["net"]["verdict"] == "blocked"
+
+
+CLONE3 = r"""
+#define _GNU_SOURCE
+#include <fcntl.h>
+#include <linux/sched.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    int cg = open(argv[1], O_RDONLY | O_DIRECTORY);
+    if (cg < 0) { perror("open cgroup"); return 2; }
+    struct clone_args ca;
+    memset(&ca, 0, sizeof(ca));
+    ca.flags = CLONE_INTO_CGROUP;
+    ca.exit_signal = SIGCHLD;
+    ca.cgroup = cg;
+    long pid = syscall(SYS_clone3, &ca, sizeof(ca));
+    if (pid < 0) { perror("clone3"); return 2; }
+    if (pid == 0) { execl("/bin/true", "true", (char *)0); _exit(127); }
+    int st;
+    waitpid(pid, &st, 0);
+    printf("%d\n", WIFSIGNALED(st) ? -WTERMSIG(st) : WEXITSTATUS(st));
+    return 0;
+}
+"""
+
+
+@pytest.mark.parametrize("mode", ["enforce", "monitor"])
+def test_clone_into_an_outside_cgroup_is_caught_at_exec(mode, agent_tree, make_session, outside, tmp_path):
+    src = tmp_path / "clone3.c"
+    src.write_text(CLONE3)
+    exe = tmp_path / "clone3"
+    subprocess.run(["gcc", "-O1", "-o", str(exe), str(src)], check=True)
+    a = agent_tree.agent(f"clone-{mode}")
+    sess = make_session([agent_tree.root], engine=_engine(mode), mode=mode)
+    res = agent_tree.run(a, [str(exe), str(outside)])
+    assert res.returncode == 0, res.stderr
+    child = int(res.stdout)
+    assert child == (-signal.SIGKILL if mode == "enforce" else 0)
+    al = sess.wait_for(lambda: _alerts(sess, "escape-cgroup-move"))[0]
+    assert al["escape"]["how"] == "exec_outside"
+    assert al["rule"]["outcome"] == ("killed" if mode == "enforce" else "reported")
