@@ -334,15 +334,11 @@ def policy_learn(
     as_flags: bool = typer.Option(False, "--flags", help="Print `--allow-egress SPEC` arguments for `run` instead of YAML."),
 ):
     """Write the egress allow-list that would have permitted a recorded run (no root needed)."""
-    from .policylearn import LearnError, learn, to_yaml
+    from .policylearn import LearnError, learn, render
     try:
-        res = learn(str(events))
+        text = render(learn(str(events)), str(events), as_flags)
     except LearnError as e:
         raise fail(str(e))
-    if as_flags:
-        text = " ".join(f"--allow-egress {s}" for g in sorted(res.entries) for s in res.specs(g)) + "\n"
-    else:
-        text = to_yaml(res, str(events))
     if output is not None:
         try:
             output.write_text(text)

@@ -124,3 +124,11 @@ def to_yaml(res: Learned, source: str) -> str:
                                                             "action": "block", "allow": []}}},
                           sort_keys=False, default_flow_style=None)
     return "\n".join(head) + "\n" + body
+
+
+def render(res: Learned, source: str, as_flags: bool = False) -> str:
+    """The CLI's output: config YAML, or `--allow-egress` arguments for `run` (every group's
+    entries: run has one group)."""
+    if as_flags:
+        return " ".join(f"--allow-egress {s}" for g in sorted(res.entries) for s in res.specs(g)) + "\n"
+    return to_yaml(res, source)
