@@ -266,3 +266,11 @@ def test_clone_into_an_outside_cgroup_is_caught_at_exec(mode, agent_tree, make_s
     al = sess.wait_for(lambda: _alerts(sess, "escape-cgroup-move"))[0]
     assert al["escape"]["how"] == "exec_outside"
     assert al["rule"]["outcome"] == ("killed" if mode == "enforce" else "reported")
+
+
+def test_socket_fence_config_is_validated():
+    from agenttrace.config import ConfigError, parse_config
+    cfg = parse_config("socket_fence: [inet:raw, 'inet:dgram:icmp']\n")
+    assert cfg.socket_fence == ["inet:raw", "inet:dgram:icmp"]
+    with pytest.raises(ConfigError, match=r"<config>:1.*socket_fence.*cannot be fenced here"):
+        parse_config("socket_fence: [packet]\n")

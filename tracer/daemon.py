@@ -99,6 +99,7 @@ def _tracer_from(cfg, ruleset):
     from .engine import Engine
     from .runtime import Options, Tracer
     from .sinks import build_sinks
+    from .sockfence import parse_fence
     gpu = None
     if cfg.gpu is not None:
         from .gpu import GpuConfig
@@ -112,7 +113,8 @@ def _tracer_from(cfg, ruleset):
                    rate_limit=cfg.limits.agent_events_per_sec,
                    rate_burst=cfg.limits.agent_burst or cfg.limits.agent_events_per_sec,
                    flood_action=cfg.limits.flood_action, wakeup_ms=cfg.limits.wakeup_ms,
-                   fail_closed_grace_s=cfg.pinning.grace_s)
+                   fail_closed_grace_s=cfg.pinning.grace_s,
+                   sock_fence=[parse_fence(s) for s in cfg.socket_fence])
     t = Tracer(opts, [fanout], engine=Engine(ruleset, mode=cfg.mode))
     if cfg.node:
         t.node = t.enrich.node = cfg.node
