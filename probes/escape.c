@@ -6,8 +6,8 @@
  * migration, in the writer's context, with the moved process's pid, the destination cgroup's
  * id, level and path -- but nothing about where the process came from, and when a process
  * moves itself `current` is already in the destination. So membership is kept in the kernel:
- * `agent_tasks` holds every process forked inside a watched subtree (and those userspace finds
- * there at watch time), and the move is judged against it:
+ * `agent_tasks` holds every process forked or exec'd inside a watched subtree (and those
+ * userspace finds there at watch time), and the move is judged against it:
  *  - a process moving itself out: reported and, in enforce mode, SIGKILLed from the
  *    tracepoint -- the signal is pending before write() returns, so it never runs outside;
  *  - a process moved by another (an agent moving a sibling, or any writer moving an agent
@@ -81,10 +81,15 @@ int at_esc_exec(struct bpf_raw_tracepoint_args *ctx)
 {
 	u32 tgid = bpf_get_current_pid_tgid() >> 32;
 	u64 *from = agent_tasks.lookup(&tgid);
-	if (!from)
-		return 0;
 	u64 cg, agent;
-	if (at_scope(&cg, &agent))
+	if (at_scope(&cg, &agent)) {
+		/* a process moved in by a writer outside the subtree (a container runtime placing
+		 * its init) had no fork here to record it: its first exec inside does */
+		if (!from || *from != agent)
+			agent_tasks.update(&tgid, &agent);
+		return 0;
+	}
+	if (!from)
 		return 0;
 	u64 f = *from;
 	u32 flags = AT_ESC_SELF | AT_ESC_AT_EXEC;

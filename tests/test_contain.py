@@ -274,3 +274,30 @@ def test_socket_fence_config_is_validated():
     assert cfg.socket_fence == ["inet:raw", "inet:dgram:icmp"]
     with pytest.raises(ConfigError, match=r"<config>:1.*socket_fence.*cannot be fenced here"):
         parse_config("socket_fence: [packet]\n")
+
+
+MOVED_IN = """
+import os, sys
+sys.stdin.readline()                  # the test moves us into the agent cgroup meanwhile
+os.execv(sys.executable, [sys.executable, "-c",
+         "import os, sys; open(sys.argv[1] + '/cgroup.procs', 'w').write(str(os.getpid())); print('outside')",
+         sys.argv[1]])
+"""
+
+
+def test_a_process_moved_in_from_outside_is_held_after_its_first_exec(agent_tree, make_session, outside):
+    """A writer outside the subtree (a container runtime) places a process in an agent cgroup;
+    once it execs there it is an agent's, and leaving again is an escape."""
+    a = agent_tree.agent("moved-in")
+    sess = make_session([agent_tree.root], engine=_engine("enforce"), mode="enforce")
+    p = subprocess.Popen([PY, "-c", MOVED_IN, str(outside)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        (a / "cgroup.procs").write_text(str(p.pid))
+        out, _ = p.communicate(b"go\n", timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == -signal.SIGKILL and b"outside" not in out
+    al = sess.wait_for(lambda: _alerts(sess, "escape-cgroup-move"))[0]
+    assert al["escape"]["self"] is True and al["rule"]["outcome"] == "killed"
