@@ -117,7 +117,7 @@ def run(
     no_net: bool = typer.Option(False, "--no-net", help="Process events only (no connect hooks)."),
     files: bool = typer.Option(False, "--files/--no-files", help=FILES_HELP),
     gpu: str = typer.Option("allow", "--gpu", help="GPU policy for the traced agents: allow, deny (fenced in enforce mode) or off (no NVML, no fence)."),
-    allow_egress: List[str] = typer.Option([], "--allow-egress", metavar="SPEC", help="Allow the agents this external destination and no other: a DNS name (pypi.org), a *. wildcard (*.pythonhosted.org) or a CIDR, optionally :PORT or :LO-HI. Repeatable. Names are learned from DNS answers in the kernel; in enforce mode the rest fail with EPERM."),
+    allow_egress: List[str] = typer.Option([], "--allow-egress", metavar="SPEC", help="Let the agents reach this destination: a DNS name (pypi.org), a *. wildcard (*.pythonhosted.org) or a CIDR, optionally :PORT or :LO-HI. Repeatable. Once given, external and metadata destinations not listed are denied (EPERM in enforce mode, reported in monitor mode); names are learned from DNS answers in the kernel, so allow the resolver too."),
     wakeup_ms: float = typer.Option(5.0, "--wakeup-ms", help="Longest a record waits in the kernel ring buffer before it is read; 0 wakes the reader on every record (costs ~20 us of kernel time per event on VMs)."),
 ):
     """Trace watched cgroups, or run CMD in a fresh agent cgroup and trace it."""
