@@ -475,6 +475,19 @@ def case(key, wire, ip):
     cases[key] = connect(ip)
 
 case("plain", msg(name("n1.mirror.test"), [(PTR_Q, 1, 60, a("203.0.113.101"))]), "203.0.113.101")
+
+def send_udp(ip):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        s.sendto(b"x", (ip, 443))
+        e = 0
+    except OSError as ex:
+        e = ex.errno
+    s.close()
+    return "allowed" if e == errno.ENETUNREACH else "blocked" if e == errno.EPERM else e
+
+cases["udp_to_learned"] = send_udp("203.0.113.101")
+cases["udp_to_unlearned"] = send_udp("203.0.113.199")
 case("mixed_case", msg(name("N2.MiRRoR.TEST"), [(PTR_Q, 1, 60, a("203.0.113.102"))]), "203.0.113.102")
 case("unrelated_owner", msg(name("n3.mirror.test"), [(name("evil.test"), 1, 60, a("203.0.113.103"))]), "203.0.113.103")
 case("pointer_loop", msg(name("n4.mirror.test"), [("SELF", 1, 60, a("203.0.113.104"))]), "203.0.113.104")
@@ -518,7 +531,8 @@ def test_kernel_dns_parser_against_crafted_answers(agent_tree, make_session):
         "plain": "allowed", "mixed_case": "allowed", "unrelated_owner": "blocked", "pointer_loop": "blocked",
         "cname_chain": "allowed", "cname_chain_too_long": "blocked", "dot_in_label": "blocked",
         "ttl_zero": "allowed", "not_a_response": "blocked", "nxdomain": "blocked", "suffix_only": "blocked",
-        "lookalike": "blocked", "truncated_record": "blocked", "forged_source": "blocked"}
+        "lookalike": "blocked", "truncated_record": "blocked", "forged_source": "blocked",
+        "udp_to_learned": "allowed", "udp_to_unlearned": "blocked"}
     from agenttrace.egress import egress_stats
     st = egress_stats(sess.tracer.probes)
     assert st["messages_unparsed"] >= 2          # the pointer loop, the truncated record
