@@ -23,6 +23,9 @@ typedef __u8 u8; typedef __u16 u16; typedef __u32 u32; typedef __u64 u64; typede
 #define AT_CFG_ENFORCE        0   /* 1: enforce mode (kernel verdicts deny); 0: report only */
 #define AT_CFG_GPU_FENCE      1   /* 1: the GPU fence follows the mode; 0: it only reports */
 #define AT_CFG_GPU_DEFAULT    2   /* GPU verdict for agents with no gpu_policy entry yet (1: deny) */
+#define AT_CFG_DEFAULT_GROUP  3   /* egress group of agents with no agent_group entry yet (the config's
+                                   * "default" group): a new agent cgroup is under its policy before
+                                   * userspace has seen it */
 #define AT_CFG__MAX           4
 #define AT_PATH_MAX 256
 #define AT_ARGS_MAX 4096     /* argv bytes kept per exec; longer argv is marked truncated */
@@ -40,7 +43,9 @@ enum at_event_type {
 	AT_EV_FLOW = 8,         /* first payload bytes of a TCP flow, one direction */
 	AT_EV_DEVICE = 9,       /* device access checked by the cgroup device hook */
 	AT_EV_FILE = 10,        /* access to a watched sensitive file (ssh keys) */
-	AT_EV__MAX = 11,
+	AT_EV_SOCKET = 11,      /* an agent created a fenced socket (raw IP, ...): cgroup/sock_create */
+	AT_EV_ESCAPE = 12,      /* an agent process was moved to a cgroup outside the watched subtree */
+	AT_EV__MAX = 13,
 };
 
 /* Header of every record. pid/tgid/uid/comm are the current task's when the event fired. */
@@ -87,6 +92,7 @@ struct at_exit {
 
 #define AT_OP_CONNECT 0
 #define AT_OP_SENDMSG 1
+#define AT_OP_ICMP    2      /* an ICMP echo request (probes/egress.c), port 0 */
 
 #define AT_VERDICT_ALLOWED 0
 #define AT_VERDICT_BLOCKED 1
@@ -226,6 +232,35 @@ struct at_file {
 	u16 path_len;        /* bytes read including the NUL; 0 when the read failed */
 	u16 fclass;          /* AT_FCLASS_* */
 	u16 fflags;          /* AT_FILE_KILLED | AT_FILE_READ_FAILED | AT_FILE_PATH_TRUNCATED */
+};
+
+#define AT_SOCK_DENY   1     /* at_socket.action: fenced (EPERM in enforce mode) */
+#define AT_SOCK_REPORT 2     /* only reported */
+
+struct at_socket {
+	struct at_header h;
+	u16 family;          /* AF_* */
+	u16 type;            /* SOCK_* */
+	u16 protocol;        /* IPPROTO_* */
+	u8 verdict;          /* AT_VERDICT_*: blocked = socket() failed with EPERM */
+	u8 action;           /* AT_SOCK_* of the fence entry that matched */
+	u32 policy_id;
+	u32 pad;
+};
+
+#define AT_ESC_SELF      0x1 /* the process moved itself (else: `writer` moved it) */
+#define AT_ESC_KILLED    0x2 /* killed in the kernel (enforce mode) before it ran again */
+#define AT_ESC_WRITER_IN 0x4 /* the writer is inside the watched subtree */
+#define AT_ESC_AT_EXEC   0x8 /* found at exec: it was outside already (clone3 CLONE_INTO_CGROUP) */
+
+struct at_escape {
+	struct at_header h;  /* the writer (current); agent_cgroup_id: the agent the process left */
+	u64 dst_cgroup_id;
+	u32 moved_tgid;
+	u32 writer_tgid;
+	s32 dst_level;
+	u32 flags;           /* AT_ESC_* */
+	char dst_path[AT_PATH_MAX];   /* relative to the cgroup2 root; empty when unknown */
 };
 
 /* Key of the per-agent drop counters (map `drops`): ring-buffer reserve failures. */

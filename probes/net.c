@@ -47,8 +47,80 @@ struct at_dst_key { u32 prefixlen; u8 gid[4]; u8 addr[16]; };
 BPF_LPM_TRIE(dst_policy, struct at_dst_key, struct at_dst_val, 8192);
 struct at_sp_key { u32 gid; u32 port; };
 BPF_HASH(scope_policy, struct at_sp_key, struct at_dst_val, 8192);
-struct at_group_allow { u32 scope_mask; u32 policy_id; };
+/* ttl_min/ttl_max (seconds) clamp the TTL of addresses learned from DNS answers for names
+ * the group allows (probes/egress.c). */
+struct at_group_allow { u32 scope_mask; u32 policy_id; u32 ttl_min; u32 ttl_max; };
 BPF_HASH(group_allow, u32, struct at_group_allow, 1024);
+
+/* Egress allow-lists by DNS name (tracer/egress.py writes `name_allow`, probes/egress.c fills
+ * `learned`). A name pattern is keyed by (group, FNV-1a of its lowercase text read backwards):
+ * the backward hash of a name's suffix is a prefix of the backward hash of the whole name, so
+ * one pass over an answer's question name checks every `*.suffix` and the exact name.
+ * `learned` holds the addresses that answers for allowed names returned, per group, until
+ * the answer's TTL (clamped by the group's ttl_min/ttl_max) runs out. */
+#ifndef AT_LEARNED_MAX
+#define AT_LEARNED_MAX 131072
+#endif
+#define AT_DN_EXACT 1        /* the pattern's own name */
+#define AT_DN_SUBDOMAINS 2   /* `*.name`: any name with at least one more label */
+struct at_dn_key { u32 gid; u32 pad; u64 hash; };
+#define AT_NAME_RANGES 4     /* port ranges one name (and one learned address) may carry */
+struct at_prange { u16 lo; u16 hi; u8 proto; u8 pad; };   /* lo 0 = unused slot */
+struct at_dn_val { struct at_prange r[AT_NAME_RANGES]; u8 flags; u8 pad[3]; };
+BPF_HASH(name_allow, struct at_dn_key, struct at_dn_val, 16384);
+struct at_learn_key { u32 gid; u8 addr[16]; };
+/* the name_allow keys (of this group) of the newest two patterns that returned the address,
+ * each with its own expiry: ports are those the pattern allows now, so a reload that narrows
+ * or drops a name applies to what was learned for it at once */
+struct at_learn_val { u64 expires_ns[2]; u64 name[2]; };
+BPF_TABLE("lru_hash", struct at_learn_key, struct at_learn_val, learned, AT_LEARNED_MAX);
+
+/* Fail-closed (enforce mode, pinned programs): [0] armed, [1] last heartbeat (ktime ns) the
+ * tracer wrote, [2] grace ns. Once armed and the heartbeat is older than the grace, every
+ * non-loopback destination of an agent is denied: a killed tracer leaves no open door. */
+#define AT_FAILCLOSED_POLICY 0xffffffffu
+BPF_ARRAY(heartbeat, u64, 3);
+
+static __always_inline int at_tracer_dead(void)
+{
+	u32 k0 = 0, k1 = 1, k2 = 2;
+	u64 *armed = heartbeat.lookup(&k0);
+	if (!armed || !*armed)
+		return 0;
+	u64 *last = heartbeat.lookup(&k1), *grace = heartbeat.lookup(&k2);
+	if (!last || !grace)
+		return 0;
+	return bpf_ktime_get_ns() - *last > *grace;
+}
+
+static __always_inline int at_learned_ok(u32 gid, u8 *addr16, u16 port, u8 proto)
+{
+	struct at_learn_key lk = {};
+	lk.gid = gid;
+	__builtin_memcpy(lk.addr, addr16, 16);
+	struct at_learn_val *lv = learned.lookup(&lk);
+	if (!lv)
+		return 0;
+	u64 now = bpf_ktime_get_ns();
+	#pragma unroll
+	for (int n = 0; n < 2; n++) {
+		if (lv->expires_ns[n] < now || !lv->name[n])
+			continue;
+		struct at_dn_key dk = {};
+		dk.gid = gid;
+		dk.hash = lv->name[n];
+		struct at_dn_val *dv = name_allow.lookup(&dk);
+		if (!dv)
+			continue;
+		#pragma unroll
+		for (int i = 0; i < AT_NAME_RANGES; i++) {
+			struct at_prange *r = &dv->r[i];
+			if (r->lo && port >= r->lo && port <= r->hi && (!r->proto || r->proto == proto))
+				return 1;
+		}
+	}
+	return 0;
+}
 /* socket address -> the connect's header, to attribute the result (which fires in softirq
  * context where `current` is unrelated). LRU: results that never come age out. */
 struct at_pending {
@@ -106,6 +178,13 @@ static __always_inline u32 at_dst_verdict(u64 agent, u8 *addr16, u16 port, u8 pr
 	u32 *g = agent_group.lookup(&agent);
 	if (g)
 		gid = *g;
+	else
+		gid = at_cfg(AT_CFG_DEFAULT_GROUP);
+	if (scope != AT_SCOPE_LOOPBACK && at_tracer_dead()) {
+		*policy = AT_FAILCLOSED_POLICY;
+		deny = 1;
+		goto decided;
+	}
 
 	#pragma unroll
 	for (int gi = 0; gi < 2; gi++) {
@@ -129,6 +208,8 @@ static __always_inline u32 at_dst_verdict(u64 agent, u8 *addr16, u16 port, u8 pr
 	}
 	struct at_group_allow *ga = group_allow.lookup(&gid);
 	if (ga && (ga->scope_mask & scope)) {
+		if (at_learned_ok(gid, addr16, port, proto))
+			return AT_VERDICT_ALLOWED;
 		*policy = ga->policy_id;
 		deny = 1;
 		goto decided;

@@ -21,7 +21,7 @@ say() { echo "setup: $*" >&2; }
 command -v apt-get >/dev/null || { echo "setup.sh: needs a Debian or Ubuntu machine (apt-get not found)" >&2; exit 2; }
 
 pkgs=(python3-bpfcc libbpfcc python3-venv python3-pip iproute2 ca-certificates)
-[ $WANT_TEST = 1 ] && pkgs+=(openssh-server openssh-client git gcc make procps util-linux systemd dnsutils chromium rsyslog)
+[ $WANT_TEST = 1 ] && pkgs+=(openssh-server openssh-client git gcc make procps util-linux systemd dnsutils chromium rsyslog openssl)
 [ $WANT_BENCH = 1 ] && pkgs+=(bpftrace auditd gcc make)
 
 missing=()

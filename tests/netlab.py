@@ -190,7 +190,10 @@ def listening_tcp(pid: int) -> set[tuple[str, int]]:
 class NetLab:
     """Two network namespaces, sshd and the Python servers. See the module docstring."""
 
-    def __init__(self, records: Mapping[str, str] | None = None, sshd: bool = True):
+    def __init__(self, records: Mapping[str, str] | None = None, sshd: bool = True,
+                 ttls: Mapping[str, int] | None = None, records6: Mapping[str, str] | None = None):
+        """records: name -> address, or name -> another name (answered as a CNAME chain);
+        ttls: name -> TTL of its records (default DNS_TTL)."""
         self.id = secrets.token_hex(3)
         self.agent_ns = f"at-agent-{self.id}"
         self.server_ns = f"at-srv-{self.id}"
@@ -198,7 +201,9 @@ class NetLab:
         if records:
             self.records.update(records)
         self.records6 = dict(DEFAULT_RECORDS6)
+        self.records6.update(records6 or {})
         self.want_sshd = sshd
+        self.ttls = dict(ttls or {})
         self.dir: Path | None = None
         self.sshd_proc: subprocess.Popen | None = None
         self.servers_proc: subprocess.Popen | None = None
@@ -407,6 +412,7 @@ class NetLab:
             "records": self.records,
             "records6": self.records6,
             "ttl": DNS_TTL,
+            "ttls": self.ttls,
             "dns": [DNS_HOST, DNS_PORT],
             "stratum": [[POOL_HOST, p] for p in POOL_PORTS] + [[POOL_HOST6, 3333]],
             "http": [[WEB_HOST, HTTP_PORT], [INTERNAL_HOST, HTTP_PORT]],
@@ -608,10 +614,20 @@ def _serve_stratum(addr: str, port: int, log: str) -> socket.socket:
     return srv
 
 
+def _is_addr(v: str) -> bool:
+    import ipaddress
+    try:
+        ipaddress.ip_address(v)
+        return True
+    except ValueError:
+        return False
+
+
 def _dns_answer(wire: bytes, records: Mapping[str, str], ttl: int, log: str, peer, proto: str,
-                records6: Mapping[str, str] = {}) -> bytes | None:
+                records6: Mapping[str, str] = {}, ttls: Mapping[str, int] = {}) -> bytes | None:
     import dns.flags
     import dns.message
+    import dns.name
     import dns.rcode
     import dns.rdataclass
     import dns.rdatatype
@@ -632,16 +648,29 @@ def _dns_answer(wire: bytes, records: Mapping[str, str], ttl: int, log: str, pee
         if name not in records and name not in records6:
             resp.set_rcode(dns.rcode.NXDOMAIN)
             continue
+        owner = rr.name
+        hops = 0
+        while name in records and not _is_addr(records[name].split(",")[0]) and hops < 8:
+            # a record that names another name is a CNAME: answer the chain, as a resolver does
+            target = records[name].lower().rstrip(".")
+            resp.answer.append(dns.rrset.from_text(owner, ttls.get(name, ttl), dns.rdataclass.IN,
+                                                   dns.rdatatype.CNAME, target + "."))
+            owner, name, hops = dns.name.from_text(target), target, hops + 1
+        if name not in records and name not in records6:
+            continue
+        ttl_n = ttls.get(name, ttl)
         if rr.rdtype in (dns.rdatatype.A, dns.rdatatype.ANY) and name in records:
-            resp.answer.append(dns.rrset.from_text(rr.name, ttl, dns.rdataclass.IN, dns.rdatatype.A, records[name]))
+            resp.answer.append(dns.rrset.from_text(owner, ttl_n, dns.rdataclass.IN, dns.rdatatype.A,
+                                                   *records[name].split(",")))
         if rr.rdtype in (dns.rdatatype.AAAA, dns.rdatatype.ANY) and name in records6:
-            resp.answer.append(dns.rrset.from_text(rr.name, ttl, dns.rdataclass.IN, dns.rdatatype.AAAA, records6[name]))
+            resp.answer.append(dns.rrset.from_text(owner, ttl_n, dns.rdataclass.IN, dns.rdatatype.AAAA, records6[name]))
         # Other types of a known name: NOERROR with no data, like a real authoritative answer.
     return resp.to_wire()
 
 
-def _serve_dns(addr: str, port: int, records, ttl: int, log: str, records6=None) -> None:
+def _serve_dns(addr: str, port: int, records, ttl: int, log: str, records6=None, ttls=None) -> None:
     records6 = records6 or {}
+    ttls = ttls or {}
     udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     udp.bind((addr, port))
     tcp = socket.create_server((addr, port))
@@ -649,7 +678,7 @@ def _serve_dns(addr: str, port: int, records, ttl: int, log: str, records6=None)
     def udp_loop() -> None:
         while True:
             data, peer = udp.recvfrom(4096)
-            out = _dns_answer(data, records, ttl, log, peer, "udp", records6)
+            out = _dns_answer(data, records, ttl, log, peer, "udp", records6, ttls)
             if out is not None:
                 udp.sendto(out, peer)
 
@@ -662,7 +691,7 @@ def _serve_dns(addr: str, port: int, records, ttl: int, log: str, records6=None)
                 data = _recv_exact(conn, int.from_bytes(hdr, "big"))
                 if data is None:
                     return
-                out = _dns_answer(data, records, ttl, log, peer, "tcp", records6)
+                out = _dns_answer(data, records, ttl, log, peer, "tcp", records6, ttls)
                 if out is None:
                     return
                 conn.sendall(len(out).to_bytes(2, "big") + out)
@@ -703,7 +732,7 @@ def _serve_main(cfg: dict) -> None:
     log = cfg["log"]
     for addr, port in cfg["stratum"]:
         _serve_stratum(addr, port, log)
-    _serve_dns(cfg["dns"][0], cfg["dns"][1], cfg["records"], cfg["ttl"], log, cfg["records6"])
+    _serve_dns(cfg["dns"][0], cfg["dns"][1], cfg["records"], cfg["ttl"], log, cfg["records6"], cfg.get("ttls"))
     for addr, port in cfg["http"]:
         _serve_http(addr, port, cfg["http_root"], log)
     sys.stdout.write("READY\n")

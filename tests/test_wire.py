@@ -49,7 +49,7 @@ def test_event_type_numbers_are_stable():
     header = (probes_dir() / "agenttrace.h").read_text()
     expected = {"AT_EV_EXEC": 1, "AT_EV_FORK": 2, "AT_EV_EXIT": 3, "AT_EV_CONNECT": 4,
                 "AT_EV_CONN_RESULT": 5, "AT_EV_LISTEN": 6, "AT_EV_DNS": 7, "AT_EV_FLOW": 8,
-                "AT_EV_DEVICE": 9, "AT_EV_FILE": 10}
+                "AT_EV_DEVICE": 9, "AT_EV_FILE": 10, "AT_EV_SOCKET": 11, "AT_EV_ESCAPE": 12}
     for name, num in expected.items():
         assert f"{name} = {num}," in header
         assert getattr(E, name.replace("AT_", "")) == num

@@ -138,6 +138,7 @@ def run(
     no_listen: bool = typer.Option(False, "--no-listen", help=NOT_HELP.format("listen/accept")),
     files: bool = typer.Option(False, "--files/--no-files", help=FILES_HELP),
     gpu: Literal["allow", "deny", "off"] = typer.Option("allow", "--gpu", help="GPU policy for the traced agents: allow, deny (fenced in enforce mode) or off (no NVML, no fence)."),
+    allow_egress: List[str] = typer.Option([], "--allow-egress", metavar="SPEC", help="Let the agents reach this destination: a DNS name (pypi.org), a *. wildcard (*.pythonhosted.org) or a CIDR, optionally :PORT or :LO-HI. Repeatable. Once given, external and metadata destinations not listed are denied (EPERM in enforce mode, reported in monitor mode); names are learned from DNS answers in the kernel, so allow the resolver too."),
     wakeup_ms: float = typer.Option(5.0, "--wakeup-ms", help="Longest a record waits in the kernel ring buffer before it is read; 0 wakes the reader on every record (costs ~20 us of kernel time per event on VMs)."),
     user: Optional[str] = typer.Option(None, "--user", help="Run CMD as this user (name or uid) instead of root."),
     label: List[str] = typer.Option([], "--label", "-l", help="KEY=VALUE on every record's agent object (repeatable); wins over user.agenttrace.KEY xattrs on the cgroup."),
@@ -170,11 +171,20 @@ def run(
                 run_user = resolve_user(user)
             except ValueError as e:
                 raise BadInput(str(e)) from None
+        egress = None
+        if allow_egress:
+            from .egress import SpecError, run_policy
+            if no_net:
+                raise BadInput("--allow-egress needs the connect hooks: drop --no-net")
+            try:
+                egress = run_policy(allow_egress, mode)
+            except SpecError as e:
+                raise BadInput(str(e)) from None
         opts = S.SessionOptions(
             mode=mode, internal=_check_cidrs(internal), cgroups=_resolve_cgroups(cgroup),
             features=S.features(no_net=no_net, no_flow=no_flow, no_dns=no_dns, no_listen=no_listen, files=files),
             rule_paths=list(rules) or None, use_rules=not no_rules, gpu=_gpu_config(gpu), wakeup_ms=wakeup_ms,
-            labels=labels)
+            labels=labels, egress=egress)
         ruleset = S.load_ruleset(opts)
         sinks = _sinks(output, fmt, isolated=bool(cmd))
     except (BadInput, CgroupError) as e:
@@ -201,7 +211,9 @@ def run(
                 why = str(e) if isinstance(e, BadInput) else f"{type(e).__name__}: {e}"
                 tracer.reload_failed(why)
                 typer.echo(f"agenttrace: reload failed, keeping the running rules: {why}", err=True)
-        trace_cgroups(tracer, flag, on_reload=None if ruleset is None else reload)
+        from .runner import cgroups_pin_dir
+        trace_cgroups(tracer, flag, on_reload=None if ruleset is None else reload,
+                      pin_dir=cgroups_pin_dir(opts.cgroups) if mode == "enforce" else None)
     except ProbeError as e:
         raise fail(str(e))
     except CommandNotFound as e:
@@ -405,6 +417,31 @@ def rules_test(
         for a in alerts:
             typer.echo(render(a, color=color))
         typer.echo(f"{len(alerts)} alert(s)")
+
+
+policy_app = typer.Typer(no_args_is_help=True, help="Egress policies from what workloads really do.")
+app.add_typer(policy_app, name="policy")
+
+
+@policy_app.command("learn")
+def policy_learn(
+    events: Path = typer.Option(..., "--events", help="Recorded JSON lines of a benign run."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the YAML here instead of stdout."),
+    as_flags: bool = typer.Option(False, "--flags", help="Print `--allow-egress SPEC` arguments for `run` instead of YAML."),
+):
+    """Write the egress allow-list that would have permitted a recorded run (no root needed)."""
+    from .policylearn import LearnError, learn, render
+    try:
+        text = render(learn(str(events)), str(events), as_flags)
+    except LearnError as e:
+        raise fail(str(e))
+    if output is not None:
+        try:
+            output.write_text(text)
+        except OSError as e:
+            raise fail(f"--output: cannot write {output}: {e.strerror}")
+    else:
+        sys.stdout.write(text)
 
 
 @app.command()

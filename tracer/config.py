@@ -241,6 +241,9 @@ class PinningConfig(_Model):
     enabled: bool = False
     fail_mode: Literal["closed", "open"] = "closed"
     path: str = "/sys/fs/bpf/agenttrace"
+    # fail_mode closed: seconds the pinned connect hooks wait for the daemon's heartbeat
+    # before they deny agents every non-loopback destination (enforce mode)
+    grace_s: float = Field(5.0, gt=0, le=300)
 
     @field_validator("path")
     @classmethod
@@ -275,6 +278,9 @@ class Config(_Model):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     pinning: PinningConfig = Field(default_factory=PinningConfig)
     probes: ProbesConfig = Field(default_factory=ProbesConfig)
+    # sockets agents may not create (EPERM in enforce mode, reported in monitor mode):
+    # FAMILY[:TYPE[:PROTO]] with FAMILY inet or inet6 (tracer/sockfence.py)
+    socket_fence: List[str] = Field(default_factory=lambda: ["inet:raw", "inet6:raw"])
 
     _source: Optional[str] = PrivateAttr(None)
 
@@ -282,6 +288,17 @@ class Config(_Model):
     def source(self) -> Optional[str]:
         """The file this was loaded from (set by load_config)."""
         return self._source
+
+    @field_validator("socket_fence")
+    @classmethod
+    def _fence(cls, v: List[str]) -> List[str]:
+        from .sockfence import parse_fence
+        for i, spec in enumerate(v):
+            try:
+                parse_fence(spec)
+            except ValueError as e:
+                raise ValueError(f"entry {i}: {e}") from None
+        return v
 
     @field_validator("internal_cidrs", mode="before")
     @classmethod

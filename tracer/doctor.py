@@ -70,11 +70,20 @@ def run_checks(out) -> bool:
                           or (Path(__file__).resolve().parent / "probes" / FEATURES[f][0]).exists())
             p = Probes(feats, ringbuf_pages=64)
             p.load()
-            p.close()
+            try:
+                pinnable = _raw_tp_pinnable(p) if bpffs else None
+            finally:
+                p.close()
             good &= _check(out, True, f"probes compile, verify and load: {', '.join(feats)}")
+            if pinnable is not None:
+                _check(out, pinnable, "raw-tracepoint links can be pinned (escape killing survives a dead tracer)",
+                       "a kernel before 5.7 returns no link for raw tracepoints: escape kills stop with the tracer",
+                       required=False)
         except Exception as e:
             good &= _check(out, False, f"loading the probes: {e}", "see the error; run scripts/setup.sh")
 
+    out("note: socket fencing (cgroup/sock_create) sees AF_INET/AF_INET6 sockets only; packet sockets "
+        "cannot be fenced here (they need CAP_NET_RAW: run agents unprivileged with `run --user`)")
     from .probes import FILE_SYSCALLS
     have = [n for n in ("openat",) + FILE_SYSCALLS
             if (TRACEFS / "events" / "syscalls" / f"sys_enter_{n}").is_dir()]
@@ -97,3 +106,20 @@ def run_checks(out) -> bool:
     out("kprobes/LSM/fentry are not required: agenttrace uses tracepoints and cgroup hooks only.")
     out("all required checks passed" if good else "some required checks FAILED")
     return good
+
+
+def _raw_tp_pinnable(probes) -> bool:
+    from .probes import pin_object
+    if not probes._raw_tp_fds:
+        return False
+    path = Path(f"/sys/fs/bpf/agenttrace-doctor-{os.getpid()}")
+    try:
+        pin_object(probes._raw_tp_fds[0], path)
+        return True
+    except Exception:
+        return False
+    finally:
+        try:
+            path.unlink()
+        except OSError:
+            pass

@@ -188,9 +188,14 @@ class PolicyWriter:
         for g in kp.groups:
             if g.allow_list:
                 k = t.Key(g.group_id)
-                t[k] = t.Leaf(g.allow_scope_mask, g.policy_id)
+                t[k] = t.Leaf(g.allow_scope_mask, g.policy_id, g.ttl_min, g.ttl_max)
                 want.add(bytes(k))
         self._delete_stale(t, want)
+        from .events import CFG_DEFAULT_GROUP
+        p.set_flag("at_config", CFG_DEFAULT_GROUP, kp.group_ids.get("default", 0))
+        if self._has("name_allow"):
+            from .egress import write_name_allow
+            write_name_allow(p["name_allow"], kp.name_allow)
 
     @staticmethod
     def _slots(leaf, slots):

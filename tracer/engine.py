@@ -417,7 +417,9 @@ class Engine:
         fil = rec.get("file")
         if fil and fil.get("verdict") == "killed":
             return ActionResult("killed", "killed in the kernel at syscall entry")
-        if net.get("verdict") == "blocked" or dev.get("verdict") in ("blocked", "denied"):
+        sock = rec.get("socket") or {}
+        if net.get("verdict") == "blocked" or dev.get("verdict") in ("blocked", "denied") \
+                or sock.get("verdict") == "blocked":
             return ActionResult("blocked", "blocked in the kernel")
         if self.mode != "enforce" or rule.action == "report":
             return ActionResult("reported")
@@ -429,7 +431,8 @@ class Engine:
             res = ActionResult("reported", "kernel verdict was not 'blocked' (is the kernel policy loaded?)")
         elif rule.action == "kill":
             pid = int(proc.get("pid") or event.pid or 0)
-            res = self.actions.kill_pid(pid, cg)
+            # an escaped process is by definition no longer in its agent's cgroup
+            res = self.actions.kill_pid(pid, None if event.kind == "escape" else cg)
         elif rule.action == "kill-agent":
             res = self.actions.kill_cgroup(cg) if cg else ActionResult("reported", "event has no agent cgroup")
         elif rule.action == "freeze-agent":
@@ -626,6 +629,11 @@ def replay(rule_paths: Iterable[str], events_file: str, ruleset: Optional[RuleSe
     alerts: List[dict] = []
     last_tick = None
     for ev in read_events(events_file):
+        net = ev.record.get("net")
+        if isinstance(net, dict):
+            # the recorded kernel decision was taken under the recording's policy; a replay
+            # asks what these rules say
+            net.pop("policy_rule", None)
         clock.now = ev.t_ns
         if last_tick is None or ev.t_ns - last_tick >= 1_000_000_000:
             alerts.extend(a.record for a in eng.tick())

@@ -19,7 +19,8 @@ from .timefmt import format_ns
 
 _RESULTS = {E.RESULT_ESTABLISHED: "established", E.RESULT_REFUSED: "refused",
             E.RESULT_ERROR: "error"}
-_PROTO = {6: "tcp", 17: "udp"}
+_PROTO = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6"}
+_OPS = {E.OP_CONNECT: "connect", E.OP_SENDMSG: "sendmsg", E.OP_ICMP: "echo"}
 _ARGS_OFF = E.Exec.args.offset
 _FAMILY = {socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6"}
 
@@ -49,6 +50,8 @@ class Enricher:
         self.file_path_read_failures = 0
         self.unknown_types = 0
         self.device_names: dict = {}
+        # policy id -> rule id of the kernel policy in the maps; None while none is installed
+        self.policy_rule = None
         # TCP connects waiting for their outcome, by socket cookie (unique for the boot; a
         # kernel socket address is reused as soon as the socket is freed), and the cookie
         # held for each socket address, since the outcome tracepoint knows only the address
@@ -100,7 +103,13 @@ class Enricher:
             E.EV_CONNECT: self._connect, E.EV_CONN_RESULT: self._result,
             E.EV_DEVICE: one(self._device), E.EV_FLOW: one(self._flow), E.EV_DNS: one(self._dns),
             E.EV_LISTEN: one(self._listen), E.EV_FILE: one(self._file),
+            E.EV_SOCKET: one(self._socket), E.EV_ESCAPE: self._escape,
         }
+
+    def _escape(self, o) -> list[Event]:
+        from .escape import escape_event
+        ev = escape_event(self, o)
+        return [ev] if ev is not None else []
 
     def __call__(self, rtype: int, o) -> list[Event]:
         """Returns the events ready to go on (connects may be held for their outcome)."""
@@ -188,6 +197,14 @@ class Enricher:
                                 bool(o.fflags & E.FILE_LATE_READ))
         return Event("file", t, rec, h.tgid, h.agent_cgroup_id)
 
+    def _socket(self, o: E.Socket) -> Event:
+        from .sockfence import socket_body
+        h = o.h
+        rec, t = self._base("socket", h)
+        rec["proc"] = self._proc(h)
+        rec["socket"] = socket_body(o)
+        return Event("socket", t, rec, h.tgid, h.agent_cgroup_id)
+
     def _remember_socket(self, cookie: int, tgid: int, agent: int) -> None:
         if not cookie or not tgid:
             return
@@ -262,12 +279,14 @@ class Enricher:
         proto = _PROTO.get(o.protocol, str(o.protocol))
         blocked = o.verdict == E.VERDICT_BLOCKED
         net = {"proto": proto, "family": _FAMILY.get(o.family, str(o.family)),
-               "op": "sendmsg" if o.op == E.OP_SENDMSG else "connect",
+               "op": _OPS.get(o.op, "connect"),
                "src": None, "dst": self._dst(h.agent_cgroup_id, addr, o.dport),
                "verdict": "blocked" if blocked else "allowed",
-               "result": "blocked" if blocked else ("sent" if proto == "udp" else "pending")}
+               "result": "blocked" if blocked else ("sent" if proto != "tcp" else "pending")}
         if o.policy_id:
             net["policy_id"] = o.policy_id
+        if self.policy_rule is not None:
+            net["policy_rule"] = self.policy_rule(o.policy_id) if o.policy_id else None
         rec["net"] = net
         ev = Event("connect", t, rec, h.tgid, h.agent_cgroup_id, o.cookie)
         self._remember_socket(o.cookie, h.tgid, h.agent_cgroup_id)

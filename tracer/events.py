@@ -16,20 +16,22 @@ DNS_MAX = 512
 FLOW_BYTES = 256
 
 # at_config indices (one runtime-config map for every probe family); never renumber
-CFG_ENFORCE, CFG_GPU_FENCE, CFG_GPU_DEFAULT, CFG__MAX = 0, 1, 2, 4
+CFG_ENFORCE, CFG_GPU_FENCE, CFG_GPU_DEFAULT, CFG_DEFAULT_GROUP, CFG__MAX = 0, 1, 2, 3, 4
 AT_CFG_ENFORCE, AT_CFG_GPU_FENCE, AT_CFG_GPU_DEFAULT = CFG_ENFORCE, CFG_GPU_FENCE, CFG_GPU_DEFAULT
+AT_CFG_DEFAULT_GROUP = CFG_DEFAULT_GROUP
 
 # enum at_event_type: never renumber
 EV_EXEC, EV_FORK, EV_EXIT, EV_CONNECT, EV_CONN_RESULT = 1, 2, 3, 4, 5
 EV_LISTEN, EV_DNS, EV_FLOW, EV_DEVICE, EV_FILE = 6, 7, 8, 9, 10
-EV_MAX = 11
+EV_SOCKET, EV_ESCAPE = 11, 12
+EV_MAX = 13
 
 TYPE_NAMES = {EV_EXEC: "exec", EV_FORK: "fork", EV_EXIT: "exit", EV_CONNECT: "connect",
               EV_CONN_RESULT: "conn_result", EV_LISTEN: "listen", EV_DNS: "dns", EV_FLOW: "flow",
-              EV_DEVICE: "device", EV_FILE: "file"}
+              EV_DEVICE: "device", EV_FILE: "file", EV_SOCKET: "socket", EV_ESCAPE: "escape"}
 
 EXEC_ARGS_TRUNCATED, EXEC_ARGS_READ_FAILED, EXEC_KILLED = 0x1, 0x2, 0x4
-OP_CONNECT, OP_SENDMSG = 0, 1
+OP_CONNECT, OP_SENDMSG, OP_ICMP = 0, 1, 2
 VERDICT_ALLOWED, VERDICT_BLOCKED = 0, 1
 RESULT_ESTABLISHED, RESULT_REFUSED, RESULT_ERROR = 1, 2, 3
 LISTEN_LISTEN, LISTEN_ACCEPT = 1, 2
@@ -42,6 +44,8 @@ FCLASS_UNKNOWN, FCLASS_AUTHORIZED_KEYS, FCLASS_PRIVATE_KEY, FCLASS_HOST_KEY, FCL
 FCLASS_NAMES = {0: "unknown", 1: "authorized_keys", 2: "private_key", 3: "host_key", 4: "ssh_other"}
 FILE_KILLED, FILE_READ_FAILED, FILE_PATH_TRUNCATED, FILE_LATE_READ = 0x1, 0x2, 0x4, 0x8
 AT_FDCWD = -100
+SOCK_DENY, SOCK_REPORT = 1, 2
+ESC_SELF, ESC_KILLED, ESC_WRITER_IN, ESC_AT_EXEC = 0x1, 0x2, 0x4, 0x8
 
 
 class Header(C.Structure):
@@ -117,6 +121,18 @@ class File(C.Structure):
                 ("fflags", C.c_uint16)]
 
 
+class Socket(C.Structure):
+    _fields_ = [("h", Header), ("family", C.c_uint16), ("type", C.c_uint16),
+                ("protocol", C.c_uint16), ("verdict", C.c_uint8), ("action", C.c_uint8),
+                ("policy_id", C.c_uint32), ("pad", C.c_uint32)]
+
+
+class Escape(C.Structure):
+    _fields_ = [("h", Header), ("dst_cgroup_id", C.c_uint64), ("moved_tgid", C.c_uint32),
+                ("writer_tgid", C.c_uint32), ("dst_level", C.c_int32), ("flags", C.c_uint32),
+                ("dst_path", C.c_char * PATH_MAX)]
+
+
 class DropKey(C.Structure):
     _fields_ = [("agent_cgroup_id", C.c_uint64), ("type", C.c_uint32), ("pad", C.c_uint32)]
 
@@ -124,11 +140,11 @@ class DropKey(C.Structure):
 STRUCTS = {"at_header": Header, "at_exec": Exec, "at_fork": Fork, "at_exit": Exit,
            "at_connect": Connect, "at_conn_result": ConnResult, "at_listen": Listen,
            "at_dns": Dns, "at_flow": Flow, "at_device": Device, "at_file": File,
-           "at_drop_key": DropKey}
+           "at_socket": Socket, "at_escape": Escape, "at_drop_key": DropKey}
 
 BY_TYPE = {EV_EXEC: Exec, EV_FORK: Fork, EV_EXIT: Exit, EV_CONNECT: Connect,
            EV_CONN_RESULT: ConnResult, EV_LISTEN: Listen, EV_DNS: Dns, EV_FLOW: Flow,
-           EV_DEVICE: Device, EV_FILE: File}
+           EV_DEVICE: Device, EV_FILE: File, EV_SOCKET: Socket, EV_ESCAPE: Escape}
 
 _V4_MAPPED = b"\0" * 10 + b"\xff\xff"
 

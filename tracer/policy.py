@@ -19,10 +19,11 @@ Conventions for the map writer:
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Literal, Optional, Tuple, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .rules import CompiledMatch, Rule, RuleModel, RuleSet
 
@@ -107,12 +108,43 @@ class FileKill:
 class GroupPolicy:
     """Per agent group: in allow-list mode a connect to a destination whose scope is in
     `allow_scope_mask` is denied (with `policy_id`) unless a `dest_allow` entry of the group
-    matches it."""
+    matches it, or an address a DNS answer for one of its `name_allow` names returned
+    (kept for the answer's TTL clamped to [ttl_min, ttl_max] seconds)."""
     group_id: int
     name: str
     allow_list: bool
     allow_scope_mask: int
     policy_id: int
+    ttl_min: int = 0
+    ttl_max: int = 0
+
+
+NAME_EXACT, NAME_SUBDOMAINS = 1, 2    # AT_DN_* in probes/net.c
+
+
+@dataclass(frozen=True)
+class NameAllow:
+    """Allow what DNS answers for a name return (`*.suffix`: for any name below it).
+    `hash` is the kernel's key: FNV-1a 64 of the lowercase name read backwards."""
+    group_id: int
+    pattern: str
+    hash: int
+    flags: int           # NAME_EXACT | NAME_SUBDOMAINS
+    ranges: Tuple[Tuple[int, int, int], ...]   # (port_lo, port_hi, proto), at most NAME_RANGES
+
+
+NAME_RANGES = 4          # AT_NAME_RANGES in probes/net.c
+
+
+FNV_BASIS, FNV_PRIME = 0xcbf29ce484222325, 0x100000001b3
+
+
+def name_hash(name: str) -> int:
+    """probes/egress.c's backward FNV-1a over a dotted lowercase name."""
+    h = FNV_BASIS
+    for c in reversed(name.lower().rstrip(".").encode()):
+        h = ((h ^ c) * FNV_PRIME) & 0xFFFFFFFFFFFFFFFF
+    return h
 
 
 @dataclass
@@ -122,6 +154,7 @@ class KernelPolicy:
     scopes: List[ScopeEntry] = field(default_factory=list)
     dest_deny: List[DestEntry] = field(default_factory=list)
     dest_allow: List[DestEntry] = field(default_factory=list)
+    name_allow: List[NameAllow] = field(default_factory=list)
     protocol_drop: List[ProtocolDrop] = field(default_factory=list)
     exec_kill: List[ExecKill] = field(default_factory=list)
     file_kill: List[FileKill] = field(default_factory=list)
@@ -133,17 +166,51 @@ class KernelPolicy:
 
 # --------------------------------------------------------------------------- config model
 
+_LABEL = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$")
+
+
+def check_name_pattern(v: str) -> str:
+    """A DNS name, or `*.` and a name (any name below it); returned lowercase."""
+    n = v.strip().lower().rstrip(".")
+    base = n[2:] if n.startswith("*.") else n
+    labels = base.split(".") if base else []
+    if not labels or len(base) > 253 or not all(_LABEL.match(x) for x in labels):
+        raise ValueError(f"not a DNS name or '*.name' pattern: {v!r}")
+    if "*" in base:
+        raise ValueError(f"a wildcard may only be a leading '*.': {v!r}")
+    return n
+
+
 class EgressDest(BaseModel):
+    """One allow or deny entry: a CIDR (`cidr`) or, for allow entries, a DNS name (`name`:
+    `pypi.org`, or `*.pythonhosted.org` for every name below it), with optional ports and
+    protocol."""
     model_config = ConfigDict(extra="forbid", frozen=True)
-    cidr: str
+    cidr: Optional[str] = None
+    name: Optional[str] = None
     ports: List[Union[int, str]] = Field(default_factory=list)     # 443, "8000-8100"; empty = any
     proto: Literal["tcp", "udp", "any"] = "any"
 
     @field_validator("cidr")
     @classmethod
-    def _cidr(cls, v: str) -> str:
-        ipaddress.ip_network(v, strict=False)   # ValueError names the bad value
+    def _cidr(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None:
+            ipaddress.ip_network(v, strict=False)   # ValueError names the bad value
         return v
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: Optional[str]) -> Optional[str]:
+        return None if v is None else check_name_pattern(v)
+
+    @model_validator(mode="after")
+    def _one(self) -> "EgressDest":
+        if (self.cidr is None) == (self.name is None):
+            raise ValueError("give exactly one of 'cidr' or 'name'")
+        return self
+
+    def spec(self) -> str:
+        return self.cidr if self.cidr is not None else self.name
 
     @field_validator("ports")
     @classmethod
@@ -166,6 +233,20 @@ class EgressPolicy(BaseModel):
     deny: List[EgressDest] = Field(default_factory=list)
     action: Literal["report", "block"] = "report"
     severity: Literal["info", "low", "medium", "high", "critical"] = "medium"
+    # addresses learned from DNS answers for `name` entries stay allowed for the answer's TTL,
+    # clamped: the floor covers runtimes that cache lookups (Java keeps them 30 s), the
+    # ceiling bounds how long an address outlives the name that pointed at it
+    ttl_min: int = Field(30, ge=0, le=86400)
+    ttl_max: int = Field(3600, ge=1, le=7 * 86400)
+
+    @model_validator(mode="after")
+    def _ttls(self) -> "EgressPolicy":
+        if self.ttl_max < self.ttl_min:
+            raise ValueError("ttl_max must not be below ttl_min")
+        for d in self.deny:
+            if d.name is not None:
+                raise ValueError(f"deny entries are CIDRs; name {d.name!r} cannot be denied by address")
+        return self
 
 
 def _port_range(p: Union[int, str]) -> Tuple[int, int]:
@@ -202,7 +283,8 @@ def egress_rule_models(egress: Dict[str, Any]) -> List[RuleModel]:
         if pol.mode == "allow-list":
             unless = []
             for a in pol.allow:
-                u: Dict[str, Any] = {"dst": {"cidrs": [a.cidr], "ports": list(a.ports)}}
+                key = "cidrs" if a.cidr is not None else "names"
+                u: Dict[str, Any] = {"dst": {key: [a.spec()], "ports": list(a.ports)}}
                 if a.proto != "any":
                     u["proto"] = [a.proto]
                 unless.append(u)
@@ -322,11 +404,36 @@ def compile_policy(ruleset: RuleSet, internal: Iterable[str] = DEFAULT_INTERNAL,
             mask = 0
             for s in pol.scopes:
                 mask |= SCOPE_BITS[s]
-            kp.groups.append(GroupPolicy(gid, name, True, mask, pid))
+            kp.groups.append(GroupPolicy(gid, name, True, mask, pid, pol.ttl_min, pol.ttl_max))
+            names: Dict[int, NameAllow] = {}
             for a in pol.allow:
+                if a.name is not None:
+                    _add_name(names, gid, a)
+                    continue
                 fam, addr, plen = _net_bytes(a.cidr)
                 for lo, hi in ([_port_range(p) for p in a.ports] or [(0, 65535)]):
                     kp.dest_allow.append(DestEntry(pid, gid, fam, addr, plen, 0, lo, hi, PROTO_NUM[a.proto]))
+            kp.name_allow.extend(names.values())
         else:
             kp.groups.append(GroupPolicy(gid, name, False, 0, 0))
     return kp
+
+
+def _add_name(names: Dict[int, NameAllow], gid: int, a: EgressDest) -> None:
+    wild = a.name.startswith("*.")
+    base = a.name[2:] if wild else a.name
+    rng = [(lo, hi, PROTO_NUM[a.proto]) for lo, hi in ([_port_range(p) for p in a.ports] or [(1, 65535)])]
+    flag = NAME_SUBDOMAINS if wild else NAME_EXACT
+    h = name_hash(base)
+    old = names.get(h)
+    if old is not None:
+        # `x.org` and `*.x.org` share one kernel key (the suffix): their ports must agree
+        if old.flags != flag and set(old.ranges) != set(rng):
+            raise PolicyError(f"egress allow entries {old.pattern!r} and {a.name!r} share the name "
+                              f"{base!r} with different ports or protocols; give them the same")
+        flag |= old.flags
+        rng = list(dict.fromkeys(list(old.ranges) + rng))
+    if len(rng) > NAME_RANGES:
+        raise PolicyError(f"egress allow entries for {a.name!r}: more than {NAME_RANGES} port ranges; "
+                          "merge them into ranges")
+    names[h] = NameAllow(gid, base if flag == NAME_EXACT else a.name, h, flag, tuple(rng))

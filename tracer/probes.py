@@ -22,6 +22,7 @@ TRACEFS = Path("/sys/kernel/tracing")
 
 # attach types (uapi enum bpf_attach_type)
 CGROUP_INET_INGRESS, CGROUP_INET_EGRESS, CGROUP_SOCK_OPS, CGROUP_DEVICE = 0, 1, 3, 6
+CGROUP_INET_SOCK_CREATE = 2
 CGROUP_INET4_CONNECT, CGROUP_INET6_CONNECT = 10, 11
 CGROUP_UDP4_SENDMSG, CGROUP_UDP6_SENDMSG = 14, 15
 BPF_F_ALLOW_MULTI = 2
@@ -47,6 +48,17 @@ FEATURES: dict[str, tuple[str, list[tuple[str, str, int]]]] = {
         ("at_dns_egress", "CGROUP_SKB", CGROUP_INET_EGRESS),
         ("at_dns_ingress", "CGROUP_SKB", CGROUP_INET_INGRESS),
     ]),
+    # learns the addresses DNS answers give for allowed names (needs "net": its maps)
+    "egress": ("egress.c", [
+        ("at_egress_learn", "CGROUP_SKB", CGROUP_INET_INGRESS),
+        ("at_icmp_egress", "CGROUP_SKB", CGROUP_INET_EGRESS),
+    ]),
+    # socket fencing: raw IP sockets (and whatever else the fence names) per agent
+    "sock": ("sock.c", [
+        ("at_sock_create", "CGROUP_SOCK", CGROUP_INET_SOCK_CREATE),
+    ]),
+    # agent processes leaving the watched subtree (needs "proc": its BTF offsets)
+    "escape": ("escape.c", []),
     "device": ("device.c", [
         ("at_device_check", "CGROUP_DEVICE", CGROUP_DEVICE),
     ]),
@@ -55,7 +67,17 @@ FEATURES: dict[str, tuple[str, list[tuple[str, str, int]]]] = {
     # the README's measured costs
     "files": ("files.c", []),
 }
-DEFAULT_FEATURES = ("proc", "net", "listen", "flow", "dns")
+# Programs reached only by tail call: feature -> [(prog array, index, program, prog type)].
+TAIL_CALLS: dict[str, list[tuple[str, int, str, str]]] = {
+    "egress": [("egress_progs", 0, "at_egress_rr", "CGROUP_SKB")],
+}
+# Raw tracepoint programs with names of their own (a tracepoint another feature already uses
+# through BCC's RAW_TRACEPOINT_PROBE): feature -> [(tracepoint, program)].
+RAW_TRACEPOINTS: dict[str, list[tuple[str, str]]] = {
+    "escape": [("sched_process_fork", "at_esc_fork"), ("sched_process_exit", "at_esc_exit"),
+               ("sched_process_exec", "at_esc_exec")],
+}
+DEFAULT_FEATURES = ("proc", "net", "listen", "flow", "dns", "sock", "escape")
 OPTIONAL_FEATURES = ("files",)   # selectable in run/tail (--files) and the daemon config
 
 # syscall tracepoints files.c uses besides sys_enter_openat (present everywhere); each is
@@ -148,6 +170,8 @@ def _lib():
         _libbpf.bpf_link_create.restype = C.c_int
         _libbpf.bpf_obj_pin.argtypes = [C.c_int, C.c_char_p]
         _libbpf.bpf_obj_pin.restype = C.c_int
+        _libbpf.bpf_raw_tracepoint_open.argtypes = [C.c_char_p, C.c_int]
+        _libbpf.bpf_raw_tracepoint_open.restype = C.c_int
     return _libbpf
 
 
@@ -182,13 +206,22 @@ class Probes:
         unknown = set(features) - set(FEATURES)
         if unknown:
             raise ProbeError(f"unknown probe feature(s): {', '.join(sorted(unknown))}")
+        if "egress" in features and "net" not in features:
+            raise ProbeError("probe feature 'egress' needs 'net' (the connect hooks it feeds)")
+        if "escape" in features and "proc" not in features:
+            raise ProbeError("probe feature 'escape' needs 'proc' (its BTF offsets)")
         self.features = tuple(features)
         self.ringbuf_pages = ringbuf_pages
         self.extra_cflags = list(extra_cflags or [])
         self.bpf = None
         self._cgroup_funcs: list[tuple[object, int]] = []
+        self._raw_tp_fds: list[int] = []
+        self._raw_tp_names: list[str] = []
+        self._raw_pins: list[Path] = []
         self._attached: dict[int, _Attachment] = {}
         self.pin_dir: Path | None = None
+        self.heartbeat = None               # egress.Heartbeat once pinned (fail-closed)
+        self.fail_closed_grace_s = 5.0
 
     def source(self) -> str:
         """The compile unit: common.h, then each feature's file in order.
@@ -242,6 +275,25 @@ class Probes:
                 except Exception as e:
                     raise ProbeError(f"loading program {fname} failed: {e}") from None
                 self._cgroup_funcs.append((fn, atype))
+            for array, idx, fname, ptype in TAIL_CALLS.get(feat, ()):
+                try:
+                    fn = self.bpf.load_func(fname.encode(), getattr(BPF, ptype))
+                except Exception as e:
+                    raise ProbeError(f"loading program {fname} failed: {e}") from None
+                t = self[array]
+                t[C.c_int(idx)] = C.c_int(fn.fd)
+            for tp, fname in RAW_TRACEPOINTS.get(feat, ()):
+                # BCC keeps one program per raw tracepoint; libbpf attaches any number
+                try:
+                    fn = self.bpf.load_func(fname.encode(), BPF.RAW_TRACEPOINT)
+                except Exception as e:
+                    raise ProbeError(f"loading program {fname} failed: {e}") from None
+                fd = _lib().bpf_raw_tracepoint_open(tp.encode(), fn.fd)
+                if fd < 0:
+                    err = -fd if fd < -1 else C.get_errno()
+                    raise ProbeError(f"attaching {fname} to raw tracepoint {tp} failed: {os.strerror(err)}")
+                self._raw_tp_fds.append(fd)
+                self._raw_tp_names.append(fname)
         release_compiler_memory()
 
     def __getitem__(self, name: str):
@@ -279,6 +331,18 @@ class Probes:
     def enable_pinning(self, pin_dir: Path) -> None:
         pin_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.pin_dir = pin_dir
+        if "net" in self.features and self.heartbeat is None:
+            # pinned connect hooks outlive this process: armed, they deny agents every
+            # non-loopback destination (in enforce mode) once the reader stops beating
+            from .egress import Heartbeat
+            self.heartbeat = Heartbeat(self, self.fail_closed_grace_s)
+            self.heartbeat.arm()
+        # raw tracepoint links pin too (checked on 6.18): the escape killer outlives us as well
+        for fd, name in zip(self._raw_tp_fds, self._raw_tp_names):
+            path = pin_dir / f"rawtp-{name}-{os.getpid()}"
+            if not path.exists():
+                pin_object(fd, path)
+                self._raw_pins.append(path)
         for att in self._attached.values():
             self._pin(att)
 
@@ -294,9 +358,9 @@ class Probes:
         removed = []
         if self.pin_dir is None or not self.pin_dir.is_dir():
             return removed
-        mine = {p for att in self._attached.values() for p in att.pinned}
+        mine = {p for att in self._attached.values() for p in att.pinned} | set(self._raw_pins)
         for f in self.pin_dir.iterdir():
-            if f.name.startswith("link-") and f not in mine:
+            if f.name.startswith(("link-", "rawtp-")) and f not in mine:
                 try:
                     f.unlink()
                     removed.append(f.name)
@@ -305,6 +369,10 @@ class Probes:
         return removed
 
     def unpin(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.disarm()
+            self.heartbeat = None
+        self._unpin_raw()
         for att in self._attached.values():
             for p in att.pinned:
                 try:
@@ -312,6 +380,14 @@ class Probes:
                 except OSError:
                     pass
             att.pinned.clear()
+
+    def _unpin_raw(self) -> None:
+        for p in self._raw_pins:
+            try:
+                p.unlink()
+            except OSError:
+                pass
+        self._raw_pins.clear()
 
     def unwatch(self, cid: int) -> None:
         att = self._attached.pop(cid, None)
@@ -348,11 +424,20 @@ class Probes:
 
     def close(self, keep_pins: bool = False) -> None:
         """Detach everything; with keep_pins, pinned links stay attached (fail-closed)."""
+        if not keep_pins and self.heartbeat is not None and self.bpf is not None:
+            self.heartbeat.disarm()
+            self.heartbeat = None
         if keep_pins:
+            self._raw_pins.clear()
             for att in self._attached.values():
                 att.pinned.clear()     # forget them: unwatch must not unlink
+        else:
+            self._unpin_raw()
         for cid in list(self._attached):
             self.unwatch(cid)
+        for fd in self._raw_tp_fds:
+            os.close(fd)
+        self._raw_tp_fds.clear()
         if self.bpf is not None:
             try:
                 self.bpf.cleanup()

@@ -40,10 +40,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .paths import rules_dir
 
-CATEGORIES = ("tunnel", "mining", "scan", "gpu", "egress", "exec")
+CATEGORIES = ("tunnel", "mining", "scan", "gpu", "egress", "exec", "escape")
 SEVERITIES = ("info", "low", "medium", "high", "critical")
 ACTIONS = ("report", "block", "kill", "kill-agent", "freeze-agent")
-EVENT_KINDS = ("exec", "fork", "exit", "connect", "listen", "dns", "flow", "gpu", "device", "file")
+EVENT_KINDS = ("exec", "fork", "exit", "connect", "listen", "dns", "flow", "gpu", "device", "file",
+               "socket", "escape")
 SEVERITY_RANK = {s: i for i, s in enumerate(SEVERITIES)}
 
 # Which top-level sections a record of each kind carries (DESIGN §5). Used to reject a CEL
@@ -60,6 +61,8 @@ KIND_SECTIONS: Dict[str, Tuple[str, ...]] = {
     "gpu": ("proc", "gpu"),
     "device": ("proc", "device"),
     "file": ("proc", "file"),
+    "socket": ("proc", "socket"),
+    "escape": ("proc", "escape"),
 }
 CEL_VARS = COMMON_VARS + ("proc", "exit_code", "duration_ms", "net", "dns", "flow", "gpu",
                           "device", "file", "lists")
@@ -461,10 +464,18 @@ class CompiledMatch:
     # match can never hold. Matching everything instead would turn "allow nothing yet" into
     # "block everything".
     never: bool = False
+    # Set on rules the kernel decides (egress allow-lists): a record the kernel checked says
+    # which rule it applied (net.policy_rule), and that is the answer; the fields are matched
+    # only for records without it (offline replay of older recordings).
+    kernel_rule: Optional[str] = None
 
     def __call__(self, rec: dict) -> bool:
         if self.never:
             return False
+        if self.kernel_rule is not None:
+            net = rec.get("net")
+            if net is not None and "policy_rule" in net:
+                return net["policy_rule"] == self.kernel_rule
         if self.groups and ((rec.get("agent") or {}).get("group") or "default") not in self.groups:
             return False
         if self.has_dst or self.proto or self.protocols:
@@ -622,9 +633,13 @@ DEFAULT_DEDUP_FIELDS: Dict[str, Tuple[str, ...]] = {
     "gpu": ("gpu.index",),
     "device": ("device.major", "device.minor"),
     "file": ("file.path", "file.op"),
+    "socket": ("socket.family", "socket.type", "socket.protocol"),
+    "escape": ("proc.pid", "escape.to.cgroup"),
 }
 
-_VALID_FIELD_ROOTS = set(CEL_VARS) - {"lists"}
+# socket and escape records are matched by kind only (no CEL types for them yet), but their
+# fields can be named in messages and dedup keys
+_VALID_FIELD_ROOTS = (set(CEL_VARS) - {"lists"}) | {"socket", "escape"}
 
 
 # --------------------------------------------------------------------------- loading
@@ -960,7 +975,7 @@ def load_rules(paths: Iterable[Union[str, os.PathLike]], egress: Optional[Dict[s
     failed reload leaves the running rules untouched."""
     files = expand_paths(paths)
     errors: List[RuleError] = []
-    if not files:
+    if not files and not egress:     # an egress policy alone (run --no-rules --allow-egress) is a rule set
         raise RulesError([RuleError("<none>", 0, 0, "", "no rule files given")])
     parsed: List[Tuple[RuleFile, _FileCtx]] = []
     for f in files:
@@ -1005,6 +1020,8 @@ def load_rules(paths: Iterable[Union[str, os.PathLike]], egress: Optional[Dict[s
         for i, rm in enumerate(egress_rule_models(egress)):
             r = _compile_rule(rm, ["egress", i], ectx, lists, errors, envs, seen_ids, kernel_trusted=True)
             if r is not None:
+                if r.match is not None and r.id.endswith(".allow-list"):
+                    r.match.kernel_rule = r.id
                 rules.append(r)
     if errors:
         raise RulesError(errors)

@@ -12,6 +12,7 @@ from .cgroups import TempCgroup, procs as cgroup_procs
 from .runtime import Tracer
 
 RUN_PARENT = "agenttrace"   # fresh agent cgroups live under <cgroup2>/agenttrace/
+RUN_PIN_ROOT = Path("/sys/fs/bpf/agenttrace-run")   # run --mode enforce pins here
 
 
 class StopFlag:
@@ -53,9 +54,21 @@ class StopFlag:
     reload = False
 
 
-def trace_cgroups(tracer: Tracer, flag: StopFlag, on_reload=None) -> None:
+def cgroups_pin_dir(paths) -> Path:
+    """Where `run --cgroup ... --mode enforce` pins: one folder per set of watched cgroups, so
+    the next run on them finds and replaces a killed one's pins."""
+    from .cgroups import relpath
+    key = "+".join(sorted(relpath(p).strip("/").replace("/", "_") or "root" for p in paths))
+    return RUN_PIN_ROOT / f"cgroups-{key}"
+
+
+def trace_cgroups(tracer: Tracer, flag: StopFlag, on_reload=None, pin_dir: Optional[Path] = None) -> None:
     tracer.start()
     try:
+        if pin_dir is not None:
+            # our links are attached: a killed predecessor's pins can go without a gap
+            tracer.probes.enable_pinning(pin_dir)
+            tracer.probes.remove_foreign_pins()
         while not flag.stop:
             tracer.poll(100)
             if flag.reload and on_reload is not None:
@@ -63,6 +76,11 @@ def trace_cgroups(tracer: Tracer, flag: StopFlag, on_reload=None) -> None:
                 on_reload()
     finally:
         tracer.stop()
+        if pin_dir is not None:
+            try:
+                pin_dir.rmdir()
+            except OSError:
+                pass
 
 
 def run_command(tracer_factory, cmd: list[str], agent_name: str, flag: StopFlag,

@@ -31,6 +31,7 @@ from .act import ActJob, ActWorker
 from .proctable import ProcTable
 from .schemaver import SCHEMA_VERSION
 from .summary import Summaries, check_removed, finish_all
+from .sockfence import default_entries as default_fence
 from .timefmt import format_ns
 
 log = logging.getLogger("agenttrace")
@@ -120,6 +121,9 @@ class Tracer:
     def start(self) -> None:
         t0 = time.monotonic()
         features, cflags = tuple(self.opts.features), []
+        if "net" in features and "egress" not in features:
+            # allow-lists by name need the kernel's DNS learner wherever connects are hooked
+            features += ("egress",)
         if self.opts.gpu is not None and getattr(self.opts.gpu, "enabled", True):
             extra, cflags = self._start_gpu()
             features += tuple(f for f in extra if f not in features)
@@ -131,6 +135,10 @@ class Tracer:
                 self.gpu.install_fence(self.probes)
                 self.enrich.device_names = self.gpu.device_names()
             self._write_mode()
+            if "sock" in features:
+                from .sockfence import write_fence
+                write_fence(self.probes["sock_fence"], self.opts.sock_fence)
+            self.probes.fail_closed_grace_s = self.opts.fail_closed_grace_s
             if self.opts.rate_limit:
                 self.probes.set_flag("rate_cfg", 0, self.opts.rate_limit)
                 self.probes.set_flag("rate_cfg", 1, max(self.opts.rate_burst, self.opts.rate_limit))
@@ -166,6 +174,8 @@ class Tracer:
             self.policy_writer = PolicyWriter(self.probes)
             self._on_agent.append(lambda cid, ident: self.policy_writer.assign(cid, ident.get("group")))
         self.policy_writer.apply(kp, {cid: a.get("group") for cid, a in self.agents.known().items()})
+        from .egress import policy_rule_namer
+        self.enrich.policy_rule = policy_rule_namer(kp)
         from .flood import exec_watch_names, write_exec_watch
         write_exec_watch(self.probes, exec_watch_names(ruleset))
 
@@ -226,6 +236,9 @@ class Tracer:
     def watch(self, path: Path, mode: str = "child", namer=None, labels: dict | None = None) -> int:
         cid = self.probes.watch(path)
         self.agents.watch(path, mode=mode, namer=namer, labels=labels)
+        if "escape" in self.probes.features:
+            from .escape import members, seed_members
+            seed_members(self.probes, members(path))
         # processes already inside: known from /proc so their events carry identity/ancestry
         self.procs.bootstrap(cgroup_procs(path))
         return cid
@@ -272,6 +285,9 @@ class Tracer:
         bpf.ring_buffer_consume()
 
     def poll(self, timeout_ms: int = 100) -> None:
+        hb = self.probes.heartbeat if self.probes is not None else None
+        if hb is not None:
+            hb.beat()      # pinned enforcement (probes.enable_pinning) fails closed without it
         if self.opts.wakeup_ms > 0:
             # Most records arrive without a wakeup (probes/common.h at_wake_flags), so wait at
             # most the wakeup interval, then take whatever is in the ring. Once a whole
@@ -555,7 +571,15 @@ class Tracer:
             "argv_read_failures": self.enrich.argv_read_failures,
             "file_path_read_failures": self.enrich.file_path_read_failures,
             "proc_table": {"size": len(self.procs), "evictions": self.procs.evictions},
+            **self._egress_counters(),
         }
+
+    def _egress_counters(self) -> dict:
+        # the kernel DNS learner's counts: answers it could not parse are never silent
+        if self.probes is None or "egress" not in self.probes.features:
+            return {}
+        from .egress import egress_stats
+        return {"egress_learner": egress_stats(self.probes)}
 
     def check_drops(self) -> None:
         """An alert when an agent's events are being dropped (flooding blinds a tracer: that

@@ -20,6 +20,11 @@ from .probes import DEFAULT_FEATURES, OPTIONAL_FEATURES
 MODES = ("monitor", "enforce")
 
 
+def _default_fence() -> list:
+    from .sockfence import default_entries
+    return default_entries()
+
+
 class InputError(Exception):
     """Bad CLI/config/rules input, or an environment that cannot run: exit 2, nothing started."""
 
@@ -57,6 +62,10 @@ class SessionOptions:
     egress: Optional[Dict[str, Any]] = None
     node: Optional[str] = None
     act_queue: int = 1024                # pending userspace actions (kills/freezes) at most
+    # pinned programs (daemon pinning, run --mode enforce): seconds without a heartbeat after
+    # which the pinned connect hooks deny agents every non-loopback destination (enforce mode)
+    fail_closed_grace_s: float = 5.0
+    sock_fence: list = field(default_factory=_default_fence)   # sockfence.FenceEntry list
     node_subnets: List[str] = field(default_factory=list)   # of `internal`: the node's own links
 
 
@@ -88,7 +97,7 @@ def check_mode(mode: str, what: str = "--mode") -> str:
 def load_ruleset(opts: SessionOptions):
     """The session's rules, validated, with everything the kernel must hold checked to fit:
     a rule set that loads here always starts and always reloads. None when rules are off."""
-    if not opts.use_rules:
+    if not opts.use_rules and not opts.egress:
         return None
     from .capability import CapabilityError, check
     from .rules import RulesError, default_rule_paths, expand_paths, load_rules
@@ -96,7 +105,8 @@ def load_ruleset(opts: SessionOptions):
     for p in paths or []:
         if not Path(p).exists():
             raise InputError(f"--rules: {p} does not exist")
-    files = expand_paths(paths) if paths else default_rule_paths()
+    # --no-rules with an egress allow-list: the allow-list alone is the rule set
+    files = expand_paths(paths) if paths else default_rule_paths() if opts.use_rules else []
     try:
         rs = load_rules(files, egress=opts.egress or None)
         check(rs, internal=opts.internal)
@@ -121,6 +131,7 @@ def config_internal(cfg) -> tuple[List[str], List[str]]:
 
 def from_config(cfg) -> SessionOptions:
     """The daemon's session, from a validated `config.Config`."""
+    from .sockfence import parse_fence
     feats = features(files=cfg.probes.files)
     internal, own = config_internal(cfg)
     return SessionOptions(
@@ -130,7 +141,8 @@ def from_config(cfg) -> SessionOptions:
         rate_limit=cfg.limits.agent_events_per_sec,
         rate_burst=cfg.limits.agent_burst or cfg.limits.agent_events_per_sec,
         flood_action=cfg.limits.flood_action, wakeup_ms=cfg.limits.wakeup_ms,
-        rule_paths=list(cfg.rules) or None, egress=cfg.egress or None, node=cfg.node)
+        rule_paths=list(cfg.rules) or None, egress=cfg.egress or None, node=cfg.node,
+        fail_closed_grace_s=cfg.pinning.grace_s, sock_fence=[parse_fence(s) for s in cfg.socket_fence])
 
 
 def build(opts: SessionOptions, sinks: Iterable, ruleset=None, clock=None, actions=None):

@@ -177,6 +177,20 @@ def _gist(rec: dict, st: _Style) -> str:
         if fl.get("verdict") == "killed":
             s += " " + st("KILLED", BOLD, RED)
         return s
+    if kind == "socket":
+        so = _d(rec.get("socket"))
+        s = f"socket {escape(so.get('family', '?'))}/{escape(so.get('type', '?'))}/{escape(so.get('protocol', '?'))}"
+        if so.get("verdict") == "blocked":
+            s += " " + st("BLOCKED", BOLD, RED)
+        return s
+    if kind == "escape":
+        e = _d(rec.get("escape"))
+        to = _d(e.get("to"))
+        who = "moved itself" if e.get("self") else f"moved by {escape(e.get('by_pid', '?'))}"
+        s = f"pid {escape(e.get('pid', '?'))} {who} to {escape(to.get('cgroup') or '?')}"
+        if e.get("verdict") == "killed":
+            s += " " + st("KILLED", BOLD, RED)
+        return s
     if kind == "lifecycle":
         extra = " ".join(f"{k}={escape(v)}" for k, v in _flat(
             {k: v for k, v in rec.items() if k not in ("ts", "kind", "node", "agent", "phase")}))

@@ -1,0 +1,133 @@
+/* Escape detection: an agent process that leaves the watched cgroup subtree (a write to
+ * another cgroup's cgroup.procs) stops being seen by every cgroup hook, so leaving is itself
+ * the violation.
+ *
+ * What cgroup:cgroup_attach_task gives here (kernel 6.18, measured): it fires after the
+ * migration, in the writer's context, with the moved process's pid, the destination cgroup's
+ * id, level and path -- but nothing about where the process came from, and when a process
+ * moves itself `current` is already in the destination. So membership is kept in the kernel:
+ * `agent_tasks` holds every process forked or exec'd inside a watched subtree (and those
+ * userspace finds there at watch time), and the move is judged against it:
+ *  - a process moving itself out: reported and, in enforce mode, SIGKILLed from the
+ *    tracepoint -- the signal is pending before write() returns, so it never runs outside;
+ *  - a process moved by another (an agent moving a sibling, or any writer moving an agent
+ *    process): reported with the destination path; userspace decides whether that path is
+ *    outside the watched subtrees and kills it in enforce mode (not in the kernel: the
+ *    destination's ancestry is not available to a tracepoint program);
+ *  - clone3(CLONE_INTO_CGROUP) puts a child straight into another cgroup without an attach:
+ *    the child is caught at its first exec (killed there in enforce mode); what it does
+ *    between fork and that exec is not seen.
+ * Needs the proc feature's BTF offsets (AT_OFF_TASK_*). */
+
+#ifndef AT_ESC_TASKS
+#define AT_ESC_TASKS 65536
+#endif
+BPF_TABLE("lru_hash", u32, u64, agent_tasks, AT_ESC_TASKS);
+BPF_PERCPU_ARRAY(escape_scratch, struct at_escape, 1);
+
+static __always_inline u32 at_esc_enforce(void)
+{
+	return at_cfg(AT_CFG_ENFORCE);
+}
+
+static __always_inline void at_esc_emit(u64 cg, u64 from_agent, u32 moved, u32 flags,
+					u64 dst_id, s32 dst_level, void *args_base, u32 path_loc)
+{
+	u32 zero = 0;
+	struct at_escape *e = escape_scratch.lookup(&zero);
+	if (!e)
+		return;
+	at_fill_header(&e->h, AT_EV_ESCAPE, sizeof(*e), cg, from_agent);
+	e->dst_cgroup_id = dst_id;
+	e->moved_tgid = moved;
+	e->writer_tgid = e->h.tgid;
+	e->dst_level = dst_level;
+	e->flags = flags;
+	e->dst_path[0] = 0;
+	if (args_base)
+		bpf_probe_read_kernel_str(e->dst_path, sizeof(e->dst_path), args_base + (path_loc & 0xffff));
+	if (events.ringbuf_output(e, sizeof(*e), BPF_RB_FORCE_WAKEUP) < 0)
+		at_count_drop(from_agent, AT_EV_ESCAPE);
+}
+
+int at_esc_fork(struct bpf_raw_tracepoint_args *ctx)
+{
+	u64 cg, agent;
+	if (!at_scope(&cg, &agent))
+		return 0;
+	void *child = (void *)ctx->args[1];
+	u32 cpid = 0, ctgid = 0;
+	bpf_probe_read_kernel(&cpid, sizeof(cpid), child + AT_OFF_TASK_PID);
+	bpf_probe_read_kernel(&ctgid, sizeof(ctgid), child + AT_OFF_TASK_TGID);
+	if (cpid != ctgid)
+		return 0;
+	agent_tasks.update(&ctgid, &agent);
+	return 0;
+}
+
+int at_esc_exit(struct bpf_raw_tracepoint_args *ctx)
+{
+	u64 pt = bpf_get_current_pid_tgid();
+	u32 tgid = pt >> 32;
+	if ((u32)pt == tgid)
+		agent_tasks.delete(&tgid);
+	return 0;
+}
+
+int at_esc_exec(struct bpf_raw_tracepoint_args *ctx)
+{
+	u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	u64 *from = agent_tasks.lookup(&tgid);
+	u64 cg, agent;
+	if (at_scope(&cg, &agent)) {
+		/* a process moved in by a writer outside the subtree (a container runtime placing
+		 * its init) had no fork here to record it: its first exec inside does */
+		if (!from || *from != agent)
+			agent_tasks.update(&tgid, &agent);
+		return 0;
+	}
+	if (!from)
+		return 0;
+	u64 f = *from;
+	u32 flags = AT_ESC_SELF | AT_ESC_AT_EXEC;
+	if (at_esc_enforce()) {
+		bpf_send_signal(9);
+		flags |= AT_ESC_KILLED;
+	}
+	agent_tasks.delete(&tgid);
+	at_esc_emit(bpf_get_current_cgroup_id(), f, tgid, flags, bpf_get_current_cgroup_id(), -1, 0, 0);
+	return 0;
+}
+
+TRACEPOINT_PROBE(cgroup, cgroup_attach_task)
+{
+	u32 moved = args->pid;
+	u32 me = bpf_get_current_pid_tgid() >> 32;
+	u64 cg = 0, agent = 0;
+	int inside = at_scope(&cg, &agent);
+	u64 *prev = agent_tasks.lookup(&moved);
+	u64 from = prev ? *prev : 0;
+	if (moved == me) {
+		if (inside) {
+			agent_tasks.update(&moved, &agent);   /* entered, or moved within the subtree */
+			return 0;
+		}
+		if (!from)
+			return 0;
+		u32 flags = AT_ESC_SELF;
+		if (at_esc_enforce()) {
+			bpf_send_signal(9);
+			flags |= AT_ESC_KILLED;
+		}
+		agent_tasks.delete(&moved);
+		at_esc_emit(bpf_get_current_cgroup_id(), from, moved, flags, args->dst_id, args->dst_level,
+			    (void *)args, args->data_loc_dst_path);
+		return 0;
+	}
+	if (!from && !inside)
+		return 0;                 /* neither the writer nor the process is an agent's */
+	at_esc_emit(inside ? cg : bpf_get_current_cgroup_id(), from ? from : agent, moved,
+		    inside ? AT_ESC_WRITER_IN : 0, args->dst_id, args->dst_level,
+		    (void *)args, args->data_loc_dst_path);
+	return 0;
+}

@@ -1,0 +1,192 @@
+"""Fail-closed: SIGKILL of a tracer whose enforcement is pinned leaves its agents without a
+way out (every non-loopback destination denied once the heartbeat is older than the grace),
+and a new tracer replaces the pins with no gap. In the netlab, with an "external" web host."""
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from conftest import AGENTTRACE, _kill_and_rmdir
+
+PY = sys.executable
+WEB = "198.51.100.7"
+
+LOOP = """
+import errno, json, os, socket, sys, time
+out = open(sys.argv[1], "a", buffering=1)
+out.write(json.dumps({"pid": os.getpid()}) + "\\n")
+while True:
+    s = socket.socket()
+    s.settimeout(2)
+    try:
+        s.connect((sys.argv[2], 80))
+        e = 0
+    except OSError as ex:
+        e = ex.errno or -1
+    s.close()
+    out.write(json.dumps({"t": time.monotonic(), "e": e}) + "\\n")
+    time.sleep(0.1)
+"""
+
+
+def _results(path):
+    if not path.exists():
+        return []
+    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+
+
+def _wait(pred, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.1)
+    return pred()
+
+
+def _after(path, t0):
+    return [r for r in _results(path) if "t" in r and r["t"] > t0]
+
+
+def test_sigkill_of_run_enforce_fails_closed(netlab, tmp_path, cgroup2_root):
+    name = f"failclosed-{uuid.uuid4().hex[:6]}"
+    res = tmp_path / "loop.jsonl"
+    script = tmp_path / "loop.py"
+    script.write_text(LOOP)
+    tracer = netlab.run_in_agent([AGENTTRACE, "run", "--mode", "enforce", "--no-rules", "--agent", name,
+                                  "-o", str(tmp_path / "ev.jsonl"), "--", PY, str(script), str(res), WEB],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    cg = cgroup2_root / "agenttrace" / name
+    pins = Path("/sys/fs/bpf/agenttrace-run") / name
+    try:
+        # the agent reaches the web host while its tracer lives
+        assert _wait(lambda: [r for r in _results(res) if r.get("e") == 0]), tracer.stderr.read() if tracer.poll() is not None else ""
+        assert pins.is_dir() and any(pins.iterdir()), "enforce mode pins its cgroup programs"
+        tracer.send_signal(signal.SIGKILL)
+        tracer.wait()
+        t_kill = time.monotonic()
+        denied = _wait(lambda: [r for r in _after(res, t_kill) if r["e"] == errno.EPERM], timeout=60)
+        assert denied, _after(res, t_kill)[-5:]
+        # once closed it stays closed: nothing got through after the first denial
+        assert _wait(lambda: len(_after(res, denied[0]["t"])) >= 5)
+        assert all(r["e"] == errno.EPERM for r in _after(res, denied[0]["t"]))
+        # the grace is 5 s by default: the first denial comes after it, and not long after
+        assert denied[0]["t"] - t_kill < 5 + 10
+    finally:
+        if tracer.poll() is None:
+            tracer.kill()
+            tracer.wait()
+        _kill_and_rmdir(cg)
+        if pins.is_dir():
+            for f in pins.iterdir():
+                f.unlink()
+            pins.rmdir()
+
+
+def test_daemon_sigkill_fails_closed_and_a_new_daemon_takes_over(netlab, tmp_path, agent_tree):
+    from test_daemon import Daemon
+    pin_dir = Path(f"/sys/fs/bpf/agenttrace-test-{uuid.uuid4().hex[:8]}")
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(textwrap.dedent("""
+        rules:
+          - id: test-block-nothing
+            description: test rule that never matches anything in this test
+            category: egress
+            severity: low
+            on: [connect]
+            match:
+              dst: {cidrs: ["192.0.2.99/32"], ports: [9]}
+            action: block
+    """))
+    a = agent_tree.agent("fc")
+    res = tmp_path / "loop.jsonl"
+    first = tmp_path / "first"
+    first.mkdir()
+    d = Daemon(first, agent_tree.root, rules, pin_dir, extra="")
+    d.cfg.write_text(d.cfg.read_text().replace("path: " + str(pin_dir) + "}", "path: " + str(pin_dir) + ", grace_s: 1}"))
+    d2 = None
+    loop = None
+    try:
+        d.start()
+        loop = netlab.run_in_agent([PY, "-c", LOOP, str(res), WEB], cgroup=a,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        assert _wait(lambda: [r for r in _results(res) if r.get("e") == 0])
+        pins = {f.name.split("-")[0] for f in pin_dir.iterdir()}
+        assert pins == {"link", "rawtp"}, "cgroup links and the escape raw tracepoints are pinned"
+        d.proc.send_signal(signal.SIGKILL)
+        d.proc.wait()
+        t_kill = time.monotonic()
+        denied = _wait(lambda: [r for r in _after(res, t_kill) if r["e"] == errno.EPERM])
+        assert denied, _after(res, t_kill)[-5:]
+        # a new daemon attaches its own programs, then drops the dead one's pins
+        second = tmp_path / "second"
+        second.mkdir()
+        d2 = Daemon(second, agent_tree.root, rules, pin_dir).start()
+        t_new = time.monotonic()
+        assert _wait(lambda: [r for r in _after(res, t_new) if r["e"] == 0]), _after(res, t_new)[-5:]
+    finally:
+        if loop is not None:
+            loop.kill()
+            loop.wait()
+        if d2 is not None:
+            d2.stop()
+        if d.proc and d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait()
+        if pin_dir.exists():
+            for f in pin_dir.iterdir():
+                f.unlink()
+            pin_dir.rmdir()
+
+
+def test_sigkill_of_run_cgroup_enforce_fails_closed_and_the_next_run_takes_over(netlab, tmp_path, agent_tree):
+    from agenttrace.runner import cgroups_pin_dir
+    a = agent_tree.agent("fc-cgroup")
+    res = tmp_path / "loop.jsonl"
+    pins = cgroups_pin_dir([agent_tree.root])
+
+    def start_tracer(tag):
+        out = tmp_path / f"{tag}.jsonl"
+        p = subprocess.Popen([AGENTTRACE, "run", "--cgroup", str(agent_tree.root), "--mode", "enforce",
+                              "--no-rules", "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        assert _wait(lambda: out.exists() and b'"started"' in out.read_bytes() or p.poll() is not None)
+        assert p.poll() is None, p.stderr.read()
+        return p
+
+    t1 = start_tracer("first")
+    t2 = loop = None
+    try:
+        loop = netlab.run_in_agent([PY, "-c", LOOP, str(res), WEB], cgroup=a,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        assert _wait(lambda: [r for r in _results(res) if r.get("e") == 0])
+        assert pins.is_dir() and any(f.name.startswith("link-") for f in pins.iterdir())
+        t1.send_signal(signal.SIGKILL)
+        t1.wait()
+        t_kill = time.monotonic()
+        assert _wait(lambda: [r for r in _after(res, t_kill) if r["e"] == errno.EPERM])
+        old = {f.name for f in pins.iterdir()}
+        t2 = start_tracer("second")
+        t_new = time.monotonic()
+        assert _wait(lambda: [r for r in _after(res, t_new) if r["e"] == 0]), _after(res, t_new)[-5:]
+        assert not old & {f.name for f in pins.iterdir()}, "the killed run's pins were replaced"
+        t2.send_signal(signal.SIGTERM)
+        assert t2.wait(timeout=60) == 0
+        assert not pins.exists(), "a clean stop leaves no pins"
+    finally:
+        for p in (loop, t1, t2):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+        if pins.is_dir():
+            for f in pins.iterdir():
+                f.unlink()
+            pins.rmdir()
