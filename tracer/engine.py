@@ -473,6 +473,10 @@ class Engine:
         cg = (rec.get("agent") or {}).get("cgroup")
         # ktime carries the event's wall time here; the pipeline turns it into kernel time
         job = ActJob(rule.action, int(proc.get("pid") or event.pid or 0), cg, event.t_ns, alert, on_done)
+        if event.kind == "escape" and rule.action == "kill":
+            # an escaped process is by definition no longer in its agent's cgroup: the pidfd
+            # taken at decision time is what guards against pid reuse
+            job.cgroup = None
         self.defer(job)
         return job
 
