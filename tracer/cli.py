@@ -139,7 +139,9 @@ def run(
         _require_root()
         cidrs = _check_cidrs(internal)
         paths = _resolve_cgroups(cgroup)
-        features = (("proc",) if no_net else ("proc", "net")) + (("files",) if files else ())
+        from .probes import DEFAULT_FEATURES
+        # the whole default set: flows and DNS are where disguised tunnels and miners show
+        features = (("proc",) if no_net else DEFAULT_FEATURES) + (("files",) if files else ())
         engine = None if no_rules else _load_engine(rules, mode)
         gpu_cfg = _gpu_config(gpu)
         sinks = _sinks(output, fmt)
