@@ -130,6 +130,9 @@ class Enricher:
             proc["killed_in_kernel"] = True
         if o.policy_id:
             proc["policy_id"] = o.policy_id
+        ident = self._identity(h.tgid, filename, exe, args)
+        if ident:
+            proc["identity"] = ident
         p.cgroup_id, p.agent_cgroup_id = h.cgroup_id, h.agent_cgroup_id
         rec["proc"] = proc
         return Event("exec", t, rec, h.tgid, h.agent_cgroup_id)
@@ -202,6 +205,18 @@ class Enricher:
             if not h.agent_cgroup_id:
                 h.agent_cgroup_id = own[1]
         return h
+
+    def _identity(self, pid: int, filename: str, exe: str, args: list) -> dict | None:
+        """What the exec ran by content (tracer/exeid.py); never stops the pipeline."""
+        ids = getattr(self, "exe_ids", None)
+        if ids is None:
+            from .exeid import ExeIdentifier
+            ids = self.exe_ids = ExeIdentifier()
+        try:
+            return ids.identify(pid, filename, exe, args)
+        except Exception:
+            ids.stats["unreadable"] += 1
+            return None
 
     def _flow(self, o: E.Flow) -> Event:
         from .protocols import flow_parts
