@@ -164,6 +164,20 @@ static __always_inline u32 at_classify(const u8 *d, u32 len, u32 *prebanner)
 		    w == 0x44414548 /* HEAD */ || w == 0x4e4e4f43 /* CONN */ || w == 0x454c4544 /* DELE */ ||
 		    w == 0x4954504f /* OPTI */ || w == 0x43544150 /* PATC */ || w == 0x50545448 /* HTTP */ ||
 		    w == 0x20495250 /* "PRI " */) {
+			/* CONNECT host:22 through a proxy opens an SSH session: the request line already
+			 * says so, so it is ssh here and a forbidden one drops with its first bytes */
+			if (w == 0x4e4e4f43 && len > 12 && d[4] == 'E' && d[5] == 'C' && d[6] == 'T' && d[7] == ' ') {
+				for (u32 i = 9; i < AT_FLOW_BYTES; i++) {
+					if (i >= len)
+						break;
+					u8 c = d[i];
+					if (c == ' ' || c == '\r' || c == '\n') {
+						if (d[i - 3] == ':' && d[i - 2] == '2' && d[i - 1] == '2')
+							return AT_PROTO_SSH | AT_CLASS_FINAL;
+						break;
+					}
+				}
+			}
 			/* final once the header block ends in the capture */
 			u32 t = 0;
 			if (len >= 4 && len <= AT_FLOW_BYTES)

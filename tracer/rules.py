@@ -316,7 +316,7 @@ def _typed_pool():
                  "args_truncated": "b", "args_read_failed": "b", "identity": ".google.protobuf.Struct",
                  "ssh": ".google.protobuf.Struct", "relay_of": ".google.protobuf.Struct"})
     msg("Endpoint", {"addr": "s", "port": "i", "scope": "s", "name": "s"})
-    msg("Net", {"proto": "s", "family": "s", "op": "s", "src": "Endpoint", "dst": "Endpoint",
+    msg("Net", {"proto": "s", "family": "s", "op": "s", "what": "s", "src": "Endpoint", "dst": "Endpoint",
                 "local": "Endpoint", "verdict": "s", "result": "s", "error": "i"})
     msg("Dns", {"query": "s", "qtype": "s", "server": "Endpoint",
                 "answers": ".google.protobuf.ListValue"})
