@@ -223,6 +223,8 @@ class ExeIdentifier:
             return None
         ident = dict(own)
         real = link.rsplit("/", 1)[-1]
+        if "name" in ident or not (LOADERS.match(real) or INTERPRETERS.match(real)):
+            return self._done(ident)   # the common case: one open, one fstat, a cache hit
         # a shebang exec: the kernel's exec path is the script, the mapped program its interpreter
         shebang = (filename.startswith("/") and not filename.startswith(("/dev/fd/", "/proc/"))
                    and os.path.realpath(filename) != link)
@@ -251,6 +253,9 @@ class ExeIdentifier:
                     if t and "name" in t:
                         ident.update({k: t[k] for k in ("name", "category", "names", "by")})
                     ident.update(via="interpreter", target=script, interpreter=real)
+        return self._done(ident)
+
+    def _done(self, ident: dict) -> dict:
         if "name" in ident:
             self.stats["identified"] += 1
         return ident
