@@ -52,6 +52,9 @@ class Enricher:
         # socket cookie -> (tgid, agent cgroup id) from connect/accept records: skb records
         # seen in softirq (or on kernels without bpf_get_current_* there) carry no process
         self.sockets: "OrderedDict[int, tuple[int, int]]" = OrderedDict()
+        self._identity(0, "", "", [])   # starts the identity cache warm-up (tracer/exeid.py)
+        from .sshconfig import SshSessions
+        self.ssh_sessions = SshSessions()   # imported now: not on the first ssh exec's clock
         from .dns import NameCache
         from .clock import SystemClock
         self.names = NameCache(SystemClock())
@@ -213,6 +216,7 @@ class Enricher:
         if ids is None:
             from .exeid import ExeIdentifier
             ids = self.exe_ids = ExeIdentifier()
+            ids.warm()
         try:
             return ids.identify(pid, filename, exe, args)
         except Exception:

@@ -17,6 +17,7 @@ forward", and `uncertain` says so.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import glob
 import os
 import pwd
@@ -281,6 +282,16 @@ def _dest_host(dest: Optional[str]) -> tuple:
     return user, d, port
 
 
+@functools.lru_cache(maxsize=256)
+def _account(uid: int) -> tuple:
+    """(home, user name) of a uid, as ssh takes them from the password database (not $HOME)."""
+    try:
+        pw = pwd.getpwuid(uid)
+        return pw.pw_dir, pw.pw_name
+    except (KeyError, OverflowError):
+        return "/nonexistent", ""
+
+
 def interpret(argv: Sequence[str], pid: Optional[int] = None, uid: Optional[int] = None,
               home: Optional[str] = None, system_config: str = "/etc/ssh/ssh_config") -> SshPlan:
     plan = SshPlan()
@@ -302,15 +313,9 @@ def interpret(argv: Sequence[str], pid: Optional[int] = None, uid: Optional[int]
             plan.control = v
         elif c == "l":
             user = user or v
+    pw_home, local_user = _account(uid if uid is not None else os.getuid())
     if home is None:
-        try:
-            home = pwd.getpwuid(uid if uid is not None else os.getuid()).pw_dir
-        except (KeyError, OverflowError):
-            home = "/nonexistent"
-    try:
-        local_user = pwd.getpwuid(uid if uid is not None else os.getuid()).pw_name
-    except (KeyError, OverflowError):
-        local_user = ""
+        home = pw_home
     r = _Reader(plan, pid, host or "", user or local_user, home)
     # -o options come first: on the command line they win over every file
     for c, v in opts:
