@@ -176,7 +176,19 @@ struct at_flow {
 	u8 saddr[16];
 	u8 daddr[16];
 	u8 data[AT_FLOW_BYTES];
+	u32 skipped;         /* leading whitespace bytes before data that were not captured (padding) */
+	u16 segs;            /* TCP segments the capture was reassembled from */
+	u16 fflags;          /* AT_FLOWF_* */
 };
+
+/* at_flow.fflags: how the capture was taken */
+#define AT_FLOWF_REASSEMBLED 0x1   /* data spans more than one segment */
+#define AT_FLOWF_PADDED      0x2   /* leading whitespace was skipped (see skipped) */
+#define AT_FLOWF_PAD_LIMIT   0x4   /* the whitespace skip hit its limit: data may still be padding */
+#define AT_FLOWF_FLUSHED     0x8   /* sent undecided: this way ended (FIN/RST), a hole, or (interim copy) the peer spoke */
+#define AT_FLOWF_GAP         0x10  /* a segment arrived ahead of a missing one and was not captured */
+#define AT_FLOWF_LOST        0x20  /* the reassembly entry was evicted: data restarts mid-stream */
+#define AT_FLOWF_PREBANNER   0x40  /* an SSH banner was found after other lines */
 
 #define AT_PROTO_UNKNOWN 0
 #define AT_PROTO_SSH     1

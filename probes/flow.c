@@ -39,53 +39,122 @@ BPF_HASH(flow_policy, struct at_flow_pkey, struct at_flow_pval, 1024);
 
 struct at_flow_state {
 	struct at_header owner;  /* valid when owner_known */
-	u8 seen[2];              /* per AT_DIR_*: first payload captured */
+	u8 seen[2];              /* per AT_DIR_*: first payload captured and sent */
 	u8 blocked;
 	u8 owner_known;
 	u32 policy_id;
+	u8 pending[2];           /* per AT_DIR_*: a capture is being reassembled in flow_asm */
+	u8 interim[2];           /* per AT_DIR_*: an undecided capture was already sent once */
+	u8 pad[4];
 };
 BPF_TABLE("lru_hash", u64, struct at_flow_state, flow_state, 65536);
 
+/* Reassembly. A protocol is not what the first segment says but what the first bytes of the
+ * stream say: a banner sent one byte at a time, a stratum login after a page of blanks, or an
+ * SSH banner after the pre-banner lines RFC 4253 allows all put the telling bytes past the first
+ * segment. So each direction's first AT_FLOW_BYTES bytes after leading whitespace are collected
+ * here, placed by TCP sequence number (a retransmission is not taken twice), and classified after
+ * every segment; the record goes out, and the verdict applies to the segment in hand, as soon
+ * as the bytes decide the protocol, the capture is full, this way of the flow ends (FIN/RST),
+ * or a segment arrives ahead of a missing one (the receiver queues it, so it never comes
+ * again: the capture ends at the hole). Until then segments pass: nothing is held back from
+ * the peer. When the peer sends data first, an interim copy goes out (see below).
+ *
+ * Limits: more than AT_FLOW_BYTES bytes of other lines before a banner, or more than
+ * AT_FLOW_SKIP_MAX bytes of leading whitespace, still pass undecided; the record says so
+ * (capture full / AT_FLOWF_PAD_LIMIT) and userspace reports what it can.
+ *
+ * The entry holds the record being built plus AT_FLOW_BYTES of slack, so a copy of up to
+ * AT_FLOW_BYTES bytes at any offset below AT_FLOW_BYTES is provably inside the value. */
+#ifndef AT_FLOW_SKIP_MAX
+#define AT_FLOW_SKIP_MAX 4096     /* leading whitespace skipped per direction */
+#endif
+#define AT_FLOW_CHUNK 64          /* whitespace is scanned this many bytes at a time */
+#define AT_FLOW_SKIP_CHUNKS 24    /* chunks scanned per segment (1536 bytes, about one MSS) */
+struct at_flow_asm_key {
+	u64 cookie;
+	u32 dir;
+	u32 pad;
+};
+struct at_flow_asm {
+	struct at_flow rec;
+	u8 slack[AT_FLOW_BYTES];
+	u32 next_seq;            /* sequence number of the next byte wanted */
+	u32 tmp;                 /* loop results pass through memory: the verifier then checks
+				  * what follows the loop once, not once per exit */
+};
+BPF_TABLE("lru_hash", struct at_flow_asm_key, struct at_flow_asm, flow_asm, 8192);
+
 /* Scratch record: classified before it is copied to the ring buffer, so a failed reserve
  * never changes a verdict. */
-BPF_PERCPU_ARRAY(flow_scratch, struct at_flow, 1);
+BPF_PERCPU_ARRAY(flow_scratch, struct at_flow_asm, 1);
+
+static __always_inline int at_ws(u8 c)
+{
+	return c == ' ' || c == '\t' || c == '\r' || c == '\n' || c == '\v' || c == '\f';
+}
 
 /* bytes of `needle` found in the first `len` bytes of d (bounded: once per flow and way) */
-static __always_inline int at_has8(const u8 *d, u32 len, u64 needle)
+static __always_inline int at_has8(const u8 *d, u32 len, u64 needle, u64 mask)
 {
 	for (u32 i = 0; i + 8 <= AT_FLOW_BYTES; i++) {
 		if (i + 8 > len)
 			return 0;
 		u64 w;
 		__builtin_memcpy(&w, &d[i], 8);
-		if (w == needle)
+		if ((w & mask) == needle)
 			return 1;
 	}
 	return 0;
 }
 
-/* Cheap kernel-side guess; userspace (agenttrace.protocols) does the real parse. */
-static __always_inline u32 at_classify(const u8 *d, u32 len)
+/* Where an SSH identification line starts: 0, or just after a newline (lines before the
+ * banner); -1 when there is none in the first len bytes. */
+static __always_inline int at_ssh_line(const u8 *d, u32 len)
 {
-	if (len >= 4 && d[0] == 'S' && d[1] == 'S' && d[2] == 'H' && d[3] == '-')
-		return AT_PROTO_SSH;
-	if (len >= 6 && d[0] == 0x16 && d[1] == 0x03 && d[5] == 0x01)
-		return AT_PROTO_TLS;
-	if (len >= 2 && d[0] == '{') {
-		/* "mining. / "login" as little-endian u64 words */
-		u64 mining = 0x2e676e696e696d22ULL;   /* "mining. */
-		u64 login = 0x226e69676f6c22ULL;      /* "login" + next byte masked below */
-		if (at_has8(d, len, mining))
-			return AT_PROTO_STRATUM;
-		for (u32 i = 0; i + 8 <= AT_FLOW_BYTES; i++) {
-			if (i + 8 > len)
-				break;
-			u64 w;
-			__builtin_memcpy(&w, &d[i], 8);
-			if ((w & 0x00ffffffffffffffULL) == login)
-				return AT_PROTO_STRATUM;
-		}
+	u32 ssh = 0x2d485353;  /* "SSH-" */
+	for (u32 i = 0; i + 5 <= AT_FLOW_BYTES; i++) {
+		if (i + 5 > len)
+			return -1;
+		if (d[i] != '\n')
+			continue;
+		u32 w;
+		__builtin_memcpy(&w, &d[i + 1], 4);
+		if (w == ssh)
+			return i + 1;
+	}
+	return -1;
+}
+
+#define AT_CLASS_FINAL 0x100      /* at_classify: no later byte can change the answer */
+
+/* Cheap kernel-side guess; userspace (agenttrace.protocols) does the real parse. Returns
+ * AT_PROTO_* | AT_CLASS_FINAL when decided. */
+static __always_inline u32 at_classify(const u8 *d, u32 len, u32 *prebanner)
+{
+	u32 full = len >= AT_FLOW_BYTES ? AT_CLASS_FINAL : 0;
+	if (len == 0)
 		return AT_PROTO_UNKNOWN;
+	if (len >= 4 && d[0] == 'S' && d[1] == 'S' && d[2] == 'H' && d[3] == '-')
+		return AT_PROTO_SSH | AT_CLASS_FINAL;
+	/* a prefix of "SSH-": the next bytes decide */
+	if (d[0] == 'S' && (len < 2 || d[1] == 'S') && (len < 3 || d[2] == 'H') && len < 4)
+		return AT_PROTO_UNKNOWN;
+	if (d[0] == 0x16) {
+		if (len < 6)
+			return full;
+		if (d[1] == 0x03 && (d[5] == 0x01 || d[5] == 0x02)) {
+			u32 rec = 5 + (((u32)d[3] << 8) | d[4]);
+			return AT_PROTO_TLS | (len >= rec ? AT_CLASS_FINAL : full);
+		}
+		return AT_PROTO_UNKNOWN | AT_CLASS_FINAL;
+	}
+	if (d[0] == '{' || d[0] == '[') {
+		/* "mining. and "login" as little-endian u64 words (the last one masked to 7 bytes) */
+		if (at_has8(d, len, 0x2e676e696e696d22ULL, ~0ULL) ||
+		    at_has8(d, len, 0x226e69676f6c22ULL, 0x00ffffffffffffffULL))
+			return AT_PROTO_STRATUM | AT_CLASS_FINAL;
+		return AT_PROTO_UNKNOWN | full;
 	}
 	if (len >= 4) {
 		u32 w;
@@ -94,10 +163,35 @@ static __always_inline u32 at_classify(const u8 *d, u32 len)
 		if (w == 0x20544547 /* "GET " */ || w == 0x54534f50 /* POST */ || w == 0x20545550 /* "PUT " */ ||
 		    w == 0x44414548 /* HEAD */ || w == 0x4e4e4f43 /* CONN */ || w == 0x454c4544 /* DELE */ ||
 		    w == 0x4954504f /* OPTI */ || w == 0x43544150 /* PATC */ || w == 0x50545448 /* HTTP */ ||
-		    w == 0x20495250 /* "PRI " */)
-			return AT_PROTO_HTTP;
+		    w == 0x20495250 /* "PRI " */) {
+			/* CONNECT host:22 through a proxy opens an SSH session: the request line already
+			 * says so, so it is ssh here and a forbidden one drops with its first bytes */
+			if (w == 0x4e4e4f43 && len > 12 && d[4] == 'E' && d[5] == 'C' && d[6] == 'T' && d[7] == ' ') {
+				for (u32 i = 9; i < AT_FLOW_BYTES; i++) {
+					if (i >= len)
+						break;
+					u8 c = d[i];
+					if (c == ' ' || c == '\r' || c == '\n') {
+						if (d[i - 3] == ':' && d[i - 2] == '2' && d[i - 1] == '2')
+							return AT_PROTO_SSH | AT_CLASS_FINAL;
+						break;
+					}
+				}
+			}
+			/* final once the header block ends in the capture */
+			u32 t = 0;
+			if (len >= 4 && len <= AT_FLOW_BYTES)
+				__builtin_memcpy(&t, &d[(len - 4) & (AT_FLOW_BYTES - 1)], 4);
+			return AT_PROTO_HTTP | (t == 0x0a0d0a0d ? AT_CLASS_FINAL : full);
+		}
 	}
-	return AT_PROTO_UNKNOWN;
+	/* text that may be lines before an SSH banner (RFC 4253 4.2) */
+	int at = at_ssh_line(d, len);
+	if (at > 0) {
+		*prebanner = 1;
+		return AT_PROTO_SSH | AT_CLASS_FINAL;
+	}
+	return AT_PROTO_UNKNOWN | full;
 }
 
 static __always_inline u32 at_flow_verdict(u64 agent, u32 proto, const u8 *remote, u16 rport, u32 *policy)
@@ -112,7 +206,8 @@ static __always_inline u32 at_flow_verdict(u64 agent, u32 proto, const u8 *remot
 	u32 *sc = scopes.lookup(&sk);
 	u32 scope = sc ? *sc : AT_SCOPE_EXTERNAL;
 	u32 *g = agent_group.lookup(&agent);
-	u32 gid = g ? *g : 0;
+	/* an agent userspace has not placed yet is in the config's default group, as at connect */
+	u32 gid = g ? *g : at_cfg(AT_CFG_DEFAULT_GROUP);
 	struct at_flow_pkey k = {};
 	k.proto = proto;
 	#pragma unroll
@@ -137,6 +232,14 @@ static __always_inline u32 at_flow_verdict(u64 agent, u32 proto, const u8 *remot
 	return AT_VERDICT_ALLOWED;
 }
 
+/* Copy a finished capture to the ring buffer and forget its reassembly entry. */
+static __always_inline void at_flow_send(struct at_flow_asm *a, struct at_flow_asm_key *k, u64 agent)
+{
+	if (events.ringbuf_output(&a->rec, sizeof(a->rec), at_wake_flags()) < 0)
+		at_count_drop(agent, AT_EV_FLOW);
+	flow_asm.delete(k);
+}
+
 static __always_inline int at_flow(struct __sk_buff *skb, u8 dir)
 {
 	u64 cookie = bpf_get_socket_cookie(skb);
@@ -158,6 +261,10 @@ static __always_inline int at_flow(struct __sk_buff *skb, u8 dir)
 	u32 doff = (tcph[12] >> 4) * 4;
 	u32 off = l.l4off + doff;
 	u32 plen = l.l3end > off ? l.l3end - off : 0;
+	u32 seq = ((u32)tcph[4] << 24) | ((u32)tcph[5] << 16) | ((u32)tcph[6] << 8) | tcph[7];
+	u8 fin = tcph[13] & 0x05;  /* FIN or RST: the stream ends here */
+	u16 sport = ((u16)tcph[0] << 8) | tcph[1];
+	u16 dport = ((u16)tcph[2] << 8) | tcph[3];
 
 	if (!st) {
 		struct at_flow_state fresh = {};
@@ -169,55 +276,176 @@ static __always_inline int at_flow(struct __sk_buff *skb, u8 dir)
 	if (!st->owner_known && dir == AT_DIR_EGRESS &&
 	    at_skb_header(&st->owner, AT_EV_FLOW, sizeof(struct at_flow), cg, agent))
 		st->owner_known = 1;
-	if (plen == 0)
-		return 1;  /* SYN, pure ACK, FIN: a blocked flow may still close */
 	if (st->blocked)
-		return 0;  /* every retransmission and every later segment of a blocked flow */
-	if (st->seen[dir & 1])
-		return 1;
-	st->seen[dir & 1] = 1;
+		return plen ? 0 : 1;  /* every later segment of a blocked flow; a bare FIN/ACK may close it */
 
-	u32 zero = 0;
-	struct at_flow *e = flow_scratch.lookup(&zero);
-	if (!e)
+	u8 d = dir & 1, od = d ^ 1;
+	struct at_flow_asm_key k = {}, ok = {};
+	k.cookie = ok.cookie = cookie;
+	k.dir = d;
+	ok.dir = od;
+	/* The peer sent data: the other way may have said all it will before it hears back (a
+	 * short request), so userspace gets what it collected so far — flagged `flushed` — while
+	 * the capture goes on: a peer that speaks first must not end the other side's check. */
+	if ((plen || fin) && st->pending[od] && !st->interim[od]) {
+		struct at_flow_asm *oa = flow_asm.lookup(&ok);
+		if (oa) {
+			oa->rec.fflags |= AT_FLOWF_FLUSHED;
+			if (events.ringbuf_output(&oa->rec, sizeof(oa->rec), at_wake_flags()) < 0)
+				at_count_drop(agent, AT_EV_FLOW);
+			oa->rec.fflags &= ~AT_FLOWF_FLUSHED;
+		}
+		st->interim[od] = 1;
+	}
+	if (st->seen[d])
 		return 1;
-	if (st->owner_known) {
-		__builtin_memcpy(&e->h, &st->owner, sizeof(e->h));
-		e->h.ktime = bpf_ktime_get_ns();
-		e->h.type = AT_EV_FLOW;
-		e->h.size = sizeof(*e);
-	} else {
-		at_skb_header(&e->h, AT_EV_FLOW, sizeof(*e), cg, agent);
+	if (plen == 0) {
+		if (fin && st->pending[d]) {
+			struct at_flow_asm *a = flow_asm.lookup(&k);
+			if (a) {
+				a->rec.fflags |= AT_FLOWF_FLUSHED;
+				at_flow_send(a, &k, agent);
+			}
+			st->pending[d] = 0;
+			st->seen[d] = 1;
+		}
+		return 1;  /* SYN, pure ACK, FIN */
 	}
-	e->cookie = cookie;
-	e->family = l.family;
-	e->sport = ((u16)tcph[0] << 8) | tcph[1];
-	e->dport = ((u16)tcph[2] << 8) | tcph[3];
-	e->direction = dir;
-	__builtin_memcpy(e->saddr, l.saddr, 16);
-	__builtin_memcpy(e->daddr, l.daddr, 16);
-	u32 n = plen > AT_FLOW_BYTES ? AT_FLOW_BYTES : plen;
-	/* plen > 0 here, so this is n again, in a form the verifier can bound to [1, 256] */
-	n = ((n - 1) & (AT_FLOW_BYTES - 1)) + 1;
-	e->len = n;
-	if (bpf_skb_load_bytes(skb, off, e->data, n) < 0) {
+
+	struct at_flow_asm *a = 0;
+	u16 lost = 0;
+	if (st->pending[d]) {
+		a = flow_asm.lookup(&k);
+		if (!a)
+			lost = AT_FLOWF_LOST;  /* evicted under pressure: start again from this segment */
+	}
+	if (!a) {
+		u32 zero = 0;
+		struct at_flow_asm *fresh = flow_scratch.lookup(&zero);
+		if (!fresh)
+			return 1;
+		struct at_flow *e = &fresh->rec;
+		if (st->owner_known) {
+			__builtin_memcpy(&e->h, &st->owner, sizeof(e->h));
+			e->h.ktime = bpf_ktime_get_ns();
+			e->h.type = AT_EV_FLOW;
+			e->h.size = sizeof(*e);
+		} else {
+			at_skb_header(&e->h, AT_EV_FLOW, sizeof(*e), cg, agent);
+		}
+		e->cookie = cookie;
+		e->family = l.family;
+		e->sport = sport;
+		e->dport = dport;
+		e->direction = dir;
+		e->verdict = AT_VERDICT_ALLOWED;
 		e->len = 0;
-		n = 0;
+		e->proto_hint = AT_PROTO_UNKNOWN;
+		__builtin_memcpy(e->saddr, l.saddr, 16);
+		__builtin_memcpy(e->daddr, l.daddr, 16);
+		e->skipped = 0;
+		e->segs = 0;
+		e->fflags = lost;
+		fresh->next_seq = seq;
+		flow_asm.update(&k, fresh);
+		a = flow_asm.lookup(&k);
+		if (!a)
+			return 1;
+		st->pending[d] = 1;
 	}
-	/* classify from a re-read length: every path reaches the scan with the same state, so
-	 * the verifier walks it once instead of once per path */
-	e->proto_hint = at_classify(e->data, *(volatile u32 *)&e->len);
+
+	/* Where this segment's new bytes start: retransmitted bytes are skipped, a segment that
+	 * arrived ahead of a missing one is not taken (the missing one will come again). */
+	a->rec.segs++;
+	s32 ahead = (s32)(seq - a->next_seq);
+	if (ahead > 0) {
+		a->rec.fflags |= AT_FLOWF_GAP;
+		goto out_final;
+	}
+	u32 k0 = (u32)(-ahead);
+	if (k0 >= plen)
+		return 1;  /* a retransmission: nothing new */
+	if (a->rec.segs > 1)
+		a->rec.fflags |= AT_FLOWF_REASSEMBLED;
+	u32 pos = off + k0;
+	u32 avail = plen - k0;
+
+	/* Leading whitespace is not captured: padding cannot push the telling bytes out. */
+	if (a->rec.len == 0) {
+		for (int c = 0; c < AT_FLOW_SKIP_CHUNKS; c++) {
+			u32 have = a->rec.skipped;
+			if (avail == 0 || have >= AT_FLOW_SKIP_MAX)
+				break;
+			u32 n = avail < AT_FLOW_CHUNK ? avail : AT_FLOW_CHUNK;
+			n = ((n - 1) & (AT_FLOW_CHUNK - 1)) + 1;
+			if (bpf_skb_load_bytes(skb, pos, a->slack, n) < 0)
+				break;
+			u32 j = 0;
+			for (; j < AT_FLOW_CHUNK; j++) {
+				if (j >= n || !at_ws(a->slack[j]))
+					break;
+			}
+			a->tmp = j;
+			j = *(volatile u32 *)&a->tmp;
+			if (j > AT_FLOW_CHUNK)
+				break;
+			pos += j;
+			avail -= j;
+			a->next_seq += j;
+			a->rec.skipped += j;
+			if (j) {
+				a->rec.fflags |= AT_FLOWF_PADDED;
+				if (a->rec.skipped >= AT_FLOW_SKIP_MAX)
+					a->rec.fflags |= AT_FLOWF_PAD_LIMIT;
+			}
+			if (j < n)
+				break;
+		}
+	}
+	if (avail) {
+		u32 have = *(volatile u32 *)&a->rec.len;
+		if (have < AT_FLOW_BYTES) {
+			u32 room = AT_FLOW_BYTES - have;
+			u32 n = avail < room ? avail : room;
+			n = ((n - 1) & (AT_FLOW_BYTES - 1)) + 1;
+			if (bpf_skb_load_bytes(skb, pos, &a->rec.data[have & (AT_FLOW_BYTES - 1)], n) == 0) {
+				a->rec.len = have + n;
+				a->next_seq += n;
+			}
+		}
+	}
+
+	u32 pre = 0;
+	u32 cls = at_classify(a->rec.data, *(volatile u32 *)&a->rec.len, &pre);
+	u32 proto = cls & 0xff;
+	a->rec.proto_hint = proto;
+	if (pre)
+		a->rec.fflags |= AT_FLOWF_PREBANNER;
+	if (!(cls & AT_CLASS_FINAL) && !fin)
+		return 1;
+	if (!(cls & AT_CLASS_FINAL))
+		a->rec.fflags |= AT_FLOWF_FLUSHED;
+
 	u32 policy = 0;
 	/* the remote end is the destination of egress and the source of ingress */
-	e->verdict = dir == AT_DIR_EGRESS ? at_flow_verdict(agent, e->proto_hint, l.daddr, e->dport, &policy)
-					  : at_flow_verdict(agent, e->proto_hint, l.saddr, e->sport, &policy);
-	if (e->verdict == AT_VERDICT_BLOCKED) {
+	u32 verdict = dir == AT_DIR_EGRESS ? at_flow_verdict(agent, proto, a->rec.daddr, a->rec.dport, &policy)
+					   : at_flow_verdict(agent, proto, a->rec.saddr, a->rec.sport, &policy);
+	a->rec.verdict = verdict;
+	if (verdict == AT_VERDICT_BLOCKED) {
 		st->blocked = 1;
 		st->policy_id = policy;
 	}
-	if (events.ringbuf_output(e, sizeof(*e), at_wake_flags()) < 0)
-		at_count_drop(agent, AT_EV_FLOW);
-	return e->verdict == AT_VERDICT_BLOCKED ? 0 : 1;
+	st->pending[d] = 0;
+	st->seen[d] = 1;
+	at_flow_send(a, &k, agent);
+	return verdict == AT_VERDICT_BLOCKED ? 0 : 1;
+
+out_final:
+	a->rec.fflags |= AT_FLOWF_FLUSHED;
+	st->pending[d] = 0;
+	st->seen[d] = 1;
+	at_flow_send(a, &k, agent);
+	return 1;
 }
 
 int at_skb_egress(struct __sk_buff *skb) { return at_flow(skb, AT_DIR_EGRESS); }

@@ -105,8 +105,10 @@ def test_paramiko_client_banner():
 def test_ssh_banner_after_preamble_lines_and_cut_short():
     proto, d = classify(b"Welcome to the box\r\nSSH-2.0-dropbear_2022.83\r\n", INGRESS)
     assert (proto, d["software"]) == ("ssh", "dropbear_2022.83")
-    # A client must send the banner first; text before it is not SSH.
-    assert classify(b"hello\r\nSSH-2.0-x\r\n", EGRESS)[0] == "unknown"
+    # RFC 4253 lets only a server send lines first, but an agent's own server (or a lenient
+    # one) accepts them from a client too, so lines before the banner are no disguise either way.
+    proto, d = classify(b"hello\r\nSSH-2.0-x\r\n", EGRESS)
+    assert proto == "ssh" and d["prebanner_bytes"] == 7
     proto, d = classify(b"SSH-2.0-OpenSSH_9", EGRESS)
     assert proto == "ssh" and d["truncated"] is True
     assert classify(b"SSH-", EGRESS)[0] == "unknown"

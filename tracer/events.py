@@ -105,7 +105,14 @@ class Flow(C.Structure):
                 ("sport", C.c_uint16), ("dport", C.c_uint16), ("direction", C.c_uint8),
                 ("verdict", C.c_uint8), ("len", C.c_uint32), ("proto_hint", C.c_uint32),
                 ("saddr", C.c_uint8 * 16), ("daddr", C.c_uint8 * 16),
-                ("data", C.c_uint8 * FLOW_BYTES)]
+                ("data", C.c_uint8 * FLOW_BYTES), ("skipped", C.c_uint32), ("segs", C.c_uint16),
+                ("fflags", C.c_uint16)]
+
+
+FLOWF_REASSEMBLED, FLOWF_PADDED, FLOWF_PAD_LIMIT, FLOWF_FLUSHED = 0x1, 0x2, 0x4, 0x8
+FLOWF_GAP, FLOWF_LOST, FLOWF_PREBANNER = 0x10, 0x20, 0x40
+FLOWF_NAMES = {FLOWF_REASSEMBLED: "reassembled", FLOWF_PADDED: "padded", FLOWF_PAD_LIMIT: "pad_limit",
+               FLOWF_FLUSHED: "flushed", FLOWF_GAP: "gap", FLOWF_LOST: "lost", FLOWF_PREBANNER: "prebanner"}
 
 
 class Device(C.Structure):

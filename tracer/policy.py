@@ -34,13 +34,8 @@ PROTO_NUM = {"tcp": 6, "udp": 17, "any": 0}
 PROTOCOL_NUM = {"ssh": 1, "stratum": 2}          # flow protocols recognised in the kernel
 EXEC_MATCH_PATH, EXEC_MATCH_BASENAME = 1, 2
 
-DEFAULT_INTERNAL = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10",
-                    "169.254.0.0/16", "fc00::/7")
-# Cloud instance-metadata endpoints: AWS/GCP/Azure/OCI/DO 169.254.169.254, AWS IPv6
-# fd00:ec2::254, AWS ECS task metadata 169.254.170.2, Alibaba 100.100.100.200.
-DEFAULT_METADATA = ("169.254.169.254/32", "fd00:ec2::254/128", "169.254.170.2/32",
-                    "100.100.100.200/32")
-LOOPBACK = ("127.0.0.0/8", "::1/128")
+# The scope table lives in netscope (one table for the kernel's trie and userspace).
+from .netscope import DEFAULT_INTERNAL, DEFAULT_METADATA, LOOPBACK, scope_rows  # noqa: E402
 
 
 # --------------------------------------------------------------------------- tables
@@ -310,10 +305,9 @@ def _net_bytes(cidr: str) -> Tuple[int, bytes, int]:
 
 def _scope_table(internal: Iterable[str], metadata: Iterable[str]) -> List[ScopeEntry]:
     out = []
-    for cidrs, bit in ((LOOPBACK, SCOPE_LOOPBACK), (internal, SCOPE_INTERNAL), (metadata, SCOPE_METADATA)):
-        for c in cidrs:
-            fam, addr, plen = _net_bytes(c)
-            out.append(ScopeEntry(fam, addr, plen, bit))
+    for cidr, scope in scope_rows(internal, metadata):
+        fam, addr, plen = _net_bytes(cidr)
+        out.append(ScopeEntry(fam, addr, plen, SCOPE_BITS[scope]))
     return out
 
 

@@ -68,12 +68,11 @@ _SSH_ID = re.compile(rb"SSH-(?P<proto>[0-9.]+)-(?P<soft>[^ \r\n-][^ \r\n]*)(?: (
 def parse_ssh(data: bytes, direction: str = EGRESS) -> dict | None:
     """The identification string ``SSH-protoversion-softwareversion SP comments CRLF``.
 
-    A server may send other lines before it (RFC 4253 §4.2), so on ingress the banner is looked
-    for at the start of any captured line."""
+    A server may send other lines before it (RFC 4253 §4.2), so the banner is looked for at the
+    start of any captured line — either way: an agent's own server, or a client talking to a
+    lenient one, may put lines first to step around a first-bytes check."""
     start = 0
     if not data.startswith(b"SSH-"):
-        if direction != INGRESS:
-            return None
         idx = data.find(b"\nSSH-")
         if idx < 0:
             return None
@@ -93,6 +92,8 @@ def parse_ssh(data: bytes, direction: str = EGRESS) -> dict | None:
         out["comments"] = _text(m.group("comments"))
     if m.group("end") is None:
         out["truncated"] = True
+    if start:
+        out["prebanner_bytes"] = start
     return out
 
 
@@ -395,7 +396,7 @@ def flow_parts(rec) -> tuple[dict, dict]:
     name are left for the enrich stage. ``flow.protocol`` is the userspace classification;
     where that finds nothing but the kernel's quick check did (the kernel acts on it), the
     kernel's is reported, and ``kernel_hint`` always says what the kernel saw."""
-    from .events import addr_str
+    from .events import FLOWF_NAMES, addr_str
 
     egress = rec.direction == 0
     fam = "ipv6" if rec.family == 10 else "ipv4"
@@ -411,6 +412,12 @@ def flow_parts(rec) -> tuple[dict, dict]:
            "verdict": "blocked" if rec.verdict == 1 else "allowed"}
     flow = {"protocol": protocol, "detail": detail, "direction": EGRESS if egress else INGRESS,
             "bytes": len(data), "kernel_hint": hint}
+    # How the kernel took the capture (probes/flow.c reassembly): leading whitespace skipped,
+    # segments it came from, and the AT_FLOWF_* flags by name.
+    flow["padding"] = int(getattr(rec, "skipped", 0))
+    flow["segments"] = int(getattr(rec, "segs", 0))
+    ff = int(getattr(rec, "fflags", 0))
+    flow["capture"] = [name for bit, name in sorted(FLOWF_NAMES.items()) if ff & bit]
     return net, flow
 
 

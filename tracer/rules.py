@@ -38,6 +38,7 @@ from typing import Any, Dict, Iterable, List, Literal, Optional, Sequence, Tuple
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .linregex import LinearRegexError, compile_linear
 from .paths import rules_dir
 
 CATEGORIES = ("tunnel", "mining", "scan", "gpu", "egress", "exec", "escape")
@@ -119,7 +120,8 @@ class DstMatch(_Strict):
 
 class ExeMatch(_Strict):
     paths: List[str] = Field(default_factory=list)          # wildcards on proc.exe
-    basenames: List[str] = Field(default_factory=list)      # wildcards on basename(exe) or comm
+    basenames: List[str] = Field(default_factory=list)      # wildcards on basename(exe), comm or proc.identity.names
+    identities: List[str] = Field(default_factory=list)     # wildcards on proc.identity.name (content identity)
     args_contain: List[str] = Field(default_factory=list)   # substring of the joined command line
     args_regex: List[str] = Field(default_factory=list)     # regex searched in each argument
     cmdline_regex: List[str] = Field(default_factory=list)  # regex searched in the joined command line
@@ -313,9 +315,11 @@ def _typed_pool():
 
     msg("Ancestor", {"pid": "i", "comm": "s", "exe": "s"})
     msg("Proc", {"pid": "i", "ppid": "i", "uid": "i", "comm": "s", "exe": "s", "args": "*s",
-                 "ancestry": "*Ancestor", "filename": "s", "killed_in_kernel": "b"})
+                 "ancestry": "*Ancestor", "filename": "s", "killed_in_kernel": "b",
+                 "args_truncated": "b", "args_read_failed": "b", "identity": ".google.protobuf.Struct",
+                 "ssh": ".google.protobuf.Struct", "relay_of": ".google.protobuf.Struct"})
     msg("Endpoint", {"addr": "s", "port": "i", "scope": "s", "name": "s"})
-    msg("Net", {"proto": "s", "family": "s", "op": "s", "src": "Endpoint", "dst": "Endpoint",
+    msg("Net", {"proto": "s", "family": "s", "op": "s", "what": "s", "src": "Endpoint", "dst": "Endpoint",
                 "local": "Endpoint", "verdict": "s", "result": "s", "error": "i"})
     msg("Dns", {"query": "s", "qtype": "s", "server": "Endpoint",
                 "answers": ".google.protobuf.ListValue"})
@@ -447,9 +451,10 @@ class CompiledMatch:
     exe_path_list: Tuple[str, ...] = ()
     basenames: Optional[re.Pattern] = None
     basename_list: Tuple[str, ...] = ()
+    identities: Optional[re.Pattern] = None
     args_contain: Tuple[str, ...] = ()
-    args_regex: Tuple[re.Pattern, ...] = ()
-    cmdline_regex: Tuple[re.Pattern, ...] = ()
+    args_regex: Tuple[Any, ...] = ()       # RE2 patterns (linear time)
+    cmdline_regex: Tuple[Any, ...] = ()
     majors: frozenset = frozenset()
     file_classes: frozenset = frozenset()
     file_ops: frozenset = frozenset()
@@ -556,10 +561,18 @@ class CompiledMatch:
         exe = proc.get("exe") or ""
         if self.exe_paths is not None and not self.exe_paths.match(exe):
             return False
+        ident = proc.get("identity")
         if self.basenames is not None:
             base = exe.rsplit("/", 1)[-1]
             comm = proc.get("comm") or ""
             if not (self.basenames.match(base) or (comm and self.basenames.match(comm))):
+                # what the content says the program is (a renamed copy, ld.so, a memfd)
+                names = ident.get("names") if isinstance(ident, dict) else None
+                if not names or not any(self.basenames.match(n) for n in names):
+                    return False
+        if self.identities is not None:
+            name = ident.get("name") if isinstance(ident, dict) else None
+            if not name or not self.identities.match(name):
                 return False
         if self.args_contain or self.args_regex or self.cmdline_regex:
             args = proc.get("args") or []
@@ -823,18 +836,21 @@ def _compile_match(m: MatchBase, lists: Dict[str, List[Any]], ctx: _FileCtx, loc
         cm.exe_paths, cm.exe_path_list = _wild(paths), tuple(paths)
         bases = [str(x) for x in _expand(e.basenames, lists, ctx, el + ["basenames"], rid, errors, cm)]
         cm.basenames, cm.basename_list = _wild(bases), tuple(bases)
+        cm.identities = _wild([str(x) for x in _expand(e.identities, lists, ctx, el + ["identities"], rid, errors, cm)])
         cm.args_contain = tuple(str(x) for x in _expand(e.args_contain, lists, ctx, el + ["args_contain"], rid, errors, cm))
         for key in ("args_regex", "cmdline_regex"):
             pats = [str(x) for x in _expand(getattr(e, key), lists, ctx, el + [key], rid, errors, cm)]
             good = []
             for i, p in enumerate(pats):
+                # agent-controlled text: linear time or a load error (tracer/linregex.py)
                 try:
-                    good.append(re.compile(p))
-                except re.error as ex:
+                    good.append(compile_linear(p))
+                except LinearRegexError as ex:
                     errors.append(ctx.err(el + [key, min(i, len(getattr(e, key)) - 1)], f"bad regex {p!r}: {ex}", rid))
             # kept apart: each pattern may carry its own inline flags such as (?i)
             setattr(cm, key, tuple(good))
-        cm.has_exe = bool(cm.exe_paths or cm.basenames or cm.args_contain or cm.args_regex or cm.cmdline_regex)
+        cm.has_exe = bool(cm.exe_paths or cm.basenames or cm.identities or cm.args_contain or cm.args_regex
+                          or cm.cmdline_regex)
     if m.device is not None:
         cm.majors = frozenset(m.device.majors)
     if m.file is not None:
@@ -954,7 +970,7 @@ def _kernel_kill(model: RuleModel) -> bool:
     e = m.exe
     if e is None or not (e.paths or e.basenames):
         return False
-    if e.args_contain or e.args_regex or e.cmdline_regex:
+    if e.args_contain or e.args_regex or e.cmdline_regex or e.identities:
         return False
     return not any(_is_wild(str(x)) for x in list(e.paths) + list(e.basenames) if not str(x).startswith("$"))
 

@@ -1,0 +1,348 @@
+"""What an exec really ran, by content rather than by name.
+
+A miner copied to `kworker`, ssh copied to `python3`, `ld.so ./xmrig`, a memfd exec, a
+shebang script or `python -m sshuttle`: the file name says nothing, the bytes do. On exec the
+enrich stage asks `ExeIdentifier.identify()`; it reads the program the kernel actually
+mapped (`/proc/PID/exe`, which works for deleted files and memfds too, else the exec path),
+hashes it (sha256), takes its ELF GNU build-id, and searches it once for the distinctive
+strings of known tools (`tracer/identities.yaml`). Results are cached per (device, inode,
+mtime, size), so a binary is read once however often it runs.
+
+Loaders and interpreters are seen through: for `ld.so [options] PROGRAM` the program is
+identified; for an interpreter running a script (shebang, `python x.py`) the script's
+content is searched by the signatures marked `scripts: true`; `python -m MODULE` gives the
+module's names.
+
+`proc.identity` in an exec record: {sha256, build_id, and when known: name, category, names,
+by (sha256|build_id|strings), via (ld.so|interpreter|module), target}. A rule's
+`exe.basenames` also matches `identity.names`, and `exe.identities` matches `identity.name`.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import stat
+import struct
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import yaml
+
+MAX_BYTES = 64 << 20          # larger files are identified by their first 64 MiB
+SCRIPT_BYTES = 1 << 20
+INTERPRETERS = re.compile(r"^(?:python[0-9.]*|perl[0-9.]*|ruby[0-9.]*|node|nodejs|bash|sh|dash|zsh|ksh|php[0-9.]*|lua[0-9.]*)$")
+LOADERS = re.compile(r"^(?:ld-linux[-\w.]*\.so(?:\.\d+)*|ld\.so|ld-musl-[\w.]+\.so(?:\.\d+)*|ld64\.so(?:\.\d+)*)$")
+# ld.so options that take a value (glibc ld.so --help)
+_LDSO_VALUE_OPTS = {"--library-path", "--inhibit-rpath", "--audit", "--preload", "--argv0",
+                    "--glibc-hwcaps-prefix", "--glibc-hwcaps-mask"}
+# python options that take a value, and those that end option parsing
+_PY_VALUE_OPTS = {"-W", "-X", "-Q"}
+
+
+@dataclass(frozen=True)
+class Signature:
+    name: str
+    category: str
+    names: Tuple[str, ...]
+    all_of: Tuple[bytes, ...] = ()
+    any_of: Tuple[bytes, ...] = ()
+    min_any: int = 1
+    sha256: frozenset = frozenset()
+    build_ids: frozenset = frozenset()
+    scripts: bool = False
+
+    def matches(self, found: set, sha: str, build_id: Optional[str], script: bool) -> Optional[str]:
+        if script and not self.scripts:
+            return None
+        if sha and sha in self.sha256:
+            return "sha256"
+        if build_id and build_id in self.build_ids:
+            return "build_id"
+        if not (self.all_of or self.any_of):
+            return None
+        if self.all_of and not all(s in found for s in self.all_of):
+            return None
+        if self.any_of and sum(1 for s in self.any_of if s in found) < self.min_any:
+            return None
+        return "strings"
+
+
+def load_signatures(path: Optional[os.PathLike] = None) -> List[Signature]:
+    """Signatures from YAML; a bad file raises ValueError naming the file, entry and field."""
+    p = Path(path) if path else Path(__file__).with_name("identities.yaml")
+    data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    out = []
+    for i, e in enumerate(data.get("identities") or []):
+        where = f"{p}: identities[{i}]"
+        if not isinstance(e, dict) or not isinstance(e.get("name"), str):
+            raise ValueError(f"{where}.name: every identity needs a name")
+        unknown = set(e) - {"name", "category", "names", "all_of", "any_of", "min_any", "sha256", "build_id", "scripts"}
+        if unknown:
+            raise ValueError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
+        enc = lambda xs: tuple(str(x).encode() for x in (xs or ()))  # noqa: E731
+        sig = Signature(name=e["name"], category=str(e.get("category", "unknown")),
+                        names=tuple(str(n) for n in (e.get("names") or [e["name"]])),
+                        all_of=enc(e.get("all_of")), any_of=enc(e.get("any_of")),
+                        min_any=int(e.get("min_any", 1)),
+                        sha256=frozenset(str(x).lower() for x in (e.get("sha256") or ())),
+                        build_ids=frozenset(str(x).lower() for x in (e.get("build_id") or ())),
+                        scripts=bool(e.get("scripts", False)))
+        if not (sig.all_of or sig.any_of or sig.sha256 or sig.build_ids):
+            raise ValueError(f"{where}: needs all_of, any_of, sha256 or build_id")
+        out.append(sig)
+    return out
+
+
+def elf_build_id(data: bytes) -> Optional[str]:
+    """The GNU build-id note of an ELF image (hex), from its program headers."""
+    if len(data) < 64 or data[:4] != b"\x7fELF":
+        return None
+    is64, le = data[4] == 2, data[5] == 1
+    e = "<" if le else ">"
+    try:
+        if is64:
+            phoff, = struct.unpack_from(e + "Q", data, 0x20)
+            phentsize, phnum = struct.unpack_from(e + "HH", data, 0x36)
+        else:
+            phoff, = struct.unpack_from(e + "I", data, 0x1C)
+            phentsize, phnum = struct.unpack_from(e + "HH", data, 0x2A)
+        for i in range(min(phnum, 64)):
+            off = phoff + i * phentsize
+            ptype, = struct.unpack_from(e + "I", data, off)
+            if ptype != 4:  # PT_NOTE
+                continue
+            if is64:
+                noff, nsz = struct.unpack_from(e + "QQ", data, off + 8)[0], struct.unpack_from(e + "Q", data, off + 32)[0]
+            else:
+                noff, nsz = struct.unpack_from(e + "I", data, off + 4)[0], struct.unpack_from(e + "I", data, off + 16)[0]
+            pos, end = noff, min(noff + nsz, len(data))
+            while pos + 12 <= end:
+                namesz, descsz, ntype = struct.unpack_from(e + "III", data, pos)
+                name_at = pos + 12
+                desc_at = name_at + ((namesz + 3) & ~3)
+                if ntype == 3 and data[name_at:name_at + namesz].rstrip(b"\0") == b"GNU":
+                    return data[desc_at:desc_at + descsz].hex()
+                pos = desc_at + ((descsz + 3) & ~3)
+    except struct.error:
+        return None
+    return None
+
+
+class ExeIdentifier:
+    def __init__(self, signatures: Optional[Sequence[Signature]] = None, max_entries: int = 4096):
+        self.signatures = list(signatures) if signatures is not None else load_signatures()
+        needles = sorted({s for sig in self.signatures for s in sig.all_of + sig.any_of}, key=len, reverse=True)
+        self._needles = needles
+        try:
+            import re2
+            self._scan = re2.compile(b"|".join(re.escape(n) for n in needles)) if needles else None
+        except ImportError:  # pragma: no cover - google-re2 is a dependency
+            self._scan = re.compile(b"|".join(re.escape(n) for n in needles)) if needles else None
+        self._cache: "OrderedDict[tuple, dict]" = OrderedDict()
+        self.max_entries = max_entries
+        self._lock = threading.Lock()
+        self.stats = {"scanned": 0, "cache_hits": 0, "unreadable": 0, "identified": 0}
+
+    def warm(self, names: Sequence[str] = ()) -> threading.Thread:
+        """Read, off the reader's thread, the installed programs most likely to exec first
+        (the signatures' names, shells, python): a first exec of ssh that is refused its
+        connect exits within milliseconds, before a cold scan of its 1 MiB would be done."""
+        import shutil
+
+        # wrappers too: `timeout 8 ssh ...` pays for timeout's scan just before ssh's
+        want = sorted(set(names) | {n for s in self.signatures for n in s.names}
+                      | {"python3", "python", "bash", "sh", "dash", "timeout", "env", "nohup", "setsid",
+                         "sudo", "nice", "stdbuf", "xargs", "nsenter", "unshare", "git", "curl", "wget"})
+
+        def run() -> None:
+            for n in want:
+                path = shutil.which(n)
+                if path:
+                    self._file(lambda: open(os.path.realpath(path), "rb"))
+
+        t = threading.Thread(target=run, name="exeid-warm", daemon=True)
+        t.start()
+        return t
+
+    # -- content ---------------------------------------------------------------------------
+    def _found(self, data: bytes) -> set:
+        if self._scan is None:
+            return set()
+        return {m.group(0) for m in self._scan.finditer(data)}
+
+    def _match(self, found: set, sha: str, bid: Optional[str], script: bool) -> Optional[Tuple[Signature, str]]:
+        for sig in self.signatures:
+            by = sig.matches(found, sha, bid, script)
+            if by:
+                return sig, by
+        return None
+
+    def _file(self, opener, script: bool = False) -> Optional[dict]:
+        """Identity of one file (cached by dev/inode/mtime/size). `opener` returns a binary file."""
+        try:
+            f = opener()
+        except OSError:
+            self.stats["unreadable"] += 1
+            return None
+        with f:
+            try:
+                st = os.fstat(f.fileno())
+            except OSError:
+                return None
+            if not stat.S_ISREG(st.st_mode):
+                return None
+            key = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size, script)
+            with self._lock:
+                hit = self._cache.get(key)
+                if hit is not None:
+                    self._cache.move_to_end(key)
+                    self.stats["cache_hits"] += 1
+                    return hit
+            try:
+                data = f.read(SCRIPT_BYTES if script else MAX_BYTES)
+            except OSError:
+                self.stats["unreadable"] += 1
+                return None
+        self.stats["scanned"] += 1
+        out: dict = {"sha256": hashlib.sha256(data).hexdigest()}
+        bid = elf_build_id(data) if not script else None
+        if bid:
+            out["build_id"] = bid
+        if not script and not data.startswith(b"\x7fELF") and not data.startswith(b"#!"):
+            found: set = set()
+        else:
+            found = self._found(data)
+        m = self._match(found, out["sha256"], bid, script)
+        if m:
+            sig, by = m
+            out.update(name=sig.name, category=sig.category, names=list(sig.names), by=by)
+        with self._lock:
+            self._cache[key] = out
+            if len(self._cache) > self.max_entries:
+                self._cache.popitem(last=False)
+        return out
+
+    # -- exec --------------------------------------------------------------------------------
+    def identify(self, pid: int, filename: str, exe: str, args: Sequence[str]) -> Optional[dict]:
+        """Identity of what an exec ran, or None when nothing could be read."""
+        own = self._file(lambda: open(f"/proc/{pid}/exe", "rb"))
+        try:
+            link = os.readlink(f"/proc/{pid}/exe").split(" (deleted)")[0]
+        except OSError:
+            # already gone: the exec path (links resolved) is the best guess, or for a script
+            # the interpreter its #! line names
+            link = os.path.realpath(filename) if filename.startswith("/") else (exe or filename)
+            interp = _shebang(link)
+            if interp:
+                link = os.path.realpath(interp)
+            own = self._file(lambda: open(link, "rb"))
+        if own is None:
+            return None
+        ident = dict(own)
+        real = link.rsplit("/", 1)[-1]
+        if "name" in ident or not (LOADERS.match(real) or INTERPRETERS.match(real)):
+            return self._done(ident)   # the common case: one open, one fstat, a cache hit
+        # a shebang exec: the kernel's exec path is the script, the mapped program its interpreter
+        shebang = (filename.startswith("/") and not filename.startswith(("/dev/fd/", "/proc/"))
+                   and os.path.realpath(filename) != link)
+        if "name" in ident:
+            pass
+        elif LOADERS.match(real):
+            target = _ldso_target(args)
+            if target:
+                t = self._file(lambda: open(_at_cwd(pid, target), "rb"))
+                if t and "name" in t:
+                    ident.update({k: t[k] for k in ("name", "category", "names", "by")})
+                ident.update(via="ld.so", target=target)
+        elif INTERPRETERS.match(real):
+            mod = _python_module(args) if real.startswith("python") and not shebang else None
+            if mod:
+                top = mod.split(".")[0]
+                ident.update(via="module", target=mod, names=sorted({mod, top}))
+                sig = next((s for s in self.signatures if top in s.names or mod in s.names), None)
+                if sig:
+                    ident.update(name=sig.name, category=sig.category, names=sorted(set(sig.names) | {mod, top}),
+                                 by="module")
+            else:
+                script = filename if shebang else _script_arg(real, args)
+                if script:
+                    t = self._file(lambda: open(_at_cwd(pid, script), "rb"), script=True)
+                    if t and "name" in t:
+                        ident.update({k: t[k] for k in ("name", "category", "names", "by")})
+                    ident.update(via="interpreter", target=script, interpreter=real)
+        return self._done(ident)
+
+    def _done(self, ident: dict) -> dict:
+        if "name" in ident:
+            self.stats["identified"] += 1
+        return ident
+
+
+def _shebang(path: str) -> Optional[str]:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(256)
+    except OSError:
+        return None
+    if not head.startswith(b"#!"):
+        return None
+    parts = head[2:].split(b"\n", 1)[0].split()
+    return parts[0].decode(errors="replace") if parts else None
+
+
+def _at_cwd(pid: int, path: str) -> str:
+    return path if path.startswith("/") else f"/proc/{pid}/cwd/{path}"
+
+
+def _ldso_target(args: Sequence[str]) -> Optional[str]:
+    i = 1
+    while i < len(args):
+        a = args[i]
+        if a in _LDSO_VALUE_OPTS:
+            i += 2
+            continue
+        if a.startswith("--"):
+            if a == "--":
+                return args[i + 1] if i + 1 < len(args) else None
+            i += 1
+            continue
+        return a
+    return None
+
+
+def _python_module(args: Sequence[str]) -> Optional[str]:
+    i = 1
+    while i < len(args):
+        a = args[i]
+        if a == "-m":
+            return args[i + 1] if i + 1 < len(args) else None
+        if a.startswith("-m") and len(a) > 2:
+            return a[2:]
+        if a in _PY_VALUE_OPTS:
+            i += 2
+            continue
+        if a == "-c" or not a.startswith("-"):
+            return None
+        i += 1
+    return None
+
+
+def _script_arg(interp: str, args: Sequence[str]) -> Optional[str]:
+    """The script an interpreter was given on its command line (`python x.py`, `sh x.sh`)."""
+    i = 1
+    while i < len(args):
+        a = args[i]
+        if a in ("-c", "-e", "-E", "-m", "-"):
+            return None
+        if interp.startswith("python") and a in _PY_VALUE_OPTS:
+            i += 2
+            continue
+        if a.startswith("-"):
+            i += 1
+            continue
+        return a
+    return None

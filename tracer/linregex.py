@@ -1,0 +1,41 @@
+"""Linear-time regular expressions for rules that read agent-controlled text.
+
+An agent chooses its own command line, so a backtracking engine is a lever: a crafted 4 KiB
+argv made the socat rule take ~160 ms in Python's `re` (bench/regex_argv.py), i.e. one exec
+could stall the match stage for every agent on the node. RE2 (google-re2) runs in time linear
+in the input, at the price of refusing what cannot be matched that way (backreferences,
+lookaround, possessive quantifiers). A pattern RE2 refuses is a lint error at load time,
+never a silent fallback to the backtracking engine.
+"""
+from __future__ import annotations
+
+import re
+
+try:
+    import re2 as _re2
+except ImportError as e:  # a dependency in pyproject.toml; said plainly if it is missing
+    _re2 = None
+    _IMPORT_ERROR = str(e)
+else:
+    _IMPORT_ERROR = ""
+
+
+class LinearRegexError(ValueError):
+    pass
+
+
+def compile_linear(pattern: str):
+    """The compiled RE2 pattern (`.search(str)` like `re`). Raises LinearRegexError with the
+    reason when RE2 cannot hold it or it is not a valid regex at all."""
+    if _re2 is None:
+        raise LinearRegexError(f"the linear-time regex engine is unavailable (pip install google-re2): {_IMPORT_ERROR}")
+    try:
+        re.compile(pattern)
+    except re.error as ex:
+        raise LinearRegexError(f"not a valid regex: {ex}") from None
+    try:
+        return _re2.compile(pattern)
+    except Exception as ex:  # re2.error; the message names RE2's reason (e.g. "invalid perl operator: (?<")
+        why = str(ex) or type(ex).__name__
+        raise LinearRegexError(f"the linear-time engine (RE2) cannot compile it: {why} "
+                               "(no backreferences, lookahead/lookbehind or possessive quantifiers)") from None
