@@ -64,7 +64,7 @@ class Enricher:
         # socket cookie -> (tgid, agent cgroup id) from connect/accept records: skb records
         # seen in softirq (or on kernels without bpf_get_current_* there) carry no process
         self.sockets: "OrderedDict[int, tuple[int, int]]" = OrderedDict()
-        self._identity(0, "", "", [])   # starts the identity cache warm-up (tracer/exeid.py)
+        self._identity(0, "", "", [])   # warms the identity cache now, not on the first execs
         from .sshconfig import SshSessions
         self.ssh_sessions = SshSessions()   # imported now: not on the first ssh exec's clock
         from .dns import NameCache

@@ -147,26 +147,22 @@ class ExeIdentifier:
         self._lock = threading.Lock()
         self.stats = {"scanned": 0, "cache_hits": 0, "unreadable": 0, "identified": 0}
 
-    def warm(self, names: Sequence[str] = ()) -> threading.Thread:
-        """Read, off the reader's thread, the installed programs most likely to exec first
-        (the signatures' names, shells, python): a first exec of ssh that is refused its
-        connect exits within milliseconds, before a cold scan of its 1 MiB would be done."""
+    def warm(self, names: Sequence[str] = ()) -> None:
+        """Read, at start, the installed programs most likely to exec first (the signatures'
+        names, shells, python, common wrappers): ~55 ms once, here on 2 vCPUs. A first exec of
+        ssh whose connect the kernel refuses exits within milliseconds; a cold scan of its
+        1 MiB on the reader thread, or a warm-up competing for the interpreter in a thread,
+        was measured to make its userspace kill come too late (demo, 1 run in 3)."""
         import shutil
 
         # wrappers too: `timeout 8 ssh ...` pays for timeout's scan just before ssh's
         want = sorted(set(names) | {n for s in self.signatures for n in s.names}
                       | {"python3", "python", "bash", "sh", "dash", "timeout", "env", "nohup", "setsid",
                          "sudo", "nice", "stdbuf", "xargs", "nsenter", "unshare", "git", "curl", "wget"})
-
-        def run() -> None:
-            for n in want:
-                path = shutil.which(n)
-                if path:
-                    self._file(lambda: open(os.path.realpath(path), "rb"))
-
-        t = threading.Thread(target=run, name="exeid-warm", daemon=True)
-        t.start()
-        return t
+        for n in want:
+            path = shutil.which(n)
+            if path:
+                self._file(lambda: open(os.path.realpath(path), "rb"))
 
     # -- content ---------------------------------------------------------------------------
     def _found(self, data: bytes) -> set:
