@@ -73,7 +73,7 @@ def _prog_stats(fd: int) -> tuple[int, int]:
 
 
 def _fill_learned(tracer, n_learned: int) -> None:
-    from agenttrace.policy import name_hash
+    from agenttrace.match.policy import name_hash
     probes = tracer.probes
     gid = tracer.policy_writer.policy.group_ids["default"]
     t = probes["learned"]
@@ -92,11 +92,11 @@ def _fill_learned(tracer, n_learned: int) -> None:
 
 
 def one(config: str, n: int, n_names: int, n_learned: int) -> dict:
-    from agenttrace.cgroups import cgroup2_mount
-    from agenttrace.engine import Engine
-    from agenttrace.egress import run_policy
-    from agenttrace.rules import load_rules
-    from agenttrace.runtime import Options, Tracer
+    from agenttrace.enrich.cgroups import cgroup2_mount
+    from agenttrace.match.engine import Engine
+    from agenttrace.kernel.egress import run_policy
+    from agenttrace.match.rules import load_rules
+    from agenttrace.session.pipeline import Options, Tracer
     cg = cgroup2_mount() / f"agenttrace-bench-egress-{uuid.uuid4().hex[:6]}"
     cg.mkdir()
     engine = None

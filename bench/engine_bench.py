@@ -27,9 +27,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from agenttrace.clock import FakeClock  # noqa: E402
-from agenttrace.engine import Engine, read_events  # noqa: E402
-from agenttrace.pipeline import Event  # noqa: E402
-from agenttrace.rules import default_rule_paths, load_rules  # noqa: E402
+from agenttrace.match.engine import Engine, read_events  # noqa: E402
+from agenttrace.session.event import Event  # noqa: E402
+from agenttrace.match.rules import default_rule_paths, load_rules  # noqa: E402
 
 DEFAULT_FILES = [HERE.parent / "tests" / "fixtures" / f"events_{n}.jsonl"
                  for n in ("recorded_devwork", "benign", "attack")]

@@ -66,7 +66,7 @@ def _agenttrace() -> str:
 
 
 def _cgroup_root() -> Path:
-    from agenttrace.cgroups import cgroup2_mount
+    from agenttrace.enrich.cgroups import cgroup2_mount
     return cgroup2_mount()
 
 

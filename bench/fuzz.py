@@ -15,7 +15,7 @@ from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from agenttrace import fuzzing
+from agenttrace.lab import fuzzing as fuzzing
 
 CORPUS = Path(__file__).resolve().parent.parent / "tests" / "fuzz_corpus"
 

@@ -27,7 +27,7 @@ _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::\d+)?\)$")
 
 
 def _short(frame: str) -> str:
-    """'emit (/work/main/tracer/sinks.py:88)' -> 'sinks.py:emit' (line numbers dropped so one
+    """'emit (/work/main/tracer/sinks/outputs.py:88)' -> 'sinks.py:emit' (line numbers dropped so one
     function's samples add up)."""
     m = _FRAME.match(frame.strip())
     if not m:

@@ -15,8 +15,8 @@ import statistics
 import sys
 import time
 
-from agenttrace.events import ARGS_MAX
-from agenttrace.rules import default_rule_paths, load_rules
+from agenttrace.kernel.wire import ARGS_MAX
+from agenttrace.match.rules import default_rule_paths, load_rules
 
 # (rule id, argv) — each built to make a backtracking engine retry from every offset
 CRAFTED = [

@@ -69,7 +69,7 @@ class AgentCgroup:
     def remove(self, timeout: float = 10.0) -> None:
         """Kill what is left inside (everything in this cgroup was started by the harness),
         then remove the directory and any child a tracer made."""
-        from agenttrace.cgroups import kill_and_remove
+        from agenttrace.enrich.cgroups import kill_and_remove
         kill_and_remove(self.path, timeout)
 
     def __enter__(self) -> "AgentCgroup":

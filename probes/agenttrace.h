@@ -1,5 +1,5 @@
 /* agenttrace wire format: every struct the kernel writes to the ring buffer, and the
- * event-type enum. Mirrored by ctypes classes in tracer/events.py; tests/test_wire.py
+ * event-type enum. Mirrored by ctypes classes in tracer/kernel/wire.py; tests/test_wire.py
  * compiles this header and proves sizes and offsets match.
  *
  * Rules for editing: never renumber an event type; add fields only at the end of a body;
@@ -17,9 +17,9 @@ typedef __u8 u8; typedef __u16 u16; typedef __u32 u32; typedef __u64 u64; typede
 #define AT_COMM_LEN 16
 
 /* Indices of the one runtime-config map `at_config` (probes/common.h), written by one place in
- * userspace (tracer/runtime.py Tracer.set_mode, GpuFence): every enforce switch together, so a
+ * userspace (tracer/session/pipeline.py Tracer.set_mode, GpuFence): every enforce switch together, so a
  * reload between monitor and enforce flips exec kills, file kills, connect blocks, protocol
- * drops and the GPU fence at once. Mirrored in tracer/events.py; never renumber. */
+ * drops and the GPU fence at once. Mirrored in tracer/kernel/wire.py; never renumber. */
 #define AT_CFG_ENFORCE        0   /* 1: enforce mode (kernel verdicts deny); 0: report only */
 #define AT_CFG_GPU_FENCE      1   /* 1: the GPU fence follows the mode; 0: it only reports */
 #define AT_CFG_GPU_DEFAULT    2   /* GPU verdict for agents with no gpu_policy entry yet (1: deny) */

@@ -167,7 +167,7 @@ static __always_inline int at_admit(u64 agent, u32 type)
 
 #if defined(AT_WITH_NET) || defined(AT_WITH_FLOW)
 /* Shared by the connect (net.c) and flow (flow.c) policies, filled by one writer
- * (tracer/enforce.py): destination scope of an address (IPv4 mapped into ::ffff:a.b.c.d, longest
+ * (tracer/kernel/maps.py): destination scope of an address (IPv4 mapped into ::ffff:a.b.c.d, longest
  * prefix wins, no entry = external), each agent's policy group, and the enforce flag. */
 #define AT_SCOPE_LOOPBACK 1
 #define AT_SCOPE_INTERNAL 2

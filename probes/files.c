@@ -20,7 +20,7 @@
  * AT_FILE_READ_FAILED and class unknown, and the failure is counted in file_stats.
  *
  * Only candidate paths reach userspace (classified below, the same rules as
- * tracer/files.py classify()): basename authorized_keys / authorized_keys2; basename
+ * tracer/decode/files.py classify()): basename authorized_keys / authorized_keys2; basename
  * ssh_host_*_key; basename identity or id_* (without a dot); or any path with a `.ssh`
  * directory component. A path relative to a directory inside ~/.ssh whose own text names
  * none of these (`cd ~/.ssh && cat mykey`) is not seen: the probe cannot resolve the
@@ -39,7 +39,7 @@
 #define AT_FILE_POLICY_MAX 64
 #endif
 
-/* (class << 8 | op) -> policy id (the rule, see tracer/policy.py FileKill) */
+/* (class << 8 | op) -> policy id (the rule, see tracer/match/policy.py FileKill) */
 BPF_HASH(file_policy, u32, u32, AT_FILE_POLICY_MAX);
 /* [0] path reads that failed, [1] candidate events seen, [2] paths read late (at sys_exit)
  * (per CPU, summed by userspace) */

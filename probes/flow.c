@@ -15,7 +15,7 @@
 #define AT_NEXTHDR_TCP 6
 
 
-/* Protocol policy: tracer/policy.py compiles rules with `on: flow` + `action: block` into
+/* Protocol policy: tracer/match/policy.py compiles rules with `on: flow` + `action: block` into
  * ProtocolDrop entries (group, protocol, scope mask, remote port range); the writer puts them
  * here keyed by (agent group, AT_PROTO_*), up to AT_FLOW_SLOTS variants per key. Group 0 =
  * every agent. Scopes, agent groups and the enforce flag are the ones net.c uses (common.h),

@@ -18,7 +18,7 @@
 #define AT_TCP_SYN_SENT 2
 #define AT_TCP_CLOSE 7
 
-/* Destination policy, filled by tracer/enforce.py from the compiled rules (policy.py).
+/* Destination policy, filled by tracer/kernel/maps.py from the compiled rules (policy.py).
  *
  * A destination is first given a scope (loopback/internal/metadata bit; no entry = external)
  * from `scopes`. Entries then apply per agent group (gid 0 = every agent; an agent's group
@@ -52,7 +52,7 @@ BPF_HASH(scope_policy, struct at_sp_key, struct at_dst_val, 8192);
 struct at_group_allow { u32 scope_mask; u32 policy_id; u32 ttl_min; u32 ttl_max; };
 BPF_HASH(group_allow, u32, struct at_group_allow, 1024);
 
-/* Egress allow-lists by DNS name (tracer/egress.py writes `name_allow`, probes/egress.c fills
+/* Egress allow-lists by DNS name (tracer/kernel/egress.py writes `name_allow`, probes/egress.c fills
  * `learned`). A name pattern is keyed by (group, FNV-1a of its lowercase text read backwards):
  * the backward hash of a name's suffix is a prefix of the backward hash of the whole name, so
  * one pass over an answer's question name checks every `*.suffix` and the exact name.

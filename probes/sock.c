@@ -6,7 +6,7 @@
  * netlink, unix, vsock and XDP sockets never reach it. Packet sockets need CAP_NET_RAW, so an
  * unprivileged agent (run --user) cannot have them; for root agents they remain unfenced.
  *
- * `sock_fence` (tracer/sockfence.py) is keyed by (family, type, protocol) with 0xffff as "any"
+ * `sock_fence` (tracer/kernel/sockfence.py) is keyed by (family, type, protocol) with 0xffff as "any"
  * for type or protocol; lookups go from the most to the least specific. Only sockets an entry
  * names are reported: ordinary TCP/UDP sockets cost three hash lookups and no record. */
 

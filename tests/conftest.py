@@ -32,7 +32,7 @@ def _bpf_unavailable() -> str | None:
     except ImportError as e:
         return f"BCC not importable: {e}"
     try:
-        from agenttrace.cgroups import cgroup2_mount
+        from agenttrace.enrich.cgroups import cgroup2_mount
         cgroup2_mount()
     except Exception as e:
         return f"no cgroup2: {e}"
@@ -56,12 +56,12 @@ def require_bpf():
 @pytest.fixture
 def cgroup2_root() -> Path:
     need_bpf()
-    from agenttrace.cgroups import cgroup2_mount
+    from agenttrace.enrich.cgroups import cgroup2_mount
     return cgroup2_mount()
 
 
 def _kill_and_rmdir(path: Path) -> None:
-    from agenttrace.cgroups import kill_and_remove
+    from agenttrace.enrich.cgroups import kill_and_remove
     kill_and_remove(path)
 
 
@@ -178,7 +178,7 @@ def make_session():
     started = []
 
     def make(paths, engine=None, actor=None, **opts):
-        from agenttrace.runtime import Options, Tracer
+        from agenttrace.session.pipeline import Options, Tracer
         sink = ListSink()
         tracer = Tracer(Options(cgroups=list(paths), **opts), [sink], engine=engine, actor=actor)
         tracer.start()

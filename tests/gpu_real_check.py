@@ -126,7 +126,7 @@ def wait_for(sampler, tracker, want, deadline_s: float):
 
 def fence_check(watched: Path, agent: Path, GpuConfig, GpuFence, nvidia_uvm_major) -> None:
     try:
-        from agenttrace.probes import Probes
+        from agenttrace.kernel.loader import Probes
         import ctypes as C
     except ImportError as e:
         print(f"fence: SKIP: BCC or the loader is not importable ({e})")
@@ -137,7 +137,7 @@ def fence_check(watched: Path, agent: Path, GpuConfig, GpuFence, nvidia_uvm_majo
     seen = []
 
     def cb(ctx, data, size):
-        from agenttrace.events import Device
+        from agenttrace.kernel.wire import Device
         seen.append(Device.from_buffer_copy(C.string_at(data, C.sizeof(Device))))
 
     p.bpf[b"events"].open_ring_buffer(cb)
@@ -173,8 +173,8 @@ def main() -> int:
     args = ap.parse_args()
 
     _import_agenttrace()
-    from agenttrace import cgroups
-    from agenttrace.gpu import (GpuConfig, GpuFence, GpuSampler, GpuTracker, GpuUnavailable, NvmlBackend,
+    from agenttrace.enrich.enricher import cgroups as cgroups
+    from agenttrace.gpu.service import (GpuConfig, GpuFence, GpuSampler, GpuTracker, GpuUnavailable, NvmlBackend,
                                 ProcfsResolver, nvidia_uvm_major)
 
     try:

@@ -12,8 +12,8 @@ PY = sys.executable
 
 
 def _engine(mode, text, tmp_path, actions=None):
-    from agenttrace.engine import Engine
-    from agenttrace.rules import load_rules
+    from agenttrace.match.engine import Engine
+    from agenttrace.match.rules import load_rules
     f = tmp_path / "rules.yaml"
     f.write_text(textwrap.dedent(text))
     return Engine(load_rules([str(f)]), mode=mode, actions=actions)
@@ -43,7 +43,7 @@ def test_kills_do_not_hold_back_other_records(agent_tree, make_session, tmp_path
     """20 kill-triggering execs at once, with each verification slowed down, and an unrelated
     connect from another agent right after: the connect's record is written while most kill
     alerts are still being acted on (the old act-on-the-reader design wrote it after all 20)."""
-    from agenttrace.actions import Actions
+    from agenttrace.act.actions import Actions
 
     class SlowActions(Actions):
         # the real Actions, each membership check made slow (as a loaded node or a process

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from agenttrace.actions import Actions, cgroup_events, find_cgroup2_mount
+from agenttrace.act.actions import Actions, cgroup_events, find_cgroup2_mount
 from agenttrace.clock import FakeClock
-from agenttrace.engine import Engine
-from agenttrace.pipeline import Event
-from agenttrace.rules import load_rules
+from agenttrace.match.engine import Engine
+from agenttrace.session.event import Event
+from agenttrace.match.rules import load_rules
 
 REQUIRE = os.environ.get("AGENTTRACE_REQUIRE_BPF") == "1"
 
@@ -72,7 +72,7 @@ def cg():
 
 
 def test_cgroup2_mount_parsed_from_mountinfo():
-    from agenttrace.cgroups import parse_cgroup2_mount
+    from agenttrace.enrich.cgroups import parse_cgroup2_mount
     assert parse_cgroup2_mount("31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw\n"
                                "41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n") == "/sys/fs/cgroup/unified"
     assert parse_cgroup2_mount("31 23 0:28 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n") is None

@@ -59,7 +59,7 @@ def test_reload_that_cannot_be_held_keeps_the_old_policy(tmp_path, agent_tree, p
         assert d.notify.wait("READY=1")
         assert d.wait_record(lambda r: r.get("phase") == "started")
         assert _connect_errno(agent_tree, a, port) == errno.EPERM
-        from agenttrace.rules import load_rules
+        from agenttrace.match.rules import load_rules
         rules.write_text(_unholdable_rules(41001))
         load_rules([str(rules)])            # valid rules: only the maps refuse them
         d.proc.send_signal(signal.SIGHUP)
@@ -242,8 +242,8 @@ CONNECT = ("import socket,sys; s=socket.socket(); s.settimeout(5); "
 
 
 def _run_cleanup(name):
-    from agenttrace.cgroups import cgroup2_mount
-    from agenttrace.isolation import run_pin_dir
+    from agenttrace.enrich.cgroups import cgroup2_mount
+    from agenttrace.session.isolation import run_pin_dir
     from conftest import _kill_and_rmdir
     _kill_and_rmdir(cgroup2_mount() / "agenttrace" / name)
     d = run_pin_dir(name)
@@ -269,7 +269,7 @@ def test_run_enforcement_outlives_kill_of_its_tracer(netlab, tmp_path, require_b
     try:
         rc = tracer.wait(timeout=120)
         assert rc == -signal.SIGKILL, tracer.stderr.read()
-        from agenttrace.cgroups import cgroup2_mount, procs
+        from agenttrace.enrich.cgroups import cgroup2_mount, procs
         cg = cgroup2_mount() / "agenttrace" / name
         deadline = time.monotonic() + 30
         while procs(cg) and time.monotonic() < deadline:
@@ -277,7 +277,7 @@ def test_run_enforcement_outlives_kill_of_its_tracer(netlab, tmp_path, require_b
         lines = dict(l.split() for l in out.read_text().splitlines())
         assert lines["before"] == str(errno.EPERM)
         assert lines["after"] == str(errno.EPERM), "the agent reached an external address once its tracer was killed"
-        from agenttrace.isolation import run_pin_dir
+        from agenttrace.session.isolation import run_pin_dir
         assert any(run_pin_dir(name).iterdir())
         # the next run sweeps pins whose agent is gone
         r = subprocess.run([AGENTTRACE_BIN, "run", "--mode", "enforce", "--rules", str(rules), "--no-net",

@@ -1,7 +1,7 @@
 """BTF offsets come from the running kernel and are checked against values we can know."""
 import pytest
 
-from agenttrace import btf
+from agenttrace.kernel import btf as btf
 
 
 def test_every_probe_field_found():

@@ -1,4 +1,4 @@
-"""Lint, start and reload agree on what the kernel can hold (tracer/capability.py).
+"""Lint, start and reload agree on what the kernel can hold (tracer/kernel/capability.py).
 
 Property-style: many generated rule sets, some within the maps' limits and some past them
 (slots per prefix or port, path length, port expansion, protocol slots). For each, `rules lint`
@@ -16,7 +16,7 @@ from conftest import AGENTTRACE, need_bpf
 @pytest.fixture(scope="module")
 def maps():
     need_bpf()
-    from agenttrace.probes import Probes
+    from agenttrace.kernel.loader import Probes
     p = Probes(("proc", "net", "flow"), 64)
     p.load()
     yield p
@@ -48,10 +48,10 @@ def _rule_yaml(rng: random.Random, i: int) -> str:
 
 
 def test_lint_start_reload_agree(maps, tmp_path):
-    from agenttrace.capability import lint
-    from agenttrace.enforce import EnforceError, PolicyWriter
-    from agenttrace.policy import compile_policy
-    from agenttrace.rules import load_rules
+    from agenttrace.kernel.capability import lint
+    from agenttrace.kernel.maps import EnforceError, PolicyWriter
+    from agenttrace.match.policy import compile_policy
+    from agenttrace.match.rules import load_rules
     rng = random.Random(1234)
     writer = PolicyWriter(maps)
     accepted = refused = 0

@@ -11,7 +11,7 @@ from conftest import AGENTTRACE
 
 
 def _agenttrace_cgroups():
-    from agenttrace.cgroups import cgroup2_mount
+    from agenttrace.enrich.cgroups import cgroup2_mount
     d = cgroup2_mount() / "agenttrace"
     return sorted(p.name for p in d.iterdir() if p.is_dir()) if d.exists() else []
 
@@ -79,7 +79,7 @@ def test_sigterm_detaches_and_removes_cgroup(tmp_path, require_bpf):
     assert recs[-1]["phase"] == "stopped"
     assert "sigterm-test" not in _agenttrace_cgroups()
     # no cgroup program remains attached anywhere under the cgroup2 mount from this run
-    from agenttrace.cgroups import cgroup2_mount
+    from agenttrace.enrich.cgroups import cgroup2_mount
     assert not (cgroup2_mount() / "agenttrace" / "sigterm-test").exists()
 
 

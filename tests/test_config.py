@@ -174,8 +174,8 @@ def test_sinks_can_be_switched_off_and_sizes_take_units():
 
 
 def test_egress_and_gpu_are_typed_by_their_models():
-    from agenttrace.gpu import GpuConfig
-    from agenttrace.policy import EgressPolicy
+    from agenttrace.gpu.service import GpuConfig
+    from agenttrace.match.policy import EgressPolicy
     cfg = parse_config(yaml.safe_dump({"egress": {"web": {"mode": "allow-list", "allow": [{"cidr": "10.0.0.0/8", "ports": [443]}]}},
                                        "gpu": {"interval_s": 5, "default": {"allowed": True}}}))
     assert isinstance(cfg.egress["web"], EgressPolicy) and isinstance(cfg.gpu, GpuConfig)

@@ -18,8 +18,8 @@ PY = sys.executable
 
 
 def _engine(mode):
-    from agenttrace.engine import Engine
-    from agenttrace.rules import default_rule_paths, load_rules
+    from agenttrace.match.engine import Engine
+    from agenttrace.match.rules import default_rule_paths, load_rules
     return Engine(load_rules(default_rule_paths()), mode=mode)
 
 
@@ -201,9 +201,9 @@ print(json.dumps(res))
 def test_icmp_echo_is_seen_counted_by_scan_windows_and_held_to_the_allow_list(netlab, agent_tree, make_session):
     """A ping sweep through a ping socket: one connect record (op echo) per destination, the
     internal-scan window fires; under an allow-list an unlisted external host's echo is dropped."""
-    from agenttrace.engine import Engine
-    from agenttrace.egress import run_policy
-    from agenttrace.rules import default_rule_paths, load_rules
+    from agenttrace.match.engine import Engine
+    from agenttrace.kernel.egress import run_policy
+    from agenttrace.match.rules import default_rule_paths, load_rules
     netlab.check_in_agent(["sysctl", "-q", "-w", "net.ipv4.ping_group_range=0 2147483647"], check=True)
     a = agent_tree.agent("pinger")
     eng = Engine(load_rules(default_rule_paths(), egress=run_policy(["192.0.2.53:53"], "enforce")), mode="enforce")

@@ -157,7 +157,7 @@ def test_daemon_lifecycle_reload_pinning_restart(tmp_path, agent_tree, pin_dir):
         assert r.returncode == 0 and "mode enforce" in r.stdout
 
         # the event socket: root reads the live stream, others may not connect
-        from agenttrace.sinks import read_socket_records
+        from agenttrace.sinks.outputs import read_socket_records
         got = []
         import threading
         def reader():

@@ -6,7 +6,7 @@ from conftest import AGENTTRACE
 
 
 def _leftovers():
-    from agenttrace.cgroups import cgroup2_mount
+    from agenttrace.enrich.cgroups import cgroup2_mount
     cg = sorted(p.name for p in cgroup2_mount().iterdir() if p.name.startswith("agenttrace-demo-"))
     ns = sorted(n for n in os.listdir("/run/netns") if n.startswith("at-")) if os.path.isdir("/run/netns") else []
     return cg, ns

@@ -11,7 +11,7 @@ import dns.rrset
 import pytest
 
 from agenttrace.clock import FakeClock
-from agenttrace.dns import (DnsParseError, NameCache, NamePatterns, dns_body, name_matches,
+from agenttrace.decode.dns import (DnsParseError, NameCache, NamePatterns, dns_body, name_matches,
                             parse_message)
 
 
@@ -154,7 +154,7 @@ def test_name_patterns():
 def _dns_rec(wire: bytes, direction: int, protocol: int = 17):
     import ctypes as C
     import socket
-    from agenttrace import events as ev
+    from agenttrace.kernel import wire as ev
     r = ev.Dns()
     r.family, r.protocol, r.direction = socket.AF_INET, protocol, direction
     agent, server = b"\0" * 10 + b"\xff\xff" + bytes([172, 31, 255, 2]), b"\0" * 10 + b"\xff\xff" + bytes([192, 0, 2, 53])
@@ -167,7 +167,7 @@ def _dns_rec(wire: bytes, direction: int, protocol: int = 17):
 
 
 def test_dns_parts_query_answer_and_garbage():
-    from agenttrace.dns import dns_parts
+    from agenttrace.decode.dns import dns_parts
     q = dns.message.make_query("pool.supportxmr.com", "A").to_wire()
     net, body = dns_parts(_dns_rec(q, 0))
     assert net["proto"] == "udp" and net["dst"] == {"addr": "192.0.2.53", "port": 53}

@@ -11,10 +11,10 @@ import pytest
 
 from conftest import AGENTTRACE
 
-from agenttrace.egress import SpecError, parse_allow_spec, run_policy
-from agenttrace.policy import (NAME_EXACT, NAME_SUBDOMAINS, EgressPolicy, PolicyError, compile_policy,
+from agenttrace.kernel.egress import SpecError, parse_allow_spec, run_policy
+from agenttrace.match.policy import (NAME_EXACT, NAME_SUBDOMAINS, EgressPolicy, PolicyError, compile_policy,
                                name_hash)
-from agenttrace.rules import load_rules
+from agenttrace.match.rules import load_rules
 
 RULE = "egress-policy.default.allow-list"
 DNS = "192.0.2.53:53"
@@ -120,7 +120,7 @@ def lab():
 
 
 def _engine(mode, specs, ttl_min=30):
-    from agenttrace.engine import Engine
+    from agenttrace.match.engine import Engine
     eg = run_policy(specs, mode)
     eg = {k: v.model_copy(update={"ttl_min": ttl_min}) for k, v in eg.items()}
     return Engine(load_rules([], egress=eg), mode=mode)
@@ -153,7 +153,7 @@ def test_resolve_then_connect_never_fails(lab, agent_tree, make_session):
         print(json.dumps({{"bad": bad[:10], "nbad": len(bad)}}))
     """)
     assert out["nbad"] == 0, out["bad"]
-    from agenttrace.egress import egress_stats
+    from agenttrace.kernel.egress import egress_stats
     st = egress_stats(sess.tracer.probes)
     assert st["addresses_learned"] >= N4 + N6 and st["messages_unparsed"] == 0
     sess.settle()
@@ -252,8 +252,8 @@ def test_run_allow_egress_through_the_cli(lab, tmp_path):
 def test_policy_learn_on_the_devwork_fixture_raises_nothing(tmp_path):
     """The learned allow-list, with the default pack, replayed over the run it came from."""
     from agenttrace.config import parse_config
-    from agenttrace.engine import replay
-    from agenttrace.rules import default_rule_paths
+    from agenttrace.match.engine import replay
+    from agenttrace.match.rules import default_rule_paths
     fixture = __import__("conftest").REPO / "tests" / "fixtures" / "events_recorded_devwork.jsonl"
     out = tmp_path / "learned.yaml"
     p = subprocess.run([AGENTTRACE, "policy", "learn", "--events", str(fixture), "-o", str(out)],
@@ -266,7 +266,7 @@ def test_policy_learn_on_the_devwork_fixture_raises_nothing(tmp_path):
 
 
 def test_policy_learn_entries_from_names_and_addresses(tmp_path):
-    from agenttrace.policylearn import learn
+    from agenttrace.match.policylearn import learn
     recs = [
         {"kind": "dns", "agent": {"id": "a"}, "dns": {"query": "pypi.org", "answers": [
             {"name": "pypi.org", "type": "A", "data": "198.51.100.5", "ttl": 60}]}},
@@ -335,7 +335,7 @@ CONTAIN = __import__("conftest").REPO / "packaging" / "contain.yaml"
 
 
 def test_contain_profile_loads_and_compiles():
-    from agenttrace.daemon import load_inputs
+    from agenttrace.ops.daemon import load_inputs
     cfg, rs = load_inputs(str(CONTAIN))
     assert cfg.mode == "enforce" and cfg.pinning.enabled
     kp = compile_policy(rs)
@@ -349,8 +349,8 @@ def test_contain_profile_in_the_lab(lab, agent_tree, make_session):
     """The profile's egress section with the lab's resolver: the forge by name is reachable,
     an internal host by another name, the web and metadata are not."""
     from agenttrace.config import load_config
-    from agenttrace.engine import Engine
-    from agenttrace.policy import EgressDest
+    from agenttrace.match.engine import Engine
+    from agenttrace.match.policy import EgressDest
     cfg = load_config(CONTAIN)
     pol = cfg.egress["default"]
     allow = [a if a.cidr is None else EgressDest(cidr="192.0.2.53/32", ports=[53]) for a in pol.allow]
@@ -533,7 +533,7 @@ def test_kernel_dns_parser_against_crafted_answers(agent_tree, make_session):
         "ttl_zero": "allowed", "not_a_response": "blocked", "nxdomain": "blocked", "suffix_only": "blocked",
         "lookalike": "blocked", "truncated_record": "blocked", "forged_source": "blocked",
         "udp_to_learned": "allowed", "udp_to_unlearned": "blocked"}
-    from agenttrace.egress import egress_stats
+    from agenttrace.kernel.egress import egress_stats
     st = egress_stats(sess.tracer.probes)
     assert st["messages_unparsed"] >= 2          # the pointer loop, the truncated record
     assert st["answers_from_unlisted_servers"] == 1

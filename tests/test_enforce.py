@@ -16,8 +16,8 @@ PY = sys.executable
 
 
 def _engine(mode, rule_text=None, tmp_path=None, default=False):
-    from agenttrace.engine import Engine
-    from agenttrace.rules import default_rule_paths, load_rules
+    from agenttrace.match.engine import Engine
+    from agenttrace.match.rules import default_rule_paths, load_rules
     paths = list(default_rule_paths()) if default else []
     if rule_text is not None:
         f = tmp_path / "rules.yaml"

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 
 from agenttrace.clock import FakeClock
-from agenttrace.engine import Engine, replay
-from agenttrace.pipeline import Event
-from agenttrace.rules import RulesError, load_rules
+from agenttrace.match.engine import Engine, replay
+from agenttrace.session.event import Event
+from agenttrace.match.rules import RulesError, load_rules
 
 RULES = """\
 lists:

@@ -6,9 +6,9 @@ import textwrap
 import pytest
 
 from agenttrace.clock import FakeClock
-from agenttrace.engine import Engine
-from agenttrace.pipeline import Event
-from agenttrace.rules import load_rules
+from agenttrace.match.engine import Engine
+from agenttrace.session.event import Event
+from agenttrace.match.rules import load_rules
 
 SCAN = """\
 rules:

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import textwrap
 
-from agenttrace.proctable import BOOT_ID
+from agenttrace.enrich.proctable import BOOT_ID
 
 N = 10_000
 WORKLOAD = textwrap.dedent(f"""

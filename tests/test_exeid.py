@@ -1,5 +1,5 @@
 """Identity by content: a miner or tunnel tool under an innocent name, through ld.so, a
-shebang or `python -m`, is still what its bytes say (tracer/exeid.py)."""
+shebang or `python -m`, is still what its bytes say (tracer/enrich/exeid.py)."""
 from __future__ import annotations
 
 import json
@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from conftest import AGENTTRACE
-from agenttrace.exeid import ExeIdentifier, elf_build_id, load_signatures
+from agenttrace.enrich.exeid import ExeIdentifier, elf_build_id, load_signatures
 
 PY = sys.executable
 
@@ -112,8 +112,8 @@ def _exec_recs(sess, pred):
 
 
 def test_live_execs_carry_identity_through_rename_ldso_shebang_and_module(miner, agent_tree, make_session, tmp_path):
-    from agenttrace.engine import Engine
-    from agenttrace.rules import default_rule_paths, load_rules
+    from agenttrace.match.engine import Engine
+    from agenttrace.match.rules import default_rule_paths, load_rules
     a = agent_tree.agent("disguised")
     sess = make_session([agent_tree.root], engine=Engine(load_rules(default_rule_paths()), mode="monitor"))
     d = tmp_path / "work"

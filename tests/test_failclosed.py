@@ -149,7 +149,7 @@ def test_daemon_sigkill_fails_closed_and_a_new_daemon_takes_over(netlab, tmp_pat
 
 
 def test_sigkill_of_run_cgroup_enforce_fails_closed_and_the_next_run_takes_over(netlab, tmp_path, agent_tree):
-    from agenttrace.runner import cgroups_pin_dir
+    from agenttrace.session.runner import cgroups_pin_dir
     a = agent_tree.agent("fc-cgroup")
     res = tmp_path / "loop.jsonl"
     pins = cgroups_pin_dir([agent_tree.root])

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from agenttrace.files import classify, file_body, flag_names, resolve
-from agenttrace.policy import FILE_CLASS_NUM, FILE_OP_NUM, FileKill, compile_policy
-from agenttrace.rules import RulesError, default_rule_paths, load_rules
+from agenttrace.decode.files import classify, file_body, flag_names, resolve
+from agenttrace.match.policy import FILE_CLASS_NUM, FILE_OP_NUM, FileKill, compile_policy
+from agenttrace.match.rules import RulesError, default_rule_paths, load_rules
 from conftest import AGENTTRACE
 
 

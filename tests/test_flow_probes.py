@@ -1,6 +1,6 @@
 """probes/flow.c, dns.c, listen.c in the kernel, against real clients and servers in the netlab.
 
-These load the compile unit through agenttrace.probes (the lead's loader) and read the raw ring
+These load the compile unit through agenttrace.kernel.loader (the lead's loader) and read the raw ring
 buffer records, so they check the probes themselves; the pipeline's flow/dns/listen records
 are tested with the pipeline.
 """
@@ -17,10 +17,10 @@ import time
 import pytest
 
 from conftest import need_bpf
-from agenttrace import events as ev
-from agenttrace.dns import NameCache, dns_parts, parse_message
-from agenttrace.policy import SCOPE_EXTERNAL, ProtocolDrop
-from agenttrace.protocols import PROTO_HINT_IDS, classify, flow_parts
+from agenttrace.kernel import wire as ev
+from agenttrace.decode.dns import NameCache, dns_parts, parse_message
+from agenttrace.match.policy import SCOPE_EXTERNAL, ProtocolDrop
+from agenttrace.decode.protocols import PROTO_HINT_IDS, classify, flow_parts
 # The netlab and netlab_fresh fixtures come from conftest.py (one session lab for all modules).
 
 PY = sys.executable
@@ -42,7 +42,7 @@ class Kernel:
     """Loaded probes watching one agent cgroup; raw records collected from the ring buffer."""
 
     def __init__(self, root, monkeypatch, extra_cflags=()):
-        from agenttrace import probes as P
+        from agenttrace.kernel import loader as P
         for feat, entry in NEEDED.items():
             have = P.FEATURES.get(feat)
             if have is None or {f[0] for f in have[1]} != {f[0] for f in entry[1]}:
@@ -86,9 +86,9 @@ class Kernel:
     def enforce(self, drops, groups: dict[int, int] | None = None, internal=("10.0.0.0/8",)):
         """Enforce mode with these ProtocolDrop entries, agent→group ids, internal CIDRs."""
         import ipaddress
-        from agenttrace.policy import SCOPE_INTERNAL
-        from agenttrace.protocols import write_flow_policy
-        from agenttrace.events import AT_CFG_ENFORCE
+        from agenttrace.match.policy import SCOPE_INTERNAL
+        from agenttrace.decode.protocols import write_flow_policy
+        from agenttrace.kernel.wire import AT_CFG_ENFORCE
         self.p.set_flag("at_config", AT_CFG_ENFORCE, 1)
         sc = self.p["scopes"]
         for cidr in internal:
@@ -334,7 +334,7 @@ def test_sockets_outside_agent_cgroups_are_not_seen(kernel, agent_tree, netlab):
 
 
 def test_write_flow_policy_replaces_and_refuses_what_it_cannot_hold(kernel):
-    from agenttrace.protocols import FlowPolicyError, write_flow_policy
+    from agenttrace.decode.protocols import FlowPolicyError, write_flow_policy
     t = kernel.p["flow_policy"]
     ssh, stratum = PROTO_HINT_IDS["ssh"], PROTO_HINT_IDS["stratum"]
     write_flow_policy(t, [ProtocolDrop(1, 0, ssh, SCOPE_EXTERNAL, 0, 65535),

@@ -1,7 +1,7 @@
 """probes/flow.c reassembly: the protocol of a flow is decided from its first bytes however the
 sender cuts, pads or prefixes them — a banner sent one byte at a time, a stratum login after
 blanks, an SSH banner after other lines. Real clients in the netlab against the lab's servers;
-the pool stub (tests/netlab.py) records every line it receives, so "the far side never saw it"
+the pool stub (tracer/lab/netlab.py (fixtures: tests/netlab.py)) records every line it receives, so "the far side never saw it"
 is read from the far side itself."""
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ import orjson
 import pytest
 
 from conftest import AGENTTRACE, need_bpf
-from agenttrace import events as ev
+from agenttrace.kernel import wire as ev
 from agenttrace.paths import probes_dir
-from agenttrace.policy import SCOPE_EXTERNAL, ProtocolDrop
-from agenttrace.protocols import PROTO_HINT_IDS, classify, flow_parts
+from agenttrace.match.policy import SCOPE_EXTERNAL, ProtocolDrop
+from agenttrace.decode.protocols import PROTO_HINT_IDS, classify, flow_parts
 from test_flow_probes import Kernel, data, flows
 
 PY = sys.executable

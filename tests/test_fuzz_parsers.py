@@ -1,5 +1,5 @@
 """Hypothesis fuzzing of every parser that sees agent-controlled bytes, on its real entry
-point (tracer/fuzzing.py). Bounded examples keep CI fast; bench/fuzz.py runs the same
+point (tracer/lab/fuzzing.py). Bounded examples keep CI fast; bench/fuzz.py runs the same
 properties for longer. Every input that ever broke a parser is kept in tests/fuzz_corpus/
 and replayed here."""
 from __future__ import annotations
@@ -80,7 +80,7 @@ def test_decoy_answer_does_not_hide_the_real_one():
     # decoder, and in the name cache it would have hidden every answer after it
     import dns.message
     import dns.rrset
-    from agenttrace.dns import NameCache, parse_message
+    from agenttrace.decode.dns import NameCache, parse_message
     q = dns.message.make_query("pool.example", "A")
     r = dns.message.make_response(q)
     r.answer.append(dns.rrset.from_text("pool.example.", 60, "CLASS0", "A", r"\# 4 c0000201"))
@@ -96,8 +96,8 @@ def test_held_connect_is_released_not_overwritten_when_its_socket_address_is_reu
     # reused) before any outcome: the first goes out as "pending" and is counted, the outcome
     # goes to the second
     import ctypes as C
-    from agenttrace import events as E
-    from agenttrace.fuzzing import _Env
+    from agenttrace.kernel import wire as E
+    from agenttrace.lab.fuzzing import _Env
     enr = _Env().enricher
 
     def connect(cookie):

@@ -17,13 +17,13 @@ import pynvml
 import pytest
 from pydantic import ValidationError
 
-from agenttrace import cgroups
+from agenttrace.enrich.enricher import cgroups as cgroups
 from conftest import AgentTree
 from agenttrace.clock import FakeClock
-from agenttrace.gpu import (GpuConfig, GpuEnricher, GpuSampler, GpuTracker, GpuUnavailable, NvmlBackend,
+from agenttrace.gpu.service import (GpuConfig, GpuEnricher, GpuSampler, GpuTracker, GpuUnavailable, NvmlBackend,
                             ProcfsResolver, device_body, nvidia_majors, nvidia_uvm_major, nvml_status)
-from agenttrace.gpu_fake import FakeBackend, FixtureError, load_fixture, parse_fixture
-from agenttrace.pipeline import Event
+from agenttrace.gpu.fake import FakeBackend, FixtureError, load_fixture, parse_fixture
+from agenttrace.session.event import Event
 
 FIX = Path(__file__).parent / "fixtures"
 
@@ -472,9 +472,9 @@ def test_device_body():
 
 
 def test_table_resolver_on_the_process_table(tree):
-    from agenttrace.cgroups import AgentResolver
-    from agenttrace.gpu import table_resolver
-    from agenttrace.proctable import ProcTable
+    from agenttrace.enrich.cgroups import AgentResolver
+    from agenttrace.gpu.service import table_resolver
+    from agenttrace.enrich.proctable import ProcTable
 
     agents = AgentResolver(labels={"pool": "rl"})
     agents.watch(tree.watched)
@@ -491,7 +491,7 @@ def test_table_resolver_on_the_process_table(tree):
 
 
 def test_service_end_to_end_with_fake_nvml_from_env(tree, tmp_path, monkeypatch):
-    from agenttrace.gpu import FAKE_ENV, GpuService
+    from agenttrace.gpu.service import FAKE_ENV, GpuService
 
     monkeypatch.setenv(FAKE_ENV, str(FIX / "gpu_agent_burner.yaml"))
     burner = tmp_path / "gpu-burner"
@@ -518,7 +518,7 @@ def test_service_end_to_end_with_fake_nvml_from_env(tree, tmp_path, monkeypatch)
 
 
 def test_service_without_gpu_notices_once(monkeypatch):
-    from agenttrace.gpu import FAKE_ENV, GpuService
+    from agenttrace.gpu.service import FAKE_ENV, GpuService
 
     monkeypatch.setenv(FAKE_ENV, str(FIX / "gpu_unavailable.yaml"))
     notices = []
@@ -531,7 +531,7 @@ def test_service_without_gpu_notices_once(monkeypatch):
 
 
 def test_service_probe_flags_from_proc_devices(tmp_path):
-    from agenttrace.gpu import GpuService
+    from agenttrace.gpu.service import GpuService
 
     f = tmp_path / "devices"
     f.write_text("Character devices:\n195 nvidia\n237 nvidia-caps\n511 nvidia-uvm\n\nBlock devices:\n")

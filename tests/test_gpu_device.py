@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from agenttrace import cgroups
+from agenttrace.enrich.enricher import cgroups as cgroups
 from conftest import AgentTree, need_bpf
-from agenttrace.gpu import NVIDIA_MAJOR, GpuConfig, GpuFence, device_body, nvidia_uvm_major
+from agenttrace.gpu.service import NVIDIA_MAJOR, GpuConfig, GpuFence, device_body, nvidia_uvm_major
 
 pytestmark = pytest.mark.bpf
 
@@ -36,13 +36,13 @@ except OSError as e:
 @pytest.fixture(scope="module")
 def probes():
     need_bpf()
-    from agenttrace.probes import Probes
+    from agenttrace.kernel.loader import Probes
     p = Probes(features=("device",), extra_cflags=[f"-DAT_NVIDIA_UVM_MAJOR={nvidia_uvm_major() or 0}"])
     p.load()  # a compile or verifier error must fail loudly, not skip
     records = []
 
     def on_event(ctx, data, size):
-        from agenttrace.events import Device
+        from agenttrace.kernel.wire import Device
         records.append(Device.from_buffer_copy(C.string_at(data, C.sizeof(Device))))
 
     p.bpf[b"events"].open_ring_buffer(on_event)
@@ -107,7 +107,7 @@ def _events(lab):
 
 def _mode(lab, mode: str) -> None:
     """The session's one enforce switch (at_config[AT_CFG_ENFORCE]), as Tracer.set_mode writes it."""
-    from agenttrace.events import CFG_ENFORCE
+    from agenttrace.kernel.wire import CFG_ENFORCE
     lab.probes.set_flag("at_config", CFG_ENFORCE, 1 if mode == "enforce" else 0)
 
 
@@ -188,8 +188,8 @@ def test_processes_outside_watched_cgroups_are_not_fenced(lab):
 
 
 def test_service_installs_the_fence_by_mode_and_config(lab):
-    from agenttrace.gpu import GpuService
-    from agenttrace.gpu_fake import FakeBackend
+    from agenttrace.gpu.service import GpuService
+    from agenttrace.gpu.fake import FakeBackend
 
     fixture = Path(__file__).parent / "fixtures" / "gpu_unavailable.yaml"
     trainer = {"id": "trainer", "cgroup": "/t", "cgroup_id": os.stat(lab.allowed).st_ino}

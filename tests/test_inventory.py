@@ -40,7 +40,7 @@ def test_node_subnets_come_from_the_interfaces(require_bpf):
                     ["ip", "addr", "add", "10.1.2.3/24", "dev", "d0"],
                     ["ip", "-6", "addr", "add", "2001:db8:7::5/64", "dev", "d0", "nodad"]):
             subprocess.run(["ip", "netns", "exec", ns, *cmd], check=True)
-        code = ("from agenttrace.nodenet import node_subnets; from agenttrace.netscope import Scoper;"
+        code = ("from agenttrace.enrich.nodenet import node_subnets; from agenttrace.enrich.scope import Scoper;"
                 "n = node_subnets(); s = Scoper(internal=n);"
                 "print(n, s.scope('203.0.113.99'), s.scope('198.51.100.1'), s.scope('10.1.2.9'))")
         r = subprocess.run(["ip", "netns", "exec", ns, PY, "-c", code], capture_output=True, text=True, timeout=60)
@@ -104,7 +104,7 @@ def test_connections_opened_before_the_daemon_show_after_it_starts(tmp_path, age
         assert acc_recs[0]["net"]["what"] == "accept" and acc_recs[0]["net"]["local"]["port"] == sport
         assert acc_recs[0]["net"]["remote"]["port"] == outside.getsockname()[1]
         started = [r for r in d.records() if r.get("phase") == "started"]
-        from agenttrace.nodenet import node_subnets
+        from agenttrace.enrich.nodenet import node_subnets
         assert started[0].get("node_subnets", []) == node_subnets()
         outside.close()
         acc.close()

@@ -2,7 +2,7 @@
 import logging
 import os
 
-from agenttrace.journal import PriorityFormatter, priority, stderr_is_journal
+from agenttrace.ops.journal import PriorityFormatter, priority, stderr_is_journal
 
 
 def test_every_line_carries_its_priority():

@@ -10,8 +10,8 @@ import uuid
 
 import pytest
 
-from agenttrace.containers import identity
-from agenttrace.labels import LabelError, MAX_VALUE_BYTES, check_value, parse_kv
+from agenttrace.enrich.containers import identity
+from agenttrace.enrich.labels import LabelError, MAX_VALUE_BYTES, check_value, parse_kv
 
 X = "user.agenttrace."
 CID = "4f3a" * 16

@@ -17,7 +17,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agenttrace.metrics import Heartbeat, MetricsServer, RecordCounter, bounded, make_registry
+from agenttrace.ops.metrics import Heartbeat, MetricsServer, RecordCounter, bounded, make_registry
 
 from conftest import AGENTTRACE
 
@@ -216,8 +216,8 @@ def test_daemon_metrics_match_the_records_it_emitted(tmp_path, agent_tree, rsysl
 
 def test_probe_state_is_read_from_the_loaded_programs(agent_tree):
     """Detach one cgroup program behind the tracer's back: its series goes to 0, the rest stay."""
-    from agenttrace.metrics import probe_states
-    from agenttrace.runtime import Options, Tracer
+    from agenttrace.ops.metrics import probe_states
+    from agenttrace.session.pipeline import Options, Tracer
     t = Tracer(Options(cgroups=[agent_tree.root]), [])
     t.start()
     try:

@@ -9,8 +9,8 @@ import socket
 import pytest
 
 from conftest import need_bpf
-from agenttrace.netscope import DEFAULT_METADATA, METADATA_NAMES, Scoper, scope_rows
-from agenttrace.rules import default_rule_paths, load_rules
+from agenttrace.enrich.scope import DEFAULT_METADATA, METADATA_NAMES, Scoper, scope_rows
+from agenttrace.match.rules import default_rule_paths, load_rules
 
 CASES = [
     ("169.254.169.254", "metadata"),       # AWS/GCP/Azure/OCI/OpenStack IMDS
@@ -56,10 +56,10 @@ def test_pack_metadata_names_hold_the_table_names():
 def test_kernel_trie_answers_like_userspace(agent_tree):
     """Fill the kernel's `scopes` trie with the policy writer and look every case up in it."""
     need_bpf()
-    from agenttrace import probes as P
-    from agenttrace.enforce import PolicyWriter
-    from agenttrace.netscope import DEFAULT_INTERNAL
-    from agenttrace.policy import SCOPE_BITS, compile_policy
+    from agenttrace.kernel import loader as P
+    from agenttrace.kernel.maps import PolicyWriter
+    from agenttrace.enrich.scope import DEFAULT_INTERNAL
+    from agenttrace.match.policy import SCOPE_BITS, compile_policy
     rs = load_rules(default_rule_paths())
     p = P.Probes(features=("net",), ringbuf_pages=64)
     p.load()

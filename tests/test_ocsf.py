@@ -6,7 +6,7 @@ import copy
 
 import pytest
 
-from agenttrace.ocsf import OCSF_VERSION, to_ocsf
+from agenttrace.sinks.ocsf import OCSF_VERSION, to_ocsf
 from agenttrace.timefmt import parse_ns
 
 TS = "2026-11-27T07:00:00.123456789Z"

@@ -1,4 +1,4 @@
-"""Every record kind and every alert outcome, rendered by `agenttrace.ocsf`, validated against
+"""Every record kind and every alert outcome, rendered by `agenttrace.sinks.ocsf`, validated against
 the official OCSF 1.4.0 schema (compiled from the ocsf-schema tag by the official compiler,
 vendored in tests/data/ocsf/): JSON Schema per class and declared profiles by
 `ocsf-json-schema`, validation by `jsonschema`. 0 errors is the contract."""
@@ -16,9 +16,9 @@ import pytest
 jsonschema = pytest.importorskip("jsonschema")
 ocsf_json_schema = pytest.importorskip("ocsf_json_schema")
 
-from agenttrace.dns import dns_body, parse_message   # noqa: E402
-from agenttrace.ocsf import OCSF_VERSION, to_ocsf   # noqa: E402
-from agenttrace.protocols import classify   # noqa: E402
+from agenttrace.decode.dns import dns_body, parse_message   # noqa: E402
+from agenttrace.sinks.ocsf import OCSF_VERSION, to_ocsf   # noqa: E402
+from agenttrace.decode.protocols import classify   # noqa: E402
 
 from conftest import AGENTTRACE   # noqa: E402
 

@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from agenttrace.protocols import (EGRESS, INGRESS, PROTO_HINT_IDS, PROTO_HINT_NAMES, classify,
+from agenttrace.decode.protocols import (EGRESS, INGRESS, PROTO_HINT_IDS, PROTO_HINT_NAMES, classify,
                                   parse_tls)
 
 CAP = 256  # AT_FLOW_BYTES: what the kernel captures per direction
@@ -280,7 +280,7 @@ def test_agent_bytes_stay_json_safe():
 
 
 def _flow_rec(data: bytes, direction: int, hint: int = 0, verdict: int = 0):
-    from agenttrace import events as ev
+    from agenttrace.kernel import wire as ev
     r = ev.Flow()
     r.family, r.direction, r.verdict, r.proto_hint = socket.AF_INET, direction, verdict, hint
     agent, remote = b"\0" * 10 + b"\xff\xff" + bytes([172, 31, 255, 2]), b"\0" * 10 + b"\xff\xff" + bytes([203, 0, 113, 10])
@@ -296,7 +296,7 @@ def _flow_rec(data: bytes, direction: int, hint: int = 0, verdict: int = 0):
 
 
 def test_flow_parts_normalises_ends_and_classifies():
-    from agenttrace.protocols import flow_parts
+    from agenttrace.decode.protocols import flow_parts
     for direction in (0, 1):
         net, flow = flow_parts(_flow_rec(b"SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u10\r\n", direction, hint=1))
         assert net["src"] == {"addr": "172.31.255.2", "port": 40000}

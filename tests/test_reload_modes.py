@@ -37,8 +37,8 @@ rules:
 
 
 def test_reload_flips_all_enforcement(netlab, agent_tree, make_session, tmp_path):
-    from agenttrace.gpu import GpuConfig, GpuGroupPolicy
-    from agenttrace.rules import default_rule_paths, load_rules
+    from agenttrace.gpu.service import GpuConfig, GpuGroupPolicy
+    from agenttrace.match.rules import default_rule_paths, load_rules
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
     srv.listen(64)
@@ -46,7 +46,7 @@ def test_reload_flips_all_enforcement(netlab, agent_tree, make_session, tmp_path
     rf = tmp_path / "r.yaml"
     rf.write_text(textwrap.dedent(RULES.format(port=port)))
     rs = load_rules(default_rule_paths() + [str(rf)])
-    from agenttrace.engine import Engine
+    from agenttrace.match.engine import Engine
     sess = make_session([agent_tree.root], engine=Engine(rs, mode="enforce"), mode="enforce",
                         features=("proc", "net", "listen", "flow", "dns", "files"), internal=["10.77.0.0/24"],
                         gpu=GpuConfig(default=GpuGroupPolicy(allowed=False), interval_s=60))

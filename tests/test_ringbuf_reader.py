@@ -1,6 +1,6 @@
 """The ring-buffer reader and its wakeup policy, against the real kernel.
 
-tracer/ringbuf.py walks the kernel's ring buffer itself (no BCC callback per record) and the
+tracer/kernel/ringbuf.py walks the kernel's ring buffer itself (no BCC callback per record) and the
 probes wake the reader only now and then (probes/common.h at_wake_flags). These tests prove
 the two together lose and garble nothing: records of varying length that wrap around a small
 ring many times decode intact, a burst after a quiet spell is delivered by plain polling, and
@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from agenttrace import ringbuf
+from agenttrace.kernel import ringbuf as ringbuf
 
 PY = sys.executable
 N = 600

@@ -9,9 +9,9 @@ import orjson
 import pytest
 
 from conftest import AGENTTRACE
-from agenttrace.engine import Engine
-from agenttrace.pipeline import Event
-from agenttrace.rules import default_rule_paths, lint, load_rules
+from agenttrace.match.engine import Engine
+from agenttrace.session.event import Event
+from agenttrace.match.rules import default_rule_paths, lint, load_rules
 
 RULE = """\
 rules:

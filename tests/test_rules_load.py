@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from agenttrace.policy import compile_policy
-from agenttrace.rules import RulesError, default_rule_paths, lint, load_rules
+from agenttrace.match.policy import compile_policy
+from agenttrace.match.rules import RulesError, default_rule_paths, lint, load_rules
 
 GOOD = """\
 lists:

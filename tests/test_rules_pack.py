@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from agenttrace.clock import FakeClock
-from agenttrace.engine import Engine, replay
-from agenttrace.pipeline import Event
-from agenttrace.rules import default_rule_paths, load_rules
+from agenttrace.match.engine import Engine, replay
+from agenttrace.session.event import Event
+from agenttrace.match.rules import default_rule_paths, load_rules
 
 FIX = Path(__file__).parent / "fixtures"
 AGENT = {"id": "ep-7", "cgroup": "/agents/ep-7", "cgroup_id": 77}
@@ -63,7 +63,7 @@ def gpu(comm, util):
 
 
 def file_(path, op="read", exe="/usr/bin/python3.11", cls=None):
-    from agenttrace.files import classify
+    from agenttrace.decode.files import classify
     return {"kind": "file", "proc": proc(exe, exe), "file": {
         "path": path, "raw_path": path, "op": op, "syscall": "openat",
         "flags": ["O_WRONLY", "O_APPEND"] if op == "write" else ["O_RDONLY"],

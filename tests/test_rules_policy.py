@@ -7,11 +7,11 @@ import pytest
 from pydantic import ValidationError
 
 from agenttrace.clock import FakeClock
-from agenttrace.engine import Engine
-from agenttrace.pipeline import Event
-from agenttrace.policy import (EXEC_MATCH_BASENAME, PROTOCOL_NUM, SCOPE_EXTERNAL, SCOPE_METADATA,
+from agenttrace.match.engine import Engine
+from agenttrace.session.event import Event
+from agenttrace.match.policy import (EXEC_MATCH_BASENAME, PROTOCOL_NUM, SCOPE_EXTERNAL, SCOPE_METADATA,
                                EgressPolicy, compile_policy)
-from agenttrace.rules import default_rule_paths, lint, load_rules
+from agenttrace.match.rules import default_rule_paths, lint, load_rules
 
 
 def test_default_pack_policy_tables():

@@ -10,9 +10,9 @@ import orjson
 
 from conftest import AGENTTRACE
 from agenttrace.clock import FakeClock
-from agenttrace.engine import Engine
-from agenttrace.pipeline import Event
-from agenttrace.rules import default_rule_paths, load_rules
+from agenttrace.match.engine import Engine
+from agenttrace.session.event import Event
+from agenttrace.match.rules import default_rule_paths, load_rules
 
 AGENT = {"id": "ep-9", "cgroup": "/agents/ep-9", "cgroup_id": 99}
 

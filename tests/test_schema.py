@@ -92,7 +92,7 @@ def test_every_design_kind_is_covered():
 
 
 def test_records_built_by_the_device_decoder_fit():
-    from agenttrace.gpu import device_body
+    from agenttrace.gpu.service import device_body
     assert errors(r("device", proc=PROC, device=device_body(195, 0, 6, 2, 1))) == []
 
 

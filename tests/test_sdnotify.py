@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from agenttrace.sdnotify import Notifier
+from agenttrace.ops.sdnotify import Notifier
 
 
 def recv_fields(sock: socket.socket) -> dict:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from agenttrace.config import ConfigError, parse_config
-from agenttrace.sinkfilter import RecordFilter
-from agenttrace.sinks import FilteredSink, build_sinks
+from agenttrace.sinks.filter import RecordFilter
+from agenttrace.sinks.outputs import FilteredSink, build_sinks
 
 from conftest import ListSink
 

@@ -14,7 +14,7 @@ import threading
 import pytest
 
 from agenttrace.config import parse_config
-from agenttrace.sinks import (Fanout, FileSink, QueuedSink, Sink, StreamSink, SyslogSink, UnixSocketSink,
+from agenttrace.sinks.outputs import (Fanout, FileSink, QueuedSink, Sink, StreamSink, SyslogSink, UnixSocketSink,
                               build_sinks, dumps_line, parse_syslog_address)
 
 
@@ -437,7 +437,7 @@ sinks:
 
 
 def test_tail_reader_half_closes_and_still_receives(sockdir):
-    from agenttrace.sinks import read_socket_records
+    from agenttrace.sinks.outputs import read_socket_records
     path = str(sockdir / "events.sock")
     s = UnixSocketSink(path)
     got = []

@@ -1,4 +1,4 @@
-"""SSH semantics from what ssh will really do (tracer/sshconfig.py): argv parsed with ssh's own
+"""SSH semantics from what ssh will really do (tracer/enrich/sshconfig.py): argv parsed with ssh's own
 option letters, -F / user / system config with Include, Host and Match blocks, -o spellings;
 and in the netlab with the real sshd: a RemoteForward that only a -F file names, and a
 ProxyCommand through a TLS relay."""
@@ -14,7 +14,7 @@ import orjson
 import pytest
 
 from conftest import AGENTTRACE
-from agenttrace.sshconfig import SshSessions, interpret, parse_argv
+from agenttrace.enrich.sshconfig import SshSessions, interpret, parse_argv
 
 PY = sys.executable
 

@@ -31,14 +31,14 @@ exit 3
 
 
 def _engine():
-    from agenttrace.engine import Engine
-    from agenttrace.rules import default_rule_paths, load_rules
+    from agenttrace.match.engine import Engine
+    from agenttrace.match.rules import default_rule_paths, load_rules
     return Engine(load_rules(list(default_rule_paths())), mode="enforce")
 
 
 def test_summary_matches_records_after_removal(netlab, agent_tree, make_session, tmp_path):
-    from agenttrace.gpu import GpuConfig, GpuGroupPolicy
-    from agenttrace.gpu_fake import FakeBackend
+    from agenttrace.gpu.service import GpuConfig, GpuGroupPolicy
+    from agenttrace.gpu.fake import FakeBackend
     a = agent_tree.agent("episode")
     os.setxattr(a, "user.agenttrace.episode", b"ep-7")
     # the fake NVML makes every process with this comm a GPU 0 holder; a name of our own, so
@@ -144,7 +144,7 @@ def test_run_cmd_ends_with_summary_and_labels_via_cli(tmp_path, require_bpf):
 
 
 def test_summary_in_ocsf():
-    from agenttrace.ocsf import to_ocsf
+    from agenttrace.sinks.ocsf import to_ocsf
     rec = {"ts": "2026-12-01T10:00:02Z", "kind": "summary", "node": "n",
            "agent": {"id": "ep", "cgroup": "/a/ep", "cgroup_id": 9, "episode": "ep-7"},
            "summary": {"reason": "cgroup_removed", "first_ts": "2026-12-01T10:00:00Z", "last_ts": "2026-12-01T10:00:01.5Z",

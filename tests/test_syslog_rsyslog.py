@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from agenttrace.sinks import QueuedSink, SyslogSink, dumps_line
+from agenttrace.sinks.outputs import QueuedSink, SyslogSink, dumps_line
 
 from rsyslog import RSYSLOGD, Rsyslogd
 

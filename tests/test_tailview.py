@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from agenttrace.tailview import Filter, escape, render
+from agenttrace.sinks.tailview import Filter, escape, render
 
 TS = "2026-11-27T07:00:01.234567891Z"
 AGENT = {"id": "a1", "cgroup": "/agents/a1", "cgroup_id": 7}

@@ -17,8 +17,8 @@ KEY = b"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHBwbmVkYnlhbmFnZW50 planted@agent\n
 
 
 def _engine(mode):
-    from agenttrace.engine import Engine
-    from agenttrace.rules import default_rule_paths, load_rules
+    from agenttrace.match.engine import Engine
+    from agenttrace.match.rules import default_rule_paths, load_rules
     return Engine(load_rules(default_rule_paths()), mode=mode)
 
 

@@ -203,5 +203,5 @@ def test_run_command_exit_code_and_events(tmp_path, require_bpf):
     exits = [r for r in recs if r["kind"] == "exit"]
     assert exits and exits[-1]["exit_code"] == 3 and exits[-1]["proc"]["pid"] == ex[0]["proc"]["pid"]
     assert recs[-1]["drops"]["kernel"] == 0
-    from agenttrace.cgroups import cgroup2_mount
+    from agenttrace.enrich.cgroups import cgroup2_mount
     assert not (cgroup2_mount() / "agenttrace" / "exit3").exists()

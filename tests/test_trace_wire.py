@@ -10,8 +10,8 @@ PY = sys.executable
 
 
 def _engine(mode):
-    from agenttrace.engine import Engine
-    from agenttrace.rules import default_rule_paths, load_rules
+    from agenttrace.match.engine import Engine
+    from agenttrace.match.rules import default_rule_paths, load_rules
     return Engine(load_rules(default_rule_paths()), mode=mode)
 
 

@@ -3,9 +3,9 @@ import os
 
 import pytest
 
-from agenttrace.enrich import wait_status
-from agenttrace.netscope import Scoper, parse_cidr
-from agenttrace.proctable import ProcTable
+from agenttrace.enrich.enricher import wait_status
+from agenttrace.enrich.scope import Scoper, parse_cidr
+from agenttrace.enrich.proctable import ProcTable
 from agenttrace.timefmt import format_ns, parse_ns
 
 

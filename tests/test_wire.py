@@ -5,7 +5,7 @@ import textwrap
 
 import pytest
 
-from agenttrace import events as E
+from agenttrace.kernel import wire as E
 from agenttrace.paths import probes_dir
 
 
@@ -94,13 +94,16 @@ def test_every_header_constant_is_mirrored():
         else:
             got = getattr(E, short, None)
         if got != value:
-            bad.append(f"{name} = {value} in agenttrace.h, tracer/events.py {short} = {got}")
+            bad.append(f"{name} = {value} in agenttrace.h, tracer/kernel/wire.py {short} = {got}")
     assert not bad, "\n".join(bad)
 
 
 def test_probe_limits_and_bits_mirrored():
     """Constants userspace relies on that live in the probe sources rather than the header."""
-    from agenttrace import enforce, policy, protocols, runtime
+    from agenttrace.kernel import maps as enforce
+    from agenttrace.match import policy as policy
+    from agenttrace.decode import protocols as protocols
+    from agenttrace.session import pipeline as runtime
     common = _defines(probes_dir() / "common.h")
     net = _defines(probes_dir() / "net.c")
     flow = _defines(probes_dir() / "flow.c")

@@ -11,7 +11,7 @@
 
 The socket is root-only (mode 0600 and a peer-uid check), so the trainer's hook runs as
 root (it also creates and labels the episode cgroups, which needs root anyway). Filters are applied by the daemon
-(`agenttrace.subscription`), so a busy node does not stream every exec to each trainer.
+(`agenttrace.sinks.subscription`), so a busy node does not stream every exec to each trainer.
 
 Across reconnects no record is delivered twice: records carry the daemon run's instance
 and a sequence number, the client resumes after the last one it delivered, and (in case a
@@ -30,7 +30,7 @@ from typing import Iterable, Iterator, Mapping, Optional
 
 import orjson
 
-from .subscription import Subscription
+from agenttrace.sinks.subscription import Subscription
 
 DEFAULT_SOCKET = "/run/agenttrace/events.sock"
 

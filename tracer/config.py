@@ -16,8 +16,8 @@ from typing import Any, Dict, List, Literal, Optional, Union
 import yaml
 from pydantic import (BaseModel, ByteSize, ConfigDict, Field, ValidationError, PrivateAttr, field_validator)
 
-from .gpu import GpuConfig
-from .policy import EgressPolicy
+from agenttrace.gpu.service import GpuConfig
+from agenttrace.match.policy import EgressPolicy
 
 DEFAULT_PATH = "/etc/agenttrace/agenttrace.yaml"
 DEFAULT_SOCKET = "/run/agenttrace/events.sock"
@@ -110,7 +110,7 @@ RECORD_KINDS = ("exec", "fork", "exit", "connect", "listen", "dns", "flow", "gpu
 
 
 class SinkFilterConfig(_Model):
-    """Which records one sink takes (tracer/sinkfilter.py); every key optional, ANDed."""
+    """Which records one sink takes (tracer/sinks/filter.py); every key optional, ANDed."""
     kinds: Optional[List[Literal[RECORD_KINDS]]] = None  # type: ignore[valid-type]
     min_severity: Optional[Literal["info", "low", "medium", "high", "critical"]] = None
     agents: Optional[List[str]] = None
@@ -163,14 +163,14 @@ class SyslogSinkConfig(_Model):
     @field_validator("address")
     @classmethod
     def _address(cls, v: str) -> str:
-        from .sinks import parse_syslog_address
+        from agenttrace.sinks.outputs import parse_syslog_address
         parse_syslog_address(v)
         return v
 
     @field_validator("facility")
     @classmethod
     def _facility(cls, v: str) -> str:
-        from .sinks import _FACILITIES
+        from agenttrace.sinks.outputs import _FACILITIES
         if v not in _FACILITIES:
             raise ValueError(f"unknown facility; one of {', '.join(_FACILITIES)}")
         return v
@@ -279,7 +279,7 @@ class Config(_Model):
     pinning: PinningConfig = Field(default_factory=PinningConfig)
     probes: ProbesConfig = Field(default_factory=ProbesConfig)
     # sockets agents may not create (EPERM in enforce mode, reported in monitor mode):
-    # FAMILY[:TYPE[:PROTO]] with FAMILY inet or inet6 (tracer/sockfence.py)
+    # FAMILY[:TYPE[:PROTO]] with FAMILY inet or inet6 (tracer/kernel/sockfence.py)
     socket_fence: List[str] = Field(default_factory=lambda: ["inet:raw", "inet6:raw"])
 
     _source: Optional[str] = PrivateAttr(None)
@@ -292,7 +292,7 @@ class Config(_Model):
     @field_validator("socket_fence")
     @classmethod
     def _fence(cls, v: List[str]) -> List[str]:
-        from .sockfence import parse_fence
+        from agenttrace.kernel.sockfence import parse_fence
         for i, spec in enumerate(v):
             try:
                 parse_fence(spec)

@@ -1,0 +1,1 @@
+"""act: see docs/ARCHITECTURE.md."""

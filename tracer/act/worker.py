@@ -1,0 +1,282 @@
+"""The act stage: userspace actions (kill, kill-agent, freeze-agent) on a worker thread of their own.
+
+Why a worker: verifying a kill or a freeze takes up to `verify_s`; done on the ring-buffer
+reader thread it stalled every other record behind it, and an agent could hide a connect behind
+twenty kill-triggering execs. The reader only *decides* (engine) and enqueues; the worker
+acts and verifies; the finished alert comes back through `done` and the reader writes it with
+its final outcome. Other records never wait for it.
+
+Honest outcomes:
+- the pidfd is opened on the reader thread when the rule fires, and the process it names is
+  checked to have started no later than the event: a recycled pid never gets our signal;
+- a target that was already gone (or a zombie: its pidfd is readable before we signal) is
+  `exited`, with its exit status when the exit record says it, and the rule whose kernel block
+  made it give up when there was one;
+- `kill` stops the target, then every live descendant (children from /proc, double-forked
+  ones from the process table's creator chain), then kills them all: a tree that forked and
+  daemonised (`sh -c 'ssh -f ...; sleep 100 &'` style) dies whole;
+- a full queue is counted and reported (`reported`, "act queue full"), never dropped silently.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import queue
+import select
+import signal
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from agenttrace.act.actions import ActionResult, Actions
+
+CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+# /proc starttime has clock-tick resolution (10 ms at 100 Hz): a process that started within
+# one tick after the event could pass for the target; two ticks of slack, still far shorter
+# than any pid_max wrap
+_START_SLACK_NS = 2 * 1_000_000_000 // CLK_TCK
+
+
+def proc_start_ns(pid: int) -> Optional[int]:
+    """Start time of `pid` in ns since boot (/proc/PID/stat field 22), None if gone."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    rest = raw[raw.rfind(b")") + 2:].split()
+    try:
+        return int(rest[19]) * 1_000_000_000 // CLK_TCK
+    except (IndexError, ValueError):
+        return None
+
+
+def _readable(fd: int, timeout_ms: int = 0) -> bool:
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    return bool(p.poll(timeout_ms))
+
+
+@dataclass
+class ActJob:
+    action: str                      # kill | kill-agent | freeze-agent
+    pid: int
+    cgroup: Optional[str]
+    ktime: int                       # the triggering event's kernel time (ns since boot)
+    alert: object = None             # pipeline.Event of the alert, outcome filled in by the worker
+    on_done: Optional[Callable[[str], None]] = None   # de-dup bookkeeping for suppressed repeats
+    pidfd: int = -1
+    result: Optional[ActionResult] = None
+    descendants: list = field(default_factory=list)
+
+    def open_target(self) -> None:
+        """On the reader thread, at decision time: pin the process before the pid can be reused."""
+        if self.action != "kill" or self.pid <= 1:
+            return
+        try:
+            fd = os.pidfd_open(self.pid)
+        except OSError:
+            self.result = ActionResult("exited", f"pid {self.pid} had already exited")
+            return
+        start = proc_start_ns(self.pid)
+        if start is not None and self.ktime and start > self.ktime + _START_SLACK_NS:
+            os.close(fd)
+            self.result = ActionResult("exited", f"pid {self.pid} had already exited (pid reused since)")
+            return
+        self.pidfd = fd
+
+    def close(self) -> None:
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+
+
+class ActWorker:
+    """One thread running ActJobs in order; finished jobs are collected from `done`."""
+
+    def __init__(self, actions: Optional[Actions] = None, procs=None, maxsize: int = 1024):
+        self.actions = actions or Actions()
+        self.procs = procs               # ProcTable (read-only here), for double-forked descendants
+        self._q: "queue.Queue[Optional[ActJob]]" = queue.Queue(maxsize)
+        self.done: "collections.deque[ActJob]" = collections.deque()
+        self.queue_full = 0
+        self.completed = 0
+        self._thread: Optional[threading.Thread] = None
+        self._idle = threading.Event()
+        self._idle.set()
+        self._inflight = 0
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="agenttrace-act", daemon=True)
+            self._thread.start()
+
+    def submit(self, job: ActJob) -> None:
+        if job.result is not None:         # decided on the reader thread (already gone)
+            self._finish(job)
+            return
+        with self._lock:
+            self._inflight += 1
+            self._idle.clear()
+        try:
+            self._q.put_nowait(job)
+        except queue.Full:
+            self.queue_full += 1
+            job.result = ActionResult("reported", "act queue full: too many actions pending")
+            self._finish(job)
+            self._dec()
+
+    def _dec(self) -> None:
+        with self._lock:
+            self._inflight -= 1
+            if self._inflight <= 0:
+                self._inflight = 0
+                self._idle.set()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Block until every submitted job is done (stop/drain paths, never the reader's poll)."""
+        return self._idle.wait(timeout)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self._thread is not None:
+            self.wait_idle(timeout)
+            self._q.put(None)
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _finish(self, job: ActJob) -> None:
+        job.close()
+        self.done.append(job)
+
+    def _loop(self) -> None:
+        while True:
+            job = self._q.get()
+            if job is None:
+                return
+            try:
+                job.result = self._run(job)
+            except Exception as e:           # an action never kills the worker
+                job.result = ActionResult("reported", f"{job.action} failed: {type(e).__name__}: {e}")
+            self.completed += 1
+            self._finish(job)
+            self._dec()
+
+    # ------------------------------------------------------------------ actions
+    def _run(self, job: ActJob) -> ActionResult:
+        if job.action == "kill-agent":
+            if not job.cgroup:
+                return ActionResult("reported", "event has no agent cgroup")
+            return self.actions.kill_cgroup(job.cgroup)
+        if job.action == "freeze-agent":
+            if not job.cgroup:
+                return ActionResult("reported", "event has no agent cgroup")
+            return self.actions.freeze_cgroup(job.cgroup)
+        if job.action == "kill":
+            return self._kill_tree(job)
+        return ActionResult("reported", f"unknown action {job.action}")
+
+    def _kill_tree(self, job: ActJob) -> ActionResult:
+        fd = job.pidfd
+        if fd < 0:
+            return ActionResult("reported", f"refusing to signal pid {job.pid}")
+        if _readable(fd):
+            return ActionResult("exited", f"pid {job.pid} had already exited")
+        if job.cgroup is not None and not self.actions._in_cgroup(job.pid, job.cgroup):
+            return ActionResult("exited", f"pid {job.pid} is no longer in agent cgroup {job.cgroup}")
+        # Stop first so the tree cannot grow while it is walked; SIGKILL works on stopped tasks.
+        try:
+            signal.pidfd_send_signal(fd, signal.SIGSTOP)
+        except ProcessLookupError:
+            return ActionResult("exited", f"pid {job.pid} had already exited")
+        victims = self._stop_descendants(job)
+        try:
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+        except ProcessLookupError:
+            return ActionResult("exited", f"pid {job.pid} had already exited")
+        for vfd in victims.values():
+            try:
+                signal.pidfd_send_signal(vfd, signal.SIGKILL)
+            except OSError:
+                pass
+        ok = _readable(fd, int(self.actions.verify_s * 1000))
+        left = [p for p, vfd in victims.items() if not _readable(vfd, 200)]
+        for vfd in victims.values():
+            os.close(vfd)
+        job.descendants = sorted(victims)
+        if not ok:
+            return ActionResult("reported", f"pid {job.pid} still running {self.actions.verify_s:g}s after SIGKILL")
+        extra = f" and {len(victims)} descendant(s) {sorted(victims)[:10]}" if victims else ""
+        if left:
+            extra += f"; still running: {left[:10]}"
+        return ActionResult("killed", f"pid {job.pid}{extra} killed")
+
+    def _stop_descendants(self, job: ActJob) -> dict:
+        """pid -> pidfd of every live descendant, each stopped. Children come from the kernel's
+        /proc/PID/task/*/children (exact: we hold their stopped parent); processes that were
+        double-forked away (reparented to init, e.g. `ssh -f`) from the process table's creator
+        chain, where an entry counts only if the live process under that pid started when the
+        table saw it forked (a recycled pid is someone else) and is in the agent's cgroup."""
+        victims: dict[int, int] = {}
+        todo = [job.pid]
+        seen = {job.pid}
+        creator = self._creator_children()
+        while todo:
+            pid = todo.pop()
+            kids = {k: None for k in _proc_children(pid)}
+            for k, start_kt in creator.get(pid, ()):
+                kids.setdefault(k, start_kt)
+            for k, start_kt in kids.items():
+                if k in seen:
+                    continue
+                seen.add(k)
+                # walk through exited intermediates too: a double fork leaves the grandchild
+                # linked to us only through its dead parent's entry in the process table
+                todo.append(k)
+                try:
+                    kfd = os.pidfd_open(k)
+                except OSError:
+                    continue
+                if start_kt:
+                    st = proc_start_ns(k)
+                    if st is None or abs(st - start_kt) > _START_SLACK_NS:
+                        os.close(kfd)
+                        continue
+                if job.cgroup is not None and not self.actions._in_cgroup(k, job.cgroup):
+                    os.close(kfd)       # outside the agent: not ours to kill
+                    continue
+                try:
+                    signal.pidfd_send_signal(kfd, signal.SIGSTOP)
+                except OSError:
+                    os.close(kfd)
+                    continue
+                victims[k] = kfd
+        return victims
+
+    def _creator_children(self) -> dict:
+        """creator pid -> [(pid, fork ktime)] from the process table (read, never changed)."""
+        out: dict[int, list] = {}
+        if self.procs is None:
+            return out
+        try:
+            entries = list(self.procs._t.values())    # one C-level copy: safe against the reader
+        except RuntimeError:
+            return out
+        for p in entries:
+            if p.parent:
+                out.setdefault(p.parent, []).append((p.pid, p.start_ktime))
+        return out
+
+
+def _proc_children(pid: int) -> list[int]:
+    out = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for t in tasks:
+        try:
+            out.extend(int(x) for x in Path(f"/proc/{pid}/task/{t}/children").read_text().split())
+        except (OSError, ValueError):
+            pass
+    return out

@@ -1,0 +1,1 @@
+"""enrich: see docs/ARCHITECTURE.md."""

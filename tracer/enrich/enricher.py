@@ -1,0 +1,375 @@
+"""Decode + enrich: ring-buffer records → pipeline Events in the DESIGN §5 shape.
+
+Runs in the reader's callback, so it must stay cheap: dict building, a process-table lookup,
+a cached scope lookup; /proc is touched only for processes we have not seen.
+"""
+from __future__ import annotations
+
+import ctypes as C
+import socket
+import time
+from collections import OrderedDict
+
+from agenttrace.kernel import wire as E
+from agenttrace.enrich.cgroups import AgentResolver
+from agenttrace.enrich.scope import Scoper
+from agenttrace.session.event import Event
+from agenttrace.enrich.proctable import ProcTable, readlink_exe
+from agenttrace.timefmt import format_ns
+
+_RESULTS = {E.RESULT_ESTABLISHED: "established", E.RESULT_REFUSED: "refused",
+            E.RESULT_ERROR: "error"}
+_PROTO = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6"}
+_OPS = {E.OP_CONNECT: "connect", E.OP_SENDMSG: "sendmsg", E.OP_ICMP: "echo"}
+_ARGS_OFF = E.Exec.args.offset
+_FAMILY = {socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6"}
+
+
+def wait_status(status: int) -> tuple[int, int | None]:
+    """(exit_code, signal) from a raw wait status; a signal death reads as 128+sig like a shell."""
+    sig = status & 0x7F
+    if sig:
+        return 128 + sig, sig
+    return (status >> 8) & 0xFF, None
+
+
+class Enricher:
+    def __init__(self, agents: AgentResolver, procs: ProcTable, scoper: Scoper,
+                 node: str | None = None, name_lookup=None, gpu_summary=None):
+        self.agents = agents
+        self.procs = procs
+        self.scoper = scoper
+        self._by_type = self._handlers()
+        self.by_type: dict[int, int] = {}    # records decoded, per wire type (stage counter)
+        self.node = node or socket.gethostname()
+        self.name_lookup = name_lookup      # (agent_cgroup_id, addr) -> name | None (DNS cache)
+        self.gpu_summary = gpu_summary      # pid -> gpu dict | None
+        self.clock_offset = 0
+        self.resync_clock()
+        self.argv_read_failures = 0
+        self.file_path_read_failures = 0
+        self.unknown_types = 0
+        self.device_names: dict = {}
+        # policy id -> rule id of the kernel policy in the maps; None while none is installed
+        self.policy_rule = None
+        # TCP connects waiting for their outcome, by socket cookie (unique for the boot; a
+        # kernel socket address is reused as soon as the socket is freed), and the cookie
+        # held for each socket address, since the outcome tracepoint knows only the address
+        self.pending: dict[int, tuple[Event, int, int]] = {}
+        self._pending_sk: dict[int, int] = {}
+        # held connects let go before their outcome because a newer connect took over their
+        # socket address (the kernel keeps one pending entry per address): each still goes
+        # out, with result "pending", and is counted here
+        self.pending_displaced = 0
+        # socket cookie -> (tgid, agent cgroup id) from connect/accept records: skb records
+        # seen in softirq (or on kernels without bpf_get_current_* there) carry no process
+        self.sockets: "OrderedDict[int, tuple[int, int]]" = OrderedDict()
+        self._identity(0, "", "", [])   # warms the identity cache now, not on the first execs
+        from agenttrace.enrich.sshconfig import SshSessions
+        self.ssh_sessions = SshSessions()   # imported now: not on the first ssh exec's clock
+        from agenttrace.decode.dns import NameCache
+        from agenttrace.clock import SystemClock
+        self.names = NameCache(SystemClock())
+        if self.name_lookup is None:
+            self.name_lookup = self.names.lookup
+
+    def resync_clock(self) -> None:
+        # ktime is CLOCK_MONOTONIC; the offset to wall time moves with NTP, so it is re-read
+        # periodically rather than once
+        self.clock_offset = time.time_ns() - time.monotonic_ns()
+
+    def _base(self, kind: str, h: E.Header) -> tuple[dict, int]:
+        t = h.ktime + self.clock_offset
+        return {"ts": format_ns(t), "kind": kind, "node": self.node,
+                "agent": self.agents.agent(h.agent_cgroup_id)}, t
+
+    def _proc(self, h: E.Header) -> dict:
+        p = self.procs.get(h.tgid)
+        if p is None:
+            rec = {"pid": h.tgid, "ppid": 0, "uid": h.uid, "comm": E.cstr(h.comm), "exe": "",
+                   "args": [], "exec_id": None, "parent_exec_id": None}
+        else:
+            rec = p.record()
+        rec["ancestry"] = self.procs.ancestry(h.tgid)
+        if self.gpu_summary is not None:
+            g = self.gpu_summary(h.tgid)
+            if g:
+                rec["gpu"] = g
+        return rec
+
+    def _handlers(self) -> dict:
+        """Record type → handler returning the events it yields: one entry per wire type, so a
+        new probe family adds a line here and a struct in events.BY_TYPE, nothing else."""
+        one = lambda f: (lambda o: [f(o)])   # noqa: E731
+        return {
+            E.EV_EXEC: one(self._exec), E.EV_FORK: one(self._fork), E.EV_EXIT: one(self._exit),
+            E.EV_CONNECT: self._connect, E.EV_CONN_RESULT: self._result,
+            E.EV_DEVICE: one(self._device), E.EV_FLOW: one(self._flow), E.EV_DNS: one(self._dns),
+            E.EV_LISTEN: one(self._listen), E.EV_FILE: one(self._file),
+            E.EV_SOCKET: one(self._socket), E.EV_ESCAPE: self._escape,
+        }
+
+    def _escape(self, o) -> list[Event]:
+        from agenttrace.decode.escape import escape_event
+        ev = escape_event(self, o)
+        return [ev] if ev is not None else []
+
+    def __call__(self, rtype: int, o) -> list[Event]:
+        """Returns the events ready to go on (connects may be held for their outcome)."""
+        h = self._by_type.get(rtype)
+        if h is None:
+            self.unknown_types += 1
+            return []
+        self.by_type[rtype] = self.by_type.get(rtype, 0) + 1
+        return h(o)
+
+    def _exec(self, o: E.Exec) -> Event:
+        h = o.h
+        filename = E.cstr(o.filename)
+        args = E.split_args(C.string_at(C.addressof(o) + _ARGS_OFF, o.args_len)) if o.args_len else []
+        exe = filename
+        if not filename.startswith("/") or filename.startswith("/dev/fd/") or filename.startswith("/proc/"):
+            # execveat(fd, "", AT_EMPTY_PATH) / fexecve of a memfd / relative paths: the
+            # kernel's name says little, the exe link says what ran (if the process still runs)
+            exe = readlink_exe(h.tgid) or filename
+        p = self.procs.on_exec(h.tgid, o.ppid, h.uid, E.cstr(h.comm), exe, args, h.ktime)
+        rec, t = self._base("exec", h)
+        proc = p.record()
+        proc["ancestry"] = self.procs.ancestry(h.tgid)
+        proc["filename"] = filename
+        if o.flags & E.EXEC_ARGS_TRUNCATED:
+            proc["args_truncated"] = True
+        if o.flags & E.EXEC_ARGS_READ_FAILED:
+            proc["args_read_failed"] = True
+            self.argv_read_failures += 1
+        if o.flags & E.EXEC_KILLED:
+            proc["killed_in_kernel"] = True
+        if o.policy_id:
+            proc["policy_id"] = o.policy_id
+        ident = self._identity(h.tgid, filename, exe, args)
+        if ident:
+            proc["identity"] = ident
+        self._ssh(h.tgid, h.uid, exe, args, proc)
+        p.cgroup_id, p.agent_cgroup_id = h.cgroup_id, h.agent_cgroup_id
+        rec["proc"] = proc
+        return Event("exec", t, rec, h.tgid, h.agent_cgroup_id)
+
+    def _fork(self, o: E.Fork) -> Event:
+        h = o.h
+        child = self.procs.on_fork(o.parent_tgid, o.child_tgid, h.ktime, h.uid, E.cstr(h.comm))
+        child.cgroup_id, child.agent_cgroup_id = h.cgroup_id, h.agent_cgroup_id
+        rec, t = self._base("fork", h)
+        proc = child.record()
+        proc["ancestry"] = self.procs.ancestry(o.child_tgid)
+        rec["proc"] = proc
+        return Event("fork", t, rec, o.child_tgid, h.agent_cgroup_id)
+
+    def _exit(self, o: E.Exit) -> Event:
+        h = o.h
+        rec, t = self._base("exit", h)
+        rec["proc"] = self._proc(h)
+        code, sig = wait_status(o.exit_code)
+        rec["exit_code"] = code
+        if sig is not None:
+            rec["signal"] = sig
+        start = o.start_ktime
+        if not start:
+            p = self.procs.peek(h.tgid)
+            start = p.start_ktime if p else 0
+        rec["duration_ms"] = round((h.ktime - start) / 1e6, 3) if start and h.ktime >= start else None
+        self.procs.on_exit(h.tgid)
+        return Event("exit", t, rec, h.tgid, h.agent_cgroup_id)
+
+    def _device(self, o: E.Device) -> Event:
+        from agenttrace.gpu.service import device_body
+        h = o.h
+        rec, t = self._base("device", h)
+        rec["proc"] = self._proc(h)
+        rec["device"] = device_body(o.major, o.minor, o.access, o.dev_type, o.verdict, self.device_names)
+        return Event("device", t, rec, h.tgid, h.agent_cgroup_id)
+
+    def _file(self, o: E.File) -> Event:
+        from agenttrace.decode.files import file_body
+        h = o.h
+        rec, t = self._base("file", h)
+        rec["proc"] = self._proc(h)
+        read_failed = bool(o.fflags & E.FILE_READ_FAILED)
+        if read_failed:
+            self.file_path_read_failures += 1
+        raw = "" if read_failed else E.cstr(o.path)
+        rec["file"] = file_body(raw, o.op, E.SYS_NAMES.get(o.syscall, str(o.syscall)), o.flags,
+                                E.FCLASS_NAMES.get(o.fclass) if o.fclass else None,
+                                bool(o.fflags & E.FILE_KILLED), o.policy_id, h.tgid, o.dfd,
+                                read_failed, bool(o.fflags & E.FILE_PATH_TRUNCATED),
+                                bool(o.fflags & E.FILE_LATE_READ))
+        return Event("file", t, rec, h.tgid, h.agent_cgroup_id)
+
+    def _socket(self, o: E.Socket) -> Event:
+        from agenttrace.kernel.sockfence import socket_body
+        h = o.h
+        rec, t = self._base("socket", h)
+        rec["proc"] = self._proc(h)
+        rec["socket"] = socket_body(o)
+        return Event("socket", t, rec, h.tgid, h.agent_cgroup_id)
+
+    def _remember_socket(self, cookie: int, tgid: int, agent: int) -> None:
+        if not cookie or not tgid:
+            return
+        self.sockets[cookie] = (tgid, agent)
+        self.sockets.move_to_end(cookie)
+        if len(self.sockets) > 65536:
+            self.sockets.popitem(last=False)
+
+    def _owner(self, h: E.Header, cookie: int) -> E.Header:
+        """The header with the socket's owner filled in when the kernel could not tell."""
+        if h.tgid or not cookie:
+            return h
+        own = self.sockets.get(cookie)
+        if own is not None:
+            h.tgid, h.pid = own[0], own[0]
+            if not h.agent_cgroup_id:
+                h.agent_cgroup_id = own[1]
+        return h
+
+    def _identity(self, pid: int, filename: str, exe: str, args: list) -> dict | None:
+        """What the exec ran by content (tracer/enrich/exeid.py); never stops the pipeline."""
+        ids = getattr(self, "exe_ids", None)
+        if ids is None:
+            from agenttrace.enrich.exeid import ExeIdentifier
+            ids = self.exe_ids = ExeIdentifier()
+            ids.warm()
+        try:
+            return ids.identify(pid, filename, exe, args)
+        except Exception:
+            ids.stats["unreadable"] += 1
+            return None
+
+    def _ssh(self, pid: int, uid: int, exe: str, args: list, proc: dict) -> None:
+        """An OpenSSH client: what its argv and config files make it do (tracer/enrich/sshconfig.py)."""
+        from agenttrace.enrich.sshconfig import SshSessions
+        s = getattr(self, "ssh_sessions", None)
+        if s is None:
+            s = self.ssh_sessions = SshSessions()
+        try:
+            s.on_exec(pid, uid, exe, args, proc)
+        except Exception:
+            s.errors += 1
+
+    def _relay(self, rec: dict) -> None:
+        s = getattr(self, "ssh_sessions", None)
+        if s is not None and s.proxies:
+            r = s.relay_of(rec["proc"])
+            if r:
+                rec["proc"]["relay_of"] = r
+
+    def _flow(self, o: E.Flow) -> Event:
+        from agenttrace.decode.protocols import flow_parts
+        h = self._owner(o.h, o.cookie)
+        rec, t = self._base("flow", h)
+        rec["proc"] = self._proc(h)
+        net, flow = flow_parts(o)
+        net["dst"] = self._dst(h.agent_cgroup_id, net["dst"]["addr"], net["dst"]["port"])
+        rec["net"] = net
+        rec["flow"] = flow
+        return Event("flow", t, rec, h.tgid, h.agent_cgroup_id, o.cookie)
+
+    def _dns(self, o: E.Dns) -> Event:
+        from agenttrace.decode.dns import dns_parts
+        h = self._owner(o.h, o.cookie)
+        rec, t = self._base("dns", h)
+        rec["proc"] = self._proc(h)
+        net, body = dns_parts(o)
+        net["dst"]["scope"] = self.scoper.scope(net["dst"]["addr"])
+        if body.get("answers"):
+            try:
+                self.names.learn(h.agent_cgroup_id, body)
+            except Exception:
+                pass
+        rec["net"] = net
+        rec["dns"] = body
+        return Event("dns", t, rec, h.tgid, h.agent_cgroup_id, o.cookie)
+
+    def _listen(self, o: E.Listen) -> Event:
+        h = o.h
+        self._remember_socket(o.cookie, h.tgid, h.agent_cgroup_id)
+        rec, t = self._base("listen", h)
+        rec["proc"] = self._proc(h)
+        net = {"proto": _PROTO.get(o.protocol, "tcp"), "family": _FAMILY.get(o.family, str(o.family)),
+               "local": {"addr": E.addr_str(o.laddr, o.family), "port": o.lport},
+               "what": "accept" if o.what == E.LISTEN_ACCEPT else "listen"}
+        if o.what == E.LISTEN_ACCEPT:
+            raddr = E.addr_str(o.raddr, o.family)
+            net["remote"] = {"addr": raddr, "port": o.rport, "scope": self.scoper.scope(raddr)}
+        rec["net"] = net
+        return Event("listen", t, rec, h.tgid, h.agent_cgroup_id, o.cookie)
+
+    def _dst(self, agent_id: int, addr: str, port: int) -> dict:
+        d = {"addr": addr, "port": port, "scope": self.scoper.scope(addr), "name": None}
+        if self.name_lookup is not None:
+            d["name"] = self.name_lookup(agent_id, addr)
+        return d
+
+    def _connect(self, o: E.Connect) -> list[Event]:
+        h = o.h
+        rec, t = self._base("connect", h)
+        rec["proc"] = self._proc(h)
+        addr = E.addr_str(o.daddr, o.family)
+        proto = _PROTO.get(o.protocol, str(o.protocol))
+        blocked = o.verdict == E.VERDICT_BLOCKED
+        net = {"proto": proto, "family": _FAMILY.get(o.family, str(o.family)),
+               "op": _OPS.get(o.op, "connect"),
+               "src": None, "dst": self._dst(h.agent_cgroup_id, addr, o.dport),
+               "verdict": "blocked" if blocked else "allowed",
+               "result": "blocked" if blocked else ("sent" if proto != "tcp" else "pending")}
+        if o.policy_id:
+            net["policy_id"] = o.policy_id
+        if self.policy_rule is not None:
+            net["policy_rule"] = self.policy_rule(o.policy_id) if o.policy_id else None
+        rec["net"] = net
+        self._relay(rec)
+        ev = Event("connect", t, rec, h.tgid, h.agent_cgroup_id, o.cookie)
+        self._remember_socket(o.cookie, h.tgid, h.agent_cgroup_id)
+        if net["result"] == "pending":
+            out = []
+            for key in {self._pending_sk.get(o.sk), o.cookie}:
+                old = self.pending.pop(key, None) if key is not None else None
+                if old is not None:
+                    self.pending_displaced += 1
+                    out.append(old[0])
+            self.pending[o.cookie] = (ev, time.monotonic_ns(), o.sk)
+            self._pending_sk[o.sk] = o.cookie
+            return out
+        return [ev]
+
+    def _result(self, o: E.ConnResult) -> list[Event]:
+        cookie = self._pending_sk.pop(o.sk, None)
+        held = self.pending.pop(cookie, None) if cookie is not None else None
+        if held is None:
+            return []   # the connect was already released as pending (slow handshake)
+        ev = held[0]
+        net = ev.record["net"]
+        net["result"] = _RESULTS.get(o.result, "error")
+        if o.error:
+            net["error"] = o.error
+        net["src"] = {"addr": E.addr_str(o.saddr, o.family), "port": o.sport}
+        return [ev]
+
+    def expire_pending(self, older_than_ns: int) -> list[Event]:
+        """Release connects whose outcome has not arrived (slow or silently failed handshakes)."""
+        if not self.pending:
+            return []
+        now = time.monotonic_ns()
+        out = []
+        for cookie, (ev, since, sk) in list(self.pending.items()):
+            if now - since >= older_than_ns:
+                del self.pending[cookie]
+                if self._pending_sk.get(sk) == cookie:
+                    del self._pending_sk[sk]
+                out.append(ev)
+        return out
+
+    def flush_pending(self) -> list[Event]:
+        out = [v[0] for v in self.pending.values()]
+        self.pending.clear()
+        self._pending_sk.clear()
+        return out

@@ -1,0 +1,446 @@
+"""Load the probes (one BCC compile unit), attach them, and manage their maps.
+
+Tracepoint programs attach themselves when BCC loads them. cgroup programs (connect/sendmsg
+hooks, skb and device hooks) are attached to each watched cgroup through BPF links: a link
+goes away with the last fd that holds it, so a crashed tracer never leaves hooks behind
+unless they were pinned on purpose (daemon fail-closed mode).
+"""
+from __future__ import annotations
+
+import ctypes as C
+import errno
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agenttrace.kernel import btf as btf
+from agenttrace.enrich.cgroups import cgroup_id, level
+from agenttrace.paths import probes_dir
+
+TRACEFS = Path("/sys/kernel/tracing")
+
+# attach types (uapi enum bpf_attach_type)
+CGROUP_INET_INGRESS, CGROUP_INET_EGRESS, CGROUP_SOCK_OPS, CGROUP_DEVICE = 0, 1, 3, 6
+CGROUP_INET_SOCK_CREATE = 2
+CGROUP_INET4_CONNECT, CGROUP_INET6_CONNECT = 10, 11
+CGROUP_UDP4_SENDMSG, CGROUP_UDP6_SENDMSG = 14, 15
+BPF_F_ALLOW_MULTI = 2
+
+# feature -> (source file in probes/, [(cgroup program, prog type name, attach type)]).
+# Tracepoint programs need no entry: BCC attaches TRACEPOINT_PROBE/RAW_TRACEPOINT_PROBE itself.
+FEATURES: dict[str, tuple[str, list[tuple[str, str, int]]]] = {
+    "proc": ("proc.c", []),
+    "net": ("net.c", [
+        ("at_connect4", "CGROUP_SOCK_ADDR", CGROUP_INET4_CONNECT),
+        ("at_connect6", "CGROUP_SOCK_ADDR", CGROUP_INET6_CONNECT),
+        ("at_sendmsg4", "CGROUP_SOCK_ADDR", CGROUP_UDP4_SENDMSG),
+        ("at_sendmsg6", "CGROUP_SOCK_ADDR", CGROUP_UDP6_SENDMSG),
+    ]),
+    "listen": ("listen.c", [
+        ("at_sockops", "SOCK_OPS", CGROUP_SOCK_OPS),
+    ]),
+    "flow": ("flow.c", [
+        ("at_skb_egress", "CGROUP_SKB", CGROUP_INET_EGRESS),
+        ("at_skb_ingress", "CGROUP_SKB", CGROUP_INET_INGRESS),
+    ]),
+    "dns": ("dns.c", [
+        ("at_dns_egress", "CGROUP_SKB", CGROUP_INET_EGRESS),
+        ("at_dns_ingress", "CGROUP_SKB", CGROUP_INET_INGRESS),
+    ]),
+    # learns the addresses DNS answers give for allowed names (needs "net": its maps)
+    "egress": ("egress.c", [
+        ("at_egress_learn", "CGROUP_SKB", CGROUP_INET_INGRESS),
+        ("at_icmp_egress", "CGROUP_SKB", CGROUP_INET_EGRESS),
+    ]),
+    # socket fencing: raw IP sockets (and whatever else the fence names) per agent
+    "sock": ("sock.c", [
+        ("at_sock_create", "CGROUP_SOCK", CGROUP_INET_SOCK_CREATE),
+    ]),
+    # agent processes leaving the watched subtree (needs "proc": its BTF offsets)
+    "escape": ("escape.c", []),
+    "device": ("device.c", [
+        ("at_device_check", "CGROUP_DEVICE", CGROUP_DEVICE),
+    ]),
+    # syscall tracepoints on opens/renames/links of ssh files: the one feature that costs
+    # every task on the machine something (the slow syscall path), so not a default; see
+    # the README's measured costs
+    "files": ("files.c", []),
+}
+# Programs reached only by tail call: feature -> [(prog array, index, program, prog type)].
+TAIL_CALLS: dict[str, list[tuple[str, int, str, str]]] = {
+    "egress": [("egress_progs", 0, "at_egress_rr", "CGROUP_SKB")],
+}
+# Raw tracepoint programs with names of their own (a tracepoint another feature already uses
+# through BCC's RAW_TRACEPOINT_PROBE): feature -> [(tracepoint, program)].
+RAW_TRACEPOINTS: dict[str, list[tuple[str, str]]] = {
+    "escape": [("sched_process_fork", "at_esc_fork"), ("sched_process_exit", "at_esc_exit"),
+               ("sched_process_exec", "at_esc_exec")],
+}
+DEFAULT_FEATURES = ("proc", "net", "listen", "flow", "dns", "sock", "escape")
+OPTIONAL_FEATURES = ("files",)   # selectable in run/tail (--files) and the daemon config
+
+# syscall tracepoints files.c uses besides sys_enter_openat (present everywhere); each is
+# compiled only where tracefs has it (arm64 has no open, creat, rename or link)
+FILE_SYSCALLS = ("openat2", "open", "creat", "renameat2", "renameat", "rename", "linkat", "link")
+
+
+def file_syscall_flags(tracefs: Path) -> list[str]:
+    return [f"-DAT_HAVE_SYS_{name.upper()}" for name in FILE_SYSCALLS
+            if (tracefs / "events" / "syscalls" / f"sys_enter_{name}").is_dir()]
+
+
+class ProbeError(Exception):
+    pass
+
+
+_MADV_PAGEOUT = 21    # Linux 5.4+
+
+
+def release_compiler_memory() -> int:
+    """Give back what compiling the probes left resident; returns the mappings paged out.
+
+    BCC compiles in-process with clang/LLVM: ~60 MB of heap freed but kept by malloc, and
+    ~80 MB of libLLVM/libclang pages touched once. Nothing compiles again after load (rule
+    reloads only rewrite maps), so the heap is trimmed and those clean file pages are paged
+    out; a later use would fault them back in from the page cache. Peak RSS (the compile
+    itself) is unchanged; the daemon's steady-state RSS drops by about 100 MB."""
+    import ctypes
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.malloc_trim(0)
+        madvise = libc.madvise
+    except (OSError, AttributeError):
+        return 0
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    n = 0
+    try:
+        with open("/proc/self/maps") as f:
+            maps = f.read().splitlines()
+    except OSError:
+        return 0
+    for line in maps:
+        parts = line.split(None, 5)
+        if len(parts) < 6 or not ("/libLLVM" in parts[5] or "/libclang" in parts[5]):
+            continue
+        lo, hi = (int(x, 16) for x in parts[0].split("-"))
+        if madvise(lo, hi - lo, _MADV_PAGEOUT) == 0:   # EINVAL before 5.4: nothing lost
+            n += 1
+    return n
+
+
+def ensure_tracefs() -> Path:
+    """tracefs may not be mounted (DESIGN §3); BCC needs it to attach tracepoints."""
+    if (TRACEFS / "events").is_dir():
+        return TRACEFS
+    legacy = Path("/sys/kernel/debug/tracing")
+    if (legacy / "events").is_dir():
+        return legacy
+    TRACEFS.mkdir(parents=True, exist_ok=True)
+    rc = os.system(f"mount -t tracefs tracefs {TRACEFS} 2>/dev/null")
+    if rc != 0 or not (TRACEFS / "events").is_dir():
+        raise ProbeError(f"tracefs is not mounted and mounting it at {TRACEFS} failed")
+    return TRACEFS
+
+
+def tracepoint_has_field(tracefs: Path, category: str, event: str, fieldname: str) -> bool:
+    try:
+        fmt = (tracefs / "events" / category / event / "format").read_text()
+    except OSError:
+        return False
+    return re.search(rf"field:[^;]*\b{re.escape(fieldname)}\b", fmt) is not None
+
+
+def _kernel_before(major: int, minor: int) -> bool:
+    m = re.match(r"(\d+)\.(\d+)", os.uname().release)
+    return bool(m) and (int(m.group(1)), int(m.group(2))) < (major, minor)
+
+
+_libbpf = None
+
+
+def _lib():
+    global _libbpf
+    if _libbpf is None:
+        try:
+            _libbpf = C.CDLL("libbpf.so.1", use_errno=True)
+        except OSError:
+            _libbpf = C.CDLL("libbpf.so.0", use_errno=True)
+        _libbpf.bpf_link_create.argtypes = [C.c_int, C.c_int, C.c_int, C.c_void_p]
+        _libbpf.bpf_link_create.restype = C.c_int
+        _libbpf.bpf_obj_pin.argtypes = [C.c_int, C.c_char_p]
+        _libbpf.bpf_obj_pin.restype = C.c_int
+        _libbpf.bpf_raw_tracepoint_open.argtypes = [C.c_char_p, C.c_int]
+        _libbpf.bpf_raw_tracepoint_open.restype = C.c_int
+    return _libbpf
+
+
+def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
+    fd = _lib().bpf_link_create(prog_fd, target_fd, attach_type, None)
+    if fd < 0:
+        err = -fd if fd < -1 else C.get_errno()
+        raise ProbeError(f"attaching a cgroup program failed: {os.strerror(err)}")
+    return fd
+
+
+@dataclass
+class _Attachment:
+    cgroup_path: Path
+    cgroup_id: int
+    link_fds: list[int] = field(default_factory=list)
+    pinned: list[Path] = field(default_factory=list)
+
+
+def pin_object(fd: int, path: Path) -> None:
+    rc = _lib().bpf_obj_pin(fd, str(path).encode())
+    if rc < 0:
+        err = -rc if rc < -1 else C.get_errno()
+        raise ProbeError(f"pinning {path} failed: {os.strerror(err)}")
+
+
+class Probes:
+    """The loaded BPF object."""
+
+    def __init__(self, features=DEFAULT_FEATURES, ringbuf_pages: int = 4096,
+                 extra_cflags: list[str] | None = None):
+        unknown = set(features) - set(FEATURES)
+        if unknown:
+            raise ProbeError(f"unknown probe feature(s): {', '.join(sorted(unknown))}")
+        if "egress" in features and "net" not in features:
+            raise ProbeError("probe feature 'egress' needs 'net' (the connect hooks it feeds)")
+        if "escape" in features and "proc" not in features:
+            raise ProbeError("probe feature 'escape' needs 'proc' (its BTF offsets)")
+        self.features = tuple(features)
+        self.ringbuf_pages = ringbuf_pages
+        self.extra_cflags = list(extra_cflags or [])
+        self.bpf = None
+        self._cgroup_funcs: list[tuple[object, int]] = []
+        self._raw_tp_fds: list[int] = []
+        self._raw_tp_names: list[str] = []
+        self._raw_pins: list[Path] = []
+        self._attached: dict[int, _Attachment] = {}
+        self.pin_dir: Path | None = None
+        self.heartbeat = None               # egress.Heartbeat once pinned (fail-closed)
+        self.fail_closed_grace_s = 5.0
+
+    def source(self) -> str:
+        """The compile unit: common.h, then each feature's file in order.
+
+        BCC rewrites map calls (`events.ringbuf_reserve`, `m.lookup`) and generates tracepoint
+        argument structs only in its main text, not in #included files, so the files are laid
+        one after another here; #line directives keep compiler errors pointing at the real
+        file and line. Only agenttrace.h (plain structs) is #included."""
+        d = probes_dir()
+        parts = []
+        # FEATURES order, not the caller's: later files use maps earlier ones declare
+        ordered = [f for f in FEATURES if f in self.features]
+        for path in [d / "common.h"] + [d / FEATURES[f][0] for f in ordered]:
+            parts.append(f'#line 1 "{path}"\n{path.read_text()}\n')
+        return "".join(parts)
+
+    def cflags(self) -> list[str]:
+        tracefs = ensure_tracefs()
+        # -w: the distro headers may be older than the kernel; their warnings are noise to users
+        flags = ["-w", f"-I{probes_dir()}", f"-DAT_RINGBUF_PAGES={self.ringbuf_pages}"]
+        for feat in self.features:
+            flags.append(f"-DAT_WITH_{feat.upper()}")
+        for name, off in btf.probe_offsets().items():
+            flags.append(f"-D{name}={off}")
+        if "files" in self.features:
+            flags += file_syscall_flags(tracefs)
+        if tracepoint_has_field(tracefs, "sched", "sched_process_exit", "group_dead"):
+            flags.append("-DAT_HAVE_GROUP_DEAD")
+        if _kernel_before(6, 10):
+            # cgroup_skb programs may call bpf_get_current_* only from 6.10 on; older kernels
+            # build the skb probes without them and attribute by socket cookie
+            flags.append("-DAT_SKB_NO_CURRENT")
+        return flags + self.extra_cflags
+
+    def load(self) -> None:
+        if os.geteuid() != 0:
+            raise ProbeError("agenttrace must run as root to load eBPF programs")
+        try:
+            from bcc import BPF
+        except ImportError as e:
+            raise ProbeError(f"BCC is not importable ({e}); run scripts/setup.sh") from None
+        src = self.source()
+        try:
+            self.bpf = BPF(text=src.encode(), cflags=self.cflags())
+        except Exception as e:  # BCC raises bare Exception on compile/verifier failure
+            raise ProbeError(f"compiling/loading probes ({', '.join(self.features)}) failed: {e}") from None
+        for feat in self.features:
+            for fname, ptype, atype in FEATURES[feat][1]:
+                try:
+                    fn = self.bpf.load_func(fname.encode(), getattr(BPF, ptype), attach_type=atype)
+                except Exception as e:
+                    raise ProbeError(f"loading program {fname} failed: {e}") from None
+                self._cgroup_funcs.append((fn, atype))
+            for array, idx, fname, ptype in TAIL_CALLS.get(feat, ()):
+                try:
+                    fn = self.bpf.load_func(fname.encode(), getattr(BPF, ptype))
+                except Exception as e:
+                    raise ProbeError(f"loading program {fname} failed: {e}") from None
+                t = self[array]
+                t[C.c_int(idx)] = C.c_int(fn.fd)
+            for tp, fname in RAW_TRACEPOINTS.get(feat, ()):
+                # BCC keeps one program per raw tracepoint; libbpf attaches any number
+                try:
+                    fn = self.bpf.load_func(fname.encode(), BPF.RAW_TRACEPOINT)
+                except Exception as e:
+                    raise ProbeError(f"loading program {fname} failed: {e}") from None
+                fd = _lib().bpf_raw_tracepoint_open(tp.encode(), fn.fd)
+                if fd < 0:
+                    err = -fd if fd < -1 else C.get_errno()
+                    raise ProbeError(f"attaching {fname} to raw tracepoint {tp} failed: {os.strerror(err)}")
+                self._raw_tp_fds.append(fd)
+                self._raw_tp_names.append(fname)
+        release_compiler_memory()
+
+    def __getitem__(self, name: str):
+        return self.bpf[name.encode()]
+
+    def watch(self, abs_path: Path) -> int:
+        """Scope the tracepoints to this cgroup subtree and attach the cgroup hooks to it."""
+        cid = cgroup_id(abs_path)
+        if cid in self._attached:
+            return cid
+        att = _Attachment(abs_path, cid)
+        if self._cgroup_funcs:
+            fd = os.open(abs_path, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                for fn, atype in self._cgroup_funcs:
+                    att.link_fds.append(link_create(fn.fd, fd, atype))
+            except ProbeError:
+                for lfd in att.link_fds:
+                    os.close(lfd)
+                raise
+            finally:
+                os.close(fd)
+        watched = self["watched"]
+        watched[watched.Key(cid)] = watched.Leaf(level(abs_path))
+        self._attached[cid] = att
+        if self.pin_dir is not None:
+            self._pin(att)
+        return cid
+
+    # --- pinning (daemon, fail-closed) -------------------------------------------------
+    # A pinned link keeps its cgroup program -- and through it the policy maps it reads --
+    # attached after this process exits or crashes, so a forbidden connect attempted while
+    # the daemon is down still fails. A restarted daemon attaches its own links first, then
+    # removes the pins of its predecessors: at no moment is a cgroup without enforcement.
+    def enable_pinning(self, pin_dir: Path) -> None:
+        pin_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.pin_dir = pin_dir
+        if "net" in self.features and self.heartbeat is None:
+            # pinned connect hooks outlive this process: armed, they deny agents every
+            # non-loopback destination (in enforce mode) once the reader stops beating
+            from agenttrace.kernel.egress import Heartbeat
+            self.heartbeat = Heartbeat(self, self.fail_closed_grace_s)
+            self.heartbeat.arm()
+        # raw tracepoint links pin too (checked on 6.18): the escape killer outlives us as well
+        for fd, name in zip(self._raw_tp_fds, self._raw_tp_names):
+            path = pin_dir / f"rawtp-{name}-{os.getpid()}"
+            if not path.exists():
+                pin_object(fd, path)
+                self._raw_pins.append(path)
+        for att in self._attached.values():
+            self._pin(att)
+
+    def _pin(self, att: _Attachment) -> None:
+        for lfd, (_fn, atype) in zip(att.link_fds, self._cgroup_funcs):
+            path = self.pin_dir / f"link-{att.cgroup_id}-{atype}-{os.getpid()}"
+            if not path.exists():
+                pin_object(lfd, path)
+                att.pinned.append(path)
+
+    def remove_foreign_pins(self) -> list[str]:
+        """Unpin links left by earlier agenttrace processes (after ours are attached)."""
+        removed = []
+        if self.pin_dir is None or not self.pin_dir.is_dir():
+            return removed
+        mine = {p for att in self._attached.values() for p in att.pinned} | set(self._raw_pins)
+        for f in self.pin_dir.iterdir():
+            if f.name.startswith(("link-", "rawtp-")) and f not in mine:
+                try:
+                    f.unlink()
+                    removed.append(f.name)
+                except OSError:
+                    pass
+        return removed
+
+    def unpin(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.disarm()
+            self.heartbeat = None
+        self._unpin_raw()
+        for att in self._attached.values():
+            for p in att.pinned:
+                try:
+                    p.unlink()
+                except OSError:
+                    pass
+            att.pinned.clear()
+
+    def _unpin_raw(self) -> None:
+        for p in self._raw_pins:
+            try:
+                p.unlink()
+            except OSError:
+                pass
+        self._raw_pins.clear()
+
+    def unwatch(self, cid: int) -> None:
+        att = self._attached.pop(cid, None)
+        if att is None:
+            return
+        watched = self["watched"]
+        try:
+            del watched[watched.Key(cid)]
+        except KeyError:
+            pass
+        for p in att.pinned:
+            try:
+                p.unlink()
+            except OSError:
+                pass
+        for lfd in att.link_fds:
+            os.close(lfd)
+
+    def watched_ids(self) -> list[int]:
+        return list(self._attached)
+
+    def drops(self) -> dict[tuple[int, int], int]:
+        """Kernel-side drops (ring buffer full) per (agent cgroup id, event type)."""
+        out: dict[tuple[int, int], int] = {}
+        if self.bpf is None:
+            return out
+        for k, v in self["drops"].items():
+            out[(k.agent_cgroup_id, k.type)] = sum(v)
+        return out
+
+    def set_flag(self, array: str, index: int, value: int) -> None:
+        t = self[array]
+        t[t.Key(index)] = t.Leaf(value)
+
+    def close(self, keep_pins: bool = False) -> None:
+        """Detach everything; with keep_pins, pinned links stay attached (fail-closed)."""
+        if not keep_pins and self.heartbeat is not None and self.bpf is not None:
+            self.heartbeat.disarm()
+            self.heartbeat = None
+        if keep_pins:
+            self._raw_pins.clear()
+            for att in self._attached.values():
+                att.pinned.clear()     # forget them: unwatch must not unlink
+        else:
+            self._unpin_raw()
+        for cid in list(self._attached):
+            self.unwatch(cid)
+        for fd in self._raw_tp_fds:
+            os.close(fd)
+        self._raw_tp_fds.clear()
+        if self.bpf is not None:
+            try:
+                self.bpf.cleanup()
+            except Exception:
+                pass
+            self.bpf = None

@@ -1,0 +1,206 @@
+"""ctypes mirrors of probes/agenttrace.h and the decode stage.
+
+tests/test_wire.py compiles the C header with the host compiler and checks every size and
+offset below, so a field added on one side and not the other fails the suite.
+"""
+from __future__ import annotations
+
+import ctypes as C
+import ipaddress
+import socket
+
+COMM_LEN = 16
+PATH_MAX = 256
+ARGS_MAX = 4096
+DNS_MAX = 512
+FLOW_BYTES = 256
+
+# at_config indices (one runtime-config map for every probe family); never renumber
+CFG_ENFORCE, CFG_GPU_FENCE, CFG_GPU_DEFAULT, CFG_DEFAULT_GROUP, CFG__MAX = 0, 1, 2, 3, 4
+AT_CFG_ENFORCE, AT_CFG_GPU_FENCE, AT_CFG_GPU_DEFAULT = CFG_ENFORCE, CFG_GPU_FENCE, CFG_GPU_DEFAULT
+AT_CFG_DEFAULT_GROUP = CFG_DEFAULT_GROUP
+
+# enum at_event_type: never renumber
+EV_EXEC, EV_FORK, EV_EXIT, EV_CONNECT, EV_CONN_RESULT = 1, 2, 3, 4, 5
+EV_LISTEN, EV_DNS, EV_FLOW, EV_DEVICE, EV_FILE = 6, 7, 8, 9, 10
+EV_SOCKET, EV_ESCAPE = 11, 12
+EV_MAX = 13
+
+TYPE_NAMES = {EV_EXEC: "exec", EV_FORK: "fork", EV_EXIT: "exit", EV_CONNECT: "connect",
+              EV_CONN_RESULT: "conn_result", EV_LISTEN: "listen", EV_DNS: "dns", EV_FLOW: "flow",
+              EV_DEVICE: "device", EV_FILE: "file", EV_SOCKET: "socket", EV_ESCAPE: "escape"}
+
+EXEC_ARGS_TRUNCATED, EXEC_ARGS_READ_FAILED, EXEC_KILLED = 0x1, 0x2, 0x4
+OP_CONNECT, OP_SENDMSG, OP_ICMP = 0, 1, 2
+VERDICT_ALLOWED, VERDICT_BLOCKED = 0, 1
+RESULT_ESTABLISHED, RESULT_REFUSED, RESULT_ERROR = 1, 2, 3
+LISTEN_LISTEN, LISTEN_ACCEPT = 1, 2
+DIR_EGRESS, DIR_INGRESS = 0, 1
+PROTO_UNKNOWN, PROTO_SSH, PROTO_STRATUM, PROTO_TLS, PROTO_HTTP = 0, 1, 2, 3, 4
+FILE_READ, FILE_WRITE = 1, 2
+SYS_NAMES = {1: "openat", 2: "openat2", 3: "open", 4: "creat", 5: "renameat2", 6: "renameat",
+             7: "rename", 8: "linkat", 9: "link"}
+FCLASS_UNKNOWN, FCLASS_AUTHORIZED_KEYS, FCLASS_PRIVATE_KEY, FCLASS_HOST_KEY, FCLASS_SSH_OTHER = 0, 1, 2, 3, 4
+FCLASS_NAMES = {0: "unknown", 1: "authorized_keys", 2: "private_key", 3: "host_key", 4: "ssh_other"}
+FILE_KILLED, FILE_READ_FAILED, FILE_PATH_TRUNCATED, FILE_LATE_READ = 0x1, 0x2, 0x4, 0x8
+AT_FDCWD = -100
+SOCK_DENY, SOCK_REPORT = 1, 2
+ESC_SELF, ESC_KILLED, ESC_WRITER_IN, ESC_AT_EXEC = 0x1, 0x2, 0x4, 0x8
+
+
+class Header(C.Structure):
+    _fields_ = [("type", C.c_uint16), ("size", C.c_uint16), ("pid", C.c_uint32),
+                ("tgid", C.c_uint32), ("uid", C.c_uint32), ("ktime", C.c_uint64),
+                ("cgroup_id", C.c_uint64), ("agent_cgroup_id", C.c_uint64),
+                ("comm", C.c_char * COMM_LEN)]
+
+
+class Exec(C.Structure):
+    _fields_ = [("h", Header), ("ppid", C.c_uint32), ("old_pid", C.c_uint32),
+                ("flags", C.c_uint32), ("args_len", C.c_uint32), ("policy_id", C.c_uint32),
+                ("pad", C.c_uint32), ("filename", C.c_char * PATH_MAX),
+                ("args", C.c_char * ARGS_MAX)]
+
+
+class Fork(C.Structure):
+    _fields_ = [("h", Header), ("child_tgid", C.c_uint32), ("parent_tgid", C.c_uint32)]
+
+
+class Exit(C.Structure):
+    _fields_ = [("h", Header), ("exit_code", C.c_int32), ("pad", C.c_uint32),
+                ("start_ktime", C.c_uint64)]
+
+
+class Connect(C.Structure):
+    _fields_ = [("h", Header), ("cookie", C.c_uint64), ("sk", C.c_uint64),
+                ("family", C.c_uint16), ("protocol", C.c_uint16), ("dport", C.c_uint16),
+                ("op", C.c_uint8), ("verdict", C.c_uint8), ("daddr", C.c_uint8 * 16),
+                ("policy_id", C.c_uint32), ("pad", C.c_uint32)]
+
+
+class ConnResult(C.Structure):
+    _fields_ = [("h", Header), ("sk", C.c_uint64), ("family", C.c_uint16),
+                ("sport", C.c_uint16), ("dport", C.c_uint16), ("result", C.c_uint16),
+                ("error", C.c_int32), ("pad", C.c_uint32), ("saddr", C.c_uint8 * 16),
+                ("daddr", C.c_uint8 * 16)]
+
+
+class Listen(C.Structure):
+    _fields_ = [("h", Header), ("cookie", C.c_uint64), ("family", C.c_uint16),
+                ("protocol", C.c_uint16), ("lport", C.c_uint16), ("rport", C.c_uint16),
+                ("what", C.c_uint8), ("pad", C.c_uint8 * 7), ("laddr", C.c_uint8 * 16),
+                ("raddr", C.c_uint8 * 16)]
+
+
+class Dns(C.Structure):
+    _fields_ = [("h", Header), ("cookie", C.c_uint64), ("family", C.c_uint16),
+                ("protocol", C.c_uint16), ("sport", C.c_uint16), ("dport", C.c_uint16),
+                ("direction", C.c_uint8), ("pad", C.c_uint8), ("len", C.c_uint16),
+                ("pad2", C.c_uint32), ("saddr", C.c_uint8 * 16), ("daddr", C.c_uint8 * 16),
+                ("msg", C.c_uint8 * DNS_MAX)]
+
+
+class Flow(C.Structure):
+    _fields_ = [("h", Header), ("cookie", C.c_uint64), ("family", C.c_uint16),
+                ("sport", C.c_uint16), ("dport", C.c_uint16), ("direction", C.c_uint8),
+                ("verdict", C.c_uint8), ("len", C.c_uint32), ("proto_hint", C.c_uint32),
+                ("saddr", C.c_uint8 * 16), ("daddr", C.c_uint8 * 16),
+                ("data", C.c_uint8 * FLOW_BYTES), ("skipped", C.c_uint32), ("segs", C.c_uint16),
+                ("fflags", C.c_uint16)]
+
+
+FLOWF_REASSEMBLED, FLOWF_PADDED, FLOWF_PAD_LIMIT, FLOWF_FLUSHED = 0x1, 0x2, 0x4, 0x8
+FLOWF_GAP, FLOWF_LOST, FLOWF_PREBANNER = 0x10, 0x20, 0x40
+FLOWF_NAMES = {FLOWF_REASSEMBLED: "reassembled", FLOWF_PADDED: "padded", FLOWF_PAD_LIMIT: "pad_limit",
+               FLOWF_FLUSHED: "flushed", FLOWF_GAP: "gap", FLOWF_LOST: "lost", FLOWF_PREBANNER: "prebanner"}
+
+
+class Device(C.Structure):
+    _fields_ = [("h", Header), ("major", C.c_uint32), ("minor", C.c_uint32),
+                ("access", C.c_uint32), ("dev_type", C.c_uint16), ("verdict", C.c_uint8),
+                ("pad", C.c_uint8)]
+
+
+class File(C.Structure):
+    _fields_ = [("h", Header), ("op", C.c_uint32), ("flags", C.c_uint32),
+                ("path", C.c_char * PATH_MAX), ("dfd", C.c_int32), ("policy_id", C.c_uint32),
+                ("syscall", C.c_uint16), ("path_len", C.c_uint16), ("fclass", C.c_uint16),
+                ("fflags", C.c_uint16)]
+
+
+class Socket(C.Structure):
+    _fields_ = [("h", Header), ("family", C.c_uint16), ("type", C.c_uint16),
+                ("protocol", C.c_uint16), ("verdict", C.c_uint8), ("action", C.c_uint8),
+                ("policy_id", C.c_uint32), ("pad", C.c_uint32)]
+
+
+class Escape(C.Structure):
+    _fields_ = [("h", Header), ("dst_cgroup_id", C.c_uint64), ("moved_tgid", C.c_uint32),
+                ("writer_tgid", C.c_uint32), ("dst_level", C.c_int32), ("flags", C.c_uint32),
+                ("dst_path", C.c_char * PATH_MAX)]
+
+
+class DropKey(C.Structure):
+    _fields_ = [("agent_cgroup_id", C.c_uint64), ("type", C.c_uint32), ("pad", C.c_uint32)]
+
+
+STRUCTS = {"at_header": Header, "at_exec": Exec, "at_fork": Fork, "at_exit": Exit,
+           "at_connect": Connect, "at_conn_result": ConnResult, "at_listen": Listen,
+           "at_dns": Dns, "at_flow": Flow, "at_device": Device, "at_file": File,
+           "at_socket": Socket, "at_escape": Escape, "at_drop_key": DropKey}
+
+BY_TYPE = {EV_EXEC: Exec, EV_FORK: Fork, EV_EXIT: Exit, EV_CONNECT: Connect,
+           EV_CONN_RESULT: ConnResult, EV_LISTEN: Listen, EV_DNS: Dns, EV_FLOW: Flow,
+           EV_DEVICE: Device, EV_FILE: File, EV_SOCKET: Socket, EV_ESCAPE: Escape}
+
+_V4_MAPPED = b"\0" * 10 + b"\xff\xff"
+
+
+def addr_str(raw, family: int) -> str:
+    b = bytes(raw)
+    if family == socket.AF_INET or b[:12] == _V4_MAPPED:
+        return socket.inet_ntop(socket.AF_INET, b[12:16])
+    s = _V6_STR.get(b)
+    if s is None:
+        # ipaddress gives the RFC 5952 form the rest of the pipeline compares against;
+        # it is slow, and storms repeat a handful of addresses
+        if len(_V6_STR) >= 4096:
+            _V6_STR.clear()
+        s = _V6_STR[b] = str(ipaddress.IPv6Address(b))
+    return s
+
+
+_V6_STR: dict[bytes, str] = {}
+
+
+def split_args(raw: bytes) -> list[str]:
+    """argv as the kernel lays it out: NUL-separated, the last one NUL-terminated."""
+    if raw.endswith(b"\0"):
+        raw = raw[:-1]
+    if not raw:
+        return []
+    return [a.decode("utf-8", "backslashreplace") for a in raw.split(b"\0")]
+
+
+def cstr(b: bytes) -> str:
+    return b.split(b"\0", 1)[0].decode("utf-8", "backslashreplace")
+
+
+def decode_buf(buf, size: int):
+    """Decode one ring-buffer record held in a buffer (bytes, or a memoryview of the ring from
+    tracer/kernel/ringbuf.py) into (type, body ctypes object); the body is a copy, so the ring's space
+    can be reused at once. (type, None) for a type this build does not know."""
+    rtype = int.from_bytes(buf[:2], "little")
+    cls = BY_TYPE.get(rtype)
+    if cls is None:
+        return rtype, None
+    full = C.sizeof(cls)
+    if size >= full:
+        return rtype, cls.from_buffer_copy(buf[:full])
+    # variable-length tail (exec argv): pad the copy to the full struct
+    return rtype, cls.from_buffer_copy(bytes(buf) + bytes(full - size))
+
+
+def decode(ptr: int, size: int):
+    """`decode_buf` for a record at an address (BCC's per-record callback)."""
+    return decode_buf(C.string_at(ptr, size), size)

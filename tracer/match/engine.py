@@ -1,0 +1,651 @@
+"""The match and act stages: events in, alert events out.
+
+    engine = Engine(load_rules(paths), mode="enforce")
+    for alert in engine.process(event): sink.emit(alert.record)
+    ...                                  # about once a second:
+    for alert in engine.tick(): sink.emit(alert.record)
+
+Rules are indexed by event kind; a rule's declarative `match` runs before its CEL
+`condition`, and a `window` counts what passed both. Every matching event is acted on (in
+enforce mode), but alerts are de-duplicated: the first (rule, agent, key fields) alert goes
+out, repeats within the rule's span are counted, and a later alert with `rule.repeats`
+summarises them — so a looping agent produces a handful of records, not a million.
+
+CEL library choice (measured on this machine, Python 3.11, same expression, same record,
+20k evaluations; `proc.comm in ["ssh","autossh","dbclient"] && proc.args.exists(a, a ==
+"-R" || a.startsWith("-R") || a.startsWith("RemoteForward"))`):
+    cel-expr-python 0.1.3 (C++ cel-cpp)      ~8-10 µs/eval   (`kind == "exec"`: ~3 µs)
+    common-expression-language 0.10.0 (Rust) ~30 µs/eval     (`kind == "exec"`: ~29 µs)
+cel-expr-python is 3-10x faster and, more importantly, type-checks at compile time (with
+declared variable types, `net.dst.port == "22"` and the misspelt `proc.argz` are load errors
+in rules.py; common-expression-language accepted both and would only fail, or silently not
+match, at evaluation). Only the record sections an expression names are converted per event.
+"""
+from __future__ import annotations
+
+import threading
+from collections import Counter, OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
+
+from agenttrace.act.actions import ActionResult, Actions
+from agenttrace.clock import Clock, SystemClock
+from agenttrace.session.event import Event
+from agenttrace.match.rules import Rule, RuleSet, load_rules
+
+MODES = ("monitor", "enforce")
+
+_MISSING = object()
+
+
+def get_path(rec: dict, path: str) -> Any:
+    cur: Any = rec
+    for part in path.split("."):
+        if isinstance(cur, dict):
+            cur = cur.get(part, _MISSING)
+            if cur is _MISSING:
+                return None
+        else:
+            return None
+    return cur
+
+
+def _hashable(v: Any) -> Any:
+    if isinstance(v, list):
+        return tuple(_hashable(x) for x in v)
+    if isinstance(v, dict):
+        return tuple(sorted((k, _hashable(x)) for k, x in v.items()))
+    return v
+
+
+def _agent_id(rec: dict) -> str:
+    a = rec.get("agent") or {}
+    return str(a.get("id") or a.get("cgroup_id") or "?")
+
+
+def _fmt_dst(net: dict) -> str:
+    dst = net.get("dst") or {}
+    addr = dst.get("addr", "?")
+    host = f"[{addr}]" if ":" in str(addr) else str(addr)
+    s = f"{host}:{dst.get('port', '?')}"
+    if dst.get("name"):
+        s += f" ({dst['name']})"
+    if dst.get("scope"):
+        s += f" {dst['scope']}"
+    return s
+
+
+def describe_event(rec: dict) -> str:
+    """A short human summary of what the event shows (used in alert messages)."""
+    proc = rec.get("proc") or {}
+    who = proc.get("comm") or (proc.get("exe") or "?").rsplit("/", 1)[-1]
+    kind = rec.get("kind")
+    if kind == "exec":
+        cmd = " ".join(proc.get("args") or []) or proc.get("exe") or "?"
+        return f"exec {cmd[:300]}"
+    if kind in ("connect", "flow") and rec.get("net"):
+        s = f"{who} → {_fmt_dst(rec['net'])}"
+        fl = rec.get("flow")
+        if fl and fl.get("protocol"):
+            s += f" speaking {fl['protocol']}"
+        return s
+    if kind == "dns" and rec.get("dns"):
+        return f"{who} resolved {rec['dns'].get('query')}"
+    if kind == "device" and rec.get("device"):
+        d = rec["device"]
+        return f"{who} opened device {d.get('major')}:{d.get('minor')}"
+    if kind == "file" and rec.get("file"):
+        f = rec["file"]
+        verb = {"read": "read", "write": "wrote"}.get(f.get("op"), f.get("op"))
+        s = f"{who} {verb} {f.get('class')} {f.get('path') or '<unreadable path>'} ({f.get('syscall')})"
+        if f.get("verdict") == "killed":
+            s += ("; killed after the new name was in place" if f.get("kill_effect") == "name_in_place"
+                  else "; killed at open, before any byte was read or written")
+        return s
+    if kind == "gpu" and rec.get("gpu"):
+        g = rec["gpu"]
+        return f"{who} on GPU {g.get('index')} ({g.get('used_memory_mib')} MiB, {g.get('sm_util_pct')}% SM)"
+    return f"{kind} by {who}"
+
+
+def render_message(rule: Rule, rec: dict, window: Optional[dict] = None) -> str:
+    if rule.message:
+        import re
+
+        def sub(m):
+            k = m.group(1)
+            if window is not None and k.startswith("window."):
+                v = window.get(k[7:])
+            else:
+                v = get_path(rec, k)
+            if isinstance(v, list):
+                v = " ".join(str(x) for x in v)
+            elif isinstance(v, float):
+                v = format(v, "g")
+            return "?" if v is None else str(v)[:300]
+        return re.sub(r"\{([a-z_][\w.]*)\}", sub, rule.message)
+    msg = describe_event(rec)
+    if window is not None:
+        what = "distinct " + "+".join(window["fields"]) if window.get("fields") else "events"
+        msg += f"; {window['count']} {what} in {window['seconds']:g}s"
+    return msg
+
+
+@dataclass
+class _Win:
+    keys: "OrderedDict[Any, int]" = field(default_factory=OrderedDict)   # distinct value → last seen
+    times: deque = field(default_factory=deque)                           # plain count
+    fired: bool = False                 # an episode is open
+    fired_count: int = 0                # count when the alert fired
+    reported_count: int = 0             # count in the last alert/summary sent
+    episode_keys: set = field(default_factory=set)
+    episode_count: int = 0
+    last_seen: int = 0
+    summary_at: int = 0
+    last_event: Optional[Event] = None
+    outcome: str = "reported"
+
+
+@dataclass
+class _Dup:
+    first_ns: int
+    span_ns: int
+    rule: Rule
+    suppressed: int = 0
+    last_event: Optional[Event] = None
+    outcomes: Counter = field(default_factory=Counter)
+
+
+class _ReplayClock:
+    """Time follows the replayed events, so windows and de-dup spans mean what they mean live."""
+
+    def __init__(self) -> None:
+        self.now = 0
+
+    def monotonic_ns(self) -> int:
+        return self.now
+
+    def wall_ns(self) -> int:
+        return self.now
+
+
+class Engine:
+    """Match events against a RuleSet and act on them.
+
+    mode: "monitor" reports only; "enforce" applies rule actions through `actions`.
+    Memory is bounded: at most `max_agents` agents with window state (least recently seen
+    evicted), `max_keys` distinct values per (agent, window rule), `max_dedup` de-dup
+    entries; every eviction is counted in `stats`."""
+
+    def __init__(self, ruleset: RuleSet, mode: str = "monitor", clock: Optional[Clock] = None,
+                 actions: Optional[Actions] = None, max_agents: int = 4096, max_keys: int = 4096,
+                 max_dedup: int = 65536):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+        self.mode = mode
+        self.clock = clock or SystemClock()
+        self._actions = actions
+        self.max_agents = max_agents
+        self.max_keys = max_keys
+        self.max_dedup = max_dedup
+        self._lock = threading.Lock()
+        self._windows: "OrderedDict[str, Dict[str, _Win]]" = OrderedDict()
+        self._dedup: "OrderedDict[Tuple, _Dup]" = OrderedDict()
+        self._pending: List[Event] = []
+        self.stats: Dict[str, Any] = {
+            "events": 0, "alerts": 0, "suppressed": 0, "summaries": 0, "cel_errors": 0,
+            "window_key_evictions": 0, "window_agent_evictions": 0, "dedup_evictions": 0,
+            "action_failures": 0, "errors": 0, "last_error": None, "matched": Counter(),
+        }
+        # Set by the pipeline: userspace actions (kill, kill-agent, freeze-agent) in enforce
+        # mode go to the act worker (act.ActWorker) instead of running here, so matching never
+        # waits for a kill to be verified. Unset (offline replay, unit tests): acted inline.
+        self.defer: Optional[Callable[[Any], None]] = None
+        self._set_rules(ruleset)
+
+    # ------------------------------------------------------------------ rules
+    def _set_rules(self, ruleset: RuleSet) -> None:
+        self.ruleset = ruleset
+        self._by_kind = {k: tuple(v) for k, v in ruleset.by_kind.items()}
+        self._gated_kinds = frozenset(k for k, v in ruleset.by_kind.items() if any(r.gate for r in v))
+        self._lists = ruleset.lists
+
+    @property
+    def actions(self) -> Actions:
+        if self._actions is None:
+            self._actions = Actions()
+        return self._actions
+
+    def swap_rules(self, ruleset: RuleSet) -> None:
+        """Install a new rule set. Window and de-dup state survive for rules whose id (and,
+        for windows, whose window definition) is unchanged; the rest is dropped."""
+        with self._lock:
+            keep_win = {r.id for r in ruleset.rules if r.window is not None and
+                        (old := self.ruleset.get(r.id)) is not None and old.window == r.window}
+            for agent, states in list(self._windows.items()):
+                for rid in list(states):
+                    if rid not in keep_win:
+                        del states[rid]
+                if not states:
+                    del self._windows[agent]
+            new_by_id = {r.id: r for r in ruleset.rules}
+            for key, d in list(self._dedup.items()):
+                if key[0] not in new_by_id:
+                    del self._dedup[key]
+                    # counted repeats of a removed rule still go out, with the next tick
+                    self._summary(key, d, self._pending)
+                else:
+                    d.rule = new_by_id[key[0]]
+            self._set_rules(ruleset)
+
+    # ------------------------------------------------------------------ evaluation
+    def _cel(self, rule: Rule, rec: dict) -> bool:
+        c = rule.condition
+        data = {}
+        for v in c.variables:
+            if v == "lists":
+                data["lists"] = c.lists
+            elif v in rec:
+                data[v] = rec[v]
+        try:
+            res = c.program.eval(data=data).value()
+        except Exception:
+            res = None
+        if res is True:
+            return True
+        if res is not False:
+            # missing field or runtime type mismatch: the rule does not fire, but it is counted
+            self.stats["cel_errors"] += 1
+        return False
+
+    def process(self, event: Event) -> List[Event]:
+        """Alerts (kind "alert") raised by this event, acted on in enforce mode."""
+        rules = self._by_kind.get(event.kind)
+        self.stats["events"] += 1
+        if not rules:
+            return []
+        rec = event.record
+        out: List[Event] = []
+        base = comm = None
+        inames: Any = ()
+        if event.kind in self._gated_kinds:
+            proc = rec.get("proc")
+            if isinstance(proc, dict):
+                exe = proc.get("exe")
+                base = exe.rsplit("/", 1)[-1] if isinstance(exe, str) else None
+                comm = proc.get("comm")
+                ident = proc.get("identity")
+                if isinstance(ident, dict) and isinstance(ident.get("names"), list):
+                    inames = ident["names"]   # a renamed copy is gated by what it is
+        with self._lock:
+            now = self.clock.monotonic_ns()
+            for rule in rules:
+                g = rule.gate
+                if g is not None and base not in g and comm not in g and not any(n in g for n in inames):
+                    continue
+                try:
+                    if rule.match is not None and not rule.match(rec):
+                        continue
+                    if rule.condition is not None and not self._cel(rule, rec):
+                        continue
+                    self.stats["matched"][rule.id] += 1
+                    if rule.window is not None:
+                        self._window(rule, event, now, out)
+                    else:
+                        self._fire(rule, event, now, out)
+                except Exception as e:
+                    # a malformed record (wrong types from a buggy enricher) must not stop
+                    # the pipeline or the other rules; it is counted and shown in stats
+                    self.stats["errors"] += 1
+                    self.stats["last_error"] = f"{rule.id}: {type(e).__name__}: {e}"
+        return out
+
+    # ------------------------------------------------------------------ windows
+    def _win_state(self, agent: str, rule_id: str) -> _Win:
+        states = self._windows.get(agent)
+        if states is None:
+            states = self._windows[agent] = {}
+            if len(self._windows) > self.max_agents:
+                self._windows.popitem(last=False)
+                self.stats["window_agent_evictions"] += 1
+        else:
+            self._windows.move_to_end(agent)
+        st = states.get(rule_id)
+        if st is None:
+            st = states[rule_id] = _Win()
+        return st
+
+    def _window(self, rule: Rule, event: Event, now: int, out: List[Event]) -> None:
+        """Count what matched, per agent, over the rule's span.
+
+        Crossing the threshold fires one alert and opens an episode. The episode lasts while
+        matching events keep coming; it ends after a quiet span, and a summary with the
+        episode total (`rule.repeats` = growth since the last report) goes out then, or every
+        `_progress_ns` while the behaviour goes on, so a looping scanner is one alert plus a
+        summary a minute, not an alert per span."""
+        w = rule.window
+        span = int(w.seconds * 1e9)
+        st = self._win_state(_agent_id(event.record), rule.id)
+        if st.fired:
+            if now - st.last_seen > span:
+                self._end_episode(rule, st, out)
+            elif now - st.summary_at >= self._progress_ns(span):
+                self._summarise_episode(rule, st, out, now)
+        fields = w.distinct_fields()
+        if st.fired:
+            st.last_seen = now
+            if fields:
+                key = tuple(_hashable(get_path(event.record, f)) for f in fields)
+                if key in st.episode_keys:
+                    return
+                if len(st.episode_keys) < self.max_keys:
+                    st.episode_keys.add(key)
+                else:
+                    self.stats["window_key_evictions"] += 1
+            st.episode_count += 1
+            st.last_event = event
+            if self.mode == "enforce" and rule.action != "report":
+                # an enforcing window rule keeps enforcing while the behaviour goes on
+                st.outcome = self._act(rule, event).outcome
+            return
+        if fields:
+            key = tuple(_hashable(get_path(event.record, f)) for f in fields)
+            keys = st.keys
+            keys[key] = now
+            keys.move_to_end(key)
+            if len(keys) > self.max_keys:
+                keys.popitem(last=False)
+                self.stats["window_key_evictions"] += 1
+            cutoff = now - span
+            while keys:
+                t0 = next(iter(keys.values()))
+                if t0 >= cutoff:
+                    break
+                keys.popitem(last=False)
+            n = len(keys)
+        else:
+            st.times.append(now)
+            while st.times and st.times[0] < now - span:
+                st.times.popleft()
+            if len(st.times) > self.max_keys:
+                st.times.popleft()
+                self.stats["window_key_evictions"] += 1
+            n = len(st.times)
+        if n >= w.count:
+            st.fired = True
+            st.fired_count = st.reported_count = st.episode_count = n
+            st.last_seen = st.summary_at = now
+            st.episode_keys = set(st.keys) if fields else set()
+            st.keys.clear()
+            st.times.clear()
+            st.outcome = self._fire(rule, event, now, out, window=self._window_info(rule, n), dedup=False)
+
+    @staticmethod
+    def _progress_ns(span: int) -> int:
+        return max(60_000_000_000, 6 * span)
+
+    def _window_info(self, rule: Rule, n: int) -> dict:
+        w = rule.window
+        return {"count": n, "threshold": w.count, "seconds": w.seconds,
+                "fields": list(w.distinct_fields())}
+
+    def _summarise_episode(self, rule: Rule, st: _Win, out: List[Event], now: int) -> None:
+        if st.episode_count > st.reported_count and st.last_event is not None:
+            info = self._window_info(rule, st.episode_count)
+            rec = self._alert_record(rule, st.last_event.record, st.outcome, info)
+            rec["rule"]["repeats"] = st.episode_count - st.reported_count
+            rec["rule"]["message"] += f" (episode total so far; first alert at {st.fired_count})"
+            out.append(self._event(st.last_event, rec))
+            self.stats["summaries"] += 1
+            st.reported_count = st.episode_count
+        st.summary_at = now
+
+    def _end_episode(self, rule: Rule, st: _Win, out: List[Event]) -> None:
+        self._summarise_episode(rule, st, out, st.last_seen)
+        st.fired = False
+        st.keys.clear()
+        st.times.clear()
+        st.episode_keys = set()
+        st.episode_count = st.fired_count = st.reported_count = 0
+        st.last_event = None
+
+    # ------------------------------------------------------------------ firing
+    def _act(self, rule: Rule, event: Event) -> ActionResult:
+        rec = event.record
+        proc = rec.get("proc") or {}
+        net = rec.get("net") or {}
+        dev = rec.get("device") or {}
+        # What the kernel already did is the truth in either mode.
+        if proc.get("killed_in_kernel"):
+            return ActionResult("killed", "exec killed in the kernel")
+        fil = rec.get("file")
+        if fil and fil.get("verdict") == "killed":
+            return ActionResult("killed", "killed in the kernel at syscall entry")
+        sock = rec.get("socket") or {}
+        if net.get("verdict") == "blocked" or dev.get("verdict") in ("blocked", "denied") \
+                or sock.get("verdict") == "blocked":
+            return ActionResult("blocked", "blocked in the kernel")
+        if self.mode != "enforce" or rule.action == "report":
+            return ActionResult("reported")
+        agent = rec.get("agent") or {}
+        cg = agent.get("cgroup")
+        if self.defer is not None and rule.action in ("kill", "kill-agent", "freeze-agent"):
+            return ActionResult("pending")
+        if rule.action == "block":
+            res = ActionResult("reported", "kernel verdict was not 'blocked' (is the kernel policy loaded?)")
+        elif rule.action == "kill":
+            pid = int(proc.get("pid") or event.pid or 0)
+            # an escaped process is by definition no longer in its agent's cgroup
+            res = self.actions.kill_pid(pid, None if event.kind == "escape" else cg)
+        elif rule.action == "kill-agent":
+            res = self.actions.kill_cgroup(cg) if cg else ActionResult("reported", "event has no agent cgroup")
+        elif rule.action == "freeze-agent":
+            res = self.actions.freeze_cgroup(cg) if cg else ActionResult("reported", "event has no agent cgroup")
+        else:
+            res = ActionResult("reported")
+        if not res.ok:
+            self.stats["action_failures"] += 1
+        return res
+
+    def _alert_record(self, rule: Rule, rec: dict, outcome: str, window: Optional[dict] = None,
+                      detail: str = "") -> dict:
+        msg = render_message(rule, rec, window)
+        fil = rec.get("file")
+        if outcome == "killed" and isinstance(fil, dict) and fil.get("kill_effect") == "name_in_place":
+            # said in every alert, whatever the rule's message template: the kill came after the fact
+            msg += " [killed after the new name was in place: the file was changed]"
+        if detail and outcome == "reported" and self.mode == "enforce" and rule.action != "report":
+            msg += f" [{rule.action} not done: {detail}]"
+        out = dict(rec)
+        out["kind"] = "alert"
+        out["trigger"] = rec.get("kind")
+        out["rule"] = {"id": rule.id, "category": rule.category, "severity": rule.severity,
+                       "action": rule.action, "outcome": outcome, "tags": list(rule.tags),
+                       "message": msg}
+        if window is not None:
+            out["window"] = window
+        return out
+
+    @staticmethod
+    def _event(src: Event, rec: dict) -> Event:
+        return Event("alert", src.t_ns, rec, src.pid, src.agent_cgroup_id, src.cookie)
+
+    def _job(self, rule: Rule, event: Event, alert: Optional[Event], on_done=None):
+        from agenttrace.act.worker import ActJob
+        rec = event.record
+        proc = rec.get("proc") or {}
+        cg = (rec.get("agent") or {}).get("cgroup")
+        # ktime carries the event's wall time here; the pipeline turns it into kernel time
+        job = ActJob(rule.action, int(proc.get("pid") or event.pid or 0), cg, event.t_ns, alert, on_done)
+        if event.kind == "escape" and rule.action == "kill":
+            # an escaped process is by definition no longer in its agent's cgroup: the pidfd
+            # taken at decision time is what guards against pid reuse
+            job.cgroup = None
+        self.defer(job)
+        return job
+
+    def job_done(self, job) -> None:
+        """Called on the reader thread when the act worker finished `job`: the alert's outcome
+        becomes what the worker saw."""
+        res = job.result
+        if not res.ok and res.outcome != "exited":
+            self.stats["action_failures"] += 1
+        if job.on_done is not None:
+            with self._lock:
+                job.on_done(res.outcome)
+        if job.alert is not None:
+            r = job.alert.record["rule"]
+            r["outcome"] = res.outcome
+            rule = self.ruleset.get(r["id"])
+            if res.outcome == "reported" and res.detail:
+                r["message"] += f" [{r['action']} not done: {res.detail}]"
+            elif res.outcome == "exited" and res.detail:
+                r["message"] += f" [{res.detail}]"
+            elif res.outcome == "killed" and res.detail and rule is not None:
+                r["detail"] = res.detail
+            if getattr(job, "descendants", None):
+                r["killed_descendants"] = list(job.descendants)
+
+    def _fire(self, rule: Rule, event: Event, now: int, out: List[Event],
+              window: Optional[dict] = None, dedup: bool = True) -> str:
+        res = self._act(rule, event)
+        rec = event.record
+        if dedup:
+            key = (rule.id, _agent_id(rec)) + tuple(_hashable(get_path(rec, f)) for f in rule.dedup_fields)
+            d = self._dedup.get(key)
+            if d is not None and now - d.first_ns < d.span_ns:
+                d.suppressed += 1
+                d.last_event = event
+                if res.outcome == "pending":
+                    # the repeat is acted on all the same; its outcome counts when known
+                    self._job(rule, event, None, lambda oc, d=d: d.outcomes.__setitem__(oc, d.outcomes[oc] + 1))
+                else:
+                    d.outcomes[res.outcome] += 1
+                self.stats["suppressed"] += 1
+                return res.outcome
+            if d is not None:
+                del self._dedup[key]
+                self._summary(key, d, out)
+            self._dedup[key] = _Dup(now, int(rule.dedup_seconds * 1e9), rule)
+            if len(self._dedup) > self.max_dedup:
+                k0, d0 = self._dedup.popitem(last=False)
+                self.stats["dedup_evictions"] += 1
+                self._summary(k0, d0, out)
+        alert = self._event(event, self._alert_record(rule, rec, res.outcome, window, res.detail))
+        self.stats["alerts"] += 1
+        if res.outcome == "pending":
+            # written by the pipeline once the act worker has the final outcome
+            self._job(rule, event, alert)
+        else:
+            out.append(alert)
+        return res.outcome
+
+    def _summary(self, key: Tuple, d: _Dup, out: List[Event]) -> None:
+        if not d.suppressed or d.last_event is None:
+            return
+        outcome = d.outcomes.most_common(1)[0][0]
+        rec = self._alert_record(d.rule, d.last_event.record, outcome)
+        rec["rule"]["repeats"] = d.suppressed
+        oc = ", ".join(f"{k} {v}" for k, v in sorted(d.outcomes.items()))
+        rec["rule"]["message"] += f" (repeated {d.suppressed} more times within {d.span_ns / 1e9:g}s: {oc})"
+        out.append(self._event(d.last_event, rec))
+        self.stats["summaries"] += 1
+
+    # ------------------------------------------------------------------ time
+    def tick(self) -> List[Event]:
+        """Summaries that are due: de-dup spans that ended with repeats, and window episodes
+        that went quiet. Call about once a second from the pipeline."""
+        with self._lock:
+            out, self._pending = self._pending, []
+            now = self.clock.monotonic_ns()
+            for key, d in list(self._dedup.items()):
+                if now - d.first_ns >= d.span_ns:
+                    del self._dedup[key]
+                    self._summary(key, d, out)
+            self._tick_windows(now, out, force=False)
+        return out
+
+    def _tick_windows(self, now: int, out: List[Event], force: bool) -> None:
+        for agent, states in list(self._windows.items()):
+            for rid, st in list(states.items()):
+                rule = self.ruleset.get(rid)
+                if rule is None or rule.window is None:
+                    continue
+                if not st.fired:
+                    continue
+                span = int(rule.window.seconds * 1e9)
+                if force or now - st.last_seen > span:
+                    self._end_episode(rule, st, out)
+                elif now - st.summary_at >= self._progress_ns(span):
+                    self._summarise_episode(rule, st, out, now)
+
+    def flush_agent(self, agent_cgroup_id: int, agent_id: str) -> List[Event]:
+        """Every pending summary of one agent now: its cgroup is gone, and its `summary`
+        record must come after the last alert about it."""
+        with self._lock:
+            out = [e for e in self._pending if e.agent_cgroup_id == agent_cgroup_id]
+            self._pending = [e for e in self._pending if e.agent_cgroup_id != agent_cgroup_id]
+            for key, d in list(self._dedup.items()):
+                if d.last_event is not None and d.last_event.agent_cgroup_id == agent_cgroup_id:
+                    del self._dedup[key]
+                    self._summary(key, d, out)
+            states = self._windows.get(agent_id) or {}
+            for rid, st in list(states.items()):
+                rule = self.ruleset.get(rid)
+                if rule is not None and rule.window is not None and st.fired:
+                    self._end_episode(rule, st, out)
+        return out
+
+    def flush(self) -> List[Event]:
+        """Every pending summary now (end of a replay, shutdown)."""
+        with self._lock:
+            out, self._pending = self._pending, []
+            for key, d in list(self._dedup.items()):
+                self._summary(key, d, out)
+            self._dedup.clear()
+            self._tick_windows(self.clock.monotonic_ns(), out, force=True)
+        return out
+
+
+# --------------------------------------------------------------------------- offline
+
+def read_events(events_file: str) -> Iterable[Event]:
+    """Events from a JSON-lines file; a bad line raises ValueError naming file and line."""
+    import orjson
+
+    with open(events_file, "rb") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = orjson.loads(line)
+                if not isinstance(rec, dict):
+                    raise ValueError("not a JSON object")
+                yield Event.from_record(rec)
+            except (ValueError, orjson.JSONDecodeError) as e:
+                raise ValueError(f"{events_file}:{n}: {e}") from None
+
+
+def replay(rule_paths: Iterable[str], events_file: str, ruleset: Optional[RuleSet] = None) -> List[dict]:
+    """Run recorded events through the rules (no root, no kernel) and return alert records.
+
+    Time follows the events' timestamps. No actions are taken (nothing live to act on); an
+    alert's outcome shows what the recorded kernel verdicts say (blocked, killed)."""
+    rs = ruleset if ruleset is not None else load_rules(rule_paths)
+    clock = _ReplayClock()
+    eng = Engine(rs, mode="monitor", clock=clock)
+    alerts: List[dict] = []
+    last_tick = None
+    for ev in read_events(events_file):
+        net = ev.record.get("net")
+        if isinstance(net, dict):
+            # the recorded kernel decision was taken under the recording's policy; a replay
+            # asks what these rules say
+            net.pop("policy_rule", None)
+        clock.now = ev.t_ns
+        if last_tick is None or ev.t_ns - last_tick >= 1_000_000_000:
+            alerts.extend(a.record for a in eng.tick())
+            last_tick = ev.t_ns
+        alerts.extend(a.record for a in eng.process(ev))
+    alerts.extend(a.record for a in eng.flush())
+    return alerts

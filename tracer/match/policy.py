@@ -1,0 +1,433 @@
+"""What the kernel enforces: a rule set compiled into plain tables for BPF maps.
+
+`compile_policy(ruleset)` turns every rule the kernel can hold (action `block`; action `kill`
+on exec by exact path/basename; action `kill` on file by class/op) plus the per-group egress policies into a `KernelPolicy` of
+plain dataclasses holding ints and bytes — ready to be written into maps by the loader and
+free of any BCC import so it is testable offline.
+
+Conventions for the map writer:
+- `group_id` 0 means "every agent group"; other ids come from `KernelPolicy.groups`.
+- Addresses are network-order bytes (4 for IPv4, 16 for IPv6) with a prefix length, the
+  layout of an LPM-trie key after its prefixlen; `prefixlen` 0 with empty `addr` = any address.
+- `scope_mask` is a bitmask of `SCOPE_*` bits (0 = any scope). The kernel classifies a
+  destination with `scopes` (longest prefix wins; no entry = external).
+- Ports are host-order inclusive ranges; (0, 65535) = any port.
+- `proto` is the IP protocol number (6 tcp, 17 udp), 0 = any.
+- `policy_id` is what the kernel writes into a blocked/killed event so userspace can name
+  the rule; `KernelPolicy.policy_ids` maps it back to a rule id.
+"""
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Literal, Optional, Tuple, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from agenttrace.match.rules import CompiledMatch, Rule, RuleModel, RuleSet
+
+SCOPE_LOOPBACK, SCOPE_INTERNAL, SCOPE_METADATA, SCOPE_EXTERNAL = 1, 2, 4, 8
+SCOPE_BITS = {"loopback": SCOPE_LOOPBACK, "internal": SCOPE_INTERNAL,
+              "metadata": SCOPE_METADATA, "external": SCOPE_EXTERNAL}
+PROTO_NUM = {"tcp": 6, "udp": 17, "any": 0}
+PROTOCOL_NUM = {"ssh": 1, "stratum": 2}          # flow protocols recognised in the kernel
+EXEC_MATCH_PATH, EXEC_MATCH_BASENAME = 1, 2
+
+# The scope table lives in netscope (one table for the kernel's trie and userspace).
+from agenttrace.enrich.scope import DEFAULT_INTERNAL, DEFAULT_METADATA, LOOPBACK, scope_rows  # noqa: E402
+
+
+# --------------------------------------------------------------------------- tables
+
+@dataclass(frozen=True)
+class ScopeEntry:
+    family: int          # 4 or 6
+    addr: bytes
+    prefixlen: int
+    scope: int           # one SCOPE_* bit
+
+
+@dataclass(frozen=True)
+class DestEntry:
+    """Deny (or, in `dest_allow`, allow) connects matching all given parts."""
+    policy_id: int
+    group_id: int
+    family: int          # 0 = any family (only with prefixlen 0)
+    addr: bytes
+    prefixlen: int
+    scope_mask: int
+    port_lo: int
+    port_hi: int
+    proto: int
+
+
+@dataclass(frozen=True)
+class ProtocolDrop:
+    """Drop a flow whose first payload bytes identify `protocol` (cgroup_skb egress)."""
+    policy_id: int
+    group_id: int
+    protocol: int        # PROTOCOL_NUM
+    scope_mask: int
+    port_lo: int
+    port_hi: int
+
+
+@dataclass(frozen=True)
+class ExecKill:
+    """Kill an exec at sched_process_exec when the filename (or its basename) equals value."""
+    policy_id: int
+    match: int           # EXEC_MATCH_PATH | EXEC_MATCH_BASENAME
+    value: bytes
+
+
+# probes/agenttrace.h AT_FCLASS_* and AT_FILE_*
+FILE_CLASS_NUM = {"authorized_keys": 1, "private_key": 2, "host_key": 3, "ssh_other": 4}
+FILE_OP_NUM = {"read": 1, "write": 2}
+
+
+@dataclass(frozen=True)
+class FileKill:
+    """Kill a process at syscall entry when it opens (or renames/links onto) a file of class
+    `fclass` for `op` (probes/files.c: key fclass << 8 | op)."""
+    policy_id: int
+    fclass: int          # FILE_CLASS_NUM
+    op: int              # FILE_OP_NUM
+
+    @property
+    def key(self) -> int:
+        return (self.fclass << 8) | self.op
+
+
+@dataclass(frozen=True)
+class GroupPolicy:
+    """Per agent group: in allow-list mode a connect to a destination whose scope is in
+    `allow_scope_mask` is denied (with `policy_id`) unless a `dest_allow` entry of the group
+    matches it, or an address a DNS answer for one of its `name_allow` names returned
+    (kept for the answer's TTL clamped to [ttl_min, ttl_max] seconds)."""
+    group_id: int
+    name: str
+    allow_list: bool
+    allow_scope_mask: int
+    policy_id: int
+    ttl_min: int = 0
+    ttl_max: int = 0
+
+
+NAME_EXACT, NAME_SUBDOMAINS = 1, 2    # AT_DN_* in probes/net.c
+
+
+@dataclass(frozen=True)
+class NameAllow:
+    """Allow what DNS answers for a name return (`*.suffix`: for any name below it).
+    `hash` is the kernel's key: FNV-1a 64 of the lowercase name read backwards."""
+    group_id: int
+    pattern: str
+    hash: int
+    flags: int           # NAME_EXACT | NAME_SUBDOMAINS
+    ranges: Tuple[Tuple[int, int, int], ...]   # (port_lo, port_hi, proto), at most NAME_RANGES
+
+
+NAME_RANGES = 4          # AT_NAME_RANGES in probes/net.c
+
+
+FNV_BASIS, FNV_PRIME = 0xcbf29ce484222325, 0x100000001b3
+
+
+def name_hash(name: str) -> int:
+    """probes/egress.c's backward FNV-1a over a dotted lowercase name."""
+    h = FNV_BASIS
+    for c in reversed(name.lower().rstrip(".").encode()):
+        h = ((h ^ c) * FNV_PRIME) & 0xFFFFFFFFFFFFFFFF
+    return h
+
+
+@dataclass
+class KernelPolicy:
+    groups: List[GroupPolicy] = field(default_factory=list)
+    group_ids: Dict[str, int] = field(default_factory=dict)
+    scopes: List[ScopeEntry] = field(default_factory=list)
+    dest_deny: List[DestEntry] = field(default_factory=list)
+    dest_allow: List[DestEntry] = field(default_factory=list)
+    name_allow: List[NameAllow] = field(default_factory=list)
+    protocol_drop: List[ProtocolDrop] = field(default_factory=list)
+    exec_kill: List[ExecKill] = field(default_factory=list)
+    file_kill: List[FileKill] = field(default_factory=list)
+    policy_ids: Dict[int, str] = field(default_factory=dict)     # policy_id → rule id
+
+    def rule_for(self, policy_id: int) -> Optional[str]:
+        return self.policy_ids.get(policy_id)
+
+
+# --------------------------------------------------------------------------- config model
+
+_LABEL = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$")
+
+
+def check_name_pattern(v: str) -> str:
+    """A DNS name, or `*.` and a name (any name below it); returned lowercase."""
+    n = v.strip().lower().rstrip(".")
+    base = n[2:] if n.startswith("*.") else n
+    labels = base.split(".") if base else []
+    if not labels or len(base) > 253 or not all(_LABEL.match(x) for x in labels):
+        raise ValueError(f"not a DNS name or '*.name' pattern: {v!r}")
+    if "*" in base:
+        raise ValueError(f"a wildcard may only be a leading '*.': {v!r}")
+    return n
+
+
+class EgressDest(BaseModel):
+    """One allow or deny entry: a CIDR (`cidr`) or, for allow entries, a DNS name (`name`:
+    `pypi.org`, or `*.pythonhosted.org` for every name below it), with optional ports and
+    protocol."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    cidr: Optional[str] = None
+    name: Optional[str] = None
+    ports: List[Union[int, str]] = Field(default_factory=list)     # 443, "8000-8100"; empty = any
+    proto: Literal["tcp", "udp", "any"] = "any"
+
+    @field_validator("cidr")
+    @classmethod
+    def _cidr(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None:
+            ipaddress.ip_network(v, strict=False)   # ValueError names the bad value
+        return v
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: Optional[str]) -> Optional[str]:
+        return None if v is None else check_name_pattern(v)
+
+    @model_validator(mode="after")
+    def _one(self) -> "EgressDest":
+        if (self.cidr is None) == (self.name is None):
+            raise ValueError("give exactly one of 'cidr' or 'name'")
+        return self
+
+    def spec(self) -> str:
+        return self.cidr if self.cidr is not None else self.name
+
+    @field_validator("ports")
+    @classmethod
+    def _ports(cls, v: List[Union[int, str]]) -> List[Union[int, str]]:
+        for p in v:
+            _port_range(p)
+        return v
+
+
+class EgressPolicy(BaseModel):
+    """Egress policy of one agent group, for embedding in the daemon's config file.
+
+    mode `open`: everything not denied is allowed; `allow-list`: connects to destinations in
+    `scopes` (default: external) must match an `allow` entry. `deny` entries apply in both
+    modes. `action` says what a violation does: `report`, or `block` (in the kernel)."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    mode: Literal["open", "allow-list"] = "open"
+    scopes: List[Literal["internal", "metadata", "external"]] = Field(default_factory=lambda: ["external"])
+    allow: List[EgressDest] = Field(default_factory=list)
+    deny: List[EgressDest] = Field(default_factory=list)
+    action: Literal["report", "block"] = "report"
+    severity: Literal["info", "low", "medium", "high", "critical"] = "medium"
+    # addresses learned from DNS answers for `name` entries stay allowed for the answer's TTL,
+    # clamped: the floor covers runtimes that cache lookups (Java keeps them 30 s), the
+    # ceiling bounds how long an address outlives the name that pointed at it
+    ttl_min: int = Field(30, ge=0, le=86400)
+    ttl_max: int = Field(3600, ge=1, le=7 * 86400)
+
+    @model_validator(mode="after")
+    def _ttls(self) -> "EgressPolicy":
+        if self.ttl_max < self.ttl_min:
+            raise ValueError("ttl_max must not be below ttl_min")
+        for d in self.deny:
+            if d.name is not None:
+                raise ValueError(f"deny entries are CIDRs; name {d.name!r} cannot be denied by address")
+        return self
+
+
+def _port_range(p: Union[int, str]) -> Tuple[int, int]:
+    if isinstance(p, int) and not isinstance(p, bool) and 0 < p < 65536:
+        return p, p
+    if isinstance(p, str):
+        lo, _, hi = p.partition("-")
+        if lo.isdigit() and (hi.isdigit() or not hi):
+            a, b = int(lo), int(hi or lo)
+            if 0 < a <= b < 65536:
+                return a, b
+    raise ValueError(f"not a port or range 'lo-hi': {p!r}")
+
+
+def egress_rule_models(egress: Dict[str, Any]) -> List[RuleModel]:
+    """Rules equivalent to the per-group egress policies, so the engine reports/attributes
+    violations exactly like file rules (ids `egress-policy.<group>.deny.<n>` and
+    `egress-policy.<group>.allow-list`)."""
+    out: List[RuleModel] = []
+    for group, pol in sorted(egress.items()):
+        if not isinstance(pol, EgressPolicy):
+            pol = EgressPolicy.model_validate(pol)
+        gid = _safe_id(group)
+        base = dict(category="egress", severity=pol.severity, on=["connect"], action=pol.action,
+                    tags=["T1041"])
+        for i, d in enumerate(pol.deny):
+            m: Dict[str, Any] = {"groups": [group], "dst": {"cidrs": [d.cidr], "ports": list(d.ports)}}
+            if d.proto != "any":
+                m["proto"] = [d.proto]
+            out.append(RuleModel.model_validate(dict(
+                base, id=f"egress-policy.{gid}.deny.{i}", match=m,
+                description=f"Egress policy of agent group '{group}' denies {d.cidr} "
+                            f"ports {d.ports or 'any'} ({d.proto}); edit the config's egress.deny to change it.")))
+        if pol.mode == "allow-list":
+            unless = []
+            for a in pol.allow:
+                key = "cidrs" if a.cidr is not None else "names"
+                u: Dict[str, Any] = {"dst": {key: [a.spec()], "ports": list(a.ports)}}
+                if a.proto != "any":
+                    u["proto"] = [a.proto]
+                unless.append(u)
+            out.append(RuleModel.model_validate(dict(
+                base, id=f"egress-policy.{gid}.allow-list",
+                match={"groups": [group], "dst": {"scopes": list(pol.scopes)}, "unless": unless},
+                description=f"Agent group '{group}' may only reach listed destinations in scopes "
+                            f"{', '.join(pol.scopes)}; add entries to the config's egress.allow to permit more.")))
+    return out
+
+
+def _safe_id(name: str) -> str:
+    import re
+    return re.sub(r"[^a-z0-9_.-]", "-", name.lower()) or "group"
+
+
+# --------------------------------------------------------------------------- compile
+
+def _net_bytes(cidr: str) -> Tuple[int, bytes, int]:
+    n = ipaddress.ip_network(cidr, strict=False)
+    return n.version, n.network_address.packed, n.prefixlen
+
+
+def _scope_table(internal: Iterable[str], metadata: Iterable[str]) -> List[ScopeEntry]:
+    out = []
+    for cidr, scope in scope_rows(internal, metadata):
+        fam, addr, plen = _net_bytes(cidr)
+        out.append(ScopeEntry(fam, addr, plen, SCOPE_BITS[scope]))
+    return out
+
+
+def _ranges(m: CompiledMatch) -> List[Tuple[int, int]]:
+    r = sorted(set([(p, p) for p in m.ports] + list(m.port_ranges)))
+    return r or [(0, 65535)]
+
+
+def _scope_mask(m: CompiledMatch) -> int:
+    mask = 0
+    for s in m.scopes:
+        mask |= SCOPE_BITS[s]
+    return mask
+
+
+class PolicyError(ValueError):
+    pass
+
+
+def compile_policy(ruleset: RuleSet, internal: Iterable[str] = DEFAULT_INTERNAL,
+                   metadata: Iterable[str] = DEFAULT_METADATA) -> KernelPolicy:
+    """Compile what the kernel can hold. Rules were linted at load (a `block` the kernel
+    cannot hold never gets here); anything unexpected raises PolicyError rather than
+    silently weakening enforcement."""
+    kp = KernelPolicy(scopes=_scope_table(internal, metadata))
+    names = set(ruleset.egress)
+    for r in ruleset.rules:
+        if r.match is not None:
+            names |= r.match.groups
+    kp.group_ids = {n: i for i, n in enumerate(sorted(names), 1)}
+
+    def gids(m: Optional[CompiledMatch]) -> List[int]:
+        return [kp.group_ids[g] for g in sorted(m.groups)] if m is not None and m.groups else [0]
+
+    next_id = 1
+    allow_list_rules = {}
+    for r in ruleset.rules:
+        if r.enforced_in != "kernel" or (r.match is not None and r.match.never):
+            continue
+        pid = next_id
+        next_id += 1
+        kp.policy_ids[pid] = r.id
+        m = r.match
+        if m is None:
+            raise PolicyError(f"rule {r.id}: kernel action without a match")
+        if r.id.startswith("egress-policy.") and r.id.endswith(".allow-list"):
+            allow_list_rules[next(iter(m.groups))] = (pid, r)
+            continue
+        if r.action == "kill" and list(r.on) == ["file"]:
+            for c in sorted(m.file_classes):
+                if c not in FILE_CLASS_NUM:
+                    raise PolicyError(f"rule {r.id}: the kernel cannot classify files as {c!r}")
+                for op in sorted(m.file_ops or FILE_OP_NUM):
+                    kp.file_kill.append(FileKill(pid, FILE_CLASS_NUM[c], FILE_OP_NUM[op]))
+            continue
+        if r.action == "kill":
+            for p in m.exe_path_list:
+                kp.exec_kill.append(ExecKill(pid, EXEC_MATCH_PATH, p.encode()))
+            for b in m.basename_list:
+                kp.exec_kill.append(ExecKill(pid, EXEC_MATCH_BASENAME, b.encode()))
+            continue
+        for kind in r.on:
+            if kind == "connect":
+                protos = sorted(PROTO_NUM[p] for p in m.proto) or [0]
+                nets = [_net_bytes(str(n)) for n in m.nets] or [(0, b"", 0)]
+                for g in gids(m):
+                    for fam, addr, plen in nets:
+                        for lo, hi in _ranges(m):
+                            for pr in protos:
+                                kp.dest_deny.append(DestEntry(pid, g, fam, addr, plen, _scope_mask(m), lo, hi, pr))
+            elif kind == "flow":
+                if m.nets:
+                    raise PolicyError(f"rule {r.id}: protocol drops by CIDR are not supported in the kernel")
+                for g in gids(m):
+                    for proto in sorted(m.protocols):
+                        if proto not in PROTOCOL_NUM:
+                            raise PolicyError(f"rule {r.id}: kernel cannot recognise protocol {proto!r}")
+                        for lo, hi in _ranges(m):
+                            kp.protocol_drop.append(ProtocolDrop(pid, g, PROTOCOL_NUM[proto], _scope_mask(m), lo, hi))
+            else:
+                raise PolicyError(f"rule {r.id}: the kernel cannot block {kind} events")
+    for name, gid in sorted(kp.group_ids.items(), key=lambda kv: kv[1]):
+        pol = ruleset.egress.get(name)
+        if pol is not None and not isinstance(pol, EgressPolicy):
+            pol = EgressPolicy.model_validate(pol)
+        if pol is not None and pol.mode == "allow-list" and name in allow_list_rules:
+            pid, _ = allow_list_rules[name]
+            mask = 0
+            for s in pol.scopes:
+                mask |= SCOPE_BITS[s]
+            kp.groups.append(GroupPolicy(gid, name, True, mask, pid, pol.ttl_min, pol.ttl_max))
+            names: Dict[int, NameAllow] = {}
+            for a in pol.allow:
+                if a.name is not None:
+                    _add_name(names, gid, a)
+                    continue
+                fam, addr, plen = _net_bytes(a.cidr)
+                for lo, hi in ([_port_range(p) for p in a.ports] or [(0, 65535)]):
+                    kp.dest_allow.append(DestEntry(pid, gid, fam, addr, plen, 0, lo, hi, PROTO_NUM[a.proto]))
+            kp.name_allow.extend(names.values())
+        else:
+            kp.groups.append(GroupPolicy(gid, name, False, 0, 0))
+    return kp
+
+
+def _add_name(names: Dict[int, NameAllow], gid: int, a: EgressDest) -> None:
+    wild = a.name.startswith("*.")
+    base = a.name[2:] if wild else a.name
+    rng = [(lo, hi, PROTO_NUM[a.proto]) for lo, hi in ([_port_range(p) for p in a.ports] or [(1, 65535)])]
+    flag = NAME_SUBDOMAINS if wild else NAME_EXACT
+    h = name_hash(base)
+    old = names.get(h)
+    if old is not None:
+        # `x.org` and `*.x.org` share one kernel key (the suffix): their ports must agree
+        if old.flags != flag and set(old.ranges) != set(rng):
+            raise PolicyError(f"egress allow entries {old.pattern!r} and {a.name!r} share the name "
+                              f"{base!r} with different ports or protocols; give them the same")
+        flag |= old.flags
+        rng = list(dict.fromkeys(list(old.ranges) + rng))
+    if len(rng) > NAME_RANGES:
+        raise PolicyError(f"egress allow entries for {a.name!r}: more than {NAME_RANGES} port ranges; "
+                          "merge them into ranges")
+    names[h] = NameAllow(gid, base if flag == NAME_EXACT else a.name, h, flag, tuple(rng))

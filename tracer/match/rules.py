@@ -1,0 +1,1153 @@
+"""Rule files: loading, typed validation, CEL compilation and lint.
+
+A rule file is YAML, data only::
+
+    lists:
+      miner_ports:
+        source: "where the list came from"
+        items: [3333, 4444]
+      tunnel_tools: [chisel, ngrok]          # a plain list is fine too
+    rules:
+      - id: mining-pool-port
+        description: why the rule exists and how to tune it
+        category: mining                     # tunnel|mining|scan|gpu|egress|exec
+        severity: high                       # info|low|medium|high|critical
+        on: [connect]
+        match:                               # declarative, fields a kernel map can hold
+          dst: {scopes: [external], ports: ["$miner_ports"]}
+        condition: 'proc.comm != "sshd"'     # optional CEL over the event record
+        window: {count: 30, distinct: [net.dst.addr, net.dst.port], seconds: 10}
+        action: block                        # report|block|kill|kill-agent|freeze-agent
+        tags: [T1496]
+
+`"$name"` inside a match list splices in the shared list `name`; CEL sees the lists as
+`lists.name`. Lists are shared between all files loaded together. Every problem is reported
+with file, line, column and field; `load_rules` raises `RulesError` carrying all of them, so
+a reload either yields a whole new `RuleSet` or nothing.
+"""
+from __future__ import annotations
+
+import fnmatch
+import ipaddress
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Literal, Optional, Sequence, Tuple, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from agenttrace.match.linregex import LinearRegexError, compile_linear
+from agenttrace.paths import rules_dir
+
+CATEGORIES = ("tunnel", "mining", "scan", "gpu", "egress", "exec", "escape")
+SEVERITIES = ("info", "low", "medium", "high", "critical")
+ACTIONS = ("report", "block", "kill", "kill-agent", "freeze-agent")
+EVENT_KINDS = ("exec", "fork", "exit", "connect", "listen", "dns", "flow", "gpu", "device", "file",
+               "socket", "escape")
+SEVERITY_RANK = {s: i for i, s in enumerate(SEVERITIES)}
+
+# Which top-level sections a record of each kind carries (DESIGN §5). Used to reject a CEL
+# condition or a match group that can never see its data for one of the rule's kinds.
+COMMON_VARS = ("ts", "kind", "node", "agent")
+KIND_SECTIONS: Dict[str, Tuple[str, ...]] = {
+    "exec": ("proc",),
+    "fork": ("proc",),
+    "exit": ("proc", "exit_code", "duration_ms"),
+    "connect": ("proc", "net"),
+    "listen": ("proc", "net"),
+    "dns": ("proc", "dns"),
+    "flow": ("proc", "net", "flow"),
+    "gpu": ("proc", "gpu"),
+    "device": ("proc", "device"),
+    "file": ("proc", "file"),
+    "socket": ("proc", "socket"),
+    "escape": ("proc", "escape"),
+}
+CEL_VARS = COMMON_VARS + ("proc", "exit_code", "duration_ms", "net", "dns", "flow", "gpu",
+                          "device", "file", "lists")
+FILE_CLASSES = ("authorized_keys", "private_key", "host_key", "ssh_other", "unknown")
+FILE_OPS = ("read", "write")
+
+# Protocols the kernel can tell from a flow's first payload bytes (cgroup_skb egress).
+KERNEL_PROTOCOLS = ("ssh", "stratum")
+FLOW_PROTOCOLS = ("ssh", "stratum", "tls", "http", "unknown")
+SCOPES = ("loopback", "internal", "metadata", "external")
+
+
+# --------------------------------------------------------------------------- errors
+
+@dataclass
+class RuleError:
+    file: str
+    line: int           # 1-based; 0 when unknown
+    column: int         # 1-based; 0 when unknown
+    field: str          # dotted path inside the file, e.g. rules[3].match.dst.ports[2]
+    message: str
+    rule_id: Optional[str] = None
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}:{self.column}"
+        rid = f" rule '{self.rule_id}'" if self.rule_id else ""
+        fld = f" {self.field}:" if self.field else ""
+        return f"{where}:{rid}{fld} {self.message}"
+
+
+class RulesError(Exception):
+    """Every problem found while loading a rule set (never just the first)."""
+
+    def __init__(self, errors: List[RuleError]):
+        self.errors = list(errors)
+        super().__init__("\n".join(str(e) for e in self.errors))
+
+
+# --------------------------------------------------------------------------- schema
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+PortSpec = Union[int, str]          # 22, "8000-8100", "$miner_ports"
+
+
+class DstMatch(_Strict):
+    cidrs: List[str] = Field(default_factory=list)
+    ports: List[PortSpec] = Field(default_factory=list)
+    scopes: List[str] = Field(default_factory=list)
+    names: List[str] = Field(default_factory=list)     # wildcards, case-insensitive
+
+
+class ExeMatch(_Strict):
+    paths: List[str] = Field(default_factory=list)          # wildcards on proc.exe
+    basenames: List[str] = Field(default_factory=list)      # wildcards on basename(exe), comm or proc.identity.names
+    identities: List[str] = Field(default_factory=list)     # wildcards on proc.identity.name (content identity)
+    args_contain: List[str] = Field(default_factory=list)   # substring of the joined command line
+    args_regex: List[str] = Field(default_factory=list)     # regex searched in each argument
+    cmdline_regex: List[str] = Field(default_factory=list)  # regex searched in the joined command line
+
+
+class DeviceMatch(_Strict):
+    majors: List[int] = Field(default_factory=list)
+
+
+class FileMatch(_Strict):
+    classes: List[str] = Field(default_factory=list)   # authorized_keys|private_key|host_key|ssh_other|unknown
+    ops: List[str] = Field(default_factory=list)       # read|write
+    paths: List[str] = Field(default_factory=list)     # wildcards on file.path (absolute when resolved)
+
+
+class MatchBase(_Strict):
+    groups: List[str] = Field(default_factory=list)   # agent groups (agent.group, "default" when unset)
+    dst: Optional[DstMatch] = None
+    proto: List[Literal["tcp", "udp"]] = Field(default_factory=list)
+    protocols: List[str] = Field(default_factory=list)
+    exe: Optional[ExeMatch] = None
+    device: Optional[DeviceMatch] = None
+    file: Optional[FileMatch] = None
+
+
+class Match(MatchBase):
+    # exceptions: an event matching any of them does not fire
+    unless: Optional[Union[MatchBase, List[MatchBase]]] = None
+
+
+class Window(_Strict):
+    count: int = Field(ge=1)
+    seconds: float = Field(gt=0)
+    distinct: Optional[Union[str, List[str]]] = None
+
+    def distinct_fields(self) -> Tuple[str, ...]:
+        if self.distinct is None:
+            return ()
+        return (self.distinct,) if isinstance(self.distinct, str) else tuple(self.distinct)
+
+
+class Dedup(_Strict):
+    fields: Optional[List[str]] = None
+    seconds: float = Field(default=60.0, gt=0)
+
+
+class RuleModel(_Strict):
+    id: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$", max_length=80)
+    description: str = Field(min_length=20)
+    category: Literal[CATEGORIES]  # type: ignore[valid-type]
+    severity: Literal[SEVERITIES]  # type: ignore[valid-type]
+    on: List[Literal[EVENT_KINDS]] = Field(min_length=1)  # type: ignore[valid-type]
+    match: Optional[Match] = None
+    condition: Optional[str] = None
+    window: Optional[Window] = None
+    dedup: Optional[Dedup] = None
+    action: Literal[ACTIONS] = "report"  # type: ignore[valid-type]
+    tags: List[str] = Field(default_factory=list)
+    message: Optional[str] = None          # template, {proc.exe}-style fields
+    enabled: bool = True
+
+    @field_validator("tags")
+    @classmethod
+    def _attack_ids(cls, v: List[str]) -> List[str]:
+        for t in v:
+            if not re.fullmatch(r"T\d{4}(\.\d{3})?|TA\d{4}", t):
+                raise ValueError(f"tag {t!r} is not a MITRE ATT&CK id (T1234, T1234.001, TA0011)")
+        return v
+
+    @model_validator(mode="after")
+    def _something_to_match(self) -> "RuleModel":
+        if self.match is None and self.condition is None and self.window is None:
+            raise ValueError("a rule needs at least one of match, condition, window")
+        return self
+
+
+ListItem = Union[int, str]
+
+
+class ListDef(_Strict):
+    items: List[ListItem]
+    description: Optional[str] = None
+    source: Optional[str] = None
+
+
+class RuleFile(_Strict):
+    lists: Dict[str, Union[ListDef, List[ListItem]]] = Field(default_factory=dict)
+    rules: List[RuleModel] = Field(default_factory=list)
+
+    @field_validator("lists")
+    @classmethod
+    def _list_names(cls, v: Dict[str, Any]) -> Dict[str, Any]:
+        for k in v:
+            if not re.fullmatch(r"[a-z_][a-z0-9_]*", k):
+                raise ValueError(f"list name {k!r} must be lower_snake_case (it is a CEL field name)")
+        return v
+
+
+# --------------------------------------------------------------------------- YAML positions
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 booleans: `on:` is a rule field, not `True` (YAML 1.1 reads on/off/yes/no as bools)."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:bool"]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+
+
+def _node_at(root: Optional[yaml.Node], loc: Sequence[Any], key: bool = True) -> Tuple[Optional[yaml.Node], bool]:
+    """Walk a composed YAML tree along a pydantic error location.
+
+    Returns the deepest node reached and whether the whole path was found. For a mapping
+    the last step lands on the key node (an unknown field points at its name)."""
+    node = root
+    loc = [p for p in loc if not _is_union_tag(p)]
+    for i, part in enumerate(loc):
+        if isinstance(node, yaml.MappingNode):
+            nxt = None
+            for k, v in node.value:
+                if isinstance(k, yaml.ScalarNode) and k.value == str(part):
+                    nxt = k if (key and i == len(loc) - 1) else v
+                    break
+            if nxt is None:
+                return node, False
+            node = nxt
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
+            if part >= len(node.value):
+                return node, False
+            node = node.value[part]
+        else:
+            # pydantic adds union-branch names ("list[...]", "ListDef") into loc; skip them
+            continue
+    return node, True
+
+
+def _is_union_tag(part: Any) -> bool:
+    # pydantic puts the union branch it tried into the location: "list[...]", "MatchBase", "int"
+    return isinstance(part, str) and ("[" in part or part[:1].isupper() or part in ("int", "str"))
+
+
+def _mark(node: Optional[yaml.Node]) -> Tuple[int, int]:
+    if node is None:
+        return 0, 0
+    return node.start_mark.line + 1, node.start_mark.column + 1
+
+
+def _field_path(loc: Sequence[Any]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif _is_union_tag(part):
+            continue
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+# --------------------------------------------------------------------------- CEL
+
+_cel_envs: Dict[str, Any] = {}
+
+
+def _typed_pool():
+    """A protobuf descriptor pool describing the event records (DESIGN §5) so that CEL type
+    checking catches misspelt fields (`proc.arg`) and type mistakes (`net.dst.port == "22"`)
+    at load time. Evaluation uses plain maps; this pool is only for checking."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, struct_pb2
+
+    F = descriptor_pb2.FieldDescriptorProto
+    fdp = descriptor_pb2.FileDescriptorProto(name="agenttrace_event.proto", package="agenttrace",
+                                             syntax="proto3", dependency=["google/protobuf/struct.proto"])
+    T = {"s": F.TYPE_STRING, "i": F.TYPE_INT64, "b": F.TYPE_BOOL, "d": F.TYPE_DOUBLE}
+
+    def msg(name: str, fields: Dict[str, str]) -> None:
+        m = fdp.message_type.add(name=name)
+        for n, (fname, t) in enumerate(fields.items(), 1):
+            rep = t.startswith("*")
+            t = t.lstrip("*")
+            f = m.field.add(name=fname, number=n,
+                            label=F.LABEL_REPEATED if rep else F.LABEL_OPTIONAL)
+            if t in T:
+                f.type = T[t]
+            else:
+                f.type = F.TYPE_MESSAGE
+                f.type_name = t if t.startswith(".google") else f".agenttrace.{t}"
+
+    msg("Ancestor", {"pid": "i", "comm": "s", "exe": "s"})
+    msg("Proc", {"pid": "i", "ppid": "i", "uid": "i", "comm": "s", "exe": "s", "args": "*s",
+                 "ancestry": "*Ancestor", "filename": "s", "killed_in_kernel": "b",
+                 "args_truncated": "b", "args_read_failed": "b", "identity": ".google.protobuf.Struct",
+                 "ssh": ".google.protobuf.Struct", "relay_of": ".google.protobuf.Struct"})
+    msg("Endpoint", {"addr": "s", "port": "i", "scope": "s", "name": "s"})
+    msg("Net", {"proto": "s", "family": "s", "op": "s", "what": "s", "src": "Endpoint", "dst": "Endpoint",
+                "local": "Endpoint", "verdict": "s", "result": "s", "error": "i"})
+    msg("Dns", {"query": "s", "qtype": "s", "server": "Endpoint",
+                "answers": ".google.protobuf.ListValue"})
+    # detail's keys depend on the protocol (banner, method, sni, host, ...): a map
+    msg("Flow", {"protocol": "s", "detail": ".google.protobuf.Struct"})
+    # numbers that may be int or float in records: dyn, so `>= 50` and `>= 50.5` both check
+    msg("Gpu", {"index": "i", "uuid": "s", "name": "s", "used_memory_mib": ".google.protobuf.Value",
+                "sm_util_pct": ".google.protobuf.Value"})
+    # access is a string or a list of strings (mknod/read/write)
+    msg("Device", {"major": "i", "minor": "i", "access": ".google.protobuf.Value", "verdict": "s"})
+    msg("File", {"path": "s", "raw_path": "s", "op": "s", "syscall": "s", "flags": "*s", "class": "s",
+                 "verdict": "s", "kill_effect": "s", "policy_id": "i", "path_unresolved": "b",
+                 "path_read_failed": "b", "path_truncated": "b", "path_read_late": "b"})
+    pool = descriptor_pool.DescriptorPool()
+    pool.AddSerializedFile(struct_pb2.DESCRIPTOR.serialized_pb)
+    pool.Add(fdp)
+    return pool
+
+
+def cel_envs():
+    """(check_env, eval_env), built once per process."""
+    if not _cel_envs:
+        from cel_expr_python import cel as C
+
+        dyn_map = C.Type.Map(C.Type.STRING, C.Type.DYN)
+        lists_t = C.Type.Map(C.Type.STRING, C.Type.List(C.Type.DYN))
+        common = {"ts": C.Type.STRING, "kind": C.Type.STRING, "node": C.Type.STRING,
+                  "agent": dyn_map, "exit_code": C.Type.INT, "duration_ms": C.Type.DYN,
+                  "lists": lists_t}
+        typed = dict(common)
+        for name, msg in (("proc", "Proc"), ("net", "Net"), ("dns", "Dns"), ("flow", "Flow"),
+                          ("gpu", "Gpu"), ("device", "Device"), ("file", "File")):
+            typed[name] = C.Type(f"agenttrace.{msg}")
+        untyped = dict(common)
+        for name in ("proc", "net", "dns", "flow", "gpu", "device", "file"):
+            untyped[name] = dyn_map
+        try:
+            from cel_expr_python.ext import ext_strings
+            exts = [ext_strings.ExtStrings()]
+        except Exception:  # the strings extension is a convenience, not a requirement
+            exts = []
+        _cel_envs["check"] = C.NewEnv(_typed_pool(), variables=typed, extensions=exts)
+        _cel_envs["eval"] = C.NewEnv(variables=untyped, extensions=exts)
+        _cel_envs["C"] = C
+    return _cel_envs["check"], _cel_envs["eval"]
+
+
+_CEL_POS = re.compile(r"<input>:(\d+):(\d+):\s*(.*)")
+_IDENT = re.compile(r"(?<![.\w])([A-Za-z_]\w*)")
+_STRLIT = re.compile(r"'(?:\\.|[^'\\])*'|\"(?:\\.|[^\"\\])*\"")
+
+
+def referenced_vars(expr: str) -> Tuple[str, ...]:
+    """Top-level CEL variables an expression uses; only those are converted per event."""
+    bare = _STRLIT.sub("''", expr)
+    return tuple(v for v in CEL_VARS if v in set(_IDENT.findall(bare)))
+
+
+@dataclass
+class CompiledCondition:
+    source: str
+    program: Any
+    variables: Tuple[str, ...]
+    # only the shared lists the expression names: converting every list for every
+    # evaluation cost ~60 µs per event with the default pack
+    lists: Dict[str, List[Any]] = field(default_factory=dict)
+
+
+def _cel_errors(node: Optional[yaml.Node], msg: str) -> List[Tuple[int, int, str]]:
+    """Every error in a CEL compiler message, each placed in the YAML file."""
+    parts = [p for p in re.split(r"(?=ERROR: <input>:)", msg) if "<input>:" in p]
+    if not parts or not isinstance(node, yaml.ScalarNode):
+        line, col = _mark(node)
+        first = msg.strip().splitlines()[0] if msg.strip() else msg
+        return [(line, col, first)]
+    return [_cel_error_position(node, p.split("\n")[0]) for p in parts]
+
+
+def _cel_error_position(node: yaml.ScalarNode, msg: str) -> Tuple[int, int, str]:
+    """Map `<input>:L:C` in a CEL error to a line and column in the YAML file."""
+    m = _CEL_POS.search(msg)
+    line, col = _mark(node)
+    first = msg.strip().splitlines()[0] if msg.strip() else msg
+    if not m:
+        return line, col, first
+    el, ec, text = int(m.group(1)), int(m.group(2)), m.group(3)
+    text = re.sub(r"^ERROR:\s*", "", text)
+    if node.style in ("|", ">"):
+        # block scalar: content starts on the next line at the block's indentation
+        raw_lines = node.start_mark.buffer.splitlines() if node.start_mark.buffer else []
+        fl = node.start_mark.line + el      # 0-based file line of expression line el
+        indent = 0
+        first_content = node.start_mark.line + 1
+        if 0 <= first_content < len(raw_lines):
+            indent = len(raw_lines[first_content]) - len(raw_lines[first_content].lstrip(" "))
+        return fl + 1, indent + ec, text
+    if el == 1:
+        return line, col + ec - 1 + (1 if node.style in ("'", '"') else 0), text
+    return line + el - 1, ec, text
+
+
+# --------------------------------------------------------------------------- compiled rules
+
+def _wild(patterns: Iterable[str], icase: bool = False) -> Optional[re.Pattern]:
+    pats = list(patterns)
+    if not pats:
+        return None
+    return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in pats),
+                      re.IGNORECASE if icase else 0)
+
+
+def _is_wild(s: str) -> bool:
+    return any(c in s for c in "*?[")
+
+
+@dataclass
+class CompiledMatch:
+    """A `match` block ready for the hot path. Every group given must hold (AND); inside a
+    group any listed value may match (OR)."""
+    nets: List[Any] = field(default_factory=list)            # ipaddress networks
+    ports: frozenset = frozenset()
+    port_ranges: Tuple[Tuple[int, int], ...] = ()
+    scopes: frozenset = frozenset()
+    names: Optional[re.Pattern] = None
+    name_patterns: Tuple[str, ...] = ()
+    proto: frozenset = frozenset()
+    protocols: frozenset = frozenset()
+    exe_paths: Optional[re.Pattern] = None
+    exe_path_list: Tuple[str, ...] = ()
+    basenames: Optional[re.Pattern] = None
+    basename_list: Tuple[str, ...] = ()
+    identities: Optional[re.Pattern] = None
+    args_contain: Tuple[str, ...] = ()
+    args_regex: Tuple[Any, ...] = ()       # RE2 patterns (linear time)
+    cmdline_regex: Tuple[Any, ...] = ()
+    majors: frozenset = frozenset()
+    file_classes: frozenset = frozenset()
+    file_ops: frozenset = frozenset()
+    file_paths: Optional[re.Pattern] = None
+    file_path_list: Tuple[str, ...] = ()
+    has_file: bool = False
+    has_dst: bool = False
+    has_exe: bool = False
+    groups: frozenset = frozenset()
+    unless: Tuple["CompiledMatch", ...] = ()
+    # A list written in the rule expanded to nothing (e.g. an empty shared allow-list): the
+    # match can never hold. Matching everything instead would turn "allow nothing yet" into
+    # "block everything".
+    never: bool = False
+    # Set on rules the kernel decides (egress allow-lists): a record the kernel checked says
+    # which rule it applied (net.policy_rule), and that is the answer; the fields are matched
+    # only for records without it (offline replay of older recordings).
+    kernel_rule: Optional[str] = None
+
+    def __call__(self, rec: dict) -> bool:
+        if self.never:
+            return False
+        if self.kernel_rule is not None:
+            net = rec.get("net")
+            if net is not None and "policy_rule" in net:
+                return net["policy_rule"] == self.kernel_rule
+        if self.groups and ((rec.get("agent") or {}).get("group") or "default") not in self.groups:
+            return False
+        if self.has_dst or self.proto or self.protocols:
+            net = rec.get("net")
+            if self.has_dst:
+                if not self._dst_ok(rec, net):
+                    return False
+            if self.proto and (not net or net.get("proto") not in self.proto):
+                return False
+            if self.protocols:
+                fl = rec.get("flow")
+                if not fl or fl.get("protocol") not in self.protocols:
+                    return False
+        if self.has_exe and not self._exe_ok(rec.get("proc")):
+            return False
+        if self.majors:
+            dev = rec.get("device")
+            if not dev or dev.get("major") not in self.majors:
+                return False
+        if self.has_file:
+            f = rec.get("file")
+            if not f:
+                return False
+            if self.file_classes and f.get("class") not in self.file_classes:
+                return False
+            if self.file_ops and f.get("op") not in self.file_ops:
+                return False
+            if self.file_paths is not None and not self.file_paths.match(f.get("path") or ""):
+                return False
+        for u in self.unless:
+            if u(rec):
+                return False
+        return True
+
+    def _dst_ok(self, rec: dict, net: Optional[dict]) -> bool:
+        # cheap dict/set checks first; the name regex and address parsing last
+        dst = net.get("dst") if net else None
+        if self.nets or self.ports or self.port_ranges or self.scopes:
+            if not dst:
+                return False
+            if self.scopes and dst.get("scope") not in self.scopes:
+                return False
+            if self.ports or self.port_ranges:
+                p = dst.get("port")
+                if p not in self.ports and not any(lo <= (p or -1) <= hi for lo, hi in self.port_ranges):
+                    return False
+            if self.nets:
+                try:
+                    a = ipaddress.ip_address(dst.get("addr") or "")
+                except ValueError:
+                    return False
+                if not any(a.version == n.version and a in n for n in self.nets):
+                    return False
+        if self.names is not None:
+            m = self.names.match
+            if dst:
+                n = dst.get("name")
+                if n and m(n.rstrip(".")):
+                    return True
+            d = rec.get("dns")
+            if d:
+                q = d.get("query")
+                if q and m(q.rstrip(".")):
+                    return True
+            fl = rec.get("flow")
+            det = fl.get("detail") if fl else None
+            if det:
+                for k in ("sni", "host"):
+                    v = det.get(k)
+                    if v and m(v.rstrip(".")):
+                        return True
+            return False
+        return True
+
+    def _exe_ok(self, proc: Optional[dict]) -> bool:
+        if not proc:
+            return False
+        exe = proc.get("exe") or ""
+        if self.exe_paths is not None and not self.exe_paths.match(exe):
+            return False
+        ident = proc.get("identity")
+        if self.basenames is not None:
+            base = exe.rsplit("/", 1)[-1]
+            comm = proc.get("comm") or ""
+            if not (self.basenames.match(base) or (comm and self.basenames.match(comm))):
+                # what the content says the program is (a renamed copy, ld.so, a memfd)
+                names = ident.get("names") if isinstance(ident, dict) else None
+                if not names or not any(self.basenames.match(n) for n in names):
+                    return False
+        if self.identities is not None:
+            name = ident.get("name") if isinstance(ident, dict) else None
+            if not name or not self.identities.match(name):
+                return False
+        if self.args_contain or self.args_regex or self.cmdline_regex:
+            args = proc.get("args") or []
+            line = " ".join(args)
+            if self.args_contain and not any(s in line for s in self.args_contain):
+                return False
+            if self.args_regex and not any(r.search(a) for r in self.args_regex for a in args):
+                return False
+            if self.cmdline_regex and not any(r.search(line) for r in self.cmdline_regex):
+                return False
+        return True
+
+
+@dataclass
+class Rule:
+    """One validated, compiled rule."""
+    id: str
+    description: str
+    category: str
+    severity: str
+    on: Tuple[str, ...]
+    action: str
+    tags: Tuple[str, ...]
+    match: Optional[CompiledMatch]
+    condition: Optional[CompiledCondition]
+    window: Optional[Window]
+    dedup_fields: Tuple[str, ...]
+    dedup_seconds: float
+    message: Optional[str]
+    file: str
+    line: int
+    model: RuleModel
+    # "kernel" when the kernel enforces the action from policy maps (block, exec kill by
+    # path/basename), "userspace" when the act stage does, "none" for report.
+    enforced_in: str = "none"
+    # Exact basenames (and their 15-byte comm prefixes) the rule needs, when it needs one:
+    # the engine skips the rule with a set lookup instead of running the match.
+    gate: Optional[frozenset] = None
+
+
+@dataclass
+class RuleSet:
+    rules: List[Rule]
+    lists: Dict[str, List[Any]]
+    list_sources: Dict[str, Optional[str]]
+    files: List[str]
+    egress: Dict[str, Any] = field(default_factory=dict)     # group → EgressPolicy
+    by_kind: Dict[str, List[Rule]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.by_kind:
+            for r in self.rules:
+                for k in r.on:
+                    self.by_kind.setdefault(k, []).append(r)
+
+    def get(self, rule_id: str) -> Optional[Rule]:
+        for r in self.rules:
+            if r.id == rule_id:
+                return r
+        return None
+
+
+DEFAULT_DEDUP_FIELDS: Dict[str, Tuple[str, ...]] = {
+    "exec": ("proc.exe", "proc.args"),
+    "fork": ("proc.exe",),
+    "exit": ("proc.exe",),
+    "connect": ("net.dst.addr", "net.dst.port"),
+    "listen": ("net.local.port",),
+    "dns": ("dns.query",),
+    "flow": ("net.dst.addr", "net.dst.port", "flow.protocol"),
+    "gpu": ("gpu.index",),
+    "device": ("device.major", "device.minor"),
+    "file": ("file.path", "file.op"),
+    "socket": ("socket.family", "socket.type", "socket.protocol"),
+    "escape": ("proc.pid", "escape.to.cgroup"),
+}
+
+# socket and escape records are matched by kind only (no CEL types for them yet), but their
+# fields can be named in messages and dedup keys
+_VALID_FIELD_ROOTS = (set(CEL_VARS) - {"lists"}) | {"socket", "escape"}
+
+
+# --------------------------------------------------------------------------- loading
+
+class _FileCtx:
+    def __init__(self, path: str, root: Optional[yaml.Node]):
+        self.path = path
+        self.root = root
+        self.rule_index: List[int] = []
+
+    def err(self, loc: Sequence[Any], message: str, rule_id: Optional[str] = None,
+            pos: Optional[Tuple[int, int]] = None) -> RuleError:
+        if pos is None:
+            node, _ = _node_at(self.root, loc)
+            pos = _mark(node)
+        return RuleError(self.path, pos[0], pos[1], _field_path(loc), message, rule_id)
+
+    def node(self, loc: Sequence[Any], key: bool = False) -> Optional[yaml.Node]:
+        n, ok = _node_at(self.root, loc, key)
+        return n if ok else None
+
+
+def expand_paths(paths: Iterable[Union[str, os.PathLike]]) -> List[str]:
+    out: List[str] = []
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            out.extend(str(f) for f in sorted(p.glob("*.yaml")) + sorted(p.glob("*.yml")))
+        else:
+            out.append(str(p))
+    return out
+
+
+def default_rule_paths() -> List[str]:
+    return expand_paths([rules_dir()])
+
+
+def _parse_file(path: str, errors: List[RuleError]) -> Tuple[Optional[RuleFile], Optional[_FileCtx]]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        errors.append(RuleError(path, 0, 0, "", f"cannot read: {e.strerror or e}"))
+        return None, None
+    except UnicodeDecodeError as e:
+        errors.append(RuleError(path, 0, 0, "", f"not UTF-8 text: {e}"))
+        return None, None
+    try:
+        root = yaml.compose(text, Loader=_Loader)
+        data = yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        line, col = (mark.line + 1, mark.column + 1) if mark else (0, 0)
+        problem = getattr(e, "problem", None) or str(e)
+        ctx = getattr(e, "context", None)
+        errors.append(RuleError(path, line, col, "", f"YAML error: {problem}" + (f" ({ctx})" if ctx else "")))
+        return None, None
+    ctx = _FileCtx(path, root)
+    if data is None:
+        return RuleFile(), ctx
+    if not isinstance(data, dict):
+        errors.append(ctx.err([], "a rule file is a mapping with 'lists' and/or 'rules'"))
+        return None, ctx
+    # Validate the file shell and then each rule on its own, so that one bad rule does not
+    # hide the problems (CEL, lists, kernel) of its neighbours.
+    shell = {k: v for k, v in data.items() if k != "rules"}
+    raw_rules = data.get("rules", [])
+    ok = True
+    try:
+        rf = RuleFile.model_validate(shell)
+    except ValidationError as ve:
+        _report(ve, [], ctx, errors, None)
+        rf, ok = RuleFile(), False
+    if raw_rules is None:
+        raw_rules = []
+    if not isinstance(raw_rules, list):
+        errors.append(ctx.err(["rules"], "'rules' must be a list of rules"))
+        return None, ctx
+    good: List[Tuple[int, RuleModel]] = []
+    for i, r in enumerate(raw_rules):
+        rid = r.get("id") if isinstance(r, dict) and isinstance(r.get("id"), str) else None
+        try:
+            good.append((i, RuleModel.model_validate(r)))
+        except ValidationError as ve:
+            _report(ve, ["rules", i], ctx, errors, rid)
+    object.__setattr__(rf, "rules", [m for _, m in good])
+    ctx.rule_index = [i for i, _ in good]
+    return rf, ctx
+
+
+def _report(ve: ValidationError, prefix: List[Any], ctx: "_FileCtx", errors: List[RuleError],
+            rid: Optional[str]) -> None:
+    errs = ve.errors()
+    paths = [_field_path(prefix + list(e["loc"])) for e in errs]
+    done: Dict[str, RuleError] = {}
+    for e, path in zip(errs, paths):
+        # a union reports every branch it tried; keep the one that got deepest into the input
+        if any(o != path and (o.startswith(path + ".") or o.startswith(path + "[")) for o in paths):
+            continue
+        loc = prefix + list(e["loc"])
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = f"unknown field '{loc[-1]}'"
+        elif e["type"] == "missing":
+            msg = f"missing required field '{loc[-1]}'"
+        elif e["type"] == "literal_error":
+            msg = f"{msg} (got {e.get('input')!r})"
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        if path in done:            # same spot, another union branch: one error, both reasons
+            done[path].message += f"; or {msg[:1].lower()}{msg[1:]}"
+            continue
+        done[path] = ctx.err(loc, msg, rid)
+        errors.append(done[path])
+
+
+def _expand(values: Sequence[Any], lists: Dict[str, List[Any]], ctx: _FileCtx, loc: List[Any],
+            rid: str, errors: List[RuleError], cm: Optional["CompiledMatch"] = None) -> List[Any]:
+    out: List[Any] = []
+    for i, v in enumerate(values):
+        if isinstance(v, str) and v.startswith("$"):
+            name = v[1:]
+            if name not in lists:
+                errors.append(ctx.err(loc + [i], f"unknown list '{name}'", rid))
+            else:
+                out.extend(lists[name])
+        else:
+            out.append(v)
+    if values and not out and cm is not None:
+        cm.never = True
+    return out
+
+
+def _compile_match(m: MatchBase, lists: Dict[str, List[Any]], ctx: _FileCtx, loc: List[Any],
+                   rid: str, errors: List[RuleError]) -> CompiledMatch:
+    cm = CompiledMatch()
+    if m.dst is not None:
+        d = m.dst
+        dl = loc + ["dst"]
+        for i, c in enumerate(_expand(d.cidrs, lists, ctx, dl + ["cidrs"], rid, errors, cm)):
+            try:
+                cm.nets.append(ipaddress.ip_network(str(c), strict=False))
+            except ValueError:
+                errors.append(ctx.err(dl + ["cidrs", min(i, len(d.cidrs) - 1)], f"not a CIDR: {c!r}", rid))
+        ports, ranges = set(), []
+        for i, p in enumerate(_expand(d.ports, lists, ctx, dl + ["ports"], rid, errors, cm)):
+            if isinstance(p, int) and not isinstance(p, bool) and 0 < p < 65536:
+                ports.add(p)
+            elif isinstance(p, str) and re.fullmatch(r"\d+-\d+", p):
+                lo, hi = (int(x) for x in p.split("-"))
+                if 0 < lo <= hi < 65536:
+                    ranges.append((lo, hi))
+                else:
+                    errors.append(ctx.err(dl + ["ports", min(i, len(d.ports) - 1)], f"bad port range {p!r}", rid))
+            elif isinstance(p, str) and p.isdigit() and 0 < int(p) < 65536:
+                ports.add(int(p))
+            else:
+                errors.append(ctx.err(dl + ["ports", min(i, len(d.ports) - 1)],
+                                      f"not a port (1-65535) or range 'lo-hi': {p!r}", rid))
+        cm.ports, cm.port_ranges = frozenset(ports), tuple(ranges)
+        scopes = _expand(d.scopes, lists, ctx, dl + ["scopes"], rid, errors, cm)
+        for i, s in enumerate(scopes):
+            if s not in SCOPES:
+                errors.append(ctx.err(dl + ["scopes", min(i, len(d.scopes) - 1)],
+                                      f"unknown scope {s!r} (one of {', '.join(SCOPES)})", rid))
+        cm.scopes = frozenset(scopes)
+        names = [str(n).lower().rstrip(".") for n in _expand(d.names, lists, ctx, dl + ["names"], rid, errors, cm)]
+        cm.names = _wild(names, icase=True)
+        cm.name_patterns = tuple(names)
+        cm.has_dst = bool(cm.nets or cm.ports or cm.port_ranges or cm.scopes or cm.names)
+    cm.proto = frozenset(m.proto)
+    protocols = _expand(m.protocols, lists, ctx, loc + ["protocols"], rid, errors, cm)
+    for i, p in enumerate(protocols):
+        if p not in FLOW_PROTOCOLS:
+            errors.append(ctx.err(loc + ["protocols", min(i, len(m.protocols) - 1)],
+                                  f"unknown protocol {p!r} (one of {', '.join(FLOW_PROTOCOLS)})", rid))
+    cm.protocols = frozenset(protocols)
+    if m.exe is not None:
+        e = m.exe
+        el = loc + ["exe"]
+        paths = [str(x) for x in _expand(e.paths, lists, ctx, el + ["paths"], rid, errors, cm)]
+        cm.exe_paths, cm.exe_path_list = _wild(paths), tuple(paths)
+        bases = [str(x) for x in _expand(e.basenames, lists, ctx, el + ["basenames"], rid, errors, cm)]
+        cm.basenames, cm.basename_list = _wild(bases), tuple(bases)
+        cm.identities = _wild([str(x) for x in _expand(e.identities, lists, ctx, el + ["identities"], rid, errors, cm)])
+        cm.args_contain = tuple(str(x) for x in _expand(e.args_contain, lists, ctx, el + ["args_contain"], rid, errors, cm))
+        for key in ("args_regex", "cmdline_regex"):
+            pats = [str(x) for x in _expand(getattr(e, key), lists, ctx, el + [key], rid, errors, cm)]
+            good = []
+            for i, p in enumerate(pats):
+                # agent-controlled text: linear time or a load error (tracer/match/linregex.py)
+                try:
+                    good.append(compile_linear(p))
+                except LinearRegexError as ex:
+                    errors.append(ctx.err(el + [key, min(i, len(getattr(e, key)) - 1)], f"bad regex {p!r}: {ex}", rid))
+            # kept apart: each pattern may carry its own inline flags such as (?i)
+            setattr(cm, key, tuple(good))
+        cm.has_exe = bool(cm.exe_paths or cm.basenames or cm.identities or cm.args_contain or cm.args_regex
+                          or cm.cmdline_regex)
+    if m.device is not None:
+        cm.majors = frozenset(m.device.majors)
+    if m.file is not None:
+        fl = loc + ["file"]
+        for key, allowed in (("classes", FILE_CLASSES), ("ops", FILE_OPS)):
+            vals = [str(x) for x in _expand(getattr(m.file, key), lists, ctx, fl + [key], rid, errors, cm)]
+            for i, v in enumerate(vals):
+                if v not in allowed:
+                    errors.append(ctx.err(fl + [key, min(i, len(getattr(m.file, key)) - 1)],
+                                          f"unknown file {key[:-1] if key == 'ops' else 'class'} {v!r} "
+                                          f"(one of {', '.join(allowed)})", rid))
+            setattr(cm, "file_" + key, frozenset(vals))
+        paths = [str(x) for x in _expand(m.file.paths, lists, ctx, fl + ["paths"], rid, errors, cm)]
+        cm.file_paths, cm.file_path_list = _wild(paths), tuple(paths)
+        cm.has_file = bool(cm.file_classes or cm.file_ops or cm.file_paths is not None)
+    cm.groups = frozenset(m.groups)
+    if isinstance(m, Match) and m.unless is not None:
+        if isinstance(m.unless, list):
+            cm.unless = tuple(_compile_match(u, lists, ctx, loc + ["unless", i], rid, errors)
+                              for i, u in enumerate(m.unless))
+        else:
+            cm.unless = (_compile_match(m.unless, lists, ctx, loc + ["unless"], rid, errors),)
+    return cm
+
+
+# Kinds whose records carry what each match group looks at.
+_GROUP_KINDS = {
+    "dst": {"connect", "flow", "dns"},
+    "proto": {"connect", "flow", "listen"},
+    "protocols": {"flow"},
+    "exe": set(EVENT_KINDS),
+    "device": {"device"},
+    "file": {"file"},
+}
+
+
+def _check_match_kinds(m: MatchBase, on: Sequence[str], ctx: _FileCtx, loc: List[Any], rid: str,
+                       errors: List[RuleError]) -> None:
+    for group, kinds in _GROUP_KINDS.items():
+        val = getattr(m, group)
+        if not val:
+            continue
+        if group == "dst" and set(on) == {"dns"}:
+            if m.dst.cidrs or m.dst.ports or m.dst.scopes:
+                errors.append(ctx.err(loc + ["dst"], "dns events only carry a query name: use dst.names", rid))
+            continue
+        bad = [k for k in on if k not in kinds]
+        if bad:
+            errors.append(ctx.err(loc + [group], f"match.{group} never applies to events of kind "
+                                  f"{', '.join(bad)} (it applies to {', '.join(sorted(kinds))})", rid))
+
+
+def kernel_block_problems(model: RuleModel) -> List[Tuple[List[Any], str]]:
+    """Why a `block` rule cannot be held in kernel maps (empty list: it can).
+
+    The kernel sees a connect's destination address/port/protocol (cgroup connect hooks), a
+    flow's first payload bytes (ssh/stratum banners). Names, command lines, CEL and windows
+    live only in userspace, so a `block` using them would be a silent downgrade to reporting.
+    Device numbers are seen by cgroup/dev, but that hook holds the GPU fence only (per-agent
+    deny of GPU majors, from the config's `gpu:` section): a rule's device `block` has no map
+    to live in, so it is refused here rather than accepted and never enforced."""
+    probs: List[Tuple[List[Any], str]] = []
+    hint = "; use action 'kill' (userspace) or 'report'"
+    if "device" in model.on:
+        probs.append((["on"], "the kernel device hook holds only the GPU fence: deny GPUs with the "
+                              "config's gpu: policy (or run --gpu deny) and use action 'report' here"))
+    if model.condition is not None:
+        probs.append((["condition"], "a CEL condition cannot be evaluated in the kernel" + hint))
+    if model.window is not None:
+        probs.append((["window"], "a window cannot be counted in the kernel" + hint))
+    m = model.match
+    if m is None:
+        probs.append((["action"], "'block' needs a match (destination, protocol or device)"))
+        return probs
+    if m.unless is not None:
+        probs.append((["match", "unless"], "exceptions ('unless') cannot be held in kernel maps" + hint))
+    if m.exe is not None:
+        probs.append((["match", "exe"], "'block' cannot select by executable; use action 'kill' for exec rules"))
+    if m.dst is not None and m.dst.names:
+        probs.append((["match", "dst", "names"], "the kernel sees addresses, not names" + hint))
+    for k in model.on:
+        if k == "connect":
+            if not (m.dst and (m.dst.cidrs or m.dst.ports or m.dst.scopes)):
+                probs.append((["match"], "'block' on connect needs dst.cidrs, dst.ports or dst.scopes"))
+        elif k == "flow":
+            if not m.protocols:
+                probs.append((["match"], "'block' on flow needs match.protocols"))
+        elif k == "device":
+            pass    # refused above
+        else:
+            probs.append((["on"], f"'block' cannot act on {k} events (the kernel blocks connects and flows)"))
+    return probs
+
+
+def _kernel_file_kill(model: RuleModel) -> bool:
+    """A file kill decided in the kernel: `on: [file]`, match.file with classes (and
+    optionally ops) only; paths, exe, CEL, windows and exceptions live in userspace."""
+    m = model.match
+    if model.action != "kill" or list(model.on) != ["file"] or m is None or m.file is None:
+        return False
+    if model.condition or model.window or m.unless or m.dst or m.proto or m.protocols or m.device or m.exe:
+        return False
+    if m.groups or m.file.paths or not m.file.classes:
+        return False
+    return "unknown" not in m.file.classes
+
+
+def _kernel_kill(model: RuleModel) -> bool:
+    """An exec kill decided in the kernel: only exact paths/basenames, nothing userspace-only."""
+    m = model.match
+    if _kernel_file_kill(model):
+        return True
+    if model.action != "kill" or list(model.on) != ["exec"] or m is None:
+        return False
+    if model.condition or model.window or m.unless or m.dst or m.proto or m.protocols or m.device:
+        return False
+    e = m.exe
+    if e is None or not (e.paths or e.basenames):
+        return False
+    if e.args_contain or e.args_regex or e.cmdline_regex or e.identities:
+        return False
+    return not any(_is_wild(str(x)) for x in list(e.paths) + list(e.basenames) if not str(x).startswith("$"))
+
+
+def _check_field_path(path: str) -> Optional[str]:
+    parts = path.split(".")
+    if parts[0] not in _VALID_FIELD_ROOTS or not all(parts):
+        return f"field path {path!r} must start with one of {', '.join(sorted(_VALID_FIELD_ROOTS))}"
+    return None
+
+
+def load_rules(paths: Iterable[Union[str, os.PathLike]], egress: Optional[Dict[str, Any]] = None) -> RuleSet:
+    """Load, validate and compile rule files (or directories of *.yaml) into one RuleSet.
+
+    `egress` maps an agent group name to an `agenttrace.match.policy.EgressPolicy` (from the
+    config file); each becomes rules named `egress-policy.<group>...` in the set.
+    Raises RulesError listing every problem. The caller swaps the result in atomically, so a
+    failed reload leaves the running rules untouched."""
+    files = expand_paths(paths)
+    errors: List[RuleError] = []
+    if not files and not egress:     # an egress policy alone (run --no-rules --allow-egress) is a rule set
+        raise RulesError([RuleError("<none>", 0, 0, "", "no rule files given")])
+    parsed: List[Tuple[RuleFile, _FileCtx]] = []
+    for f in files:
+        rf, ctx = _parse_file(f, errors)
+        if rf is not None and ctx is not None:
+            parsed.append((rf, ctx))
+
+    lists: Dict[str, List[Any]] = {}
+    sources: Dict[str, Optional[str]] = {}
+    list_home: Dict[str, str] = {}
+    for rf, ctx in parsed:
+        for name, ld in rf.lists.items():
+            if name in lists:
+                errors.append(ctx.err(["lists", name], f"list '{name}' already defined in {list_home[name]}"))
+                continue
+            items = ld.items if isinstance(ld, ListDef) else ld
+            lists[name] = list(items)
+            sources[name] = ld.source if isinstance(ld, ListDef) else None
+            list_home[name] = ctx.path
+
+    check_env = eval_env = None
+    try:
+        check_env, eval_env = cel_envs()
+    except Exception as e:  # missing CEL library: conditions become errors, not silent passes
+        cel_problem = f"CEL library unavailable: {e}"
+    else:
+        cel_problem = None
+
+    rules: List[Rule] = []
+    seen_ids: Dict[str, str] = {}
+    envs = (check_env, eval_env, cel_problem)
+    for rf, ctx in parsed:
+        for pos, rm in enumerate(rf.rules):
+            idx = ctx.rule_index[pos] if pos < len(ctx.rule_index) else pos
+            r = _compile_rule(rm, ["rules", idx], ctx, lists, errors, envs, seen_ids)
+            if r is not None:
+                rules.append(r)
+    if egress:
+        from agenttrace.match.policy import egress_rule_models
+
+        ectx = _FileCtx("<config: egress>", None)
+        for i, rm in enumerate(egress_rule_models(egress)):
+            r = _compile_rule(rm, ["egress", i], ectx, lists, errors, envs, seen_ids, kernel_trusted=True)
+            if r is not None:
+                if r.match is not None and r.id.endswith(".allow-list"):
+                    r.match.kernel_rule = r.id
+                rules.append(r)
+    if errors:
+        raise RulesError(errors)
+    return RuleSet(rules=rules, lists=lists, list_sources=sources, files=files, egress=dict(egress or {}))
+
+
+def _compile_rule(rm: RuleModel, loc: List[Any], ctx: _FileCtx, lists: Dict[str, List[Any]],
+                  errors: List[RuleError], envs: Tuple[Any, Any, Optional[str]],
+                  seen_ids: Dict[str, str], kernel_trusted: bool = False) -> Optional[Rule]:
+    check_env, eval_env, cel_problem = envs
+    rid = rm.id
+    start = len(errors)
+    if rid in seen_ids:
+        errors.append(ctx.err(loc + ["id"], f"duplicate rule id (first defined at {seen_ids[rid]})", rid))
+    else:
+        seen_ids[rid] = f"{ctx.path}:{_mark(ctx.node(loc + ['id']))[0]}"
+    cm = None
+    if rm.match is not None:
+        _check_match_kinds(rm.match, rm.on, ctx, loc + ["match"], rid, errors)
+        cm = _compile_match(rm.match, lists, ctx, loc + ["match"], rid, errors)
+    cond = None
+    if rm.condition is not None:
+        cnode = ctx.node(loc + ["condition"])
+        if cel_problem:
+            errors.append(ctx.err(loc + ["condition"], cel_problem, rid))
+        else:
+            try:
+                checked = check_env.compile(rm.condition)
+                rt = checked.return_type()
+                if rt.name() not in ("bool", "BOOL", "dyn", "DYN"):
+                    errors.append(ctx.err(loc + ["condition"], f"condition must be a bool, it is {rt.name()}", rid))
+                prog = eval_env.compile(rm.condition)
+                used = referenced_vars(rm.condition)
+                missing: Dict[str, List[str]] = {}
+                for k in rm.on:
+                    have = set(COMMON_VARS) | set(KIND_SECTIONS.get(k, ())) | {"lists"}
+                    for v in used:
+                        if v not in have:
+                            missing.setdefault(v, []).append(k)
+                for v, ks in missing.items():
+                    errors.append(ctx.err(loc + ["condition"], f"condition uses '{v}', which {', '.join(ks)} events do not carry", rid))
+                used_lists = {}
+                for lref in re.findall(r"\blists\.([A-Za-z_]\w*)", _STRLIT.sub("''", rm.condition)):
+                    if lref not in lists:
+                        errors.append(ctx.err(loc + ["condition"], f"unknown list 'lists.{lref}'", rid))
+                    else:
+                        used_lists[lref] = lists[lref]
+                if re.search(r"\blists\s*\[", rm.condition):
+                    used_lists = dict(lists)      # lists["name"] indexing: hand over all of them
+                cond = CompiledCondition(rm.condition, prog, used, used_lists)
+            except Exception as e:
+                for line, col, text in _cel_errors(cnode, str(e)):
+                    errors.append(ctx.err(loc + ["condition"], f"CEL: {text}", rid, pos=(line, col)))
+    if rm.window is not None:
+        for f in rm.window.distinct_fields():
+            p = _check_field_path(f)
+            if p:
+                errors.append(ctx.err(loc + ["window", "distinct"], p, rid))
+    if rm.message is not None:
+        for ref in re.findall(r"\{([^{}]*)\}", rm.message):
+            if ref.startswith("window."):
+                if rm.window is None or ref[7:] not in ("count", "threshold", "seconds", "fields"):
+                    errors.append(ctx.err(loc + ["message"], f"unknown placeholder {{{ref}}}", rid))
+                continue
+            p = _check_field_path(ref) if re.fullmatch(r"[a-z_][\w.]*", ref) else f"bad placeholder {{{ref}}}"
+            if p:
+                errors.append(ctx.err(loc + ["message"], p, rid))
+    dd_fields: Tuple[str, ...]
+    if rm.dedup is not None and rm.dedup.fields is not None:
+        dd_fields = tuple(rm.dedup.fields)
+        for f in dd_fields:
+            p = _check_field_path(f)
+            if p:
+                errors.append(ctx.err(loc + ["dedup", "fields"], p, rid))
+    else:
+        dd_fields = tuple(dict.fromkeys(f for k in rm.on for f in DEFAULT_DEDUP_FIELDS.get(k, ())))
+    enforced = "none"
+    if rm.action == "block":
+        if not kernel_trusted:
+            for ploc, msg in kernel_block_problems(rm):
+                errors.append(ctx.err(loc + ploc, f"'block' the kernel cannot hold: {msg}", rid))
+        enforced = "kernel"
+        if cm is not None and "flow" in rm.on:
+            for p in sorted(cm.protocols - set(KERNEL_PROTOCOLS)):
+                errors.append(ctx.err(loc + ["match", "protocols"], f"'block' the kernel cannot hold: the kernel "
+                                      f"can only recognise {', '.join(KERNEL_PROTOCOLS)}, not {p!r}", rid))
+    elif rm.action == "kill":
+        enforced = "kernel" if _kernel_kill(rm) else "userspace"
+        # list items spliced in may carry wildcards the kernel cannot compare
+        if cm is not None and any(_is_wild(x) for x in cm.basename_list + cm.exe_path_list):
+            enforced = "userspace"
+    elif rm.action in ("kill-agent", "freeze-agent"):
+        enforced = "userspace"
+    if len(errors) > start or not rm.enabled:
+        return None
+    gate = None
+    if cm is not None and cm.basename_list and not cm.never and not any(_is_wild(b) for b in cm.basename_list):
+        gate = frozenset(cm.basename_list) | frozenset(b[:15] for b in cm.basename_list)
+    return Rule(
+        id=rid, description=rm.description, category=rm.category, severity=rm.severity,
+        on=tuple(dict.fromkeys(rm.on)), action=rm.action, tags=tuple(rm.tags), match=cm,
+        condition=cond, window=rm.window, dedup_fields=dd_fields,
+        dedup_seconds=rm.dedup.seconds if rm.dedup else 60.0, message=rm.message,
+        file=ctx.path, line=_mark(ctx.node(loc))[0], model=rm, enforced_in=enforced, gate=gate)
+
+
+def lint(paths: Iterable[Union[str, os.PathLike]], egress: Optional[Dict[str, Any]] = None) -> List[RuleError]:
+    """Every problem in the given rule files (empty list: they load)."""
+    try:
+        load_rules(paths, egress)
+    except RulesError as e:
+        return e.errors
+    return []

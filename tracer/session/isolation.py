@@ -1,0 +1,146 @@
+"""`agenttrace run` kept apart from the agent it starts (the agent is the adversary).
+
+- The agent gets its own session and process group (`setsid`), so a signal it sends to its
+  group (`kill -9 -$(ps -o pgid= $$)`) or that its terminal raises never reaches the tracer.
+- The agent keeps the caller's stdio; the tracer writes its records to that terminal from a
+  writer thread on its own descriptor (FdSink behind a QueuedSink), so an agent that stops
+  the terminal's output (`tcflow(TCOOFF)`, ^S) stalls only that thread: the reader, the rules
+  and the actions go on, and records the terminal cannot take are counted as sink drops.
+- `--user USER` runs the command without root (groups, gid, uid of USER).
+- In enforce mode the cgroup programs are pinned under RUN_PIN_ROOT/<agent>, so killing the
+  tracer (`kill -9 $PPID`) leaves the agent's connect/flow policy in force. A normal end
+  unpins; pins whose agent cgroup is gone are swept by the next `run`.
+"""
+from __future__ import annotations
+
+import os
+import pwd
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional
+
+from agenttrace.sinks.outputs import Sink
+
+RUN_PIN_ROOT = Path("/sys/fs/bpf/agenttrace-run")
+
+
+@dataclass(frozen=True)
+class RunUser:
+    name: str
+    uid: int
+    gid: int
+    home: str
+
+
+def resolve_user(spec: str) -> RunUser:
+    """A user name or numeric uid from the password database; ValueError when unknown."""
+    try:
+        pw = pwd.getpwuid(int(spec)) if spec.isdigit() else pwd.getpwnam(spec)
+    except (KeyError, OverflowError):
+        raise ValueError(f"--user: no such user '{spec}'") from None
+    return RunUser(pw.pw_name, pw.pw_uid, pw.pw_gid, pw.pw_dir)
+
+
+def agent_preexec(procs_file: str, user: Optional[RunUser] = None):
+    """What the forked child does before exec: join the agent cgroup (as root, so the exec
+    itself is traced), leave the tracer's session, then drop to `user`."""
+
+    def preexec() -> None:
+        with open(procs_file, "w") as f:
+            f.write("0")
+        os.setsid()
+        if user is not None:
+            os.initgroups(user.name, user.gid)
+            os.setgid(user.gid)
+            os.setuid(user.uid)
+
+    return preexec
+
+
+def user_env(user: Optional[RunUser], env: Optional[dict] = None) -> Optional[dict]:
+    if user is None:
+        return env
+    e = dict(os.environ if env is None else env)
+    e.update(HOME=user.home, USER=user.name, LOGNAME=user.name)
+    return e
+
+
+class FdSink(Sink):
+    """JSON lines written with os.write to a private duplicate of a descriptor (stdout).
+
+    No buffered Python stream: a write blocked by the agent (a stopped terminal) holds no
+    lock anything else needs, and closing never waits for it."""
+
+    def __init__(self, fd: int = 1, formatter=None, name: str = "stdout"):
+        super().__init__(name, formatter)
+        self._fd = os.dup(fd)
+        os.set_inheritable(self._fd, False)
+        self._broken = False
+
+    def emit_batch(self, records: Iterable[dict]) -> None:
+        lines = []
+        for r in records:
+            try:
+                lines.append(self._line(r))
+            except Exception:
+                self.dropped += 1
+        if not lines:
+            return
+        if self._broken:
+            self.dropped += len(lines)
+            return
+        data = memoryview(b"".join(lines))
+        try:
+            while data:
+                data = data[os.write(self._fd, data):]
+        except OSError:
+            # a closed pipe (`agenttrace run | head`) ends this sink, not the tracer
+            self._broken = True
+            self.dropped += bytes(data).count(b"\n")
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def stdout_sink(formatter=None):
+    """The caller's stdout for `run`, off the reader's thread. Closing waits briefly: a
+    stopped terminal must not keep the run from ending (what it never took is counted)."""
+    from agenttrace.sinks.outputs import QueuedSink
+    q = QueuedSink(FdSink(1, formatter))
+    q.close_timeout = 2.0
+    return q
+
+
+def run_pin_dir(agent_name: str) -> Path:
+    return RUN_PIN_ROOT / agent_name
+
+
+def sweep_stale_pins(cgroup_parent: Path) -> list[str]:
+    """Remove pins of earlier runs whose agent cgroup no longer holds a process."""
+    from agenttrace.enrich.cgroups import procs
+    removed = []
+    if not RUN_PIN_ROOT.is_dir():
+        return removed
+    for d in RUN_PIN_ROOT.iterdir():
+        cg = cgroup_parent / d.name
+        try:
+            if cg.is_dir() and procs(cg):
+                continue      # the agent outlived its tracer: its enforcement stays
+        except OSError:
+            pass
+        for f in d.iterdir():
+            try:
+                f.unlink()
+            except OSError:
+                pass
+        try:
+            d.rmdir()
+            removed.append(d.name)
+        except OSError:
+            pass
+    return removed

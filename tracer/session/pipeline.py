@@ -1,0 +1,599 @@
+"""A tracing session: the one pipeline behind `run`, `tail` and `daemon`.
+
+    ring buffer ─▶ decode ─▶ enrich ─▶ match ─▶ act ─▶ sinks
+
+They differ only in what they watch (cgroups given, a fresh cgroup for a command, config
+patterns) and where records go (stdout/file, the terminal, sockets/syslog); this class is
+the same for all three.
+"""
+from __future__ import annotations
+
+import collections
+import ctypes as C
+import logging
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+from agenttrace import __version__
+from agenttrace.kernel import wire as E
+from agenttrace.kernel import ringbuf as ringbuf
+from agenttrace.enrich.cgroups import AgentResolver, procs as cgroup_procs
+from agenttrace.clock import SystemClock
+from agenttrace.enrich.enricher import Enricher
+from agenttrace.enrich.scope import Scoper
+from agenttrace.session.event import Event
+from agenttrace.kernel.loader import Probes
+from agenttrace.session import SessionOptions, describe
+from agenttrace.act.worker import ActJob, ActWorker
+from agenttrace.enrich.proctable import ProcTable
+from agenttrace.schemaver import SCHEMA_VERSION
+from agenttrace.session.summary import Summaries, check_removed, finish_all
+from agenttrace.kernel.sockfence import default_entries as default_fence
+from agenttrace.timefmt import format_ns
+
+log = logging.getLogger("agenttrace")
+from agenttrace.session.flood import RATE_LIMITED  # noqa: E402  (one copy: AT_DROP_RATE_LIMITED in probes/common.h)
+
+
+# The tracer's knobs are the session's options: one definition (session.py), chosen in one place.
+Options = SessionOptions
+
+# Kernel switches flipped together by set_mode (probes/agenttrace.h AT_CFG_*): the exec and
+# file kills, connect blocks and protocol drops read AT_CFG_ENFORCE; the GPU fence reads it
+# and AT_CFG_GPU_FENCE (GpuFence writes that one from the config).
+_HOLD_EXITED_NS = 1_000_000_000     # how long an `exited` alert waits for the exit record
+
+
+class Tracer:
+    def __init__(self, opts: Options, sinks: Iterable, engine=None, actor=None, clock=None):
+        # actor: kept for callers that act outside the engine; the engine acts itself
+        self.opts = opts
+        self.sinks = list(sinks)
+        self.engine = engine
+        self.actor = actor
+        self.clock = clock or SystemClock()
+        self.node = socket.gethostname()
+        self.agents = AgentResolver(labels=opts.labels)
+        self.procs = ProcTable(opts.proc_table_size)
+        self.scoper = Scoper(internal=opts.internal)
+        self.enrich = Enricher(self.agents, self.procs, self.scoper, self.node)
+        self.probes: Optional[Probes] = None
+        self.counts: dict[str, int] = {}
+        self.alerts = 0
+        self.stage_errors = 0
+        self.started_ns = 0
+        self._batch: list[dict] = []
+        self._lock = threading.RLock()
+        self._last_stats = 0.0
+        self._stopped = False
+        self._logged: set = set()
+        self.hooks: list[Callable[[Event], None]] = []   # extra observers (tests, gpu, tail)
+        self.policy_writer = None
+        self._last_tick = 0.0
+        self._records = 0          # ring-buffer records taken, for the reader's idle test
+        self._reader: ringbuf.RingReader | None = None   # None: BCC's callback reader
+        self._quiet = False        # a full wakeup interval passed with nothing read
+        self.gpu = None
+        self.keep_pins = False
+        self._flood = None         # flood.FloodGuard, made on the first drop check
+        self._on_agent: list = []
+        self.agents.on_new = self._agent_discovered
+        self.agents.on_notice = self._notice
+        self._notices: "collections.deque" = collections.deque(maxlen=1000)
+        self.summaries = Summaries(self.node)
+        self.summary_on_stop: Optional[str] = None   # reason: every agent's summary at stop
+        # the act stage: userspace actions on their own thread; the reader never waits for one
+        self.act = ActWorker(getattr(engine, "actions", None) if engine is not None else None,
+                             procs=self.procs, maxsize=opts.act_queue)
+        if engine is not None:
+            engine.defer = self._defer
+        # what `exited` outcomes report: recent exit statuses, and the rule whose kernel block
+        # a process met before it gave up (bounded; pids are recycled, entries are short-lived)
+        self._exits: "collections.OrderedDict[int, tuple]" = collections.OrderedDict()
+        self._blocked_by: "collections.OrderedDict[int, str]" = collections.OrderedDict()
+        self._await_exit: list = []
+
+    # --- lifecycle -------------------------------------------------------------------
+    def _agent_discovered(self, cid: int, ident: dict) -> None:
+        self.summaries.register(ident)
+        for cb in self._on_agent:
+            cb(cid, ident)
+        if self.gpu is not None:
+            self.gpu.agent_seen(ident)
+
+    def _notice(self, code: str, message: str) -> None:
+        # may be called from other threads (the GPU sampler): queued, written by the reader
+        self._notices.append((code, message))
+
+    def _start_gpu(self) -> tuple:
+        from agenttrace.gpu.service import GpuService, table_resolver
+        cfg = self.opts.gpu
+        self.gpu = GpuService(cfg, table_resolver(self.procs, self.agents), mode=self.opts.mode,
+                              notice=self._notice, backend=self.opts.gpu_backend, node=self.node)
+        self.enrich.gpu_summary = self.gpu.summary
+        if cfg.fence == "off":
+            return (), []
+        return ("device",), self.gpu.probe_cflags()
+
+    def start(self) -> None:
+        t0 = time.monotonic()
+        features, cflags = tuple(self.opts.features), []
+        if "net" in features and "egress" not in features:
+            # allow-lists by name need the kernel's DNS learner wherever connects are hooked
+            features += ("egress",)
+        if self.opts.gpu is not None and getattr(self.opts.gpu, "enabled", True):
+            extra, cflags = self._start_gpu()
+            features += tuple(f for f in extra if f not in features)
+        cflags = list(cflags) + [f"-DAT_WAKE_NS={int(self.opts.wakeup_ms * 1_000_000)}ULL"]
+        self.probes = Probes(features, self.opts.ringbuf_pages, extra_cflags=cflags)
+        try:
+            self.probes.load()
+            if self.gpu is not None and "device" in features:
+                self.gpu.install_fence(self.probes)
+                self.enrich.device_names = self.gpu.device_names()
+            self._write_mode()
+            if "sock" in features:
+                from agenttrace.kernel.sockfence import write_fence
+                write_fence(self.probes["sock_fence"], self.opts.sock_fence)
+            self.probes.fail_closed_grace_s = self.opts.fail_closed_grace_s
+            if self.opts.rate_limit:
+                self.probes.set_flag("rate_cfg", 0, self.opts.rate_limit)
+                self.probes.set_flag("rate_cfg", 1, max(self.opts.rate_burst, self.opts.rate_limit))
+            if self.engine is not None:
+                # the policy is in the maps before any cgroup is watched: no unenforced window
+                self.install_policy(self.engine.ruleset)
+            for path in self.opts.cgroups:
+                self.watch(path)
+            self._open_reader()
+        except BaseException:
+            self.probes.close()
+            self.probes = None
+            raise
+        if self.gpu is not None:
+            self.gpu.start()
+        self.act.start()
+        self.started_ns = time.time_ns()
+        self._last_stats = time.monotonic()
+        self._lifecycle("started", startup_ms=round((time.monotonic() - t0) * 1000, 1),
+                        probes=list(features),
+                        watched=[self.agents.agent(c)["cgroup"] for c in self.probes.watched_ids()],
+                        **describe(self))
+        self._flush()
+
+    def install_policy(self, ruleset) -> None:
+        """Compile what the kernel can enforce from `ruleset` and write it into the maps.
+        capability.check proves the policy fits first, so a failure here is not a rule the
+        kernel cannot hold but a map write that failed."""
+        from agenttrace.kernel.capability import check
+        from agenttrace.kernel.maps import PolicyWriter
+        kp = check(ruleset, internal=self.opts.internal)
+        if self.policy_writer is None:
+            self.policy_writer = PolicyWriter(self.probes)
+            self._on_agent.append(lambda cid, ident: self.policy_writer.assign(cid, ident.get("group")))
+        self.policy_writer.apply(kp, {cid: a.get("group") for cid, a in self.agents.known().items()})
+        from agenttrace.kernel.egress import policy_rule_namer
+        self.enrich.policy_rule = policy_rule_namer(kp)
+        from agenttrace.session.flood import exec_watch_names, write_exec_watch
+        write_exec_watch(self.probes, exec_watch_names(ruleset))
+
+    def _write_mode(self) -> None:
+        # every kernel enforce switch is this one map slot (AT_CFG_ENFORCE): exec kills, file
+        # kills, connect blocks, protocol drops and the GPU fence cannot disagree after a reload
+        self.probes.set_flag("at_config", E.CFG_ENFORCE, 1 if self.opts.mode == "enforce" else 0)
+
+    def set_mode(self, mode: str) -> None:
+        """monitor <-> enforce, kernel and userspace together."""
+        self.opts.mode = mode
+        if self.probes is not None:
+            self._write_mode()
+        if self.gpu is not None:
+            self.gpu.mode = mode
+            if self.gpu.fence is not None:
+                self.gpu.fence.mode = mode
+        if self.engine is not None:
+            self.engine.mode = mode
+
+    def reload_rules(self, ruleset, mode: str | None = None) -> bool:
+        """Swap rules (and optionally the mode) without detaching probes. The new policy is
+        proven to fit before anything changes; if it does not, or writing the maps fails, the
+        running policy stays and `lifecycle/reload_failed` says why (returns False)."""
+        from agenttrace.kernel.capability import CapabilityError, check
+        from agenttrace.kernel.maps import EnforceError
+        try:
+            check(ruleset, internal=self.opts.internal)
+            self.install_policy(ruleset)
+        except Exception as e:
+            # whatever fails (maps that cannot hold it, anything unexpected), the daemon
+            # keeps running on the old policy
+            if isinstance(e, CapabilityError):
+                msg = "; ".join(str(x) for x in e.errors)
+            elif isinstance(e, (EnforceError, OSError, KeyError)):
+                msg = str(e)
+            else:
+                msg = f"{type(e).__name__}: {e}"
+            if self.engine is not None:
+                try:
+                    self.install_policy(self.engine.ruleset)   # the running policy, whole again
+                except Exception as e2:       # pragma: no cover - maps unwritable
+                    self._stage_error("reload", e2)
+            self._lifecycle("reload_failed", error=msg)
+            self._flush()
+            return False
+        if mode is not None and mode != self.opts.mode:
+            self.set_mode(mode)
+        self.engine.swap_rules(ruleset)
+        self._lifecycle("reloaded", rules=len(ruleset.rules), **describe(self))
+        self._flush()
+        return True
+
+    def reload_failed(self, error: str) -> None:
+        self._lifecycle("reload_failed", error=error)
+        self._flush()
+
+    def watch(self, path: Path, mode: str = "child", namer=None, labels: dict | None = None) -> int:
+        cid = self.probes.watch(path)
+        self.agents.watch(path, mode=mode, namer=namer, labels=labels)
+        if "escape" in self.probes.features:
+            from agenttrace.decode.escape import members, seed_members
+            seed_members(self.probes, members(path))
+        # processes already inside: known from /proc so their events carry identity/ancestry
+        self.procs.bootstrap(cgroup_procs(path))
+        return cid
+
+    def unwatch(self, cid: int) -> None:
+        self.probes.unwatch(cid)
+        self.agents.unwatch(cid)
+
+    def _open_reader(self) -> None:
+        table = self.probes["events"]
+        if ringbuf.supported():
+            self._reader = ringbuf.RingReader(table.map_fd, self.opts.ringbuf_pages * ringbuf.PAGE,
+                                              self._on_view)
+        else:
+            table.open_ring_buffer(self._on_record)
+
+    @property
+    def backlog(self) -> bool:
+        """Records were left in the ring at the end of the last poll (the reader is behind)."""
+        return self._reader is not None and self._reader.backlog
+
+    @property
+    def records_read(self) -> int:
+        return self._records
+
+    def _read(self, wait_ms: int, bounded: bool = True) -> None:
+        """Wait up to wait_ms for a wakeup, then take the records in the ring (bounded per
+        poll; `drain` takes them all)."""
+        if self._reader is not None:
+            if self._reader.backlog:
+                wait_ms = 0
+            if bounded:
+                self._reader.poll(wait_ms, self.opts.poll_max_records, int(self.opts.poll_budget_ms * 1e6))
+            else:
+                # everything already written, but not forever: an agent still flooding while
+                # we stop must not keep the stop from finishing
+                self._reader.poll(wait_ms, 0, 2_000_000_000)
+            return
+        # BCC's reader (architectures without the mmap reader) cannot be bounded: it returns
+        # only once the ring is empty
+        bpf = self.probes.bpf
+        if wait_ms > 0:
+            bpf.ring_buffer_poll(wait_ms)
+        bpf.ring_buffer_consume()
+
+    def poll(self, timeout_ms: int = 100) -> None:
+        hb = self.probes.heartbeat if self.probes is not None else None
+        if hb is not None:
+            hb.beat()      # pinned enforcement (probes.enable_pinning) fails closed without it
+        if self.opts.wakeup_ms > 0:
+            # Most records arrive without a wakeup (probes/common.h at_wake_flags), so wait at
+            # most the wakeup interval, then take whatever is in the ring. Once a whole
+            # interval has passed with nothing read, every CPU's next record wakes the reader
+            # (its last wakeup is older than the interval), so an idle reader may sleep for the
+            # caller's full timeout: no 200 wakeups a second on an idle node.
+            interval = max(1, int(self.opts.wakeup_ms))
+            wait = timeout_ms if self._quiet else min(timeout_ms, interval)
+            n0, t0 = self._records, time.monotonic()
+            self._read(wait)
+            self._quiet = self._records == n0 and (
+                self._quiet or (time.monotonic() - t0) * 1000 >= self.opts.wakeup_ms)
+        else:
+            self._read(timeout_ms)
+        for ev in self.enrich.expire_pending(self.opts.connect_hold_ms * 1_000_000):
+            self._process(ev)
+        if self.gpu is not None:
+            for ev in self.gpu.poll():
+                self._process(ev)
+        if self.act.done or self._await_exit:
+            self._collect_actions()
+        while self._notices:
+            code, message = self._notices.popleft()
+            self._lifecycle("notice", code=code, message=message)
+        if time.monotonic() - self._last_tick >= 1.0:
+            self._last_tick = time.monotonic()
+            if self.engine is not None:
+                self._alerts(self.engine.tick())
+            self.check_drops()
+            check_removed(self)
+        if self.opts.stats_interval_s and time.monotonic() - self._last_stats >= self.opts.stats_interval_s:
+            self._last_stats = time.monotonic()
+            self.enrich.resync_clock()
+            self._lifecycle("stats", **self.counters())
+        self._flush()
+
+    def drain(self) -> None:
+        """Consume what the kernel already wrote and release held connects."""
+        self._read(0, bounded=False)
+        for ev in self.enrich.flush_pending():
+            self._process(ev)
+        if self.engine is not None:
+            self._alerts(self.engine.flush())
+        # actions in flight finish before their alerts are written (bounded by verify time)
+        self.act.wait_idle(self.act.actions.verify_s + 1.0)
+        self._read(0)
+        self._collect_actions(force=True)
+        self._flush()
+
+    def stop(self) -> dict:
+        if self._stopped:
+            return self.counters()
+        self._stopped = True
+        counters = {}
+        try:
+            if self.probes is not None:
+                self.drain()
+                if self.summary_on_stop:
+                    finish_all(self, self.summary_on_stop)
+                counters = self.counters()
+                self._lifecycle("stopped", **counters)
+                self._flush()
+        finally:
+            self.act.stop()
+            if self.gpu is not None:
+                self.gpu.stop()
+            if self._reader is not None:
+                self._reader.close()
+                self._reader = None
+            if self.probes is not None:
+                self.probes.close(keep_pins=self.keep_pins)
+            for s in self.sinks:
+                try:
+                    s.close()
+                except Exception:
+                    pass
+        return counters
+
+    # --- act -------------------------------------------------------------------------
+    def _defer(self, job: ActJob) -> None:
+        """Engine → act worker, on the reader thread at decision time."""
+        job.ktime -= self.enrich.clock_offset       # wall → kernel time of the event
+        job.open_target()
+        self.act.submit(job)
+
+    def _collect_actions(self, force: bool = False) -> None:
+        """Alerts whose action finished: written now, with the final outcome."""
+        done = self.act.done
+        while done:
+            job = done.popleft()
+            if self.engine is not None:
+                self.engine.job_done(job)
+            if job.alert is None:
+                continue
+            if job.result.outcome == "exited" and job.pid not in self._exits and not force:
+                self._await_exit.append((time.monotonic_ns(), job))
+                continue
+            self._emit_acted(job)
+        if self._await_exit:
+            now = time.monotonic_ns()
+            keep = []
+            for t, job in self._await_exit:
+                if job.pid in self._exits or force or now - t > _HOLD_EXITED_NS:
+                    self._emit_acted(job)
+                else:
+                    keep.append((t, job))
+            self._await_exit = keep
+
+    def _emit_acted(self, job: ActJob) -> None:
+        r = job.alert.record["rule"]
+        if job.result.outcome == "exited":
+            st = self._exits.get(job.pid)
+            if st is not None:
+                r["exit_code"] = st[0]
+                if st[1] is not None:
+                    r["exit_signal"] = st[1]
+            stopper = self._blocked_by.get(job.pid)
+            if stopper:
+                r["stopped_by"] = stopper
+                r["message"] += f" [its connect was blocked in the kernel by rule {stopper}]"
+        self._alerts([job.alert])
+
+    def _note(self, ev: Event) -> None:
+        """Facts the act stage reports with `exited`: exit status, kernel blocks."""
+        rec = ev.record
+        if ev.kind == "exit":
+            d = self._exits
+            d[ev.pid] = (rec.get("exit_code"), rec.get("signal"))
+        elif ev.kind in ("connect", "flow"):
+            net = rec.get("net") or {}
+            if net.get("verdict") != "blocked":
+                return
+            pid = net.get("policy_id")
+            rid = self.policy_writer.policy.rule_for(pid) if (pid and self.policy_writer and
+                                                            self.policy_writer.policy) else None
+            if not rid:
+                return
+            d = self._blocked_by
+            d[ev.pid] = rid
+        else:
+            return
+        d.move_to_end(ev.pid)
+        while len(d) > 4096:
+            d.popitem(last=False)
+
+    # --- pipeline ----------------------------------------------------------------------
+    def _on_view(self, view, size) -> None:
+        self._records += 1
+        try:
+            rtype, obj = E.decode_buf(view, size)
+            if obj is None:
+                self.enrich.unknown_types += 1
+                return
+            for ev in self.enrich(rtype, obj):
+                self._process(ev)
+        except Exception as e:
+            # one bad record or a failing enricher never stops the reader; it is counted,
+            # and the first of each kind is logged so it cannot go unnoticed
+            self._stage_error("decode/enrich", e)
+
+    def _on_record(self, _ctx, data, size) -> int:
+        """BCC's callback (architectures without the mmap reader)."""
+        self._on_view(C.string_at(data, size), size)
+        return 0
+
+    def _stage_error(self, stage: str, e: Exception) -> None:
+        self.stage_errors += 1
+        key = (stage, type(e).__name__)
+        if key not in self._logged:
+            self._logged.add(key)
+            import traceback
+            log.error("agenttrace: %s failed (%s: %s); further such errors are only counted\n%s",
+                      stage, type(e).__name__, e, traceback.format_exc())
+
+    def _process(self, ev: Event) -> None:
+        self.counts[ev.kind] = self.counts.get(ev.kind, 0) + 1
+        if ev.kind in ("exit", "connect", "flow"):
+            self._note(ev)
+        for hook in self.hooks:
+            try:
+                hook(ev)
+            except Exception as e:
+                self._stage_error("hook", e)
+        self._batch.append(ev.record)
+        if self.engine is not None:
+            try:
+                alerts = self.engine.process(ev)
+            except Exception as e:
+                self._stage_error("match", e)
+                alerts = []
+            self._alerts(alerts)
+        if len(self._batch) >= 512:
+            self._flush()
+
+    def _alerts(self, alerts) -> None:
+        # the engine acts (enforce mode) before returning, so each alert's outcome is final
+        for al in alerts:
+            # when the alert was made, next to `ts` (its trigger's): the detection latency
+            al.record.setdefault("alerted", format_ns(time.time_ns()))
+            for hook in self.hooks:
+                try:
+                    hook(al)
+                except Exception as e:
+                    self._stage_error("hook", e)
+            self.alerts += 1
+            self.counts["alert"] = self.counts.get("alert", 0) + 1
+            self._batch.append(al.record)
+
+    def _flush(self) -> None:
+        if not self._batch:
+            return
+        batch, self._batch = self._batch, []
+        observe = self.summaries.observe
+        for r in batch:
+            r.setdefault("schema_version", SCHEMA_VERSION)
+            observe(r)
+        for s in self.sinks:
+            try:
+                s.emit_batch(batch)
+            except Exception:
+                s.dropped = getattr(s, "dropped", 0) + len(batch)
+
+    def _lifecycle(self, phase: str, **extra) -> None:
+        t = time.time_ns()
+        rec = {"ts": format_ns(t), "kind": "lifecycle", "node": self.node, "agent": None,
+               "phase": phase, "version": __version__, "mode": self.opts.mode}
+        rec.update(extra)
+        self._batch.append(rec)
+
+    def emit(self, ev: Event) -> None:
+        """Inject an event from another source (GPU sampler, tests) into the pipeline."""
+        self._process(ev)
+
+    def counters(self) -> dict:
+        kdrops = self.probes.drops() if self.probes else {}
+        full_by_agent: dict[str, int] = {}
+        rate_by_agent: dict[str, int] = {}
+        by_type: dict[str, int] = {}
+        for (agent, t), n in kdrops.items():
+            aid = self.agents.agent(agent)["id"]
+            target = rate_by_agent if t & RATE_LIMITED else full_by_agent
+            target[aid] = target.get(aid, 0) + n
+            name = E.TYPE_NAMES.get(t & ~RATE_LIMITED, str(t))
+            by_type[name] = by_type.get(name, 0) + n
+        events = {k: v for k, v in self.counts.items() if k != "alert"}
+        sink_drops: dict[str, int] = {}
+        for s in self.sinks:
+            if hasattr(s, "drops"):
+                sink_drops.update(s.drops())
+            else:
+                sink_drops[getattr(s, "name", type(s).__name__)] = getattr(s, "dropped", 0)
+        return {
+            "events": sum(events.values()),
+            "events_by_kind": events,
+            "alerts": self.alerts,
+            "drops": {
+                "kernel": sum(full_by_agent.values()) + sum(rate_by_agent.values()),
+                "kernel_by_agent": full_by_agent,
+                "rate_limited_by_agent": rate_by_agent,
+                "kernel_by_type": by_type,
+                "sinks": sink_drops,
+                "stage_errors": self.stage_errors,
+                "unknown_records": self.enrich.unknown_types,
+            },
+            "held_connects_displaced": self.enrich.pending_displaced,
+            "labels_rejected": self.agents.labels_rejected,
+            "actions": {"completed": self.act.completed, "queue_full": self.act.queue_full},
+            # each stage's own count, in pipeline order: where records went and where they stopped
+            "stages": {
+                "read": self._records,
+                "decode": {"records": sum(self.enrich.by_type.values()), "unknown": self.enrich.unknown_types,
+                           "by_type": {E.TYPE_NAMES.get(t, str(t)): n for t, n in self.enrich.by_type.items()}},
+                "enrich": {"events": sum(events.values()), "errors": self.stage_errors},
+                "match": ({"events": self.engine.stats["events"], "alerts": self.engine.stats["alerts"],
+                           "suppressed": self.engine.stats["suppressed"], "errors": self.engine.stats["errors"]}
+                          if self.engine is not None else None),
+                "act": {"completed": self.act.completed, "queue_full": self.act.queue_full,
+                        "pending": len(self._await_exit)},
+                "sink": {"drops": sink_drops},
+            },
+            "argv_read_failures": self.enrich.argv_read_failures,
+            "file_path_read_failures": self.enrich.file_path_read_failures,
+            "proc_table": {"size": len(self.procs), "evictions": self.procs.evictions},
+            **self._egress_counters(),
+        }
+
+    def _egress_counters(self) -> dict:
+        # the kernel DNS learner's counts: answers it could not parse are never silent
+        if self.probes is None or "egress" not in self.probes.features:
+            return {}
+        from agenttrace.kernel.egress import egress_stats
+        return {"egress_learner": egress_stats(self.probes)}
+
+    def check_drops(self) -> None:
+        """An alert when an agent's events are being dropped (flooding blinds a tracer: that
+        is itself worth a human's look), by cause; in enforce mode the agent that exceeded its
+        own rate limit is frozen (tracer/session/flood.py)."""
+        if self.probes is None:
+            return
+        from agenttrace.session.flood import FloodGuard
+        if self._flood is None:
+            self._flood = FloodGuard(self.opts.flood_action)
+
+        for ev, freeze in self._flood.check(self.probes.drops(), self.agents, self.opts.mode, self.node):
+            if freeze:
+                # off the reader, like every action: the act stage fills in the outcome
+                self.act.submit(ActJob("freeze-agent", 0, ev.record["agent"]["cgroup"], 0, ev))
+            else:
+                self._alerts([ev])
