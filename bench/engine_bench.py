@@ -4,10 +4,10 @@ rule pack over recorded events. Prints one JSON object.
     .venv/bin/python bench/engine_bench.py [--events N] [--events-file F.jsonl ...] [--rounds R]
 
 The events (tests/fixtures/events_*.jsonl: development work recorded with the real probes,
-plus crafted DESIGN §5 records of development work and attacks) are
+plus crafted the record contract (tracer/schema/event.schema.json) records of development work and attacks) are
 replayed round-robin across 64 agents with the clock advancing 100 µs per event, so windows
 and de-dup see realistic per-agent rates. Each round builds a fresh Engine; the best and
-median rounds are reported. Budget context (DESIGN §3): the reader decodes at most ~360 k
+median rounds are reported. Budget context (docs/ARCHITECTURE.md §4): the reader decodes at most ~360 k
 events/s, so match must stay well above that share of a core.
 """
 from __future__ import annotations

@@ -136,7 +136,7 @@ tracepoint:sock:inet_sock_set_state /cgroup == {cg} && args->newstate == 2 && ar
   printf("%llu connect %d %s %d\\n", nsecs, pid, ntop(args->daddr), args->dport);
 }}
 """),
-        # The brief's other option and the DESIGN §3 baseline: a syscalls:* tracepoint puts
+        # The brief's other option and the docs/ARCHITECTURE.md §4 baseline: a syscalls:* tracepoint puts
         # every task on the slow syscall path, so the untraced workloads pay for it.
         "bpftrace-syscalls": (
             "sched:sched_process_exec + syscalls:sys_enter_connect (sockaddr read from user memory): "

@@ -178,7 +178,7 @@ BPF_LPM_TRIE(scopes, struct at_scope_key, u32, 1024);
 BPF_HASH(agent_group, u64, u32, 4096);
 #endif
 
-#if defined(AT_WITH_FLOW) || defined(AT_WITH_DNS) || defined(AT_WITH_EGRESS)
+#if defined(AT_WITH_FLOW) || defined(AT_WITH_DNS) || defined(AT_WITH_EGRESS) || defined(AT_WITH_ICMP)
 /* Shared by the cgroup_skb probes (flow.c, dns.c, egress.c). */
 #define AT_ETH_P_IP   0x0800
 #define AT_ETH_P_IPV6 0x86DD
@@ -268,6 +268,6 @@ static __always_inline int at_skb_l3(struct __sk_buff *skb, struct at_l3 *l)
 	}
 	return -1;
 }
-#endif /* AT_WITH_FLOW || AT_WITH_DNS || AT_WITH_EGRESS */
+#endif /* AT_WITH_FLOW || AT_WITH_DNS || AT_WITH_EGRESS || AT_WITH_ICMP */
 
 #endif

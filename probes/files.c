@@ -1,7 +1,7 @@
 /* SSH-related files: writes to authorized_keys, reads of private keys and host keys.
  *
  * Why these hooks: nothing but syscall tracepoints sees a path being opened on this kernel
- * family (no kprobes, LSM or fentry here; DESIGN §3). They are the most expensive hook
+ * family (no kprobes, LSM or fentry here; docs/ARCHITECTURE.md §4). They are the most expensive hook
  * agenttrace uses: while any syscalls:* tracepoint is attached, every task on the machine
  * takes the slow syscall path. So this feature is optional (probe feature `files`), and
  * the first thing every program does is the agent scope check: a task outside agent
@@ -196,7 +196,7 @@ static __always_inline int at_file_event(u16 sys, s32 dfd, const char *upath, u3
 		return 0;
 	}
 	if (n <= 0) {
-		/* never hidden (DESIGN §3): counted and reported with class unknown */
+		/* never hidden (docs/ARCHITECTURE.md §4): counted and reported with class unknown */
 		e->path[0] = 0;
 		e->path_len = 0;
 		e->fflags |= AT_FILE_READ_FAILED;

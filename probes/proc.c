@@ -3,7 +3,7 @@
  * Why these hooks: sched:* tracepoints fire once per process event whatever syscall or
  * io_uring path caused it (execve, execveat, fexecve of a memfd all end in
  * sched_process_exec), and unlike syscall tracepoints they leave every other task on the
- * fast syscall path (DESIGN §3).
+ * fast syscall path (docs/ARCHITECTURE.md §4).
  *
  * Kernel fields we cannot avoid (parent, argv, exit code) are read at offsets the loader
  * takes from the running kernel's BTF and passes as AT_OFF_* constants. */
@@ -89,7 +89,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 
 	/* argv: the new image's stack holds it between mm->arg_start and arg_end; the kernel has
 	 * just written those pages, so the user read normally succeeds. A failure is flagged,
-	 * never hidden (DESIGN §3). */
+	 * never hidden (docs/ARCHITECTURE.md §4). */
 	bpf_probe_read_kernel(&mm, sizeof(mm), task + AT_OFF_TASK_MM);
 	if (mm) {
 		unsigned long start = 0, end = 0;

@@ -189,6 +189,26 @@ def make_session():
         t.stop()
 
 
+def _demo_leftovers():
+    from agenttrace.enrich.cgroups import cgroup2_mount
+    cg = sorted(p.name for p in cgroup2_mount().iterdir() if p.name.startswith("agenttrace-demo-"))
+    ns = sorted(n for n in os.listdir("/run/netns") if n.startswith("at-")) if os.path.isdir("/run/netns") else []
+    return cg, ns
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """`agenttrace demo --events FILE` run once, the way the README's `make demo` runs it:
+    (completed process, events file, leftovers before, leftovers after). The demo test and the
+    report test share it (it takes half a minute)."""
+    need_bpf()
+    events = tmp_path_factory.mktemp("demo") / "demo.jsonl"
+    before = _demo_leftovers()
+    r = subprocess.run([AGENTTRACE, "demo", "--no-color", "--events", str(events)],
+                       capture_output=True, text=True, timeout=300)
+    return r, events, before, _demo_leftovers()
+
+
 @pytest.fixture
 def python():
     return sys.executable

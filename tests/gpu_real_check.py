@@ -173,7 +173,7 @@ def main() -> int:
     args = ap.parse_args()
 
     _import_agenttrace()
-    from agenttrace.enrich.enricher import cgroups as cgroups
+    from agenttrace.enrich import cgroups
     from agenttrace.gpu.service import (GpuConfig, GpuFence, GpuSampler, GpuTracker, GpuUnavailable, NvmlBackend,
                                 ProcfsResolver, nvidia_uvm_major)
 

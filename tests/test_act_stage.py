@@ -118,13 +118,12 @@ child = subprocess.Popen(["sleep", "100"])
 r, w = os.pipe()
 if os.fork() == 0:                 # double fork: the grandchild is reparented away from us
     if os.fork() == 0:
+        os.write(w, b"%d\\n" % os.getpid())      # its own pid: no guessing from /proc
         os.execvp("sleep", ["sleep", "200"])
-    os.write(w, b"x"); os._exit(0)
-os.read(r, 1)
-time.sleep(0.2)
-gc = [int(p) for p in os.listdir("/proc") if p.isdigit() and
-      open(f"/proc/{p}/cmdline", "rb").read() == b"sleep\\x00200\\x00"]
-print(child.pid, *gc, flush=True)
+    os._exit(0)
+gc = int(os.read(r, 32).split()[0])
+time.sleep(0.2)                    # the intermediate is gone, the grandchild is sleep 200
+print(child.pid, gc, flush=True)
 socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=5)
 time.sleep(30)
 """

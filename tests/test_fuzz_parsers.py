@@ -12,7 +12,7 @@ import pytest
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
-from agenttrace import fuzzing  # noqa: E402
+from agenttrace.lab import fuzzing  # noqa: E402
 
 # Bounded and reproducible in CI (derandomize: the same examples every run, so a failure is a
 # bug, never luck); AGENTTRACE_FUZZ_EXAMPLES raises the count for a local deeper run.

@@ -17,7 +17,7 @@ import pynvml
 import pytest
 from pydantic import ValidationError
 
-from agenttrace.enrich.enricher import cgroups as cgroups
+from agenttrace.enrich import cgroups
 from conftest import AgentTree
 from agenttrace.clock import FakeClock
 from agenttrace.gpu.service import (GpuConfig, GpuEnricher, GpuSampler, GpuTracker, GpuUnavailable, NvmlBackend,

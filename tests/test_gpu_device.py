@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from agenttrace.enrich.enricher import cgroups as cgroups
+from agenttrace.enrich import cgroups
 from conftest import AgentTree, need_bpf
 from agenttrace.gpu.service import NVIDIA_MAJOR, GpuConfig, GpuFence, device_body, nvidia_uvm_major
 

@@ -150,6 +150,11 @@ def every_kind() -> dict[str, dict]:
         "root": {"pid": 321, "exe": "/usr/bin/ssh", "exit_code": 0}, "alerts": 1,
         "alerts_by_rule": {"tunnel-ssh": {"reported": 1}}, "connects_by_proto": {"tcp/allowed": 1},
         "flows_by_protocol": {"ssh": 1}, "destinations": [["203.0.113.7:22", 1]], "dns_names": [], "gpu": []})
+    out["socket fenced"] = rec("socket", proc=PROC, socket={"family": "inet", "type": "raw", "protocol": "icmp",
+                                                             "verdict": "blocked", "fenced": True})
+    out["escape killed"] = rec("escape", proc=PROC, escape={"pid": 321, "by_pid": 321, "self": True,
+                                                            "how": "cgroup_procs", "verdict": "killed",
+                                                            "to": {"cgroup": "/elsewhere", "cgroup_id": 9}})
     out["connect from the inventory"] = rec("connect", proc=PROC, net=dict(NET, op="inventory", cookie=77))
     for result in ("established", "pending", "refused", "error", "sent", "blocked"):
         net = dict(NET, result=result, verdict="blocked" if result == "blocked" else "allowed")

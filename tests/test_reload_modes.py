@@ -70,7 +70,7 @@ def test_reload_flips_all_enforcement(netlab, agent_tree, make_session, tmp_path
         r = agent_tree.run(a, [PY, "-c", OPEN, str(gpu)])
         out["gpu_denied"] = int(r.stdout.strip()) == errno.EPERM
         # SSH on 443 to an external host: the connect is allowed, the banner is dropped
-        r = netlab.check_in_agent(["timeout", "8"] + netlab.ssh_argv(netlab.ssh_host, 443, command=["true"]),
+        r = netlab.check_in_agent(["timeout", "4"] + netlab.ssh_argv(netlab.ssh_host, 443, command=["true"]),
                                   cgroup=a, timeout=30)
         out["flow_dropped"] = r.returncode != 0
         sess.settle()

@@ -83,9 +83,8 @@ def test_console_detector_sees_errors(tmp_path):
     assert any("Uncaught ReferenceError" in l for l in _console(r.stderr))
 
 
-def test_html_report_of_the_demo_in_headless_chromium(tmp_path, require_bpf):
-    events = tmp_path / "demo.jsonl"
-    d = _run("demo", "--no-color", "--events", str(events))
+def test_html_report_of_the_demo_in_headless_chromium(tmp_path, demo_run):
+    d, events, _before, _after = demo_run
     assert d.returncode == 0, d.stdout[-2000:] + d.stderr[-2000:]
     recs = [json.loads(l) for l in events.read_text().splitlines()]
     agents = {r["agent"]["id"] for r in recs if r.get("agent")}

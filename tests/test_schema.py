@@ -1,4 +1,4 @@
-"""The machine-readable JSON Schema of the DESIGN §5 contract: it accepts a sample of every
+"""The machine-readable JSON Schema of the the record contract (tracer/schema/event.schema.json) contract: it accepts a sample of every
 kind and rejects malformed records."""
 from __future__ import annotations
 

@@ -88,7 +88,7 @@ class AgentWatch(_Model):
         """The agent cgroup (relative to the mount) that a process in cgroup `path` belongs to
         under this watch, or None when `path` is outside it. Glob characters match within one
         path component. With agent=child, a process directly in the watched cgroup is an agent
-        of its own, named after the watched cgroup (DESIGN §7)."""
+        of its own, named after the watched cgroup (README, Using it)."""
         pat = self._parts()
         parts = [p for p in path.split("/") if p]
         if len(parts) < len(pat):

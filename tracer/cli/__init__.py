@@ -247,6 +247,7 @@ def tail(
     no_rules: bool = typer.Option(False, "--no-rules", help="When tracing itself: no rules, no alerts."),
     mode: Literal["monitor", "enforce"] = typer.Option("monitor", "--mode", help="When tracing itself: monitor or enforce."),
     internal: List[str] = typer.Option([], "--internal", help="When tracing itself: CIDR that counts as internal. Repeatable."),
+    no_net: bool = typer.Option(False, "--no-net", help="When tracing itself: process events only (no connect, flow, DNS or listen hooks)."),
     label: List[str] = typer.Option([], "--label", "-l", help="Only records whose agent has KEY=VALUE (repeatable; e.g. episode=ep-7). Filtered by the daemon when attached to it."),
 ):
     """The human view: one coloured line per event. Attaches to the daemon when it runs."""
@@ -337,7 +338,7 @@ def tail(
         _require_root()
         # the same session `run` builds (probes, rules, enforcement): only the sink differs
         opts = S.SessionOptions(mode=mode, cgroups=_resolve_cgroups(cgroup), internal=_check_cidrs(internal),
-                                features=S.features(files=files), rule_paths=list(rules) or None,
+                                features=S.features(no_net=no_net, files=files), rule_paths=list(rules) or None,
                                 use_rules=not no_rules, gpu=_gpu_config("allow"))
         ruleset = S.load_ruleset(opts)
     except (BadInput, CgroupError) as e:

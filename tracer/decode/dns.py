@@ -145,7 +145,7 @@ def _parse_partial(wire: bytes) -> dict:
 
 
 def dns_body(parsed: dict, server_addr: str, server_port: int) -> dict:
-    """The DESIGN §5 ``dns`` body: {query, qtype, server{addr,port}} plus answers (responses),
+    """The the record contract (tracer/schema/event.schema.json) ``dns`` body: {query, qtype, server{addr,port}} plus answers (responses),
     rcode and the parse flags. ``server`` is the destination of a query and the source of a
     response."""
     body = {"query": parsed["query"], "qtype": parsed["qtype"],
@@ -158,7 +158,7 @@ def dns_body(parsed: dict, server_addr: str, server_port: int) -> dict:
 
 
 def dns_parts(rec) -> tuple[dict, dict]:
-    """The ``net`` and ``dns`` parts of a DESIGN §5 ``dns`` record from one kernel
+    """The ``net`` and ``dns`` parts of a the record contract (tracer/schema/event.schema.json) ``dns`` record from one kernel
     ``struct at_dns`` (agenttrace.kernel.wire.Dns). The server is the destination of a query and
     the source of an answer. A message that cannot be parsed still yields a record, with
     ``dns.error`` saying why and the first bytes in hex."""

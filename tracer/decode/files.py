@@ -84,7 +84,7 @@ def resolve(raw: str, pid: int, dfd: int, proc_root: str = "/proc") -> tuple[str
 def file_body(raw: str, op: int, syscall: str, flags: int, fclass: str | None, killed: bool,
               policy_id: int, pid: int, dfd: int, read_failed: bool, truncated: bool,
               late: bool = False) -> dict:
-    """The `file` section of a record (DESIGN §5 contract in docs/CONTRACTS.md)."""
+    """The `file` section of a record (contract in docs/FEATURES.md)."""
     path, resolved = resolve(raw, pid, dfd) if not read_failed else (None, False)
     cls = fclass or "unknown"
     if path is not None and not read_failed:

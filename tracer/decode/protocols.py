@@ -5,7 +5,7 @@ tolerates truncation: it reports what the captured bytes contain and says ``trun
 a structure ran past them. All functions are pure; the only input is bytes.
 
 ``classify(data, direction) -> (protocol, detail)`` with protocol one of ``ssh``, ``stratum``,
-``tls``, ``http``, ``unknown`` (DESIGN §5, ``flow.protocol`` / ``flow.detail``).
+``tls``, ``http``, ``unknown`` (the record contract (tracer/schema/event.schema.json), ``flow.protocol`` / ``flow.detail``).
 """
 from __future__ import annotations
 
@@ -390,7 +390,7 @@ def _http_headers(out: dict, rest: bytes) -> None:
 # -- kernel flow records → record parts ---------------------------------------------------------
 
 def flow_parts(rec) -> tuple[dict, dict]:
-    """The ``net`` and ``flow`` parts of a DESIGN §5 ``flow`` record from one kernel
+    """The ``net`` and ``flow`` parts of a the record contract (tracer/schema/event.schema.json) ``flow`` record from one kernel
     ``struct at_flow`` (agenttrace.kernel.wire.Flow). ``net.src`` is always the agent's end and
     ``net.dst`` the remote end, whichever way the bytes went (``flow.direction``); scope and
     name are left for the enrich stage. ``flow.protocol`` is the userspace classification;

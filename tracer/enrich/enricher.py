@@ -1,4 +1,4 @@
-"""Decode + enrich: ring-buffer records → pipeline Events in the DESIGN §5 shape.
+"""Decode + enrich: ring-buffer records → pipeline Events in the the record contract (tracer/schema/event.schema.json) shape.
 
 Runs in the reader's callback, so it must stay cheap: dict building, a process-table lookup,
 a cached scope lookup; /proc is touched only for processes we have not seen.

@@ -1,4 +1,4 @@
-"""Destination scope: loopback, internal, metadata or external (DESIGN §5).
+"""Destination scope: loopback, internal, metadata or external (the record contract (tracer/schema/event.schema.json)).
 
 One table: `scope_rows()` is what the kernel's LPM trie is filled with (tracer/match/policy.py) and
 what `Scoper` answers from in userspace, with the same rule — the longest prefix wins, and on

@@ -511,7 +511,7 @@ class GpuConfig(BaseModel):
 
 
 Resolver = Callable[[int], Optional[Tuple[dict, Optional[dict]]]]
-"""resolve(pid) -> (proc dict of DESIGN §5, agent dict or None); None when the pid is unknown."""
+"""resolve(pid) -> (proc dict of the record contract (tracer/schema/event.schema.json), agent dict or None); None when the pid is unknown."""
 
 
 @dataclass
@@ -602,7 +602,7 @@ class GpuTracker:
         r = None
         try:
             r = self.resolve(use.pid)
-        except Exception:  # noqa: BLE001 - an enricher failing never stops the pipeline (DESIGN §4)
+        except Exception:  # noqa: BLE001 - an enricher failing never stops the pipeline (docs/ARCHITECTURE.md §3)
             r = None
         if r is None:
             proc, agent = {"pid": use.pid, "ppid": 0, "uid": None, "comm": "", "exe": "", "args": [], "ancestry": []}, None
@@ -733,7 +733,7 @@ def _proc_cgroup_path(pid: int) -> str:
 
 def agent_cgroup_of(cgroup: str, watched: Sequence[str]) -> Optional[str]:
     """The agent cgroup (relative path) a cgroup belongs to: the watched cgroup's direct child on
-    its path, or the watched cgroup itself (DESIGN §7); None outside every watched cgroup."""
+    its path, or the watched cgroup itself (README, Using it); None outside every watched cgroup."""
     for w in watched:
         w = w.rstrip("/") or "/"
         if cgroup == w or cgroup.startswith(w.rstrip("/") + "/"):
@@ -781,7 +781,7 @@ def _read_stat(pid: int) -> Tuple[str, int]:
 
 
 class ProcfsResolver:
-    """resolve(pid) from /proc; agents are the direct children of the watched cgroups (DESIGN §7)."""
+    """resolve(pid) from /proc; agents are the direct children of the watched cgroups (README, Using it)."""
 
     def __init__(self, watched: Sequence[str], mount: Optional[str] = None, max_ancestry: int = 8):
         self.mount = str(mount or cgroup2_mount())
@@ -873,7 +873,7 @@ _ACCESS = ((2, "r"), (4, "w"), (1, "m"))  # BPF_DEVCG_ACC_READ/WRITE/MKNOD, in c
 
 def device_body(major: int, minor: int, access: int, dev_type: int, verdict: int,
                 names: Optional[Mapping[int, str]] = None) -> dict:
-    """The `device` body of DESIGN §5 from an `at_device` record (for the decoder)."""
+    """The `device` body of the record contract (tracer/schema/event.schema.json) from an `at_device` record (for the decoder)."""
     return {"major": major, "minor": minor,
             "access": "".join(n for bit, n in _ACCESS if access & bit),
             "type": {1: "block", 2: "char"}.get(dev_type, str(dev_type)),

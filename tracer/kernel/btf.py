@@ -2,7 +2,7 @@
 
 The probes read a handful of kernel-internal fields (a task's parent, argv bounds, exit
 code). Those offsets must come from the running kernel, never from headers that may belong
-to another kernel (DESIGN §3), so the loader asks this module and passes them as -D constants.
+to another kernel (docs/ARCHITECTURE.md §4), so the loader asks this module and passes them as -D constants.
 Only the parts of the BTF format needed to find struct members are decoded.
 """
 from __future__ import annotations

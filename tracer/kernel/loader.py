@@ -48,9 +48,13 @@ FEATURES: dict[str, tuple[str, list[tuple[str, str, int]]]] = {
         ("at_dns_egress", "CGROUP_SKB", CGROUP_INET_EGRESS),
         ("at_dns_ingress", "CGROUP_SKB", CGROUP_INET_INGRESS),
     ]),
-    # learns the addresses DNS answers give for allowed names (needs "net": its maps)
+    # learns the addresses DNS answers give for allowed names (needs "net": its maps); loaded
+    # only where an allow-list is configured (session start decides)
     "egress": ("egress.c", [
         ("at_egress_learn", "CGROUP_SKB", CGROUP_INET_INGRESS),
+    ]),
+    # ICMP echo from agent sockets as connect records, under the destination policy (needs "net")
+    "icmp": ("icmp.c", [
         ("at_icmp_egress", "CGROUP_SKB", CGROUP_INET_EGRESS),
     ]),
     # socket fencing: raw IP sockets (and whatever else the fence names) per agent
@@ -77,7 +81,7 @@ RAW_TRACEPOINTS: dict[str, list[tuple[str, str]]] = {
     "escape": [("sched_process_fork", "at_esc_fork"), ("sched_process_exit", "at_esc_exit"),
                ("sched_process_exec", "at_esc_exec")],
 }
-DEFAULT_FEATURES = ("proc", "net", "listen", "flow", "dns", "sock", "escape")
+DEFAULT_FEATURES = ("proc", "net", "listen", "flow", "dns", "icmp", "sock", "escape")
 OPTIONAL_FEATURES = ("files",)   # selectable in run/tail (--files) and the daemon config
 
 # syscall tracepoints files.c uses besides sys_enter_openat (present everywhere); each is
@@ -130,7 +134,7 @@ def release_compiler_memory() -> int:
 
 
 def ensure_tracefs() -> Path:
-    """tracefs may not be mounted (DESIGN §3); BCC needs it to attach tracepoints."""
+    """tracefs may not be mounted (docs/ARCHITECTURE.md §4); BCC needs it to attach tracepoints."""
     if (TRACEFS / "events").is_dir():
         return TRACEFS
     legacy = Path("/sys/kernel/debug/tracing")
@@ -208,6 +212,8 @@ class Probes:
             raise ProbeError(f"unknown probe feature(s): {', '.join(sorted(unknown))}")
         if "egress" in features and "net" not in features:
             raise ProbeError("probe feature 'egress' needs 'net' (the connect hooks it feeds)")
+        if "icmp" in features and "net" not in features:
+            raise ProbeError("probe feature 'icmp' needs 'net' (the destination policy it applies)")
         if "escape" in features and "proc" not in features:
             raise ProbeError("probe feature 'escape' needs 'proc' (its BTF offsets)")
         self.features = tuple(features)

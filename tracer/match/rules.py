@@ -48,7 +48,7 @@ EVENT_KINDS = ("exec", "fork", "exit", "connect", "listen", "dns", "flow", "gpu"
                "socket", "escape")
 SEVERITY_RANK = {s: i for i, s in enumerate(SEVERITIES)}
 
-# Which top-level sections a record of each kind carries (DESIGN §5). Used to reject a CEL
+# Which top-level sections a record of each kind carries (the record contract (tracer/schema/event.schema.json)). Used to reject a CEL
 # condition or a match group that can never see its data for one of the rule's kinds.
 COMMON_VARS = ("ts", "kind", "node", "agent")
 KIND_SECTIONS: Dict[str, Tuple[str, ...]] = {
@@ -290,7 +290,7 @@ _cel_envs: Dict[str, Any] = {}
 
 
 def _typed_pool():
-    """A protobuf descriptor pool describing the event records (DESIGN §5) so that CEL type
+    """A protobuf descriptor pool describing the event records (the record contract (tracer/schema/event.schema.json)) so that CEL type
     checking catches misspelt fields (`proc.arg`) and type mistakes (`net.dst.port == "22"`)
     at load time. Evaluation uses plain maps; this pool is only for checking."""
     from google.protobuf import descriptor_pb2, descriptor_pool, struct_pb2

@@ -183,11 +183,18 @@ def run_daemon(config_path: str, status_path: Path = STATUS_PATH) -> int:
 RESTART_SECTIONS = ("sinks", "limits", "metrics", "pinning", "probes", "node")
 
 
+def _has_allow_list(egress) -> bool:
+    return any(getattr(p, "mode", None) == "allow-list" for p in (egress or {}).values())
+
+
 def _restart_needed(old, new) -> list[str]:
     out = [k for k in RESTART_SECTIONS if getattr(old, k) != getattr(new, k)]
     og, ng = old.gpu, new.gpu
     # GPU policy (groups, quotas, thresholds, trainers) applies live; whether the sampler and
     # the device fence exist at all was decided when the probes were loaded
+    # the DNS learner (probes/egress.c) is loaded only where an allow-list is configured
+    if _has_allow_list(old.egress) != _has_allow_list(new.egress):
+        out.append("egress (an allow-list turned on or off)")
     if (og is None) != (ng is None) or (og is not None and (og.enabled != ng.enabled or
                                                             (og.fence == "off") != (ng.fence == "off"))):
         out.append("gpu")

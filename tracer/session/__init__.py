@@ -75,7 +75,7 @@ def features(no_net: bool = False, no_flow: bool = False, no_dns: bool = False,
     drop = set()
     if no_net:
         # without the connect hooks there are no agent sockets to follow
-        drop |= {"net", "flow", "dns", "listen"}
+        drop |= {"net", "flow", "dns", "listen", "icmp"}
     if no_flow:
         drop.add("flow")
     if no_dns:

@@ -9,7 +9,7 @@ from agenttrace.timefmt import parse_ns
 class Event:
     """One event on its way through the pipeline.
 
-    `record` is exactly the JSON record of DESIGN §5; the other fields are what stages need
+    `record` is exactly the JSON record of the record contract (tracer/schema/event.schema.json); the other fields are what stages need
     cheaply without digging into the record (and what never goes on the wire).
     """
 

@@ -121,8 +121,9 @@ class Tracer:
     def start(self) -> None:
         t0 = time.monotonic()
         features, cflags = tuple(self.opts.features), []
-        if "net" in features and "egress" not in features:
-            # allow-lists by name need the kernel's DNS learner wherever connects are hooked
+        if "net" in features and "egress" not in features and self._allow_lists():
+            # allow-lists by name need the kernel's DNS learner; without one it would only
+            # cost its verification at every start
             features += ("egress",)
         if self.opts.gpu is not None and getattr(self.opts.gpu, "enabled", True):
             extra, cflags = self._start_gpu()
@@ -178,6 +179,12 @@ class Tracer:
         self.enrich.policy_rule = policy_rule_namer(kp)
         from agenttrace.session.flood import exec_watch_names, write_exec_watch
         write_exec_watch(self.probes, exec_watch_names(ruleset))
+
+    def _allow_lists(self) -> bool:
+        rs = self.engine.ruleset if self.engine is not None else None
+        pols = list((getattr(rs, "egress", None) or {}).values()) + list((self.opts.egress or {}).values())
+        return any(getattr(p, "mode", None) == "allow-list" or (isinstance(p, dict) and p.get("mode") == "allow-list")
+                   for p in pols)
 
     def _write_mode(self) -> None:
         # every kernel enforce switch is this one map slot (AT_CFG_ENFORCE): exec kills, file

@@ -1,4 +1,4 @@
-"""DESIGN §5 records rendered as OCSF 1.4.0 events for SIEMs that ingest OCSF.
+"""the record contract (tracer/schema/event.schema.json) records rendered as OCSF 1.4.0 events for SIEMs that ingest OCSF.
 
 Classes: exec/exit → Process Activity (1007); file → File System Activity (1001);
 connect/listen/flow → Network Activity (4001); dns → DNS Activity (4003); alert → Detection

@@ -1,6 +1,6 @@
 """Where records go: JSON lines to streams, rotated files, a root-only Unix socket, syslog.
 
-Every sink implements the CONTRACTS.md interface (`name`, `emit(record)`, `close()`,
+Every sink implements the sink interface (docs/ARCHITECTURE.md §3) (`name`, `emit(record)`, `close()`,
 `dropped`). Concrete sinks write synchronously; `QueuedSink` puts any of them on its own
 thread behind a bounded queue so a slow or dead consumer costs the kernel reader one
 append and, when full, one counted drop — never a wait. `Fanout` is what the pipeline holds.
