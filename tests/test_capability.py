@@ -99,3 +99,28 @@ def test_lint_cli_names_rule_file_and_line(tmp_path):
     # and the same set refused at start, exit 2, nothing attached
     r2 = subprocess.run([AGENTTRACE, "run", "--rules", str(f), "--", "true"], capture_output=True, text=True)
     assert r2.returncode == 2 and "slot-4" in r2.stderr and "Traceback" not in r2.stderr, r2.stderr
+
+
+def test_map_structs_match_what_the_writers_assume(maps):
+    """The policy writers (kernel/maps.py, kernel/egress.py, decode/protocols.py) fill map keys
+    by raw offsets and slot counts; BCC builds the key/leaf types from the C. This is the parity
+    test for the map structs, as test_wire is for the record structs: a field moved or a slot
+    added on one side only fails here."""
+    import ctypes as C
+    from agenttrace.kernel import maps as M
+    from agenttrace.kernel.wire import COMM_LEN, CFG__MAX, PATH_MAX
+    from agenttrace.decode.protocols import FLOW_SLOTS
+
+    def layout(t):
+        return [(name, getattr(t, name).offset, C.sizeof(ty)) for name, ty, *_ in t._fields_]
+    assert layout(maps["scopes"].Key) == [("prefixlen", 0, 4), ("addr", 4, 16)]
+    # _net writes gid at +4 and the v4-mapped address at +8 of the LPM key
+    assert layout(maps["dst_policy"].Key) == [("prefixlen", 0, 4), ("gid", 4, 4), ("addr", 8, 16)]
+    assert layout(maps["scope_policy"].Key) == [("gid", 0, 4), ("port", 4, 4)]
+    assert layout(maps["flow_policy"].Key) == [("gid", 0, 4), ("proto", 4, 4)]
+    for name, slots in (("dst_policy", M.SLOTS), ("scope_policy", M.SLOTS), ("flow_policy", FLOW_SLOTS)):
+        s = maps[name].Leaf.s
+        assert s.size // C.sizeof(maps[name].Leaf().s[0]) == slots, name
+    assert [f for f, *_ in maps["group_allow"].Leaf._fields_][:2] == ["scope_mask", "policy_id"]
+    assert C.sizeof(maps["kill_paths"].Key) == PATH_MAX and C.sizeof(maps["kill_names"].Key) == COMM_LEN
+    assert maps["at_config"].max_entries == CFG__MAX

@@ -17,7 +17,7 @@ import yaml
 from pydantic import (BaseModel, ByteSize, ConfigDict, Field, ValidationError, PrivateAttr, field_validator)
 
 from agenttrace.gpu.service import GpuConfig
-from agenttrace.match.policy import EgressPolicy
+from agenttrace.match.egress_policy import EgressPolicy
 
 DEFAULT_PATH = "/etc/agenttrace/agenttrace.yaml"
 DEFAULT_SOCKET = "/run/agenttrace/events.sock"

@@ -38,7 +38,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from agenttrace.clock import Clock, SystemClock
-from agenttrace.gpu.service import GpuDevice, GpuProcess, GpuUnavailable
+from agenttrace.gpu.backend import GpuDevice, GpuProcess, GpuUnavailable
 
 CALLS = ("devices", "processes", "utilization", "process_utilization")
 

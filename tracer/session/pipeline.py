@@ -26,7 +26,7 @@ from agenttrace.enrich.enricher import Enricher
 from agenttrace.enrich.scope import Scoper
 from agenttrace.session.event import Event
 from agenttrace.kernel.loader import Probes
-from agenttrace.session import SessionOptions, describe
+from agenttrace.session.options import SessionOptions, describe
 from agenttrace.act.worker import ActJob, ActWorker
 from agenttrace.enrich.proctable import ProcTable
 from agenttrace.schemaver import SCHEMA_VERSION

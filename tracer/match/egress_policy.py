@@ -1,0 +1,154 @@
+"""The daemon config's `egress:` section: per agent group, which destinations (CIDRs and DNS
+name patterns, optional ports/proto) its agents may reach, and the rules it becomes.
+
+Its own module, depending only on the rule schema: the rule loader turns these policies into
+rules and the kernel-policy compiler (match/policy.py) turns them into map entries, so neither
+of those needs to import the other.
+"""
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Any, Dict, List, Literal, Optional, Tuple, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from agenttrace.match.schema import RuleModel
+
+_LABEL = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$")
+
+
+def check_name_pattern(v: str) -> str:
+    """A DNS name, or `*.` and a name (any name below it); returned lowercase."""
+    n = v.strip().lower().rstrip(".")
+    base = n[2:] if n.startswith("*.") else n
+    labels = base.split(".") if base else []
+    if not labels or len(base) > 253 or not all(_LABEL.match(x) for x in labels):
+        raise ValueError(f"not a DNS name or '*.name' pattern: {v!r}")
+    if "*" in base:
+        raise ValueError(f"a wildcard may only be a leading '*.': {v!r}")
+    return n
+
+
+class EgressDest(BaseModel):
+    """One allow or deny entry: a CIDR (`cidr`) or, for allow entries, a DNS name (`name`:
+    `pypi.org`, or `*.pythonhosted.org` for every name below it), with optional ports and
+    protocol."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    cidr: Optional[str] = None
+    name: Optional[str] = None
+    ports: List[Union[int, str]] = Field(default_factory=list)     # 443, "8000-8100"; empty = any
+    proto: Literal["tcp", "udp", "any"] = "any"
+
+    @field_validator("cidr")
+    @classmethod
+    def _cidr(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None:
+            ipaddress.ip_network(v, strict=False)   # ValueError names the bad value
+        return v
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: Optional[str]) -> Optional[str]:
+        return None if v is None else check_name_pattern(v)
+
+    @model_validator(mode="after")
+    def _one(self) -> "EgressDest":
+        if (self.cidr is None) == (self.name is None):
+            raise ValueError("give exactly one of 'cidr' or 'name'")
+        return self
+
+    def spec(self) -> str:
+        return self.cidr if self.cidr is not None else self.name
+
+    @field_validator("ports")
+    @classmethod
+    def _ports(cls, v: List[Union[int, str]]) -> List[Union[int, str]]:
+        for p in v:
+            _port_range(p)
+        return v
+
+
+class EgressPolicy(BaseModel):
+    """Egress policy of one agent group, for embedding in the daemon's config file.
+
+    mode `open`: everything not denied is allowed; `allow-list`: connects to destinations in
+    `scopes` (default: external) must match an `allow` entry. `deny` entries apply in both
+    modes. `action` says what a violation does: `report`, or `block` (in the kernel)."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    mode: Literal["open", "allow-list"] = "open"
+    scopes: List[Literal["internal", "metadata", "external"]] = Field(default_factory=lambda: ["external"])
+    allow: List[EgressDest] = Field(default_factory=list)
+    deny: List[EgressDest] = Field(default_factory=list)
+    action: Literal["report", "block"] = "report"
+    severity: Literal["info", "low", "medium", "high", "critical"] = "medium"
+    # addresses learned from DNS answers for `name` entries stay allowed for the answer's TTL,
+    # clamped: the floor covers runtimes that cache lookups (Java keeps them 30 s), the
+    # ceiling bounds how long an address outlives the name that pointed at it
+    ttl_min: int = Field(30, ge=0, le=86400)
+    ttl_max: int = Field(3600, ge=1, le=7 * 86400)
+
+    @model_validator(mode="after")
+    def _ttls(self) -> "EgressPolicy":
+        if self.ttl_max < self.ttl_min:
+            raise ValueError("ttl_max must not be below ttl_min")
+        for d in self.deny:
+            if d.name is not None:
+                raise ValueError(f"deny entries are CIDRs; name {d.name!r} cannot be denied by address")
+        return self
+
+
+def _port_range(p: Union[int, str]) -> Tuple[int, int]:
+    if isinstance(p, int) and not isinstance(p, bool) and 0 < p < 65536:
+        return p, p
+    if isinstance(p, str):
+        lo, _, hi = p.partition("-")
+        if lo.isdigit() and (hi.isdigit() or not hi):
+            a, b = int(lo), int(hi or lo)
+            if 0 < a <= b < 65536:
+                return a, b
+    raise ValueError(f"not a port or range 'lo-hi': {p!r}")
+
+
+def egress_rule_models(egress: Dict[str, Any]) -> List[RuleModel]:
+    """Rules equivalent to the per-group egress policies, so the engine reports/attributes
+    violations exactly like file rules (ids `egress-policy.<group>.deny.<n>` and
+    `egress-policy.<group>.allow-list`)."""
+    out: List[RuleModel] = []
+    for group, pol in sorted(egress.items()):
+        if not isinstance(pol, EgressPolicy):
+            pol = EgressPolicy.model_validate(pol)
+        gid = _safe_id(group)
+        base = dict(category="egress", severity=pol.severity, on=["connect"], action=pol.action,
+                    tags=["T1041"])
+        for i, d in enumerate(pol.deny):
+            m: Dict[str, Any] = {"groups": [group], "dst": {"cidrs": [d.cidr], "ports": list(d.ports)}}
+            if d.proto != "any":
+                m["proto"] = [d.proto]
+            out.append(RuleModel.model_validate(dict(
+                base, id=f"egress-policy.{gid}.deny.{i}", match=m,
+                description=f"Egress policy of agent group '{group}' denies {d.cidr} "
+                            f"ports {d.ports or 'any'} ({d.proto}); edit the config's egress.deny to change it.")))
+        if pol.mode == "allow-list":
+            unless = []
+            for a in pol.allow:
+                key = "cidrs" if a.cidr is not None else "names"
+                u: Dict[str, Any] = {"dst": {key: [a.spec()], "ports": list(a.ports)}}
+                if a.proto != "any":
+                    u["proto"] = [a.proto]
+                unless.append(u)
+            out.append(RuleModel.model_validate(dict(
+                base, id=f"egress-policy.{gid}.allow-list",
+                match={"groups": [group], "dst": {"scopes": list(pol.scopes)}, "unless": unless},
+                description=f"Agent group '{group}' may only reach listed destinations in scopes "
+                            f"{', '.join(pol.scopes)}; add entries to the config's egress.allow to permit more.")))
+    return out
+
+
+def _safe_id(name: str) -> str:
+    import re
+    return re.sub(r"[^a-z0-9_.-]", "-", name.lower()) or "group"
+
+
+# --------------------------------------------------------------------------- compile
+
