@@ -11,7 +11,7 @@ demo:
 
 test:
 	scripts/setup.sh --test --bench
-	AGENTTRACE_REQUIRE_BPF=1 $(VENV)/bin/python -m pytest -q -ra tests
+	AGENTTRACE_REQUIRE_BPF=1 $(VENV)/bin/python -m pytest -q -ra --durations=15 tests
 
 bench:
 	scripts/setup.sh --test --bench

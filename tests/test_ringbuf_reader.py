@@ -17,6 +17,9 @@ import pytest
 
 from agenttrace.kernel import ringbuf as ringbuf
 
+# process records only: these tests need no network hooks, and the full set costs ~4 s per start
+PROC = ("proc",)
+
 PY = sys.executable
 N = 600
 
@@ -53,7 +56,7 @@ def test_wrapping_small_ring_decodes_every_record(agent_tree, make_session, monk
     a = agent_tree.agent("wrap")
     # 16 pages = 64 KiB: 600 execs with ~300-400 bytes each plus forks and exits wrap it
     # several times over while it is being read
-    sess = make_session([agent_tree.root], ringbuf_pages=16)
+    sess = make_session([agent_tree.root], features=PROC, ringbuf_pages=16)
     assert (sess.tracer._reader is not None) == (reader == "mmap")
     want, got, drops = _argv_burst(agent_tree, a, sess, N)
     seen = [args[1] for args in got if len(args) == 2]
@@ -68,7 +71,7 @@ def test_burst_after_quiet_spell_arrives_without_drain(agent_tree, make_session)
     first record of each CPU wakes the reader, and the reader keeps polling at the wakeup
     interval while records keep coming."""
     a = agent_tree.agent("quiet")
-    sess = make_session([agent_tree.root], wakeup_ms=5.0)
+    sess = make_session([agent_tree.root], features=PROC, wakeup_ms=5.0)
     t = sess.tracer
     for _ in range(20):
         t.poll(10)
@@ -88,6 +91,6 @@ def test_burst_after_quiet_spell_arrives_without_drain(agent_tree, make_session)
 
 def test_wake_on_every_record_still_works(agent_tree, make_session):
     a = agent_tree.agent("wake0")
-    sess = make_session([agent_tree.root], wakeup_ms=0)
+    sess = make_session([agent_tree.root], features=PROC, wakeup_ms=0)
     agent_tree.run(a, ["/bin/true"])
     assert sess.wait_for(lambda: [r for r in sess.of("exec") if r["proc"]["exe"] == "/bin/true"])

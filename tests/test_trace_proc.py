@@ -8,6 +8,9 @@ import pytest
 
 from conftest import AGENTTRACE
 
+# process records only: these tests need no network hooks, and the full set costs ~4 s per start
+PROC = ("proc",)
+
 PY = sys.executable
 
 
@@ -18,7 +21,7 @@ def execs(sess, exe=None, **where):
 
 def test_process_tree_exec_exit(agent_tree, make_session):
     a1 = agent_tree.agent("a1")
-    sess = make_session([agent_tree.root])
+    sess = make_session([agent_tree.root], features=PROC)
     code = "import subprocess; subprocess.run(['/bin/echo', 'leaf', 'two words'])"
     r = agent_tree.run(a1, ["/bin/sh", "-c", f"{PY} -c \"{code}\"; exit 0"])
     assert r.returncode == 0 and b"leaf two words" in r.stdout
@@ -51,7 +54,7 @@ def test_process_tree_exec_exit(agent_tree, make_session):
 
 def test_exit_code_and_signal(agent_tree, make_session):
     a = agent_tree.agent("codes")
-    sess = make_session([agent_tree.root])
+    sess = make_session([agent_tree.root], features=PROC)
     agent_tree.run(a, ["/bin/sh", "-c", "exit 7"])
     agent_tree.run(a, [PY, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"])
     sess.wait_for(lambda: len(sess.of("exit")) >= 2)
@@ -61,7 +64,7 @@ def test_exit_code_and_signal(agent_tree, make_session):
 
 def test_double_fork_orphan_keeps_creator_ancestry(agent_tree, make_session):
     a = agent_tree.agent("dbl")
-    sess = make_session([agent_tree.root])
+    sess = make_session([agent_tree.root], features=PROC)
     code = (
         "import os, sys, time\n"
         "r, w = os.pipe()\n"
@@ -91,7 +94,7 @@ def test_double_fork_orphan_keeps_creator_ancestry(agent_tree, make_session):
 
 def test_fexecve_of_memfd(agent_tree, make_session):
     a = agent_tree.agent("memfd")
-    sess = make_session([agent_tree.root])
+    sess = make_session([agent_tree.root], features=PROC)
     code = (
         "import os\n"
         "fd = os.memfd_create('payload', 0)\n"
@@ -110,7 +113,7 @@ def test_fexecve_of_memfd(agent_tree, make_session):
 
 
 def test_outside_is_silent_and_late_cgroups_are_traced(agent_tree, make_session):
-    sess = make_session([agent_tree.root])
+    sess = make_session([agent_tree.root], features=PROC)
     # outside any watched cgroup: must produce nothing
     subprocess.run(["/bin/echo", "outside-marker"], stdout=subprocess.DEVNULL, check=True)
     # a cgroup created after the tracer started
@@ -128,7 +131,7 @@ def test_outside_is_silent_and_late_cgroups_are_traced(agent_tree, make_session)
 
 
 def test_processes_directly_in_watched_cgroup(agent_tree, make_session):
-    sess = make_session([agent_tree.root])
+    sess = make_session([agent_tree.root], features=PROC)
     agent_tree.run(agent_tree.root, ["/bin/echo", "direct"])
     ev = sess.wait_for(lambda: [e for e in sess.of("exec") if e["proc"]["args"] == ["/bin/echo", "direct"]])
     assert ev[0]["agent"]["id"] == agent_tree.root.name
@@ -140,7 +143,7 @@ def test_preexisting_process_is_bootstrapped(agent_tree, make_session):
                          stdin=subprocess.PIPE)
     try:
         time.sleep(0.2)
-        sess = make_session([agent_tree.root])
+        sess = make_session([agent_tree.root], features=PROC)
         p.stdin.write(b"go\n")
         p.stdin.flush()
         ev = sess.wait_for(lambda: execs(sess, "/bin/true"))
@@ -158,7 +161,7 @@ def _burst(agent_tree, a, make_session, n, **opts):
     p = agent_tree.spawn(a, [PY, "-c", code], stdin=subprocess.PIPE)
     try:
         time.sleep(0.2)
-        sess = make_session([agent_tree.root], **opts)
+        sess = make_session([agent_tree.root], features=PROC, **opts)
         p.stdin.write(b"go\n")
         p.stdin.flush()
         if opts.get("ringbuf_pages", 4096) < 64:
