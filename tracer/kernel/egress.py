@@ -16,6 +16,7 @@ from typing import Dict, Iterable, List
 from pydantic import ValidationError
 
 from agenttrace.match.policy import EgressDest, EgressPolicy, NameAllow
+from agenttrace.kernel.mapwrite import delete_stale
 
 RUN_GROUP = "default"       # the group of agents that `run` traces (no group label)
 RUN_SCOPES = ["external", "metadata"]
@@ -90,12 +91,7 @@ def write_name_allow(table, entries: List[NameAllow]) -> None:
         v.flags = e.flags
         table[k] = v
         keep.add(bytes(k))
-    for k in list(table.keys()):
-        if bytes(k) not in keep:
-            try:
-                del table[k]
-            except KeyError:
-                pass
+    delete_stale(table, keep)
 
 
 def learned_count(probes) -> int:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import ctypes as C
 from dataclasses import dataclass, field
 
+from agenttrace.kernel.mapwrite import delete_stale
+
 from agenttrace.match.policy import (EXEC_MATCH_BASENAME, EXEC_MATCH_PATH, KernelPolicy)
 
 SLOTS = 4                 # AT_DST_SLOTS in probes/net.c
@@ -206,12 +208,7 @@ class PolicyWriter:
 
     @staticmethod
     def _delete_stale(table, keep: set[bytes]) -> None:
-        for k in list(table.keys()):
-            if bytes(k) not in keep:
-                try:
-                    del table[k]
-                except KeyError:
-                    pass
+        delete_stale(table, keep)
 
     # --- exec ------------------------------------------------------------------------
     def _exec(self, kp: KernelPolicy) -> None:

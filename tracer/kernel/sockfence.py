@@ -10,6 +10,8 @@ import socket
 from dataclasses import dataclass
 from typing import Iterable, List
 
+from agenttrace.kernel.mapwrite import delete_stale
+
 FAMILIES = {"inet": socket.AF_INET, "inet6": socket.AF_INET6}
 TYPES = {"stream": socket.SOCK_STREAM, "dgram": socket.SOCK_DGRAM, "raw": socket.SOCK_RAW,
          "seqpacket": socket.SOCK_SEQPACKET}
@@ -65,12 +67,7 @@ def write_fence(table, entries: Iterable[FenceEntry], policy_id: int = 1) -> Non
         v.policy_id, v.action = policy_id, e.action
         table[k] = v
         keep.add(bytes(k))
-    for k in list(table.keys()):
-        if bytes(k) not in keep:
-            try:
-                del table[k]
-            except KeyError:
-                pass
+    delete_stale(table, keep)
 
 
 def socket_body(o) -> dict:
