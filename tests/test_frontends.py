@@ -176,3 +176,26 @@ def test_bad_gpu_and_egress_sections_exit_2(tmp_path):
     assert f"{cfg}:3:" in r.stderr and "gpu.interval_s" in r.stderr
     assert f"{cfg}:8:" in r.stderr and "egress.web.allow[0].cidr" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_run_command_enforce_leaves_nothing_behind(tmp_path, cgroup2_root):
+    """`run --mode enforce -- CMD` pins its cgroup programs while it runs; at its end the
+    agent cgroup, the pins and the shared parent folders it created are gone."""
+    need_bpf()
+    from agenttrace.session.isolation import RUN_PIN_ROOT
+    parents = [cgroup2_root / "agenttrace", RUN_PIN_ROOT]
+    existed = {p: p.exists() for p in parents}
+    name = f"tidy-{os.getpid()}"
+    probe = ("import os, sys; d = sys.argv[1]; "
+             "print(int(os.path.isdir(d) and bool(os.listdir(d))))")
+    r = subprocess.run([AGENTTRACE, "run", "--mode", "enforce", "--no-rules", "--agent", name,
+                        "--output", str(tmp_path / "ev.jsonl"), "--",
+                        "python3", "-c", probe, str(RUN_PIN_ROOT / name)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "1", "the agent ran while its programs were pinned"
+    assert not (cgroup2_root / "agenttrace" / name).exists()
+    assert not (RUN_PIN_ROOT / name).exists()
+    for p in parents:
+        if not existed[p]:
+            assert not p.exists(), f"{p} left behind"

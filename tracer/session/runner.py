@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Optional
 
 from agenttrace.enrich.cgroups import TempCgroup, procs as cgroup_procs
+from agenttrace.session.isolation import RUN_PIN_ROOT   # run --mode enforce pins here
 from agenttrace.session.pipeline import Tracer
 
 RUN_PARENT = "agenttrace"   # fresh agent cgroups live under <cgroup2>/agenttrace/
-RUN_PIN_ROOT = Path("/sys/fs/bpf/agenttrace-run")   # run --mode enforce pins here
 
 
 class StopFlag:
@@ -77,10 +77,18 @@ def trace_cgroups(tracer: Tracer, flag: StopFlag, on_reload=None, pin_dir: Optio
     finally:
         tracer.stop()
         if pin_dir is not None:
-            try:
-                pin_dir.rmdir()
-            except OSError:
-                pass
+            _remove_pin_dir(pin_dir)
+
+
+def _remove_pin_dir(pin_dir: Path) -> None:
+    """Remove this run's (emptied) pin folder and, when no other run holds one, the shared
+    parent: a run leaves nothing behind. A concurrent run that is creating its own folder
+    meanwhile re-creates the parent (mkdir parents=True), so the race costs nothing."""
+    for d in (pin_dir, RUN_PIN_ROOT):
+        try:
+            d.rmdir()
+        except OSError:
+            pass
 
 
 def run_command(tracer_factory, cmd: list[str], agent_name: str, flag: StopFlag,
@@ -132,10 +140,7 @@ def run_command(tracer_factory, cmd: list[str], agent_name: str, flag: StopFlag,
         if tracer is not None:
             tracer.stop()            # unpins: this run's end is not a tracer death
         if pin_dir is not None:
-            try:
-                pin_dir.rmdir()
-            except OSError:
-                pass
+            _remove_pin_dir(pin_dir)
         cg.remove()
 
 
