@@ -77,3 +77,20 @@ def test_bad_filters_name_file_line_and_field(text, where):
         parse_config(text, "agenttrace.yaml")
     msg = str(ei.value)
     assert "agenttrace.yaml:" in msg and where in msg, msg
+
+
+def test_socket_subscription_uses_the_same_matcher_with_its_own_severity_contract():
+    """A socket subscription's min_severity ranks alerts and leaves other kinds alone (its
+    documented contract), where a sink filter counts other kinds as info; agents and labels
+    match the same way in both, patterns included."""
+    from agenttrace.sinks.subscription import Subscription, SubscriptionError
+    ex, lo, hi, life = r("exec"), r("alert", sev="low"), r("alert", sev="high"), {"kind": "lifecycle"}
+    sub = Subscription.from_dict({"min_severity": "medium"})
+    assert [sub.matches(x) for x in (ex, lo, hi, life)] == [True, False, True, True]
+    assert [RecordFilter(min_severity="medium")(x) for x in (ex, lo, hi, life)] == [False, False, True, False]
+    sub = Subscription.from_dict({"agents": ["ep-*"], "labels": {"team": "r*"}})
+    assert sub.matches(r("exec", team="rl")) and not sub.matches(r("exec", team="infra"))
+    assert not sub.matches(r("exec", agent="other", team="rl")) and not sub.matches(life)
+    assert Subscription.from_dict({"kinds": ["alert"]}).matches(hi)
+    with pytest.raises(SubscriptionError):
+        Subscription.from_dict({"min_severity": "urgent"})

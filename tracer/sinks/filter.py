@@ -4,7 +4,9 @@
 Every criterion is optional and the given ones are ANDed:
 - `kinds`: record kinds (`exec`, `alert`, `lifecycle`, ...);
 - `min_severity`: `info` < `low` < `medium` < `high` < `critical`; an alert has its rule's
-  severity, every other record counts as `info`, so anything above `info` keeps alerts only;
+  severity. Other records count as `info` (so anything above `info` keeps alerts only) —
+  unless `severity_alerts_only`, the socket subscription's contract, where `min_severity`
+  ranks alerts and leaves other kinds to `kinds`;
 - `agents`: agent ids, shell-style patterns allowed (`ep-*`); records without an agent
   (lifecycle) do not match once this is given;
 - `labels`: {label: value} on the agent object, values may be patterns too.
@@ -26,10 +28,12 @@ def _matcher(pattern: str):
 
 
 class RecordFilter:
-    __slots__ = ("kinds", "min_rank", "min_severity", "agents", "labels", "_agent_m", "_label_m")
+    __slots__ = ("kinds", "min_rank", "min_severity", "agents", "labels", "alerts_only",
+                 "_agent_m", "_label_m")
 
     def __init__(self, kinds: Optional[Iterable[str]] = None, min_severity: Optional[str] = None,
-                 agents: Optional[Iterable[str]] = None, labels: Optional[Mapping[str, str]] = None):
+                 agents: Optional[Iterable[str]] = None, labels: Optional[Mapping[str, str]] = None,
+                 severity_alerts_only: bool = False):
         self.kinds = frozenset(kinds) if kinds else None
         if min_severity is not None and min_severity not in SEVERITY_RANK:
             raise ValueError(f"unknown severity {min_severity!r}; one of {', '.join(SEVERITIES)}")
@@ -37,6 +41,7 @@ class RecordFilter:
         self.min_rank = SEVERITY_RANK[min_severity] if min_severity else 0
         self.agents = tuple(agents) if agents else ()
         self.labels = dict(labels or {})
+        self.alerts_only = severity_alerts_only
         self._agent_m = [_matcher(p) for p in self.agents]
         self._label_m = [(k, _matcher(v)) for k, v in self.labels.items()]
 
@@ -55,7 +60,7 @@ class RecordFilter:
         kind = record.get("kind")
         if self.kinds is not None and kind not in self.kinds:
             return False
-        if self.min_rank:
+        if self.min_rank and (kind == "alert" or not self.alerts_only):
             rule = record.get("rule") if kind == "alert" else None
             sev = rule.get("severity") if isinstance(rule, dict) else "info"
             if SEVERITY_RANK.get(str(sev), 0) < self.min_rank:

@@ -14,15 +14,17 @@ instance (the daemon restarted) gets the new run's buffer from the start. Client
 nothing (`agenttrace tail`, `socat`) keep the plain stream of bare records.
 
 Every field is optional; given fields are ANDed. `min_severity` drops alerts below it and
-leaves other kinds alone (restrict those with `kinds`).
+leaves other kinds alone (restrict those with `kinds`). Agent ids and label values may be
+shell-style patterns (`ep-*`), as in per-sink filters: both are matched by one
+`sinks.filter.RecordFilter`, which is the only place record selection is implemented.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Optional
 
-SEVERITIES = ("info", "low", "medium", "high", "critical")
-_RANK = {s: i for i, s in enumerate(SEVERITIES)}
+from agenttrace.sinks.filter import SEVERITIES, SEVERITY_RANK as _RANK, RecordFilter
+
 MAX_LINE = 65536
 MAX_ITEMS = 256
 
@@ -45,6 +47,11 @@ class Subscription:
     labels: dict = field(default_factory=dict)
     kinds: Optional[frozenset] = None
     min_severity: Optional[str] = None
+    _filter: RecordFilter = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "_filter", RecordFilter(
+            self.kinds, self.min_severity, self.agents, self.labels, severity_alerts_only=True))
 
     @classmethod
     def from_dict(cls, d: dict) -> "Subscription":
@@ -75,23 +82,7 @@ class Subscription:
         return out
 
     def matches(self, rec: dict) -> bool:
-        kind = rec.get("kind")
-        if self.kinds is not None and kind not in self.kinds:
-            return False
-        if self.agents is not None or self.labels:
-            agent = rec.get("agent")
-            if not isinstance(agent, dict):
-                return False
-            if self.agents is not None and agent.get("id") not in self.agents:
-                return False
-            for k, v in self.labels.items():
-                if agent.get(k) != v:
-                    return False
-        if self.min_severity is not None and kind == "alert":
-            sev = (rec.get("rule") or {}).get("severity")
-            if _RANK.get(sev, -1) < _RANK[self.min_severity]:
-                return False
-        return True
+        return self._filter(rec)
 
 
 def parse_request(line: bytes) -> tuple[Subscription, Optional[dict]]:
