@@ -173,6 +173,18 @@ def _get(rec: dict, dotted: str):
 
 
 @pytest.fixture
+def pin_dir(require_bpf):
+    """A fresh bpffs folder for a daemon's pins; whatever is left in it is unpinned at the end
+    (unpinning detaches the links)."""
+    d = Path(f"/sys/fs/bpf/agenttrace-test-{uuid.uuid4().hex[:8]}")
+    yield d
+    if d.exists():
+        for f in d.iterdir():
+            f.unlink()
+        d.rmdir()
+
+
+@pytest.fixture
 def make_session():
     """make_session(paths, **Options) → a started Session; stopped at teardown."""
     started = []

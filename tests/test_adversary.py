@@ -12,10 +12,9 @@ import textwrap
 import time
 from pathlib import Path
 
-import pytest
 
 from conftest import AGENTTRACE as AGENTTRACE_BIN
-from test_daemon import RULE, Daemon, _connect_errno, pin_dir  # noqa: F401  (fixture)
+from harness import RULE, Daemon, Notify, connect_errno as _connect_errno, loopback_listener
 
 PY = sys.executable
 
@@ -36,17 +35,13 @@ def _unholdable_rules(first_port: int) -> str:
 
 
 def test_reload_that_cannot_be_held_keeps_the_old_policy(tmp_path, agent_tree, pin_dir):
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(16)
-    port = srv.getsockname()[1]
+    srv, port = loopback_listener()
     rules = tmp_path / "rules.yaml"
     rules.write_text(RULE.format(port=port))
     a = agent_tree.agent("a1")
     d = Daemon(tmp_path, agent_tree.root, rules, pin_dir)
     # stderr is "the journal": JOURNAL_STREAM names its pipe, as systemd does, so the
     # daemon's diagnostics must carry syslog priority prefixes
-    from test_daemon import Notify
     r_fd, w_fd = os.pipe()
     st = os.fstat(w_fd)
     d.notify = Notify(tmp_path / "notify")

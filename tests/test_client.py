@@ -10,10 +10,9 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 from conftest import AGENTTRACE, REPO
-from test_daemon import RULE as _RULE, Daemon, pin_dir  # noqa: F401  (fixture)
+from harness import RULE as _RULE, Daemon, loopback_listener
 
 from agenttrace.client import Client
 from agenttrace.timefmt import parse_ns
@@ -55,11 +54,8 @@ def _connect(tree, cg, port):
     return tree.run(cg, [PY, "-c", f"import socket; print(socket.socket().connect_ex(('127.0.0.1', {port})))"])
 
 
-def test_client_filters_resume_and_restart(tmp_path, agent_tree, pin_dir):  # noqa: F811
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(16)
-    port = srv.getsockname()[1]
+def test_client_filters_resume_and_restart(tmp_path, agent_tree, pin_dir):
+    srv, port = loopback_listener()
     rules = tmp_path / "rules.yaml"
     rules.write_text(RULE.format(port=port))
     ep7, ep8 = agent_tree.agent("w7"), agent_tree.agent("w8")
@@ -129,11 +125,8 @@ def test_client_filters_resume_and_restart(tmp_path, agent_tree, pin_dir):  # no
         srv.close()
 
 
-def test_trainer_hook_ends_misbehaving_episode(tmp_path, agent_tree, pin_dir):  # noqa: F811
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(16)
-    port = srv.getsockname()[1]
+def test_trainer_hook_ends_misbehaving_episode(tmp_path, agent_tree, pin_dir):
+    srv, port = loopback_listener()
     rules = tmp_path / "rules.yaml"
     rules.write_text(RULE.format(port=port))
     d = Daemon(tmp_path, agent_tree.root, rules, pin_dir)

@@ -3,145 +3,22 @@ and bad), the root-only event socket, SIGTERM with pinned fail-closed enforcemen
 restart with no gap, and flood resistance."""
 import errno
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
 import time
-import uuid
-from pathlib import Path
 
-import orjson
-import pytest
 
 from conftest import AGENTTRACE
+from harness import RULE, Daemon, Notify, connect_errno as _connect_errno, loopback_listener  # noqa: F401  (Notify: other modules import it from here)
 
 PY = sys.executable
 
-RULE = """
-rules:
-  - id: test-block-{port}
-    description: test rule, blocks one loopback port
-    category: egress
-    severity: high
-    on: [connect]
-    match:
-      dst: {{cidrs: ["127.0.0.1/32"], ports: [{port}]}}
-    action: block
-"""
-
-
-class Notify:
-    def __init__(self, path):
-        self.path = str(path)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(self.path)
-        self.sock.settimeout(0.5)
-        self.msgs = []
-
-    def wait(self, token, timeout=90):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if any(token in m for m in self.msgs):
-                return True
-            try:
-                self.msgs.append(self.sock.recv(4096).decode())
-            except socket.timeout:
-                pass
-        return False
-
-    def close(self):
-        self.sock.close()
-
-
-class Daemon:
-    def __init__(self, tmp, root, rules_file, pin_dir, extra=""):
-        self.tmp = tmp
-        self.cfg = tmp / "agenttrace.yaml"
-        self.out = tmp / "events.jsonl"
-        self.sock = tmp / "events.sock"
-        self.status = tmp / "status.json"
-        self.cfg.write_text(textwrap.dedent(f"""
-            mode: enforce
-            agents:
-              - cgroup: /{root.name}
-            rules: [{rules_file}]
-            sinks:
-              stdout: false
-              file: {{path: {self.out}}}
-              socket: {{path: {self.sock}}}
-            pinning: {{enabled: true, fail_mode: closed, path: {pin_dir}}}
-        """) + extra)
-        self.proc = None
-        self.notify = None
-
-    def start(self):
-        self.notify = Notify(self.tmp / f"notify-{uuid.uuid4().hex[:6]}")
-        env = dict(os.environ, NOTIFY_SOCKET=self.notify.path)
-        self.proc = subprocess.Popen([AGENTTRACE, "daemon", "--config", str(self.cfg), "--status-file", str(self.status)],
-                                     env=env, stderr=subprocess.PIPE)
-        assert self.notify.wait("READY=1"), self.stderr()
-        return self
-
-    def stderr(self):
-        if self.proc.poll() is None:
-            return ""
-        return self.proc.stderr.read().decode(errors="replace")
-
-    def records(self):
-        if not self.out.exists():
-            return []
-        return [orjson.loads(l) for l in self.out.read_bytes().splitlines() if l.strip()]
-
-    def wait_record(self, pred, timeout=30):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            hits = [r for r in self.records() if pred(r)]
-            if hits:
-                return hits
-            time.sleep(0.1)
-        return []
-
-    def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.notify:
-            self.notify.wait("STOPPING=1", timeout=2)   # collect what was sent before exit
-            self.notify.close()
-        return self.proc.returncode
-
-
-def _connect_errno(tree, cg, port):
-    r = tree.run(cg, [PY, "-c", f"import socket; print(socket.socket().connect_ex(('127.0.0.1', {port})))"])
-    return int(r.stdout)
-
-
-@pytest.fixture
-def pin_dir(require_bpf):
-    d = Path(f"/sys/fs/bpf/agenttrace-test-{uuid.uuid4().hex[:8]}")
-    yield d
-    if d.exists():
-        for f in d.iterdir():
-            f.unlink()          # unpinning detaches the links
-        d.rmdir()
-
 
 def test_daemon_lifecycle_reload_pinning_restart(tmp_path, agent_tree, pin_dir):
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(16)
-    p1 = srv.getsockname()[1]
-    srv2 = socket.socket()
-    srv2.bind(("127.0.0.1", 0))
-    srv2.listen(16)
-    p2 = srv2.getsockname()[1]
+    srv, p1 = loopback_listener()
+    srv2, p2 = loopback_listener()
     rules = tmp_path / "rules.yaml"
     rules.write_text(RULE.format(port=p1))
     a = agent_tree.agent("a1")
@@ -221,10 +98,7 @@ def test_daemon_bad_config_exits_2(tmp_path, require_bpf):
 
 
 def test_flooding_agent_cannot_blind_the_others(tmp_path, agent_tree, pin_dir):
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(16)
-    port = srv.getsockname()[1]
+    srv, port = loopback_listener()
     rules = tmp_path / "rules.yaml"
     rules.write_text(RULE.format(port=port))
     flooder, victim = agent_tree.agent("flooder"), agent_tree.agent("quiet")

@@ -2,8 +2,6 @@
 way out (every non-loopback destination denied once the heartbeat is older than the grace),
 and a new tracer replaces the pins with no gap. In the netlab, with an "external" web host."""
 import errno
-import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,9 +10,9 @@ import time
 import uuid
 from pathlib import Path
 
-import pytest
 
 from conftest import AGENTTRACE, _kill_and_rmdir
+from harness import Daemon, read_jsonl, wait_until
 
 PY = sys.executable
 WEB = "198.51.100.7"
@@ -37,24 +35,8 @@ while True:
 """
 
 
-def _results(path):
-    if not path.exists():
-        return []
-    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
-
-
-def _wait(pred, timeout=60):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.1)
-    return pred()
-
-
 def _after(path, t0):
-    return [r for r in _results(path) if "t" in r and r["t"] > t0]
+    return [r for r in read_jsonl(path) if "t" in r and r["t"] > t0]
 
 
 def test_sigkill_of_run_enforce_fails_closed(netlab, tmp_path, cgroup2_root):
@@ -69,15 +51,15 @@ def test_sigkill_of_run_enforce_fails_closed(netlab, tmp_path, cgroup2_root):
     pins = Path("/sys/fs/bpf/agenttrace-run") / name
     try:
         # the agent reaches the web host while its tracer lives
-        assert _wait(lambda: [r for r in _results(res) if r.get("e") == 0]), tracer.stderr.read() if tracer.poll() is not None else ""
+        assert wait_until(lambda: [r for r in read_jsonl(res) if r.get("e") == 0]), tracer.stderr.read() if tracer.poll() is not None else ""
         assert pins.is_dir() and any(pins.iterdir()), "enforce mode pins its cgroup programs"
         tracer.send_signal(signal.SIGKILL)
         tracer.wait()
         t_kill = time.monotonic()
-        denied = _wait(lambda: [r for r in _after(res, t_kill) if r["e"] == errno.EPERM], timeout=60)
+        denied = wait_until(lambda: [r for r in _after(res, t_kill) if r["e"] == errno.EPERM], timeout=60)
         assert denied, _after(res, t_kill)[-5:]
         # once closed it stays closed: nothing got through after the first denial
-        assert _wait(lambda: len(_after(res, denied[0]["t"])) >= 5)
+        assert wait_until(lambda: len(_after(res, denied[0]["t"])) >= 5)
         assert all(r["e"] == errno.EPERM for r in _after(res, denied[0]["t"]))
         # the grace is 5 s by default: the first denial comes after it, and not long after
         assert denied[0]["t"] - t_kill < 5 + 10
@@ -93,7 +75,6 @@ def test_sigkill_of_run_enforce_fails_closed(netlab, tmp_path, cgroup2_root):
 
 
 def test_daemon_sigkill_fails_closed_and_a_new_daemon_takes_over(netlab, tmp_path, agent_tree):
-    from test_daemon import Daemon
     pin_dir = Path(f"/sys/fs/bpf/agenttrace-test-{uuid.uuid4().hex[:8]}")
     rules = tmp_path / "rules.yaml"
     rules.write_text(textwrap.dedent("""
@@ -119,20 +100,20 @@ def test_daemon_sigkill_fails_closed_and_a_new_daemon_takes_over(netlab, tmp_pat
         d.start()
         loop = netlab.run_in_agent([PY, "-c", LOOP, str(res), WEB], cgroup=a,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        assert _wait(lambda: [r for r in _results(res) if r.get("e") == 0])
+        assert wait_until(lambda: [r for r in read_jsonl(res) if r.get("e") == 0])
         pins = {f.name.split("-")[0] for f in pin_dir.iterdir()}
         assert pins == {"link", "rawtp"}, "cgroup links and the escape raw tracepoints are pinned"
         d.proc.send_signal(signal.SIGKILL)
         d.proc.wait()
         t_kill = time.monotonic()
-        denied = _wait(lambda: [r for r in _after(res, t_kill) if r["e"] == errno.EPERM])
+        denied = wait_until(lambda: [r for r in _after(res, t_kill) if r["e"] == errno.EPERM])
         assert denied, _after(res, t_kill)[-5:]
         # a new daemon attaches its own programs, then drops the dead one's pins
         second = tmp_path / "second"
         second.mkdir()
         d2 = Daemon(second, agent_tree.root, rules, pin_dir).start()
         t_new = time.monotonic()
-        assert _wait(lambda: [r for r in _after(res, t_new) if r["e"] == 0]), _after(res, t_new)[-5:]
+        assert wait_until(lambda: [r for r in _after(res, t_new) if r["e"] == 0]), _after(res, t_new)[-5:]
     finally:
         if loop is not None:
             loop.kill()
@@ -158,7 +139,7 @@ def test_sigkill_of_run_cgroup_enforce_fails_closed_and_the_next_run_takes_over(
         out = tmp_path / f"{tag}.jsonl"
         p = subprocess.Popen([AGENTTRACE, "run", "--cgroup", str(agent_tree.root), "--mode", "enforce",
                               "--no-rules", "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        assert _wait(lambda: out.exists() and b'"started"' in out.read_bytes() or p.poll() is not None)
+        assert wait_until(lambda: out.exists() and b'"started"' in out.read_bytes() or p.poll() is not None)
         assert p.poll() is None, p.stderr.read()
         return p
 
@@ -167,16 +148,16 @@ def test_sigkill_of_run_cgroup_enforce_fails_closed_and_the_next_run_takes_over(
     try:
         loop = netlab.run_in_agent([PY, "-c", LOOP, str(res), WEB], cgroup=a,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        assert _wait(lambda: [r for r in _results(res) if r.get("e") == 0])
+        assert wait_until(lambda: [r for r in read_jsonl(res) if r.get("e") == 0])
         assert pins.is_dir() and any(f.name.startswith("link-") for f in pins.iterdir())
         t1.send_signal(signal.SIGKILL)
         t1.wait()
         t_kill = time.monotonic()
-        assert _wait(lambda: [r for r in _after(res, t_kill) if r["e"] == errno.EPERM])
+        assert wait_until(lambda: [r for r in _after(res, t_kill) if r["e"] == errno.EPERM])
         old = {f.name for f in pins.iterdir()}
         t2 = start_tracer("second")
         t_new = time.monotonic()
-        assert _wait(lambda: [r for r in _after(res, t_new) if r["e"] == 0]), _after(res, t_new)[-5:]
+        assert wait_until(lambda: [r for r in _after(res, t_new) if r["e"] == 0]), _after(res, t_new)[-5:]
         assert not old & {f.name for f in pins.iterdir()}, "the killed run's pins were replaced"
         t2.send_signal(signal.SIGTERM)
         assert t2.wait(timeout=60) == 0

@@ -10,10 +10,9 @@ import signal
 import subprocess
 import textwrap
 import threading
-import time
-from pathlib import Path
 
 from conftest import AGENTTRACE, need_bpf
+from harness import read_jsonl, wait_until
 
 FULL = {"proc", "net", "listen", "flow", "dns"}
 TUNNEL_RULE = "tunnel-ssh-external-flow"
@@ -21,28 +20,6 @@ TUNNEL_RULE = "tunnel-ssh-external-flow"
 
 def _ssh443(lab):
     return lab.ssh_argv(lab.ssh_host, 443, command=["true"])
-
-
-def _records(path: Path):
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            pass        # a line being written
-    return out
-
-
-def _wait(pred, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.1)
-    return pred()
 
 
 def _started(recs):
@@ -77,12 +54,12 @@ def test_run_cgroup(netlab, agent_tree, tmp_path):
     p = subprocess.Popen([AGENTTRACE, "run", "--cgroup", str(agent_tree.root), "--internal", "10.77.0.0/24",
                           "--output", str(out)], stderr=subprocess.PIPE)
     try:
-        st = _wait(lambda: _started(_records(out)))
+        st = wait_until(lambda: _started(read_jsonl(out)))
         assert st, p.stderr.read().decode() if p.poll() is not None else "no started record"
         _check_started(st[0])
         r = netlab.check_in_agent(_ssh443(netlab), cgroup=a)
         assert r.returncode == 0, r.stderr
-        al = _wait(lambda: _tunnel(_records(out)))
+        al = wait_until(lambda: _tunnel(read_jsonl(out)))
         assert al and al[0]["agent"]["id"] == "a443" and al[0]["net"]["dst"]["port"] == 443
     finally:
         assert _stop(p) == 0
@@ -95,7 +72,7 @@ def test_run_command(netlab, tmp_path):
     r = subprocess.run([AGENTTRACE, "run", "--agent", "cmd443", "--internal", "10.77.0.0/24",
                         "--output", str(out), "--", *cmd], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr        # ssh's own exit code
-    recs = _records(out)
+    recs = read_jsonl(out)
     _check_started(_started(recs)[0])
     al = _tunnel(recs)
     assert al and al[0]["agent"]["id"] == "cmd443", [x["rule"]["id"] for x in recs if x.get("kind") == "alert"]
@@ -111,13 +88,13 @@ def test_tail_cgroup_alerts(netlab, agent_tree):
     th = threading.Thread(target=lambda: lines.extend(iter(p.stdout.readline, "")), daemon=True)
     th.start()
     try:
-        started = _wait(lambda: [x for x in lines if x.startswith("started") or " started " in x])
+        started = wait_until(lambda: [x for x in lines if x.startswith("started") or " started " in x])
         assert started, p.stderr.read() if p.poll() is not None else "no started line"
         for f in FULL:
             assert f in started[0], started[0]
         r = netlab.check_in_agent(_ssh443(netlab), cgroup=a)
         assert r.returncode == 0, r.stderr
-        al = _wait(lambda: [x for x in lines if TUNNEL_RULE in x])
+        al = wait_until(lambda: [x for x in lines if TUNNEL_RULE in x])
         assert al and "tail443" in al[0]
         # --alerts: no plain event lines (exec, connect, flow) made it through
         assert not [x for x in lines if " exec " in x and "ALERT" not in x]
@@ -143,15 +120,15 @@ def test_daemon(netlab, agent_tree, tmp_path):
     p = subprocess.Popen([AGENTTRACE, "daemon", "--config", str(cfg), "--status-file", str(tmp_path / "st.json")],
                          stderr=subprocess.PIPE, env=env)
     try:
-        st = _wait(lambda: _started(_records(out)))
+        st = wait_until(lambda: _started(read_jsonl(out)))
         assert st, p.stderr.read().decode() if p.poll() is not None else "no started record"
         _check_started(st[0])
         # the daemon finds agent cgroups by pattern: wait until it watches ours
-        _wait(lambda: (tmp_path / "st.json").exists() and
+        wait_until(lambda: (tmp_path / "st.json").exists() and
               f"/{agent_tree.root.name}" in json.loads((tmp_path / "st.json").read_text()).get("watched", []))
         r = netlab.check_in_agent(_ssh443(netlab), cgroup=a)
         assert r.returncode == 0, r.stderr
-        al = _wait(lambda: _tunnel(_records(out)))
+        al = wait_until(lambda: _tunnel(read_jsonl(out)))
         assert al and al[0]["agent"]["id"] == "d443"
     finally:
         p.send_signal(signal.SIGTERM)

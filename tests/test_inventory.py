@@ -2,17 +2,14 @@
 agents' connections that predate the daemon are inventoried from sock_diag at its start."""
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 import uuid
 
-import pytest
 
-from conftest import AGENTTRACE
+from harness import Daemon, loopback_listener
 
 PY = sys.executable
 
@@ -52,26 +49,11 @@ def test_node_subnets_come_from_the_interfaces(require_bpf):
 
 
 def _daemon(tmp_path, agent_tree, rules, extra=""):
-    from test_daemon import Daemon
-    d = Daemon(tmp_path, agent_tree.root, rules, tmp_path / "unused-pins")
-    d.cfg.write_text(textwrap.dedent(f"""
-        mode: monitor
-        agents:
-          - cgroup: /{agent_tree.root.name}
-        rules: [{rules}]
-        sinks:
-          stdout: false
-          file: {{path: {d.out}}}
-          socket: {{path: {d.sock}}}
-    """) + extra)
-    return d
+    return Daemon(tmp_path, agent_tree.root, rules, pin_dir=None, extra=extra, mode="monitor")
 
 
 def test_connections_opened_before_the_daemon_show_after_it_starts(tmp_path, agent_tree):
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(16)
-    port = srv.getsockname()[1]
+    srv, port = loopback_listener()
     rules = tmp_path / "rules.yaml"
     rules.write_text(REPORT.format(port=port))
     a = agent_tree.agent("inv1")

@@ -6,8 +6,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import socket
-import subprocess
 import sys
 import textwrap
 import time
@@ -19,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agenttrace.ops.metrics import Heartbeat, MetricsServer, RecordCounter, bounded, make_registry
 
-from conftest import AGENTTRACE
+from harness import Daemon, free_port, loopback_listener
 
 PY = sys.executable
 
@@ -101,14 +99,6 @@ rules:
 """
 
 
-def _free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
 @pytest.fixture
 def rsyslogd(tmp_path):
     from rsyslog import RSYSLOGD, Rsyslogd
@@ -120,14 +110,10 @@ def rsyslogd(tmp_path):
 
 
 def test_daemon_metrics_match_the_records_it_emitted(tmp_path, agent_tree, rsyslogd):
-    from test_daemon import Daemon
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(16)
-    port = srv.getsockname()[1]
+    srv, port = loopback_listener()
     rules = tmp_path / "rules.yaml"
     rules.write_text(RULES.format(port=port))
-    mport = _free_port()
+    mport = free_port()
     a = agent_tree.agent("m1")
     d = Daemon(tmp_path, agent_tree.root, rules, tmp_path / "unused-pins")
     d.cfg.write_text(textwrap.dedent(f"""
