@@ -206,7 +206,7 @@ def test_icmp_echo_is_seen_counted_by_scan_windows_and_held_to_the_allow_list(ne
     from agenttrace.match.rules import default_rule_paths, load_rules
     netlab.check_in_agent(["sysctl", "-q", "-w", "net.ipv4.ping_group_range=0 2147483647"], check=True)
     a = agent_tree.agent("pinger")
-    eng = Engine(load_rules(default_rule_paths(), egress=run_policy(["192.0.2.53:53"], "enforce")), mode="enforce")
+    eng = Engine(load_rules(default_rule_paths(), egress=run_policy(["198.51.100.53:53"], "enforce")), mode="enforce")
     sess = make_session([agent_tree.root], engine=eng, mode="enforce")
     hosts = [f"10.77.0.{i}" for i in range(10, 45)] + [netlab.web_host]
     res = netlab.check_in_agent([PY, "-c", PING_SWEEP, *hosts], cgroup=a, timeout=60)

@@ -17,7 +17,7 @@ from agenttrace.match.policy import (NAME_EXACT, NAME_SUBDOMAINS, EgressPolicy, 
 from agenttrace.match.rules import load_rules
 
 RULE = "egress-policy.default.allow-list"
-DNS = "192.0.2.53:53"
+DNS = "198.51.100.53:53"
 
 
 # ------------------------------------------------------------------ offline
@@ -77,8 +77,8 @@ def test_cli_rejects_a_bad_spec_before_starting():
 # reports EINPROGRESS (non-blocking), one the kernel denies EPERM -- no server needed.
 N4 = 500
 N6 = 500
-_POOL4 = ([f"198.51.100.{j}" for j in range(1, 249) if j != 7] + [f"203.0.113.{j}" for j in range(21, 255)]
-          + [f"192.0.2.{j}" for j in range(1, 255) if j != 53])
+_POOL4 = ([f"198.51.100.{j}" for j in range(1, 249) if j not in (7, 53)] + [f"203.0.113.{j}" for j in range(21, 255)]
+          + [f"192.0.2.{j}" for j in range(1, 255)])
 NAMES4 = {f"n{i}.mirror.test": _POOL4[i] for i in range(N4)}
 NAMES6 = {f"v{i}.mirror.test": f"2001:db8:77::{i + 1:x}" for i in range(N6)}
 RECORDS = {
@@ -213,7 +213,7 @@ def test_dns_to_an_unlisted_resolver_is_just_unlisted_traffic(lab, agent_tree, m
     out = _run(lab, a, """
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
-            s.sendto(b"\\0" * 12, ("192.0.2.53", 53))
+            s.sendto(b"\\0" * 12, ("198.51.100.53", 53))
             print(json.dumps(0))
         except OSError as e:
             print(json.dumps(e.errno))
@@ -321,7 +321,7 @@ def test_learned_policy_lets_the_same_workload_run_in_enforce_mode(lab, tmp_path
     flags = p.stdout.split()
     specs = flags[1::2]
     assert "www.example.org:80" in specs and "n3.mirror.test:80" in specs
-    assert "203.0.113.200/32:80" in specs and "192.0.2.53/32:53" in specs
+    assert "203.0.113.200/32:80" in specs and "198.51.100.53/32:53" in specs
     again, recs = run("--mode", "enforce", *flags, out=tmp_path / "enforced.jsonl")
     assert again == first
     assert not [r for r in recs if r["kind"] == "alert" and r["rule"]["category"] == "egress"
@@ -353,7 +353,7 @@ def test_contain_profile_in_the_lab(lab, agent_tree, make_session):
     from agenttrace.match.policy import EgressDest
     cfg = load_config(CONTAIN)
     pol = cfg.egress["default"]
-    allow = [a if a.cidr is None else EgressDest(cidr="192.0.2.53/32", ports=[53]) for a in pol.allow]
+    allow = [a if a.cidr is None else EgressDest(cidr="198.51.100.53/32", ports=[53]) for a in pol.allow]
     eg = {"default": pol.model_copy(update={"allow": allow})}
     a = agent_tree.agent("contained")
     make_session([agent_tree.root], engine=Engine(load_rules([], egress=eg), mode="enforce"),
@@ -416,7 +416,7 @@ def test_answers_over_tcp_dns_are_learned_too(lab, agent_tree, make_session):
     out = _run(lab, a, """
         import dns.message, dns.query
         q = dns.message.make_query("n7.mirror.test", "A")
-        r = dns.query.tcp(q, "192.0.2.53", timeout=5)
+        r = dns.query.tcp(q, "198.51.100.53", timeout=5)
         ad = r.answer[0][0].address
         print(json.dumps([ad, connect(ad)]))
     """)

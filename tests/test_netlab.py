@@ -175,3 +175,17 @@ def test_teardown_removes_namespaces_processes_and_files():
         st = Path(f"/proc/{pid}/stat")
         assert not st.exists() or st.read_text().split()[3] != str(os.getpid())
     assert not d.exists()
+
+
+def test_lab_refuses_external_hosts_inside_a_node_subnet(monkeypatch):
+    """On a node whose uplink sits in one of the lab's documentation ranges the daemon would
+    count the lab's "external" hosts as internal: the lab says so instead of starting."""
+    import ipaddress
+    from agenttrace.enrich import nodenet
+    from agenttrace.lab.netlab import DNS_HOST, NetLab, NetLabError
+    monkeypatch.setattr(nodenet, "interface_networks",
+                        lambda: [ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network(f"{DNS_HOST}/24", strict=False)])
+    with pytest.raises(NetLabError, match="inside this node.s subnet 198.51.100.0"):
+        NetLab._check_external_hosts_are_foreign()
+    monkeypatch.setattr(nodenet, "interface_networks", lambda: [ipaddress.ip_network("192.0.2.0/24")])
+    NetLab._check_external_hosts_are_foreign()       # this VM's own uplink range: no lab host in it

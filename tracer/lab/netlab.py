@@ -13,7 +13,7 @@ Topology (built with pyroute2, torn down afterwards)::
             2001:db8::/32 via 2001:db8:ffff::1;            198.51.100.7  web server   (http :80)
             NO default route (v4 or v6)                    2001:db8:10::10 ssh (:22, :443)
                                                            2001:db8:20::20 pool (:3333)
-                                                           192.0.2.53    DNS resolver (udp+tcp :53)
+                                                           198.51.100.53 DNS resolver (udp+tcp :53)
                                                        lan0: 10.77.0.5, fd77::5  internal host (sshd :22, http :80)
 
 The agent namespace has routes only to the documentation prefixes and the internal LAN, so a
@@ -54,7 +54,9 @@ from typing import Iterable, Mapping, Sequence
 SSH_HOST = "203.0.113.10"        # "external" bastion: sshd on 22 and 443
 POOL_HOST = "203.0.113.20"       # "external" mining pool: stratum on 3333 and 443
 WEB_HOST = "198.51.100.7"        # "external" web server: http on 80
-DNS_HOST = "192.0.2.53"          # "external" resolver: udp+tcp 53
+# not in 192.0.2.0/24: that documentation range is the uplink subnet of some test VMs (eth0
+# 192.0.2.2/24 here), where the daemon rightly counts it as the node's own, internal, network
+DNS_HOST = "198.51.100.53"       # "external" resolver: udp+tcp 53
 INTERNAL_HOST = "10.77.0.5"      # "internal" host on the LAN: sshd 22, http 80
 AGENT_UPLINK_ADDR = "172.31.255.2"
 SERVER_UPLINK_ADDR = "172.31.255.1"
@@ -243,6 +245,7 @@ class NetLab:
     def start(self) -> None:
         if os.geteuid() != 0:
             raise NetLabError("NetLab needs root (network namespaces, sshd)")
+        self._check_external_hosts_are_foreign()
         self.dir = Path(tempfile.mkdtemp(prefix=f"agenttrace-netlab-{self.id}-"))
         self.http_root.mkdir()
         self.resolv_conf.write_text(f"nameserver {DNS_HOST}\noptions timeout:1 attempts:1\n")
@@ -250,6 +253,23 @@ class NetLab:
         self._start_servers()
         if self.want_sshd:
             self._start_sshd()
+
+    @staticmethod
+    def _check_external_hosts_are_foreign() -> None:
+        """The lab's "external" hosts must not sit in a subnet of this node: the daemon counts
+        node subnets as internal, so every scope the tests check would silently be wrong."""
+        import ipaddress
+        from agenttrace.enrich.nodenet import interface_networks
+        try:
+            nets = [n for n in interface_networks() if not n.is_loopback]
+        except Exception:
+            return
+        for host in (SSH_HOST, POOL_HOST, WEB_HOST, DNS_HOST):
+            ip = ipaddress.ip_address(host)
+            clash = [str(n) for n in nets if ip.version == n.version and ip in n]
+            if clash:
+                raise NetLabError(f"the lab's external host {host} is inside this node's subnet "
+                                  f"{clash[0]}: its scope would read internal; move the lab's hosts")
 
     def close(self) -> None:
         for p in reversed(self._procs):
