@@ -34,6 +34,23 @@ def test_spec_parsing():
             parse_allow_spec(bad)
 
 
+def test_more_names_than_the_kernel_map_holds_are_refused_before_loading(tmp_path, agent_tree):
+    """An allow-list with more names than `name_allow` holds is refused at start with exit 2
+    (in a config file: naming the file), not after minutes of map writes (E2BIG)."""
+    from agenttrace.kernel.maps import NAME_ALLOW_MAX
+    n = NAME_ALLOW_MAX + 1
+    cfg = tmp_path / "agenttrace.yaml"
+    cfg.write_text(f"mode: monitor\nagents:\n  - cgroup: /{agent_tree.root.name}\negress:\n  default:\n"
+                   "    mode: allow-list\n    action: block\n"
+                   "    allow:\n" + "".join(f"      - name: n{i}.bench.test\n" for i in range(n)))
+    p = subprocess.run([AGENTTRACE, "daemon", "--config", str(cfg)], capture_output=True, text=True, timeout=90)
+    assert p.returncode == 2 and f"more than the {NAME_ALLOW_MAX}" in p.stderr, p.stderr[-2000:]
+    specs = [f"--allow-egress=n{i}.bench.test" for i in range(n)]
+    p = subprocess.run([AGENTTRACE, "run", "--mode", "enforce", *specs, "--", "true"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and f"more than the {NAME_ALLOW_MAX}" in p.stderr, p.stderr[-2000:]
+
+
 def test_name_entries_compile_to_backward_suffix_hashes():
     eg = run_policy(["pypi.org:443", "*.pythonhosted.org", "*.pypi.org:443", DNS], "enforce")
     kp = compile_policy(load_rules([], egress=eg))

@@ -114,6 +114,7 @@ def test_probe_limits_and_bits_mirrored():
         "AT_DROP_RATE_LIMITED": (common, runtime.RATE_LIMITED),
         "AT_DST_SLOTS": (net, enforce.SLOTS), "AT_FLOW_SLOTS": (flow, protocols.FLOW_SLOTS),
         "AT_FILE_POLICY_MAX": (files, enforce.FILE_POLICY_MAX),
+        "AT_NAME_ALLOW_MAX": (net, enforce.NAME_ALLOW_MAX),
     }
     bad = [f"{n}: C {src.get(n)} py {v}" for n, (src, v) in pairs.items() if src.get(n) != v]
     assert not bad, "\n".join(bad)
