@@ -148,13 +148,17 @@ def goals(result: dict) -> list:
                 parts.append(sweep["limit"])
             last = next((s for s in reversed(steps) if s is not fd), None)
             for s in ([fd] if fd else []) + ([last] if last else []):
-                if s and s.get("tracer_cpu_ns") and s.get("ms"):
-                    parts.append(f"at {s['target_rate']}/s the tracer used {s['tracer_cpu_ns'] / (s['ms'] * 1e6):.2f} "
-                                 f"CPU-seconds per second of load (whole session, start-up included), "
-                                 f"catch-up {s.get('catch_up_s')} s after the generator stopped")
+                if s and s.get("tracer_cores") is not None:
+                    per = (s["tracer_cpu_step_ns"] / max(s.get("received") or 1, 1) / 1000
+                           if s.get("tracer_cpu_step_ns") else None)
+                    parts.append(f"at {s['target_rate']}/s the tracer kept {s['tracer_cores']:.2f} cores busy while the "
+                                 f"generator ran" + (f" ({per:.1f} us per record delivered)" if per else "")
+                                 + f", catch-up {s.get('catch_up_s')} s after it stopped")
             if fd and not sweep.get("limit"):
-                parts.append("the reader falls behind the ring buffer: userspace work per record bounds the rate "
-                             "(see CPU per event)")
+                parts.append("the reader falls behind the ring buffer and it overflows: the userspace work per "
+                             "record bounds the rate at about 1e6 / (us per record) records/s on one core")
+            elif not fd and not sweep.get("limit") and target < ZERO_DROP_RATE:
+                parts.append("the sweep's steps stop below the goal (size `tiny`?)")
             cause = "; ".join(parts)
         add("zero_drop_rate", g, verdict(ok), target, detail, cause)
 

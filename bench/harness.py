@@ -176,11 +176,15 @@ class Bench:
         step = {"target_rate": rate, "ms": ms, "gen_mode": mode}
         try:
             tracer.start(self.cg, self.work, self.gens)
-            m0 = tracer.mark()
+            m0, c0 = tracer.mark(), tracer.cpu_ns()
             res = loadgen.run(self.gens["rate"], [mode, rate, ms, 1], self.cg.path)
             gen_end = time.monotonic()
+            c_gen = tracer.cpu_ns()
             tracer.drain(m0, res.n, quiet=0.5, timeout=180)
             m1 = tracer.mark()
+            # the tracer's CPU while the generator ran, per second of the step: 1.0 = one core
+            step["tracer_cores"] = round((c_gen - c0) / max(res.elapsed_ns, 1), 3)
+            step["tracer_cpu_step_ns"] = tracer.cpu_ns() - c0
             # how long the tracer needed after the generator stopped: its backlog at the end
             step["catch_up_s"] = round(max(tracer.tap.last_arrival - gen_end, 0.0), 3)
         except (tracers.TracerError, loadgen.LoadgenError) as e:

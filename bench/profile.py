@@ -35,7 +35,7 @@ def _short(frame: str) -> str:
     return f"{os.path.basename(m.group('file'))}:{m.group('func')}"
 
 
-def fold(raw: str, top: int = 15) -> dict:
+def fold(raw: str, top: int = 30) -> dict:
     """Summarise py-spy's collapsed stacks ('frame;frame;... count' per line)."""
     self_t: dict[str, int] = {}
     incl: dict[str, int] = {}

@@ -175,8 +175,10 @@ def profile_section(prof) -> list:
         if p.get("top_self"):
             L.append("| self % | function | | inclusive % | function |")
             L.append("| --- | --- | --- | --- | --- |")
-            for a, b in zip(p["top_self"][:12], p["top_inclusive"][:12]):
-                L.append(f"| {a['pct']} | `{a['function']}` | | {b['pct']} | `{b['function']}` |")
+            # frames on (nearly) every sample's stack (main, the CLI, the poll loop) say nothing
+            incl = [t for t in p["top_inclusive"] if t["pct"] < 95] or p["top_inclusive"]
+            for a, b in zip(p["top_self"][:12], incl[:12] + [{"pct": "", "function": ""}] * 12):
+                L.append(f"| {a['pct']} | `{a['function']}` | | {b['pct']} | " + (f"`{b['function']}` |" if b['function'] else " |"))
             L.append("")
         if p.get("bpf"):
             L.append("| BPF program | runs | ns/run |")
@@ -186,11 +188,12 @@ def profile_section(prof) -> list:
             L.append("")
     after, before = prof.get("after") or {}, prof.get("before") or {}
     if after.get("top_self") and before.get("top_self"):
-        a = {t["function"]: t["pct"] for t in after["top_inclusive"]}
-        b = {t["function"]: t["pct"] for t in before["top_inclusive"]}
-        L.append("Before → after, inclusive share of the functions most present in either: "
-                 + ", ".join(f"`{k}` {b.get(k, '<top')}% → {a.get(k, '<top')}%"
-                             for k in list(dict.fromkeys(list(b)[:6] + list(a)[:6]))) + ".")
+        a = {t["function"]: t["pct"] for t in after["top_self"]}
+        b = {t["function"]: t["pct"] for t in before["top_self"]}
+        L.append(f"Before → after: tracer CPU per exec under sampling {before.get('cpu_us_per_exec')} → "
+                 f"{after.get('cpu_us_per_exec')} us; self share of the functions on top in either: "
+                 + ", ".join(f"`{k}` {b.get(k, '-')}% → {a.get(k, '-')}%"
+                             for k in list(dict.fromkeys(list(b)[:5] + list(a)[:5]))) + ".")
         L.append("")
     return L
 
