@@ -349,7 +349,8 @@ def markdown(g: dict | None) -> list:
              f"execs and {c['connect']} connects inside the agent cgroup, best of {c['reps']}; tracer CPU per "
              "operation = its processes' CPU time during the storm ÷ operations. Growth: least-squares fits "
              f"of y = a + b·x and y = a + b·ln x; flat when neither changes y by more than "
-             f"{100 * FLAT_TOLERANCE:.0f}% of its mean over the range, else the better fit. Plot: `growth.png`.")
+             f"{100 * FLAT_TOLERANCE:.0f}% of its mean over the range, else the better fit; a point with an error "
+             "is shown with it and left out of the fits. Plot: `growth.png`.")
     L.append("")
     for dim, d in g["dimensions"].items():
         L.append(f"**{d['label']}** ({d['how']})")
@@ -395,8 +396,10 @@ def plot(g: dict | None, path: Path) -> bool:
                     f = d["fits"].get(m, {})
                     ax.plot([a for a, _ in xy], [b for _, b in xy], marker="o",
                             label=f"{METRICS[m][0].split(',')[0]} ({f.get('growth', '?')})")
-            ax.set_xscale("log")
-            ax.set_ylim(bottom=0)
+            xs = [p["x"] for p in pts if p.get("x")]
+            if xs and max(xs) / min(xs) >= 50:   # a decade-spanning axis; rules stay linear
+                ax.set_xscale("log")
+            ax.set_ylim(0, ax.get_ylim()[1] * 1.1)
             ax.set_xlabel(d["label"])
             ax.set_ylabel("tracer CPU per operation (us)" if row == 0 else "RSS (MB)")
             ax.legend(fontsize=7)
