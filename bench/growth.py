@@ -32,6 +32,24 @@ POINTS = {
              "allow_list": [10, 100, 1000, 10000, 100000], "proc_table": [1, 100, 1000, 3000],
              "exec": 2000, "connect": 20000, "reps": 3},
 }
+# the kernel side of the allow-list: addresses learned from DNS answers (bench/egress_storm.py
+# fills the `learned` map directly), BPF run time of the connect hook per connect
+LEARNED = {"tiny": [10, 1000], "small": [10, 1000, 10000, 100000], "full": [10, 1000, 10000, 100000]}
+LEARNED_CHILD = r"""
+import json, sys
+from pathlib import Path
+from bench.egress_storm import one
+stats = Path("/proc/sys/kernel/bpf_stats_enabled")
+old = stats.read_text().strip()
+stats.write_text("1")
+try:
+    n, learned = int(sys.argv[1]), [int(x) for x in sys.argv[2:]]
+    print(json.dumps(one("plain", n, 0, 0)), flush=True)
+    for x in learned:
+        print(json.dumps(one("allow-list", n, min(x, 10000), x)), flush=True)
+finally:
+    stats.write_text(old)
+"""
 DIMENSIONS = {
     "agents": ("agent cgroups watched", "children of the watched cgroup, each of which has run one "
                "program (so the tracer knows it); the storms run in one of them"),
@@ -115,8 +133,9 @@ def fit(xs: list, ys: list, unit: str = "", what: str = "x", tolerance: float = 
                        f"{100 * rel:.1f}% (<= {100 * tolerance:.0f}%)")
         return out
     if len(pts) == 2:
-        out["growth"] = "grows (2 points: log or linear)"
-        out["text"] = (f"grows: {ys[0]:.3g} -> {ys[1]:.3g} {unit} over {rng}; two points cannot tell "
+        way = "rises" if ys[1] > ys[0] else "falls"
+        out["growth"] = f"{way} (2 points: log or linear)"
+        out["text"] = (f"{way}: {ys[0]:.3g} -> {ys[1]:.3g} {unit} over {rng}; two points cannot tell "
                        f"log from linear")
         return out
     if lin[2] >= lg[2]:
@@ -325,7 +344,32 @@ def measure(cg, work: Path, gens: dict, size: str, dims: list, log) -> dict:
             pts.append(run_point(dim, x, cg, work, gens, cfg))
         out["dimensions"][dim] = {"label": DIMENSIONS[dim][0], "how": DIMENSIONS[dim][1], "points": pts,
                                   "fits": fits(pts, DIMENSIONS[dim][0])}
+        if dim == "allow_list":
+            log(f"growth: learned addresses {LEARNED[size]} (bench.egress_storm)")
+            out["learned"] = learned_series(LEARNED[size], cfg["connect"])
     return out
+
+
+def learned_series(xs: list, n: int) -> dict:
+    """The connect hook's BPF run time against addresses learned for the allow-list, by
+    bench.egress_storm's sessions (proc + net probes; no packet leaves: a netns with no route)."""
+    r = subprocess.run([sys.executable, "-c", LEARNED_CHILD, str(n), *map(str, xs)], cwd=REPO,
+                       capture_output=True, text=True, timeout=900)
+    rows = []
+    for line in r.stdout.splitlines():
+        try:
+            rows.append(__import__("json").loads(line))
+        except ValueError:
+            pass
+    res = {"connects": n, "plain": next((x for x in rows if x.get("config") == "plain"), None),
+           "points": [x for x in rows if x.get("config") == "allow-list"]}
+    if r.returncode != 0:
+        res["error"] = r.stderr.strip()[-400:]
+    ok = [p for p in res["points"] if p.get("bpf_ns_per_connect")]
+    if len(ok) >= 2:
+        res["fit"] = fit([p["learned"] for p in ok], [p["bpf_ns_per_connect"] for p in ok], "ns",
+                         "learned addresses")
+    return res
 
 
 def fits(pts: list, what: str) -> dict:
@@ -369,6 +413,26 @@ def markdown(g: dict | None) -> list:
         for m, f in d["fits"].items():
             L.append(f"- {METRICS[m][0]}: **{f['growth']}** — {f['text']}")
         L.append("")
+        lr = g.get("learned") if dim == "allow_list" else None
+        if lr:
+            L.append(f"Kernel side (`bench.egress_storm`: {lr['connects']} connects to a learned address from a "
+                     "netns with no route, proc + net probes, the `learned` map filled as DNS answers would): "
+                     "BPF run time of the connect hook per connect.")
+            L.append("")
+            L.append("| learned addresses | names | BPF ns/connect | wall ns/connect |")
+            L.append("| --- | --- | --- | --- |")
+            if lr.get("plain"):
+                L.append(f"| none (no allow-list) | 0 | {lr['plain'].get('bpf_ns_per_connect')} | "
+                         f"{lr['plain'].get('wall_ns_per_connect')} |")
+            for p in lr["points"]:
+                L.append(f"| {p['learned']:,} | {p.get('names'):,} | {p.get('bpf_ns_per_connect')} | "
+                         f"{p.get('wall_ns_per_connect')} |")
+            L.append("")
+            if lr.get("fit"):
+                L.append(f"- BPF run time per connect: **{lr['fit']['growth']}** — {lr['fit']['text']}")
+            if lr.get("error"):
+                L.append(f"- error: {lr['error'].splitlines()[-1][:300]}")
+            L.append("")
     return L
 
 

@@ -175,6 +175,10 @@ def _synthetic_result():
         pts.append({"dimension": dim, "x": 10 * xs[-1], "error": "refused: does not fit"})
         res["growth"]["dimensions"][dim] = {"label": growth.DIMENSIONS[dim][0], "how": "h", "points": pts,
                                             "fits": growth.fits(pts, growth.DIMENSIONS[dim][0])}
+    res["growth"]["learned"] = {"connects": 200, "plain": {"bpf_ns_per_connect": 800, "wall_ns_per_connect": 9000},
+                                "points": [{"learned": x, "names": min(x, 10000), "bpf_ns_per_connect": 1200,
+                                            "wall_ns_per_connect": 9500} for x in (10, 100000)]}
+    res["growth"]["learned"]["fit"] = growth.fit([10, 100000], [1200, 1210], "ns", "learned addresses")
     res["profile"] = {b: {"mode": "enforce", "build": b, "workloads": {"exec_storm": 100}, "events": 300,
                           "samples": 50, "cpu_us_per_exec": 70,
                           "top_self": [{"function": "enricher.py:enrich", "pct": 20.0}],
@@ -190,7 +194,8 @@ def test_growth_fit_tells_flat_log_and_linear_apart():
     assert fit([1, 100, 1000], [10, 110, 1010])["growth"] == "linear"
     assert fit([10, 100, 1000, 10000], [10, 20, 30, 40])["growth"] == "log"
     assert fit([1], [3])["growth"] == "not measured"
-    assert fit([10, 100], [1, 5])["growth"].startswith("grows")
+    assert fit([10, 100], [1, 5])["growth"].startswith("rises")
+    assert fit([10, 100], [5, 1])["growth"].startswith("falls")
 
 
 def test_report_states_every_goal_of_issue_15_with_its_cause(tmp_path):
@@ -225,5 +230,6 @@ def test_report_states_every_goal_of_issue_15_with_its_cause(tmp_path):
     plotted = growth.plot(one, tmp_path / "growth.png")   # one panel pair: matplotlib is slow to draw
     assert "## Goals (issue 15)" in md and "## How cost grows" in md and "## Before and after" in md
     assert "## Profile: the exec storm" in md and "refused: does not fit" in md
+    assert "| 100,000 | 10,000 | 1200 |" in md
     assert md.count("**missed**") >= 6
     assert not plotted or (tmp_path / "growth.png").stat().st_size > 0
