@@ -146,7 +146,10 @@ def goals(result: dict) -> list:
                     f"{s['target_rate']}/s ({s['unaccounted']} unaccounted)" for s in inexact))
             if sweep.get("limit"):
                 parts.append(sweep["limit"])
-            last = next((s for s in reversed(steps) if s is not fd), None)
+            # the last step before the dropping one (the result may have been read back from JSON,
+            # so steps are told apart by rate, not identity)
+            last = next((s for s in reversed(steps)
+                         if not fd or s.get("target_rate") != fd.get("target_rate")), None)
             for s in ([fd] if fd else []) + ([last] if last else []):
                 if s and s.get("tracer_cores") is not None:
                     per = (s["tracer_cpu_step_ns"] / max(s.get("received") or 1, 1) / 1000
@@ -155,8 +158,18 @@ def goals(result: dict) -> list:
                                  f"generator ran" + (f" ({per:.1f} us per record delivered)" if per else "")
                                  + f", catch-up {s.get('catch_up_s')} s after it stopped")
             if fd and not sweep.get("limit"):
-                parts.append("the reader falls behind the ring buffer and it overflows: the userspace work per "
-                             "record bounds the rate at about 1e6 / (us per record) records/s on one core")
+                cores = fd.get("tracer_cores")
+                load = (result.get("machine", {}).get("loadavg") or [None])[0]
+                if cores is not None and cores < 0.8:
+                    parts.append(f"the reader fell behind and the ring buffer overflowed while the tracer had only "
+                                 f"{cores:.2f} of a core: it was waiting, not computing"
+                                 + (f" (load average {load:.1f} on {result['machine'].get('nproc')} CPUs: waiting for "
+                                    "a CPU)" if load is not None and load > result["machine"].get("nproc", 2) else
+                                    " (its reader's sleep between batches)"))
+                else:
+                    parts.append("the reader fell behind and the ring buffer overflowed with the tracer on a full "
+                                 "core: the userspace work per record bounds the rate at about 1e6 / (us per record) "
+                                 "records/s")
             elif not fd and not sweep.get("limit") and target < ZERO_DROP_RATE:
                 parts.append("the sweep's steps stop below the goal (size `tiny`?)")
             cause = "; ".join(parts)

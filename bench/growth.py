@@ -112,7 +112,8 @@ def fit(xs: list, ys: list, unit: str = "", what: str = "x", tolerance: float = 
     """Flat, log or linear, fitted: both y = a + b·x and y = a + b·ln x by least squares.
     Flat when neither model changes y by more than `tolerance` of its mean across the measured
     range; otherwise the model with the smaller residual. Needs 2 points; with only 2 both fit
-    exactly, so the call is made on the shape over the range only when there are 3 or more."""
+    exactly, so the call is made on the shape over the range only when there are 3 or more;
+    with neither fit reaching R² 0.5 there is no clear trend (scatter, not growth)."""
     pts = [(x, y) for x, y in zip(xs, ys) if x is not None and y is not None and x > 0]
     if len(pts) < 2:
         return {"growth": "not measured", "points": len(pts), "text": f"{len(pts)} point(s): nothing to fit"}
@@ -137,6 +138,11 @@ def fit(xs: list, ys: list, unit: str = "", what: str = "x", tolerance: float = 
         out["growth"] = f"{way} (2 points: log or linear)"
         out["text"] = (f"{way}: {ys[0]:.3g} -> {ys[1]:.3g} {unit} over {rng}; two points cannot tell "
                        f"log from linear")
+        return out
+    if max(lin[2], lg[2]) < 0.5:
+        out["growth"] = "no clear trend"
+        out["text"] = (f"no clear trend: neither fit explains the points (R² linear {lin[2]:.2f}, log {lg[2]:.2f}); "
+                       f"{min(ys):.3g} to {max(ys):.3g} {unit} over {rng}, scatter larger than any trend")
         return out
     if lin[2] >= lg[2]:
         per = 10 ** max(0, int(math.floor(math.log10(max(xs)))) - 1)

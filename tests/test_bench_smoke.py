@@ -194,6 +194,7 @@ def test_growth_fit_tells_flat_log_and_linear_apart():
     assert fit([1, 100, 1000], [10, 110, 1010])["growth"] == "linear"
     assert fit([10, 100, 1000, 10000], [10, 20, 30, 40])["growth"] == "log"
     assert fit([1], [3])["growth"] == "not measured"
+    assert fit([10, 1000, 10000, 100000], [776, 771, 1152, 675])["growth"] == "no clear trend"
     assert fit([10, 100], [1, 5])["growth"].startswith("rises")
     assert fit([10, 100], [5, 1])["growth"].startswith("falls")
 
