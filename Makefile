@@ -1,5 +1,5 @@
 # The README's two commands are `sudo make demo` and `sudo make test`; both install first.
-.PHONY: setup demo test bench install deb clean
+.PHONY: setup demo test bench bench-baseline install deb clean
 VENV ?= $(or $(AGENTTRACE_VENV_DIR),.venv)
 
 setup:
@@ -13,9 +13,20 @@ test:
 	scripts/setup.sh --test --bench
 	AGENTTRACE_REQUIRE_BPF=1 $(VENV)/bin/python -m pytest -q -ra --durations=15 tests
 
+# BENCH_ARGS: more options, e.g. BENCH_ARGS="--before /work/wt-before/.venv/bin/agenttrace" for
+# before/after in one run (bench/README.md). Writes bench/out/.
 bench:
 	scripts/setup.sh --test --bench
-	$(VENV)/bin/python -m bench
+	$(VENV)/bin/python -m bench --profile $(BENCH_ARGS)
+
+# Keep bench/out/ as a new baseline, bench/baseline/<UTC date>-<size>[-BASELINE_TAG]; an
+# existing baseline is never overwritten (the old one stays for comparison).
+bench-baseline:
+	@test -f bench/out/report.md || { echo "bench-baseline: no bench/out/report.md: run make bench first" >&2; exit 2; }
+	@size=$$(sed -n 's/.*Size `\([a-z]*\)`.*/\1/p' bench/out/report.md | head -1); \
+	 d=bench/baseline/$$(date -u +%F)-$$size$(if $(BASELINE_TAG),-$(BASELINE_TAG)); \
+	 if [ -e $$d ]; then echo "bench-baseline: $$d exists; set BASELINE_TAG=... to keep both" >&2; exit 2; fi; \
+	 mkdir -p $$d && cp bench/out/report.md bench/out/*.png $$d/ && echo "bench-baseline: wrote $$d"
 
 # A Debian package of this tree (packaging/build-deb.sh): agenttrace in its own venv in
 # /opt/agenttrace, the unit, the example config (a conffile) and a man page. DEB_OUT: where.

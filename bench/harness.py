@@ -17,7 +17,7 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import loadgen, profile, report, sysinfo, tracers
+from . import growth, loadgen, profile, report, sysinfo, tracers
 
 HERE = Path(__file__).resolve().parent
 
@@ -54,20 +54,20 @@ WORKLOADS = [
     Workload("burst", "burst", ("inside",), "exec",
              "N execs of /bin/true as fast as possible, 64 children alive at once (ring-buffer sizing)"),
 ]
-WORKLOAD_NAMES = [w.name for w in WORKLOADS] + ["rate_sweep"]
+WORKLOAD_NAMES = [w.name for w in WORKLOADS] + ["rate_sweep", "growth"]
 
 SIZES = {
     "tiny": {"exec_storm": 30, "connect_storm": 200, "refused_storm": 500, "bulk_tcp": 8,
              "getppid_loop": 200_000, "write_loop": 100_000, "burst": 300,
-             "rate_steps": [2_000, 10_000], "rate_ms": 300, "rounds": 1, "reps": 1},
+             "rate_steps": [2_000, 10_000], "rate_ms": 300, "rounds": 1, "reps": 1, "profile_execs": 100},
     "small": {"exec_storm": 400, "connect_storm": 4_000, "refused_storm": 10_000, "bulk_tcp": 128,
               "getppid_loop": 2_000_000, "write_loop": 1_000_000, "burst": 10_000,
-              "rate_steps": [10_000, 20_000, 35_000, 50_000, 75_000, 100_000, 150_000, 200_000], "rate_ms": 2_000,
-              "rounds": 5, "reps": 3},
+              "rate_steps": [10_000, 20_000, 35_000, 50_000, 75_000, 100_000, 150_000, 200_000], "rate_ms": 2_000, "profile_execs": 3_000,
+              "rounds": 5, "reps": 2},
     "full": {"exec_storm": 2_000, "connect_storm": 20_000, "refused_storm": 50_000, "bulk_tcp": 1_024,
              "getppid_loop": 10_000_000, "write_loop": 5_000_000, "burst": 10_000,
              "rate_steps": [10_000, 20_000, 35_000, 50_000, 75_000, 100_000, 150_000, 200_000, 300_000, 400_000],
-             "rate_ms": 5_000, "rounds": 7, "reps": 3},
+             "rate_ms": 5_000, "rounds": 7, "reps": 3, "profile_execs": 10_000},
 }
 
 
@@ -116,6 +116,8 @@ class Bench:
             tracer.start(self.cg, self.work, self.gens)
             started = True
             sess["startup_s"] = tracer.startup_s
+            if getattr(tracer, "started", None):
+                sess["started"] = tracer.started
             if self.bpf_stats_fd >= 0:
                 # what the tracer hooks: BCC names a tracepoint program after its category
                 # (sched__..., sock__..., syscalls__...), so a syscall tracepoint shows here
@@ -174,11 +176,15 @@ class Bench:
         step = {"target_rate": rate, "ms": ms, "gen_mode": mode}
         try:
             tracer.start(self.cg, self.work, self.gens)
-            m0 = tracer.mark()
+            m0, c0 = tracer.mark(), tracer.cpu_ns()
             res = loadgen.run(self.gens["rate"], [mode, rate, ms, 1], self.cg.path)
             gen_end = time.monotonic()
+            c_gen = tracer.cpu_ns()
             tracer.drain(m0, res.n, quiet=0.5, timeout=180)
             m1 = tracer.mark()
+            # the tracer's CPU while the generator ran, per second of the step: 1.0 = one core
+            step["tracer_cores"] = round((c_gen - c0) / max(res.elapsed_ns, 1), 3)
+            step["tracer_cpu_step_ns"] = tracer.cpu_ns() - c0
             # how long the tracer needed after the generator stopped: its backlog at the end
             step["catch_up_s"] = round(max(tracer.tap.last_arrival - gen_end, 0.0), 3)
         except (tracers.TracerError, loadgen.LoadgenError) as e:
@@ -265,7 +271,9 @@ class Bench:
                              "tracers_requested": opts.tracers, "only": opts.only, "judge": opts.judge,
                              "cpu_time_source": "sum of /proc/<pid>/task/*/schedstat run time (ns) over the "
                                                 "tracer's process tree; auditd adds the kauditd kernel thread",
-                             "audit_login_uid": loadgen.BENCH_AUID}}
+                             "audit_login_uid": loadgen.BENCH_AUID,
+                             "before": tracers.BEFORE.get("exe"),
+                             "after": str(tracers.agenttrace_exe() or "")}}
         self.gens = loadgen.build(self.out / "bin")
         names = tracers.expand(opts.tracers)
         info = {}
@@ -307,18 +315,22 @@ class Bench:
                     result["rate_sweep"] = {"status": f"not measured: {why}"}
                 else:
                     result["rate_sweep"] = self.rate_sweep()
+            if "growth" not in only:
+                result["growth"] = {"status": "not measured: not selected by --only"}
+            elif not any(t.startswith("agenttrace-") and not t.startswith("agenttrace-before") for t in active):
+                result["growth"] = {"status": "not measured: " + next(
+                    (info[t]["reason"] for t in info if t.startswith("agenttrace-") and info[t]["reason"]),
+                    "agenttrace not among --tracers")}
+            else:
+                result["growth"] = growth.measure(self.cg, self.work, self.gens, opts.size, opts.growth_dims, log)
             if opts.profile:
-                modes = [t.split("-", 1)[1] for t in active if t in ("agenttrace-monitor", "agenttrace-enforce")]
-                if not modes:
-                    why = next((info[t]["reason"] for t in info if t.startswith("agenttrace-")),
-                               "agenttrace not among --tracers")
-                    result["profile"] = {"status": f"not measured: {why}"}
-                else:
-                    result["profile"] = {}
-                    for mode in modes:
-                        log(f"profiling agenttrace-{mode} with py-spy")
-                        result["profile"][mode] = profile.profile_agenttrace(mode, self.cg, self.work, self.gens,
-                                                                             self.size)
+                # the exec storm, under the build measured and under the before build when given
+                builds = ["after"] + (["before"] if tracers.BEFORE.get("exe") else [])
+                result["profile"] = {}
+                for build in builds:
+                    log(f"profiling agenttrace-enforce ({build}) under an exec storm with py-spy")
+                    result["profile"][build] = profile.profile_agenttrace("enforce", self.cg, self.work, self.gens,
+                                                                          self.size, build=build)
         finally:
             self.cg.remove()
             if self.bpf_stats_fd >= 0:
@@ -359,6 +371,12 @@ def parse_args(argv=None):
     ap.add_argument("--profile", action="store_true",
                     help="after the measured rounds, profile agenttrace under exec/connect storms with py-spy "
                          "(found on PATH, in the venv, or $BENCH_PYSPY) and its BPF programs' run time")
+    ap.add_argument("--before", default=os.environ.get("BENCH_AGENTTRACE_BEFORE"), metavar="EXE",
+                    help="agenttrace executable of the build before the change (default $BENCH_AGENTTRACE_BEFORE): "
+                         "adds agenttrace-before-enforce to the rounds unless --tracers names before "
+                         "configurations itself, and profiles it beside the build under test")
+    ap.add_argument("--growth-dims", default=",".join(growth.DIMENSIONS),
+                    help="dimensions of the growth section (" + ", ".join(growth.DIMENSIONS) + ")")
     ap.add_argument("--no-bpf-stats", dest="bpf_stats", action="store_false",
                     help="do not turn on BPF run-time statistics (BPF_ENABLE_STATS) for the run; with them, "
                          "the time each tracer's BPF programs spend in the traced tasks is reported per event")
@@ -371,6 +389,14 @@ def parse_args(argv=None):
     if opts.rounds < 1 or opts.reps < 1:
         ap.error("--rounds and --reps must be at least 1")
     opts.tracers = [t.strip() for t in opts.tracers.split(",") if t.strip()]
+    if opts.before:
+        tracers.BEFORE["exe"] = opts.before
+        if not any("before" in t for t in opts.tracers):
+            opts.tracers.append("agenttrace-before-enforce")
+    opts.growth_dims = [d.strip() for d in opts.growth_dims.split(",") if d.strip()]
+    bad = [d for d in opts.growth_dims if d not in growth.DIMENSIONS]
+    if bad:
+        ap.error(f"unknown growth dimension {', '.join(bad)}; known: {', '.join(growth.DIMENSIONS)}")
     try:
         tracers.expand(opts.tracers)
     except ValueError as e:

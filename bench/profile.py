@@ -35,7 +35,7 @@ def _short(frame: str) -> str:
     return f"{os.path.basename(m.group('file'))}:{m.group('func')}"
 
 
-def fold(raw: str, top: int = 15) -> dict:
+def fold(raw: str, top: int = 30) -> dict:
     """Summarise py-spy's collapsed stacks ('frame;frame;... count' per line)."""
     self_t: dict[str, int] = {}
     incl: dict[str, int] = {}
@@ -59,32 +59,40 @@ def fold(raw: str, top: int = 15) -> dict:
     return {"samples": total, "top_self": pct(self_t) if total else [], "top_inclusive": pct(incl) if total else []}
 
 
-def profile_agenttrace(mode: str, cg, work: Path, gens: dict, size: dict) -> dict:
+# execs of the profiled storm: enough samples at 250 Hz for the top functions to settle
+PROFILE_EXECS = {"tiny": 100, "small": 3000, "full": 10000}
+
+
+def profile_agenttrace(mode: str, cg, work: Path, gens: dict, size: dict, build: str = "after") -> dict:
+    """py-spy of one agenttrace session (`build` "after": the build measured; "before": the
+    --before build) under an exec storm in the agent cgroup."""
     exe = pyspy_exe()
     if exe is None:
         return {"status": "not measured: py-spy not found (pip install py-spy, or set BENCH_PYSPY)"}
-    tracer = tracers.make(f"agenttrace-{mode}")
+    tracer = tracers.Agenttrace(mode, build=build)
     why = tracer.unavailable()
     if why:
         return {"status": f"not measured: {why}"}
-    out = work / f"profile-{mode}.txt"
-    result: dict = {"mode": mode}
+    out = work / f"profile-{build}-{mode}.txt"
+    result: dict = {"mode": mode, "build": build, "exe": str(tracers.agenttrace_exe(build))}
     spy = None
     try:
         tracer.start(cg, work, gens)
         pids = tracer.pids()
         b0 = sysinfo.bpf_prog_stats(pids)
-        with open(work / f"py-spy-{mode}.stderr", "wb") as err:
+        with open(work / f"py-spy-{build}-{mode}.stderr", "wb") as err:
             spy = subprocess.Popen([exe, "record", "--pid", str(tracer.proc.pid), "--rate", "250", "--format", "raw",
                                     "--nonblocking", "--output", str(out)], stdout=err, stderr=err,
                                    start_new_session=True)
         ops = {}
-        for wl, args in (("exec_storm", [size["exec_storm"]]), ("refused_storm", [size["refused_storm"]]),
-                         ("burst", [size["burst"], 64])):
-            m0 = tracer.mark()
-            r = loadgen.run(gens[wl], args, cg.path)
-            tracer.drain(m0, r.n)
-            ops[wl] = r.n
+        n = size.get("profile_execs") or max(size["exec_storm"], 100)
+        m0, c0 = tracer.mark(), tracer.cpu_ns()
+        r = loadgen.run(gens["exec_storm"], [n], cg.path)
+        tracer.drain(m0, r.n)
+        ops["exec_storm"] = r.n
+        # includes py-spy's sampling cost to the process: compare builds, not with the rounds
+        result["cpu_us_per_exec"] = round((tracer.cpu_ns() - c0) / max(r.n, 1) / 1000, 2)
+        result["events_per_exec"] = round((tracer.mark()[1] - m0[1]) / max(r.n, 1), 2)
         b1 = sysinfo.bpf_prog_stats(pids)
         result["workloads"] = ops
         result["bpf"] = sysinfo.bpf_stats_delta(b0, b1)
@@ -110,5 +118,5 @@ def profile_agenttrace(mode: str, cg, work: Path, gens: dict, size: dict) -> dic
         result.update(fold(out.read_text(errors="replace")))
         result["raw"] = str(out)
     elif "error" not in result:
-        result["error"] = f"py-spy wrote nothing ({work / f'py-spy-{mode}.stderr'})"
+        result["error"] = f"py-spy wrote nothing ({work / f'py-spy-{build}-{mode}.stderr'})"
     return result

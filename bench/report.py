@@ -4,12 +4,6 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-# A difference smaller than this between two slowdown ratios is not told apart from noise on
-# the 2 shared cores these runs are made on; used only for "no worse than bpftrace".
-PEER_TOLERANCE = 0.02
-AGENTTRACE = ("agenttrace-monitor", "agenttrace-enforce")
-STORMS = ("exec_storm", "connect_storm", "refused_storm")
-UNTRACED = ("getppid_loop", "write_loop")
 
 
 def summarize(runs: list, sessions: list, active: list, workloads: list) -> dict:
@@ -59,6 +53,11 @@ def summarize(runs: list, sessions: list, active: list, workloads: list) -> dict
                     "events_per_op": round(events / sum(r["n"] for r in rs), 3),
                     "tracer_cpu_ns": cpu,
                     "cpu_per_event_us": round(cpu / events / 1000, 3) if events else None,
+                    # per operation of the workload (one exec = fork + exec + exit records for
+                    # agenttrace, one line for bpftrace): what issue 15 compares between tracers
+                    # (not for bulk_tcp: one connect per run, so its figure is the idle cost of the window)
+                    "cpu_per_op_us": (round(cpu / sum(r["n"] for r in rs) / 1000, 3)
+                                      if expected and expected >= sum(r["n"] for r in rs) else None),
                     "coverage": round(seen / expected, 4) if expected else None,
                     "bpf_runs_per_op": round(bpf_runs / sum(r["n"] for r in rs), 3) if bpf_runs else None,
                     "bpf_ns_per_event": round(bpf_ns / events) if events and bpf_ns else None,
@@ -97,189 +96,8 @@ def summarize(runs: list, sessions: list, active: list, workloads: list) -> dict
     return {"workloads": out, "tracers": per_tracer}
 
 
-JUDGE_FIELD = {"cpu": "cpu_ratio", "wall": "ratio"}
-JUDGE_TEXT = {"cpu": "workload CPU time (user + system, children included), median over rounds",
-              "wall": "workload wall-clock time, median over rounds"}
-
-
-def _judge(result) -> str:
-    return result.get("config", {}).get("judge", "cpu")
-
-
-def _ratio(result, key, tracer, field=None):
-    field = field or JUDGE_FIELD[_judge(result)]
-    return result["summary"]["workloads"].get(key, {}).get(tracer, {}).get(field)
-
-
-def _other(result, key, tracer) -> str:
-    """The ratio on the clock the goals are not judged on, for the detail column."""
-    other = "wall" if _judge(result) == "cpu" else "cpu"
-    v = _ratio(result, key, tracer, JUDGE_FIELD[other])
-    return f" ({other} {v:.3f}x)" if v is not None else ""
-
-
-def goals(result: dict) -> list:
-    """Each goal of issue 7 as met / missed / not measured, with the figure it was judged on."""
-    info = result.get("tracers", {})
-    summ = result.get("summary", {"workloads": {}, "tracers": {}})
-    wl = summ["workloads"]
-    at_avail = [t for t in AGENTTRACE if info.get(t, {}).get("available")]
-    why_not = next((info[t]["reason"] for t in AGENTTRACE if t in info and not info[t]["available"]),
-                   "agenttrace not among --tracers")
-    out = []
-
-    def add(gid, goal, status, value=None, detail=""):
-        out.append({"id": gid, "goal": goal, "status": status, "value": value, "detail": detail})
-
-    def verdict(ok):
-        return "met" if ok else "missed"
-
-    # 1. untraced syscalls
-    g = "untraced syscalls outside agent cgroups: slowdown <= 1%"
-    vals = {f"{t} {w}": _ratio(result, f"{w}/outside", t) for t in at_avail for w in UNTRACED}
-    vals = {k: v for k, v in vals.items() if v is not None}
-    if vals:
-        worst = max(vals, key=vals.get)
-        add("untraced_syscall_slowdown", g, verdict(vals[worst] <= 1.01), vals[worst],
-            f"worst: {worst} {vals[worst]:.3f}x; all: "
-            + ", ".join(f"{k} {v:.3f}x{_other(result, k.split()[1] + '/outside', k.split()[0])}"
-                        for k, v in vals.items()))
-    else:
-        add("untraced_syscall_slowdown", g, "not measured", detail=why_not if not at_avail else "workloads not run")
-
-    # 2. storms in enforce
-    g = "exec and connect storms inside agent cgroups: slowdown <= 5% (enforce, default pack)"
-    vals = {w: _ratio(result, f"{w}/inside", "agenttrace-enforce") for w in STORMS}
-    vals = {k: v for k, v in vals.items() if v is not None}
-    if vals:
-        worst = max(vals, key=vals.get)
-        add("storm_slowdown_enforce", g, verdict(vals[worst] <= 1.05), vals[worst],
-            ", ".join(f"{k} {v:.3f}x{_other(result, k + '/inside', 'agenttrace-enforce')}" for k, v in vals.items()))
-    else:
-        add("storm_slowdown_enforce", g, "not measured",
-            detail=info.get("agenttrace-enforce", {}).get("reason") or why_not)
-
-    # 3. CPU per event
-    g = "agenttrace CPU per event <= 10 us (workloads with >= 1000 events)"
-    vals = {}
-    for t in at_avail:
-        for key, cell in wl.items():
-            c = cell.get(t, {})
-            # only where events dominate the window: with a handful of events (bulk_tcp: one
-            # connect) the figure is the tracer's idle cost over the window, not a per-event cost
-            if key.endswith("/inside") and c.get("cpu_per_event_us") is not None and c.get("events", 0) >= 1000:
-                vals[f"{t} {key}"] = c["cpu_per_event_us"]
-    if vals:
-        worst = max(vals, key=vals.get)
-        add("cpu_per_event", g, verdict(vals[worst] <= 10), vals[worst],
-            f"worst {worst}: {vals[worst]:.2f} us; " + ", ".join(f"{k} {v:.2f}" for k, v in vals.items()))
-    else:
-        add("cpu_per_event", g, "not measured", detail=why_not if not at_avail else "no inside events seen")
-
-    # 4/5. zero drops and latency
-    sweep = result.get("rate_sweep")
-    g4 = "zero drops at >= 50,000 events/s sustained; drops beyond counted exactly"
-    g5 = "p99 syscall-to-line latency <= 20 ms at half the zero-drop rate"
-    if not sweep or "steps" not in sweep:
-        why = (sweep or {}).get("status", "rate sweep not run")
-        add("zero_drop_rate", g4, "not measured", detail=why)
-        add("latency_p99", g5, "not measured", detail=why)
-    else:
-        rate = sweep.get("max_zero_drop_rate", 0)
-        target = sweep.get("max_zero_drop_target", rate)
-        fd = sweep.get("first_dropping")
-        exact = ""
-        if fd:
-            exact = (f"; first dropping step {fd['target_rate']}/s: generated {fd['generated']}, received "
-                     f"{fd['received']}, drops reported {fd['drops_reported']}, unaccounted {fd['unaccounted']}")
-        elif sweep.get("limit"):
-            exact = "; " + sweep["limit"]
-        status = verdict(target >= 50_000)
-        if fd and fd.get("unaccounted") not in (0, None):
-            status = "missed"
-            exact += " (drops not counted exactly)"
-        add("zero_drop_rate", g4, status, target,
-            f"highest sustained zero-drop step {target}/s asked, {rate}/s achieved (a step counts at its "
-            f"target when the paced generator achieved >= 99% of it; {sweep.get('sustained_rule', '')}); highest rate "
-            f"with zero drops over one step {sweep.get('max_zero_drop_rate_any', rate)}/s" + exact)
-        lat = (sweep.get("latency_at_half") or {}).get("latency")
-        if lat:
-            add("latency_p99", g5, verdict(lat["p99_ms"] <= 20), round(lat["p99_ms"], 3),
-                f"at {sweep['latency_at_half'].get('achieved_rate')}/s: p50 {lat['p50_ms']:.3f} ms, "
-                f"p99 {lat['p99_ms']:.3f} ms over {lat['n']} events")
-        else:
-            add("latency_p99", g5, "not measured",
-                detail=(sweep.get("latency_at_half") or {}).get("error", "no timestamped events"))
-
-    # 6/7. startup, RSS
-    tsum = summ["tracers"]
-    st = {t: tsum[t]["startup_s_max"] for t in at_avail if tsum.get(t, {}).get("startup_s_max") is not None}
-    if st:
-        worst = max(st.values())
-        add("startup", "startup <= 3 s (launch to lifecycle/started)", verdict(worst <= 3), worst,
-            ", ".join(f"{t} median {tsum[t]['startup_s_median']} s, max {tsum[t]['startup_s_max']} s" for t in st))
-    else:
-        add("startup", "startup <= 3 s (launch to lifecycle/started)", "not measured", detail=why_not)
-    rs = {t: tsum[t]["rss_hwm_mb_max"] for t in at_avail if tsum.get(t, {}).get("rss_hwm_mb_max")}
-    if rs:
-        worst = max(rs.values())
-        add("peak_rss", "peak RSS <= 150 MB", verdict(worst <= 150), worst,
-            ", ".join(f"{t} {v} MB (at stop {tsum[t].get('rss_end_mb_max')} MB)" for t, v in rs.items()))
-    else:
-        add("peak_rss", "peak RSS <= 150 MB", "not measured", detail=why_not)
-
-    # 8/9. peers
-    for gid, peer, goal, cmp in (
-        ("vs_auditd", "auditd", "agenttrace slowdown lower than auditd's on every shared workload",
-         lambda a, p: a < p),
-        ("vs_bpftrace", "bpftrace",
-         f"agenttrace slowdown no worse than bpftrace's on every shared workload (tolerance {PEER_TOLERANCE:+.0%})",
-         lambda a, p: a <= p + PEER_TOLERANCE)):
-        if not at_avail:
-            add(gid, goal, "not measured", detail=why_not)
-            continue
-        if not info.get(peer, {}).get("available"):
-            add(gid, goal, "not measured", detail=f"{peer}: {info.get(peer, {}).get('reason') or 'not among --tracers'}")
-            continue
-        # monitor mode is the like-for-like configuration: the peers only observe and print
-        t = "agenttrace-monitor" if "agenttrace-monitor" in at_avail else at_avail[0]
-        f = JUDGE_FIELD[_judge(result)]
-        pairs = {k: (c[t][f], c[peer][f]) for k, c in wl.items()
-                 if t in c and peer in c and c[t].get(f) is not None and c[peer].get(f) is not None}
-        if not pairs:
-            add(gid, goal, "not measured", detail="no workload measured under both")
-            continue
-        lost = {k: v for k, v in pairs.items() if not cmp(*v)}
-        add(gid, goal, verdict(not lost), len(pairs) - len(lost),
-            f"{t}: {len(pairs) - len(lost)}/{len(pairs)} workloads; "
-            + ", ".join(f"{k} {a:.3f}x vs {p:.3f}x" for k, (a, p) in pairs.items()))
-    sp = "cpu_spread" if _judge(result) == "cpu" else "spread"
-
-    def noise(keys):
-        vals = [(k, wl.get(k, {}).get("none", {}).get(sp)) for k in keys]
-        vals = [(k, v) for k, v in vals if v is not None]
-        return ("; no-tracer spread over sessions (max-min)/median: "
-                + ", ".join(f"{k} {100 * v:.1f}%" for k, v in vals)) if vals else ""
-    for g in out:
-        if g["id"] in ("untraced_syscall_slowdown", "storm_slowdown_enforce", "vs_auditd", "vs_bpftrace") \
-                and g["status"] != "not measured":
-            g["detail"] = f"judged on {JUDGE_TEXT[_judge(result)]}; " + g["detail"]
-        if g["id"] == "untraced_syscall_slowdown" and g["status"] != "not measured":
-            g["detail"] += noise([f"{w}/outside" for w in UNTRACED])
-            # noise-free evidence beside the ratio: what agenttrace's BPF programs cost per
-            # untraced syscall, and whether it hooks the syscall path at all
-            for t in at_avail:
-                per_op = [f"{w} {wl.get(f'{w}/outside', {}).get(t, {}).get('bpf_ns_per_op', 0)} ns"
-                          for w in UNTRACED if t in wl.get(f"{w}/outside", {})]
-                progs = summ["tracers"].get(t, {}).get("bpf_programs") or []
-                sys_tp = [p for p in progs if p.startswith("syscalls__") or p.startswith("sys_")]
-                if progs:
-                    g["detail"] += (f"; {t}: BPF run time per untraced syscall " + ", ".join(per_op)
-                                    + (f", syscall-path programs {sys_tp}" if sys_tp else
-                                       ", no syscall-path program among " + ", ".join(progs)))
-        if g["id"] == "storm_slowdown_enforce" and g["status"] != "not measured":
-            g["detail"] += noise([f"{w}/inside" for w in STORMS])
-    return out
+from .goals import JUDGE_FIELD, JUDGE_TEXT, goals, judge as _judge  # noqa: E402,F401  (goals: harness API)
+from . import growth as _growth  # noqa: E402
 
 
 def _one_line(text, n: int = 160) -> str:
@@ -293,25 +111,92 @@ def _fmt_ms(ns):
     return f"{ns / 1e6:.1f} ms" if ns < 10e9 else f"{ns / 1e9:.2f} s"
 
 
-# Why a goal stays missed after the optimisation work of issue 7, from the profiles that work
-# was based on (py-spy, BPF run-time stats, bench.ringbuf_wakeup). Printed under the goals
-# when that goal is missed in this run, so a report never lists a miss without its cause.
-KNOWN_CAUSES = {
-    "cpu_per_event": "agenttrace's own CPU is now the Python pipeline: decode, enrich (process "
-                     "table, ancestry, scope), rule matching and JSON per event, spread over many small "
-                     "functions with no single hot spot (see the profile below). Reader wakeups and BCC's "
-                     "per-record ctypes callback, which dominated before, are gone (batched wakeups, mmap "
-                     "reader). Below 10 us needs the per-event work out of Python.",
-    "storm_slowdown_enforce": "the probes cost 2-3 us of BPF time per event (BPF ns/event below), a "
-                              "few percent of an exec or connect; the rest of the measured slowdown was "
-                              "not pinned down on a 2-core VM whose no-tracer spread is of the same order.",
-    "peak_rss": "the peak is clang/LLVM compiling the probes inside the agenttrace process (BCC); "
-                "after load the compiler's heap is trimmed and its library pages given back, which is "
-                "the RSS at stop. Lower peaks need compiling out of process or a CO-RE object.",
-    "untraced_syscall_slowdown": "agenttrace attaches no syscall-path program by default (see the BPF "
-                                 "run time per untraced syscall in the detail): a miss here is the "
-                                 "no-tracer spread, not agenttrace.",
-}
+def before_after(result: dict) -> list:
+    """The before build beside the build under test, same run: per-operation CPU, slowdown,
+    start-up and memory (empty when no --before build was measured)."""
+    info = result.get("tracers", {})
+    pairs = [(b, b.replace("before-", "")) for b in info if b.startswith("agenttrace-before-")
+             and info[b].get("available") and info.get(b.replace("before-", ""), {}).get("available")]
+    if not pairs:
+        return []
+    cfg = result.get("config", {})
+    L = ["## Before and after (same run)", "",
+         f"Before: `{cfg.get('before')}`; after: `{cfg.get('after')}`. Tracer CPU per operation (us) and slowdown "
+         f"({JUDGE_TEXT[_judge(result)]}).", "",
+         "| workload | configuration | CPU/op before | CPU/op after | slowdown before | slowdown after |",
+         "| --- | --- | --- | --- | --- | --- |"]
+    f = JUDGE_FIELD[_judge(result)]
+    for key, cell in result["summary"]["workloads"].items():
+        for b, a in pairs:
+            cb, ca = cell.get(b, {}), cell.get(a, {})
+            if not cb and not ca:
+                continue
+
+            def fmt(c, k, suffix=""):
+                return "-" if c.get(k) is None else f"{c[k]:.3f}{suffix}" if isinstance(c[k], float) else f"{c[k]}{suffix}"
+            L.append(f"| {key} | {a.split('-', 1)[1]} | {fmt(cb, 'cpu_per_op_us')} | {fmt(ca, 'cpu_per_op_us')} | "
+                     f"{fmt(cb, f, 'x')} | {fmt(ca, f, 'x')} |")
+    ts = result["summary"]["tracers"]
+    L.append("")
+    for b, a in pairs:
+        L.append(f"- {a.split('-', 1)[1]}: start to `started` {ts.get(b, {}).get('startup_s_median')} s before, "
+                 f"{ts.get(a, {}).get('startup_s_median')} s after (median); peak RSS "
+                 f"{ts.get(b, {}).get('rss_hwm_mb_max')} MB before, {ts.get(a, {}).get('rss_hwm_mb_max')} MB after; "
+                 f"RSS at stop {ts.get(b, {}).get('rss_end_mb_max')} / {ts.get(a, {}).get('rss_end_mb_max')} MB")
+    L.append("")
+    return L
+
+
+def profile_section(prof) -> list:
+    if not prof:
+        return []
+    L = ["## Profile: the exec storm under py-spy (agenttrace, enforce)", ""]
+    if "status" in prof:
+        return L + [prof["status"], ""]
+    L.append("py-spy samples the tracer process at 250 Hz during an exec storm in the agent cgroup, in a "
+             "session of its own after the measured rounds (sampling slows the profiled process, so its CPU per "
+             "exec is for comparing builds, not with the rounds). Self = samples in the function itself; "
+             "inclusive = samples with the function on the stack.")
+    L.append("")
+    for build, p in prof.items():
+        if not isinstance(p, dict):
+            continue
+        L.append(f"### {build}" + (f" (`{p['exe']}`)" if p.get("exe") else ""))
+        L.append("")
+        if p.get("status"):
+            L += [p["status"], ""]
+            continue
+        if p.get("error"):
+            L += [f"Error: {p['error']}", ""]
+        if p.get("workloads"):
+            L.append(f"Workload: {p['workloads']}; {p.get('events')} lines, {p.get('events_per_exec')} records per "
+                     f"exec; tracer CPU {p.get('cpu_us_per_exec')} us per exec under sampling; py-spy samples "
+                     f"{p.get('samples', 0)} (raw: `{p.get('raw')}`).")
+            L.append("")
+        if p.get("top_self"):
+            L.append("| self % | function | | inclusive % | function |")
+            L.append("| --- | --- | --- | --- | --- |")
+            # frames on (nearly) every sample's stack (main, the CLI, the poll loop) say nothing
+            incl = [t for t in p["top_inclusive"] if t["pct"] < 95] or p["top_inclusive"]
+            for a, b in zip(p["top_self"][:12], incl[:12] + [{"pct": "", "function": ""}] * 12):
+                L.append(f"| {a['pct']} | `{a['function']}` | | {b['pct']} | " + (f"`{b['function']}` |" if b['function'] else " |"))
+            L.append("")
+        if p.get("bpf"):
+            L.append("| BPF program | runs | ns/run |")
+            L.append("| --- | --- | --- |")
+            for name, b in sorted(p["bpf"].items(), key=lambda kv: -kv[1]["run_time_ns"]):
+                L.append(f"| {name} | {b['run_cnt']} | {b['run_time_ns'] // max(b['run_cnt'], 1)} |")
+            L.append("")
+    after, before = prof.get("after") or {}, prof.get("before") or {}
+    if after.get("top_self") and before.get("top_self"):
+        a = {t["function"]: t["pct"] for t in after["top_self"]}
+        b = {t["function"]: t["pct"] for t in before["top_self"]}
+        L.append(f"Before → after: tracer CPU per exec under sampling {before.get('cpu_us_per_exec')} → "
+                 f"{after.get('cpu_us_per_exec')} us; self share of the functions on top in either: "
+                 + ", ".join(f"`{k}` {b.get(k, '-')}% → {a.get(k, '-')}%"
+                             for k in list(dict.fromkeys(list(b)[:5] + list(a)[:5]))) + ".")
+        L.append("")
+    return L
 
 
 def markdown(result: dict, plot_name: str | None) -> str:
@@ -327,26 +212,35 @@ def markdown(result: dict, plot_name: str | None) -> str:
              f"the best of its repetitions; ratios divide medians over sessions (configurations rotated each "
              f"round) by the no-tracer median of the same run.")
     L.append("")
-    L.append("## Goals (issue 7)")
+    L.append("## Goals (issue 15)")
     L.append("")
-    L.append("| goal | status | figure | detail |")
-    L.append("| --- | --- | --- | --- |")
+    L.append("| goal | status | figure | detail | cause (when missed) |")
+    L.append("| --- | --- | --- | --- | --- |")
     for g in result["goals"]:
+        if g.get("issue", 15) != 15:
+            continue
         v = "" if g["value"] is None else g["value"]
-        L.append(f"| {g['goal']} | **{g['status']}** | {v} | {_one_line(g['detail'], 2000)} |")
+        L.append(f"| {g['goal']} | **{g['status']}** | {v} | {_one_line(g['detail'], 2000)} | "
+                 f"{_one_line(g.get('cause', ''), 2000)} |")
     L.append("")
-    missed = [g for g in result["goals"] if g["status"] == "missed" and g["id"] in KNOWN_CAUSES]
-    if missed:
-        L.append("Why these goals are still missed:")
+    rest = [g for g in result["goals"] if g.get("issue", 15) != 15]
+    if rest:
+        L.append("Also tracked (issue 7):")
         L.append("")
-        for g in missed:
-            L.append(f"- {g['goal']}: {KNOWN_CAUSES[g['id']]}")
+        for g in rest:
+            v = "" if g["value"] is None else f" ({g['value']})"
+            L.append(f"- {g['goal']}: **{g['status']}**{v}. {_one_line(g['detail'], 2000)}")
         L.append("")
+    L += before_after(result)
     L.append("## Tracers")
     L.append("")
     for t, i in info.items():
         state = "measured" if i["available"] else f"not available: {i['reason']}"
         L.append(f"- **{t}** ({state}): {i['description']}. Scope: {i['scope']}.")
+        probes = sorted({f for s in result.get("sessions", []) if s["tracer"] == t
+                         for f in (s.get("started") or {}).get("probes") or []})
+        if probes:
+            L.append(f"  Probes its `started` record lists: {', '.join(probes)}.")
     L.append("")
     active = [t for t in info if info[t]["available"]]
     L.append("## Slowdown versus no tracer")
@@ -389,8 +283,8 @@ def markdown(result: dict, plot_name: str | None) -> str:
     L.append("BPF ns/event = run time of the tracer's BPF programs (BPF_ENABLE_STATS), spent inside the "
              "traced tasks, per reported event.")
     L.append("")
-    L.append("| workload | tracer | events/op | CPU/event (us) | BPF ns/event | coverage |")
-    L.append("| --- | --- | --- | --- | --- | --- |")
+    L.append("| workload | tracer | events/op | CPU/op (us) | CPU/event (us) | BPF ns/op | BPF ns/event | coverage |")
+    L.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for key, cell in summ["workloads"].items():
         if not key.endswith("/inside"):
             continue
@@ -400,7 +294,9 @@ def markdown(result: dict, plot_name: str | None) -> str:
             cpe = "-" if c["cpu_per_event_us"] is None else f"{c['cpu_per_event_us']:.2f}"
             cov = "-" if c["coverage"] is None else f"{c['coverage']:.3f}"
             bpf = "-" if c.get("bpf_ns_per_event") is None else str(c["bpf_ns_per_event"])
-            L.append(f"| {key} | {t} | {c['events_per_op']} | {cpe} | {bpf} | {cov} |")
+            cpo = "-" if c.get("cpu_per_op_us") is None else f"{c['cpu_per_op_us']:.2f}"
+            bpo = "-" if not c.get("bpf_ns_per_op") else f"{c['bpf_ns_per_op']:.0f}"
+            L.append(f"| {key} | {t} | {c['events_per_op']} | {cpo} | {cpe} | {bpo} | {bpf} | {cov} |")
     L.append("")
     L.append("| tracer | startup median / max (s) | peak RSS (MB) | RSS at stop (MB) | drops | sessions ok |")
     L.append("| --- | --- | --- | --- | --- | --- |")
@@ -454,40 +350,8 @@ def markdown(result: dict, plot_name: str | None) -> str:
                  f"({sweep.get('sustained_rule', '')}); highest with zero drops over one step: "
                  f"{sweep.get('max_zero_drop_rate_any')}/s. " + sweep.get("limit", ""))
     L.append("")
-    prof = result.get("profile")
-    if prof:
-        L.append("## Profile (agenttrace)")
-        L.append("")
-        if "status" in prof:
-            L.append(prof["status"])
-        for mode, p in prof.items():
-            if not isinstance(p, dict) or mode == "status":
-                continue
-            L.append(f"### {mode}")
-            L.append("")
-            if p.get("status"):
-                L.append(p["status"])
-                L.append("")
-                continue
-            if p.get("error"):
-                L.append(f"Error: {p['error']}")
-                L.append("")
-            if p.get("workloads"):
-                L.append(f"Workloads: {p['workloads']}; {p.get('events')} lines; py-spy samples "
-                         f"{p.get('samples', 0)} (raw: `{p.get('raw')}`).")
-                L.append("")
-            if p.get("top_self"):
-                L.append("| self % | function | | inclusive % | function |")
-                L.append("| --- | --- | --- | --- | --- |")
-                for a, b in zip(p["top_self"][:12], p["top_inclusive"][:12]):
-                    L.append(f"| {a['pct']} | `{a['function']}` | | {b['pct']} | `{b['function']}` |")
-                L.append("")
-            if p.get("bpf"):
-                L.append("| BPF program | runs | ns/run |")
-                L.append("| --- | --- | --- |")
-                for name, b in sorted(p["bpf"].items(), key=lambda kv: -kv[1]["run_time_ns"]):
-                    L.append(f"| {name} | {b['run_cnt']} | {b['run_time_ns'] // max(b['run_cnt'], 1)} |")
-                L.append("")
+    L += _growth.markdown(result.get("growth"))
+    L += profile_section(result.get("profile"))
     L.append("## Notes")
     L.append("")
     L.append("- Workloads: " + "; ".join(f"`{k}` {v['what']} (args {v['args']})"
@@ -538,7 +402,10 @@ def write(result: dict, out: Path) -> list:
     png = out / "slowdown.png"
     if plot(result, png):
         files.append(png)
+    gpng = out / "growth.png"
+    if _growth.plot(result.get("growth"), gpng):
+        files.append(gpng)
     md = out / "report.md"
-    md.write_text(markdown(result, png.name if files else None))
+    md.write_text(markdown(result, png.name if png in files else None))
     files.append(md)
     return files

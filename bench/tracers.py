@@ -213,8 +213,16 @@ tracepoint:syscalls:sys_enter_connect /cgroup == {cg}/ {{
         return {"events": sum(by_kind.values()), "by_kind": by_kind, "latency_ns": lat}
 
 
-def agenttrace_exe() -> Path | None:
-    """$BENCH_AGENTTRACE (to compare two builds), else the venv's console script."""
+# The "before" build of a before/after run (`--before PATH` or $BENCH_AGENTTRACE_BEFORE):
+# tracer names agenttrace-before-<mode> run it, with the same arguments as the build under test.
+BEFORE: dict = {"exe": os.environ.get("BENCH_AGENTTRACE_BEFORE") or None}
+
+
+def agenttrace_exe(build: str = "after") -> Path | None:
+    """$BENCH_AGENTTRACE (to compare two builds), else the venv's console script; for
+    build "before", the --before executable."""
+    if build == "before":
+        return Path(BEFORE["exe"]) if BEFORE.get("exe") else None
     if os.environ.get("BENCH_AGENTTRACE"):
         return Path(os.environ["BENCH_AGENTTRACE"])
     for cand in (Path(sys.prefix) / "bin" / "agenttrace", REPO / ".venv" / "bin" / "agenttrace"):
@@ -227,15 +235,16 @@ def agenttrace_exe() -> Path | None:
 _AGENTTRACE_CHECK: dict = {}
 
 
-def agenttrace_unavailable() -> str | None:
-    """Why `agenttrace run` cannot be benchmarked (None when it can). Checked once per run:
-    the lead's CLI is written in parallel with this harness."""
-    if "reason" in _AGENTTRACE_CHECK:
-        return _AGENTTRACE_CHECK["reason"]
-    exe = agenttrace_exe()
+def agenttrace_unavailable(build: str = "after") -> str | None:
+    """Why `agenttrace run` of that build cannot be benchmarked (None when it can). Checked
+    once per executable and run."""
+    exe = agenttrace_exe(build)
+    if str(exe) in _AGENTTRACE_CHECK:
+        return _AGENTTRACE_CHECK[str(exe)]
     reason = None
     if exe is None:
-        reason = "no agenttrace executable (install with scripts/setup.sh)"
+        reason = ("no before build given (--before PATH or $BENCH_AGENTTRACE_BEFORE)" if build == "before"
+                  else "no agenttrace executable (install with scripts/setup.sh)")
     elif not os.access(exe, os.X_OK):
         reason = f"{exe} is not an executable file"
     elif os.geteuid() != 0:
@@ -252,7 +261,7 @@ def agenttrace_unavailable() -> str | None:
                 reason = f"`agenttrace run --help` lists no {', '.join(missing)}"
         except (OSError, subprocess.SubprocessError) as e:
             reason = f"`agenttrace run --help` failed: {e}"
-    _AGENTTRACE_CHECK["reason"] = reason
+    _AGENTTRACE_CHECK[str(exe)] = reason
     return reason
 
 
@@ -308,23 +317,29 @@ class Agenttrace(_TapTracer):
     family = "agenttrace"
     latency_clock = "wall"
 
-    def __init__(self, mode: str, wakeup_ms: str | None = None):
+    def __init__(self, mode: str, wakeup_ms: str | None = None, build: str = "after",
+                 extra_args: list | None = None, label: str = ""):
         super().__init__()
         self.mode = mode
+        self.build = build
         # `agenttrace-<mode>-wake<ms>`: the same build with another ring-buffer wakeup interval,
         # for before/after figures in one run (wake0 = a reader wakeup on every record)
-        self.extra = [] if wakeup_ms is None else ["--wakeup-ms", wakeup_ms]
-        self.name = f"agenttrace-{mode}" + ("" if wakeup_ms is None else f"-wake{wakeup_ms}")
-        self.description = (f"`agenttrace run --cgroup <agent cgroup> --mode {mode} --output <fifo>"
-                            + "".join(" " + a for a in self.extra) + "`, "
-                            "default rule pack: every event kind it emits (exec, exit, connect, ...)")
+        self.extra = ([] if wakeup_ms is None else ["--wakeup-ms", wakeup_ms]) + list(extra_args or [])
+        self.name = ("agenttrace-" + ("before-" if build == "before" else "") + mode
+                     + ("" if wakeup_ms is None else f"-wake{wakeup_ms}"))
+        shown = " " + label if label else "".join(" " + a for a in self.extra)
+        self.description = (f"`agenttrace run --cgroup <agent cgroup> --mode {mode} --output <fifo>{shown}`"
+                            + (f" of the before build ({agenttrace_exe('before')})" if build == "before" else "")
+                            + ", every default probe, default rule pack: every event kind it emits "
+                            "(exec, fork, exit, connect, ...)")
+        self.started: dict = {}  # the lifecycle/started record (probes loaded, startup_ms)
         self.scope = "agent cgroup (and descendants) via its watched-cgroup map"
         self.fifo_fd = -1
         self.counters: dict = {}
         self._n = 0
 
     def unavailable(self) -> str | None:
-        return agenttrace_unavailable()
+        return agenttrace_unavailable(self.build)
 
     @staticmethod
     def _is_event(line: bytes) -> bool:
@@ -341,7 +356,7 @@ class Agenttrace(_TapTracer):
         self.fifo_fd = os.open(fifo, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         self.tap = LineTap(self.fifo_fd, is_event=self._is_event)
         self.err_path = workdir / f"{self.name}-{self._n}.stderr"
-        cmd = [str(agenttrace_exe()), "run", "--cgroup", str(cg.path), "--mode", self.mode, "--output", str(fifo),
+        cmd = [str(agenttrace_exe(self.build)), "run", "--cgroup", str(cg.path), "--mode", self.mode, "--output", str(fifo),
                *self.extra]
         t0_wall = time.time_ns()
         t0 = time.monotonic()
@@ -353,6 +368,8 @@ class Agenttrace(_TapTracer):
             started = self._find_lifecycle("started")
             if started is not None:
                 self.startup_s = (started[0] - t0_wall) / 1e9
+                self.started = {k: started[1].get(k) for k in ("probes", "startup_ms", "version", "watched")
+                                if k in started[1]}
                 return
             if self.proc.poll() is not None:
                 raise TracerError(f"agenttrace exited {self.proc.returncode} before `started`: {_tail(self.err_path)}")
@@ -651,15 +668,16 @@ def make(name: str) -> Tracer:
         return Auditd()
     m = _AGENTTRACE_NAME.fullmatch(name)
     if m:
-        return Agenttrace(m.group(1), m.group(2))
+        return Agenttrace(m.group(2), m.group(3), build="before" if m.group(1) else "after")
     raise ValueError(name)
 
 
-_AGENTTRACE_NAME = re.compile(r"agenttrace-(monitor|enforce)(?:-wake(\d+(?:\.\d+)?))?")
+_AGENTTRACE_NAME = re.compile(r"agenttrace-(before-)?(monitor|enforce)(?:-wake(\d+(?:\.\d+)?))?")
 
 
 ALIASES = {"agenttrace": ["agenttrace-monitor", "agenttrace-enforce"]}
-KNOWN = ["none", "agenttrace-monitor", "agenttrace-enforce", "bpftrace", "bpftrace-syscalls", "auditd"]
+KNOWN = ["none", "agenttrace-monitor", "agenttrace-enforce", "agenttrace-before-monitor", "agenttrace-before-enforce",
+         "bpftrace", "bpftrace-syscalls", "auditd"]
 
 
 def expand(names: list[str]) -> list[str]:
