@@ -31,6 +31,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 from agenttrace.act.actions import ActionResult, Actions
 from agenttrace.clock import Clock, SystemClock
 from agenttrace.session.event import Event
+from agenttrace.match.celgate import gate as cel_gate
 from agenttrace.match.rules import Rule, RuleSet, load_rules
 
 MODES = ("monitor", "enforce")
@@ -209,6 +210,13 @@ class Engine:
         self._by_kind = {k: tuple(v) for k, v in ruleset.by_kind.items()}
         self._gated_kinds = frozenset(k for k, v in ruleset.by_kind.items() if any(r.gate for r in v))
         self._lists = ruleset.lists
+        # conditions whose first conjunct the record's own fields can decide (match/celgate.py)
+        self._gates = {}
+        for r in ruleset.rules:
+            if r.condition is not None:
+                g = cel_gate(r.condition.source)
+                if g is not None:
+                    self._gates[r.id] = g
 
     @property
     def actions(self) -> Actions:
@@ -241,6 +249,11 @@ class Engine:
     # ------------------------------------------------------------------ evaluation
     def _cel(self, rule: Rule, rec: dict) -> bool:
         c = rule.condition
+        g = self._gates.get(rule.id)
+        if g is not None:
+            decided = g(rec)
+            if decided is not None:
+                return decided
         data = {}
         for v in c.variables:
             if v == "lists":
