@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     out = {k: min(v) for k, v in out.items()}
     if prof:
         pr.disable()
-        pstats.Stats(pr).sort_stats("tottime").print_stats(25)
+        pstats.Stats(pr).sort_stats(os.environ.get("SORT", "tottime")).print_stats(int(os.environ.get("TOP", "25")))
     print(f"userspace pipeline: {out['exec']:.1f} µs per exec (fork+exec+exit), "
           f"{out['connect']:.1f} µs per connect (connect+result+accept); "
           f"counts {t.counts} stage_errors {t.stage_errors}")

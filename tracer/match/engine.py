@@ -59,6 +59,15 @@ def _hashable(v: Any) -> Any:
     return v
 
 
+def _scopes_of(rule: Rule) -> frozenset:
+    """The destination scopes a rule's match requires (empty: any). Rules the kernel decides
+    (kernel_rule: the record's policy_rule is the answer, whatever the scope) require none."""
+    m = rule.match
+    if m is None or m.kernel_rule is not None or not m.has_dst:
+        return frozenset()
+    return m.scopes
+
+
 def _agent_id(rec: dict) -> str:
     a = rec.get("agent") or {}
     return str(a.get("id") or a.get("cgroup_id") or "?")
@@ -210,6 +219,16 @@ class Engine:
         self._by_kind = {k: tuple(v) for k, v in ruleset.by_kind.items()}
         self._gated_kinds = frozenset(k for k, v in ruleset.by_kind.items() if any(r.gate for r in v))
         self._lists = ruleset.lists
+        # Per kind, the rules that can match a destination of each scope: a rule whose `match`
+        # names scopes cannot match any other (the scope is an AND at the top of the match),
+        # so a loopback connect meets 2 of the pack's 11 connect rules, not all of them.
+        self._by_scope = {}
+        for kind, rules in self._by_kind.items():
+            if not any(_scopes_of(r) for r in rules):
+                continue
+            self._by_scope[kind] = {
+                sc: tuple(r for r in rules if not _scopes_of(r) or sc in _scopes_of(r))
+                for sc in ("loopback", "internal", "metadata", "external")}
         # conditions whose first conjunct the record's own fields can decide (match/celgate.py)
         self._gates = {}
         for r in ruleset.rules:
@@ -278,6 +297,12 @@ class Engine:
         if not rules:
             return []
         rec = event.record
+        by_scope = self._by_scope.get(event.kind)
+        if by_scope is not None:
+            net = rec.get("net")
+            dst = net.get("dst") if isinstance(net, dict) else None
+            if isinstance(dst, dict):
+                rules = by_scope.get(dst.get("scope"), rules)
         out: List[Event] = []
         base = comm = None
         inames: Any = ()
@@ -294,7 +319,7 @@ class Engine:
             now = self.clock.monotonic_ns()
             for rule in rules:
                 g = rule.gate
-                if g is not None and base not in g and comm not in g and not any(n in g for n in inames):
+                if g is not None and base not in g and comm not in g and (not inames or g.isdisjoint(inames)):
                     continue
                 try:
                     if rule.match is not None and not rule.match(rec):
