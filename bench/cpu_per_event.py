@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 # stage of the innermost frame on its stack that names one.
 STAGES = [
     ("ringbuf.py:consume", "read (ring walk)"),
-    ("ringbuf.py:poll", "read (ring walk)"),
+    ("ringbuf.py:poll", "read (wait + wakeup)"),
     ("wire.py:decode_buf", "decode"),
     ("wirefast.py", "decode"),
     ("enricher.py", "enrich"),
@@ -58,8 +58,11 @@ STAGES = [
 
 def _stage_of(frames: list[str]) -> str:
     for f in reversed(frames):
+        file, _, func = f.partition(":")
+        func = func.rsplit(".", 1)[-1]      # 'RingReader.poll' -> 'poll'
         for key, stage in STAGES:
-            if f == key or (":" not in key and f.startswith(key + ":")):
+            kf, _, kfunc = key.partition(":")
+            if kf == file and (not kfunc or kfunc == func):
                 return stage
     return "other (loop, timers, threads)"
 

@@ -229,6 +229,17 @@ class Engine:
             self._by_scope[kind] = {
                 sc: tuple(r for r in rules if not _scopes_of(r) or sc in _scopes_of(r))
                 for sc in ("loopback", "internal", "metadata", "external")}
+        # Per gated kind (exec): exact name -> positions of the rules it opens, and the rules
+        # without a gate; an exec of a name no rule names meets only the latter.
+        self._gate_ix = {}
+        for kind, rules in self._by_kind.items():
+            if kind in self._by_scope or not any(r.gate for r in rules):
+                continue
+            names: Dict[str, set] = {}
+            for i, r in enumerate(rules):
+                for n in r.gate or ():
+                    names.setdefault(n, set()).add(i)
+            self._gate_ix[kind] = (names, tuple(r for r in rules if r.gate is None))
         # conditions whose first conjunct the record's own fields can decide (match/celgate.py)
         self._gates = {}
         for r in ruleset.rules:
@@ -315,6 +326,15 @@ class Engine:
                 ident = proc.get("identity")
                 if isinstance(ident, dict) and isinstance(ident.get("names"), list):
                     inames = ident["names"]   # a renamed copy is gated by what it is
+            ix = self._gate_ix.get(event.kind)
+            if ix is not None:
+                names, ungated = ix
+                hit = set()
+                for n in (base, comm, *inames):
+                    got = names.get(n) if isinstance(n, str) else None
+                    if got:
+                        hit |= got
+                rules = tuple(r for i, r in enumerate(rules) if r.gate is None or i in hit) if hit else ungated
         with self._lock:
             now = self.clock.monotonic_ns()
             for rule in rules:
