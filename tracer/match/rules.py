@@ -38,7 +38,7 @@ from typing import Any, Dict, Iterable, List, Literal, Optional, Sequence, Tuple
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from agenttrace.match.linregex import LinearRegexError, compile_linear
+from agenttrace.match.linregex import LinearRegexError, compile_linear, Searcher
 from agenttrace.paths import rules_dir
 
 from agenttrace.match.egress_policy import egress_rule_models
@@ -713,7 +713,7 @@ def _compile_match(m: MatchBase, lists: Dict[str, List[Any]], ctx: _FileCtx, loc
                     good = [_combined(good)]
                 except Exception:   # pragma: no cover - RE2 took each alone
                     pass
-            setattr(cm, key, tuple(good))
+            setattr(cm, key, tuple(Searcher(g) for g in good))
         cm.has_exe = bool(cm.exe_paths or cm.basenames or cm.identities or cm.args_contain or cm.args_regex
                           or cm.cmdline_regex)
     if m.device is not None:
