@@ -163,7 +163,7 @@ def _write_profile(path: Path, label: str, exe: Path, sess: dict, raw: str) -> N
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.cpu_per_event", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--build", action="append", required=True, metavar="LABEL=PATH",
+    ap.add_argument("--build", action="append", default=[], metavar="LABEL=PATH",
                     help="an agenttrace console script to measure (repeatable)")
     ap.add_argument("--execs", type=int, default=2000)
     ap.add_argument("--connects", type=int, default=4000)
@@ -179,6 +179,8 @@ def main(argv=None) -> int:
         s = json.loads(Path(sess).read_text())
         _write_profile(Path(out), s["build"], Path(s.get("exe", "?")), s, Path(raw).read_text(errors="replace"))
         return 0
+    if not a.build:
+        ap.error("give at least one --build LABEL=PATH")
     builds = []
     for b in a.build:
         label, _, path = b.partition("=")
