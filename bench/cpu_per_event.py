@@ -3,6 +3,7 @@ side in one run (issue 15), optionally with a py-spy profile folded into pipelin
 
     sudo .venv/bin/python -m bench.cpu_per_event \\
         --build before=/work/wt-before/.venv/bin/agenttrace --build after=.venv/bin/agenttrace \\
+        [--build bpftrace=bpftrace] \\
         --execs 2000 --connects 4000 --rounds 3 [--profile bench/profiles]
 
 Each round starts one `agenttrace run --cgroup <agent cgroup> --output <fifo>` session per
@@ -87,10 +88,14 @@ def stages(raw: str) -> dict[str, float]:
 
 def _session(label: str, exe: Path, cg, work: Path, gens: dict, n_exec: int, n_conn: int,
              mode: str, spy_out: Path | None = None) -> dict:
-    os.environ["BENCH_AGENTTRACE"] = str(exe)
-    tracers._AGENTTRACE_CHECK.clear()
-    t = tracers.Agenttrace(mode)
-    t.name = f"{label}-{mode}"
+    if str(exe) == "bpftrace":
+        # the peer, configured as bench/tracers.py does (sched_process_exec + inet_sock_set_state)
+        t = tracers.Bpftrace("bpftrace")
+    else:
+        os.environ["BENCH_AGENTTRACE"] = str(exe)
+        tracers._AGENTTRACE_CHECK.clear()
+        t = tracers.Agenttrace(mode)
+        t.name = f"{label}-{mode}"
     res: dict = {"build": label}
     spy = None
     try:
@@ -184,7 +189,7 @@ def main(argv=None) -> int:
     builds = []
     for b in a.build:
         label, _, path = b.partition("=")
-        builds.append((label, Path(path).absolute()))
+        builds.append((label, Path(path) if path == "bpftrace" else Path(path).absolute()))
     work = Path(tempfile.mkdtemp(prefix="agenttrace-cpu-"))
     gens = loadgen.build(REPO / "bench" / "out" / "bin")
     results: dict = {label: [] for label, _ in builds}
@@ -199,6 +204,8 @@ def main(argv=None) -> int:
             pdir = Path(a.profile)
             pdir.mkdir(parents=True, exist_ok=True)
             for label, exe in builds:
+                if str(exe) == "bpftrace":
+                    continue
                 raw = work / f"spy-{label}.txt"
                 s = _session(label, exe, cg, work, gens, a.execs, a.connects, a.mode, spy_out=raw)
                 if raw.exists():
