@@ -143,6 +143,8 @@ class ExeIdentifier:
         except ImportError:  # pragma: no cover - google-re2 is a dependency
             self._scan = re.compile(b"|".join(re.escape(n) for n in needles)) if needles else None
         self._cache: "OrderedDict[tuple, dict]" = OrderedDict()
+        # (exec path, its stat) -> (identity, program path) for processes already gone
+        self._gone_paths: "OrderedDict[tuple, tuple]" = OrderedDict()
         self.max_entries = max_entries
         self._lock = threading.Lock()
         self.stats = {"scanned": 0, "cache_hits": 0, "unreadable": 0, "identified": 0}
@@ -223,19 +225,67 @@ class ExeIdentifier:
         return out
 
     # -- exec --------------------------------------------------------------------------------
+    def _cached(self, path: str):
+        """(cached identity or None, whether `path` could be stat'ed): one stat, no open."""
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None, False
+        key = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size, False)
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                self.stats["cache_hits"] += 1
+        return hit, True
+
+    def _gone(self, filename: str, exe: str) -> Tuple[Optional[dict], str]:
+        """(identity, program path) for a process that exited before we looked: the exec path
+        (links resolved), or for a script the interpreter its #! line names. An exec storm of
+        short-lived programs lands here for almost every exec, and resolving the path costs a
+        dozen syscalls, so the answer is kept per exec path and re-checked with one stat of it
+        (a changed file or link target changes what the stat sees). A script's interpreter
+        replaced under an unchanged script is seen once the entry ages out."""
+        try:
+            st = os.stat(filename)
+            key = (filename, st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+        except OSError:
+            key = None
+        if key is not None:
+            with self._lock:
+                hit = self._gone_paths.get(key)
+                if hit is not None:
+                    self._gone_paths.move_to_end(key)
+                    self.stats["cache_hits"] += 1
+                    return hit
+        link = os.path.realpath(filename) if filename.startswith("/") else (exe or filename)
+        interp = _shebang(link)
+        if interp:
+            link = os.path.realpath(interp)
+        own = self._file(lambda: open(link, "rb"))
+        if key is not None and own is not None:
+            with self._lock:
+                self._gone_paths[key] = (own, link)
+                if len(self._gone_paths) > self.max_entries:
+                    self._gone_paths.popitem(last=False)
+        return own, link
+
     def identify(self, pid: int, filename: str, exe: str, args: Sequence[str]) -> Optional[dict]:
         """Identity of what an exec ran, or None when nothing could be read."""
-        own = self._file(lambda: open(f"/proc/{pid}/exe", "rb"))
-        try:
-            link = os.readlink(f"/proc/{pid}/exe").split(" (deleted)")[0]
-        except OSError:
-            # already gone: the exec path (links resolved) is the best guess, or for a script
-            # the interpreter its #! line names
-            link = os.path.realpath(filename) if filename.startswith("/") else (exe or filename)
-            interp = _shebang(link)
-            if interp:
-                link = os.path.realpath(interp)
-            own = self._file(lambda: open(link, "rb"))
+        # stat through the exe link: a cache hit costs a stat and a readlink, no open
+        own, alive = self._cached(f"/proc/{pid}/exe")
+        link = None
+        if alive:
+            if own is None:
+                own = self._file(lambda: open(f"/proc/{pid}/exe", "rb"))
+            try:
+                link = os.readlink(f"/proc/{pid}/exe").split(" (deleted)")[0]
+            except OSError:
+                pass
+        else:
+            self.stats["unreadable"] += 1      # what opening the link would have counted
+        if link is None:
+            own, link = self._gone(filename, exe)
         if own is None:
             return None
         ident = dict(own)

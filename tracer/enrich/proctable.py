@@ -16,7 +16,7 @@ ANCESTRY_DEPTH = 8
 class Proc:
     __slots__ = ("pid", "ppid", "parent", "uid", "comm", "exe", "args", "start_ktime",
                  "cgroup_id", "agent_cgroup_id", "exited", "gpu", "_summary", "_anc", "_anc_gen",
-                 "exec_id", "parent_exec_id")
+                 "exec_id", "parent_exec_id", "kids")
 
     def __init__(self, pid: int, ppid: int = 0, uid: int = 0, comm: str = "", exe: str = "",
                  args: list | None = None, start_ktime: int = 0):
@@ -37,6 +37,7 @@ class Proc:
         self._anc_gen = -1
         self.exec_id = make_exec_id(pid, start_ktime)
         self.parent_exec_id: str | None = None
+        self.kids = False    # named in some ancestry: its exec must invalidate cached ones
 
     def summary(self) -> dict:
         """{pid, comm, exe} for ancestry lists; rebuilt only when comm or exe changed. Shared
@@ -118,21 +119,32 @@ class ProcTable:
         self.max_entries = max_entries
         self._t: OrderedDict[int, Proc] = OrderedDict()
         self.evictions = 0
-        # Bumped whenever an entry is added, replaced, changed by exec or removed: a cached
-        # ancestry is valid only while nothing on any chain can have changed. Cheap and
-        # coarse: a connect storm from one process reuses its ancestry, an exec storm does not.
+        # Bumped whenever something on an ancestry chain may have changed: an entry replaced
+        # (pid reuse), removed or evicted, a pid a chain stopped at (a hole) filled in, or an
+        # exec in a process that is some process's ancestor (`kids`). A cached ancestry is
+        # valid only while the generation it was taken at is current. A new child or an
+        # exec of a process nobody descends from changes no chain, so an exec storm's fork,
+        # exec and exit records share one walk instead of one each.
         self._gen = 0
+        self._holes: set[int] = set()
 
     def __len__(self) -> int:
         return len(self._t)
 
     def _put(self, p: Proc) -> Proc:
-        self._gen += 1
+        old = self._t.get(p.pid)
+        if old is None:
+            if p.pid in self._holes:
+                self._holes.discard(p.pid)
+                self._gen += 1
+        elif old is not p or p.kids:
+            self._gen += 1
         self._t[p.pid] = p
         self._t.move_to_end(p.pid)
         while len(self._t) > self.max_entries:
             self._t.popitem(last=False)
             self.evictions += 1
+            self._gen += 1
         return p
 
     def peek(self, pid: int) -> Proc | None:
@@ -178,6 +190,7 @@ class ProcTable:
         p.ppid = ppid
         if not p.parent:
             p.parent = ppid
+            p._anc_gen = -1     # its own chain starts now
         p.uid, p.comm, p.exe, p.args = uid, comm, exe, args
         return self._put(p)
 
@@ -203,8 +216,21 @@ class ProcTable:
             seen.add(nxt)
             a = self.get(nxt)
             if a is None:
+                if len(self._holes) >= 4096:
+                    self._holes.clear()
+                    self._gen += 1      # forgotten holes can no longer invalidate: do it now
+                self._holes.add(nxt)
                 break
+            a.kids = True
             out.append(a.summary())
+            if a._anc_gen == self._gen and depth == ANCESTRY_DEPTH:
+                # the rest of the chain is the ancestor's own, still valid
+                for s in a._anc:
+                    if len(out) >= depth or s["pid"] in seen:
+                        break
+                    seen.add(s["pid"])
+                    out.append(s)
+                break
             nxt = a.parent
         if p is not None and depth == ANCESTRY_DEPTH:
             p._anc, p._anc_gen = out, self._gen    # after any lookups above bumped it

@@ -62,14 +62,29 @@ class RingReader:
         self._ep = select.epoll()
         self._ep.register(map_fd, select.EPOLLIN)
         self.backlog = False
+        # Shortest time between two reads while records keep coming (0: none). The probes wake
+        # the reader at most once per interval per CPU (probes/common.h at_wake_flags), so a
+        # storm on N CPUs woke it N times per interval, each read a handful of records and
+        # paid the whole poll loop for them. After a read that found records the reader
+        # instead sleeps out the interval and then takes everything at once; a record still
+        # waits at most the interval, the bound the wakeup policy already gave.
+        self.min_gap_ns = 0
+        self._last_read_ns = 0
+        self._last_n = 0
 
     def poll(self, timeout_ms: int, limit: int = 0, budget_ns: int = 0) -> int:
         if timeout_ms != 0:
-            try:
-                self._ep.poll(timeout_ms / 1000 if timeout_ms > 0 else -1, 1)
-            except InterruptedError:
-                pass
-        return self.consume(limit, budget_ns)
+            rest = self._last_read_ns + self.min_gap_ns - time.monotonic_ns() if self._last_n else 0
+            if rest > 0:
+                time.sleep(rest / 1e9 if timeout_ms < 0 else min(rest / 1e9, timeout_ms / 1000))
+            else:
+                try:
+                    self._ep.poll(timeout_ms / 1000 if timeout_ms > 0 else -1, 1)
+                except InterruptedError:
+                    pass
+        n = self.consume(limit, budget_ns)
+        self._last_n, self._last_read_ns = n, time.monotonic_ns()
+        return n
 
     def consume(self, limit: int = 0, budget_ns: int = 0) -> int:
         """Read committed records: all of them, or at most `limit` records / `budget_ns` of

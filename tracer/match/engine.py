@@ -31,6 +31,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 from agenttrace.act.actions import ActionResult, Actions
 from agenttrace.clock import Clock, SystemClock
 from agenttrace.session.event import Event
+from agenttrace.match.celgate import gate as cel_gate
 from agenttrace.match.rules import Rule, RuleSet, load_rules
 
 MODES = ("monitor", "enforce")
@@ -56,6 +57,15 @@ def _hashable(v: Any) -> Any:
     if isinstance(v, dict):
         return tuple(sorted((k, _hashable(x)) for k, x in v.items()))
     return v
+
+
+def _scopes_of(rule: Rule) -> frozenset:
+    """The destination scopes a rule's match requires (empty: any). Rules the kernel decides
+    (kernel_rule: the record's policy_rule is the answer, whatever the scope) require none."""
+    m = rule.match
+    if m is None or m.kernel_rule is not None or not m.has_dst:
+        return frozenset()
+    return m.scopes
 
 
 def _agent_id(rec: dict) -> str:
@@ -209,6 +219,34 @@ class Engine:
         self._by_kind = {k: tuple(v) for k, v in ruleset.by_kind.items()}
         self._gated_kinds = frozenset(k for k, v in ruleset.by_kind.items() if any(r.gate for r in v))
         self._lists = ruleset.lists
+        # Per kind, the rules that can match a destination of each scope: a rule whose `match`
+        # names scopes cannot match any other (the scope is an AND at the top of the match),
+        # so a loopback connect meets 2 of the pack's 11 connect rules, not all of them.
+        self._by_scope = {}
+        for kind, rules in self._by_kind.items():
+            if not any(_scopes_of(r) for r in rules):
+                continue
+            self._by_scope[kind] = {
+                sc: tuple(r for r in rules if not _scopes_of(r) or sc in _scopes_of(r))
+                for sc in ("loopback", "internal", "metadata", "external")}
+        # Per gated kind (exec): exact name -> positions of the rules it opens, and the rules
+        # without a gate; an exec of a name no rule names meets only the latter.
+        self._gate_ix = {}
+        for kind, rules in self._by_kind.items():
+            if kind in self._by_scope or not any(r.gate for r in rules):
+                continue
+            names: Dict[str, set] = {}
+            for i, r in enumerate(rules):
+                for n in r.gate or ():
+                    names.setdefault(n, set()).add(i)
+            self._gate_ix[kind] = (names, tuple(r for r in rules if r.gate is None))
+        # conditions whose first conjunct the record's own fields can decide (match/celgate.py)
+        self._gates = {}
+        for r in ruleset.rules:
+            if r.condition is not None:
+                g = cel_gate(r.condition.source)
+                if g is not None:
+                    self._gates[r.id] = g
 
     @property
     def actions(self) -> Actions:
@@ -241,6 +279,11 @@ class Engine:
     # ------------------------------------------------------------------ evaluation
     def _cel(self, rule: Rule, rec: dict) -> bool:
         c = rule.condition
+        g = self._gates.get(rule.id)
+        if g is not None:
+            decided = g(rec)
+            if decided is not None:
+                return decided
         data = {}
         for v in c.variables:
             if v == "lists":
@@ -265,6 +308,12 @@ class Engine:
         if not rules:
             return []
         rec = event.record
+        by_scope = self._by_scope.get(event.kind)
+        if by_scope is not None:
+            net = rec.get("net")
+            dst = net.get("dst") if isinstance(net, dict) else None
+            if isinstance(dst, dict):
+                rules = by_scope.get(dst.get("scope"), rules)
         out: List[Event] = []
         base = comm = None
         inames: Any = ()
@@ -277,11 +326,20 @@ class Engine:
                 ident = proc.get("identity")
                 if isinstance(ident, dict) and isinstance(ident.get("names"), list):
                     inames = ident["names"]   # a renamed copy is gated by what it is
+            ix = self._gate_ix.get(event.kind)
+            if ix is not None:
+                names, ungated = ix
+                hit = set()
+                for n in (base, comm, *inames):
+                    got = names.get(n) if isinstance(n, str) else None
+                    if got:
+                        hit |= got
+                rules = tuple(r for i, r in enumerate(rules) if r.gate is None or i in hit) if hit else ungated
         with self._lock:
             now = self.clock.monotonic_ns()
             for rule in rules:
                 g = rule.gate
-                if g is not None and base not in g and comm not in g and not any(n in g for n in inames):
+                if g is not None and base not in g and comm not in g and (not inames or g.isdisjoint(inames)):
                     continue
                 try:
                     if rule.match is not None and not rule.match(rec):

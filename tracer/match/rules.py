@@ -38,7 +38,7 @@ from typing import Any, Dict, Iterable, List, Literal, Optional, Sequence, Tuple
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from agenttrace.match.linregex import LinearRegexError, compile_linear
+from agenttrace.match.linregex import LinearRegexError, compile_linear, Searcher
 from agenttrace.paths import rules_dir
 
 from agenttrace.match.egress_policy import egress_rule_models
@@ -281,6 +281,12 @@ def _wild(patterns: Iterable[str], icase: bool = False) -> Optional[re.Pattern]:
         return None
     return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in pats),
                       re.IGNORECASE if icase else 0)
+
+
+def _combined(pats: list):
+    """One RE2 pattern that matches where any of `pats` (compiled RE2 patterns) does."""
+    import re2
+    return re2.compile("|".join(f"(?:{p.pattern})" for p in pats))
 
 
 def _is_wild(s: str) -> bool:
@@ -699,8 +705,15 @@ def _compile_match(m: MatchBase, lists: Dict[str, List[Any]], ctx: _FileCtx, loc
                     good.append(compile_linear(p))
                 except LinearRegexError as ex:
                     errors.append(ctx.err(el + [key, min(i, len(getattr(e, key)) - 1)], f"bad regex {p!r}: {ex}", rid))
-            # kept apart: each pattern may carry its own inline flags such as (?i)
-            setattr(cm, key, tuple(good))
+            # each pattern may carry its own inline flags such as (?i); RE2 scopes them to the
+            # group, so one alternation means the same as trying each in turn, and one search
+            # instead of one per pattern is what an exec of anything pays
+            if len(good) > 1:
+                try:
+                    good = [_combined(good)]
+                except Exception:   # pragma: no cover - RE2 took each alone
+                    pass
+            setattr(cm, key, tuple(Searcher(g) for g in good))
         cm.has_exe = bool(cm.exe_paths or cm.basenames or cm.identities or cm.args_contain or cm.args_regex
                           or cm.cmdline_regex)
     if m.device is not None:

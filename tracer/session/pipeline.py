@@ -259,6 +259,7 @@ class Tracer:
         if ringbuf.supported():
             self._reader = ringbuf.RingReader(table.map_fd, self.opts.ringbuf_pages * ringbuf.PAGE,
                                               self._on_view)
+            self._reader.min_gap_ns = int(self.opts.wakeup_ms * 1_000_000)
         else:
             table.open_ring_buffer(self._on_record)
 
