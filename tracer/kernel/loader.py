@@ -220,6 +220,7 @@ class Probes:
         self.ringbuf_pages = ringbuf_pages
         self.extra_cflags = list(extra_cflags or [])
         self.bpf = None
+        self.cache_hit = False              # the compiled probes came from probecache's cache
         self._cgroup_funcs: list[tuple[object, int]] = []
         self._raw_tp_fds: list[int] = []
         self._raw_tp_names: list[str] = []
@@ -265,6 +266,24 @@ class Probes:
     def load(self) -> None:
         if os.geteuid() != 0:
             raise ProbeError("agenttrace must run as root to load eBPF programs")
+        if os.environ.get("AGENTTRACE_BCC_INPROCESS") == "1":
+            return self._load_bcc()
+        from agenttrace.kernel import bpfobj, bpfsys, probecache
+        src, cflags = self.source(), self.cflags()
+        try:
+            obj, self.cache_hit = probecache.compiled(src, cflags)
+        except probecache.CompileError as e:
+            raise ProbeError(f"compiling probes ({', '.join(self.features)}) failed: {e}") from None
+        try:
+            self.bpf = bpfobj.LoadedObject(obj, ensure_tracefs())
+            self.bpf.autoload()
+        except (bpfsys.BpfError, KeyError) as e:
+            raise ProbeError(f"loading probes ({', '.join(self.features)}) failed: {e}") from None
+        self._load_programs(lambda ptype: bpfsys.PROG_TYPES[ptype], bpfsys.BpfError)
+
+    def _load_bcc(self) -> None:
+        """BCC compiling in this process (AGENTTRACE_BCC_INPROCESS=1): the old path, kept to
+        compare against and for a BCC whose module layout the cache does not know."""
         try:
             from bcc import BPF
         except ImportError as e:
@@ -274,25 +293,29 @@ class Probes:
             self.bpf = BPF(text=src.encode(), cflags=self.cflags())
         except Exception as e:  # BCC raises bare Exception on compile/verifier failure
             raise ProbeError(f"compiling/loading probes ({', '.join(self.features)}) failed: {e}") from None
+        self._load_programs(lambda ptype: getattr(BPF, ptype), Exception)
+        release_compiler_memory()
+
+    def _load_programs(self, prog_type, errors) -> None:
         for feat in self.features:
             for fname, ptype, atype in FEATURES[feat][1]:
                 try:
-                    fn = self.bpf.load_func(fname.encode(), getattr(BPF, ptype), attach_type=atype)
-                except Exception as e:
+                    fn = self.bpf.load_func(fname.encode(), prog_type(ptype), attach_type=atype)
+                except errors as e:
                     raise ProbeError(f"loading program {fname} failed: {e}") from None
                 self._cgroup_funcs.append((fn, atype))
             for array, idx, fname, ptype in TAIL_CALLS.get(feat, ()):
                 try:
-                    fn = self.bpf.load_func(fname.encode(), getattr(BPF, ptype))
-                except Exception as e:
+                    fn = self.bpf.load_func(fname.encode(), prog_type(ptype))
+                except errors as e:
                     raise ProbeError(f"loading program {fname} failed: {e}") from None
                 t = self[array]
                 t[C.c_int(idx)] = C.c_int(fn.fd)
             for tp, fname in RAW_TRACEPOINTS.get(feat, ()):
                 # BCC keeps one program per raw tracepoint; libbpf attaches any number
                 try:
-                    fn = self.bpf.load_func(fname.encode(), BPF.RAW_TRACEPOINT)
-                except Exception as e:
+                    fn = self.bpf.load_func(fname.encode(), prog_type("RAW_TRACEPOINT"))
+                except errors as e:
                     raise ProbeError(f"loading program {fname} failed: {e}") from None
                 fd = _lib().bpf_raw_tracepoint_open(tp.encode(), fn.fd)
                 if fd < 0:
@@ -300,7 +323,6 @@ class Probes:
                     raise ProbeError(f"attaching {fname} to raw tracepoint {tp} failed: {os.strerror(err)}")
                 self._raw_tp_fds.append(fd)
                 self._raw_tp_names.append(fname)
-        release_compiler_memory()
 
     def __getitem__(self, name: str):
         return self.bpf[name.encode()]
