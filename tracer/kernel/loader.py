@@ -71,9 +71,13 @@ FEATURES: dict[str, tuple[str, list[tuple[str, str, int]]]] = {
     # the README's measured costs
     "files": ("files.c", []),
 }
-# Programs reached only by tail call: feature -> [(prog array, index, program, prog type)].
-TAIL_CALLS: dict[str, list[tuple[str, int, str, str]]] = {
-    "egress": [("egress_progs", 0, "at_egress_rr", "CGROUP_SKB")],
+# Programs reached only by tail call: feature -> [(prog array, index, program, prog type,
+# attach type of the caller: a tail call's target must match it)].
+TAIL_CALLS: dict[str, list[tuple[str, int, str, str, int]]] = {
+    "egress": [("egress_progs", 0, "at_egress_rr", "CGROUP_SKB", -1)],
+    # classification and verdict of a flow capture, apart from its reassembly (probes/flow.c)
+    "flow": [("flow_egress_next", 0, "at_flow_decide_egress", "CGROUP_SKB", CGROUP_INET_EGRESS),
+             ("flow_ingress_next", 0, "at_flow_decide_ingress", "CGROUP_SKB", CGROUP_INET_INGRESS)],
 }
 # Raw tracepoint programs with names of their own (a tracepoint another feature already uses
 # through BCC's RAW_TRACEPOINT_PROBE): feature -> [(tracepoint, program)].
@@ -96,6 +100,19 @@ def file_syscall_flags(tracefs: Path) -> list[str]:
 
 class ProbeError(Exception):
     pass
+
+
+def _btf_offsets() -> dict[str, int]:
+    """btf.probe_offsets(), parsed once per kernel build: reading the whole BTF in Python was
+    ~0.5 s of every start (docs/STARTUP.md)."""
+    from agenttrace.kernel import probecache
+    u = os.uname()
+    try:
+        size = str(btf.VMLINUX.stat().st_size)
+    except OSError:
+        size = "none"        # probe_offsets raises the error that says so
+    return probecache.memo("btf", [u.release, u.version, size, repr(sorted(btf.PROBE_FIELDS.items()))],
+                           btf.probe_offsets)
 
 
 _MADV_PAGEOUT = 21    # Linux 5.4+
@@ -251,7 +268,7 @@ class Probes:
         flags = ["-w", f"-I{probes_dir()}", f"-DAT_RINGBUF_PAGES={self.ringbuf_pages}"]
         for feat in self.features:
             flags.append(f"-DAT_WITH_{feat.upper()}")
-        for name, off in btf.probe_offsets().items():
+        for name, off in _btf_offsets().items():
             flags.append(f"-D{name}={off}")
         if "files" in self.features:
             flags += file_syscall_flags(tracefs)
@@ -304,9 +321,9 @@ class Probes:
                 except errors as e:
                     raise ProbeError(f"loading program {fname} failed: {e}") from None
                 self._cgroup_funcs.append((fn, atype))
-            for array, idx, fname, ptype in TAIL_CALLS.get(feat, ()):
+            for array, idx, fname, ptype, atype in TAIL_CALLS.get(feat, ()):
                 try:
-                    fn = self.bpf.load_func(fname.encode(), prog_type(ptype))
+                    fn = self.bpf.load_func(fname.encode(), prog_type(ptype), attach_type=atype)
                 except errors as e:
                     raise ProbeError(f"loading program {fname} failed: {e}") from None
                 t = self[array]

@@ -28,6 +28,7 @@ from agenttrace.kernel import bpfsys
 
 FORMAT = 1
 DEFAULT_DIR = Path("/var/cache/agenttrace/probes")
+KEEP = 64           # newest objects kept: each edit of a probe or new flag set adds one
 _LD_IMM64 = 0x18
 _PSEUDO_MAP_FD = 1
 
@@ -89,6 +90,36 @@ def _read(path: Path) -> dict | None:
     return obj if obj.get("format") == FORMAT else None
 
 
+def memo(kind: str, parts: list[str], compute):
+    """compute() once per `parts` (JSON-able result), kept beside the compiled probes: for
+    facts about the running kernel that cost more to find than to read (the BTF offsets)."""
+    d = cache_dir()
+    key = hashlib.sha256("\0".join([str(FORMAT), kind] + parts).encode()).hexdigest()[:40]
+    if d is not None:
+        hit = _read(d / f"{kind}-{key}.json")
+        if hit is not None:
+            return hit["value"]
+    value = compute()
+    if d is not None:
+        _write(d, f"{kind}-{key}.json", {"format": FORMAT, "value": value})
+    return value
+
+
+def _write(d: Path, name: str, obj: dict) -> None:
+    try:
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(d, 0o700)
+        fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f)
+        os.replace(tmp, d / name)
+        files = sorted(d.glob("*.json"), key=lambda p: p.stat().st_mtime)
+        for old in files[:-KEEP]:
+            old.unlink()
+    except OSError:
+        pass      # an unwritable cache only costs the next start its compile
+
+
 def compiled(source: str, cflags: list[str]) -> tuple[dict, bool]:
     """The compiled object for this source and flags, and whether it came from the cache."""
     d = cache_dir()
@@ -99,15 +130,7 @@ def compiled(source: str, cflags: list[str]) -> tuple[dict, bool]:
             return hit, True
     obj = _compile_in_child(source, cflags)
     if d is not None:
-        try:
-            d.mkdir(parents=True, exist_ok=True, mode=0o700)
-            os.chmod(d, 0o700)
-            fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
-            with os.fdopen(fd, "w") as f:
-                json.dump(obj, f)
-            os.replace(tmp, d / f"{key}.json")
-        except OSError:
-            pass      # an unwritable cache only costs the next start its compile
+        _write(d, f"{key}.json", obj)
     return obj, False
 
 
