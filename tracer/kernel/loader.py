@@ -283,7 +283,10 @@ class Probes:
     def load(self) -> None:
         if os.geteuid() != 0:
             raise ProbeError("agenttrace must run as root to load eBPF programs")
-        if os.environ.get("AGENTTRACE_BCC_INPROCESS") == "1":
+        from agenttrace.kernel import ringbuf
+        if os.environ.get("AGENTTRACE_BCC_INPROCESS") == "1" or not ringbuf.supported():
+            # where the mmap ring reader cannot run (not x86-64), BCC's reader is used, and
+            # with it BCC's own objects
             return self._load_bcc()
         from agenttrace.kernel import bpfobj, bpfsys, probecache
         src, cflags = self.source(), self.cflags()
@@ -293,10 +296,25 @@ class Probes:
             raise ProbeError(f"compiling probes ({', '.join(self.features)}) failed: {e}") from None
         try:
             self.bpf = bpfobj.LoadedObject(obj, ensure_tracefs())
+            self.bpf.preload(self._wanted_programs(lambda ptype: bpfsys.PROG_TYPES[ptype]))
             self.bpf.autoload()
         except (bpfsys.BpfError, KeyError) as e:
             raise ProbeError(f"loading probes ({', '.join(self.features)}) failed: {e}") from None
         self._load_programs(lambda ptype: bpfsys.PROG_TYPES[ptype], bpfsys.BpfError)
+
+    def _wanted_programs(self, prog_type) -> list[tuple[str, int, int]]:
+        """Every program this feature set loads: (name, prog type, attach type)."""
+        out = []
+        for name in self.bpf._obj["programs"]:
+            if name.startswith("tracepoint__"):
+                out.append((name, prog_type("TRACEPOINT"), -1))
+            elif name.startswith("raw_tracepoint__"):
+                out.append((name, prog_type("RAW_TRACEPOINT"), -1))
+        for feat in self.features:
+            out += [(f, prog_type(pt), at) for f, pt, at in FEATURES[feat][1]]
+            out += [(f, prog_type(pt), at) for _a, _i, f, pt, at in TAIL_CALLS.get(feat, ())]
+            out += [(f, prog_type("RAW_TRACEPOINT"), -1) for _tp, f in RAW_TRACEPOINTS.get(feat, ())]
+        return out
 
     def _load_bcc(self) -> None:
         """BCC compiling in this process (AGENTTRACE_BCC_INPROCESS=1): the old path, kept to

@@ -38,11 +38,15 @@ class CompileError(Exception):
 
 
 def cache_dir() -> Path | None:
-    """AGENTTRACE_PROBE_CACHE=DIR moves the cache, =off compiles every time (still in a child)."""
+    """AGENTTRACE_PROBE_CACHE=DIR moves the cache, =off compiles every time (still in a child).
+    Under systemd the unit's CacheDirectory= (writable despite ProtectSystem=strict) is used."""
     v = os.environ.get("AGENTTRACE_PROBE_CACHE", "")
     if v.lower() in ("off", "0", "no"):
         return None
-    return Path(v) if v else DEFAULT_DIR
+    if v:
+        return Path(v)
+    sd = os.environ.get("CACHE_DIRECTORY", "").split(":")[0]
+    return Path(sd) / "probes" if sd else DEFAULT_DIR
 
 
 def _bcc_identity() -> str:
