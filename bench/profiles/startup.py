@@ -24,8 +24,15 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parents[2]
 
 
+PYC = False
+
+
 def _env(tree: Path, tmp: Path) -> dict:
     env = dict(os.environ)
+    if PYC:
+        # as installed (a wheel or the .deb has bytecode): sources compiled once, not per start
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env["PYTHONPYCACHEPREFIX"] = str(tmp / "pycache")
     if tree != HERE:
         link = tmp / f"pkg-{abs(hash(str(tree)))}"
         link.mkdir(exist_ok=True)
@@ -97,7 +104,11 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tree", action="append", type=Path)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--pyc", action="store_true",
+                    help="let Python keep bytecode (a temporary PYTHONPYCACHEPREFIX), as an install does")
     a = ap.parse_args()
+    global PYC
+    PYC = a.pyc
     trees = a.tree or [HERE]
     res: dict = {str(t): {"run": [], "daemon": []} for t in trees}
     with tempfile.TemporaryDirectory() as tmp:

@@ -30,6 +30,10 @@ class LoadedObject:
         self.tables: dict[bytes, bpfsys.Map] = {}
         self.funcs: dict[bytes, Function] = {}
         self._attach_fds: list[int] = []
+        # BCC's names for the attachments (ops/metrics.py reads them): b"cat:event" -> perf fd,
+        # b"event" -> raw tracepoint fd
+        self.tracepoint_fds: dict[bytes, int] = {}
+        self.raw_tracepoint_fds: dict[bytes, int] = {}
         self._fds: list[int] = []
         try:
             for name, m in obj["maps"].items():
@@ -98,10 +102,15 @@ class LoadedObject:
             if name.startswith("tracepoint__"):
                 cat, _, event = name[len("tracepoint__"):].partition("__")
                 fn = self.load_func(name, bpfsys.PROG_TYPES["TRACEPOINT"])
-                self._attach_fds.append(bpfsys.attach_tracepoint(fn.fd, self._tracefs, cat, event))
+                fd = bpfsys.attach_tracepoint(fn.fd, self._tracefs, cat, event)
+                self._attach_fds.append(fd)
+                self.tracepoint_fds[f"{cat}:{event}".encode()] = fd
             elif name.startswith("raw_tracepoint__"):
                 fn = self.load_func(name, bpfsys.PROG_TYPES["RAW_TRACEPOINT"])
-                self._attach_fds.append(bpfsys.attach_raw_tracepoint(fn.fd, name[len("raw_tracepoint__"):]))
+                event = name[len("raw_tracepoint__"):]
+                fd = bpfsys.attach_raw_tracepoint(fn.fd, event)
+                self._attach_fds.append(fd)
+                self.raw_tracepoint_fds[event.encode()] = fd
 
     # callback readers (BCC's ring_buffer_poll/consume): every map opened with open_ring_buffer
     def _readers(self):
@@ -128,3 +137,5 @@ class LoadedObject:
                 pass
         self._attach_fds.clear()
         self._fds.clear()
+        self.tracepoint_fds.clear()
+        self.raw_tracepoint_fds.clear()
