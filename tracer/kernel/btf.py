@@ -7,6 +7,7 @@ Only the parts of the BTF format needed to find struct members are decoded.
 """
 from __future__ import annotations
 
+import array
 import struct
 from functools import lru_cache
 from pathlib import Path
@@ -37,24 +38,25 @@ class BTF:
         type_off, type_len, str_off, str_len = struct.unpack_from("<IIII", data, 8)
         self._data = data
         self._strings = data[hdr_len + str_off: hdr_len + str_off + str_len]
-        self._types: list = [None]  # type id 0 is void; else (kind, name_off, pos of members, vlen, kflag)
+        # per type id (0 is void): where its header starts, 0 for types of no interest here.
+        # An array, not objects: 127k types as tuples were ~25 MB of the tracer's peak RSS.
+        self._pos = array.array("I", [0])
         self._by_name_off: dict[int, list[int]] = {}
         pos, end = hdr_len + type_off, hdr_len + type_off + type_len
-        unpack, types, by_name = struct.Struct("<III").unpack_from, self._types, self._by_name_off
+        unpack, by_name, positions = struct.Struct("<II").unpack_from, self._by_name_off, self._pos
         fixed, per = _FIXED_EXTRA, _PER_VLEN
         aggregate = (_KIND_STRUCT, _KIND_UNION)
         while pos < end:
-            name_off, info, _size = unpack(data, pos)
+            name_off, info = unpack(data, pos)
             kind = (info >> 24) & 0x1F
             vlen = info & 0xFFFF
-            pos += 12
             if kind in aggregate:
                 if name_off:
-                    by_name.setdefault(name_off, []).append(len(types))
-                types.append((kind, name_off, pos, vlen, info >> 31))
+                    by_name.setdefault(name_off, []).append(len(positions))
+                positions.append(pos)
             else:
-                types.append((kind, name_off, 0, 0, 0))
-            pos += fixed.get(kind, 0) + per.get(kind, 0) * vlen
+                positions.append(0)
+            pos += 12 + fixed.get(kind, 0) + per.get(kind, 0) * vlen
 
     def _str(self, off: int) -> str:
         end = self._strings.index(b"\0", off)
@@ -68,9 +70,11 @@ class BTF:
         return None if i < 0 else i + 1
 
     def _members(self, tid: int):
-        _kind, _name, pos, vlen, kflag = self._types[tid]
-        for i in range(vlen):
-            m_name, m_type, m_off = struct.unpack_from("<III", self._data, pos + 12 * i)
+        pos = self._pos[tid]
+        _name, info, _size = struct.unpack_from("<III", self._data, pos)
+        kflag = info >> 31
+        for i in range(info & 0xFFFF):
+            m_name, m_type, m_off = struct.unpack_from("<III", self._data, pos + 12 + 12 * i)
             yield m_name, m_type, (m_off & 0xFFFFFF if kflag else m_off)
 
     def _find(self, tid: int, field: str) -> int | None:
@@ -87,16 +91,13 @@ class BTF:
         return None
 
     def _resolve_aggregate(self, tid: int) -> int | None:
-        t = self._types[tid] if tid < len(self._types) else None
-        if t is not None and t[0] in (_KIND_STRUCT, _KIND_UNION):
-            return tid
-        return None
+        return tid if tid < len(self._pos) and self._pos[tid] else None
 
     def member_offset(self, struct_name: str, field: str) -> int:
         """Byte offset of struct_name.field (fields of anonymous sub-structs included)."""
         off = self._name_off(struct_name)
         for tid in self._by_name_off.get(off, []) if off is not None else []:
-            if self._types[tid][3]:
+            if struct.unpack_from("<I", self._data, self._pos[tid] + 4)[0] & 0xFFFF:
                 bit = self._find(tid, field)
                 if bit is not None:
                     if bit % 8:

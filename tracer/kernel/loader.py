@@ -111,8 +111,14 @@ def _btf_offsets() -> dict[str, int]:
         size = str(btf.VMLINUX.stat().st_size)
     except OSError:
         size = "none"        # probe_offsets raises the error that says so
+
+    def compute():
+        try:
+            return btf.probe_offsets()
+        finally:
+            btf.kernel_btf.cache_clear()     # the parsed BTF is not needed after this
     return probecache.memo("btf", [u.release, u.version, size, repr(sorted(btf.PROBE_FIELDS.items()))],
-                           btf.probe_offsets)
+                           compute)
 
 
 _MADV_PAGEOUT = 21    # Linux 5.4+
