@@ -90,8 +90,8 @@ BPF_TABLE("lru_hash", struct at_flow_asm_key, struct at_flow_asm, flow_asm, 8192
 BPF_PERCPU_ARRAY(flow_scratch, struct at_flow_asm, 1);
 /* at_flow_decide per way: one array each, as a tail call's target must match its caller's
  * attach type */
-BPF_PROG_ARRAY(flow_egress_next, 1);
-BPF_PROG_ARRAY(flow_ingress_next, 1);
+BPF_PROG_ARRAY(flow_egress_next, 2);
+BPF_PROG_ARRAY(flow_ingress_next, 2);
 
 static __always_inline int at_ws(u8 c)
 {
@@ -138,6 +138,7 @@ static __always_inline int at_ssh_line(const struct at_flow *r)
 }
 
 #define AT_CLASS_FINAL 0x100      /* at_classify: no later byte can change the answer */
+#define AT_CLASS_PREBANNER 0x200  /* passed on to at_flow_finish: lines came before the banner */
 
 /* Cheap kernel-side guess; userspace (agenttrace.protocols) does the real parse. Returns
  * AT_PROTO_* | AT_CLASS_FINAL when decided. */
@@ -428,11 +429,12 @@ static __always_inline int at_flow(struct __sk_buff *skb, u8 dir)
 		}
 	}
 
-	/* Classification and the verdict run in a program of their own, reached by tail call:
-	 * verified once from a clean state instead of once per way the reassembly above can end
-	 * (the split took the two programs from 522k verified instructions each to what
-	 * docs/STARTUP.md lists). The loader fills both arrays; a missing entry would let the
-	 * segment pass undecided, so loading fails instead (tracer/kernel/loader.py TAIL_CALLS). */
+	/* Classification (at_flow_decide) and then the verdict and send (at_flow_finish) run in
+	 * programs of their own, reached by tail call: each is verified once from a clean state
+	 * instead of once per way the code before it can end (522k verified instructions per way
+	 * before the split; docs/STARTUP.md has the figures since). The loader fills both slots of
+	 * both arrays; a missing entry would let the segment pass undecided, so loading fails
+	 * instead (tracer/kernel/loader.py TAIL_CALLS). */
 	if (dir == AT_DIR_EGRESS)
 		flow_egress_next.call(skb, 0);
 	else
@@ -474,6 +476,37 @@ static __always_inline int at_flow_decide(struct __sk_buff *skb, u8 dir)
 
 	u32 pre = 0;
 	u32 cls = at_classify(&a->rec, &pre);
+	/* the verdict and the send follow in a third program: each way the classifier can end
+	 * goes on only through these few instructions (verification, docs/STARTUP.md) */
+	a->tmp = cls | (pre ? AT_CLASS_PREBANNER : 0);
+	if (dir == AT_DIR_EGRESS)
+		flow_egress_next.call(skb, 1);
+	else
+		flow_ingress_next.call(skb, 1);
+	return 1;
+}
+
+static __always_inline int at_flow_finish(struct __sk_buff *skb, u8 dir)
+{
+	u64 cookie = bpf_get_socket_cookie(skb);
+	struct at_flow_state *st = flow_state.lookup(&cookie);
+	if (!st)
+		return 1;
+	u8 d = dir & 1;
+	struct at_flow_asm_key k = {};
+	k.cookie = cookie;
+	k.dir = d;
+	struct at_flow_asm *a = flow_asm.lookup(&k);
+	if (!a)
+		return 1;
+	u64 agent = a->rec.h.agent_cgroup_id;
+	u8 fin = 0;
+	struct at_l3 l;
+	u8 tcph[20];
+	if (at_skb_l3(skb, &l) == 0 && bpf_skb_load_bytes(skb, l.l4off, tcph, 20) == 0)
+		fin = tcph[13] & 0x05;
+	u32 cls = a->tmp;
+	u32 pre = cls & AT_CLASS_PREBANNER;
 	u32 proto = cls & 0xff;
 	a->rec.proto_hint = proto;
 	if (pre)
@@ -498,6 +531,10 @@ static __always_inline int at_flow_decide(struct __sk_buff *skb, u8 dir)
 	return verdict == AT_VERDICT_BLOCKED ? 0 : 1;
 
 }
+
+
+int at_flow_finish_egress(struct __sk_buff *skb) { return at_flow_finish(skb, AT_DIR_EGRESS); }
+int at_flow_finish_ingress(struct __sk_buff *skb) { return at_flow_finish(skb, AT_DIR_INGRESS); }
 
 int at_flow_decide_egress(struct __sk_buff *skb) { return at_flow_decide(skb, AT_DIR_EGRESS); }
 int at_flow_decide_ingress(struct __sk_buff *skb) { return at_flow_decide(skb, AT_DIR_INGRESS); }

@@ -77,7 +77,9 @@ TAIL_CALLS: dict[str, list[tuple[str, int, str, str, int]]] = {
     "egress": [("egress_progs", 0, "at_egress_rr", "CGROUP_SKB", -1)],
     # classification and verdict of a flow capture, apart from its reassembly (probes/flow.c)
     "flow": [("flow_egress_next", 0, "at_flow_decide_egress", "CGROUP_SKB", CGROUP_INET_EGRESS),
-             ("flow_ingress_next", 0, "at_flow_decide_ingress", "CGROUP_SKB", CGROUP_INET_INGRESS)],
+             ("flow_ingress_next", 0, "at_flow_decide_ingress", "CGROUP_SKB", CGROUP_INET_INGRESS),
+             ("flow_egress_next", 1, "at_flow_finish_egress", "CGROUP_SKB", CGROUP_INET_EGRESS),
+             ("flow_ingress_next", 1, "at_flow_finish_ingress", "CGROUP_SKB", CGROUP_INET_INGRESS)],
 }
 # Raw tracepoint programs with names of their own (a tracepoint another feature already uses
 # through BCC's RAW_TRACEPOINT_PROBE): feature -> [(tracepoint, program)].
