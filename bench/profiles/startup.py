@@ -55,7 +55,8 @@ def _watch(cmd: list[str], env: dict, started_in: Path | None) -> dict:
             if line.startswith("VmHWM:"):
                 hwm = int(line.split()[1])
     else:
-        while time.monotonic() - t0 < 120 and p.poll() is None:
+        # no p.poll() here: it would reap the child before wait4 can read its usage
+        while time.monotonic() - t0 < 120 and os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
             if started_in.exists() and '"started"' in started_in.read_text():
                 started = time.monotonic() - t0
                 break
@@ -64,7 +65,10 @@ def _watch(cmd: list[str], env: dict, started_in: Path | None) -> dict:
             hwm = int([l for l in open(f"/proc/{p.pid}/status") if l.startswith("VmHWM:")][0].split()[1])
         except (OSError, IndexError):
             pass
-        p.terminate()
+        try:
+            os.kill(p.pid, 15)      # not p.terminate(): it polls, and a poll reaps an exited child
+        except ProcessLookupError:
+            pass
     _pid, status, ru = os.wait4(p.pid, 0)
     p.returncode = os.waitstatus_to_exitcode(status)
     return {"started_s": started, "rss_mb": hwm / 1024, "cpu_s": ru.ru_utime + ru.ru_stime,
@@ -92,6 +96,7 @@ def daemon_once(tree: Path, tmp: Path) -> dict:
         sinks:
           stdout: false
           file: {{path: {out}}}
+          socket: {{path: {d / "events.sock"}}}
     """))
     try:
         return _watch([exe, "daemon", "--config", str(cfg)], _env(tree, tmp), out)
