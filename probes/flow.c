@@ -88,17 +88,27 @@ BPF_TABLE("lru_hash", struct at_flow_asm_key, struct at_flow_asm, flow_asm, 8192
 /* Scratch record: classified before it is copied to the ring buffer, so a failed reserve
  * never changes a verdict. */
 BPF_PERCPU_ARRAY(flow_scratch, struct at_flow_asm, 1);
+/* at_flow_decide per way: one array each, as a tail call's target must match its caller's
+ * attach type */
+BPF_PROG_ARRAY(flow_egress_next, 2);
+BPF_PROG_ARRAY(flow_ingress_next, 2);
 
 static __always_inline int at_ws(u8 c)
 {
 	return c == ' ' || c == '\t' || c == '\r' || c == '\n' || c == '\v' || c == '\f';
 }
 
-/* bytes of `needle` found in the first `len` bytes of d (bounded: once per flow and way) */
-static __always_inline int at_has8(const u8 *d, u32 len, u64 needle, u64 mask)
+/* The loops over the capture read its length from the record at each test, not from a
+ * register: a register would leave each exit of the loop with its own known range of the
+ * length, and the verifier would check what follows once per exit (see docs/STARTUP.md). */
+#define AT_CAP_LEN(r) (*(const volatile u32 *)&(r)->len)
+
+/* bytes of `needle` found in the first len bytes of the capture (bounded: once per flow and way) */
+static __always_inline int at_has8(const struct at_flow *r, u64 needle, u64 mask)
 {
+	const u8 *d = r->data;
 	for (u32 i = 0; i + 8 <= AT_FLOW_BYTES; i++) {
-		if (i + 8 > len)
+		if (i + 8 > AT_CAP_LEN(r))
 			return 0;
 		u64 w;
 		__builtin_memcpy(&w, &d[i], 8);
@@ -110,11 +120,12 @@ static __always_inline int at_has8(const u8 *d, u32 len, u64 needle, u64 mask)
 
 /* Where an SSH identification line starts: 0, or just after a newline (lines before the
  * banner); -1 when there is none in the first len bytes. */
-static __always_inline int at_ssh_line(const u8 *d, u32 len)
+static __always_inline int at_ssh_line(const struct at_flow *r)
 {
+	const u8 *d = r->data;
 	u32 ssh = 0x2d485353;  /* "SSH-" */
 	for (u32 i = 0; i + 5 <= AT_FLOW_BYTES; i++) {
-		if (i + 5 > len)
+		if (i + 5 > AT_CAP_LEN(r))
 			return -1;
 		if (d[i] != '\n')
 			continue;
@@ -127,11 +138,14 @@ static __always_inline int at_ssh_line(const u8 *d, u32 len)
 }
 
 #define AT_CLASS_FINAL 0x100      /* at_classify: no later byte can change the answer */
+#define AT_CLASS_PREBANNER 0x200  /* passed on to at_flow_finish: lines came before the banner */
 
 /* Cheap kernel-side guess; userspace (agenttrace.protocols) does the real parse. Returns
  * AT_PROTO_* | AT_CLASS_FINAL when decided. */
-static __always_inline u32 at_classify(const u8 *d, u32 len, u32 *prebanner)
+static __always_inline u32 at_classify(const struct at_flow *r, u32 *prebanner)
 {
+	const u8 *d = r->data;
+	u32 len = AT_CAP_LEN(r);
 	u32 full = len >= AT_FLOW_BYTES ? AT_CLASS_FINAL : 0;
 	if (len == 0)
 		return AT_PROTO_UNKNOWN;
@@ -151,8 +165,8 @@ static __always_inline u32 at_classify(const u8 *d, u32 len, u32 *prebanner)
 	}
 	if (d[0] == '{' || d[0] == '[') {
 		/* "mining. and "login" as little-endian u64 words (the last one masked to 7 bytes) */
-		if (at_has8(d, len, 0x2e676e696e696d22ULL, ~0ULL) ||
-		    at_has8(d, len, 0x226e69676f6c22ULL, 0x00ffffffffffffffULL))
+		if (at_has8(r, 0x2e676e696e696d22ULL, ~0ULL) ||
+		    at_has8(r, 0x226e69676f6c22ULL, 0x00ffffffffffffffULL))
 			return AT_PROTO_STRATUM | AT_CLASS_FINAL;
 		return AT_PROTO_UNKNOWN | full;
 	}
@@ -168,7 +182,7 @@ static __always_inline u32 at_classify(const u8 *d, u32 len, u32 *prebanner)
 			 * says so, so it is ssh here and a forbidden one drops with its first bytes */
 			if (w == 0x4e4e4f43 && len > 12 && d[4] == 'E' && d[5] == 'C' && d[6] == 'T' && d[7] == ' ') {
 				for (u32 i = 9; i < AT_FLOW_BYTES; i++) {
-					if (i >= len)
+					if (i >= AT_CAP_LEN(r))
 						break;
 					u8 c = d[i];
 					if (c == ' ' || c == '\r' || c == '\n') {
@@ -186,7 +200,7 @@ static __always_inline u32 at_classify(const u8 *d, u32 len, u32 *prebanner)
 		}
 	}
 	/* text that may be lines before an SSH banner (RFC 4253 4.2) */
-	int at = at_ssh_line(d, len);
+	int at = at_ssh_line(r);
 	if (at > 0) {
 		*prebanner = 1;
 		return AT_PROTO_SSH | AT_CLASS_FINAL;
@@ -415,8 +429,84 @@ static __always_inline int at_flow(struct __sk_buff *skb, u8 dir)
 		}
 	}
 
+	/* Classification (at_flow_decide) and then the verdict and send (at_flow_finish) run in
+	 * programs of their own, reached by tail call: each is verified once from a clean state
+	 * instead of once per way the code before it can end (522k verified instructions per way
+	 * before the split; docs/STARTUP.md has the figures since). The loader fills both slots of
+	 * both arrays; a missing entry would let the segment pass undecided, so loading fails
+	 * instead (tracer/kernel/loader.py TAIL_CALLS). */
+	if (dir == AT_DIR_EGRESS)
+		flow_egress_next.call(skb, 0);
+	else
+		flow_ingress_next.call(skb, 0);
+	return 1;
+
+out_final:
+	a->rec.fflags |= AT_FLOWF_FLUSHED;
+	st->pending[d] = 0;
+	st->seen[d] = 1;
+	at_flow_send(a, &k, agent);
+	return 1;
+}
+
+int at_skb_egress(struct __sk_buff *skb) { return at_flow(skb, AT_DIR_EGRESS); }
+int at_skb_ingress(struct __sk_buff *skb) { return at_flow(skb, AT_DIR_INGRESS); }
+
+/* The second half of at_flow: classify the capture so far, apply the protocol policy, and send
+ * the record once decided. Reached only by tail call from at_flow with the capture stored. */
+static __always_inline int at_flow_decide(struct __sk_buff *skb, u8 dir)
+{
+	u64 cookie = bpf_get_socket_cookie(skb);
+	struct at_flow_state *st = flow_state.lookup(&cookie);
+	if (!st)
+		return 1;
+	u8 d = dir & 1;
+	struct at_flow_asm_key k = {};
+	k.cookie = cookie;
+	k.dir = d;
+	struct at_flow_asm *a = flow_asm.lookup(&k);
+	if (!a)
+		return 1;
+	u64 agent = a->rec.h.agent_cgroup_id;
+	u8 fin = 0;
+	struct at_l3 l;
+	u8 tcph[20];
+	if (at_skb_l3(skb, &l) == 0 && bpf_skb_load_bytes(skb, l.l4off, tcph, 20) == 0)
+		fin = tcph[13] & 0x05;
+
 	u32 pre = 0;
-	u32 cls = at_classify(a->rec.data, *(volatile u32 *)&a->rec.len, &pre);
+	u32 cls = at_classify(&a->rec, &pre);
+	/* the verdict and the send follow in a third program: each way the classifier can end
+	 * goes on only through these few instructions (verification, docs/STARTUP.md) */
+	a->tmp = cls | (pre ? AT_CLASS_PREBANNER : 0);
+	if (dir == AT_DIR_EGRESS)
+		flow_egress_next.call(skb, 1);
+	else
+		flow_ingress_next.call(skb, 1);
+	return 1;
+}
+
+static __always_inline int at_flow_finish(struct __sk_buff *skb, u8 dir)
+{
+	u64 cookie = bpf_get_socket_cookie(skb);
+	struct at_flow_state *st = flow_state.lookup(&cookie);
+	if (!st)
+		return 1;
+	u8 d = dir & 1;
+	struct at_flow_asm_key k = {};
+	k.cookie = cookie;
+	k.dir = d;
+	struct at_flow_asm *a = flow_asm.lookup(&k);
+	if (!a)
+		return 1;
+	u64 agent = a->rec.h.agent_cgroup_id;
+	u8 fin = 0;
+	struct at_l3 l;
+	u8 tcph[20];
+	if (at_skb_l3(skb, &l) == 0 && bpf_skb_load_bytes(skb, l.l4off, tcph, 20) == 0)
+		fin = tcph[13] & 0x05;
+	u32 cls = a->tmp;
+	u32 pre = cls & AT_CLASS_PREBANNER;
 	u32 proto = cls & 0xff;
 	a->rec.proto_hint = proto;
 	if (pre)
@@ -440,13 +530,11 @@ static __always_inline int at_flow(struct __sk_buff *skb, u8 dir)
 	at_flow_send(a, &k, agent);
 	return verdict == AT_VERDICT_BLOCKED ? 0 : 1;
 
-out_final:
-	a->rec.fflags |= AT_FLOWF_FLUSHED;
-	st->pending[d] = 0;
-	st->seen[d] = 1;
-	at_flow_send(a, &k, agent);
-	return 1;
 }
 
-int at_skb_egress(struct __sk_buff *skb) { return at_flow(skb, AT_DIR_EGRESS); }
-int at_skb_ingress(struct __sk_buff *skb) { return at_flow(skb, AT_DIR_INGRESS); }
+
+int at_flow_finish_egress(struct __sk_buff *skb) { return at_flow_finish(skb, AT_DIR_EGRESS); }
+int at_flow_finish_ingress(struct __sk_buff *skb) { return at_flow_finish(skb, AT_DIR_INGRESS); }
+
+int at_flow_decide_egress(struct __sk_buff *skb) { return at_flow_decide(skb, AT_DIR_EGRESS); }
+int at_flow_decide_ingress(struct __sk_buff *skb) { return at_flow_decide(skb, AT_DIR_INGRESS); }

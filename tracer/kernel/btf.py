@@ -7,6 +7,7 @@ Only the parts of the BTF format needed to find struct members are decoded.
 """
 from __future__ import annotations
 
+import array
 import struct
 from functools import lru_cache
 from pathlib import Path
@@ -24,6 +25,10 @@ class BTFError(Exception):
 
 
 class BTF:
+    """Types are indexed on one pass over their headers; members are decoded only for the
+    structs asked about. Decoding every member of every type (~127k types here) took 0.5 s of
+    each tracer start, more than loading most probes (docs/STARTUP.md)."""
+
     def __init__(self, data: bytes):
         if len(data) < 24:
             raise BTFError("BTF blob too short")
@@ -31,37 +36,50 @@ class BTF:
         if magic != 0xEB9F:
             raise BTFError(f"bad BTF magic {magic:#x}")
         type_off, type_len, str_off, str_len = struct.unpack_from("<IIII", data, 8)
+        self._data = data
         self._strings = data[hdr_len + str_off: hdr_len + str_off + str_len]
-        self._types: list = [None]  # type id 0 is void
-        self._by_name: dict[str, list[int]] = {}
+        # per type id (0 is void): where its header starts, 0 for types of no interest here.
+        # An array, not objects: 127k types as tuples were ~25 MB of the tracer's peak RSS.
+        self._pos = array.array("I", [0])
+        self._by_name_off: dict[int, list[int]] = {}
         pos, end = hdr_len + type_off, hdr_len + type_off + type_len
+        unpack, by_name, positions = struct.Struct("<II").unpack_from, self._by_name_off, self._pos
+        fixed, per = _FIXED_EXTRA, _PER_VLEN
+        aggregate = (_KIND_STRUCT, _KIND_UNION)
         while pos < end:
-            name_off, info, size_or_type = struct.unpack_from("<III", data, pos)
+            name_off, info = unpack(data, pos)
             kind = (info >> 24) & 0x1F
             vlen = info & 0xFFFF
-            kflag = info >> 31
-            pos += 12
-            members = None
-            if kind in (_KIND_STRUCT, _KIND_UNION):
-                members = []
-                for i in range(vlen):
-                    m_name, m_type, m_off = struct.unpack_from("<III", data, pos + 12 * i)
-                    bit_off = m_off & 0xFFFFFF if kflag else m_off
-                    members.append((m_name, m_type, bit_off))
-            pos += _FIXED_EXTRA.get(kind, 0) + _PER_VLEN.get(kind, 0) * vlen
-            tid = len(self._types)
-            self._types.append((kind, name_off, members))
-            if kind in (_KIND_STRUCT, _KIND_UNION) and name_off:
-                self._by_name.setdefault(self._str(name_off), []).append(tid)
+            if kind in aggregate:
+                if name_off:
+                    by_name.setdefault(name_off, []).append(len(positions))
+                positions.append(pos)
+            else:
+                positions.append(0)
+            pos += 12 + fixed.get(kind, 0) + per.get(kind, 0) * vlen
 
     def _str(self, off: int) -> str:
         end = self._strings.index(b"\0", off)
         return self._strings[off:end].decode()
 
+    def _name_off(self, name: str) -> int | None:
+        b = name.encode()
+        if self._strings.startswith(b + b"\0"):
+            return 0
+        i = self._strings.find(b"\0" + b + b"\0")
+        return None if i < 0 else i + 1
+
+    def _members(self, tid: int):
+        pos = self._pos[tid]
+        _name, info, _size = struct.unpack_from("<III", self._data, pos)
+        kflag = info >> 31
+        for i in range(info & 0xFFFF):
+            m_name, m_type, m_off = struct.unpack_from("<III", self._data, pos + 12 + 12 * i)
+            yield m_name, m_type, (m_off & 0xFFFFFF if kflag else m_off)
+
     def _find(self, tid: int, field: str) -> int | None:
         """Bit offset of `field` in struct/union `tid`, looking into anonymous members."""
-        kind, _name, members = self._types[tid]
-        for m_name, m_type, bit_off in members:
+        for m_name, m_type, bit_off in self._members(tid):
             if m_name and self._str(m_name) == field:
                 return bit_off
             if not m_name:
@@ -73,21 +91,13 @@ class BTF:
         return None
 
     def _resolve_aggregate(self, tid: int) -> int | None:
-        # anonymous members may sit behind typedef/volatile/const modifiers
-        for _ in range(8):
-            t = self._types[tid]
-            if t is None:
-                return None
-            kind = t[0]
-            if kind in (_KIND_STRUCT, _KIND_UNION):
-                return tid
-            return None
-        return None
+        return tid if tid < len(self._pos) and self._pos[tid] else None
 
     def member_offset(self, struct_name: str, field: str) -> int:
         """Byte offset of struct_name.field (fields of anonymous sub-structs included)."""
-        for tid in self._by_name.get(struct_name, []):
-            if self._types[tid][2]:
+        off = self._name_off(struct_name)
+        for tid in self._by_name_off.get(off, []) if off is not None else []:
+            if struct.unpack_from("<I", self._data, self._pos[tid] + 4)[0] & 0xFFFF:
                 bit = self._find(tid, field)
                 if bit is not None:
                     if bit % 8:

@@ -71,9 +71,15 @@ FEATURES: dict[str, tuple[str, list[tuple[str, str, int]]]] = {
     # the README's measured costs
     "files": ("files.c", []),
 }
-# Programs reached only by tail call: feature -> [(prog array, index, program, prog type)].
-TAIL_CALLS: dict[str, list[tuple[str, int, str, str]]] = {
-    "egress": [("egress_progs", 0, "at_egress_rr", "CGROUP_SKB")],
+# Programs reached only by tail call: feature -> [(prog array, index, program, prog type,
+# attach type of the caller: a tail call's target must match it)].
+TAIL_CALLS: dict[str, list[tuple[str, int, str, str, int]]] = {
+    "egress": [("egress_progs", 0, "at_egress_rr", "CGROUP_SKB", -1)],
+    # classification and verdict of a flow capture, apart from its reassembly (probes/flow.c)
+    "flow": [("flow_egress_next", 0, "at_flow_decide_egress", "CGROUP_SKB", CGROUP_INET_EGRESS),
+             ("flow_ingress_next", 0, "at_flow_decide_ingress", "CGROUP_SKB", CGROUP_INET_INGRESS),
+             ("flow_egress_next", 1, "at_flow_finish_egress", "CGROUP_SKB", CGROUP_INET_EGRESS),
+             ("flow_ingress_next", 1, "at_flow_finish_ingress", "CGROUP_SKB", CGROUP_INET_INGRESS)],
 }
 # Raw tracepoint programs with names of their own (a tracepoint another feature already uses
 # through BCC's RAW_TRACEPOINT_PROBE): feature -> [(tracepoint, program)].
@@ -96,6 +102,25 @@ def file_syscall_flags(tracefs: Path) -> list[str]:
 
 class ProbeError(Exception):
     pass
+
+
+def _btf_offsets() -> dict[str, int]:
+    """btf.probe_offsets(), parsed once per kernel build: reading the whole BTF in Python was
+    ~0.5 s of every start (docs/STARTUP.md)."""
+    from agenttrace.kernel import probecache
+    u = os.uname()
+    try:
+        size = str(btf.VMLINUX.stat().st_size)
+    except OSError:
+        size = "none"        # probe_offsets raises the error that says so
+
+    def compute():
+        try:
+            return btf.probe_offsets()
+        finally:
+            btf.kernel_btf.cache_clear()     # the parsed BTF is not needed after this
+    return probecache.memo("btf", [u.release, u.version, size, repr(sorted(btf.PROBE_FIELDS.items()))],
+                           compute)
 
 
 _MADV_PAGEOUT = 21    # Linux 5.4+
@@ -220,6 +245,7 @@ class Probes:
         self.ringbuf_pages = ringbuf_pages
         self.extra_cflags = list(extra_cflags or [])
         self.bpf = None
+        self.cache_hit = False              # the compiled probes came from probecache's cache
         self._cgroup_funcs: list[tuple[object, int]] = []
         self._raw_tp_fds: list[int] = []
         self._raw_tp_names: list[str] = []
@@ -250,7 +276,7 @@ class Probes:
         flags = ["-w", f"-I{probes_dir()}", f"-DAT_RINGBUF_PAGES={self.ringbuf_pages}"]
         for feat in self.features:
             flags.append(f"-DAT_WITH_{feat.upper()}")
-        for name, off in btf.probe_offsets().items():
+        for name, off in _btf_offsets().items():
             flags.append(f"-D{name}={off}")
         if "files" in self.features:
             flags += file_syscall_flags(tracefs)
@@ -265,6 +291,42 @@ class Probes:
     def load(self) -> None:
         if os.geteuid() != 0:
             raise ProbeError("agenttrace must run as root to load eBPF programs")
+        from agenttrace.kernel import ringbuf
+        if os.environ.get("AGENTTRACE_BCC_INPROCESS") == "1" or not ringbuf.supported():
+            # where the mmap ring reader cannot run (not x86-64), BCC's reader is used, and
+            # with it BCC's own objects
+            return self._load_bcc()
+        from agenttrace.kernel import bpfobj, bpfsys, probecache
+        src, cflags = self.source(), self.cflags()
+        try:
+            obj, self.cache_hit = probecache.compiled(src, cflags)
+        except probecache.CompileError as e:
+            raise ProbeError(f"compiling probes ({', '.join(self.features)}) failed: {e}") from None
+        try:
+            self.bpf = bpfobj.LoadedObject(obj, ensure_tracefs())
+            self.bpf.preload(self._wanted_programs(lambda ptype: bpfsys.PROG_TYPES[ptype]))
+            self.bpf.autoload()
+        except (bpfsys.BpfError, KeyError) as e:
+            raise ProbeError(f"loading probes ({', '.join(self.features)}) failed: {e}") from None
+        self._load_programs(lambda ptype: bpfsys.PROG_TYPES[ptype], bpfsys.BpfError)
+
+    def _wanted_programs(self, prog_type) -> list[tuple[str, int, int]]:
+        """Every program this feature set loads: (name, prog type, attach type)."""
+        out = []
+        for name in self.bpf._obj["programs"]:
+            if name.startswith("tracepoint__"):
+                out.append((name, prog_type("TRACEPOINT"), -1))
+            elif name.startswith("raw_tracepoint__"):
+                out.append((name, prog_type("RAW_TRACEPOINT"), -1))
+        for feat in self.features:
+            out += [(f, prog_type(pt), at) for f, pt, at in FEATURES[feat][1]]
+            out += [(f, prog_type(pt), at) for _a, _i, f, pt, at in TAIL_CALLS.get(feat, ())]
+            out += [(f, prog_type("RAW_TRACEPOINT"), -1) for _tp, f in RAW_TRACEPOINTS.get(feat, ())]
+        return out
+
+    def _load_bcc(self) -> None:
+        """BCC compiling in this process (AGENTTRACE_BCC_INPROCESS=1): the old path, kept to
+        compare against and for a BCC whose module layout the cache does not know."""
         try:
             from bcc import BPF
         except ImportError as e:
@@ -274,25 +336,29 @@ class Probes:
             self.bpf = BPF(text=src.encode(), cflags=self.cflags())
         except Exception as e:  # BCC raises bare Exception on compile/verifier failure
             raise ProbeError(f"compiling/loading probes ({', '.join(self.features)}) failed: {e}") from None
+        self._load_programs(lambda ptype: getattr(BPF, ptype), Exception)
+        release_compiler_memory()
+
+    def _load_programs(self, prog_type, errors) -> None:
         for feat in self.features:
             for fname, ptype, atype in FEATURES[feat][1]:
                 try:
-                    fn = self.bpf.load_func(fname.encode(), getattr(BPF, ptype), attach_type=atype)
-                except Exception as e:
+                    fn = self.bpf.load_func(fname.encode(), prog_type(ptype), attach_type=atype)
+                except errors as e:
                     raise ProbeError(f"loading program {fname} failed: {e}") from None
                 self._cgroup_funcs.append((fn, atype))
-            for array, idx, fname, ptype in TAIL_CALLS.get(feat, ()):
+            for array, idx, fname, ptype, atype in TAIL_CALLS.get(feat, ()):
                 try:
-                    fn = self.bpf.load_func(fname.encode(), getattr(BPF, ptype))
-                except Exception as e:
+                    fn = self.bpf.load_func(fname.encode(), prog_type(ptype), attach_type=atype)
+                except errors as e:
                     raise ProbeError(f"loading program {fname} failed: {e}") from None
                 t = self[array]
                 t[C.c_int(idx)] = C.c_int(fn.fd)
             for tp, fname in RAW_TRACEPOINTS.get(feat, ()):
                 # BCC keeps one program per raw tracepoint; libbpf attaches any number
                 try:
-                    fn = self.bpf.load_func(fname.encode(), BPF.RAW_TRACEPOINT)
-                except Exception as e:
+                    fn = self.bpf.load_func(fname.encode(), prog_type("RAW_TRACEPOINT"))
+                except errors as e:
                     raise ProbeError(f"loading program {fname} failed: {e}") from None
                 fd = _lib().bpf_raw_tracepoint_open(tp.encode(), fn.fd)
                 if fd < 0:
@@ -300,7 +366,6 @@ class Probes:
                     raise ProbeError(f"attaching {fname} to raw tracepoint {tp} failed: {os.strerror(err)}")
                 self._raw_tp_fds.append(fd)
                 self._raw_tp_names.append(fname)
-        release_compiler_memory()
 
     def __getitem__(self, name: str):
         return self.bpf[name.encode()]

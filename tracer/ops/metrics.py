@@ -207,15 +207,22 @@ class TracerCollector:
 
 
 def build_info() -> Dict[str, str]:
+    # BCC's version from its package files: importing bcc would map libLLVM (~64 MB) into
+    # the daemon, which otherwise never loads it (tracer/kernel/probecache.py)
+    import importlib.util
     try:
-        import bcc   # noqa: F401
-        from importlib.metadata import version
-        try:
-            bcc_version = version("bcc")
-        except Exception:
-            bcc_version = getattr(bcc, "__version__", "unknown")
-    except Exception:
+        spec = importlib.util.find_spec("bcc")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
         bcc_version = "missing"
+    else:
+        try:
+            text = (Path(list(spec.submodule_search_locations)[0]) / "version.py").read_text()
+            m = re.search(r"__version__\s*=\s*['\"]([^'\"]+)", text)
+            bcc_version = m.group(1) if m else "unknown"
+        except OSError:
+            bcc_version = "unknown"
     return {"version": __version__, "python": platform.python_version(), "bcc": str(bcc_version),
             "kernel": platform.release()}
 

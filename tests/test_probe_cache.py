@@ -1,0 +1,91 @@
+"""Probes compiled in a child and cached (tracer/kernel/probecache.py), loaded by the tracer
+without BCC in its process (tracer/kernel/bpfsys.py, bpfobj.py)."""
+import os
+import subprocess
+
+import pytest
+
+from agenttrace.kernel import probecache
+from conftest import AGENTTRACE
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    d = tmp_path / "cache"
+    monkeypatch.setenv("AGENTTRACE_PROBE_CACHE", str(d))
+    return d
+
+
+def test_memo_computes_once_and_ignores_files_others_could_write(cache):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"x": len(calls)}
+
+    assert probecache.memo("t", ["a"], compute) == {"x": 1}
+    assert probecache.memo("t", ["a"], compute) == {"x": 1}
+    assert probecache.memo("t", ["b"], compute) == {"x": 2}
+    assert len(calls) == 2
+    (f,) = [p for p in cache.iterdir() if p.name.startswith("t-") and "x\": 1" in p.read_text()]
+    os.chmod(f, 0o666)        # the kernel would run what it says: not trusted any more
+    assert probecache.memo("t", ["a"], compute) == {"x": 3}
+    os.chmod(cache, 0o777)
+    assert probecache.memo("t", ["a"], compute) == {"x": 4}
+
+
+def test_cache_off_still_compiles_out_of_process(monkeypatch, require_bpf):
+    from agenttrace.kernel.loader import Probes
+    monkeypatch.setenv("AGENTTRACE_PROBE_CACHE", "off")
+    p = Probes(("proc",), 64)
+    p.load()
+    try:
+        assert not p.cache_hit
+        t = p["watched"]
+        t[t.Key(12345)] = t.Leaf(3)
+        assert t[t.Key(12345)].value == 3 and len(t) == 1
+        del t[t.Key(12345)]
+        assert len(t) == 0
+        assert p["at_config"][0].value == 0
+    finally:
+        p.close()
+
+
+def test_second_load_comes_from_the_cache(cache, require_bpf):
+    from agenttrace.kernel.loader import Probes
+    hits = []
+    for _ in range(2):
+        p = Probes(("proc", "net"), 64)
+        p.load()
+        hits.append(p.cache_hit)
+        # a per-CPU map reads as one value per possible CPU
+        drops = p["drops"]
+        assert drops.items() == []
+        p.close()
+    assert hits == [False, True]
+    assert any(f.name.endswith(".json") and not f.name.startswith("btf-") for f in cache.iterdir())
+
+
+def test_compile_error_names_file_and_line(cache, tmp_path, monkeypatch, require_bpf):
+    from agenttrace.kernel import loader
+    from agenttrace.kernel.loader import Probes, ProbeError
+    bad = tmp_path / "probes"
+    bad.mkdir()
+    for f in ("agenttrace.h", "common.h", "proc.c"):
+        (bad / f).write_text((loader.probes_dir() / f).read_text())
+    (bad / "proc.c").write_text((bad / "proc.c").read_text() + "\nint broken(void) { return undeclared_thing; }\n")
+    monkeypatch.setattr(loader, "probes_dir", lambda: bad)
+    with pytest.raises(ProbeError, match=r"proc\.c:\d+.*undeclared_thing"):
+        Probes(("proc",), 64).load()
+
+
+def test_tracer_process_never_maps_the_compiler(tmp_path, require_bpf):
+    """`run` as a user starts it: the command reads its parent's (the tracer's) mappings."""
+    out = tmp_path / "records.jsonl"
+    p = subprocess.run([AGENTTRACE, "run", "--output", str(out), "--",
+                        "sh", "-c", "cat /proc/$PPID/maps"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "agenttrace" in out.read_text()
+    maps = p.stdout
+    assert "[stack]" in maps
+    assert "libLLVM" not in maps and "libclang" not in maps and "libbcc" not in maps
