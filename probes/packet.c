@@ -18,8 +18,10 @@
  * but the process dies on the way back to user space, before it can use the descriptor
  * (verdict `killed`, never `blocked`). Monitor mode only reports.
  *
- * What evades these tracepoints: the ia32 socketcall (int 0x80 from a 32-bit binary) and
- * io_uring's IORING_OP_SOCKET never pass sys_enter_socket. For `run -- CMD` the dropped
+ * What evades these tracepoints: compat syscalls (socket() or socketcall through int 0x80 --
+ * from a 32-bit binary or a 64-bit one; the kernel leaves compat syscalls out of syscall
+ * tracepoints: tested in tests/test_packet_fence.py) and io_uring's IORING_OP_SOCKET never
+ * pass sys_enter_socket. For `run -- CMD` the dropped
  * CAP_NET_RAW closes those paths for packet (and raw IP) sockets in the kernel itself. */
 
 #define AT_AF_INET  2

@@ -23,7 +23,8 @@ BPF_HASH(sock_fence, struct at_fence_key, struct at_fence_val, 256);
  * socket that reaches cgroup/sock_create is reported by it, so packet.c reports only those
  * that failed before it (no CAP_NET_RAW: `run -- CMD` in enforce mode drops it). */
 struct at_sock_pending { u64 cg; u64 agent; u32 policy_id; u16 family; u16 type; u16 protocol; u8 action; u8 pad; };
-BPF_HASH(sock_pending, u64, struct at_sock_pending, 4096);
+/* LRU: an entry whose sys_exit never came (a thread that died inside socket()) ages out */
+BPF_TABLE("lru_hash", u64, struct at_sock_pending, sock_pending, 4096);
 #endif
 
 int at_sock_create(struct bpf_sock *sk)

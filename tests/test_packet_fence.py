@@ -320,3 +320,33 @@ def _monitor_engine():
     from agenttrace.match.engine import Engine
     from agenttrace.match.rules import default_rule_paths, load_rules
     return Engine(load_rules(default_rule_paths()), mode="monitor")
+
+
+I32_SOCKET = r"""
+#include <stdio.h>
+/* socket(AF_PACKET, SOCK_RAW, 0) through the ia32 entry: int 0x80, ia32 __NR_socket = 359 */
+int main(void) { long ret; __asm__ volatile("int $0x80" : "=a"(ret) : "a"(359L), "b"(17L), "c"(3L), "d"(0L) : "memory"); printf("%ld\n", ret); return 0; }
+"""
+
+
+def test_ia32_socket_evades_the_tracepoint_but_not_the_capability_drop(tmp_path):
+    """Why step 1 exists: a compat syscall never reaches syscalls:sys_enter_socket (the kernel
+    ignores compat syscalls in syscall tracepoints), so the `packet` probe neither sees nor
+    kills it; without CAP_NET_RAW the kernel refuses it all the same."""
+    need_bpf()
+    import os
+    import platform
+    import shutil
+    if platform.machine() != "x86_64" or not shutil.which("gcc"):
+        pytest.skip("needs x86_64 and gcc (the ia32 entry from a 64-bit process)")
+    exe = tmp_path / "i32sock"
+    subprocess.run(["gcc", "-O1", "-o", str(exe), "-x", "c", "-"], input=I32_SOCKET.encode(), check=True)
+    here = subprocess.run([str(exe)], capture_output=True, text=True).stdout.strip()
+    if here == str(-errno.ENOSYS):
+        pytest.skip("ia32 emulation is off on this kernel")
+    p, recs = _cli(tmp_path, "--mode", "enforce", "--no-net", "--", str(exe))
+    assert p.returncode == 0 and p.stdout.strip() == str(-errno.EPERM), (p.stdout, p.stderr)
+    os.unlink(tmp_path / "ev.jsonl")
+    p, recs = _cli(tmp_path, "--mode", "enforce", "--packet", "--drop-caps", "none", "--no-net", "--", str(exe))
+    assert p.returncode == 0 and int(p.stdout.strip()) >= 0        # made, and not killed
+    assert not [r for r in recs if r["kind"] == "socket"]
