@@ -135,6 +135,17 @@ def test_caps_follow_the_fence():
     assert parse_caps("none") == []
 
 
+def test_daemon_config_selects_the_packet_probe_and_the_scan():
+    from agenttrace.config import ConfigError, parse_config
+    from agenttrace.session.options import from_config
+    opts = from_config(parse_config("probes: {packet: true, packet_scan_s: 0}\nsocket_fence: [packet, 'netlink:raw:9']\n"))
+    assert "packet" in opts.features and "sock" in opts.features and opts.packet_scan_s == 0
+    assert [(e.family, e.protocol) for e in opts.sock_fence] == [(socket.AF_PACKET, 0xFFFF), (socket.AF_NETLINK, 9)]
+    assert from_config(parse_config("")).packet_scan_s == 2.0 and "packet" not in from_config(parse_config("")).features
+    with pytest.raises(ConfigError, match="packet_scan_s"):
+        parse_config("probes: {packet_scan_s: -1}\n")
+
+
 def test_fence_specs_of_other_families():
     from agenttrace.kernel.sockfence import ANY, FenceError, parse_fence, spec_of, unseen
     e = parse_fence("packet")

@@ -360,6 +360,9 @@ def tail(
         opts = S.SessionOptions(mode=mode, cgroups=_resolve_cgroups(cgroup), internal=_check_cidrs(internal),
                                 features=S.features(no_net=no_net, files=files), rule_paths=list(rules) or None,
                                 use_rules=not no_rules, gpu=_gpu_config("allow"))
+        if cmd:
+            # the same capability drop as `run -- CMD` (tracer/session/capdrop.py)
+            opts.drop_caps = _run_drop_caps("auto", mode, opts.sock_fence)
         ruleset = S.load_ruleset(opts)
     except (BadInput, CgroupError) as e:
         raise fail(str(e))
@@ -378,7 +381,7 @@ def tail(
         return S.build(opts, [sink], ruleset)
     try:
         if cmd:
-            raise typer.Exit(run_command(make, cmd, f"tail-{os.getpid()}", flag))
+            raise typer.Exit(run_command(make, cmd, f"tail-{os.getpid()}", flag, drop_caps=opts.drop_caps))
         trace_cgroups(make(paths), flag)
     except ProbeError as e:
         raise fail(str(e))

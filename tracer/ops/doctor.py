@@ -93,6 +93,10 @@ def run_checks(out) -> bool:
            "enable CONFIG_FTRACE_SYSCALLS; without it the files feature cannot load", required=False)
     out("note: the files feature is off by default: its syscall tracepoints slow every process's "
         "syscalls (measured 1.14-1.28x here, README 'What it costs')")
+    _check(out, all((TRACEFS / "events" / "syscalls" / f"sys_{w}_socket").is_dir() for w in ("enter", "exit")),
+           "syscall tracepoints for the optional packet-socket probe (--packet / probes.packet)",
+           "enable CONFIG_FTRACE_SYSCALLS; without it packet sockets are only scanned for (probes.packet_scan_s)",
+           required=False)
 
     try:
         from agenttrace.gpu.service import nvml_status
