@@ -43,7 +43,7 @@ enum at_event_type {
 	AT_EV_FLOW = 8,         /* first payload bytes of a TCP flow, one direction */
 	AT_EV_DEVICE = 9,       /* device access checked by the cgroup device hook */
 	AT_EV_FILE = 10,        /* access to a watched sensitive file (ssh keys) */
-	AT_EV_SOCKET = 11,      /* an agent created a fenced socket (raw IP, ...): cgroup/sock_create */
+	AT_EV_SOCKET = 11,      /* an agent created a fenced socket (raw IP, packet...): sock_create or packet.c */
 	AT_EV_ESCAPE = 12,      /* an agent process was moved to a cgroup outside the watched subtree */
 	AT_EV__MAX = 13,
 };
@@ -254,11 +254,14 @@ struct at_socket {
 	u16 family;          /* AF_* */
 	u16 type;            /* SOCK_* */
 	u16 protocol;        /* IPPROTO_* */
-	u8 verdict;          /* AT_VERDICT_*: blocked = socket() failed with EPERM */
+	u8 verdict;          /* AT_VERDICT_*: blocked = socket() failed (EPERM) */
 	u8 action;           /* AT_SOCK_* of the fence entry that matched */
 	u32 policy_id;
-	u32 pad;
+	u16 flags;           /* AT_SOCK_F_* */
+	u16 error;           /* AT_SOCK_F_SYSCALL: errno socket() returned, 0 when it succeeded */
 };
+#define AT_SOCK_F_SYSCALL 0x1 /* seen by the socket() syscall tracepoints (packet.c), not sock_create */
+#define AT_SOCK_F_KILLED  0x2 /* enforce: the socket was made and the process got SIGKILL */
 
 #define AT_ESC_SELF      0x1 /* the process moved itself (else: `writer` moved it) */
 #define AT_ESC_KILLED    0x2 /* killed in the kernel (enforce mode) before it ran again */

@@ -3,8 +3,9 @@
  * Why cgroup/sock_create: it runs inside socket() for sockets of the hooked cgroups only and
  * its verdict is the syscall's (0 = EPERM). Measured on this project's kernel (6.18): the
  * hook sees AF_INET and AF_INET6 sockets (raw, stream, datagram) and nothing else -- packet,
- * netlink, unix, vsock and XDP sockets never reach it. Packet sockets need CAP_NET_RAW, so an
- * unprivileged agent (run --user) cannot have them; for root agents they remain unfenced.
+ * netlink, unix, vsock and XDP sockets never reach it. Those are fenced by packet.c (optional
+ * feature `packet`, the socket() syscall tracepoints) from the same map, and for `run -- CMD`
+ * in enforce mode by the agent losing CAP_NET_RAW (tracer/session/capdrop.py).
  *
  * `sock_fence` (tracer/kernel/sockfence.py) is keyed by (family, type, protocol) with 0xffff as "any"
  * for type or protocol; lookups go from the most to the least specific. Only sockets an entry
@@ -15,6 +16,16 @@
 struct at_fence_key { u16 family; u16 type; u16 protocol; u16 pad; };
 struct at_fence_val { u32 policy_id; u8 action; u8 pad[3]; };
 BPF_HASH(sock_fence, struct at_fence_key, struct at_fence_val, 256);
+
+#ifdef AT_WITH_PACKET
+/* socket() calls of agents that matched a fence entry, from sys_enter_socket to sys_exit_socket
+ * (packet.c), by thread. Declared here because this hook takes inet ones over: a raw inet
+ * socket that reaches cgroup/sock_create is reported by it, so packet.c reports only those
+ * that failed before it (no CAP_NET_RAW: `run -- CMD` in enforce mode drops it). */
+struct at_sock_pending { u64 cg; u64 agent; u32 policy_id; u16 family; u16 type; u16 protocol; u8 action; u8 pad; };
+/* LRU: an entry whose sys_exit never came (a thread that died inside socket()) ages out */
+BPF_TABLE("lru_hash", u64, struct at_sock_pending, sock_pending, 4096);
+#endif
 
 int at_sock_create(struct bpf_sock *sk)
 {
@@ -33,6 +44,10 @@ int at_sock_create(struct bpf_sock *sk)
 	}
 	if (!v)
 		return 1;
+#ifdef AT_WITH_PACKET
+	u64 tid = bpf_get_current_pid_tgid();
+	sock_pending.delete(&tid);
+#endif
 	u8 verdict = v->action == AT_SOCK_DENY && at_cfg(AT_CFG_ENFORCE) ? AT_VERDICT_BLOCKED : AT_VERDICT_ALLOWED;
 	u64 cg = bpf_get_current_cgroup_id(), agent = cg;
 	at_scope(&cg, &agent);
@@ -50,7 +65,8 @@ int at_sock_create(struct bpf_sock *sk)
 	e->verdict = verdict;
 	e->action = v->action;
 	e->policy_id = v->policy_id;
-	e->pad = 0;
+	e->flags = 0;
+	e->error = 0;
 	events.ringbuf_submit(e, at_wake_flags());
 	return verdict == AT_VERDICT_BLOCKED ? 0 : 1;
 }

@@ -65,8 +65,11 @@ def test_raw_sockets_are_fenced(mode, agent_tree, make_session):
 
 
 def test_raw_socket_fenced_through_the_cli(tmp_path):
+    """cgroup/sock_create's own EPERM: with the command's CAP_NET_RAW kept (`--drop-caps none`)
+    the raw socket reaches the hook (test_packet_fence.py covers the default, dropped one)."""
     out = tmp_path / "ev.jsonl"
-    p = subprocess.run([AGENTTRACE, "run", "--mode", "enforce", "-o", str(out), "--", PY, "-c", RAW],
+    p = subprocess.run([AGENTTRACE, "run", "--mode", "enforce", "--drop-caps", "none", "-o", str(out),
+                        "--", PY, "-c", RAW],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout.strip().splitlines()[-1])["raw4"] == errno.EPERM
@@ -272,8 +275,11 @@ def test_socket_fence_config_is_validated():
     from agenttrace.config import ConfigError, parse_config
     cfg = parse_config("socket_fence: [inet:raw, 'inet:dgram:icmp']\n")
     assert cfg.socket_fence == ["inet:raw", "inet:dgram:icmp"]
-    with pytest.raises(ConfigError, match=r"<config>:1.*socket_fence.*cannot be fenced here"):
-        parse_config("socket_fence: [packet]\n")
+    # families sock_create never sees are fenced by the `packet` probe (test_packet_fence.py)
+    assert parse_config("socket_fence: [packet, vsock]\nprobes: {packet: true}\n").probes.packet
+    assert parse_config("").socket_fence == ["inet:raw", "inet6:raw", "packet"]
+    with pytest.raises(ConfigError, match=r"<config>:1.*socket_fence.*unknown family 'bogus'"):
+        parse_config("socket_fence: [bogus]\n")
 
 
 MOVED_IN = """

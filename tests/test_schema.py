@@ -47,6 +47,11 @@ SAMPLES = {
                                              "verdict": "blocked"}),
     "socket": r("socket", proc=PROC, socket={"family": "inet", "type": "raw", "protocol": "icmp",
                                              "verdict": "blocked", "fenced": True}),
+    "socket packet killed": r("socket", proc=PROC, socket={"family": "packet", "type": "raw", "protocol": "768",
+                                                           "verdict": "killed", "fenced": True, "hook": "sys_socket"}),
+    "socket refused before sock_create": r("socket", proc=PROC, socket={
+        "family": "inet", "type": "raw", "protocol": "icmp", "verdict": "blocked", "fenced": True,
+        "hook": "sys_socket", "error": "EPERM"}),
     "escape": r("escape", proc=PROC, escape={"pid": 4242, "by_pid": 4242, "self": True, "how": "cgroup_procs",
                                              "to": {"cgroup": "/user.slice", "cgroup_id": 9}, "verdict": "killed"}),
     "file": r("file", proc=PROC, file={"path": "/home/dev/.ssh/authorized_keys", "raw_path": "authorized_keys",

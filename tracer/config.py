@@ -253,6 +253,11 @@ class PinningConfig(_Model):
         return v
 
 
+def _default_fence():
+    from agenttrace.kernel.sockfence import DEFAULT_FENCE
+    return DEFAULT_FENCE
+
+
 class ProbesConfig(_Model):
     files: bool = False
     """SSH-file probes (syscall tracepoints on open/openat/openat2/creat/rename/link): writes
@@ -260,6 +265,15 @@ class ProbesConfig(_Model):
     syscall tracepoint moves every task on the node to the slow syscall path; the cost
     measured here is in the README. Changing it takes a restart (probes stay attached
     across reloads)."""
+    packet: bool = False
+    """The socket fence for families cgroup/sock_create never sees (packet, netlink, vsock...):
+    socket() syscall tracepoints (probes/packet.c), so off by default for the same reason as
+    `files` (it costs nothing more when `files` is on). Without it, `socket_fence` entries of
+    those families are listed as unseen in lifecycle/started. Changing it takes a restart."""
+    packet_scan_s: float = Field(2.0, ge=0, le=3600)
+    """While `packet` is off: seconds between scans of the packet sockets agents hold
+    (/proc/<pid>/net/packet, then their fd tables), each reported once, after the fact. No
+    syscall cost; misses sockets that live shorter than the interval. 0 turns it off."""
 
 
 class Config(_Model):
@@ -279,8 +293,9 @@ class Config(_Model):
     pinning: PinningConfig = Field(default_factory=PinningConfig)
     probes: ProbesConfig = Field(default_factory=ProbesConfig)
     # sockets agents may not create (EPERM in enforce mode, reported in monitor mode):
-    # FAMILY[:TYPE[:PROTO]] with FAMILY inet or inet6 (tracer/kernel/sockfence.py)
-    socket_fence: List[str] = Field(default_factory=lambda: ["inet:raw", "inet6:raw"])
+    # FAMILY[:TYPE[:PROTO]] (tracer/kernel/sockfence.py); inet/inet6 entries are held by
+    # cgroup/sock_create, other families only with `probes.packet`
+    socket_fence: List[str] = Field(default_factory=lambda: list(_default_fence()))
 
     _source: Optional[str] = PrivateAttr(None)
 

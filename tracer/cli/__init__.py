@@ -116,8 +116,21 @@ TAIL_ALWAYS = ("started", "reloaded", "reload_failed", "stopped")
 FILES_HELP = ("Also trace SSH files (authorized_keys writes, private/host key reads). Off by default: "
               "its syscall tracepoints slow every process's syscalls a little (see README, measured costs).")
 
+PACKET_HELP = ("Also fence packet, netlink, vsock... sockets (the families cgroup/sock_create never sees): "
+               "alert in monitor mode, SIGKILL in enforce mode. Off by default: socket() syscall "
+               "tracepoints slow every process's syscalls a little (see README, measured costs).")
 
 NOT_HELP = "Leave out the {} probes (on by default)."
+
+
+def _run_drop_caps(spec: str, mode: str, fence) -> list:
+    from agenttrace.session.capdrop import CapError, caps_for_fence, parse_caps
+    if spec == "auto":
+        return caps_for_fence(fence) if mode == "enforce" else []
+    try:
+        return parse_caps(spec)
+    except CapError as e:
+        raise BadInput(str(e)) from None
 
 
 @app.command(context_settings={"allow_interspersed_args": False})
@@ -137,11 +150,13 @@ def run(
     no_dns: bool = typer.Option(False, "--no-dns", help=NOT_HELP.format("DNS")),
     no_listen: bool = typer.Option(False, "--no-listen", help=NOT_HELP.format("listen/accept")),
     files: bool = typer.Option(False, "--files/--no-files", help=FILES_HELP),
+    packet: bool = typer.Option(False, "--packet/--no-packet", help=PACKET_HELP),
     gpu: Literal["allow", "deny", "off"] = typer.Option("allow", "--gpu", help="GPU policy for the traced agents: allow, deny (fenced in enforce mode) or off (no NVML, no fence)."),
     allow_egress: List[str] = typer.Option([], "--allow-egress", metavar="SPEC", help="Let the agents reach this destination: a DNS name (pypi.org), a *. wildcard (*.pythonhosted.org) or a CIDR, optionally :PORT or :LO-HI. Repeatable. Once given, external and metadata destinations not listed are denied (EPERM in enforce mode, reported in monitor mode); names are learned from DNS answers in the kernel, so allow the resolver too."),
     wakeup_ms: float = typer.Option(5.0, "--wakeup-ms", help="Longest a record waits in the kernel ring buffer before it is read; 0 wakes the reader on every record (costs ~20 us of kernel time per event on VMs)."),
     user: Optional[str] = typer.Option(None, "--user", help="Run CMD as this user (name or uid) instead of root."),
     label: List[str] = typer.Option([], "--label", "-l", help="KEY=VALUE on every record's agent object (repeatable); wins over user.agenttrace.KEY xattrs on the cgroup."),
+    drop_caps: str = typer.Option("auto", "--drop-caps", metavar="CAPS", help="Capabilities -- CMD loses before exec: auto (enforce mode: CAP_NET_RAW, so the kernel refuses packet and raw sockets with EPERM on every path; monitor mode: none), none, or a list such as net_raw,net_admin (applied in either mode)."),
 ):
     """Trace watched cgroups, or run CMD in a fresh agent cgroup and trace it."""
     from agenttrace.session.runner import CommandNotFound, StopFlag, run_command, trace_cgroups
@@ -163,6 +178,8 @@ def run(
         if user is not None and not cmd:
             raise BadInput("--user applies to -- CMD only")
         labels = _labels(label)
+        if drop_caps != "auto" and not cmd:
+            raise BadInput("--drop-caps applies to -- CMD only")
         _require_root()
         run_user = None
         if user is not None:
@@ -182,9 +199,12 @@ def run(
                 raise BadInput(str(e)) from None
         opts = S.SessionOptions(
             mode=mode, internal=_check_cidrs(internal), cgroups=_resolve_cgroups(cgroup),
-            features=S.features(no_net=no_net, no_flow=no_flow, no_dns=no_dns, no_listen=no_listen, files=files),
+            features=S.features(no_net=no_net, no_flow=no_flow, no_dns=no_dns, no_listen=no_listen, files=files,
+                                packet=packet),
             rule_paths=list(rules) or None, use_rules=not no_rules, gpu=_gpu_config(gpu), wakeup_ms=wakeup_ms,
             labels=labels, egress=egress)
+        if cmd:
+            opts.drop_caps = _run_drop_caps(drop_caps, mode, opts.sock_fence)
         ruleset = S.load_ruleset(opts)
         sinks = _sinks(output, fmt, isolated=bool(cmd))
     except (BadInput, CgroupError) as e:
@@ -198,7 +218,7 @@ def run(
     try:
         if cmd:
             rc = run_command(make, cmd, agent or f"run-{os.getpid()}", flag, user=run_user,
-                             pin=mode == "enforce")
+                             pin=mode == "enforce", drop_caps=opts.drop_caps)
             raise typer.Exit(rc)
         tracer = make(opts.cgroups)
 
@@ -340,6 +360,9 @@ def tail(
         opts = S.SessionOptions(mode=mode, cgroups=_resolve_cgroups(cgroup), internal=_check_cidrs(internal),
                                 features=S.features(no_net=no_net, files=files), rule_paths=list(rules) or None,
                                 use_rules=not no_rules, gpu=_gpu_config("allow"))
+        if cmd:
+            # the same capability drop as `run -- CMD` (tracer/session/capdrop.py)
+            opts.drop_caps = _run_drop_caps("auto", mode, opts.sock_fence)
         ruleset = S.load_ruleset(opts)
     except (BadInput, CgroupError) as e:
         raise fail(str(e))
@@ -358,7 +381,7 @@ def tail(
         return S.build(opts, [sink], ruleset)
     try:
         if cmd:
-            raise typer.Exit(run_command(make, cmd, f"tail-{os.getpid()}", flag))
+            raise typer.Exit(run_command(make, cmd, f"tail-{os.getpid()}", flag, drop_caps=opts.drop_caps))
         trace_cgroups(make(paths), flag)
     except ProbeError as e:
         raise fail(str(e))

@@ -61,6 +61,9 @@ FEATURES: dict[str, tuple[str, list[tuple[str, str, int]]]] = {
     "sock": ("sock.c", [
         ("at_sock_create", "CGROUP_SOCK", CGROUP_INET_SOCK_CREATE),
     ]),
+    # the socket fence for families sock_create never sees (packet, netlink, vsock...): the
+    # socket() syscall tracepoints, so like `files` not a default (needs "sock": its maps)
+    "packet": ("packet.c", []),
     # agent processes leaving the watched subtree (needs "proc": its BTF offsets)
     "escape": ("escape.c", []),
     "device": ("device.c", [
@@ -88,7 +91,7 @@ RAW_TRACEPOINTS: dict[str, list[tuple[str, str]]] = {
                ("sched_process_exec", "at_esc_exec")],
 }
 DEFAULT_FEATURES = ("proc", "net", "listen", "flow", "dns", "icmp", "sock", "escape")
-OPTIONAL_FEATURES = ("files",)   # selectable in run/tail (--files) and the daemon config
+OPTIONAL_FEATURES = ("files", "packet")   # run/tail --files, run --packet, the daemon config's probes:
 
 # syscall tracepoints files.c uses besides sys_enter_openat (present everywhere); each is
 # compiled only where tracefs has it (arm64 has no open, creat, rename or link)
@@ -239,6 +242,8 @@ class Probes:
             raise ProbeError("probe feature 'egress' needs 'net' (the connect hooks it feeds)")
         if "icmp" in features and "net" not in features:
             raise ProbeError("probe feature 'icmp' needs 'net' (the destination policy it applies)")
+        if "packet" in features and "sock" not in features:
+            raise ProbeError("probe feature 'packet' needs 'sock' (the socket fence map it reads)")
         if "escape" in features and "proc" not in features:
             raise ProbeError("probe feature 'escape' needs 'proc' (its BTF offsets)")
         self.features = tuple(features)

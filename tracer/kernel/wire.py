@@ -45,6 +45,7 @@ FCLASS_NAMES = {0: "unknown", 1: "authorized_keys", 2: "private_key", 3: "host_k
 FILE_KILLED, FILE_READ_FAILED, FILE_PATH_TRUNCATED, FILE_LATE_READ = 0x1, 0x2, 0x4, 0x8
 AT_FDCWD = -100
 SOCK_DENY, SOCK_REPORT = 1, 2
+SOCK_F_SYSCALL, SOCK_F_KILLED = 0x1, 0x2
 ESC_SELF, ESC_KILLED, ESC_WRITER_IN, ESC_AT_EXEC = 0x1, 0x2, 0x4, 0x8
 
 
@@ -131,7 +132,7 @@ class File(C.Structure):
 class Socket(C.Structure):
     _fields_ = [("h", Header), ("family", C.c_uint16), ("type", C.c_uint16),
                 ("protocol", C.c_uint16), ("verdict", C.c_uint8), ("action", C.c_uint8),
-                ("policy_id", C.c_uint32), ("pad", C.c_uint32)]
+                ("policy_id", C.c_uint32), ("flags", C.c_uint16), ("error", C.c_uint16)]
 
 
 class Escape(C.Structure):

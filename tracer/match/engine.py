@@ -480,6 +480,8 @@ class Engine:
         if fil and fil.get("verdict") == "killed":
             return ActionResult("killed", "killed in the kernel at syscall entry")
         sock = rec.get("socket") or {}
+        if sock.get("verdict") == "killed":
+            return ActionResult("killed", "killed in the kernel on return from socket()")
         if net.get("verdict") == "blocked" or dev.get("verdict") in ("blocked", "denied") \
                 or sock.get("verdict") == "blocked":
             return ActionResult("blocked", "blocked in the kernel")

@@ -82,8 +82,9 @@ def run_checks(out) -> bool:
         except Exception as e:
             good &= _check(out, False, f"loading the probes: {e}", "see the error; run scripts/setup.sh")
 
-    out("note: socket fencing (cgroup/sock_create) sees AF_INET/AF_INET6 sockets only; packet sockets "
-        "cannot be fenced here (they need CAP_NET_RAW: run agents unprivileged with `run --user`)")
+    out("note: socket fencing (cgroup/sock_create) sees AF_INET/AF_INET6 sockets only; packet, netlink, "
+        "vsock... sockets are fenced by the optional packet feature (socket() syscall tracepoints: "
+        "--packet / probes.packet) and, for `run -- CMD` in enforce mode, by the command losing CAP_NET_RAW")
     from agenttrace.kernel.loader import FILE_SYSCALLS
     have = [n for n in ("openat",) + FILE_SYSCALLS
             if (TRACEFS / "events" / "syscalls" / f"sys_enter_{n}").is_dir()]
@@ -92,6 +93,10 @@ def run_checks(out) -> bool:
            "enable CONFIG_FTRACE_SYSCALLS; without it the files feature cannot load", required=False)
     out("note: the files feature is off by default: its syscall tracepoints slow every process's "
         "syscalls (measured 1.14-1.28x here, README 'What it costs')")
+    _check(out, all((TRACEFS / "events" / "syscalls" / f"sys_{w}_socket").is_dir() for w in ("enter", "exit")),
+           "syscall tracepoints for the optional packet-socket probe (--packet / probes.packet)",
+           "enable CONFIG_FTRACE_SYSCALLS; without it packet sockets are only scanned for (probes.packet_scan_s)",
+           required=False)
 
     try:
         from agenttrace.gpu.service import nvml_status

@@ -7,6 +7,8 @@
   the terminal's output (`tcflow(TCOOFF)`, ^S) stalls only that thread: the reader, the rules
   and the actions go on, and records the terminal cannot take are counted as sink drops.
 - `--user USER` runs the command without root (groups, gid, uid of USER).
+- In enforce mode the child loses CAP_NET_RAW (or what `--drop-caps` names) before exec
+  (tracer/session/capdrop.py): the kernel then refuses packet and raw sockets by itself.
 - In enforce mode the cgroup programs are pinned under RUN_PIN_ROOT/<agent>, so killing the
   tracer (`kill -9 $PPID`) leaves the agent's connect/flow policy in force. A normal end
   unpins; pins whose agent cgroup is gone are swept by the next `run`.
@@ -41,14 +43,19 @@ def resolve_user(spec: str) -> RunUser:
     return RunUser(pw.pw_name, pw.pw_uid, pw.pw_gid, pw.pw_dir)
 
 
-def agent_preexec(procs_file: str, user: Optional[RunUser] = None):
+def agent_preexec(procs_file: str, user: Optional[RunUser] = None, drop_caps: Iterable[int] = ()):
     """What the forked child does before exec: join the agent cgroup (as root, so the exec
-    itself is traced), leave the tracer's session, then drop to `user`."""
+    itself is traced), leave the tracer's session, give up `drop_caps` (while still root:
+    the bounding-set drop needs CAP_SETPCAP), then drop to `user`."""
+    caps = list(drop_caps)
 
     def preexec() -> None:
         with open(procs_file, "w") as f:
             f.write("0")
         os.setsid()
+        if caps:
+            from agenttrace.session.capdrop import drop
+            drop(caps)
         if user is not None:
             os.initgroups(user.name, user.gid)
             os.setgid(user.gid)

@@ -58,10 +58,16 @@ class SessionOptions:
     fail_closed_grace_s: float = 5.0
     sock_fence: list = field(default_factory=_default_fence)   # sockfence.FenceEntry list
     node_subnets: List[str] = field(default_factory=list)   # of `internal`: the node's own links
+    # run -- CMD: capabilities taken from the command before exec (capdrop.py), for
+    # lifecycle/started; None = no command of ours (--cgroup, the daemon)
+    drop_caps: Optional[List[int]] = None
+    # seconds between scans of the agents' packet sockets while the `packet` probe is off
+    # (enrich/packetscan.py); 0 = no scan
+    packet_scan_s: float = 2.0
 
 
 def features(no_net: bool = False, no_flow: bool = False, no_dns: bool = False,
-             no_listen: bool = False, files: bool = False) -> tuple:
+             no_listen: bool = False, files: bool = False, packet: bool = False) -> tuple:
     """The probe families of a session: the full default set unless the user opts out."""
     drop = set()
     if no_net:
@@ -76,6 +82,8 @@ def features(no_net: bool = False, no_flow: bool = False, no_dns: bool = False,
     out = tuple(f for f in DEFAULT_FEATURES if f not in drop)
     if files:
         out += tuple(f for f in OPTIONAL_FEATURES if f == "files")
+    if packet:
+        out += tuple(f for f in OPTIONAL_FEATURES if f == "packet")
     return out
 
 
@@ -123,7 +131,7 @@ def config_internal(cfg) -> tuple[List[str], List[str]]:
 def from_config(cfg) -> SessionOptions:
     """The daemon's session, from a validated `config.Config`."""
     from agenttrace.kernel.sockfence import parse_fence
-    feats = features(files=cfg.probes.files)
+    feats = features(files=cfg.probes.files, packet=cfg.probes.packet)
     internal, own = config_internal(cfg)
     return SessionOptions(
         cgroups=[], mode=cfg.mode, internal=internal, node_subnets=own, features=feats,
@@ -133,7 +141,8 @@ def from_config(cfg) -> SessionOptions:
         rate_burst=cfg.limits.agent_burst or cfg.limits.agent_events_per_sec,
         flood_action=cfg.limits.flood_action, wakeup_ms=cfg.limits.wakeup_ms,
         rule_paths=list(cfg.rules) or None, egress=cfg.egress or None, node=cfg.node,
-        fail_closed_grace_s=cfg.pinning.grace_s, sock_fence=[parse_fence(s) for s in cfg.socket_fence])
+        fail_closed_grace_s=cfg.pinning.grace_s, sock_fence=[parse_fence(s) for s in cfg.socket_fence],
+        packet_scan_s=cfg.probes.packet_scan_s)
 
 
 def describe(tracer) -> dict:
@@ -142,6 +151,17 @@ def describe(tracer) -> dict:
     out: Dict[str, Any] = {"features": list(tracer.opts.features)}
     if getattr(tracer.opts, "node_subnets", None):
         out["node_subnets"] = list(tracer.opts.node_subnets)
+    fence = getattr(tracer.opts, "sock_fence", None)
+    if fence:
+        from agenttrace.kernel.sockfence import spec_of, unseen
+        out["socket_fence"] = {"entries": [spec_of(e) for e in fence],
+                               "unseen": unseen(fence, tracer.opts.features,
+                                                getattr(tracer.opts, "drop_caps", None) or ())}
+        if getattr(tracer, "packet_scan", None) is not None:
+            out["socket_fence"]["scan_s"] = tracer.packet_scan.interval_s
+    if getattr(tracer.opts, "drop_caps", None) is not None:
+        from agenttrace.session.capdrop import cap_name
+        out["capabilities_dropped"] = [cap_name(c) for c in tracer.opts.drop_caps]
     if e is not None:
         rs = e.ruleset
         out["ruleset"] = {"count": len(rs.rules),

@@ -97,6 +97,8 @@ class Tracer:
         self._await_exit: list = []
 
     # --- lifecycle -------------------------------------------------------------------
+    packet_scan = None               # enrich.packetscan.PacketScan while it runs
+
     def _agent_discovered(self, cid: int, ident: dict) -> None:
         self.summaries.register(ident)
         for cb in self._on_agent:
@@ -140,6 +142,7 @@ class Tracer:
                 from agenttrace.kernel.sockfence import write_fence
                 write_fence(self.probes["sock_fence"], self.opts.sock_fence)
             self.probes.fail_closed_grace_s = self.opts.fail_closed_grace_s
+            self.packet_scan = _packet_scan(self)
             if self.opts.rate_limit:
                 self.probes.set_flag("rate_cfg", 0, self.opts.rate_limit)
                 self.probes.set_flag("rate_cfg", 1, max(self.opts.rate_burst, self.opts.rate_limit))
@@ -324,6 +327,9 @@ class Tracer:
             self._last_tick = time.monotonic()
             if self.engine is not None:
                 self._alerts(self.engine.tick())
+            if self.packet_scan is not None:
+                for ev in self.packet_scan.tick():
+                    self._process(ev)
             self.check_drops()
             check_removed(self)
         if self.opts.stats_interval_s and time.monotonic() - self._last_stats >= self.opts.stats_interval_s:
@@ -580,6 +586,7 @@ class Tracer:
             "file_path_read_failures": self.enrich.file_path_read_failures,
             "proc_table": {"size": len(self.procs), "evictions": self.procs.evictions},
             **self._egress_counters(),
+            **({"packet_scan": dict(self.packet_scan.stats)} if self.packet_scan is not None else {}),
         }
 
     def _egress_counters(self) -> dict:
@@ -605,3 +612,13 @@ class Tracer:
                 self.act.submit(ActJob("freeze-agent", 0, ev.record["agent"]["cgroup"], 0, ev))
             else:
                 self._alerts([ev])
+
+
+def _packet_scan(tracer):
+    """The zero-syscall-cost packet-socket scan, where the fence names packet sockets and the
+    `packet` probe that would see them at socket() is not loaded (tracer/enrich/packetscan.py)."""
+    if "packet" in tracer.probes.features or tracer.opts.packet_scan_s <= 0:
+        return None
+    from agenttrace.enrich.packetscan import PacketScan, fenced_types
+    types = fenced_types(tracer.opts.sock_fence)
+    return PacketScan(tracer, types, tracer.opts.packet_scan_s) if types else None

@@ -92,12 +92,13 @@ def _remove_pin_dir(pin_dir: Path) -> None:
 
 
 def run_command(tracer_factory, cmd: list[str], agent_name: str, flag: StopFlag,
-                user=None, pin: bool = False) -> int:
+                user=None, pin: bool = False, drop_caps=()) -> int:
     """Create <cgroup2>/agenttrace/<agent_name>, trace it, run cmd inside, return its code.
 
     The command runs in its own session (tracer/session/isolation.py), as `user` when given; with
     `pin` (enforce mode) the cgroup programs are pinned before it starts, so killing the
-    tracer does not lift its enforcement. Processes the command left behind (daemonised
+    tracer does not lift its enforcement. `drop_caps` are taken from the command before exec
+    (tracer/session/capdrop.py). Processes the command left behind (daemonised
     children) are killed with the cgroup when it exits: the agent's run is over and the
     cgroup must go."""
     from agenttrace.session import isolation as isolation
@@ -115,7 +116,7 @@ def run_command(tracer_factory, cmd: list[str], agent_name: str, flag: StopFlag,
             tracer.probes.enable_pinning(pin_dir)
         procs_file = str(path / "cgroup.procs")
         try:
-            child = subprocess.Popen(cmd, preexec_fn=isolation.agent_preexec(procs_file, user),
+            child = subprocess.Popen(cmd, preexec_fn=isolation.agent_preexec(procs_file, user, drop_caps),
                                      env=isolation.user_env(user))
         except FileNotFoundError:
             raise CommandNotFound(cmd[0]) from None

@@ -1,0 +1,157 @@
+"""What the `packet` probe feature costs: `sudo .venv/bin/python -m bench.packet_cost`.
+
+Like bench/files_cost.py (whose tracer launcher and cgroup helpers it reuses), one run
+alternates, round by round with the order rotated, three configurations:
+  none              no tracer
+  agenttrace        `agenttrace run --cgroup <tmp> --no-rules` (default features)
+  agenttrace+packet the same with --packet (syscalls:sys_enter_socket + sys_exit_socket)
+and times three loops with CLOCK_MONOTONIC around the loop only (ns per iteration):
+  getppid-outside   getppid() outside agent cgroups: the slow syscall path every task pays
+                    while any syscalls:* tracepoint is attached
+  socket-outside    socket(AF_INET, SOCK_DGRAM)+close outside agent cgroups (the fence lookups
+                    at sys_enter, one hash lookup at sys_exit)
+  socket-inside     the same inside the watched agent cgroup (an unfenced socket: the same
+                    lookups; cgroup/sock_create runs in every configuration but `none`)
+Ratios are per round against `none` of the same round, medians and spread (min-max) printed
+and written to bench/out/packet_cost.json. Noisy on a shared machine: read the spread.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from bench.files_cost import _agenttrace, _cgroup_root
+
+OUT = Path(__file__).resolve().parent / "out"
+SRC = r"""
+#define _GNU_SOURCE
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+static long long ns(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec * 1000000000LL + t.tv_nsec; }
+int main(int argc, char **argv) {
+    const char *mode = argv[1]; long n = atol(argv[2]);
+    if (argc > 3 && argv[3][0]) { FILE *f = fopen(argv[3], "w"); if (!f || fprintf(f, "0") < 0 || fclose(f)) { perror("join"); return 2; } }
+    long long t0 = ns();
+    if (!strcmp(mode, "getppid")) { for (long i = 0; i < n; i++) syscall(SYS_getppid); }
+    else { for (long i = 0; i < n; i++) { int fd = socket(AF_INET, SOCK_DGRAM, 0); if (fd < 0) return 3; close(fd); } }
+    printf("{\"ns_per_op\": %.2f}\n", (double)(ns() - t0) / n);
+    return 0;
+}
+"""
+WORKLOADS = {  # name -> (mode, iterations, inside agent cgroup)
+    "getppid-outside": ("getppid", 2_000_000, False),
+    "socket-outside": ("socket", 200_000, False),
+    "socket-inside": ("socket", 200_000, True),
+}
+CONFIGS = ("none", "agenttrace", "agenttrace+packet")
+
+
+class Tracer:
+    def __init__(self, packet: bool, watched: Path, workdir: Path):
+        self.out = workdir / f"events-{uuid.uuid4().hex[:6]}.jsonl"
+        argv = [_agenttrace(), "run", "--cgroup", str(watched), "--no-rules", "--gpu", "off",
+                "--output", str(self.out)] + (["--packet"] if packet else [])
+        self.p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.out.exists() and b'"started"' in self.out.read_bytes()[:4096]:
+                return
+            if self.p.poll() is not None:
+                raise RuntimeError(f"agenttrace exited: {self.p.stderr.read().decode()[-2000:]}")
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError("agenttrace did not start within 60 s")
+
+    def stop(self) -> None:
+        if self.p.poll() is None:
+            self.p.send_signal(signal.SIGTERM)
+            try:
+                self.p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait()
+        try:
+            self.out.unlink()
+        except OSError:
+            pass
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--scale", type=float, default=1.0, help="multiply every loop's iterations")
+    args = ap.parse_args(argv)
+    if os.geteuid() != 0:
+        print("packet_cost: needs root", file=sys.stderr)
+        return 2
+    OUT.mkdir(exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="agenttrace-packetcost-"))
+    gen = work / "gen"
+    subprocess.run(["gcc", "-O2", "-o", str(gen), "-x", "c", "-"], input=SRC.encode(), check=True)
+    watched = _cgroup_root() / f"agenttrace-bench-packet-{uuid.uuid4().hex[:6]}"
+    agent = watched / "a1"
+    agent.mkdir(parents=True)
+    res: dict = {c: {w: [] for w in WORKLOADS} for c in CONFIGS}
+    try:
+        for rnd in range(args.rounds):
+            order = CONFIGS[rnd % 3:] + CONFIGS[:rnd % 3]
+            for cfg in order:
+                tr = None if cfg == "none" else Tracer(cfg.endswith("packet"), watched, work)
+                try:
+                    for w, (mode, n, inside) in WORKLOADS.items():
+                        r = subprocess.run([str(gen), mode, str(int(n * args.scale)),
+                                            str(agent / "cgroup.procs") if inside else ""],
+                                           capture_output=True, text=True, check=True)
+                        res[cfg][w].append(json.loads(r.stdout)["ns_per_op"])
+                finally:
+                    if tr is not None:
+                        tr.stop()
+            print(f"round {rnd + 1}/{args.rounds} done", file=sys.stderr)
+    finally:
+        for _ in range(100):
+            try:
+                agent.rmdir()
+                watched.rmdir()
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                time.sleep(0.05)
+        shutil.rmtree(work, ignore_errors=True)
+    summary = {"rounds": args.rounds, "scale": args.scale, "ns_per_op": res, "ratios": {}}
+    print(f"{'workload':<16} {'none ns/op':>11} " + " ".join(f"{c:>28}" for c in CONFIGS[1:])
+          + f" {'packet vs agenttrace':>28}")
+    for w in WORKLOADS:
+        base = res["none"][w]
+        cells = []
+        for c in CONFIGS[1:]:
+            ratios = [v / b for v, b in zip(res[c][w], base)]
+            summary["ratios"].setdefault(w, {})[c] = {"median": statistics.median(ratios),
+                                                       "min": min(ratios), "max": max(ratios)}
+            cells.append(f"{statistics.median(ratios):.3f}x ({min(ratios):.2f}-{max(ratios):.2f})")
+        hook = [p / a for p, a in zip(res["agenttrace+packet"][w], res["agenttrace"][w])]
+        summary["ratios"][w]["packet_vs_agenttrace"] = {"median": statistics.median(hook),
+                                                       "min": min(hook), "max": max(hook)}
+        cells.append(f"{statistics.median(hook):.3f}x ({min(hook):.2f}-{max(hook):.2f})")
+        print(f"{w:<16} {statistics.median(base):>11.1f} " + " ".join(f"{c:>28}" for c in cells))
+    (OUT / "packet_cost.json").write_text(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
