@@ -313,7 +313,7 @@ class Tracer:
             self._process(ev)
         if self.gpu is not None:
             for ev in self.gpu.poll():
-                self._process(ev)
+                self._process(self.enrich.gpu_event(ev))
         if self.act.done or self._await_exit:
             self._collect_actions()
         while self._notices:
