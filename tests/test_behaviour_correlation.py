@@ -95,7 +95,8 @@ def _alerts(sess, rule, pid=None):
 
 
 def _exec_of(sess, path):
-    return [r for r in sess.of("exec") if r["proc"].get("filename") == str(path) or r["proc"]["exe"] == str(path)]
+    return [r for r in sess.of("exec") if r["proc"].get("filename") == str(path) or r["proc"]["exe"] == str(path)
+            or (r["proc"].get("fresh_exe") or {}).get("path") == str(path)]
 
 
 def _payload(netlab, name):
@@ -110,6 +111,18 @@ def _run(netlab, cg, argv, timeout=60):
     return r
 
 
+def _run_live(sess, netlab, cg, argv, timeout=60):
+    """Run while the reader reads, as it does live (the exec'd program is still there to look at)."""
+    p = netlab.run_in_agent(argv, cgroup=cg, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + timeout
+    while p.poll() is None and time.monotonic() < deadline:
+        sess.tracer.poll(20)
+    if p.poll() is None:
+        p.kill()
+    err = p.communicate()[1]
+    assert p.returncode == 0, (argv, err[-1500:])
+
+
 # ---- download-then-exec -------------------------------------------------------------------------
 
 def test_curl_download_then_exec_names_the_downloader(lab_session, netlab):
@@ -119,9 +132,10 @@ def test_curl_download_then_exec_names_the_downloader(lab_session, netlab):
     url = _payload(netlab, name)
     dest = work / "curl" / name
     dest.parent.mkdir()
-    _run(netlab, cg, ["/bin/bash", "-c", f"curl -sf -o {dest} {url} && chmod +x {dest} && {dest} 0.5; true"])
+    # run as `./name` from its directory: the kernel keeps the relative name
+    _run_live(sess, netlab, cg, ["/bin/bash", "-c", f"cd {dest.parent} && curl -sf -o {name} {url} && chmod +x {name} && ./{name} 0.5; true"])
     got = sess.wait_for(lambda: _alerts(sess, "download-then-exec") and _exec_of(sess, dest), 30)
-    assert got, [(r["rule"]["id"], r["proc"]["exe"]) for r in sess.of("alert")]
+    assert got, [(r["proc"].get("filename"), r["proc"]["exe"], r["proc"].get("fresh_exe")) for r in sess.of("exec") if r["agent"]["id"] == "dl-curl"]
     (run,) = _exec_of(sess, dest)
     al = [a for a in _alerts(sess, "download-then-exec") if a["proc"]["pid"] == run["proc"]["pid"]]
     assert al, [a["proc"]["pid"] for a in _alerts(sess, "download-then-exec")]
@@ -149,7 +163,7 @@ def test_renamed_python_downloader_is_judged_by_behaviour(lab_session, netlab):
     fetcher.chmod(0o755)
     dest = d / name
     code = f"import urllib.request; urllib.request.urlretrieve({url!r}, {str(dest)!r})"
-    _run(netlab, cg, ["/bin/sh", "-c", f"{fetcher} -c \"{code}\" && chmod 755 {dest} && {dest} 0.5"])
+    _run_live(sess, netlab, cg, ["/bin/sh", "-c", f"{fetcher} -c \"{code}\" && chmod 755 {dest} && {dest} 0.5"])
     got = sess.wait_for(lambda: [a for a in _alerts(sess, "download-then-exec") if a["agent"]["id"] == "dl-python"], 30)
     assert got, [(r["proc"]["exe"], r["ts"], r["proc"].get("fresh_exe")) for r in sess.records
                  if r["kind"] in ("exec", "exit", "connect", "flow") and r["agent"]["id"] == "dl-python"]
@@ -179,7 +193,7 @@ def test_gcc_build_next_to_a_networked_agent_process_raises_nothing(lab_session,
         """ % WEB_HOST)], cgroup=cg, stdout=subprocess.PIPE)
     try:
         assert api.stdout.readline().startswith(b"ready")
-        _run(netlab, cg, ["/bin/sh", "-c", f"gcc -o {d}/hello {d}/hello.c && {d}/hello"])
+        _run_live(sess, netlab, cg, ["/bin/sh", "-c", f"gcc -o {d}/hello {d}/hello.c && {d}/hello"])
         run = sess.wait_for(lambda: [r for r in _exec_of(sess, d / "hello") if "fresh_exe" in r["proc"]], 30)
     finally:
         api.kill()

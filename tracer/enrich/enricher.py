@@ -169,7 +169,7 @@ class Enricher:
         if ident:
             proc["identity"] = ident
         try:
-            fresh = self.fresh_exe.check(h.tgid, h.agent_cgroup_id, filename, t)
+            fresh = self.fresh_exe.check(h.tgid, h.agent_cgroup_id, filename, t, o.ppid)
         except Exception:
             fresh = None
             self.fresh_exe.stats["errors"] += 1

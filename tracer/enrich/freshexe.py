@@ -39,10 +39,26 @@ SYSTEM_PREFIXES = ("/usr/bin/", "/usr/sbin/", "/usr/lib/", "/usr/lib64/", "/usr/
                    "/snap/", "/nix/store/")
 
 
-def _target(pid: int, filename: str) -> Optional[str]:
+def _targets(pid: int, ppid: int, filename: str) -> tuple:
+    """Where to stat the file an exec ran: its path; for `./x` (the kernel keeps the name as
+    given) the exec'ing process's cwd, or its parent's once it is gone (a dropper that exits in
+    a millisecond); for fexecve/memfd the mapped program."""
     if filename.startswith("/") and not filename.startswith(("/dev/fd/", "/proc/")):
-        return filename
-    return f"/proc/{pid}/exe"
+        return (filename,)
+    if filename and not filename.startswith("/"):
+        return (f"/proc/{pid}/cwd/{filename}",) + ((f"/proc/{ppid}/cwd/{filename}",) if ppid else ())
+    return (f"/proc/{pid}/exe",)
+
+
+def _stat(paths: tuple):
+    for path in paths:
+        try:
+            st = os.stat(path)
+            # /proc/PID/exe names a memfd or deleted file as such; realpath resolves cwd links
+            return st, (os.readlink(path) if path.endswith("/exe") else os.path.realpath(path))
+        except OSError:
+            continue
+    return None, None
 
 
 class FreshExe:
@@ -52,18 +68,13 @@ class FreshExe:
         self.now_ns = now_ns
         self.stats = {"checked": 0, "fresh": 0, "downloads": 0, "built": 0, "errors": 0}
 
-    def check(self, pid: int, agent: int, filename: str, t_ns: int) -> Optional[dict]:
+    def check(self, pid: int, agent: int, filename: str, t_ns: int, ppid: int = 0) -> Optional[dict]:
         """The `proc.fresh_exe` body for an exec, or None when the file is not fresh."""
-        path = _target(pid, filename)
-        if path is None or path.startswith(SYSTEM_PREFIXES):
+        if filename.startswith(SYSTEM_PREFIXES):
             return None
         self.stats["checked"] += 1
-        try:
-            st = os.stat(path)
-            real = os.readlink(path) if path.startswith("/proc/") else os.path.realpath(path)
-        except OSError:
-            return None
-        if real.startswith(SYSTEM_PREFIXES):
+        st, real = _stat(_targets(pid, ppid, filename))
+        if st is None or real.startswith(SYSTEM_PREFIXES):
             return None
         now = self.now_ns()
         changed, modified = st.st_ctime_ns, min(st.st_mtime_ns, st.st_ctime_ns)
