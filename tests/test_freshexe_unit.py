@@ -13,13 +13,19 @@ S = 1_000_000_000
 AGENT = 77
 
 
+_EXE: dict = {}
+
+
 def _exec(act, pid, t, exe, ppid=1, identity=None):
+    _EXE[pid] = exe
     act.observe("exec", t, pid, AGENT, {"proc": {"pid": pid, "ppid": ppid, "comm": exe.rsplit("/", 1)[-1],
                                                  "exe": exe, "exec_id": f"e{pid}", "identity": identity}})
 
 
 def _connect(act, pid, t, addr="198.51.100.7", scope="external"):
-    act.observe("connect", t, pid, AGENT, {"proc": {"pid": pid}, "net": {
+    # a connect record's proc is the process table's: what it runs now, and its creators
+    proc = {"pid": pid, "exe": _EXE.get(pid, ""), "comm": _EXE.get(pid, "").rsplit("/", 1)[-1], "ancestry": []}
+    act.observe("connect", t, pid, AGENT, {"proc": proc, "net": {
         "proto": "tcp", "verdict": "allowed", "result": "established", "src": {"addr": "10.0.0.2", "port": 40000},
         "dst": {"addr": addr, "port": 80, "scope": scope, "name": "dl.example.org"}}})
 
@@ -115,11 +121,15 @@ def test_not_fresh_system_other_agent_and_internal_are_not_downloads(tmp_path, m
     assert FreshExe(act).check(2 ** 22 + 7, AGENT, "./payload", 0, ppid=os.getpid())["path"] == str(p)
 
 
-def test_activity_is_bounded_and_counts_evictions():
+def test_activity_remembers_only_what_is_asked_about_and_is_bounded():
     act = Activity(max_procs=4)
     for pid in range(100, 110):
-        _exec(act, pid, pid, "/bin/x")
+        _exec(act, pid, pid, "/bin/x")                 # plain execs: an identity each, no entry
+    assert not act.procs and len(act.idents) == 4
+    for pid in range(100, 110):
+        _connect(act, pid, pid)
     assert len(act.procs) == 4 and act.stats["evicted"] == 6
+    assert sum(len(d) for d in act.networked.values()) == 4
 
 
 def test_established_reads_this_process_sockets():

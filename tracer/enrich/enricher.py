@@ -69,7 +69,7 @@ class Enricher:
         from agenttrace.enrich.activity import Activity
         from agenttrace.enrich.freshexe import FreshExe
         from agenttrace.enrich.gpunet import GpuNet
-        self.activity = Activity()
+        self.activity = Activity(start_of=self._start_wall)
         self.fresh_exe = FreshExe(self.activity)
         self.gpu_net = GpuNet(self.activity, self._identity)
         from agenttrace.enrich.sshconfig import SshSessions
@@ -133,6 +133,10 @@ class Enricher:
         for ev in out:
             seen(ev.kind, ev.t_ns, ev.pid, ev.agent_cgroup_id, ev.record)
         return out
+
+    def _start_wall(self, pid: int) -> int:
+        p = self.procs.peek(pid)
+        return p.start_ktime + self.clock_offset if p is not None and p.start_ktime else 0
 
     def gpu_event(self, ev: Event) -> Event:
         """A `gpu` record from the GPU service: the holder's identity and egress (enrich/gpunet.py)."""

@@ -89,17 +89,18 @@ class FreshExe:
         hi = modified if lo == modified else changed
         lo, hi = lo - SLACK_NS, hi + SLACK_NS
         down, first = None, None
-        for a in self.activity.of_agent(agent):
-            if a.pid == pid or a.tool or not a.contacts or not a.alive_during(lo, hi):
+        for a in self.activity.with_contacts(agent):
+            if a.pid == pid or a.tool or not a.alive_during(lo, hi):
                 continue
             before = [c for c in a.contacts if c.ts_ns <= hi]
             if not before:
                 continue
-            if down is None or a.start_ns > down.start_ns:
+            # the narrowest lifetime around the write: started last, then contacted last
+            if down is None or (a.start_ns, before[0].ts_ns) > (down.start_ns, first[0].ts_ns):
                 down, first = a, before
         builder = None
-        for a in self.activity.of_agent(agent):
-            if a.pid == pid or not a.tool or not a.alive_during(lo, hi):
+        for a in self.activity.tools_of(agent):
+            if a.pid == pid or not a.alive_during(lo, hi):
                 continue
             if first is not None and a.start_ns < first[0].ts_ns:
                 continue        # already running when the download began: not what wrote it

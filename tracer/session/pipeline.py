@@ -578,6 +578,9 @@ class Tracer:
             "argv_read_failures": self.enrich.argv_read_failures,
             "file_path_read_failures": self.enrich.file_path_read_failures,
             "proc_table": {"size": len(self.procs), "evictions": self.procs.evictions},
+            # the look-back memory of download-then-exec and GPU+network (enrich/activity.py)
+            "activity": {**self.enrich.activity.counters(), "fresh_exe": dict(self.enrich.fresh_exe.stats),
+                         "gpu_net": dict(self.enrich.gpu_net.stats)},
             **self._egress_counters(),
         }
 
