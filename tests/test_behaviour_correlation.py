@@ -323,6 +323,23 @@ def test_python_training_loop_with_internal_traffic_raises_nothing(lab_session, 
         [a["rule"]["id"] for a in sess.of("alert") if a["agent"]["id"] == "gpu-trainer"]
 
 
+def test_session_records_validate_against_the_event_schema(lab_session):
+    import json
+
+    import jsonschema
+
+    from agenttrace.paths import schema_dir
+    sess = lab_session[0]
+    sess.settle()
+    v = jsonschema.Draft202012Validator(json.loads((schema_dir() / "event.schema.json").read_text()))
+    mine = [r for r in sess.records if r["kind"] != "lifecycle"
+            and ("fresh_exe" in (r.get("proc") or {}) or r["kind"] in ("gpu", "alert"))]
+    assert any("fresh_exe" in r["proc"] for r in mine) and any(r["kind"] == "gpu" for r in mine)
+    for r in mine:
+        errs = sorted(v.iter_errors(r), key=lambda e: list(e.path))
+        assert not errs, (r["kind"], [f"{list(e.path)}: {e.message}" for e in errs[:3]])
+
+
 # ---- as a user starts it ----------------------------------------------------------------------
 
 def test_cli_run_reports_download_then_exec(netlab, tmp_path, require_bpf):

@@ -78,7 +78,7 @@ class Activity:
         # the build tools/installers (an exec of a fresh file looks at these, not at every process)
         self.networked: Dict[int, Dict[int, Actor]] = {}
         self.tools: Dict[int, Dict[int, Actor]] = {}
-        self.stats = {"evicted": 0, "contacts_dropped": 0}
+        self.stats = {"evicted": 0, "contacts_dropped": 0, "errors": 0}
 
     # -- feeding ------------------------------------------------------------------------------
     def _forget(self, a: Actor) -> None:

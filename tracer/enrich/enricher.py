@@ -130,8 +130,11 @@ class Enricher:
         self.by_type[rtype] = self.by_type.get(rtype, 0) + 1
         out = h(o)
         seen = self.activity.observe
-        for ev in out:
-            seen(ev.kind, ev.t_ns, ev.pid, ev.agent_cgroup_id, ev.record)
+        try:
+            for ev in out:
+                seen(ev.kind, ev.t_ns, ev.pid, ev.agent_cgroup_id, ev.record)
+        except Exception:      # the look-back memory is an enricher: failing, it never drops records
+            self.activity.stats["errors"] += 1
         return out
 
     def _start_wall(self, pid: int) -> int:
