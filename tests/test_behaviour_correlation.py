@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import os
 import shutil
 import subprocess
 import sys
@@ -73,7 +74,6 @@ def lab_session(netlab, tmp_path_factory):
         """))
     backend = FakeBackend(fixture)
     # until a case binds its process, both holders are this (untraced) test process
-    import os
     backend.bind("miner", os.getpid())
     backend.bind("trainer", os.getpid())
     tree = AgentTree(cgroup2_mount())
@@ -282,7 +282,7 @@ def test_miner_named_python3_on_the_gpu_talking_to_the_pool(lab_session, netlab,
         got = sess.wait_for(lambda: _alerts(sess, "gpu-busy-pool-traffic", p.pid)
                             and _alerts(sess, "gpu-busy-external-connection", p.pid), 30)
     finally:
-        backend.bind("miner", __import__("os").getpid())
+        backend.bind("miner", os.getpid())
         p.kill()
         p.wait()
     assert got, [(a["rule"]["id"], a["proc"]["pid"]) for a in sess.of("alert")]
@@ -314,7 +314,7 @@ def test_python_training_loop_with_internal_traffic_raises_nothing(lab_session, 
         g = sess.wait_for(lambda: [r for r in sess.of("gpu") if r["proc"]["pid"] == p.pid], 30)
         sess.settle()
     finally:
-        backend.bind("trainer", __import__("os").getpid())
+        backend.bind("trainer", os.getpid())
         p.kill()
         p.wait()
     assert g and g[0]["proc"]["identity"]["runtime"] == "cpython"
