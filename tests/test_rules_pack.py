@@ -57,9 +57,41 @@ def flow(addr, port, scope, protocol, **detail):
     return r
 
 
-def gpu(comm, util):
-    return {"kind": "gpu", "proc": proc(f"/opt/bin/{comm}", comm, comm=comm),
-            "gpu": {"index": 0, "uuid": "GPU-x", "name": "H100", "used_memory_mib": 4000, "sm_util_pct": util}}
+CPYTHON = {"sha256": "0" * 64, "runtime": "cpython"}
+XMRIG = {"sha256": "1" * 64, "name": "xmrig", "category": "miner", "names": ["xmrig"], "by": "strings"}
+
+
+def gpu(comm, util, identity=None, contacts=None):
+    r = {"kind": "gpu", "proc": proc(f"/opt/bin/{comm}", comm, comm=comm),
+         "gpu": {"index": 0, "uuid": "GPU-x", "name": "H100", "used_memory_mib": 4000, "sm_util_pct": util}}
+    if identity is not None:
+        r["proc"]["identity"] = identity
+    if contacts is not None:
+        r["proc"]["egress"] = {"contacts": [dict({"pid": 1, "comm": comm, "scope": "external", "name": "",
+                                                  "protocol": "", "host": "", "age_s": 30.0, "held": True}, **c)
+                                            for c in contacts],
+                               "external": len(contacts), "held": sum(1 for c in contacts if c.get("held", True))}
+    return r
+
+
+def gpu_connect(addr, scope, util=95, name=None):
+    r = connect(addr, 443, scope, name=name)
+    r["proc"]["gpu"] = {"index": 0, "uuid": "GPU-x", "name": "H100", "used_memory_mib": 4000, "sm_util_pct": util}
+    return r
+
+
+def fresh_exec(path, downloader=True, builder=False, age=5.0, dst_name=""):
+    r = exec_(path, path.rsplit("/", 1)[-1])
+    fx = {"path": path, "changed_age_s": age, "modified_age_s": age + 1}
+    if downloader:
+        fx["downloader"] = {"pid": 4100, "comm": "curl", "exe": "/usr/bin/curl", "exec_id": None, "identity": "",
+                            "runtime": "", "dst": {"addr": "198.51.100.7", "port": 80, "scope": "external",
+                                                   "name": dst_name}, "protocol": "http", "host": ""}
+    if builder:
+        fx["builder"] = {"pid": 4200, "comm": "ld", "exe": "/usr/bin/ld", "exec_id": None, "identity": "gnu-ld",
+                         "runtime": "", "tool": "build"}
+    r["proc"]["fresh_exe"] = fx
+    return r
 
 
 def file_(path, op="read", exe="/usr/bin/python3.11", cls=None):
@@ -145,8 +177,29 @@ CASES = {
          flow("10.0.0.8", 3333, "internal", "stratum")],
         [flow("127.0.0.1", 3333, "loopback", "stratum"), flow("198.51.100.9", 443, "external", "tls", sni="x")]),
     "gpu-busy-non-ml-process": (
-        [gpu("kworker", 99), gpu("miner", 50)],
-        [gpu("python3", 99), gpu("python3.11", 99), gpu("torchrun", 90), gpu("kworker", 10)]),
+        # the name is not trusted: a miner called python3, or a process never identified
+        [gpu("kworker", 99), gpu("miner", 50), gpu("python3", 99, XMRIG), gpu("python3", 99)],
+        [gpu("python3", 99, CPYTHON), gpu("python3.11", 99, CPYTHON), gpu("torchrun", 90, dict(CPYTHON, via="interpreter")),
+         gpu("kworker", 10)]),
+    "gpu-busy-pool-traffic": (
+        [gpu("python3", 99, CPYTHON, [{"addr": "203.0.113.20", "port": 443, "protocol": "stratum"}]),
+         gpu("python3", 90, XMRIG, [{"addr": "203.0.113.20", "port": 3333}]),
+         gpu("trainer", 90, CPYTHON, [{"addr": "198.51.100.9", "port": 443, "protocol": "tls", "host": "xmr.nanopool.org"}])],
+        [gpu("python3", 99, CPYTHON, []), gpu("python3", 99, CPYTHON, [{"addr": "203.0.113.20", "port": 3333, "held": False}]),
+         gpu("python3", 20, CPYTHON, [{"addr": "203.0.113.20", "port": 443, "protocol": "stratum"}]),
+         gpu("python3", 99, CPYTHON, [{"addr": "198.51.100.9", "port": 443, "protocol": "tls", "host": "huggingface.co"}])]),
+    "gpu-busy-external-connection": (
+        [gpu("python3", 99, CPYTHON, [{"addr": "198.51.100.9", "port": 443}])],
+        [gpu("python3", 99, CPYTHON, []), gpu("python3", 99, CPYTHON, [{"addr": "198.51.100.9", "port": 443, "held": False}]),
+         gpu("python3", 10, CPYTHON, [{"addr": "198.51.100.9", "port": 443}])]),
+    "gpu-holder-external-connect": (
+        [gpu_connect("198.51.100.9", "external")],
+        [gpu_connect("10.0.0.5", "internal"), gpu_connect("198.51.100.9", "external", util=5),
+         connect("198.51.100.9", 443, "external")]),
+    "download-then-exec": (
+        [fresh_exec("/tmp/x/xmrig"), fresh_exec("/home/a/.cache/kworker", age=590.0)],
+        [fresh_exec("/tmp/x/a.out", builder=True), fresh_exec("/tmp/x/a.out", downloader=False),
+         fresh_exec("/tmp/x/old", age=900.0), exec_("/usr/bin/curl", "curl")]),
     "scan-tool-exec": (
         [exec_("/usr/bin/nmap", "nmap", "-sT", "10.0.0.0/24"), exec_("/usr/sbin/masscan", "masscan", "-p1-65535", "10.0.0.0/8")],
         [exec_("/usr/bin/ping", "ping", "-c1", "10.0.0.5"), exec_("/usr/bin/python3.11", "python3", "nmap_parser.py")]),

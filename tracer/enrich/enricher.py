@@ -65,6 +65,13 @@ class Enricher:
         # seen in softirq (or on kernels without bpf_get_current_* there) carry no process
         self.sockets: "OrderedDict[int, tuple[int, int]]" = OrderedDict()
         self._identity(0, "", "", [])   # warms the identity cache now, not on the first execs
+        # who did what, kept past exit: download-then-exec and GPU+network look back with it
+        from agenttrace.enrich.activity import Activity
+        from agenttrace.enrich.freshexe import FreshExe
+        from agenttrace.enrich.gpunet import GpuNet
+        self.activity = Activity(start_of=self._start_wall)
+        self.fresh_exe = FreshExe(self.activity)
+        self.gpu_net = GpuNet(self.activity, self._identity)
         from agenttrace.enrich.sshconfig import SshSessions
         self.ssh_sessions = SshSessions()   # imported now: not on the first ssh exec's clock
         from agenttrace.decode.dns import NameCache
@@ -121,7 +128,26 @@ class Enricher:
             self.unknown_types += 1
             return []
         self.by_type[rtype] = self.by_type.get(rtype, 0) + 1
-        return h(o)
+        out = h(o)
+        seen = self.activity.observe
+        try:
+            for ev in out:
+                seen(ev.kind, ev.t_ns, ev.pid, ev.agent_cgroup_id, ev.record)
+        except Exception:      # the look-back memory is an enricher: failing, it never drops records
+            self.activity.stats["errors"] += 1
+        return out
+
+    def _start_wall(self, pid: int) -> int:
+        p = self.procs.peek(pid)
+        return p.start_ktime + self.clock_offset if p is not None and p.start_ktime else 0
+
+    def gpu_event(self, ev: Event) -> Event:
+        """A `gpu` record from the GPU service: the holder's identity and egress (enrich/gpunet.py)."""
+        try:
+            self.gpu_net.annotate(ev.record, ev.pid, ev.agent_cgroup_id, ev.t_ns)
+        except Exception:
+            self.gpu_net.stats["errors"] += 1
+        return ev
 
     def _exec(self, o: E.Exec) -> Event:
         h = o.h
@@ -149,6 +175,13 @@ class Enricher:
         ident = self._identity(h.tgid, filename, exe, args)
         if ident:
             proc["identity"] = ident
+        try:
+            fresh = self.fresh_exe.check(h.tgid, h.agent_cgroup_id, filename, t, o.ppid)
+        except Exception:
+            fresh = None
+            self.fresh_exe.stats["errors"] += 1
+        if fresh:
+            proc["fresh_exe"] = fresh
         self._ssh(h.tgid, h.uid, exe, args, proc)
         p.cgroup_id, p.agent_cgroup_id = h.cgroup_id, h.agent_cgroup_id
         rec["proc"] = proc

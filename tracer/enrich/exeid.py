@@ -13,7 +13,7 @@ identified; for an interpreter running a script (shebang, `python x.py`) the scr
 content is searched by the signatures marked `scripts: true`; `python -m MODULE` gives the
 module's names.
 
-`proc.identity` in an exec record: {sha256, build_id, and when known: name, category, names,
+`proc.identity` in an exec record: {sha256, build_id, runtime (cpython), and when known: name, category, names,
 by (sha256|build_id|strings), via (ld.so|interpreter|module), target}. A rule's
 `exe.basenames` also matches `identity.names`, and `exe.identities` matches `identity.name`.
 """
@@ -41,6 +41,10 @@ _LDSO_VALUE_OPTS = {"--library-path", "--inhibit-rpath", "--audit", "--preload",
                     "--glibc-hwcaps-prefix", "--glibc-hwcaps-mask"}
 # python options that take a value, and those that end option parsing
 _PY_VALUE_OPTS = {"-W", "-X", "-Q"}
+# Language runtimes by a symbol their executables carry (the CPython interpreter exports
+# Py_BytesMain, whatever the file is called): `identity.runtime`. Unlike a signature it does
+# not end the look through interpreters: `python -m sshuttle` is still sshuttle.
+RUNTIMES = {b"Py_BytesMain": "cpython"}
 
 
 @dataclass(frozen=True)
@@ -135,7 +139,8 @@ def elf_build_id(data: bytes) -> Optional[str]:
 class ExeIdentifier:
     def __init__(self, signatures: Optional[Sequence[Signature]] = None, max_entries: int = 4096):
         self.signatures = list(signatures) if signatures is not None else load_signatures()
-        needles = sorted({s for sig in self.signatures for s in sig.all_of + sig.any_of}, key=len, reverse=True)
+        needles = sorted({s for sig in self.signatures for s in sig.all_of + sig.any_of} | set(RUNTIMES),
+                         key=len, reverse=True)
         self._needles = needles
         try:
             import re2
@@ -214,6 +219,10 @@ class ExeIdentifier:
             found: set = set()
         else:
             found = self._found(data)
+        if not script:
+            rt = next((RUNTIMES[n] for n in RUNTIMES if n in found), None)
+            if rt:
+                out["runtime"] = rt
         m = self._match(found, out["sha256"], bid, script)
         if m:
             sig, by = m

@@ -169,7 +169,9 @@ def _typed_pool():
     msg("Proc", {"pid": "i", "ppid": "i", "uid": "i", "comm": "s", "exe": "s", "args": "*s",
                  "ancestry": "*Ancestor", "filename": "s", "killed_in_kernel": "b",
                  "args_truncated": "b", "args_read_failed": "b", "identity": ".google.protobuf.Struct",
-                 "ssh": ".google.protobuf.Struct", "relay_of": ".google.protobuf.Struct"})
+                 "ssh": ".google.protobuf.Struct", "relay_of": ".google.protobuf.Struct",
+                 "fresh_exe": ".google.protobuf.Struct", "egress": ".google.protobuf.Struct",
+                 "gpu": ".google.protobuf.Struct"})
     msg("Endpoint", {"addr": "s", "port": "i", "scope": "s", "name": "s"})
     msg("Net", {"proto": "s", "family": "s", "op": "s", "what": "s", "src": "Endpoint", "dst": "Endpoint",
                 "local": "Endpoint", "verdict": "s", "result": "s", "error": "i"})

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from agenttrace.match.linregex import LinearRegexError, compile_linear  # noqa: F401
 
-CATEGORIES = ("tunnel", "mining", "scan", "gpu", "egress", "exec", "escape")
+CATEGORIES = ("tunnel", "mining", "scan", "gpu", "egress", "exec", "escape", "download-exec")
 SEVERITIES = ("info", "low", "medium", "high", "critical")
 ACTIONS = ("report", "block", "kill", "kill-agent", "freeze-agent")
 EVENT_KINDS = ("exec", "fork", "exit", "connect", "listen", "dns", "flow", "gpu", "device", "file",

@@ -317,7 +317,7 @@ class Tracer:
             self._process(ev)
         if self.gpu is not None:
             for ev in self.gpu.poll():
-                self._process(ev)
+                self._process(self.enrich.gpu_event(ev))
         if self.act.done or self._await_exit:
             self._collect_actions()
         while self._notices:
@@ -585,6 +585,9 @@ class Tracer:
             "argv_read_failures": self.enrich.argv_read_failures,
             "file_path_read_failures": self.enrich.file_path_read_failures,
             "proc_table": {"size": len(self.procs), "evictions": self.procs.evictions},
+            # the look-back memory of download-then-exec and GPU+network (enrich/activity.py)
+            "activity": {**self.enrich.activity.counters(), "fresh_exe": dict(self.enrich.fresh_exe.stats),
+                         "gpu_net": dict(self.enrich.gpu_net.stats)},
             **self._egress_counters(),
             **({"packet_scan": dict(self.packet_scan.stats)} if self.packet_scan is not None else {}),
         }
