@@ -21,6 +21,7 @@ from conftest import AGENTTRACE
 
 PY = sys.executable
 POOL_PORT = 8443
+SPLIT_PORT = 9443        # its own destination: alerts are de-duplicated per destination
 POOL_SNI = "gulf.moneroocean.stream"     # *.moneroocean.stream is in pool_domains
 BENIGN_SNI = "forge.example.org"
 
@@ -28,12 +29,12 @@ BENIGN_SNI = "forge.example.org"
 # the handshake carried and the first application line (a stratum login).
 STUB = textwrap.dedent("""
     import json, socket, ssl, sys, threading
-    addr, port, cert, key, log = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+    addr, ports, cert, key, log = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(cert, key)
     names = {}
     ctx.sni_callback = lambda so, name, c: names.__setitem__(id(so), name)
-    srv = socket.create_server((addr, port))
+    srvs = [socket.create_server((addr, int(p))) for p in ports.split(",")]
     print("READY", flush=True)
     def note(rec):
         with open(log, "a") as f:
@@ -52,21 +53,25 @@ STUB = textwrap.dedent("""
             rec["error"] = type(e).__name__
         note(rec)
         c.close()
-    while True:
-        c, peer = srv.accept()
-        threading.Thread(target=handle, args=(c, peer), daemon=True).start()
+    def serve(srv):
+        while True:
+            c, peer = srv.accept()
+            threading.Thread(target=handle, args=(c, peer), daemon=True).start()
+    for srv in srvs[1:]:
+        threading.Thread(target=serve, args=(srv,), daemon=True).start()
+    serve(srvs[0])
 """)
 
 # The agent: TLS clients of the pool stub. `full NAME`: a real handshake, then a stratum login;
 # `split NAME`: the same ClientHello written in two segments, cut before the server name.
 CLIENT = textwrap.dedent("""
     import socket, ssl, struct, sys, time
-    host, port = sys.argv[1], int(sys.argv[2])
+    host = sys.argv[1]
     LOGIN = b'{"id":1,"jsonrpc":"2.0","method":"login","params":{"login":"4Awallet","pass":"x","agent":"XMRig/6.21.0"}}\\n'
     def ctx():
         c = ssl.create_default_context(); c.check_hostname = False; c.verify_mode = ssl.CERT_NONE
         return c
-    def conn():
+    def conn(port):
         s = socket.create_connection((host, port), timeout=3)
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         # close with a reset, not a FIN queued behind a dropped hello: the stub hears at once
@@ -74,9 +79,17 @@ CLIENT = textwrap.dedent("""
         return s
     def reset(s):
         s.close()       # a failed wrap_socket has closed it already
-    for case in sys.argv[3:]:
-        how, name = case.split(":")
-        s = conn()
+    def raw_hello(name):
+        i, o = ssl.MemoryBIO(), ssl.MemoryBIO()
+        obj = ctx().wrap_bio(i, o, server_hostname=name)
+        try:
+            obj.do_handshake()
+        except ssl.SSLWantReadError:
+            pass
+        return o.read()
+    for case in sys.argv[2:]:
+        how, name, port = case.split(":")
+        s = conn(int(port))
         print("PORT", case, s.getsockname()[1], flush=True)
         try:
             if how == "full":
@@ -84,14 +97,14 @@ CLIENT = textwrap.dedent("""
                 t.sendall(LOGIN)
                 print("GOT", case, t.recv(4096).decode().strip(), flush=True)
                 t.close()
+            elif how == "upper":
+                # the name as written on the wire in capitals (same length: the hello stays valid)
+                hello = raw_hello(name).replace(name.encode(), name.upper().encode())
+                s.sendall(hello)
+                print("GOT", case, s.recv(4096)[:5].hex(), flush=True)
+                reset(s)
             else:
-                i, o = ssl.MemoryBIO(), ssl.MemoryBIO()
-                obj = ctx().wrap_bio(i, o, server_hostname=name)
-                try:
-                    obj.do_handshake()
-                except ssl.SSLWantReadError:
-                    pass
-                hello = o.read()
+                hello = raw_hello(name)
                 cut = hello.find(name.encode()) - 20
                 s.sendall(hello[:cut])
                 time.sleep(0.3)
@@ -115,7 +128,8 @@ def pool(netlab, tmp_path_factory):
                    check=True, capture_output=True)
     (d / "stub.py").write_text(STUB)
     log.write_text("")
-    p = netlab.run_in_server([PY, str(d / "stub.py"), netlab.pool_host, str(POOL_PORT), str(cert), str(key), str(log)],
+    p = netlab.run_in_server([PY, str(d / "stub.py"), netlab.pool_host, f"{POOL_PORT},{SPLIT_PORT}", str(cert),
+                              str(key), str(log)],
                              stdout=subprocess.PIPE)
     try:
         assert p.stdout.readline().strip() == b"READY"
@@ -142,7 +156,7 @@ def _run(lab, tmp_path, mode, agent, *cases, rcs=(0,)):
     out = tmp_path / f"events-{mode}.jsonl"
     r = subprocess.run([AGENTTRACE, "run", "--mode", mode, "--output", str(out), "--agent", agent, "--",
                         "nsenter", f"--net=/var/run/netns/{lab.agent_ns}", PY, "-c", CLIENT,
-                        lab.pool_host, str(POOL_PORT), *cases],
+                        lab.pool_host, *cases],
                        capture_output=True, timeout=180)
     assert r.returncode in rcs, (r.returncode, r.stderr.decode(errors="replace")[-2000:])
     lines = r.stdout.decode().splitlines()
@@ -155,9 +169,13 @@ def _alerts(recs, port):
 
 
 def test_enforce_pool_sni_dropped_in_kernel_benign_passes_split_killed(netlab, pool, tmp_path, require_bpf):
-    bad, good, split = f"full:{POOL_SNI}", f"full:{BENIGN_SNI}", f"split:{POOL_SNI}"
+    bad, good, split = f"full:{POOL_SNI}:{POOL_PORT}", f"full:{BENIGN_SNI}:{POOL_PORT}", f"split:{POOL_SNI}:{SPLIT_PORT}"
+    # supportxmr.com is listed as itself; both come after `bad` to the same destination, so their
+    # alerts are repeats of its alert (de-duplicated): the flow records show the kernel's verdict
+    exact, upper = f"full:supportxmr.com:{POOL_PORT}", f"upper:{POOL_SNI}:{POOL_PORT}"
     # the split case comes last: its userspace kill ends the client (137)
-    lines, ports, recs = _run(netlab, tmp_path, "enforce", "sni-enforce", good, bad, split, rcs=(137,))
+    lines, ports, recs = _run(netlab, tmp_path, "enforce", "sni-enforce", good, bad, exact, upper, split,
+                              rcs=(137,))
     started = [r for r in recs if r["kind"] == "lifecycle" and r.get("phase") == "started"]
     assert "tls" in started[0]["probes"]
     client_pid = next(r["proc"]["pid"] for r in recs if r["kind"] == "exec" and r["proc"]["comm"].startswith("python"))
@@ -184,6 +202,13 @@ def test_enforce_pool_sni_dropped_in_kernel_benign_passes_split_killed(netlab, p
     flows = [r for r in recs if r["kind"] == "flow" and r["net"]["src"]["port"] == ports[bad]]
     assert len(flows) == 1 and flows[0]["flow"]["capture"] == ["sni_check"], flows
 
+    # an exact entry, and a name in capitals: dropped as well
+    for case, match, name in ((exact, "exact", "supportxmr.com"), (upper, "subdomains", POOL_SNI.upper())):
+        assert _seen(pool, ports[case])["raw_bytes"] == 0
+        fl = [r for r in recs if r["kind"] == "flow" and r["net"]["src"]["port"] == ports[case]]
+        assert len(fl) == 1 and fl[0]["net"]["verdict"] == "blocked", fl
+        assert fl[0]["flow"]["detail"]["sni_match"] == match and fl[0]["flow"]["detail"]["sni"] == name
+
     # the records keep the contract (flow capture "sni_check", detail sni_match/sni_offset)
     import json
     from jsonschema import Draft202012Validator
@@ -203,8 +228,11 @@ def test_enforce_pool_sni_dropped_in_kernel_benign_passes_split_killed(netlab, p
 
 
 def test_monitor_pool_sni_reported_and_the_pool_gets_it(netlab, pool, tmp_path, require_bpf):
-    bad = f"full:{POOL_SNI}"
-    lines, ports, recs = _run(netlab, tmp_path, "monitor", "sni-monitor", bad)
+    bad = f"full:{POOL_SNI}:{POOL_PORT}"
+    # a name ending past flow.c's 256-byte capture: only the kernel's check sees all of it
+    long_name = "a" * 60 + "." + "b" * 60 + ".moneroocean.stream"
+    lng = f"full:{long_name}:{SPLIT_PORT}"
+    lines, ports, recs = _run(netlab, tmp_path, "monitor", "sni-monitor", bad, lng)
     assert any(l.startswith(f"GOT {bad}") and '"OK"' in l for l in lines), lines
     b = _seen(pool, ports[bad])
     assert b["sni"] == POOL_SNI and '"login"' in b["app"]
@@ -212,6 +240,15 @@ def test_monitor_pool_sni_reported_and_the_pool_gets_it(netlab, pool, tmp_path, 
     assert len(al) == 1
     assert al[0]["rule"]["outcome"] == "reported" and al[0]["net"]["verdict"] == "allowed"
     assert al[0]["agent"]["id"] == "sni-monitor" and al[0]["flow"]["detail"]["sni"] == POOL_SNI
+    # from flow.c's record: the kernel check stays silent when the capture names the host
+    assert al[0]["flow"]["capture"] != ["sni_check"]
+
+    assert any(l.startswith(f"GOT {lng}") for l in lines), lines
+    assert _seen(pool, ports[lng])["sni"] == long_name
+    al = [a for a in _alerts(recs, ports[lng]) if a["rule"]["id"] == "mining-pool-tls-sni"]
+    assert len(al) == 1 and al[0]["flow"]["capture"] == ["sni_check"], [a["flow"] for a in _alerts(recs, ports[lng])]
+    assert al[0]["rule"]["outcome"] == "reported" and al[0]["net"]["verdict"] == "allowed"
+    assert al[0]["flow"]["detail"]["sni"] == long_name and al[0]["flow"]["detail"]["sni_offset"] + len(long_name) > 256
 
 
 # -- the rule side: what the kernel's name check can hold ------------------------------------
