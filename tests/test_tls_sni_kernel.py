@@ -313,3 +313,52 @@ def test_compiled_entries_share_a_key_per_name():
     es = [sni_entry(3, 0, "Pool.Example."), sni_entry(4, 0, "*.pool.example"), sni_entry(5, 2, "*.pool.example")]
     assert es[0].hash == es[1].hash == name_hash("pool.example") and not es[0].subdomains and es[1].subdomains
     assert plan_sni(es) == {(0, name_hash("pool.example")): [3, 4], (2, name_hash("pool.example")): [0, 5]}
+
+
+def test_tls_probe_is_loaded_only_for_name_blocks():
+    """Start-up cost (#15): the tls program is compiled and verified only where a rule blocks
+    TLS server names (the default pack does)."""
+    from types import SimpleNamespace
+    from agenttrace.match.rules import default_rule_paths, load_rules
+    from agenttrace.session.pipeline import Tracer
+    pack = load_rules(default_rule_paths())
+    assert Tracer._sni_blocks(SimpleNamespace(engine=SimpleNamespace(ruleset=pack)))
+    other = load_rules([p for p in default_rule_paths() if not p.endswith(("mining.yaml", "tunnel.yaml"))])
+    assert not Tracer._sni_blocks(SimpleNamespace(engine=SimpleNamespace(ruleset=other)))
+    assert not Tracer._sni_blocks(SimpleNamespace(engine=None))
+
+
+def test_a_reload_that_needs_the_unloaded_tls_probe_is_refused():
+    """Rules that block names, reloaded into a tracer started without them: the kernel could not
+    hold them, so the writer refuses before touching any map (the reload fails, old rules stay)."""
+    from agenttrace.kernel.maps import EnforceError, PolicyWriter
+    from agenttrace.match.policy import KernelPolicy, sni_entry
+
+    class NoTls:
+        touched = []
+
+        def __getitem__(self, name):
+            if name != "flow_state":
+                raise KeyError(name)
+            self.touched.append(name)
+            return object()
+
+    kp = KernelPolicy(sni_deny=[sni_entry(1, 0, "*.pool.example")])
+    with pytest.raises(EnforceError, match="tls probe was not loaded"):
+        PolicyWriter(NoTls()).apply(kp)
+
+
+def test_every_cgroup_program_gets_a_pin_of_its_own(tmp_path, monkeypatch):
+    """tls.c, flow.c, dns.c and icmp.c all attach on egress: each link is pinned (fail-closed
+    keeps all of them), the tls one attached first."""
+    from agenttrace.kernel import loader as L
+    pinned = []
+    monkeypatch.setattr(L, "pin_object", lambda fd, path: pinned.append((fd, path.name)))
+    p = L.Probes(("proc", "net", "flow", "tls", "dns"))
+    p.pin_dir = tmp_path
+    p._cgroup_funcs = [(None, L.CGROUP_INET_EGRESS), (None, L.CGROUP_INET_EGRESS), (None, L.CGROUP_INET_INGRESS),
+                       (None, L.CGROUP_INET_EGRESS)]
+    att = L._Attachment(tmp_path, 77, link_fds=[10, 11, 12, 13])
+    p._pin(att)
+    assert [fd for fd, _ in pinned] == [10, 11, 12, 13] and len({n for _, n in pinned}) == 4
+    assert L.ATTACH_FIRST == ("tls",) and list(L.FEATURES).index("tls") == list(L.FEATURES).index("flow") + 1

@@ -367,8 +367,10 @@ class Probes:
             self._pin(att)
 
     def _pin(self, att: _Attachment) -> None:
-        for lfd, (_fn, atype) in zip(att.link_fds, self._cgroup_funcs):
-            path = self.pin_dir / f"link-{att.cgroup_id}-{atype}-{os.getpid()}"
+        # one pin per program: several share an attach type (flow, tls, dns, icmp on egress),
+        # and a name per attach type alone pinned only the first of them
+        for i, (lfd, (_fn, atype)) in enumerate(zip(att.link_fds, self._cgroup_funcs)):
+            path = self.pin_dir / f"link-{att.cgroup_id}-{atype}-{i}-{os.getpid()}"
             if not path.exists():
                 pin_object(lfd, path)
                 att.pinned.append(path)
