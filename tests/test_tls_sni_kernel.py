@@ -362,3 +362,28 @@ def test_every_cgroup_program_gets_a_pin_of_its_own(tmp_path, monkeypatch):
     p._pin(att)
     assert [fd for fd, _ in pinned] == [10, 11, 12, 13] and len({n for _, n in pinned}) == 4
     assert L.ATTACH_FIRST == ("tls",) and list(L.FEATURES).index("tls") == list(L.FEATURES).index("flow") + 1
+
+
+def test_name_blocks_compile_per_agent_group(tmp_path):
+    """`groups` on a name block: entries under that group's id only; no groups: group 0 (every
+    agent). The rule gets the userspace fallback for hellos the kernel cannot read to the name."""
+    from agenttrace.kernel.capability import check
+    from agenttrace.match.rules import load_rules
+    f = tmp_path / "r.yaml"
+    f.write_text(RULE % '["*.pool.example"]' + textwrap.indent(textwrap.dedent("""
+          - id: t-sni-team
+            description: a per-group pool name block for the tests
+            category: mining
+            severity: high
+            on: [flow]
+            match:
+              groups: [team-a]
+              protocols: [tls]
+              dst: {names: ["stratum.example"]}
+            action: block
+    """), "  "))
+    rs = load_rules([str(f)])
+    kp = check(rs)
+    by = {(e.pattern, e.group_id) for e in kp.sni_deny}
+    assert by == {("*.pool.example", 0), ("stratum.example", kp.group_ids["team-a"])}
+    assert all(r.fallback == "kill" and r.enforced_in == "kernel" for r in rs.rules)
