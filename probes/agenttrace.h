@@ -45,7 +45,8 @@ enum at_event_type {
 	AT_EV_FILE = 10,        /* access to a watched sensitive file (ssh keys) */
 	AT_EV_SOCKET = 11,      /* an agent created a fenced socket (raw IP, packet...): sock_create or packet.c */
 	AT_EV_ESCAPE = 12,      /* an agent process was moved to a cgroup outside the watched subtree */
-	AT_EV__MAX = 13,
+	AT_EV_SNI = 15,         /* a TLS ClientHello whose server name a rule forbids (probes/tls.c) */
+	AT_EV__MAX = 16,
 };
 
 /* Header of every record. pid/tgid/uid/comm are the current task's when the event fired. */
@@ -276,6 +277,30 @@ struct at_escape {
 	s32 dst_level;
 	u32 flags;           /* AT_ESC_* */
 	char dst_path[AT_PATH_MAX];   /* relative to the cgroup2 root; empty when unknown */
+};
+
+#define AT_SNI_MAX 256       /* bytes of at_sni.name (a power of two: the probe masks with it) */
+#define AT_SNI_NAME_MAX 253  /* longest host name checked; longer ones pass to userspace */
+#define AT_SNI_MATCH_EXACT 1       /* at_sni.match: the whole name is listed */
+#define AT_SNI_MATCH_SUBDOMAINS 2  /* at_sni.match: a `*.suffix` entry covers it */
+
+/* A ClientHello's server name that a `block` rule forbids (probes/tls.c). In enforce mode the
+ * segment was dropped (verdict blocked) and the flow with it; in monitor mode this goes out only
+ * when the name lies past the flow record's capture. Decoded as a `flow` record. */
+struct at_sni {
+	struct at_header h;  /* the socket's owner (flow.c's record of it) where known */
+	u64 cookie;
+	u16 family;
+	u16 sport;
+	u16 dport;
+	u8 verdict;          /* AT_VERDICT_* */
+	u8 match;            /* AT_SNI_MATCH_* */
+	u32 policy_id;       /* sni_deny entry that matched */
+	u16 name_len;        /* bytes valid in name */
+	u16 name_off;        /* where the name starts in the segment's TCP payload */
+	u8 saddr[16];
+	u8 daddr[16];
+	char name[AT_SNI_MAX];
 };
 
 /* Key of the per-agent drop counters (map `drops`): ring-buffer reserve failures. */

@@ -99,6 +99,22 @@ def _tls_hello(sni: bytes) -> bytes:
     return b"\x16\x03\x01" + len(hs).to_bytes(2, "big") + hs
 
 
+def _sni_check(name: bytes) -> dict:
+    """A flow record from the kernel's TLS server-name check (probes/tls.c, decode/tlssni.py)."""
+    from agenttrace.decode.tlssni import sni_parts
+    from agenttrace.kernel.wire import Sni
+    o = Sni()
+    o.family, o.sport, o.dport, o.verdict, o.match, o.policy_id = 2, 40000, 443, 1, 2, 7
+    o.name_len, o.name_off = len(name), 120
+    o.saddr[10] = o.saddr[11] = o.daddr[10] = o.daddr[11] = 0xff
+    o.saddr[12:16], o.daddr[12:16] = [10, 0, 0, 5], [203, 0, 113, 20]
+    o.name[:len(name)] = list(name)
+    net, flow = sni_parts(o)
+    net["dst"].update(scope="external", name=None)
+    net["policy_rule"] = "mining-pool-tls-sni"
+    return rec("flow", proc=PROC, net=net, flow=flow)
+
+
 FILE = {"path": "/home/dev/.ssh/authorized_keys", "raw_path": "authorized_keys", "op": "write",
         "syscall": "openat", "flags": ["O_WRONLY"], "class": "authorized_keys", "verdict": "allowed"}
 
@@ -129,6 +145,7 @@ def every_kind() -> dict[str, dict]:
         "flow ssh": _flow(b"SSH-2.0-OpenSSH_9.2p1\r\n"),
         "flow tls": _flow(_tls_hello(b"pool.example")),
         "flow tls cut": _flow(_tls_hello(b"pool.example")[:20]),
+        "flow tls sni_check": _sni_check(b"gulf.moneroocean.stream"),
         "flow stratum": _flow(b'{"id":1,"method":"mining.subscribe","params":[]}\n', verdict="blocked", result="blocked"),
         "flow http": _flow(b"GET / HTTP/1.1\r\nHost: x.example\r\n\r\n"),
         "gpu": rec("gpu", proc=PROC, gpu={"index": 0, "uuid": "GPU-1", "name": "H100", "used_memory_mib": 10,

@@ -271,14 +271,26 @@ CASES = {
          dict(connect("127.0.0.1", 2222, "loopback"), proc=dict(proc("/usr/bin/nc", "nc"), relay_of={"pid": 4000}))]),
     "mining-pool-tls-sni": (
         [flow("198.51.100.9", 443, "external", "tls", sni="pool.supportxmr.com"),
-         flow("198.51.100.9", 80, "external", "http", host="xmr-eu1.nanopool.org", method="GET")],
+         flow("198.51.100.9", 443, "external", "tls", sni="Gulf.MoneroOcean.Stream")],
         [flow("198.51.100.9", 443, "external", "tls", sni="pypi.org"),
-         flow("198.51.100.9", 443, "external", "tls")]),
+         flow("198.51.100.9", 443, "external", "tls"),
+         flow("198.51.100.9", 80, "external", "http", host="xmr-eu1.nanopool.org", method="GET")]),
+    "mining-pool-http-host": (
+        [flow("198.51.100.9", 80, "external", "http", host="xmr-eu1.nanopool.org", method="GET")],
+        [flow("198.51.100.9", 80, "external", "http", host="pypi.org", method="GET"),
+         flow("198.51.100.9", 443, "external", "tls", sni="pool.supportxmr.com")]),
     "tunnel-service-domain": (
         [connect("198.51.100.9", 443, "external", name="abc123.ngrok-free.app"),
-         flow("198.51.100.9", 443, "external", "tls", sni="quiet-fox.trycloudflare.com")],
+         flow("198.51.100.9", 80, "external", "http", host="quiet-fox.trycloudflare.com", method="GET")],
         [connect("198.51.100.9", 443, "external", name="ngrok.com.example.org"),
-         flow("198.51.100.9", 443, "external", "tls", sni="github.com")]),
+         flow("198.51.100.9", 443, "external", "tls", sni="github.com"),
+         # a TLS server name is tunnel-service-tls-sni's (dropped in the kernel)
+         flow("198.51.100.9", 443, "external", "tls", sni="quiet-fox.trycloudflare.com")]),
+    "tunnel-service-tls-sni": (
+        [flow("198.51.100.9", 443, "external", "tls", sni="quiet-fox.trycloudflare.com"),
+         flow("198.51.100.9", 443, "external", "tls", sni="bore.pub")],
+        [flow("198.51.100.9", 443, "external", "tls", sni="github.com"),
+         flow("198.51.100.9", 443, "external", "tls", sni="bore.pub.example.org")]),
     "tunnel-service-dns": (
         [dns("bore.pub"), dns("x1.devtunnels.ms")],
         [dns("pypi.org"), dns("devtunnels.ms.corp.internal")]),

@@ -49,7 +49,8 @@ def test_event_type_numbers_are_stable():
     header = (probes_dir() / "agenttrace.h").read_text()
     expected = {"AT_EV_EXEC": 1, "AT_EV_FORK": 2, "AT_EV_EXIT": 3, "AT_EV_CONNECT": 4,
                 "AT_EV_CONN_RESULT": 5, "AT_EV_LISTEN": 6, "AT_EV_DNS": 7, "AT_EV_FLOW": 8,
-                "AT_EV_DEVICE": 9, "AT_EV_FILE": 10, "AT_EV_SOCKET": 11, "AT_EV_ESCAPE": 12}
+                "AT_EV_DEVICE": 9, "AT_EV_FILE": 10, "AT_EV_SOCKET": 11, "AT_EV_ESCAPE": 12,
+                "AT_EV_SNI": 15}
     for name, num in expected.items():
         assert f"{name} = {num}," in header
         assert getattr(E, name.replace("AT_", "")) == num
@@ -108,6 +109,8 @@ def test_probe_limits_and_bits_mirrored():
     net = _defines(probes_dir() / "net.c")
     flow = _defines(probes_dir() / "flow.c")
     files = _defines(probes_dir() / "files.c")
+    tls = _defines(probes_dir() / "tls.c")
+    from agenttrace.kernel import sniwrite
     pairs = {
         "AT_SCOPE_LOOPBACK": (common, policy.SCOPE_LOOPBACK), "AT_SCOPE_INTERNAL": (common, policy.SCOPE_INTERNAL),
         "AT_SCOPE_METADATA": (common, policy.SCOPE_METADATA), "AT_SCOPE_EXTERNAL": (common, policy.SCOPE_EXTERNAL),
@@ -115,6 +118,8 @@ def test_probe_limits_and_bits_mirrored():
         "AT_DST_SLOTS": (net, enforce.SLOTS), "AT_FLOW_SLOTS": (flow, protocols.FLOW_SLOTS),
         "AT_FILE_POLICY_MAX": (files, enforce.FILE_POLICY_MAX),
         "AT_NAME_ALLOW_MAX": (net, enforce.NAME_ALLOW_MAX),
+        "AT_SNI_ENTRIES": (tls, sniwrite.SNI_ENTRIES),
+        "AT_SNI_NAME_MAX": (_defines(probes_dir() / "agenttrace.h"), policy.SNI_NAME_MAX),
     }
     bad = [f"{n}: C {src.get(n)} py {v}" for n, (src, v) in pairs.items() if src.get(n) != v]
     assert not bad, "\n".join(bad)

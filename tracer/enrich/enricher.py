@@ -114,6 +114,7 @@ class Enricher:
             E.EV_DEVICE: one(self._device), E.EV_FLOW: one(self._flow), E.EV_DNS: one(self._dns),
             E.EV_LISTEN: one(self._listen), E.EV_FILE: one(self._file),
             E.EV_SOCKET: one(self._socket), E.EV_ESCAPE: self._escape,
+            E.EV_SNI: one(self._sni),
         }
 
     def _escape(self, o) -> list[Event]:
@@ -302,6 +303,20 @@ class Enricher:
         rec["proc"] = self._proc(h)
         net, flow = flow_parts(o)
         net["dst"] = self._dst(h.agent_cgroup_id, net["dst"]["addr"], net["dst"]["port"])
+        rec["net"] = net
+        rec["flow"] = flow
+        return Event("flow", t, rec, h.tgid, h.agent_cgroup_id, o.cookie)
+
+    def _sni(self, o: E.Sni) -> Event:
+        # the kernel's TLS server-name check (probes/tls.c): a flow record of its own kind
+        from agenttrace.decode.tlssni import sni_parts
+        h = self._owner(o.h, o.cookie)
+        rec, t = self._base("flow", h)
+        rec["proc"] = self._proc(h)
+        net, flow = sni_parts(o)
+        net["dst"] = self._dst(h.agent_cgroup_id, net["dst"]["addr"], net["dst"]["port"])
+        if self.policy_rule is not None and o.policy_id:
+            net["policy_rule"] = self.policy_rule(o.policy_id)
         rec["net"] = net
         rec["flow"] = flow
         return Event("flow", t, rec, h.tgid, h.agent_cgroup_id, o.cookie)

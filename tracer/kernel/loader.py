@@ -44,6 +44,11 @@ FEATURES: dict[str, tuple[str, list[tuple[str, str, int]]]] = {
         ("at_skb_egress", "CGROUP_SKB", CGROUP_INET_EGRESS),
         ("at_skb_ingress", "CGROUP_SKB", CGROUP_INET_INGRESS),
     ]),
+    # ClientHello server names against the rules' forbidden names (needs "flow": it marks a
+    # dropped flow in flow.c's state); loaded only where a rule blocks names (session start)
+    "tls": ("tls.c", [
+        ("at_tls_egress", "CGROUP_SKB", CGROUP_INET_EGRESS),
+    ]),
     "dns": ("dns.c", [
         ("at_dns_egress", "CGROUP_SKB", CGROUP_INET_EGRESS),
         ("at_dns_ingress", "CGROUP_SKB", CGROUP_INET_INGRESS),
@@ -74,6 +79,10 @@ FEATURES: dict[str, tuple[str, list[tuple[str, str, int]]]] = {
     # the README's measured costs
     "files": ("files.c", []),
 }
+# Features whose cgroup programs run before the others' on the same hook: tls.c marks the
+# flow it drops as blocked in flow.c's state, so flow.c (run after it on the same segment) sends
+# no record of its own for it. Programs of one cgroup run in the order they were attached.
+ATTACH_FIRST = ("tls",)
 # Programs reached only by tail call: feature -> [(prog array, index, program, prog type,
 # attach type of the caller: a tail call's target must match it)].
 TAIL_CALLS: dict[str, list[tuple[str, int, str, str, int]]] = {
@@ -244,6 +253,8 @@ class Probes:
             raise ProbeError("probe feature 'icmp' needs 'net' (the destination policy it applies)")
         if "packet" in features and "sock" not in features:
             raise ProbeError("probe feature 'packet' needs 'sock' (the socket fence map it reads)")
+        if "tls" in features and "flow" not in features:
+            raise ProbeError("probe feature 'tls' needs 'flow' (the per-flow state it marks)")
         if "escape" in features and "proc" not in features:
             raise ProbeError("probe feature 'escape' needs 'proc' (its BTF offsets)")
         self.features = tuple(features)
@@ -351,7 +362,10 @@ class Probes:
                     fn = self.bpf.load_func(fname.encode(), prog_type(ptype), attach_type=atype)
                 except errors as e:
                     raise ProbeError(f"loading program {fname} failed: {e}") from None
-                self._cgroup_funcs.append((fn, atype))
+                if feat in ATTACH_FIRST:
+                    self._cgroup_funcs.insert(0, (fn, atype))
+                else:
+                    self._cgroup_funcs.append((fn, atype))
             for array, idx, fname, ptype, atype in TAIL_CALLS.get(feat, ()):
                 try:
                     fn = self.bpf.load_func(fname.encode(), prog_type(ptype), attach_type=atype)
@@ -423,8 +437,10 @@ class Probes:
             self._pin(att)
 
     def _pin(self, att: _Attachment) -> None:
-        for lfd, (_fn, atype) in zip(att.link_fds, self._cgroup_funcs):
-            path = self.pin_dir / f"link-{att.cgroup_id}-{atype}-{os.getpid()}"
+        # one pin per program: several share an attach type (flow, tls, dns, icmp on egress),
+        # and a name per attach type alone pinned only the first of them
+        for i, (lfd, (_fn, atype)) in enumerate(zip(att.link_fds, self._cgroup_funcs)):
+            path = self.pin_dir / f"link-{att.cgroup_id}-{atype}-{i}-{os.getpid()}"
             if not path.exists():
                 pin_object(lfd, path)
                 att.pinned.append(path)

@@ -93,6 +93,11 @@ def check_fits(kp: KernelPolicy) -> None:
         keys.setdefault(e.key, e.policy_id)
     if len(keys) > FILE_POLICY_MAX:
         raise EnforceError(f"more than {FILE_POLICY_MAX} file kill entries", kp.file_kill[-1].policy_id)
+    from agenttrace.kernel.sniwrite import SniPlanError, plan_sni
+    try:
+        plan_sni(kp.sni_deny)
+    except SniPlanError as e:
+        raise EnforceError(str(e), e.policy_id) from None
     from agenttrace.decode.protocols import FLOW_SLOTS
     per: dict[tuple, int] = {}
     for d in kp.protocol_drop:
@@ -127,6 +132,11 @@ class PolicyWriter:
 
     def apply(self, kp: KernelPolicy, agent_groups: dict[int, str] | None = None) -> None:
         """Install kp; agent_groups maps agent cgroup id → group name (labels.group)."""
+        if kp.sni_deny and self._has("flow_state") and not self._has("sni_deny"):
+            # the flow probe runs but the server-name check was not loaded at start (a reload
+            # brought the first such rule): these blocks would silently not be held
+            raise EnforceError("rules block TLS server names but the tls probe was not loaded at "
+                               "start; restart agenttrace to load it", kp.sni_deny[0].policy_id)
         if self._has("dst_policy"):
             self._net(kp)
         if self._has("kill_paths"):
@@ -139,6 +149,9 @@ class PolicyWriter:
                 write_flow_policy(self.probes["flow_policy"], kp.protocol_drop)
             except FlowPolicyError as e:
                 raise EnforceError(str(e)) from None
+        if self._has("sni_deny"):
+            from agenttrace.kernel.sniwrite import write_sni_deny
+            write_sni_deny(self.probes["sni_deny"], kp.sni_deny)
         self.policy = kp
         if agent_groups:
             for cid, name in agent_groups.items():

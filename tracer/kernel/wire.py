@@ -24,11 +24,13 @@ AT_CFG_DEFAULT_GROUP = CFG_DEFAULT_GROUP
 EV_EXEC, EV_FORK, EV_EXIT, EV_CONNECT, EV_CONN_RESULT = 1, 2, 3, 4, 5
 EV_LISTEN, EV_DNS, EV_FLOW, EV_DEVICE, EV_FILE = 6, 7, 8, 9, 10
 EV_SOCKET, EV_ESCAPE = 11, 12
-EV_MAX = 13
+EV_SNI = 15              # 13 and 14 are reserved for other record types
+EV_MAX = 16
 
 TYPE_NAMES = {EV_EXEC: "exec", EV_FORK: "fork", EV_EXIT: "exit", EV_CONNECT: "connect",
               EV_CONN_RESULT: "conn_result", EV_LISTEN: "listen", EV_DNS: "dns", EV_FLOW: "flow",
-              EV_DEVICE: "device", EV_FILE: "file", EV_SOCKET: "socket", EV_ESCAPE: "escape"}
+              EV_DEVICE: "device", EV_FILE: "file", EV_SOCKET: "socket", EV_ESCAPE: "escape",
+              EV_SNI: "sni"}
 
 EXEC_ARGS_TRUNCATED, EXEC_ARGS_READ_FAILED, EXEC_KILLED = 0x1, 0x2, 0x4
 OP_CONNECT, OP_SENDMSG, OP_ICMP = 0, 1, 2
@@ -116,6 +118,18 @@ FLOWF_NAMES = {FLOWF_REASSEMBLED: "reassembled", FLOWF_PADDED: "padded", FLOWF_P
                FLOWF_FLUSHED: "flushed", FLOWF_GAP: "gap", FLOWF_LOST: "lost", FLOWF_PREBANNER: "prebanner"}
 
 
+SNI_MAX, SNI_NAME_MAX = 256, 253
+SNI_MATCH_EXACT, SNI_MATCH_SUBDOMAINS = 1, 2
+
+
+class Sni(C.Structure):
+    _fields_ = [("h", Header), ("cookie", C.c_uint64), ("family", C.c_uint16),
+                ("sport", C.c_uint16), ("dport", C.c_uint16), ("verdict", C.c_uint8),
+                ("match", C.c_uint8), ("policy_id", C.c_uint32), ("name_len", C.c_uint16),
+                ("name_off", C.c_uint16), ("saddr", C.c_uint8 * 16), ("daddr", C.c_uint8 * 16),
+                ("name", C.c_uint8 * SNI_MAX)]
+
+
 class Device(C.Structure):
     _fields_ = [("h", Header), ("major", C.c_uint32), ("minor", C.c_uint32),
                 ("access", C.c_uint32), ("dev_type", C.c_uint16), ("verdict", C.c_uint8),
@@ -148,11 +162,13 @@ class DropKey(C.Structure):
 STRUCTS = {"at_header": Header, "at_exec": Exec, "at_fork": Fork, "at_exit": Exit,
            "at_connect": Connect, "at_conn_result": ConnResult, "at_listen": Listen,
            "at_dns": Dns, "at_flow": Flow, "at_device": Device, "at_file": File,
-           "at_socket": Socket, "at_escape": Escape, "at_drop_key": DropKey}
+           "at_socket": Socket, "at_escape": Escape, "at_drop_key": DropKey,
+           "at_sni": Sni}
 
 BY_TYPE = {EV_EXEC: Exec, EV_FORK: Fork, EV_EXIT: Exit, EV_CONNECT: Connect,
            EV_CONN_RESULT: ConnResult, EV_LISTEN: Listen, EV_DNS: Dns, EV_FLOW: Flow,
-           EV_DEVICE: Device, EV_FILE: File, EV_SOCKET: Socket, EV_ESCAPE: Escape}
+           EV_DEVICE: Device, EV_FILE: File, EV_SOCKET: Socket, EV_ESCAPE: Escape,
+           EV_SNI: Sni}
 
 _V4_MAPPED = b"\0" * 10 + b"\xff\xff"
 

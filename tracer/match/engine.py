@@ -141,6 +141,14 @@ def render_message(rule: Rule, rec: dict, window: Optional[dict] = None) -> str:
     return msg
 
 
+def _action(rule: Rule) -> str:
+    """What userspace does for `rule` once the kernel did not block the event: a `block` the
+    kernel could not apply this time (Rule.fallback) is done as the fallback says."""
+    if rule.action == "block" and rule.fallback:
+        return rule.fallback
+    return rule.action
+
+
 @dataclass
 class _Win:
     keys: "OrderedDict[Any, int]" = field(default_factory=OrderedDict)   # distinct value → last seen
@@ -489,11 +497,12 @@ class Engine:
             return ActionResult("reported")
         agent = rec.get("agent") or {}
         cg = agent.get("cgroup")
-        if self.defer is not None and rule.action in ("kill", "kill-agent", "freeze-agent"):
+        action = _action(rule)
+        if self.defer is not None and action in ("kill", "kill-agent", "freeze-agent"):
             return ActionResult("pending")
-        if rule.action == "block":
+        if action == "block":
             res = ActionResult("reported", "kernel verdict was not 'blocked' (is the kernel policy loaded?)")
-        elif rule.action == "kill":
+        elif action == "kill":
             pid = int(proc.get("pid") or event.pid or 0)
             # an escaped process is by definition no longer in its agent's cgroup
             res = self.actions.kill_pid(pid, None if event.kind == "escape" else cg)
@@ -536,7 +545,7 @@ class Engine:
         proc = rec.get("proc") or {}
         cg = (rec.get("agent") or {}).get("cgroup")
         # ktime carries the event's wall time here; the pipeline turns it into kernel time
-        job = ActJob(rule.action, int(proc.get("pid") or event.pid or 0), cg, event.t_ns, alert, on_done)
+        job = ActJob(_action(rule), int(proc.get("pid") or event.pid or 0), cg, event.t_ns, alert, on_done)
         if event.kind == "escape" and rule.action == "kill":
             # an escaped process is by definition no longer in its agent's cgroup: the pidfd
             # taken at decision time is what guards against pid reuse

@@ -74,6 +74,34 @@ class ProtocolDrop:
 
 
 @dataclass(frozen=True)
+class SniDeny:
+    """Drop a TLS ClientHello whose server name is `pattern` (exact) or below it (`*.pattern`):
+    probes/tls.c, key (group, name_hash(base)). `subdomains` says which of the two it is."""
+    policy_id: int
+    group_id: int
+    pattern: str         # as the rule lists it (lowercase, no trailing dot)
+    hash: int
+    subdomains: bool
+
+
+SNI_NAME_MAX = 253       # AT_SNI_NAME_MAX in probes/agenttrace.h
+_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?")
+
+
+def sni_entry(policy_id: int, group_id: int, pattern: str) -> SniDeny:
+    """One listed name as the kernel's SNI check holds it: an exact host name or `*.` and a
+    host name (any name below it, at any depth). PolicyError names what it cannot hold."""
+    p = pattern.lower().rstrip(".")
+    wild = p.startswith("*.")
+    base = p[2:] if wild else p
+    if not base or len(base) > SNI_NAME_MAX or not all(_LABEL.fullmatch(x) for x in base.split(".")):
+        raise PolicyError(f"name {pattern!r}: the kernel's SNI check holds exact host names and "
+                          f"'*.' + a host name (labels of letters, digits, '-', '_'; at most "
+                          f"{SNI_NAME_MAX} bytes); use action 'kill' for other patterns")
+    return SniDeny(policy_id, group_id, p, name_hash(base), wild)
+
+
+@dataclass(frozen=True)
 class ExecKill:
     """Kill an exec at sched_process_exec when the filename (or its basename) equals value."""
     policy_id: int
@@ -151,6 +179,7 @@ class KernelPolicy:
     dest_allow: List[DestEntry] = field(default_factory=list)
     name_allow: List[NameAllow] = field(default_factory=list)
     protocol_drop: List[ProtocolDrop] = field(default_factory=list)
+    sni_deny: List[SniDeny] = field(default_factory=list)
     exec_kill: List[ExecKill] = field(default_factory=list)
     file_kill: List[FileKill] = field(default_factory=list)
     policy_ids: Dict[int, str] = field(default_factory=dict)     # policy_id → rule id
@@ -245,6 +274,17 @@ def compile_policy(ruleset: RuleSet, internal: Iterable[str] = DEFAULT_INTERNAL,
                         for lo, hi in _ranges(m):
                             for pr in protos:
                                 kp.dest_deny.append(DestEntry(pid, g, fam, addr, plen, _scope_mask(m), lo, hi, pr))
+            elif kind == "flow" and m.name_patterns:
+                # names on a flow are the ClientHello's server name: probes/tls.c
+                if set(m.protocols) != {"tls"} or m.nets or m.ports or m.port_ranges or m.scopes:
+                    raise PolicyError(f"rule {r.id}: the kernel checks names only as a TLS server "
+                                      "name: a 'block' on names needs protocols [tls] and no other dst field")
+                for g in gids(m):
+                    for n in m.name_patterns:
+                        try:
+                            kp.sni_deny.append(sni_entry(pid, g, n))
+                        except PolicyError as e:
+                            raise PolicyError(f"rule {r.id}: {e}") from None
             elif kind == "flow":
                 if m.nets:
                     raise PolicyError(f"rule {r.id}: protocol drops by CIDR are not supported in the kernel")

@@ -471,6 +471,9 @@ class Rule:
     # Exact basenames (and their 15-byte comm prefixes) the rule needs, when it needs one:
     # the engine skips the rule with a set lookup instead of running the match.
     gate: Optional[frozenset] = None
+    # What userspace does in enforce mode when a kernel `block` could not be applied to the
+    # event (a TLS server name past the hello's first segment): "kill", or None (report).
+    fallback: Optional[str] = None
 
 
 @dataclass
@@ -797,7 +800,15 @@ def kernel_block_problems(model: RuleModel) -> List[Tuple[List[Any], str]]:
     if m.exe is not None:
         probs.append((["match", "exe"], "'block' cannot select by executable; use action 'kill' for exec rules"))
     if m.dst is not None and m.dst.names:
-        probs.append((["match", "dst", "names"], "the kernel sees addresses, not names" + hint))
+        if sni_block(model):
+            # a TLS server name is in the ClientHello's first segment: probes/tls.c holds
+            # exact names and *.suffix, and nothing else of dst alongside them
+            if m.dst.cidrs or m.dst.ports or m.dst.scopes:
+                probs.append((["match", "dst"], "the kernel's TLS server-name check holds names only: "
+                                                "drop dst.cidrs, dst.ports and dst.scopes, or split the rule"))
+        else:
+            probs.append((["match", "dst", "names"], "the kernel sees addresses, not names (except a TLS "
+                                                     "server name: on [flow] with protocols [tls])" + hint))
     for k in model.on:
         if k == "connect":
             if not (m.dst and (m.dst.cidrs or m.dst.ports or m.dst.scopes)):
@@ -810,6 +821,15 @@ def kernel_block_problems(model: RuleModel) -> List[Tuple[List[Any], str]]:
         else:
             probs.append((["on"], f"'block' cannot act on {k} events (the kernel blocks connects and flows)"))
     return probs
+
+
+def sni_block(model: RuleModel) -> bool:
+    """A `block` on TLS server names: on [flow], protocols [tls], dst.names. The kernel drops
+    the ClientHello when its first segment holds the name (probes/tls.c); when it does not (a
+    hello split before the name), userspace kills the process: `Rule.fallback`."""
+    m = model.match
+    return (model.action == "block" and list(model.on) == ["flow"] and m is not None
+            and list(m.protocols) == ["tls"] and m.dst is not None and bool(m.dst.names))
 
 
 def _kernel_file_kill(model: RuleModel) -> bool:
@@ -987,7 +1007,8 @@ def _compile_rule(rm: RuleModel, loc: List[Any], ctx: _FileCtx, lists: Dict[str,
                 errors.append(ctx.err(loc + ploc, f"'block' the kernel cannot hold: {msg}", rid))
         enforced = "kernel"
         if cm is not None and "flow" in rm.on:
-            for p in sorted(cm.protocols - set(KERNEL_PROTOCOLS)):
+            held = set(KERNEL_PROTOCOLS) | ({"tls"} if sni_block(rm) else set())
+            for p in sorted(cm.protocols - held):
                 errors.append(ctx.err(loc + ["match", "protocols"], f"'block' the kernel cannot hold: the kernel "
                                       f"can only recognise {', '.join(KERNEL_PROTOCOLS)}, not {p!r}", rid))
     elif rm.action == "kill":
@@ -1007,7 +1028,8 @@ def _compile_rule(rm: RuleModel, loc: List[Any], ctx: _FileCtx, lists: Dict[str,
         on=tuple(dict.fromkeys(rm.on)), action=rm.action, tags=tuple(rm.tags), match=cm,
         condition=cond, window=rm.window, dedup_fields=dd_fields,
         dedup_seconds=rm.dedup.seconds if rm.dedup else 60.0, message=rm.message,
-        file=ctx.path, line=_mark(ctx.node(loc))[0], model=rm, enforced_in=enforced, gate=gate)
+        file=ctx.path, line=_mark(ctx.node(loc))[0], model=rm, enforced_in=enforced, gate=gate,
+        fallback="kill" if sni_block(rm) else None)
 
 
 def lint(paths: Iterable[Union[str, os.PathLike]], egress: Optional[Dict[str, Any]] = None) -> List[RuleError]:

@@ -127,6 +127,9 @@ class Tracer:
             # allow-lists by name need the kernel's DNS learner; without one it would only
             # cost its verification at every start
             features += ("egress",)
+        if "flow" in features and "tls" not in features and self._sni_blocks():
+            # the ClientHello server-name check (probes/tls.c): only where a rule blocks names
+            features += ("tls",)
         if self.opts.gpu is not None and getattr(self.opts.gpu, "enabled", True):
             extra, cflags = self._start_gpu()
             features += tuple(f for f in extra if f not in features)
@@ -182,6 +185,13 @@ class Tracer:
         self.enrich.policy_rule = policy_rule_namer(kp)
         from agenttrace.session.flood import exec_watch_names, write_exec_watch
         write_exec_watch(self.probes, exec_watch_names(ruleset))
+
+    def _sni_blocks(self) -> bool:
+        rs = self.engine.ruleset if self.engine is not None else None
+        if rs is None:
+            return False
+        from agenttrace.match.rules import sni_block
+        return any(r.enforced_in == "kernel" and sni_block(r.model) for r in rs.rules)
 
     def _allow_lists(self) -> bool:
         rs = self.engine.ruleset if self.engine is not None else None
@@ -590,6 +600,7 @@ class Tracer:
                          "gpu_net": dict(self.enrich.gpu_net.stats)},
             **self._egress_counters(),
             **({"packet_scan": dict(self.packet_scan.stats)} if self.packet_scan is not None else {}),
+            **self._sni_counters(),
         }
 
     def _egress_counters(self) -> dict:
@@ -598,6 +609,13 @@ class Tracer:
             return {}
         from agenttrace.kernel.egress import egress_stats
         return {"egress_learner": egress_stats(self.probes)}
+
+    def _sni_counters(self) -> dict:
+        # the kernel server-name check's counts: names past the segment went to userspace
+        if self.probes is None or "tls" not in self.probes.features:
+            return {}
+        from agenttrace.kernel.sniwrite import sni_stats
+        return {"sni_check": sni_stats(self.probes)}
 
     def check_drops(self) -> None:
         """An alert when an agent's events are being dropped (flooding blinds a tracer: that
