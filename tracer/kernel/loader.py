@@ -8,7 +8,6 @@ unless they were pinned on purpose (daemon fail-closed mode).
 from __future__ import annotations
 
 import ctypes as C
-import errno
 import os
 import re
 from dataclasses import dataclass, field

@@ -31,7 +31,6 @@ from agenttrace.act.worker import ActJob, ActWorker
 from agenttrace.enrich.proctable import ProcTable
 from agenttrace.schemaver import SCHEMA_VERSION
 from agenttrace.session.summary import Summaries, check_removed, finish_all
-from agenttrace.kernel.sockfence import default_entries as default_fence
 from agenttrace.timefmt import format_ns
 
 log = logging.getLogger("agenttrace")
