@@ -45,6 +45,7 @@ def test_more_names_than_the_kernel_map_holds_are_refused_before_loading(tmp_pat
                    "    allow:\n" + "".join(f"      - name: n{i}.bench.test\n" for i in range(n)))
     p = subprocess.run([AGENTTRACE, "daemon", "--config", str(cfg)], capture_output=True, text=True, timeout=90)
     assert p.returncode == 2 and f"more than the {NAME_ALLOW_MAX}" in p.stderr, p.stderr[-2000:]
+    assert f"{cfg}:5:" in p.stderr, "the error points at the group's line (egress.default)"
     specs = [f"--allow-egress=n{i}.bench.test" for i in range(n)]
     p = subprocess.run([AGENTTRACE, "run", "--mode", "enforce", *specs, "--", "true"],
                        capture_output=True, text=True, timeout=120)

@@ -298,6 +298,8 @@ class Config(_Model):
     socket_fence: List[str] = Field(default_factory=lambda: list(_default_fence()))
 
     _source: Optional[str] = PrivateAttr(None)
+    # line of each `egress.<group>` in the file: errors about a group's policy point at it
+    _egress_lines: Dict[str, int] = PrivateAttr(default_factory=dict)
 
     @property
     def source(self) -> Optional[str]:
@@ -450,6 +452,7 @@ def parse_config(text: str, filename: str = "<config>") -> Config:
         issues.sort(key=lambda i: (i.line or 0, i.column or 0))
         raise ConfigError(issues)
     assert cfg is not None
+    cfg._egress_lines = {g: _locate(root, ("egress", g))[0] or 0 for g in (cfg.egress or {})}
     return cfg
 
 

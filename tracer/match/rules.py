@@ -41,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from agenttrace.match.linregex import LinearRegexError, compile_linear, Searcher
 from agenttrace.paths import rules_dir
 
-from agenttrace.match.egress_policy import egress_rule_models
+from agenttrace.match.egress_policy import _safe_id as _safe_group_id, egress_rule_models
 from agenttrace.match.schema import (  # noqa: F401  (the schema, re-exported for the loader's users)
     ACTIONS,
     CATEGORIES,
@@ -869,7 +869,8 @@ def _check_field_path(path: str) -> Optional[str]:
     return None
 
 
-def load_rules(paths: Iterable[Union[str, os.PathLike]], egress: Optional[Dict[str, Any]] = None) -> RuleSet:
+def load_rules(paths: Iterable[Union[str, os.PathLike]], egress: Optional[Dict[str, Any]] = None,
+               egress_origin: Optional[Tuple[str, Dict[str, int]]] = None) -> RuleSet:
     """Load, validate and compile rule files (or directories of *.yaml) into one RuleSet.
 
     `egress` maps an agent group name to an `agenttrace.match.policy.EgressPolicy` (from the
@@ -921,6 +922,13 @@ def load_rules(paths: Iterable[Union[str, os.PathLike]], egress: Optional[Dict[s
         ectx = _FileCtx("<config: egress>", None)
         for i, rm in enumerate(egress_rule_models(egress)):
             r = _compile_rule(rm, ["egress", i], ectx, lists, errors, envs, seen_ids, kernel_trusted=True)
+            if r is not None and egress_origin is not None:
+                # a group's rules point at its `egress.<group>` line in the config file, so an
+                # error about them (the kernel cannot hold it) names the file and line to edit
+                path, lines = egress_origin
+                line = max(((len(g), n) for g, n in lines.items()
+                            if r.id.startswith(f"egress-policy.{_safe_group_id(g)}.")), default=(0, 0))[1]
+                r.file, r.line = path, line
             if r is not None:
                 if r.match is not None and r.id.endswith(".allow-list"):
                     r.match.kernel_rule = r.id

@@ -51,6 +51,8 @@ class SessionOptions:
     rule_paths: Optional[List[str]] = None
     use_rules: bool = True
     egress: Optional[Dict[str, Any]] = None
+    # where `egress` came from: (config file, {group: line}); errors about a group point there
+    egress_origin: Optional[tuple] = None
     node: Optional[str] = None
     act_queue: int = 1024                # pending userspace actions (kills/freezes) at most
     # pinned programs (daemon pinning, run --mode enforce): seconds without a heartbeat after
@@ -107,7 +109,7 @@ def load_ruleset(opts: SessionOptions):
     # --no-rules with an egress allow-list: the allow-list alone is the rule set
     files = expand_paths(paths) if paths else default_rule_paths() if opts.use_rules else []
     try:
-        rs = load_rules(files, egress=opts.egress or None)
+        rs = load_rules(files, egress=opts.egress or None, egress_origin=opts.egress_origin)
         check(rs, internal=opts.internal)
     except RulesError as e:
         raise InputError("invalid rules:\n" + "\n".join(f"  {x}" for x in e.errors)) from None
@@ -141,6 +143,7 @@ def from_config(cfg) -> SessionOptions:
         rate_burst=cfg.limits.agent_burst or cfg.limits.agent_events_per_sec,
         flood_action=cfg.limits.flood_action, wakeup_ms=cfg.limits.wakeup_ms,
         rule_paths=list(cfg.rules) or None, egress=cfg.egress or None, node=cfg.node,
+        egress_origin=(cfg.source or "<config>", dict(cfg._egress_lines)) if cfg.egress else None,
         fail_closed_grace_s=cfg.pinning.grace_s, sock_fence=[parse_fence(s) for s in cfg.socket_fence],
         packet_scan_s=cfg.probes.packet_scan_s)
 
