@@ -26,7 +26,7 @@ from __future__ import annotations
 import threading
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 from agenttrace.act.actions import ActionResult, Actions
 from agenttrace.clock import Clock, SystemClock
@@ -66,6 +66,18 @@ def _scopes_of(rule: Rule) -> frozenset:
     if m is None or m.kernel_rule is not None or not m.has_dst:
         return frozenset()
     return m.scopes
+
+
+def _ports_of(rule: Rule) -> frozenset:
+    """The destination ports a rule's match requires (empty: any, or ranges too wide to list).
+    Same exemption as scopes: a kernel-decided rule is answered by the record's policy_rule."""
+    m = rule.match
+    if m is None or m.kernel_rule is not None or not m.has_dst or m.port_ranges:
+        return frozenset()
+    return m.ports
+
+
+_PORT_IX_CACHE = 4096      # (scope, port) candidate tuples kept per kind
 
 
 def _agent_id(rec: dict) -> str:
@@ -237,6 +249,11 @@ class Engine:
             self._by_scope[kind] = {
                 sc: tuple(r for r in rules if not _scopes_of(r) or sc in _scopes_of(r))
                 for sc in ("loopback", "internal", "metadata", "external")}
+        # Per kind whose rules name ports: a rule listing ports cannot match any other (ports
+        # are an AND like scopes), so the candidates for one (scope, port) are computed once
+        # and kept: with hundreds of port rules a connect meets only those naming its port.
+        self._port_kinds = frozenset(k for k, rules in self._by_kind.items() if any(_ports_of(r) for r in rules))
+        self._port_ix: Dict[tuple, tuple] = {}
         # Per gated kind (exec): exact name -> positions of the rules it opens, and the rules
         # without a gate; an exec of a name no rule names meets only the latter.
         self._gate_ix = {}
@@ -322,6 +339,18 @@ class Engine:
             dst = net.get("dst") if isinstance(net, dict) else None
             if isinstance(dst, dict):
                 rules = by_scope.get(dst.get("scope"), rules)
+        net = rec.get("net") if event.kind in self._port_kinds else None
+        dst = net.get("dst") if isinstance(net, dict) else None
+        port = dst.get("port") if isinstance(dst, dict) else False
+        if port is None or type(port) is int:   # a malformed record meets every rule (and its error)
+            key = (event.kind, dst.get("scope"), port)
+            cand = self._port_ix.get(key)
+            if cand is None or cand[0] is not rules:
+                kept = tuple(r for r in rules if not (ps := _ports_of(r)) or port in ps)
+                if len(self._port_ix) >= _PORT_IX_CACHE:
+                    self._port_ix.clear()
+                cand = self._port_ix[key] = (rules, kept)
+            rules = cand[1]
         out: List[Event] = []
         base = comm = None
         inames: Any = ()
