@@ -1031,6 +1031,11 @@ def _compile_rule(rm: RuleModel, loc: List[Any], ctx: _FileCtx, lists: Dict[str,
     gate = None
     if cm is not None and cm.basename_list and not cm.never and not any(_is_wild(b) for b in cm.basename_list):
         gate = frozenset(cm.basename_list) | frozenset(b[:15] for b in cm.basename_list)
+    elif cm is not None and cm.exe_path_list and not cm.never and not any(_is_wild(p) for p in cm.exe_path_list):
+        # exact exe paths: proc.exe must be one of them, so its basename must be one of theirs;
+        # the engine then meets this rule only on execs of those names
+        bases = {p.rsplit("/", 1)[-1] for p in cm.exe_path_list}
+        gate = frozenset(bases) | frozenset(b[:15] for b in bases)
     return Rule(
         id=rid, description=rm.description, category=rm.category, severity=rm.severity,
         on=tuple(dict.fromkeys(rm.on)), action=rm.action, tags=tuple(rm.tags), match=cm,

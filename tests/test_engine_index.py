@@ -1,6 +1,6 @@
-"""Connect rules indexed by destination port (match/engine.py) fire exactly what the unindexed
-engine fires, rule for rule and in the same order, over ports, scopes, rules that name ports,
-ranges and none, and a kernel-decided rule (whose record's policy_rule answers, not its port)."""
+"""The engine's indexes (match/engine.py) fire exactly what the unindexed engine fires, rule
+for rule and in the same order: connect rules by destination port (over ports, scopes, rules
+that name ports, ranges and none), exec rules by the basenames of the exact paths they name."""
 import random
 import textwrap
 
@@ -69,3 +69,50 @@ def test_port_index_is_rebuilt_when_rules_change(tmp_path):
     f.write_text(PORT_RULES.replace("20001", "20999"))
     eng.swap_rules(load_rules([str(f)]))
     assert fired() == []
+
+
+EXEC_RULES = "rules:\n" + "".join(textwrap.indent(textwrap.dedent(f"""\
+    - id: gen-path-{i}
+      description: generated test rule naming one exact path
+      category: exec
+      severity: low
+      on: [exec]
+      match:
+        exe: {{paths: [/opt/gen{i}/bin/tool{i % 7}], args_regex: ["--flag{i % 5}"]}}
+      action: report
+    """), "  ") for i in range(60)) + textwrap.indent(textwrap.dedent("""\
+    - id: gen-path-wild
+      description: generated test rule naming a wildcard path
+      category: exec
+      severity: low
+      on: [exec]
+      match:
+        exe: {paths: ["/opt/gen*/bin/tool3"]}
+      action: report
+    """), "  ")
+
+
+def test_exact_path_rules_are_gated_by_their_basenames(tmp_path):
+    from agenttrace.match.rules import load_rules as load
+    f = tmp_path / "paths.yaml"
+    f.write_text(EXEC_RULES)
+    rs = load(default_rule_paths() + [str(f)])
+    assert rs.get("gen-path-3").gate >= {"tool3"} and rs.get("gen-path-wild").gate is None
+    ungated = load(default_rule_paths() + [str(f)])      # the reference: no rule has a gate
+    for r in ungated.rules:
+        object.__setattr__(r, "gate", None)
+    fast, slow = Engine(rs), Engine(ungated)
+    assert not slow._gate_ix
+    rnd = random.Random(13)
+    for n in range(400):
+        i = rnd.randrange(70)
+        exe = rnd.choice([f"/opt/gen{i}/bin/tool{i % 7}", f"/usr/bin/tool{i % 7}", "/usr/bin/ssh", "/bin/true"])
+        rec = {**_connect(1, "external"), "kind": "exec"}
+        del rec["net"]
+        rec["proc"] = {**rec["proc"], "exe": exe, "comm": exe.rsplit("/", 1)[-1][:15],
+                       "args": [exe, f"--flag{rnd.randrange(5)}"]}
+        a = [al.record["rule"]["id"] for al in fast.process(Event("exec", n, dict(rec), 5, 7))]
+        b = [al.record["rule"]["id"] for al in slow.process(Event("exec", n, dict(rec), 5, 7))]
+        assert a == b, rec
+    assert fast.stats["matched"] == slow.stats["matched"]
+    assert sum(v for k, v in fast.stats["matched"].items() if k.startswith("gen-path-")) > 10
