@@ -71,10 +71,13 @@ def _cgroup_root() -> Path:
 
 
 class Tracer:
-    def __init__(self, files: bool, watched: Path, workdir: Path):
+    """`agenttrace run --cgroup WATCHED --no-rules` plus `extra` (the feature under test),
+    started and waited for; bench.packet_cost uses it too."""
+
+    def __init__(self, extra: list, watched: Path, workdir: Path):
         self.out = workdir / f"events-{uuid.uuid4().hex[:6]}.jsonl"
         argv = [_agenttrace(), "run", "--cgroup", str(watched), "--no-rules", "--gpu", "off",
-                "--output", str(self.out)] + (["--files"] if files else [])
+                "--output", str(self.out)] + list(extra)
         self.p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -122,7 +125,7 @@ def main(argv=None) -> int:
         for rnd in range(args.rounds):
             order = CONFIGS[rnd % 3:] + CONFIGS[:rnd % 3]
             for cfg in order:
-                tr = None if cfg == "none" else Tracer(cfg.endswith("files"), watched, work)
+                tr = None if cfg == "none" else Tracer(["--files"] if cfg.endswith("files") else [], watched, work)
                 try:
                     for w, (mode, n, inside) in WORKLOADS.items():
                         r = subprocess.run([str(gen), mode, str(int(n * args.scale)),

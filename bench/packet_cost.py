@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -30,7 +29,7 @@ import time
 import uuid
 from pathlib import Path
 
-from bench.files_cost import _agenttrace, _cgroup_root
+from bench.files_cost import Tracer, _cgroup_root
 
 OUT = Path(__file__).resolve().parent / "out"
 SRC = r"""
@@ -61,36 +60,6 @@ WORKLOADS = {  # name -> (mode, iterations, inside agent cgroup)
 CONFIGS = ("none", "agenttrace", "agenttrace+packet")
 
 
-class Tracer:
-    def __init__(self, packet: bool, watched: Path, workdir: Path):
-        self.out = workdir / f"events-{uuid.uuid4().hex[:6]}.jsonl"
-        argv = [_agenttrace(), "run", "--cgroup", str(watched), "--no-rules", "--gpu", "off",
-                "--output", str(self.out)] + (["--packet"] if packet else [])
-        self.p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.out.exists() and b'"started"' in self.out.read_bytes()[:4096]:
-                return
-            if self.p.poll() is not None:
-                raise RuntimeError(f"agenttrace exited: {self.p.stderr.read().decode()[-2000:]}")
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError("agenttrace did not start within 60 s")
-
-    def stop(self) -> None:
-        if self.p.poll() is None:
-            self.p.send_signal(signal.SIGTERM)
-            try:
-                self.p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.p.kill()
-                self.p.wait()
-        try:
-            self.out.unlink()
-        except OSError:
-            pass
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
@@ -111,7 +80,7 @@ def main(argv=None) -> int:
         for rnd in range(args.rounds):
             order = CONFIGS[rnd % 3:] + CONFIGS[:rnd % 3]
             for cfg in order:
-                tr = None if cfg == "none" else Tracer(cfg.endswith("packet"), watched, work)
+                tr = None if cfg == "none" else Tracer(["--packet"] if cfg.endswith("packet") else [], watched, work)
                 try:
                     for w, (mode, n, inside) in WORKLOADS.items():
                         r = subprocess.run([str(gen), mode, str(int(n * args.scale)),

@@ -39,15 +39,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_socket)
 	k.family = family;
 	k.type = (u32)args->type & AT_SOCK_TYPE_MASK;
 	k.protocol = (u16)args->protocol;
-	struct at_fence_val *v = sock_fence.lookup(&k);
-	if (!v) {
-		k.protocol = AT_SOCK_ANY;
-		v = sock_fence.lookup(&k);
-	}
-	if (!v) {
-		k.type = AT_SOCK_ANY;
-		v = sock_fence.lookup(&k);
-	}
+	struct at_fence_val *v = at_fence_find(&k);
 	if (!v)
 		return 0;
 	u64 cg = 0, agent = 0;

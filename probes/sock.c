@@ -27,21 +27,29 @@ struct at_sock_pending { u64 cg; u64 agent; u32 policy_id; u16 family; u16 type;
 BPF_TABLE("lru_hash", u64, struct at_sock_pending, sock_pending, 4096);
 #endif
 
+/* The entry for a socket, from the most to the least specific: (family, type, protocol),
+ * then any protocol, then any type. Shared with packet.c, which looks up the same fence. */
+static __always_inline struct at_fence_val *at_fence_find(struct at_fence_key *k)
+{
+	struct at_fence_val *v = sock_fence.lookup(k);
+	if (!v) {
+		k->protocol = AT_SOCK_ANY;
+		v = sock_fence.lookup(k);
+	}
+	if (!v) {
+		k->type = AT_SOCK_ANY;
+		v = sock_fence.lookup(k);
+	}
+	return v;
+}
+
 int at_sock_create(struct bpf_sock *sk)
 {
 	struct at_fence_key k = {};
 	k.family = sk->family;
 	k.type = sk->type;
 	k.protocol = sk->protocol;
-	struct at_fence_val *v = sock_fence.lookup(&k);
-	if (!v) {
-		k.protocol = AT_SOCK_ANY;
-		v = sock_fence.lookup(&k);
-	}
-	if (!v) {
-		k.type = AT_SOCK_ANY;
-		v = sock_fence.lookup(&k);
-	}
+	struct at_fence_val *v = at_fence_find(&k);
 	if (!v)
 		return 1;
 #ifdef AT_WITH_PACKET

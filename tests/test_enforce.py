@@ -12,6 +12,8 @@ import time
 
 import pytest
 
+from harness import block_port_rule
+
 PY = sys.executable
 
 
@@ -26,17 +28,6 @@ def _engine(mode, rule_text=None, tmp_path=None, default=False):
     return Engine(load_rules(paths), mode=mode)
 
 
-BLOCK_PORT_RULE = """
-rules:
-  - id: test-block-port
-    description: test rule, blocks one loopback port
-    category: egress
-    severity: high
-    on: [connect]
-    match:
-      dst: {{cidrs: ["127.0.0.1/32"], ports: [{port}]}}
-    action: block
-"""
 
 
 def _listener():
@@ -56,7 +47,7 @@ def test_blocked_destination(mode, agent_tree, make_session, tmp_path):
     srv, port = _listener()
     try:
         a = agent_tree.agent("blocked")
-        sess = make_session([agent_tree.root], engine=_engine(mode, BLOCK_PORT_RULE.format(port=port), tmp_path),
+        sess = make_session([agent_tree.root], engine=_engine(mode, block_port_rule(port, "test-block-port"), tmp_path),
                             mode=mode)
         r = agent_tree.run(a, [PY, "-c", f"import socket; print(socket.socket().connect_ex(('127.0.0.1', {port})))"])
         err = int(r.stdout)

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agenttrace.ops.metrics import Heartbeat, MetricsServer, RecordCounter, bounded, make_registry
 
-from harness import Daemon, free_port, loopback_listener
+from harness import Daemon, block_port_rule, free_port, loopback_listener
 
 PY = sys.executable
 
@@ -86,17 +86,6 @@ def test_record_counter_counts_kinds_and_alerts_by_rule():
     assert kinds == {"exec": 2, "alert": 1} and alerts == {("r1", "high", "blocked"): 1}
 
 
-RULES = """
-rules:
-  - id: test-metrics-block-{port}
-    description: test rule, blocks one loopback port
-    category: egress
-    severity: high
-    on: [connect]
-    match:
-      dst: {{cidrs: ["127.0.0.1/32"], ports: [{port}]}}
-    action: block
-"""
 
 
 @pytest.fixture
@@ -112,7 +101,7 @@ def rsyslogd(tmp_path):
 def test_daemon_metrics_match_the_records_it_emitted(tmp_path, agent_tree, rsyslogd):
     srv, port = loopback_listener()
     rules = tmp_path / "rules.yaml"
-    rules.write_text(RULES.format(port=port))
+    rules.write_text(block_port_rule(port, f"test-metrics-block-{port}"))
     mport = free_port()
     a = agent_tree.agent("m1")
     d = Daemon(tmp_path, agent_tree.root, rules, tmp_path / "unused-pins")
