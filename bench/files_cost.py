@@ -137,35 +137,48 @@ def main(argv=None) -> int:
                         tr.stop()
             print(f"round {rnd + 1}/{args.rounds} done", file=sys.stderr)
     finally:
-        for _ in range(100):
-            try:
-                agent.rmdir()
-                watched.rmdir()
-                break
-            except FileNotFoundError:
-                break
-            except OSError:
-                time.sleep(0.05)
-        shutil.rmtree(work, ignore_errors=True)
-    summary = {"rounds": args.rounds, "ns_per_op": res, "ratios": {}}
-    print(f"{'workload':<18} {'none ns/op':>11} " + " ".join(f"{c:>28}" for c in CONFIGS[1:])
-          + f" {'files vs agenttrace':>28}")
-    for w in WORKLOADS:
+        remove_tree(agent, watched, work)
+    report(res, CONFIGS, WORKLOADS, "agenttrace+files", "files_vs_agenttrace", OUT / "files_cost.json",
+           {"rounds": args.rounds})
+    return 0
+
+
+def remove_tree(agent: Path, watched: Path, work: Path) -> None:
+    """The bench's agent cgroup, its parent and scratch folder (a cgroup empties a moment after
+    its last process exits, so rmdir is retried)."""
+    for _ in range(100):
+        try:
+            agent.rmdir()
+            watched.rmdir()
+            break
+        except FileNotFoundError:
+            break
+        except OSError:
+            time.sleep(0.05)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def report(res: dict, configs, workloads, hook_cfg: str, hook_key: str, out: Path, meta: dict) -> dict:
+    """Print and write each configuration's slowdown against no tracer and, for `hook_cfg`, the
+    hook alone (against plain agenttrace of the same round): median (min-max) over rounds."""
+    summary = {**meta, "ns_per_op": res, "ratios": {}}
+    label = hook_key.replace("_", " ")
+    print(f"{'workload':<18} {'none ns/op':>11} " + " ".join(f"{c:>28}" for c in configs[1:])
+          + f" {label:>28}")
+    for w in workloads:
         base = res["none"][w]
         cells = []
-        for c in CONFIGS[1:]:
+        for c in configs[1:]:
             ratios = [v / b for v, b in zip(res[c][w], base)]
             summary["ratios"].setdefault(w, {})[c] = {"median": statistics.median(ratios),
                                                        "min": min(ratios), "max": max(ratios)}
             cells.append(f"{statistics.median(ratios):.3f}x ({min(ratios):.2f}-{max(ratios):.2f})")
-        # the hook alone: agenttrace+files against agenttrace of the same round
-        hook = [f / a for f, a in zip(res["agenttrace+files"][w], res["agenttrace"][w])]
-        summary["ratios"][w]["files_vs_agenttrace"] = {"median": statistics.median(hook),
-                                                      "min": min(hook), "max": max(hook)}
+        hook = [f / a for f, a in zip(res[hook_cfg][w], res["agenttrace"][w])]
+        summary["ratios"][w][hook_key] = {"median": statistics.median(hook), "min": min(hook), "max": max(hook)}
         cells.append(f"{statistics.median(hook):.3f}x ({min(hook):.2f}-{max(hook):.2f})")
         print(f"{w:<18} {statistics.median(base):>11.1f} " + " ".join(f"{c:>28}" for c in cells))
-    (OUT / "files_cost.json").write_text(json.dumps(summary, indent=1))
-    return 0
+    out.write_text(json.dumps(summary, indent=1))
+    return summary
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from . import loadgen, sysinfo, tracers
@@ -236,18 +235,9 @@ class Point:
                     pass
             self.sleepers.wait(timeout=30)
             self.sleepers.stdout.close()
+        from agenttrace.enrich.cgroups import kill_and_remove
         for c in self.children:
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    c.rmdir()
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.05)
+            kill_and_remove(c, timeout=10)
 
 
 def _storm(tracer, gens: dict, kind: str, n: int, target: Path) -> tuple:

@@ -20,16 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from pathlib import Path
 
-from bench.files_cost import Tracer, _cgroup_root
+from bench.files_cost import Tracer, _cgroup_root, remove_tree, report
 
 OUT = Path(__file__).resolve().parent / "out"
 SRC = r"""
@@ -92,33 +89,9 @@ def main(argv=None) -> int:
                         tr.stop()
             print(f"round {rnd + 1}/{args.rounds} done", file=sys.stderr)
     finally:
-        for _ in range(100):
-            try:
-                agent.rmdir()
-                watched.rmdir()
-                break
-            except FileNotFoundError:
-                break
-            except OSError:
-                time.sleep(0.05)
-        shutil.rmtree(work, ignore_errors=True)
-    summary = {"rounds": args.rounds, "scale": args.scale, "ns_per_op": res, "ratios": {}}
-    print(f"{'workload':<16} {'none ns/op':>11} " + " ".join(f"{c:>28}" for c in CONFIGS[1:])
-          + f" {'packet vs agenttrace':>28}")
-    for w in WORKLOADS:
-        base = res["none"][w]
-        cells = []
-        for c in CONFIGS[1:]:
-            ratios = [v / b for v, b in zip(res[c][w], base)]
-            summary["ratios"].setdefault(w, {})[c] = {"median": statistics.median(ratios),
-                                                       "min": min(ratios), "max": max(ratios)}
-            cells.append(f"{statistics.median(ratios):.3f}x ({min(ratios):.2f}-{max(ratios):.2f})")
-        hook = [p / a for p, a in zip(res["agenttrace+packet"][w], res["agenttrace"][w])]
-        summary["ratios"][w]["packet_vs_agenttrace"] = {"median": statistics.median(hook),
-                                                       "min": min(hook), "max": max(hook)}
-        cells.append(f"{statistics.median(hook):.3f}x ({min(hook):.2f}-{max(hook):.2f})")
-        print(f"{w:<16} {statistics.median(base):>11.1f} " + " ".join(f"{c:>28}" for c in cells))
-    (OUT / "packet_cost.json").write_text(json.dumps(summary, indent=1))
+        remove_tree(agent, watched, work)
+    report(res, CONFIGS, WORKLOADS, "agenttrace+packet", "packet_vs_agenttrace", OUT / "packet_cost.json",
+           {"rounds": args.rounds, "scale": args.scale})
     return 0
 
 
