@@ -85,6 +85,25 @@ _Loader.yaml_implicit_resolvers = {
 _Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
                               list("tTfF"))
 
+# libyaml's parser under the same resolvers: the pure-Python one was ~0.13 s of every start
+# with the default pack (docs/STARTUP.md). Its marks carry line and column but not the text.
+_FastLoader = None
+if getattr(yaml, "__with_libyaml__", False):
+    class _FastLoader(yaml.CSafeLoader):    # type: ignore[no-redef]
+        pass
+    _FastLoader.yaml_implicit_resolvers = _Loader.yaml_implicit_resolvers
+
+
+def _compose_and_load(text: str) -> Tuple[Optional[yaml.Node], Any]:
+    """The node tree (for error positions) and the data of one YAML document. A file libyaml
+    refuses is parsed again by the Python parser, so errors read exactly as they always did."""
+    if _FastLoader is not None:
+        try:
+            return yaml.compose(text, Loader=_FastLoader), yaml.load(text, Loader=_FastLoader)
+        except yaml.YAMLError:
+            pass
+    return yaml.compose(text, Loader=_Loader), yaml.load(text, Loader=_Loader)
+
 
 def _node_at(root: Optional[yaml.Node], loc: Sequence[Any], key: bool = True) -> Tuple[Optional[yaml.Node], bool]:
     """Walk a composed YAML tree along a pydantic error location.
@@ -242,18 +261,19 @@ class CompiledCondition:
     lists: Dict[str, List[Any]] = field(default_factory=dict)
 
 
-def _cel_errors(node: Optional[yaml.Node], msg: str) -> List[Tuple[int, int, str]]:
+def _cel_errors(node: Optional[yaml.Node], msg: str, source: Optional[str] = None) -> List[Tuple[int, int, str]]:
     """Every error in a CEL compiler message, each placed in the YAML file."""
     parts = [p for p in re.split(r"(?=ERROR: <input>:)", msg) if "<input>:" in p]
     if not parts or not isinstance(node, yaml.ScalarNode):
         line, col = _mark(node)
         first = msg.strip().splitlines()[0] if msg.strip() else msg
         return [(line, col, first)]
-    return [_cel_error_position(node, p.split("\n")[0]) for p in parts]
+    return [_cel_error_position(node, p.split("\n")[0], source) for p in parts]
 
 
-def _cel_error_position(node: yaml.ScalarNode, msg: str) -> Tuple[int, int, str]:
-    """Map `<input>:L:C` in a CEL error to a line and column in the YAML file."""
+def _cel_error_position(node: yaml.ScalarNode, msg: str, source: Optional[str] = None) -> Tuple[int, int, str]:
+    """Map `<input>:L:C` in a CEL error to a line and column in the YAML file (`source`: the
+    file's, for marks that do not carry it: libyaml's)."""
     m = _CEL_POS.search(msg)
     line, col = _mark(node)
     first = msg.strip().splitlines()[0] if msg.strip() else msg
@@ -263,7 +283,8 @@ def _cel_error_position(node: yaml.ScalarNode, msg: str) -> Tuple[int, int, str]
     text = re.sub(r"^ERROR:\s*", "", text)
     if node.style in ("|", ">"):
         # block scalar: content starts on the next line at the block's indentation
-        raw_lines = node.start_mark.buffer.splitlines() if node.start_mark.buffer else []
+        buf = node.start_mark.buffer or source
+        raw_lines = buf.splitlines() if buf else []
         fl = node.start_mark.line + el      # 0-based file line of expression line el
         indent = 0
         first_content = node.start_mark.line + 1
@@ -521,9 +542,10 @@ _VALID_FIELD_ROOTS = (set(CEL_VARS) - {"lists"}) | {"socket", "escape"}
 # --------------------------------------------------------------------------- loading
 
 class _FileCtx:
-    def __init__(self, path: str, root: Optional[yaml.Node]):
+    def __init__(self, path: str, root: Optional[yaml.Node], text: Optional[str] = None):
         self.path = path
         self.root = root
+        self.text = text
         self.rule_index: List[int] = []
 
     def err(self, loc: Sequence[Any], message: str, rule_id: Optional[str] = None,
@@ -563,8 +585,7 @@ def _parse_file(path: str, errors: List[RuleError]) -> Tuple[Optional[RuleFile],
         errors.append(RuleError(path, 0, 0, "", f"not UTF-8 text: {e}"))
         return None, None
     try:
-        root = yaml.compose(text, Loader=_Loader)
-        data = yaml.load(text, Loader=_Loader)
+        root, data = _compose_and_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
         line, col = (mark.line + 1, mark.column + 1) if mark else (0, 0)
@@ -572,7 +593,7 @@ def _parse_file(path: str, errors: List[RuleError]) -> Tuple[Optional[RuleFile],
         ctx = getattr(e, "context", None)
         errors.append(RuleError(path, line, col, "", f"YAML error: {problem}" + (f" ({ctx})" if ctx else "")))
         return None, None
-    ctx = _FileCtx(path, root)
+    ctx = _FileCtx(path, root, text)
     if data is None:
         return RuleFile(), ctx
     if not isinstance(data, dict):
@@ -983,7 +1004,7 @@ def _compile_rule(rm: RuleModel, loc: List[Any], ctx: _FileCtx, lists: Dict[str,
                     used_lists = dict(lists)      # lists["name"] indexing: hand over all of them
                 cond = CompiledCondition(rm.condition, prog, used, used_lists)
             except Exception as e:
-                for line, col, text in _cel_errors(cnode, str(e)):
+                for line, col, text in _cel_errors(cnode, str(e), ctx.text):
                     errors.append(ctx.err(loc + ["condition"], f"CEL: {text}", rid, pos=(line, col)))
     if rm.window is not None:
         for f in rm.window.distinct_fields():
