@@ -205,8 +205,15 @@ def run(
             labels=labels, egress=egress)
         if cmd:
             opts.drop_caps = _run_drop_caps(drop_caps, mode, opts.sock_fence)
-        ruleset = S.load_ruleset(opts)
-        sinks = _sinks(output, fmt, isolated=bool(cmd))
+        # the kernel verifies the probes while the rules load (docs/STARTUP.md); a rule error
+        # closes them unattached
+        pre = S.prefetch(opts)
+        try:
+            ruleset = S.load_ruleset(opts)
+            sinks = _sinks(output, fmt, isolated=bool(cmd))
+        except BaseException:
+            S.discard(pre)
+            raise
     except (BadInput, CgroupError) as e:
         raise fail(str(e))
 
@@ -214,7 +221,7 @@ def run(
 
     def make(paths_):
         opts.cgroups = list(paths_)
-        return S.build(opts, sinks, ruleset)
+        return S.build(opts, sinks, ruleset, prefetch=pre)
     try:
         if cmd:
             rc = run_command(make, cmd, agent or f"run-{os.getpid()}", flag, user=run_user,
@@ -239,6 +246,7 @@ def run(
     except CommandNotFound as e:
         raise fail(str(e), Exit.CMD_NOT_FOUND)
     finally:
+        S.discard(pre)       # not taken: the session ended before its probes loaded
         flag.restore()
 
 
@@ -363,7 +371,12 @@ def tail(
         if cmd:
             # the same capability drop as `run -- CMD` (tracer/session/capdrop.py)
             opts.drop_caps = _run_drop_caps("auto", mode, opts.sock_fence)
-        ruleset = S.load_ruleset(opts)
+        pre = S.prefetch(opts)       # as in `run`: verified while the rules load
+        try:
+            ruleset = S.load_ruleset(opts)
+        except BaseException:
+            S.discard(pre)
+            raise
     except (BadInput, CgroupError) as e:
         raise fail(str(e))
     flag = StopFlag().install()
@@ -378,7 +391,7 @@ def tail(
             sink.fd = os.dup(1)
             sink = QueuedSink(sink)
             sink.close_timeout = 2.0
-        return S.build(opts, [sink], ruleset)
+        return S.build(opts, [sink], ruleset, prefetch=pre)
     try:
         if cmd:
             raise typer.Exit(run_command(make, cmd, f"tail-{os.getpid()}", flag, drop_caps=opts.drop_caps))
@@ -386,6 +399,7 @@ def tail(
     except ProbeError as e:
         raise fail(str(e))
     finally:
+        S.discard(pre)
         flag.restore()
 
 

@@ -169,6 +169,13 @@ def release_compiler_memory() -> int:
     return n
 
 
+def bcc_in_process() -> bool:
+    """BCC compiles and loads in this process: asked for (AGENTTRACE_BCC_INPROCESS=1), or where
+    the mmap ring reader cannot run (not x86-64) and BCC's reader, with its objects, is used."""
+    from agenttrace.kernel import ringbuf
+    return os.environ.get("AGENTTRACE_BCC_INPROCESS") == "1" or not ringbuf.supported()
+
+
 def ensure_tracefs() -> Path:
     """tracefs may not be mounted (docs/ARCHITECTURE.md §4); BCC needs it to attach tracepoints."""
     if (TRACEFS / "events").is_dir():
@@ -261,6 +268,7 @@ class Probes:
         self.extra_cflags = list(extra_cflags or [])
         self.bpf = None
         self.cache_hit = False              # the compiled probes came from probecache's cache
+        self.prefetched = None              # a prefetch.ProbePrefetch for load() to adopt
         self._cgroup_funcs: list[tuple[object, int]] = []
         self._raw_tp_fds: list[int] = []
         self._raw_tp_names: list[str] = []
@@ -306,19 +314,23 @@ class Probes:
     def load(self) -> None:
         if os.geteuid() != 0:
             raise ProbeError("agenttrace must run as root to load eBPF programs")
-        from agenttrace.kernel import ringbuf
-        if os.environ.get("AGENTTRACE_BCC_INPROCESS") == "1" or not ringbuf.supported():
-            # where the mmap ring reader cannot run (not x86-64), BCC's reader is used, and
-            # with it BCC's own objects
+        if bcc_in_process():
             return self._load_bcc()
         from agenttrace.kernel import bpfobj, bpfsys, probecache
         src, cflags = self.source(), self.cflags()
+        # a prefetch (kernel/prefetch.py) of these very probes, verified while the session set up
+        pre, self.prefetched = self.prefetched, None
+        taken = None
         try:
-            obj, self.cache_hit = probecache.compiled(src, cflags)
+            taken = pre.take(src, cflags) if pre is not None else None
+            if taken is not None:
+                self.cache_hit = taken[1]
+            else:
+                obj, self.cache_hit = probecache.compiled(src, cflags)
         except probecache.CompileError as e:
             raise ProbeError(f"compiling probes ({', '.join(self.features)}) failed: {e}") from None
         try:
-            self.bpf = bpfobj.LoadedObject(obj, ensure_tracefs())
+            self.bpf = taken[0] if taken is not None else bpfobj.LoadedObject(obj, ensure_tracefs())
             self.bpf.preload(self._wanted_programs(lambda ptype: bpfsys.PROG_TYPES[ptype]))
             self.bpf.autoload()
         except (bpfsys.BpfError, KeyError) as e:

@@ -97,16 +97,29 @@ def _read(path: Path) -> dict | None:
 def memo(kind: str, parts: list[str], compute):
     """compute() once per `parts` (JSON-able result), kept beside the compiled probes: for
     facts about the running kernel that cost more to find than to read (the BTF offsets)."""
-    d = cache_dir()
-    key = hashlib.sha256("\0".join([str(FORMAT), kind] + parts).encode()).hexdigest()[:40]
-    if d is not None:
-        hit = _read(d / f"{kind}-{key}.json")
-        if hit is not None:
-            return hit["value"]
+    hit = recall(kind, parts)
+    if hit is not None:
+        return hit
     value = compute()
-    if d is not None:
-        _write(d, f"{kind}-{key}.json", {"format": FORMAT, "value": value})
+    remember(kind, parts, value)
     return value
+
+
+def _memo_name(kind: str, parts: list[str]) -> str:
+    return f"{kind}-{hashlib.sha256(chr(0).join([str(FORMAT), kind] + parts).encode()).hexdigest()[:40]}.json"
+
+
+def recall(kind: str, parts: list[str]):
+    """What remember() kept for `parts`, or None (no cache, nothing kept, or not trusted)."""
+    d = cache_dir()
+    hit = _read(d / _memo_name(kind, parts)) if d is not None else None
+    return hit["value"] if hit is not None else None
+
+
+def remember(kind: str, parts: list[str], value) -> None:
+    d = cache_dir()
+    if d is not None:
+        _write(d, _memo_name(kind, parts), {"format": FORMAT, "value": value})
 
 
 def _write(d: Path, name: str, obj: dict) -> None:

@@ -39,7 +39,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from agenttrace.match.linregex import LinearRegexError, compile_linear, Searcher
-from agenttrace.paths import rules_dir
+from agenttrace.match.rulefiles import default_rule_paths, expand_paths  # noqa: F401  (re-exported)
 
 from agenttrace.match.egress_policy import _safe_id as _safe_group_id, egress_rule_models
 from agenttrace.match.schema import (  # noqa: F401  (the schema, re-exported for the loader's users)
@@ -558,21 +558,6 @@ class _FileCtx:
     def node(self, loc: Sequence[Any], key: bool = False) -> Optional[yaml.Node]:
         n, ok = _node_at(self.root, loc, key)
         return n if ok else None
-
-
-def expand_paths(paths: Iterable[Union[str, os.PathLike]]) -> List[str]:
-    out: List[str] = []
-    for p in paths:
-        p = Path(p)
-        if p.is_dir():
-            out.extend(str(f) for f in sorted(p.glob("*.yaml")) + sorted(p.glob("*.yml")))
-        else:
-            out.append(str(p))
-    return out
-
-
-def default_rule_paths() -> List[str]:
-    return expand_paths([rules_dir()])
 
 
 def _parse_file(path: str, errors: List[RuleError]) -> Tuple[Optional[RuleFile], Optional[_FileCtx]]:

@@ -30,8 +30,12 @@ class DaemonInputError(Exception):
 
 def load_inputs(config_path: str):
     """Config + rules, all validated and proven to fit the kernel: (config, ruleset)."""
+    cfg = _load_config(config_path)
+    return cfg, _load_rules(config_path, cfg)
+
+
+def _load_config(config_path: str):
     from agenttrace.config import ConfigError, load_config
-    import agenttrace.session as S
     try:
         cfg = load_config(config_path)
     except ConfigError as e:
@@ -41,11 +45,29 @@ def load_inputs(config_path: str):
     missing = [p for p in cfg.rules if not Path(p).exists()]
     if missing:
         raise DaemonInputError(f"{config_path}: rules: no such file or folder: {', '.join(missing)}")
+    return cfg
+
+
+def _load_rules(config_path: str, cfg, opts=None):
+    import agenttrace.session as S
     try:
-        rs = S.load_ruleset(S.from_config(cfg))
+        return S.load_ruleset(opts or S.from_config(cfg))
     except S.InputError as e:
         raise DaemonInputError(f"{config_path}: {e}") from None
-    return cfg, rs
+
+
+def _start_inputs(config_path: str):
+    """load_inputs for a start: the probes are loaded (not attached) while the rules are
+    parsed (session/probeplan.py); a bad rule set closes them. (config, ruleset, prefetch)."""
+    import agenttrace.session as S
+    cfg = _load_config(config_path)
+    opts = S.from_config(cfg)
+    pre = S.prefetch(opts)
+    try:
+        return cfg, _load_rules(config_path, cfg, opts), pre
+    except BaseException:
+        S.discard(pre)
+        raise
 
 
 class PatternWatcher:
@@ -89,11 +111,15 @@ class PatternWatcher:
         return new
 
 
-def _tracer_from(cfg, ruleset):
+def _tracer_from(cfg, ruleset, prefetch=None):
     import agenttrace.session as S
     from agenttrace.sinks.outputs import build_sinks
-    fanout = build_sinks(cfg.sinks, queue_size=cfg.limits.sink_queue)
-    return S.build(S.from_config(cfg), [fanout], ruleset), fanout
+    try:
+        fanout = build_sinks(cfg.sinks, queue_size=cfg.limits.sink_queue)
+    except BaseException:
+        S.discard(prefetch)
+        raise
+    return S.build(S.from_config(cfg), [fanout], ruleset, prefetch=prefetch), fanout
 
 
 def write_status(tracer, cfg, path: Path = STATUS_PATH) -> None:
@@ -114,10 +140,10 @@ def write_status(tracer, cfg, path: Path = STATUS_PATH) -> None:
 def run_daemon(config_path: str, status_path: Path = STATUS_PATH) -> int:
     from agenttrace.session.runner import StopFlag
     from agenttrace.ops.sdnotify import Notifier
-    cfg, rs = load_inputs(config_path)          # DaemonInputError → the CLI exits 2
+    cfg, rs, pre = _start_inputs(config_path)      # DaemonInputError → the CLI exits 2
     notifier = Notifier()
     flag = StopFlag().install()
-    tracer, fanout = _tracer_from(cfg, rs)
+    tracer, fanout = _tracer_from(cfg, rs, pre)
     metrics = None
     records = heartbeat = None
     if cfg.metrics.enabled:

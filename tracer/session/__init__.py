@@ -7,7 +7,9 @@ unit tests stayed green); routing every front end through `SessionOptions` and `
 what keeps "what a user runs" equal to "what was tested".
 
 Input problems raise `InputError` (the CLI exits 2, nothing is attached): rules that do not
-load, or that the kernel cannot hold (`capability.check`), are found before any probe loads.
+load, or that the kernel cannot hold (`capability.check`), are found before any probe is
+attached. A front end may `prefetch(opts)` first, so the kernel verifies the probes while the
+rules are parsed; on an input error it `discard`s that (unattached programs and maps, closed).
 """
 from __future__ import annotations
 
@@ -16,14 +18,17 @@ from typing import Iterable
 from agenttrace.session.options import (  # noqa: F401  (the session API, in one place)
     MODES, InputError, SessionOptions, check_mode, config_internal, describe, features, from_config,
     load_ruleset)
+from agenttrace.session.probeplan import discard, prefetch  # noqa: F401
 
 
-def build(opts: SessionOptions, sinks: Iterable, ruleset=None, clock=None, actions=None):
-    """A Tracer (not started) with the rules engine of `ruleset` (load_ruleset's result)."""
+def build(opts: SessionOptions, sinks: Iterable, ruleset=None, clock=None, actions=None, prefetch=None):
+    """A Tracer (not started) with the rules engine of `ruleset` (load_ruleset's result);
+    `prefetch`: what prefetch(opts) started before the rules were loaded, for start() to adopt."""
     from agenttrace.match.engine import Engine
     from agenttrace.session.pipeline import Tracer
     engine = Engine(ruleset, mode=opts.mode, clock=clock, actions=actions) if ruleset is not None else None
     t = Tracer(opts, sinks, engine=engine, clock=clock)
+    t.prefetch = prefetch
     if opts.node:
         t.node = t.enrich.node = opts.node
     return t

@@ -97,6 +97,7 @@ class Tracer:
 
     # --- lifecycle -------------------------------------------------------------------
     packet_scan = None               # enrich.packetscan.PacketScan while it runs
+    prefetch = None                  # kernel.prefetch.ProbePrefetch for start() to adopt
 
     def _agent_discovered(self, cid: int, ident: dict) -> None:
         self.summaries.register(ident)
@@ -121,19 +122,20 @@ class Tracer:
 
     def start(self) -> None:
         t0 = time.monotonic()
-        features, cflags = tuple(self.opts.features), []
-        if "net" in features and "egress" not in features and self._allow_lists():
-            # allow-lists by name need the kernel's DNS learner; without one it would only
-            # cost its verification at every start
-            features += ("egress",)
-        if "flow" in features and "tls" not in features and self._sni_blocks():
-            # the ClientHello server-name check (probes/tls.c): only where a rule blocks names
-            features += ("tls",)
+        from agenttrace.session.probeplan import discard, learn, plan
         if self.opts.gpu is not None and getattr(self.opts.gpu, "enabled", True):
-            extra, cflags = self._start_gpu()
-            features += tuple(f for f in extra if f not in features)
-        cflags = list(cflags) + [f"-DAT_WAKE_NS={int(self.opts.wakeup_ms * 1_000_000)}ULL"]
-        self.probes = Probes(features, self.opts.ringbuf_pages, extra_cflags=cflags)
+            self._start_gpu()
+        rs = self.engine.ruleset if self.engine is not None else None
+        features, cflags = plan(self.opts, rs)
+        pre, self.prefetch = self.prefetch, None
+        try:
+            self.probes = Probes(features, self.opts.ringbuf_pages, extra_cflags=cflags)
+        except BaseException:
+            discard(pre)
+            raise
+        if pre is not None:
+            learn(pre.rules_key, rs)
+            self.probes.prefetched = pre     # adopted by load() if it guessed this plan
         try:
             self.probes.load()
             if self.gpu is not None and "device" in features:
@@ -158,6 +160,8 @@ class Tracer:
             self.probes.close()
             self.probes = None
             raise
+        finally:
+            discard(pre)          # a no-op once load() took it
         if self.gpu is not None:
             self.gpu.start()
         self.act.start()
@@ -186,17 +190,12 @@ class Tracer:
         write_exec_watch(self.probes, exec_watch_names(ruleset))
 
     def _sni_blocks(self) -> bool:
-        rs = self.engine.ruleset if self.engine is not None else None
-        if rs is None:
-            return False
-        from agenttrace.match.rules import sni_block
-        return any(r.enforced_in == "kernel" and sni_block(r.model) for r in rs.rules)
+        from agenttrace.session.probeplan import sni_blocks
+        return sni_blocks(self.engine.ruleset if self.engine is not None else None)
 
     def _allow_lists(self) -> bool:
-        rs = self.engine.ruleset if self.engine is not None else None
-        pols = list((getattr(rs, "egress", None) or {}).values()) + list((self.opts.egress or {}).values())
-        return any(getattr(p, "mode", None) == "allow-list" or (isinstance(p, dict) and p.get("mode") == "allow-list")
-                   for p in pols)
+        from agenttrace.session.probeplan import allow_lists
+        return allow_lists(self.engine.ruleset if self.engine is not None else None, self.opts.egress)
 
     def _write_mode(self) -> None:
         # every kernel enforce switch is this one map slot (AT_CFG_ENFORCE): exec kills, file
