@@ -5,7 +5,8 @@
 
 Each --tree is a checkout of the project (default: this one) run through its own package
 (PYTHONPATH pointed at a link named agenttrace to its tracer/), rounds rotated across trees so
-load on a shared machine hits all alike. Figures are per tree: median and max. docs/STARTUP.md
+load on a shared machine hits all alike; `DIR@K=V,K=V` runs that tree with those environment
+variables (e.g. `.@AGENTTRACE_PREFETCH=off`). Figures are per tree: median and max. docs/STARTUP.md
 has the breakdown these were taken with.
 """
 from __future__ import annotations
@@ -27,8 +28,16 @@ HERE = Path(__file__).resolve().parents[2]
 PYC = False
 
 
-def _env(tree: Path, tmp: Path) -> dict:
+def _split(spec) -> tuple[Path, dict]:
+    text = str(spec)
+    path, _, extra = text.partition("@")
+    return Path(path).resolve(), dict(kv.split("=", 1) for kv in extra.split(",") if kv)
+
+
+def _env(tree, tmp: Path) -> dict:
+    tree, extra = _split(tree)
     env = dict(os.environ)
+    env.update(extra)
     if PYC:
         # as installed (a wheel or the .deb has bytecode): sources compiled once, not per start
         env.pop("PYTHONDONTWRITEBYTECODE", None)
@@ -107,15 +116,16 @@ def daemon_once(tree: Path, tmp: Path) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--tree", action="append", type=Path)
+    ap.add_argument("--tree", action="append", type=str)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--pyc", action="store_true",
                     help="let Python keep bytecode (a temporary PYTHONPYCACHEPREFIX), as an install does")
     a = ap.parse_args()
     global PYC
     PYC = a.pyc
-    trees = a.tree or [HERE]
+    trees = a.tree or [str(HERE)]
     res: dict = {str(t): {"run": [], "daemon": []} for t in trees}
+    load0 = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(a.rounds):
             for t in trees:
@@ -132,6 +142,7 @@ def main() -> int:
             c = [r["cpu_s"] for r in ok]
             print(f"{t} {kind}: start->started median {statistics.median(s):.2f} s (max {max(s):.2f}), "
                   f"peak RSS max {max(m):.0f} MB, CPU median {statistics.median(c):.2f} s, n={len(ok)}")
+    print("load average (1, 5, 15 min) before: %.2f %.2f %.2f, after: %.2f %.2f %.2f" % (load0 + os.getloadavg()))
     if a.json:
         a.json.write_text(json.dumps(res, indent=1))
     return 0

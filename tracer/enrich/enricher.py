@@ -74,7 +74,7 @@ class Enricher:
         self.gpu_net = GpuNet(self.activity, self._identity)
         from agenttrace.enrich.sshconfig import SshSessions
         self.ssh_sessions = SshSessions()   # imported now: not on the first ssh exec's clock
-        from agenttrace.decode.dns import NameCache
+        from agenttrace.decode.dnscache import NameCache
         from agenttrace.clock import SystemClock
         self.names = NameCache(SystemClock())
         if self.name_lookup is None:

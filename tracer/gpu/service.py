@@ -55,11 +55,8 @@ class NvmlBackend:
     """
 
     def __init__(self, nvml=None):
-        if nvml is None:
-            try:
-                import pynvml as nvml  # noqa: PLC0415 - optional at import time of agenttrace
-            except ImportError as e:  # the dependency is declared, but a broken env must still say why
-                raise GpuUnavailable(f"the nvidia-ml-py package is not installed ({e})") from e
+        # the binding is imported by init(), on the sampler's thread after the session has
+        # started: importing it here was 15-40 ms of every start (docs/STARTUP.md)
         self._nvml = nvml
         self._handles: Dict[int, object] = {}
         self._inited = False
@@ -69,6 +66,12 @@ class NvmlBackend:
         return isinstance(cls, type) and isinstance(err, cls)
 
     def init(self) -> None:
+        if self._nvml is None:
+            try:
+                import pynvml  # noqa: PLC0415 - optional at import time of agenttrace
+            except ImportError as e:  # the dependency is declared, but a broken env must still say why
+                raise GpuUnavailable(f"the nvidia-ml-py package is not installed ({e})") from e
+            self._nvml = pynvml
         n = self._nvml
         try:
             n.nvmlInit()
