@@ -159,7 +159,6 @@ def run(
     drop_caps: str = typer.Option("auto", "--drop-caps", metavar="CAPS", help="Capabilities -- CMD loses before exec: auto (enforce mode: CAP_NET_RAW, so the kernel refuses packet and raw sockets with EPERM on every path; monitor mode: none), none, or a list such as net_raw,net_admin (applied in either mode)."),
 ):
     """Trace watched cgroups, or run CMD in a fresh agent cgroup and trace it."""
-    from agenttrace.session.runner import CommandNotFound, StopFlag, run_command, trace_cgroups
     from agenttrace.kernel.loader import ProbeError
     from agenttrace.enrich.cgroups import CgroupError
     import agenttrace.session as S
@@ -216,6 +215,8 @@ def run(
             raise
     except (BadInput, CgroupError) as e:
         raise fail(str(e))
+    # the pipeline's modules: imported while the prefetch is in the kernel, not before it
+    from agenttrace.session.runner import CommandNotFound, StopFlag, run_command, trace_cgroups
 
     flag = StopFlag().install()
 

@@ -162,8 +162,6 @@ class Tracer:
             raise
         finally:
             discard(pre)          # a no-op once load() took it
-        if self.gpu is not None:
-            self.gpu.start()
         self.act.start()
         self.started_ns = time.time_ns()
         self._last_stats = time.monotonic()
@@ -172,6 +170,10 @@ class Tracer:
                         watched=[self.agents.agent(c)["cgroup"] for c in self.probes.watched_ids()],
                         **describe(self))
         self._flush()
+        if self.gpu is not None:
+            # the sampler's thread imports and opens NVML (tens of ms): after `started`, which
+            # is about the probes and the policy, so the start does not wait for it
+            self.gpu.start()
 
     def install_policy(self, ruleset) -> None:
         """Compile what the kernel can enforce from `ruleset` and write it into the maps.
