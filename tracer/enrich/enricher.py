@@ -64,7 +64,6 @@ class Enricher:
         # socket cookie -> (tgid, agent cgroup id) from connect/accept records: skb records
         # seen in softirq (or on kernels without bpf_get_current_* there) carry no process
         self.sockets: "OrderedDict[int, tuple[int, int]]" = OrderedDict()
-        self._identity(0, "", "", [])   # warms the identity cache now, not on the first execs
         # who did what, kept past exit: download-then-exec and GPU+network look back with it
         from agenttrace.enrich.activity import Activity
         from agenttrace.enrich.freshexe import FreshExe
@@ -264,6 +263,15 @@ class Enricher:
             if not h.agent_cgroup_id:
                 h.agent_cgroup_id = own[1]
         return h
+
+    def warm(self) -> None:
+        """Read the programs most likely to exec first (exeid.ExeIdentifier.warm), so the first
+        execs are not identified on the reader's clock. The session calls it right after
+        `started`, before it reads a record or starts a command; otherwise the first exec does."""
+        try:
+            self._identity(0, "", "", [])
+        except Exception:   # an enrichment cache: the session runs without it being warm
+            pass
 
     def _identity(self, pid: int, filename: str, exe: str, args: list) -> dict | None:
         """What the exec ran by content (tracer/enrich/exeid.py); never stops the pipeline."""

@@ -11,6 +11,7 @@ only, gone when closed, so nothing is left behind and nothing acts on any proces
 """
 from __future__ import annotations
 
+import os
 import threading
 from typing import Optional, Tuple
 
@@ -42,8 +43,10 @@ class ProbePrefetch:
             compiled, hit = probecache.compiled(*self._key)
             obj = bpfobj.LoadedObject(compiled, ensure_tracefs())
             p.bpf = obj
-            # errors (a verifier rejection) are left for the session's own load_func to raise
-            obj.preload(p._wanted_programs(lambda ptype: bpfsys.PROG_TYPES[ptype]))
+            # errors (a verifier rejection) are left for the session's own load_func to raise;
+            # one CPU is left to the caller's thread, which is parsing rules meanwhile
+            obj.preload(p._wanted_programs(lambda ptype: bpfsys.PROG_TYPES[ptype]),
+                        workers=max(1, min(8, (os.cpu_count() or 2) - 1)))
         except probecache.CompileError as e:
             self._error = e            # the same source fails the same way: not compiled twice
         except BaseException:
