@@ -77,20 +77,12 @@ class LoadedObject:
         self.funcs[key] = fn
         return fn
 
-    def preload(self, wanted: list[tuple[str, int, int]], workers: int | None = None) -> None:
-        """Load these (program, prog type, attach type) at once, one thread per CPU (or
-        `workers`): the verifier runs in the bpf(2) call, which ctypes makes without the GIL,
-        and the flow programs are most of the start (docs/STARTUP.md). Errors surface in
-        load_func."""
+    def preload(self, wanted: list[tuple[str, int, int]]) -> None:
+        """Load these (program, prog type, attach type) at once, one thread per CPU: the
+        verifier runs in the bpf(2) call, which ctypes makes without the GIL, and the flow
+        programs are most of the start (docs/STARTUP.md). Errors surface in load_func."""
         from concurrent.futures import ThreadPoolExecutor
         todo = [w for w in wanted if w[0] in self._obj["programs"] and w[0].encode() not in self.funcs]
-        if workers == 1:
-            for w in sorted(todo, key=lambda w: -len(self._obj["programs"][w[0]]["insns"])):
-                try:
-                    self.load_func(w[0], w[1], w[2])
-                except (bpfsys.BpfError, KeyError):
-                    pass     # load_func raises it again, in order, for the caller
-            return
         if len(todo) < 2:
             return
         # heaviest first, so the long verifications start together
@@ -101,7 +93,7 @@ class LoadedObject:
                 self.load_func(w[0], w[1], w[2])
             except (bpfsys.BpfError, KeyError):
                 pass     # load_func raises it again, in order, for the caller
-        with ThreadPoolExecutor(max_workers=workers or max(2, min(8, os.cpu_count() or 2))) as ex:
+        with ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 2))) as ex:
             list(ex.map(one, todo))
 
     def autoload(self) -> None:

@@ -11,7 +11,6 @@ only, gone when closed, so nothing is left behind and nothing acts on any proces
 """
 from __future__ import annotations
 
-import os
 import threading
 from typing import Optional, Tuple
 
@@ -43,10 +42,10 @@ class ProbePrefetch:
             compiled, hit = probecache.compiled(*self._key)
             obj = bpfobj.LoadedObject(compiled, ensure_tracefs())
             p.bpf = obj
-            # errors (a verifier rejection) are left for the session's own load_func to raise;
-            # one CPU is left to the caller's thread, which is parsing rules meanwhile
-            obj.preload(p._wanted_programs(lambda ptype: bpfsys.PROG_TYPES[ptype]),
-                        workers=max(1, min(8, (os.cpu_count() or 2) - 1)))
+            # errors (a verifier rejection) are left for the session's own load_func to raise.
+            # As many verifying threads as without a prefetch: leaving a CPU to the caller's
+            # thread (one verifier on 2 CPUs) was no faster here, and slower on a busy node
+            obj.preload(p._wanted_programs(lambda ptype: bpfsys.PROG_TYPES[ptype]))
         except probecache.CompileError as e:
             self._error = e            # the same source fails the same way: not compiled twice
         except BaseException:
