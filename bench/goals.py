@@ -261,7 +261,8 @@ def goals(result: dict) -> list:
             if inner:
                 ms = max(inner) / 1000
                 cause += (f"; {ms:.2f} s of it inside the session's start (compile, load and attach of every "
-                          f"probe, maps written), the other {max(st[worst] - ms, 0):.2f} s interpreter start, "
+                          f"probe, maps written; the part of the probes' load not already done while the rules "
+                          f"loaded), the other {max(st[worst] - ms, 0):.2f} s interpreter start, "
                           "imports and rule loading before it")
         add("startup", g, verdict(st[worst] <= STARTUP_MAX_S), st[worst],
             ", ".join(f"{t} median {tsum[t]['startup_s_median']} s, max {tsum[t]['startup_s_max']} s" for t in st),
