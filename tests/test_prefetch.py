@@ -79,6 +79,24 @@ def test_discarded_prefetch_leaves_no_descriptor():
     assert _bpf_fds() == before
 
 
+def test_cold_cache_prefetch_compiles_nothing(tmp_path, monkeypatch):
+    """Nothing in the cache: the prefetch leaves the compile to the session's own load (after
+    the rules are checked), so no compiler child can outlive a session that exits on them."""
+    need_bpf()
+    from agenttrace.kernel import probecache
+    from agenttrace.kernel.loader import Probes
+    from agenttrace.kernel.prefetch import ProbePrefetch
+    monkeypatch.setenv("AGENTTRACE_PROBE_CACHE", str(tmp_path / "empty"))
+    called = []
+    monkeypatch.setattr(probecache, "_compile_in_child", lambda *a: called.append(a) or {})
+    before = _bpf_fds()
+    pre = ProbePrefetch(FEATURES, 64, [])
+    p = Probes(FEATURES, 64)
+    assert pre.take(p.source(), p.cflags()) is None
+    assert pre.outcome == "cold" and not called
+    assert _bpf_fds() == before
+
+
 def test_the_guess_for_the_default_pack_is_its_plan(tmp_path, monkeypatch):
     """The default pack blocks TLS server names: its first guess already loads tls.c, and what
     a rule set called for is remembered for the next start's guess."""
@@ -134,15 +152,14 @@ def test_bad_rule_file_exits_2_with_nothing_started(tmp_path):
     from agenttrace.enrich.cgroups import cgroup2_mount
     bad = tmp_path / "bad.yaml"
     bad.write_text("rules:\n  - id: x\n    on: [exec\n")
-    parent = cgroup2_mount() / "agenttrace"
-    before = sorted(parent.iterdir()) if parent.is_dir() else []
-    p = subprocess.run([AGENTTRACE, "run", "--rules", str(bad), "--", "true"], capture_output=True,
-                       text=True, timeout=120)
+    p = subprocess.Popen([AGENTTRACE, "run", "--rules", str(bad), "--", "true"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    out, err = p.communicate(timeout=120)
     assert p.returncode == 2
-    assert f"{bad}:" in p.stderr and "YAML" in p.stderr
-    assert not p.stdout.strip()          # no record: nothing started
-    after = sorted(parent.iterdir()) if parent.is_dir() else []
-    assert after == before
+    assert f"{bad}:" in err and "YAML" in err
+    assert not out.strip()               # no record: nothing started
+    # its agent cgroup (run-<pid>; other sessions' come and go meanwhile) was never made
+    assert not (cgroup2_mount() / "agenttrace" / f"run-{p.pid}").exists()
 
 
 def test_daemon_with_bad_rules_exits_2(tmp_path):

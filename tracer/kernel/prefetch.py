@@ -3,8 +3,9 @@
 At a warm start most of the time to `started` is the kernel verifying the programs (flow's
 four ~0.4 s of ~0.5 s, docs/STARTUP.md) and, before it, Python parsing the rules and building
 the pipeline. The verifier runs inside bpf(2), which ctypes calls without the GIL, so the two
-can overlap: this reads the compiled object (or has it compiled), creates its maps and loads
-its programs, and attaches nothing. `Probes.load` adopts the result when it was made from the
+can overlap: this reads the compiled object from the probe cache (a cold cache is left to the
+session's own load, which compiles), creates its maps and loads its programs, and attaches
+nothing. `Probes.load` adopts the result when it was made from the
 same source and flags (`take`), and otherwise loads its own; a session that ends before
 loading (bad rules) drops it (`discard`): maps and unattached programs are file descriptors
 only, gone when closed, so nothing is left behind and nothing acts on any process meanwhile.
@@ -23,12 +24,12 @@ class ProbePrefetch:
         self._probes = Probes(features, ringbuf_pages, extra_cflags)
         self.features = self._probes.features
         self.rules_key = None          # session/probeplan.py: what the guess was keyed on
-        self.outcome = "pending"       # used | mismatch | failed | discarded
+        self.outcome = "pending"       # used | mismatch | cold | failed | discarded
         self._key: Optional[tuple] = None
         self._obj = None
         self._hit = False
-        self._error: Optional[BaseException] = None
         self._closed = False
+        self._cold = False
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="agenttrace-probe-prefetch", daemon=True)
         self._thread.start()
@@ -39,18 +40,22 @@ class ProbePrefetch:
         obj, hit = None, False
         try:
             self._key = (p.source(), p.cflags())
-            compiled, hit = probecache.compiled(*self._key)
+            # from the cache only: a compile child started before the rules are known good
+            # could outlive a session that then exits on them; the session compiles itself
+            compiled = probecache.cached(*self._key)
+            if compiled is None:
+                self._cold = True
+                return
+            hit = True
             obj = bpfobj.LoadedObject(compiled, ensure_tracefs())
             p.bpf = obj
             # errors (a verifier rejection) are left for the session's own load_func to raise.
             # As many verifying threads as without a prefetch: leaving a CPU to the caller's
             # thread (one verifier on 2 CPUs) was no faster here, and slower on a busy node
             obj.preload(p._wanted_programs(lambda ptype: bpfsys.PROG_TYPES[ptype]))
-        except probecache.CompileError as e:
-            self._error = e            # the same source fails the same way: not compiled twice
         except BaseException:
-            # anything else (tracefs, BTF, a map the kernel refuses): the session's own load
-            # meets it again and reports it in its words
+            # tracefs, BTF, a map the kernel refuses: the session's own load meets it again
+            # and reports it in its words
             if obj is not None:
                 obj.cleanup()
                 obj = None
@@ -64,7 +69,8 @@ class ProbePrefetch:
 
     def take(self, source: str, cflags: list) -> Optional[Tuple[object, bool]]:
         """(loaded object, came from the compile cache) if it was made from this source and
-        these flags; else None (dropped). Raises the compile error such a source met."""
+        these flags; else None (dropped, or nothing made: not in the cache, or a failure the
+        session's own load meets again and reports)."""
         self._thread.join()
         with self._lock:
             obj, self._obj = self._obj, None
@@ -74,11 +80,8 @@ class ProbePrefetch:
                 obj.cleanup()
             self.outcome = "mismatch"
             return None
-        if self._error is not None:
-            self.outcome = "failed"
-            raise self._error
         if obj is None:
-            self.outcome = "failed"
+            self.outcome = "cold" if self._cold else "failed"
             return None
         self.outcome = "used"
         return obj, self._hit

@@ -137,14 +137,19 @@ def _write(d: Path, name: str, obj: dict) -> None:
         pass      # an unwritable cache only costs the next start its compile
 
 
+def cached(source: str, cflags: list[str]) -> dict | None:
+    """The compiled object for this source and flags if the cache has it (nothing compiled)."""
+    d = cache_dir()
+    return _read(d / f"{cache_key(source, cflags)}.json") if d is not None else None
+
+
 def compiled(source: str, cflags: list[str]) -> tuple[dict, bool]:
     """The compiled object for this source and flags, and whether it came from the cache."""
+    hit = cached(source, cflags)
+    if hit is not None:
+        return hit, True
     d = cache_dir()
     key = cache_key(source, cflags)
-    if d is not None:
-        hit = _read(d / f"{key}.json")
-        if hit is not None:
-            return hit, True
     obj = _compile_in_child(source, cflags)
     if d is not None:
         _write(d, f"{key}.json", obj)
