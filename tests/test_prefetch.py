@@ -43,7 +43,7 @@ def test_prefetch_of_the_same_plan_is_adopted():
     p.prefetched = pre
     try:
         p.load()
-        assert pre.outcome == "used" and p.prefetched is None
+        assert pre.outcome == "used" and p.prefetched is None, pre.error
         assert p.bpf.funcs and p.bpf.tracepoint_fds      # loaded by the thread, attached here
         assert p["watched"] is not None
     finally:

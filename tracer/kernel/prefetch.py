@@ -30,6 +30,7 @@ class ProbePrefetch:
         self._hit = False
         self._closed = False
         self._cold = False
+        self.error: Optional[str] = None   # why nothing was made (outcome "failed")
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="agenttrace-probe-prefetch", daemon=True)
         self._thread.start()
@@ -53,9 +54,10 @@ class ProbePrefetch:
             # As many verifying threads as without a prefetch: leaving a CPU to the caller's
             # thread (one verifier on 2 CPUs) was no faster here, and slower on a busy node
             obj.preload(p._wanted_programs(lambda ptype: bpfsys.PROG_TYPES[ptype]))
-        except BaseException:
+        except BaseException as e:
             # tracefs, BTF, a map the kernel refuses: the session's own load meets it again
             # and reports it in its words
+            self.error = f"{type(e).__name__}: {e}"
             if obj is not None:
                 obj.cleanup()
                 obj = None
