@@ -107,11 +107,11 @@ def prefetch(opts):
     if bcc_in_process():
         return None
     from agenttrace.kernel.prefetch import ProbePrefetch
-    features, cflags, key = guess(opts)
     try:
+        features, cflags, key = guess(opts)
         pf = ProbePrefetch(features, opts.ringbuf_pages, cflags)
-    except ProbeError:
-        return None           # the session's own load says what is wrong
+    except (ProbeError, OSError, ValueError):
+        return None           # a speed-up only: the session's own load says what is wrong
     pf.rules_key = key
     return pf
 
