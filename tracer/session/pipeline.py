@@ -44,6 +44,7 @@ Options = SessionOptions
 # file kills, connect blocks and protocol drops read AT_CFG_ENFORCE; the GPU fence reads it
 # and AT_CFG_GPU_FENCE (GpuFence writes that one from the config).
 _HOLD_EXITED_NS = 1_000_000_000     # how long an `exited` alert waits for the exit record
+_NOTED = frozenset(("exit", "connect", "flow"))   # kinds whose facts `exited` outcomes report
 
 
 class Tracer:
@@ -440,8 +441,8 @@ class Tracer:
             d = self._exits
             d[ev.pid] = (rec.get("exit_code"), rec.get("signal"))
         elif ev.kind in ("connect", "flow"):
-            net = rec.get("net") or {}
-            if net.get("verdict") != "blocked":
+            net = rec.get("net")
+            if not net or net.get("verdict") != "blocked":
                 return
             pid = net.get("policy_id")
             rid = self.policy_writer.policy.rule_for(pid) if (pid and self.policy_writer and
@@ -453,8 +454,9 @@ class Tracer:
         else:
             return
         d.move_to_end(ev.pid)
-        while len(d) > 4096:
-            d.popitem(last=False)
+        if len(d) > 4096:
+            while len(d) > 4096:
+                d.popitem(last=False)
 
     # --- pipeline ----------------------------------------------------------------------
     def _on_view(self, view, size) -> None:
@@ -486,23 +488,28 @@ class Tracer:
                       stage, type(e).__name__, e, traceback.format_exc())
 
     def _process(self, ev: Event) -> None:
-        self.counts[ev.kind] = self.counts.get(ev.kind, 0) + 1
-        if ev.kind in ("exit", "connect", "flow"):
+        kind = ev.kind
+        counts = self.counts
+        counts[kind] = counts.get(kind, 0) + 1
+        if kind in _NOTED:
             self._note(ev)
-        for hook in self.hooks:
-            try:
-                hook(ev)
-            except Exception as e:
-                self._stage_error("hook", e)
-        self._batch.append(ev.record)
+        if self.hooks:
+            for hook in self.hooks:
+                try:
+                    hook(ev)
+                except Exception as e:
+                    self._stage_error("hook", e)
+        batch = self._batch
+        batch.append(ev.record)
         if self.engine is not None:
             try:
                 alerts = self.engine.process(ev)
             except Exception as e:
                 self._stage_error("match", e)
-                alerts = []
-            self._alerts(alerts)
-        if len(self._batch) >= 512:
+                alerts = None
+            if alerts:
+                self._alerts(alerts)
+        if len(batch) >= 512:
             self._flush()
 
     def _alerts(self, alerts) -> None:
@@ -525,7 +532,8 @@ class Tracer:
         batch, self._batch = self._batch, []
         observe = self.summaries.observe
         for r in batch:
-            r.setdefault("schema_version", SCHEMA_VERSION)
+            if "schema_version" not in r:
+                r["schema_version"] = SCHEMA_VERSION
             observe(r)
         for s in self.sinks:
             try:

@@ -90,19 +90,24 @@ class StreamSink(Sink):
         if self._broken:
             self.dropped += sum(1 for _ in records)
             return
+        lines = []
+        line_of = self._line
+        for rec in records:
+            try:
+                lines.append(line_of(rec))
+            except Exception:
+                self.dropped += 1
         try:
-            for rec in records:
-                try:
-                    line = self._line(rec)
-                except Exception:
-                    self.dropped += 1
-                    continue
-                self._stream.write(line)
+            # one write per batch: a storm's records go out in a few large writes, not one
+            # buffered-writer call (and a pipe write every 8 KiB) per record
+            if lines:
+                self._stream.write(b"".join(lines))
             self._stream.flush()
         except (BrokenPipeError, ValueError, OSError) as e:
-            # A closed pipe (`agenttrace run | head`) stops this sink, not the tracer.
+            # A closed pipe (`agenttrace run | head`) stops this sink, not the tracer; the
+            # batch whose write failed is counted lost (how much of it the pipe took is unknown)
             self._broken = True
-            self.dropped += 1
+            self.dropped += max(1, len(lines))
             log.warning("sink %s: output failed (%s); dropping its records from now on", self.name, e)
 
     def close(self) -> None:
