@@ -91,15 +91,17 @@ class Enricher:
                 "agent": self.agents.agent(h.agent_cgroup_id)}, t
 
     def _proc(self, h: E.Header) -> dict:
-        p = self.procs.get(h.tgid)
+        tgid = h.tgid
+        procs = self.procs
+        p = procs.get(tgid)
         if p is None:
-            rec = {"pid": h.tgid, "ppid": 0, "uid": h.uid, "comm": E.cstr(h.comm), "exe": "",
+            rec = {"pid": tgid, "ppid": 0, "uid": h.uid, "comm": E.cstr(h.comm), "exe": "",
                    "args": [], "exec_id": None, "parent_exec_id": None}
         else:
             rec = p.record()
-        rec["ancestry"] = self.procs.ancestry(h.tgid)
+        rec["ancestry"] = procs.ancestry(tgid)
         if self.gpu_summary is not None:
-            g = self.gpu_summary(h.tgid)
+            g = self.gpu_summary(tgid)
             if g:
                 rec["gpu"] = g
         return rec
@@ -128,14 +130,16 @@ class Enricher:
         if h is None:
             self.unknown_types += 1
             return []
-        self.by_type[rtype] = self.by_type.get(rtype, 0) + 1
+        by_type = self.by_type
+        by_type[rtype] = by_type.get(rtype, 0) + 1
         out = h(o)
-        seen = self.activity.observe
-        try:
-            for ev in out:
-                seen(ev.kind, ev.t_ns, ev.pid, ev.agent_cgroup_id, ev.record)
-        except Exception:      # the look-back memory is an enricher: failing, it never drops records
-            self.activity.stats["errors"] += 1
+        if out:
+            seen = self.activity.observe
+            try:
+                for ev in out:
+                    seen(ev.kind, ev.t_ns, ev.pid, ev.agent_cgroup_id, ev.record)
+            except Exception:      # the look-back memory is an enricher: failing, it never drops records
+                self.activity.stats["errors"] += 1
         return out
 
     def _start_wall(self, pid: int) -> int:

@@ -207,15 +207,19 @@ def decode_buf(buf, size: int):
     """Decode one ring-buffer record held in a buffer (bytes, or a memoryview of the ring from
     tracer/kernel/ringbuf.py) into (type, body ctypes object); the body is a copy, so the ring's space
     can be reused at once. (type, None) for a type this build does not know."""
-    rtype = int.from_bytes(buf[:2], "little")
-    cls = BY_TYPE.get(rtype)
-    if cls is None:
+    rtype = buf[0] | buf[1] << 8
+    known = _SIZED.get(rtype)
+    if known is None:
         return rtype, None
-    full = C.sizeof(cls)
+    cls, full = known
     if size >= full:
-        return rtype, cls.from_buffer_copy(buf[:full])
+        # from_buffer_copy takes the struct's first bytes of a longer buffer: no slice copy
+        return rtype, cls.from_buffer_copy(buf)
     # variable-length tail (exec argv): pad the copy to the full struct
     return rtype, cls.from_buffer_copy(bytes(buf) + bytes(full - size))
+
+
+_SIZED = {t: (cls, C.sizeof(cls)) for t, cls in BY_TYPE.items()}
 
 
 def decode(ptr: int, size: int):

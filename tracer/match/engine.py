@@ -372,8 +372,10 @@ class Engine:
                     if got:
                         hit |= got
                 rules = tuple(r for i, r in enumerate(rules) if r.gate is None or i in hit) if hit else ungated
+        if not rules:
+            return out
         with self._lock:
-            now = self.clock.monotonic_ns()
+            now = None      # read once, when the first rule matches: most records match none
             for rule in rules:
                 g = rule.gate
                 if g is not None and base not in g and comm not in g and (not inames or g.isdisjoint(inames)):
@@ -383,6 +385,8 @@ class Engine:
                         continue
                     if rule.condition is not None and not self._cel(rule, rec):
                         continue
+                    if now is None:
+                        now = self.clock.monotonic_ns()
                     self.stats["matched"][rule.id] += 1
                     if rule.window is not None:
                         self._window(rule, event, now, out)

@@ -91,16 +91,17 @@ class Summaries:
             a.first = ts
         if a.last is None or ts > a.last:
             a.last = ts
-        a.kinds[kind] = a.kinds.get(kind, 0) + 1
-        proc = rec.get("proc") or {}
-        pid = proc.get("pid")
+        kinds = a.kinds
+        kinds[kind] = kinds.get(kind, 0) + 1
         if kind == "alert":
             rule = rec.get("rule") or {}
             by = a.alerts.setdefault(rule.get("id", "?"), {})
             out = rule.get("outcome", "?")
             by[out] = by.get(out, 0) + 1
             return          # the triggering event's own fields were counted with that event
-        if kind in ("exec", "fork"):
+        if kind == "exec" or kind == "fork":
+            proc = rec.get("proc") or {}
+            pid = proc.get("pid")
             if pid:
                 a.pids.add(pid)
             if kind == "exec":
@@ -111,13 +112,16 @@ class Summaries:
             else:
                 a.forks += 1
             a.seen_pids.add(pid)
-        elif kind == "exit" and a.root is not None and pid == a.root["pid"] and a.root_exit is None:
-            a.root_exit = {"exit_code": rec.get("exit_code"), "signal": rec.get("signal")}
-        net = rec.get("net") or {}
-        if kind == "connect":
-            key = f'{net.get("proto")}/{net.get("verdict")}'
-            a.connects[key] = a.connects.get(key, 0) + 1
-        if kind in ("connect", "flow"):
+            return
+        if kind == "exit":
+            if a.root is not None and a.root_exit is None and (rec.get("proc") or {}).get("pid") == a.root["pid"]:
+                a.root_exit = {"exit_code": rec.get("exit_code"), "signal": rec.get("signal")}
+            return
+        if kind == "connect" or kind == "flow":
+            net = rec.get("net") or {}
+            if kind == "connect":
+                key = f'{net.get("proto")}/{net.get("verdict")}'
+                a.connects[key] = a.connects.get(key, 0) + 1
             dst = net.get("dst") or {}
             if dst.get("scope") not in (None, "loopback"):
                 k = (dst.get("addr"), dst.get("port"), dst.get("scope"), dst.get("name"))
@@ -139,6 +143,7 @@ class Summaries:
                 if isinstance(m, (int, float)) and m > st["peak_memory_mib"]:
                     st["peak_memory_mib"] = m
             t = _parse_ns(ts)
+            pid = (rec.get("proc") or {}).get("pid")
             ch = g.get("change")
             if ch == "acquired":
                 a.gpu_open.setdefault((gk, pid), t)
