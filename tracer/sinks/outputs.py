@@ -97,13 +97,21 @@ class StreamSink(Sink):
         if self._broken:
             self.dropped += sum(1 for _ in records)
             return
-        lines = []
-        line_of = self._line
-        for rec in records:
-            try:
-                lines.append(line_of(rec))
+        records = records if isinstance(records, (list, tuple)) else list(records)
+        lines = None
+        if self._fmt is None:
+            try:     # the whole batch in one comprehension; any trouble: line by line below
+                lines = [orjson.dumps(r, default=_default, option=_FAST_OPTS) for r in records]
             except Exception:
-                self.dropped += 1
+                lines = None
+        if lines is None:
+            lines = []
+            line_of = self._line
+            for rec in records:
+                try:
+                    lines.append(line_of(rec))
+                except Exception:
+                    self.dropped += 1
         try:
             # one write per batch: a storm's records go out in a few large writes, not one
             # buffered-writer call (and a pipe write every 8 KiB) per record
