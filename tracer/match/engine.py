@@ -348,21 +348,22 @@ class Engine:
             dst = net.get("dst") if isinstance(net, dict) else None
             if isinstance(dst, dict):
                 rules = by_scope.get(dst.get("scope"), rules)
-        net = rec.get("net") if event.kind in self._port_kinds else None
-        dst = net.get("dst") if isinstance(net, dict) else None
-        port = dst.get("port") if isinstance(dst, dict) else False
-        if port is None or type(port) is int:   # a malformed record meets every rule (and its error)
-            # a record naming no host cannot meet a rule that matches host names
-            named = bool(dst.get("name")) or "dns" in rec or "flow" in rec
-            key = (event.kind, dst.get("scope"), port, named)
-            cand = self._port_ix.get(key)
-            if cand is None or cand[0] is not rules:
-                kept = tuple(r for r in rules if (not (ps := _ports_of(r)) or port in ps)
-                             and (named or not _needs_name(r)))
-                if len(self._port_ix) >= _PORT_IX_CACHE:
-                    self._port_ix.clear()
-                cand = self._port_ix[key] = (rules, kept)
-            rules = cand[1]
+        if event.kind in self._port_kinds:
+            net = rec.get("net")
+            dst = net.get("dst") if isinstance(net, dict) else None
+            port = dst.get("port") if isinstance(dst, dict) else False
+            if port is None or type(port) is int:   # a malformed record meets every rule (and its error)
+                # a record naming no host cannot meet a rule that matches host names
+                named = bool(dst.get("name")) or "dns" in rec or "flow" in rec
+                key = (event.kind, dst.get("scope"), port, named)
+                cand = self._port_ix.get(key)
+                if cand is None or cand[0] is not rules:
+                    kept = tuple(r for r in rules if (not (ps := _ports_of(r)) or port in ps)
+                                 and (named or not _needs_name(r)))
+                    if len(self._port_ix) >= _PORT_IX_CACHE:
+                        self._port_ix.clear()
+                    cand = self._port_ix[key] = (rules, kept)
+                rules = cand[1]
         out: List[Event] = []
         base = comm = None
         inames: Any = ()
