@@ -175,7 +175,16 @@ _V4_MAPPED = b"\0" * 10 + b"\xff\xff"
 
 def addr_str(raw, family: int) -> str:
     b = bytes(raw)
-    if family == socket.AF_INET or b[:12] == _V4_MAPPED:
+    if family == _AF_INET:
+        # a storm repeats a handful of addresses: one dict lookup instead of a slice and a
+        # conversion per address
+        s = _V4_STR.get(b)
+        if s is None:
+            if len(_V4_STR) >= 4096:
+                _V4_STR.clear()
+            s = _V4_STR[b] = socket.inet_ntop(socket.AF_INET, b[12:16])
+        return s
+    if b[:12] == _V4_MAPPED:
         return socket.inet_ntop(socket.AF_INET, b[12:16])
     s = _V6_STR.get(b)
     if s is None:
@@ -188,6 +197,8 @@ def addr_str(raw, family: int) -> str:
 
 
 _V6_STR: dict[bytes, str] = {}
+_V4_STR: dict[bytes, str] = {}    # AF_INET records: the address in the last 4 of 16 bytes
+_AF_INET = int(socket.AF_INET)
 
 
 def split_args(raw: bytes) -> list[str]:
