@@ -31,6 +31,10 @@ static __always_inline u32 at_cfg(u32 idx)
  * BPF_RB_NO_WAKEUP except the first after AT_WAKE_NS of quiet on this CPU (a lone event is seen
  * at once) and every AT_WAKE_BATCH-th (a burst never waits long in a small ring); the reader
  * polls with an AT_WAKE_NS timeout and then consumes, so no record waits longer than that.
+ * Quiet is measured from this CPU's previous record, not from its previous wakeup: a steady
+ * storm of one record per millisecond would otherwise wake the reader every AT_WAKE_NS (200
+ * self-interrupts a second per CPU, ~1 in 8 records of an exec storm) for records the reader's
+ * own timeout collects anyway.
  * AT_WAKE_NS 0 restores the kernel's default (wake on every record the reader is waiting for). */
 #ifndef AT_WAKE_NS
 #define AT_WAKE_NS 5000000ULL
@@ -38,7 +42,7 @@ static __always_inline u32 at_cfg(u32 idx)
 #ifndef AT_WAKE_BATCH
 #define AT_WAKE_BATCH 64
 #endif
-struct at_wake { u64 last_ns; u64 count; };
+struct at_wake { u64 last_ns; u64 count; };   /* last_ns: this CPU's previous record */
 BPF_PERCPU_ARRAY(wake_state, struct at_wake, 1);
 
 static __always_inline u64 at_wake_flags(void)
@@ -51,9 +55,10 @@ static __always_inline u64 at_wake_flags(void)
 	if (!w)
 		return 0;
 	u64 now = bpf_ktime_get_ns();
-	if (++w->count >= AT_WAKE_BATCH || now - w->last_ns >= AT_WAKE_NS) {
+	u64 gap = now - w->last_ns;
+	w->last_ns = now;
+	if (++w->count >= AT_WAKE_BATCH || gap >= AT_WAKE_NS) {
 		w->count = 0;
-		w->last_ns = now;
 		/* forced: records held back before this one mean the reader is behind, and the
 		 * kernel's own rule wakes only a reader that has caught up */
 		return BPF_RB_FORCE_WAKEUP;

@@ -312,7 +312,7 @@ class Tracer:
             # Most records arrive without a wakeup (probes/common.h at_wake_flags), so wait at
             # most the wakeup interval, then take whatever is in the ring. Once a whole
             # interval has passed with nothing read, every CPU's next record wakes the reader
-            # (its last wakeup is older than the interval), so an idle reader may sleep for the
+            # (its previous record is older than the interval), so an idle reader may sleep for the
             # caller's full timeout: no 200 wakeups a second on an idle node.
             interval = max(1, int(self.opts.wakeup_ms))
             wait = timeout_ms if self._quiet else min(timeout_ms, interval)
