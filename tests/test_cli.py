@@ -137,3 +137,14 @@ def test_no_color_turns_off_the_terminal_default(monkeypatch):
     assert color_default() is False
     monkeypatch.setenv("NO_COLOR", "")     # present but empty: no effect (no-color.org)
     assert color_default() is True
+
+
+def test_output_dash_is_stdout(tmp_path, require_bpf):
+    # `-o -` is how most tools spell stdout; a file named "-" in the caller's folder is never
+    # what was meant (a script that did this filled its working folder with 68 MB)
+    r = subprocess.run([AGENTTRACE, "run", "--output", "-", "--no-rules", "--", "true"], cwd=tmp_path,
+                       capture_output=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    kinds = [orjson.loads(line)["kind"] for line in r.stdout.splitlines()]
+    assert "exec" in kinds and kinds[0] == "lifecycle"
+    assert not (tmp_path / "-").exists()

@@ -73,6 +73,8 @@ def _sinks(output: Optional[Path], fmt: str, isolated: bool = False):
     if fmt == "ocsf":
         from agenttrace.sinks.ocsf import to_ocsf
         formatter = to_ocsf
+    if output is not None and str(output) == "-":
+        output = None          # the usual spelling of stdout: never a file named "-"
     if output is not None:
         if not output.parent.is_dir():
             raise BadInput(f"--output: folder {output.parent} does not exist")
@@ -140,7 +142,7 @@ def run(
     cgroup: List[str] = typer.Option([], "--cgroup", "-c", help="Watch this cgroup (relative to the cgroup2 mount or absolute); each child is an agent. Repeatable."),
     mode: Literal["monitor", "enforce"] = typer.Option("monitor", "--mode", help="monitor (report only) or enforce (apply rule actions)."),
     fmt: Literal["json", "ocsf"] = typer.Option("json", "--format", help="Record format: the agenttrace JSON lines, or OCSF 1.4.0 events."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write JSON lines here instead of stdout."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write JSON lines here instead of stdout (`-` is stdout)."),
     internal: List[str] = typer.Option([], "--internal", help="CIDR that counts as internal (adds to RFC 1918 & co). Repeatable."),
     agent: Optional[str] = typer.Option(None, "--agent", help="Agent name for -- CMD (default run-<pid>)."),
     rules: List[str] = typer.Option([], "--rules", "-r", help="Rule file or folder (repeatable; default: the built-in pack)."),
