@@ -268,6 +268,8 @@ struct at_socket {
 #define AT_ESC_KILLED    0x2 /* killed in the kernel (enforce mode) before it ran again */
 #define AT_ESC_WRITER_IN 0x4 /* the writer is inside the watched subtree */
 #define AT_ESC_AT_EXEC   0x8 /* found at exec: it was outside already (clone3 CLONE_INTO_CGROUP) */
+#define AT_ESC_AT_FORK   0x10 /* born in another cgroup than its parent's (clone3 CLONE_INTO_CGROUP):
+                               * dst_cgroup_id is the child's, dst_path empty; userspace judges it */
 
 struct at_escape {
 	struct at_header h;  /* the writer (current); agent_cgroup_id: the agent the process left */
