@@ -635,9 +635,10 @@ class Tracer:
 
 
 def _packet_scan(tracer):
-    """The zero-syscall-cost packet-socket scan, where the fence names packet sockets and the
-    `packet` probe that would see them at socket() is not loaded (tracer/enrich/packetscan.py)."""
-    if "packet" in tracer.probes.features or tracer.opts.packet_scan_s <= 0:
+    """The zero-syscall-cost packet-socket scan, wherever the fence names packet sockets
+    (tracer/enrich/packetscan.py). With the `packet` probe loaded too it is the backstop for what
+    no syscall tracepoint sees: io_uring's IORING_OP_SOCKET and compat (`int 0x80`) socket()."""
+    if tracer.opts.packet_scan_s <= 0:
         return None
     from agenttrace.enrich.packetscan import PacketScan, fenced_types
     types = fenced_types(tracer.opts.sock_fence)
