@@ -158,6 +158,7 @@ def run(
     wakeup_ms: float = typer.Option(5.0, "--wakeup-ms", help="Longest a record waits in the kernel ring buffer before it is read; 0 wakes the reader on every record (costs ~20 us of kernel time per event on VMs)."),
     user: Optional[str] = typer.Option(None, "--user", help="Run CMD as this user (name or uid) instead of root."),
     label: List[str] = typer.Option([], "--label", "-l", help="KEY=VALUE on every record's agent object (repeatable); wins over user.agenttrace.KEY xattrs on the cgroup."),
+    fork_records: bool = typer.Option(False, "--fork-records/--no-fork-records", help="Send a fork record per new process, as before record schema 1.x (off: the kernel keeps who forked whom, exec records carry it; on anyway when a rule matches kind fork). See docs/MIGRATION.md."),
     drop_caps: str = typer.Option("auto", "--drop-caps", metavar="CAPS", help="Capabilities -- CMD loses before exec: auto (enforce mode: CAP_NET_RAW, so the kernel refuses packet and raw sockets with EPERM on every path; monitor mode: none), none, or a list such as net_raw,net_admin (applied in either mode)."),
 ):
     """Trace watched cgroups, or run CMD in a fresh agent cgroup and trace it."""
@@ -204,7 +205,7 @@ def run(
             features=S.features(no_net=no_net, no_flow=no_flow, no_dns=no_dns, no_listen=no_listen, files=files,
                                 packet=packet),
             rule_paths=list(rules) or None, use_rules=not no_rules, gpu=_gpu_config(gpu), wakeup_ms=wakeup_ms,
-            labels=labels, egress=egress)
+            labels=labels, egress=egress, fork_records=fork_records)
         if cmd:
             opts.drop_caps = _run_drop_caps(drop_caps, mode, opts.sock_fence)
         ruleset = S.load_ruleset(opts)

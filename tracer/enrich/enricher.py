@@ -159,7 +159,7 @@ class Enricher:
             # execveat(fd, "", AT_EMPTY_PATH) / fexecve of a memfd / relative paths: the
             # kernel's name says little, the exe link says what ran (if the process still runs)
             exe = readlink_exe(h.tgid) or filename
-        p = self.procs.on_exec(h.tgid, o.ppid, h.uid, E.cstr(h.comm), exe, args, h.ktime)
+        p = self.procs.on_exec(h.tgid, o.ppid, h.uid, E.cstr(h.comm), exe, args, h.ktime, o.creator)
         rec, t = self._base("exec", h)
         proc = p.record()
         proc["ancestry"] = self.procs.ancestry(h.tgid)
