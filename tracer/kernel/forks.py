@@ -35,6 +35,18 @@ class KernelForks:
         self.hits += 1
         return v.creator, v.ktime, v.flags
 
+    def live(self) -> list[tuple[int, int, int]]:
+        """(pid, creator, fork ktime) of every process the kernel saw forked that has not
+        exited: a kill's whole tree, fork-only orphans included (act/worker.py)."""
+        out = []
+        try:
+            for k, v in self._forks.items():
+                if not v.flags & E.FORKF_EXITED:
+                    out.append((k.value if hasattr(k, "value") else int(k), v.creator, v.ktime))
+        except OSError:
+            pass
+        return out
+
     def counts(self, agent: int) -> dict[str, int]:
         """The agent's process counts (agent 0: the totals of every agent), summed over CPUs."""
         try:

@@ -218,6 +218,7 @@ class Tracer:
         if self.kernel_forks is None:
             self.kernel_forks = KernelForks(self.probes)
             self.procs.fork_lookup = self.kernel_forks.lookup
+            self.act.kernel_forks = self.kernel_forks.live
             self.summaries.quiet_forks = lambda cid: self.kernel_forks.counts(cid)["forks_quiet"]
 
     def set_mode(self, mode: str) -> None:
