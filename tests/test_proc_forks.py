@@ -55,7 +55,7 @@ def test_exec_storm_has_exec_and_exit_but_no_fork_records(shared):
     assert not sess.of("fork", agent__id="storm")
     for t in trues:
         p = t["proc"]
-        assert p["ppid"] == sh["pid"]
+        assert p["ppid"] == sh["pid"] and p["creator"] == sh["pid"]
         # the creator from the kernel: the same chain and ids the fork records gave
         assert [x["pid"] for x in p["ancestry"][:2]] == [sh["pid"], os.getpid()]
         assert p["parent_exec_id"] == sh["exec_id"]
@@ -83,7 +83,7 @@ def test_shell_double_fork_keeps_the_true_creator(shared):
     # the background job's creator is the subshell (a fork-only process), whose creator is sh
     sub = bg["ancestry"][0]
     assert sub["pid"] not in (sh["pid"], 1) and sub["exe"] == "/bin/sh"
-    assert bg["ancestry"][1]["pid"] == sh["pid"]
+    assert bg["ancestry"][1]["pid"] == sh["pid"] and bg["creator"] == sub["pid"]
     assert bg["parent_exec_id"] == sub["exec_id"]
     assert sub["exec_id"].startswith(f"{BOOT_ID}-{sub['pid']}-")
     assert not sess.of("fork", agent__id="dbl-sh")

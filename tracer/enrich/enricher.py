@@ -164,6 +164,8 @@ class Enricher:
         proc = p.record()
         proc["ancestry"] = self.procs.ancestry(h.tgid)
         proc["filename"] = filename
+        # who forked it, whoever its parent is now: what the fork record used to say
+        proc["creator"] = p.parent or None
         if o.flags & E.EXEC_ARGS_TRUNCATED:
             proc["args_truncated"] = True
         if o.flags & E.EXEC_ARGS_READ_FAILED:
