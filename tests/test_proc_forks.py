@@ -207,3 +207,62 @@ def test_rule_on_fork_turns_fork_records_on(tmp_path):
     alerts = [r for r in recs if r["kind"] == "alert" and r["rule"]["id"] == "test-fork-seen"]
     assert alerts and alerts[0]["rule"]["outcome"] == "reported"      # repeats are de-duplicated
     assert _summary(recs)["processes"]["forks"] == len(forks)
+
+
+EXEC_RULE = """
+rules:
+  - id: test-exec-only
+    description: a rule on execs only
+    category: exec
+    severity: info
+    on: [exec]
+    match: {exe: {basenames: [no-such-tool-here]}}
+    action: report
+"""
+
+
+def test_reload_with_a_fork_rule_turns_fork_records_on(agent_tree, make_session, tmp_path):
+    from agenttrace.match.engine import Engine
+    from agenttrace.match.rules import load_rules
+    f1, f2 = tmp_path / "exec.yaml", tmp_path / "fork.yaml"
+    f1.write_text(EXEC_RULE)
+    f2.write_text(EXEC_RULE + textwrap.indent(textwrap.dedent("""
+        - id: test-fork-rule
+          description: every fork, so fork records are needed
+          category: exec
+          severity: info
+          on: [fork]
+          condition: 'proc.pid > 0'
+          action: report
+    """), "  "))
+    sess = make_session([agent_tree.root], engine=Engine(load_rules([str(f1)])), features=("proc",))
+    a = agent_tree.agent("reload")
+    assert _started(sess)["fork_records"] is False
+    code = "import os\npid = os.fork()\nif pid == 0: os._exit(0)\nos.waitpid(pid, 0)\nprint(pid, flush=True)"
+    first = int(tree_run(agent_tree, a, code))
+    sess.wait_for(lambda: sess.of("exit", agent__id="reload"))
+    assert sess.tracer.reload_rules(load_rules([str(f2)]))
+    reloaded = [r for r in sess.records if r["kind"] == "lifecycle" and r["phase"] == "reloaded"][0]
+    assert reloaded["fork_records"] is True
+    second = int(tree_run(agent_tree, a, code))
+    forks = sess.wait_for(lambda: sess.of("fork", proc__pid=second))
+    assert forks and forks[0]["proc"]["ppid"] != 0
+    assert sess.wait_for(lambda: sess.of("exit", proc__pid=second))
+    sess.settle()
+    assert not sess.of("fork", proc__pid=first) and not sess.of("exit", proc__pid=first)
+
+
+def tree_run(tree, agent, code):
+    r = tree.run(agent, [PY, "-c", code])
+    assert r.returncode == 0, r.stderr
+    return r.stdout.split()[0]
+
+
+def test_daemon_reload_applies_fork_records_without_a_restart():
+    from agenttrace.config import Config
+    from agenttrace.ops.daemon import _restart_needed
+    old = Config.model_validate({})
+    new = Config.model_validate({"probes": {"fork_records": True}})
+    assert _restart_needed(old, new) == []
+    both = Config.model_validate({"probes": {"fork_records": True, "files": True}})
+    assert _restart_needed(old, both) == ["probes"]

@@ -158,7 +158,7 @@ def run(
     wakeup_ms: float = typer.Option(5.0, "--wakeup-ms", help="Longest a record waits in the kernel ring buffer before it is read; 0 wakes the reader on every record (costs ~20 us of kernel time per event on VMs)."),
     user: Optional[str] = typer.Option(None, "--user", help="Run CMD as this user (name or uid) instead of root."),
     label: List[str] = typer.Option([], "--label", "-l", help="KEY=VALUE on every record's agent object (repeatable); wins over user.agenttrace.KEY xattrs on the cgroup."),
-    fork_records: bool = typer.Option(False, "--fork-records/--no-fork-records", help="Send a fork record per new process, as before record schema 1.x (off: the kernel keeps who forked whom, exec records carry it; on anyway when a rule matches kind fork). See docs/MIGRATION.md."),
+    fork_records: bool = typer.Option(False, "--fork-records/--no-fork-records", help="Send a fork record per new process, as before record schema 1.2 (off: the kernel keeps who forked whom, exec records carry it; on anyway when a rule matches kind fork). See docs/MIGRATION.md."),
     drop_caps: str = typer.Option("auto", "--drop-caps", metavar="CAPS", help="Capabilities -- CMD loses before exec: auto (enforce mode: CAP_NET_RAW, so the kernel refuses packet and raw sockets with EPERM on every path; monitor mode: none), none, or a list such as net_raw,net_admin (applied in either mode)."),
 ):
     """Trace watched cgroups, or run CMD in a fresh agent cgroup and trace it."""

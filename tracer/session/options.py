@@ -66,7 +66,7 @@ class SessionOptions:
     # seconds between scans of the agents' packet sockets while the `packet` probe is off
     # (enrich/packetscan.py); 0 = no scan
     packet_scan_s: float = 2.0
-    # a `fork` record per new process (the record contract before schema 1.x, docs/MIGRATION.md);
+    # a `fork` record per new process (the record contract before schema 1.2, docs/MIGRATION.md);
     # off, the kernel keeps the creator chain and exec records carry it. On anyway when a rule
     # matches kind `fork`.
     fork_records: bool = False
