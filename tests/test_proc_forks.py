@@ -266,3 +266,26 @@ def test_daemon_reload_applies_fork_records_without_a_restart():
     assert _restart_needed(old, new) == []
     both = Config.model_validate({"probes": {"fork_records": True, "files": True}})
     assert _restart_needed(old, both) == ["probes"]
+
+
+def test_fork_entries_build_what_fork_records_built_and_stay_bounded():
+    """ProcTable alone: a process met without an exec, from its kernel entry, is the Proc its
+    fork record made; an agent's chain of thousands of nested forks costs no recursion."""
+    from agenttrace.enrich.proctable import ANCESTRY_DEPTH, ProcTable
+    base, n = 10_000_000, 5000
+    ents = {base + i: (base + i - 1 if i else 0, 100 + i, 0) for i in range(n)}
+    by_records = ProcTable()
+    by_records.on_exec(base - 1, 1, 0, "py", "/usr/bin/python3", ["python3"], 50)
+    by_records.on_fork(base - 1, base, 100, 0, "py")
+    by_entry = ProcTable()
+    by_entry.on_exec(base - 1, 1, 0, "py", "/usr/bin/python3", ["python3"], 50)
+    by_entry.fork_lookup = {base: (base - 1, 100, 0)}.get
+    want, got = by_records.peek(base), by_entry.get(base)
+    assert (got.exec_id, got.parent_exec_id, got.parent, got.exe, got.args) == \
+        (want.exec_id, want.parent_exec_id, want.parent, want.exe, want.args)
+    deep = ProcTable()
+    deep.fork_lookup = ents.get
+    leaf = deep.get(base + n - 1)
+    assert leaf.exec_id.endswith(f"-{base + n - 1}-{100 + n - 1}")
+    assert len(deep) == ANCESTRY_DEPTH + 1
+    assert [a["pid"] for a in deep.ancestry(leaf.pid)] == [base + n - 2 - i for i in range(ANCESTRY_DEPTH)]

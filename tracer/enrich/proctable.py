@@ -175,17 +175,37 @@ class ProcTable:
 
     def _from_fork_entry(self, pid: int) -> Proc | None:
         """A process forked in scope that never exec'd (or whose exec we have not read), built
-        as its fork record would have built it: same creator, same fork time, same exec_id."""
-        ent = self.fork_lookup(pid)
-        if ent is None:
+        as its fork record would have built it: same creator, same fork time, same exec_id.
+        Fork-only creators are built the same way, nearest ANCESTRY_DEPTH of them, without
+        recursion: an agent's chain of nested forks cannot exhaust the stack."""
+        chain = []
+        cur = pid
+        while len(chain) <= ANCESTRY_DEPTH:
+            ent = self.fork_lookup(cur)
+            if ent is None:
+                break
+            chain.append((cur, ent))
+            cur = ent[0]
+            if not cur or cur in self._t:
+                break
+        if not chain:
             return None
-        creator, ktime, _flags = ent
-        par = self.get(creator) if creator else None
-        uid, comm = (par.uid, par.comm) if par is not None else (0, "")
-        live = from_proc(pid)
-        if live is not None:
-            uid, comm = live.uid, live.comm     # still running: its own name (prctl may rename)
-        return self.on_fork(creator, pid, ktime, uid, comm)
+        top_creator = chain[-1][1][0]
+        if top_creator and len(chain) <= ANCESTRY_DEPTH and top_creator not in self._t:
+            self.get(top_creator)           # no entry of its own: /proc, or unknown
+        p = None
+        for cpid, (creator, ktime, _flags) in reversed(chain):
+            par = self._t.get(creator) if creator else None
+            uid, comm = (par.uid, par.comm) if par is not None else (0, "")
+            live = from_proc(cpid)
+            if live is not None:
+                uid, comm = live.uid, live.comm     # still running: its own name (prctl may rename)
+            # as on_fork does, but only with what is already in the table
+            p = Proc(cpid, creator, uid, comm, par.exe if par else "", list(par.args) if par else [],
+                     start_ktime=ktime)
+            p.parent_exec_id = par.exec_id if par else None
+            self._put(p)
+        return p
 
     def on_fork(self, parent_pid: int, child_pid: int, ktime: int, uid: int, comm: str) -> Proc:
         parent = self.get(parent_pid)
