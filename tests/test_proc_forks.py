@@ -65,6 +65,7 @@ def test_exec_storm_has_exec_and_exit_but_no_fork_records(shared):
     assert sh["pid"] in exits
     c = sess.tracer.counters()["processes"]
     assert c["fork_records"] is False and c["forks_quiet"] >= 12 and c["forks"] >= c["forks_quiet"]
+    assert c["released"] >= 12 and c["evictions_possible"] is False
 
 
 def test_shell_double_fork_keeps_the_true_creator(shared):

@@ -61,12 +61,14 @@ class KernelForks:
 
     def stats(self) -> dict:
         """Totals for counters(): forks, fork records kept in the kernel, exits not sent, and
-        how hard the LRU is pressed (entries written and not released at exit; past the
-        capacity the oldest, exited ones first in practice, were evicted)."""
+        how hard the LRU is pressed. Entries written and not released at exit bound the map's
+        size from above (a reused pid overwrites its old entry), so while they fit in the
+        capacity no entry was evicted; past it some may have been (the least recently used:
+        exited ones first, in practice)."""
         t = self.counts(0)
         held = t["forks"] - t["released"]
         return {**t, "entries_capacity": FORK_ENTRIES, "entries_not_released": held,
-                "evicted_at_least": max(0, held - FORK_ENTRIES),
+                "evictions_possible": held > FORK_ENTRIES,
                 "userspace_lookups": self.lookups, "userspace_hits": self.hits}
 
 
