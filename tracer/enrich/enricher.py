@@ -163,11 +163,13 @@ class Enricher:
             # execveat(fd, "", AT_EMPTY_PATH) / fexecve of a memfd / relative paths: the
             # kernel's name says little, the exe link says what ran (if the process still runs)
             exe = readlink_exe(h.tgid) or filename
-        p = self.procs.on_exec(h.tgid, o.ppid, h.uid, E.cstr(h.comm), exe, args, h.ktime)
+        p = self.procs.on_exec(h.tgid, o.ppid, h.uid, E.cstr(h.comm), exe, args, h.ktime, o.creator)
         rec, t = self._base("exec", h)
         proc = p.record()
         proc["ancestry"] = self.procs.ancestry(h.tgid)
         proc["filename"] = filename
+        # who forked it, whoever its parent is now: what the fork record used to say
+        proc["creator"] = p.parent or None
         if o.flags & E.EXEC_ARGS_TRUNCATED:
             proc["args_truncated"] = True
         if o.flags & E.EXEC_ARGS_READ_FAILED:

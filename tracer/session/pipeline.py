@@ -141,6 +141,7 @@ class Tracer:
                 self.gpu.install_fence(self.probes)
                 self.enrich.device_names = self.gpu.device_names()
             self._write_mode()
+            self._write_fork_records()
             if "sock" in features:
                 from agenttrace.kernel.sockfence import write_fence
                 write_fence(self.probes["sock_fence"], self.opts.sock_fence)
@@ -204,6 +205,23 @@ class Tracer:
         # kills, connect blocks, protocol drops and the GPU fence cannot disagree after a reload
         self.probes.set_flag("at_config", E.CFG_ENFORCE, 1 if self.opts.mode == "enforce" else 0)
 
+    fork_records = False         # fork records sent (kernel/forks.py); else kept in the kernel
+    kernel_forks = None          # kernel/forks.KernelForks while the proc probes are loaded
+
+    def _write_fork_records(self, ruleset=None) -> None:
+        from agenttrace.kernel.forks import KernelForks, wants_fork_records, write_switch
+        if ruleset is None and self.engine is not None:
+            ruleset = self.engine.ruleset
+        self.fork_records = wants_fork_records(self.opts, ruleset)
+        if self.probes is None or "proc" not in self.probes.features:
+            return
+        write_switch(self.probes, self.fork_records)
+        if self.kernel_forks is None:
+            self.kernel_forks = KernelForks(self.probes)
+            self.procs.fork_lookup = self.kernel_forks.lookup
+            self.act.kernel_forks = self.kernel_forks.live
+            self.summaries.quiet_forks = lambda cid: self.kernel_forks.counts(cid)["forks_quiet"]
+
     def set_mode(self, mode: str) -> None:
         """monitor <-> enforce, kernel and userspace together."""
         self.opts.mode = mode
@@ -245,6 +263,7 @@ class Tracer:
         if mode is not None and mode != self.opts.mode:
             self.set_mode(mode)
         self.engine.swap_rules(ruleset)
+        self._write_fork_records(ruleset)     # a rule on `fork` turns the records on
         self._lifecycle("reloaded", rules=len(ruleset.rules), **describe(self))
         self._flush()
         return True
@@ -313,7 +332,7 @@ class Tracer:
             # Most records arrive without a wakeup (probes/common.h at_wake_flags), so wait at
             # most the wakeup interval, then take whatever is in the ring. Once a whole
             # interval has passed with nothing read, every CPU's next record wakes the reader
-            # (its last wakeup is older than the interval), so an idle reader may sleep for the
+            # (its previous record is older than the interval), so an idle reader may sleep for the
             # caller's full timeout: no 200 wakeups a second on an idle node.
             interval = max(1, int(self.opts.wakeup_ms))
             wait = timeout_ms if self._quiet else min(timeout_ms, interval)
@@ -602,6 +621,8 @@ class Tracer:
             "argv_read_failures": self.enrich.argv_read_failures,
             "file_path_read_failures": self.enrich.file_path_read_failures,
             "proc_table": {"size": len(self.procs), "evictions": self.procs.evictions},
+            **({"processes": {"fork_records": self.fork_records, **self.kernel_forks.stats()}}
+               if self.kernel_forks is not None else {}),
             # the look-back memory of download-then-exec and GPU+network (enrich/activity.py)
             "activity": {**self.enrich.activity.counters(), "fresh_exe": dict(self.enrich.fresh_exe.stats),
                          "gpu_net": dict(self.enrich.gpu_net.stats)},
@@ -643,9 +664,10 @@ class Tracer:
 
 
 def _packet_scan(tracer):
-    """The zero-syscall-cost packet-socket scan, where the fence names packet sockets and the
-    `packet` probe that would see them at socket() is not loaded (tracer/enrich/packetscan.py)."""
-    if "packet" in tracer.probes.features or tracer.opts.packet_scan_s <= 0:
+    """The zero-syscall-cost packet-socket scan, wherever the fence names packet sockets
+    (tracer/enrich/packetscan.py). With the `packet` probe loaded too it is the backstop for what
+    no syscall tracepoint sees: io_uring's IORING_OP_SOCKET and compat (`int 0x80`) socket()."""
+    if tracer.opts.packet_scan_s <= 0:
         return None
     from agenttrace.enrich.packetscan import PacketScan, fenced_types
     types = fenced_types(tracer.opts.sock_fence)
