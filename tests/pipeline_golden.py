@@ -21,7 +21,7 @@ from agenttrace.kernel import wire as E
 DATA = Path(__file__).parent / "data"
 GOLDEN_JSON = DATA / "pipeline-golden.jsonl"
 GOLDEN_OCSF = DATA / "pipeline-golden-ocsf.jsonl"
-GOLDEN_SCHEMA = "1.1"         # tracer/schemaver.py when the golden files were written
+GOLDEN_SCHEMA = "1.2"         # tracer/schemaver.py when the golden files were written
 
 BASE_PID = 5_000_000          # > PID_MAX_LIMIT (4194304): no such process, ever
 AGENT = 0x7A6E_0001_0000_0042  # no cgroup has this id: the resolver names it cgroup-<id>
