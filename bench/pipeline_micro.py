@@ -5,7 +5,7 @@ JSON sink writing to /dev/null. CPU time of this thread (time.thread_time_ns), s
 the other core barely moves it. For quick before/after iterations on the Python side; the
 figures that count are bench/cpu_per_event.py's, with real probes.
 
-    .venv/bin/python -m bench.pipeline_micro [N] [--profile]
+    .venv/bin/python -m bench.pipeline_micro [N] [--profile] [--fork-records]
 """
 from __future__ import annotations
 
@@ -25,9 +25,11 @@ def _hdr(h, typ, pid, agent, comm=b"true"):
     h.comm = comm
 
 
-def _records(n: int, agent: int, base_pid: int):
+def _records(n: int, agent: int, base_pid: int, fork_records: bool = True):
     """n exec triples (fork, exec, exit) of /bin/true by pids that no longer exist, and n
-    loopback connects each with its outcome and the listener's accept."""
+    loopback connects each with its outcome and the listener's accept. Without fork records
+    (the default since schema 1.2, docs/MIGRATION.md) an exec is an exec and an exit, and the
+    exec names its creator as the kernel then fills it in."""
     execs, conns = [], []
     parent = os.getpid()
     for i in range(n):
@@ -39,6 +41,8 @@ def _records(n: int, agent: int, base_pid: int):
         x = E.Exec()
         _hdr(x.h, E.EV_EXEC, pid, agent)
         x.ppid = parent
+        if not fork_records:
+            x.creator = parent
         x.filename = b"/bin/true"
         argv = b"true\0"
         C.memmove(C.addressof(x) + E.Exec.args.offset, argv, len(argv))
@@ -49,7 +53,7 @@ def _records(n: int, agent: int, base_pid: int):
         _hdr(e.h, E.EV_EXIT, pid, agent)
         e.h.size = C.sizeof(e)
         e.start_ktime = f.h.ktime
-        execs += [bytes(f), bytes(x)[:size], bytes(e)]
+        execs += ([bytes(f)] if fork_records else []) + [bytes(x)[:size], bytes(e)]
     lo = b"\0" * 10 + b"\xff\xff" + socket.inet_aton("127.0.0.1")
     for i in range(n):
         c = E.Connect()
@@ -77,7 +81,8 @@ def _records(n: int, agent: int, base_pid: int):
 def main(argv=None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     prof = "--profile" in args
-    args = [a for a in args if a != "--profile"]
+    forks = "--fork-records" in args      # the old three records per exec
+    args = [a for a in args if a not in ("--profile", "--fork-records")]
     n = int(args[0]) if args else 3000
     from agenttrace import session
     from agenttrace.sinks.outputs import StreamSink
@@ -86,7 +91,7 @@ def main(argv=None) -> int:
     sink = StreamSink(open(os.devnull, "wb", buffering=1 << 16), name="file", close_stream=True)
     t = session.build(opts, [sink], ruleset=rs)
     agent = os.stat("/").st_ino   # any id: the agent resolver names unknown ids
-    execs, conns = _records(n, agent, 3_000_000)
+    execs, conns = _records(n, agent, 3_000_000, forks)
     for rec in execs[:30]:        # warm caches, as the real driver's canary does
         t._on_view(memoryview(rec), len(rec))
     t._flush()
@@ -98,8 +103,8 @@ def main(argv=None) -> int:
     out = {"exec": [], "connect": []}
     for rep in range(1 if prof else 3):
         if rep:
-            execs, conns = _records(n, agent, 3_000_000 + rep * n)
-        for name, recs, ops in (("exec", execs, len(execs) // 3), ("connect", conns, n)):
+            execs, conns = _records(n, agent, 3_000_000 + rep * n, forks)
+        for name, recs, ops in (("exec", execs, n), ("connect", conns, n)):
             c0 = time.thread_time_ns()
             for i, rec in enumerate(recs):
                 t._on_view(memoryview(rec), len(rec))
@@ -114,7 +119,7 @@ def main(argv=None) -> int:
     if prof:
         pr.disable()
         pstats.Stats(pr).sort_stats(os.environ.get("SORT", "tottime")).print_stats(int(os.environ.get("TOP", "25")))
-    print(f"userspace pipeline: {out['exec']:.1f} µs per exec (fork+exec+exit), "
+    print(f"userspace pipeline: {out['exec']:.1f} µs per exec ({'fork+' if forks else ''}exec+exit), "
           f"{out['connect']:.1f} µs per connect (connect+result+accept); "
           f"counts {t.counts} stage_errors {t.stage_errors}")
     return 0

@@ -26,7 +26,9 @@ typedef __u8 u8; typedef __u16 u16; typedef __u32 u32; typedef __u64 u64; typede
 #define AT_CFG_DEFAULT_GROUP  3   /* egress group of agents with no agent_group entry yet (the config's
                                    * "default" group): a new agent cgroup is under its policy before
                                    * userspace has seen it */
-#define AT_CFG__MAX           4
+#define AT_CFG_FORK_RECORDS   4   /* 1: send a fork record per new process (the old contract); 0: fork
+                                   * records stay in the kernel (proc_forks), exec carries the creator */
+#define AT_CFG__MAX           5
 #define AT_PATH_MAX 256
 #define AT_ARGS_MAX 4096     /* argv bytes kept per exec; longer argv is marked truncated */
 #define AT_DNS_MAX 512       /* a DNS message over UDP fits in 512 bytes without EDNS */
@@ -73,7 +75,7 @@ struct at_exec {
 	u32 flags;
 	u32 args_len;        /* bytes valid in args: NUL-separated argv */
 	u32 policy_id;       /* kill-policy entry that matched, 0 when none */
-	u32 pad;
+	u32 creator;         /* tgid that forked this process (proc_forks), 0 when unknown: use ppid */
 	char filename[AT_PATH_MAX];  /* kernel copy of the exec path (sched_process_exec) */
 	char args[AT_ARGS_MAX];      /* variable length on the wire: only args_len bytes are sent */
 };
@@ -89,6 +91,26 @@ struct at_exit {
 	s32 exit_code;       /* raw wait status: (code << 8) | signal */
 	u32 pad;
 	u64 start_ktime;     /* task start, CLOCK_MONOTONIC, for duration */
+};
+
+/* proc_forks (probes/common.h): tgid -> who forked it and when, for processes forked inside
+ * watched cgroups. It is the creator chain the fork records used to carry to userspace. */
+#define AT_FORKF_SEEN    0x1  /* a record named it (or a descendant's exec): its exit is reported */
+#define AT_FORKF_EXECED  0x2  /* it exec'd: userspace knows it from the exec record */
+#define AT_FORKF_EXITED  0x4  /* it exited unseen; kept so a later exec can still name it as an ancestor */
+
+struct at_fork_entry {
+	u32 creator;         /* tgid of the forking process (survives reparenting) */
+	u32 flags;           /* AT_FORKF_* */
+	u64 ktime;           /* the fork, CLOCK_MONOTONIC: the fork record's ktime, so the same exec_id */
+};
+
+/* Per-agent process counts (map proc_counts, per CPU); key 0 holds the totals of all agents. */
+struct at_proc_count {
+	u64 forks;           /* new processes forked in scope, whether or not a fork record went out */
+	u64 forks_quiet;     /* of them, fork records not sent (AT_CFG_FORK_RECORDS off) */
+	u64 exits_quiet;     /* exit records not sent: forked with fork records off, exited unseen */
+	u64 released;        /* proc_forks entries deleted at exit (the rest age out of the LRU) */
 };
 
 #define AT_OP_CONNECT 0
@@ -268,6 +290,8 @@ struct at_socket {
 #define AT_ESC_KILLED    0x2 /* killed in the kernel (enforce mode) before it ran again */
 #define AT_ESC_WRITER_IN 0x4 /* the writer is inside the watched subtree */
 #define AT_ESC_AT_EXEC   0x8 /* found at exec: it was outside already (clone3 CLONE_INTO_CGROUP) */
+#define AT_ESC_AT_FORK   0x10 /* born in another cgroup than its parent's (clone3 CLONE_INTO_CGROUP):
+                               * dst_cgroup_id is the child's, dst_path empty; userspace judges it */
 
 struct at_escape {
 	struct at_header h;  /* the writer (current); agent_cgroup_id: the agent the process left */

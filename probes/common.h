@@ -31,6 +31,10 @@ static __always_inline u32 at_cfg(u32 idx)
  * BPF_RB_NO_WAKEUP except the first after AT_WAKE_NS of quiet on this CPU (a lone event is seen
  * at once) and every AT_WAKE_BATCH-th (a burst never waits long in a small ring); the reader
  * polls with an AT_WAKE_NS timeout and then consumes, so no record waits longer than that.
+ * Quiet is measured from this CPU's previous record, not from its previous wakeup: a steady
+ * storm of one record per millisecond would otherwise wake the reader every AT_WAKE_NS (200
+ * self-interrupts a second per CPU, ~1 in 8 records of an exec storm) for records the reader's
+ * own timeout collects anyway.
  * AT_WAKE_NS 0 restores the kernel's default (wake on every record the reader is waiting for). */
 #ifndef AT_WAKE_NS
 #define AT_WAKE_NS 5000000ULL
@@ -38,7 +42,7 @@ static __always_inline u32 at_cfg(u32 idx)
 #ifndef AT_WAKE_BATCH
 #define AT_WAKE_BATCH 64
 #endif
-struct at_wake { u64 last_ns; u64 count; };
+struct at_wake { u64 last_ns; u64 count; };   /* last_ns: this CPU's previous record */
 BPF_PERCPU_ARRAY(wake_state, struct at_wake, 1);
 
 static __always_inline u64 at_wake_flags(void)
@@ -51,9 +55,10 @@ static __always_inline u64 at_wake_flags(void)
 	if (!w)
 		return 0;
 	u64 now = bpf_ktime_get_ns();
-	if (++w->count >= AT_WAKE_BATCH || now - w->last_ns >= AT_WAKE_NS) {
+	u64 gap = now - w->last_ns;
+	w->last_ns = now;
+	if (++w->count >= AT_WAKE_BATCH || gap >= AT_WAKE_NS) {
 		w->count = 0;
-		w->last_ns = now;
 		/* forced: records held back before this one mean the reader is behind, and the
 		 * kernel's own rule wakes only a reader that has caught up */
 		return BPF_RB_FORCE_WAKEUP;
@@ -88,9 +93,57 @@ static __always_inline int at_scope(u64 *cg, u64 *agent)
 	return 0;
 }
 
+#ifdef AT_WITH_PROC
+/* Who forked each process in scope (AT_FORKF_* in agenttrace.h), written by proc.c at
+ * sched_process_fork. With fork records off this is where the creator chain lives: the exec
+ * record carries the creator, userspace reads entries for processes it meets without an exec.
+ * 65536 entries (24 bytes each, ~2 MiB): the proc table's own bound, so every process userspace
+ * can remember has its entry; an LRU so a fork storm ages old entries out instead of failing. */
+#ifndef AT_FORK_ENTRIES
+#define AT_FORK_ENTRIES 65536
+#endif
+BPF_TABLE("lru_hash", u32, struct at_fork_entry, proc_forks, AT_FORK_ENTRIES);
+BPF_TABLE("lru_percpu_hash", u64, struct at_proc_count, proc_counts, 4096);
+#define AT_SEEN_DEPTH 8   /* creator levels marked: the ancestry userspace builds (ANCESTRY_DEPTH) */
+
+/* A record names this process (or a descendant exec'd): it and its not-yet-seen creators get
+ * their exit reported. Marked here, in the kernel, and not by userspace when it reads the record:
+ * a worker that connects and exits within one reader wakeup would otherwise lose its exit. */
+static __always_inline void at_mark_seen(u32 tgid)
+{
+	#pragma unroll
+	for (int i = 0; i < AT_SEEN_DEPTH; i++) {
+		struct at_fork_entry *f = proc_forks.lookup(&tgid);
+		if (!f || (f->flags & AT_FORKF_SEEN))
+			return;
+		if (i == 0 && (f->flags & AT_FORKF_EXITED)) {
+			/* the running process's own pid, marked exited: a reused pid of a process
+			 * forked outside scope, so the entry is someone else's */
+			proc_forks.delete(&tgid);
+			return;
+		}
+		/* a creator that exited unseen gets no exit record any more, but is named in
+		 * this ancestry: userspace reads its entry */
+		f->flags |= AT_FORKF_SEEN;
+		tgid = f->creator;
+		if (!tgid)
+			return;
+	}
+}
+
+static __always_inline struct at_proc_count *at_proc_count(u64 agent)
+{
+	struct at_proc_count zero = {};
+	return proc_counts.lookup_or_try_init(&agent, &zero);
+}
+#endif
+
 static __always_inline void at_fill_header(struct at_header *h, u16 type, u16 size, u64 cg, u64 agent)
 {
 	u64 pt = bpf_get_current_pid_tgid();
+#ifdef AT_WITH_PROC
+	at_mark_seen(pt >> 32);
+#endif
 	h->type = type;
 	h->size = size;
 	h->pid = (u32)pt;

@@ -15,8 +15,11 @@
  *    outside the watched subtrees and kills it in enforce mode (not in the kernel: the
  *    destination's ancestry is not available to a tracepoint program);
  *  - clone3(CLONE_INTO_CGROUP) puts a child straight into another cgroup without an attach:
- *    the child is caught at its first exec (killed there in enforce mode); what it does
- *    between fork and that exec is not seen.
+ *    sched_process_fork fires before the child first runs, and the child's cgroup (read at
+ *    BTF offsets: no helper names another task's cgroup) differs from its parent's. That is
+ *    reported at once and userspace judges the destination (kills it in enforce mode, as for a
+ *    process moved by another); the child is also caught at its first exec, killed there in
+ *    the kernel. On a kernel without those BTF fields only the exec catch remains.
  * Needs the proc feature's BTF offsets (AT_OFF_TASK_*). */
 
 #ifndef AT_ESC_TASKS
@@ -50,6 +53,26 @@ static __always_inline void at_esc_emit(u64 cg, u64 from_agent, u32 moved, u32 f
 		at_count_drop(from_agent, AT_EV_ESCAPE);
 }
 
+#ifdef AT_OFF_KERNFS_NODE_ID
+/* what bpf_get_current_cgroup_id() computes, for a task that is not current */
+static __always_inline u64 at_task_cgroup_id(void *task)
+{
+	void *cset = 0, *cgrp = 0, *kn = 0;
+	u64 id = 0;
+	bpf_probe_read_kernel(&cset, sizeof(cset), task + AT_OFF_TASK_CGROUPS);
+	if (!cset)
+		return 0;
+	bpf_probe_read_kernel(&cgrp, sizeof(cgrp), cset + AT_OFF_CSS_SET_DFL_CGRP);
+	if (!cgrp)
+		return 0;
+	bpf_probe_read_kernel(&kn, sizeof(kn), cgrp + AT_OFF_CGROUP_KN);
+	if (!kn)
+		return 0;
+	bpf_probe_read_kernel(&id, sizeof(id), kn + AT_OFF_KERNFS_NODE_ID);
+	return id;
+}
+#endif
+
 int at_esc_fork(struct bpf_raw_tracepoint_args *ctx)
 {
 	u64 cg, agent;
@@ -62,6 +85,13 @@ int at_esc_fork(struct bpf_raw_tracepoint_args *ctx)
 	if (cpid != ctgid)
 		return 0;
 	agent_tasks.update(&ctgid, &agent);
+#ifdef AT_OFF_KERNFS_NODE_ID
+	/* A fork child starts in its parent's cgroup; only CLONE_INTO_CGROUP places it elsewhere
+	 * (maybe inside the subtree: a sub-cgroup the agent made, which userspace tells apart). */
+	u64 ccg = at_task_cgroup_id(child);
+	if (ccg && ccg != cg)
+		at_esc_emit(cg, agent, ctgid, AT_ESC_AT_FORK, ccg, -1, 0, 0);
+#endif
 	return 0;
 }
 

@@ -267,16 +267,21 @@ static __always_inline int at_flow(struct __sk_buff *skb, u8 dir)
 	struct at_l3 l;
 	if (at_skb_l3(skb, &l) < 0 || l.proto != AT_NEXTHDR_TCP)
 		return 1;
-	if (!at_skb_scope(skb, &cg, &agent))
-		return 1;
 	u8 tcph[20];
 	if (bpf_skb_load_bytes(skb, l.l4off, tcph, 20) < 0)
 		return 1;
 	u32 doff = (tcph[12] >> 4) * 4;
 	u32 off = l.l4off + doff;
 	u32 plen = l.l3end > off ? l.l3end - off : 0;
-	u32 seq = ((u32)tcph[4] << 24) | ((u32)tcph[5] << 16) | ((u32)tcph[6] << 8) | tcph[7];
 	u8 fin = tcph[13] & 0x05;  /* FIN or RST: the stream ends here */
+	/* A bare ACK of a flow already known (its owner taken from the SYN) changes nothing below:
+	 * no bytes to capture, nothing to flush, no owner to learn. Most packets of a short flow
+	 * are that; they leave before the cgroup walk. */
+	if (st && !plen && !fin && (st->owner_known || dir != AT_DIR_EGRESS))
+		return 1;
+	if (!at_skb_scope(skb, &cg, &agent))
+		return 1;
+	u32 seq = ((u32)tcph[4] << 24) | ((u32)tcph[5] << 16) | ((u32)tcph[6] << 8) | tcph[7];
 	u16 sport = ((u16)tcph[0] << 8) | tcph[1];
 	u16 dport = ((u16)tcph[2] << 8) | tcph[3];
 

@@ -34,6 +34,17 @@ static __always_inline u32 at_task_tgid(void *task)
 	return v;
 }
 
+/* Counted for the agent and in the totals (key 0): summary and counters() stay exact when
+ * fork and exit records stay in the kernel. */
+#define AT_COUNT_PROC(agent, field) do {                        \
+		struct at_proc_count *c_ = at_proc_count(agent);        \
+		if (c_)                                                 \
+			c_->field++;                                        \
+		c_ = at_proc_count(0);                                  \
+		if (c_)                                                 \
+			c_->field++;                                        \
+	} while (0)
+
 RAW_TRACEPOINT_PROBE(sched_process_fork)
 {
 	/* args: (struct task_struct *parent, struct task_struct *child). Threads share the
@@ -48,6 +59,22 @@ RAW_TRACEPOINT_PROBE(sched_process_fork)
 	ctgid = at_task_tgid(child);
 	if (cpid != ctgid)
 		return 0;
+
+	/* the creator is the forking process, whoever reparents the child later (a double
+	 * fork's grandchild ends up under init or a subreaper) */
+	u64 now = bpf_ktime_get_ns();
+	u32 records = at_cfg(AT_CFG_FORK_RECORDS);
+	struct at_fork_entry fe = {};
+	fe.creator = bpf_get_current_pid_tgid() >> 32;
+	fe.ktime = now;
+	/* a fork record tells userspace of the child: its exit is reported, as it always was */
+	fe.flags = records ? AT_FORKF_SEEN : 0;
+	proc_forks.update(&ctgid, &fe);
+	AT_COUNT_PROC(agent, forks);
+	if (!records) {
+		AT_COUNT_PROC(agent, forks_quiet);
+		return 0;
+	}
 	if (!at_admit(agent, AT_EV_FORK))
 		return 0;
 
@@ -57,6 +84,7 @@ RAW_TRACEPOINT_PROBE(sched_process_fork)
 		return 0;
 	}
 	at_fill_header(&e->h, AT_EV_FORK, sizeof(*e), cg, agent);
+	e->h.ktime = now;      /* the entry's time: a record and a lookup give the same exec_id */
 	e->child_tgid = ctgid;
 	e->parent_tgid = e->h.tgid;
 	events.ringbuf_submit(e, at_wake_flags());
@@ -75,6 +103,12 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 		return 0;
 
 	at_fill_header(&e->h, AT_EV_EXEC, 0, cg, agent);
+	e->creator = 0;
+	struct at_fork_entry *fe = proc_forks.lookup(&e->h.tgid);
+	if (fe) {
+		e->creator = fe->creator;
+		fe->flags |= AT_FORKF_SEEN | AT_FORKF_EXECED;
+	}
 	e->old_pid = args->old_pid;
 	e->flags = 0;
 	e->policy_id = 0;
@@ -149,6 +183,31 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 #endif
 	if (!at_scope(&cg, &agent))
 		return 0;
+	u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	struct at_fork_entry *fe = proc_forks.lookup(&tgid);
+	if (fe && (fe->flags & AT_FORKF_EXITED)) {
+		/* this pid's entry is of an earlier process: this one was forked outside scope */
+		proc_forks.delete(&tgid);
+		fe = 0;
+	}
+	if (fe) {
+		if (!(fe->flags & AT_FORKF_SEEN) && !at_cfg(AT_CFG_FORK_RECORDS)) {
+			/* forked, never exec'd, never named by a record: userspace knows nothing of
+			 * it, so its exit would be the only record of it. The entry stays (marked) so
+			 * an orphaned descendant's exec still names it in its ancestry. */
+			fe->flags |= AT_FORKF_EXITED;
+			AT_COUNT_PROC(agent, exits_quiet);
+			return 0;
+		}
+		if (fe->flags & AT_FORKF_EXECED) {
+			proc_forks.delete(&tgid);
+			AT_COUNT_PROC(agent, released);
+		} else {
+			/* seen without an exec: userspace may read its records (and the entry) after
+			 * it is gone */
+			fe->flags |= AT_FORKF_EXITED;
+		}
+	}
 	if (!at_admit(agent, AT_EV_EXIT))
 		return 0;
 	struct at_exit *e = events.ringbuf_reserve(sizeof(struct at_exit));

@@ -119,6 +119,11 @@ static __always_inline u32 at_be16p(const u8 *b)
 
 int at_tls_egress(struct __sk_buff *skb)
 {
+	/* Most egress packets are SYNs and bare ACKs, far shorter than the smallest IP + TCP +
+	 * hello with a name (the 48-byte bound below): one compare instead of a socket cookie and
+	 * a hash lookup for each of them. */
+	if (skb->len < 20 + 20 + 48)
+		return 1;
 	u64 cookie = bpf_get_socket_cookie(skb);
 	struct at_flow_state *st = flow_state.lookup(&cookie);
 	if (st && ((st->seen[0] && st->seen[1]) || st->blocked))

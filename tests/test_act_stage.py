@@ -8,6 +8,8 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
+
 PY = sys.executable
 
 
@@ -119,7 +121,9 @@ r, w = os.pipe()
 if os.fork() == 0:                 # double fork: the grandchild is reparented away from us
     if os.fork() == 0:
         os.write(w, b"%d\\n" % os.getpid())      # its own pid: no guessing from /proc
-        os.execvp("sleep", ["sleep", "200"])
+        if sys.argv[2] == "exec":
+            os.execvp("sleep", ["sleep", "200"])
+        time.sleep(200)            # a fork-only orphan: no record names it (fork records off)
     os._exit(0)
 gc = int(os.read(r, 32).split()[0])
 time.sleep(0.2)                    # the intermediate is gone, the grandchild is sleep 200
@@ -129,7 +133,8 @@ time.sleep(30)
 """
 
 
-def test_kill_takes_the_whole_tree(agent_tree, make_session, tmp_path):
+@pytest.mark.parametrize("grandchild", ["exec", "fork-only"])
+def test_kill_takes_the_whole_tree(agent_tree, make_session, tmp_path, grandchild):
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
     srv.listen(8)
@@ -138,7 +143,7 @@ def test_kill_takes_the_whole_tree(agent_tree, make_session, tmp_path):
                         mode="enforce")
     a = agent_tree.agent("tree")
     import subprocess
-    p = agent_tree.spawn(a, [PY, "-c", TREE, str(port)], stdout=subprocess.PIPE, text=True)
+    p = agent_tree.spawn(a, [PY, "-c", TREE, str(port), grandchild], stdout=subprocess.PIPE, text=True)
     try:
         pids = [int(x) for x in p.stdout.readline().split()]
         assert len(pids) >= 2, pids

@@ -17,7 +17,22 @@ def _agenttrace_cgroups():
 
 
 def _run(*args, **kw):
-    return subprocess.run([AGENTTRACE, *args], capture_output=True, text=True, timeout=120, **kw)
+    p = subprocess.Popen([AGENTTRACE, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    try:
+        out, err = p.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.communicate()
+        raise
+    r = subprocess.CompletedProcess(p.args, p.returncode, out, err)
+    r.pid = p.pid
+    return r
+
+
+def _left_by(r):
+    """Agent cgroups this run made and left: `run -- CMD` names its agent run-<its pid> (other
+    suites on the same machine make and remove their own meanwhile)."""
+    return [c for c in _agenttrace_cgroups() if c == f"run-{r.pid}"]
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -35,12 +50,11 @@ def _run(*args, **kw):
     (["run", "--no-such-option"], "No such option"),
 ])
 def test_bad_input_exits_2(args, needle, require_bpf):
-    before = _agenttrace_cgroups()
     r = _run(*args)
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert needle in r.stderr
     assert "Traceback" not in r.stderr
-    assert _agenttrace_cgroups() == before
+    assert _left_by(r) == []
 
 
 def test_not_root_exits_2(require_bpf):
@@ -51,10 +65,9 @@ def test_not_root_exits_2(require_bpf):
 
 
 def test_command_not_found_is_127_and_cleans_up(require_bpf):
-    before = _agenttrace_cgroups()
     r = _run("run", "--", "/no/such/binary")
     assert r.returncode == 127 and "/no/such/binary" in r.stderr
-    assert _agenttrace_cgroups() == before
+    assert _left_by(r) == []
 
 
 def test_sigterm_detaches_and_removes_cgroup(tmp_path, require_bpf):
@@ -137,3 +150,14 @@ def test_no_color_turns_off_the_terminal_default(monkeypatch):
     assert color_default() is False
     monkeypatch.setenv("NO_COLOR", "")     # present but empty: no effect (no-color.org)
     assert color_default() is True
+
+
+def test_output_dash_is_stdout(tmp_path, require_bpf):
+    # `-o -` is how most tools spell stdout; a file named "-" in the caller's folder is never
+    # what was meant (a script that did this filled its working folder with 68 MB)
+    r = subprocess.run([AGENTTRACE, "run", "--output", "-", "--no-rules", "--", "true"], cwd=tmp_path,
+                       capture_output=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    kinds = [orjson.loads(line)["kind"] for line in r.stdout.splitlines()]
+    assert "exec" in kinds and kinds[0] == "lifecycle"
+    assert not (tmp_path / "-").exists()

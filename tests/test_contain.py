@@ -231,10 +231,14 @@ CLONE3 = r"""
 #include <linux/sched.h>
 #include <signal.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
+/* usage: clone3 CGROUP_DIR exec|stay MS -- the child execs /bin/true, or stays the same image
+ * (a forked worker that never execs) for MS milliseconds */
 int main(int argc, char **argv) {
     int cg = open(argv[1], O_RDONLY | O_DIRECTORY);
     if (cg < 0) { perror("open cgroup"); return 2; }
@@ -245,30 +249,108 @@ int main(int argc, char **argv) {
     ca.cgroup = cg;
     long pid = syscall(SYS_clone3, &ca, sizeof(ca));
     if (pid < 0) { perror("clone3"); return 2; }
-    if (pid == 0) { execl("/bin/true", "true", (char *)0); _exit(127); }
+    if (pid == 0) {
+        if (strcmp(argv[2], "exec") == 0) { execl("/bin/true", "true", (char *)0); _exit(127); }
+        long ms = atol(argv[3]);
+        struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
+        nanosleep(&ts, 0);
+        _exit(0);
+    }
     int st;
     waitpid(pid, &st, 0);
-    printf("%d\n", WIFSIGNALED(st) ? -WTERMSIG(st) : WEXITSTATUS(st));
+    printf("%ld %d\n", pid, WIFSIGNALED(st) ? -WTERMSIG(st) : WEXITSTATUS(st));
     return 0;
 }
 """
 
 
+@pytest.fixture(scope="module")
+def clone3_exe(tmp_path_factory):
+    d = tmp_path_factory.mktemp("clone3")
+    (d / "clone3.c").write_text(CLONE3)
+    subprocess.run(["gcc", "-O1", "-o", str(d / "clone3"), str(d / "clone3.c")], check=True)
+    return d / "clone3"
+
+
+def _clone3(agent_tree, sess, a, exe, dest, how, ms=0):
+    """Run the clone3 program in agent `a` while the session reads (the act stage kills from
+    the reader's loop): (child pid, child status: exit code, or -signal)."""
+    p = agent_tree.spawn(a, [str(exe), str(dest), how, str(ms)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        sess.wait_for(lambda: p.poll() is not None, timeout=30)
+        out, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 0, err
+    pid, status = (int(x) for x in out.split())
+    return pid, status
+
+
 @pytest.mark.parametrize("mode", ["enforce", "monitor"])
-def test_clone_into_an_outside_cgroup_is_caught_at_exec(mode, agent_tree, make_session, outside, tmp_path):
-    src = tmp_path / "clone3.c"
-    src.write_text(CLONE3)
-    exe = tmp_path / "clone3"
-    subprocess.run(["gcc", "-O1", "-o", str(exe), str(src)], check=True)
+def test_clone_into_an_outside_cgroup_is_caught_at_fork(mode, agent_tree, make_session, outside, clone3_exe):
+    """A child that never execs (a forked worker) placed outside at birth: reported from
+    sched_process_fork, before it runs; killed by the act stage in enforce mode."""
+    a = agent_tree.agent(f"clone-stay-{mode}")
+    sess = make_session([agent_tree.root], engine=_engine(mode), mode=mode)
+    # monitor: the child lives its 1.5 s and exits; enforce: it is killed long before that
+    child, status = _clone3(agent_tree, sess, a, clone3_exe, outside, "stay", 1500)
+    assert status == (-signal.SIGKILL if mode == "enforce" else 0)
+    al = sess.wait_for(lambda: _alerts(sess, "escape-cgroup-move"))[0]
+    esc = al["escape"]
+    assert esc["how"] == "clone_into_cgroup" and esc["pid"] == child and not esc["self"]
+    # the id read at BTF offsets is the destination's: its directory's inode
+    assert esc["to"]["cgroup_id"] == os.stat(outside).st_ino
+    assert esc["to"]["cgroup"] == "/" + outside.name
+    assert al["rule"]["outcome"] == ("killed" if mode == "enforce" else "reported")
+
+
+@pytest.mark.parametrize("mode", ["enforce", "monitor"])
+def test_clone_into_an_outside_cgroup_then_exec(mode, agent_tree, make_session, outside, clone3_exe):
     a = agent_tree.agent(f"clone-{mode}")
     sess = make_session([agent_tree.root], engine=_engine(mode), mode=mode)
-    res = agent_tree.run(a, [str(exe), str(outside)])
-    assert res.returncode == 0, res.stderr
-    child = int(res.stdout)
-    assert child == (-signal.SIGKILL if mode == "enforce" else 0)
-    al = sess.wait_for(lambda: _alerts(sess, "escape-cgroup-move"))[0]
-    assert al["escape"]["how"] == "exec_outside"
-    assert al["rule"]["outcome"] == ("killed" if mode == "enforce" else "reported")
+    child, status = _clone3(agent_tree, sess, a, clone3_exe, outside, "exec")
+    assert status == (-signal.SIGKILL if mode == "enforce" else 0)
+    # seen at fork, and again at exec, where enforce mode kills it in the kernel (the fork
+    # alert's kill, on the act stage, then finds the child gone)
+    def both():
+        als = {x["escape"]["how"]: x for x in _alerts(sess, "escape-cgroup-move") if x["escape"]["pid"] == child}
+        return als if {"clone_into_cgroup", "exec_outside"} <= set(als) else None
+    als = sess.wait_for(both)
+    assert als, [x["escape"] for x in sess.of("escape")]
+    assert als["exec_outside"]["rule"]["outcome"] == ("killed" if mode == "enforce" else "reported")
+    assert als["clone_into_cgroup"]["escape"]["to"]["cgroup_id"] == os.stat(outside).st_ino
+
+
+def test_clone_into_an_outside_cgroup_killed_through_the_cli(tmp_path, outside, clone3_exe):
+    """The same through `agenttrace run --mode enforce -- CMD`, as a user starts it: the forked
+    worker placed outside (sleeping 20 s, never exec'ing) is killed long before it ends."""
+    out = tmp_path / "ev.jsonl"
+    p = subprocess.run([AGENTTRACE, "run", "--mode", "enforce", "-o", str(out), "--",
+                        str(clone3_exe), str(outside), "stay", "20000"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    child, status = (int(x) for x in p.stdout.split())
+    assert status == -signal.SIGKILL
+    recs = [json.loads(l) for l in out.read_text().splitlines()]
+    al = [r for r in recs if r["kind"] == "alert" and r["rule"]["id"] == "escape-cgroup-move"]
+    assert al and al[0]["escape"]["how"] == "clone_into_cgroup" and al[0]["escape"]["pid"] == child
+    assert al[0]["rule"]["outcome"] == "killed" and al[0]["escape"]["to"]["cgroup"].endswith(outside.name)
+
+
+def test_clone_into_a_cgroup_inside_the_subtree_is_no_escape(agent_tree, make_session, clone3_exe):
+    """An agent may place its children in sub-cgroups of its own: not an escape."""
+    a = agent_tree.agent("clone-inside")
+    sub = a / "workers"
+    sub.mkdir()
+    sess = make_session([agent_tree.root], engine=_engine("enforce"), mode="enforce")
+    child, status = _clone3(agent_tree, sess, a, clone3_exe, sub, "stay", 50)
+    assert status == 0
+    # the parent's exit record comes after any escape record its child's fork would have made
+    sess.wait_for(lambda: [e for e in sess.of("exit") if e["proc"].get("exe") == str(clone3_exe)])
+    assert not _alerts(sess, "escape-cgroup-move")
+    assert child > 0
 
 
 def test_socket_fence_config_is_validated():

@@ -1,6 +1,7 @@
 """The engine's indexes (match/engine.py) fire exactly what the unindexed engine fires, rule
 for rule and in the same order: connect rules by destination port (over ports, scopes, rules
-that name ports, ranges and none), exec rules by the basenames of the exact paths they name."""
+that name ports, ranges and none; rules naming hosts skipped for records without a name), exec
+rules by the basenames of the exact paths they name (candidates cached per program)."""
 import random
 import textwrap
 
@@ -116,3 +117,59 @@ def test_exact_path_rules_are_gated_by_their_basenames(tmp_path):
         assert a == b, rec
     assert fast.stats["matched"] == slow.stats["matched"]
     assert sum(v for k, v in fast.stats["matched"].items() if k.startswith("gen-path-")) > 10
+
+
+def test_name_index_fires_what_the_unindexed_engine_fires():
+    # connects with and without a resolved name, to names the pack's domain rules list and
+    # others: skipping name rules for unnamed records changes no alert and no match count
+    rs = load_rules(default_rule_paths())
+    fast, slow = Engine(rs), Engine(rs)
+    slow._port_kinds = frozenset()
+    names = [None, "", "pool.supportxmr.com", "api.example.test", "x.trycloudflare.com", "metadata.google.internal"]
+    rnd = random.Random(16)
+    for n in range(400):
+        rec = _connect(rnd.choice([443, 3333, 80, 22, None]), rnd.choice(["external", "internal", "loopback"]))
+        name = rnd.choice(names)
+        if name is not None:
+            rec["net"]["dst"]["name"] = name
+        a = [al.record["rule"]["id"] for al in fast.process(Event("connect", n, dict(rec), 5, 7))]
+        b = [al.record["rule"]["id"] for al in slow.process(Event("connect", n, dict(rec), 5, 7))]
+        assert a == b, rec
+    assert fast.stats["matched"] == slow.stats["matched"]
+    assert fast.stats["matched"]["mining-pool-domain"] > 0 and fast.stats["matched"]["tunnel-service-domain"] > 0
+
+
+def test_gate_candidates_are_cached_per_program_and_rebuilt_when_rules_change(tmp_path):
+    rs = load_rules(default_rule_paths())
+    eng = Engine(rs)
+
+    def exec_rec(exe, args, names=None):
+        proc = {"pid": 9, "ppid": 1, "uid": 0, "comm": exe.rsplit("/", 1)[-1][:15], "exe": exe, "args": args,
+                "exec_id": "x", "parent_exec_id": None, "ancestry": []}
+        if names is not None:
+            proc["identity"] = {"names": names}
+        return {"ts": "2026-01-01T00:00:00.000000000Z", "kind": "exec", "node": "n",
+                "agent": {"id": "a", "cgroup": "/a", "cgroup_id": 7}, "proc": proc}
+
+    def fired(rec, e=eng):
+        return [al.record["rule"]["id"] for al in e.process(Event("exec", 1, rec, 9, 7))]
+
+    assert fired(exec_rec("/usr/bin/true", ["true"])) == []
+    assert fired(exec_rec("/opt/x/xmrig", ["xmrig"])) == ["mining-binary-exec"]
+    assert fired(exec_rec("/usr/bin/true", ["true"], names=["xmrig"])) == ["mining-binary-exec"]
+    assert fired(exec_rec("/usr/bin/true", ["true"], names=[{"not": "a name"}])) == []    # unhashable: uncached
+    assert fired(exec_rec("/opt/x/xmrig", ["xmrig"])) == []      # de-duplicated, still matched
+    assert eng.stats["matched"]["mining-binary-exec"] == 3
+    f = tmp_path / "nc.yaml"
+    f.write_text(textwrap.dedent("""\
+        rules:
+          - id: any-true
+            description: every exec of true, gated by its basename
+            category: exec
+            severity: low
+            on: [exec]
+            match: {exe: {basenames: ["true"]}}
+            action: report
+        """))
+    eng.swap_rules(load_rules(default_rule_paths() + [str(f)]))
+    assert fired(exec_rec("/usr/bin/true", ["true"])) == ["any-true"]

@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from conftest import AGENTTRACE, AgentTree, ListSink, need_bpf
+from harness import wait_until
 
 PY = sys.executable
 
@@ -361,3 +362,105 @@ def test_ia32_socket_evades_the_tracepoint_but_not_the_capability_drop(tmp_path)
     p, recs = _cli(tmp_path, "--mode", "enforce", "--packet", "--drop-caps", "none", "--no-net", "--", str(exe))
     assert p.returncode == 0 and int(p.stdout.strip()) >= 0        # made, and not killed
     assert not [r for r in recs if r["kind"] == "socket"]
+
+
+URING_SOCKET = r"""
+/* socket(FAMILY, TYPE, PROTO) as io_uring IORING_OP_SOCKET, no syscall socket(): prints the
+ * completion's result (fd or -errno); with "hold", keeps the socket open until stdin closes.
+ * usage: uring_socket FAMILY TYPE PROTO [hold] */
+#include <linux/io_uring.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    struct io_uring_params p;
+    memset(&p, 0, sizeof(p));
+    int fd = syscall(__NR_io_uring_setup, 4, &p);
+    if (fd < 0) { perror("io_uring_setup"); return 2; }
+    size_t sq_sz = p.sq_off.array + p.sq_entries * sizeof(unsigned);
+    size_t cq_sz = p.cq_off.cqes + p.cq_entries * sizeof(struct io_uring_cqe);
+    char *sq = mmap(0, sq_sz, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, IORING_OFF_SQ_RING);
+    char *cq = mmap(0, cq_sz, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, IORING_OFF_CQ_RING);
+    struct io_uring_sqe *sqes = mmap(0, p.sq_entries * sizeof(struct io_uring_sqe), PROT_READ | PROT_WRITE,
+                                     MAP_SHARED | MAP_POPULATE, fd, IORING_OFF_SQES);
+    if (sq == MAP_FAILED || cq == MAP_FAILED || sqes == MAP_FAILED) { perror("mmap"); return 2; }
+    unsigned *tail = (unsigned *)(sq + p.sq_off.tail), *mask = (unsigned *)(sq + p.sq_off.ring_mask);
+    unsigned *array = (unsigned *)(sq + p.sq_off.array);
+    unsigned t = *tail, i = t & *mask;
+    struct io_uring_sqe *e = &sqes[i];
+    memset(e, 0, sizeof(*e));
+    e->opcode = IORING_OP_SOCKET;
+    e->fd = atoi(argv[1]);          /* domain */
+    e->off = atoi(argv[2]);         /* type */
+    e->len = atoi(argv[3]);         /* protocol */
+    array[i] = i;
+    __atomic_store_n(tail, t + 1, __ATOMIC_RELEASE);
+    if (syscall(__NR_io_uring_enter, fd, 1, 1, IORING_ENTER_GETEVENTS, 0, 0) < 0) { perror("io_uring_enter"); return 2; }
+    unsigned *chead = (unsigned *)(cq + p.cq_off.head), *cmask = (unsigned *)(cq + p.cq_off.ring_mask);
+    struct io_uring_cqe *cqes = (struct io_uring_cqe *)(cq + p.cq_off.cqes);
+    int res = cqes[*chead & *cmask].res;
+    printf("%d\n", res);
+    fflush(stdout);
+    if (argc > 4 && res >= 0) { char b[8]; while (read(0, b, sizeof b) > 0) ; }
+    return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def uring_socket(tmp_path_factory):
+    """A program that makes a socket with io_uring's IORING_OP_SOCKET, never calling socket(2)."""
+    d = tmp_path_factory.mktemp("uring")
+    subprocess.run(["gcc", "-O1", "-o", str(d / "uring_socket"), "-x", "c", "-"], input=URING_SOCKET.encode(),
+                   check=True)
+    here = subprocess.run([str(d / "uring_socket"), "2", "2", "0"], capture_output=True, text=True)
+    if here.returncode != 0 or int(here.stdout) < 0:
+        pytest.skip(f"io_uring sockets unavailable here: {here.stdout.strip()} {here.stderr.strip()}")
+    return d / "uring_socket"
+
+
+def test_io_uring_socket_is_refused_by_the_capability_drop(tmp_path, uring_socket):
+    """run -- CMD in enforce mode: no syscall tracepoint sees IORING_OP_SOCKET, but without
+    CAP_NET_RAW the kernel refuses packet and raw sockets on that path too."""
+    need_bpf()
+    for fam, typ, proto in ((socket.AF_PACKET, socket.SOCK_DGRAM, 0), (socket.AF_INET, socket.SOCK_RAW, 1)):
+        p, _ = _cli(tmp_path, "--mode", "enforce", "--no-net", "--", str(uring_socket), str(fam), str(typ), str(proto))
+        assert p.returncode == 0 and p.stdout.strip() == str(-errno.EPERM), (fam, p.stdout, p.stderr)
+        (tmp_path / "ev.jsonl").unlink()
+
+
+@pytest.mark.parametrize("mode", ["monitor", "enforce"])
+def test_io_uring_packet_socket_of_a_cgroup_agent_is_found_by_the_scan(mode, agent_tree, tmp_path, uring_socket):
+    """`run --cgroup` with the `packet` probe on: IORING_OP_SOCKET passes the socket() tracepoints,
+    so the scan, which runs with the probe too, is what finds it; enforce mode kills the holder."""
+    need_bpf()
+    out = tmp_path / "ev.jsonl"
+    rel = "/" + str(agent_tree.root.relative_to(agent_tree.root.parent))
+    t = subprocess.Popen([AGENTTRACE, "run", "--cgroup", rel, "--mode", mode, "--packet", "--no-net", "-o", str(out)],
+                         stderr=subprocess.PIPE)
+    holder = None
+    try:
+        assert wait_until(lambda: out.exists() and '"phase":"started"' in out.read_text(), 60), t.stderr
+        a = agent_tree.agent("uring")
+        holder = agent_tree.spawn(a, [str(uring_socket), str(socket.AF_PACKET), str(socket.SOCK_RAW), "0", "hold"],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert int(holder.stdout.readline()) >= 0          # made: the probe did not see it
+        def alert():
+            recs = [json.loads(line) for line in out.read_text().splitlines()]
+            return [r for r in _fence_alerts(recs) if r["proc"]["pid"] == holder.pid and r["rule"]["outcome"] != "pending"]
+        al = wait_until(alert, 30)
+        assert al and al[0]["socket"]["hook"] == "scan" and al[0]["socket"]["family"] == "packet"
+        if mode == "enforce":
+            assert al[0]["rule"]["outcome"] == "killed"
+            assert holder.wait(timeout=30) == -signal.SIGKILL
+        else:
+            assert al[0]["rule"]["outcome"] == "reported" and holder.poll() is None
+    finally:
+        if holder is not None and holder.poll() is None:
+            holder.stdin.close()
+            holder.wait(timeout=30)
+        t.send_signal(signal.SIGINT)
+        t.wait(timeout=60)

@@ -62,9 +62,10 @@ def test_exit_code_and_signal(agent_tree, make_session):
     assert codes == [(7, None), (128 + 9, 9)]
 
 
-def test_double_fork_orphan_keeps_creator_ancestry(agent_tree, make_session):
+@pytest.mark.parametrize("fork_records", [False, True], ids=["kernel-chain", "fork-records"])
+def test_double_fork_orphan_keeps_creator_ancestry(agent_tree, make_session, fork_records):
     a = agent_tree.agent("dbl")
-    sess = make_session([agent_tree.root], features=PROC)
+    sess = make_session([agent_tree.root], features=PROC, fork_records=fork_records)
     code = (
         "import os, sys, time\n"
         "r, w = os.pipe()\n"
@@ -88,8 +89,17 @@ def test_double_fork_orphan_keeps_creator_ancestry(agent_tree, make_session):
     assert leaf["proc"]["ppid"] != mid
     # ... but the ancestry still names who created it
     assert [x["pid"] for x in leaf["proc"]["ancestry"][:2]] == [mid, top]
+    assert leaf["proc"]["parent_exec_id"] == leaf["proc"]["ancestry"][0]["exec_id"]
     forks = {f["proc"]["pid"]: f for f in sess.of("fork")}
-    assert mid in forks and leaf["proc"]["pid"] in forks
+    if fork_records:
+        assert mid in forks and leaf["proc"]["pid"] in forks
+        assert forks[mid]["proc"]["exec_id"] == leaf["proc"]["ancestry"][0]["exec_id"]
+    else:
+        # the kernel kept the chain: no fork records, and the middle process, which exited
+        # before any record named it, has no exit record either (docs/MIGRATION.md)
+        assert not forks
+        sess.wait_for(lambda: sess.of("exit", proc__pid=top))
+        assert not sess.of("exit", proc__pid=mid)
 
 
 def test_fexecve_of_memfd(agent_tree, make_session):

@@ -270,6 +270,11 @@ class ProbesConfig(_Model):
     socket() syscall tracepoints (probes/packet.c), so off by default for the same reason as
     `files` (it costs nothing more when `files` is on). Without it, `socket_fence` entries of
     those families are listed as unseen in lifecycle/started. Changing it takes a restart."""
+    fork_records: bool = False
+    """One `fork` record per new process, as before schema 1.2 (docs/MIGRATION.md). Off, the
+    kernel keeps who forked whom, exec records carry the creator, and exits of processes no
+    record named stay in the kernel (counted in summaries). On anyway when a rule matches kind
+    `fork`. A runtime switch: a reload applies it."""
     packet_scan_s: float = Field(2.0, ge=0, le=3600)
     """While `packet` is off: seconds between scans of the packet sockets agents hold
     (/proc/<pid>/net/packet, then their fd tables), each reported once, after the fact. No

@@ -2,4 +2,4 @@
 
 Minor bumps add fields or kinds (the contract only ever grows); a major bump would mean a
 field changed meaning, which the contract forbids."""
-SCHEMA_VERSION = "1.1"
+SCHEMA_VERSION = "1.2"

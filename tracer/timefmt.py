@@ -36,5 +36,15 @@ def parse_ns(ts: str) -> int:
         ns = int(frac.ljust(9, "0"))
     else:
         base, ns = s, 0
-    tm = time.strptime(base.replace("t", "T"), "%Y-%m-%dT%H:%M:%S")
-    return (calendar.timegm(tm) - off) * 1_000_000_000 + ns
+    sec = _parsed.get(base)
+    if sec is None:
+        # strptime costs ~10 us; records come in bursts within one second, and the OCSF
+        # sink and summaries parse every record's `ts`: each distinct second is parsed once
+        sec = calendar.timegm(time.strptime(base.replace("t", "T"), "%Y-%m-%dT%H:%M:%S"))
+        if len(_parsed) >= 256:
+            _parsed.clear()
+        _parsed[base] = sec
+    return (sec - off) * 1_000_000_000 + ns
+
+
+_parsed: dict[str, int] = {}    # "YYYY-MM-DDTHH:MM:SS" -> seconds since the epoch (UTC)

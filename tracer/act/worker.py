@@ -97,6 +97,9 @@ class ActWorker:
     def __init__(self, actions: Optional[Actions] = None, procs=None, maxsize: int = 1024):
         self.actions = actions or Actions()
         self.procs = procs               # ProcTable (read-only here), for double-forked descendants
+        # () -> [(pid, creator, fork ktime)] from the kernel (kernel/forks.py): with fork
+        # records off, fork-only descendants are there and not in the process table
+        self.kernel_forks = None
         self._q: "queue.Queue[Optional[ActJob]]" = queue.Queue(maxsize)
         self.done: "collections.deque[ActJob]" = collections.deque()
         self.queue_full = 0
@@ -265,6 +268,14 @@ class ActWorker:
         for p in entries:
             if p.parent:
                 out.setdefault(p.parent, []).append((p.pid, p.start_ktime))
+        if self.kernel_forks is not None:
+            try:
+                # the fork time, not the table's exec time, is what /proc's start time shows
+                for pid, creator, ktime in self.kernel_forks():
+                    if creator:
+                        out.setdefault(creator, []).insert(0, (pid, ktime))
+            except Exception:
+                pass
         return out
 
 

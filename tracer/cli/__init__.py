@@ -73,6 +73,8 @@ def _sinks(output: Optional[Path], fmt: str, isolated: bool = False):
     if fmt == "ocsf":
         from agenttrace.sinks.ocsf import to_ocsf
         formatter = to_ocsf
+    if output is not None and str(output) == "-":
+        output = None          # the usual spelling of stdout: never a file named "-"
     if output is not None:
         if not output.parent.is_dir():
             raise BadInput(f"--output: folder {output.parent} does not exist")
@@ -140,7 +142,7 @@ def run(
     cgroup: List[str] = typer.Option([], "--cgroup", "-c", help="Watch this cgroup (relative to the cgroup2 mount or absolute); each child is an agent. Repeatable."),
     mode: Literal["monitor", "enforce"] = typer.Option("monitor", "--mode", help="monitor (report only) or enforce (apply rule actions)."),
     fmt: Literal["json", "ocsf"] = typer.Option("json", "--format", help="Record format: the agenttrace JSON lines, or OCSF 1.4.0 events."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write JSON lines here instead of stdout."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write JSON lines here instead of stdout (`-` is stdout)."),
     internal: List[str] = typer.Option([], "--internal", help="CIDR that counts as internal (adds to RFC 1918 & co). Repeatable."),
     agent: Optional[str] = typer.Option(None, "--agent", help="Agent name for -- CMD (default run-<pid>)."),
     rules: List[str] = typer.Option([], "--rules", "-r", help="Rule file or folder (repeatable; default: the built-in pack)."),
@@ -156,6 +158,7 @@ def run(
     wakeup_ms: float = typer.Option(5.0, "--wakeup-ms", help="Longest a record waits in the kernel ring buffer before it is read; 0 wakes the reader on every record (costs ~20 us of kernel time per event on VMs)."),
     user: Optional[str] = typer.Option(None, "--user", help="Run CMD as this user (name or uid) instead of root."),
     label: List[str] = typer.Option([], "--label", "-l", help="KEY=VALUE on every record's agent object (repeatable); wins over user.agenttrace.KEY xattrs on the cgroup."),
+    fork_records: bool = typer.Option(False, "--fork-records/--no-fork-records", help="Send a fork record per new process, as before record schema 1.2 (off: the kernel keeps who forked whom, exec records carry it; on anyway when a rule matches kind fork). See docs/MIGRATION.md."),
     drop_caps: str = typer.Option("auto", "--drop-caps", metavar="CAPS", help="Capabilities -- CMD loses before exec: auto (enforce mode: CAP_NET_RAW, so the kernel refuses packet and raw sockets with EPERM on every path; monitor mode: none), none, or a list such as net_raw,net_admin (applied in either mode)."),
 ):
     """Trace watched cgroups, or run CMD in a fresh agent cgroup and trace it."""
@@ -201,7 +204,7 @@ def run(
             features=S.features(no_net=no_net, no_flow=no_flow, no_dns=no_dns, no_listen=no_listen, files=files,
                                 packet=packet),
             rule_paths=list(rules) or None, use_rules=not no_rules, gpu=_gpu_config(gpu), wakeup_ms=wakeup_ms,
-            labels=labels, egress=egress)
+            labels=labels, egress=egress, fork_records=fork_records)
         if cmd:
             opts.drop_caps = _run_drop_caps(drop_caps, mode, opts.sock_fence)
         # the kernel verifies the probes while the rules load (docs/STARTUP.md); a rule error

@@ -23,11 +23,19 @@ def _inside(path: str, watched: Iterable[str]) -> bool:
 
 def escape_event(enricher, o: E.Escape):
     """The record for a kernel escape report, or None for a move that stays inside."""
-    from agenttrace.enrich.cgroups import relpath
+    from agenttrace.enrich.cgroups import find_by_id, relpath
     h = o.h
     dst = E.cstr(o.dst_path)
     self_move = bool(o.flags & E.ESC_SELF)
-    watched = [relpath(Path(p)) for p in enricher.agents.watched().values()]
+    roots = [Path(p) for p in enricher.agents.watched().values()]
+    watched = [relpath(p) for p in roots]
+    if o.flags & E.ESC_AT_FORK:
+        # born elsewhere (clone3 CLONE_INTO_CGROUP): the kernel knows only the cgroup's id. A
+        # cgroup that is gone already cannot be shown to be inside, so it counts as outside.
+        found = find_by_id(o.dst_cgroup_id, roots)
+        dst = relpath(found) if found is not None else ""
+        if found is not None and _inside(dst, watched):
+            return None
     if not self_move and dst and _inside(dst, watched):
         return None              # moved between cgroups of the watched subtree
     rec, t = enricher._base("escape", h)
@@ -42,7 +50,8 @@ def escape_event(enricher, o: E.Escape):
     rec["proc"] = proc
     rec["escape"] = {
         "pid": o.moved_tgid, "by_pid": o.writer_tgid, "self": self_move,
-        "how": "exec_outside" if o.flags & E.ESC_AT_EXEC else "cgroup_procs",
+        "how": ("clone_into_cgroup" if o.flags & E.ESC_AT_FORK else
+                "exec_outside" if o.flags & E.ESC_AT_EXEC else "cgroup_procs"),
         "to": {"cgroup": dst or None, "cgroup_id": o.dst_cgroup_id or None},
         "verdict": "killed" if o.flags & E.ESC_KILLED else "allowed",
     }

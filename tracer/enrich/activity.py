@@ -8,7 +8,8 @@ Two detections need to look back across processes, which a rule over one record 
 - *GPU + network* (tracer/enrich/gpunet.py): does a GPU-busy process, or a process it started,
   hold connections to external destinations (a pool)?
 
-Fed from the enrich stage with the records it already makes (exec, fork, exit, connect, flow):
+Fed from the enrich stage with the records it already makes (exec, fork when fork records are
+on, exit, connect, flow; with them off an exec inherits along its creator chain):
 no probe of its own, no syscall tracepoint. Only the processes a question is about get an entry
 (an external contact, or a build tool/installer and what it starts); for the rest an exec keeps
 its identity per pid and a fork or exit costs a lookup. Bounded: `max_procs` entries (least
@@ -149,6 +150,13 @@ class Activity:
             self._ident(pid, ident)
             own = _tool_of(ident)
             parent = self.procs.get(proc.get("ppid") or 0)
+            if parent is None:
+                # reparented, or a fork-only creator no fork record made an actor of (fork
+                # records off): the nearest ancestor on the creator chain that has one
+                for anc in proc.get("ancestry") or ():
+                    parent = self.procs.get(anc.get("pid") or 0) if isinstance(anc, dict) else None
+                    if parent is not None:
+                        break
             ptool = parent.tool if parent is not None and parent.end_ns is None else ""
             a = self.procs.get(pid)
             if own or ptool:

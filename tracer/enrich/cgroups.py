@@ -68,6 +68,32 @@ def cgroup_id(abs_path: Path) -> int:
     return os.stat(abs_path).st_ino
 
 
+def find_by_id(cid: int, first=(), limit: int = 50_000) -> Path | None:
+    """The cgroup directory whose id is `cid`: the subtrees in `first`, then the whole hierarchy,
+    at most `limit` directories (a kernel record names a cgroup only by id when it was never
+    attached to: clone3 CLONE_INTO_CGROUP). The directory entry's inode is the id: no stat."""
+    seen = 0
+    for top in [*first, cgroup2_mount()]:
+        stack = [str(top)]
+        while stack:
+            d = stack.pop()
+            try:
+                if os.stat(d).st_ino == cid:
+                    return Path(d)
+                with os.scandir(d) as it:
+                    for e in it:
+                        if e.is_dir(follow_symlinks=False):
+                            if e.inode() == cid:
+                                return Path(e.path)
+                            stack.append(e.path)
+            except OSError:
+                continue             # removed meanwhile
+            seen += 1
+            if seen >= limit:
+                return None
+    return None
+
+
 def level(abs_path: Path) -> int:
     rel = relpath(abs_path)
     return 0 if rel == "/" else rel.count("/")

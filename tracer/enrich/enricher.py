@@ -90,15 +90,17 @@ class Enricher:
                 "agent": self.agents.agent(h.agent_cgroup_id)}, t
 
     def _proc(self, h: E.Header) -> dict:
-        p = self.procs.get(h.tgid)
+        tgid = h.tgid
+        procs = self.procs
+        p = procs.get(tgid)
         if p is None:
-            rec = {"pid": h.tgid, "ppid": 0, "uid": h.uid, "comm": E.cstr(h.comm), "exe": "",
+            rec = {"pid": tgid, "ppid": 0, "uid": h.uid, "comm": E.cstr(h.comm), "exe": "",
                    "args": [], "exec_id": None, "parent_exec_id": None}
         else:
             rec = p.record()
-        rec["ancestry"] = self.procs.ancestry(h.tgid)
+        rec["ancestry"] = procs.ancestry(tgid)
         if self.gpu_summary is not None:
-            g = self.gpu_summary(h.tgid)
+            g = self.gpu_summary(tgid)
             if g:
                 rec["gpu"] = g
         return rec
@@ -127,14 +129,16 @@ class Enricher:
         if h is None:
             self.unknown_types += 1
             return []
-        self.by_type[rtype] = self.by_type.get(rtype, 0) + 1
+        by_type = self.by_type
+        by_type[rtype] = by_type.get(rtype, 0) + 1
         out = h(o)
-        seen = self.activity.observe
-        try:
-            for ev in out:
-                seen(ev.kind, ev.t_ns, ev.pid, ev.agent_cgroup_id, ev.record)
-        except Exception:      # the look-back memory is an enricher: failing, it never drops records
-            self.activity.stats["errors"] += 1
+        if out:
+            seen = self.activity.observe
+            try:
+                for ev in out:
+                    seen(ev.kind, ev.t_ns, ev.pid, ev.agent_cgroup_id, ev.record)
+            except Exception:      # the look-back memory is an enricher: failing, it never drops records
+                self.activity.stats["errors"] += 1
         return out
 
     def _start_wall(self, pid: int) -> int:
@@ -158,11 +162,13 @@ class Enricher:
             # execveat(fd, "", AT_EMPTY_PATH) / fexecve of a memfd / relative paths: the
             # kernel's name says little, the exe link says what ran (if the process still runs)
             exe = readlink_exe(h.tgid) or filename
-        p = self.procs.on_exec(h.tgid, o.ppid, h.uid, E.cstr(h.comm), exe, args, h.ktime)
+        p = self.procs.on_exec(h.tgid, o.ppid, h.uid, E.cstr(h.comm), exe, args, h.ktime, o.creator)
         rec, t = self._base("exec", h)
         proc = p.record()
         proc["ancestry"] = self.procs.ancestry(h.tgid)
         proc["filename"] = filename
+        # who forked it, whoever its parent is now: what the fork record used to say
+        proc["creator"] = p.parent or None
         if o.flags & E.EXEC_ARGS_TRUNCATED:
             proc["args_truncated"] = True
         if o.flags & E.EXEC_ARGS_READ_FAILED:
@@ -347,17 +353,20 @@ class Enricher:
 
     def _listen(self, o: E.Listen) -> Event:
         h = o.h
-        self._remember_socket(o.cookie, h.tgid, h.agent_cgroup_id)
+        tgid, agent = h.tgid, h.agent_cgroup_id
+        self._remember_socket(o.cookie, tgid, agent)
         rec, t = self._base("listen", h)
         rec["proc"] = self._proc(h)
-        net = {"proto": _PROTO.get(o.protocol, "tcp"), "family": _FAMILY.get(o.family, str(o.family)),
-               "local": {"addr": E.addr_str(o.laddr, o.family), "port": o.lport},
-               "what": "accept" if o.what == E.LISTEN_ACCEPT else "listen"}
-        if o.what == E.LISTEN_ACCEPT:
-            raddr = E.addr_str(o.raddr, o.family)
+        family, protocol, what = o.family, o.protocol, o.what
+        fam = _FAMILY.get(family)
+        net = {"proto": _PROTO.get(protocol, "tcp"), "family": fam if fam is not None else str(family),
+               "local": {"addr": E.addr_str(o.laddr, family), "port": o.lport},
+               "what": "accept" if what == E.LISTEN_ACCEPT else "listen"}
+        if what == E.LISTEN_ACCEPT:
+            raddr = E.addr_str(o.raddr, family)
             net["remote"] = {"addr": raddr, "port": o.rport, "scope": self.scoper.scope(raddr)}
         rec["net"] = net
-        return Event("listen", t, rec, h.tgid, h.agent_cgroup_id, o.cookie)
+        return Event("listen", t, rec, tgid, agent, o.cookie)
 
     def _dst(self, agent_id: int, addr: str, port: int) -> dict:
         d = {"addr": addr, "port": port, "scope": self.scoper.scope(addr), "name": None}
@@ -369,31 +378,40 @@ class Enricher:
         h = o.h
         rec, t = self._base("connect", h)
         rec["proc"] = self._proc(h)
-        addr = E.addr_str(o.daddr, o.family)
-        proto = _PROTO.get(o.protocol, str(o.protocol))
+        tgid, agent = h.tgid, h.agent_cgroup_id
+        family, protocol, cookie, sk, policy_id = o.family, o.protocol, o.cookie, o.sk, o.policy_id
+        addr = E.addr_str(o.daddr, family)
+        proto = _PROTO.get(protocol)
+        if proto is None:
+            proto = str(protocol)
+        fam = _FAMILY.get(family)
         blocked = o.verdict == E.VERDICT_BLOCKED
-        net = {"proto": proto, "family": _FAMILY.get(o.family, str(o.family)),
+        net = {"proto": proto, "family": fam if fam is not None else str(family),
                "op": _OPS.get(o.op, "connect"),
-               "src": None, "dst": self._dst(h.agent_cgroup_id, addr, o.dport),
+               "src": None, "dst": self._dst(agent, addr, o.dport),
                "verdict": "blocked" if blocked else "allowed",
                "result": "blocked" if blocked else ("sent" if proto != "tcp" else "pending")}
-        if o.policy_id:
-            net["policy_id"] = o.policy_id
+        if policy_id:
+            net["policy_id"] = policy_id
         if self.policy_rule is not None:
-            net["policy_rule"] = self.policy_rule(o.policy_id) if o.policy_id else None
+            net["policy_rule"] = self.policy_rule(policy_id) if policy_id else None
         rec["net"] = net
         self._relay(rec)
-        ev = Event("connect", t, rec, h.tgid, h.agent_cgroup_id, o.cookie)
-        self._remember_socket(o.cookie, h.tgid, h.agent_cgroup_id)
+        ev = Event("connect", t, rec, tgid, agent, cookie)
+        self._remember_socket(cookie, tgid, agent)
         if net["result"] == "pending":
             out = []
-            for key in {self._pending_sk.get(o.sk), o.cookie}:
-                old = self.pending.pop(key, None) if key is not None else None
+            pending = self.pending
+            # a newer connect on the same socket address, or the same cookie again, lets the
+            # held one go as "pending" (one entry per address in the kernel too)
+            prev = self._pending_sk.get(sk)
+            for key in ({prev, cookie} if prev is not None and prev != cookie else (cookie,)):
+                old = pending.pop(key, None)
                 if old is not None:
                     self.pending_displaced += 1
                     out.append(old[0])
-            self.pending[o.cookie] = (ev, time.monotonic_ns(), o.sk)
-            self._pending_sk[o.sk] = o.cookie
+            pending[cookie] = (ev, time.monotonic_ns(), sk)
+            self._pending_sk[sk] = cookie
             return out
         return [ev]
 

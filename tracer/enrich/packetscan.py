@@ -1,12 +1,14 @@
 """Packet sockets the agents hold, found without any syscall hook: the fallback while the
-`packet` probe feature (probes/packet.c) is off, which is the default.
+`packet` probe feature (probes/packet.c) is off, which is the default, and with it on the
+backstop for sockets no syscall tracepoint sees (io_uring IORING_OP_SOCKET, `int 0x80`).
 
 Every `interval_s` the kernel's packet-socket table is read once per network namespace the
 agents' processes are in (`/proc/<pid>/net/packet`, which lists that process's namespace);
 only when it holds a socket not seen before are the agents' descriptor tables
 (`/proc/<pid>/fd`) read to find which agent process owns it. Each socket (by inode) becomes
 one `socket` record through the normal pipeline (`socket.hook: "scan"`, verdict `allowed`: it
-is reported after the fact, never blocked), once, so `escape-socket-fence` raises one alert.
+is found after the fact, never blocked), once, so `escape-socket-fence` raises one alert, and
+in enforce mode the act stage kills the process that holds it.
 It costs no task on the node anything at syscall time; the price is the scan itself (a few
 small /proc reads per agent process and interval) and what it cannot see, which is counted
 in `lifecycle/stats` under `packet_scan`, never hidden:
@@ -52,7 +54,7 @@ def fenced_types(entries: Iterable) -> Set[int] | None:
 
 
 class PacketScan:
-    """Owned by the Tracer while the fence names packet sockets and `packet` is not loaded."""
+    """Owned by the Tracer while the fence names packet sockets."""
 
     def __init__(self, tracer, types: Set[int], interval_s: float = 2.0):
         self.tracer = tracer

@@ -127,6 +127,9 @@ class ProcTable:
         # exec and exit records share one walk instead of one each.
         self._gen = 0
         self._holes: set[int] = set()
+        # pid -> (creator, fork ktime, flags) | None: the kernel's creator chain (kernel/forks.py),
+        # for processes forked while fork records are off; None when there is no kernel table
+        self.fork_lookup = None
 
     def __len__(self) -> int:
         return len(self._t)
@@ -152,6 +155,8 @@ class ProcTable:
 
     def get(self, pid: int) -> Proc | None:
         p = self._t.get(pid)
+        if p is None and pid > 0 and self.fork_lookup is not None:
+            p = self._from_fork_entry(pid)
         if p is None and pid > 0:
             p = from_proc(pid)
             if p is not None:
@@ -168,6 +173,40 @@ class ProcTable:
                 n += 1
         return n
 
+    def _from_fork_entry(self, pid: int) -> Proc | None:
+        """A process forked in scope that never exec'd (or whose exec we have not read), built
+        as its fork record would have built it: same creator, same fork time, same exec_id.
+        Fork-only creators are built the same way, nearest ANCESTRY_DEPTH of them, without
+        recursion: an agent's chain of nested forks cannot exhaust the stack."""
+        chain = []
+        cur = pid
+        while len(chain) <= ANCESTRY_DEPTH:
+            ent = self.fork_lookup(cur)
+            if ent is None:
+                break
+            chain.append((cur, ent))
+            cur = ent[0]
+            if not cur or cur in self._t:
+                break
+        if not chain:
+            return None
+        top_creator = chain[-1][1][0]
+        if top_creator and len(chain) <= ANCESTRY_DEPTH and top_creator not in self._t:
+            self.get(top_creator)           # no entry of its own: /proc, or unknown
+        p = None
+        for cpid, (creator, ktime, _flags) in reversed(chain):
+            par = self._t.get(creator) if creator else None
+            uid, comm = (par.uid, par.comm) if par is not None else (0, "")
+            live = from_proc(cpid)
+            if live is not None:
+                uid, comm = live.uid, live.comm     # still running: its own name (prctl may rename)
+            # as on_fork does, but only with what is already in the table
+            p = Proc(cpid, creator, uid, comm, par.exe if par else "", list(par.args) if par else [],
+                     start_ktime=ktime)
+            p.parent_exec_id = par.exec_id if par else None
+            self._put(p)
+        return p
+
     def on_fork(self, parent_pid: int, child_pid: int, ktime: int, uid: int, comm: str) -> Proc:
         parent = self.get(parent_pid)
         child = Proc(child_pid, parent_pid, uid, comm, parent.exe if parent else "",
@@ -176,13 +215,15 @@ class ProcTable:
         return self._put(child)
 
     def on_exec(self, pid: int, ppid: int, uid: int, comm: str, exe: str, args: list,
-                ktime: int) -> Proc:
+                ktime: int, creator: int = 0) -> Proc:
         p = self._t.get(pid)
         if p is None:
             p = Proc(pid, ppid, uid, comm, exe, args, start_ktime=ktime)
-            # an exec we saw without its fork (process older than us): the creator is unknown
-            # beyond the current parent
-            par = self.get(ppid) if ppid else None
+            # an exec we saw without its fork: the kernel's creator when it saw the fork
+            # (fork records off), else (a process older than us) the current parent
+            if creator:
+                p.parent = creator
+            par = self.get(p.parent) if p.parent else None
             p.parent_exec_id = par.exec_id if par else None
         else:
             # a new image in the same process: a new id; the parent link stays the creator's

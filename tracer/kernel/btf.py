@@ -128,6 +128,24 @@ PROBE_FIELDS = {
 }
 
 
+# Where a child starts: a clone3(CLONE_INTO_CGROUP) child is born in the cgroup its parent
+# names, with no cgroup_attach_task to see, and no helper or tracepoint argument gives the
+# cgroup of a task other than current. escape.c reads child->cgroups->dfl_cgrp->kn->id at
+# sched_process_fork (what bpf_get_current_cgroup_id() computes for current). Optional: a
+# kernel whose BTF lacks one of them keeps the catch at the child's first exec.
+OPTIONAL_FIELDS = {
+    "AT_OFF_TASK_CGROUPS": ("task_struct", "cgroups"),
+    "AT_OFF_CSS_SET_DFL_CGRP": ("css_set", "dfl_cgrp"),
+    "AT_OFF_CGROUP_KN": ("cgroup", "kn"),
+    "AT_OFF_KERNFS_NODE_ID": ("kernfs_node", "id"),
+}
+
+
 def probe_offsets(btf: BTF | None = None) -> dict[str, int]:
     btf = btf or kernel_btf()
-    return {k: btf.member_offset(s, f) for k, (s, f) in PROBE_FIELDS.items()}
+    out = {k: btf.member_offset(s, f) for k, (s, f) in PROBE_FIELDS.items()}
+    try:
+        out.update({k: btf.member_offset(s, f) for k, (s, f) in OPTIONAL_FIELDS.items()})
+    except BTFError:
+        pass         # all or none: the probe tests one macro
+    return out

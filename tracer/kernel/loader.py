@@ -130,8 +130,8 @@ def _btf_offsets() -> dict[str, int]:
             return btf.probe_offsets()
         finally:
             btf.kernel_btf.cache_clear()     # the parsed BTF is not needed after this
-    return probecache.memo("btf", [u.release, u.version, size, repr(sorted(btf.PROBE_FIELDS.items()))],
-                           compute)
+    return probecache.memo("btf", [u.release, u.version, size, repr(sorted(btf.PROBE_FIELDS.items())),
+                                   repr(sorted(btf.OPTIONAL_FIELDS.items()))], compute)
 
 
 _MADV_PAGEOUT = 21    # Linux 5.4+

@@ -28,7 +28,8 @@ from agenttrace.kernel import bpfsys
 
 FORMAT = 1
 DEFAULT_DIR = Path("/var/cache/agenttrace/probes")
-KEEP = 64           # newest objects kept: each edit of a probe or new flag set adds one
+KEEP = 192          # newest objects kept (~0.2-0.4 MB each): each edit of a probe or new flag set adds
+                    # one, and the test suite alone loads about 64 sets, which a smaller cache evicted
 _LD_IMM64 = 0x18
 _PSEUDO_MAP_FD = 1
 

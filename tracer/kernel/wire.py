@@ -16,7 +16,8 @@ DNS_MAX = 512
 FLOW_BYTES = 256
 
 # at_config indices (one runtime-config map for every probe family); never renumber
-CFG_ENFORCE, CFG_GPU_FENCE, CFG_GPU_DEFAULT, CFG_DEFAULT_GROUP, CFG__MAX = 0, 1, 2, 3, 4
+CFG_ENFORCE, CFG_GPU_FENCE, CFG_GPU_DEFAULT, CFG_DEFAULT_GROUP, CFG__MAX = 0, 1, 2, 3, 5
+CFG_FORK_RECORDS = 4
 AT_CFG_ENFORCE, AT_CFG_GPU_FENCE, AT_CFG_GPU_DEFAULT = CFG_ENFORCE, CFG_GPU_FENCE, CFG_GPU_DEFAULT
 AT_CFG_DEFAULT_GROUP = CFG_DEFAULT_GROUP
 
@@ -48,7 +49,7 @@ FILE_KILLED, FILE_READ_FAILED, FILE_PATH_TRUNCATED, FILE_LATE_READ = 0x1, 0x2, 0
 AT_FDCWD = -100
 SOCK_DENY, SOCK_REPORT = 1, 2
 SOCK_F_SYSCALL, SOCK_F_KILLED = 0x1, 0x2
-ESC_SELF, ESC_KILLED, ESC_WRITER_IN, ESC_AT_EXEC = 0x1, 0x2, 0x4, 0x8
+ESC_SELF, ESC_KILLED, ESC_WRITER_IN, ESC_AT_EXEC, ESC_AT_FORK = 0x1, 0x2, 0x4, 0x8, 0x10
 
 
 class Header(C.Structure):
@@ -61,7 +62,7 @@ class Header(C.Structure):
 class Exec(C.Structure):
     _fields_ = [("h", Header), ("ppid", C.c_uint32), ("old_pid", C.c_uint32),
                 ("flags", C.c_uint32), ("args_len", C.c_uint32), ("policy_id", C.c_uint32),
-                ("pad", C.c_uint32), ("filename", C.c_char * PATH_MAX),
+                ("creator", C.c_uint32), ("filename", C.c_char * PATH_MAX),
                 ("args", C.c_char * ARGS_MAX)]
 
 
@@ -155,6 +156,18 @@ class Escape(C.Structure):
                 ("dst_path", C.c_char * PATH_MAX)]
 
 
+FORKF_SEEN, FORKF_EXECED, FORKF_EXITED = 0x1, 0x2, 0x4
+
+
+class ForkEntry(C.Structure):
+    _fields_ = [("creator", C.c_uint32), ("flags", C.c_uint32), ("ktime", C.c_uint64)]
+
+
+class ProcCount(C.Structure):
+    _fields_ = [("forks", C.c_uint64), ("forks_quiet", C.c_uint64), ("exits_quiet", C.c_uint64),
+                ("released", C.c_uint64)]
+
+
 class DropKey(C.Structure):
     _fields_ = [("agent_cgroup_id", C.c_uint64), ("type", C.c_uint32), ("pad", C.c_uint32)]
 
@@ -163,7 +176,7 @@ STRUCTS = {"at_header": Header, "at_exec": Exec, "at_fork": Fork, "at_exit": Exi
            "at_connect": Connect, "at_conn_result": ConnResult, "at_listen": Listen,
            "at_dns": Dns, "at_flow": Flow, "at_device": Device, "at_file": File,
            "at_socket": Socket, "at_escape": Escape, "at_drop_key": DropKey,
-           "at_sni": Sni}
+           "at_sni": Sni, "at_fork_entry": ForkEntry, "at_proc_count": ProcCount}
 
 BY_TYPE = {EV_EXEC: Exec, EV_FORK: Fork, EV_EXIT: Exit, EV_CONNECT: Connect,
            EV_CONN_RESULT: ConnResult, EV_LISTEN: Listen, EV_DNS: Dns, EV_FLOW: Flow,
@@ -175,7 +188,16 @@ _V4_MAPPED = b"\0" * 10 + b"\xff\xff"
 
 def addr_str(raw, family: int) -> str:
     b = bytes(raw)
-    if family == socket.AF_INET or b[:12] == _V4_MAPPED:
+    if family == _AF_INET:
+        # a storm repeats a handful of addresses: one dict lookup instead of a slice and a
+        # conversion per address
+        s = _V4_STR.get(b)
+        if s is None:
+            if len(_V4_STR) >= 4096:
+                _V4_STR.clear()
+            s = _V4_STR[b] = socket.inet_ntop(socket.AF_INET, b[12:16])
+        return s
+    if b[:12] == _V4_MAPPED:
         return socket.inet_ntop(socket.AF_INET, b[12:16])
     s = _V6_STR.get(b)
     if s is None:
@@ -188,6 +210,8 @@ def addr_str(raw, family: int) -> str:
 
 
 _V6_STR: dict[bytes, str] = {}
+_V4_STR: dict[bytes, str] = {}    # AF_INET records: the address in the last 4 of 16 bytes
+_AF_INET = int(socket.AF_INET)
 
 
 def split_args(raw: bytes) -> list[str]:
@@ -207,15 +231,19 @@ def decode_buf(buf, size: int):
     """Decode one ring-buffer record held in a buffer (bytes, or a memoryview of the ring from
     tracer/kernel/ringbuf.py) into (type, body ctypes object); the body is a copy, so the ring's space
     can be reused at once. (type, None) for a type this build does not know."""
-    rtype = int.from_bytes(buf[:2], "little")
-    cls = BY_TYPE.get(rtype)
-    if cls is None:
+    rtype = buf[0] | buf[1] << 8
+    known = _SIZED.get(rtype)
+    if known is None:
         return rtype, None
-    full = C.sizeof(cls)
+    cls, full = known
     if size >= full:
-        return rtype, cls.from_buffer_copy(buf[:full])
+        # from_buffer_copy takes the struct's first bytes of a longer buffer: no slice copy
+        return rtype, cls.from_buffer_copy(buf)
     # variable-length tail (exec argv): pad the copy to the full struct
     return rtype, cls.from_buffer_copy(bytes(buf) + bytes(full - size))
+
+
+_SIZED = {t: (cls, C.sizeof(cls)) for t, cls in BY_TYPE.items()}
 
 
 def decode(ptr: int, size: int):

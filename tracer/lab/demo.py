@@ -106,6 +106,8 @@ def run_demo(out=print, color: bool = True, events_path: str | None = None) -> i
     root.mkdir()
     try:
         with NetLab() as lab:
+            # what the demo makes, by name: all of it is gone when the demo ends
+            out(f"lab: network namespaces {lab.agent_ns}, {lab.server_ns}; agent cgroups under {root.name}")
             steps = _steps(lab, tmp)
             for mode in ("monitor", "enforce"):
                 out(f"\n=== {mode} mode " + "=" * 60)

@@ -77,6 +77,14 @@ def _ports_of(rule: Rule) -> frozenset:
     return m.ports
 
 
+def _needs_name(rule: Rule) -> bool:
+    """Whether the rule's match holds only for a record with a host name (net.dst.name, a DNS
+    query or a flow's server name): a `names` list is an AND like scopes. Same exemption for
+    kernel-decided rules, whose answer is the record's policy_rule."""
+    m = rule.match
+    return m is not None and m.kernel_rule is None and m.has_dst and m.names is not None
+
+
 _PORT_IX_CACHE = 4096      # (scope, port) candidate tuples kept per kind
 
 
@@ -254,6 +262,7 @@ class Engine:
         # and kept: with hundreds of port rules a connect meets only those naming its port.
         self._port_kinds = frozenset(k for k, rules in self._by_kind.items() if any(_ports_of(r) for r in rules))
         self._port_ix: Dict[tuple, tuple] = {}
+        self._gate_cache: Dict[tuple, tuple] = {}
         # Per gated kind (exec): exact name -> positions of the rules it opens, and the rules
         # without a gate; an exec of a name no rule names meets only the latter.
         self._gate_ix = {}
@@ -339,18 +348,22 @@ class Engine:
             dst = net.get("dst") if isinstance(net, dict) else None
             if isinstance(dst, dict):
                 rules = by_scope.get(dst.get("scope"), rules)
-        net = rec.get("net") if event.kind in self._port_kinds else None
-        dst = net.get("dst") if isinstance(net, dict) else None
-        port = dst.get("port") if isinstance(dst, dict) else False
-        if port is None or type(port) is int:   # a malformed record meets every rule (and its error)
-            key = (event.kind, dst.get("scope"), port)
-            cand = self._port_ix.get(key)
-            if cand is None or cand[0] is not rules:
-                kept = tuple(r for r in rules if not (ps := _ports_of(r)) or port in ps)
-                if len(self._port_ix) >= _PORT_IX_CACHE:
-                    self._port_ix.clear()
-                cand = self._port_ix[key] = (rules, kept)
-            rules = cand[1]
+        if event.kind in self._port_kinds:
+            net = rec.get("net")
+            dst = net.get("dst") if isinstance(net, dict) else None
+            port = dst.get("port") if isinstance(dst, dict) else False
+            if port is None or type(port) is int:   # a malformed record meets every rule (and its error)
+                # a record naming no host cannot meet a rule that matches host names
+                named = bool(dst.get("name")) or "dns" in rec or "flow" in rec
+                key = (event.kind, dst.get("scope"), port, named)
+                cand = self._port_ix.get(key)
+                if cand is None or cand[0] is not rules:
+                    kept = tuple(r for r in rules if (not (ps := _ports_of(r)) or port in ps)
+                                 and (named or not _needs_name(r)))
+                    if len(self._port_ix) >= _PORT_IX_CACHE:
+                        self._port_ix.clear()
+                    cand = self._port_ix[key] = (rules, kept)
+                rules = cand[1]
         out: List[Event] = []
         base = comm = None
         inames: Any = ()
@@ -365,15 +378,30 @@ class Engine:
                     inames = ident["names"]   # a renamed copy is gated by what it is
             ix = self._gate_ix.get(event.kind)
             if ix is not None:
-                names, ungated = ix
-                hit = set()
-                for n in (base, comm, *inames):
-                    got = names.get(n) if isinstance(n, str) else None
-                    if got:
-                        hit |= got
-                rules = tuple(r for i, r in enumerate(rules) if r.gate is None or i in hit) if hit else ungated
+                # the candidates for one (exe basename, comm, identity names) are computed once:
+                # a storm repeats a handful of programs
+                key = (event.kind, base, comm, *inames)
+                try:
+                    cand = self._gate_cache.get(key)
+                except TypeError:          # a malformed identity name: no caching
+                    cand = key = None
+                if cand is None or cand[0] is not rules:
+                    names, ungated = ix
+                    hit = set()
+                    for n in (base, comm, *inames):
+                        got = names.get(n) if isinstance(n, str) else None
+                        if got:
+                            hit |= got
+                    cand = (rules, tuple(r for i, r in enumerate(rules) if r.gate is None or i in hit) if hit else ungated)
+                    if key is not None:
+                        if len(self._gate_cache) >= _PORT_IX_CACHE:
+                            self._gate_cache.clear()
+                        self._gate_cache[key] = cand
+                rules = cand[1]
+        if not rules:
+            return out
         with self._lock:
-            now = self.clock.monotonic_ns()
+            now = None      # read once, when the first rule matches: most records match none
             for rule in rules:
                 g = rule.gate
                 if g is not None and base not in g and comm not in g and (not inames or g.isdisjoint(inames)):
@@ -383,6 +411,8 @@ class Engine:
                         continue
                     if rule.condition is not None and not self._cel(rule, rec):
                         continue
+                    if now is None:
+                        now = self.clock.monotonic_ns()
                     self.stats["matched"][rule.id] += 1
                     if rule.window is not None:
                         self._window(rule, event, now, out)

@@ -213,8 +213,14 @@ def _has_allow_list(egress) -> bool:
     return any(getattr(p, "mode", None) == "allow-list" for p in (egress or {}).values())
 
 
+def _only_fork_records(old, new) -> bool:
+    # fork records are a runtime switch (at_config), applied by a reload like the rules
+    return old.model_copy(update={"fork_records": new.fork_records}) == new
+
+
 def _restart_needed(old, new) -> list[str]:
-    out = [k for k in RESTART_SECTIONS if getattr(old, k) != getattr(new, k)]
+    out = [k for k in RESTART_SECTIONS if getattr(old, k) != getattr(new, k)
+           and not (k == "probes" and _only_fork_records(old.probes, new.probes))]
     og, ng = old.gpu, new.gpu
     # GPU policy (groups, quotas, thresholds, trainers) applies live; whether the sampler and
     # the device fence exist at all was decided when the probes were loaded
@@ -250,13 +256,16 @@ def _reload(config_path, old_cfg, tracer, watcher):
     new_internal, own = S.config_internal(cfg)
     old_internal, old_own = tracer.opts.internal, getattr(tracer.opts, "node_subnets", [])
     tracer.opts.internal, tracer.opts.node_subnets = new_internal, own
+    old_forks, tracer.opts.fork_records = tracer.opts.fork_records, cfg.probes.fork_records
     try:
         ok = tracer.reload_rules(rs, mode=cfg.mode)     # policy first: it may not fit
     except Exception as e:      # reload_rules keeps the running policy whatever it raises
         tracer.opts.internal, tracer.opts.node_subnets = old_internal, old_own
+        tracer.opts.fork_records = old_forks
         return failed(f"applying the rules failed: {type(e).__name__}: {e}")
     if not ok:
         tracer.opts.internal, tracer.opts.node_subnets = old_internal, old_own
+        tracer.opts.fork_records = old_forks
         log.error("agenttrace: reload failed, keeping the running config and rules")
         return old_cfg
     try:

@@ -392,8 +392,13 @@ def html_page(runs: list[AgentRun], node_records: list[dict], source: str) -> st
     for run in runs:
         for r in run.records:
             p = r.get("proc")
-            if isinstance(p, dict) and p.get("exec_id") and r["kind"] in ("exec", "fork"):
-                by_exec[p["exec_id"]] = p
+            if isinstance(p, dict) and p.get("exec_id"):
+                if r["kind"] in ("exec", "fork"):
+                    by_exec[p["exec_id"]] = p
+                else:
+                    # fork records off (docs/MIGRATION.md): a fork-only process is known by
+                    # the records it made
+                    by_exec.setdefault(p["exec_id"], p)
     nodes = sorted({str(r.get("node")) for run in runs for r in run.records[:1]} |
                    {str(r.get("node")) for r in node_records if r.get("node")})
     n_rec = sum(len(r.records) for r in runs)

@@ -66,6 +66,10 @@ class SessionOptions:
     # seconds between scans of the agents' packet sockets while the `packet` probe is off
     # (enrich/packetscan.py); 0 = no scan
     packet_scan_s: float = 2.0
+    # a `fork` record per new process (the record contract before schema 1.2, docs/MIGRATION.md);
+    # off, the kernel keeps the creator chain and exec records carry it. On anyway when a rule
+    # matches kind `fork`.
+    fork_records: bool = False
 
 
 def features(no_net: bool = False, no_flow: bool = False, no_dns: bool = False,
@@ -145,13 +149,14 @@ def from_config(cfg) -> SessionOptions:
         rule_paths=list(cfg.rules) or None, egress=cfg.egress or None, node=cfg.node,
         egress_origin=(cfg.source or "<config>", dict(cfg._egress_lines)) if cfg.egress else None,
         fail_closed_grace_s=cfg.pinning.grace_s, sock_fence=[parse_fence(s) for s in cfg.socket_fence],
-        packet_scan_s=cfg.probes.packet_scan_s)
+        packet_scan_s=cfg.probes.packet_scan_s, fork_records=cfg.probes.fork_records)
 
 
 def describe(tracer) -> dict:
     """What `lifecycle/started` says is active: probes, features, rules, mode, enforcement."""
     e = tracer.engine
-    out: Dict[str, Any] = {"features": list(tracer.opts.features)}
+    out: Dict[str, Any] = {"features": list(tracer.opts.features),
+                           "fork_records": bool(getattr(tracer, "fork_records", False))}
     if getattr(tracer.opts, "node_subnets", None):
         out["node_subnets"] = list(tracer.opts.node_subnets)
     fence = getattr(tracer.opts, "sock_fence", None)

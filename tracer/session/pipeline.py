@@ -44,6 +44,7 @@ Options = SessionOptions
 # file kills, connect blocks and protocol drops read AT_CFG_ENFORCE; the GPU fence reads it
 # and AT_CFG_GPU_FENCE (GpuFence writes that one from the config).
 _HOLD_EXITED_NS = 1_000_000_000     # how long an `exited` alert waits for the exit record
+_NOTED = frozenset(("exit", "connect", "flow"))   # kinds whose facts `exited` outcomes report
 
 
 class Tracer:
@@ -142,6 +143,7 @@ class Tracer:
                 self.gpu.install_fence(self.probes)
                 self.enrich.device_names = self.gpu.device_names()
             self._write_mode()
+            self._write_fork_records()
             if "sock" in features:
                 from agenttrace.kernel.sockfence import write_fence
                 write_fence(self.probes["sock_fence"], self.opts.sock_fence)
@@ -206,6 +208,23 @@ class Tracer:
         # kills, connect blocks, protocol drops and the GPU fence cannot disagree after a reload
         self.probes.set_flag("at_config", E.CFG_ENFORCE, 1 if self.opts.mode == "enforce" else 0)
 
+    fork_records = False         # fork records sent (kernel/forks.py); else kept in the kernel
+    kernel_forks = None          # kernel/forks.KernelForks while the proc probes are loaded
+
+    def _write_fork_records(self, ruleset=None) -> None:
+        from agenttrace.kernel.forks import KernelForks, wants_fork_records, write_switch
+        if ruleset is None and self.engine is not None:
+            ruleset = self.engine.ruleset
+        self.fork_records = wants_fork_records(self.opts, ruleset)
+        if self.probes is None or "proc" not in self.probes.features:
+            return
+        write_switch(self.probes, self.fork_records)
+        if self.kernel_forks is None:
+            self.kernel_forks = KernelForks(self.probes)
+            self.procs.fork_lookup = self.kernel_forks.lookup
+            self.act.kernel_forks = self.kernel_forks.live
+            self.summaries.quiet_forks = lambda cid: self.kernel_forks.counts(cid)["forks_quiet"]
+
     def set_mode(self, mode: str) -> None:
         """monitor <-> enforce, kernel and userspace together."""
         self.opts.mode = mode
@@ -247,6 +266,7 @@ class Tracer:
         if mode is not None and mode != self.opts.mode:
             self.set_mode(mode)
         self.engine.swap_rules(ruleset)
+        self._write_fork_records(ruleset)     # a rule on `fork` turns the records on
         self._lifecycle("reloaded", rules=len(ruleset.rules), **describe(self))
         self._flush()
         return True
@@ -315,7 +335,7 @@ class Tracer:
             # Most records arrive without a wakeup (probes/common.h at_wake_flags), so wait at
             # most the wakeup interval, then take whatever is in the ring. Once a whole
             # interval has passed with nothing read, every CPU's next record wakes the reader
-            # (its last wakeup is older than the interval), so an idle reader may sleep for the
+            # (its previous record is older than the interval), so an idle reader may sleep for the
             # caller's full timeout: no 200 wakeups a second on an idle node.
             interval = max(1, int(self.opts.wakeup_ms))
             wait = timeout_ms if self._quiet else min(timeout_ms, interval)
@@ -443,8 +463,8 @@ class Tracer:
             d = self._exits
             d[ev.pid] = (rec.get("exit_code"), rec.get("signal"))
         elif ev.kind in ("connect", "flow"):
-            net = rec.get("net") or {}
-            if net.get("verdict") != "blocked":
+            net = rec.get("net")
+            if not net or net.get("verdict") != "blocked":
                 return
             pid = net.get("policy_id")
             rid = self.policy_writer.policy.rule_for(pid) if (pid and self.policy_writer and
@@ -456,8 +476,9 @@ class Tracer:
         else:
             return
         d.move_to_end(ev.pid)
-        while len(d) > 4096:
-            d.popitem(last=False)
+        if len(d) > 4096:
+            while len(d) > 4096:
+                d.popitem(last=False)
 
     # --- pipeline ----------------------------------------------------------------------
     def _on_view(self, view, size) -> None:
@@ -489,23 +510,28 @@ class Tracer:
                       stage, type(e).__name__, e, traceback.format_exc())
 
     def _process(self, ev: Event) -> None:
-        self.counts[ev.kind] = self.counts.get(ev.kind, 0) + 1
-        if ev.kind in ("exit", "connect", "flow"):
+        kind = ev.kind
+        counts = self.counts
+        counts[kind] = counts.get(kind, 0) + 1
+        if kind in _NOTED:
             self._note(ev)
-        for hook in self.hooks:
-            try:
-                hook(ev)
-            except Exception as e:
-                self._stage_error("hook", e)
-        self._batch.append(ev.record)
+        if self.hooks:
+            for hook in self.hooks:
+                try:
+                    hook(ev)
+                except Exception as e:
+                    self._stage_error("hook", e)
+        batch = self._batch
+        batch.append(ev.record)
         if self.engine is not None:
             try:
                 alerts = self.engine.process(ev)
             except Exception as e:
                 self._stage_error("match", e)
-                alerts = []
-            self._alerts(alerts)
-        if len(self._batch) >= 512:
+                alerts = None
+            if alerts:
+                self._alerts(alerts)
+        if len(batch) >= 512:
             self._flush()
 
     def _alerts(self, alerts) -> None:
@@ -528,7 +554,8 @@ class Tracer:
         batch, self._batch = self._batch, []
         observe = self.summaries.observe
         for r in batch:
-            r.setdefault("schema_version", SCHEMA_VERSION)
+            if "schema_version" not in r:
+                r["schema_version"] = SCHEMA_VERSION
             observe(r)
         for s in self.sinks:
             try:
@@ -597,6 +624,8 @@ class Tracer:
             "argv_read_failures": self.enrich.argv_read_failures,
             "file_path_read_failures": self.enrich.file_path_read_failures,
             "proc_table": {"size": len(self.procs), "evictions": self.procs.evictions},
+            **({"processes": {"fork_records": self.fork_records, **self.kernel_forks.stats()}}
+               if self.kernel_forks is not None else {}),
             # the look-back memory of download-then-exec and GPU+network (enrich/activity.py)
             "activity": {**self.enrich.activity.counters(), "fresh_exe": dict(self.enrich.fresh_exe.stats),
                          "gpu_net": dict(self.enrich.gpu_net.stats)},
@@ -638,9 +667,10 @@ class Tracer:
 
 
 def _packet_scan(tracer):
-    """The zero-syscall-cost packet-socket scan, where the fence names packet sockets and the
-    `packet` probe that would see them at socket() is not loaded (tracer/enrich/packetscan.py)."""
-    if "packet" in tracer.probes.features or tracer.opts.packet_scan_s <= 0:
+    """The zero-syscall-cost packet-socket scan, wherever the fence names packet sockets
+    (tracer/enrich/packetscan.py). With the `packet` probe loaded too it is the backstop for what
+    no syscall tracepoint sees: io_uring's IORING_OP_SOCKET and compat (`int 0x80`) socket()."""
+    if tracer.opts.packet_scan_s <= 0:
         return None
     from agenttrace.enrich.packetscan import PacketScan, fenced_types
     types = fenced_types(tracer.opts.sock_fence)
