@@ -64,6 +64,9 @@ class Enricher:
         # socket cookie -> (tgid, agent cgroup id) from connect/accept records: skb records
         # seen in softirq (or on kernels without bpf_get_current_* there) carry no process
         self.sockets: "OrderedDict[int, tuple[int, int]]" = OrderedDict()
+        from agenttrace.enrich.exeid import ExeIdentifier
+        self.exe_ids = ExeIdentifier()      # its reads of likely programs: warm()
+        self._warmed = False
         # who did what, kept past exit: download-then-exec and GPU+network look back with it
         from agenttrace.enrich.activity import Activity
         from agenttrace.enrich.freshexe import FreshExe
@@ -274,18 +277,19 @@ class Enricher:
         """Read the programs most likely to exec first (exeid.ExeIdentifier.warm), so the first
         execs are not identified on the reader's clock. The session calls it right after
         `started`, before it reads a record or starts a command; otherwise the first exec does."""
+        if self._warmed:
+            return
+        self._warmed = True
         try:
-            self._identity(0, "", "", [])
+            self.exe_ids.warm()
         except Exception:   # an enrichment cache: the session runs without it being warm
             pass
 
     def _identity(self, pid: int, filename: str, exe: str, args: list) -> dict | None:
         """What the exec ran by content (tracer/enrich/exeid.py); never stops the pipeline."""
-        ids = getattr(self, "exe_ids", None)
-        if ids is None:
-            from agenttrace.enrich.exeid import ExeIdentifier
-            ids = self.exe_ids = ExeIdentifier()
-            ids.warm()
+        if not self._warmed:
+            self.warm()
+        ids = self.exe_ids
         try:
             return ids.identify(pid, filename, exe, args)
         except Exception:
