@@ -264,9 +264,19 @@ def goals(result: dict) -> list:
                           f"probe, maps written; the part of the probes' load not already done while the rules "
                           f"loaded), the other {max(st[worst] - ms, 0):.2f} s interpreter start, "
                           "imports and rule loading before it")
+        # what the tracer still did after `started` before it was idle (bench/tracers.py _settle):
+        # said beside the goal, so work moved past the record is not hidden by it
+        settle = {}
+        for s_ in result.get("sessions", []):
+            stv = s_.get("started") if isinstance(s_.get("started"), dict) else {}
+            if s_.get("tracer") in st and stv.get("settle_s") is not None:
+                settle.setdefault(s_["tracer"], []).append((stv["settle_s"], stv.get("settle_cpu_ms") or 0))
+        tail = "; after `started`, until idle: " + ", ".join(
+            f"{t} max {max(v[0] for v in vs):g} s, {max(v[1] for v in vs):g} ms CPU" for t, vs in sorted(settle.items())) \
+            if settle else ""
         add("startup", g, verdict(st[worst] <= STARTUP_MAX_S), st[worst],
-            ", ".join(f"{t} median {tsum[t]['startup_s_median']} s, max {tsum[t]['startup_s_max']} s" for t in st),
-            cause)
+            ", ".join(f"{t} median {tsum[t]['startup_s_median']} s, max {tsum[t]['startup_s_max']} s" for t in st)
+            + tail, cause)
     else:
         add("startup", g, "not measured", detail=why_not)
 
