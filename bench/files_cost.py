@@ -103,33 +103,38 @@ class Tracer:
             pass
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def run_rounds(name: str, src: str, workloads: dict, configs: tuple, flag: str, out_json: Path,
+               argv=None, extra=lambda work: []) -> int:
+    """The syscall-cost bench both files_cost and packet_cost are: `configs` (no tracer, plain
+    agenttrace, agenttrace with `flag`) alternated over rounds, each round running every
+    workload of the generator built from `src` (args: mode, iterations, the agent cgroup's procs
+    file or "", then `extra(work)`), and the report against no tracer and against plain
+    agenttrace."""
+    ap = argparse.ArgumentParser(description=f"{name}: slowdown of {flag} against agenttrace without it")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every loop's iterations")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
-        print("files_cost: needs root", file=sys.stderr)
+        print(f"{name}: needs root", file=sys.stderr)
         return 2
     OUT.mkdir(exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="agenttrace-filescost-"))
+    work = Path(tempfile.mkdtemp(prefix=f"agenttrace-{name.replace('_', '')}-"))
     gen = work / "gen"
-    subprocess.run(["gcc", "-O2", "-o", str(gen), "-x", "c", "-"], input=SRC.encode(), check=True)
-    target = work / "plain.txt"
-    target.write_text("x")
-    watched = _cgroup_root() / f"agenttrace-bench-files-{uuid.uuid4().hex[:6]}"
+    subprocess.run(["gcc", "-O2", "-o", str(gen), "-x", "c", "-"], input=src.encode(), check=True)
+    tail = extra(work)
+    watched = _cgroup_root() / f"agenttrace-bench-{flag.lstrip('-')}-{uuid.uuid4().hex[:6]}"
     agent = watched / "a1"
     agent.mkdir(parents=True)
-    res: dict = {c: {w: [] for w in WORKLOADS} for c in CONFIGS}
+    res: dict = {c: {w: [] for w in workloads} for c in configs}
     try:
         for rnd in range(args.rounds):
-            order = CONFIGS[rnd % 3:] + CONFIGS[:rnd % 3]
+            order = configs[rnd % 3:] + configs[:rnd % 3]
             for cfg in order:
-                tr = None if cfg == "none" else Tracer(["--files"] if cfg.endswith("files") else [], watched, work)
+                tr = None if cfg == "none" else Tracer([flag] if cfg == configs[2] else [], watched, work)
                 try:
-                    for w, (mode, n, inside) in WORKLOADS.items():
+                    for w, (mode, n, inside) in workloads.items():
                         r = subprocess.run([str(gen), mode, str(int(n * args.scale)),
-                                            str(agent / "cgroup.procs") if inside else "", str(target)],
+                                            str(agent / "cgroup.procs") if inside else "", *tail],
                                            capture_output=True, text=True, check=True)
                         res[cfg][w].append(json.loads(r.stdout)["ns_per_op"])
                 finally:
@@ -138,9 +143,20 @@ def main(argv=None) -> int:
             print(f"round {rnd + 1}/{args.rounds} done", file=sys.stderr)
     finally:
         remove_tree(agent, watched, work)
-    report(res, CONFIGS, WORKLOADS, "agenttrace+files", "files_vs_agenttrace", OUT / "files_cost.json",
-           {"rounds": args.rounds})
+    hook = configs[2].split("+", 1)[1]
+    report(res, configs, workloads, configs[2], f"{hook}_vs_agenttrace", out_json,
+           {"rounds": args.rounds, "scale": args.scale})
     return 0
+
+
+def _plain_file(work: Path) -> list:
+    target = work / "plain.txt"
+    target.write_text("x")
+    return [str(target)]
+
+
+def main(argv=None) -> int:
+    return run_rounds("files_cost", SRC, WORKLOADS, CONFIGS, "--files", OUT / "files_cost.json", argv, _plain_file)
 
 
 def remove_tree(agent: Path, watched: Path, work: Path) -> None:

@@ -17,16 +17,10 @@ and written to bench/out/packet_cost.json. Noisy on a shared machine: read the s
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import subprocess
 import sys
-import tempfile
-import uuid
 from pathlib import Path
 
-from bench.files_cost import Tracer, _cgroup_root, remove_tree, report
+from bench.files_cost import run_rounds
 
 OUT = Path(__file__).resolve().parent / "out"
 SRC = r"""
@@ -58,41 +52,7 @@ CONFIGS = ("none", "agenttrace", "agenttrace+packet")
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--scale", type=float, default=1.0, help="multiply every loop's iterations")
-    args = ap.parse_args(argv)
-    if os.geteuid() != 0:
-        print("packet_cost: needs root", file=sys.stderr)
-        return 2
-    OUT.mkdir(exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="agenttrace-packetcost-"))
-    gen = work / "gen"
-    subprocess.run(["gcc", "-O2", "-o", str(gen), "-x", "c", "-"], input=SRC.encode(), check=True)
-    watched = _cgroup_root() / f"agenttrace-bench-packet-{uuid.uuid4().hex[:6]}"
-    agent = watched / "a1"
-    agent.mkdir(parents=True)
-    res: dict = {c: {w: [] for w in WORKLOADS} for c in CONFIGS}
-    try:
-        for rnd in range(args.rounds):
-            order = CONFIGS[rnd % 3:] + CONFIGS[:rnd % 3]
-            for cfg in order:
-                tr = None if cfg == "none" else Tracer(["--packet"] if cfg.endswith("packet") else [], watched, work)
-                try:
-                    for w, (mode, n, inside) in WORKLOADS.items():
-                        r = subprocess.run([str(gen), mode, str(int(n * args.scale)),
-                                            str(agent / "cgroup.procs") if inside else ""],
-                                           capture_output=True, text=True, check=True)
-                        res[cfg][w].append(json.loads(r.stdout)["ns_per_op"])
-                finally:
-                    if tr is not None:
-                        tr.stop()
-            print(f"round {rnd + 1}/{args.rounds} done", file=sys.stderr)
-    finally:
-        remove_tree(agent, watched, work)
-    report(res, CONFIGS, WORKLOADS, "agenttrace+packet", "packet_vs_agenttrace", OUT / "packet_cost.json",
-           {"rounds": args.rounds, "scale": args.scale})
-    return 0
+    return run_rounds("packet_cost", SRC, WORKLOADS, CONFIGS, "--packet", OUT / "packet_cost.json", argv)
 
 
 if __name__ == "__main__":
