@@ -254,6 +254,22 @@ static __always_inline void at_flow_send(struct at_flow_asm *a, struct at_flow_a
 	flow_asm.delete(k);
 }
 
+/* The header of a record about a flow: its owner as the SYN's syscall context saw it (later
+ * segments may leave in softirq, where current is nobody's), else what the skb says. tls.c's
+ * records take it the same way. */
+static __always_inline void at_flow_owner_header(struct at_header *h, struct at_flow_state *st, u16 type,
+						 u16 size, u64 cg, u64 agent)
+{
+	if (st && st->owner_known) {
+		__builtin_memcpy(h, &st->owner, sizeof(*h));
+		h->ktime = bpf_ktime_get_ns();
+		h->type = type;
+		h->size = size;
+	} else {
+		at_skb_header(h, type, size, cg, agent);
+	}
+}
+
 static __always_inline int at_flow(struct __sk_buff *skb, u8 dir)
 {
 	u64 cookie = bpf_get_socket_cookie(skb);
@@ -344,14 +360,7 @@ static __always_inline int at_flow(struct __sk_buff *skb, u8 dir)
 		if (!fresh)
 			return 1;
 		struct at_flow *e = &fresh->rec;
-		if (st->owner_known) {
-			__builtin_memcpy(&e->h, &st->owner, sizeof(e->h));
-			e->h.ktime = bpf_ktime_get_ns();
-			e->h.type = AT_EV_FLOW;
-			e->h.size = sizeof(*e);
-		} else {
-			at_skb_header(&e->h, AT_EV_FLOW, sizeof(*e), cg, agent);
-		}
+		at_flow_owner_header(&e->h, st, AT_EV_FLOW, sizeof(*e), cg, agent);
 		e->cookie = cookie;
 		e->family = l.family;
 		e->sport = sport;

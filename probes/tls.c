@@ -211,14 +211,7 @@ int at_tls_egress(struct __sk_buff *skb)
 		return 1;    /* flow.c's record carries the name: userspace reports from it */
 
 	struct at_sni *e = &s->rec;
-	if (st && st->owner_known) {
-		__builtin_memcpy(&e->h, &st->owner, sizeof(e->h));
-		e->h.ktime = bpf_ktime_get_ns();
-		e->h.type = AT_EV_SNI;
-		e->h.size = sizeof(*e);
-	} else {
-		at_skb_header(&e->h, AT_EV_SNI, sizeof(*e), cg, agent);
-	}
+	at_flow_owner_header(&e->h, st, AT_EV_SNI, sizeof(*e), cg, agent);
 	e->cookie = cookie;
 	e->family = l.family;
 	e->sport = ((u16)tcph[0] << 8) | tcph[1];
