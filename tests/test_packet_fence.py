@@ -328,6 +328,27 @@ def test_scan_reports_a_held_packet_socket_once_and_counts_what_it_cannot_map(ag
         p.wait(timeout=30)
 
 
+def test_scan_beside_the_packet_probe_does_not_report_a_socket_twice(agent_tree, make_session):
+    """With the probe loaded the scan is the backstop for what socket() tracepoints miss: a
+    socket the probe already reported is not reported again by the scan (one record)."""
+    from agenttrace.kernel.sockfence import default_entries
+    sess = make_session([agent_tree.root], features=("proc", "sock", "packet"), sock_fence=default_entries(),
+                        packet_scan_s=0.5, engine=_monitor_engine())
+    assert sess.tracer.packet_scan is not None
+    a = agent_tree.agent("held-probe")
+    p = agent_tree.spawn(a, [PY, "-c", HOLD], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert p.stdout.readline() == b"ready\n"
+        assert sess.wait_for(lambda: [r for r in sess.of("socket") if r["proc"]["pid"] == p.pid])
+        scans = sess.tracer.packet_scan.stats["scans"]
+        sess.wait_for(lambda: sess.tracer.packet_scan.stats["scans"] >= scans + 3)
+        recs = [r for r in sess.of("socket") if r["proc"]["pid"] == p.pid]
+        assert [r["socket"]["hook"] for r in recs] == ["sys_socket"], recs
+    finally:
+        p.stdin.close()
+        p.wait(timeout=30)
+
+
 def _monitor_engine():
     from agenttrace.match.engine import Engine
     from agenttrace.match.rules import default_rule_paths, load_rules

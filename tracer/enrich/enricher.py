@@ -64,6 +64,9 @@ class Enricher:
         # socket cookie -> (tgid, agent cgroup id) from connect/accept records: skb records
         # seen in softirq (or on kernels without bpf_get_current_* there) carry no process
         self.sockets: "OrderedDict[int, tuple[int, int]]" = OrderedDict()
+        # (tgid, family, type) of each socket the `packet` probe reported, for the packet scan
+        # (enrich/packetscan.py), which must not report the same socket a second time
+        self.on_probe_socket = None
         from agenttrace.enrich.exeid import ExeIdentifier
         self.exe_ids = ExeIdentifier()      # its reads of likely programs: warm()
         self._warmed = False
@@ -252,6 +255,8 @@ class Enricher:
         rec, t = self._base("socket", h)
         rec["proc"] = self._proc(h)
         rec["socket"] = socket_body(o)
+        if self.on_probe_socket is not None and o.flags & E.SOCK_F_SYSCALL:
+            self.on_probe_socket(h.tgid, o.family, o.type)
         return Event("socket", t, rec, h.tgid, h.agent_cgroup_id)
 
     def _remember_socket(self, cookie: int, tgid: int, agent: int) -> None:

@@ -63,6 +63,10 @@ class PacketScan:
         self._next = 0.0
         self._reported: Set[int] = set()
         self._unmapped: Set[int] = set()
+        # (pid, type) of packet sockets the `packet` probe already reported at socket(): the
+        # probe's record is the first word on them (and in enforce mode the process is dying),
+        # so the scan leaves them alone; forgotten once the pid is no agent's process
+        self._probe_saw: Set[Tuple[int, int]] = set()
         self.stats = {"scans": 0, "sockets": 0, "unmapped": 0, "read_errors": 0}
 
     def _agent_pids(self) -> Dict[int, int]:
@@ -92,6 +96,8 @@ class PacketScan:
         self._next = now + self.interval_s
         self.stats["scans"] += 1
         pids = self._agent_pids()
+        if self._probe_saw:
+            self._probe_saw = {k for k in self._probe_saw if k[0] in pids}
         if not pids:
             return []
         table: Dict[int, Tuple[int, int]] = {}
@@ -133,10 +139,20 @@ class PacketScan:
                 self._unmapped.add(ino)
                 self.stats["unmapped"] += 1
                 continue
+            if (pid, typ) in self._probe_saw:
+                self._reported.add(ino)        # the probe's record covers it
+                continue
             self._reported.add(ino)
             self.stats["sockets"] += 1
             events.append(self._event(pid, pids[pid], ino, typ, proto))
         return events
+
+    def probe_saw(self, pid: int, family: int, typ: int) -> None:
+        """The `packet` probe reported a socket of this process at socket() (Enricher hook)."""
+        if family == socket.AF_PACKET:
+            self._probe_saw.add((pid, typ))
+            if len(self._probe_saw) > 65536:
+                self._probe_saw.clear()        # bounded; at worst a socket is reported twice
 
     def _event(self, pid: int, agent_cid: int, ino: int, typ: int, proto: int):
         from agenttrace.session.event import Event

@@ -149,6 +149,8 @@ class Tracer:
                 write_fence(self.probes["sock_fence"], self.opts.sock_fence)
             self.probes.fail_closed_grace_s = self.opts.fail_closed_grace_s
             self.packet_scan = _packet_scan(self)
+            if self.packet_scan is not None and "packet" in features:
+                self.enrich.on_probe_socket = self.packet_scan.probe_saw
             if self.opts.rate_limit:
                 self.probes.set_flag("rate_cfg", 0, self.opts.rate_limit)
                 self.probes.set_flag("rate_cfg", 1, max(self.opts.rate_burst, self.opts.rate_limit))
@@ -360,6 +362,10 @@ class Tracer:
             if self.engine is not None:
                 self._alerts(self.engine.tick())
             if self.packet_scan is not None:
+                if self.enrich.on_probe_socket is not None:
+                    # the `packet` probe's records up to now first: a socket it answered (and a
+                    # process it is killing) is then known to the scan, not found as new
+                    self._read(0)
                 for ev in self.packet_scan.tick():
                     self._process(ev)
             self.check_drops()
