@@ -130,13 +130,19 @@ def egress_rule_models(egress: Dict[str, Any]) -> List[RuleModel]:
                 description=f"Egress policy of agent group '{group}' denies {d.cidr} "
                             f"ports {d.ports or 'any'} ({d.proto}); edit the config's egress.deny to change it.")))
         if pol.mode == "allow-list":
-            unless = []
+            # entries that differ only in their name (or CIDR) are one `unless` match listing them
+            # all: the same OR, and the engine then checks a connect against one set per distinct
+            # (ports, proto) instead of walking 10,000 one-name matches
+            merged: Dict[Tuple[str, Tuple[Any, ...], str], Dict[str, Any]] = {}
             for a in pol.allow:
                 key = "cidrs" if a.cidr is not None else "names"
-                u: Dict[str, Any] = {"dst": {key: [a.spec()], "ports": list(a.ports)}}
-                if a.proto != "any":
-                    u["proto"] = [a.proto]
-                unless.append(u)
+                u = merged.get((key, tuple(a.ports), a.proto))
+                if u is None:
+                    u = merged[(key, tuple(a.ports), a.proto)] = {"dst": {key: [], "ports": list(a.ports)}}
+                    if a.proto != "any":
+                        u["proto"] = [a.proto]
+                u["dst"][key].append(a.spec())
+            unless = list(merged.values())
             out.append(RuleModel.model_validate(dict(
                 base, id=f"egress-policy.{gid}.allow-list",
                 match={"groups": [group], "dst": {"scopes": list(pol.scopes)}, "unless": unless},
