@@ -27,8 +27,10 @@ def check(ruleset: RuleSet, internal: Iterable[str] = ()):
     from agenttrace.match.policy import PolicyError, compile_policy
     internal = list(DEFAULT_INTERNAL) + list(internal)
     # a session checks at load (before any probe) and again when it installs the policy: the
-    # same ruleset compiles to the same policy, and a 10,000-name allow-list takes ~0.3 s to compile
-    cached = getattr(ruleset, "_kernel_policy", None)
+    # same ruleset compiles to the same policy (a 100,000-name allow-list takes ~0.9 s), so the
+    # second check takes the first one's result, and drops it: the policy is not kept for the
+    # session's life (it is in the kernel maps by then)
+    cached = ruleset.__dict__.pop("_kernel_policy", None)
     if cached is not None and cached[0] == internal:
         return cached[1]
     by_id = {r.id: r for r in ruleset.rules}
