@@ -67,8 +67,11 @@ struct at_dn_key { u32 gid; u32 pad; u64 hash; };
 #define AT_NAME_RANGES 4     /* port ranges one name (and one learned address) may carry */
 struct at_prange { u16 lo; u16 hi; u8 proto; u8 pad; };   /* lo 0 = unused slot */
 struct at_dn_val { struct at_prange r[AT_NAME_RANGES]; u8 flags; u8 pad[3]; };
-#define AT_NAME_ALLOW_MAX 16384   /* all groups together; checked before load (maps.check_fits) */
-BPF_HASH(name_allow, struct at_dn_key, struct at_dn_val, AT_NAME_ALLOW_MAX);
+/* All groups together; checked before load (maps.check_fits). Not preallocated: a node without
+ * an allow-list pays for the bucket array (2 MiB) only, and one with 100,000 names for those
+ * names; userspace alone writes it, at start and reload, so the allocation is off the hot path. */
+#define AT_NAME_ALLOW_MAX 131072
+BPF_F_TABLE("hash", struct at_dn_key, struct at_dn_val, name_allow, AT_NAME_ALLOW_MAX, BPF_F_NO_PREALLOC);
 struct at_learn_key { u32 gid; u8 addr[16]; };
 /* the name_allow keys (of this group) of the newest two patterns that returned the address,
  * each with its own expiry: ports are those the pattern allows now, so a reload that narrows

@@ -19,7 +19,7 @@ MAX_PORT_EXPANSION = 4096  # port ranges narrower than "any" are expanded into p
 COMM_LEN = 16
 PATH_MAX = 256
 FILE_POLICY_MAX = 64       # AT_FILE_POLICY_MAX in probes/files.c
-NAME_ALLOW_MAX = 16384     # name_allow's size in probes/net.c (all groups together)
+NAME_ALLOW_MAX = 131072    # name_allow's size in probes/net.c (all groups together)
 
 
 class EnforceError(Exception):
@@ -79,8 +79,8 @@ def check_fits(kp: KernelPolicy) -> None:
     reload all call it through capability.check)."""
     plan_net(kp)
     if len(kp.name_allow) > NAME_ALLOW_MAX:
-        # refused here, before anything loads: the map itself would refuse the 16,385th name
-        # (E2BIG) only after minutes of writing
+        # refused here, before anything loads: the map itself would refuse the first name
+        # past its size (E2BIG) only after the others were written
         gid = kp.name_allow[NAME_ALLOW_MAX].group_id
         pid = next((g.policy_id for g in kp.groups if g.group_id == gid), 0)
         raise EnforceError(f"{len(kp.name_allow)} allowed names, more than the {NAME_ALLOW_MAX} the "
