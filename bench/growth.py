@@ -201,8 +201,11 @@ class Point:
         elif dim == "rules":
             self.workloads = ["exec", "connect"]
         elif dim == "allow_list":
-            self.args = [f"--allow-egress=n{i}.bench.test:443" for i in range(x)] + ["--allow-egress=198.18.0.0/15:443"]
-            self.label = f"--allow-egress x {x + 1}"
+            # as a user gives a long list: one file (`--allow-egress @FILE`), not 100,000 options
+            f = work / f"allow-{x}.txt"
+            f.write_text("".join(f"n{i}.bench.test:443\n" for i in range(x)) + "198.18.0.0/15:443\n")
+            self.args = [f"--allow-egress=@{f}"]
+            self.label = f"--allow-egress @<file of {x + 1}>"
             self.workloads = ["exec", "ext_connect"]
 
     def prepare(self, tracer) -> None:

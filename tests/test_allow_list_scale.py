@@ -59,3 +59,40 @@ def test_name_specs_are_not_parsed_as_networks():
     assert parse_allow_spec("10.0.0.0/8:443").cidr == "10.0.0.0/8"
     assert parse_allow_spec("10.1.2.3").cidr == "10.1.2.3/32"
     assert parse_allow_spec("[2001:db8::/32]:443").cidr == "2001:db8::/32"
+
+
+def test_spec_file_lines_comments_and_errors(tmp_path):
+    from agenttrace.kernel.egress import SpecError
+    f = tmp_path / "allow.txt"
+    f.write_text("pypi.org:443\n# mirrors\n*.pythonhosted.org:443  # wheels\n\n10.0.0.0/8\n")
+    pol = run_policy(["@" + str(f), "example.test:80"], "enforce")
+    (p,) = pol.values()
+    assert [a.spec() for a in p.allow] == ["pypi.org", "*.pythonhosted.org", "10.0.0.0/8", "example.test"]
+    f.write_text("pypi.org\n\nbad..name\n")
+    try:
+        run_policy(["@" + str(f)], "enforce")
+    except SpecError as e:
+        assert str(e).startswith(f"{f}:3: --allow-egress 'bad..name'"), e
+    else:
+        raise AssertionError("a bad line was accepted")
+
+
+def test_run_reads_allow_egress_from_a_file_through_the_cli(tmp_path):
+    """`run --allow-egress @FILE -- CMD` as the README shows it: a bad line stops the start
+    with exit 2 naming the file and line; a good file starts the egress probe."""
+    import json
+    import subprocess
+
+    from conftest import AGENTTRACE
+    f = tmp_path / "allow.txt"
+    f.write_text("".join(f"n{i}.bench.test:443\n" for i in range(3000)) + "oops:99999\n")
+    p = subprocess.run([AGENTTRACE, "run", "--mode", "enforce", "--allow-egress", f"@{f}", "--", "true"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and f"{f}:3001: --allow-egress 'oops:99999'" in p.stderr, p.stderr[-2000:]
+    f.write_text("".join(f"n{i}.bench.test:443\n" for i in range(3000)))
+    out = tmp_path / "out.jsonl"
+    p = subprocess.run([AGENTTRACE, "run", "--mode", "enforce", "--allow-egress", f"@{f}", "-o", str(out),
+                        "--", "true"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    started = next(json.loads(x) for x in out.read_text().splitlines() if '"started"' in x)
+    assert "egress" in started["probes"], started

@@ -154,7 +154,7 @@ def run(
     files: bool = typer.Option(False, "--files/--no-files", help=FILES_HELP),
     packet: bool = typer.Option(False, "--packet/--no-packet", help=PACKET_HELP),
     gpu: Literal["allow", "deny", "off"] = typer.Option("allow", "--gpu", help="GPU policy for the traced agents: allow, deny (fenced in enforce mode) or off (no NVML, no fence)."),
-    allow_egress: List[str] = typer.Option([], "--allow-egress", metavar="SPEC", help="Let the agents reach this destination: a DNS name (pypi.org), a *. wildcard (*.pythonhosted.org) or a CIDR, optionally :PORT or :LO-HI. Repeatable. Once given, external and metadata destinations not listed are denied (EPERM in enforce mode, reported in monitor mode); names are learned from DNS answers in the kernel, so allow the resolver too."),
+    allow_egress: List[str] = typer.Option([], "--allow-egress", metavar="SPEC", help="Let the agents reach this destination: a DNS name (pypi.org), a *. wildcard (*.pythonhosted.org) or a CIDR, optionally :PORT or :LO-HI. Repeatable; @FILE reads one SPEC per line (# comments). Once given, external and metadata destinations not listed are denied (EPERM in enforce mode, reported in monitor mode); names are learned from DNS answers in the kernel, so allow the resolver too."),
     wakeup_ms: float = typer.Option(5.0, "--wakeup-ms", help="Longest a record waits in the kernel ring buffer before it is read; 0 wakes the reader on every record (costs ~20 us of kernel time per event on VMs)."),
     user: Optional[str] = typer.Option(None, "--user", help="Run CMD as this user (name or uid) instead of root."),
     label: List[str] = typer.Option([], "--label", "-l", help="KEY=VALUE on every record's agent object (repeatable); wins over user.agenttrace.KEY xattrs on the cgroup."),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ctypes as C
 import ipaddress
 import time
-from typing import Dict, Iterable, List
+from typing import Dict, Iterable, List, Tuple
 
 from pydantic import ValidationError
 
@@ -75,10 +75,38 @@ def parse_allow_spec(spec: str) -> EgressDest:
         raise SpecError(f"--allow-egress {spec!r}: {detail}") from None
 
 
+def expand_spec_files(specs: Iterable[str]) -> List[Tuple[str, str]]:
+    """(spec, where) for each --allow-egress value, `@FILE` read as one spec per line (blank
+    lines and `#` comments skipped); `where` names the file and line for errors. A long
+    allow-list does not fit on a command line (ARG_MAX), and an option parser walks each of
+    100,000 options in turn: a file has neither limit."""
+    out: List[Tuple[str, str]] = []
+    for s in specs:
+        if not s.startswith("@"):
+            out.append((s, ""))
+            continue
+        path = s[1:]
+        try:
+            with open(path, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise SpecError(f"--allow-egress @{path}: cannot read: {getattr(e, 'strerror', None) or e}") from None
+        for n, line in enumerate(lines, 1):
+            spec = line.split("#", 1)[0].strip()
+            if spec:
+                out.append((spec, f"{path}:{n}: "))
+    return out
+
+
 def run_policy(specs: Iterable[str], mode: str) -> Dict[str, EgressPolicy]:
     """The egress policy `agenttrace run --allow-egress ...` gives its agents: allow-list on
     external and metadata destinations, enforced in the kernel (monitor mode reports)."""
-    allow = [parse_allow_spec(s) for s in specs]
+    allow = []
+    for spec, where in expand_spec_files(specs):
+        try:
+            allow.append(parse_allow_spec(spec))
+        except SpecError as e:
+            raise SpecError(f"{where}{e}") from None
     return {RUN_GROUP: EgressPolicy(mode="allow-list", scopes=list(RUN_SCOPES), allow=allow,
                                     action="block", severity="high")}
 
