@@ -54,7 +54,7 @@ DIMENSIONS = {
                "program (so the tracer knows it); the storms run in one of them"),
     "rules": ("rules loaded", "the built-in pack, then the pack plus generated rules (a third each: exec "
               "basename, exec path + argv regex, connect port), none of which match the storms"),
-    "allow_list": ("allow-list entries", "`--allow-egress NAME:443` entries (distinct names) plus "
+    "allow_list": ("allow-list entries", "`NAME:443` entries (distinct names) in one `--allow-egress @FILE`, plus "
                    f"198.18.0.0/15:443; the connect storm goes to {EXT_DST}:443, listed, from a network "
                    "namespace with no route (ENETUNREACH after the hook, no packet). A point the kernel's "
                    "name map cannot hold is refused by agenttrace at start, shown as the point's error; "
