@@ -4,9 +4,10 @@
  *
  * The message (up to AT_DNS_MAX bytes; for TCP including the 2-byte length prefix) goes to
  * userspace, which parses it with dnspython (agenttrace.dns). Answers feed the per-agent name
- * cache. These programs never drop: DNS policy is decided on names, in userspace.
+ * cache. Never drops: DNS policy is decided on names, in userspace. Run by skb.c's program of
+ * each direction.
  *
- * The skb helpers (at_skb_scope, at_skb_header, at_skb_l3) are in common.h, shared with flow.c. */
+ * The skb helpers (at_skb_scope_c, at_skb_header, at_l3_parse) are in common.h. */
 
 #define AT_NEXTHDR_TCP 6
 #define AT_NEXTHDR_UDP 17

@@ -1,12 +1,10 @@
 /* TLS server names: drop a ClientHello whose SNI names a forbidden host (mining pools, public
  * tunnel services) before the peer gets a byte of it.
  *
- * Why a program of its own next to flow.c's: a ClientHello is self-describing (a handshake
- * record, 0x16 0x03 0x0?, carrying handshake type 1), so the decision needs no reassembly and
- * no flow state, and flow.c's verification time and start-up cost stay what they are. Both
- * programs are attached to the same cgroups on cgroup_skb/egress; the loader attaches this one
- * first (ATTACH_FIRST in tracer/kernel/loader.py), so on the segment it drops it also marks
- * flow.c's per-flow state blocked: flow.c then drops every later segment of the flow
+ * Why apart from flow.c's reassembly: a ClientHello is self-describing (a handshake record,
+ * 0x16 0x03 0x0?, carrying handshake type 1), so the decision needs no reassembly and no flow
+ * state. skb.c's egress program runs this before flow.c, so on the segment it drops it also
+ * marks flow.c's per-flow state blocked: flow.c then drops every later segment of the flow
  * (retransmissions, the rest of a long hello) without sending a record of its own, and the
  * one record of the flow is this one, with the name.
  *
