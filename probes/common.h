@@ -290,37 +290,96 @@ struct at_l3 {
 	u8 daddr[16];
 };
 
-static __always_inline int at_skb_l3(struct __sk_buff *skb, struct at_l3 *l)
+/* The fields of at_l3 from the fixed IP header's bytes (20 for IPv4, 40 for IPv6). */
+static __always_inline int at_l3_parse(struct __sk_buff *skb, const u8 *ip, struct at_l3 *l)
 {
 	__builtin_memset(l, 0, sizeof(*l));
 	if (skb->protocol == bpf_htons(AT_ETH_P_IP)) {
-		u8 iph[20];
-		if (bpf_skb_load_bytes(skb, 0, iph, 20) < 0)
-			return -1;
 		l->family = AT_SKB_AF_INET;
-		l->proto = iph[9];
-		l->l4off = (iph[0] & 0xf) * 4;
-		l->l3end = ((u32)iph[2] << 8) | iph[3];
+		l->proto = ip[9];
+		l->l4off = (ip[0] & 0xf) * 4;
+		l->l3end = ((u32)ip[2] << 8) | ip[3];
 		l->saddr[10] = l->saddr[11] = 0xff;
 		l->daddr[10] = l->daddr[11] = 0xff;
-		__builtin_memcpy(&l->saddr[12], &iph[12], 4);
-		__builtin_memcpy(&l->daddr[12], &iph[16], 4);
+		__builtin_memcpy(&l->saddr[12], &ip[12], 4);
+		__builtin_memcpy(&l->daddr[12], &ip[16], 4);
 		return 0;
 	}
 	if (skb->protocol == bpf_htons(AT_ETH_P_IPV6)) {
-		u8 ip6[40];
-		if (bpf_skb_load_bytes(skb, 0, ip6, 40) < 0)
-			return -1;
 		l->family = AT_SKB_AF_INET6;
-		l->proto = ip6[6];
+		l->proto = ip[6];
 		l->l4off = 40;
-		l->l3end = 40 + (((u32)ip6[4] << 8) | ip6[5]);
-		__builtin_memcpy(l->saddr, &ip6[8], 16);
-		__builtin_memcpy(l->daddr, &ip6[24], 16);
+		l->l3end = 40 + (((u32)ip[4] << 8) | ip[5]);
+		__builtin_memcpy(l->saddr, &ip[8], 16);
+		__builtin_memcpy(l->daddr, &ip[24], 16);
 		return 0;
 	}
 	return -1;
 }
+
+static __always_inline int at_skb_l3(struct __sk_buff *skb, struct at_l3 *l)
+{
+	u8 ip[40];
+	if (skb->protocol == bpf_htons(AT_ETH_P_IP)) {
+		if (bpf_skb_load_bytes(skb, 0, ip, 20) < 0)
+			return -1;
+	} else if (skb->protocol == bpf_htons(AT_ETH_P_IPV6)) {
+		if (bpf_skb_load_bytes(skb, 0, ip, 40) < 0)
+			return -1;
+	} else {
+		return -1;
+	}
+	return at_l3_parse(skb, ip, l);
+}
+
+/* What the one cgroup_skb program of each direction (skb.c) works out once for every concern
+ * it runs (tls, icmp, dns, flow): before, each concern was a program of its own and parsed the
+ * headers, took the socket cookie and walked the cgroups again.
+ *
+ * The verdict so far and the cgroup walk's answer live in skb->cb[] (the kernel zeroes it before
+ * the program and restores it after; a tail call keeps it), not on the stack: the verifier knows
+ * nothing of cb's contents, so every way one concern can end joins the next concern in one
+ * state, and flow.c's heavy code is verified once instead of once per such way (a stack copy
+ * of them made at_skb_egress 778k verified instructions).
+ * cb[0]: verdict so far (bit 0); cb[1]: 0 not walked, 1 in scope, 2 not; cb[2], cb[3]: agent;
+ * cb[4]: bytes of the transport header in at_skb_ctx.l4 (20, 8, 1, or 0 when shorter). */
+#define AT_SKB_CB_VERDICT 0
+#define AT_SKB_CB_SCOPE 1
+#define AT_SKB_CB_L4LEN 4
+struct at_skb_ctx {
+	u8 ip[40];          /* the fixed IP header: 20 bytes (IPv4) or 40 (IPv6) */
+	u8 l4[20];          /* the transport header: TCP (20 bytes), UDP (8), ICMP (the type) */
+	u64 cookie;
+};
+/* Each concern derives its own at_l3 from the bytes (a few instructions): one kept on the
+ * stack for all of them would carry the bounds one concern's compares put on its fields
+ * into the next concern, and the verifier would check that one once per set of bounds. */
+#define AT_SKB_L3(skb, c, l) at_l3_parse((skb), (c)->ip, (l))
+#define AT_SKB_L4LEN(skb) ((skb)->cb[AT_SKB_CB_L4LEN])
+
+static __always_inline int at_skb_scope_c(struct __sk_buff *skb, u64 *cg, u64 *agent)
+{
+	u32 s = skb->cb[AT_SKB_CB_SCOPE];
+	if (s == 0) {
+		int in = at_skb_scope(skb, cg, agent);
+		skb->cb[AT_SKB_CB_SCOPE] = in ? 1 : 2;
+		skb->cb[2] = (u32)*agent;
+		skb->cb[3] = (u32)(*agent >> 32);
+		return in;
+	}
+	if (s != 1)
+		return 0;
+	*agent = ((u64)skb->cb[3] << 32) | skb->cb[2];
+	*cg = bpf_skb_cgroup_id(skb);
+	return 1;
+}
+
+/* This concern drops the packet: any drop drops, as when each concern was a program. */
+static __always_inline void at_skb_drop(struct __sk_buff *skb)
+{
+	skb->cb[AT_SKB_CB_VERDICT] = 0;
+}
+
 #endif /* AT_WITH_FLOW || AT_WITH_DNS || AT_WITH_EGRESS || AT_WITH_ICMP */
 
 #endif

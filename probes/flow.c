@@ -270,32 +270,38 @@ static __always_inline void at_flow_owner_header(struct at_header *h, struct at_
 	}
 }
 
-static __always_inline int at_flow(struct __sk_buff *skb, u8 dir)
+/* One way of a flow, run last by skb.c's program for that way with the headers it parsed. Its
+ * tail-called second half ends that program, so it returns its verdict combined with the one
+ * of the concerns that ran before (at_flow_prior). */
+static __always_inline int at_flow(struct __sk_buff *skb, u8 dir, struct at_skb_ctx *c)
 {
-	u64 cookie = bpf_get_socket_cookie(skb);
+	u64 cookie = c->cookie;
 	struct at_flow_state *st = flow_state.lookup(&cookie);
 	/* The steady state of a flow (both ways captured, not blocked) costs one hash lookup per
 	 * packet: no cgroup walk, no header parsing. */
 	if (st && st->seen[0] && st->seen[1] && !st->blocked)
 		return 1;
 
-	u64 cg = 0, agent = 0;
 	struct at_l3 l;
-	if (at_skb_l3(skb, &l) < 0 || l.proto != AT_NEXTHDR_TCP)
+	if (AT_SKB_L3(skb, c, &l) < 0 || l.proto != AT_NEXTHDR_TCP || AT_SKB_L4LEN(skb) < 20)
 		return 1;
-	u8 tcph[20];
-	if (bpf_skb_load_bytes(skb, l.l4off, tcph, 20) < 0)
-		return 1;
+	const u8 *tcph = c->l4;
 	u32 doff = (tcph[12] >> 4) * 4;
 	u32 off = l.l4off + doff;
 	u32 plen = l.l3end > off ? l.l3end - off : 0;
 	u8 fin = tcph[13] & 0x05;  /* FIN or RST: the stream ends here */
-	/* A bare ACK of a flow already known (its owner taken from the SYN) changes nothing below:
-	 * no bytes to capture, nothing to flush, no owner to learn. Most packets of a short flow
-	 * are that; they leave before the cgroup walk. */
-	if (st && !plen && !fin && (st->owner_known || dir != AT_DIR_EGRESS))
+	/* A segment without payload changes nothing below unless it ends a way with a capture
+	 * pending (flushed) or is the first egress one of a socket whose owner is not known yet
+	 * (learned): most packets of a short flow -- the handshake, bare ACKs, the RST of a flow
+	 * that never sent a byte, whatever arrives for a socket never seen -- leave before the
+	 * cgroup walk and without an entry being made. */
+	if (!plen && dir != AT_DIR_EGRESS && !st)
 		return 1;
-	if (!at_skb_scope(skb, &cg, &agent))
+	if (st && !plen && (st->owner_known || dir != AT_DIR_EGRESS) &&
+	    (!fin || (!st->pending[0] && !st->pending[1])))
+		return 1;
+	u64 cg = 0, agent = 0;
+	if (!at_skb_scope_c(skb, &cg, &agent))
 		return 1;
 	u32 seq = ((u32)tcph[4] << 24) | ((u32)tcph[5] << 16) | ((u32)tcph[6] << 8) | tcph[7];
 	u16 sport = ((u16)tcph[0] << 8) | tcph[1];
@@ -463,8 +469,13 @@ out_final:
 	return 1;
 }
 
-int at_skb_egress(struct __sk_buff *skb) { return at_flow(skb, AT_DIR_EGRESS); }
-int at_skb_ingress(struct __sk_buff *skb) { return at_flow(skb, AT_DIR_INGRESS); }
+
+/* The verdict of the concerns skb.c ran before at_flow on this packet (common.h at_skb_ctx):
+ * the tail-called halves end the packet's program, so they return it combined with their own. */
+static __always_inline u32 at_flow_prior(struct __sk_buff *skb)
+{
+	return skb->cb[AT_SKB_CB_VERDICT] & 1;
+}
 
 /* The second half of at_flow: classify the capture so far, apply the protocol policy, and send
  * the record once decided. Reached only by tail call from at_flow with the capture stored. */
@@ -473,14 +484,14 @@ static __always_inline int at_flow_decide(struct __sk_buff *skb, u8 dir)
 	u64 cookie = bpf_get_socket_cookie(skb);
 	struct at_flow_state *st = flow_state.lookup(&cookie);
 	if (!st)
-		return 1;
+		return at_flow_prior(skb);
 	u8 d = dir & 1;
 	struct at_flow_asm_key k = {};
 	k.cookie = cookie;
 	k.dir = d;
 	struct at_flow_asm *a = flow_asm.lookup(&k);
 	if (!a)
-		return 1;
+		return at_flow_prior(skb);
 	u64 agent = a->rec.h.agent_cgroup_id;
 	u8 fin = 0;
 	struct at_l3 l;
@@ -497,7 +508,7 @@ static __always_inline int at_flow_decide(struct __sk_buff *skb, u8 dir)
 		flow_egress_next.call(skb, 1);
 	else
 		flow_ingress_next.call(skb, 1);
-	return 1;
+	return at_flow_prior(skb);
 }
 
 static __always_inline int at_flow_finish(struct __sk_buff *skb, u8 dir)
@@ -505,14 +516,14 @@ static __always_inline int at_flow_finish(struct __sk_buff *skb, u8 dir)
 	u64 cookie = bpf_get_socket_cookie(skb);
 	struct at_flow_state *st = flow_state.lookup(&cookie);
 	if (!st)
-		return 1;
+		return at_flow_prior(skb);
 	u8 d = dir & 1;
 	struct at_flow_asm_key k = {};
 	k.cookie = cookie;
 	k.dir = d;
 	struct at_flow_asm *a = flow_asm.lookup(&k);
 	if (!a)
-		return 1;
+		return at_flow_prior(skb);
 	u64 agent = a->rec.h.agent_cgroup_id;
 	u8 fin = 0;
 	struct at_l3 l;
@@ -526,7 +537,7 @@ static __always_inline int at_flow_finish(struct __sk_buff *skb, u8 dir)
 	if (pre)
 		a->rec.fflags |= AT_FLOWF_PREBANNER;
 	if (!(cls & AT_CLASS_FINAL) && !fin)
-		return 1;
+		return at_flow_prior(skb);
 	if (!(cls & AT_CLASS_FINAL))
 		a->rec.fflags |= AT_FLOWF_FLUSHED;
 
@@ -542,7 +553,7 @@ static __always_inline int at_flow_finish(struct __sk_buff *skb, u8 dir)
 	st->pending[d] = 0;
 	st->seen[d] = 1;
 	at_flow_send(a, &k, agent);
-	return verdict == AT_VERDICT_BLOCKED ? 0 : 1;
+	return verdict == AT_VERDICT_BLOCKED ? 0 : at_flow_prior(skb);
 
 }
 

@@ -14,29 +14,33 @@
 struct at_icmp_key { u64 cookie; u8 addr[16]; };
 BPF_TABLE("lru_hash", struct at_icmp_key, u8, icmp_seen, 16384);
 
-int at_icmp_egress(struct __sk_buff *skb)
+/* Run by skb.c's egress program with the headers it parsed; returns this concern's verdict. */
+static __always_inline int at_icmp_egress(struct __sk_buff *skb, struct at_skb_ctx *c)
 {
-	struct at_l3 l;
-	if (at_skb_l3(skb, &l) < 0)
+	struct at_l3 l3;
+	const struct at_l3 *lp = &l3;
+	if (AT_SKB_L3(skb, c, &l3) < 0)
 		return 1;
-	u8 type;
-	if (l.proto == 1) {
-		if (bpf_skb_load_bytes(skb, l.l4off, &type, 1) < 0 || type != 8)
+	if (AT_SKB_L4LEN(skb) < 1)
+		return 1;
+	u8 type = c->l4[0];
+	if (lp->proto == 1) {
+		if (type != 8)
 			return 1;
-	} else if (l.proto == 58) {
-		if (bpf_skb_load_bytes(skb, l.l4off, &type, 1) < 0 || type != 128)
+	} else if (lp->proto == 58) {
+		if (type != 128)
 			return 1;
 	} else {
 		return 1;
 	}
 	u64 cg = 0, agent = 0;
-	if (!at_skb_scope(skb, &cg, &agent))
+	if (!at_skb_scope_c(skb, &cg, &agent))
 		return 1;
 	u32 policy = 0;
-	u8 verdict = at_dst_verdict(agent, l.daddr, 0, l.proto, &policy);
+	u8 verdict = at_dst_verdict(agent, lp->daddr, 0, lp->proto, &policy);
 	struct at_icmp_key ik = {};
-	ik.cookie = bpf_get_socket_cookie(skb);
-	__builtin_memcpy(ik.addr, l.daddr, 16);
+	ik.cookie = c->cookie;
+	__builtin_memcpy(ik.addr, lp->daddr, 16);
 	if (icmp_seen.lookup(&ik))
 		return verdict == AT_VERDICT_BLOCKED ? 0 : 1;
 	if (!at_admit(agent, AT_EV_CONNECT))
@@ -49,12 +53,12 @@ int at_icmp_egress(struct __sk_buff *skb)
 	at_skb_header(&e->h, AT_EV_CONNECT, sizeof(*e), cg, agent);
 	e->cookie = ik.cookie;
 	e->sk = 0;
-	e->family = l.family;
-	e->protocol = l.proto;
+	e->family = lp->family;
+	e->protocol = lp->proto;
 	e->dport = 0;
 	e->op = AT_OP_ICMP;
 	e->verdict = verdict;
-	__builtin_memcpy(e->daddr, l.daddr, 16);
+	__builtin_memcpy(e->daddr, lp->daddr, 16);
 	e->policy_id = policy;
 	e->pad = 0;
 	events.ringbuf_submit(e, at_wake_flags());

@@ -1,12 +1,10 @@
 /* TLS server names: drop a ClientHello whose SNI names a forbidden host (mining pools, public
  * tunnel services) before the peer gets a byte of it.
  *
- * Why a program of its own next to flow.c's: a ClientHello is self-describing (a handshake
- * record, 0x16 0x03 0x0?, carrying handshake type 1), so the decision needs no reassembly and
- * no flow state, and flow.c's verification time and start-up cost stay what they are. Both
- * programs are attached to the same cgroups on cgroup_skb/egress; the loader attaches this one
- * first (ATTACH_FIRST in tracer/kernel/loader.py), so on the segment it drops it also marks
- * flow.c's per-flow state blocked: flow.c then drops every later segment of the flow
+ * Why apart from flow.c's reassembly: a ClientHello is self-describing (a handshake record,
+ * 0x16 0x03 0x0?, carrying handshake type 1), so the decision needs no reassembly and no flow
+ * state. skb.c's egress program runs this before flow.c, so on the segment it drops it also
+ * marks flow.c's per-flow state blocked: flow.c then drops every later segment of the flow
  * (retransmissions, the rest of a long hello) without sending a record of its own, and the
  * one record of the flow is this one, with the name.
  *
@@ -117,27 +115,30 @@ static __always_inline u32 at_be16p(const u8 *b)
 	return ((u32)b[0] << 8) | b[1];
 }
 
-int at_tls_egress(struct __sk_buff *skb)
+/* Run first by skb.c's egress program (before flow.c, which then sees the flow it blocked),
+ * with the headers it parsed; returns this concern's verdict. */
+static __always_inline int at_tls_egress(struct __sk_buff *skb, struct at_skb_ctx *c)
 {
 	/* Most egress packets are SYNs and bare ACKs, far shorter than the smallest IP + TCP +
-	 * hello with a name (the 48-byte bound below): one compare instead of a socket cookie and
-	 * a hash lookup for each of them. */
+	 * hello with a name (the 48-byte bound below): one compare instead of a hash lookup for
+	 * each of them. */
 	if (skb->len < 20 + 20 + 48)
 		return 1;
-	u64 cookie = bpf_get_socket_cookie(skb);
+	u64 cookie = c->cookie;
 	struct at_flow_state *st = flow_state.lookup(&cookie);
 	if (st && ((st->seen[0] && st->seen[1]) || st->blocked))
 		return 1;    /* steady state, or flow.c drops the rest of a blocked flow */
-	struct at_l3 l;
-	if (at_skb_l3(skb, &l) < 0 || l.proto != AT_NEXTHDR_TCP)
+	struct at_l3 l3;
+	const struct at_l3 *lp = &l3;
+	if (AT_SKB_L3(skb, c, &l3) < 0)
 		return 1;
-	u8 tcph[20];
-	if (bpf_skb_load_bytes(skb, l.l4off, tcph, 20) < 0)
+	if (lp->proto != AT_NEXTHDR_TCP || AT_SKB_L4LEN(skb) < 20)
 		return 1;
-	u32 off = l.l4off + (tcph[12] >> 4) * 4;
-	if (l.l3end < off + 48)
+	const u8 *tcph = c->l4;
+	u32 off = lp->l4off + (tcph[12] >> 4) * 4;
+	if (lp->l3end < off + 48)
 		return 1;    /* no payload, or too short for a hello with a name */
-	u32 end = l.l3end;
+	u32 end = lp->l3end;
 	/* record header (5) + handshake header (4) */
 	u8 h[9];
 	if (bpf_skb_load_bytes(skb, off, h, 9) < 0)
@@ -145,7 +146,7 @@ int at_tls_egress(struct __sk_buff *skb)
 	if (h[0] != 0x16 || h[1] != 0x03 || h[2] > 0x04 || h[5] != 0x01)
 		return 1;
 	u64 cg = 0, agent = 0;
-	if (!at_skb_scope(skb, &cg, &agent))
+	if (!at_skb_scope_c(skb, &cg, &agent))
 		return 1;
 	/* version (2) + random (32): the session id length follows */
 	u32 p = off + 9 + 34;
@@ -213,7 +214,7 @@ int at_tls_egress(struct __sk_buff *skb)
 	struct at_sni *e = &s->rec;
 	at_flow_owner_header(&e->h, st, AT_EV_SNI, sizeof(*e), cg, agent);
 	e->cookie = cookie;
-	e->family = l.family;
+	e->family = lp->family;
 	e->sport = ((u16)tcph[0] << 8) | tcph[1];
 	e->dport = ((u16)tcph[2] << 8) | tcph[3];
 	e->verdict = enforce ? AT_VERDICT_BLOCKED : AT_VERDICT_ALLOWED;
@@ -221,8 +222,8 @@ int at_tls_egress(struct __sk_buff *skb)
 	e->policy_id = s->policy;
 	e->name_len = n;
 	e->name_off = name_at - off;
-	__builtin_memcpy(e->saddr, l.saddr, 16);
-	__builtin_memcpy(e->daddr, l.daddr, 16);
+	__builtin_memcpy(e->saddr, lp->saddr, 16);
+	__builtin_memcpy(e->daddr, lp->daddr, 16);
 	if (enforce) {
 		if (!st) {
 			struct at_flow_state fresh = {};

@@ -30,7 +30,7 @@ CGROUP_SOCK_OPS = 3
 NEEDED = {
     "listen": ("listen.c", [("at_sockops", "SOCK_OPS", CGROUP_SOCK_OPS)]),
     "flow": ("flow.c", [("at_skb_egress", "CGROUP_SKB", 1), ("at_skb_ingress", "CGROUP_SKB", 0)]),
-    "dns": ("dns.c", [("at_dns_egress", "CGROUP_SKB", 1), ("at_dns_ingress", "CGROUP_SKB", 0)]),
+    "dns": ("dns.c", []),      # run by skb.c's programs, which flow lists
 }
 
 

@@ -349,8 +349,9 @@ def test_a_reload_that_needs_the_unloaded_tls_probe_is_refused():
 
 
 def test_every_cgroup_program_gets_a_pin_of_its_own(tmp_path, monkeypatch):
-    """tls.c, flow.c, dns.c and icmp.c all attach on egress: each link is pinned (fail-closed
-    keeps all of them), the tls one attached first."""
+    """Several programs attach on one hook (skb.c's dispatcher and egress.c's learner on
+    ingress): each link is pinned (fail-closed keeps all of them); tls has no program of its
+    own (skb.c runs it before flow)."""
     from agenttrace.kernel import loader as L
     pinned = []
     monkeypatch.setattr(L, "pin_object", lambda fd, path: pinned.append((fd, path.name)))
@@ -361,7 +362,7 @@ def test_every_cgroup_program_gets_a_pin_of_its_own(tmp_path, monkeypatch):
     att = L._Attachment(tmp_path, 77, link_fds=[10, 11, 12, 13])
     p._pin(att)
     assert [fd for fd, _ in pinned] == [10, 11, 12, 13] and len({n for _, n in pinned}) == 4
-    assert L.ATTACH_FIRST == ("tls",) and list(L.FEATURES).index("tls") == list(L.FEATURES).index("flow") + 1
+    assert L.FEATURES["tls"][1] == [] and list(L.FEATURES).index("tls") == list(L.FEATURES).index("flow") + 1
 
 
 def test_name_blocks_compile_per_agent_group(tmp_path):

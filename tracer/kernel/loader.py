@@ -39,28 +39,23 @@ FEATURES: dict[str, tuple[str, list[tuple[str, str, int]]]] = {
     "listen": ("listen.c", [
         ("at_sockops", "SOCK_OPS", CGROUP_SOCK_OPS),
     ]),
+    # flow, tls, dns and icmp run inside skb.c's one program per direction (SKB_PROGRAMS);
+    # flow lists them, being what most sets have, so the metrics name them under it
     "flow": ("flow.c", [
         ("at_skb_egress", "CGROUP_SKB", CGROUP_INET_EGRESS),
         ("at_skb_ingress", "CGROUP_SKB", CGROUP_INET_INGRESS),
     ]),
     # ClientHello server names against the rules' forbidden names (needs "flow": it marks a
     # dropped flow in flow.c's state); loaded only where a rule blocks names (session start)
-    "tls": ("tls.c", [
-        ("at_tls_egress", "CGROUP_SKB", CGROUP_INET_EGRESS),
-    ]),
-    "dns": ("dns.c", [
-        ("at_dns_egress", "CGROUP_SKB", CGROUP_INET_EGRESS),
-        ("at_dns_ingress", "CGROUP_SKB", CGROUP_INET_INGRESS),
-    ]),
+    "tls": ("tls.c", []),
+    "dns": ("dns.c", []),
     # learns the addresses DNS answers give for allowed names (needs "net": its maps); loaded
     # only where an allow-list is configured (session start decides)
     "egress": ("egress.c", [
         ("at_egress_learn", "CGROUP_SKB", CGROUP_INET_INGRESS),
     ]),
     # ICMP echo from agent sockets as connect records, under the destination policy (needs "net")
-    "icmp": ("icmp.c", [
-        ("at_icmp_egress", "CGROUP_SKB", CGROUP_INET_EGRESS),
-    ]),
+    "icmp": ("icmp.c", []),
     # socket fencing: raw IP sockets (and whatever else the fence names) per agent
     "sock": ("sock.c", [
         ("at_sock_create", "CGROUP_SOCK", CGROUP_INET_SOCK_CREATE),
@@ -78,10 +73,12 @@ FEATURES: dict[str, tuple[str, list[tuple[str, str, int]]]] = {
     # the README's measured costs
     "files": ("files.c", []),
 }
-# Features whose cgroup programs run before the others' on the same hook: tls.c marks the
-# flow it drops as blocked in flow.c's state, so flow.c (run after it on the same segment) sends
-# no record of its own for it. Programs of one cgroup run in the order they were attached.
-ATTACH_FIRST = ("tls",)
+# The packet concerns skb.c's programs run (probes/skb.c; the order there: tls, icmp, dns, flow),
+# and which program each direction needs: (program, attach type, the features that use it).
+# With flow on they are flow's programs above; without it the loader adds the ones needed.
+SKB_FILE = "skb.c"
+SKB_PROGRAMS = (("at_skb_egress", CGROUP_INET_EGRESS, ("flow", "tls", "dns", "icmp")),
+                ("at_skb_ingress", CGROUP_INET_INGRESS, ("flow", "dns")))
 # Programs reached only by tail call: feature -> [(prog array, index, program, prog type,
 # attach type of the caller: a tail call's target must match it)].
 TAIL_CALLS: dict[str, list[tuple[str, int, str, str, int]]] = {
@@ -289,7 +286,10 @@ class Probes:
         parts = []
         # FEATURES order, not the caller's: later files use maps earlier ones declare
         ordered = [f for f in FEATURES if f in self.features]
-        for path in [d / "common.h"] + [d / FEATURES[f][0] for f in ordered]:
+        files = [d / "common.h"] + [d / FEATURES[f][0] for f in ordered]
+        if any(f in self.features for _p, _a, feats in SKB_PROGRAMS for f in feats):
+            files.append(d / SKB_FILE)     # last: it calls every packet concern's function
+        for path in files:
             parts.append(f'#line 1 "{path}"\n{path.read_text()}\n')
         return "".join(parts)
 
@@ -349,7 +349,14 @@ class Probes:
             out += [(f, prog_type(pt), at) for f, pt, at in FEATURES[feat][1]]
             out += [(f, prog_type(pt), at) for _a, _i, f, pt, at in TAIL_CALLS.get(feat, ())]
             out += [(f, prog_type("RAW_TRACEPOINT"), -1) for _tp, f in RAW_TRACEPOINTS.get(feat, ())]
+        out += [(f, prog_type("CGROUP_SKB"), at) for f, at in self._skb_extra()]
         return out
+
+    def _skb_extra(self) -> list[tuple[str, int]]:
+        """skb.c's programs this set needs that no feature's entry lists (sets without flow)."""
+        if "flow" in self.features:
+            return []
+        return [(name, at) for name, at, feats in SKB_PROGRAMS if any(f in self.features for f in feats)]
 
     def _load_bcc(self) -> None:
         """BCC compiling in this process (AGENTTRACE_BCC_INPROCESS=1): the old path, kept to
@@ -373,10 +380,7 @@ class Probes:
                     fn = self.bpf.load_func(fname.encode(), prog_type(ptype), attach_type=atype)
                 except errors as e:
                     raise ProbeError(f"loading program {fname} failed: {e}") from None
-                if feat in ATTACH_FIRST:
-                    self._cgroup_funcs.insert(0, (fn, atype))
-                else:
-                    self._cgroup_funcs.append((fn, atype))
+                self._cgroup_funcs.append((fn, atype))
             for array, idx, fname, ptype, atype in TAIL_CALLS.get(feat, ()):
                 try:
                     fn = self.bpf.load_func(fname.encode(), prog_type(ptype), attach_type=atype)
@@ -396,6 +400,12 @@ class Probes:
                     raise ProbeError(f"attaching {fname} to raw tracepoint {tp} failed: {os.strerror(err)}")
                 self._raw_tp_fds.append(fd)
                 self._raw_tp_names.append(fname)
+        for fname, atype in self._skb_extra():
+            try:
+                fn = self.bpf.load_func(fname.encode(), prog_type("CGROUP_SKB"), attach_type=atype)
+            except errors as e:
+                raise ProbeError(f"loading program {fname} failed: {e}") from None
+            self._cgroup_funcs.append((fn, atype))
 
     def __getitem__(self, name: str):
         return self.bpf[name.encode()]

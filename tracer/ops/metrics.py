@@ -128,6 +128,15 @@ def probe_states(probes) -> list:
                         if i < len(att.link_fds) and _fd_kind(att.link_fds[i]) == "bpf_link")
             out.append((feat, pname, "cgroup", loaded and links == len(attached), links))
             i += 1
+    # tls, dns and icmp run inside skb.c's programs (listed under flow): each is up as they are
+    from agenttrace.kernel.loader import SKB_PROGRAMS
+    rows = {r[1]: r for r in out if r[2] == "cgroup"}
+    for feat in (probes.features if probes is not None else ()):
+        if FEATURES[feat][1] or feat == "flow":
+            continue
+        for pname, _atype, feats in SKB_PROGRAMS:
+            if feat in feats and pname in rows:
+                out.append((feat,) + rows[pname][1:])
     return out
 
 
