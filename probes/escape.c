@@ -20,7 +20,10 @@
  *    reported at once and userspace judges the destination (kills it in enforce mode, as for a
  *    process moved by another); the child is also caught at its first exec, killed there in
  *    the kernel. On a kernel without those BTF fields only the exec catch remains.
- * Needs the proc feature's BTF offsets (AT_OFF_TASK_*). */
+ * Needs the proc feature's BTF offsets (AT_OFF_TASK_*); its fork and exit work runs inside
+ * proc.c's programs for those hooks (at_esc_forked, at_esc_exited). The exec check stays a
+ * program of its own: proc.c's exec program is a classic tracepoint (the kernel's copy of the
+ * filename), and this check must be a raw tracepoint, whose link can be pinned. */
 
 #ifndef AT_ESC_TASKS
 #define AT_ESC_TASKS 65536
@@ -73,17 +76,15 @@ static __always_inline u64 at_task_cgroup_id(void *task)
 }
 #endif
 
-int at_esc_fork(struct bpf_raw_tracepoint_args *ctx)
+/* Escape's share of the fork and exit hooks, run by proc.c's programs for them (this file comes
+ * first in the compile unit): one program per hook does both families' work, so the scope
+ * check and the child's ids are read once. Membership stays in a map of its own and is not
+ * derived from proc_forks: that one keeps the entries of fork-only processes after they exit
+ * (an orphan's ancestry names them), so a storm of short-lived forks would age a quiet, long-
+ * lived agent process out of it and its escape would go unseen; agent_tasks holds only the
+ * living. proc.c pins those two programs with this feature's own (daemon fail-closed). */
+static __always_inline void at_esc_forked(u64 cg, u64 agent, void *child, u32 ctgid)
 {
-	u64 cg, agent;
-	if (!at_scope(&cg, &agent))
-		return 0;
-	void *child = (void *)ctx->args[1];
-	u32 cpid = 0, ctgid = 0;
-	bpf_probe_read_kernel(&cpid, sizeof(cpid), child + AT_OFF_TASK_PID);
-	bpf_probe_read_kernel(&ctgid, sizeof(ctgid), child + AT_OFF_TASK_TGID);
-	if (cpid != ctgid)
-		return 0;
 	agent_tasks.update(&ctgid, &agent);
 #ifdef AT_OFF_KERNFS_NODE_ID
 	/* A fork child starts in its parent's cgroup; only CLONE_INTO_CGROUP places it elsewhere
@@ -92,16 +93,15 @@ int at_esc_fork(struct bpf_raw_tracepoint_args *ctx)
 	if (ccg && ccg != cg)
 		at_esc_emit(cg, agent, ctgid, AT_ESC_AT_FORK, ccg, -1, 0, 0);
 #endif
-	return 0;
 }
 
-int at_esc_exit(struct bpf_raw_tracepoint_args *ctx)
+/* any process's exit, in scope or not (one moved out by another writer is still a member).
+ * Looked up before the delete: this runs for every exit on the machine, and a delete takes the
+ * bucket's lock even for a key that is not there, a lookup takes none. */
+static __always_inline void at_esc_exited(u32 tgid)
 {
-	u64 pt = bpf_get_current_pid_tgid();
-	u32 tgid = pt >> 32;
-	if ((u32)pt == tgid)
+	if (agent_tasks.lookup(&tgid))
 		agent_tasks.delete(&tgid);
-	return 0;
 }
 
 int at_esc_exec(struct bpf_raw_tracepoint_args *ctx)

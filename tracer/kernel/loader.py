@@ -29,6 +29,9 @@ BPF_F_ALLOW_MULTI = 2
 # feature -> (source file in probes/, [(cgroup program, prog type name, attach type)]).
 # Tracepoint programs need no entry: BCC attaches TRACEPOINT_PROBE/RAW_TRACEPOINT_PROBE itself.
 FEATURES: dict[str, tuple[str, list[tuple[str, str, int]]]] = {
+    # agent processes leaving the watched subtree (needs "proc": its BTF offsets, and its fork
+    # and exit programs run escape's work); before proc.c, which calls its helpers
+    "escape": ("escape.c", []),
     "proc": ("proc.c", []),
     "net": ("net.c", [
         ("at_connect4", "CGROUP_SOCK_ADDR", CGROUP_INET4_CONNECT),
@@ -68,8 +71,6 @@ FEATURES: dict[str, tuple[str, list[tuple[str, str, int]]]] = {
     # the socket fence for families sock_create never sees (packet, netlink, vsock...): the
     # socket() syscall tracepoints, so like `files` not a default (needs "sock": its maps)
     "packet": ("packet.c", []),
-    # agent processes leaving the watched subtree (needs "proc": its BTF offsets)
-    "escape": ("escape.c", []),
     "device": ("device.c", [
         ("at_device_check", "CGROUP_DEVICE", CGROUP_DEVICE),
     ]),
@@ -95,9 +96,11 @@ TAIL_CALLS: dict[str, list[tuple[str, int, str, str, int]]] = {
 # Raw tracepoint programs with names of their own (a tracepoint another feature already uses
 # through BCC's RAW_TRACEPOINT_PROBE): feature -> [(tracepoint, program)].
 RAW_TRACEPOINTS: dict[str, list[tuple[str, str]]] = {
-    "escape": [("sched_process_fork", "at_esc_fork"), ("sched_process_exit", "at_esc_exit"),
-               ("sched_process_exec", "at_esc_exec")],
+    "escape": [("sched_process_exec", "at_esc_exec")],
 }
+# proc.c's raw tracepoint programs that also do escape's work (probes/escape.c at_esc_forked,
+# at_esc_exited): pinned with escape's own where escape is loaded
+ESCAPE_SHARED_RAW_TRACEPOINTS = ("sched_process_fork", "sched_process_exit")
 DEFAULT_FEATURES = ("proc", "net", "listen", "flow", "dns", "icmp", "sock", "escape")
 OPTIONAL_FEATURES = ("files", "packet")   # run/tail --files, run --packet, the daemon config's probes:
 
@@ -439,7 +442,12 @@ class Probes:
             self.heartbeat = Heartbeat(self, self.fail_closed_grace_s)
             self.heartbeat.arm()
         # raw tracepoint links pin too (checked on 6.18): the escape killer outlives us as well
-        for fd, name in zip(self._raw_tp_fds, self._raw_tp_names):
+        raw = list(zip(self._raw_tp_fds, self._raw_tp_names))
+        if "escape" in self.features:
+            shared = getattr(self.bpf, "raw_tracepoint_fds", {})
+            raw += [(shared[tp.encode()], tp) for tp in ESCAPE_SHARED_RAW_TRACEPOINTS
+                    if tp.encode() in shared]
+        for fd, name in raw:
             path = pin_dir / f"rawtp-{name}-{os.getpid()}"
             if not path.exists():
                 pin_object(fd, path)
