@@ -20,10 +20,9 @@
  *    reported at once and userspace judges the destination (kills it in enforce mode, as for a
  *    process moved by another); the child is also caught at its first exec, killed there in
  *    the kernel. On a kernel without those BTF fields only the exec catch remains.
- * Needs the proc feature's BTF offsets (AT_OFF_TASK_*); its fork and exit work runs inside
- * proc.c's programs for those hooks (at_esc_forked, at_esc_exited). The exec check stays a
- * program of its own: proc.c's exec program is a classic tracepoint (the kernel's copy of the
- * filename), and this check must be a raw tracepoint, whose link can be pinned. */
+ * Needs the proc feature's BTF offsets (AT_OFF_TASK_*); its fork, exec and exit work runs
+ * inside proc.c's programs for those hooks (at_esc_forked, at_esc_execed, at_esc_exited), whose
+ * links are pinned with this file's own in the daemon's fail-closed mode. */
 
 #ifndef AT_ESC_TASKS
 #define AT_ESC_TASKS 65536
@@ -76,13 +75,13 @@ static __always_inline u64 at_task_cgroup_id(void *task)
 }
 #endif
 
-/* Escape's share of the fork and exit hooks, run by proc.c's programs for them (this file comes
+/* Escape's share of the sched hooks, run by proc.c's programs for them (this file comes
  * first in the compile unit): one program per hook does both families' work, so the scope
  * check and the child's ids are read once. Membership stays in a map of its own and is not
  * derived from proc_forks: that one keeps the entries of fork-only processes after they exit
  * (an orphan's ancestry names them), so a storm of short-lived forks would age a quiet, long-
  * lived agent process out of it and its escape would go unseen; agent_tasks holds only the
- * living. proc.c pins those two programs with this feature's own (daemon fail-closed). */
+ * living. */
 static __always_inline void at_esc_forked(u64 cg, u64 agent, void *child, u32 ctgid)
 {
 	agent_tasks.update(&ctgid, &agent);
@@ -104,20 +103,21 @@ static __always_inline void at_esc_exited(u32 tgid)
 		agent_tasks.delete(&tgid);
 }
 
-int at_esc_exec(struct bpf_raw_tracepoint_args *ctx)
+/* Every exec on the machine, inside a watched subtree or not (`inside`, `agent`: at_scope's
+ * answer). Run by proc.c's exec program; a raw tracepoint of its own (AT_ESC_EXEC_PROG) where
+ * that program's attachment cannot be pinned (loader: BCC's own attach, kernels before 5.15). */
+static __always_inline void at_esc_execed(u32 tgid, int inside, u64 agent)
 {
-	u32 tgid = bpf_get_current_pid_tgid() >> 32;
 	u64 *from = agent_tasks.lookup(&tgid);
-	u64 cg, agent;
-	if (at_scope(&cg, &agent)) {
+	if (inside) {
 		/* a process moved in by a writer outside the subtree (a container runtime placing
 		 * its init) had no fork here to record it: its first exec inside does */
 		if (!from || *from != agent)
 			agent_tasks.update(&tgid, &agent);
-		return 0;
+		return;
 	}
 	if (!from)
-		return 0;
+		return;
 	u64 f = *from;
 	u32 flags = AT_ESC_SELF | AT_ESC_AT_EXEC;
 	if (at_esc_enforce()) {
@@ -126,8 +126,17 @@ int at_esc_exec(struct bpf_raw_tracepoint_args *ctx)
 	}
 	agent_tasks.delete(&tgid);
 	at_esc_emit(bpf_get_current_cgroup_id(), f, tgid, flags, bpf_get_current_cgroup_id(), -1, 0, 0);
+}
+
+#ifdef AT_ESC_EXEC_PROG
+int at_esc_exec(struct bpf_raw_tracepoint_args *ctx)
+{
+	u64 cg, agent = 0;
+	int inside = at_scope(&cg, &agent);
+	at_esc_execed(bpf_get_current_pid_tgid() >> 32, inside, agent);
 	return 0;
 }
+#endif
 
 TRACEPOINT_PROBE(cgroup, cgroup_attach_task)
 {

@@ -114,10 +114,15 @@ RAW_TRACEPOINT_PROBE(sched_process_fork)
 
 TRACEPOINT_PROBE(sched, sched_process_exec)
 {
-	u64 cg, agent;
+	u64 cg, agent = 0;
 	u32 zero = 0;
 
-	if (!at_scope(&cg, &agent))
+	int inside = at_scope(&cg, &agent);
+#if defined(AT_WITH_ESCAPE) && !defined(AT_ESC_EXEC_PROG)
+	/* before the record: an exec outside the subtree is killed here (enforce) */
+	at_esc_execed(bpf_get_current_pid_tgid() >> 32, inside, agent);
+#endif
+	if (!inside)
 		return 0;
 	struct at_exec *e = exec_scratch.lookup(&zero);
 	if (!e)
