@@ -139,6 +139,9 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 	e->flags = 0;
 	e->policy_id = 0;
 	e->args_len = 0;
+	/* the string read leaves the bytes after its NUL as the last exec on this CPU wrote them,
+	 * and the whole buffer is kill_paths' key: a path after a longer one never matched */
+	__builtin_memset(e->filename, 0, sizeof(e->filename));
 	bpf_probe_read_kernel_str(e->filename, sizeof(e->filename),
 				  (void *)args + (args->data_loc_filename & 0xFFFF));
 
