@@ -88,7 +88,7 @@ static __always_inline void at_proc_forked(u64 cg, u64 agent, u32 ctgid)
 	e->h.ktime = now;      /* the entry's time: a record and a lookup give the same exec_id */
 	e->child_tgid = ctgid;
 	e->parent_tgid = e->h.tgid;
-	events.ringbuf_submit(e, at_wake_flags());
+	events.ringbuf_submit(e, at_wake_flags_at(e->h.ktime));
 }
 
 RAW_TRACEPOINT_PROBE(sched_process_fork)
@@ -192,7 +192,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 	if (size > sizeof(struct at_exec))
 		size = sizeof(struct at_exec);
 	e->h.size = size;
-	if (events.ringbuf_output(e, size, at_wake_flags()) != 0)
+	if (events.ringbuf_output(e, size, at_wake_flags_at(e->h.ktime)) != 0)
 		at_count_drop(agent, AT_EV_EXEC);
 	return 0;
 }
@@ -259,6 +259,6 @@ RAW_TRACEPOINT_PROBE(sched_process_exit)
 	bpf_probe_read_kernel(&leader, sizeof(leader), task + AT_OFF_TASK_GROUP_LEADER);
 	if (leader)
 		bpf_probe_read_kernel(&e->start_ktime, sizeof(e->start_ktime), leader + AT_OFF_TASK_START_TIME);
-	events.ringbuf_submit(e, at_wake_flags());
+	events.ringbuf_submit(e, at_wake_flags_at(e->h.ktime));
 	return 0;
 }
