@@ -1,7 +1,9 @@
 """Escape containment outlives a SIGKILLed tracer: `run --cgroup --mode enforce` pins the links of
 the programs that keep agent membership and judge it (proc.c's sched programs, which run escape's
 work, and escape.c's cgroup_attach_task), so with nobody reading the ring the kernel still kills
-an agent process that leaves the subtree (a self-move), or execs after being moved out."""
+an agent process that leaves the subtree (a self-move), or execs after being moved out, and
+proc.c's exec kills (a miner binary by name) go on."""
+import shutil
 import signal
 import subprocess
 import sys
@@ -45,7 +47,7 @@ def test_escapes_are_killed_after_the_tracer_is_sigkilled(tmp_path, agent_tree, 
     pins = cgroups_pin_dir([agent_tree.root])
     out = tmp_path / "run.jsonl"
     tracer = subprocess.Popen([AGENTTRACE, "run", "--cgroup", str(agent_tree.root), "--mode", "enforce",
-                               "--no-rules", "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                               "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     kids = []
     try:
         assert wait_until(lambda: out.exists() and b'"started"' in out.read_bytes() or tracer.poll() is not None)
@@ -74,6 +76,11 @@ def test_escapes_are_killed_after_the_tracer_is_sigkilled(tmp_path, agent_tree, 
         eo, _ = execer.communicate(timeout=30)
         if linked:
             assert mover.returncode == -signal.SIGKILL and b"outside" not in mo
+            # the default pack's miner rule: killed in the kernel at exec, by name
+            miner = tmp_path / "xmrig"
+            shutil.copy("/bin/echo", miner)
+            r = agent_tree.run(a, [str(miner), "mined"])
+            assert r.returncode == -signal.SIGKILL and r.stdout == b""
         assert execer.returncode == -signal.SIGKILL and b"ran" not in eo
     finally:
         for p in kids + [tracer]:

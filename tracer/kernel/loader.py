@@ -100,10 +100,11 @@ TAIL_CALLS: dict[str, list[tuple[str, int, str, str, int]]] = {
 RAW_TRACEPOINTS: dict[str, list[tuple[str, str]]] = {
     "escape": [("sched_process_exec", "at_esc_exec")],
 }
-# proc.c's programs that also do escape's work (probes/escape.c at_esc_forked, at_esc_execed,
-# at_esc_exited), and escape's own cgroup_attach_task: pinned where escape is loaded
-ESCAPE_SHARED_RAW_TRACEPOINTS = ("sched_process_fork", "sched_process_exit")
-ESCAPE_SHARED_TRACEPOINTS = ("sched:sched_process_exec", "cgroup:cgroup_attach_task")
+# Tracepoint programs pinned with the cgroup links (fail-closed), per feature: proc.c's exec
+# program (exec kills; with escape also its exec check), and with escape the programs that run
+# its work (probes/escape.c at_esc_forked, at_esc_exited) and its own cgroup_attach_task.
+PINNED_RAW_TRACEPOINTS = {"escape": ("sched_process_fork", "sched_process_exit")}
+PINNED_TRACEPOINTS = {"proc": ("sched:sched_process_exec",), "escape": ("cgroup:cgroup_attach_task",)}
 DEFAULT_FEATURES = ("proc", "net", "listen", "flow", "dns", "icmp", "sock", "escape")
 OPTIONAL_FEATURES = ("files", "packet")   # run/tail --files, run --packet, the daemon config's probes:
 
@@ -465,16 +466,17 @@ class Probes:
             from agenttrace.kernel.egress import Heartbeat
             self.heartbeat = Heartbeat(self, self.fail_closed_grace_s)
             self.heartbeat.arm()
-        # raw tracepoint links pin too (checked on 6.18): the escape killer outlives us as well
+        # raw tracepoint and perf links pin too (checked on 6.18): the escape and exec killers
+        # outlive us as well
         raw = list(zip(self._raw_tp_fds, self._raw_tp_names))
-        if "escape" in self.features:
-            shared = getattr(self.bpf, "raw_tracepoint_fds", {})
-            raw += [(shared[tp.encode()], tp) for tp in ESCAPE_SHARED_RAW_TRACEPOINTS
+        shared = getattr(self.bpf, "raw_tracepoint_fds", {})
+        tps = getattr(self.bpf, "tracepoint_fds", {})
+        for feat in self.features:
+            raw += [(shared[tp.encode()], tp) for tp in PINNED_RAW_TRACEPOINTS.get(feat, ())
                     if tp.encode() in shared]
-            tps = getattr(self.bpf, "tracepoint_fds", {})
             # a tracepoint's fd is a BPF link where bpfsys made one (a perf event otherwise,
             # which cannot be pinned: then escape's exec check is a raw tracepoint of its own)
-            raw += [(tps[tp.encode()], tp.replace(":", "_")) for tp in ESCAPE_SHARED_TRACEPOINTS
+            raw += [(tps[tp.encode()], tp.replace(":", "_")) for tp in PINNED_TRACEPOINTS.get(feat, ())
                     if tp.encode() in tps and _is_link(tps[tp.encode()])]
         for fd, name in raw:
             path = pin_dir / f"rawtp-{name}-{os.getpid()}"
