@@ -94,13 +94,10 @@ static __always_inline void at_esc_forked(u64 cg, u64 agent, void *child, u32 ct
 #endif
 }
 
-/* any process's exit, in scope or not (one moved out by another writer is still a member).
- * Looked up before the delete: this runs for every exit on the machine, and a delete takes the
- * bucket's lock even for a key that is not there, a lookup takes none. */
+/* any process's exit, in scope or not (one moved out by another writer is still a member) */
 static __always_inline void at_esc_exited(u32 tgid)
 {
-	if (agent_tasks.lookup(&tgid))
-		agent_tasks.delete(&tgid);
+	agent_tasks.delete(&tgid);
 }
 
 /* Every exec on the machine, inside a watched subtree or not (`inside`, `agent`: at_scope's
