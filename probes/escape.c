@@ -20,7 +20,9 @@
  *    reported at once and userspace judges the destination (kills it in enforce mode, as for a
  *    process moved by another); the child is also caught at its first exec, killed there in
  *    the kernel. On a kernel without those BTF fields only the exec catch remains.
- * Needs the proc feature's BTF offsets (AT_OFF_TASK_*). */
+ * Needs the proc feature's BTF offsets (AT_OFF_TASK_*); its fork, exec and exit work runs
+ * inside proc.c's programs for those hooks (at_esc_forked, at_esc_execed, at_esc_exited), whose
+ * links are pinned with this file's own in the daemon's fail-closed mode. */
 
 #ifndef AT_ESC_TASKS
 #define AT_ESC_TASKS 65536
@@ -73,17 +75,15 @@ static __always_inline u64 at_task_cgroup_id(void *task)
 }
 #endif
 
-int at_esc_fork(struct bpf_raw_tracepoint_args *ctx)
+/* Escape's share of the sched hooks, run by proc.c's programs for them (this file comes
+ * first in the compile unit): one program per hook does both families' work, so the scope
+ * check and the child's ids are read once. Membership stays in a map of its own and is not
+ * derived from proc_forks: that one keeps the entries of fork-only processes after they exit
+ * (an orphan's ancestry names them), so a storm of short-lived forks would age a quiet, long-
+ * lived agent process out of it and its escape would go unseen; agent_tasks holds only the
+ * living. */
+static __always_inline void at_esc_forked(u64 cg, u64 agent, void *child, u32 ctgid)
 {
-	u64 cg, agent;
-	if (!at_scope(&cg, &agent))
-		return 0;
-	void *child = (void *)ctx->args[1];
-	u32 cpid = 0, ctgid = 0;
-	bpf_probe_read_kernel(&cpid, sizeof(cpid), child + AT_OFF_TASK_PID);
-	bpf_probe_read_kernel(&ctgid, sizeof(ctgid), child + AT_OFF_TASK_TGID);
-	if (cpid != ctgid)
-		return 0;
 	agent_tasks.update(&ctgid, &agent);
 #ifdef AT_OFF_KERNFS_NODE_ID
 	/* A fork child starts in its parent's cgroup; only CLONE_INTO_CGROUP places it elsewhere
@@ -92,32 +92,29 @@ int at_esc_fork(struct bpf_raw_tracepoint_args *ctx)
 	if (ccg && ccg != cg)
 		at_esc_emit(cg, agent, ctgid, AT_ESC_AT_FORK, ccg, -1, 0, 0);
 #endif
-	return 0;
 }
 
-int at_esc_exit(struct bpf_raw_tracepoint_args *ctx)
+/* any process's exit, in scope or not (one moved out by another writer is still a member) */
+static __always_inline void at_esc_exited(u32 tgid)
 {
-	u64 pt = bpf_get_current_pid_tgid();
-	u32 tgid = pt >> 32;
-	if ((u32)pt == tgid)
-		agent_tasks.delete(&tgid);
-	return 0;
+	agent_tasks.delete(&tgid);
 }
 
-int at_esc_exec(struct bpf_raw_tracepoint_args *ctx)
+/* Every exec on the machine, inside a watched subtree or not (`inside`, `agent`: at_scope's
+ * answer). Run by proc.c's exec program; a raw tracepoint of its own (AT_ESC_EXEC_PROG) where
+ * that program's attachment cannot be pinned (loader: BCC's own attach, kernels before 5.15). */
+static __always_inline void at_esc_execed(u32 tgid, int inside, u64 agent)
 {
-	u32 tgid = bpf_get_current_pid_tgid() >> 32;
 	u64 *from = agent_tasks.lookup(&tgid);
-	u64 cg, agent;
-	if (at_scope(&cg, &agent)) {
+	if (inside) {
 		/* a process moved in by a writer outside the subtree (a container runtime placing
 		 * its init) had no fork here to record it: its first exec inside does */
 		if (!from || *from != agent)
 			agent_tasks.update(&tgid, &agent);
-		return 0;
+		return;
 	}
 	if (!from)
-		return 0;
+		return;
 	u64 f = *from;
 	u32 flags = AT_ESC_SELF | AT_ESC_AT_EXEC;
 	if (at_esc_enforce()) {
@@ -126,8 +123,17 @@ int at_esc_exec(struct bpf_raw_tracepoint_args *ctx)
 	}
 	agent_tasks.delete(&tgid);
 	at_esc_emit(bpf_get_current_cgroup_id(), f, tgid, flags, bpf_get_current_cgroup_id(), -1, 0, 0);
+}
+
+#ifdef AT_ESC_EXEC_PROG
+int at_esc_exec(struct bpf_raw_tracepoint_args *ctx)
+{
+	u64 cg, agent = 0;
+	int inside = at_scope(&cg, &agent);
+	at_esc_execed(bpf_get_current_pid_tgid() >> 32, inside, agent);
 	return 0;
 }
+#endif
 
 TRACEPOINT_PROBE(cgroup, cgroup_attach_task)
 {

@@ -45,6 +45,52 @@ static __always_inline u32 at_task_tgid(void *task)
 			c_->field++;                                        \
 	} while (0)
 
+/* One lookup of the agent's counts and of the totals for both fork counts (forks_quiet only
+ * with fork records off). */
+static __always_inline void at_count_forks(u64 agent, u32 quiet)
+{
+	struct at_proc_count *c = at_proc_count(agent);
+	if (c) {
+		c->forks++;
+		c->forks_quiet += quiet;
+	}
+	c = at_proc_count(0);
+	if (c) {
+		c->forks++;
+		c->forks_quiet += quiet;
+	}
+}
+
+static __always_inline void at_proc_forked(u64 cg, u64 agent, u32 ctgid)
+{
+	/* the creator is the forking process, whoever reparents the child later (a double
+	 * fork's grandchild ends up under init or a subreaper) */
+	u64 now = bpf_ktime_get_ns();
+	u32 records = at_cfg(AT_CFG_FORK_RECORDS);
+	struct at_fork_entry fe = {};
+	fe.creator = bpf_get_current_pid_tgid() >> 32;
+	fe.ktime = now;
+	/* a fork record tells userspace of the child: its exit is reported, as it always was */
+	fe.flags = records ? AT_FORKF_SEEN : 0;
+	proc_forks.update(&ctgid, &fe);
+	at_count_forks(agent, !records);
+	if (!records)
+		return;
+	if (!at_admit(agent, AT_EV_FORK))
+		return;
+
+	struct at_fork *e = events.ringbuf_reserve(sizeof(struct at_fork));
+	if (!e) {
+		at_count_drop(agent, AT_EV_FORK);
+		return;
+	}
+	at_fill_header(&e->h, AT_EV_FORK, sizeof(*e), cg, agent);
+	e->h.ktime = now;      /* the entry's time: a record and a lookup give the same exec_id */
+	e->child_tgid = ctgid;
+	e->parent_tgid = e->h.tgid;
+	events.ringbuf_submit(e, at_wake_flags_at(e->h.ktime));
+}
+
 RAW_TRACEPOINT_PROBE(sched_process_fork)
 {
 	/* args: (struct task_struct *parent, struct task_struct *child). Threads share the
@@ -59,44 +105,24 @@ RAW_TRACEPOINT_PROBE(sched_process_fork)
 	ctgid = at_task_tgid(child);
 	if (cpid != ctgid)
 		return 0;
-
-	/* the creator is the forking process, whoever reparents the child later (a double
-	 * fork's grandchild ends up under init or a subreaper) */
-	u64 now = bpf_ktime_get_ns();
-	u32 records = at_cfg(AT_CFG_FORK_RECORDS);
-	struct at_fork_entry fe = {};
-	fe.creator = bpf_get_current_pid_tgid() >> 32;
-	fe.ktime = now;
-	/* a fork record tells userspace of the child: its exit is reported, as it always was */
-	fe.flags = records ? AT_FORKF_SEEN : 0;
-	proc_forks.update(&ctgid, &fe);
-	AT_COUNT_PROC(agent, forks);
-	if (!records) {
-		AT_COUNT_PROC(agent, forks_quiet);
-		return 0;
-	}
-	if (!at_admit(agent, AT_EV_FORK))
-		return 0;
-
-	struct at_fork *e = events.ringbuf_reserve(sizeof(struct at_fork));
-	if (!e) {
-		at_count_drop(agent, AT_EV_FORK);
-		return 0;
-	}
-	at_fill_header(&e->h, AT_EV_FORK, sizeof(*e), cg, agent);
-	e->h.ktime = now;      /* the entry's time: a record and a lookup give the same exec_id */
-	e->child_tgid = ctgid;
-	e->parent_tgid = e->h.tgid;
-	events.ringbuf_submit(e, at_wake_flags());
+	at_proc_forked(cg, agent, ctgid);
+#ifdef AT_WITH_ESCAPE
+	at_esc_forked(cg, agent, child, ctgid);   /* after the fork record: the order it always had */
+#endif
 	return 0;
 }
 
 TRACEPOINT_PROBE(sched, sched_process_exec)
 {
-	u64 cg, agent;
+	u64 cg, agent = 0;
 	u32 zero = 0;
 
-	if (!at_scope(&cg, &agent))
+	int inside = at_scope(&cg, &agent);
+#if defined(AT_WITH_ESCAPE) && !defined(AT_ESC_EXEC_PROG)
+	/* before the record: an exec outside the subtree is killed here (enforce) */
+	at_esc_execed(bpf_get_current_pid_tgid() >> 32, inside, agent);
+#endif
+	if (!inside)
 		return 0;
 	struct at_exec *e = exec_scratch.lookup(&zero);
 	if (!e)
@@ -113,6 +139,9 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 	e->flags = 0;
 	e->policy_id = 0;
 	e->args_len = 0;
+	/* the string read leaves the bytes after its NUL as the last exec on this CPU wrote them,
+	 * and the whole buffer is kill_paths' key: a path after a longer one never matched */
+	__builtin_memset(e->filename, 0, sizeof(e->filename));
 	bpf_probe_read_kernel_str(e->filename, sizeof(e->filename),
 				  (void *)args + (args->data_loc_filename & 0xFFFF));
 
@@ -163,27 +192,32 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 	if (size > sizeof(struct at_exec))
 		size = sizeof(struct at_exec);
 	e->h.size = size;
-	if (events.ringbuf_output(e, size, at_wake_flags()) != 0)
+	if (events.ringbuf_output(e, size, at_wake_flags_at(e->h.ktime)) != 0)
 		at_count_drop(agent, AT_EV_EXEC);
 	return 0;
 }
 
-TRACEPOINT_PROBE(sched, sched_process_exit)
+/* A raw tracepoint (args: task, and group_dead where the kernel has it): its link can be pinned,
+ * which escape's share of this hook needs, and the kernel builds no trace record for it. */
+RAW_TRACEPOINT_PROBE(sched_process_exit)
 {
 	u64 cg, agent;
+	u64 pt = bpf_get_current_pid_tgid();
+	u32 tgid = pt >> 32;
 
 #ifdef AT_HAVE_GROUP_DEAD
 	/* the last thread of the process is leaving: that is the process exit */
-	if (!args->group_dead)
+	if (!ctx->args[1])
 		return 0;
 #else
-	u64 pt = bpf_get_current_pid_tgid();
-	if ((u32)pt != (u32)(pt >> 32))
+	if ((u32)pt != tgid)
 		return 0;
+#endif
+#ifdef AT_WITH_ESCAPE
+	at_esc_exited(tgid);
 #endif
 	if (!at_scope(&cg, &agent))
 		return 0;
-	u32 tgid = bpf_get_current_pid_tgid() >> 32;
 	struct at_fork_entry *fe = proc_forks.lookup(&tgid);
 	if (fe && (fe->flags & AT_FORKF_EXITED)) {
 		/* this pid's entry is of an earlier process: this one was forked outside scope */
@@ -225,6 +259,6 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 	bpf_probe_read_kernel(&leader, sizeof(leader), task + AT_OFF_TASK_GROUP_LEADER);
 	if (leader)
 		bpf_probe_read_kernel(&e->start_ktime, sizeof(e->start_ktime), leader + AT_OFF_TASK_START_TIME);
-	events.ringbuf_submit(e, at_wake_flags());
+	events.ringbuf_submit(e, at_wake_flags_at(e->h.ktime));
 	return 0;
 }

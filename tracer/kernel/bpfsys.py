@@ -143,9 +143,20 @@ _PERF_EVENT_IOC_ENABLE = 0x2400
 _PERF_EVENT_IOC_SET_BPF = 0x40042408
 
 
+_LINK_CREATE = 28
+_BPF_PERF_EVENT = 41        # enum bpf_attach_type
+
+
+class _LinkCreate(C.Structure):
+    _fields_ = [("prog_fd", C.c_uint32), ("target_fd", C.c_uint32), ("attach_type", C.c_uint32),
+                ("flags", C.c_uint32), ("bpf_cookie", C.c_uint64), ("pad", C.c_uint64 * 4)]
+
+
 def attach_tracepoint(prog_fd: int, tracefs: Path, category: str, event: str) -> int:
     """A perf event on the tracepoint with the program set on it; the program runs on every
-    CPU for as long as the returned fd is open."""
+    CPU for as long as the returned fd is open. From kernel 5.15 that fd is a BPF link holding
+    the perf event, which can be pinned (escape's exec check outlives a killed daemon, loader
+    enable_pinning); before, the perf event itself."""
     tp_id = int((tracefs / "events" / category / event / "id").read_text())
     attr = _PerfAttr(type=_PERF_TYPE_TRACEPOINT, size=C.sizeof(_PerfAttr), config=tp_id,
                      sample_period=1, wakeup_events=1)
@@ -154,6 +165,18 @@ def attach_tracepoint(prog_fd: int, tracefs: Path, category: str, event: str) ->
         e = C.get_errno()
         raise BpfError(e, f"perf_event_open {category}:{event}: {os.strerror(e)}")
     _libc.ioctl.argtypes = [C.c_int, C.c_ulong, C.c_ulong]
+    try:
+        link = _bpf(_LINK_CREATE, _LinkCreate(prog_fd, fd, _BPF_PERF_EVENT, 0))
+    except BpfError:
+        link = -1           # no perf links here: the perf event holds the program
+    if link >= 0:
+        ok = _libc.ioctl(fd, _PERF_EVENT_IOC_ENABLE, 0) >= 0
+        e = C.get_errno()
+        os.close(fd)        # the link holds the event now
+        if not ok:
+            os.close(link)
+            raise BpfError(e, f"enabling {category}:{event}: {os.strerror(e)}")
+        return link
     if _libc.ioctl(fd, _PERF_EVENT_IOC_SET_BPF, prog_fd) < 0 or _libc.ioctl(fd, _PERF_EVENT_IOC_ENABLE, 0) < 0:
         e = C.get_errno()
         os.close(fd)

@@ -29,6 +29,9 @@ BPF_F_ALLOW_MULTI = 2
 # feature -> (source file in probes/, [(cgroup program, prog type name, attach type)]).
 # Tracepoint programs need no entry: BCC attaches TRACEPOINT_PROBE/RAW_TRACEPOINT_PROBE itself.
 FEATURES: dict[str, tuple[str, list[tuple[str, str, int]]]] = {
+    # agent processes leaving the watched subtree (needs "proc": its BTF offsets, and its fork
+    # and exit programs run escape's work); before proc.c, which calls its helpers
+    "escape": ("escape.c", []),
     "proc": ("proc.c", []),
     "net": ("net.c", [
         ("at_connect4", "CGROUP_SOCK_ADDR", CGROUP_INET4_CONNECT),
@@ -63,8 +66,6 @@ FEATURES: dict[str, tuple[str, list[tuple[str, str, int]]]] = {
     # the socket fence for families sock_create never sees (packet, netlink, vsock...): the
     # socket() syscall tracepoints, so like `files` not a default (needs "sock": its maps)
     "packet": ("packet.c", []),
-    # agent processes leaving the watched subtree (needs "proc": its BTF offsets)
-    "escape": ("escape.c", []),
     "device": ("device.c", [
         ("at_device_check", "CGROUP_DEVICE", CGROUP_DEVICE),
     ]),
@@ -90,11 +91,17 @@ TAIL_CALLS: dict[str, list[tuple[str, int, str, str, int]]] = {
              ("flow_ingress_next", 1, "at_flow_finish_ingress", "CGROUP_SKB", CGROUP_INET_INGRESS)],
 }
 # Raw tracepoint programs with names of their own (a tracepoint another feature already uses
-# through BCC's RAW_TRACEPOINT_PROBE): feature -> [(tracepoint, program)].
+# through BCC's RAW_TRACEPOINT_PROBE): feature -> [(tracepoint, program)]. escape's exec check
+# is one only where proc.c's exec tracepoint, which runs it otherwise, cannot be pinned
+# (Probes.escape_exec_own_program).
 RAW_TRACEPOINTS: dict[str, list[tuple[str, str]]] = {
-    "escape": [("sched_process_fork", "at_esc_fork"), ("sched_process_exit", "at_esc_exit"),
-               ("sched_process_exec", "at_esc_exec")],
+    "escape": [("sched_process_exec", "at_esc_exec")],
 }
+# Tracepoint programs pinned with the cgroup links (fail-closed), per feature: proc.c's exec
+# program (exec kills; with escape also its exec check), and with escape the programs that run
+# its work (probes/escape.c at_esc_forked, at_esc_exited) and its own cgroup_attach_task.
+PINNED_RAW_TRACEPOINTS = {"escape": ("sched_process_fork", "sched_process_exit")}
+PINNED_TRACEPOINTS = {"proc": ("sched:sched_process_exec",), "escape": ("cgroup:cgroup_attach_task",)}
 DEFAULT_FEATURES = ("proc", "net", "listen", "flow", "dns", "icmp", "sock", "escape")
 OPTIONAL_FEATURES = ("files", "packet")   # run/tail --files, run --packet, the daemon config's probes:
 
@@ -235,6 +242,14 @@ class _Attachment:
     pinned: list[Path] = field(default_factory=list)
 
 
+def _is_link(fd: int) -> bool:
+    try:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return False
+    return target.startswith("anon_inode:") and "bpf_link" in target
+
+
 def pin_object(fd: int, path: Path) -> None:
     rc = _lib().bpf_obj_pin(fd, str(path).encode())
     if rc < 0:
@@ -305,11 +320,24 @@ class Probes:
             flags += file_syscall_flags(tracefs)
         if tracepoint_has_field(tracefs, "sched", "sched_process_exit", "group_dead"):
             flags.append("-DAT_HAVE_GROUP_DEAD")
+        if self.escape_exec_own_program():
+            flags.append("-DAT_ESC_EXEC_PROG")
         if _kernel_before(6, 10):
             # cgroup_skb programs may call bpf_get_current_* only from 6.10 on; older kernels
             # build the skb probes without them and attribute by socket cookie
             flags.append("-DAT_SKB_NO_CURRENT")
         return flags + self.extra_cflags
+
+    def escape_exec_own_program(self) -> bool:
+        """escape's exec check as a raw tracepoint of its own, as it was before it ran inside
+        proc.c's exec tracepoint: where that tracepoint is attached without a BPF link, which
+        alone can be pinned (BCC's own attach; kernels before 5.15 have no perf links)."""
+        return "escape" in self.features and (bcc_in_process() or _kernel_before(5, 15))
+
+    def _raw_tracepoints(self, feat: str) -> list[tuple[str, str]]:
+        if feat == "escape" and not self.escape_exec_own_program():
+            return []
+        return RAW_TRACEPOINTS.get(feat, [])
 
     def load(self) -> None:
         if os.geteuid() != 0:
@@ -348,7 +376,7 @@ class Probes:
         for feat in self.features:
             out += [(f, prog_type(pt), at) for f, pt, at in FEATURES[feat][1]]
             out += [(f, prog_type(pt), at) for _a, _i, f, pt, at in TAIL_CALLS.get(feat, ())]
-            out += [(f, prog_type("RAW_TRACEPOINT"), -1) for _tp, f in RAW_TRACEPOINTS.get(feat, ())]
+            out += [(f, prog_type("RAW_TRACEPOINT"), -1) for _tp, f in self._raw_tracepoints(feat)]
         out += [(f, prog_type("CGROUP_SKB"), at) for f, at in self._skb_extra()]
         return out
 
@@ -388,7 +416,7 @@ class Probes:
                     raise ProbeError(f"loading program {fname} failed: {e}") from None
                 t = self[array]
                 t[C.c_int(idx)] = C.c_int(fn.fd)
-            for tp, fname in RAW_TRACEPOINTS.get(feat, ()):
+            for tp, fname in self._raw_tracepoints(feat):
                 # BCC keeps one program per raw tracepoint; libbpf attaches any number
                 try:
                     fn = self.bpf.load_func(fname.encode(), prog_type("RAW_TRACEPOINT"))
@@ -448,8 +476,19 @@ class Probes:
             from agenttrace.kernel.egress import Heartbeat
             self.heartbeat = Heartbeat(self, self.fail_closed_grace_s)
             self.heartbeat.arm()
-        # raw tracepoint links pin too (checked on 6.18): the escape killer outlives us as well
-        for fd, name in zip(self._raw_tp_fds, self._raw_tp_names):
+        # raw tracepoint and perf links pin too (checked on 6.18): the escape and exec killers
+        # outlive us as well
+        raw = list(zip(self._raw_tp_fds, self._raw_tp_names))
+        shared = getattr(self.bpf, "raw_tracepoint_fds", {})
+        tps = getattr(self.bpf, "tracepoint_fds", {})
+        for feat in self.features:
+            raw += [(shared[tp.encode()], tp) for tp in PINNED_RAW_TRACEPOINTS.get(feat, ())
+                    if tp.encode() in shared]
+            # a tracepoint's fd is a BPF link where bpfsys made one (a perf event otherwise,
+            # which cannot be pinned: then escape's exec check is a raw tracepoint of its own)
+            raw += [(tps[tp.encode()], tp.replace(":", "_")) for tp in PINNED_TRACEPOINTS.get(feat, ())
+                    if tp.encode() in tps and _is_link(tps[tp.encode()])]
+        for fd, name in raw:
             path = pin_dir / f"rawtp-{name}-{os.getpid()}"
             if not path.exists():
                 pin_object(fd, path)
