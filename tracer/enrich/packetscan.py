@@ -67,6 +67,10 @@ class PacketScan:
         # probe's record is the first word on them (and in enforce mode the process is dying),
         # so the scan leaves them alone; forgotten once the pid is no agent's process
         self._probe_saw: Set[Tuple[int, int]] = set()
+        # reads the probe's records that came in while this scan walked /proc (the session sets
+        # it): the fd is installed before the probe's sys_exit program runs, so a scan can find
+        # a socket the probe is at that moment reporting, and killing the process for
+        self.catch_up = None
         self.stats = {"scans": 0, "sockets": 0, "unmapped": 0, "read_errors": 0}
 
     def _agent_pids(self) -> Dict[int, int]:
@@ -132,6 +136,8 @@ class PacketScan:
                     continue
                 if target.startswith("socket:[") and int(target[8:-1]) in new:
                     owners.setdefault(int(target[8:-1]), pid)
+        if self.catch_up is not None and owners:
+            self.catch_up()
         events = []
         for ino, (typ, proto) in new.items():
             pid = owners.get(ino)

@@ -151,6 +151,7 @@ class Tracer:
             self.packet_scan = _packet_scan(self)
             if self.packet_scan is not None and "packet" in features:
                 self.enrich.on_probe_socket = self.packet_scan.probe_saw
+                self.packet_scan.catch_up = lambda: self._read(0)
             if self.opts.rate_limit:
                 self.probes.set_flag("rate_cfg", 0, self.opts.rate_limit)
                 self.probes.set_flag("rate_cfg", 1, max(self.opts.rate_burst, self.opts.rate_limit))
