@@ -220,7 +220,9 @@ def split_args(raw: bytes) -> list[str]:
         raw = raw[:-1]
     if not raw:
         return []
-    return [a.decode("utf-8", "backslashreplace") for a in raw.split(b"\0")]
+    # one decode, then the split: NUL is a whole character in UTF-8 and ends any sequence
+    # before it, so each argument's undecodable bytes are escaped exactly as decoding it alone
+    return raw.decode("utf-8", "backslashreplace").split("\0")
 
 
 def cstr(b: bytes) -> str:
