@@ -276,10 +276,12 @@ class Enricher:
     def _remember_socket(self, cookie: int, tgid: int, agent: int) -> None:
         if not cookie or not tgid:
             return
-        self.sockets[cookie] = (tgid, agent)
-        self.sockets.move_to_end(cookie)
-        if len(self.sockets) > 65536:
-            self.sockets.popitem(last=False)
+        socks = self.sockets
+        if cookie in socks:
+            socks.move_to_end(cookie)
+        socks[cookie] = (tgid, agent)        # a new key goes last: no move needed
+        if len(socks) > 65536:
+            socks.popitem(last=False)
 
     def _owner(self, h: E.Header, cookie: int) -> E.Header:
         """The header with the socket's owner filled in when the kernel could not tell."""
@@ -419,7 +421,9 @@ class Enricher:
         if self.policy_rule is not None:
             net["policy_rule"] = self.policy_rule(policy_id) if policy_id else None
         rec["net"] = net
-        self._relay(rec)
+        s = getattr(self, "ssh_sessions", None)
+        if s is not None and s.proxies:         # _relay's own test, without the call
+            self._relay(rec)
         ev = Event("connect", t, rec, tgid, agent, cookie)
         self._remember_socket(cookie, tgid, agent)
         if net["result"] == "pending":

@@ -302,7 +302,7 @@ class ExeIdentifier:
             return None
         ident = dict(own)
         real = link.rsplit("/", 1)[-1]
-        if "name" in ident or not (LOADERS.match(real) or INTERPRETERS.match(real)):
+        if "name" in ident or not _sees_through(real):
             return self._done(ident)   # the common case: one open, one fstat, a cache hit
         # a shebang exec: the kernel's exec path is the script, the mapped program its interpreter
         shebang = (filename.startswith("/") and not filename.startswith(("/dev/fd/", "/proc/"))
@@ -338,6 +338,21 @@ class ExeIdentifier:
         if "name" in ident:
             self.stats["identified"] += 1
         return ident
+
+
+_THROUGH: dict = {}
+
+
+def _sees_through(base: str) -> bool:
+    """Whether a program of this name is a loader or an interpreter (LOADERS, INTERPRETERS):
+    asked for every exec, answered by two regexes once per name."""
+    r = _THROUGH.get(base)
+    if r is None:
+        r = bool(LOADERS.match(base) or INTERPRETERS.match(base))
+        if len(_THROUGH) >= 4096:
+            _THROUGH.clear()
+        _THROUGH[base] = r
+    return r
 
 
 def _exists(pid: int) -> bool:
