@@ -241,8 +241,9 @@ def decode_buf(buf, size: int):
     if size >= full:
         # from_buffer_copy takes the struct's first bytes of a longer buffer: no slice copy
         return rtype, cls.from_buffer_copy(buf)
-    # variable-length tail (exec argv): pad the copy to the full struct
-    return rtype, cls.from_buffer_copy(bytes(buf) + bytes(full - size))
+    # variable-length tail (exec argv): pad the copy to the full struct (ljust: one copy
+    # fewer than concatenating a zero block)
+    return rtype, cls.from_buffer_copy(bytes(buf).ljust(full, b"\0"))
 
 
 _SIZED = {t: (cls, C.sizeof(cls)) for t, cls in BY_TYPE.items()}
