@@ -96,3 +96,27 @@ def test_searcher_remembers_short_texts_only_and_answers_the_same():
     assert "true" in s._seen
     long = "a " * _MEMO_TEXT + "stratum+tcp://x"
     assert s.search(long) and long not in s._seen
+
+
+def test_heap_settles_once_and_a_reload_frees_what_the_old_rules_held_in_cycles():
+    import gc
+    import weakref
+    from agenttrace.session import heap
+    heap.settle()
+    assert heap._settled and gc.get_freeze_count() > 0
+    n = gc.get_freeze_count()
+    heap.settle()                       # once per process: nothing more is frozen
+    assert gc.get_freeze_count() == n
+
+    class Rules:
+        pass
+    old = Rules()
+    old.me = old                        # a cycle: only the collector frees it
+    gone = weakref.ref(old)
+    gc.freeze()                         # as if it had been there at start-up
+    assert gc.get_freeze_count() > n
+    del old
+    gc.collect()
+    assert gone() is not None           # frozen: never collected
+    heap.resettle()
+    assert gone() is None and gc.get_freeze_count() > 0
