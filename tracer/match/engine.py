@@ -280,12 +280,12 @@ class Engine:
         # not meet the rules that need them (two CEL gates per exec in the default pack).
         self._needs_key = {}
         for kind in self._gate_ix:
-            need = {}
-            for i, r in enumerate(self._by_kind[kind]):
+            need = {}       # rule id -> the proc key it needs (ids, not positions: unique)
+            for r in self._by_kind[kind]:
                 if r.match is None and r.condition is not None:
                     f = has_field(r.condition.source)
                     if f is not None and len(f) == 2 and f[0] == "proc":
-                        need[i] = f[1]
+                        need[r.id] = f[1]
             if need:
                 self._needs_key[kind] = (tuple(sorted(set(need.values()))), need)
         # conditions whose first conjunct the record's own fields can decide (match/celgate.py)
@@ -412,7 +412,7 @@ class Engine:
                     if present is not None:
                         have = {k for k, p in zip(nk[0], present) if p}
                         need = nk[1]
-                        keep = [(i, r) for i, r in keep if i not in need or need[i] in have]
+                        keep = [(i, r) for i, r in keep if r.id not in need or need[r.id] in have]
                     cand = (rules, tuple(r for _, r in keep))
                     if key is not None:
                         if len(self._gate_cache) >= _PORT_IX_CACHE:
