@@ -41,8 +41,8 @@ def compile_linear(pattern: str):
                                "(no backreferences, lookahead/lookbehind or possessive quantifiers)") from None
 
 
-_MEMO_TEXT = 512       # longer texts are searched each time (hashing them costs a search's worth)
-_MEMO_ENTRIES = 2048
+_MEMO_TEXT = 256       # longer texts are searched each time: at most ~256 KiB kept per pattern
+_MEMO_ENTRIES = 1024
 
 
 class Searcher:
