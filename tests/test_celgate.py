@@ -86,3 +86,29 @@ def test_rules_needing_a_missing_key_are_not_candidates_and_still_fire_with_it()
     assert fast.stats["matched"]["download-then-exec"] == 4
     assert fast.stats["matched"]["tunnel-ssh-config-forwarding"] == 4
     assert fast.stats["cel_errors"] == slow.stats["cel_errors"]
+
+
+def test_connect_candidates_by_port_also_drop_rules_needing_a_missing_key():
+    # gpu-holder-external-connect starts with has(proc.gpu): a connect without it does not
+    # meet the rule, one with it still fires as CEL alone decides
+    rs = load_rules(default_rule_paths())
+    fast, slow = Engine(rs), Engine(rs)
+    slow._gates, slow._needs_key = {}, {}
+    assert "gpu" in fast._needs_key["connect"][0]
+    base = {"ts": "2026-01-01T00:00:00.000000000Z", "node": "n", "kind": "connect",
+            "agent": {"id": "a", "cgroup": "/a", "cgroup_id": 7}}
+    proc = {"pid": 5, "ppid": 1, "uid": 0, "comm": "python3", "exe": "/usr/bin/python3", "args": ["python3"],
+            "exec_id": "x", "parent_exec_id": None, "ancestry": []}
+    gpu = {"sm_util_pct": 90, "mem_used_mib": 1000, "devices": [0]}
+    for extra in ({}, {"gpu": gpu}, {}, {"gpu": gpu}):
+        for scope, addr in (("external", "198.51.100.7"), ("loopback", "127.0.0.1")):
+            net = {"proto": "tcp", "family": "ipv4", "op": "connect", "src": None,
+                   "dst": {"addr": addr, "port": 8443, "scope": scope, "name": None},
+                   "verdict": "allowed", "result": "established"}
+            rec = {**base, "proc": {**proc, **extra}, "net": net}
+            a = [al.record["rule"]["id"] for al in fast.process(Event("connect", 1, dict(rec), 5, 7))]
+            b = [al.record["rule"]["id"] for al in slow.process(Event("connect", 1, dict(rec), 5, 7))]
+            assert a == b, (extra, scope)
+    assert fast.stats["matched"] == slow.stats["matched"]
+    assert fast.stats["cel_errors"] == slow.stats["cel_errors"]
+    assert fast.stats["matched"]["gpu-holder-external-connect"] == 2

@@ -279,7 +279,7 @@ class Engine:
         # such KEY is part of the candidate key, so an exec without `ssh` or `fresh_exe` does
         # not meet the rules that need them (two CEL gates per exec in the default pack).
         self._needs_key = {}
-        for kind in self._gate_ix:
+        for kind in set(self._gate_ix) | self._port_kinds:   # the kinds with a candidate cache
             need = {}       # rule id -> the proc key it needs (ids, not positions: unique)
             for r in self._by_kind[kind]:
                 if r.match is None and r.condition is not None:
@@ -369,11 +369,16 @@ class Engine:
             if port is None or type(port) is int:   # a malformed record meets every rule (and its error)
                 # a record naming no host cannot meet a rule that matches host names
                 named = bool(dst.get("name")) or "dns" in rec or "flow" in rec
-                key = (event.kind, dst.get("scope"), port, named)
+                nk = self._needs_key.get(event.kind)
+                proc = rec.get("proc")
+                present = tuple(k in proc for k in nk[0]) if nk is not None and isinstance(proc, dict) else None
+                key = (event.kind, dst.get("scope"), port, named, present)
                 cand = self._port_ix.get(key)
                 if cand is None or cand[0] is not rules:
+                    have = {k for k, p in zip(nk[0], present) if p} if present is not None else None
                     kept = tuple(r for r in rules if (not (ps := _ports_of(r)) or port in ps)
-                                 and (named or not _needs_name(r)))
+                                 and (named or not _needs_name(r))
+                                 and (have is None or r.id not in nk[1] or nk[1][r.id] in have))
                     if len(self._port_ix) >= _PORT_IX_CACHE:
                         self._port_ix.clear()
                     cand = self._port_ix[key] = (rules, kept)
