@@ -150,7 +150,7 @@ class Activity:
             self._ident(pid, ident)
             own = _tool_of(ident)
             parent = self.procs.get(proc.get("ppid") or 0)
-            if parent is None:
+            if parent is None and self.procs:
                 # reparented, or a fork-only creator no fork record made an actor of (fork
                 # records off): the nearest ancestor on the creator chain that has one
                 for anc in proc.get("ancestry") or ():

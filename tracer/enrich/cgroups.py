@@ -249,8 +249,13 @@ class AgentResolver:
         a = self._agents.get(cid)
         if a is not None and self._src:
             owner = a["cgroup_id"]
-            self._refresh(owner, time.monotonic_ns())
-            a = self._agents.get(owner, a)
+            src = self._src.get(owner)
+            # _refresh's own test first: on all but one record a second it has nothing to do
+            if src is not None and time.monotonic_ns() >= src[1]:
+                self._refresh(owner, time.monotonic_ns())
+                a = self._agents.get(owner, a)
+            elif owner != cid:
+                a = self._agents.get(owner, a)
         if a is None:
             self.rescan()
             a = self._agents.get(cid)

@@ -16,6 +16,7 @@ from agenttrace.enrich.scope import Scoper
 from agenttrace.session.event import Event
 from agenttrace.enrich.proctable import ProcTable, readlink_exe
 from agenttrace.timefmt import format_ns
+from agenttrace.enrich.freshexe import SYSTEM_PREFIXES
 
 _RESULTS = {E.RESULT_ESTABLISHED: "established", E.RESULT_REFUSED: "refused",
             E.RESULT_ERROR: "error"}
@@ -161,43 +162,56 @@ class Enricher:
 
     def _exec(self, o: E.Exec) -> Event:
         h = o.h
-        filename = E.cstr(o.filename)
-        args = E.split_args(C.string_at(C.addressof(o) + _ARGS_OFF, o.args_len)) if o.args_len else []
+        tgid, agent = h.tgid, h.agent_cgroup_id
+        # ctypes hands a char array over up to its first NUL: no cstr split needed
+        filename = o.filename.decode("utf-8", "backslashreplace")
+        n = o.args_len
+        args = E.split_args(bytes(o)[_ARGS_OFF:_ARGS_OFF + n]) if n else []
         exe = filename
-        if not filename.startswith("/") or filename.startswith("/dev/fd/") or filename.startswith("/proc/"):
+        if filename[:1] != "/" or filename.startswith(("/dev/fd/", "/proc/")):
             # execveat(fd, "", AT_EMPTY_PATH) / fexecve of a memfd / relative paths: the
             # kernel's name says little, the exe link says what ran (if the process still runs)
-            exe = readlink_exe(h.tgid) or filename
-        p = self.procs.on_exec(h.tgid, o.ppid, h.uid, E.cstr(h.comm), exe, args, h.ktime, o.creator)
+            exe = readlink_exe(tgid) or filename
+        procs = self.procs
+        p = procs.on_exec(tgid, o.ppid, h.uid, h.comm.decode("utf-8", "backslashreplace"), exe, args,
+                          h.ktime, o.creator)
         rec, t = self._base("exec", h)
         proc = p.record()
-        proc["ancestry"] = self.procs.ancestry(h.tgid)
+        proc["ancestry"] = procs.ancestry(tgid)
         proc["filename"] = filename
         # who forked it, whoever its parent is now: what the fork record used to say
         proc["creator"] = p.parent or None
-        if o.flags & E.EXEC_ARGS_TRUNCATED:
-            proc["args_truncated"] = True
-        if o.flags & E.EXEC_ARGS_READ_FAILED:
-            proc["args_read_failed"] = True
-            self.argv_read_failures += 1
-        if o.flags & E.EXEC_KILLED:
-            proc["killed_in_kernel"] = True
+        flags = o.flags
+        if flags:
+            if flags & E.EXEC_ARGS_TRUNCATED:
+                proc["args_truncated"] = True
+            if flags & E.EXEC_ARGS_READ_FAILED:
+                proc["args_read_failed"] = True
+                self.argv_read_failures += 1
+            if flags & E.EXEC_KILLED:
+                proc["killed_in_kernel"] = True
         if o.policy_id:
             proc["policy_id"] = o.policy_id
-        ident = self._identity(h.tgid, filename, exe, args)
+        ident = self._identity(tgid, filename, exe, args)
         if ident:
             proc["identity"] = ident
-        try:
-            fresh = self.fresh_exe.check(h.tgid, h.agent_cgroup_id, filename, t, o.ppid)
-        except Exception:
-            fresh = None
-            self.fresh_exe.stats["errors"] += 1
-        if fresh:
-            proc["fresh_exe"] = fresh
-        self._ssh(h.tgid, h.uid, exe, args, proc)
-        p.cgroup_id, p.agent_cgroup_id = h.cgroup_id, h.agent_cgroup_id
+        if not filename.startswith(SYSTEM_PREFIXES):     # FreshExe.check's own first test
+            try:
+                fresh = self.fresh_exe.check(tgid, agent, filename, t, o.ppid)
+            except Exception:
+                fresh = None
+                self.fresh_exe.stats["errors"] += 1
+            if fresh:
+                proc["fresh_exe"] = fresh
+        s = getattr(self, "ssh_sessions", None)
+        # SshSessions.on_exec does nothing for a program that is not ssh while no proxying
+        # session is remembered: the call is skipped then
+        if s is None or s.proxies or exe.rsplit("/", 1)[-1] == "ssh" or (
+                ident and ident.get("name") == "openssh-client"):
+            self._ssh(tgid, h.uid, exe, args, proc)
+        p.cgroup_id, p.agent_cgroup_id = h.cgroup_id, agent
         rec["proc"] = proc
-        return Event("exec", t, rec, h.tgid, h.agent_cgroup_id)
+        return Event("exec", t, rec, tgid, agent)
 
     def _fork(self, o: E.Fork) -> Event:
         h = o.h
@@ -262,10 +276,12 @@ class Enricher:
     def _remember_socket(self, cookie: int, tgid: int, agent: int) -> None:
         if not cookie or not tgid:
             return
-        self.sockets[cookie] = (tgid, agent)
-        self.sockets.move_to_end(cookie)
-        if len(self.sockets) > 65536:
-            self.sockets.popitem(last=False)
+        socks = self.sockets
+        if cookie in socks:
+            socks.move_to_end(cookie)
+        socks[cookie] = (tgid, agent)        # a new key goes last: no move needed
+        if len(socks) > 65536:
+            socks.popitem(last=False)
 
     def _owner(self, h: E.Header, cookie: int) -> E.Header:
         """The header with the socket's owner filled in when the kernel could not tell."""
@@ -405,7 +421,9 @@ class Enricher:
         if self.policy_rule is not None:
             net["policy_rule"] = self.policy_rule(policy_id) if policy_id else None
         rec["net"] = net
-        self._relay(rec)
+        s = getattr(self, "ssh_sessions", None)
+        if s is not None and s.proxies:         # _relay's own test, without the call
+            self._relay(rec)
         ev = Event("connect", t, rec, tgid, agent, cookie)
         self._remember_socket(cookie, tgid, agent)
         if net["result"] == "pending":

@@ -281,8 +281,11 @@ class ExeIdentifier:
 
     def identify(self, pid: int, filename: str, exe: str, args: Sequence[str]) -> Optional[dict]:
         """Identity of what an exec ran, or None when nothing could be read."""
-        # stat through the exe link: a cache hit costs a stat and a readlink, no open
-        own, alive = self._cached(f"/proc/{pid}/exe")
+        # stat through the exe link: a cache hit costs a stat and a readlink, no open. An exec
+        # storm's programs have mostly exited (and been reaped) by the time their record is
+        # read; a failed path walk into /proc costs about twice the signal-0 probe that tells
+        # the same (a pid reused in between would have named another program's file anyway)
+        own, alive = self._cached(f"/proc/{pid}/exe") if _exists(pid) else (None, False)
         link = None
         if alive:
             if own is None:
@@ -299,7 +302,7 @@ class ExeIdentifier:
             return None
         ident = dict(own)
         real = link.rsplit("/", 1)[-1]
-        if "name" in ident or not (LOADERS.match(real) or INTERPRETERS.match(real)):
+        if "name" in ident or not _sees_through(real):
             return self._done(ident)   # the common case: one open, one fstat, a cache hit
         # a shebang exec: the kernel's exec path is the script, the mapped program its interpreter
         shebang = (filename.startswith("/") and not filename.startswith(("/dev/fd/", "/proc/"))
@@ -335,6 +338,34 @@ class ExeIdentifier:
         if "name" in ident:
             self.stats["identified"] += 1
         return ident
+
+
+_THROUGH: dict = {}
+
+
+def _sees_through(base: str) -> bool:
+    """Whether a program of this name is a loader or an interpreter (LOADERS, INTERPRETERS):
+    asked for every exec, answered by two regexes once per name."""
+    r = _THROUGH.get(base)
+    if r is None:
+        r = bool(LOADERS.match(base) or INTERPRETERS.match(base))
+        if len(_THROUGH) >= 4096:
+            _THROUGH.clear()
+        _THROUGH[base] = r
+    return r
+
+
+def _exists(pid: int) -> bool:
+    """Whether `pid` names a process (running or a zombie); no signal is sent."""
+    if pid <= 0:
+        return False    # 0 and negatives address process groups, not a process
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:     # EPERM: it exists, owned by someone else
+        pass
+    return True
 
 
 def _shebang(path: str) -> Optional[str]:

@@ -15,7 +15,7 @@ ANCESTRY_DEPTH = 8
 
 class Proc:
     __slots__ = ("pid", "ppid", "parent", "uid", "comm", "exe", "args", "start_ktime",
-                 "cgroup_id", "agent_cgroup_id", "exited", "gpu", "_summary", "_anc", "_anc_gen",
+                 "cgroup_id", "agent_cgroup_id", "exited", "gpu", "_summary", "_anc", "_anc_gen", "_anc_pids",
                  "exec_id", "parent_exec_id", "kids")
 
     def __init__(self, pid: int, ppid: int = 0, uid: int = 0, comm: str = "", exe: str = "",
@@ -35,6 +35,7 @@ class Proc:
         self._summary = None
         self._anc: list | None = None   # ancestry as of ProcTable generation _anc_gen
         self._anc_gen = -1
+        self._anc_pids: frozenset | None = None   # the pids in _anc, built when a child asks
         self.exec_id = make_exec_id(pid, start_ktime)
         self.parent_exec_id: str | None = None
         self.kids = False    # named in some ancestry: its exec must invalidate cached ones
@@ -223,8 +224,13 @@ class ProcTable:
             # (fork records off), else (a process older than us) the current parent
             if creator:
                 p.parent = creator
-            par = self.get(p.parent) if p.parent else None
-            p.parent_exec_id = par.exec_id if par else None
+            if p.parent:
+                par = self.get(p.parent)
+                p.parent_exec_id = par.exec_id if par else None
+                return self._put(p)     # the fields below are the ones it was built with
+            p.parent = ppid
+            p._anc_gen = -1
+            return self._put(p)
         else:
             # a new image in the same process: a new id; the parent link stays the creator's
             p.exec_id = make_exec_id(pid, ktime)
@@ -266,7 +272,18 @@ class ProcTable:
             out.append(a.summary())
             if a._anc_gen == self._gen and depth == ANCESTRY_DEPTH:
                 # the rest of the chain is the ancestor's own, still valid
-                for s in a._anc:
+                anc = a._anc
+                if len(out) == 1:
+                    # the usual case (a new child of a known parent): the parent's chain,
+                    # which holds no pid twice and not the parent's own, is taken whole
+                    # unless it names this pid (a reused pid looking at its old self)
+                    pids = a._anc_pids
+                    if pids is None:
+                        pids = a._anc_pids = frozenset(s["pid"] for s in anc)
+                    if pid not in pids:
+                        out += anc[:depth - 1]
+                        break
+                for s in anc:
                     if len(out) >= depth or s["pid"] in seen:
                         break
                     seen.add(s["pid"])
@@ -274,6 +291,6 @@ class ProcTable:
                 break
             nxt = a.parent
         if p is not None and depth == ANCESTRY_DEPTH:
-            p._anc, p._anc_gen = out, self._gen    # after any lookups above bumped it
+            p._anc, p._anc_gen, p._anc_pids = out, self._gen, None    # after any lookups above bumped it
             return list(out)
         return out

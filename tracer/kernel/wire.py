@@ -220,7 +220,9 @@ def split_args(raw: bytes) -> list[str]:
         raw = raw[:-1]
     if not raw:
         return []
-    return [a.decode("utf-8", "backslashreplace") for a in raw.split(b"\0")]
+    # one decode, then the split: NUL is a whole character in UTF-8 and ends any sequence
+    # before it, so each argument's undecodable bytes are escaped exactly as decoding it alone
+    return raw.decode("utf-8", "backslashreplace").split("\0")
 
 
 def cstr(b: bytes) -> str:
@@ -239,8 +241,9 @@ def decode_buf(buf, size: int):
     if size >= full:
         # from_buffer_copy takes the struct's first bytes of a longer buffer: no slice copy
         return rtype, cls.from_buffer_copy(buf)
-    # variable-length tail (exec argv): pad the copy to the full struct
-    return rtype, cls.from_buffer_copy(bytes(buf) + bytes(full - size))
+    # variable-length tail (exec argv): pad the copy to the full struct (ljust: one copy
+    # fewer than concatenating a zero block)
+    return rtype, cls.from_buffer_copy(bytes(buf).ljust(full, b"\0"))
 
 
 _SIZED = {t: (cls, C.sizeof(cls)) for t, cls in BY_TYPE.items()}

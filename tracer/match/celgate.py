@@ -103,3 +103,18 @@ def gate(source: str) -> Optional[Callable[[dict], Optional[bool]]]:
             return None if more else True
         return cmp
     return None
+
+
+def has_field(source: str) -> Optional[tuple[str, ...]]:
+    """The path `p` when the condition's first conjunct is `has(p)` and so the condition is
+    false on every record where p's parent is a map without p's last key (what `gate` decides
+    without CEL); None otherwise. The engine drops such a rule from the candidates of a record
+    lacking the key instead of asking the gate each time."""
+    split = _split(source)
+    if split is None:
+        return None
+    m = _HAS.fullmatch(split[0])
+    if not m:
+        return None
+    parts = tuple(m.group(1).split("."))
+    return None if parts[0] == "lists" else parts

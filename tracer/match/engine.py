@@ -31,7 +31,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 from agenttrace.act.actions import ActionResult, Actions
 from agenttrace.clock import Clock, SystemClock
 from agenttrace.session.event import Event
-from agenttrace.match.celgate import gate as cel_gate
+from agenttrace.match.celgate import gate as cel_gate, has_field
 from agenttrace.match.rules import Rule, RuleSet, load_rules
 
 MODES = ("monitor", "enforce")
@@ -274,6 +274,20 @@ class Engine:
                 for n in r.gate or ():
                     names.setdefault(n, set()).add(i)
             self._gate_ix[kind] = (names, tuple(r for r in rules if r.gate is None))
+        # Per gated kind: rules with no `match` whose condition starts with has(proc.KEY) can
+        # hold only for a record whose proc has KEY (celgate.has_field); the presence of each
+        # such KEY is part of the candidate key, so an exec without `ssh` or `fresh_exe` does
+        # not meet the rules that need them (two CEL gates per exec in the default pack).
+        self._needs_key = {}
+        for kind in set(self._gate_ix) | self._port_kinds:   # the kinds with a candidate cache
+            need = {}       # rule id -> the proc key it needs (ids, not positions: unique)
+            for r in self._by_kind[kind]:
+                if r.match is None and r.condition is not None:
+                    f = has_field(r.condition.source)
+                    if f is not None and len(f) == 2 and f[0] == "proc":
+                        need[r.id] = f[1]
+            if need:
+                self._needs_key[kind] = (tuple(sorted(set(need.values()))), need)
         # conditions whose first conjunct the record's own fields can decide (match/celgate.py)
         self._gates = {}
         for r in ruleset.rules:
@@ -355,11 +369,16 @@ class Engine:
             if port is None or type(port) is int:   # a malformed record meets every rule (and its error)
                 # a record naming no host cannot meet a rule that matches host names
                 named = bool(dst.get("name")) or "dns" in rec or "flow" in rec
-                key = (event.kind, dst.get("scope"), port, named)
+                nk = self._needs_key.get(event.kind)
+                proc = rec.get("proc")
+                present = tuple(k in proc for k in nk[0]) if nk is not None and isinstance(proc, dict) else None
+                key = (event.kind, dst.get("scope"), port, named, present)
                 cand = self._port_ix.get(key)
                 if cand is None or cand[0] is not rules:
+                    have = {k for k, p in zip(nk[0], present) if p} if present is not None else None
                     kept = tuple(r for r in rules if (not (ps := _ports_of(r)) or port in ps)
-                                 and (named or not _needs_name(r)))
+                                 and (named or not _needs_name(r))
+                                 and (have is None or r.id not in nk[1] or nk[1][r.id] in have))
                     if len(self._port_ix) >= _PORT_IX_CACHE:
                         self._port_ix.clear()
                     cand = self._port_ix[key] = (rules, kept)
@@ -378,9 +397,11 @@ class Engine:
                     inames = ident["names"]   # a renamed copy is gated by what it is
             ix = self._gate_ix.get(event.kind)
             if ix is not None:
-                # the candidates for one (exe basename, comm, identity names) are computed once:
-                # a storm repeats a handful of programs
-                key = (event.kind, base, comm, *inames)
+                nk = self._needs_key.get(event.kind)
+                present = tuple(k in proc for k in nk[0]) if nk is not None and isinstance(proc, dict) else None
+                # the candidates for one (exe basename, comm, keys present, identity names) are
+                # computed once: a storm repeats a handful of programs
+                key = (event.kind, base, comm, present, *inames)
                 try:
                     cand = self._gate_cache.get(key)
                 except TypeError:          # a malformed identity name: no caching
@@ -392,7 +413,12 @@ class Engine:
                         got = names.get(n) if isinstance(n, str) else None
                         if got:
                             hit |= got
-                    cand = (rules, tuple(r for i, r in enumerate(rules) if r.gate is None or i in hit) if hit else ungated)
+                    keep = [(i, r) for i, r in enumerate(rules) if r.gate is None or i in hit]
+                    if present is not None:
+                        have = {k for k, p in zip(nk[0], present) if p}
+                        need = nk[1]
+                        keep = [(i, r) for i, r in keep if r.id not in need or need[r.id] in have]
+                    cand = (rules, tuple(r for _, r in keep))
                     if key is not None:
                         if len(self._gate_cache) >= _PORT_IX_CACHE:
                             self._gate_cache.clear()

@@ -41,6 +41,10 @@ def compile_linear(pattern: str):
                                "(no backreferences, lookahead/lookbehind or possessive quantifiers)") from None
 
 
+_MEMO_TEXT = 256       # longer texts are searched each time: at most ~256 KiB kept per pattern
+_MEMO_ENTRIES = 1024
+
+
 class Searcher:
     """Whether a compiled RE2 pattern occurs in a string, without the wrapper's generator and
     offset bookkeeping (google-re2's `search` builds a match object through a generator and
@@ -48,11 +52,14 @@ class Searcher:
     Falls back to `search` where the engine's object is not reachable or the text does not
     encode."""
 
-    __slots__ = ("compiled", "pattern", "_rx", "_anchor")
+    __slots__ = ("compiled", "pattern", "_rx", "_anchor", "_seen")
 
     def __init__(self, compiled):
         self.compiled = compiled
         self.pattern = compiled.pattern
+        # text -> answer for short texts: a storm repeats one command line thousands of
+        # times, and a cmdline_regex rule must look at every exec's
+        self._seen: dict = {}
         self._rx = getattr(compiled, "_regexp", None)
         anchor = getattr(getattr(_re2, "_Anchor", None), "UNANCHORED", None)
         self._anchor = anchor
@@ -60,6 +67,18 @@ class Searcher:
             self._rx = None
 
     def search(self, text: str) -> bool:
+        seen = self._seen
+        hit = seen.get(text)
+        if hit is not None:
+            return hit
+        hit = self._search(text)
+        if len(text) <= _MEMO_TEXT:
+            if len(seen) >= _MEMO_ENTRIES:
+                seen.clear()
+            seen[text] = hit
+        return hit
+
+    def _search(self, text: str) -> bool:
         rx = self._rx
         if rx is not None:
             try:

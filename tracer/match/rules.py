@@ -483,8 +483,14 @@ class CompiledMatch:
                 return False
             if self.args_regex and not any(r.search(a) for r in self.args_regex for a in args):
                 return False
-            if self.cmdline_regex and not any(r.search(line) for r in self.cmdline_regex):
-                return False
+            cre = self.cmdline_regex
+            if cre:
+                # one combined pattern in practice (compile step): no generator for it
+                if len(cre) == 1:
+                    if not cre[0].search(line):
+                        return False
+                elif not any(r.search(line) for r in cre):
+                    return False
         return True
 
 

@@ -181,6 +181,8 @@ class Tracer:
         self.enrich.warm()
         if self.gpu is not None:
             self.gpu.start()
+        from agenttrace.session.heap import settle
+        settle()        # start-up's objects out of every later full collection
 
     def install_policy(self, ruleset) -> None:
         """Compile what the kernel can enforce from `ruleset` and write it into the maps.
@@ -270,6 +272,8 @@ class Tracer:
             self.set_mode(mode)
         self.engine.swap_rules(ruleset)
         self._write_fork_records(ruleset)     # a rule on `fork` turns the records on
+        from agenttrace.session.heap import resettle
+        resettle()      # the replaced rules collectable, the new ones frozen
         self._lifecycle("reloaded", rules=len(ruleset.rules), **describe(self))
         self._flush()
         return True
