@@ -102,6 +102,7 @@ def test_exact_path_rules_are_gated_by_their_basenames(tmp_path):
     ungated = load(default_rule_paths() + [str(f)])      # the reference: no rule has a gate
     for r in ungated.rules:
         object.__setattr__(r, "gate", None)
+        object.__setattr__(r, "exe_prefixes", None)
     fast, slow = Engine(rs), Engine(ungated)
     assert not slow._gate_ix
     rnd = random.Random(13)

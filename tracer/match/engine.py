@@ -245,7 +245,10 @@ class Engine:
     def _set_rules(self, ruleset: RuleSet) -> None:
         self.ruleset = ruleset
         self._by_kind = {k: tuple(v) for k, v in ruleset.by_kind.items()}
-        self._gated_kinds = frozenset(k for k, v in ruleset.by_kind.items() if any(r.gate for r in v))
+        self._gated_kinds = frozenset(k for k, v in ruleset.by_kind.items()
+                                      if any(r.gate or r.exe_prefixes for r in v))
+        # gated kinds with rules keyed by exe prefix: proc.exe is then part of the candidate key
+        self._prefix_kinds = frozenset(k for k, v in ruleset.by_kind.items() if any(r.exe_prefixes for r in v))
         self._lists = ruleset.lists
         # Per kind, the rules that can match a destination of each scope: a rule whose `match`
         # names scopes cannot match any other (the scope is an AND at the top of the match),
@@ -267,7 +270,7 @@ class Engine:
         # without a gate; an exec of a name no rule names meets only the latter.
         self._gate_ix = {}
         for kind, rules in self._by_kind.items():
-            if kind in self._by_scope or not any(r.gate for r in rules):
+            if kind in self._by_scope or not any(r.gate or r.exe_prefixes for r in rules):
                 continue
             names: Dict[str, set] = {}
             for i, r in enumerate(rules):
@@ -384,7 +387,7 @@ class Engine:
                     cand = self._port_ix[key] = (rules, kept)
                 rules = cand[1]
         out: List[Event] = []
-        base = comm = None
+        base = comm = exe = None
         inames: Any = ()
         if event.kind in self._gated_kinds:
             proc = rec.get("proc")
@@ -401,7 +404,8 @@ class Engine:
                 present = tuple(k in proc for k in nk[0]) if nk is not None and isinstance(proc, dict) else None
                 # the candidates for one (exe basename, comm, keys present, identity names) are
                 # computed once: a storm repeats a handful of programs
-                key = (event.kind, base, comm, present, *inames)
+                pexe = exe if event.kind in self._prefix_kinds else None
+                key = (event.kind, base, comm, present, pexe, *inames)
                 try:
                     cand = self._gate_cache.get(key)
                 except TypeError:          # a malformed identity name: no caching
@@ -413,7 +417,8 @@ class Engine:
                         got = names.get(n) if isinstance(n, str) else None
                         if got:
                             hit |= got
-                    keep = [(i, r) for i, r in enumerate(rules) if r.gate is None or i in hit]
+                    keep = [(i, r) for i, r in enumerate(rules) if (r.gate is None or i in hit)
+                            and (r.exe_prefixes is None or (isinstance(pexe, str) and pexe.startswith(r.exe_prefixes)))]
                     if present is not None:
                         have = {k for k, p in zip(nk[0], present) if p}
                         need = nk[1]

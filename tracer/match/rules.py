@@ -337,6 +337,15 @@ def _is_wild(s: str) -> bool:
     return any(c in s for c in "*?[")
 
 
+def _literal_prefix(pattern: str) -> str:
+    """What every string an fnmatch pattern matches starts with: its text before the first
+    wildcard character."""
+    for i, c in enumerate(pattern):
+        if c in "*?[":
+            return pattern[:i]
+    return pattern
+
+
 @dataclass
 class CompiledMatch:
     """A `match` block ready for the hot path. Every group given must hold (AND); inside a
@@ -519,6 +528,10 @@ class Rule:
     # Exact basenames (and their 15-byte comm prefixes) the rule needs, when it needs one:
     # the engine skips the rule with a set lookup instead of running the match.
     gate: Optional[frozenset] = None
+    # Literal leading parts of the rule's wildcard exe paths (`/opt/tools/*` -> `/opt/tools/`),
+    # when it needs one of them and no gate above applies: proc.exe must start with one, so
+    # the engine meets the rule only on execs under those prefixes (not on every exec).
+    exe_prefixes: Optional[Tuple[str, ...]] = None
     # What userspace does in enforce mode when a kernel `block` could not be applied to the
     # event (a TLS server name past the hello's first segment): "kill", or None (report).
     fallback: Optional[str] = None
@@ -1069,12 +1082,19 @@ def _compile_rule(rm: RuleModel, loc: List[Any], ctx: _FileCtx, lists: Dict[str,
         # the engine then meets this rule only on execs of those names
         bases = {p.rsplit("/", 1)[-1] for p in cm.exe_path_list}
         gate = frozenset(bases) | frozenset(b[:15] for b in bases)
+    exe_prefixes = None
+    if gate is None and cm is not None and cm.exe_path_list and not cm.never:
+        pre = tuple(dict.fromkeys(_literal_prefix(p) for p in cm.exe_path_list))
+        # a pattern that starts with a wildcard (or only "/") can match any exe: no prefix
+        if all(len(x) > 1 for x in pre):
+            exe_prefixes = pre
     return Rule(
         id=rid, description=rm.description, category=rm.category, severity=rm.severity,
         on=tuple(dict.fromkeys(rm.on)), action=rm.action, tags=tuple(rm.tags), match=cm,
         condition=cond, window=rm.window, dedup_fields=dd_fields,
         dedup_seconds=rm.dedup.seconds if rm.dedup else 60.0, message=rm.message,
         file=ctx.path, line=_mark(ctx.node(loc))[0], model=rm, enforced_in=enforced, gate=gate,
+        exe_prefixes=exe_prefixes,
         fallback="kill" if sni_block(rm) else None)
 
 
