@@ -65,6 +65,25 @@ def _kill_and_rmdir(path: Path) -> None:
     kill_and_remove(path)
 
 
+@pytest.fixture
+def outside(cgroup2_root):
+    """A cgroup outside every watched subtree (where escapes go)."""
+    p = cgroup2_root / f"agenttrace-outside-{uuid.uuid4().hex[:8]}"
+    p.mkdir()
+    try:
+        yield p
+    finally:
+        _kill_and_rmdir(p)
+
+
+def remove_pin_dir(pins: Path) -> None:
+    """Unpin what a fail-closed test's tracer left in its own pin folder, and the folder."""
+    if pins.is_dir():
+        for f in pins.iterdir():
+            f.unlink()
+        pins.rmdir()
+
+
 class AgentTree:
     """<cgroup2>/agenttrace-test-XXXX (the watched cgroup) with agent children."""
 

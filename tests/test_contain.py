@@ -8,11 +8,10 @@ import socket
 import subprocess
 import sys
 import textwrap
-import uuid
 
 import pytest
 
-from conftest import AGENTTRACE, _kill_and_rmdir
+from conftest import AGENTTRACE
 
 PY = sys.executable
 
@@ -79,16 +78,6 @@ def test_raw_socket_fenced_through_the_cli(tmp_path):
     al = [r for r in recs if r["kind"] == "alert" and r["rule"]["id"] == "escape-socket-fence"]
     assert al and al[0]["rule"]["outcome"] == "blocked"
 
-
-@pytest.fixture
-def outside(cgroup2_root):
-    """A cgroup outside every watched subtree."""
-    p = cgroup2_root / f"agenttrace-outside-{uuid.uuid4().hex[:8]}"
-    p.mkdir()
-    try:
-        yield p
-    finally:
-        _kill_and_rmdir(p)
 
 
 def _listener():

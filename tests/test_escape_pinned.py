@@ -7,12 +7,8 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
-import uuid
 
-import pytest
-
-from conftest import AGENTTRACE, _kill_and_rmdir
+from conftest import AGENTTRACE, remove_pin_dir
 from harness import read_jsonl, wait_until
 
 PY = sys.executable
@@ -29,15 +25,6 @@ else:
     os.execv("/bin/echo", ["/bin/echo", "ran"])
 """
 
-
-@pytest.fixture
-def outside(cgroup2_root):
-    p = cgroup2_root / f"agenttrace-outside-{uuid.uuid4().hex[:8]}"
-    p.mkdir()
-    try:
-        yield p
-    finally:
-        _kill_and_rmdir(p)
 
 
 def test_escapes_are_killed_after_the_tracer_is_sigkilled(tmp_path, agent_tree, outside):
@@ -87,7 +74,4 @@ def test_escapes_are_killed_after_the_tracer_is_sigkilled(tmp_path, agent_tree, 
             if p.poll() is None:
                 p.kill()
                 p.wait()
-        if pins.is_dir():
-            for f in pins.iterdir():
-                f.unlink()
-            pins.rmdir()
+        remove_pin_dir(pins)

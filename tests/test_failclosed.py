@@ -11,7 +11,7 @@ import uuid
 from pathlib import Path
 
 
-from conftest import AGENTTRACE, _kill_and_rmdir
+from conftest import AGENTTRACE, _kill_and_rmdir, remove_pin_dir
 from harness import Daemon, read_jsonl, wait_until
 
 PY = sys.executable
@@ -68,10 +68,7 @@ def test_sigkill_of_run_enforce_fails_closed(netlab, tmp_path, cgroup2_root):
             tracer.kill()
             tracer.wait()
         _kill_and_rmdir(cg)
-        if pins.is_dir():
-            for f in pins.iterdir():
-                f.unlink()
-            pins.rmdir()
+        remove_pin_dir(pins)
 
 
 def test_daemon_sigkill_fails_closed_and_a_new_daemon_takes_over(netlab, tmp_path, agent_tree):
@@ -167,7 +164,4 @@ def test_sigkill_of_run_cgroup_enforce_fails_closed_and_the_next_run_takes_over(
             if p is not None and p.poll() is None:
                 p.kill()
                 p.wait()
-        if pins.is_dir():
-            for f in pins.iterdir():
-                f.unlink()
-            pins.rmdir()
+        remove_pin_dir(pins)
