@@ -82,6 +82,10 @@ def remove_pin_dir(pins: Path) -> None:
         for f in pins.iterdir():
             f.unlink()
         pins.rmdir()
+    try:
+        pins.parent.rmdir()     # the run pin root, once no other run's folder is in it
+    except OSError:
+        pass
 
 
 class AgentTree:

@@ -75,3 +75,42 @@ def test_escapes_are_killed_after_the_tracer_is_sigkilled(tmp_path, agent_tree, 
                 p.kill()
                 p.wait()
         remove_pin_dir(pins)
+
+
+def test_file_and_packet_kills_outlive_a_sigkilled_tracer(tmp_path, agent_tree):
+    """`run --cgroup --mode enforce --files --packet` as a user starts it; the tracer is
+    SIGKILLed; an agent that then appends a key to authorized_keys is still killed in the kernel
+    before a byte lands, and one that opens a packet socket is killed at socket return
+    (files.c's and packet.c's syscall programs are pinned with the cgroup links)."""
+    from agenttrace.kernel.loader import bcc_in_process
+    from agenttrace.session.runner import cgroups_pin_dir
+    a = agent_tree.agent("pinned-files")
+    pins = cgroups_pin_dir([agent_tree.root])
+    ssh = tmp_path / "home" / ".ssh"
+    ssh.mkdir(parents=True)
+    ak = ssh / "authorized_keys"
+    ak.write_bytes(b"ssh-ed25519 AAAA existing@admin\n")
+    out = tmp_path / "run.jsonl"
+    tracer = subprocess.Popen([AGENTTRACE, "run", "--cgroup", str(agent_tree.root), "--mode", "enforce",
+                               "--files", "--packet", "-o", str(out)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE)
+    try:
+        assert wait_until(lambda: out.exists() and b'"started"' in out.read_bytes() or tracer.poll() is not None)
+        assert tracer.poll() is None, tracer.stderr.read()
+        if bcc_in_process():
+            return      # BCC's own attach makes no tracepoint links to pin (README, fail-closed)
+        assert wait_until(lambda: pins.is_dir() and "rawtp-syscalls_sys_enter_openat" in
+                          {f.name.rsplit("-", 1)[0] for f in pins.iterdir()})
+        tracer.send_signal(signal.SIGKILL)
+        tracer.wait()
+        r = agent_tree.run(a, ["/bin/sh", "-c", f"echo 'ssh-ed25519 BBBB agent@x' >> {ak}; echo survived"])
+        assert r.returncode == -signal.SIGKILL and b"survived" not in r.stdout
+        assert ak.read_bytes() == b"ssh-ed25519 AAAA existing@admin\n", "the key bytes must never land"
+        r = agent_tree.run(a, [PY, "-c", "import socket\ns = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)\n"
+                                         "print('made', flush=True)"])
+        assert r.returncode == -signal.SIGKILL and b"made" not in r.stdout, (r.returncode, r.stdout, r.stderr)
+    finally:
+        if tracer.poll() is None:
+            tracer.kill()
+            tracer.wait()
+        remove_pin_dir(pins)

@@ -97,17 +97,22 @@ TAIL_CALLS: dict[str, list[tuple[str, int, str, str, int]]] = {
 RAW_TRACEPOINTS: dict[str, list[tuple[str, str]]] = {
     "escape": [("sched_process_exec", "at_esc_exec")],
 }
+# syscall tracepoints files.c uses besides sys_enter_openat (present everywhere); each is
+# compiled only where tracefs has it (arm64 has no open, creat, rename or link)
+FILE_SYSCALLS = ("openat2", "open", "creat", "renameat2", "renameat", "rename", "linkat", "link")
 # Tracepoint programs pinned with the cgroup links (fail-closed), per feature: proc.c's exec
 # program (exec kills; with escape also its exec check), and with escape the programs that run
 # its work (probes/escape.c at_esc_forked, at_esc_exited) and its own cgroup_attach_task.
 PINNED_RAW_TRACEPOINTS = {"escape": ("sched_process_fork", "sched_process_exit")}
-PINNED_TRACEPOINTS = {"proc": ("sched:sched_process_exec",), "escape": ("cgroup:cgroup_attach_task",)}
+# The file and packet-socket kills are decided in syscall tracepoints (probes/files.c before its
+# record is written, packet.c before the rate limit), so pinned they go on killing while no tracer
+# reads: a tracer killed by the agent is not a way to read the ssh keys.
+PINNED_TRACEPOINTS = {"proc": ("sched:sched_process_exec",), "escape": ("cgroup:cgroup_attach_task",),
+                      "files": ("syscalls:sys_enter_openat", "syscalls:sys_exit_openat")
+                      + tuple(f"syscalls:sys_enter_{n}" for n in FILE_SYSCALLS),
+                      "packet": ("syscalls:sys_enter_socket", "syscalls:sys_exit_socket")}
 DEFAULT_FEATURES = ("proc", "net", "listen", "flow", "dns", "icmp", "sock", "escape")
 OPTIONAL_FEATURES = ("files", "packet")   # run/tail --files, run --packet, the daemon config's probes:
-
-# syscall tracepoints files.c uses besides sys_enter_openat (present everywhere); each is
-# compiled only where tracefs has it (arm64 has no open, creat, rename or link)
-FILE_SYSCALLS = ("openat2", "open", "creat", "renameat2", "renameat", "rename", "linkat", "link")
 
 
 def file_syscall_flags(tracefs: Path) -> list[str]:
