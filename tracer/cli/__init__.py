@@ -156,6 +156,7 @@ def run(
     gpu: Literal["allow", "deny", "off"] = typer.Option("allow", "--gpu", help="GPU policy for the traced agents: allow, deny (fenced in enforce mode) or off (no NVML, no fence)."),
     allow_egress: List[str] = typer.Option([], "--allow-egress", metavar="SPEC", help="Let the agents reach this destination: a DNS name (pypi.org), a *. wildcard (*.pythonhosted.org) or a CIDR, optionally :PORT or :LO-HI. Repeatable; @FILE reads one SPEC per line (# comments). Once given, external and metadata destinations not listed are denied (EPERM in enforce mode, reported in monitor mode); names are learned from DNS answers in the kernel, so allow the resolver too."),
     wakeup_ms: float = typer.Option(5.0, "--wakeup-ms", help="Longest a record waits in the kernel ring buffer before it is read; 0 wakes the reader on every record (costs ~20 us of kernel time per event on VMs)."),
+    batch_wait_ms: float = typer.Option(15.0, "--batch-wait-ms", help="While records keep coming, how long the reader may let them gather into batches of ~64 (fewer wakeups, less CPU per record); a fast stream is still read every --wakeup-ms, and a record after a quiet spell at once. Not above --wakeup-ms: never wait longer than it."),
     user: Optional[str] = typer.Option(None, "--user", help="Run CMD as this user (name or uid) instead of root."),
     label: List[str] = typer.Option([], "--label", "-l", help="KEY=VALUE on every record's agent object (repeatable); wins over user.agenttrace.KEY xattrs on the cgroup."),
     fork_records: bool = typer.Option(False, "--fork-records/--no-fork-records", help="Send a fork record per new process, as before record schema 1.2 (off: the kernel keeps who forked whom, exec records carry it; on anyway when a rule matches kind fork). See docs/MIGRATION.md."),
@@ -171,6 +172,8 @@ def run(
             raise BadInput(f"--format: '{fmt}' is not one of {', '.join(FORMATS)}")
         if not 0 <= wakeup_ms <= 1000:
             raise BadInput(f"--wakeup-ms: {wakeup_ms} is not between 0 and 1000")
+        if not 0 <= batch_wait_ms <= 1000:
+            raise BadInput(f"--batch-wait-ms: {batch_wait_ms} is not between 0 and 1000")
         if not cmd and not cgroup:
             raise BadInput("nothing to trace: give --cgroup PATH or -- CMD ARGS")
         if cmd and cgroup:
@@ -204,6 +207,7 @@ def run(
             features=S.features(no_net=no_net, no_flow=no_flow, no_dns=no_dns, no_listen=no_listen, files=files,
                                 packet=packet),
             rule_paths=list(rules) or None, use_rules=not no_rules, gpu=_gpu_config(gpu), wakeup_ms=wakeup_ms,
+            batch_wait_ms=batch_wait_ms,
             labels=labels, egress=egress, fork_records=fork_records)
         if cmd:
             opts.drop_caps = _run_drop_caps(drop_caps, mode, opts.sock_fence)

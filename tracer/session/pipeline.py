@@ -302,6 +302,7 @@ class Tracer:
             self._reader = ringbuf.RingReader(table.map_fd, self.opts.ringbuf_pages * ringbuf.PAGE,
                                               self._on_view)
             self._reader.min_gap_ns = int(self.opts.wakeup_ms * 1_000_000)
+            self._reader.max_gap_ns = int(self.opts.batch_wait_ms * 1_000_000) if self.opts.wakeup_ms > 0 else 0
         else:
             table.open_ring_buffer(self._on_record)
 
@@ -344,7 +345,10 @@ class Tracer:
             # interval has passed with nothing read, every CPU's next record wakes the reader
             # (its previous record is older than the interval), so an idle reader may sleep for the
             # caller's full timeout: no 200 wakeups a second on an idle node.
-            interval = max(1, int(self.opts.wakeup_ms))
+            # under a steady stream the reader may wait longer to take a bigger batch
+            # (--batch-wait-ms, RingReader.max_gap_ns): the wait covers its current gap
+            gap_ms = -(-self._reader.gap_ns // 1_000_000) if self._reader is not None else 0
+            interval = max(1, int(self.opts.wakeup_ms), gap_ms)
             wait = timeout_ms if self._quiet else min(timeout_ms, interval)
             n0, t0 = self._records, time.monotonic()
             self._read(wait)
@@ -622,6 +626,9 @@ class Tracer:
             # each stage's own count, in pipeline order: where records went and where they stopped
             "stages": {
                 "read": self._records,
+                # reads that found records (the mmap reader): read / read_batches is the batch
+                # size the reader's gap (--batch-wait-ms) reached
+                "read_batches": self._reader.batches if self._reader is not None else None,
                 "decode": {"records": sum(self.enrich.by_type.values()), "unknown": self.enrich.unknown_types,
                            "by_type": {E.TYPE_NAMES.get(t, str(t)): n for t, n in self.enrich.by_type.items()}},
                 "enrich": {"events": sum(events.values()), "errors": self.stage_errors},
