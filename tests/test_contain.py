@@ -351,6 +351,40 @@ def test_clone_into_a_cgroup_inside_the_subtree_is_no_escape(agent_tree, make_se
     assert child > 0
 
 
+
+def test_escape_rings_the_doorbell_through_the_readers_gap(agent_tree, make_session, outside, clone3_exe):
+    """While records keep coming the reader sleeps between reads (up to --batch-wait-ms); a
+    clone3 child born outside runs until its record is read, so escape.c rings a doorbell ring
+    the reader waits on instead. Here the reader is put in a 10-minute gap: the poll comes back
+    because the bell rang (counted), with the escape read and the child killed."""
+    import time
+    a = agent_tree.agent("clone-bell")
+    sess = make_session([agent_tree.root], engine=_engine("enforce"), mode="enforce")
+    sess.settle()
+    r = sess.tracer._reader
+    assert r is not None and r._bell is not None
+    r.min_gap_ns = r.max_gap_ns = r.gap_ns = 600 * 10**9
+    r._last_n, r._last_read_ns = 1, time.monotonic_ns()
+    sess.tracer._quiet = False
+    p = agent_tree.spawn(a, [str(clone3_exe), str(outside), "stay", "20000"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        # without the bell this poll sleeps out its whole 60 s timeout and counts no ring
+        sess.tracer.poll(60_000)
+        assert r.bell_rings >= 1
+        esc = [e for e in sess.of("escape") if e["escape"]["how"] == "clone_into_cgroup"]
+        assert esc, sess.of("escape")
+        r.min_gap_ns, r.max_gap_ns, r.gap_ns = 5_000_000, 15_000_000, 5_000_000
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    child, status = (int(x) for x in out.split())
+    assert status == -signal.SIGKILL and esc[0]["escape"]["pid"] == child
+    al = sess.wait_for(lambda: [x for x in _alerts(sess, "escape-cgroup-move") if x["rule"]["outcome"] == "killed"])
+    assert al and al[0]["escape"]["pid"] == child
+
 def test_socket_fence_config_is_validated():
     from agenttrace.config import ConfigError, parse_config
     cfg = parse_config("socket_fence: [inet:raw, 'inet:dgram:icmp']\n")

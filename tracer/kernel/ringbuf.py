@@ -82,17 +82,31 @@ class RingReader:
         self._last_read_ns = 0
         self._last_n = 0
         self.batches = 0        # reads that found records: records / batches is the batch size
+        self._bell = None       # (epoll, consumer, producer) of the doorbell ring (attach_doorbell)
+        self.bell_rings = 0     # gaps cut short by the doorbell
 
     def poll(self, timeout_ms: int, limit: int = 0, budget_ns: int = 0) -> int:
         if timeout_ms != 0:
             rest = self._last_read_ns + max(self.gap_ns, self.min_gap_ns) - time.monotonic_ns() if self._last_n else 0
             if rest > 0:
-                time.sleep(rest / 1e9 if timeout_ms < 0 else min(rest / 1e9, timeout_ms / 1000))
+                t = rest / 1e9 if timeout_ms < 0 else min(rest / 1e9, timeout_ms / 1000)
+                if self._bell is None:
+                    time.sleep(t)
+                else:
+                    try:
+                        if self._bell[0].poll(t, 1):
+                            self.bell_rings += 1
+                    except InterruptedError:
+                        pass
             else:
                 try:
                     self._ep.poll(timeout_ms / 1000 if timeout_ms > 0 else -1, 1)
                 except InterruptedError:
                     pass
+        if self._bell is not None:
+            # rung or not, what it says is in `events` now, read below: empty it so it can
+            # wake the next gap (its poll is ready while it holds anything)
+            self._bell[1][0] = self._bell[2][0]
         n = self.consume(limit, budget_ns)
         self._last_n, self._last_read_ns = n, time.monotonic_ns()
         if n:
@@ -153,8 +167,27 @@ class RingReader:
             self._cons[0] = cons
         return n
 
+    def attach_doorbell(self, map_fd: int) -> None:
+        """Wait on this ring (probes/escape.c at_doorbell: records that must be read now ring it)
+        during the gap instead of sleeping. Only its positions are read: the records it names are
+        in the main ring."""
+        cons_mm = mmap.mmap(map_fd, PAGE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
+        prod_mm = mmap.mmap(map_fd, PAGE, mmap.MAP_SHARED, mmap.PROT_READ, offset=PAGE)
+        ep = select.epoll()
+        ep.register(map_fd, select.EPOLLIN)
+        self._bell_mms = (cons_mm, prod_mm)
+        self._bell = (ep, memoryview(cons_mm)[:8].cast("Q"), memoryview(prod_mm)[:8].cast("Q"))
+
     def close(self) -> None:
         self._ep.close()
+        if self._bell is not None:
+            ep, cons, prod = self._bell
+            self._bell = None
+            ep.close()
+            cons.release()
+            prod.release()
+            for mm in self._bell_mms:
+                mm.close()
         for obj in ("_hdr", "_data", "_prod", "_cons"):
             v = getattr(self, obj, None)
             if v is not None:
