@@ -49,6 +49,73 @@ struct at_flow_state {
 };
 BPF_TABLE("lru_hash", u64, struct at_flow_state, flow_state, 65536);
 
+#if defined(AT_WITH_NET) && !defined(AT_SKB_NO_CURRENT)
+#define AT_FLOW_CONNECT_OWNER 1
+/* The owner of a flow the connect hook saw: net.c's entry for the socket (pending_conn), made
+ * in the connect() whose SYN is the flow's first segment. So that segment and every bare one
+ * after it make no entry here (the cost of a refused connect was mostly that entry and the
+ * cgroup walk before it); the first payload either way makes it, with this owner. Only when
+ * the socket is in its caller's cgroup: what at_skb_header asks of the task sending the SYN,
+ * which is that caller. The socket's address and then its cookie name it: a stale entry of a
+ * freed socket whose address was reused fails the cookie. */
+static __always_inline struct at_pending *at_flow_connect_owner(struct __sk_buff *skb, u64 cookie)
+{
+	struct bpf_sock *sk = skb->sk;
+	if (!sk)
+		return 0;
+	u64 key = (u64)sk;
+	struct at_pending *p = pending_conn.lookup(&key);
+	if (!p || p->cookie != cookie || p->h.cgroup_id != bpf_skb_cgroup_id(skb))
+		return 0;
+	return p;
+}
+
+static __always_inline void at_flow_connect_forget(struct __sk_buff *skb)
+{
+	struct bpf_sock *sk = skb->sk;
+	if (!sk)
+		return;
+	u64 key = (u64)sk;
+	pending_conn.delete(&key);
+}
+#endif
+
+/* A flow's entry, made by its first payload (or tls.c's block): with the owner the connect hook
+ * saw, which the entry holds from then on. */
+static __always_inline struct at_flow_state *at_flow_new_state(struct __sk_buff *skb, u64 cookie)
+{
+	struct at_flow_state fresh = {};
+#ifdef AT_FLOW_CONNECT_OWNER
+	struct at_pending *cp = at_flow_connect_owner(skb, cookie);
+	if (cp) {
+		__builtin_memcpy(&fresh.owner, &cp->h, sizeof(fresh.owner));
+		fresh.owner.type = AT_EV_FLOW;
+		fresh.owner.size = sizeof(struct at_flow);
+		fresh.owner_known = 1;
+		/* the result is out: nothing else needs the connect's entry */
+		if (cp->done)
+			at_flow_connect_forget(skb);
+	}
+#endif
+	flow_state.update(&cookie, &fresh);
+	return flow_state.lookup(&cookie);
+}
+
+/* The owner of a flow as far as known: its entry's, else the connect hook's for a flow that has
+ * no entry yet (tls.c looks before flow.c makes it), else none. */
+static __always_inline const struct at_header *at_flow_owner(struct __sk_buff *skb, u64 cookie,
+							     struct at_flow_state *st)
+{
+	if (st)
+		return st->owner_known ? &st->owner : 0;
+#ifdef AT_FLOW_CONNECT_OWNER
+	struct at_pending *cp = at_flow_connect_owner(skb, cookie);
+	if (cp)
+		return &cp->h;
+#endif
+	return 0;
+}
+
 /* Reassembly. A protocol is not what the first segment says but what the first bytes of the
  * stream say: a banner sent one byte at a time, a stratum login after a page of blanks, or an
  * SSH banner after the pre-banner lines RFC 4253 allows all put the telling bytes past the first
@@ -257,11 +324,11 @@ static __always_inline void at_flow_send(struct at_flow_asm *a, struct at_flow_a
 /* The header of a record about a flow: its owner as the SYN's syscall context saw it (later
  * segments may leave in softirq, where current is nobody's), else what the skb says. tls.c's
  * records take it the same way. */
-static __always_inline void at_flow_owner_header(struct at_header *h, struct at_flow_state *st, u16 type,
+static __always_inline void at_flow_owner_header(struct at_header *h, const struct at_header *owner, u16 type,
 						 u16 size, u64 cg, u64 agent)
 {
-	if (st && st->owner_known) {
-		__builtin_memcpy(h, &st->owner, sizeof(*h));
+	if (owner) {
+		__builtin_memcpy(h, owner, sizeof(*h));
 		h->ktime = bpf_ktime_get_ns();
 		h->type = type;
 		h->size = size;
@@ -297,6 +364,18 @@ static __always_inline int at_flow(struct __sk_buff *skb, u8 dir, struct at_skb_
 	 * cgroup walk and without an entry being made. */
 	if (!plen && dir != AT_DIR_EGRESS && !st)
 		return 1;
+#ifdef AT_FLOW_CONNECT_OWNER
+	if (!st && !plen) {
+		struct at_pending *cp = at_flow_connect_owner(skb, cookie);
+		if (cp) {
+			/* a reset ends the socket: its owner is needed no more, unless its result is
+			 * still to come (the tracepoint deletes it then) */
+			if ((tcph[13] & 0x04) && cp->done)
+				at_flow_connect_forget(skb);
+			return 1;
+		}
+	}
+#endif
 	if (st && !plen && (st->owner_known || dir != AT_DIR_EGRESS) &&
 	    (!fin || (!st->pending[0] && !st->pending[1])))
 		return 1;
@@ -308,9 +387,7 @@ static __always_inline int at_flow(struct __sk_buff *skb, u8 dir, struct at_skb_
 	u16 dport = ((u16)tcph[2] << 8) | tcph[3];
 
 	if (!st) {
-		struct at_flow_state fresh = {};
-		flow_state.update(&cookie, &fresh);
-		st = flow_state.lookup(&cookie);
+		st = at_flow_new_state(skb, cookie);
 		if (!st)
 			return 1;
 	}
@@ -366,7 +443,7 @@ static __always_inline int at_flow(struct __sk_buff *skb, u8 dir, struct at_skb_
 		if (!fresh)
 			return 1;
 		struct at_flow *e = &fresh->rec;
-		at_flow_owner_header(&e->h, st, AT_EV_FLOW, sizeof(*e), cg, agent);
+		at_flow_owner_header(&e->h, st->owner_known ? &st->owner : 0, AT_EV_FLOW, sizeof(*e), cg, agent);
 		e->cookie = cookie;
 		e->family = l.family;
 		e->sport = sport;

@@ -126,12 +126,18 @@ static __always_inline int at_learned_ok(u32 gid, u8 *addr16, u16 port, u8 proto
 	return 0;
 }
 /* socket address -> the connect's header, to attribute the result (which fires in softirq
- * context where `current` is unrelated). LRU: results that never come age out. */
+ * context where `current` is unrelated). LRU: results that never come age out.
+ * The entry outlives the result (`done`) until the flow's first payload or reset: flow.c takes
+ * the flow's owner from it then, so a connect that never carries a byte (a refused one, a
+ * port probe) makes no flow entry at all. As many as flow.c's flow_state holds, the owner of
+ * a flow that waits long for its first byte lasts as long as it did there. */
 struct at_pending {
 	struct at_header h;
 	u64 cookie;
+	u32 done;            /* the result was sent: the entry is kept for flow.c only */
+	u32 pad;
 };
-BPF_TABLE("lru_hash", u64, struct at_pending, pending_conn, 16384);
+BPF_TABLE("lru_hash", u64, struct at_pending, pending_conn, 65536);
 /* Set between SYN_SENT->CLOSE and the error report that follows it on the same CPU
  * (tcp_done_with_error: state change first, then sk_error_report). */
 struct at_closing {
@@ -288,7 +294,7 @@ static __always_inline int at_sock_addr(struct bpf_sock_addr *ctx, u8 op, u16 fa
 		u64 sk = e->sk;
 		pending_conn.update(&sk, &p);
 	}
-	events.ringbuf_submit(e, at_wake_flags());
+	events.ringbuf_submit(e, at_wake_flags_at(e->h.ktime));
 	if (op == AT_OP_SENDMSG) {
 		/* only once the record is on its way: a datagram refused by the rate limit or a full
 		 * ring is reported when the destination is next used, instead of never */
@@ -345,13 +351,17 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 		return 0;
 	u64 sk = (u64)args->skaddr;
 	struct at_pending *p = pending_conn.lookup(&sk);
-	if (!p)
+	if (!p || p->done)
 		return 0;
 	if (args->newstate == AT_TCP_ESTABLISHED) {
 		at_emit_result(p, sk, args->family, args->sport, args->dport,
 			       (u8 *)args->saddr, (u8 *)args->daddr, (u8 *)args->saddr_v6, (u8 *)args->daddr_v6,
 			       AT_RESULT_ESTABLISHED, 0);
+#if defined(AT_WITH_FLOW) && !defined(AT_SKB_NO_CURRENT)
+		p->done = 1;    /* flow.c deletes it */
+#else
 		pending_conn.delete(&sk);
+#endif
 	} else if (args->newstate == AT_TCP_CLOSE) {
 		u32 zero = 0;
 		struct at_closing *c = closing.lookup(&zero);
