@@ -81,12 +81,12 @@ static __always_inline void at_flow_connect_forget(struct __sk_buff *skb)
 #endif
 
 /* A flow's entry, made by its first payload (or tls.c's block): with the owner the connect hook
- * saw, which the entry holds from then on. */
-static __always_inline struct at_flow_state *at_flow_new_state(struct __sk_buff *skb, u64 cookie)
+ * saw, which the entry holds from then on. `look` 0: the caller found no such owner already. */
+static __always_inline struct at_flow_state *at_flow_new_state(struct __sk_buff *skb, u64 cookie, int look)
 {
 	struct at_flow_state fresh = {};
 #ifdef AT_FLOW_CONNECT_OWNER
-	struct at_pending *cp = at_flow_connect_owner(skb, cookie);
+	struct at_pending *cp = look ? at_flow_connect_owner(skb, cookie) : 0;
 	if (cp) {
 		__builtin_memcpy(&fresh.owner, &cp->h, sizeof(fresh.owner));
 		fresh.owner.type = AT_EV_FLOW;
@@ -343,12 +343,9 @@ static __always_inline void at_flow_owner_header(struct at_header *h, const stru
 static __always_inline int at_flow(struct __sk_buff *skb, u8 dir, struct at_skb_ctx *c)
 {
 	u64 cookie = c->cookie;
-	struct at_flow_state *st = flow_state.lookup(&cookie);
-	/* The steady state of a flow (both ways captured, not blocked) costs one hash lookup per
-	 * packet: no cgroup walk, no header parsing. */
-	if (st && st->seen[0] && st->seen[1] && !st->blocked)
-		return 1;
-
+	/* The headers are in hand (skb.c parsed them): reading them costs less than the lookup
+	 * below, which a bare ingress segment never needs -- it changes nothing unless it ends a
+	 * way (the handshake's and the ACKs of every flow leave here). */
 	struct at_l3 l;
 	if (AT_SKB_L3(skb, c, &l) < 0 || l.proto != AT_NEXTHDR_TCP || AT_SKB_L4LEN(skb) < 20)
 		return 1;
@@ -357,6 +354,14 @@ static __always_inline int at_flow(struct __sk_buff *skb, u8 dir, struct at_skb_
 	u32 off = l.l4off + doff;
 	u32 plen = l.l3end > off ? l.l3end - off : 0;
 	u8 fin = tcph[13] & 0x05;  /* FIN or RST: the stream ends here */
+	if (!plen && !fin && dir != AT_DIR_EGRESS)
+		return 1;
+
+	struct at_flow_state *st = flow_state.lookup(&cookie);
+	/* The steady state of a flow (both ways captured, not blocked) costs one hash lookup per
+	 * packet: no cgroup walk. */
+	if (st && st->seen[0] && st->seen[1] && !st->blocked)
+		return 1;
 	/* A segment without payload changes nothing below unless it ends a way with a capture
 	 * pending (flushed) or is the first egress one of a socket whose owner is not known yet
 	 * (learned): most packets of a short flow -- the handshake, bare ACKs, the RST of a flow
@@ -387,7 +392,7 @@ static __always_inline int at_flow(struct __sk_buff *skb, u8 dir, struct at_skb_
 	u16 dport = ((u16)tcph[2] << 8) | tcph[3];
 
 	if (!st) {
-		st = at_flow_new_state(skb, cookie);
+		st = at_flow_new_state(skb, cookie, plen != 0);  /* a bare one looked already */
 		if (!st)
 			return 1;
 	}

@@ -226,7 +226,7 @@ static __always_inline int at_tls_egress(struct __sk_buff *skb, struct at_skb_ct
 	__builtin_memcpy(e->daddr, lp->daddr, 16);
 	if (enforce) {
 		if (!st)
-			st = at_flow_new_state(skb, cookie);
+			st = at_flow_new_state(skb, cookie, 1);
 		if (st) {
 			st->blocked = 1;
 			st->policy_id = s->policy;
