@@ -7,9 +7,9 @@
  * context (BPF_SOCK_OPS_TCP_LISTEN_CB: pid, comm and cgroup are the listener's), and for each
  * accepted connection (BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB) with the child socket, whose
  * cookie ties the later flow/dns records to it. The tracepoint fires for every socket of the
- * machine and, for accepted connections, in softirq with an unrelated current task. net.c
- * already owns the inet_sock_set_state tracepoint; a second handler in this compile unit
- * would clash with it.
+ * machine and, for accepted connections, in softirq with an unrelated current task. For the
+ * same reason this program also takes net.c's connect results where both are loaded
+ * (at_sockops_result), and that tracepoint is then not loaded at all.
  *
  * An accepted connection runs in softirq, so its record carries the listener's identity,
  * remembered at listen() per (network namespace, family, port). Listeners opened before the
