@@ -95,6 +95,8 @@ static __always_inline struct at_flow_state *at_flow_new_state(struct __sk_buff 
 		/* the result is out: nothing else needs the connect's entry */
 		if (cp->done)
 			at_flow_connect_forget(skb);
+		else
+			cp->flow = 1;
 	}
 #endif
 	flow_state.update(&cookie, &fresh);
@@ -356,6 +358,22 @@ static __always_inline int at_flow(struct __sk_buff *skb, u8 dir, struct at_skb_
 	u8 fin = tcph[13] & 0x05;  /* FIN or RST: the stream ends here */
 	if (!plen && !fin && dir != AT_DIR_EGRESS)
 		return 1;
+#ifdef AT_FLOW_CONNECT_OWNER
+	/* A connect's SYN, FIN or RST without payload, once or twice per connection: while the
+	 * connect's entry says the flow has none of its own, there is nothing here to do (no owner
+	 * to learn, no capture to flush), so that warm entry is asked and the flow table not at all.
+	 * Bare ACKs go the other way round: most are of flows that have their entry. */
+	if (!plen && (fin || (dir == AT_DIR_EGRESS && (tcph[13] & 0x12) == 0x02))) {
+		struct at_pending *cp = at_flow_connect_owner(skb, cookie);
+		if (cp && !cp->flow) {
+			/* a reset ends the socket: its owner is needed no more, unless its result
+			 * is still to come (that deletes it then) */
+			if ((tcph[13] & 0x04) && cp->done)
+				at_flow_connect_forget(skb);
+			return 1;
+		}
+	}
+#endif
 
 	struct at_flow_state *st = flow_state.lookup(&cookie);
 	/* The steady state of a flow (both ways captured, not blocked) costs one hash lookup per

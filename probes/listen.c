@@ -74,7 +74,6 @@ static __always_inline void at_sockops_result(struct bpf_sock_ops *ctx, u32 op)
 	u32 newstate = ctx->args[1];
 	if (ctx->args[0] != AT_TCP_SYN_SENT || (newstate != AT_TCP_ESTABLISHED && newstate != AT_TCP_CLOSE))
 		return;
-	bpf_sock_ops_cb_flags_set(ctx, ctx->bpf_sock_ops_cb_flags & ~BPF_SOCK_OPS_STATE_CB_FLAG);
 	struct at_pending *p = pending_conn.lookup(&sk);
 	if (!p || p->done)
 		return;
@@ -93,6 +92,9 @@ static __always_inline void at_sockops_result(struct bpf_sock_ops *ctx, u32 op)
 		pending_conn.delete(&sk);
 		return;
 	}
+	/* established: no later change is wanted (a closed socket makes none; a new connect asks
+	 * again) */
+	bpf_sock_ops_cb_flags_set(ctx, ctx->bpf_sock_ops_cb_flags & ~BPF_SOCK_OPS_STATE_CB_FLAG);
 	struct at_conn_result *r = events.ringbuf_reserve(sizeof(struct at_conn_result));
 	if (r) {
 		__builtin_memcpy(&r->h, &p->h, sizeof(r->h));

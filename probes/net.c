@@ -136,7 +136,7 @@ struct at_pending {
 	struct at_header h;
 	u64 cookie;
 	u32 done;            /* the result was sent: the entry is kept for flow.c only */
-	u32 pad;
+	u32 flow;            /* flow.c made the flow's own entry while this one stayed */
 };
 BPF_TABLE("lru_hash", u64, struct at_pending, pending_conn, 65536);
 /* Set between SYN_SENT->CLOSE and the error report that follows it on the same CPU
