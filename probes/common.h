@@ -144,7 +144,8 @@ static __always_inline struct at_proc_count *at_proc_count(u64 agent)
 }
 #endif
 
-static __always_inline void at_fill_header(struct at_header *h, u16 type, u16 size, u64 cg, u64 agent)
+/* `now`: the record's time where the caller has read the clock already (see at_wake_flags_at) */
+static __always_inline void at_fill_header_at(struct at_header *h, u16 type, u16 size, u64 cg, u64 agent, u64 now)
 {
 	u64 pt = bpf_get_current_pid_tgid();
 #ifdef AT_WITH_PROC
@@ -155,10 +156,15 @@ static __always_inline void at_fill_header(struct at_header *h, u16 type, u16 si
 	h->pid = (u32)pt;
 	h->tgid = pt >> 32;
 	h->uid = (u32)bpf_get_current_uid_gid();
-	h->ktime = bpf_ktime_get_ns();
+	h->ktime = now;
 	h->cgroup_id = cg;
 	h->agent_cgroup_id = agent;
 	bpf_get_current_comm(h->comm, sizeof(h->comm));
+}
+
+static __always_inline void at_fill_header(struct at_header *h, u16 type, u16 size, u64 cg, u64 agent)
+{
+	at_fill_header_at(h, type, size, cg, agent, bpf_ktime_get_ns());
 }
 
 static __always_inline void at_count_drop(u64 agent, u32 type)
@@ -187,7 +193,7 @@ BPF_TABLE("lru_hash", u64, struct at_rate, rate_state, 8192);
  * cannot use up the budget of the records the rules act on, and a flood of those is still
  * bounded and counted. */
 #define AT_POLICY_BUCKET (1ULL << 63)
-static __always_inline int at_admit_key(u64 agent, u64 key, u32 type)
+static __always_inline int at_admit_key_at(u64 agent, u64 key, u32 type, u64 now)
 {
 	u32 k0 = 0, k1 = 1;
 	u64 *lim = rate_cfg.lookup(&k0);
@@ -196,7 +202,6 @@ static __always_inline int at_admit_key(u64 agent, u64 key, u32 type)
 	u64 limit = *lim;
 	u64 *bp = rate_cfg.lookup(&k1);
 	u64 burst = bp && *bp ? *bp : limit;
-	u64 now = bpf_ktime_get_ns();
 	struct at_rate *r = rate_state.lookup(&key);
 	if (!r) {
 		struct at_rate n = {now, burst - 1};
@@ -217,6 +222,11 @@ static __always_inline int at_admit_key(u64 agent, u64 key, u32 type)
 	}
 	r->tokens--;
 	return 1;
+}
+
+static __always_inline int at_admit_key(u64 agent, u64 key, u32 type)
+{
+	return at_admit_key_at(agent, key, type, bpf_ktime_get_ns());
 }
 
 static __always_inline int at_admit(u64 agent, u32 type)

@@ -49,6 +49,75 @@ struct at_flow_state {
 };
 BPF_TABLE("lru_hash", u64, struct at_flow_state, flow_state, 65536);
 
+#if defined(AT_WITH_NET) && !defined(AT_SKB_NO_CURRENT)
+#define AT_FLOW_CONNECT_OWNER 1
+/* The owner of a flow the connect hook saw: net.c's entry for the socket (pending_conn), made
+ * in the connect() whose SYN is the flow's first segment. So that segment and every bare one
+ * after it make no entry here (the cost of a refused connect was mostly that entry and the
+ * cgroup walk before it); the first payload either way makes it, with this owner. Only when
+ * the socket is in its caller's cgroup: what at_skb_header asks of the task sending the SYN,
+ * which is that caller. The socket's address and then its cookie name it: a stale entry of a
+ * freed socket whose address was reused fails the cookie. */
+static __always_inline struct at_pending *at_flow_connect_owner(struct __sk_buff *skb, u64 cookie)
+{
+	struct bpf_sock *sk = skb->sk;
+	if (!sk)
+		return 0;
+	u64 key = (u64)sk;
+	struct at_pending *p = pending_conn.lookup(&key);
+	if (!p || p->cookie != cookie || p->h.cgroup_id != bpf_skb_cgroup_id(skb))
+		return 0;
+	return p;
+}
+
+static __always_inline void at_flow_connect_forget(struct __sk_buff *skb)
+{
+	struct bpf_sock *sk = skb->sk;
+	if (!sk)
+		return;
+	u64 key = (u64)sk;
+	pending_conn.delete(&key);
+}
+#endif
+
+/* A flow's entry, made by its first payload (or tls.c's block): with the owner the connect hook
+ * saw, which the entry holds from then on. `look` 0: the caller found no such owner already. */
+static __always_inline struct at_flow_state *at_flow_new_state(struct __sk_buff *skb, u64 cookie, int look)
+{
+	struct at_flow_state fresh = {};
+#ifdef AT_FLOW_CONNECT_OWNER
+	struct at_pending *cp = look ? at_flow_connect_owner(skb, cookie) : 0;
+	if (cp) {
+		__builtin_memcpy(&fresh.owner, &cp->h, sizeof(fresh.owner));
+		fresh.owner.type = AT_EV_FLOW;
+		fresh.owner.size = sizeof(struct at_flow);
+		fresh.owner_known = 1;
+		/* the result is out: nothing else needs the connect's entry */
+		if (cp->done)
+			at_flow_connect_forget(skb);
+		else
+			cp->flow = 1;
+	}
+#endif
+	flow_state.update(&cookie, &fresh);
+	return flow_state.lookup(&cookie);
+}
+
+/* The owner of a flow as far as known: its entry's, else the connect hook's for a flow that has
+ * no entry yet (tls.c looks before flow.c makes it), else none. */
+static __always_inline const struct at_header *at_flow_owner(struct __sk_buff *skb, u64 cookie,
+							     struct at_flow_state *st)
+{
+	if (st)
+		return st->owner_known ? &st->owner : 0;
+#ifdef AT_FLOW_CONNECT_OWNER
+	struct at_pending *cp = at_flow_connect_owner(skb, cookie);
+	if (cp)
+		return &cp->h;
+#endif
+	return 0;
+}
+
 /* Reassembly. A protocol is not what the first segment says but what the first bytes of the
  * stream say: a banner sent one byte at a time, a stratum login after a page of blanks, or an
  * SSH banner after the pre-banner lines RFC 4253 allows all put the telling bytes past the first
@@ -257,11 +326,11 @@ static __always_inline void at_flow_send(struct at_flow_asm *a, struct at_flow_a
 /* The header of a record about a flow: its owner as the SYN's syscall context saw it (later
  * segments may leave in softirq, where current is nobody's), else what the skb says. tls.c's
  * records take it the same way. */
-static __always_inline void at_flow_owner_header(struct at_header *h, struct at_flow_state *st, u16 type,
+static __always_inline void at_flow_owner_header(struct at_header *h, const struct at_header *owner, u16 type,
 						 u16 size, u64 cg, u64 agent)
 {
-	if (st && st->owner_known) {
-		__builtin_memcpy(h, &st->owner, sizeof(*h));
+	if (owner) {
+		__builtin_memcpy(h, owner, sizeof(*h));
 		h->ktime = bpf_ktime_get_ns();
 		h->type = type;
 		h->size = size;
@@ -276,12 +345,9 @@ static __always_inline void at_flow_owner_header(struct at_header *h, struct at_
 static __always_inline int at_flow(struct __sk_buff *skb, u8 dir, struct at_skb_ctx *c)
 {
 	u64 cookie = c->cookie;
-	struct at_flow_state *st = flow_state.lookup(&cookie);
-	/* The steady state of a flow (both ways captured, not blocked) costs one hash lookup per
-	 * packet: no cgroup walk, no header parsing. */
-	if (st && st->seen[0] && st->seen[1] && !st->blocked)
-		return 1;
-
+	/* The headers are in hand (skb.c parsed them): reading them costs less than the lookup
+	 * below, which a bare ingress segment never needs -- it changes nothing unless it ends a
+	 * way (the handshake's and the ACKs of every flow leave here). */
 	struct at_l3 l;
 	if (AT_SKB_L3(skb, c, &l) < 0 || l.proto != AT_NEXTHDR_TCP || AT_SKB_L4LEN(skb) < 20)
 		return 1;
@@ -290,6 +356,30 @@ static __always_inline int at_flow(struct __sk_buff *skb, u8 dir, struct at_skb_
 	u32 off = l.l4off + doff;
 	u32 plen = l.l3end > off ? l.l3end - off : 0;
 	u8 fin = tcph[13] & 0x05;  /* FIN or RST: the stream ends here */
+	if (!plen && !fin && dir != AT_DIR_EGRESS)
+		return 1;
+#ifdef AT_FLOW_CONNECT_OWNER
+	/* A connect's SYN, FIN or RST without payload, once or twice per connection: while the
+	 * connect's entry says the flow has none of its own, there is nothing here to do (no owner
+	 * to learn, no capture to flush), so that warm entry is asked and the flow table not at all.
+	 * Bare ACKs go the other way round: most are of flows that have their entry. */
+	if (!plen && (fin || (dir == AT_DIR_EGRESS && (tcph[13] & 0x12) == 0x02))) {
+		struct at_pending *cp = at_flow_connect_owner(skb, cookie);
+		if (cp && !cp->flow) {
+			/* a reset ends the socket: its owner is needed no more, unless its result
+			 * is still to come (that deletes it then) */
+			if ((tcph[13] & 0x04) && cp->done)
+				at_flow_connect_forget(skb);
+			return 1;
+		}
+	}
+#endif
+
+	struct at_flow_state *st = flow_state.lookup(&cookie);
+	/* The steady state of a flow (both ways captured, not blocked) costs one hash lookup per
+	 * packet: no cgroup walk. */
+	if (st && st->seen[0] && st->seen[1] && !st->blocked)
+		return 1;
 	/* A segment without payload changes nothing below unless it ends a way with a capture
 	 * pending (flushed) or is the first egress one of a socket whose owner is not known yet
 	 * (learned): most packets of a short flow -- the handshake, bare ACKs, the RST of a flow
@@ -297,6 +387,18 @@ static __always_inline int at_flow(struct __sk_buff *skb, u8 dir, struct at_skb_
 	 * cgroup walk and without an entry being made. */
 	if (!plen && dir != AT_DIR_EGRESS && !st)
 		return 1;
+#ifdef AT_FLOW_CONNECT_OWNER
+	if (!st && !plen) {
+		struct at_pending *cp = at_flow_connect_owner(skb, cookie);
+		if (cp) {
+			/* a reset ends the socket: its owner is needed no more, unless its result is
+			 * still to come (the tracepoint deletes it then) */
+			if ((tcph[13] & 0x04) && cp->done)
+				at_flow_connect_forget(skb);
+			return 1;
+		}
+	}
+#endif
 	if (st && !plen && (st->owner_known || dir != AT_DIR_EGRESS) &&
 	    (!fin || (!st->pending[0] && !st->pending[1])))
 		return 1;
@@ -308,9 +410,7 @@ static __always_inline int at_flow(struct __sk_buff *skb, u8 dir, struct at_skb_
 	u16 dport = ((u16)tcph[2] << 8) | tcph[3];
 
 	if (!st) {
-		struct at_flow_state fresh = {};
-		flow_state.update(&cookie, &fresh);
-		st = flow_state.lookup(&cookie);
+		st = at_flow_new_state(skb, cookie, plen != 0);  /* a bare one looked already */
 		if (!st)
 			return 1;
 	}
@@ -366,7 +466,7 @@ static __always_inline int at_flow(struct __sk_buff *skb, u8 dir, struct at_skb_
 		if (!fresh)
 			return 1;
 		struct at_flow *e = &fresh->rec;
-		at_flow_owner_header(&e->h, st, AT_EV_FLOW, sizeof(*e), cg, agent);
+		at_flow_owner_header(&e->h, st->owner_known ? &st->owner : 0, AT_EV_FLOW, sizeof(*e), cg, agent);
 		e->cookie = cookie;
 		e->family = l.family;
 		e->sport = sport;

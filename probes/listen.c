@@ -7,9 +7,9 @@
  * context (BPF_SOCK_OPS_TCP_LISTEN_CB: pid, comm and cgroup are the listener's), and for each
  * accepted connection (BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB) with the child socket, whose
  * cookie ties the later flow/dns records to it. The tracepoint fires for every socket of the
- * machine and, for accepted connections, in softirq with an unrelated current task. net.c
- * already owns the inet_sock_set_state tracepoint; a second handler in this compile unit
- * would clash with it.
+ * machine and, for accepted connections, in softirq with an unrelated current task. For the
+ * same reason this program also takes net.c's connect results where both are loaded
+ * (at_sockops_result), and that tracepoint is then not loaded at all.
  *
  * An accepted connection runs in softirq, so its record carries the listener's identity,
  * remembered at listen() per (network namespace, family, port). Listeners opened before the
@@ -51,6 +51,77 @@ static __always_inline void at_sockops_addrs(struct bpf_sock_ops *ctx, u16 famil
 	}
 }
 
+#ifdef AT_WITH_NET
+/* Connect results for net.c (see there, before its inet_sock_set_state fallback): a socket that
+ * net.c's connect hook let through (its pending_conn entry) asks at BPF_SOCK_OPS_TCP_CONNECT_CB,
+ * in connect(), for its state changes; the first one out of SYN_SENT sends the result
+ * (ESTABLISHED) or leaves the closing note for the error report (CLOSE), as the tracepoint did,
+ * and stops them. So a connection makes one more sock_ops run instead of ~8 tracepoint runs,
+ * and other sockets of the machine none. The kernel calls this just before the state is
+ * stored, where the tracepoint fired; ports and addresses are the socket's still. */
+static __always_inline void at_sockops_result(struct bpf_sock_ops *ctx, u32 op)
+{
+	struct bpf_sock *s = ctx->sk;
+	if (!s)
+		return;
+	u64 sk = (u64)s;
+	if (op == BPF_SOCK_OPS_TCP_CONNECT_CB) {
+		struct at_pending *p = pending_conn.lookup(&sk);
+		if (p && !p->done)
+			bpf_sock_ops_cb_flags_set(ctx, ctx->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+		return;
+	}
+	u32 newstate = ctx->args[1];
+	if (ctx->args[0] != AT_TCP_SYN_SENT || (newstate != AT_TCP_ESTABLISHED && newstate != AT_TCP_CLOSE))
+		return;
+	struct at_pending *p = pending_conn.lookup(&sk);
+	if (!p || p->done)
+		return;
+	u16 family = (u16)ctx->family;
+	u16 sport = (u16)ctx->local_port;
+	u16 dport = (u16)bpf_ntohl(ctx->remote_port);
+	if (newstate == AT_TCP_CLOSE) {
+		u32 zero = 0;
+		struct at_closing *c = closing.lookup(&zero);
+		if (c) {
+			__builtin_memcpy(&c->p, p, sizeof(*p));
+			c->sk = sk;
+			c->sport = sport;
+			c->dport = dport;
+		}
+		pending_conn.delete(&sk);
+		return;
+	}
+	/* established: no later change is wanted (a closed socket makes none; a new connect asks
+	 * again) */
+	bpf_sock_ops_cb_flags_set(ctx, ctx->bpf_sock_ops_cb_flags & ~BPF_SOCK_OPS_STATE_CB_FLAG);
+	struct at_conn_result *r = events.ringbuf_reserve(sizeof(struct at_conn_result));
+	if (r) {
+		__builtin_memcpy(&r->h, &p->h, sizeof(r->h));
+		r->h.type = AT_EV_CONN_RESULT;
+		r->h.size = sizeof(*r);
+		u64 now = bpf_ktime_get_ns();
+		r->h.ktime = now;
+		r->sk = sk;
+		r->family = family;
+		r->sport = sport;
+		r->dport = dport;
+		r->result = AT_RESULT_ESTABLISHED;
+		r->error = 0;
+		r->pad = 0;
+		at_sockops_addrs(ctx, family, r->saddr, r->daddr);
+		events.ringbuf_submit(r, at_wake_flags_at(now));
+	} else {
+		at_count_drop(p->h.agent_cgroup_id, AT_EV_CONN_RESULT);
+	}
+#if defined(AT_WITH_FLOW) && !defined(AT_SKB_NO_CURRENT)
+	p->done = 1;    /* flow.c deletes it */
+#else
+	pending_conn.delete(&sk);
+#endif
+}
+#endif
+
 static __always_inline void at_emit_listen(struct bpf_sock_ops *ctx, struct at_header *h, u8 what, u16 family)
 {
 	struct at_listen *e = events.ringbuf_reserve(sizeof(struct at_listen));
@@ -79,6 +150,16 @@ static __always_inline void at_emit_listen(struct bpf_sock_ops *ctx, struct at_h
 int at_sockops(struct bpf_sock_ops *ctx)
 {
 	u32 op = ctx->op;
+#ifdef AT_WITH_NET
+	if (op == BPF_SOCK_OPS_TCP_CONNECT_CB || op == BPF_SOCK_OPS_STATE_CB) {
+		at_sockops_result(ctx, op);
+		return 1;
+	}
+#endif
+	/* of the ~9 callbacks a loopback connection makes, two are wanted: the op is a field of the
+	 * callback's own context, the family a read of the socket, so the op decides first */
+	if (op != BPF_SOCK_OPS_TCP_LISTEN_CB && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
+		return 1;
 	u16 family = (u16)ctx->family;
 	if (family != AT_LSN_AF_INET && family != AT_LSN_AF_INET6)
 		return 1;

@@ -85,7 +85,8 @@ BPF_TABLE("lru_hash", struct at_learn_key, struct at_learn_val, learned, AT_LEAR
 #define AT_FAILCLOSED_POLICY 0xffffffffu
 BPF_ARRAY(heartbeat, u64, 3);
 
-static __always_inline int at_tracer_dead(void)
+/* `now`: 0 where the caller has not read the clock (it is read only once armed) */
+static __always_inline int at_tracer_dead(u64 now)
 {
 	u32 k0 = 0, k1 = 1, k2 = 2;
 	u64 *armed = heartbeat.lookup(&k0);
@@ -94,7 +95,7 @@ static __always_inline int at_tracer_dead(void)
 	u64 *last = heartbeat.lookup(&k1), *grace = heartbeat.lookup(&k2);
 	if (!last || !grace)
 		return 0;
-	return bpf_ktime_get_ns() - *last > *grace;
+	return (now ? now : bpf_ktime_get_ns()) - *last > *grace;
 }
 
 static __always_inline int at_learned_ok(u32 gid, u8 *addr16, u16 port, u8 proto)
@@ -126,12 +127,18 @@ static __always_inline int at_learned_ok(u32 gid, u8 *addr16, u16 port, u8 proto
 	return 0;
 }
 /* socket address -> the connect's header, to attribute the result (which fires in softirq
- * context where `current` is unrelated). LRU: results that never come age out. */
+ * context where `current` is unrelated). LRU: results that never come age out.
+ * The entry outlives the result (`done`) until the flow's first payload or reset: flow.c takes
+ * the flow's owner from it then, so a connect that never carries a byte (a refused one, a
+ * port probe) makes no flow entry at all. As many as flow.c's flow_state holds, the owner of
+ * a flow that waits long for its first byte lasts as long as it did there. */
 struct at_pending {
 	struct at_header h;
 	u64 cookie;
+	u32 done;            /* the result was sent: the entry is kept for flow.c only */
+	u32 flow;            /* flow.c made the flow's own entry while this one stayed */
 };
-BPF_TABLE("lru_hash", u64, struct at_pending, pending_conn, 16384);
+BPF_TABLE("lru_hash", u64, struct at_pending, pending_conn, 65536);
 /* Set between SYN_SENT->CLOSE and the error report that follows it on the same CPU
  * (tcp_done_with_error: state change first, then sk_error_report). */
 struct at_closing {
@@ -167,7 +174,7 @@ static __always_inline int at_slots(struct at_dst_val *v, u16 port, u8 proto, u3
 	return 0;
 }
 
-static __always_inline u32 at_dst_verdict(u64 agent, u8 *addr16, u16 port, u8 proto, u32 *policy)
+static __always_inline u32 at_dst_verdict_at(u64 agent, u8 *addr16, u16 port, u8 proto, u32 *policy, u64 now)
 {
 	u32 enforce = at_cfg(AT_CFG_ENFORCE);
 	struct at_scope_key sk = {};
@@ -184,7 +191,7 @@ static __always_inline u32 at_dst_verdict(u64 agent, u8 *addr16, u16 port, u8 pr
 		gid = *g;
 	else
 		gid = at_cfg(AT_CFG_DEFAULT_GROUP);
-	if (scope != AT_SCOPE_LOOPBACK && at_tracer_dead()) {
+	if (scope != AT_SCOPE_LOOPBACK && at_tracer_dead(now)) {
 		*policy = AT_FAILCLOSED_POLICY;
 		deny = 1;
 		goto decided;
@@ -225,6 +232,11 @@ decided:
 	return deny && enforce ? AT_VERDICT_BLOCKED : AT_VERDICT_ALLOWED;
 }
 
+static __always_inline u32 at_dst_verdict(u64 agent, u8 *addr16, u16 port, u8 proto, u32 *policy)
+{
+	return at_dst_verdict_at(agent, addr16, port, proto, policy, 0);
+}
+
 static __always_inline int at_sock_addr(struct bpf_sock_addr *ctx, u8 op, u16 family)
 {
 	u64 cg = bpf_get_current_cgroup_id(), agent = cg;
@@ -260,17 +272,20 @@ static __always_inline int at_sock_addr(struct bpf_sock_addr *ctx, u8 op, u16 fa
 			goto verdict_only;
 	}
 
-	u8 verdict = at_dst_verdict(agent, addr, port, proto, &policy);
+	/* one clock read for the fail-closed check, the admission, the record and its wakeup: each
+	 * read is ~35 ns here, a good part of the hook's own work */
+	u64 now = bpf_ktime_get_ns();
+	u8 verdict = at_dst_verdict_at(agent, addr, port, proto, &policy, now);
 	/* a connect a rule matched is admitted from the agent's policy bucket (common.h) */
 	u64 bucket = policy || verdict == AT_VERDICT_BLOCKED ? (agent | AT_POLICY_BUCKET) : agent;
-	if (!at_admit_key(agent, bucket, AT_EV_CONNECT))
+	if (!at_admit_key_at(agent, bucket, AT_EV_CONNECT, now))
 		return verdict == AT_VERDICT_BLOCKED ? 0 : 1;
 	struct at_connect *e = events.ringbuf_reserve(sizeof(struct at_connect));
 	if (!e) {
 		at_count_drop(agent, AT_EV_CONNECT);
 		return verdict == AT_VERDICT_BLOCKED ? 0 : 1;
 	}
-	at_fill_header(&e->h, AT_EV_CONNECT, sizeof(*e), cg, agent);
+	at_fill_header_at(&e->h, AT_EV_CONNECT, sizeof(*e), cg, agent, now);
 	e->cookie = cookie;
 	e->sk = (u64)ctx->sk;
 	e->family = family;
@@ -288,7 +303,7 @@ static __always_inline int at_sock_addr(struct bpf_sock_addr *ctx, u8 op, u16 fa
 		u64 sk = e->sk;
 		pending_conn.update(&sk, &p);
 	}
-	events.ringbuf_submit(e, at_wake_flags());
+	events.ringbuf_submit(e, at_wake_flags_at(now));
 	if (op == AT_OP_SENDMSG) {
 		/* only once the record is on its way: a datagram refused by the rate limit or a full
 		 * ring is reported when the destination is next used, instead of never */
@@ -317,7 +332,8 @@ static __always_inline void at_emit_result(struct at_pending *p, u64 sk, u16 fam
 	__builtin_memcpy(&r->h, &p->h, sizeof(r->h));
 	r->h.type = AT_EV_CONN_RESULT;
 	r->h.size = sizeof(*r);
-	r->h.ktime = bpf_ktime_get_ns();
+	u64 now = bpf_ktime_get_ns();
+	r->h.ktime = now;
 	r->sk = sk;
 	r->family = family;
 	r->sport = sport;
@@ -336,22 +352,34 @@ static __always_inline void at_emit_result(struct at_pending *p, u64 sk, u16 fam
 		bpf_probe_read_kernel(r->saddr, 16, saddr6);
 		bpf_probe_read_kernel(r->daddr, 16, daddr6);
 	}
-	events.ringbuf_submit(r, at_wake_flags());
+	events.ringbuf_submit(r, at_wake_flags_at(now));
 }
 
+/* What becomes of a connect: SYN_SENT to ESTABLISHED (the result goes out) or to CLOSE (the
+ * error report that follows names the error). With the listen feature, whose sock_ops program
+ * runs for agent sockets only, that program asks the kernel for the state changes of the
+ * sockets connect() made here and handles them (listen.c at_sockops_result): this tracepoint
+ * fires for every TCP state change of the machine, ~8 per loopback connection, each a program
+ * run. Without listen it is the way. */
+#ifndef AT_WITH_LISTEN
 TRACEPOINT_PROBE(sock, inet_sock_set_state)
 {
-	if (args->protocol != AT_IPPROTO_TCP || args->oldstate != AT_TCP_SYN_SENT)
+	/* most transitions of the machine's sockets are not from SYN_SENT: that test first */
+	if (args->oldstate != AT_TCP_SYN_SENT || args->protocol != AT_IPPROTO_TCP)
 		return 0;
 	u64 sk = (u64)args->skaddr;
 	struct at_pending *p = pending_conn.lookup(&sk);
-	if (!p)
+	if (!p || p->done)
 		return 0;
 	if (args->newstate == AT_TCP_ESTABLISHED) {
 		at_emit_result(p, sk, args->family, args->sport, args->dport,
 			       (u8 *)args->saddr, (u8 *)args->daddr, (u8 *)args->saddr_v6, (u8 *)args->daddr_v6,
 			       AT_RESULT_ESTABLISHED, 0);
+#if defined(AT_WITH_FLOW) && !defined(AT_SKB_NO_CURRENT)
+		p->done = 1;    /* flow.c deletes it */
+#else
 		pending_conn.delete(&sk);
+#endif
 	} else if (args->newstate == AT_TCP_CLOSE) {
 		u32 zero = 0;
 		struct at_closing *c = closing.lookup(&zero);
@@ -365,6 +393,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 	}
 	return 0;
 }
+#endif
 
 TRACEPOINT_PROBE(sock, inet_sk_error_report)
 {

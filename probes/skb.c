@@ -23,6 +23,16 @@ static __always_inline int at_skb_ctx_init(struct __sk_buff *skb, struct at_skb_
 {
 	u32 l4off;
 	if (skb->protocol == bpf_htons(AT_ETH_P_IP)) {
+		/* IPv4 without options and a full TCP header, nearly every packet: both headers in
+		 * one load (one helper call fewer per packet, ~9 per loopback connection) */
+		if (bpf_skb_load_bytes(skb, 0, c->ip, 40) == 0 && (c->ip[0] & 0xf) == 5) {
+			__builtin_memcpy(c->l4, &c->ip[20], 20);
+			skb->cb[AT_SKB_CB_VERDICT] = 1;
+			skb->cb[AT_SKB_CB_SCOPE] = 0;
+			skb->cb[AT_SKB_CB_L4LEN] = 20;
+			c->cookie = bpf_get_socket_cookie(skb);
+			return 0;
+		}
 		if (bpf_skb_load_bytes(skb, 0, c->ip, 20) < 0)
 			return -1;
 		l4off = (c->ip[0] & 0xf) * 4;

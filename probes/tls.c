@@ -212,7 +212,7 @@ static __always_inline int at_tls_egress(struct __sk_buff *skb, struct at_skb_ct
 		return 1;    /* flow.c's record carries the name: userspace reports from it */
 
 	struct at_sni *e = &s->rec;
-	at_flow_owner_header(&e->h, st, AT_EV_SNI, sizeof(*e), cg, agent);
+	at_flow_owner_header(&e->h, at_flow_owner(skb, cookie, st), AT_EV_SNI, sizeof(*e), cg, agent);
 	e->cookie = cookie;
 	e->family = lp->family;
 	e->sport = ((u16)tcph[0] << 8) | tcph[1];
@@ -225,11 +225,8 @@ static __always_inline int at_tls_egress(struct __sk_buff *skb, struct at_skb_ct
 	__builtin_memcpy(e->saddr, lp->saddr, 16);
 	__builtin_memcpy(e->daddr, lp->daddr, 16);
 	if (enforce) {
-		if (!st) {
-			struct at_flow_state fresh = {};
-			flow_state.update(&cookie, &fresh);
-			st = flow_state.lookup(&cookie);
-		}
+		if (!st)
+			st = at_flow_new_state(skb, cookie, 1);
 		if (st) {
 			st->blocked = 1;
 			st->policy_id = s->policy;

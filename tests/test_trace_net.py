@@ -3,6 +3,8 @@ import os
 import socket
 import sys
 
+import pytest
+
 PY = sys.executable
 
 
@@ -18,7 +20,10 @@ def _free_port(family=socket.AF_INET, addr="127.0.0.1"):
     return port
 
 
-def test_tcp_established_and_refused(agent_tree, make_session):
+# With listen on, the results come from its sock_ops program (state changes asked for at
+# connect); without, from the sock:inet_sock_set_state tracepoint (probes/net.c): the same records.
+@pytest.mark.parametrize("features", [None, ("proc", "net")], ids=["sockops", "tracepoint"])
+def test_tcp_established_and_refused(agent_tree, make_session, features):
     a = agent_tree.agent("net")
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
@@ -26,7 +31,10 @@ def test_tcp_established_and_refused(agent_tree, make_session):
     open_port = srv.getsockname()[1]
     closed_port = _free_port()
     try:
-        sess = make_session([agent_tree.root])
+        sess = make_session([agent_tree.root], **({"features": features} if features else {}))
+        progs = sess.tracer.probes.bpf._obj["programs"] if hasattr(sess.tracer.probes.bpf, "_obj") else None
+        if progs is not None:
+            assert ("tracepoint__sock__inet_sock_set_state" in progs) == (features is not None)
         code = (
             "import socket, sys\n"
             f"s = socket.create_connection(('127.0.0.1', {open_port})); print(s.getsockname()[1]); s.close()\n"
