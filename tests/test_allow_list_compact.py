@@ -204,3 +204,70 @@ def test_run_with_a_bad_allow_file_line_exits_2_naming_file_and_line(tmp_path):
     assert p.returncode == 2, p.stderr
     assert f"{f}:1001: --allow-egress '[2001:db8::1:443': unclosed '['" in p.stderr
     assert '"phase":"started"' not in p.stdout
+
+
+def _reference_parse(spec: str):
+    """--allow-egress SPEC as the parser before the compact forms read it (through EgressDest's
+    validation): (is_cidr, value, ports) or the error text."""
+    import ipaddress
+    from pydantic import ValidationError
+    from agenttrace.match.egress_policy import EgressDest
+    s = spec.strip()
+    if not s:
+        return "empty --allow-egress value"
+    host, port = s, None
+    if s.startswith("["):
+        end = s.find("]")
+        if end < 0:
+            return f"--allow-egress {spec!r}: unclosed '['"
+        rest = s[end + 1:]
+        plen = ""
+        if rest.startswith("/"):
+            plen, _, rest = rest.partition(":")
+            rest = ":" + rest if rest else ""
+        if rest and not rest.startswith(":"):
+            return f"--allow-egress {spec!r}: unexpected {rest!r} after ']'"
+        host, port = s[1:end] + plen, (rest[1:] or None)
+    elif s.count(":") == 1:
+        host, port = s.split(":")
+    ports = []
+    if port is not None:
+        lo, _, hi = port.partition("-")
+        if not (lo.isdigit() and (hi.isdigit() or not hi)) or not 0 < int(lo) <= int(hi or lo) < 65536:
+            return f"--allow-egress {spec!r}: {port!r} is not a port or range LO-HI (1-65535)"
+        ports = [port]
+    try:
+        ipaddress.ip_network(host, strict=False)
+        is_net = True
+    except ValueError:
+        is_net = False
+    try:
+        if is_net:
+            d = EgressDest(cidr=str(ipaddress.ip_network(host, strict=False)), ports=ports)
+        else:
+            d = EgressDest(name=host, ports=ports)
+    except ValidationError as e:
+        return f"--allow-egress {spec!r}: " + e.errors(include_url=False)[0]["msg"].removeprefix("Value error, ")
+    return d.cidr is not None, d.spec(), tuple(d.ports)
+
+
+def test_spec_parser_reads_every_spec_as_the_validated_models_did():
+    from agenttrace.kernel.egress import _parse_spec
+    rnd = random.Random(1015)
+    specs = ["pypi.org", "pypi.org:443", "PyPI.org:443", "pypi.org.:443", " pypi.org ", "*.x.org:1-65535",
+             "x.org:0", "x.org:65536", "x.org:0443", "x.org:65535", "x.org:44-3", "1.2.3.4", "1.2.3",
+             "1.2.3.4:80", "10.0.0.0/8:443", "*.123", "123", "a_b.c-d", "-a.org", "a-.org", "a..b", "*.", "*",
+             "a" * 63 + ".org", "a" * 64 + ".org", ".".join(["a" * 63] * 4), ".".join(["a" * 62] * 4) + ".b",
+             "[2001:db8::1]:443", "[2001:db8::]/32:80-90", "2001:db8::1", "x.org:443:1", "ünï.org", "", ":443",
+             "x.org:", "x.org:-1", "*.*.x.org"]
+    alphabet = string.ascii_letters + string.digits + "-_.*:/[]"
+    specs += ["".join(rnd.choice(alphabet) for _ in range(rnd.randint(1, 14))) for _ in range(3000)]
+    for s in specs:
+        try:
+            got = _parse_spec(s)
+        except SpecError as e:
+            got = str(e)
+        assert got == _reference_parse(s), s
+    # a non-ASCII digit was a traceback (ValueError from int()), now the spec's error
+    with pytest.raises(SpecError, match="is not a port or range"):
+        _parse_spec("x.org:²")

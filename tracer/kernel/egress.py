@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import ctypes as C
 import ipaddress
+import re
 import struct
 import time
 from typing import Dict, Iterable, Iterator, List, Tuple
 
-from agenttrace.match.egress_policy import AllowList, check_name_pattern
+from agenttrace.match.egress_policy import _LABEL, AllowList, check_name_pattern
 from agenttrace.match.policy import EgressDest, EgressPolicy, NameAllowTable
 from agenttrace.kernel.mapwrite import update_many
 
@@ -33,10 +34,24 @@ def parse_allow_spec(spec: str) -> EgressDest:
     return EgressDest(**{"cidr" if is_cidr else "name": value, "ports": list(ports)})
 
 
+# `name[:port]` as check_name_pattern accepts it already lowercase, without a trailing dot
+_PLAIN = re.compile(rf"((?:\*\.)?(?:{_LABEL}\.)*{_LABEL})(?::([0-9]+))?")
+
+
 def _parse_spec(spec: str) -> Tuple[bool, str, Tuple[str, ...]]:
     """(is a CIDR, the normalised CIDR or name, ports) of one SPEC, checked as `EgressDest`
     checks its fields, without building one: a model per name was most of the time and
     memory a 100,000-name allow-list took."""
+    m = _PLAIN.fullmatch(spec)
+    if m is not None:
+        # a lowercase name (or `*.name`) with an optional port: the common line of a long list;
+        # the name is one no network parses as (a letter, `_` or `-` outside its digits)
+        name, port = m.group(1), m.group(2)
+        if len(name) - (2 if name[0] == "*" else 0) <= 253 and name.strip("0123456789.*"):
+            if port is None:
+                return False, name, ()
+            if 0 < int(port) < 65536:
+                return False, name, (port,)
     s = spec.strip()
     if not s:
         raise SpecError("empty --allow-egress value")
@@ -59,7 +74,9 @@ def _parse_spec(spec: str) -> Tuple[bool, str, Tuple[str, ...]]:
     ports: Tuple[str, ...] = ()
     if port is not None:
         lo, _, hi = port.partition("-")
-        if not (lo.isdigit() and (hi.isdigit() or not hi)) or not 0 < int(lo) <= int(hi or lo) < 65536:
+        # ASCII digits: `²` is a digit to str.isdigit() and a traceback to int()
+        if (not (lo.isdigit() and (hi.isdigit() or not hi)) or not port.isascii()
+                or not 0 < int(lo) <= int(hi or lo) < 65536):
             raise SpecError(f"--allow-egress {spec!r}: {port!r} is not a port or range LO-HI (1-65535)")
         ports = (port,)
     # a name has a character no IPv4 network can (IPv6 always has ':'): no failed parse per

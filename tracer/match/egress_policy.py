@@ -142,6 +142,18 @@ class AllowList(Sequence):
             is_cidr, ports, proto = forms[form[i]]
             yield is_cidr, spec, ports, proto
 
+    def by_form(self) -> Iterator[Tuple[bool, Tuple[Union[int, str], ...], str, List[str]]]:
+        """(is_cidr, ports, proto, specs) per distinct form, forms in the order they first
+        appear and each one's specs in order."""
+        if len(self._forms) == 1:
+            yield (*self._forms[0], list(self._specs))
+            return
+        groups: List[List[str]] = [[] for _ in self._forms]
+        for spec, f in zip(self._specs, self._form):
+            groups[f].append(spec)
+        for f, specs in zip(self._forms, groups):
+            yield (*f, specs)
+
     def __eq__(self, other) -> bool:
         return list(self) == list(other) if isinstance(other, (list, tuple, AllowList)) else NotImplemented
 
@@ -194,14 +206,16 @@ def egress_rule_models(egress: Dict[str, Any]) -> List[RuleModel]:
             # all: the same OR, and the engine then checks a connect against one set per distinct
             # (ports, proto) instead of walking 10,000 one-name matches
             merged: Dict[Tuple[str, Tuple[Any, ...], str], Dict[str, Any]] = {}
-            for is_cidr, spec, ports, proto in allow_items(pol.allow):
+            forms = (pol.allow.by_form() if isinstance(pol.allow, AllowList)
+                     else ((c, p, pr, [s]) for c, s, p, pr in allow_items(pol.allow)))
+            for is_cidr, ports, proto, specs in forms:
                 key = "cidrs" if is_cidr else "names"
                 u = merged.get((key, ports, proto))
                 if u is None:
                     u = merged[(key, ports, proto)] = {"dst": {key: [], "ports": list(ports)}}
                     if proto != "any":
                         u["proto"] = [proto]
-                u["dst"][key].append(spec)
+                u["dst"][key].extend(specs)
             unless = list(merged.values())
             out.append(RuleModel.model_validate(dict(
                 base, id=f"egress-policy.{gid}.allow-list",

@@ -381,9 +381,15 @@ class _Wild:
 
     def __init__(self, pats: List[str], icase: bool):
         self.icase = icase
-        wild = [p for p in pats if _is_wild(p)]
-        exact = (p for p in pats if not _is_wild(p)) if wild else pats
-        self.exact = frozenset(map(_lower, exact) if icase else exact)
+        joined = _all_text(pats)
+        if joined is not None and not _is_wild(joined):
+            wild = []       # a long literal list (allowed names): no check per pattern
+            lower = not icase or joined.lower() == joined
+            self.exact = frozenset(pats if lower else map(_lower, pats))
+        else:
+            wild = [p for p in pats if _is_wild(p)]
+            exact = (p for p in pats if not _is_wild(p)) if wild else pats
+            self.exact = frozenset(map(_lower, exact) if icase else exact)
         # compiled when first needed: most rules' wildcards never meet a record that gets
         # past their gates, and a compile each was most of what 500 rules added to a start
         # (fnmatch's translation always compiles, so no load error is deferred)
@@ -772,8 +778,23 @@ def _report(ve: ValidationError, prefix: List[Any], ctx: "_FileCtx", errors: Lis
         errors.append(done[path])
 
 
+def _all_text(values: Sequence[Any]) -> Optional[str]:
+    """Every value joined by NUL when all are strings, else None: one C pass that lets a long
+    list (100,000 allowed names) skip the per-item checks it cannot fail (`"\0$" in` it:
+    does any item name a list)."""
+    if len(values) < 64:
+        return None
+    try:
+        return "\0" + "\0".join(values) + "\0"
+    except TypeError:
+        return None
+
+
 def _expand(values: Sequence[Any], lists: Dict[str, List[Any]], ctx: _FileCtx, loc: List[Any],
             rid: str, errors: List[RuleError], cm: Optional["CompiledMatch"] = None) -> List[Any]:
+    joined = _all_text(values)
+    if joined is not None and "\0$" not in joined:
+        return list(values)
     out: List[Any] = []
     for i, v in enumerate(values):
         if isinstance(v, str) and v.startswith("$"):
@@ -822,7 +843,11 @@ def _compile_match(m: MatchBase, lists: Dict[str, List[Any]], ctx: _FileCtx, loc
                 errors.append(ctx.err(dl + ["scopes", min(i, len(d.scopes) - 1)],
                                       f"unknown scope {s!r} (one of {', '.join(SCOPES)})", rid))
         cm.scopes = frozenset(scopes)
-        names = [_lower(str(n)).rstrip(".") for n in _expand(d.names, lists, ctx, dl + ["names"], rid, errors, cm)]
+        names = _expand(d.names, lists, ctx, dl + ["names"], rid, errors, cm)
+        joined = _all_text(names)
+        if joined is None or joined.lower() != joined or ".\0" in joined:
+            names = [_lower(str(n)).rstrip(".") for n in names]
+        # else: all lowercase already, none ending in a dot: the same list
         cm.names = _wild(names, icase=True)
         cm.name_patterns = tuple(names)
         cm.has_dst = bool(cm.nets or cm.ports or cm.port_ranges or cm.scopes or cm.names)
