@@ -127,7 +127,22 @@ def expand_spec_files(specs: Iterable[str]) -> List[Tuple[str, str]]:
 def run_policy(specs: Iterable[str], mode: str) -> Dict[str, EgressPolicy]:
     """The egress policy `agenttrace run --allow-egress ...` gives its agents: allow-list on
     external and metadata destinations, enforced in the kernel (monitor mode reports)."""
-    allow = AllowList()
+    egress = run_policy_shell(mode)
+    fill_run_policy(egress, specs)
+    return egress
+
+
+def run_policy_shell(mode: str) -> Dict[str, EgressPolicy]:
+    """`run_policy` with no entries yet: all the probe plan needs to know (an allow-list is
+    on), so the kernel can verify the probes while `fill_run_policy` reads a long list."""
+    # built, not validated: every field is one of these constants
+    return {RUN_GROUP: EgressPolicy.model_construct(mode="allow-list", scopes=list(RUN_SCOPES), allow=AllowList(),
+                                                    action="block", severity="high")}
+
+
+def fill_run_policy(egress: Dict[str, EgressPolicy], specs: Iterable[str]) -> None:
+    """The --allow-egress entries into a `run_policy_shell`; SpecError names the file and line."""
+    allow = egress[RUN_GROUP].allow
     add = allow.add
     for spec, path, n in _iter_specs(specs):
         try:
@@ -135,9 +150,6 @@ def run_policy(specs: Iterable[str], mode: str) -> Dict[str, EgressPolicy]:
         except SpecError as e:
             raise SpecError(f"{path}:{n}: {e}" if path else str(e)) from None
         add(value, is_cidr, ports)
-    # built, not validated: every field is one of the constants here or checked above
-    return {RUN_GROUP: EgressPolicy.model_construct(mode="allow-list", scopes=list(RUN_SCOPES), allow=allow,
-                                                    action="block", severity="high")}
 
 
 def write_name_allow(table, entries) -> None:
