@@ -12,7 +12,9 @@ import ctypes as C
 import ipaddress
 import re
 import struct
+import sys
 import time
+from array import array
 from typing import Dict, Iterable, Iterator, List, Tuple
 
 from agenttrace.match.egress_policy import _LABEL, AllowList, check_name_pattern
@@ -171,7 +173,10 @@ def write_name_allow(table, entries) -> None:
                 v.r[i].lo, v.r[i].hi, v.r[i].proto = max(lo, 1), hi, proto
             v.flags = flags
             leaf_of.append(bytes(v))
-        values = b"".join([leaf_of[f] for f in entries.form])
+        if len(leaf_of) == 1:
+            values = leaf_of[0] * n
+        else:
+            values = b"".join([leaf_of[f] for f in entries.form])
         keys = _pack_keys(K, entries)
         update_many(table, keys, values, n)
     if before:
@@ -189,8 +194,14 @@ def _pack_keys(K, entries) -> bytes:
     """The rows' (gid, 0, hash) keys in the map's key layout."""
     fields = [f[0] for f in K._fields_]
     if fields == ["gid", "pad", "hash"] and (K.gid.offset, K.pad.offset, K.hash.offset, C.sizeof(K)) == (0, 4, 8, 16):
-        st = struct.Struct("=IIQ")
-        pack = st.pack
+        if sys.byteorder == "little":
+            # a u64 holding the gid is (gid, pad 0) as two little-endian u32: the keys are
+            # the gid and hash columns interleaved, built in C without an object per key
+            out = array("Q", bytes(16 * len(entries)))
+            out[0::2] = array("Q", entries.gids)
+            out[1::2] = entries.hashes
+            return out.tobytes()
+        pack = struct.Struct("=IIQ").pack
         return b"".join([pack(g, 0, h) for g, h in zip(entries.gids, entries.hashes)])
     out = []
     for g, h in zip(entries.gids, entries.hashes):

@@ -330,11 +330,6 @@ def compile_policy(ruleset: RuleSet, internal: Iterable[str] = DEFAULT_INTERNAL,
     next_id = 1
     allow_list_rules = {}
     hasher = _SuffixHasher()
-    # the table's columns, appended to in the loop below: a method call per name was a third
-    # of compiling 100,000 names
-    patterns = kp.name_allow.patterns
-    gids_append, hashes_append = kp.name_allow.gids.append, kp.name_allow.hashes.append
-    patterns_append, form_append = patterns.append, kp.name_allow.form.append
     for r in ruleset.rules:
         if r.enforced_in != "kernel" or (r.match is not None and r.match.never):
             continue
@@ -401,33 +396,57 @@ def compile_policy(ruleset: RuleSet, internal: Iterable[str] = DEFAULT_INTERNAL,
             for s in pol.scopes:
                 mask |= SCOPE_BITS[s]
             kp.groups.append(GroupPolicy(gid, name, True, mask, pid, pol.ttl_min, pol.ttl_max))
-            names: Dict[int, int] = {}      # hash -> row of kp.name_allow
-            name_ranges: Dict[Tuple[Any, str], Tuple[Tuple[Tuple[int, int, int], ...], int]] = {}
-            for is_cidr, spec, ports, proto in allow_items(pol.allow):
-                if not is_cidr:
-                    known = name_ranges.get((ports, proto))
-                    if known is None:
-                        rng = tuple((lo, hi, PROTO_NUM[proto])
-                                    for lo, hi in ([_port_range(p) for p in ports] or [(1, 65535)]))
-                        known = name_ranges[(ports, proto)] = (rng, kp.name_allow._form_of(NAME_EXACT, rng))
-                    rng, exact_form = known
-                    if not spec.startswith("*.") and len(rng) <= NAME_RANGES:
-                        h = hasher(spec)
-                        if h not in names:     # a name seen first: most of a long list
-                            names[h] = len(patterns)
-                            gids_append(gid)
-                            hashes_append(h)
-                            patterns_append(spec)
-                            form_append(exact_form)
-                            continue
-                    _add_name(kp.name_allow, names, gid, spec, rng, hasher)
-                    continue
-                fam, addr, plen = _net_bytes(spec)
-                for lo, hi in ([_port_range(p) for p in ports] or [(0, 65535)]):
-                    kp.dest_allow.append(DestEntry(pid, gid, fam, addr, plen, 0, lo, hi, PROTO_NUM[proto]))
+            _group_names(kp, pid, gid, pol.allow, hasher)
         else:
             kp.groups.append(GroupPolicy(gid, name, False, 0, 0))
     return kp
+
+
+def _group_names(kp: KernelPolicy, pid: int, gid: int, allow, hasher) -> None:
+    """One allow-list group's entries into kp.dest_allow and kp.name_allow. Names go in one
+    row each, in order, and are checked for a shared kernel key once at the end (a set of
+    the group's hashes): a dict of hash -> row kept through the loop was ~12 MB at 100,000
+    names. Only where two entries share a key (`x.org` and `*.x.org`, a name listed twice)
+    or an entry has too many ranges is the group redone entry by entry (`_add_name`), which
+    merges them or names the conflict as it always did."""
+    table = kp.name_allow
+    start = len(table)
+    # the table's columns, appended to in the loop: a method call per name was a third of
+    # compiling 100,000 names
+    gids_append, hashes_append = table.gids.append, table.hashes.append
+    patterns_append, form_append = table.patterns.append, table.form.append
+    forms: Dict[Tuple[Any, str, bool], Tuple[Tuple[Tuple[int, int, int], ...], int]] = {}
+    per_entry = False
+    for is_cidr, spec, ports, proto in allow_items(allow):
+        if is_cidr:
+            fam, addr, plen = _net_bytes(spec)
+            for lo, hi in ([_port_range(p) for p in ports] or [(0, 65535)]):
+                kp.dest_allow.append(DestEntry(pid, gid, fam, addr, plen, 0, lo, hi, PROTO_NUM[proto]))
+            continue
+        wild = spec.startswith("*.")
+        known = forms.get((ports, proto, wild))
+        if known is None:
+            rng = tuple((lo, hi, PROTO_NUM[proto]) for lo, hi in ([_port_range(p) for p in ports] or [(1, 65535)]))
+            known = forms[(ports, proto, wild)] = (rng, table._form_of(NAME_SUBDOMAINS if wild else NAME_EXACT, rng))
+        rng, form = known
+        if per_entry:
+            continue
+        if len(rng) > NAME_RANGES:
+            per_entry = True
+            continue
+        base = spec[2:] if wild else spec
+        gids_append(gid)
+        hashes_append(hasher(base))
+        patterns_append(spec)
+        form_append(form)
+    n = len(table) - start
+    if not per_entry and len(set(table.hashes[start:])) == n:
+        return
+    del table.gids[start:], table.hashes[start:], table.patterns[start:], table.form[start:]
+    rows: Dict[int, int] = {}
+    for is_cidr, spec, ports, proto in allow_items(allow):
+        if not is_cidr:
+            _add_name(table, rows, gid, spec, forms[(ports, proto, spec.startswith("*."))][0], hasher)
 
 
 def _add_name(table: NameAllowTable, rows: Dict[int, int], gid: int, name: str,
