@@ -169,6 +169,11 @@ def test_batch_write_of_name_allow_into_a_real_map_then_rewrite_drops_only_stale
         kp = compile_policy(load_rules([], egress=run_policy(specs, "enforce")))
         write_name_allow(_BatchOnly(m), kp.name_allow)
         assert _contents(m) == _one_by_one(m, kp.name_allow) and len(m) == 3002
+        # the keys read back in batches (several, and one) are the keys walked one by one
+        from agenttrace.kernel.mapwrite import key_bytes
+        walked = sorted(bytes(k) for k in m.keys())
+        assert sorted(key_bytes(m, chunk=64)) == sorted(key_bytes(m)) == walked
+        assert sorted(key_bytes(_NoFd(m))) == walked
         # a reload that narrows the list: kept names stay, dropped ones go, one write each way
         kp2 = compile_policy(load_rules([], egress=run_policy(specs[1000:], "enforce")))
         write_name_allow(m, kp2.name_allow)

@@ -19,7 +19,7 @@ from typing import Dict, Iterable, Iterator, List, Tuple
 
 from agenttrace.match.egress_policy import _LABEL, AllowList, check_name_pattern
 from agenttrace.match.policy import EgressDest, EgressPolicy, NameAllowTable
-from agenttrace.kernel.mapwrite import update_many
+from agenttrace.kernel.mapwrite import key_bytes, update_many
 
 RUN_GROUP = "default"       # the group of agents that `run` traces (no group label)
 RUN_SCOPES = ["external", "metadata"]
@@ -162,7 +162,7 @@ def write_name_allow(table, entries) -> None:
     write does not read back the 100,000 keys it just wrote."""
     if not isinstance(entries, NameAllowTable):
         entries = NameAllowTable(entries)
-    before = [bytes(k) for k in table.keys()]
+    before = key_bytes(table)
     K, V = table.Key, table.Leaf
     n = len(entries)
     if n:
