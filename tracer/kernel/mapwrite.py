@@ -50,7 +50,7 @@ def update_many(table, keys: bytes, values: bytes, count: int) -> None:
         except BpfError as e:
             # `count` comes back as the entries written before the refusal; the one-by-one
             # path below goes on from there and raises on a real refusal (E2BIG, ENOMEM)
-            done = min(attr.count, count) if e.errno not in (22, 95, 524) else 0
+            done = min(attr.count, count) if e.errno not in _UNSUPPORTED else 0
     for i in range(done, count):
         k = table.Key.from_buffer_copy(keys, i * ks)
         v = table.Leaf.from_buffer_copy(values, i * vs)
