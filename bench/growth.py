@@ -285,10 +285,12 @@ class _room_for_args:
             resource.setrlimit(resource.RLIMIT_STACK, (self.old[0], resource.getrlimit(resource.RLIMIT_STACK)[1]))
 
 
-def run_point(dim: str, x: int, cg, work: Path, gens: dict, cfg: dict) -> dict:
+def run_point(dim: str, x: int, cg, work: Path, gens: dict, cfg: dict, build: str = "after") -> dict:
     p = Point(dim, x, cg, work)
-    tracer = tracers.Agenttrace("enforce", extra_args=p.args, label=p.label)
+    tracer = tracers.Agenttrace("enforce", build=build, extra_args=p.args, label=p.label)
     rec: dict = {"dimension": dim, "x": x, "args": p.label}
+    if build != "after":
+        rec["build"] = build
     if dim == "rules":
         rec["x"] = x + builtin_rule_count() if x else builtin_rule_count()
         rec["generated"] = x
@@ -471,3 +473,55 @@ def plot(g: dict | None, path: Path) -> bool:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
+
+
+def main(argv=None) -> int:
+    """`python -m bench.growth --dim allow_list --x 10,100000 --before EXE`: chosen points of one
+    dimension for this build and the build before, sessions alternated, the same sessions as the
+    growth section (for a before/after figure without the whole benchmark)."""
+    import argparse
+    import json
+    import tempfile
+    ap = argparse.ArgumentParser(prog="python -m bench.growth", description=main.__doc__)
+    ap.add_argument("--dim", choices=sorted(DIMENSIONS), required=True)
+    ap.add_argument("--x", required=True, help="comma-separated points, e.g. 10,100000")
+    ap.add_argument("--size", choices=sorted(POINTS), default="tiny", help="storm sizes and repetitions")
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--before", help="agenttrace executable of the build before the change")
+    ap.add_argument("--json", type=Path)
+    a = ap.parse_args(argv)
+    builds = ["after"]
+    if a.before:
+        tracers.BEFORE["exe"] = a.before
+        builds.append("before")
+    for b in builds:
+        why = tracers.agenttrace_unavailable(b)
+        if why:
+            ap.error(f"{b}: {why}")
+    xs = [int(v) for v in a.x.split(",")]
+    cfg = POINTS[a.size]
+    work = Path(tempfile.mkdtemp(prefix="agenttrace-growth-"))
+    gens = loadgen.build(REPO / "bench" / "out" / "bin")
+    rows = []
+    with sysinfo.AgentCgroup(tag="growth") as cg:
+        for rnd in range(a.rounds):
+            for x in xs:
+                for b in (builds if rnd % 2 == 0 else builds[::-1]):
+                    r = run_point(a.dim, x, cg, work, gens, cfg, build=b)
+                    r.setdefault("build", b)
+                    rows.append(r)
+                    print(json.dumps(r), flush=True)
+    print(f"\n| build | {a.dim} | start to `started` (s) | peak RSS (MB) | RSS at stop (MB) | exec CPU/op (us) | "
+          "connect CPU/op (us) | error |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['build']} | {r['x']:,} | {r.get('startup_s', '-')} | {r.get('rss_hwm_mb', '-')} | "
+              f"{r.get('rss_end_mb', '-')} | {r.get('exec_us_per_op', '-')} | {r.get('connect_us_per_op', '-')} | "
+              f"{str(r.get('error', ''))[-120:]} |")
+    if a.json:
+        a.json.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -195,13 +195,11 @@ def run(
                 raise BadInput(str(e)) from None
         egress = None
         if allow_egress:
-            from agenttrace.kernel.egress import SpecError, run_policy
+            from agenttrace.kernel.egress import SpecError, fill_run_policy, run_policy_shell
             if no_net:
                 raise BadInput("--allow-egress needs the connect hooks: drop --no-net")
-            try:
-                egress = run_policy(allow_egress, mode)
-            except SpecError as e:
-                raise BadInput(str(e)) from None
+            # its entries are read below, while the kernel verifies the probes
+            egress = run_policy_shell(mode)
         opts = S.SessionOptions(
             mode=mode, internal=_check_cidrs(internal), cgroups=_resolve_cgroups(cgroup),
             features=S.features(no_net=no_net, no_flow=no_flow, no_dns=no_dns, no_listen=no_listen, files=files,
@@ -215,6 +213,11 @@ def run(
         # closes them unattached
         pre = S.prefetch(opts)
         try:
+            if egress:
+                try:
+                    fill_run_policy(egress, allow_egress)
+                except SpecError as e:
+                    raise BadInput(str(e)) from None
             ruleset = S.load_ruleset(opts)
             sinks = _sinks(output, fmt, isolated=bool(cmd))
         except BaseException:

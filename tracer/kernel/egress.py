@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import ctypes as C
 import ipaddress
+import re
+import struct
+import sys
 import time
-from typing import Dict, Iterable, List, Tuple
+from array import array
+from typing import Dict, Iterable, Iterator, List, Tuple
 
-from pydantic import ValidationError
-
-from agenttrace.match.policy import EgressDest, EgressPolicy, NameAllow
-from agenttrace.kernel.mapwrite import delete_stale
+from agenttrace.match.egress_policy import _LABEL, AllowList, check_name_pattern
+from agenttrace.match.policy import EgressDest, EgressPolicy, NameAllowTable
+from agenttrace.kernel.mapwrite import key_bytes, update_many
 
 RUN_GROUP = "default"       # the group of agents that `run` traces (no group label)
 RUN_SCOPES = ["external", "metadata"]
@@ -29,6 +32,28 @@ class SpecError(ValueError):
 
 def parse_allow_spec(spec: str) -> EgressDest:
     """One --allow-egress SPEC as an allow entry; SpecError names what is wrong."""
+    is_cidr, value, ports = _parse_spec(spec)
+    return EgressDest(**{"cidr" if is_cidr else "name": value, "ports": list(ports)})
+
+
+# `name[:port]` as check_name_pattern accepts it already lowercase, without a trailing dot
+_PLAIN = re.compile(rf"((?:\*\.)?(?:{_LABEL}\.)*{_LABEL})(?::([0-9]+))?")
+
+
+def _parse_spec(spec: str) -> Tuple[bool, str, Tuple[str, ...]]:
+    """(is a CIDR, the normalised CIDR or name, ports) of one SPEC, checked as `EgressDest`
+    checks its fields, without building one: a model per name was most of the time and
+    memory a 100,000-name allow-list took."""
+    m = _PLAIN.fullmatch(spec)
+    if m is not None:
+        # a lowercase name (or `*.name`) with an optional port: the common line of a long list;
+        # the name is one no network parses as (a letter, `_` or `-` outside its digits)
+        name, port = m.group(1), m.group(2)
+        if len(name) - (2 if name[0] == "*" else 0) <= 253 and name.strip("0123456789.*"):
+            if port is None:
+                return False, name, ()
+            if 0 < int(port) < 65536:
+                return False, name, (port,)
     s = spec.strip()
     if not s:
         raise SpecError("empty --allow-egress value")
@@ -48,42 +73,40 @@ def parse_allow_spec(spec: str) -> EgressDest:
         host, port = s[1:end] + plen, (rest[1:] or None)
     elif s.count(":") == 1:
         host, port = s.split(":")
-    ports: List[str] = []
+    ports: Tuple[str, ...] = ()
     if port is not None:
         lo, _, hi = port.partition("-")
-        if not (lo.isdigit() and (hi.isdigit() or not hi)) or not 0 < int(lo) <= int(hi or lo) < 65536:
+        # ASCII digits: `²` is a digit to str.isdigit() and a traceback to int()
+        if (not (lo.isdigit() and (hi.isdigit() or not hi)) or not port.isascii()
+                or not 0 < int(lo) <= int(hi or lo) < 65536):
             raise SpecError(f"--allow-egress {spec!r}: {port!r} is not a port or range LO-HI (1-65535)")
-        ports = [port]
+        ports = (port,)
     # a name has a character no IPv4 network can (IPv6 always has ':'): no failed parse per
     # name, which was most of the time 10,000 --allow-egress names took
     if ":" not in host and host.strip("0123456789./"):
-        is_net = False
+        net = None
     else:
         try:
-            ipaddress.ip_network(host, strict=False)
-            is_net = True
+            net = ipaddress.ip_network(host, strict=False)
         except ValueError:
-            is_net = False
+            net = None
+    if net is not None:
+        return True, str(net), ports
     try:
-        if is_net:
-            return EgressDest(cidr=str(ipaddress.ip_network(host, strict=False)), ports=ports)
-        return EgressDest(name=host, ports=ports)
-    except ValidationError as e:
-        detail = e.errors(include_url=False)[0]["msg"]
-        if detail.startswith("Value error, "):
-            detail = detail[len("Value error, "):]
-        raise SpecError(f"--allow-egress {spec!r}: {detail}") from None
+        return False, check_name_pattern(host), ports
+    except ValueError as e:
+        raise SpecError(f"--allow-egress {spec!r}: {e}") from None
 
 
-def expand_spec_files(specs: Iterable[str]) -> List[Tuple[str, str]]:
-    """(spec, where) for each --allow-egress value, `@FILE` read as one spec per line (blank
-    lines and `#` comments skipped); `where` names the file and line for errors. A long
+def _iter_specs(specs: Iterable[str]) -> Iterator[Tuple[str, str, int]]:
+    """(spec, file, line) for each --allow-egress value, `@FILE` read as one spec per line
+    (blank lines and `#` comments skipped; file "" for a value given inline). A long
     allow-list does not fit on a command line (ARG_MAX), and an option parser walks each of
-    100,000 options in turn: a file has neither limit."""
-    out: List[Tuple[str, str]] = []
+    100,000 options in turn: a file has neither limit. A generator, so that 100,000 lines
+    never exist at once as (spec, "FILE:LINE: ") pairs (~15 MB)."""
     for s in specs:
         if not s.startswith("@"):
-            out.append((s, ""))
+            yield s, "", 0
             continue
         path = s[1:]
         try:
@@ -92,39 +115,100 @@ def expand_spec_files(specs: Iterable[str]) -> List[Tuple[str, str]]:
         except (OSError, UnicodeDecodeError) as e:
             raise SpecError(f"--allow-egress @{path}: cannot read: {getattr(e, 'strerror', None) or e}") from None
         for n, line in enumerate(lines, 1):
-            spec = line.split("#", 1)[0].strip()
+            spec = (line.split("#", 1)[0] if "#" in line else line).strip()
             if spec:
-                out.append((spec, f"{path}:{n}: "))
-    return out
+                yield spec, path, n
+
+
+def expand_spec_files(specs: Iterable[str]) -> List[Tuple[str, str]]:
+    """(spec, where) for each --allow-egress value (`_iter_specs`); `where` names the file
+    and line for errors."""
+    return [(spec, f"{path}:{n}: " if path else "") for spec, path, n in _iter_specs(specs)]
 
 
 def run_policy(specs: Iterable[str], mode: str) -> Dict[str, EgressPolicy]:
     """The egress policy `agenttrace run --allow-egress ...` gives its agents: allow-list on
     external and metadata destinations, enforced in the kernel (monitor mode reports)."""
-    allow = []
-    for spec, where in expand_spec_files(specs):
+    egress = run_policy_shell(mode)
+    fill_run_policy(egress, specs)
+    return egress
+
+
+def run_policy_shell(mode: str) -> Dict[str, EgressPolicy]:
+    """`run_policy` with no entries yet: all the probe plan needs to know (an allow-list is
+    on), so the kernel can verify the probes while `fill_run_policy` reads a long list."""
+    # built, not validated: every field is one of these constants
+    return {RUN_GROUP: EgressPolicy.model_construct(mode="allow-list", scopes=list(RUN_SCOPES), allow=AllowList(),
+                                                    action="block", severity="high")}
+
+
+def fill_run_policy(egress: Dict[str, EgressPolicy], specs: Iterable[str]) -> None:
+    """The --allow-egress entries into a `run_policy_shell`; SpecError names the file and line."""
+    allow = egress[RUN_GROUP].allow
+    add = allow.add
+    for spec, path, n in _iter_specs(specs):
         try:
-            allow.append(parse_allow_spec(spec))
+            is_cidr, value, ports = _parse_spec(spec)
         except SpecError as e:
-            raise SpecError(f"{where}{e}") from None
-    return {RUN_GROUP: EgressPolicy(mode="allow-list", scopes=list(RUN_SCOPES), allow=allow,
-                                    action="block", severity="high")}
+            raise SpecError(f"{path}:{n}: {e}" if path else str(e)) from None
+        add(value, is_cidr, ports)
 
 
-def write_name_allow(table, entries: List[NameAllow]) -> None:
+def write_name_allow(table, entries) -> None:
     """Write new entries first, then delete stale ones: a reload never drops a name that
-    stays allowed."""
-    keep = set()
-    for e in entries:
-        k = table.Key()
-        k.gid, k.pad, k.hash = e.group_id, 0, e.hash
-        v = table.Leaf()
-        for i, (lo, hi, proto) in enumerate(e.ranges):
-            v.r[i].lo, v.r[i].hi, v.r[i].proto = max(lo, 1), hi, proto
-        v.flags = e.flags
-        table[k] = v
-        keep.add(bytes(k))
-    delete_stale(table, keep)
+    stays allowed. `entries` is the policy's `NameAllowTable` (or any list of `NameAllow`):
+    keys and values are packed straight from its rows into one batch update. The stale keys
+    are the ones the map held before the write (only the tracer writes this map), so a first
+    write does not read back the 100,000 keys it just wrote."""
+    if not isinstance(entries, NameAllowTable):
+        entries = NameAllowTable(entries)
+    before = key_bytes(table)
+    K, V = table.Key, table.Leaf
+    n = len(entries)
+    if n:
+        leaf_of = []
+        for flags, ranges in entries.forms:
+            v = V()
+            for i, (lo, hi, proto) in enumerate(ranges):
+                v.r[i].lo, v.r[i].hi, v.r[i].proto = max(lo, 1), hi, proto
+            v.flags = flags
+            leaf_of.append(bytes(v))
+        if len(leaf_of) == 1:
+            values = leaf_of[0] * n
+        else:
+            values = b"".join([leaf_of[f] for f in entries.form])
+        keys = _pack_keys(K, entries)
+        update_many(table, keys, values, n)
+    if before:
+        ks = C.sizeof(K)
+        keep = {keys[i:i + ks] for i in range(0, len(keys), ks)} if n else set()
+        for kb in before:
+            if kb not in keep:
+                try:
+                    del table[K.from_buffer_copy(kb)]
+                except KeyError:
+                    pass
+
+
+def _pack_keys(K, entries) -> bytes:
+    """The rows' (gid, 0, hash) keys in the map's key layout."""
+    fields = [f[0] for f in K._fields_]
+    if fields == ["gid", "pad", "hash"] and (K.gid.offset, K.pad.offset, K.hash.offset, C.sizeof(K)) == (0, 4, 8, 16):
+        if sys.byteorder == "little":
+            # a u64 holding the gid is (gid, pad 0) as two little-endian u32: the keys are
+            # the gid and hash columns interleaved, built in C without an object per key
+            out = array("Q", bytes(16 * len(entries)))
+            out[0::2] = array("Q", entries.gids)
+            out[1::2] = entries.hashes
+            return out.tobytes()
+        pack = struct.Struct("=IIQ").pack
+        return b"".join([pack(g, 0, h) for g, h in zip(entries.gids, entries.hashes)])
+    out = []
+    for g, h in zip(entries.gids, entries.hashes):
+        k = K()
+        k.gid, k.pad, k.hash = g, 0, h
+        out.append(bytes(k))
+    return b"".join(out)
 
 
 def learned_count(probes) -> int:

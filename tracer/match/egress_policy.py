@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import Any, Dict, List, Literal, Optional, Tuple, Union
+from array import array
+from collections.abc import Sequence
+from typing import Any, Dict, Iterator, List, Literal, Optional, Tuple, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -98,6 +100,76 @@ class EgressPolicy(BaseModel):
         return self
 
 
+class AllowList(Sequence):
+    """`EgressPolicy.allow` for long lists (`run --allow-egress @FILE`): each entry kept as its
+    spec text and the index of its (cidr?, ports, proto) form, not as one pydantic model each.
+    100,000 `EgressDest` models took ~55 MB and most of a 4.9 s start; the rule loader and the
+    kernel-policy compiler read the entries through `allow_items`, which never builds them.
+    Entries must be valid already (the parser checked each); indexing builds an `EgressDest`
+    for callers that want one."""
+    __slots__ = ("_specs", "_form", "_forms", "_form_ix")
+
+    def __init__(self) -> None:
+        self._specs: List[str] = []
+        self._form = array("I")
+        self._forms: List[Tuple[bool, Tuple[Union[int, str], ...], str]] = []
+        self._form_ix: Dict[Tuple[bool, Tuple[Union[int, str], ...], str], int] = {}
+
+    def add(self, spec: str, is_cidr: bool, ports: Tuple[Union[int, str], ...] = (), proto: str = "any") -> None:
+        f = (is_cidr, ports, proto)
+        i = self._form_ix.get(f)
+        if i is None:
+            i = self._form_ix[f] = len(self._forms)
+            self._forms.append(f)
+        self._specs.append(spec)
+        self._form.append(i)
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        is_cidr, ports, proto = self._forms[self._form[i]]
+        kw: Dict[str, Any] = {"cidr" if is_cidr else "name": self._specs[i], "ports": list(ports)}
+        if proto != "any":
+            kw["proto"] = proto
+        return EgressDest.model_construct(_fields_set=set(kw), **kw)
+
+    def items(self) -> Iterator[Tuple[bool, str, Tuple[Union[int, str], ...], str]]:
+        forms, form = self._forms, self._form
+        for i, spec in enumerate(self._specs):
+            is_cidr, ports, proto = forms[form[i]]
+            yield is_cidr, spec, ports, proto
+
+    def by_form(self) -> Iterator[Tuple[bool, Tuple[Union[int, str], ...], str, List[str]]]:
+        """(is_cidr, ports, proto, specs) per distinct form, forms in the order they first
+        appear and each one's specs in order."""
+        if len(self._forms) == 1:
+            yield (*self._forms[0], list(self._specs))
+            return
+        groups: List[List[str]] = [[] for _ in self._forms]
+        for spec, f in zip(self._specs, self._form):
+            groups[f].append(spec)
+        for f, specs in zip(self._forms, groups):
+            yield (*f, specs)
+
+    def __eq__(self, other) -> bool:
+        return list(self) == list(other) if isinstance(other, (list, tuple, AllowList)) else NotImplemented
+
+    __hash__ = None
+
+
+def allow_items(allow) -> Iterator[Tuple[bool, str, Tuple[Union[int, str], ...], str]]:
+    """(is_cidr, spec, ports, proto) of each entry of an `allow` list, in order, whether it is
+    a list of `EgressDest` (the config file's) or an `AllowList`."""
+    if isinstance(allow, AllowList):
+        yield from allow.items()
+        return
+    for a in allow:
+        yield a.cidr is not None, a.spec(), tuple(a.ports), a.proto
+
+
 def _port_range(p: Union[int, str]) -> Tuple[int, int]:
     if isinstance(p, int) and not isinstance(p, bool) and 0 < p < 65536:
         return p, p
@@ -134,14 +206,16 @@ def egress_rule_models(egress: Dict[str, Any]) -> List[RuleModel]:
             # all: the same OR, and the engine then checks a connect against one set per distinct
             # (ports, proto) instead of walking 10,000 one-name matches
             merged: Dict[Tuple[str, Tuple[Any, ...], str], Dict[str, Any]] = {}
-            for a in pol.allow:
-                key = "cidrs" if a.cidr is not None else "names"
-                u = merged.get((key, tuple(a.ports), a.proto))
+            forms = (pol.allow.by_form() if isinstance(pol.allow, AllowList)
+                     else ((c, p, pr, [s]) for c, s, p, pr in allow_items(pol.allow)))
+            for is_cidr, ports, proto, specs in forms:
+                key = "cidrs" if is_cidr else "names"
+                u = merged.get((key, ports, proto))
                 if u is None:
-                    u = merged[(key, tuple(a.ports), a.proto)] = {"dst": {key: [], "ports": list(a.ports)}}
-                    if a.proto != "any":
-                        u["proto"] = [a.proto]
-                u["dst"][key].append(a.spec())
+                    u = merged[(key, ports, proto)] = {"dst": {key: [], "ports": list(ports)}}
+                    if proto != "any":
+                        u["proto"] = [proto]
+                u["dst"][key].extend(specs)
             unless = list(merged.values())
             out.append(RuleModel.model_validate(dict(
                 base, id=f"egress-policy.{gid}.allow-list",

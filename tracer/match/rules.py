@@ -28,9 +28,12 @@ a reload either yields a whole new `RuleSet` or nothing.
 from __future__ import annotations
 
 import fnmatch
+import gc
 import ipaddress
 import os
 import re
+from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Literal, Optional, Sequence, Tuple, Union
@@ -99,10 +102,60 @@ def _compose_and_load(text: str) -> Tuple[Optional[yaml.Node], Any]:
     refuses is parsed again by the Python parser, so errors read exactly as they always did."""
     if _FastLoader is not None:
         try:
-            return yaml.compose(text, Loader=_FastLoader), yaml.load(text, Loader=_FastLoader)
+            return _compose_then_build(text)
         except yaml.YAMLError:
             pass
     return yaml.compose(text, Loader=_Loader), yaml.load(text, Loader=_Loader)
+
+
+class _NotPlain(Exception):
+    """A document `_build` leaves to PyYAML's constructor."""
+
+
+_STR, _SEQ, _MAP = "tag:yaml.org,2002:str", "tag:yaml.org,2002:seq", "tag:yaml.org,2002:map"
+
+
+def _compose_then_build(text: str) -> Tuple[Optional[yaml.Node], Any]:
+    """libyaml composes the tree once, and the data is built from that tree: composing twice
+    (once for the tree, once inside `yaml.load`) and PyYAML's per-node constructor calls were
+    most of what 500 rules added to a start. A document with merge keys, non-string keys or
+    alias cycles takes PyYAML's own `load` (its constructor rewrites merged mappings in the
+    tree, which the error positions read)."""
+    loader = _FastLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None, None
+        try:
+            return node, _build(node, loader, set())
+        except (_NotPlain, RecursionError):
+            pass
+    finally:
+        loader.dispose()
+    return node, yaml.load(text, Loader=_FastLoader)
+
+
+def _build(node: yaml.Node, loader, active: set) -> Any:
+    """What SafeConstructor makes of `node` (tests/test_rules_yaml_parsers.py): strings,
+    lists and dicts here, other scalars (int, float, bool, null) by its own methods."""
+    tag = node.tag
+    if isinstance(node, yaml.ScalarNode):
+        return node.value if tag == _STR else loader.construct_object(node, deep=True)
+    if id(node) in active:
+        raise _NotPlain()
+    active.add(id(node))
+    if isinstance(node, yaml.SequenceNode) and tag == _SEQ:
+        out: Any = [_build(n, loader, active) for n in node.value]
+    elif isinstance(node, yaml.MappingNode) and tag == _MAP:
+        out = {}
+        for k, v in node.value:
+            if not isinstance(k, yaml.ScalarNode) or k.tag != _STR:
+                raise _NotPlain()
+            out[k.value] = _build(v, loader, active)
+    else:
+        raise _NotPlain()
+    active.discard(id(node))
+    return out
 
 
 def _node_at(root: Optional[yaml.Node], loc: Sequence[Any], key: bool = True) -> Tuple[Optional[yaml.Node], bool]:
@@ -261,6 +314,28 @@ class CompiledCondition:
     lists: Dict[str, List[Any]] = field(default_factory=dict)
 
 
+# compiled CEL conditions by their text, for this process's two environments (cel_envs):
+# rules that share a condition share its program (an evaluation keeps no state in it), and a
+# reload compiles only the conditions it has not seen; a changed text is a new key
+_CEL_CACHE: "OrderedDict[str, Tuple[str, Any, Any, Any]]" = OrderedDict()
+_CEL_CACHE_MAX = 4096
+
+
+def _cel_compiled(source: str, check_env, eval_env) -> Tuple[str, Any]:
+    """(the type-checked return type's name, the program) of a condition; a compile error
+    raises, every time (errors are not kept)."""
+    hit = _CEL_CACHE.get(source)
+    if hit is not None and hit[2] is check_env and hit[3] is eval_env:
+        _CEL_CACHE.move_to_end(source)
+        return hit[0], hit[1]
+    rt_name = check_env.compile(source).return_type().name()
+    prog = eval_env.compile(source)
+    _CEL_CACHE[source] = (rt_name, prog, check_env, eval_env)
+    if len(_CEL_CACHE) > _CEL_CACHE_MAX:
+        _CEL_CACHE.popitem(last=False)
+    return rt_name, prog
+
+
 def _cel_errors(node: Optional[yaml.Node], msg: str, source: Optional[str] = None) -> List[Tuple[int, int, str]]:
     """Every error in a CEL compiler message, each placed in the YAML file."""
     parts = [p for p in re.split(r"(?=ERROR: <input>:)", msg) if "<input>:" in p]
@@ -302,22 +377,41 @@ class _Wild:
     """fnmatch patterns, matched whole: the literal ones in a set, the rest in one regex.
     An allow-list of 10,000 names compiled as regexes took 2.7 s to start and ~5 KB of memory a
     name, and matching was a regex walk over every name; a set lookup is neither."""
-    __slots__ = ("exact", "rx", "icase")
+    __slots__ = ("exact", "_rx", "_wild", "icase")
 
     def __init__(self, pats: List[str], icase: bool):
         self.icase = icase
-        self.exact = frozenset(p.lower() if icase else p for p in pats if not _is_wild(p))
-        wild = [p for p in pats if _is_wild(p)]
-        self.rx = (re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in wild),
-                              re.IGNORECASE if icase else 0) if wild else None)
+        joined = _all_text(pats)
+        if joined is not None and not _is_wild(joined):
+            wild = []       # a long literal list (allowed names): no check per pattern
+            lower = not icase or joined.lower() == joined
+            self.exact = frozenset(pats if lower else map(_lower, pats))
+        else:
+            wild = [p for p in pats if _is_wild(p)]
+            exact = (p for p in pats if not _is_wild(p)) if wild else pats
+            self.exact = frozenset(map(_lower, exact) if icase else exact)
+        # compiled when first needed: most rules' wildcards never meet a record that gets
+        # past their gates, and a compile each was most of what 500 rules added to a start
+        # (fnmatch's translation always compiles, so no load error is deferred)
+        self._wild = tuple(wild)
+        self._rx = None
+
+    @property
+    def rx(self) -> Optional[re.Pattern]:
+        if self._rx is None and self._wild:
+            self._rx = re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in self._wild),
+                                  re.IGNORECASE if self.icase else 0)
+        return self._rx
 
     def match(self, s: str) -> bool:
         if self.icase:
             s = s.lower()
         if s in self.exact:
             return True
-        rx = self.rx
-        return rx is not None and rx.match(s) is not None
+        if not self._wild:
+            return False
+        rx = self._rx or self.rx
+        return rx.match(s) is not None
 
 
 def _wild(patterns: Iterable[str], icase: bool = False) -> Optional[_Wild]:
@@ -334,7 +428,14 @@ def _combined(pats: list):
 
 
 def _is_wild(s: str) -> bool:
-    return any(c in s for c in "*?[")
+    return "*" in s or "?" in s or "[" in s
+
+
+def _lower(s: str) -> str:
+    """`s.lower()`, but `s` itself where it is lowercase already: a 100,000-name allow-list
+    then shares one string per name between the policy, the rule and its set."""
+    low = s.lower()
+    return s if low == s else low
 
 
 def _literal_prefix(pattern: str) -> str:
@@ -677,8 +778,23 @@ def _report(ve: ValidationError, prefix: List[Any], ctx: "_FileCtx", errors: Lis
         errors.append(done[path])
 
 
+def _all_text(values: Sequence[Any]) -> Optional[str]:
+    """Every value joined by NUL when all are strings, else None: one C pass that lets a long
+    list (100,000 allowed names) skip the per-item checks it cannot fail (`"\0$" in` it:
+    does any item name a list)."""
+    if len(values) < 64:
+        return None
+    try:
+        return "\0" + "\0".join(values) + "\0"
+    except TypeError:
+        return None
+
+
 def _expand(values: Sequence[Any], lists: Dict[str, List[Any]], ctx: _FileCtx, loc: List[Any],
             rid: str, errors: List[RuleError], cm: Optional["CompiledMatch"] = None) -> List[Any]:
+    joined = _all_text(values)
+    if joined is not None and "\0$" not in joined:
+        return list(values)
     out: List[Any] = []
     for i, v in enumerate(values):
         if isinstance(v, str) and v.startswith("$"):
@@ -727,7 +843,11 @@ def _compile_match(m: MatchBase, lists: Dict[str, List[Any]], ctx: _FileCtx, loc
                 errors.append(ctx.err(dl + ["scopes", min(i, len(d.scopes) - 1)],
                                       f"unknown scope {s!r} (one of {', '.join(SCOPES)})", rid))
         cm.scopes = frozenset(scopes)
-        names = [str(n).lower().rstrip(".") for n in _expand(d.names, lists, ctx, dl + ["names"], rid, errors, cm)]
+        names = _expand(d.names, lists, ctx, dl + ["names"], rid, errors, cm)
+        joined = _all_text(names)
+        if joined is None or joined.lower() != joined or ".\0" in joined:
+            names = [_lower(str(n)).rstrip(".") for n in names]
+        # else: all lowercase already, none ending in a dot: the same list
         cm.names = _wild(names, icase=True)
         cm.name_patterns = tuple(names)
         cm.has_dst = bool(cm.nets or cm.ports or cm.port_ranges or cm.scopes or cm.names)
@@ -915,6 +1035,20 @@ def _check_field_path(path: str) -> Optional[str]:
     return None
 
 
+@contextmanager
+def gc_paused():
+    """No cyclic garbage collection inside: loading builds tens of thousands of objects and
+    none of them is garbage until it ends, yet each allocation burst let the collector walk
+    the whole young heap again (~40% of loading 500 rules). Collection resumes after."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def load_rules(paths: Iterable[Union[str, os.PathLike]], egress: Optional[Dict[str, Any]] = None,
                egress_origin: Optional[Tuple[str, Dict[str, int]]] = None) -> RuleSet:
     """Load, validate and compile rule files (or directories of *.yaml) into one RuleSet.
@@ -923,6 +1057,11 @@ def load_rules(paths: Iterable[Union[str, os.PathLike]], egress: Optional[Dict[s
     config file); each becomes rules named `egress-policy.<group>...` in the set.
     Raises RulesError listing every problem. The caller swaps the result in atomically, so a
     failed reload leaves the running rules untouched."""
+    with gc_paused():
+        return _load_rules(paths, egress, egress_origin)
+
+
+def _load_rules(paths, egress, egress_origin) -> RuleSet:
     files = expand_paths(paths)
     errors: List[RuleError] = []
     if not files and not egress:     # an egress policy alone (run --no-rules --allow-egress) is a rule set
@@ -1005,11 +1144,9 @@ def _compile_rule(rm: RuleModel, loc: List[Any], ctx: _FileCtx, lists: Dict[str,
             errors.append(ctx.err(loc + ["condition"], cel_problem, rid))
         else:
             try:
-                checked = check_env.compile(rm.condition)
-                rt = checked.return_type()
-                if rt.name() not in ("bool", "BOOL", "dyn", "DYN"):
-                    errors.append(ctx.err(loc + ["condition"], f"condition must be a bool, it is {rt.name()}", rid))
-                prog = eval_env.compile(rm.condition)
+                rt_name, prog = _cel_compiled(rm.condition, check_env, eval_env)
+                if rt_name not in ("bool", "BOOL", "dyn", "DYN"):
+                    errors.append(ctx.err(loc + ["condition"], f"condition must be a bool, it is {rt_name}", rid))
                 used = referenced_vars(rm.condition)
                 missing: Dict[str, List[str]] = {}
                 for k in rm.on:
