@@ -168,9 +168,11 @@ class Enricher:
         out = h(o)
         if out:
             seen = self.activity.observe
+            kinds = self.activity.KINDS
             try:
                 for ev in out:
-                    seen(ev.kind, ev.t_ns, ev.pid, ev.agent_cgroup_id, ev.record)
+                    if ev.kind in kinds:
+                        seen(ev.kind, ev.t_ns, ev.pid, ev.agent_cgroup_id, ev.record)
             except Exception:      # the look-back memory is an enricher: failing, it never drops records
                 self.activity.stats["errors"] += 1
         return out

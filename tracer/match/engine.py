@@ -77,6 +77,18 @@ def _ports_of(rule: Rule) -> frozenset:
     return m.ports
 
 
+def _presence(keys: tuple) -> Callable[[dict], tuple]:
+    """proc -> whether each of `keys` is in it, as a tuple (part of a candidate-cache key):
+    asked for every exec and connect, so no generator for the usual one or two keys."""
+    if len(keys) == 1:
+        k0, = keys
+        return lambda proc: (k0 in proc,)
+    if len(keys) == 2:
+        k0, k1 = keys
+        return lambda proc: (k0 in proc, k1 in proc)
+    return lambda proc: tuple([k in proc for k in keys])
+
+
 def _needs_name(rule: Rule) -> bool:
     """Whether the rule's match holds only for a record with a host name (net.dst.name, a DNS
     query or a flow's server name): a `names` list is an AND like scopes. Same exemption for
@@ -290,7 +302,8 @@ class Engine:
                     if f is not None and len(f) == 2 and f[0] == "proc":
                         need[r.id] = f[1]
             if need:
-                self._needs_key[kind] = (tuple(sorted(set(need.values()))), need)
+                keys = tuple(sorted(set(need.values())))
+                self._needs_key[kind] = (keys, need, _presence(keys))
         # conditions whose first conjunct the record's own fields can decide (match/celgate.py)
         self._gates = {}
         for r in ruleset.rules:
@@ -374,7 +387,7 @@ class Engine:
                 named = bool(dst.get("name")) or "dns" in rec or "flow" in rec
                 nk = self._needs_key.get(event.kind)
                 proc = rec.get("proc")
-                present = tuple(k in proc for k in nk[0]) if nk is not None and isinstance(proc, dict) else None
+                present = nk[2](proc) if nk is not None and isinstance(proc, dict) else None
                 key = (event.kind, dst.get("scope"), port, named, present)
                 cand = self._port_ix.get(key)
                 if cand is None or cand[0] is not rules:
@@ -401,7 +414,7 @@ class Engine:
             ix = self._gate_ix.get(event.kind)
             if ix is not None:
                 nk = self._needs_key.get(event.kind)
-                present = tuple(k in proc for k in nk[0]) if nk is not None and isinstance(proc, dict) else None
+                present = nk[2](proc) if nk is not None and isinstance(proc, dict) else None
                 # the candidates for one (exe basename, comm, keys present, identity names) are
                 # computed once: a storm repeats a handful of programs
                 pexe = exe if event.kind in self._prefix_kinds else None
