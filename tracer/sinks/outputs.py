@@ -60,21 +60,22 @@ _CHAINS_MAX = 4096
 def _chain_rendered(r: dict) -> dict:
     """`r` with its proc's ancestry as pre-rendered JSON (same bytes), or `r` itself."""
     p = r.get("proc")
-    if p.__class__ is not dict:
-        return r
-    anc = p.get("ancestry")
-    if not anc or anc.__class__ is not list:
-        return r
-    ent = _CHAINS.get(id(anc))
-    if ent is None or ent[0] is not anc or ent[1] != len(anc):
-        if len(_CHAINS) >= _CHAINS_MAX:
-            _CHAINS.clear()
-        ent = _CHAINS[id(anc)] = (anc, len(anc), orjson.Fragment(orjson.dumps(anc, default=_default)))
-    p = p.copy()
-    p["ancestry"] = ent[2]
-    r = r.copy()
-    r["proc"] = p
+    if p.__class__ is dict:
+        anc = p.get("ancestry")
+        if anc.__class__ is list and anc:
+            ent = _CHAINS.get(id(anc))
+            if ent is None or ent[0] is not anc or ent[1] != len(anc):
+                ent = _chain(anc)
+            # a replaced key keeps its place: the same key order, so the same bytes
+            return {**r, "proc": {**p, "ancestry": ent[2]}}
     return r
+
+
+def _chain(anc: list) -> tuple:
+    if len(_CHAINS) >= _CHAINS_MAX:
+        _CHAINS.clear()
+    ent = _CHAINS[id(anc)] = (anc, len(anc), orjson.Fragment(orjson.dumps(anc, default=_default)))
+    return ent
 
 
 def dumps_line(record: dict) -> bytes:
