@@ -152,7 +152,21 @@ class Enricher:
                 self.unknown_types += 1
                 return []
             return self(rtype, obj)
-        return self._run(rtype, h, view)
+        # _run's steps, without the call: this is every hot record's path
+        by_type = self.by_type
+        by_type[rtype] = by_type.get(rtype, 0) + 1
+        out = h(view)
+        if out:
+            act = self.activity
+            kinds = act.KINDS
+            try:
+                for ev in out:
+                    kind = ev.kind
+                    if kind in kinds:
+                        act.observe(kind, ev.t_ns, ev.pid, ev.agent_cgroup_id, ev.record)
+            except Exception:      # the look-back memory is an enricher: failing, it never drops records
+                act.stats["errors"] += 1
+        return out
 
     def __call__(self, rtype: int, o) -> list[Event]:
         """Returns the events ready to go on (connects may be held for their outcome)."""
@@ -192,7 +206,7 @@ class Enricher:
     def _exec_v(self, v) -> list[Event]:
         (tgid, uid, ktime, cgroup_id, agent, comm, ppid, flags, n, policy_id, creator,
          filename) = E.unpack(_EXEC_S, v)
-        filename = E.cstr(filename)
+        filename = filename.split(b"\0", 1)[0].decode("utf-8", "backslashreplace")
         args = E.split_args(E.exec_args(v, n)) if n else []
         exe = filename
         if filename[:1] != "/" or filename.startswith(("/dev/fd/", "/proc/")):

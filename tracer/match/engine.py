@@ -367,28 +367,28 @@ class Engine:
 
     def process(self, event: Event) -> List[Event]:
         """Alerts (kind "alert") raised by this event, acted on in enforce mode."""
-        rules = self._by_kind.get(event.kind)
+        kind = event.kind
+        rules = self._by_kind.get(kind)
         self.stats["events"] += 1
         if not rules:
             return []
         rec = event.record
-        by_scope = self._by_scope.get(event.kind)
-        if by_scope is not None:
+        by_scope = self._by_scope.get(kind)
+        ported = kind in self._port_kinds
+        if by_scope is not None or ported:
             net = rec.get("net")
             dst = net.get("dst") if isinstance(net, dict) else None
-            if isinstance(dst, dict):
+            if by_scope is not None and isinstance(dst, dict):
                 rules = by_scope.get(dst.get("scope"), rules)
-        if event.kind in self._port_kinds:
-            net = rec.get("net")
-            dst = net.get("dst") if isinstance(net, dict) else None
+        if ported:
             port = dst.get("port") if isinstance(dst, dict) else False
             if port is None or type(port) is int:   # a malformed record meets every rule (and its error)
                 # a record naming no host cannot meet a rule that matches host names
                 named = bool(dst.get("name")) or "dns" in rec or "flow" in rec
-                nk = self._needs_key.get(event.kind)
+                nk = self._needs_key.get(kind)
                 proc = rec.get("proc")
                 present = nk[2](proc) if nk is not None and isinstance(proc, dict) else None
-                key = (event.kind, dst.get("scope"), port, named, present)
+                key = (kind, dst.get("scope"), port, named, present)
                 cand = self._port_ix.get(key)
                 if cand is None or cand[0] is not rules:
                     have = {k for k, p in zip(nk[0], present) if p} if present is not None else None
@@ -402,7 +402,7 @@ class Engine:
         out: List[Event] = []
         base = comm = exe = None
         inames: Any = ()
-        if event.kind in self._gated_kinds:
+        if kind in self._gated_kinds:
             proc = rec.get("proc")
             if isinstance(proc, dict):
                 exe = proc.get("exe")
@@ -411,14 +411,14 @@ class Engine:
                 ident = proc.get("identity")
                 if isinstance(ident, dict) and isinstance(ident.get("names"), list):
                     inames = ident["names"]   # a renamed copy is gated by what it is
-            ix = self._gate_ix.get(event.kind)
+            ix = self._gate_ix.get(kind)
             if ix is not None:
-                nk = self._needs_key.get(event.kind)
+                nk = self._needs_key.get(kind)
                 present = nk[2](proc) if nk is not None and isinstance(proc, dict) else None
                 # the candidates for one (exe basename, comm, keys present, identity names) are
                 # computed once: a storm repeats a handful of programs
-                pexe = exe if event.kind in self._prefix_kinds else None
-                key = (event.kind, base, comm, present, pexe, *inames)
+                pexe = exe if kind in self._prefix_kinds else None
+                key = (kind, base, comm, present, pexe, *inames)
                 try:
                     cand = self._gate_cache.get(key)
                 except TypeError:          # a malformed identity name: no caching
