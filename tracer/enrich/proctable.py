@@ -255,9 +255,10 @@ class ProcTable:
         """Creator chain, nearest first: who forked whom, even after a parent exited.
 
         The full-depth chain is the cached list itself, shared by every record of the process
-        while it is valid (an exec storm's exec and exit): nothing downstream (engine, CEL,
-        sinks, OCSF, summaries, activity) mutates a record's ancestry, and the table never
-        changes a list it handed out: a changed chain is a new list."""
+        while it is valid (an exec storm's exec and exit): no copy per record. Nothing
+        downstream (engine, CEL, sinks, OCSF, summaries, activity, sshconfig, report) mutates a
+        record's ancestry, and the table never changes a list it handed out: a changed chain
+        is a new list."""
         p = self._t.get(pid)
         if p is not None and p._anc_gen == self._gen and depth == ANCESTRY_DEPTH:
             return p._anc

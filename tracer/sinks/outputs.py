@@ -46,38 +46,6 @@ def _default(obj: Any) -> Any:
     raise TypeError(f"cannot serialize {type(obj).__name__}")
 
 
-# The ancestry is most of an exec or connect record's JSON (6 entries of pid, comm, exe and
-# exec_id: ~700 of ~1,200 bytes), and the process table hands every record of a process the
-# same list while its chain is unchanged (ProcTable.ancestry: never mutated once handed out).
-# Its JSON is kept per list and spliced in as an orjson.Fragment: an exec and its exit, and a
-# connect storm's connects and accepts, render it once. Keyed by the list's id, held with the
-# list (so the id cannot be reused while cached) and its length (a list some other producer
-# grew is rendered again).
-_CHAINS: Dict[int, tuple] = {}
-_CHAINS_MAX = 4096
-
-
-def _chain_rendered(r: dict) -> dict:
-    """`r` with its proc's ancestry as pre-rendered JSON (same bytes), or `r` itself."""
-    p = r.get("proc")
-    if p.__class__ is dict:
-        anc = p.get("ancestry")
-        if anc.__class__ is list and anc:
-            ent = _CHAINS.get(id(anc))
-            if ent is None or ent[0] is not anc or ent[1] != len(anc):
-                ent = _chain(anc)
-            # a replaced key keeps its place: the same key order, so the same bytes
-            return {**r, "proc": {**p, "ancestry": ent[2]}}
-    return r
-
-
-def _chain(anc: list) -> tuple:
-    if len(_CHAINS) >= _CHAINS_MAX:
-        _CHAINS.clear()
-    ent = _CHAINS[id(anc)] = (anc, len(anc), orjson.Fragment(orjson.dumps(anc, default=_default)))
-    return ent
-
-
 def dumps_line(record: dict) -> bytes:
     """One record as one JSON line, `\\n` terminated. orjson escapes control characters in
     strings, so an agent-supplied newline can never split a record across lines."""
@@ -133,7 +101,7 @@ class StreamSink(Sink):
         lines = None
         if self._fmt is None:
             try:     # the whole batch in one comprehension; any trouble: line by line below
-                lines = [orjson.dumps(_chain_rendered(r), default=_default, option=_FAST_OPTS) for r in records]
+                lines = [orjson.dumps(r, default=_default, option=_FAST_OPTS) for r in records]
             except Exception:
                 lines = None
         if lines is None:
