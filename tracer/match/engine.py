@@ -23,6 +23,7 @@ match, at evaluation). Only the record sections an expression names are converte
 """
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from agenttrace.act.actions import ActionResult, Actions
 from agenttrace.clock import Clock, SystemClock
 from agenttrace.session.event import Event
 from agenttrace.match.celgate import gate as cel_gate, has_field
-from agenttrace.match.rules import Rule, RuleSet, load_rules
+from agenttrace.match.rules import CompiledMatch, Rule, RuleSet, load_rules
 
 MODES = ("monitor", "enforce")
 
@@ -75,6 +76,32 @@ def _ports_of(rule: Rule) -> frozenset:
     if m is None or m.kernel_rule is not None or not m.has_dst or m.port_ranges:
         return frozenset()
     return m.ports
+
+
+def cmdline_only(m) -> Optional[Callable[[dict], bool]]:
+    """For a compiled `match` whose only test is `exe.cmdline_regex` (the default pack's
+    stratum-URL rule, met by every exec), the same test without CompiledMatch's walk over
+    every empty criterion: any pattern found in the space-joined argv. None otherwise."""
+    if not isinstance(m, CompiledMatch) or not m.has_exe or not m.cmdline_regex:
+        return None
+    try:
+        bare = dataclasses.replace(m, has_exe=False, cmdline_regex=())
+        if bare != CompiledMatch():
+            return None
+    except Exception:
+        return None
+    cre = tuple(m.cmdline_regex)
+
+    def match(rec: dict) -> bool:
+        proc = rec.get("proc")
+        if not proc:
+            return False
+        line = " ".join(proc.get("args") or [])
+        for r in cre:
+            if r.search(line):
+                return True
+        return False
+    return match
 
 
 def _presence(keys: tuple) -> Callable[[dict], tuple]:
@@ -256,6 +283,8 @@ class Engine:
     # ------------------------------------------------------------------ rules
     def _set_rules(self, ruleset: RuleSet) -> None:
         self.ruleset = ruleset
+        # rule id -> a match specialised to what it tests, where it tests only the command line
+        self._matchers = {r.id: f for r in ruleset.rules if (f := cmdline_only(r.match)) is not None}
         self._by_kind = {k: tuple(v) for k, v in ruleset.by_kind.items()}
         self._gated_kinds = frozenset(k for k, v in ruleset.by_kind.items()
                                       if any(r.gate or r.exe_prefixes for r in v))
@@ -444,6 +473,7 @@ class Engine:
                 rules = cand[1]
         if not rules:
             return out
+        matchers = self._matchers
         with self._lock:
             now = None      # read once, when the first rule matches: most records match none
             for rule in rules:
@@ -451,7 +481,8 @@ class Engine:
                 if g is not None and base not in g and comm not in g and (not inames or g.isdisjoint(inames)):
                     continue
                 try:
-                    if rule.match is not None and not rule.match(rec):
+                    m = rule.match
+                    if m is not None and not matchers.get(rule.id, m)(rec):
                         continue
                     if rule.condition is not None and not self._cel(rule, rec):
                         continue
