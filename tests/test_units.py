@@ -56,10 +56,13 @@ def test_cached_ancestry_follows_exec_fork_and_pid_reuse():
     t.on_fork(10_000_001, 10_000_002, 2, 0, "sh")
     first = t.ancestry(10_000_002)
     assert [(a["pid"], a["exe"]) for a in first][:1] == [(10_000_001, "/bin/sh")]
-    first.append({"pid": 0})                      # a caller's list is its own
-    assert t.ancestry(10_000_002)[-1] != {"pid": 0}
+    # one list for every record of the process while its chain holds (the sink renders it
+    # once); a change makes a new list and leaves the handed-out one as it was
+    assert t.ancestry(10_000_002) is first
+    before = [dict(a) for a in first]
     t.on_exec(10_000_001, 1, 0, "python3", "/usr/bin/python3", ["python3"], 3)   # the parent execs
     assert t.ancestry(10_000_002)[0]["exe"] == "/usr/bin/python3"
+    assert t.ancestry(10_000_002) is not first and first == before
     t.forget(10_000_001)
     t.on_exec(10_000_001, 1, 0, "other", "/bin/other", ["other"], 4)   # pid reused
     assert t.ancestry(10_000_002)[0]["comm"] == "other"

@@ -5,16 +5,18 @@ import calendar
 import time
 
 
-_last = [-1, ""]   # the last second formatted: events come in bursts within one second
+# the last second formatted, as one (second, text) pair: events come in bursts within one
+# second, and a reader on another thread sees the old pair or the new one, never half of each
+_last = (-1, "")
 
 
 def format_ns(t_ns: int) -> str:
-    sec, ns = divmod(t_ns, 1_000_000_000)
+    global _last
+    sec = t_ns // 1_000_000_000
     last = _last
     if sec != last[0]:
-        last[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
-        last[0] = sec
-    return f"{last[1]}.{ns:09d}Z"
+        last = _last = (sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)))
+    return f"{last[1]}.{t_ns - sec * 1_000_000_000:09d}Z"
 
 
 def parse_ns(ts: str) -> int:

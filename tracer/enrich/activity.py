@@ -128,6 +128,9 @@ class Activity:
         a.identity = ident
         a.anc = tuple(x.get("pid") for x in (proc.get("ancestry") or ()) if isinstance(x, dict))
 
+    # the kinds `observe` looks at: the enricher does not call it for the others (listen, dns...)
+    KINDS = frozenset(("exec", "fork", "exit", "connect", "flow"))
+
     def observe(self, kind: str, t_ns: int, pid: int, agent: int, rec: dict) -> None:
         """One enriched record. Only processes a question is about get an entry: those with an
         external contact, and build tools/installers with what they start; everything else

@@ -22,7 +22,8 @@ _RESULTS = {E.RESULT_ESTABLISHED: "established", E.RESULT_REFUSED: "refused",
             E.RESULT_ERROR: "error"}
 _PROTO = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6"}
 _OPS = {E.OP_CONNECT: "connect", E.OP_SENDMSG: "sendmsg", E.OP_ICMP: "echo"}
-_ARGS_OFF = E.Exec.args.offset
+_EXEC_S, _EXIT_S, _CONNECT_S, _CONN_RESULT_S, _LISTEN_S = (E.EXEC_S, E.EXIT_S, E.CONNECT_S,
+                                                          E.CONN_RESULT_S, E.LISTEN_S)
 _FAMILY = {socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6"}
 
 
@@ -92,16 +93,21 @@ class Enricher:
         self.clock_offset = time.time_ns() - time.monotonic_ns()
 
     def _base(self, kind: str, h: E.Header) -> tuple[dict, int]:
-        t = h.ktime + self.clock_offset
+        return self._base_t(kind, h.ktime, h.agent_cgroup_id)
+
+    def _base_t(self, kind: str, ktime: int, agent: int) -> tuple[dict, int]:
+        t = ktime + self.clock_offset
         return {"ts": format_ns(t), "kind": kind, "node": self.node,
-                "agent": self.agents.agent(h.agent_cgroup_id)}, t
+                "agent": self.agents.agent(agent)}, t
 
     def _proc(self, h: E.Header) -> dict:
-        tgid = h.tgid
+        return self._proc_t(h.tgid, h.uid, h.comm)
+
+    def _proc_t(self, tgid: int, uid: int, comm: bytes) -> dict:
         procs = self.procs
         p = procs.get(tgid)
         if p is None:
-            rec = {"pid": tgid, "ppid": 0, "uid": h.uid, "comm": E.cstr(h.comm), "exe": "",
+            rec = {"pid": tgid, "ppid": 0, "uid": uid, "comm": E.cstr(comm), "exe": "",
                    "args": [], "exec_id": None, "parent_exec_id": None}
         else:
             rec = p.record()
@@ -116,13 +122,18 @@ class Enricher:
         """Record type → handler returning the events it yields: one entry per wire type, so a
         new probe family adds a line here and a struct in events.BY_TYPE, nothing else."""
         one = lambda f: (lambda o: [f(o)])   # noqa: E731
+        # the hot types read their fields straight from the record's bytes (`on_view`); a
+        # ctypes object of one of them (tests, the fuzzer) goes through the same handler
+        self._by_view = {E.EV_EXEC: self._exec_v, E.EV_EXIT: self._exit_v,
+                         E.EV_CONNECT: self._connect_v, E.EV_CONN_RESULT: self._result_v,
+                         E.EV_LISTEN: self._listen_v}
+        by_obj = {t: (lambda f: lambda o: f(memoryview(bytes(o))))(f) for t, f in self._by_view.items()}
         return {
-            E.EV_EXEC: one(self._exec), E.EV_FORK: one(self._fork), E.EV_EXIT: one(self._exit),
-            E.EV_CONNECT: self._connect, E.EV_CONN_RESULT: self._result,
+            E.EV_FORK: one(self._fork),
             E.EV_DEVICE: one(self._device), E.EV_FLOW: one(self._flow), E.EV_DNS: one(self._dns),
-            E.EV_LISTEN: one(self._listen), E.EV_FILE: one(self._file),
+            E.EV_FILE: one(self._file),
             E.EV_SOCKET: one(self._socket), E.EV_ESCAPE: self._escape,
-            E.EV_SNI: one(self._sni),
+            E.EV_SNI: one(self._sni), **by_obj,
         }
 
     def _escape(self, o) -> list[Event]:
@@ -130,20 +141,52 @@ class Enricher:
         ev = escape_event(self, o)
         return [ev] if ev is not None else []
 
+    def on_view(self, view, size: int) -> list[Event]:
+        """One ring-buffer record (a buffer valid only during the call): the events ready to go
+        on. The hot types are read in place; the rest through their ctypes mirror."""
+        rtype = view[0] | view[1] << 8
+        h = self._by_view.get(rtype)
+        if h is None:
+            rtype, obj = E.decode_buf(view, size)
+            if obj is None:
+                self.unknown_types += 1
+                return []
+            return self(rtype, obj)
+        # _run's steps, without the call: this is every hot record's path
+        by_type = self.by_type
+        by_type[rtype] = by_type.get(rtype, 0) + 1
+        out = h(view)
+        if out:
+            act = self.activity
+            kinds = act.KINDS
+            try:
+                for ev in out:
+                    kind = ev.kind
+                    if kind in kinds:
+                        act.observe(kind, ev.t_ns, ev.pid, ev.agent_cgroup_id, ev.record)
+            except Exception:      # the look-back memory is an enricher: failing, it never drops records
+                act.stats["errors"] += 1
+        return out
+
     def __call__(self, rtype: int, o) -> list[Event]:
         """Returns the events ready to go on (connects may be held for their outcome)."""
         h = self._by_type.get(rtype)
         if h is None:
             self.unknown_types += 1
             return []
+        return self._run(rtype, h, o)
+
+    def _run(self, rtype: int, h, o) -> list[Event]:
         by_type = self.by_type
         by_type[rtype] = by_type.get(rtype, 0) + 1
         out = h(o)
         if out:
             seen = self.activity.observe
+            kinds = self.activity.KINDS
             try:
                 for ev in out:
-                    seen(ev.kind, ev.t_ns, ev.pid, ev.agent_cgroup_id, ev.record)
+                    if ev.kind in kinds:
+                        seen(ev.kind, ev.t_ns, ev.pid, ev.agent_cgroup_id, ev.record)
             except Exception:      # the look-back memory is an enricher: failing, it never drops records
                 self.activity.stats["errors"] += 1
         return out
@@ -160,28 +203,24 @@ class Enricher:
             self.gpu_net.stats["errors"] += 1
         return ev
 
-    def _exec(self, o: E.Exec) -> Event:
-        h = o.h
-        tgid, agent = h.tgid, h.agent_cgroup_id
-        # ctypes hands a char array over up to its first NUL: no cstr split needed
-        filename = o.filename.decode("utf-8", "backslashreplace")
-        n = o.args_len
-        args = E.split_args(bytes(o)[_ARGS_OFF:_ARGS_OFF + n]) if n else []
+    def _exec_v(self, v) -> list[Event]:
+        (tgid, uid, ktime, cgroup_id, agent, comm, ppid, flags, n, policy_id, creator,
+         filename) = E.unpack(_EXEC_S, v)
+        filename = filename.split(b"\0", 1)[0].decode("utf-8", "backslashreplace")
+        args = E.split_args(E.exec_args(v, n)) if n else []
         exe = filename
         if filename[:1] != "/" or filename.startswith(("/dev/fd/", "/proc/")):
             # execveat(fd, "", AT_EMPTY_PATH) / fexecve of a memfd / relative paths: the
             # kernel's name says little, the exe link says what ran (if the process still runs)
             exe = readlink_exe(tgid) or filename
         procs = self.procs
-        p = procs.on_exec(tgid, o.ppid, h.uid, h.comm.decode("utf-8", "backslashreplace"), exe, args,
-                          h.ktime, o.creator)
-        rec, t = self._base("exec", h)
+        p = procs.on_exec(tgid, ppid, uid, E.cstr(comm), exe, args, ktime, creator)
+        rec, t = self._base_t("exec", ktime, agent)
         proc = p.record()
         proc["ancestry"] = procs.ancestry(tgid)
         proc["filename"] = filename
         # who forked it, whoever its parent is now: what the fork record used to say
         proc["creator"] = p.parent or None
-        flags = o.flags
         if flags:
             if flags & E.EXEC_ARGS_TRUNCATED:
                 proc["args_truncated"] = True
@@ -190,14 +229,14 @@ class Enricher:
                 self.argv_read_failures += 1
             if flags & E.EXEC_KILLED:
                 proc["killed_in_kernel"] = True
-        if o.policy_id:
-            proc["policy_id"] = o.policy_id
+        if policy_id:
+            proc["policy_id"] = policy_id
         ident = self._identity(tgid, filename, exe, args)
         if ident:
             proc["identity"] = ident
         if not filename.startswith(SYSTEM_PREFIXES):     # FreshExe.check's own first test
             try:
-                fresh = self.fresh_exe.check(tgid, agent, filename, t, o.ppid)
+                fresh = self.fresh_exe.check(tgid, agent, filename, t, ppid)
             except Exception:
                 fresh = None
                 self.fresh_exe.stats["errors"] += 1
@@ -208,10 +247,10 @@ class Enricher:
         # session is remembered: the call is skipped then
         if s is None or s.proxies or exe.rsplit("/", 1)[-1] == "ssh" or (
                 ident and ident.get("name") == "openssh-client"):
-            self._ssh(tgid, h.uid, exe, args, proc)
-        p.cgroup_id, p.agent_cgroup_id = h.cgroup_id, agent
+            self._ssh(tgid, uid, exe, args, proc)
+        p.cgroup_id, p.agent_cgroup_id = cgroup_id, agent
         rec["proc"] = proc
-        return Event("exec", t, rec, tgid, agent)
+        return [Event("exec", t, rec, tgid, agent)]
 
     def _fork(self, o: E.Fork) -> Event:
         h = o.h
@@ -223,21 +262,20 @@ class Enricher:
         rec["proc"] = proc
         return Event("fork", t, rec, o.child_tgid, h.agent_cgroup_id)
 
-    def _exit(self, o: E.Exit) -> Event:
-        h = o.h
-        rec, t = self._base("exit", h)
-        rec["proc"] = self._proc(h)
-        code, sig = wait_status(o.exit_code)
+    def _exit_v(self, v) -> list[Event]:
+        tgid, uid, ktime, agent, comm, exit_code, start = E.unpack(_EXIT_S, v)
+        rec, t = self._base_t("exit", ktime, agent)
+        rec["proc"] = self._proc_t(tgid, uid, comm)
+        code, sig = wait_status(exit_code)
         rec["exit_code"] = code
         if sig is not None:
             rec["signal"] = sig
-        start = o.start_ktime
         if not start:
-            p = self.procs.peek(h.tgid)
+            p = self.procs.peek(tgid)
             start = p.start_ktime if p else 0
-        rec["duration_ms"] = round((h.ktime - start) / 1e6, 3) if start and h.ktime >= start else None
-        self.procs.on_exit(h.tgid)
-        return Event("exit", t, rec, h.tgid, h.agent_cgroup_id)
+        rec["duration_ms"] = round((ktime - start) / 1e6, 3) if start and ktime >= start else None
+        self.procs.on_exit(tgid)
+        return [Event("exit", t, rec, tgid, agent)]
 
     def _device(self, o: E.Device) -> Event:
         from agenttrace.gpu.service import device_body
@@ -376,22 +414,21 @@ class Enricher:
         rec["dns"] = body
         return Event("dns", t, rec, h.tgid, h.agent_cgroup_id, o.cookie)
 
-    def _listen(self, o: E.Listen) -> Event:
-        h = o.h
-        tgid, agent = h.tgid, h.agent_cgroup_id
-        self._remember_socket(o.cookie, tgid, agent)
-        rec, t = self._base("listen", h)
-        rec["proc"] = self._proc(h)
-        family, protocol, what = o.family, o.protocol, o.what
+    def _listen_v(self, v) -> list[Event]:
+        (tgid, uid, ktime, agent, comm, cookie, family, protocol, lport, rport, what, laddr,
+         raddr) = E.unpack(_LISTEN_S, v)
+        self._remember_socket(cookie, tgid, agent)
+        rec, t = self._base_t("listen", ktime, agent)
+        rec["proc"] = self._proc_t(tgid, uid, comm)
         fam = _FAMILY.get(family)
         net = {"proto": _PROTO.get(protocol, "tcp"), "family": fam if fam is not None else str(family),
-               "local": {"addr": E.addr_str(o.laddr, family), "port": o.lport},
+               "local": {"addr": E.addr_str(laddr, family), "port": lport},
                "what": "accept" if what == E.LISTEN_ACCEPT else "listen"}
         if what == E.LISTEN_ACCEPT:
-            raddr = E.addr_str(o.raddr, family)
-            net["remote"] = {"addr": raddr, "port": o.rport, "scope": self.scoper.scope(raddr)}
+            raddr = E.addr_str(raddr, family)
+            net["remote"] = {"addr": raddr, "port": rport, "scope": self.scoper.scope(raddr)}
         rec["net"] = net
-        return Event("listen", t, rec, tgid, agent, o.cookie)
+        return [Event("listen", t, rec, tgid, agent, cookie)]
 
     def _dst(self, agent_id: int, addr: str, port: int) -> dict:
         d = {"addr": addr, "port": port, "scope": self.scoper.scope(addr), "name": None}
@@ -399,21 +436,20 @@ class Enricher:
             d["name"] = self.name_lookup(agent_id, addr)
         return d
 
-    def _connect(self, o: E.Connect) -> list[Event]:
-        h = o.h
-        rec, t = self._base("connect", h)
-        rec["proc"] = self._proc(h)
-        tgid, agent = h.tgid, h.agent_cgroup_id
-        family, protocol, cookie, sk, policy_id = o.family, o.protocol, o.cookie, o.sk, o.policy_id
-        addr = E.addr_str(o.daddr, family)
+    def _connect_v(self, v) -> list[Event]:
+        (tgid, uid, ktime, agent, comm, cookie, sk, family, protocol, dport, op, verdict, daddr,
+         policy_id) = E.unpack(_CONNECT_S, v)
+        rec, t = self._base_t("connect", ktime, agent)
+        rec["proc"] = self._proc_t(tgid, uid, comm)
+        addr = E.addr_str(daddr, family)
         proto = _PROTO.get(protocol)
         if proto is None:
             proto = str(protocol)
         fam = _FAMILY.get(family)
-        blocked = o.verdict == E.VERDICT_BLOCKED
+        blocked = verdict == E.VERDICT_BLOCKED
         net = {"proto": proto, "family": fam if fam is not None else str(family),
-               "op": _OPS.get(o.op, "connect"),
-               "src": None, "dst": self._dst(agent, addr, o.dport),
+               "op": _OPS.get(op, "connect"),
+               "src": None, "dst": self._dst(agent, addr, dport),
                "verdict": "blocked" if blocked else "allowed",
                "result": "blocked" if blocked else ("sent" if proto != "tcp" else "pending")}
         if policy_id:
@@ -442,17 +478,18 @@ class Enricher:
             return out
         return [ev]
 
-    def _result(self, o: E.ConnResult) -> list[Event]:
-        cookie = self._pending_sk.pop(o.sk, None)
+    def _result_v(self, v) -> list[Event]:
+        sk, family, sport, result, error, saddr = E.unpack(_CONN_RESULT_S, v)
+        cookie = self._pending_sk.pop(sk, None)
         held = self.pending.pop(cookie, None) if cookie is not None else None
         if held is None:
             return []   # the connect was already released as pending (slow handshake)
         ev = held[0]
         net = ev.record["net"]
-        net["result"] = _RESULTS.get(o.result, "error")
-        if o.error:
-            net["error"] = o.error
-        net["src"] = {"addr": E.addr_str(o.saddr, o.family), "port": o.sport}
+        net["result"] = _RESULTS.get(result, "error")
+        if error:
+            net["error"] = error
+        net["src"] = {"addr": E.addr_str(saddr, family), "port": sport}
         return [ev]
 
     def expire_pending(self, older_than_ns: int) -> list[Event]:

@@ -19,6 +19,8 @@ by (sha256|build_id|strings), via (ld.so|interpreter|module), target}. A rule's
 """
 from __future__ import annotations
 
+import ctypes as C
+import errno
 import hashlib
 import os
 import re
@@ -359,6 +361,11 @@ def _exists(pid: int) -> bool:
     """Whether `pid` names a process (running or a zombie); no signal is sent."""
     if pid <= 0:
         return False    # 0 and negatives address process groups, not a process
+    if _kill is not None:
+        # libc's kill answers with a return value. An exec storm's programs are mostly gone
+        # when their record is read, and os.kill's ProcessLookupError (built, raised, caught)
+        # cost more than the syscall: ~5 us of tracer CPU per exec, measured in the pipeline
+        return _kill(pid, 0) == 0 or C.get_errno() != errno.ESRCH    # EPERM: someone else's
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -366,6 +373,18 @@ def _exists(pid: int) -> bool:
     except OSError:     # EPERM: it exists, owned by someone else
         pass
     return True
+
+
+def _libc_kill():
+    try:
+        f = C.CDLL(None, use_errno=True).kill
+    except (OSError, AttributeError):
+        return None
+    f.argtypes, f.restype = (C.c_int, C.c_int), C.c_int
+    return f
+
+
+_kill = _libc_kill()
 
 
 def _shebang(path: str) -> Optional[str]:

@@ -252,10 +252,16 @@ class ProcTable:
             self._gen += 1
 
     def ancestry(self, pid: int, depth: int = ANCESTRY_DEPTH) -> list[dict]:
-        """Creator chain, nearest first: who forked whom, even after a parent exited."""
+        """Creator chain, nearest first: who forked whom, even after a parent exited.
+
+        The full-depth chain is the cached list itself, shared by every record of the process
+        while it is valid (an exec storm's exec and exit): no copy per record. Nothing
+        downstream (engine, CEL, sinks, OCSF, summaries, activity, sshconfig, report) mutates a
+        record's ancestry, and the table never changes a list it handed out: a changed chain
+        is a new list."""
         p = self._t.get(pid)
         if p is not None and p._anc_gen == self._gen and depth == ANCESTRY_DEPTH:
-            return list(p._anc)
+            return p._anc
         out = []
         seen = {pid}
         nxt = p.parent if p else 0
@@ -292,5 +298,4 @@ class ProcTable:
             nxt = a.parent
         if p is not None and depth == ANCESTRY_DEPTH:
             p._anc, p._anc_gen, p._anc_pids = out, self._gen, None    # after any lookups above bumped it
-            return list(out)
         return out

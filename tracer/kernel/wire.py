@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes as C
 import ipaddress
 import socket
+import struct
 
 COMM_LEN = 16
 PATH_MAX = 256
@@ -252,3 +253,83 @@ _SIZED = {t: (cls, C.sizeof(cls)) for t, cls in BY_TYPE.items()}
 def decode(ptr: int, size: int):
     """`decode_buf` for a record at an address (BCC's per-record callback)."""
     return decode_buf(C.string_at(ptr, size), size)
+
+
+# --- straight from the ring: struct.Struct views of the hot record types -----------------------
+# ctypes' from_buffer_copy makes an object per record (a padded copy of the whole 4.4 KiB exec
+# struct for a short argv) and each field read goes through a descriptor; one precompiled
+# Struct.unpack_from on the ring's memoryview hands a handler exactly the fields it reads, as
+# one tuple. The formats are derived from the ctypes mirrors (offsets and types), which stay
+# the parity-tested contract, so the two cannot drift (tests/test_wire_struct.py).
+_CODES = {C.c_uint8: "B", C.c_uint16: "H", C.c_uint32: "I", C.c_int32: "i", C.c_uint64: "Q",
+          C.c_int64: "q", C.c_int16: "h", C.c_int8: "b"}
+
+
+def leaves(cls, prefix: str = "", base: int = 0):
+    """(dotted name, offset, ctype) of every field, nested structures flattened ("h.tgid")."""
+    out = []
+    for name, typ, *_ in cls._fields_:
+        off = base + getattr(cls, name).offset
+        if isinstance(typ, type) and issubclass(typ, C.Structure):
+            out += leaves(typ, f"{prefix}{name}.", off)
+        else:
+            out.append((prefix + name, off, typ))
+    return out
+
+
+def struct_of(cls, names) -> struct.Struct:
+    """A little-endian Struct reading `names` (dotted leaves of `cls`, in offset order) and
+    skipping every other byte; char and byte arrays read as bytes of their full length."""
+    by = {n: (off, typ) for n, off, typ in leaves(cls)}
+    fmt, pos = ["<"], 0
+    for n in names:
+        off, typ = by[n]
+        if off < pos:
+            raise ValueError(f"{cls.__name__}.{n}: fields out of offset order")
+        if off > pos:
+            fmt.append(f"{off - pos}x")
+        code = _CODES.get(typ)
+        if code is None:
+            if not issubclass(typ, C.Array) or typ._type_ not in (C.c_char, C.c_uint8):
+                raise TypeError(f"{cls.__name__}.{n}: no struct code for {typ}")
+            code = f"{typ._length_}s"
+        fmt.append(code)
+        pos = off + C.sizeof(typ)
+    return struct.Struct("".join(fmt))
+
+
+def unpack(s: struct.Struct, view):
+    """`s.unpack_from(view)`, with a record shorter than the fields read taken as zero-padded
+    (as `decode_buf` pads it)."""
+    if len(view) < s.size:
+        return s.unpack_from(bytes(view).ljust(s.size, b"\0"))
+    return s.unpack_from(view)
+
+
+_HDR = ("h.tgid", "h.uid", "h.ktime", "h.agent_cgroup_id", "h.comm")
+EXEC_FIELDS = ("h.tgid", "h.uid", "h.ktime", "h.cgroup_id", "h.agent_cgroup_id", "h.comm", "ppid",
+               "flags", "args_len", "policy_id", "creator", "filename")
+EXIT_FIELDS = _HDR + ("exit_code", "start_ktime")
+CONNECT_FIELDS = _HDR + ("cookie", "sk", "family", "protocol", "dport", "op", "verdict", "daddr",
+                         "policy_id")
+CONN_RESULT_FIELDS = ("sk", "family", "sport", "result", "error", "saddr")
+LISTEN_FIELDS = _HDR + ("cookie", "family", "protocol", "lport", "rport", "what", "laddr", "raddr")
+EXEC_S = struct_of(Exec, EXEC_FIELDS)
+EXIT_S = struct_of(Exit, EXIT_FIELDS)
+CONNECT_S = struct_of(Connect, CONNECT_FIELDS)
+CONN_RESULT_S = struct_of(ConnResult, CONN_RESULT_FIELDS)
+LISTEN_S = struct_of(Listen, LISTEN_FIELDS)
+# the types decoded this way, with the fields each Struct reads (the parity test walks these)
+FAST = {EV_EXEC: (Exec, EXEC_FIELDS, EXEC_S), EV_EXIT: (Exit, EXIT_FIELDS, EXIT_S),
+        EV_CONNECT: (Connect, CONNECT_FIELDS, CONNECT_S),
+        EV_CONN_RESULT: (ConnResult, CONN_RESULT_FIELDS, CONN_RESULT_S),
+        EV_LISTEN: (Listen, LISTEN_FIELDS, LISTEN_S)}
+ARGS_OFF = Exec.args.offset
+
+
+def exec_args(view, n: int) -> bytes:
+    """The argv bytes an exec record's args_len names, as `bytes(obj)[ARGS_OFF:ARGS_OFF+n]` of
+    the zero-padded ctypes copy gives them (at most ARGS_MAX, zeros past the record's end)."""
+    m = n if n <= ARGS_MAX else ARGS_MAX
+    raw = bytes(view[ARGS_OFF:ARGS_OFF + m])
+    return raw if len(raw) == m else raw.ljust(m, b"\0")

@@ -23,6 +23,7 @@ match, at evaluation). Only the record sections an expression names are converte
 """
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from agenttrace.act.actions import ActionResult, Actions
 from agenttrace.clock import Clock, SystemClock
 from agenttrace.session.event import Event
 from agenttrace.match.celgate import gate as cel_gate, has_field
-from agenttrace.match.rules import Rule, RuleSet, load_rules
+from agenttrace.match.rules import CompiledMatch, Rule, RuleSet, load_rules
 
 MODES = ("monitor", "enforce")
 
@@ -75,6 +76,44 @@ def _ports_of(rule: Rule) -> frozenset:
     if m is None or m.kernel_rule is not None or not m.has_dst or m.port_ranges:
         return frozenset()
     return m.ports
+
+
+def cmdline_only(m) -> Optional[Callable[[dict], bool]]:
+    """For a compiled `match` whose only test is `exe.cmdline_regex` (the default pack's
+    stratum-URL rule, met by every exec), the same test without CompiledMatch's walk over
+    every empty criterion: any pattern found in the space-joined argv. None otherwise."""
+    if not isinstance(m, CompiledMatch) or not m.has_exe or not m.cmdline_regex:
+        return None
+    try:
+        bare = dataclasses.replace(m, has_exe=False, cmdline_regex=())
+        if bare != CompiledMatch():
+            return None
+    except Exception:
+        return None
+    cre = tuple(m.cmdline_regex)
+
+    def match(rec: dict) -> bool:
+        proc = rec.get("proc")
+        if not proc:
+            return False
+        line = " ".join(proc.get("args") or [])
+        for r in cre:
+            if r.search(line):
+                return True
+        return False
+    return match
+
+
+def _presence(keys: tuple) -> Callable[[dict], tuple]:
+    """proc -> whether each of `keys` is in it, as a tuple (part of a candidate-cache key):
+    asked for every exec and connect, so no generator for the usual one or two keys."""
+    if len(keys) == 1:
+        k0, = keys
+        return lambda proc: (k0 in proc,)
+    if len(keys) == 2:
+        k0, k1 = keys
+        return lambda proc: (k0 in proc, k1 in proc)
+    return lambda proc: tuple([k in proc for k in keys])
 
 
 def _needs_name(rule: Rule) -> bool:
@@ -244,6 +283,8 @@ class Engine:
     # ------------------------------------------------------------------ rules
     def _set_rules(self, ruleset: RuleSet) -> None:
         self.ruleset = ruleset
+        # rule id -> a match specialised to what it tests, where it tests only the command line
+        self._matchers = {r.id: f for r in ruleset.rules if (f := cmdline_only(r.match)) is not None}
         self._by_kind = {k: tuple(v) for k, v in ruleset.by_kind.items()}
         self._gated_kinds = frozenset(k for k, v in ruleset.by_kind.items()
                                       if any(r.gate or r.exe_prefixes for r in v))
@@ -290,7 +331,8 @@ class Engine:
                     if f is not None and len(f) == 2 and f[0] == "proc":
                         need[r.id] = f[1]
             if need:
-                self._needs_key[kind] = (tuple(sorted(set(need.values()))), need)
+                keys = tuple(sorted(set(need.values())))
+                self._needs_key[kind] = (keys, need, _presence(keys))
         # conditions whose first conjunct the record's own fields can decide (match/celgate.py)
         self._gates = {}
         for r in ruleset.rules:
@@ -354,28 +396,28 @@ class Engine:
 
     def process(self, event: Event) -> List[Event]:
         """Alerts (kind "alert") raised by this event, acted on in enforce mode."""
-        rules = self._by_kind.get(event.kind)
+        kind = event.kind
+        rules = self._by_kind.get(kind)
         self.stats["events"] += 1
         if not rules:
             return []
         rec = event.record
-        by_scope = self._by_scope.get(event.kind)
-        if by_scope is not None:
+        by_scope = self._by_scope.get(kind)
+        ported = kind in self._port_kinds
+        if by_scope is not None or ported:
             net = rec.get("net")
             dst = net.get("dst") if isinstance(net, dict) else None
-            if isinstance(dst, dict):
+            if by_scope is not None and isinstance(dst, dict):
                 rules = by_scope.get(dst.get("scope"), rules)
-        if event.kind in self._port_kinds:
-            net = rec.get("net")
-            dst = net.get("dst") if isinstance(net, dict) else None
+        if ported:
             port = dst.get("port") if isinstance(dst, dict) else False
             if port is None or type(port) is int:   # a malformed record meets every rule (and its error)
                 # a record naming no host cannot meet a rule that matches host names
                 named = bool(dst.get("name")) or "dns" in rec or "flow" in rec
-                nk = self._needs_key.get(event.kind)
+                nk = self._needs_key.get(kind)
                 proc = rec.get("proc")
-                present = tuple(k in proc for k in nk[0]) if nk is not None and isinstance(proc, dict) else None
-                key = (event.kind, dst.get("scope"), port, named, present)
+                present = nk[2](proc) if nk is not None and isinstance(proc, dict) else None
+                key = (kind, dst.get("scope"), port, named, present)
                 cand = self._port_ix.get(key)
                 if cand is None or cand[0] is not rules:
                     have = {k for k, p in zip(nk[0], present) if p} if present is not None else None
@@ -389,7 +431,7 @@ class Engine:
         out: List[Event] = []
         base = comm = exe = None
         inames: Any = ()
-        if event.kind in self._gated_kinds:
+        if kind in self._gated_kinds:
             proc = rec.get("proc")
             if isinstance(proc, dict):
                 exe = proc.get("exe")
@@ -398,14 +440,14 @@ class Engine:
                 ident = proc.get("identity")
                 if isinstance(ident, dict) and isinstance(ident.get("names"), list):
                     inames = ident["names"]   # a renamed copy is gated by what it is
-            ix = self._gate_ix.get(event.kind)
+            ix = self._gate_ix.get(kind)
             if ix is not None:
-                nk = self._needs_key.get(event.kind)
-                present = tuple(k in proc for k in nk[0]) if nk is not None and isinstance(proc, dict) else None
+                nk = self._needs_key.get(kind)
+                present = nk[2](proc) if nk is not None and isinstance(proc, dict) else None
                 # the candidates for one (exe basename, comm, keys present, identity names) are
                 # computed once: a storm repeats a handful of programs
-                pexe = exe if event.kind in self._prefix_kinds else None
-                key = (event.kind, base, comm, present, pexe, *inames)
+                pexe = exe if kind in self._prefix_kinds else None
+                key = (kind, base, comm, present, pexe, *inames)
                 try:
                     cand = self._gate_cache.get(key)
                 except TypeError:          # a malformed identity name: no caching
@@ -431,6 +473,7 @@ class Engine:
                 rules = cand[1]
         if not rules:
             return out
+        matchers = self._matchers
         with self._lock:
             now = None      # read once, when the first rule matches: most records match none
             for rule in rules:
@@ -438,7 +481,8 @@ class Engine:
                 if g is not None and base not in g and comm not in g and (not inames or g.isdisjoint(inames)):
                     continue
                 try:
-                    if rule.match is not None and not rule.match(rec):
+                    m = rule.match
+                    if m is not None and not matchers.get(rule.id, m)(rec):
                         continue
                     if rule.condition is not None and not self._cel(rule, rec):
                         continue

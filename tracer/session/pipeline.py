@@ -502,11 +502,7 @@ class Tracer:
     def _on_view(self, view, size) -> None:
         self._records += 1
         try:
-            rtype, obj = E.decode_buf(view, size)
-            if obj is None:
-                self.enrich.unknown_types += 1
-                return
-            for ev in self.enrich(rtype, obj):
+            for ev in self.enrich.on_view(view, size):
                 self._process(ev)
         except Exception as e:
             # one bad record or a failing enricher never stops the reader; it is counted,

@@ -77,9 +77,12 @@ class Summaries:
             self._a[cid] = _Agent(ident)
 
     def observe(self, rec: dict) -> None:
+        # every record the sinks get passes here: the common kinds take the fewest steps
         agent = rec.get("agent")
+        if not agent:
+            return
         kind = rec.get("kind")
-        if not agent or kind == "summary":
+        if kind == "summary":
             return
         cid = agent.get("cgroup_id")
         if not cid:
@@ -89,18 +92,21 @@ class Summaries:
             a = self._a[cid] = _Agent(agent)
         a.ident = agent
         ts = rec.get("ts")
-        if a.first is None or ts < a.first:
-            a.first = ts
-        if a.last is None or ts > a.last:
-            a.last = ts
+        first = a.first
+        if first is None:       # set together with `last` on an agent's first record
+            a.first = a.last = ts
+        else:
+            if ts < first:
+                a.first = ts
+            if ts > a.last:
+                a.last = ts
         kinds = a.kinds
         kinds[kind] = kinds.get(kind, 0) + 1
-        if kind == "alert":
-            rule = rec.get("rule") or {}
-            by = a.alerts.setdefault(rule.get("id", "?"), {})
-            out = rule.get("outcome", "?")
-            by[out] = by.get(out, 0) + 1
-            return          # the triggering event's own fields were counted with that event
+        if kind == "exit":
+            root = a.root
+            if root is not None and a.root_exit is None and (rec.get("proc") or {}).get("pid") == root["pid"]:
+                a.root_exit = {"exit_code": rec.get("exit_code"), "signal": rec.get("signal")}
+            return
         if kind == "exec" or kind == "fork":
             proc = rec.get("proc") or {}
             pid = proc.get("pid")
@@ -115,10 +121,14 @@ class Summaries:
                 a.forks += 1
             a.seen_pids.add(pid)
             return
-        if kind == "exit":
-            if a.root is not None and a.root_exit is None and (rec.get("proc") or {}).get("pid") == a.root["pid"]:
-                a.root_exit = {"exit_code": rec.get("exit_code"), "signal": rec.get("signal")}
-            return
+        if kind == "alert":
+            rule = rec.get("rule") or {}
+            by = a.alerts.setdefault(rule.get("id", "?"), {})
+            out = rule.get("outcome", "?")
+            by[out] = by.get(out, 0) + 1
+            return          # the triggering event's own fields were counted with that event
+        if kind == "listen":
+            return          # counted by kind only
         if kind == "connect" or kind == "flow":
             net = rec.get("net") or {}
             if kind == "connect":
