@@ -127,12 +127,61 @@ def run_pin_dir(agent_name: str) -> Path:
     return RUN_PIN_ROOT / agent_name
 
 
+def _pinned_by_live_tracer(d: Path) -> bool:
+    """A pin's name ends with its tracer's pid (Probes.enable_pinning): a folder with a pin of a
+    live process is that tracer's own, being filled or in use."""
+    for f in d.iterdir():
+        pid = f.name.rpartition("-")[2]
+        if pid.isdigit():
+            try:
+                os.kill(int(pid), 0)
+                return True
+            except ProcessLookupError:
+                continue
+            except PermissionError:
+                return True
+    return False
+
+
 def sweep_stale_pins(cgroup_parent: Path) -> list[str]:
-    """Remove pins of earlier runs whose agent cgroup no longer holds a process."""
+    """Remove pins of earlier `run -- CMD` runs whose agent cgroup no longer holds a process.
+
+    Never a `run --cgroup` folder (`cgroups-*`): its pins are the fail-closed state of a killed
+    tracer and stay until a run on the same cgroups replaces them (remove_foreign_pins). Never a
+    folder a live tracer pins into: a concurrent run between pinning and starting its command
+    has an empty cgroup too. Another run may remove folders (or the root) meanwhile."""
     from agenttrace.enrich.cgroups import procs
     removed = []
-    if not RUN_PIN_ROOT.is_dir():
+    try:
+        dirs = list(RUN_PIN_ROOT.iterdir())
+    except OSError:
         return removed
+    for d in dirs:
+        if d.name.startswith("cgroups-"):
+            continue
+        cg = cgroup_parent / d.name
+        try:
+            if cg.is_dir() and procs(cg):
+                continue      # the agent outlived its tracer: its enforcement stays
+        except OSError:
+            pass
+        try:
+            if _pinned_by_live_tracer(d):
+                continue
+            files = list(d.iterdir())
+        except OSError:
+            continue          # removed by another run meanwhile
+        for f in files:
+            try:
+                f.unlink()
+            except OSError:
+                pass
+        try:
+            d.rmdir()
+            removed.append(d.name)
+        except OSError:
+            pass
+    return removed
     for d in RUN_PIN_ROOT.iterdir():
         cg = cgroup_parent / d.name
         try:
