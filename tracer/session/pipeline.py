@@ -85,6 +85,10 @@ class Tracer:
         self._notices: "collections.deque" = collections.deque(maxlen=1000)
         self.summaries = Summaries(self.node)
         self.summary_on_stop: Optional[str] = None   # reason: every agent's summary at stop
+        # run once the probes are attached, before the `started` record: what `started` must
+        # already cover (the fail-closed pins of `run --mode enforce`: a tracer killed right
+        # after `started` still leaves its enforcement behind)
+        self.before_started: list = []
         # the act stage: userspace actions on their own thread; the reader never waits for one
         self.act = ActWorker(getattr(engine, "actions", None) if engine is not None else None,
                              procs=self.procs, maxsize=opts.act_queue)
@@ -167,6 +171,8 @@ class Tracer:
             raise
         finally:
             discard(pre)          # a no-op once load() took it
+        for step in self.before_started:
+            step()
         self.act.start()
         self.started_ns = time.time_ns()
         self._last_stats = time.monotonic()

@@ -63,12 +63,14 @@ def cgroups_pin_dir(paths) -> Path:
 
 
 def trace_cgroups(tracer: Tracer, flag: StopFlag, on_reload=None, pin_dir: Optional[Path] = None) -> None:
-    tracer.start()
-    try:
-        if pin_dir is not None:
+    if pin_dir is not None:
+        def pin():
             # our links are attached: a killed predecessor's pins can go without a gap
             tracer.probes.enable_pinning(pin_dir)
             tracer.probes.remove_foreign_pins()
+        tracer.before_started.append(pin)
+    tracer.start()
+    try:
         while not flag.stop:
             tracer.poll(100)
             if flag.reload and on_reload is not None:
@@ -109,11 +111,14 @@ def run_command(tracer_factory, cmd: list[str], agent_name: str, flag: StopFlag,
     try:
         tracer = tracer_factory([path])
         tracer.summary_on_stop = "command_exited"
-        tracer.start()
         if pin:
-            isolation.sweep_stale_pins(path.parent)
             pin_dir = isolation.run_pin_dir(agent_name)
-            tracer.probes.enable_pinning(pin_dir)
+
+            def pin_run():
+                isolation.sweep_stale_pins(path.parent)
+                tracer.probes.enable_pinning(pin_dir)
+            tracer.before_started.append(pin_run)
+        tracer.start()
         procs_file = str(path / "cgroup.procs")
         try:
             child = subprocess.Popen(cmd, preexec_fn=isolation.agent_preexec(procs_file, user, drop_caps),
