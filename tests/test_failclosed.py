@@ -143,6 +143,8 @@ def test_sigkill_of_run_cgroup_enforce_fails_closed_and_the_next_run_takes_over(
     t1 = start_tracer("first")
     t2 = loop = None
     try:
+        # pinned before `started` is written: a kill right after it leaves the enforcement
+        assert pins.is_dir() and any(f.name.startswith("link-") for f in pins.iterdir())
         loop = netlab.run_in_agent([PY, "-c", LOOP, str(res), WEB], cgroup=a,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         assert wait_until(lambda: [r for r in read_jsonl(res) if r.get("e") == 0])
