@@ -4,6 +4,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from . import interval
 
 
 def summarize(runs: list, sessions: list, active: list, workloads: list) -> dict:
@@ -25,8 +26,8 @@ def summarize(runs: list, sessions: list, active: list, workloads: list) -> dict
                     best[0] = min(best[0], r["elapsed_ns"])
                     if r.get("cpu_ns") is not None:
                         best[1] = min(best[1], r["cpu_ns"]) if best[1] is not None else r["cpu_ns"]
-                el = [v[0] for v in per_round.values()]
-                wcpu = [v[1] for v in per_round.values() if v[1] is not None]
+                el = [per_round[k][0] for k in sorted(per_round)]
+                wcpu = [per_round[k][1] for k in sorted(per_round) if per_round[k][1] is not None]
                 events = sum(r.get("events", 0) for r in rs)
                 cpu = sum(r["tracer_cpu_ns"] for r in rs)
                 expected = sum(r["expected_events"] for r in rs)
@@ -44,6 +45,9 @@ def summarize(runs: list, sessions: list, active: list, workloads: list) -> dict
                     "runs": len(rs),
                     "median_elapsed_ns": statistics.median(el),
                     "median_cpu_ns": statistics.median(wcpu) if wcpu else None,
+                    # one figure per session, by round: what the intervals resample
+                    "session_elapsed_ns": el,
+                    "session_cpu_ns": wcpu,
                     "min_elapsed_ns": min(el),
                     "max_elapsed_ns": max(el),
                     # (max - min) / median of the rounds: how far apart identical runs fell
@@ -73,6 +77,10 @@ def summarize(runs: list, sessions: list, active: list, workloads: list) -> dict
                 c["ratio_min"] = round(c["min_elapsed_ns"] / base["min_elapsed_ns"], 4) if base else None
                 c["cpu_ratio"] = (round(c["median_cpu_ns"] / base["median_cpu_ns"], 4)
                                   if base and c["median_cpu_ns"] and base["median_cpu_ns"] else None)
+                # 95% intervals of both ratios (bench/interval.py); none against itself has none
+                ci = bool(base) and t != "none"
+                c["ratio_ci"] = _ci(c["session_elapsed_ns"], base["session_elapsed_ns"]) if ci else None
+                c["cpu_ratio_ci"] = _ci(c["session_cpu_ns"], base["session_cpu_ns"]) if ci else None
             out[key] = cell
     per_tracer = {}
     for t in active:
@@ -93,7 +101,15 @@ def summarize(runs: list, sessions: list, active: list, workloads: list) -> dict
             "drops_total": sum(drops) if drops else (0 if t == "none" else None),
             "bpf_programs": progs,
         }
-    return {"workloads": out, "tracers": per_tracer}
+    return {"workloads": out, "tracers": per_tracer,
+            "intervals": {"level": float(interval.LEVEL), "method": interval.METHOD,
+                          "fields": "ratio_ci, cpu_ratio_ci: [low, high] of ratio, cpu_ratio; null with fewer "
+                                    f"than {interval.MIN_SESSIONS} sessions on a side"}}
+
+
+def _ci(num: list, den: list):
+    ci = interval.ratio_ci(num, den)
+    return [round(ci[0], 4), round(ci[1], 4)] if ci else None
 
 
 from .goals import JUDGE_FIELD, JUDGE_TEXT, goals, judge as _judge  # noqa: E402,F401  (goals: harness API)
@@ -229,7 +245,8 @@ def markdown(result: dict, plot_name: str | None) -> str:
         L.append("")
         for g in rest:
             v = "" if g["value"] is None else f" ({g['value']})"
-            L.append(f"- {g['goal']}: **{g['status']}**{v}. {_one_line(g['detail'], 2000)}")
+            L.append(f"- {g['goal']}: **{g['status']}**{v}. {_one_line(g['detail'], 2000)}"
+                     + (f" Lost: {_one_line(g['cause'], 2000)}." if g.get("cause") else ""))
         L.append("")
     L += before_after(result)
     L.append("## Tracers")
@@ -255,8 +272,9 @@ def markdown(result: dict, plot_name: str | None) -> str:
     L.append("")
     others = [t for t in active if t != "none"]
     for title, field, base_field, extra in (
-            ("Workload CPU time ratio", "cpu_ratio", "median_cpu_ns", None),
-            ("Wall-clock ratio (best-of-rounds ratio in brackets)", "ratio", "median_elapsed_ns", "ratio_min")):
+            ("Workload CPU time ratio (95% interval in brackets)", "cpu_ratio", "median_cpu_ns", None),
+            ("Wall-clock ratio (95% interval in brackets, best-of-rounds ratio in parentheses)", "ratio",
+             "median_elapsed_ns", "ratio_min")):
         L.append(f"**{title}**")
         L.append("")
         spread = "cpu_spread" if field == "cpu_ratio" else "spread"
@@ -271,8 +289,15 @@ def markdown(result: dict, plot_name: str | None) -> str:
                 if not c or c.get(field) is None:
                     row.append("-")
                 else:
-                    row.append(f"{c[field]:.3f}x" + (f" ({c[extra]:.3f}x)" if extra and c.get(extra) else ""))
+                    ci = interval.fmt_ci(c.get(field + "_ci"))
+                    row.append(f"{c[field]:.3f}x" + (f" {ci}" if ci else "")
+                               + (f" ({c[extra]:.3f}x)" if extra and c.get(extra) else ""))
             L.append("| " + " | ".join(row) + " |")
+        L.append("")
+    iv = summ.get("intervals") or {}
+    if iv:
+        L.append(f"Intervals: {iv.get('method')}. An interval that includes a goal's bound means this run "
+                 "cannot tell the tracer from the goal; more rounds, or a quieter machine, narrow it.")
         L.append("")
     L.append("## Tracer cost")
     L.append("")

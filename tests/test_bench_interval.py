@@ -1,0 +1,122 @@
+"""The benchmark's confidence intervals (bench/interval.py) and what the goals say with them:
+fixed inputs, exact bounds, no timing and no kernel."""
+from __future__ import annotations
+
+from fractions import Fraction
+
+import pytest
+
+from bench import harness, interval, report
+
+
+def test_exact_bootstrap_distribution_of_the_median():
+    # odd n: P(median* = smallest) = P(at least 3 of 5 draws are it) = 181 / 3125
+    assert interval.median_distribution((5, 1, 4, 2, 3)) == ((1, 181), (2, 811), (3, 1141), (4, 811), (5, 181))
+    # even n: the resample median is the mean of its two middle values
+    assert interval.median_distribution((1, 2, 3, 4)) == (
+        (1.0, 13), (1.5, 30), (2.0, 55), (2.5, 60), (3.0, 55), (3.5, 30), (4.0, 13))
+    for n in range(1, interval.EXACT_MAX + 1):
+        assert sum(w for _, w in interval.median_distribution(tuple(range(n)))) == n ** n
+
+
+def test_ratio_interval_exact_bounds():
+    assert interval.ratio_ci([110, 120, 130, 140, 150], [100] * 5) == (1.1, 1.5)
+    lo, hi = interval.ratio_ci([150, 110, 140, 120, 130], [90, 95, 100, 105, 110])
+    assert (lo, hi) == (120 / 110, 140 / 90)
+    # three sessions a side: the smallest allowed
+    assert interval.ratio_ci([1, 2, 3], [1, 1, 1]) == (1.0, 3.0)
+    # no spread, no width
+    assert interval.ratio_ci([7] * 5, [2] * 5) == (3.5, 3.5)
+    # a 50% interval is inside the 95% one
+    assert interval.ratio_ci([110, 120, 130, 140, 150], [100] * 5, level=Fraction(1, 2)) == (1.2, 1.4)
+
+
+def test_ratio_interval_refuses_too_few_sessions_and_a_zero_base():
+    assert interval.ratio_ci([1, 2], [1, 2, 3]) is None
+    assert interval.ratio_ci([1, 2, 3], [None, 1, 2]) is None
+    assert interval.ratio_ci([1, 2, 3], [0, 1, 2]) is None
+
+
+def test_sampled_bootstrap_past_the_exact_limit_is_reproducible():
+    n = interval.EXACT_MAX + 3
+    num = [100 + 3 * i for i in range(n)]
+    den = [90 + 2 * ((7 * i) % n) for i in range(n)]
+    a = interval.ratio_ci(num, den)
+    interval.median_distribution.cache_clear()
+    assert interval.ratio_ci(num, den) == a
+    assert min(num) / max(den) <= a[0] <= (sorted(num)[n // 2] / sorted(den)[n // 2]) <= a[1] <= max(num) / min(den)
+    assert sum(w for _, w in interval.median_distribution(tuple(num))) == interval.SAMPLES
+
+
+def test_judge_bound_says_when_the_data_cannot_decide():
+    v, text = interval.judge_bound({"exec_storm": (1.05, (0.97, 1.26))}, 1.03)
+    assert v == "undecided"
+    assert text == ("exec_storm 95% CI 0.970–1.260 includes 1.03: not distinguishable from the goal at this "
+                    "noise (missed on the point estimate only)")
+    v, text = interval.judge_bound({"a": (1.3, (1.1, 1.5)), "b": (1.0, (0.9, 1.1))}, 1.03)
+    assert v == "missed" and text.startswith("a 95% CI 1.100–1.500 above 1.03: missed beyond")
+    assert "b 95% CI 0.900–1.100 includes 1.03" in text
+    assert interval.judge_bound({"a": (1.0, (0.98, 1.03))}, 1.03)[0] == "met"
+    # a point that misses is never met, whatever its interval says
+    assert interval.judge_bound({"a": (1.04, (0.98, 1.03))}, 1.03)[0] == "undecided"
+    # an interval missing on one figure: cannot be met beyond the noise
+    v, text = interval.judge_bound({"a": (1.0, (0.98, 1.0)), "b": (1.0, None)}, 1.03)
+    assert v == "undecided" and text.endswith("no interval for b")
+    assert interval.judge_bound({"a": (1.0, None)}, 1.03)[0] is None
+    assert interval.fmt_ci((1.0512, 1.19)) == "[1.05–1.19]" and interval.fmt_ci(None) == ""
+
+
+def _runs(cpu: dict) -> list:
+    """Runs of the exec storm inside, one per (tracer, round), workload CPU as given."""
+    return [{"round": rd, "rep": 0, "tracer": t, "workload": "exec_storm", "placement": "inside", "n": 30,
+             "elapsed_ns": 2 * v, "cpu_ns": v, "errors": 0, "expected_events": 30, "tracer_cpu_ns": 0,
+             "events": 0, "seen_expected_kind": 0}
+            for t, vals in cpu.items() for rd, v in enumerate(vals)]
+
+
+def _result(cpu: dict) -> dict:
+    wls = [w for w in harness.WORKLOADS if w.name == "exec_storm"]
+    runs = _runs(cpu)
+    res = {"config": {"judge": "cpu", "sizes": harness.SIZES["tiny"]},
+           "tracers": {t: {"available": True, "reason": None, "description": t, "scope": "-"} for t in cpu},
+           "sessions": [], "runs": runs}
+    res["summary"] = report.summarize(runs, [], list(cpu), wls)
+    res["goals"] = report.goals(res)
+    return res
+
+
+def test_summary_and_storm_goal_carry_the_interval():
+    res = _result({"none": [100, 100, 100, 100, 100], "agenttrace-enforce": [150, 110, 140, 120, 130]})
+    cell = res["summary"]["workloads"]["exec_storm/inside"]
+    assert cell["agenttrace-enforce"]["cpu_ratio"] == 1.3
+    assert cell["agenttrace-enforce"]["cpu_ratio_ci"] == [1.1, 1.5]
+    assert cell["agenttrace-enforce"]["ratio_ci"] == [1.1, 1.5]
+    assert cell["agenttrace-enforce"]["session_cpu_ns"] == [150, 110, 140, 120, 130]
+    assert cell["none"]["cpu_ratio_ci"] is None
+    assert res["summary"]["intervals"]["level"] == 0.95
+    g = next(g for g in res["goals"] if g["id"] == "storm_slowdown_enforce")
+    assert g["status"] == "missed" and g["ci"] == [1.1, 1.5] and g["ci_verdict"] == "missed"
+    assert "exec_storm 1.300x [1.10–1.50]" in g["detail"]
+    assert g["cause"].startswith("exec_storm 95% CI 1.100–1.500 above 1.03: missed beyond this run's noise")
+    md = report.markdown({**res, "started_at": "t", "duration_s": 1, "workloads": {}, "latency": {},
+                          "machine": {"hostname": "h", "nproc": 2, "cpu_model": "c", "kernel": "k",
+                                      "mem_total_mb": 1, "loadavg": [0, 0, 0]},
+                          "config": {**res["config"], "size": "tiny", "rounds": 5, "cpu_time_source": "s"}}, None)
+    assert "| 1.300x [1.10–1.50] |" in md
+
+
+def test_a_missed_point_inside_the_noise_is_missed_and_says_so():
+    res = _result({"none": [100, 90, 110, 95, 105], "agenttrace-enforce": [105, 95, 115, 100, 110]})
+    g = next(g for g in res["goals"] if g["id"] == "storm_slowdown_enforce")
+    assert g["value"] == 1.05
+    assert g["status"] == "missed" and g["ci_verdict"] == "undecided"
+    assert "includes 1.03: not distinguishable from the goal at this noise" in g["cause"]
+
+
+def test_one_round_has_no_interval_and_says_why():
+    res = _result({"none": [100], "agenttrace-enforce": [120]})
+    cell = res["summary"]["workloads"]["exec_storm/inside"]["agenttrace-enforce"]
+    assert cell["cpu_ratio_ci"] is None
+    g = next(g for g in res["goals"] if g["id"] == "storm_slowdown_enforce")
+    assert g["status"] == "missed" and g["ci_verdict"] is None
+    assert "no 95% interval (fewer than 3 sessions per configuration)" in g["detail"]
