@@ -408,9 +408,14 @@ def plot(result: dict, path: Path) -> bool:
                              (axes[1], "ratio", "wall-clock time / no tracer")):
         for i, t in enumerate(tr):
             vals = [wl[k].get(t, {}).get(field) or 0 for k in keys]
-            ax.bar([x + i * width for x in range(len(keys))], vals, width, label=t)
+            cis = [wl[k].get(t, {}).get(field + "_ci") for k in keys]
+            # error bars = the 95% interval; a bar without one (too few rounds) gets none
+            err = [[max(v - ci[0], 0) if ci else 0 for v, ci in zip(vals, cis)],
+                   [max(ci[1] - v, 0) if ci else 0 for v, ci in zip(vals, cis)]]
+            ax.bar([x + i * width for x in range(len(keys))], vals, width, label=t,
+                   yerr=err if any(cis) else None, error_kw={"elinewidth": 0.7, "capsize": 1.5})
         ax.axhline(1.0, color="black", linewidth=0.8)
-        ax.set_ylabel(label + " (median)")
+        ax.set_ylabel(label + " (median, 95% CI)")
     axes[1].set_xticks([x + width * (len(tr) - 1) / 2 for x in range(len(keys))])
     axes[1].set_xticklabels(keys, rotation=30, ha="right", fontsize=8)
     axes[0].set_title(f"Slowdown per workload ({result['machine']['nproc']} CPUs, kernel "
