@@ -65,7 +65,7 @@ def _peer_noise(result, key, t, peer, bound: float) -> str:
     """Whether t's loss to peer on one workload is beyond the noise: the interval of
     median(t) / median(peer) over the same sessions the ratios use, against `bound`."""
     f = SESSION_FIELD[judge(result)]
-    ci = interval.ratio_ci(_cell(result, key, t).get(f) or [], _cell(result, key, peer).get(f) or [])
+    ci = interval.ratio_ci(interval.by_round(_cell(result, key, t), f), interval.by_round(_cell(result, key, peer), f))
     if not ci:
         return ""
     where = ("above: beyond this run's noise" if ci[0] > bound else

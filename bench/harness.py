@@ -62,11 +62,12 @@ SIZES = {
     "tiny": {"exec_storm": 30, "connect_storm": 200, "refused_storm": 500, "bulk_tcp": 8,
              "getppid_loop": 200_000, "write_loop": 100_000, "burst": 300,
              "rate_steps": [2_000, 10_000], "rate_ms": 300, "rounds": 1, "reps": 1, "profile_execs": 100},
-    # small: each run >= ~200 ms of workload CPU with no tracer on the 2-core VM (exec 229 ms,
-    # connect 235, refused 237, bulk 219, getppid 267, write 219 ms from the 2026-12-02 per-op
-    # figures): at 60-90 ms the refused and connect storms' sessions spread 16-32%
-    "small": {"exec_storm": 400, "connect_storm": 10_000, "refused_storm": 40_000, "bulk_tcp": 640,
-              "getppid_loop": 2_000_000, "write_loop": 1_250_000, "burst": 10_000,
+    # small: each run >= ~200 ms of workload CPU with no tracer on the 2-core VM (the 2026-12-02
+    # baseline's no-tracer runs scaled: exec 229 ms, connect ~211, refused ~217, bulk ~220 (800 MiB: 600 measured 138 ms under load),
+    # getppid 267, write ~214): at 40-95 ms the network storms' sessions spread 9-32%. Longer
+    # would push `make bench --before` past ~12 minutes (auditd alone pays ~40 us per connect)
+    "small": {"exec_storm": 400, "connect_storm": 9_000, "refused_storm": 35_000, "bulk_tcp": 800,
+              "getppid_loop": 2_000_000, "write_loop": 1_200_000, "burst": 10_000,
               "rate_steps": [10_000, 20_000, 35_000, 50_000, 75_000, 100_000, 150_000, 200_000], "rate_ms": 2_000, "profile_execs": 3_000,
               "rounds": 5, "reps": 2},
     "full": {"exec_storm": 2_000, "connect_storm": 20_000, "refused_storm": 50_000, "bulk_tcp": 1_024,

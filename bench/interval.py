@@ -1,23 +1,25 @@
 """Confidence intervals for the benchmark's ratios, and what they let a goal say.
 
 A ratio is median(sessions under a tracer) / median(sessions with no tracer), one figure per
-session (the best of its repetitions). Its interval is a percentile bootstrap over sessions,
-resampling each configuration's sessions independently of the other's.
+session (the best of its repetitions), one session of each configuration per round. Its
+interval is a percentile bootstrap over rounds: a resample draws rounds with replacement and
+takes both configurations' sessions of each drawn round, so the ratio is re-estimated as
+median(tracer's drawn sessions) / median(no tracer's drawn sessions).
 
-Why independent and not paired per round: in the 2026-12-02 small run (5 rounds x 7
-configurations) no configuration moved with another one of the same round (the no-tracer
-session was among the fastest of connect_storm/inside in rounds 3-4 while agenttrace-monitor's
-were its slowest), and the repetitions inside one session differed as much as sessions did
-(median |log rep1/rep0| 0.08-0.16 on the storms against 0.05-0.15 between sessions): the noise
-lives at the scale of one run, not of a round, so a per-round pairing would only throw away
-the rounds where one side failed. Rotating the order keeps positions balanced, which is what
-makes the sessions of one configuration exchangeable.
+Why paired per round, not each configuration resampled on its own: the machine drifts between
+rounds. In the 2026-12-02 small run (5 rounds x 7 configurations, 11 workload cells) round 0's
+sessions were 7.7% faster than their configuration's median on average (70% of them below it)
+and round 2's 6.1% slower (82% above), so a tracer's session and the no-tracer session of the
+same round share that drift. The variance of log(tracer/none) within rounds was 0.76 of the sum
+of the two configurations' variances (lower on 10 of the 11 cells): pairing removes the drift
+from the interval instead of counting it as noise. A round where one side has no session (an
+error) is left out of that ratio's interval.
 
-The bootstrap distribution is computed exactly (every multiset of sessions, weighted by how
-many ordered resamples give it) up to EXACT_MAX sessions, and from a fixed-seed sample beyond:
-the same figures always give the same bounds, so a report can be regenerated and tests can
-assert exact bounds. With 5 sessions a 95% interval of a median is close to the sessions'
-range: that is all five sessions can tell."""
+The bootstrap distribution is computed exactly (every multiset of rounds, weighted by how many
+ordered resamples give it) up to EXACT_MAX rounds, and from a fixed-seed sample beyond: the same
+figures always give the same bounds, so a report can be regenerated and tests can assert exact
+bounds. With 5 rounds a 95% interval is close to the range of the per-round ratios: that is all
+five rounds can tell."""
 from __future__ import annotations
 
 import itertools
@@ -28,43 +30,48 @@ from fractions import Fraction
 from functools import lru_cache
 
 LEVEL = Fraction(95, 100)
-MIN_SESSIONS = 3          # fewer and the interval is a point or two: it would claim a precision it lacks
-EXACT_MAX = 8             # C(15, 8) = 6,435 multisets of 8 sessions: a few ms per cell
-SAMPLES = 4000            # resamples per side past EXACT_MAX
+MIN_ROUNDS = 3          # fewer and the interval is a point or two: it would claim a precision it lacks
+EXACT_MAX = 8             # C(15, 8) = 6,435 multisets of 8 rounds: tens of ms per cell
+SAMPLES = 4000            # resamples past EXACT_MAX
 SEED = 15                 # issue 15; any fixed seed makes the bounds reproducible
-METHOD = ("percentile bootstrap over sessions, each configuration's sessions resampled independently, "
-          f"exact up to {EXACT_MAX} sessions per configuration, {SAMPLES} fixed-seed resamples beyond; "
-          f"at least {MIN_SESSIONS} sessions on each side")
+METHOD = (f"percentile bootstrap over rounds (a round's tracer and no-tracer sessions drawn together), "
+          f"exact up to {EXACT_MAX} rounds, {SAMPLES} fixed-seed resamples beyond; at least "
+          f"{MIN_ROUNDS} rounds with both sessions")
 
 
-@lru_cache(maxsize=512)
-def median_distribution(values: tuple) -> tuple:
-    """((median, weight), ...) sorted by median: the bootstrap distribution of the median of
-    `values`, weights integers (ordered resamples giving that median; they sum to n**n when
-    exact, to SAMPLES otherwise)."""
-    v = sorted(values)
+def _median_sorted(v: list):
     n = len(v)
+    return v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2
+
+
+@lru_cache(maxsize=1024)
+def ratio_distribution(pairs: tuple) -> tuple:
+    """((ratio, weight), ...) sorted by ratio: the bootstrap distribution of
+    median(a) / median(b) over resamples of the (a, b) pairs; weights are integers (ordered
+    resamples giving that ratio: they sum to n**n when exact, to SAMPLES otherwise)."""
+    n = len(pairs)
     if n == 0:
-        raise ValueError("no values")
+        raise ValueError("no pairs")
     dist: dict = {}
     if n <= EXACT_MAX:
         fact = [math.factorial(k) for k in range(n + 1)]
         for pick in itertools.combinations_with_replacement(range(n), n):
-            # pick is sorted, so its middle elements are the resample's middle order statistics
-            med = v[pick[n // 2]] if n % 2 else (v[pick[n // 2 - 1]] + v[pick[n // 2]]) / 2
+            r = (_median_sorted(sorted(pairs[i][0] for i in pick))
+                 / _median_sorted(sorted(pairs[i][1] for i in pick)))
             w = fact[n]
             for _, grp in itertools.groupby(pick):
                 w //= fact[sum(1 for _ in grp)]
-            dist[med] = dist.get(med, 0) + w
+            dist[r] = dist.get(r, 0) + w
     else:
         rng = random.Random(SEED)
         for _ in range(SAMPLES):
-            med = statistics.median(rng.choice(v) for _ in range(n))
-            dist[med] = dist.get(med, 0) + 1
+            pick = [rng.randrange(n) for _ in range(n)]
+            r = statistics.median(pairs[i][0] for i in pick) / statistics.median(pairs[i][1] for i in pick)
+            dist[r] = dist.get(r, 0) + 1
     return tuple(sorted(dist.items()))
 
 
-def _quantiles(dist: list, total: int, level: Fraction) -> tuple:
+def _quantiles(dist: tuple, total: int, level: Fraction) -> tuple:
     """Lower and upper percentile of a weighted discrete distribution: the smallest value whose
     cumulative weight reaches (1 - level) / 2, resp. (1 + level) / 2, of the total (exact)."""
     lo_q, hi_q = (1 - level) / 2, (1 + level) / 2
@@ -80,27 +87,30 @@ def _quantiles(dist: list, total: int, level: Fraction) -> tuple:
     return lo, dist[-1][0] if hi is None else hi
 
 
-def ratio_ci(num: list, den: list, level: Fraction = LEVEL) -> tuple | None:
-    """The `level` interval of median(num) / median(den), or None with fewer than MIN_SESSIONS
-    figures on a side (or a non-positive denominator)."""
-    num = [x for x in num if x is not None]
-    den = [x for x in den if x is not None]
-    if len(num) < MIN_SESSIONS or len(den) < MIN_SESSIONS or min(den) <= 0:
+def ratio_ci(num: dict, den: dict, level: Fraction = LEVEL) -> tuple | None:
+    """The `level` interval of median(num) / median(den), both {round: figure}, paired by round;
+    None with fewer than MIN_ROUNDS rounds that have both figures, or a non-positive one."""
+    pairs = tuple((num[k], den[k]) for k in sorted(set(num) & set(den))
+                  if num[k] is not None and den[k] is not None)
+    if len(pairs) < MIN_ROUNDS or min(b for _, b in pairs) <= 0:
         return None
-    dn, dd = median_distribution(tuple(num)), median_distribution(tuple(den))
-    pairs: dict = {}
-    for a, wa in dn:
-        for b, wb in dd:
-            r = Fraction(a) / Fraction(b)   # exact, so equal ratios from different pairs add up
-            pairs[r] = pairs.get(r, 0) + wa * wb
-    total = sum(w for _, w in dn) * sum(w for _, w in dd)
-    lo, hi = _quantiles(sorted(pairs.items()), total, level)
-    return float(lo), float(hi)
+    dist = ratio_distribution(pairs)
+    return _quantiles(dist, sum(w for _, w in dist), level)
+
+
+def by_round(cell: dict, field: str) -> dict:
+    """{round: figure} of a summary cell (session_rounds and one of its session_* lists)."""
+    return dict(zip(cell.get("session_rounds") or [], cell.get(field) or []))
 
 
 def fmt_ci(ci, digits: int = 2) -> str:
-    """`[1.05–1.19]`, or '' when there is no interval."""
-    return "" if not ci else f"[{ci[0]:.{digits}f}–{ci[1]:.{digits}f}]"
+    """`[1.05–1.19]`, or '' when there is no interval. Rounded outwards, so that a point
+    estimate at a bound (0.937x at 0.9370) is never printed outside it ([0.94–1.00])."""
+    if not ci:
+        return ""
+    k = 10 ** digits
+    lo, hi = math.floor(round(ci[0] * k, 6)) / k, math.ceil(round(ci[1] * k, 6)) / k
+    return f"[{lo:.{digits}f}–{hi:.{digits}f}]"
 
 
 def judge_bound(figures: dict, bound: float, level: Fraction = LEVEL) -> tuple:
@@ -115,7 +125,7 @@ def judge_bound(figures: dict, bound: float, level: Fraction = LEVEL) -> tuple:
     if not figures:
         return None, ""
     if not with_ci:
-        return None, f"no {pct} interval (fewer than {MIN_SESSIONS} sessions per configuration)"
+        return None, f"no {pct} interval (fewer than {MIN_ROUNDS} rounds with both sessions)"
     above = {k: v for k, v in with_ci.items() if v[1][0] > bound}
     straddle = {k: v for k, v in with_ci.items() if v[1][0] <= bound < v[1][1]}
     point_ok = all(p <= bound for p, _ in figures.values())

@@ -26,8 +26,9 @@ def summarize(runs: list, sessions: list, active: list, workloads: list) -> dict
                     best[0] = min(best[0], r["elapsed_ns"])
                     if r.get("cpu_ns") is not None:
                         best[1] = min(best[1], r["cpu_ns"]) if best[1] is not None else r["cpu_ns"]
-                el = [per_round[k][0] for k in sorted(per_round)]
-                wcpu = [per_round[k][1] for k in sorted(per_round) if per_round[k][1] is not None]
+                rounds = sorted(per_round)
+                el = [per_round[k][0] for k in rounds]
+                wcpu = [per_round[k][1] for k in rounds if per_round[k][1] is not None]
                 events = sum(r.get("events", 0) for r in rs)
                 cpu = sum(r["tracer_cpu_ns"] for r in rs)
                 expected = sum(r["expected_events"] for r in rs)
@@ -46,8 +47,9 @@ def summarize(runs: list, sessions: list, active: list, workloads: list) -> dict
                     "median_elapsed_ns": statistics.median(el),
                     "median_cpu_ns": statistics.median(wcpu) if wcpu else None,
                     # one figure per session, by round: what the intervals resample
+                    "session_rounds": rounds,
                     "session_elapsed_ns": el,
-                    "session_cpu_ns": wcpu,
+                    "session_cpu_ns": [per_round[k][1] for k in rounds],
                     "min_elapsed_ns": min(el),
                     "max_elapsed_ns": max(el),
                     # (max - min) / median of the rounds: how far apart identical runs fell
@@ -79,8 +81,8 @@ def summarize(runs: list, sessions: list, active: list, workloads: list) -> dict
                                   if base and c["median_cpu_ns"] and base["median_cpu_ns"] else None)
                 # 95% intervals of both ratios (bench/interval.py); none against itself has none
                 ci = bool(base) and t != "none"
-                c["ratio_ci"] = _ci(c["session_elapsed_ns"], base["session_elapsed_ns"]) if ci else None
-                c["cpu_ratio_ci"] = _ci(c["session_cpu_ns"], base["session_cpu_ns"]) if ci else None
+                c["ratio_ci"] = _ci(c, base, "session_elapsed_ns") if ci else None
+                c["cpu_ratio_ci"] = _ci(c, base, "session_cpu_ns") if ci else None
             out[key] = cell
     per_tracer = {}
     for t in active:
@@ -104,11 +106,12 @@ def summarize(runs: list, sessions: list, active: list, workloads: list) -> dict
     return {"workloads": out, "tracers": per_tracer,
             "intervals": {"level": float(interval.LEVEL), "method": interval.METHOD,
                           "fields": "ratio_ci, cpu_ratio_ci: [low, high] of ratio, cpu_ratio; null with fewer "
-                                    f"than {interval.MIN_SESSIONS} sessions on a side"}}
+                                    f"than {interval.MIN_ROUNDS} rounds with both sessions; session_rounds, "
+                                    "session_elapsed_ns, session_cpu_ns: the per-session figures, by round"}}
 
 
-def _ci(num: list, den: list):
-    ci = interval.ratio_ci(num, den)
+def _ci(cell: dict, base: dict, field: str):
+    ci = interval.ratio_ci(interval.by_round(cell, field), interval.by_round(base, field))
     return [round(ci[0], 4), round(ci[1], 4)] if ci else None
 
 

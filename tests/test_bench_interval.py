@@ -2,6 +2,9 @@
 fixed inputs, exact bounds, no timing and no kernel."""
 from __future__ import annotations
 
+import itertools
+import math
+import statistics
 from fractions import Fraction
 
 import pytest
@@ -9,43 +12,69 @@ import pytest
 from bench import harness, interval, report
 
 
-def test_exact_bootstrap_distribution_of_the_median():
-    # odd n: P(median* = smallest) = P(at least 3 of 5 draws are it) = 181 / 3125
-    assert interval.median_distribution((5, 1, 4, 2, 3)) == ((1, 181), (2, 811), (3, 1141), (4, 811), (5, 181))
+def _r(*vals) -> dict:
+    return dict(enumerate(vals))
+
+
+def _brute(num: list, den: list, level: float = 0.95) -> tuple:
+    """The same percentiles from all n**n ordered resamples of the rounds, the slow way."""
+    n = len(num)
+    rs = sorted(statistics.median(num[i] for i in pick) / statistics.median(den[i] for i in pick)
+                for pick in itertools.product(range(n), repeat=n))
+    return rs[math.ceil((1 - level) / 2 * len(rs)) - 1], rs[math.ceil((1 + level) / 2 * len(rs)) - 1]
+
+
+def test_exact_bootstrap_distribution():
+    # a constant denominator leaves the median's own distribution: P(median* = smallest) =
+    # P(at least 3 of 5 draws are it) = 181 / 3125
+    assert interval.ratio_distribution(((5, 1), (1, 1), (4, 1), (2, 1), (3, 1))) == (
+        (1.0, 181), (2.0, 811), (3.0, 1141), (4.0, 811), (5.0, 181))
     # even n: the resample median is the mean of its two middle values
-    assert interval.median_distribution((1, 2, 3, 4)) == (
+    assert interval.ratio_distribution(((1, 1), (2, 1), (3, 1), (4, 1))) == (
         (1.0, 13), (1.5, 30), (2.0, 55), (2.5, 60), (3.0, 55), (3.5, 30), (4.0, 13))
     for n in range(1, interval.EXACT_MAX + 1):
-        assert sum(w for _, w in interval.median_distribution(tuple(range(n)))) == n ** n
+        assert sum(w for _, w in interval.ratio_distribution(tuple((i + 1, 1) for i in range(n)))) == n ** n
 
 
-def test_ratio_interval_exact_bounds():
-    assert interval.ratio_ci([110, 120, 130, 140, 150], [100] * 5) == (1.1, 1.5)
-    lo, hi = interval.ratio_ci([150, 110, 140, 120, 130], [90, 95, 100, 105, 110])
-    assert (lo, hi) == (120 / 110, 140 / 90)
-    # three sessions a side: the smallest allowed
-    assert interval.ratio_ci([1, 2, 3], [1, 1, 1]) == (1.0, 3.0)
-    # no spread, no width
-    assert interval.ratio_ci([7] * 5, [2] * 5) == (3.5, 3.5)
-    # a 50% interval is inside the 95% one
-    assert interval.ratio_ci([110, 120, 130, 140, 150], [100] * 5, level=Fraction(1, 2)) == (1.2, 1.4)
+@pytest.mark.parametrize("num, den, want", [
+    ([110, 120, 130, 140, 150], [100] * 5, (1.1, 1.5)),
+    ([150, 110, 140, 120, 130], [90, 95, 100, 105, 110], (8 / 7, 5 / 3)),
+    ([95, 115, 100, 110, 105], [100, 90, 110, 95, 105], (100 / 110, 115 / 90)),
+    # the same 5% apart in every round: the round's drift is not noise of the ratio
+    ([105, 95, 115, 100, 110], [100, 90, 110, 95, 105], (115 / 110, 95 / 90)),
+    ([10, 12, 11, 13], [10, 10, 11, 12], (1.0, 1.2)),
+    ([1, 2, 3], [1, 1, 1], (1.0, 3.0)),          # three rounds: the fewest allowed
+    ([7] * 5, [2] * 5, (3.5, 3.5)),               # no spread, no width
+])
+def test_ratio_interval_exact_bounds(num, den, want):
+    got = interval.ratio_ci(_r(*num), _r(*den))
+    assert got == pytest.approx(want, rel=1e-12)
+    assert got == pytest.approx(_brute(num, den), rel=1e-12)
 
 
-def test_ratio_interval_refuses_too_few_sessions_and_a_zero_base():
-    assert interval.ratio_ci([1, 2], [1, 2, 3]) is None
-    assert interval.ratio_ci([1, 2, 3], [None, 1, 2]) is None
-    assert interval.ratio_ci([1, 2, 3], [0, 1, 2]) is None
+def test_ratio_interval_pairs_by_round_and_narrower_level_is_inside():
+    # round 9 has no no-tracer session: left out, the rest paired by round number
+    assert interval.ratio_ci({0: 110, 1: 120, 2: 130, 9: 500}, {2: 100, 1: 100, 0: 100}) == (1.1, 1.3)
+    assert interval.ratio_ci(_r(110, 120, 130, 140, 150), _r(*[100] * 5), level=Fraction(1, 2)) == (1.2, 1.4)
+
+
+def test_ratio_interval_refuses_too_few_rounds_and_a_zero_base():
+    assert interval.ratio_ci(_r(1, 2), _r(1, 2, 3)) is None
+    assert interval.ratio_ci(_r(1, 2, 3), _r(None, 1, 2)) is None
+    assert interval.ratio_ci(_r(1, 2, 3), _r(0, 1, 2)) is None
 
 
 def test_sampled_bootstrap_past_the_exact_limit_is_reproducible():
     n = interval.EXACT_MAX + 3
     num = [100 + 3 * i for i in range(n)]
     den = [90 + 2 * ((7 * i) % n) for i in range(n)]
-    a = interval.ratio_ci(num, den)
-    interval.median_distribution.cache_clear()
-    assert interval.ratio_ci(num, den) == a
-    assert min(num) / max(den) <= a[0] <= (sorted(num)[n // 2] / sorted(den)[n // 2]) <= a[1] <= max(num) / min(den)
-    assert sum(w for _, w in interval.median_distribution(tuple(num))) == interval.SAMPLES
+    a = interval.ratio_ci(_r(*num), _r(*den))
+    interval.ratio_distribution.cache_clear()
+    assert interval.ratio_ci(_r(*num), _r(*den)) == a
+    point = statistics.median(num) / statistics.median(den)
+    assert min(num) / max(den) <= a[0] <= point <= a[1] <= max(num) / min(den)
+    pairs = tuple(zip(num, den))
+    assert sum(w for _, w in interval.ratio_distribution(pairs)) == interval.SAMPLES
 
 
 def test_judge_bound_says_when_the_data_cannot_decide():
@@ -64,6 +93,8 @@ def test_judge_bound_says_when_the_data_cannot_decide():
     assert v == "undecided" and text.endswith("no interval for b")
     assert interval.judge_bound({"a": (1.0, None)}, 1.03)[0] is None
     assert interval.fmt_ci((1.0512, 1.19)) == "[1.05–1.19]" and interval.fmt_ci(None) == ""
+    # outwards: a point at its bound stays inside what is printed
+    assert interval.fmt_ci((0.937, 1.0013)) == "[0.93–1.01]" and interval.fmt_ci((1.1, 1.5)) == "[1.10–1.50]"
 
 
 def _runs(cpu: dict) -> list:
@@ -92,6 +123,7 @@ def test_summary_and_storm_goal_carry_the_interval():
     assert cell["agenttrace-enforce"]["cpu_ratio_ci"] == [1.1, 1.5]
     assert cell["agenttrace-enforce"]["ratio_ci"] == [1.1, 1.5]
     assert cell["agenttrace-enforce"]["session_cpu_ns"] == [150, 110, 140, 120, 130]
+    assert cell["agenttrace-enforce"]["session_rounds"] == [0, 1, 2, 3, 4]
     assert cell["none"]["cpu_ratio_ci"] is None
     assert res["summary"]["intervals"]["level"] == 0.95
     g = next(g for g in res["goals"] if g["id"] == "storm_slowdown_enforce")
@@ -106,7 +138,7 @@ def test_summary_and_storm_goal_carry_the_interval():
 
 
 def test_a_missed_point_inside_the_noise_is_missed_and_says_so():
-    res = _result({"none": [100, 90, 110, 95, 105], "agenttrace-enforce": [105, 95, 115, 100, 110]})
+    res = _result({"none": [100, 90, 110, 95, 105], "agenttrace-enforce": [95, 115, 100, 110, 105]})
     g = next(g for g in res["goals"] if g["id"] == "storm_slowdown_enforce")
     assert g["value"] == 1.05
     assert g["status"] == "missed" and g["ci_verdict"] == "undecided"
@@ -119,4 +151,4 @@ def test_one_round_has_no_interval_and_says_why():
     assert cell["cpu_ratio_ci"] is None
     g = next(g for g in res["goals"] if g["id"] == "storm_slowdown_enforce")
     assert g["status"] == "missed" and g["ci_verdict"] is None
-    assert "no 95% interval (fewer than 3 sessions per configuration)" in g["detail"]
+    assert "no 95% interval (fewer than 3 rounds with both sessions)" in g["detail"]
