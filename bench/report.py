@@ -4,7 +4,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from . import interval
+from . import interval, order_effects
 
 
 def summarize(runs: list, sessions: list, active: list, workloads: list) -> dict:
@@ -103,7 +103,7 @@ def summarize(runs: list, sessions: list, active: list, workloads: list) -> dict
             "drops_total": sum(drops) if drops else (0 if t == "none" else None),
             "bpf_programs": progs,
         }
-    return {"workloads": out, "tracers": per_tracer,
+    return {"workloads": out, "tracers": per_tracer, "order_effects": order_effects.measure(runs, sessions),
             "intervals": {"level": float(interval.LEVEL), "method": interval.METHOD,
                           "fields": "ratio_ci, cpu_ratio_ci: [low, high] of ratio, cpu_ratio; null with fewer "
                                     f"than {interval.MIN_ROUNDS} rounds with both sessions; session_rounds, "
@@ -302,6 +302,7 @@ def markdown(result: dict, plot_name: str | None) -> str:
         L.append(f"Intervals: {iv.get('method')}. An interval that includes a goal's bound means this run "
                  "cannot tell the tracer from the goal; more rounds, or a quieter machine, narrow it.")
         L.append("")
+    L += order_effects.markdown(summ.get("order_effects"))
     L.append("## Tracer cost")
     L.append("")
     L.append("CPU per event = on-CPU time of the tracer's processes during the workload and until its "

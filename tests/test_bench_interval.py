@@ -152,3 +152,19 @@ def test_one_round_has_no_interval_and_says_why():
     g = next(g for g in res["goals"] if g["id"] == "storm_slowdown_enforce")
     assert g["status"] == "missed" and g["ci_verdict"] is None
     assert "no 95% interval (fewer than 3 rounds with both sessions)" in g["detail"]
+
+
+def test_order_effects_find_a_round_drift_that_pairing_removes():
+    from bench import order_effects
+    cpu = {"none": [100, 110, 100], "bpftrace": [120, 132, 120]}
+    runs = [r for r in _runs(cpu)]
+    sessions = [{"tracer": t, "round": rd} for rd, ts in enumerate(
+        [("none", "bpftrace"), ("bpftrace", "none"), ("none", "bpftrace")]) for t in ts]
+    eff = order_effects.measure(runs, sessions)
+    assert eff["by_round_pct"] == {0: 0.0, 1: 10.0, 2: 0.0}
+    assert eff["by_position_pct"] == {0: 3.2, 1: 3.2}
+    assert eff["pairing_variance_ratio"] == 0.0 and eff["cells"] == 1
+    md = "\n".join(order_effects.markdown(eff))
+    assert "by round: 0: +0.0%, 1: +10.0%, 2: +0.0%" in md
+    # the paired interval of the same figures has no width: the drift is not the tracer's noise
+    assert interval.ratio_ci(_r(*cpu["bpftrace"]), _r(*cpu["none"])) == pytest.approx((1.2, 1.2))
