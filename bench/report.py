@@ -228,8 +228,10 @@ def markdown(result: dict, plot_name: str | None) -> str:
              f"{m['mem_total_mb']} MB; load average at start {m['loadavg'][0]:.2f}, at end "
              f"{m.get('loadavg_end', [0])[0]:.2f}. Size `{cfg['size']}`, {cfg['rounds']} round(s), "
              f"{cfg.get('reps', 1)} repetition(s) per session, {result.get('duration_s', 0)} s. A session's figure is "
-             f"the best of its repetitions; ratios divide medians over sessions (configurations rotated each "
-             f"round) by the no-tracer median of the same run.")
+             f"the best of its repetitions; ratios divide medians over sessions (configurations in a "
+             f"{'Williams' if cfg.get('order', '').startswith('williams') else 'rotated'} order each round"
+             f"{', after an untimed warm-up pass' if cfg.get('warmup') else ''}) by the no-tracer median of the "
+             f"same run, with a 95% interval over rounds in brackets.")
     L.append("")
     L.append("## Goals (issue 15)")
     L.append("")
