@@ -375,7 +375,8 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     ap.add_argument("--size", choices=sorted(SIZES), default="small")
     ap.add_argument("--rounds", type=int, default=None, help="rounds per configuration (default by size: "
-                    + ", ".join(f"{k} {v['rounds']}" for k, v in SIZES.items()) + ")")
+                    + ", ".join(f"{k} {v['rounds']}" for k, v in SIZES.items())
+                    + "); 3 or more give every ratio a 95%% interval")
     ap.add_argument("--reps", type=int, default=None,
                     help="repetitions of each workload inside one tracer session; the session's best counts "
                          "(default by size: " + ", ".join(f"{k} {v['reps']}" for k, v in SIZES.items())
