@@ -291,6 +291,7 @@ class Bench:
                   "config": {"size": opts.size, "rounds": opts.rounds, "reps": opts.reps, "sizes": self.size,
                              "tracers_requested": opts.tracers, "only": opts.only, "judge": opts.judge,
                              "warmup": opts.warmup, "order": "williams (bench/schedule.py)",
+                             "session_figure": "median",
                              "cpu_time_source": "sum of /proc/<pid>/task/*/schedstat run time (ns) over the "
                                                 "tracer's process tree; auditd adds the kauditd kernel thread",
                              "audit_login_uid": loadgen.BENCH_AUID,
@@ -378,7 +379,8 @@ def parse_args(argv=None):
                     + ", ".join(f"{k} {v['rounds']}" for k, v in SIZES.items())
                     + "); 3 or more give every ratio a 95%% interval")
     ap.add_argument("--reps", type=int, default=None,
-                    help="repetitions of each workload inside one tracer session; the session's best counts "
+                    help="repetitions of each workload inside one tracer session; their median is the "
+                         "session's figure "
                          "(default by size: " + ", ".join(f"{k} {v['reps']}" for k, v in SIZES.items())
                          + "; burst always runs once)")
     ap.add_argument("--only", default=None,

@@ -1,19 +1,18 @@
 """Confidence intervals for the benchmark's ratios, and what they let a goal say.
 
 A ratio is median(sessions under a tracer) / median(sessions with no tracer), one figure per
-session (the best of its repetitions), one session of each configuration per round. Its
+session (the median of its repetitions), one session of each configuration per round. Its
 interval is a percentile bootstrap over rounds: a resample draws rounds with replacement and
 takes both configurations' sessions of each drawn round, so the ratio is re-estimated as
 median(tracer's drawn sessions) / median(no tracer's drawn sessions).
 
 Why paired per round, not each configuration resampled on its own: the machine drifts between
-rounds. In the 2026-12-02 small run (5 rounds x 7 configurations, 11 workload cells) round 0's
-sessions were 7.7% faster than their configuration's median on average (70% of them below it)
-and round 2's 6.1% slower (82% above), so a tracer's session and the no-tracer session of the
-same round share that drift. The variance of log(tracer/none) within rounds was 0.76 of the sum
-of the two configurations' variances (lower on 10 of the 11 cells): pairing removes the drift
-from the interval instead of counting it as noise. A round where one side has no session (an
-error) is left out of that ratio's interval.
+rounds, for every configuration alike. In the two small runs of 2026-12-02 (5 rounds x 7
+configurations, 11 workload cells; bench/order_effects.py) the rounds' sessions were on average
+-6.3% to +6.1% and -8.5% to +6.3% off their configuration's median, and the variance of
+log(tracer / none) within rounds was 0.67 and 0.71 of the sum of the two configurations' own
+variances: pairing removes the drift from the interval instead of counting it as noise. A round
+where one side has no session (an error) is left out of that ratio's interval.
 
 The bootstrap distribution is computed exactly (every multiset of rounds, weighted by how many
 ordered resamples give it) up to EXACT_MAX rounds, and from a fixed-seed sample beyond: the same

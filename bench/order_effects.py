@@ -1,7 +1,7 @@
 """Systematic effects of when a session ran, measured on the run itself: is a round, or a
 position inside a round, faster or slower than the rest for every configuration alike?
 
-Each session's figure (best of its repetitions) is compared with the median of the same
+Each session's figure (the median of its repetitions) is compared with the median of the same
 configuration on the same workload cell, as log(figure / median); the mean of those deviations
 over every cell and configuration, grouped by round or by position, is what a drift of the
 machine or a first/last-session effect would move. The pairing gain says what the paired
@@ -14,16 +14,17 @@ import math
 import statistics
 
 
-def _best(runs: list, field: str) -> dict:
-    best: dict = {}
+def _sessions(runs: list, field: str) -> dict:
+    """(cell, tracer) -> {round: the session's figure}, the median of its repetitions as in
+    report.summarize."""
+    reps: dict = {}
     for r in runs:
         v = r.get(field)
         if not v or v <= 0:
             continue
         k = (f"{r['workload']}/{r['placement']}", r["tracer"])
-        d = best.setdefault(k, {})
-        d[r["round"]] = min(d.get(r["round"], v), v)
-    return best
+        reps.setdefault(k, {}).setdefault(r["round"], []).append(v)
+    return {k: {rnd: statistics.median(v) for rnd, v in d.items()} for k, d in reps.items()}
 
 
 def _positions(sessions: list) -> dict:
@@ -42,7 +43,7 @@ def _pct(values: list):
 
 
 def measure(runs: list, sessions: list, field: str = "cpu_ns") -> dict:
-    best = _best(runs, field)
+    best = _sessions(runs, field)
     pos = _positions(sessions)
     by_round: dict = {}
     by_pos: dict = {}

@@ -18,14 +18,19 @@ def summarize(runs: list, sessions: list, active: list, workloads: list) -> dict
                 rs = [r for r in runs if r["tracer"] == t and r["workload"] == wl.name and r["placement"] == pl]
                 if not rs:
                     continue
-                # one figure per session: the best of its repetitions (noise on a shared node only
-                # ever adds time), then the median over the sessions
+                # one figure per session: the median of its repetitions, then the median over the
+                # sessions. Not the best: the noise here is not only added time. Over the two small
+                # runs of 2026-12-02 (2 repetitions, 60 tracer/workload cells each) the variance of
+                # log(tracer / none) between rounds was lower with the mean of the repetitions on
+                # 45 and 44 of the 60 cells, 24% and 15% lower on average, than with their minimum
                 per_round: dict = {}
                 for r in rs:
-                    best = per_round.setdefault(r["round"], [r["elapsed_ns"], r.get("cpu_ns")])
-                    best[0] = min(best[0], r["elapsed_ns"])
+                    reps = per_round.setdefault(r["round"], ([], []))
+                    reps[0].append(r["elapsed_ns"])
                     if r.get("cpu_ns") is not None:
-                        best[1] = min(best[1], r["cpu_ns"]) if best[1] is not None else r["cpu_ns"]
+                        reps[1].append(r["cpu_ns"])
+                per_round = {k: [statistics.median(e), statistics.median(c) if c else None]
+                             for k, (e, c) in per_round.items()}
                 rounds = sorted(per_round)
                 el = [per_round[k][0] for k in rounds]
                 wcpu = [per_round[k][1] for k in rounds if per_round[k][1] is not None]
@@ -228,7 +233,7 @@ def markdown(result: dict, plot_name: str | None) -> str:
              f"{m['mem_total_mb']} MB; load average at start {m['loadavg'][0]:.2f}, at end "
              f"{m.get('loadavg_end', [0])[0]:.2f}. Size `{cfg['size']}`, {cfg['rounds']} round(s), "
              f"{cfg.get('reps', 1)} repetition(s) per session, {result.get('duration_s', 0)} s. A session's figure is "
-             f"the best of its repetitions; ratios divide medians over sessions (configurations in a "
+             f"the {cfg.get('session_figure', 'best')} of its repetitions; ratios divide medians over sessions (configurations in a "
              f"{'Williams' if cfg.get('order', '').startswith('williams') else 'rotated'} order each round"
              f"{', after an untimed warm-up pass' if cfg.get('warmup') else ''}) by the no-tracer median of the "
              f"same run, with a 95% interval over rounds in brackets.")

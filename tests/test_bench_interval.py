@@ -168,3 +168,13 @@ def test_order_effects_find_a_round_drift_that_pairing_removes():
     assert "by round: 0: +0.0%, 1: +10.0%, 2: +0.0%" in md
     # the paired interval of the same figures has no width: the drift is not the tracer's noise
     assert interval.ratio_ci(_r(*cpu["bpftrace"]), _r(*cpu["none"])) == pytest.approx((1.2, 1.2))
+
+
+def test_a_session_figure_is_the_median_of_its_repetitions():
+    runs = _runs({"none": [100, 100, 100]})
+    runs += [dict(r, rep=1, cpu_ns=r["cpu_ns"] + 20 * (r["round"] + 1), elapsed_ns=r["elapsed_ns"] + 40)
+             for r in runs]
+    wls = [w for w in harness.WORKLOADS if w.name == "exec_storm"]
+    cell = report.summarize(runs, [], ["none"], wls)["workloads"]["exec_storm/inside"]["none"]
+    assert cell["session_cpu_ns"] == [110, 120, 130] and cell["median_cpu_ns"] == 120
+    assert cell["session_elapsed_ns"] == [220, 220, 220]
