@@ -4,6 +4,8 @@ figures point at (BPF time, records per operation, start-up phases, profiles), n
 written in advance."""
 from __future__ import annotations
 
+from . import interval
+
 AGENTTRACE = ("agenttrace-monitor", "agenttrace-enforce")
 BPFTRACE = ("bpftrace", "bpftrace-syscalls")
 STORMS = ("exec_storm", "connect_storm", "refused_storm")
@@ -20,6 +22,7 @@ RSS_MAX_MB = 120
 STARTUP_MAX_S = 1.0
 
 JUDGE_FIELD = {"cpu": "cpu_ratio", "wall": "ratio"}
+SESSION_FIELD = {"cpu": "session_cpu_ns", "wall": "session_elapsed_ns"}
 JUDGE_TEXT = {"cpu": "workload CPU time (user + system, children included), median over rounds",
               "wall": "workload wall-clock time, median over rounds"}
 
@@ -50,6 +53,26 @@ def _other(result, key, tracer) -> str:
     return f" ({other} {v:.3f}x)" if v is not None else ""
 
 
+def _ci(result, key, tracer):
+    return _cell(result, key, tracer).get(JUDGE_FIELD[judge(result)] + "_ci")
+
+
+def _with_ci(v: float, ci) -> str:
+    return f"{v:.3f}x" + (f" {interval.fmt_ci(ci)}" if ci else "")
+
+
+def _peer_noise(result, key, t, peer, bound: float) -> str:
+    """Whether t's loss to peer on one workload is beyond the noise: the interval of
+    median(t) / median(peer) over the same sessions the ratios use, against `bound`."""
+    f = SESSION_FIELD[judge(result)]
+    ci = interval.ratio_ci(interval.by_round(_cell(result, key, t), f), interval.by_round(_cell(result, key, peer), f))
+    if not ci:
+        return ""
+    where = ("above: beyond this run's noise" if ci[0] > bound else
+             "includes it: within this run's noise")
+    return f" ({t}/{peer} {interval.fmt_ci(ci)} vs {bound:.3f}, {where})"
+
+
 def _top_self(result, n: int = 4) -> str:
     prof = (result.get("profile") or {}).get("after") or {}
     top = prof.get("top_self") or []
@@ -69,9 +92,9 @@ def goals(result: dict) -> list:
                    "agenttrace not among --tracers")
     out = []
 
-    def add(gid, goal, status, value=None, detail="", cause="", issue=15):
+    def add(gid, goal, status, value=None, detail="", cause="", issue=15, **more):
         out.append({"id": gid, "issue": issue, "goal": goal, "status": status, "value": value,
-                    "detail": detail, "cause": cause if status == "missed" else ""})
+                    "detail": detail, "cause": cause if status == "missed" else "", **more})
 
     def verdict(ok):
         return "met" if ok else "missed"
@@ -198,10 +221,15 @@ def goals(result: dict) -> list:
                 parts.append(f"wall {c['ratio']:.3f}x vs CPU {c['cpu_ratio']:.3f}x: on 2 cores the tracer's own "
                              f"CPU ({c.get('cpu_per_op_us')} us per operation) competes with the storm")
             cause = "; ".join(parts)
+        cis = {k: _ci(result, f"{k}/inside", "agenttrace-enforce") for k in vals}
+        civ, noise = interval.judge_bound({k: (v, cis[k]) for k, v in vals.items()}, STORM_MAX)
+        if cause:
+            cause = noise + "; " + cause
         add("storm_slowdown_enforce", g, verdict(vals[worst] <= STORM_MAX), vals[worst],
             f"judged on {JUDGE_TEXT[judge(result)]}; "
-            + ", ".join(f"{k} {v:.3f}x{_other(result, k + '/inside', 'agenttrace-enforce')}" for k, v in vals.items()),
-            cause)
+            + ", ".join(f"{k} {_with_ci(v, cis[k])}{_other(result, k + '/inside', 'agenttrace-enforce')}"
+                        for k, v in vals.items()) + f"; {noise}",
+            cause, ci=cis[worst], ci_verdict=civ)
     else:
         add("storm_slowdown_enforce", g, "not measured",
             detail=info.get("agenttrace-enforce", {}).get("reason") or why_not)
@@ -223,10 +251,15 @@ def goals(result: dict) -> list:
                      f"{t_w} attaches no syscall-path program (BPF run time per untraced syscall "
                      f"{bpf if bpf is not None else '?'} ns): the miss is within the no-tracer spread "
                      f"({100 * (spread or 0):.1f}%), not agenttrace")
+        cis = {k: _ci(result, k.split()[1] + "/outside", k.split()[0]) for k in vals}
+        civ, noise = interval.judge_bound({k: (v, cis[k]) for k, v in vals.items()}, UNTRACED_MAX)
+        if cause:
+            cause = noise + "; " + cause
         add("untraced_syscall_slowdown", g, verdict(vals[worst] <= UNTRACED_MAX), vals[worst],
             f"judged on {JUDGE_TEXT[judge(result)]}; worst {worst}; "
-            + ", ".join(f"{k} {v:.3f}x{_other(result, k.split()[1] + '/outside', k.split()[0])}" for k, v in vals.items())
-            + (f"; BPF programs {progs}" if progs else ""), cause)
+            + ", ".join(f"{k} {_with_ci(v, cis[k])}{_other(result, k.split()[1] + '/outside', k.split()[0])}"
+                        for k, v in vals.items())
+            + f"; {noise}" + (f"; BPF programs {progs}" if progs else ""), cause, ci=cis[worst], ci_verdict=civ)
     else:
         add("untraced_syscall_slowdown", g, "not measured", detail=why_not if not at else "workloads not run")
 
@@ -294,12 +327,13 @@ def goals(result: dict) -> list:
     else:
         add("latency_p99", "p99 syscall-to-line latency <= 20 ms at half the zero-drop rate", "not measured",
             detail=(sweep or {}).get("status", "rate sweep not run"), issue=7)
-    for gid, peer, goal, cmp in (
+    # bound: what agenttrace's figure over the peer's (the no-tracer median cancels) may be
+    for gid, peer, goal, cmp, bound in (
         ("vs_auditd", "auditd", "agenttrace slowdown lower than auditd's on every shared workload",
-         lambda a, p: a < p),
+         lambda a, p: a < p, lambda p: 1.0),
         ("vs_bpftrace", "bpftrace",
          f"agenttrace slowdown no worse than bpftrace's on every shared workload (tolerance {PEER_TOLERANCE:+.0%})",
-         lambda a, p: a <= p + PEER_TOLERANCE)):
+         lambda a, p: a <= p + PEER_TOLERANCE, lambda p: 1 + PEER_TOLERANCE / p)):
         if not at:
             add(gid, goal, "not measured", detail=why_not, issue=7)
             continue
@@ -318,5 +352,6 @@ def goals(result: dict) -> list:
         add(gid, goal, verdict(not lost), len(pairs) - len(lost),
             f"{t}: {len(pairs) - len(lost)}/{len(pairs)} workloads; "
             + ", ".join(f"{k} {a:.3f}x vs {p:.3f}x" for k, (a, p) in pairs.items()),
-            cause="; ".join(f"{k}: {a:.3f}x vs {p:.3f}x" for k, (a, p) in lost.items()), issue=7)
+            cause="; ".join(f"{k}: {a:.3f}x vs {p:.3f}x" + _peer_noise(result, k, t, peer, bound(p))
+                            for k, (a, p) in lost.items()), issue=7)
     return out

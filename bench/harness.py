@@ -1,10 +1,12 @@
 """`python -m bench`: every workload under every tracer, alternated, several rounds; then the
 zero-drop sweep and latency for agenttrace; writes result.json, report.md and a plot.
 
-Order of work in a round: the tracer configurations in an order rotated by one each round
-(so no configuration always runs first, or right after the same neighbour, on a noisy 2-core
-node); inside one tracer session every workload runs once per placement, the placements
-alternating between rounds. Ratios divide medians of the same run's no-tracer rounds."""
+Order of work: one untimed warm-up pass of every workload with no tracer, then the rounds, the
+tracer configurations of each in a Williams order (bench/schedule.py: every configuration at
+every position, and after a different neighbour, as evenly as the number of rounds allows, on a
+noisy 2-core node); inside one tracer session every workload runs once per placement and
+repetition, the placements alternating between rounds. Ratios divide medians of the same run's
+no-tracer rounds, with a 95% interval (bench/interval.py)."""
 from __future__ import annotations
 
 import argparse
@@ -17,7 +19,7 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import growth, loadgen, profile, report, sysinfo, tracers
+from . import growth, loadgen, profile, report, schedule, sysinfo, tracers
 
 HERE = Path(__file__).resolve().parent
 
@@ -60,8 +62,12 @@ SIZES = {
     "tiny": {"exec_storm": 30, "connect_storm": 200, "refused_storm": 500, "bulk_tcp": 8,
              "getppid_loop": 200_000, "write_loop": 100_000, "burst": 300,
              "rate_steps": [2_000, 10_000], "rate_ms": 300, "rounds": 1, "reps": 1, "profile_execs": 100},
-    "small": {"exec_storm": 400, "connect_storm": 4_000, "refused_storm": 10_000, "bulk_tcp": 128,
-              "getppid_loop": 2_000_000, "write_loop": 1_000_000, "burst": 10_000,
+    # small: each run >= ~200 ms of workload CPU with no tracer on the 2-core VM (the 2026-12-02
+    # baseline's no-tracer runs scaled: exec 229 ms, connect ~211, refused ~217, bulk ~220 (800 MiB: 600 measured 138 ms under load),
+    # getppid 267, write ~214): at 40-95 ms the network storms' sessions spread 9-32%. Longer
+    # would push `make bench --before` past ~12 minutes (auditd alone pays ~40 us per connect)
+    "small": {"exec_storm": 400, "connect_storm": 9_000, "refused_storm": 35_000, "bulk_tcp": 800,
+              "getppid_loop": 2_000_000, "write_loop": 1_200_000, "burst": 10_000,
               "rate_steps": [10_000, 20_000, 35_000, 50_000, 75_000, 100_000, 150_000, 200_000], "rate_ms": 2_000, "profile_execs": 3_000,
               "rounds": 5, "reps": 2},
     "full": {"exec_storm": 2_000, "connect_storm": 20_000, "refused_storm": 50_000, "bulk_tcp": 1_024,
@@ -169,6 +175,21 @@ class Bench:
                 rec["latency"] = lat_summary(w["latency_ns"])
                 self.latencies.setdefault(f"{tname}|{rec['workload']}/{rec['placement']}", []).extend(w["latency_ns"])
 
+    def warmup(self, workloads: list) -> list:
+        """Every workload once per placement, no tracer, not counted: the first timed session
+        then does not pay for first use (generator pages, /bin/true in the page cache, the
+        loopback listener's first connections, a cgroup never entered). The burst is an exec
+        storm in another shape and is left out."""
+        log("warm-up: every workload once, no tracer, not counted")
+        out = []
+        for wl in workloads:
+            if wl.name == "burst":
+                continue
+            for pl in wl.placements:
+                res = loadgen.run(self.gens[wl.gen], wl.args(self.size), self.cg.path if pl == "inside" else None)
+                out.append({"workload": wl.name, "placement": pl, "elapsed_ns": res.elapsed_ns, "cpu_ns": res.cpu_ns})
+        return out
+
     # -- agenttrace only: zero-drop sweep, then latency at half the zero-drop rate
     def rate_step(self, rate: int, ms: int) -> dict:
         mode = self.opts.rate_mode
@@ -269,6 +290,8 @@ class Bench:
                   "machine": sysinfo.machine(),
                   "config": {"size": opts.size, "rounds": opts.rounds, "reps": opts.reps, "sizes": self.size,
                              "tracers_requested": opts.tracers, "only": opts.only, "judge": opts.judge,
+                             "warmup": opts.warmup, "order": "williams (bench/schedule.py)",
+                             "session_figure": "median",
                              "cpu_time_source": "sum of /proc/<pid>/task/*/schedstat run time (ns) over the "
                                                 "tracer's process tree; auditd adds the kauditd kernel thread",
                              "audit_login_uid": loadgen.BENCH_AUID,
@@ -300,9 +323,12 @@ class Bench:
         result["agent_cgroup"] = {"path": str(self.cg.path), "id": self.cg.id}
         try:
             if workloads:
+                if opts.warmup:
+                    result["warmup"] = self.warmup(workloads)
+                result["round_orders"] = []
                 for rnd in range(opts.rounds):
-                    k = rnd % len(active)
-                    order = active[k:] + active[:k]
+                    order = schedule.round_order(active, rnd)
+                    result["round_orders"].append(order)
                     log(f"round {rnd + 1}/{opts.rounds}: {', '.join(order)}")
                     for tname in order:
                         self.session(tname, rnd, workloads)
@@ -350,9 +376,11 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     ap.add_argument("--size", choices=sorted(SIZES), default="small")
     ap.add_argument("--rounds", type=int, default=None, help="rounds per configuration (default by size: "
-                    + ", ".join(f"{k} {v['rounds']}" for k, v in SIZES.items()) + ")")
+                    + ", ".join(f"{k} {v['rounds']}" for k, v in SIZES.items())
+                    + "); 3 or more give every ratio a 95%% interval")
     ap.add_argument("--reps", type=int, default=None,
-                    help="repetitions of each workload inside one tracer session; the session's best counts "
+                    help="repetitions of each workload inside one tracer session; their median is the "
+                         "session's figure "
                          "(default by size: " + ", ".join(f"{k} {v['reps']}" for k, v in SIZES.items())
                          + "; burst always runs once)")
     ap.add_argument("--only", default=None,
@@ -377,6 +405,8 @@ def parse_args(argv=None):
                          "configurations itself, and profiles it beside the build under test")
     ap.add_argument("--growth-dims", default=",".join(growth.DIMENSIONS),
                     help="dimensions of the growth section (" + ", ".join(growth.DIMENSIONS) + ")")
+    ap.add_argument("--no-warmup", dest="warmup", action="store_false",
+                    help="skip the untimed warm-up pass of every workload before the first round")
     ap.add_argument("--no-bpf-stats", dest="bpf_stats", action="store_false",
                     help="do not turn on BPF run-time statistics (BPF_ENABLE_STATS) for the run; with them, "
                          "the time each tracer's BPF programs spend in the traced tasks is reported per event")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from . import interval, order_effects
 
 
 def summarize(runs: list, sessions: list, active: list, workloads: list) -> dict:
@@ -17,16 +18,22 @@ def summarize(runs: list, sessions: list, active: list, workloads: list) -> dict
                 rs = [r for r in runs if r["tracer"] == t and r["workload"] == wl.name and r["placement"] == pl]
                 if not rs:
                     continue
-                # one figure per session: the best of its repetitions (noise on a shared node only
-                # ever adds time), then the median over the sessions
+                # one figure per session: the median of its repetitions, then the median over the
+                # sessions. Not the best: the noise here is not only added time. Over the two small
+                # runs of 2026-12-02 (2 repetitions, 60 tracer/workload cells each) the variance of
+                # log(tracer / none) between rounds was lower with the mean of the repetitions on
+                # 45 and 44 of the 60 cells, 24% and 15% lower on average, than with their minimum
                 per_round: dict = {}
                 for r in rs:
-                    best = per_round.setdefault(r["round"], [r["elapsed_ns"], r.get("cpu_ns")])
-                    best[0] = min(best[0], r["elapsed_ns"])
+                    reps = per_round.setdefault(r["round"], ([], []))
+                    reps[0].append(r["elapsed_ns"])
                     if r.get("cpu_ns") is not None:
-                        best[1] = min(best[1], r["cpu_ns"]) if best[1] is not None else r["cpu_ns"]
-                el = [v[0] for v in per_round.values()]
-                wcpu = [v[1] for v in per_round.values() if v[1] is not None]
+                        reps[1].append(r["cpu_ns"])
+                per_round = {k: [statistics.median(e), statistics.median(c) if c else None]
+                             for k, (e, c) in per_round.items()}
+                rounds = sorted(per_round)
+                el = [per_round[k][0] for k in rounds]
+                wcpu = [per_round[k][1] for k in rounds if per_round[k][1] is not None]
                 events = sum(r.get("events", 0) for r in rs)
                 cpu = sum(r["tracer_cpu_ns"] for r in rs)
                 expected = sum(r["expected_events"] for r in rs)
@@ -44,6 +51,10 @@ def summarize(runs: list, sessions: list, active: list, workloads: list) -> dict
                     "runs": len(rs),
                     "median_elapsed_ns": statistics.median(el),
                     "median_cpu_ns": statistics.median(wcpu) if wcpu else None,
+                    # one figure per session, by round: what the intervals resample
+                    "session_rounds": rounds,
+                    "session_elapsed_ns": el,
+                    "session_cpu_ns": [per_round[k][1] for k in rounds],
                     "min_elapsed_ns": min(el),
                     "max_elapsed_ns": max(el),
                     # (max - min) / median of the rounds: how far apart identical runs fell
@@ -73,6 +84,10 @@ def summarize(runs: list, sessions: list, active: list, workloads: list) -> dict
                 c["ratio_min"] = round(c["min_elapsed_ns"] / base["min_elapsed_ns"], 4) if base else None
                 c["cpu_ratio"] = (round(c["median_cpu_ns"] / base["median_cpu_ns"], 4)
                                   if base and c["median_cpu_ns"] and base["median_cpu_ns"] else None)
+                # 95% intervals of both ratios (bench/interval.py); none against itself has none
+                ci = bool(base) and t != "none"
+                c["ratio_ci"] = _ci(c, base, "session_elapsed_ns") if ci else None
+                c["cpu_ratio_ci"] = _ci(c, base, "session_cpu_ns") if ci else None
             out[key] = cell
     per_tracer = {}
     for t in active:
@@ -93,7 +108,16 @@ def summarize(runs: list, sessions: list, active: list, workloads: list) -> dict
             "drops_total": sum(drops) if drops else (0 if t == "none" else None),
             "bpf_programs": progs,
         }
-    return {"workloads": out, "tracers": per_tracer}
+    return {"workloads": out, "tracers": per_tracer, "order_effects": order_effects.measure(runs, sessions),
+            "intervals": {"level": float(interval.LEVEL), "method": interval.METHOD,
+                          "fields": "ratio_ci, cpu_ratio_ci: [low, high] of ratio, cpu_ratio; null with fewer "
+                                    f"than {interval.MIN_ROUNDS} rounds with both sessions; session_rounds, "
+                                    "session_elapsed_ns, session_cpu_ns: the per-session figures, by round"}}
+
+
+def _ci(cell: dict, base: dict, field: str):
+    ci = interval.ratio_ci(interval.by_round(cell, field), interval.by_round(base, field))
+    return [round(ci[0], 4), round(ci[1], 4)] if ci else None
 
 
 from .goals import JUDGE_FIELD, JUDGE_TEXT, goals, judge as _judge  # noqa: E402,F401  (goals: harness API)
@@ -209,8 +233,10 @@ def markdown(result: dict, plot_name: str | None) -> str:
              f"{m['mem_total_mb']} MB; load average at start {m['loadavg'][0]:.2f}, at end "
              f"{m.get('loadavg_end', [0])[0]:.2f}. Size `{cfg['size']}`, {cfg['rounds']} round(s), "
              f"{cfg.get('reps', 1)} repetition(s) per session, {result.get('duration_s', 0)} s. A session's figure is "
-             f"the best of its repetitions; ratios divide medians over sessions (configurations rotated each "
-             f"round) by the no-tracer median of the same run.")
+             f"the {cfg.get('session_figure', 'best')} of its repetitions; ratios divide medians over sessions (configurations in a "
+             f"{'Williams' if cfg.get('order', '').startswith('williams') else 'rotated'} order each round"
+             f"{', after an untimed warm-up pass' if cfg.get('warmup') else ''}) by the no-tracer median of the "
+             f"same run, with a 95% interval over rounds in brackets.")
     L.append("")
     L.append("## Goals (issue 15)")
     L.append("")
@@ -229,7 +255,8 @@ def markdown(result: dict, plot_name: str | None) -> str:
         L.append("")
         for g in rest:
             v = "" if g["value"] is None else f" ({g['value']})"
-            L.append(f"- {g['goal']}: **{g['status']}**{v}. {_one_line(g['detail'], 2000)}")
+            L.append(f"- {g['goal']}: **{g['status']}**{v}. {_one_line(g['detail'], 2000)}"
+                     + (f" Lost: {_one_line(g['cause'], 2000)}." if g.get("cause") else ""))
         L.append("")
     L += before_after(result)
     L.append("## Tracers")
@@ -255,8 +282,9 @@ def markdown(result: dict, plot_name: str | None) -> str:
     L.append("")
     others = [t for t in active if t != "none"]
     for title, field, base_field, extra in (
-            ("Workload CPU time ratio", "cpu_ratio", "median_cpu_ns", None),
-            ("Wall-clock ratio (best-of-rounds ratio in brackets)", "ratio", "median_elapsed_ns", "ratio_min")):
+            ("Workload CPU time ratio (95% interval in brackets)", "cpu_ratio", "median_cpu_ns", None),
+            ("Wall-clock ratio (95% interval in brackets, best-of-rounds ratio in parentheses)", "ratio",
+             "median_elapsed_ns", "ratio_min")):
         L.append(f"**{title}**")
         L.append("")
         spread = "cpu_spread" if field == "cpu_ratio" else "spread"
@@ -271,9 +299,17 @@ def markdown(result: dict, plot_name: str | None) -> str:
                 if not c or c.get(field) is None:
                     row.append("-")
                 else:
-                    row.append(f"{c[field]:.3f}x" + (f" ({c[extra]:.3f}x)" if extra and c.get(extra) else ""))
+                    ci = interval.fmt_ci(c.get(field + "_ci"))
+                    row.append(f"{c[field]:.3f}x" + (f" {ci}" if ci else "")
+                               + (f" ({c[extra]:.3f}x)" if extra and c.get(extra) else ""))
             L.append("| " + " | ".join(row) + " |")
         L.append("")
+    iv = summ.get("intervals") or {}
+    if iv:
+        L.append(f"Intervals: {iv.get('method')}. An interval that includes a goal's bound means this run "
+                 "cannot tell the tracer from the goal; more rounds, or a quieter machine, narrow it.")
+        L.append("")
+    L += order_effects.markdown(summ.get("order_effects"))
     L.append("## Tracer cost")
     L.append("")
     L.append("CPU per event = on-CPU time of the tracer's processes during the workload and until its "
@@ -383,9 +419,14 @@ def plot(result: dict, path: Path) -> bool:
                              (axes[1], "ratio", "wall-clock time / no tracer")):
         for i, t in enumerate(tr):
             vals = [wl[k].get(t, {}).get(field) or 0 for k in keys]
-            ax.bar([x + i * width for x in range(len(keys))], vals, width, label=t)
+            cis = [wl[k].get(t, {}).get(field + "_ci") for k in keys]
+            # error bars = the 95% interval; a bar without one (too few rounds) gets none
+            err = [[max(v - ci[0], 0) if ci else 0 for v, ci in zip(vals, cis)],
+                   [max(ci[1] - v, 0) if ci else 0 for v, ci in zip(vals, cis)]]
+            ax.bar([x + i * width for x in range(len(keys))], vals, width, label=t,
+                   yerr=err if any(cis) else None, error_kw={"elinewidth": 0.7, "capsize": 1.5})
         ax.axhline(1.0, color="black", linewidth=0.8)
-        ax.set_ylabel(label + " (median)")
+        ax.set_ylabel(label + " (median, 95% CI)")
     axes[1].set_xticks([x + width * (len(tr) - 1) / 2 for x in range(len(keys))])
     axes[1].set_xticklabels(keys, rotation=30, ha="right", fontsize=8)
     axes[0].set_title(f"Slowdown per workload ({result['machine']['nproc']} CPUs, kernel "

@@ -70,7 +70,12 @@ def test_tiny_run_with_bpftrace(tmp_path):
     for run in res["runs"]:
         assert run["elapsed_ns"] > 0 and run["n"] > 0 and run["errors"] == 0, run
 
+    # one round: no interval can be claimed, and the fields say so
+    assert res["round_orders"] == [["none", "bpftrace"]]
+    assert {(w["workload"], w["placement"]) for w in res["warmup"]} == {
+        tuple(c.split("/")) for c in expected_cells if not c.startswith("burst/")}
     for cell, by_tracer in res["summary"]["workloads"].items():
+        assert by_tracer["bpftrace"]["cpu_ratio_ci"] is None and by_tracer["bpftrace"]["ratio_ci"] is None
         assert by_tracer["none"]["ratio"] == 1.0
         assert by_tracer["bpftrace"]["ratio"] > 0
         bt = by_tracer["bpftrace"]
@@ -98,6 +103,31 @@ def test_tiny_run_with_bpftrace(tmp_path):
     # cleanup: the agent cgroup is gone and the tracer process with it
     assert not Path(res["agent_cgroup"]["path"]).exists()
     assert not _alive(bts[0]["pid"])
+
+
+@pytest.mark.bpf
+@pytest.mark.timeout(120)
+def test_three_rounds_give_every_ratio_an_interval(tmp_path):
+    """Through `python -m bench` as a user runs it: three rounds are the fewest that give a
+    95% interval; it reaches result.json, the slowdown table and the goals' detail."""
+    _need(os.geteuid() == 0, "needs root (cgroups, bpftrace)")
+    _need(shutil.which("bpftrace") is not None, "bpftrace not installed")
+    _need(shutil.which("gcc") is not None, "gcc not installed")
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "bench", "--size", "tiny", "--rounds", "3", "--no-warmup",
+                        "--tracers", "none,bpftrace", "--only", "getppid_loop", "--out", str(out)],
+                       cwd=REPO, capture_output=True, text=True, timeout=110)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((out / "result.json").read_text())
+    assert "warmup" not in res and len(res["round_orders"]) == 3
+    cell = res["summary"]["workloads"]["getppid_loop/outside"]["bpftrace"]
+    assert cell["session_rounds"] == [0, 1, 2]
+    for field in ("cpu_ratio", "ratio"):
+        lo, hi = cell[field + "_ci"]
+        assert 0 < lo <= hi
+    md = (out / "report.md").read_text()
+    assert f"{cell['cpu_ratio']:.3f}x [" in md and "Intervals: percentile bootstrap over rounds" in md
+    assert "**Order effects**" in md
 
 
 def test_agenttrace_missing_is_reported_not_fatal(tmp_path):
