@@ -65,7 +65,7 @@ class Enricher:
         self.pending_displaced = 0
         # socket cookie -> (tgid, agent cgroup id) from connect/accept records: skb records
         # seen in softirq (or on kernels without bpf_get_current_* there) carry no process
-        self.sockets: "OrderedDict[int, tuple[int, int]]" = OrderedDict()
+        self.sockets: "OrderedDict[int, int]" = OrderedDict()   # cookie -> agent << 32 | tgid
         # (tgid, family, type) of each socket the `packet` probe reported, for the packet scan
         # (enrich/packetscan.py), which must not report the same socket a second time
         self.on_probe_socket = None
@@ -317,7 +317,9 @@ class Enricher:
         socks = self.sockets
         if cookie in socks:
             socks.move_to_end(cookie)
-        socks[cookie] = (tgid, agent)        # a new key goes last: no move needed
+        # one int per socket, not a (tgid, agent) tuple: at the 65,536 the map holds after a
+        # storm of connects that is ~7 MB of the tracer's RSS instead of ~14
+        socks[cookie] = agent << 32 | tgid       # a new key goes last: no move needed
         if len(socks) > 65536:
             socks.popitem(last=False)
 
@@ -327,9 +329,9 @@ class Enricher:
             return h
         own = self.sockets.get(cookie)
         if own is not None:
-            h.tgid, h.pid = own[0], own[0]
+            h.tgid = h.pid = own & 0xFFFFFFFF
             if not h.agent_cgroup_id:
-                h.agent_cgroup_id = own[1]
+                h.agent_cgroup_id = own >> 32
         return h
 
     def warm(self) -> None:
