@@ -95,24 +95,10 @@ static __always_inline void at_sockops_result(struct bpf_sock_ops *ctx, u32 op)
 	/* established: no later change is wanted (a closed socket makes none; a new connect asks
 	 * again) */
 	bpf_sock_ops_cb_flags_set(ctx, ctx->bpf_sock_ops_cb_flags & ~BPF_SOCK_OPS_STATE_CB_FLAG);
-	struct at_conn_result *r = events.ringbuf_reserve(sizeof(struct at_conn_result));
+	struct at_conn_result *r = at_result_reserve(p, sk, family, sport, dport, AT_RESULT_ESTABLISHED, 0);
 	if (r) {
-		__builtin_memcpy(&r->h, &p->h, sizeof(r->h));
-		r->h.type = AT_EV_CONN_RESULT;
-		r->h.size = sizeof(*r);
-		u64 now = bpf_ktime_get_ns();
-		r->h.ktime = now;
-		r->sk = sk;
-		r->family = family;
-		r->sport = sport;
-		r->dport = dport;
-		r->result = AT_RESULT_ESTABLISHED;
-		r->error = 0;
-		r->pad = 0;
 		at_sockops_addrs(ctx, family, r->saddr, r->daddr);
-		events.ringbuf_submit(r, at_wake_flags_at(now));
-	} else {
-		at_count_drop(p->h.agent_cgroup_id, AT_EV_CONN_RESULT);
+		events.ringbuf_submit(r, at_wake_flags_at(r->h.ktime));
 	}
 #if defined(AT_WITH_FLOW) && !defined(AT_SKB_NO_CURRENT)
 	p->done = 1;    /* flow.c deletes it */

@@ -321,19 +321,21 @@ int at_connect6(struct bpf_sock_addr *ctx) { return at_sock_addr(ctx, AT_OP_CONN
 int at_sendmsg4(struct bpf_sock_addr *ctx) { return at_sock_addr(ctx, AT_OP_SENDMSG, AT_AF_INET); }
 int at_sendmsg6(struct bpf_sock_addr *ctx) { return at_sock_addr(ctx, AT_OP_SENDMSG, AT_AF_INET6); }
 
-static __always_inline void at_emit_result(struct at_pending *p, u64 sk, u16 family, u16 sport, u16 dport,
-					   u8 *saddr4, u8 *daddr4, u8 *saddr6, u8 *daddr6, u16 result, s32 err)
+/* A connect's result record, all but its addresses, reserved in the ring with the connect's own
+ * header (NULL: the ring is full, the drop counted). Both result paths use it: the state-change
+ * tracepoint below and listen.c's sock_ops program. */
+static __always_inline struct at_conn_result *at_result_reserve(struct at_pending *p, u64 sk, u16 family,
+								 u16 sport, u16 dport, u16 result, s32 err)
 {
 	struct at_conn_result *r = events.ringbuf_reserve(sizeof(struct at_conn_result));
 	if (!r) {
 		at_count_drop(p->h.agent_cgroup_id, AT_EV_CONN_RESULT);
-		return;
+		return 0;
 	}
 	__builtin_memcpy(&r->h, &p->h, sizeof(r->h));
 	r->h.type = AT_EV_CONN_RESULT;
 	r->h.size = sizeof(*r);
-	u64 now = bpf_ktime_get_ns();
-	r->h.ktime = now;
+	r->h.ktime = bpf_ktime_get_ns();
 	r->sk = sk;
 	r->family = family;
 	r->sport = sport;
@@ -341,6 +343,15 @@ static __always_inline void at_emit_result(struct at_pending *p, u64 sk, u16 fam
 	r->result = result;
 	r->error = err;
 	r->pad = 0;
+	return r;
+}
+
+static __always_inline void at_emit_result(struct at_pending *p, u64 sk, u16 family, u16 sport, u16 dport,
+					   u8 *saddr4, u8 *daddr4, u8 *saddr6, u8 *daddr6, u16 result, s32 err)
+{
+	struct at_conn_result *r = at_result_reserve(p, sk, family, sport, dport, result, err);
+	if (!r)
+		return;
 	if (family == AT_AF_INET) {
 		__builtin_memset(r->saddr, 0, 16);
 		__builtin_memset(r->daddr, 0, 16);
@@ -352,7 +363,7 @@ static __always_inline void at_emit_result(struct at_pending *p, u64 sk, u16 fam
 		bpf_probe_read_kernel(r->saddr, 16, saddr6);
 		bpf_probe_read_kernel(r->daddr, 16, daddr6);
 	}
-	events.ringbuf_submit(r, at_wake_flags_at(now));
+	events.ringbuf_submit(r, at_wake_flags_at(r->h.ktime));
 }
 
 /* What becomes of a connect: SYN_SENT to ESTABLISHED (the result goes out) or to CLOSE (the

@@ -182,21 +182,3 @@ def sweep_stale_pins(cgroup_parent: Path) -> list[str]:
         except OSError:
             pass
     return removed
-    for d in RUN_PIN_ROOT.iterdir():
-        cg = cgroup_parent / d.name
-        try:
-            if cg.is_dir() and procs(cg):
-                continue      # the agent outlived its tracer: its enforcement stays
-        except OSError:
-            pass
-        for f in d.iterdir():
-            try:
-                f.unlink()
-            except OSError:
-                pass
-        try:
-            d.rmdir()
-            removed.append(d.name)
-        except OSError:
-            pass
-    return removed
