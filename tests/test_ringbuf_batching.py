@@ -85,3 +85,15 @@ def test_run_with_batch_wait_loses_nothing(agent_tree, tmp_path):
     assert stopped["drops"]["kernel"] == 0
     st = stopped["stages"]
     assert 1 <= st["read_batches"] <= st["read"]
+
+
+def test_batch_wait_in_the_daemon_config():
+    """`limits.batch_wait_ms` reaches the session; a bad value names file, line and field."""
+    import pytest
+
+    from agenttrace.config import ConfigError, parse_config
+    from agenttrace.session.options import from_config
+    assert from_config(parse_config("limits:\n  batch_wait_ms: 30\n")).batch_wait_ms == 30
+    assert from_config(parse_config("")).batch_wait_ms == 15
+    with pytest.raises(ConfigError, match=r"<config>:2:\d+: limits.batch_wait_ms"):
+        parse_config("limits:\n  batch_wait_ms: -1\n")
