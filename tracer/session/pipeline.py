@@ -165,14 +165,14 @@ class Tracer:
             for path in self.opts.cgroups:
                 self.watch(path)
             self._open_reader()
+            for step in self.before_started:
+                step()          # failing (a pin it could not make), it unpins with the rest
         except BaseException:
             self.probes.close()
             self.probes = None
             raise
         finally:
             discard(pre)          # a no-op once load() took it
-        for step in self.before_started:
-            step()
         self.act.start()
         self.started_ns = time.time_ns()
         self._last_stats = time.monotonic()

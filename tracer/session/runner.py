@@ -69,8 +69,8 @@ def trace_cgroups(tracer: Tracer, flag: StopFlag, on_reload=None, pin_dir: Optio
             tracer.probes.enable_pinning(pin_dir)
             tracer.probes.remove_foreign_pins()
         tracer.before_started.append(pin)
-    tracer.start()
     try:
+        tracer.start()      # inside: a start that fails after pinning still removes the folder
         while not flag.stop:
             tracer.poll(100)
             if flag.reload and on_reload is not None:
