@@ -439,8 +439,37 @@ def _compose_and_construct(text: str):
     raise AssertionError("unreachable")
 
 
-def parse_config(text: str, filename: str = "<config>") -> Config:
-    """Validate YAML text. Raises ConfigError listing every problem."""
+def _read_allow_files(cfg: Config, root: Optional[yaml.Node], filename: str, base: Path) -> List[ConfigIssue]:
+    """Each egress group's `allow_file` read into its `allow` (after the inline entries), as
+    one compact AllowList: no model per entry. The path is made absolute (against `base`, the
+    config file's folder) so a reload reads the same file. Problems are issues naming the
+    allow file's own line, or the config line of the key when the file cannot be read."""
+    from agenttrace.kernel.egress import read_allow_file
+    from agenttrace.match.egress_policy import AllowList
+    issues: List[ConfigIssue] = []
+    for group, pol in (cfg.egress or {}).items():
+        if pol.allow_file is None:
+            continue
+        field = f"egress.{group}.allow_file"
+        path = pol.allow_file if os.path.isabs(pol.allow_file) else str(base / pol.allow_file)
+        allow = AllowList()
+        for d in pol.allow:
+            allow.add(d.spec(), d.cidr is not None, tuple(d.ports), d.proto)
+        try:
+            bad = read_allow_file(path, allow)
+        except (OSError, UnicodeDecodeError) as e:
+            line, col = _locate(root, ("egress", group, "allow_file"))
+            issues.append(ConfigIssue(filename, line, col, field,
+                                      f"cannot read {path}: {getattr(e, 'strerror', None) or e}"))
+            continue
+        issues.extend(ConfigIssue(path, n, None, field, msg) for n, msg in bad)
+        cfg.egress[group] = pol.model_copy(update={"allow": allow, "allow_file": path})
+    return issues
+
+
+def parse_config(text: str, filename: str = "<config>", base: Optional[Union[str, os.PathLike]] = None) -> Config:
+    """Validate YAML text. Raises ConfigError listing every problem. `base`: the folder that
+    relative `allow_file` paths are read from (the config file's; default the current one)."""
     try:
         root, data = _compose_and_construct(text)
     except yaml.YAMLError as e:
@@ -480,6 +509,9 @@ def parse_config(text: str, filename: str = "<config>") -> Config:
         raise ConfigError(issues)
     assert cfg is not None
     cfg._egress_lines = {g: _locate(root, ("egress", g))[0] or 0 for g in (cfg.egress or {})}
+    issues = _read_allow_files(cfg, root, filename, Path(base) if base is not None else Path.cwd())
+    if issues:
+        raise ConfigError(issues)
     return cfg
 
 
@@ -493,8 +525,8 @@ def load_config(path: Union[str, os.PathLike]) -> Config:
         raise ConfigError([ConfigIssue(str(p), None, None, "", f"cannot read: {e.strerror or e}")]) from None
     except UnicodeDecodeError as e:
         raise ConfigError([ConfigIssue(str(p), None, None, "", f"not UTF-8: {e}")]) from None
-    cfg = parse_config(text, str(p))
     base = p.resolve().parent
+    cfg = parse_config(text, str(p), base)
     cfg.rules = [str(base / r) if not os.path.isabs(r) else r for r in cfg.rules]
     if cfg.sinks.file is not None and not os.path.isabs(cfg.sinks.file.path):
         cfg.sinks.file.path = str(base / cfg.sinks.file.path)

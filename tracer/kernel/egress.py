@@ -88,7 +88,10 @@ def _parse_spec(spec: str) -> Tuple[bool, str, Tuple[str, ...]]:
     else:
         try:
             net = ipaddress.ip_network(host, strict=False)
-        except ValueError:
+        except ValueError as e:
+            if "/" in host or ":" in host:
+                # digits and a prefix (or IPv6) are a network with a mistake, not a name
+                raise SpecError(f"--allow-egress {spec!r}: not a network: {e}") from None
             net = None
     if net is not None:
         return True, str(net), ports
@@ -152,6 +155,35 @@ def fill_run_policy(egress: Dict[str, EgressPolicy], specs: Iterable[str]) -> No
         except SpecError as e:
             raise SpecError(f"{path}:{n}: {e}" if path else str(e)) from None
         add(value, is_cidr, ports)
+
+
+def read_allow_file(path: str, allow: AllowList, max_errors: int = 20) -> List[Tuple[int, str]]:
+    """The specs of an allow file (the daemon config's `allow_file:`, the `@FILE` syntax)
+    appended to `allow`; returns (line, message) for each bad line (at most `max_errors`, the
+    last one saying how many more), so a config error lists them all at once. OSError and
+    UnicodeDecodeError (an unreadable file) are the caller's to report."""
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    bad: List[Tuple[int, str]] = []
+    more = 0
+    add = allow.add
+    for n, line in enumerate(lines, 1):
+        spec = (line.split("#", 1)[0] if "#" in line else line).strip()
+        if not spec:
+            continue
+        try:
+            is_cidr, value, ports = _parse_spec(spec)
+        except SpecError as e:
+            if len(bad) < max_errors:
+                # the parser words its errors for the command line
+                bad.append((n, str(e).replace("--allow-egress ", "entry ", 1)))
+            else:
+                more += 1
+            continue
+        add(value, is_cidr, ports)
+    if more:
+        bad.append((bad[-1][0], f"and {more} more bad line(s) after it"))
+    return bad
 
 
 def write_name_allow(table, entries) -> None:
