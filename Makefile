@@ -29,7 +29,8 @@ bench-baseline:
 	 mkdir -p $$d && cp bench/out/report.md bench/out/*.png $$d/ && echo "bench-baseline: wrote $$d"
 
 # A Debian package of this tree (packaging/build-deb.sh): agenttrace in its own venv in
-# /opt/agenttrace, the unit, the example config (a conffile) and a man page. DEB_OUT: where.
+# /opt/agenttrace, the unit, the example config (a conffile) and a man page. DEB_OUT: where;
+# DEB_ZLEVEL: gzip level (default 6).
 deb:
 	packaging/build-deb.sh
 

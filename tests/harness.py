@@ -71,6 +71,15 @@ def wait_until(pred, timeout: float = 60.0, step: float = 0.1):
     return pred()
 
 
+def short_banner_wait(argv: list[str], seconds: int = 3) -> list[str]:
+    """An ssh_argv() command line whose ConnectTimeout, which also bounds the wait for the
+    server's banner, is `seconds` instead of 10. For an ssh whose banner the kernel drops: it
+    then fails after `seconds` rather than 10. ssh keeps the first value of an option, so the
+    one in the line is replaced rather than another appended."""
+    i = argv.index("ConnectTimeout=10")
+    return argv[:i] + [f"ConnectTimeout={seconds}"] + argv[i + 1:]
+
+
 def read_jsonl(path: Path) -> list[dict]:
     """The complete lines of a JSON-lines file another process is still writing."""
     if not path.exists():

@@ -17,6 +17,7 @@ import time
 import pytest
 
 from conftest import need_bpf
+from harness import short_banner_wait
 from agenttrace.kernel import wire as ev
 from agenttrace.decode.dns import NameCache, dns_parts, parse_message
 from agenttrace.match.policy import SCOPE_EXTERNAL, ProtocolDrop
@@ -159,7 +160,9 @@ def test_ssh_blocked_in_kernel_no_tunnel_internal_still_allowed(kernel, agent_tr
     a = agent_tree.agent("tunnel")
     # SSH to anything external, any port, every agent: the default pack's tunnel rule.
     kernel.enforce([ProtocolDrop(42, 0, PROTO_HINT_IDS["ssh"], SCOPE_EXTERNAL, 0, 65535)])
-    ssh = lab.run_in_agent(lab.ssh_argv(lab.ssh_host, 22, "-N", "-R", "9000:127.0.0.1:8000"),
+    # ConnectTimeout 3 s, not 10: the server retransmits its banner many times within 3 s, and
+    # each copy is dropped, or ssh would log in and open the tunnel, which -N keeps open
+    ssh = lab.run_in_agent(short_banner_wait(lab.ssh_argv(lab.ssh_host, 22, "-N", "-R", "9000:127.0.0.1:8000")),
                            cgroup=a, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         blocked = kernel.wait(lambda: [f for f in flows(kernel) if f.verdict == ev.VERDICT_BLOCKED])
@@ -182,7 +185,7 @@ def test_ssh_blocked_in_kernel_no_tunnel_internal_still_allowed(kernel, agent_tr
 
 STRATUM = (
     "import json, socket, sys\n"
-    "s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)\n"
+    "s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[3]) if sys.argv[3:] else 5)\n"
     "print(s.getsockname()[1], flush=True)\n"
     "f = s.makefile('rwb')\n"
     "f.write(json.dumps({'id': 1, 'method': 'mining.subscribe', 'params': ['cpuminer/2.5.1']}).encode() + b'\\n')\n"
@@ -204,7 +207,9 @@ def test_stratum_hint_and_block_on_any_port(kernel, agent_tree, netlab, port):
     assert classify(data(f), "egress")[1]["agent"] == "cpuminer/2.5.1"
     # Now forbid stratum everywhere for this agent only: the subscribe never reaches the pool.
     kernel.enforce([ProtocolDrop(7, 5, PROTO_HINT_IDS["stratum"], 0, 0, 65535)], groups={os.stat(a).st_ino: 5})
-    r = netlab.python_in_agent(STRATUM, netlab.pool_host, str(port), cgroup=a)
+    # 3 s for the reply that never comes, not 5: the agent's kernel retransmits the dropped
+    # subscribe from ~0.2 s on, doubling, so the check below still covers several of them
+    r = netlab.python_in_agent(STRATUM, netlab.pool_host, str(port), "3", cgroup=a)
     cport, reply = r.stdout.splitlines()
     assert reply.startswith("ERR"), r.stdout  # timed out waiting for a reply
     blocked = kernel.wait(lambda: [x for x in flows(kernel) if x.verdict == ev.VERDICT_BLOCKED])
@@ -385,7 +390,8 @@ PARAMIKO = (
     "c = paramiko.SSHClient()\n"
     "c.set_missing_host_key_policy(paramiko.AutoAddPolicy())\n"
     "c.connect(sys.argv[1], port=int(sys.argv[2]), username='root', key_filename=sys.argv[3],\n"
-    "          look_for_keys=False, allow_agent=False, timeout=10, banner_timeout=10)\n"
+    "          look_for_keys=False, allow_agent=False, timeout=10,\n"
+    "          banner_timeout=float(sys.argv[4]) if len(sys.argv) > 4 else 10)\n"
     "print(c.exec_command('echo via-paramiko')[1].read().decode().strip())\n"
 )
 
@@ -411,6 +417,7 @@ def test_detection_does_not_depend_on_name_port_or_client(kernel, agent_tree, ne
     assert classify(data(by_comm[pycomm]), "egress")[1]["software"].startswith("paramiko_")
     # Forbidden in the kernel: paramiko's session never establishes.
     kernel.enforce([ProtocolDrop(3, 0, PROTO_HINT_IDS["ssh"], SCOPE_EXTERNAL, 0, 65535)])
-    r = netlab.python_in_agent(PARAMIKO, netlab.ssh_host, "443", str(netlab.user_key), cgroup=a)
+    # a 3 s banner wait, not 10: the block is asserted from the flow record below
+    r = netlab.python_in_agent(PARAMIKO, netlab.ssh_host, "443", str(netlab.user_key), "3", cgroup=a)
     assert r.returncode != 0 and "via-paramiko" not in r.stdout
     assert kernel.wait(lambda: [f for f in flows(kernel) if f.verdict == ev.VERDICT_BLOCKED and ev.cstr(f.h.comm) == pycomm])

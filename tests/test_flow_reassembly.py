@@ -25,12 +25,16 @@ PY = sys.executable
 
 # Sends each piece as its own segment (TCP_NODELAY, a pause between pieces), then waits for a
 # reply line. Prints its local port first so the test can find its flow in the pool's log.
+# argv: host, port, seconds to wait for the reply, pieces. Where the kernel is to drop the
+# flow no reply comes: 2.5 s is enough for several retransmissions (from ~0.2 s, doubling),
+# each of which the far side must not see either; 4 s where a reply is awaited.
+DROPPED_WAIT, REPLY_WAIT = "2.5", "4"
 PIECES = (
     "import socket, sys, time\n"
-    "s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=4)\n"
+    "s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[3]))\n"
     "s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)\n"
     "print(s.getsockname()[1], flush=True)\n"
-    "for i, piece in enumerate(sys.argv[3:]):\n"
+    "for i, piece in enumerate(sys.argv[4:]):\n"
     "    if i:\n"
     "        time.sleep(0.3)\n"
     "    s.sendall(bytes.fromhex(piece))\n"
@@ -56,8 +60,8 @@ DISGUISES = {
 }
 
 
-def send_pieces(lab, cgroup, pieces, port=443):
-    r = lab.python_in_agent(PIECES, lab.pool_host, str(port), *(p.hex() for p in pieces), cgroup=cgroup)
+def send_pieces(lab, cgroup, pieces, port=443, wait=REPLY_WAIT):
+    r = lab.python_in_agent(PIECES, lab.pool_host, str(port), wait, *(p.hex() for p in pieces), cgroup=cgroup)
     lines = r.stdout.splitlines()
     assert lines, r.stderr
     return int(lines[0]), lines[1:]
@@ -128,7 +132,7 @@ def test_disguised_protocol_dropped_in_the_kernel_far_side_never_sees_it(kernel,
     a = agent_tree.agent("enf-" + name)
     proto = "ssh" if want == ev.PROTO_SSH else "stratum"
     kernel.enforce([ProtocolDrop(11, 0, PROTO_HINT_IDS[proto], SCOPE_EXTERNAL, 0, 65535)])
-    cport, out = send_pieces(netlab, a, pieces)
+    cport, out = send_pieces(netlab, a, pieces, wait=DROPPED_WAIT)
     blocked = kernel.wait(lambda: [x for x in flows(kernel) if x.sport == cport and x.verdict == ev.VERDICT_BLOCKED])
     assert blocked and blocked[0].proto_hint == want
     kernel.drain()
@@ -153,8 +157,8 @@ def test_cli_split_ssh_banner_and_padded_stratum(netlab, tmp_path, mode, require
     script = (
         "import subprocess, sys\n"
         "for pieces in sys.argv[2:]:\n"
-        "    subprocess.run([sys.executable, '-c', sys.argv[1], %r, '443', *pieces.split(',')])\n"
-    ) % netlab.pool_host
+        "    subprocess.run([sys.executable, '-c', sys.argv[1], %r, '443', %r, *pieces.split(',')])\n"
+    ) % (netlab.pool_host, DROPPED_WAIT if mode == "enforce" else REPLY_WAIT)
     split_ssh = ",".join(p.hex() for p in DISGUISES["ssh-one-byte-then-rest"][0])
     padded = ",".join(p.hex() for p in DISGUISES["stratum-300-bytes-padding"][0])
     r = subprocess.run([AGENTTRACE, "run", "--mode", mode, "--output", str(out), "--agent", f"disguise-{mode}", "--",

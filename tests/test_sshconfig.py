@@ -177,12 +177,15 @@ def _cfg(lab, tmp_path, name, body):
 def _run_cli(lab, tmp_path, mode, agent, argv, seconds=6, watch_port=None):
     """`agenttrace run` with the default pack; ARGV runs in the lab's agent netns for up to
     `seconds`, then is ended by pid. Returns the records and whether `watch_port` was seen
-    listening on the server side while it ran."""
+    listening on the server side while it ran. Once it was, ARGV has shown all it can (the
+    forward opened after the login) and is ended then: a stop file, since the test and the
+    agent's script share the filesystem but not the netns."""
+    stop = tmp_path / f"stop-{mode}"
     script = textwrap.dedent(f"""
-        import subprocess, time
+        import os, subprocess, time
         p = subprocess.Popen({list(argv)!r}, stdin=subprocess.DEVNULL)
         for _ in range({seconds * 5}):
-            if p.poll() is not None:
+            if p.poll() is not None or os.path.exists({str(stop)!r}):
                 break
             time.sleep(0.2)
         if p.poll() is None:
@@ -198,6 +201,8 @@ def _run_cli(lab, tmp_path, mode, agent, argv, seconds=6, watch_port=None):
         while p.poll() is None:
             if watch_port and not seen:
                 seen = lab.server_port_open("0.0.0.0", watch_port)
+                if seen:
+                    stop.touch()
             time.sleep(0.05)
     finally:
         if p.poll() is None:
