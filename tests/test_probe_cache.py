@@ -64,6 +64,12 @@ def test_second_load_comes_from_the_cache(cache, require_bpf):
         p.close()
     assert hits == [False, True]
     assert any(f.name.endswith(".json") and not f.name.startswith("btf-") for f in cache.iterdir())
+    # the same feature set named in another order is the same compile (the cache key is the
+    # source and the flags): a front end that lists its features differently gets the hit
+    p = Probes(("net", "proc"), 64)
+    p.load()
+    assert p.cache_hit
+    p.close()
 
 
 def test_compile_error_names_file_and_line(cache, tmp_path, monkeypatch, require_bpf):

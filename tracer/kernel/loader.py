@@ -317,7 +317,9 @@ class Probes:
         tracefs = ensure_tracefs()
         # -w: the distro headers may be older than the kernel; their warnings are noise to users
         flags = ["-w", f"-I{probes_dir()}", f"-DAT_RINGBUF_PAGES={self.ringbuf_pages}"]
-        for feat in self.features:
+        # FEATURES order, as source() lays the files: the compiled-object cache is keyed by the
+        # flags, so one feature set given in another order must not compile (3-6 s) again
+        for feat in [f for f in FEATURES if f in self.features]:
             flags.append(f"-DAT_WITH_{feat.upper()}")
         for name, off in _btf_offsets().items():
             flags.append(f"-D{name}={off}")
