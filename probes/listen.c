@@ -72,10 +72,13 @@ static __always_inline void at_sockops_result(struct bpf_sock_ops *ctx, u32 op)
 		bpf_sock_ops_cb_flags_set(ctx, ctx->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
 		return;
 	}
+	/* the first change after connect() is the one out of SYN_SENT: whatever it is, no later
+	 * one is wanted (a simultaneous open's SYN_RECV has no result here), so a change that is
+	 * not a result, or of a socket net.c did not let through, stops the callbacks */
 	u32 newstate = ctx->args[1];
-	if (ctx->args[0] != AT_TCP_SYN_SENT || (newstate != AT_TCP_ESTABLISHED && newstate != AT_TCP_CLOSE))
-		return;
-	struct at_pending *p = pending_conn.lookup(&sk);
+	struct at_pending *p = 0;
+	if (ctx->args[0] == AT_TCP_SYN_SENT && (newstate == AT_TCP_ESTABLISHED || newstate == AT_TCP_CLOSE))
+		p = pending_conn.lookup(&sk);
 	if (!p || p->done) {
 		bpf_sock_ops_cb_flags_set(ctx, ctx->bpf_sock_ops_cb_flags & ~BPF_SOCK_OPS_STATE_CB_FLAG);
 		return;
