@@ -76,6 +76,20 @@ static __always_inline u64 at_wake_flags(void)
 /* Watched cgroup id -> its level. Every descendant, including cgroups made later, is in scope
  * because the check walks the current task's ancestors. */
 BPF_HASH(watched, u64, u32, AT_MAX_WATCHED);
+/* [0]: the cgroup level of the shallowest watched cgroup (tracer/kernel/loader.py lowers it
+ * before it adds a shallower one). No task above that level is in scope, so the walks below
+ * start there, not at the root: a look-up and a helper call fewer per level skipped, in every
+ * probe that asks (connect, socket, fork, exec, exit...). 0, before the first watch, walks
+ * from the root. */
+BPF_ARRAY(watch_from, u32, 1);
+
+static __always_inline u32 at_watch_from(void)
+{
+	u32 zero = 0;
+	u32 *f = watch_from.lookup(&zero);
+	u32 from = f ? *f : 0;
+	return from < 256 ? from : 0;
+}
 
 /* Ring-buffer reserve failures per agent and event type; per-CPU so counting needs no atomics. */
 BPF_TABLE("lru_percpu_hash", struct at_drop_key, u64, drops, 4096);
@@ -84,8 +98,10 @@ BPF_TABLE("lru_percpu_hash", struct at_drop_key, u64, drops, 4096);
  * cgroup (the watched cgroup's direct child on the task's path, or the watched cgroup itself). */
 static __always_inline int at_scope(u64 *cg, u64 *agent)
 {
+	u32 from = at_watch_from();
 	#pragma unroll
-	for (int lvl = 0; lvl < AT_MAX_DEPTH; lvl++) {
+	for (int i = 0; i < AT_MAX_DEPTH; i++) {
+		u32 lvl = from + i;
 		u64 id = bpf_get_current_ancestor_cgroup_id(lvl);
 		if (id == 0)
 			return 0;
@@ -257,8 +273,10 @@ BPF_HASH(agent_group, u64, u32, 4096);
  * hooks also run in softirq) for a watched one. */
 static __always_inline int at_skb_scope(struct __sk_buff *skb, u64 *cg, u64 *agent)
 {
+	u32 from = at_watch_from();
 	#pragma unroll
-	for (int lvl = 0; lvl < AT_MAX_DEPTH; lvl++) {
+	for (int i = 0; i < AT_MAX_DEPTH; i++) {
+		u32 lvl = from + i;
 		u64 id = bpf_skb_ancestor_cgroup_id(skb, lvl);
 		if (id == 0)
 			return 0;

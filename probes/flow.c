@@ -387,6 +387,12 @@ static __always_inline int at_flow(struct __sk_buff *skb, u8 dir, struct at_skb_
 	 * cgroup walk and without an entry being made. */
 	if (!plen && dir != AT_DIR_EGRESS && !st)
 		return 1;
+	/* A bare FIN or RST leaving a socket that has no entry (an accepted socket closed before it
+	 * sent a byte, ~4 in 5 connections of a connect storm): no capture is pending to flush and
+	 * this way carries nothing more, so the owner it would teach has no record to go on. Making
+	 * the entry here was the dearest path of the program (cgroup walk, header, table insert). */
+	if (!plen && fin && !st)
+		return 1;
 #ifdef AT_FLOW_CONNECT_OWNER
 	if (!st && !plen) {
 		struct at_pending *cp = at_flow_connect_owner(skb, cookie);

@@ -66,17 +66,23 @@ static __always_inline void at_sockops_result(struct bpf_sock_ops *ctx, u32 op)
 		return;
 	u64 sk = (u64)s;
 	if (op == BPF_SOCK_OPS_TCP_CONNECT_CB) {
-		struct at_pending *p = pending_conn.lookup(&sk);
-		if (p && !p->done)
-			bpf_sock_ops_cb_flags_set(ctx, ctx->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+		/* asked for without looking the socket up: nearly every connect() here is one
+		 * net.c let through (a blocked one never gets here), so the look-up is made once,
+		 * at the state change, and a socket it finds nothing for stops the callbacks there */
+		bpf_sock_ops_cb_flags_set(ctx, ctx->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
 		return;
 	}
+	/* the first change after connect() is the one out of SYN_SENT: whatever it is, no later
+	 * one is wanted (a simultaneous open's SYN_RECV has no result here), so a change that is
+	 * not a result, or of a socket net.c did not let through, stops the callbacks */
 	u32 newstate = ctx->args[1];
-	if (ctx->args[0] != AT_TCP_SYN_SENT || (newstate != AT_TCP_ESTABLISHED && newstate != AT_TCP_CLOSE))
+	struct at_pending *p = 0;
+	if (ctx->args[0] == AT_TCP_SYN_SENT && (newstate == AT_TCP_ESTABLISHED || newstate == AT_TCP_CLOSE))
+		p = pending_conn.lookup(&sk);
+	if (!p || p->done) {
+		bpf_sock_ops_cb_flags_set(ctx, ctx->bpf_sock_ops_cb_flags & ~BPF_SOCK_OPS_STATE_CB_FLAG);
 		return;
-	struct at_pending *p = pending_conn.lookup(&sk);
-	if (!p || p->done)
-		return;
+	}
 	u16 family = (u16)ctx->family;
 	u16 sport = (u16)ctx->local_port;
 	u16 dport = (u16)bpf_ntohl(ctx->remote_port);

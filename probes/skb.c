@@ -18,20 +18,31 @@
 
 /* The headers every concern reads: the fixed IP header, then as much of the transport header
  * as the concerns use (TCP 20 bytes, UDP 8, ICMP the type). Returns -1 when nothing here has
- * anything to do with the packet (no IPv4/IPv6 header): every concern let such packets pass. */
-static __always_inline int at_skb_ctx_init(struct __sk_buff *skb, struct at_skb_ctx *c)
+ * anything to do with the packet (no IPv4/IPv6 header): every concern let such packets pass.
+ * AT_SKB_BARE_TCP: an IPv4 TCP segment without payload, which only flow.c has a use for (tls
+ * and dns read payload, icmp other protocols): the others are not run for it. */
+#define AT_SKB_BARE_TCP 1
+static __always_inline int at_skb_ctx_init(struct __sk_buff *skb, struct at_skb_ctx *c, int ingress)
 {
 	u32 l4off;
 	if (skb->protocol == bpf_htons(AT_ETH_P_IP)) {
 		/* IPv4 without options and a full TCP header, nearly every packet: both headers in
 		 * one load (one helper call fewer per packet, ~9 per loopback connection) */
 		if (bpf_skb_load_bytes(skb, 0, c->ip, 40) == 0 && (c->ip[0] & 0xf) == 5) {
+			/* An arriving TCP segment with no payload and no FIN or RST (the handshake,
+			 * bare ACKs: 3 of the ~4 segments a loopback connection delivers) is nothing
+			 * to dns (no message) or flow (it carries no bytes and ends no way): it
+			 * passes here, before the socket cookie and the concerns' own parses. */
+			int bare = c->ip[9] == 6 &&
+				   (((u32)c->ip[2] << 8) | c->ip[3]) == 20 + (u32)(c->ip[32] >> 4) * 4;
+			if (ingress && bare && !(c->ip[33] & 0x05))
+				return -1;
 			__builtin_memcpy(c->l4, &c->ip[20], 20);
 			skb->cb[AT_SKB_CB_VERDICT] = 1;
 			skb->cb[AT_SKB_CB_SCOPE] = 0;
 			skb->cb[AT_SKB_CB_L4LEN] = 20;
 			c->cookie = bpf_get_socket_cookie(skb);
-			return 0;
+			return bare ? AT_SKB_BARE_TCP : 0;
 		}
 		if (bpf_skb_load_bytes(skb, 0, c->ip, 20) < 0)
 			return -1;
@@ -63,19 +74,22 @@ static __always_inline int at_skb_ctx_init(struct __sk_buff *skb, struct at_skb_
 int at_skb_egress(struct __sk_buff *skb)
 {
 	struct at_skb_ctx c;
-	if (at_skb_ctx_init(skb, &c) < 0)
+	int r = at_skb_ctx_init(skb, &c, 0);
+	if (r < 0)
 		return 1;
+	if (r != AT_SKB_BARE_TCP) {
 #ifdef AT_WITH_TLS
-	if (!at_tls_egress(skb, &c))
-		at_skb_drop(skb);
+		if (!at_tls_egress(skb, &c))
+			at_skb_drop(skb);
 #endif
 #ifdef AT_WITH_ICMP
-	if (!at_icmp_egress(skb, &c))
-		at_skb_drop(skb);
+		if (!at_icmp_egress(skb, &c))
+			at_skb_drop(skb);
 #endif
 #ifdef AT_WITH_DNS
-	at_dns(skb, AT_DIR_EGRESS, &c);
+		at_dns(skb, AT_DIR_EGRESS, &c);
 #endif
+	}
 #ifdef AT_WITH_FLOW
 	if (!at_flow(skb, AT_DIR_EGRESS, &c))
 		at_skb_drop(skb);
@@ -87,10 +101,12 @@ int at_skb_egress(struct __sk_buff *skb)
 int at_skb_ingress(struct __sk_buff *skb)
 {
 	struct at_skb_ctx c;
-	if (at_skb_ctx_init(skb, &c) < 0)
+	int r = at_skb_ctx_init(skb, &c, 1);
+	if (r < 0)
 		return 1;
 #ifdef AT_WITH_DNS
-	at_dns(skb, AT_DIR_INGRESS, &c);
+	if (r != AT_SKB_BARE_TCP)
+		at_dns(skb, AT_DIR_INGRESS, &c);
 #endif
 #ifdef AT_WITH_FLOW
 	if (!at_flow(skb, AT_DIR_INGRESS, &c))

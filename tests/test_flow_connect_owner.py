@@ -148,3 +148,49 @@ def test_no_flow_entry_without_a_payload(agent_tree, monkeypatch):
     finally:
         srv.close()
         k.close()
+
+
+ACCEPTOR = r"""
+import socket, sys
+s = socket.create_server(("127.0.0.1", 0))
+print(s.getsockname()[1], flush=True)
+for how in sys.argv[1:]:
+    c, _ = s.accept()
+    if how == "talk":
+        c.sendall(b"SSH-2.0-OpenSSH_9.2p1 acceptor\r\n")
+    c.close()
+"""
+
+
+def test_accepted_socket_closed_without_a_byte_makes_no_flow_entry(agent_tree, monkeypatch):
+    """An accepted socket whose only segments out are bare (its FIN on close, what a connect
+    storm's listener does) makes no flow_state entry: nothing is pending and its way is over.
+    One that talks still gets its flow record, with the acceptor as owner."""
+    need_bpf()
+    from test_flow_probes import Kernel
+    from agenttrace.kernel import wire as ev
+    k = Kernel(agent_tree.root, monkeypatch)
+    try:
+        a = agent_tree.agent("acceptor")
+        srv = agent_tree.spawn(a, [PY, "-c", ACCEPTOR, "quiet", "talk"], stdout=subprocess.PIPE)
+        port = int(srv.stdout.readline())
+        # the clients are outside the agent: only the acceptor's sockets are agent sockets
+        quiet = socket.create_connection(("127.0.0.1", port), timeout=30)
+        assert quiet.recv(64) == b""           # the acceptor's FIN
+        talk = socket.create_connection(("127.0.0.1", port), timeout=30)
+        assert talk.recv(64).startswith(b"SSH-2.0-")
+        assert srv.wait(timeout=30) == 0
+        acc = k.wait(lambda: (lambda rs: rs if len(rs) >= 2 else None)(
+            k.of(ev.EV_LISTEN, what=ev.LISTEN_ACCEPT, lport=port)))
+        assert acc and len(acc) == 2
+        by_port = {r.rport: r for r in acc}
+        qc, tc = by_port[quiet.getsockname()[1]].cookie, by_port[talk.getsockname()[1]].cookie
+        out = k.wait(lambda: [f for f in k.of(ev.EV_FLOW) if f.cookie == tc and f.direction == ev.DIR_EGRESS])
+        assert out and out[0].h.tgid == srv.pid and out[0].proto_hint == ev.PROTO_SSH
+        keys = {key.value for key in k.p["flow_state"].keys()}
+        assert qc not in keys and tc in keys
+        assert not [f for f in k.of(ev.EV_FLOW) if f.cookie == qc]
+        quiet.close()
+        talk.close()
+    finally:
+        k.close()

@@ -463,7 +463,9 @@ class Probes:
             finally:
                 os.close(fd)
         watched = self["watched"]
-        watched[watched.Key(cid)] = watched.Leaf(level(abs_path))
+        lvl = level(abs_path)
+        self._watch_from(lvl)
+        watched[watched.Key(cid)] = watched.Leaf(lvl)
         self._attached[cid] = att
         if self.pin_dir is not None:
             self._pin(att)
@@ -547,6 +549,18 @@ class Probes:
             except OSError:
                 pass
         self._raw_pins.clear()
+
+    def _watch_from(self, lvl: int) -> None:
+        # the probes' cgroup walks start at this level (common.h watch_from): lowered before a
+        # shallower cgroup is watched, so no moment exists where it is in the map but skipped;
+        # never raised while anything is watched (a stale low value only costs a look-up)
+        try:
+            t = self["watch_from"]
+        except KeyError:
+            return
+        cur = t[t.Key(0)].value
+        if not self._attached or lvl < cur:
+            t[t.Key(0)] = t.Leaf(lvl)
 
     def unwatch(self, cid: int) -> None:
         att = self._attached.pop(cid, None)

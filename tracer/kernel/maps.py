@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from agenttrace.kernel.mapwrite import delete_stale
 
-from agenttrace.match.policy import (EXEC_MATCH_BASENAME, EXEC_MATCH_PATH, KernelPolicy)
+from agenttrace.match.policy import (EXEC_MATCH_BASENAME, EXEC_MATCH_PATH, SCOPE_BITS, KernelPolicy)
 
 SLOTS = 4                 # AT_DST_SLOTS in probes/net.c
 MAX_PORT_EXPANSION = 4096  # port ranges narrower than "any" are expanded into per-port keys
@@ -71,6 +71,25 @@ def plan_net(kp: KernelPolicy) -> NetPlan:
                 add_slot(plan.ports.setdefault((e.group_id, port), []), e, deny,
                          f"group {e.group_id} port {port or 'any'}")
     return plan
+
+
+ALL_SCOPES = 0
+for _bit in SCOPE_BITS.values():
+    ALL_SCOPES |= _bit
+
+
+def free_scopes(kp: KernelPolicy, plan: NetPlan) -> int:
+    """The scopes no destination entry (CIDR, port, allow-list group) can match in any group:
+    net.c allows a destination there without looking further (policy_free). A slot with no
+    scope mask matches every scope, loopback included, so one such rule keeps every look-up."""
+    used = 0
+    for slots in list(plan.dst.values()) + list(plan.ports.values()):
+        for _pid, _lo, _hi, _proto, _deny, mask in slots:
+            used |= mask or ALL_SCOPES
+    for g in kp.groups:
+        if g.allow_list:
+            used |= g.allow_scope_mask or ALL_SCOPES
+    return ALL_SCOPES & ~used
 
 
 def check_fits(kp: KernelPolicy) -> None:
@@ -191,6 +210,13 @@ class PolicyWriter:
             C.memmove(C.addressof(k) + 8, _mapped16(fam, addr), 16)
             dst[bytes(k)] = (k, slots)
 
+        # the skip in net.c narrows first (old and new entries may both be in the maps until
+        # the stale ones are gone), and takes the new rules' extent only once they are alone
+        free = free_scopes(kp, plan)
+        has_free = self._has("policy_free")
+        if has_free:
+            old_free = p["policy_free"][p["policy_free"].Key(0)].value
+            p.set_flag("policy_free", 0, old_free & free)
         # write new, then delete stale
         for key, (k, sc) in want_scopes.items():
             scopes[k] = scopes.Leaf(sc)
@@ -214,6 +240,8 @@ class PolicyWriter:
                 t[k] = t.Leaf(g.allow_scope_mask, g.policy_id, g.ttl_min, g.ttl_max)
                 want.add(bytes(k))
         self._delete_stale(t, want)
+        if has_free:
+            p.set_flag("policy_free", 0, free)
         from agenttrace.kernel.wire import CFG_DEFAULT_GROUP
         p.set_flag("at_config", CFG_DEFAULT_GROUP, kp.group_ids.get("default", 0))
         if self._has("name_allow"):
