@@ -231,7 +231,7 @@ class Enricher:
                 proc["killed_in_kernel"] = True
         if policy_id:
             proc["policy_id"] = policy_id
-        ident = self._identity(tgid, filename, exe, args)
+        ident = self._identity(tgid, filename, exe, args, ktime)
         if ident:
             proc["identity"] = ident
         if not filename.startswith(SYSTEM_PREFIXES):     # FreshExe.check's own first test
@@ -346,13 +346,13 @@ class Enricher:
         except Exception:   # an enrichment cache: the session runs without it being warm
             pass
 
-    def _identity(self, pid: int, filename: str, exe: str, args: list) -> dict | None:
+    def _identity(self, pid: int, filename: str, exe: str, args: list, ktime: int = 0) -> dict | None:
         """What the exec ran by content (tracer/enrich/exeid.py); never stops the pipeline."""
         if not self._warmed:
             self.warm()
         ids = self.exe_ids
         try:
-            return ids.identify(pid, filename, exe, args)
+            return ids.identify(pid, filename, exe, args, ktime)
         except Exception:
             ids.stats["unreadable"] += 1
             return None
