@@ -351,11 +351,16 @@ class Enricher:
         if not self._warmed:
             self.warm()
         ids = self.exe_ids
+        # when the exec happened, for identify's re-use of a recent stat (exeid._gone); an
+        # attribute, not an argument: identify's signature is what stand-ins replace
+        ids.exec_ktime = ktime
         try:
-            return ids.identify(pid, filename, exe, args, ktime)
+            return ids.identify(pid, filename, exe, args)
         except Exception:
             ids.stats["unreadable"] += 1
             return None
+        finally:
+            ids.exec_ktime = 0
 
     def _ssh(self, pid: int, uid: int, exe: str, args: list, proc: dict) -> None:
         """An OpenSSH client: what its argv and config files make it do (tracer/enrich/sshconfig.py)."""

@@ -304,10 +304,12 @@ class ExeIdentifier:
             d.clear()
         d[filename] = (now, answer)
 
-    def identify(self, pid: int, filename: str, exe: str, args: Sequence[str],
-                 ktime: int = 0) -> Optional[dict]:
-        """Identity of what an exec ran, or None when nothing could be read. `ktime`: when
-        the exec happened (CLOCK_MONOTONIC ns), for _gone's re-use of a recent stat.
+    # when the exec being identified happened (CLOCK_MONOTONIC ns; 0: unknown), set by the
+    # enricher around its identify call, for _gone's re-use of a recent stat
+    exec_ktime = 0
+
+    def identify(self, pid: int, filename: str, exe: str, args: Sequence[str]) -> Optional[dict]:
+        """Identity of what an exec ran, or None when nothing could be read.
 
         The common answer (a named program, or one that is neither loader nor interpreter)
         is the cache's own dict, shared by every exec of that file: nothing downstream
@@ -328,7 +330,7 @@ class ExeIdentifier:
         else:
             self.stats["unreadable"] += 1      # what opening the link would have counted
         if link is None:
-            own, link = self._gone(filename, exe, ktime)
+            own, link = self._gone(filename, exe, self.exec_ktime)
         if own is None:
             return None
         real = link.rsplit("/", 1)[-1]

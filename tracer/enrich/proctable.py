@@ -8,9 +8,11 @@ a fork bomb cannot grow memory without limit.
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
+from collections import OrderedDict, deque
 
 ANCESTRY_DEPTH = 8
+# exited processes no ancestry has named, kept this many exits longer (see ProcTable.on_exit)
+EXITED_KEEP = 4096
 
 
 class Proc:
@@ -131,6 +133,9 @@ class ProcTable:
         # pid -> (creator, fork ktime, flags) | None: the kernel's creator chain (kernel/forks.py),
         # for processes forked while fork records are off; None when there is no kernel table
         self.fork_lookup = None
+        # exited processes no chain named when they exited, oldest first (on_exit)
+        self._exited: "deque[tuple[Proc, str]]" = deque()
+        self.forgotten = 0
 
     def __len__(self) -> int:
         return len(self._t)
@@ -242,9 +247,26 @@ class ProcTable:
         return self._put(p)
 
     def on_exit(self, pid: int) -> Proc | None:
+        """An exited process stays while something may still ask for it: a child whose
+        records come after the exit (its exec names it as creator), a late record of its
+        own. One that no ancestry has named (`kids`) is forgotten EXITED_KEEP exits later,
+        unless a chain named it meanwhile or its pid was reused. An exec storm's programs
+        are such leaves: before, each kept its ~1 KB entry until the table's LRU bound
+        (65,536 entries, ~65 MB of the tracer's RSS) pushed it out. Forgetting a leaf
+        changes no cached chain (none holds it), so the generation stays."""
         p = self._t.get(pid)
         if p is not None:
             p.exited = True
+            if not p.kids:
+                q = self._exited
+                q.append((p, p.exec_id))
+                if len(q) > EXITED_KEEP:
+                    old, xid = q.popleft()
+                    t = self._t
+                    # the same image still (a reused pid's exec in place renews exec_id)
+                    if not old.kids and old.exec_id is xid and t.get(old.pid) is old:
+                        del t[old.pid]
+                        self.forgotten += 1
         return p
 
     def forget(self, pid: int) -> None:
