@@ -42,6 +42,8 @@ class Enricher:
         self.procs = procs
         self.scoper = scoper
         self._by_type = self._handlers()
+        from agenttrace.enrich.decodecache import DecodeCache
+        self._decoded = DecodeCache()       # exec fields decoded once per distinct bytes
         self.by_type: dict[int, int] = {}    # records decoded, per wire type (stage counter)
         self.node = node or socket.gethostname()
         self.name_lookup = name_lookup      # (agent_cgroup_id, addr) -> name | None (DNS cache)
@@ -206,15 +208,16 @@ class Enricher:
     def _exec_v(self, v) -> list[Event]:
         (tgid, uid, ktime, cgroup_id, agent, comm, ppid, flags, n, policy_id, creator,
          filename) = E.unpack(_EXEC_S, v)
-        filename = filename.split(b"\0", 1)[0].decode("utf-8", "backslashreplace")
-        args = E.split_args(E.exec_args(v, n)) if n else []
+        dc = self._decoded
+        filename = dc.text(filename)
+        args = dc.argv(E.exec_args(v, n)) if n else []
         exe = filename
         if filename[:1] != "/" or filename.startswith(("/dev/fd/", "/proc/")):
             # execveat(fd, "", AT_EMPTY_PATH) / fexecve of a memfd / relative paths: the
             # kernel's name says little, the exe link says what ran (if the process still runs)
             exe = readlink_exe(tgid) or filename
         procs = self.procs
-        p = procs.on_exec(tgid, ppid, uid, E.cstr(comm), exe, args, ktime, creator)
+        p = procs.on_exec(tgid, ppid, uid, dc.text(comm), exe, args, ktime, creator)
         rec, t = self._base_t("exec", ktime, agent)
         proc = p.record()
         proc["ancestry"] = procs.ancestry(tgid)
