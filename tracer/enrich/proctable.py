@@ -18,7 +18,7 @@ EXITED_KEEP = 4096
 class Proc:
     __slots__ = ("pid", "ppid", "parent", "uid", "comm", "exe", "args", "start_ktime",
                  "cgroup_id", "agent_cgroup_id", "exited", "gpu", "_summary", "_anc", "_anc_gen", "_anc_pids",
-                 "exec_id", "parent_exec_id", "kids")
+                 "exec_id", "parent_exec_id", "kids", "_kid_anc")
 
     def __init__(self, pid: int, ppid: int = 0, uid: int = 0, comm: str = "", exe: str = "",
                  args: list | None = None, start_ktime: int = 0):
@@ -41,6 +41,8 @@ class Proc:
         self.exec_id = make_exec_id(pid, start_ktime)
         self.parent_exec_id: str | None = None
         self.kids = False    # named in some ancestry: its exec must invalidate cached ones
+        # (own chain, own summary, chain of a child): the list its children share, see ancestry
+        self._kid_anc: tuple | None = None
 
     def summary(self) -> dict:
         """{pid, comm, exe} for ancestry lists; rebuilt only when comm or exe changed. Shared
@@ -134,7 +136,10 @@ class ProcTable:
         # for processes forked while fork records are off; None when there is no kernel table
         self.fork_lookup = None
         # exited processes no chain named when they exited, oldest first (on_exit)
-        self._exited: "deque[tuple[Proc, str]]" = deque()
+        # (two deques, not one of pairs: a tuple per exit is one more object for every
+        # garbage collection to walk until the entry goes)
+        self._exited: "deque[Proc]" = deque()
+        self._exited_ids: "deque[str]" = deque()    # each one's exec_id when it exited
         self.forgotten = 0
 
     def __len__(self) -> int:
@@ -258,10 +263,11 @@ class ProcTable:
         if p is not None:
             p.exited = True
             if not p.kids:
-                q = self._exited
-                q.append((p, p.exec_id))
+                q, ids = self._exited, self._exited_ids
+                q.append(p)
+                ids.append(p.exec_id)
                 if len(q) > EXITED_KEEP:
-                    old, xid = q.popleft()
+                    old, xid = q.popleft(), ids.popleft()
                     t = self._t
                     # the same image still (a reused pid's exec in place renews exec_id)
                     if not old.kids and old.exec_id is xid and t.get(old.pid) is old:
@@ -309,7 +315,15 @@ class ProcTable:
                     if pids is None:
                         pids = a._anc_pids = frozenset(s["pid"] for s in anc)
                     if pid not in pids:
-                        out += anc[:depth - 1]
+                        # siblings (a storm's children of one parent) share one list: built
+                        # from the same chain and the same summary it is the same chain, and
+                        # the tuple holds both, so neither id can be another object's
+                        kid = a._kid_anc
+                        if kid is not None and kid[0] is anc and kid[1] is out[0]:
+                            out = kid[2]
+                        else:
+                            out += anc[:depth - 1]
+                            a._kid_anc = (anc, out[0], out)
                         break
                 for s in anc:
                     if len(out) >= depth or s["pid"] in seen:
