@@ -67,3 +67,11 @@ def test_stratum_rule_answers_shared_and_fresh_argv_alike():
     assert m({"proc": {"args": list(bad)}}) is True         # equal content, another list
     assert m({"proc": {"args": ["true"]}}) is False
     assert m({"proc": {}}) is False and m({}) is False
+
+
+def test_pid_counter_with_an_odd_pid_stays_a_set():
+    got = _Pids()
+    got.add("7")
+    for pid in range(_Pids.SET_MAX + 10):
+        got.add(pid)
+    assert got._set is not None and len(got) == _Pids.SET_MAX + 11

@@ -68,7 +68,7 @@ class _Pids:
                 return
             s.add(pid)
             self.n += 1
-            if len(s) > self.SET_MAX and type(pid) is int:
+            if len(s) > self.SET_MAX and self._bits is None:
                 self._to_bits()
             return
         if type(pid) is not int or pid < 0:
@@ -84,7 +84,8 @@ class _Pids:
     def _to_bits(self) -> None:
         ints = [p for p in self._set if type(p) is int and p >= 0]
         if len(ints) != len(self._set):
-            return      # a non-int pid: stay a set
+            self._bits = bytearray()    # a non-int pid: stay a set, and do not try again
+            return
         b = bytearray((max(ints) >> 3) + 1)
         for p in ints:
             b[p >> 3] |= 1 << (p & 7)
