@@ -78,3 +78,31 @@ def test_wait_status():
     assert wait_status(3 << 8) == (3, None)
     assert wait_status(9) == (137, 9)
     assert wait_status(0) == (0, None)
+
+
+def test_proc_table_forgets_exited_leaves_but_keeps_named_creators():
+    import agenttrace.enrich.proctable as PT
+    t = ProcTable()
+    t.on_exec(10_000_001, 1, 0, "storm", "/bin/storm", ["storm"], 1)
+    t.on_fork(10_000_001, 10_000_002, 2, 0, "mid")      # forks, exits before its child execs
+    t.on_fork(10_000_002, 10_000_003, 3, 0, "late")
+    t.on_exit(10_000_002)
+    t.on_fork(10_000_001, 10_000_004, 4, 0, "named")    # a chain names it before it exits
+    t.on_fork(10_000_004, 10_000_005, 5, 0, "kid")
+    assert t.ancestry(10_000_005)[0]["pid"] == 10_000_004
+    t.on_exit(10_000_004)
+    t.on_exec(10_000_003, 1, 0, "echo", "/bin/echo", ["echo"], 6)   # within the window
+    assert [a["pid"] for a in t.ancestry(10_000_003)][:2] == [10_000_002, 10_000_001]
+    t.on_exec(10_000_006, 10_000_001, 0, "reused", "/bin/true", ["true"], 7)
+    t.on_exit(10_000_006)
+    t.on_exec(10_000_006, 10_000_001, 0, "true", "/bin/true", ["true"], 8)    # pid reused in place
+    for i in range(PT.EXITED_KEEP + 10):     # a storm of leaves: each exits, none is named
+        pid = 20_000_000 + i
+        t.on_exec(pid, 10_000_001, 0, "true", "/bin/true", ["true"], 10 + i, creator=10_000_001)
+        t.ancestry(pid)
+        t.on_exit(pid)
+    assert t.peek(20_000_000) is None and t.peek(20_000_000 + PT.EXITED_KEEP + 9) is not None
+    assert t.forgotten >= 10 and len(t) < PT.EXITED_KEEP + 20
+    assert t.peek(10_000_002) is not None and t.peek(10_000_004) is not None   # named: kept
+    # the reused pid's new image is not forgotten with the old one's exit
+    assert t.peek(10_000_006) is not None and t.peek(10_000_006).exec_id.endswith("-8")

@@ -42,6 +42,8 @@ class Enricher:
         self.procs = procs
         self.scoper = scoper
         self._by_type = self._handlers()
+        from agenttrace.enrich.decodecache import DecodeCache
+        self._decoded = DecodeCache()       # exec fields decoded once per distinct bytes
         self.by_type: dict[int, int] = {}    # records decoded, per wire type (stage counter)
         self.node = node or socket.gethostname()
         self.name_lookup = name_lookup      # (agent_cgroup_id, addr) -> name | None (DNS cache)
@@ -206,15 +208,16 @@ class Enricher:
     def _exec_v(self, v) -> list[Event]:
         (tgid, uid, ktime, cgroup_id, agent, comm, ppid, flags, n, policy_id, creator,
          filename) = E.unpack(_EXEC_S, v)
-        filename = filename.split(b"\0", 1)[0].decode("utf-8", "backslashreplace")
-        args = E.split_args(E.exec_args(v, n)) if n else []
+        dc = self._decoded
+        filename = dc.text(filename)
+        args = dc.argv(E.exec_args(v, n)) if n else []
         exe = filename
         if filename[:1] != "/" or filename.startswith(("/dev/fd/", "/proc/")):
             # execveat(fd, "", AT_EMPTY_PATH) / fexecve of a memfd / relative paths: the
             # kernel's name says little, the exe link says what ran (if the process still runs)
             exe = readlink_exe(tgid) or filename
         procs = self.procs
-        p = procs.on_exec(tgid, ppid, uid, E.cstr(comm), exe, args, ktime, creator)
+        p = procs.on_exec(tgid, ppid, uid, dc.text(comm), exe, args, ktime, creator)
         rec, t = self._base_t("exec", ktime, agent)
         proc = p.record()
         proc["ancestry"] = procs.ancestry(tgid)
@@ -231,7 +234,7 @@ class Enricher:
                 proc["killed_in_kernel"] = True
         if policy_id:
             proc["policy_id"] = policy_id
-        ident = self._identity(tgid, filename, exe, args)
+        ident = self._identity(tgid, filename, exe, args, ktime)
         if ident:
             proc["identity"] = ident
         if not filename.startswith(SYSTEM_PREFIXES):     # FreshExe.check's own first test
@@ -346,16 +349,21 @@ class Enricher:
         except Exception:   # an enrichment cache: the session runs without it being warm
             pass
 
-    def _identity(self, pid: int, filename: str, exe: str, args: list) -> dict | None:
+    def _identity(self, pid: int, filename: str, exe: str, args: list, ktime: int = 0) -> dict | None:
         """What the exec ran by content (tracer/enrich/exeid.py); never stops the pipeline."""
         if not self._warmed:
             self.warm()
         ids = self.exe_ids
+        # when the exec happened, for identify's re-use of a recent stat (exeid._gone); an
+        # attribute, not an argument: identify's signature is what stand-ins replace
+        ids.exec_ktime = ktime
         try:
             return ids.identify(pid, filename, exe, args)
         except Exception:
             ids.stats["unreadable"] += 1
             return None
+        finally:
+            ids.exec_ktime = 0
 
     def _ssh(self, pid: int, uid: int, exe: str, args: list, proc: dict) -> None:
         """An OpenSSH client: what its argv and config files make it do (tracer/enrich/sshconfig.py)."""

@@ -27,6 +27,7 @@ import re
 import stat
 import struct
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,6 +153,8 @@ class ExeIdentifier:
         self._cache: "OrderedDict[tuple, dict]" = OrderedDict()
         # (exec path, its stat) -> (identity, program path) for processes already gone
         self._gone_paths: "OrderedDict[tuple, tuple]" = OrderedDict()
+        # exec path -> (CLOCK_MONOTONIC ns of its last stat, that answer): see _gone
+        self._stated: Dict[str, tuple] = {}
         self.max_entries = max_entries
         self._lock = threading.Lock()
         self.stats = {"scanned": 0, "cache_hits": 0, "unreadable": 0, "identified": 0}
@@ -250,13 +253,25 @@ class ExeIdentifier:
                 self.stats["cache_hits"] += 1
         return hit, True
 
-    def _gone(self, filename: str, exe: str) -> Tuple[Optional[dict], str]:
+    def _gone(self, filename: str, exe: str, ktime: int = 0) -> Tuple[Optional[dict], str]:
         """(identity, program path) for a process that exited before we looked: the exec path
         (links resolved), or for a script the interpreter its #! line names. An exec storm of
         short-lived programs lands here for almost every exec, and resolving the path costs a
         dozen syscalls, so the answer is kept per exec path and re-checked with one stat of it
         (a changed file or link target changes what the stat sees). A script's interpreter
-        replaced under an unchanged script is seen once the entry ages out."""
+        replaced under an unchanged script is seen once the entry ages out.
+
+        `ktime` (the exec's CLOCK_MONOTONIC time, 0: unknown): an exec that happened before
+        the path's last stat gets that stat's answer without another one. That stat already
+        saw the file as it was after this exec, which is all a new stat now could tell (the
+        file may change after an exec either way); an exec after it is stat'ed afresh, so a
+        replaced file is seen by the first exec that follows the replacement. A storm's
+        batch of execs, read together, costs one stat instead of one each."""
+        memo = self._stated.get(filename) if ktime else None
+        if memo is not None and ktime <= memo[0]:
+            self.stats["cache_hits"] += 1
+            return memo[1]
+        now = time.monotonic_ns()
         try:
             st = os.stat(filename)
             key = (filename, st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
@@ -268,6 +283,7 @@ class ExeIdentifier:
                 if hit is not None:
                     self._gone_paths.move_to_end(key)
                     self.stats["cache_hits"] += 1
+                    self._remember_stat(filename, now, hit)
                     return hit
         link = os.path.realpath(filename) if filename.startswith("/") else (exe or filename)
         interp = _shebang(link)
@@ -279,10 +295,25 @@ class ExeIdentifier:
                 self._gone_paths[key] = (own, link)
                 if len(self._gone_paths) > self.max_entries:
                     self._gone_paths.popitem(last=False)
+            self._remember_stat(filename, now, (own, link))
         return own, link
 
+    def _remember_stat(self, filename: str, now: int, answer: tuple) -> None:
+        d = self._stated
+        if len(d) >= self.max_entries and filename not in d:
+            d.clear()
+        d[filename] = (now, answer)
+
+    # when the exec being identified happened (CLOCK_MONOTONIC ns; 0: unknown), set by the
+    # enricher around its identify call, for _gone's re-use of a recent stat
+    exec_ktime = 0
+
     def identify(self, pid: int, filename: str, exe: str, args: Sequence[str]) -> Optional[dict]:
-        """Identity of what an exec ran, or None when nothing could be read."""
+        """Identity of what an exec ran, or None when nothing could be read.
+
+        The common answer (a named program, or one that is neither loader nor interpreter)
+        is the cache's own dict, shared by every exec of that file: nothing downstream
+        mutates a record's identity (as with ancestry lists, proctable.ancestry)."""
         # stat through the exe link: a cache hit costs a stat and a readlink, no open. An exec
         # storm's programs have mostly exited (and been reaped) by the time their record is
         # read; a failed path walk into /proc costs about twice the signal-0 probe that tells
@@ -299,13 +330,13 @@ class ExeIdentifier:
         else:
             self.stats["unreadable"] += 1      # what opening the link would have counted
         if link is None:
-            own, link = self._gone(filename, exe)
+            own, link = self._gone(filename, exe, self.exec_ktime)
         if own is None:
             return None
-        ident = dict(own)
         real = link.rsplit("/", 1)[-1]
-        if "name" in ident or not _sees_through(real):
-            return self._done(ident)   # the common case: one open, one fstat, a cache hit
+        if "name" in own or not _sees_through(real):
+            return self._done(own)     # the common case: a cache hit, no copy
+        ident = dict(own)
         # a shebang exec: the kernel's exec path is the script, the mapped program its interpreter
         shebang = (filename.startswith("/") and not filename.startswith(("/dev/fd/", "/proc/"))
                    and os.path.realpath(filename) != link)

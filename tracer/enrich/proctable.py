@@ -8,15 +8,17 @@ a fork bomb cannot grow memory without limit.
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
+from collections import OrderedDict, deque
 
 ANCESTRY_DEPTH = 8
+# exited processes no ancestry has named, kept this many exits longer (see ProcTable.on_exit)
+EXITED_KEEP = 4096
 
 
 class Proc:
     __slots__ = ("pid", "ppid", "parent", "uid", "comm", "exe", "args", "start_ktime",
                  "cgroup_id", "agent_cgroup_id", "exited", "gpu", "_summary", "_anc", "_anc_gen", "_anc_pids",
-                 "exec_id", "parent_exec_id", "kids")
+                 "exec_id", "parent_exec_id", "kids", "_kid_anc")
 
     def __init__(self, pid: int, ppid: int = 0, uid: int = 0, comm: str = "", exe: str = "",
                  args: list | None = None, start_ktime: int = 0):
@@ -39,6 +41,8 @@ class Proc:
         self.exec_id = make_exec_id(pid, start_ktime)
         self.parent_exec_id: str | None = None
         self.kids = False    # named in some ancestry: its exec must invalidate cached ones
+        # (own chain, own summary, chain of a child): the list its children share, see ancestry
+        self._kid_anc: tuple | None = None
 
     def summary(self) -> dict:
         """{pid, comm, exe} for ancestry lists; rebuilt only when comm or exe changed. Shared
@@ -131,6 +135,12 @@ class ProcTable:
         # pid -> (creator, fork ktime, flags) | None: the kernel's creator chain (kernel/forks.py),
         # for processes forked while fork records are off; None when there is no kernel table
         self.fork_lookup = None
+        # exited processes no chain named when they exited, oldest first (on_exit)
+        # (two deques, not one of pairs: a tuple per exit is one more object for every
+        # garbage collection to walk until the entry goes)
+        self._exited: "deque[Proc]" = deque()
+        self._exited_ids: "deque[str]" = deque()    # each one's exec_id when it exited
+        self.forgotten = 0
 
     def __len__(self) -> int:
         return len(self._t)
@@ -242,9 +252,27 @@ class ProcTable:
         return self._put(p)
 
     def on_exit(self, pid: int) -> Proc | None:
+        """An exited process stays while something may still ask for it: a child whose
+        records come after the exit (its exec names it as creator), a late record of its
+        own. One that no ancestry has named (`kids`) is forgotten EXITED_KEEP exits later,
+        unless a chain named it meanwhile or its pid was reused. An exec storm's programs
+        are such leaves: before, each kept its ~1 KB entry until the table's LRU bound
+        (65,536 entries, ~65 MB of the tracer's RSS) pushed it out. Forgetting a leaf
+        changes no cached chain (none holds it), so the generation stays."""
         p = self._t.get(pid)
         if p is not None:
             p.exited = True
+            if not p.kids:
+                q, ids = self._exited, self._exited_ids
+                q.append(p)
+                ids.append(p.exec_id)
+                if len(q) > EXITED_KEEP:
+                    old, xid = q.popleft(), ids.popleft()
+                    t = self._t
+                    # the same image still (a reused pid's exec in place renews exec_id)
+                    if not old.kids and old.exec_id is xid and t.get(old.pid) is old:
+                        del t[old.pid]
+                        self.forgotten += 1
         return p
 
     def forget(self, pid: int) -> None:
@@ -287,7 +315,15 @@ class ProcTable:
                     if pids is None:
                         pids = a._anc_pids = frozenset(s["pid"] for s in anc)
                     if pid not in pids:
-                        out += anc[:depth - 1]
+                        # siblings (a storm's children of one parent) share one list: built
+                        # from the same chain and the same summary it is the same chain, and
+                        # the tuple holds both, so neither id can be another object's
+                        kid = a._kid_anc
+                        if kid is not None and kid[0] is anc and kid[1] is out[0]:
+                            out = kid[2]
+                        else:
+                            out += anc[:depth - 1]
+                            a._kid_anc = (anc, out[0], out)
                         break
                 for s in anc:
                     if len(out) >= depth or s["pid"] in seen:

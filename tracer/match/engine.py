@@ -91,16 +91,28 @@ def cmdline_only(m) -> Optional[Callable[[dict], bool]]:
     except Exception:
         return None
     cre = tuple(m.cmdline_regex)
+    # the last argv list asked about and its answer: the enricher shares one list between the
+    # execs of equal argv (enrich/decodecache.py), so a storm's execs are answered without the
+    # join and the search. Keyed by identity, and the list is held, so its id cannot be reused
+    # by another list while it is the key; nothing mutates a record's args.
+    last: list = [None, False]
 
     def match(rec: dict) -> bool:
         proc = rec.get("proc")
         if not proc:
             return False
-        line = " ".join(proc.get("args") or [])
+        args = proc.get("args")
+        if args is last[0] and args is not None:
+            return last[1]
+        line = " ".join(args or [])
+        hit = False
         for r in cre:
             if r.search(line):
-                return True
-        return False
+                hit = True
+                break
+        if type(args) is list:
+            last[0], last[1] = args, hit
+        return hit
     return match
 
 

@@ -33,8 +33,9 @@ class _Agent:
         self.first = self.last = None
         self.kinds: dict = {}
         self.execs = self.forks = 0
-        self.pids: set = set()
-        self.seen_pids: set = set()     # pids known to be inside the agent (for the root)
+        self.pids = _Pids()
+        # pids known to be inside the agent, for finding the root; dropped once it is found
+        self.seen_pids: Optional[set] = set()
         self.root: Optional[dict] = None
         self.root_exit: Optional[dict] = None
         self.alerts: dict = {}
@@ -46,6 +47,52 @@ class _Agent:
         self.flows: dict = {}
         self.gpu: dict = {}             # gpu key -> {index, uuid, name, peak_memory_mib, seconds}
         self.gpu_open: dict = {}        # (gpu key, pid) -> acquired ns
+
+
+class _Pids:
+    """The distinct pids of one agent, counted exactly in bounded memory: a set while small,
+    then one bit per pid value (pid_max is at most 2**22: 512 KiB). A set held ~90 bytes per
+    pid for the agent's whole life; an exec storm of a million processes kept ~90 MB."""
+    __slots__ = ("_set", "_bits", "n")
+    SET_MAX = 4096
+
+    def __init__(self):
+        self._set: Optional[set] = set()
+        self._bits: Optional[bytearray] = None
+        self.n = 0
+
+    def add(self, pid: int) -> None:
+        s = self._set
+        if s is not None:
+            if pid in s:
+                return
+            s.add(pid)
+            self.n += 1
+            if len(s) > self.SET_MAX and self._bits is None:
+                self._to_bits()
+            return
+        if type(pid) is not int or pid < 0:
+            return      # never from the enricher (pids are ints): not worth a slot
+        i, bit = pid >> 3, 1 << (pid & 7)
+        b = self._bits
+        if i >= len(b):
+            b.extend(bytes(i + 1 - len(b)))
+        if not b[i] & bit:
+            b[i] |= bit
+            self.n += 1
+
+    def _to_bits(self) -> None:
+        ints = [p for p in self._set if type(p) is int and p >= 0]
+        if len(ints) != len(self._set):
+            self._bits = bytearray()    # a non-int pid: stay a set, and do not try again
+            return
+        b = bytearray((max(ints) >> 3) + 1)
+        for p in ints:
+            b[p >> 3] |= 1 << (p & 7)
+        self._bits, self._set = b, None
+
+    def __len__(self) -> int:
+        return self.n
 
 
 def _bump(d: dict, key, limit: int = MAX_DISTINCT) -> bool:
@@ -117,9 +164,11 @@ class Summaries:
                 if a.root is None and proc.get("ppid") not in a.seen_pids:
                     a.root = {"pid": pid, "exec_id": proc.get("exec_id"), "exe": proc.get("exe"),
                               "args": proc.get("args", [])[:8]}
+                    a.seen_pids = None      # asked only until the root is known
             else:
                 a.forks += 1
-            a.seen_pids.add(pid)
+            if a.seen_pids is not None:
+                a.seen_pids.add(pid)
             return
         if kind == "alert":
             rule = rec.get("rule") or {}
