@@ -638,7 +638,10 @@ class Tracer:
                 "read_doorbell": self._reader.bell_rings if self._reader is not None else None,
                 "decode": {"records": sum(self.enrich.by_type.values()), "unknown": self.enrich.unknown_types,
                            "by_type": {E.TYPE_NAMES.get(t, str(t)): n for t, n in self.enrich.by_type.items()}},
-                "enrich": {"events": sum(events.values()), "errors": self.stage_errors},
+                # connect records that were the previous record again but for its time, built
+                # from its parts (Enricher._connect_repeat)
+                "enrich": {"events": sum(events.values()), "errors": self.stage_errors,
+                           "connect_repeats": self.enrich.connect_repeats},
                 "match": ({"events": self.engine.stats["events"], "alerts": self.engine.stats["alerts"],
                            "suppressed": self.engine.stats["suppressed"], "errors": self.engine.stats["errors"]}
                           if self.engine is not None else None),
