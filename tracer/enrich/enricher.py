@@ -58,6 +58,7 @@ class Enricher:
         self.tick = 0
         # the last connect record built, for the next one if it repeats it (_connect_repeat)
         self._cmemo = None
+        self._cmemo_at = -1     # the tick of the record it was built or last repeated for
         self.connect_repeats = 0
         # TCP connects waiting for their outcome, by socket cookie (unique for the boot; a
         # kernel socket address is reused as soon as the socket is freed), and the cookie
@@ -448,7 +449,7 @@ class Enricher:
     def _connect_v(self, v) -> list[Event]:
         f = E.unpack(_CONNECT_S, v)
         m = self._cmemo
-        if m is not None and m[0] == self.tick - 1 and m[1] == f[:2] and m[2] == f[3:]:
+        if self._cmemo_at == self.tick - 1 and m[0] == f[:2] and m[1] == f[3:]:
             ev = self._connect_repeat(m, f)
             if ev is not None:
                 return [ev]
@@ -496,8 +497,9 @@ class Enricher:
             # share its parts (_connect_repeat)
             p = self.procs.peek(tgid)
             if p is not None:
-                self._cmemo = (self.tick, f[:2], f[3:], p, self.procs.generation, self.policy_rule,
-                               rec["proc"].get("gpu"), net["dst"]["name"], rec["proc"], net)
+                self._cmemo = (f[:2], f[3:], p, self.procs.generation, self.policy_rule,
+                               rec["proc"].get("gpu"), net["dst"]["name"], rec["proc"], net, addr)
+                self._cmemo_at = self.tick
         return [ev]
 
     def _connect_repeat(self, m, f) -> Event | None:
@@ -510,19 +512,19 @@ class Enricher:
         their trigger's parts the same way, engine._alert_record)."""
         tgid, ktime, agent = f[0], f[2], f[3]
         procs = self.procs
-        if procs.peek(tgid) is not m[3] or procs.generation != m[4] or self.policy_rule is not m[5]:
+        if procs.peek(tgid) is not m[2] or procs.generation != m[3] or self.policy_rule is not m[4]:
             return None
-        if self.gpu_summary is not None and self.gpu_summary(tgid) is not m[6]:
+        if self.gpu_summary is not None and self.gpu_summary(tgid) is not m[5]:
             return None
         s = getattr(self, "ssh_sessions", None)
         if s is not None and s.proxies:
             return None
-        if self.name_lookup is not None and self.name_lookup(agent, m[9]["dst"]["addr"]) != m[7]:
+        if self.name_lookup is not None and self.name_lookup(agent, m[9]) != m[6]:
             return None
         t = ktime + self.clock_offset
         rec = {"ts": format_ns(t), "kind": "connect", "node": self.node, "agent": self.agents.agent(agent),
-               "proc": m[8], "net": m[9]}
-        self._cmemo = (self.tick,) + m[1:]
+               "proc": m[7], "net": m[8]}
+        self._cmemo_at = self.tick
         self.connect_repeats += 1
         # its socket is already the newest one remembered, with this owner: the previous
         # record put it there and no record came in between (_remember_socket)

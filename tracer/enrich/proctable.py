@@ -135,11 +135,6 @@ class ProcTable:
     def __len__(self) -> int:
         return len(self._t)
 
-    @property
-    def generation(self) -> int:
-        """Changes whenever a cached ancestry may have (see _gen): what a copy of one is valid for."""
-        return self._gen
-
     def _put(self, p: Proc) -> Proc:
         old = self._t.get(p.pid)
         if old is None:
@@ -158,6 +153,11 @@ class ProcTable:
 
     def peek(self, pid: int) -> Proc | None:
         return self._t.get(pid)
+
+    @property
+    def generation(self) -> int:
+        """Changes whenever a cached ancestry may have (see _gen): what a copy of one is valid for."""
+        return self._gen
 
     def get(self, pid: int) -> Proc | None:
         p = self._t.get(pid)

@@ -533,7 +533,8 @@ class Tracer:
         kind = ev.kind
         counts = self.counts
         counts[kind] = counts.get(kind, 0) + 1
-        if kind in _NOTED:
+        # _note's own tests first: of connects and flows it keeps only kernel blocks
+        if kind in _NOTED and (kind == "exit" or (ev.record.get("net") or {}).get("verdict") == "blocked"):
             self._note(ev)
         if self.hooks:
             for hook in self.hooks:
