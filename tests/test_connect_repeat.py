@@ -185,3 +185,44 @@ def test_udp_connect_storm_through_the_cli(tmp_path, agent_tree):
     # each connect after the first repeats the one before, unless another record of the
     # process came in between
     assert st["enrich"]["connect_repeats"] >= 250, st
+
+
+def test_a_held_connect_is_released_with_the_outcome_already_in_the_ring():
+    """The hold ran out while the reader was off the CPU, the outcome already written: poll
+    reads the ring before it lets a connect go "pending" (pipeline.poll, Enricher.pending_due).
+    A connect that does go without its outcome is still a contact for the look-back memory.
+    Synthetic wire records through the real pipeline (the race cannot be forced with live
+    probes); the reader's read is the one stand-in."""
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        agent = os.stat("/").st_ino
+        w = _Wire(child.pid, agent)
+        w.connect(ip="198.51.100.7", port=443, proto=6, cookie=90, sk=0xffff888000009000)
+        w.result(0xffff888000009000, 443)
+        w.connect(ip="198.51.100.8", port=443, proto=6, cookie=91, sk=0xffff88800000a000)
+        t, buf = _tracer(True)
+        t.opts.wakeup_ms = 0
+        ring = [w.out[1]]                    # written while the reader was away
+
+        def read(wait_ms, bounded=True):
+            while ring:
+                rec = ring.pop(0)
+                t._on_view(memoryview(rec), len(rec))
+        t._read = read
+        for rec in (w.out[0], w.out[2]):
+            t._on_view(memoryview(rec), len(rec))
+        hold = t.opts.connect_hold_ms * 1_000_000
+        # both held past the hold: the first one's outcome is in the ring, the second has none
+        t.enrich.pending = {k: (ev, since - 2 * hold, sk) for k, (ev, since, sk) in t.enrich.pending.items()}
+        t.poll(0)
+        t._flush()
+        import json
+        got = {r["net"]["dst"]["addr"]: r["net"]["result"] for r in map(json.loads, buf.getvalue().splitlines())
+               if r.get("kind") == "connect"}
+        assert got == {"198.51.100.7": "established", "198.51.100.8": "pending"}
+        assert not t.enrich.pending
+        actor = t.enrich.activity.procs.get(child.pid)
+        assert actor is not None and {c.addr for c in actor.contacts} == {"198.51.100.7", "198.51.100.8"}
+    finally:
+        child.kill()
+        child.wait()

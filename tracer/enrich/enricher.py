@@ -544,6 +544,13 @@ class Enricher:
         net["src"] = {"addr": E.addr_str(saddr, family), "port": sport}
         return [ev]
 
+    def pending_due(self, older_than_ns: int) -> bool:
+        """A held connect is older than that (the first entry is the oldest: a connect is
+        added last, and one held again is popped first)."""
+        for _ev, since, _sk in self.pending.values():
+            return time.monotonic_ns() - since >= older_than_ns
+        return False
+
     def expire_pending(self, older_than_ns: int) -> list[Event]:
         """Release connects whose outcome has not arrived (slow or silently failed handshakes)."""
         if not self.pending:
@@ -556,10 +563,23 @@ class Enricher:
                 if self._pending_sk.get(sk) == cookie:
                     del self._pending_sk[sk]
                 out.append(ev)
+        self._released(out)
         return out
 
     def flush_pending(self) -> list[Event]:
         out = [v[0] for v in self.pending.values()]
         self.pending.clear()
         self._pending_sk.clear()
+        self._released(out)
         return out
+
+    def _released(self, out: list) -> None:
+        # a connect let go without its outcome is still a contact: the look-back memory sees
+        # it as it sees one released by its result (on_view), or download-then-exec misses a
+        # download whose handshake outlived the hold
+        act = self.activity
+        try:
+            for ev in out:
+                act.observe(ev.kind, ev.t_ns, ev.pid, ev.agent_cgroup_id, ev.record)
+        except Exception:
+            act.stats["errors"] += 1

@@ -365,8 +365,14 @@ class Tracer:
                 self._quiet or (time.monotonic() - t0) * 1000 >= self.opts.wakeup_ms)
         else:
             self._read(timeout_ms)
-        for ev in self.enrich.expire_pending(self.opts.connect_hold_ms * 1_000_000):
-            self._process(ev)
+        hold = self.opts.connect_hold_ms * 1_000_000
+        if self.enrich.pending_due(hold):
+            # what the ring already holds first: on a busy node the reader can lose the CPU
+            # for longer than the hold between reading a connect and this line, while its
+            # outcome waits in the ring; released before, it went out "pending"
+            self._read(0)
+            for ev in self.enrich.expire_pending(hold):
+                self._process(ev)
         if self.gpu is not None:
             for ev in self.gpu.poll():
                 self._process(self.enrich.gpu_event(ev))
