@@ -33,24 +33,6 @@ def test_output_fifo_is_widened_by_the_cli_sink_builder(tmp_path):
         os.close(rfd)
 
 
-def test_stdout_pipe_is_widened(monkeypatch):
-    """`agenttrace run | consumer`: the same for a pipe on stdout."""
-    import sys
-    from agenttrace.cli import _sinks
-    r, w = os.pipe()
-    out = os.fdopen(w, "w")
-    try:
-        monkeypatch.setattr(sys, "stdout", out)
-        sinks = _sinks(None, "json")
-        assert fcntl.fcntl(w, F_GETPIPE_SZ) == _max()
-        sinks[0].emit_batch([{"kind": "lifecycle"}])
-        assert os.read(r, 1 << 16) == b'{"kind":"lifecycle"}\n'
-    finally:
-        monkeypatch.undo()
-        out.close()
-        os.close(r)
-
-
 def test_regular_file_and_closed_stream_are_left_alone(tmp_path):
     with open(tmp_path / "f", "wb") as f:
         assert widen_pipe(f) == 0

@@ -90,8 +90,6 @@ def _sinks(output: Optional[Path], fmt: str, isolated: bool = False):
         # the reader's thread
         from agenttrace.session.isolation import stdout_sink
         return [stdout_sink(formatter)]
-    from agenttrace.sinks.pipesize import widen_pipe
-    widen_pipe(sys.stdout)      # `agenttrace run | consumer`: as for a FIFO given as --output
     return [StdoutSink(formatter=formatter)]
 
 
