@@ -174,3 +174,27 @@ def test_gate_candidates_are_cached_per_program_and_rebuilt_when_rules_change(tm
         """))
     eng.swap_rules(load_rules(default_rule_paths() + [str(f)]))
     assert fired(exec_rec("/usr/bin/true", ["true"])) == ["any-true"]
+
+
+def test_a_repeated_connect_meets_the_candidates_of_the_one_before(tmp_path):
+    """A repeat (enricher._connect_repeat) holds the record before's net and proc objects: when
+    that one met no candidate the engine says so at once; a record with other parts, or rules
+    swapped in between, is chosen for afresh, and one that meets rules still fires each time."""
+    f = tmp_path / "ports.yaml"
+    ports = PORT_RULES[:PORT_RULES.index("  - id: gen-range")]   # a range is a candidate everywhere
+    f.write_text(ports)
+    rs = load_rules(default_rule_paths() + [str(f)])
+    eng = Engine(rs)
+    quiet = _connect(57639, "loopback", addr="127.0.0.1")
+    loud = _connect(20003, "external")
+    for i in range(3):          # the same net and proc objects, as a repeat shares them
+        assert eng.process(Event("connect", i, dict(quiet, ts=f"t{i}"), 5, 7)) == []
+    assert eng._no_cand[2] is quiet["net"]
+    fired = [eng.process(Event("connect", 10 + i, dict(loud, ts=f"u{i}"), 5, 7)) for i in range(3)]
+    assert any(a.record["rule"]["id"] == "gen-port-3" for a in fired[0])
+    assert eng.stats["matched"]["gen-port-3"] == 3          # met every time (the alert deduplicated)
+    # new rules: the same parts are chosen for again, from the new rules
+    f.write_text(ports.replace("20004", "57639"))   # gen-port-4: any scope
+    eng.swap_rules(load_rules(default_rule_paths() + [str(f)]))
+    got = eng.process(Event("connect", 20, dict(quiet, ts="v"), 5, 7))
+    assert [a.record["rule"]["id"] for a in got if a.record["rule"]["id"].startswith("gen-")] == ["gen-port-4"]

@@ -82,6 +82,8 @@ def _sinks(output: Optional[Path], fmt: str, isolated: bool = False):
             stream = open(output, "ab", buffering=1 << 16)
         except OSError as e:
             raise BadInput(f"--output: cannot open {output}: {e.strerror}") from None
+        from agenttrace.sinks.pipesize import widen_pipe
+        widen_pipe(stream)
         return [StreamSink(stream, name="file", formatter=formatter, close_stream=True)]
     if isolated:
         # the agent shares this stdout (often a terminal it can stop): never write it from

@@ -164,6 +164,11 @@ class ProcTable:
     def peek(self, pid: int) -> Proc | None:
         return self._t.get(pid)
 
+    @property
+    def generation(self) -> int:
+        """Changes whenever a cached ancestry may have (see _gen): what a copy of one is valid for."""
+        return self._gen
+
     def get(self, pid: int) -> Proc | None:
         p = self._t.get(pid)
         if p is None and pid > 0 and self.fork_lookup is not None:

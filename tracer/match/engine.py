@@ -319,6 +319,8 @@ class Engine:
         self._port_kinds = frozenset(k for k, rules in self._by_kind.items() if any(_ports_of(r) for r in rules))
         self._port_ix: Dict[tuple, tuple] = {}
         self._gate_cache: Dict[tuple, tuple] = {}
+        # (kind rules, kind, net, proc) of the last record that met no candidate (process)
+        self._no_cand: tuple = (None, None, None, None)
         # Per gated kind (exec): exact name -> positions of the rules it opens, and the rules
         # without a gate; an exec of a name no rule names meets only the latter.
         self._gate_ix = {}
@@ -414,6 +416,14 @@ class Engine:
         if not rules:
             return []
         rec = event.record
+        # the candidates are chosen from the kind's rules, net and proc (and "dns"/"flow",
+        # fixed per kind): a repeated connect holds the record before's very net and proc
+        # objects (enrich/enricher.py _connect_repeat), so it meets none when that one did
+        nc = self._no_cand
+        net_o = rec.get("net")
+        if nc[2] is net_o and net_o is not None and nc[0] is rules and nc[3] is rec.get("proc") and nc[1] == kind:
+            return []
+        all_rules = rules
         by_scope = self._by_scope.get(kind)
         ported = kind in self._port_kinds
         if by_scope is not None or ported:
@@ -484,6 +494,7 @@ class Engine:
                         self._gate_cache[key] = cand
                 rules = cand[1]
         if not rules:
+            self._no_cand = (all_rules, kind, net_o, rec.get("proc"))
             return out
         matchers = self._matchers
         with self._lock:

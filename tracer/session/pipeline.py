@@ -365,8 +365,14 @@ class Tracer:
                 self._quiet or (time.monotonic() - t0) * 1000 >= self.opts.wakeup_ms)
         else:
             self._read(timeout_ms)
-        for ev in self.enrich.expire_pending(self.opts.connect_hold_ms * 1_000_000):
-            self._process(ev)
+        hold = self.opts.connect_hold_ms * 1_000_000
+        if self.enrich.pending_due(hold):
+            # what the ring already holds first: on a busy node the reader can lose the CPU
+            # for longer than the hold between reading a connect and this line, while its
+            # outcome waits in the ring; released before, it went out "pending"
+            self._read(0)
+            for ev in self.enrich.expire_pending(hold):
+                self._process(ev)
         if self.gpu is not None:
             for ev in self.gpu.poll():
                 self._process(self.enrich.gpu_event(ev))
@@ -533,7 +539,8 @@ class Tracer:
         kind = ev.kind
         counts = self.counts
         counts[kind] = counts.get(kind, 0) + 1
-        if kind in _NOTED:
+        # _note's own tests first: of connects and flows it keeps only kernel blocks
+        if kind in _NOTED and (kind == "exit" or (ev.record.get("net") or {}).get("verdict") == "blocked"):
             self._note(ev)
         if self.hooks:
             for hook in self.hooks:
@@ -638,7 +645,10 @@ class Tracer:
                 "read_doorbell": self._reader.bell_rings if self._reader is not None else None,
                 "decode": {"records": sum(self.enrich.by_type.values()), "unknown": self.enrich.unknown_types,
                            "by_type": {E.TYPE_NAMES.get(t, str(t)): n for t, n in self.enrich.by_type.items()}},
-                "enrich": {"events": sum(events.values()), "errors": self.stage_errors},
+                # connect records that were the previous record again but for its time, built
+                # from its parts (Enricher._connect_repeat)
+                "enrich": {"events": sum(events.values()), "errors": self.stage_errors,
+                           "connect_repeats": self.enrich.connect_repeats},
                 "match": ({"events": self.engine.stats["events"], "alerts": self.engine.stats["alerts"],
                            "suppressed": self.engine.stats["suppressed"], "errors": self.engine.stats["errors"]}
                           if self.engine is not None else None),

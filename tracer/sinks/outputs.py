@@ -22,6 +22,8 @@ from typing import Any, Callable, Dict, IO, Iterable, Iterator, List, Optional
 
 import orjson
 
+from agenttrace.sinks.render import render_lines
+
 log = logging.getLogger(__name__)
 
 Formatter = Callable[[dict], dict]
@@ -101,7 +103,7 @@ class StreamSink(Sink):
         lines = None
         if self._fmt is None:
             try:     # the whole batch in one comprehension; any trouble: line by line below
-                lines = [orjson.dumps(r, default=_default, option=_FAST_OPTS) for r in records]
+                lines = render_lines(records, _default, _FAST_OPTS)
             except Exception:
                 lines = None
         if lines is None:
