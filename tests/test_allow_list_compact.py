@@ -244,8 +244,13 @@ def _reference_parse(spec: str):
     try:
         ipaddress.ip_network(host, strict=False)
         is_net = True
-    except ValueError:
+    except ValueError as e:
         is_net = False
+        # since session 23 a spec of address characters only, with a prefix or colons, is
+        # reported as a malformed network rather than as a name
+        if ((":" in host and not host.strip("0123456789abcdefABCDEF:./"))
+                or (":" not in host and "/" in host and not host.strip("0123456789./"))):
+            return f"--allow-egress {spec!r}: not a network: {e}"
     try:
         if is_net:
             d = EgressDest(cidr=str(ipaddress.ip_network(host, strict=False)), ports=ports)

@@ -89,8 +89,10 @@ def _parse_spec(spec: str) -> Tuple[bool, str, Tuple[str, ...]]:
         try:
             net = ipaddress.ip_network(host, strict=False)
         except ValueError as e:
-            if "/" in host or ":" in host:
-                # digits and a prefix (or IPv6) are a network with a mistake, not a name
+            if ((":" in host and not host.strip("0123456789abcdefABCDEF:./"))
+                    or (":" not in host and "/" in host and not host.strip("0123456789./"))):
+                # only address characters, with a prefix or colons: a network with a mistake
+                # (10.0.0.0/33, 2001:db8::/129), not a name
                 raise SpecError(f"--allow-egress {spec!r}: not a network: {e}") from None
             net = None
     if net is not None:
