@@ -44,6 +44,18 @@ def block_port_rule(port: int, rule_id: str | None = None) -> str:
 RULE = BLOCK_PORT_RULE.replace("{rule_id}", "test-block-{port}")
 
 
+def end_process(p: subprocess.Popen, timeout: float = 60) -> None:
+    """Stop a process the test started (by its Popen, never by name): SIGTERM, then SIGKILL if
+    it has not exited within `timeout`."""
+    if p.poll() is None:
+        p.terminate()
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
 def loopback_listener(backlog: int = 16) -> tuple[socket.socket, int]:
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))

@@ -9,14 +9,13 @@ makes no flow. The kernel-level test reads the maps: no flow entry for a refused
 connect, and the connect's entry goes once its flow has one or its socket is reset."""
 from __future__ import annotations
 
-import ctypes as C
 import os
 import socket
 import subprocess
 import sys
 
 from conftest import AGENTTRACE, need_bpf
-from harness import free_port, loopback_listener, read_jsonl, wait_until
+from harness import end_process, free_port, loopback_listener, read_jsonl, wait_until
 
 PY = sys.executable
 
@@ -84,13 +83,7 @@ def test_flow_owner_is_the_connect_caller_after_it_exited(tmp_path, agent_tree):
         if conn is not None:
             conn.close()
         srv.close()
-        if tracer.poll() is None:
-            tracer.terminate()
-            try:
-                tracer.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                tracer.kill()
-                tracer.wait()
+        end_process(tracer)
 
 
 SILENT = r"""

@@ -14,7 +14,7 @@ import sys
 import textwrap
 
 from conftest import AGENTTRACE, need_bpf
-from harness import loopback_listener, read_jsonl, wait_until
+from harness import end_process, loopback_listener, read_jsonl, wait_until
 
 PY = sys.executable
 
@@ -90,10 +90,4 @@ def test_loopback_rule_blocks_through_the_skip_and_after_a_reload(tmp_path, agen
     finally:
         srv.close()
         other.close()
-        if tracer.poll() is None:
-            tracer.terminate()
-            try:
-                tracer.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                tracer.kill()
-                tracer.wait()
+        end_process(tracer)

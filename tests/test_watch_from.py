@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 from conftest import AGENTTRACE, need_bpf
-from harness import loopback_listener, read_jsonl, wait_until
+from harness import end_process, loopback_listener, read_jsonl, wait_until
 
 PY = sys.executable
 CONNECT = "import socket, sys; socket.create_connection(('127.0.0.1', int(sys.argv[1]))).close()"
@@ -51,13 +51,7 @@ def test_deep_then_shallow_watch_sees_both_subtrees(tmp_path, agent_tree):
         assert pids["outside"] not in {r["proc"]["pid"] for r in read_jsonl(out) if "proc" in r}
     finally:
         srv.close()
-        if tracer.poll() is None:
-            tracer.terminate()
-            try:
-                tracer.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                tracer.kill()
-                tracer.wait()
+        end_process(tracer)
 
 
 def test_watch_from_is_lowered_before_a_shallower_watch(agent_tree, monkeypatch):
