@@ -307,6 +307,8 @@ class Config(_Model):
     _source: Optional[str] = PrivateAttr(None)
     # line of each `egress.<group>` in the file: errors about a group's policy point at it
     _egress_lines: Dict[str, int] = PrivateAttr(default_factory=dict)
+    # line of each `rules` entry: a refused rule path points at it
+    _rules_lines: List[int] = PrivateAttr(default_factory=list)
 
     @property
     def source(self) -> Optional[str]:
@@ -439,7 +441,15 @@ def _compose_and_construct(text: str):
     raise AssertionError("unreachable")
 
 
-def _read_allow_files(cfg: Config, root: Optional[yaml.Node], filename: str, base: Path) -> List[ConfigIssue]:
+def _untrusted(path: str) -> Optional[str]:
+    from agenttrace.ops.filetrust import untrusted_reason
+    why = untrusted_reason(path)
+    return None if why is None else (f"refusing {path}: {why}; a user who can change it could rewrite "
+                                     "the policy (chown root, chmod go-w)")
+
+
+def _read_allow_files(cfg: Config, root: Optional[yaml.Node], filename: str, base: Path,
+                      trust: bool = False) -> List[ConfigIssue]:
     """Each egress group's `allow_file` read into its `allow` (after the inline entries), as
     one compact AllowList: no model per entry. The path is made absolute (against `base`, the
     config file's folder) so a reload reads the same file. Problems are issues naming the
@@ -452,6 +462,11 @@ def _read_allow_files(cfg: Config, root: Optional[yaml.Node], filename: str, bas
             continue
         field = f"egress.{group}.allow_file"
         path = pol.allow_file if os.path.isabs(pol.allow_file) else str(base / pol.allow_file)
+        why = _untrusted(path) if trust else None
+        if why:
+            line, col = _locate(root, ("egress", group, "allow_file"))
+            issues.append(ConfigIssue(filename, line, col, field, why))
+            continue
         allow = AllowList()
         for d in pol.allow:
             allow.add(d.spec(), d.cidr is not None, tuple(d.ports), d.proto)
@@ -467,9 +482,12 @@ def _read_allow_files(cfg: Config, root: Optional[yaml.Node], filename: str, bas
     return issues
 
 
-def parse_config(text: str, filename: str = "<config>", base: Optional[Union[str, os.PathLike]] = None) -> Config:
+def parse_config(text: str, filename: str = "<config>", base: Optional[Union[str, os.PathLike]] = None,
+                 trust: bool = False) -> Config:
     """Validate YAML text. Raises ConfigError listing every problem. `base`: the folder that
-    relative `allow_file` paths are read from (the config file's; default the current one)."""
+    relative `allow_file` paths are read from (the config file's; default the current one).
+    `trust`: refuse allow files and rule paths a user other than root could change (the
+    daemon's inputs, tracer/ops/filetrust.py)."""
     try:
         root, data = _compose_and_construct(text)
     except yaml.YAMLError as e:
@@ -509,16 +527,22 @@ def parse_config(text: str, filename: str = "<config>", base: Optional[Union[str
         raise ConfigError(issues)
     assert cfg is not None
     cfg._egress_lines = {g: _locate(root, ("egress", g))[0] or 0 for g in (cfg.egress or {})}
-    issues = _read_allow_files(cfg, root, filename, Path(base) if base is not None else Path.cwd())
+    cfg._rules_lines = [_locate(root, ("rules", i))[0] or 0 for i in range(len(cfg.rules))]
+    issues = _read_allow_files(cfg, root, filename, Path(base) if base is not None else Path.cwd(), trust)
     if issues:
         raise ConfigError(issues)
     return cfg
 
 
-def load_config(path: Union[str, os.PathLike]) -> Config:
+def load_config(path: Union[str, os.PathLike], trust: bool = False) -> Config:
     """Load and validate a config file. Relative `rules` and file-sink paths are resolved
-    against the config file's folder. Raises ConfigError (with file, line, field)."""
+    against the config file's folder. Raises ConfigError (with file, line, field).
+    `trust`: the daemon's check that nobody but root could have changed the file, its rule
+    files or its allow files (tracer/ops/filetrust.py)."""
     p = Path(path)
+    why = _untrusted(str(p)) if trust else None
+    if why:
+        raise ConfigError([ConfigIssue(str(p), None, None, "", why)])
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as e:
@@ -526,9 +550,26 @@ def load_config(path: Union[str, os.PathLike]) -> Config:
     except UnicodeDecodeError as e:
         raise ConfigError([ConfigIssue(str(p), None, None, "", f"not UTF-8: {e}")]) from None
     base = p.resolve().parent
-    cfg = parse_config(text, str(p), base)
+    cfg = parse_config(text, str(p), base, trust)
     cfg.rules = [str(base / r) if not os.path.isabs(r) else r for r in cfg.rules]
+    if trust:
+        _check_rule_paths(cfg, str(p))
     if cfg.sinks.file is not None and not os.path.isabs(cfg.sinks.file.path):
         cfg.sinks.file.path = str(base / cfg.sinks.file.path)
     cfg._source = str(p)
     return cfg
+
+
+def _check_rule_paths(cfg: Config, filename: str) -> None:
+    """Each `rules` entry, and for a folder every rule file in it, changeable by root alone."""
+    from agenttrace.match.rulefiles import expand_paths
+    issues: List[ConfigIssue] = []
+    for i, r in enumerate(cfg.rules):
+        line = cfg._rules_lines[i] if i < len(cfg._rules_lines) else None
+        for f in dict.fromkeys([r] + (expand_paths([r]) if os.path.isdir(r) else [])):
+            why = _untrusted(f)
+            if why:
+                issues.append(ConfigIssue(filename, line or None, None, f"rules[{i}]", why))
+                break
+    if issues:
+        raise ConfigError(issues)

@@ -37,7 +37,7 @@ def load_inputs(config_path: str):
 def _load_config(config_path: str):
     from agenttrace.config import ConfigError, load_config
     try:
-        cfg = load_config(config_path)
+        cfg = load_config(config_path, trust=True)
     except ConfigError as e:
         raise DaemonInputError(str(e)) from None
     except OSError as e:
