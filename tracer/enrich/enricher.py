@@ -44,6 +44,8 @@ class Enricher:
         self._by_type = self._handlers()
         from agenttrace.enrich.decodecache import DecodeCache
         self._decoded = DecodeCache()       # exec fields decoded once per distinct bytes
+        from agenttrace.enrich.procshare import SharedProcs
+        self.shared_procs = SharedProcs(procs)   # connect/accept records' proc parts (procshare.py)
         self.by_type: dict[int, int] = {}    # records decoded, per wire type (stage counter)
         self.node = node or socket.gethostname()
         self.name_lookup = name_lookup      # (agent_cgroup_id, addr) -> name | None (DNS cache)
@@ -437,7 +439,7 @@ class Enricher:
          raddr) = E.unpack(_LISTEN_S, v)
         self._remember_socket(cookie, tgid, agent)
         rec, t = self._base_t("listen", ktime, agent)
-        rec["proc"] = self._proc_t(tgid, uid, comm)
+        rec["proc"] = self.shared_procs.part(tgid, uid, comm, self._proc_t, self.gpu_summary)
         fam = _FAMILY.get(family)
         net = {"proto": _PROTO.get(protocol, "tcp"), "family": fam if fam is not None else str(family),
                "local": {"addr": E.addr_str(laddr, family), "port": lport},
@@ -464,7 +466,11 @@ class Enricher:
         (tgid, uid, ktime, agent, comm, cookie, sk, family, protocol, dport, op, verdict, daddr,
          policy_id) = f
         rec, t = self._base_t("connect", ktime, agent)
-        rec["proc"] = self._proc_t(tgid, uid, comm)
+        s = getattr(self, "ssh_sessions", None)
+        relaying = s is not None and s.proxies
+        # _relay adds to the proc part: then it is this record's own
+        rec["proc"] = (self._proc_t(tgid, uid, comm) if relaying else
+                       self.shared_procs.part(tgid, uid, comm, self._proc_t, self.gpu_summary))
         addr = E.addr_str(daddr, family)
         proto = _PROTO.get(protocol)
         if proto is None:
@@ -481,8 +487,7 @@ class Enricher:
         if self.policy_rule is not None:
             net["policy_rule"] = self.policy_rule(policy_id) if policy_id else None
         rec["net"] = net
-        s = getattr(self, "ssh_sessions", None)
-        if s is not None and s.proxies:         # _relay's own test, without the call
+        if relaying:         # _relay's own test, without the call
             self._relay(rec)
         ev = Event("connect", t, rec, tgid, agent, cookie)
         self._remember_socket(cookie, tgid, agent)
@@ -500,7 +505,7 @@ class Enricher:
             pending[cookie] = (ev, time.monotonic_ns(), sk)
             self._pending_sk[sk] = cookie
             return out
-        if not (s is not None and s.proxies):
+        if not relaying:
             # its outcome is final (UDP, ICMP, blocked): nothing edits it later, so a repeat may
             # share its parts (_connect_repeat)
             p = self.procs.peek(tgid)
