@@ -347,6 +347,10 @@ class Engine:
             if need:
                 keys = tuple(sorted(set(need.values())))
                 self._needs_key[kind] = (keys, need, _presence(keys))
+        # the candidates left, by the values their conditions first compare (match/eqindex.py):
+        # an accept does not meet the `net.what == "listen"` rule
+        from agenttrace.match.eqindex import EqIndex
+        self._eq_ix = {k: ix for k, rules in self._by_kind.items() if (ix := EqIndex.for_rules(rules)) is not None}
         # conditions whose first conjunct the record's own fields can decide (match/celgate.py)
         self._gates = {}
         for r in ruleset.rules:
@@ -493,6 +497,9 @@ class Engine:
                             self._gate_cache.clear()
                         self._gate_cache[key] = cand
                 rules = cand[1]
+        eq = self._eq_ix.get(kind)
+        if eq is not None:
+            rules = eq.candidates(rules, rec)
         if not rules:
             self._no_cand = (all_rules, kind, net_o, rec.get("proc"))
             return out
