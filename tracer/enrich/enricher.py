@@ -49,6 +49,7 @@ class Enricher:
         self.by_type: dict[int, int] = {}    # records decoded, per wire type (stage counter)
         self.node = node or socket.gethostname()
         self.name_lookup = name_lookup      # (agent_cgroup_id, addr) -> name | None (DNS cache)
+        self._dsts: dict = {}               # (agent, addr, port) -> (scoper, dst part): _dst
         self.gpu_summary = gpu_summary      # pid -> gpu dict | None
         self.clock_offset = 0
         self.resync_clock()
@@ -451,9 +452,18 @@ class Enricher:
         return [Event("listen", t, rec, tgid, agent, cookie)]
 
     def _dst(self, agent_id: int, addr: str, port: int) -> dict:
-        d = {"addr": addr, "port": port, "scope": self.scoper.scope(addr), "name": None}
-        if self.name_lookup is not None:
-            d["name"] = self.name_lookup(agent_id, addr)
+        # one dict per destination while its scope and DNS name are what they were: a storm to
+        # one listener gives its connects the same `dst`, and the engine its candidates by it
+        # (engine.process; nothing edits a record's dst once built)
+        name = self.name_lookup(agent_id, addr) if self.name_lookup is not None else None
+        key = (agent_id, addr, port)
+        m = self._dsts.get(key)
+        if m is not None and m[0] is self.scoper and m[1]["name"] == name:
+            return m[1]
+        d = {"addr": addr, "port": port, "scope": self.scoper.scope(addr), "name": name}
+        if len(self._dsts) >= 4096:
+            self._dsts.clear()
+        self._dsts[key] = (self.scoper, d)
         return d
 
     def _connect_v(self, v) -> list[Event]:

@@ -10,10 +10,10 @@ the process for as long as it is what `Enricher._proc_t` would build now.
 
 What that takes is checked against the table on every record, not inferred from the records
 in between (a process table entry is edited in place by an exec, by `/proc` reads and by
-reparenting, from paths other than the record stream): the same `Proc` object, the very
-objects its fields hold now (an exec gives new comm, exe, args and exec_id objects; a changed
-ppid, uid or parent exec id compares unequal), the very ancestry list the table returns now
-(the table builds a new list whenever a chain may have changed) and the very GPU summary. The
+reparenting, from paths other than the record stream): the same `Proc` object, fields equal
+to those the part was built from (an exec gives a new exec id at least), the very ancestry
+list the table returns now (it builds a new list whenever a chain may have changed) and the
+very GPU summary. The
 header's uid and comm are not part of it: with a table entry, `_proc_t` ignores them too, and
 they are the fields the agent can change without an exec. Without an entry nothing is shared.
 
@@ -23,18 +23,20 @@ that adds to it, the ssh relay annotation, is given a fresh part (see `Enricher.
 """
 from __future__ import annotations
 
+from operator import attrgetter
 from typing import Callable, Optional
 
 _LIMIT = 1024      # processes remembered; a storm of distinct processes only rebuilds
-# the fields of Proc.record() besides pid (fixed by the Proc object) that `part` compares: held
-# by the very object / equal (tests/test_procshare.py keeps this in step with record())
-SAME = ("comm", "exe", "args", "exec_id", "parent_exec_id")
-EQUAL = ("ppid", "uid")
+# the fields of Proc.record() besides pid (fixed by the Proc object) that `part` compares
+# (tests/test_procshare.py keeps this in step with record())
+FIELDS = ("comm", "exe", "args", "exec_id", "parent_exec_id", "ppid", "uid")
+_fields = attrgetter(*FIELDS)
 
 
 class SharedProcs:
     def __init__(self, procs) -> None:
         self.procs = procs
+        # tgid -> (Proc, the fields the part was built from, the part)
         self._by_pid: dict[int, tuple] = {}
         self.shared = 0     # records given a part built for an earlier record (stage counter)
 
@@ -43,23 +45,21 @@ class SharedProcs:
         """`build(tgid, uid, comm)` (Enricher._proc_t), or the dict it built for an earlier
         record when the result would be equal to it."""
         procs = self.procs
-        p = procs.get(tgid)
-        if p is None:
-            return build(tgid, uid, comm)
         m = self._by_pid.get(tgid)
-        if m is not None and m[0] is p:
-            r = m[1]
-            if (r["comm"] is p.comm and r["exe"] is p.exe and r["args"] is p.args
-                    and r["exec_id"] is p.exec_id and r["parent_exec_id"] is p.parent_exec_id
-                    and r["ppid"] == p.ppid and r["uid"] == p.uid
-                    and r["ancestry"] is procs.ancestry(tgid)):
-                g = gpu_summary(tgid) if gpu_summary is not None else None
-                if (g or None) is r.get("gpu"):
-                    self.shared += 1
-                    return r
+        if m is not None:
+            p = m[0]
+            r = m[2]
+            # the ancestry test is ProcTable.ancestry's own: its cached list is what it returns
+            if (procs._t.get(tgid) is p and m[1] == _fields(p)
+                    and p._anc is r["ancestry"] and p._anc_gen == procs._gen
+                    and (gpu_summary is None or (gpu_summary(tgid) or None) is r.get("gpu"))):
+                self.shared += 1
+                return r
         r = build(tgid, uid, comm)
-        d = self._by_pid
-        if len(d) >= _LIMIT and tgid not in d:
-            d.clear()
-        d[tgid] = (p, r)
+        p = procs.peek(tgid)
+        if p is not None:       # what build read: no entry, nothing shared
+            d = self._by_pid
+            if len(d) >= _LIMIT and tgid not in d:
+                d.clear()
+            d[tgid] = (p, _fields(p), r)
         return r

@@ -24,11 +24,35 @@ from agenttrace.match.celgate import eq_field
 _CACHE = 4096
 
 
+def _getter(path: tuple):
+    """rec -> the string at path, or None (missing, or not a string: not decided here)."""
+    if len(path) == 2:
+        a, b = path
+
+        def get2(rec):
+            d = rec.get(a)
+            if type(d) is dict:
+                v = d.get(b)
+                if type(v) is str:
+                    return v
+            return None
+        return get2
+
+    def get(rec):
+        cur = rec
+        for p in path:
+            cur = cur.get(p) if isinstance(cur, dict) else None
+        return cur if type(cur) is str else None
+    return get
+
+
 class EqIndex:
     def __init__(self, need: Dict[str, tuple]) -> None:
         self.paths = tuple(sorted({p for p, _ in need.values()}))
         pos = {p: i for i, p in enumerate(self.paths)}
         self.need = {rid: (pos[p], lit) for rid, (p, lit) in need.items()}   # rule id -> (value index, literal)
+        self._get = tuple(_getter(p) for p in self.paths)
+        self._one = self._get[0] if len(self._get) == 1 else None
         self._kept: Dict[tuple, tuple] = {}
 
     @classmethod
@@ -43,18 +67,14 @@ class EqIndex:
         return cls(need) if need else None
 
     def candidates(self, rules: tuple, rec: dict) -> tuple:
-        vals = []
-        for path in self.paths:
-            cur = rec
-            for p in path:
-                cur = cur.get(p) if isinstance(cur, dict) else None
-            vals.append(cur if type(cur) is str else None)     # None: not decided here
+        one = self._one
         # the rules given (per scope, port, program) are kept alive by the entry: their id
         # cannot name another tuple while it is there
-        key = (id(rules), *vals)
+        key = (id(rules), one(rec)) if one is not None else (id(rules), *[g(rec) for g in self._get])
         got = self._kept.get(key)
         if got is not None and got[0] is rules:
             return got[1]
+        vals = key[1:]
         need = self.need
         kept = tuple(r for r in rules if (n := need.get(r.id)) is None or vals[n[0]] is None or vals[n[0]] == n[1])
         if len(self._kept) >= _CACHE:
