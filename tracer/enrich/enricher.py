@@ -25,6 +25,7 @@ _OPS = {E.OP_CONNECT: "connect", E.OP_SENDMSG: "sendmsg", E.OP_ICMP: "echo"}
 _EXEC_S, _EXIT_S, _CONNECT_S, _CONN_RESULT_S, _LISTEN_S = (E.EXEC_S, E.EXIT_S, E.CONNECT_S,
                                                           E.CONN_RESULT_S, E.LISTEN_S)
 _FAMILY = {socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6"}
+_ACCEPT = E.LISTEN_ACCEPT
 
 
 def wait_status(status: int) -> tuple[int, int | None]:
@@ -439,16 +440,19 @@ class Enricher:
         (tgid, uid, ktime, agent, comm, cookie, family, protocol, lport, rport, what, laddr,
          raddr) = E.unpack(_LISTEN_S, v)
         self._remember_socket(cookie, tgid, agent)
-        rec, t = self._base_t("listen", ktime, agent)
-        rec["proc"] = self.shared_procs.part(tgid, uid, comm, self._proc_t, self.gpu_summary)
         fam = _FAMILY.get(family)
+        accept = what == _ACCEPT
         net = {"proto": _PROTO.get(protocol, "tcp"), "family": fam if fam is not None else str(family),
                "local": {"addr": E.addr_str(laddr, family), "port": lport},
-               "what": "accept" if what == E.LISTEN_ACCEPT else "listen"}
-        if what == E.LISTEN_ACCEPT:
+               "what": "accept" if accept else "listen"}
+        if accept:
             raddr = E.addr_str(raddr, family)
             net["remote"] = {"addr": raddr, "port": rport, "scope": self.scoper.scope(raddr)}
-        rec["net"] = net
+        # _base_t's record with its parts in one literal (same keys, same order): every
+        # accept of a TCP storm comes here
+        t = ktime + self.clock_offset
+        rec = {"ts": format_ns(t), "kind": "listen", "node": self.node, "agent": self.agents.agent(agent),
+               "proc": self.shared_procs.part(tgid, uid, comm, self._proc_t, self.gpu_summary), "net": net}
         return [Event("listen", t, rec, tgid, agent, cookie)]
 
     def _dst(self, agent_id: int, addr: str, port: int) -> dict:
