@@ -5,12 +5,20 @@ JSON sink writing to /dev/null. CPU time of this thread (time.thread_time_ns), s
 the other core barely moves it. For quick before/after iterations on the Python side; the
 figures that count are bench/cpu_per_event.py's, with real probes.
 
-    .venv/bin/python -m bench.pipeline_micro [N] [--profile] [--fork-records] [--udp [--reps R]]
+    .venv/bin/python -m bench.pipeline_micro [N] [--profile] [--fork-records] [--udp | --tcp] [--reps R]
 
 `--udp` measures only what the zero-drop sweep's generator (`rate udp`, bench/loadgen/rate.c)
 makes the probes write: one connect record per connect(2) on one UDP socket, the same socket
 cookie and kernel socket address every time, by a live process the tracer never saw exec (the
 generator joins the agent cgroup after its exec), no result record (UDP has none).
+
+`--tcp` measures what the connect storm (bench/loadgen/connect_storm.c) makes the probes write,
+checked against a capture of the live storm (enforce, default probe set): per connection one
+connect record (a new socket cookie, the kernel socket address of the one before, freed and
+reused), its outcome (established, the source port the kernel picked) and the listener
+thread's accept (same process, the connect's source port as remote port); no flow record. The
+storm process is live and never seen exec, as in `--udp`. Cost is per connection (3 records in,
+2 out).
 """
 from __future__ import annotations
 
@@ -109,7 +117,37 @@ def _udp_records(n: int, agent: int, pid: int) -> list:
     return out
 
 
-def main_udp(n: int, prof: bool, reps: int = 5) -> int:
+def _tcp_records(n: int, agent: int, pid: int, sport0: int = 33000) -> list:
+    """n connections of the connect storm as net.c and listen.c write them (see the module doc)."""
+    lo = b"\0" * 10 + b"\xff\xff" + socket.inet_aton("127.0.0.1")
+    out = []
+    sk, lport = 0xffff8880_2a4c1000, 43077
+    for i in range(n):
+        sport = sport0 + (i * 7) % 28000
+        c = E.Connect()
+        _hdr(c.h, E.EV_CONNECT, pid, agent, b"connect_storm")
+        c.h.size = C.sizeof(c)
+        c.cookie, c.sk = 14_000_000 + 2 * i, sk
+        c.family, c.protocol, c.dport = socket.AF_INET, 6, lport
+        C.memmove(C.addressof(c) + E.Connect.daddr.offset, lo, 16)
+        r = E.ConnResult()
+        _hdr(r.h, E.EV_CONN_RESULT, pid, agent, b"connect_storm")
+        r.h.size = C.sizeof(r)
+        r.sk, r.family, r.sport, r.dport, r.result = sk, socket.AF_INET, sport, lport, E.RESULT_ESTABLISHED
+        C.memmove(C.addressof(r) + E.ConnResult.saddr.offset, lo, 16)
+        C.memmove(C.addressof(r) + E.ConnResult.daddr.offset, lo, 16)
+        a = E.Listen()
+        _hdr(a.h, E.EV_LISTEN, pid, agent, b"connect_storm")
+        a.h.size = C.sizeof(a)
+        a.cookie, a.family, a.protocol, a.lport, a.rport = 14_000_001 + 2 * i, socket.AF_INET, 6, lport, sport
+        a.what = E.LISTEN_ACCEPT
+        C.memmove(C.addressof(a) + E.Listen.laddr.offset, lo, 16)
+        C.memmove(C.addressof(a) + E.Listen.raddr.offset, lo, 16)
+        out += [bytes(c), bytes(r), bytes(a)]
+    return out
+
+
+def main_udp(n: int, prof: bool, reps: int = 5, tcp: bool = False) -> int:
     from agenttrace import session
     from agenttrace.sinks.outputs import StreamSink
     opts = session.SessionOptions(cgroups=[])
@@ -120,7 +158,7 @@ def main_udp(n: int, prof: bool, reps: int = 5) -> int:
     # a live process never seen exec: the table learns it from /proc once, as it learns the
     # generator (alive while the sweep's records are read)
     pid = os.getpid()
-    recs = _udp_records(n, agent, pid)
+    recs = (_tcp_records if tcp else _udp_records)(n, agent, pid)
     for rec in recs[:30]:
         t._on_view(memoryview(rec), len(rec))
     t._flush()
@@ -135,11 +173,16 @@ def main_udp(n: int, prof: bool, reps: int = 5) -> int:
     for rep in range(1 if prof else reps):
         c0 = time.thread_time_ns()
         _feed(t, recs)
+        if tcp:      # the reader's expiry: nothing should be left held
+            for ev in t.enrich.flush_pending():
+                t._process(ev)
+            t._flush()
         best.append((time.thread_time_ns() - c0) / n / 1000)
     if prof:
         pr.disable()
         pstats.Stats(pr).sort_stats(os.environ.get("SORT", "tottime")).print_stats(int(os.environ.get("TOP", "25")))
-    print(f"userspace pipeline: {min(best):.2f} µs per UDP connect record (best of {len(best)}); "
+    what = "TCP connection (connect+result+accept)" if tcp else "UDP connect record"
+    print(f"userspace pipeline: {min(best):.2f} µs per {what} (best of {len(best)}); "
           f"counts {t.counts} stage_errors {t.stage_errors}")
     return 0
 
@@ -149,15 +192,16 @@ def main(argv=None) -> int:
     prof = "--profile" in args
     forks = "--fork-records" in args      # the old three records per exec
     udp = "--udp" in args
+    tcp = "--tcp" in args
     reps = 5
-    if "--reps" in args:     # --udp only: the best of more repetitions on a busy machine
+    if "--reps" in args:     # --udp/--tcp only: the best of more repetitions on a busy machine
         i = args.index("--reps")
         reps = int(args[i + 1])
         del args[i:i + 2]
-    args = [a for a in args if a not in ("--profile", "--fork-records", "--udp")]
+    args = [a for a in args if a not in ("--profile", "--fork-records", "--udp", "--tcp")]
     n = int(args[0]) if args else 3000
-    if udp:
-        return main_udp(n, prof, reps)
+    if udp or tcp:
+        return main_udp(n, prof, reps, tcp)
     from agenttrace import session
     from agenttrace.sinks.outputs import StreamSink
     opts = session.SessionOptions(cgroups=[])

@@ -25,6 +25,7 @@ _OPS = {E.OP_CONNECT: "connect", E.OP_SENDMSG: "sendmsg", E.OP_ICMP: "echo"}
 _EXEC_S, _EXIT_S, _CONNECT_S, _CONN_RESULT_S, _LISTEN_S = (E.EXEC_S, E.EXIT_S, E.CONNECT_S,
                                                           E.CONN_RESULT_S, E.LISTEN_S)
 _FAMILY = {socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6"}
+_ACCEPT = E.LISTEN_ACCEPT
 
 
 def wait_status(status: int) -> tuple[int, int | None]:
@@ -44,9 +45,12 @@ class Enricher:
         self._by_type = self._handlers()
         from agenttrace.enrich.decodecache import DecodeCache
         self._decoded = DecodeCache()       # exec fields decoded once per distinct bytes
+        from agenttrace.enrich.procshare import SharedProcs
+        self.shared_procs = SharedProcs(procs)   # connect/accept records' proc parts (procshare.py)
         self.by_type: dict[int, int] = {}    # records decoded, per wire type (stage counter)
         self.node = node or socket.gethostname()
         self.name_lookup = name_lookup      # (agent_cgroup_id, addr) -> name | None (DNS cache)
+        self._dsts: dict = {}               # (agent, addr, port) -> (scoper, dst part): _dst
         self.gpu_summary = gpu_summary      # pid -> gpu dict | None
         self.clock_offset = 0
         self.resync_clock()
@@ -436,22 +440,34 @@ class Enricher:
         (tgid, uid, ktime, agent, comm, cookie, family, protocol, lport, rport, what, laddr,
          raddr) = E.unpack(_LISTEN_S, v)
         self._remember_socket(cookie, tgid, agent)
-        rec, t = self._base_t("listen", ktime, agent)
-        rec["proc"] = self._proc_t(tgid, uid, comm)
         fam = _FAMILY.get(family)
+        accept = what == _ACCEPT
         net = {"proto": _PROTO.get(protocol, "tcp"), "family": fam if fam is not None else str(family),
                "local": {"addr": E.addr_str(laddr, family), "port": lport},
-               "what": "accept" if what == E.LISTEN_ACCEPT else "listen"}
-        if what == E.LISTEN_ACCEPT:
+               "what": "accept" if accept else "listen"}
+        if accept:
             raddr = E.addr_str(raddr, family)
             net["remote"] = {"addr": raddr, "port": rport, "scope": self.scoper.scope(raddr)}
-        rec["net"] = net
+        # _base_t's record with its parts in one literal (same keys, same order): every
+        # accept of a TCP storm comes here
+        t = ktime + self.clock_offset
+        rec = {"ts": format_ns(t), "kind": "listen", "node": self.node, "agent": self.agents.agent(agent),
+               "proc": self.shared_procs.part(tgid, uid, comm, self._proc_t, self.gpu_summary), "net": net}
         return [Event("listen", t, rec, tgid, agent, cookie)]
 
     def _dst(self, agent_id: int, addr: str, port: int) -> dict:
-        d = {"addr": addr, "port": port, "scope": self.scoper.scope(addr), "name": None}
-        if self.name_lookup is not None:
-            d["name"] = self.name_lookup(agent_id, addr)
+        # one dict per destination while its scope and DNS name are what they were: a storm to
+        # one listener gives its connects the same `dst`, and the engine its candidates by it
+        # (engine.process; nothing edits a record's dst once built)
+        name = self.name_lookup(agent_id, addr) if self.name_lookup is not None else None
+        key = (agent_id, addr, port)
+        m = self._dsts.get(key)
+        if m is not None and m[0] is self.scoper and m[1]["name"] == name:
+            return m[1]
+        d = {"addr": addr, "port": port, "scope": self.scoper.scope(addr), "name": name}
+        if len(self._dsts) >= 4096:
+            self._dsts.clear()
+        self._dsts[key] = (self.scoper, d)
         return d
 
     def _connect_v(self, v) -> list[Event]:
@@ -464,7 +480,11 @@ class Enricher:
         (tgid, uid, ktime, agent, comm, cookie, sk, family, protocol, dport, op, verdict, daddr,
          policy_id) = f
         rec, t = self._base_t("connect", ktime, agent)
-        rec["proc"] = self._proc_t(tgid, uid, comm)
+        s = getattr(self, "ssh_sessions", None)
+        relaying = s is not None and s.proxies
+        # _relay adds to the proc part: then it is this record's own
+        rec["proc"] = (self._proc_t(tgid, uid, comm) if relaying else
+                       self.shared_procs.part(tgid, uid, comm, self._proc_t, self.gpu_summary))
         addr = E.addr_str(daddr, family)
         proto = _PROTO.get(protocol)
         if proto is None:
@@ -481,8 +501,7 @@ class Enricher:
         if self.policy_rule is not None:
             net["policy_rule"] = self.policy_rule(policy_id) if policy_id else None
         rec["net"] = net
-        s = getattr(self, "ssh_sessions", None)
-        if s is not None and s.proxies:         # _relay's own test, without the call
+        if relaying:         # _relay's own test, without the call
             self._relay(rec)
         ev = Event("connect", t, rec, tgid, agent, cookie)
         self._remember_socket(cookie, tgid, agent)
@@ -500,7 +519,7 @@ class Enricher:
             pending[cookie] = (ev, time.monotonic_ns(), sk)
             self._pending_sk[sk] = cookie
             return out
-        if not (s is not None and s.proxies):
+        if not relaying:
             # its outcome is final (UDP, ICMP, blocked): nothing edits it later, so a repeat may
             # share its parts (_connect_repeat)
             p = self.procs.peek(tgid)

@@ -118,3 +118,20 @@ def has_field(source: str) -> Optional[tuple[str, ...]]:
         return None
     parts = tuple(m.group(1).split("."))
     return None if parts[0] == "lists" else parts
+
+
+def eq_field(source: str) -> Optional[tuple[tuple[str, ...], str]]:
+    """(path, literal) when the condition's first conjunct is `path == "literal"`, so the
+    condition is false on every record where path holds a string other than the literal (what
+    `gate` decides without CEL); None otherwise. The engine drops such a rule from the
+    candidates of those records (match/eqindex.py) instead of asking the gate each time."""
+    split = _split(source)
+    if split is None:
+        return None
+    m = _CMP.fullmatch(split[0])
+    if not m or m.group(2) != "==":
+        return None
+    parts = tuple(m.group(1).split("."))
+    if parts[0] == "lists":
+        return None
+    return parts, (m.group(3) if m.group(3) is not None else m.group(4))

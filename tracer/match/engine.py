@@ -320,7 +320,7 @@ class Engine:
         self._port_ix: Dict[tuple, tuple] = {}
         self._gate_cache: Dict[tuple, tuple] = {}
         # (kind rules, kind, net, proc) of the last record that met no candidate (process)
-        self._no_cand: tuple = (None, None, None, None)
+        self._no_cand: tuple = (None, None, None, None, None)
         # Per gated kind (exec): exact name -> positions of the rules it opens, and the rules
         # without a gate; an exec of a name no rule names meets only the latter.
         self._gate_ix = {}
@@ -347,6 +347,16 @@ class Engine:
             if need:
                 keys = tuple(sorted(set(need.values())))
                 self._needs_key[kind] = (keys, need, _presence(keys))
+        # the candidates left, by the values their conditions first compare (match/eqindex.py):
+        # an accept does not meet the `net.what == "listen"` rule
+        from agenttrace.match.eqindex import EqIndex
+        self._eq_ix = {k: ix for k, rules in self._by_kind.items() if (ix := EqIndex.for_rules(rules)) is not None}
+        # kinds whose candidates only net.dst and proc choose (scope and port indexes, the
+        # program gate, the name and proc-key tests): not those that index reads more of net
+        self._dst_keyed = frozenset(k for k in set(self._by_scope) | self._port_kinds if k not in self._eq_ix)
+        # kinds that index is the only one of: their candidates are chosen first (process)
+        self._eq_only = frozenset(k for k in self._eq_ix if k not in self._by_scope
+                                  and k not in self._port_kinds and k not in self._gated_kinds)
         # conditions whose first conjunct the record's own fields can decide (match/celgate.py)
         self._gates = {}
         for r in ruleset.rules:
@@ -416,12 +426,18 @@ class Engine:
         if not rules:
             return []
         rec = event.record
+        if kind in self._eq_only:
+            # no other index applies: an accept settles here that it meets none
+            rules = self._eq_ix[kind].candidates(rules, rec)
+            if not rules:
+                return []
         # the candidates are chosen from the kind's rules, net and proc (and "dns"/"flow",
         # fixed per kind): a repeated connect holds the record before's very net and proc
         # objects (enrich/enricher.py _connect_repeat), so it meets none when that one did
         nc = self._no_cand
         net_o = rec.get("net")
-        if nc[2] is net_o and net_o is not None and nc[0] is rules and nc[3] is rec.get("proc") and nc[1] == kind:
+        if nc[0] is rules and nc[1] == kind and nc[3] is rec.get("proc") and net_o is not None and (
+                nc[2] is net_o or (nc[4] is not None and type(net_o) is dict and net_o.get("dst") is nc[4])):
             return []
         all_rules = rules
         by_scope = self._by_scope.get(kind)
@@ -493,8 +509,15 @@ class Engine:
                             self._gate_cache.clear()
                         self._gate_cache[key] = cand
                 rules = cand[1]
+        eq = self._eq_ix.get(kind)
+        if eq is not None and kind not in self._eq_only:
+            rules = eq.candidates(rules, rec)
         if not rules:
-            self._no_cand = (all_rules, kind, net_o, rec.get("proc"))
+            # where only the destination and the process chose the candidates (scope, port,
+            # name, program), a record holding the same dst and proc objects meets none either:
+            # a storm to one listener, whose enricher shares one dst (Enricher._dst)
+            dst_o = net_o.get("dst") if kind in self._dst_keyed and type(net_o) is dict else None
+            self._no_cand = (all_rules, kind, net_o, rec.get("proc"), dst_o if type(dst_o) is dict else None)
             return out
         matchers = self._matchers
         with self._lock:

@@ -646,9 +646,11 @@ class Tracer:
                 "decode": {"records": sum(self.enrich.by_type.values()), "unknown": self.enrich.unknown_types,
                            "by_type": {E.TYPE_NAMES.get(t, str(t)): n for t, n in self.enrich.by_type.items()}},
                 # connect records that were the previous record again but for its time, built
-                # from its parts (Enricher._connect_repeat)
+                # from its parts (Enricher._connect_repeat); connect/accept records given the
+                # proc part built for an earlier one (enrich/procshare.py)
                 "enrich": {"events": sum(events.values()), "errors": self.stage_errors,
-                           "connect_repeats": self.enrich.connect_repeats},
+                           "connect_repeats": self.enrich.connect_repeats,
+                           "proc_shared": self.enrich.shared_procs.shared},
                 "match": ({"events": self.engine.stats["events"], "alerts": self.engine.stats["alerts"],
                            "suppressed": self.engine.stats["suppressed"], "errors": self.engine.stats["errors"]}
                           if self.engine is not None else None),
