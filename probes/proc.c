@@ -194,6 +194,10 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 	e->h.size = size;
 	if (events.ringbuf_output(e, size, at_wake_flags_at(e->h.ktime)) != 0)
 		at_count_drop(agent, AT_EV_EXEC);
+	else if (named && !(e->flags & AT_EXEC_KILLED))
+		/* a rule names it and the kernel did not stop it: userspace may have to (a kill rule
+		 * on its argv), so its record must not wait out the reader's batch gap */
+		at_ring_doorbell();
 	return 0;
 }
 

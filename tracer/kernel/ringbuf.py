@@ -31,6 +31,8 @@ BUSY_BIT = 1 << 31
 DISCARD_BIT = 1 << 30
 HDR_SZ = 8
 PAGE = mmap.PAGESIZE
+# one doorbell ring's bytes in its ring, header included (probes/common.h AT_BELL_SZ + 8)
+BELL_RECORD = 2048
 
 
 def supported() -> bool:
@@ -96,6 +98,11 @@ class RingReader:
                     try:
                         if self._bell[0].poll(t, 1):
                             self.bell_rings += 1
+                            # the floor stays: a stream of records that ring (every `sh` an
+                            # agent runs) is read once per wakeup interval, never per record
+                            floor = self._last_read_ns + self.min_gap_ns - time.monotonic_ns()
+                            if floor > 0:
+                                time.sleep(min(floor / 1e9, t))
                     except InterruptedError:
                         pass
             else:
@@ -168,15 +175,23 @@ class RingReader:
         return n
 
     def attach_doorbell(self, map_fd: int) -> None:
-        """Wait on this ring (probes/escape.c at_doorbell: records that must be read now ring it)
+        """Wait on this ring (probes/common.h at_doorbell: records that must be read now ring it)
         during the gap instead of sleeping. Only its positions are read: the records it names are
         in the main ring."""
         cons_mm = mmap.mmap(map_fd, PAGE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
         prod_mm = mmap.mmap(map_fd, PAGE, mmap.MAP_SHARED, mmap.PROT_READ, offset=PAGE)
         ep = select.epoll()
         ep.register(map_fd, select.EPOLLIN)
+        # also outside the gap: a record that rang may have been submitted without a wakeup of
+        # `events` (probes/common.h at_wake_flags), which the wait there would sleep through
+        self._ep.register(map_fd, select.EPOLLIN)
         self._bell_mms = (cons_mm, prod_mm)
         self._bell = (ep, memoryview(cons_mm)[:8].cast("Q"), memoryview(prod_mm)[:8].cast("Q"))
+
+    @property
+    def bells(self) -> int:
+        """How many times the probes rang the doorbell (at most once per read: a ring holds one)."""
+        return self._bell[2][0] // BELL_RECORD if self._bell is not None else 0
 
     def close(self) -> None:
         self._ep.close()
