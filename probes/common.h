@@ -99,6 +99,22 @@ static __always_inline void at_ring_doorbell(void)
 	at_doorbell.ringbuf_submit(b, BPF_RB_FORCE_WAKEUP);
 }
 
+/* The late bell, the same but for records that only may need a decision (an exec from outside
+ * the system directories: a renamed copy of a tool, which userspace tells by its content): the
+ * reader cuts its gap at this bell to what the batch wait was before the doorbell (ringbuf
+ * LATE_BELL_MS), so such a kill is no slower than it was, while a storm of system binaries
+ * still gathers into the full batch wait. */
+BPF_RINGBUF_OUTPUT(at_doorbell_late, 1);
+
+static __always_inline void at_ring_doorbell_late(void)
+{
+	u64 *b = at_doorbell_late.ringbuf_reserve(AT_BELL_SZ);
+	if (!b)
+		return;
+	*b = 1;
+	at_doorbell_late.ringbuf_submit(b, BPF_RB_FORCE_WAKEUP);
+}
+
 /* Watched cgroup id -> its level. Every descendant, including cgroups made later, is in scope
  * because the check walks the current task's ancestors. */
 BPF_HASH(watched, u64, u32, AT_MAX_WATCHED);

@@ -2,7 +2,9 @@
 
 While records keep coming the reader sleeps between reads up to --batch-wait-ms; an exec whose
 name a rule names (`exec_watch`: the pack's userspace kill rules are gated by those names) rings
-a one-record ring the reader waits on through the gap, so its record does not wait out the gap.
+a one-record ring the reader waits on through the gap, so its record does not wait out the gap;
+an exec from outside the system directories rings the late bell, which ends the gap at
+ringbuf.LATE_BELL_MS.
 No time is asserted: the ring is seen in the doorbell's producer position (`bells`) and in a
 poll that comes back from a 10-minute gap; the rate bound in the count of rings per read.
 """
@@ -39,15 +41,39 @@ def test_named_exec_rings_and_an_unnamed_one_does_not(agent_tree, bell_session):
     sess = bell_session
     r = sess.tracer._reader
     a = agent_tree.agent("bell")
-    before = r.bells
+    before, late = r.bells, r.late_bells
     assert agent_tree.run(a, ["/bin/true"]).returncode == 0
     assert sess.wait_for(lambda: _execs(sess, "/bin/true"))
     sess.settle()
-    assert r.bells == before        # `true`: no rule names it
+    # `true`: no rule names it, and it is in a system directory
+    assert (r.bells, r.late_bells) == (before, late)
     # `sh` is a name the reverse-shell rule (killed from userspace) is gated on
     assert agent_tree.run(a, ["/bin/sh", "-c", "exit 0"]).returncode == 0
     assert sess.wait_for(lambda: _execs(sess, "/bin/sh"))
-    assert r.bells == before + 1
+    assert (r.bells, r.late_bells) == (before + 1, late)
+
+
+def test_exec_from_outside_the_system_directories_rings_the_late_bell(agent_tree, bell_session, tmp_path):
+    """A copy of a program in a folder the agent can write (how a renamed tool arrives, which
+    userspace knows by its content) rings the late bell, and cuts a long gap there."""
+    import shutil
+    sess = bell_session
+    r = sess.tracer._reader
+    a = agent_tree.agent("late")
+    copy = tmp_path / "upd"
+    shutil.copy("/bin/true", copy)
+    before, late, cut = r.bells, r.late_bells, r.late_rings
+    r.min_gap_ns, r.max_gap_ns, r.gap_ns = 1_000_000, 600 * 10**9, 600 * 10**9
+    r._last_n, r._last_read_ns = 1, time.monotonic_ns()
+    sess.tracer._quiet = False
+    try:
+        assert agent_tree.run(a, [str(copy)]).returncode == 0
+        sess.tracer.poll(60_000)      # without the bell: its whole 60 s
+        assert r.late_rings == cut + 1
+        assert _execs(sess, str(copy))
+    finally:
+        r.min_gap_ns, r.max_gap_ns, r.gap_ns = 5_000_000, 15_000_000, 5_000_000
+    assert (r.bells, r.late_bells) == (before, late + 1)
 
 
 def test_named_exec_cuts_the_readers_gap(agent_tree, bell_session):
