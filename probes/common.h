@@ -100,7 +100,8 @@ static __always_inline void at_ring_doorbell(void)
 }
 
 /* The late bell, the same but for records that only may need a decision (an exec from outside
- * the system directories: a renamed copy of a tool, which userspace tells by its content): the
+ * the system directories: a renamed copy of a tool, which userspace tells by its content; a
+ * connect, which userspace matches by the name the agent resolved): the
  * reader cuts its gap at this bell to what the batch wait was before the doorbell (ringbuf
  * LATE_BELL_MS), so such a kill is no slower than it was, while a storm of system binaries
  * still gathers into the full batch wait. */
