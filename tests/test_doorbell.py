@@ -84,6 +84,7 @@ def test_named_exec_cuts_the_readers_gap(agent_tree, bell_session):
     a = agent_tree.agent("gap")
     rings = r.bell_rings
     r.min_gap_ns, r.max_gap_ns, r.gap_ns = 1_000_000, 600 * 10**9, 600 * 10**9
+    r.late_gap_ns = 600 * 10**9
     r._last_n, r._last_read_ns = 1, time.monotonic_ns()
     sess.tracer._quiet = False
     try:
@@ -148,3 +149,31 @@ def test_userspace_kill_through_run_with_a_long_batch_wait(agent_tree, tmp_path)
     assert al and al[0]["rule"]["outcome"] == "killed"
     stopped = next(x for x in recs if x.get("phase") == "stopped")
     assert stopped["stages"]["doorbell_rung"] >= 1
+
+
+class _Ready:
+    """An epoll stand-in: ready or not (the floor rule needs no ring)."""
+
+    def __init__(self, ready):
+        self.ready = ready
+
+    def poll(self, t, n):
+        return [(0, 1)] if self.ready else []
+
+
+def test_rings_in_a_row_raise_the_floor_to_the_late_gap():
+    """A lone ring is read within the wakeup interval; rings read after rings wait longer, up
+    to the late gap, so a storm of named execs is read as often as the old batch wait."""
+    from agenttrace.kernel.ringbuf import RingReader
+    ms = 1_000_000
+    r = RingReader.__new__(RingReader)
+    r.min_gap_ns, r.late_gap_ns, r._bell_floor_ns, r.bell_rings = 5 * ms, 15 * ms, 5 * ms, 0
+    r._late, r._last_read_ns = None, time.monotonic_ns() - 10**12   # floors already past: no sleep
+    r._bell = (_Ready(True), None, None)
+    floors = []
+    for _ in range(4):
+        assert r._wait_gap(1.0)
+        floors.append(r._bell_floor_ns // ms)
+    assert floors == [10, 15, 15, 15] and r.bell_rings == 4
+    r._bell = (_Ready(False), None, None)
+    assert not r._wait_gap(0.0)     # a gap with no ring: poll() puts the floor back

@@ -92,6 +92,7 @@ class RingReader:
         self._late = None       # (consumer, producer) of the late bell
         self.late_rings = 0     # gaps cut to late_gap_ns by the late bell
         self.late_gap_ns = LATE_BELL_MS * 1_000_000
+        self._bell_floor_ns = 0     # shortest gap after a ring (_wait_gap): grows while rings come in a row
 
     def poll(self, timeout_ms: int, limit: int = 0, budget_ns: int = 0) -> int:
         if timeout_ms != 0:
@@ -100,9 +101,10 @@ class RingReader:
                 t = rest / 1e9 if timeout_ms < 0 else min(rest / 1e9, timeout_ms / 1000)
                 if self._bell is None:
                     time.sleep(t)
-                else:
-                    self._wait_gap(t)
+                elif not self._wait_gap(t):
+                    self._bell_floor_ns = self.min_gap_ns
             else:
+                self._bell_floor_ns = self.min_gap_ns
                 try:
                     self._ep.poll(timeout_ms / 1000 if timeout_ms > 0 else -1, 1)
                 except InterruptedError:
@@ -121,29 +123,35 @@ class RingReader:
             self._adapt(n)
         return n
 
-    def _wait_gap(self, t: float) -> None:
+    def _wait_gap(self, t: float) -> bool:
         """Sleep out the gap (t seconds) unless a bell rings (probes/common.h at_doorbell,
-        at_doorbell_late)."""
+        at_doorbell_late); True when the doorbell cut it."""
         bell, late = self._bell, self._late
+        late_ns = max(self.late_gap_ns, self.min_gap_ns)
         end = time.monotonic_ns() + int(t * 1e9)
         try:
             if not (self._bells_ep if late is not None else bell[0]).poll(t, 2):
-                return
+                return False
             if late is not None and bell[2][0] == bell[1][0]:
                 # only the late bell: the gap ends where the batch wait used to end, unless
                 # the other one rings meanwhile
                 self.late_rings += 1
-                rest = min(end, self._last_read_ns + max(self.late_gap_ns, self.min_gap_ns)) - time.monotonic_ns()
+                rest = min(end, self._last_read_ns + late_ns) - time.monotonic_ns()
                 if rest <= 0 or not bell[0].poll(rest / 1e9, 1):
-                    return
+                    return False
             self.bell_rings += 1
-            # the floor stays: a stream of records that ring (every `sh` an agent runs) is
-            # read once per wakeup interval, never per record
-            floor = min(end, self._last_read_ns + self.min_gap_ns) - time.monotonic_ns()
+            # A floor stays: the wakeup interval for a ring after a gap that had none, doubling
+            # for each ring in a row up to late_ns. A stream of records that ring (an agent's
+            # every `sh`) is then read as often as before the batch wait grew, not per record
+            # nor per wakeup interval; a lone one within the wakeup interval.
+            floor_ns = self._bell_floor_ns
+            self._bell_floor_ns = min(late_ns, max(floor_ns, 1_000_000) * 2)
+            floor = min(end, self._last_read_ns + floor_ns) - time.monotonic_ns()
             if floor > 0:
                 time.sleep(floor / 1e9)
         except InterruptedError:
             pass
+        return True
 
     def _adapt(self, n: int) -> None:
         """The next gap from the size of this read (see max_gap_ns in __init__)."""
