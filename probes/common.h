@@ -78,9 +78,9 @@ static __always_inline u64 at_wake_flags(void)
  * whenever records wait), and a record that userspace must act on -- an escape it judges, an
  * exec or connect a userspace kill rule may match -- would wait that long. A 1-page ring of
  * its own that holds nothing else can wake it: the reader waits on it through the gap (and
- * empties it at each read), so such a record is read within the wakeup interval (the reader
- * keeps that floor between reads, so a storm of them is not a read per record) whatever the
- * batch wait. Rung only when empty: a ring holds one record at most (AT_BELL_SZ: two do not
+ * empties it at each read), so such a record is read within the wakeup interval whatever the
+ * batch wait (the reader keeps that floor after a ring, doubling up to 15 ms for rings in a
+ * row, so a storm of them is read as often as before, not per record). Rung only when empty: a ring holds one record at most (AT_BELL_SZ: two do not
  * fit in its page), so a reservation fails while the last ring is unread and the wakeup's
  * irq_work (~20 us) is paid once per read, not per record. Never read (a pinned program
  * outliving the tracer) it stays rung and costs a failed reservation. */
@@ -99,12 +99,12 @@ static __always_inline void at_ring_doorbell(void)
 	at_doorbell.ringbuf_submit(b, BPF_RB_FORCE_WAKEUP);
 }
 
-/* The late bell, the same but for records that only may need a decision (an exec from outside
- * the system directories: a renamed copy of a tool, which userspace tells by its content; a
- * connect, which userspace matches by the name the agent resolved): the
- * reader cuts its gap at this bell to what the batch wait was before the doorbell (ringbuf
- * LATE_BELL_MS), so such a kill is no slower than it was, while a storm of system binaries
- * still gathers into the full batch wait. */
+/* The late bell, the same for records that only may need a decision: an exec from outside the
+ * system directories (a renamed copy of a tool, which userspace tells by its content) and a
+ * connect (userspace matches it by the name the agent resolved). The reader ends its gap at
+ * this bell where the batch wait ended before the doorbell (ringbuf.LATE_BELL_MS), so such a
+ * kill is no slower than it was, while a storm of system binaries still gathers into the full
+ * batch wait. */
 BPF_RINGBUF_OUTPUT(at_doorbell_late, 1);
 
 static __always_inline void at_ring_doorbell_late(void)
