@@ -73,6 +73,49 @@ static __always_inline u64 at_wake_flags(void)
 	return at_wake_flags_at(bpf_ktime_get_ns());
 }
 
+/* The reader's doorbell. While records keep coming the reader sleeps between reads, up to
+ * --batch-wait-ms (ringbuf.RingReader's gap: `events` cannot wake it there, its poll is ready
+ * whenever records wait), and a record that userspace must act on -- an escape it judges, an
+ * exec or connect a userspace kill rule may match -- would wait that long. A 1-page ring of
+ * its own that holds nothing else can wake it: the reader waits on it through the gap (and
+ * empties it at each read), so such a record is read within the wakeup interval whatever the
+ * batch wait (the reader keeps that floor after a ring, doubling up to 15 ms for rings in a
+ * row, so a storm of them is read as often as before, not per record). Rung only when empty: a ring holds one record at most (AT_BELL_SZ: two do not
+ * fit in its page), so a reservation fails while the last ring is unread and the wakeup's
+ * irq_work (~20 us) is paid once per read, not per record. Never read (a pinned program
+ * outliving the tracer) it stays rung and costs a failed reservation. */
+BPF_RINGBUF_OUTPUT(at_doorbell, 1);
+/* with its 8-byte header half the ring's 4,096 bytes: the kernel keeps the producer less than
+ * the ring's size ahead of the consumer, so a second reservation (4,096 ahead) fails.
+ * ringbuf.BELL_RECORD mirrors it (rings counted from the producer position). */
+#define AT_BELL_SZ 2040
+
+static __always_inline void at_ring_doorbell(void)
+{
+	u64 *b = at_doorbell.ringbuf_reserve(AT_BELL_SZ);
+	if (!b)
+		return;
+	*b = 1;
+	at_doorbell.ringbuf_submit(b, BPF_RB_FORCE_WAKEUP);
+}
+
+/* The late bell, the same for records that only may need a decision: an exec from outside the
+ * system directories (a renamed copy of a tool, which userspace tells by its content) and a
+ * connect (userspace matches it by the name the agent resolved). The reader ends its gap at
+ * this bell where the batch wait ended before the doorbell (ringbuf.LATE_BELL_MS), so such a
+ * kill is no slower than it was, while a storm of system binaries still gathers into the full
+ * batch wait. */
+BPF_RINGBUF_OUTPUT(at_doorbell_late, 1);
+
+static __always_inline void at_ring_doorbell_late(void)
+{
+	u64 *b = at_doorbell_late.ringbuf_reserve(AT_BELL_SZ);
+	if (!b)
+		return;
+	*b = 1;
+	at_doorbell_late.ringbuf_submit(b, BPF_RB_FORCE_WAKEUP);
+}
+
 /* Watched cgroup id -> its level. Every descendant, including cgroups made later, is in scope
  * because the check walks the current task's ancestors. */
 BPF_HASH(watched, u64, u32, AT_MAX_WATCHED);

@@ -29,13 +29,6 @@
 #endif
 BPF_TABLE("lru_hash", u32, u64, agent_tasks, AT_ESC_TASKS);
 BPF_PERCPU_ARRAY(escape_scratch, struct at_escape, 1);
-/* The reader's doorbell: an escape that userspace must still judge and kill (a process moved
- * out by another, a clone3 child born elsewhere) runs outside until the reader takes its record,
- * and the reader, while records keep coming, sleeps between reads (ringbuf.RingReader's gap:
- * `events` cannot wake it there, its poll is ready whenever records wait). An 8-byte ring of its
- * own that holds nothing else can: the reader waits on it through the gap, so such a record is
- * read at once. Full (no reader: a pinned program outliving the tracer) it just stays full. */
-BPF_RINGBUF_OUTPUT(at_doorbell, 1);
 
 static __always_inline u32 at_esc_enforce(void)
 {
@@ -62,10 +55,8 @@ static __always_inline void at_esc_emit(u64 cg, u64 from_agent, u32 moved, u32 f
 		at_count_drop(from_agent, AT_EV_ESCAPE);
 		return;
 	}
-	if (!(flags & AT_ESC_KILLED)) {
-		u64 ring = 1;
-		at_doorbell.ringbuf_output(&ring, sizeof(ring), BPF_RB_FORCE_WAKEUP);
-	}
+	if (!(flags & AT_ESC_KILLED))
+		at_ring_doorbell();     /* userspace must judge and kill it: read it now */
 }
 
 #ifdef AT_OFF_KERNFS_NODE_ID

@@ -314,6 +314,12 @@ static __always_inline int at_sock_addr(struct bpf_sock_addr *ctx, u8 op, u16 fa
 		pending_conn.update(&sk, &p);
 	}
 	events.ringbuf_submit(e, at_wake_flags_at(now));
+	if (policy && verdict != AT_VERDICT_BLOCKED)
+		at_ring_doorbell();     /* a rule matched and the kernel let it through: userspace acts */
+	else
+		/* userspace may still match it by name (a pool or tunnel domain the agent resolved):
+		 * read no later than before the batch wait grew */
+		at_ring_doorbell_late();
 	if (op == AT_OP_SENDMSG) {
 		/* only once the record is on its way: a datagram refused by the rate limit or a full
 		 * ring is reported when the destination is next used, instead of never */

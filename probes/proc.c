@@ -23,6 +23,20 @@ BPF_HASH(kill_names, struct at_name_key, u32, 1024);
  * they are admitted from the policy bucket, never lost in the agent's own flood. */
 BPF_HASH(exec_watch, struct at_name_key, u32, 4096);
 
+/* Where only root installs programs (/usr/..., /bin/..., /sbin/..., as the exec named them):
+ * an agent's renamed copy of a tool lands elsewhere unless it runs as root. ld.so (/lib...) is
+ * not one of them: `ld.so PROGRAM` runs whatever PROGRAM is. */
+static __always_inline int at_system_path(const char *f)
+{
+	if (f[0] != '/')
+		return 0;
+	if (f[1] == 'u' && f[2] == 's' && f[3] == 'r' && f[4] == '/')
+		return 1;
+	if (f[1] == 'b' && f[2] == 'i' && f[3] == 'n' && f[4] == '/')
+		return 1;
+	return f[1] == 's' && f[2] == 'b' && f[3] == 'i' && f[4] == 'n' && f[5] == '/';
+}
+
 /* The exec record is ~4.4 KiB, over the 512-byte BPF stack: build it in per-CPU scratch and
  * send only the bytes of argv actually read. */
 BPF_PERCPU_ARRAY(exec_scratch, struct at_exec, 1);
@@ -194,6 +208,12 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 	e->h.size = size;
 	if (events.ringbuf_output(e, size, at_wake_flags_at(e->h.ktime)) != 0)
 		at_count_drop(agent, AT_EV_EXEC);
+	else if (named && !(e->flags & AT_EXEC_KILLED))
+		/* a rule names it and the kernel did not stop it: userspace may have to (a kill rule
+		 * on its argv), so its record must not wait out the reader's batch gap */
+		at_ring_doorbell();
+	else if (!named && !at_system_path(e->filename))
+		at_ring_doorbell_late();
 	return 0;
 }
 

@@ -355,15 +355,17 @@ def test_clone_into_a_cgroup_inside_the_subtree_is_no_escape(agent_tree, make_se
 def test_escape_rings_the_doorbell_through_the_readers_gap(agent_tree, make_session, outside, clone3_exe):
     """While records keep coming the reader sleeps between reads (up to --batch-wait-ms); a
     clone3 child born outside runs until its record is read, so escape.c rings a doorbell ring
-    the reader waits on instead. Here the reader is put in a 10-minute gap: the poll comes back
-    because the bell rang (counted), with the escape read and the child killed."""
+    the reader waits on instead. Here the reader is put in a 10-minute gap (its floor between
+    reads left short): the poll comes back because the bell rang (counted), with the escape read
+    and the child killed."""
     import time
     a = agent_tree.agent("clone-bell")
     sess = make_session([agent_tree.root], engine=_engine("enforce"), mode="enforce")
     sess.settle()
     r = sess.tracer._reader
     assert r is not None and r._bell is not None
-    r.min_gap_ns = r.max_gap_ns = r.gap_ns = 600 * 10**9
+    r.min_gap_ns, r.max_gap_ns, r.gap_ns = 1_000_000, 600 * 10**9, 600 * 10**9
+    r.late_gap_ns = 600 * 10**9    # clone3_exe's own exec (a temp folder) rings the late bell
     r._last_n, r._last_read_ns = 1, time.monotonic_ns()
     sess.tracer._quiet = False
     p = agent_tree.spawn(a, [str(clone3_exe), str(outside), "stay", "20000"], stdout=subprocess.PIPE,

@@ -94,6 +94,6 @@ def test_batch_wait_in_the_daemon_config():
     from agenttrace.config import ConfigError, parse_config
     from agenttrace.session.options import from_config
     assert from_config(parse_config("limits:\n  batch_wait_ms: 30\n")).batch_wait_ms == 30
-    assert from_config(parse_config("")).batch_wait_ms == 15
+    assert from_config(parse_config("")).batch_wait_ms == 50
     with pytest.raises(ConfigError, match=r"<config>:2:\d+: limits.batch_wait_ms"):
         parse_config("limits:\n  batch_wait_ms: -1\n")

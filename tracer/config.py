@@ -196,7 +196,7 @@ class LimitsConfig(_Model):
     # the longest a record waits in the ring buffer (0 = wake the reader on every record)
     wakeup_ms: float = Field(5.0, ge=0, le=1000)
     # while records keep coming, how long the reader may let them gather into one batch
-    batch_wait_ms: float = Field(15.0, ge=0, le=1000)
+    batch_wait_ms: float = Field(50.0, ge=0, le=1000)
     # seconds between lifecycle/stats records (counters, drops by agent and cause)
     stats_interval: float = Field(60.0, gt=0, le=86400)
 

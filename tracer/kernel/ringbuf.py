@@ -31,6 +31,11 @@ BUSY_BIT = 1 << 31
 DISCARD_BIT = 1 << 30
 HDR_SZ = 8
 PAGE = mmap.PAGESIZE
+# one doorbell ring's bytes in its ring, header included (probes/common.h AT_BELL_SZ + 8)
+BELL_RECORD = 2048
+# where the late bell (probes/common.h at_doorbell_late) cuts the reader's gap: the batch wait
+# before the doorbell took decisions out of it, so what it rings for is read no later than then
+LATE_BELL_MS = 15
 
 
 def supported() -> bool:
@@ -84,6 +89,10 @@ class RingReader:
         self.batches = 0        # reads that found records: records / batches is the batch size
         self._bell = None       # (epoll, consumer, producer) of the doorbell ring (attach_doorbell)
         self.bell_rings = 0     # gaps cut short by the doorbell
+        self._late = None       # (consumer, producer) of the late bell
+        self.late_rings = 0     # gaps cut to late_gap_ns by the late bell
+        self.late_gap_ns = LATE_BELL_MS * 1_000_000
+        self._bell_floor_ns = 0     # shortest gap after a ring (_wait_gap): grows while rings come in a row
 
     def poll(self, timeout_ms: int, limit: int = 0, budget_ns: int = 0) -> int:
         if timeout_ms != 0:
@@ -92,13 +101,10 @@ class RingReader:
                 t = rest / 1e9 if timeout_ms < 0 else min(rest / 1e9, timeout_ms / 1000)
                 if self._bell is None:
                     time.sleep(t)
-                else:
-                    try:
-                        if self._bell[0].poll(t, 1):
-                            self.bell_rings += 1
-                    except InterruptedError:
-                        pass
+                elif not self._wait_gap(t):
+                    self._bell_floor_ns = self.min_gap_ns
             else:
+                self._bell_floor_ns = self.min_gap_ns
                 try:
                     self._ep.poll(timeout_ms / 1000 if timeout_ms > 0 else -1, 1)
                 except InterruptedError:
@@ -107,6 +113,8 @@ class RingReader:
             # rung or not, what it says is in `events` now, read below: empty it so it can
             # wake the next gap (its poll is ready while it holds anything)
             self._bell[1][0] = self._bell[2][0]
+            if self._late is not None:
+                self._late[0][0] = self._late[1][0]
         n = self.consume(limit, budget_ns)
         self._last_n, self._last_read_ns = n, time.monotonic_ns()
         if n:
@@ -114,6 +122,36 @@ class RingReader:
         if timeout_ms != 0:     # a catch-up read in between says nothing about the stream's rate
             self._adapt(n)
         return n
+
+    def _wait_gap(self, t: float) -> bool:
+        """Sleep out the gap (t seconds) unless a bell rings (probes/common.h at_doorbell,
+        at_doorbell_late); True when the doorbell cut it."""
+        bell, late = self._bell, self._late
+        late_ns = max(self.late_gap_ns, self.min_gap_ns)
+        end = time.monotonic_ns() + int(t * 1e9)
+        try:
+            if not (self._bells_ep if late is not None else bell[0]).poll(t, 2):
+                return False
+            if late is not None and bell[2][0] == bell[1][0]:
+                # only the late bell: the gap ends where the batch wait used to end, unless
+                # the other one rings meanwhile
+                self.late_rings += 1
+                rest = min(end, self._last_read_ns + late_ns) - time.monotonic_ns()
+                if rest <= 0 or not bell[0].poll(rest / 1e9, 1):
+                    return False
+            self.bell_rings += 1
+            # A floor stays: the wakeup interval for a ring after a gap that had none, doubling
+            # for each ring in a row up to late_ns. A stream of records that ring (an agent's
+            # every `sh`) is then read as often as before the batch wait grew, not per record
+            # nor per wakeup interval; a lone one within the wakeup interval.
+            floor_ns = self._bell_floor_ns
+            self._bell_floor_ns = min(late_ns, max(floor_ns, 1_000_000) * 2)
+            floor = min(end, self._last_read_ns + floor_ns) - time.monotonic_ns()
+            if floor > 0:
+                time.sleep(floor / 1e9)
+        except InterruptedError:
+            pass
+        return True
 
     def _adapt(self, n: int) -> None:
         """The next gap from the size of this read (see max_gap_ns in __init__)."""
@@ -167,16 +205,55 @@ class RingReader:
             self._cons[0] = cons
         return n
 
-    def attach_doorbell(self, map_fd: int) -> None:
-        """Wait on this ring (probes/escape.c at_doorbell: records that must be read now ring it)
-        during the gap instead of sleeping. Only its positions are read: the records it names are
+    def attach_doorbell(self, map_fd: int, late_fd: int | None = None) -> None:
+        """Wait on this ring (probes/common.h at_doorbell: records that must be read now ring it)
+        during the gap instead of sleeping, and on `late_fd` (at_doorbell_late: records read at
+        the latest after late_gap_ns). Only their positions are read: the records they name are
         in the main ring."""
-        cons_mm = mmap.mmap(map_fd, PAGE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
-        prod_mm = mmap.mmap(map_fd, PAGE, mmap.MAP_SHARED, mmap.PROT_READ, offset=PAGE)
-        ep = select.epoll()
-        ep.register(map_fd, select.EPOLLIN)
-        self._bell_mms = (cons_mm, prod_mm)
-        self._bell = (ep, memoryview(cons_mm)[:8].cast("Q"), memoryview(prod_mm)[:8].cast("Q"))
+        mms, eps = [], []
+        try:
+            pos = []
+            for fd in (map_fd, late_fd) if late_fd is not None else (map_fd,):
+                cons_mm = mmap.mmap(fd, PAGE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
+                mms.append(cons_mm)
+                prod_mm = mmap.mmap(fd, PAGE, mmap.MAP_SHARED, mmap.PROT_READ, offset=PAGE)
+                mms.append(prod_mm)
+                pos.append((memoryview(cons_mm)[:8].cast("Q"), memoryview(prod_mm)[:8].cast("Q")))
+            ep = select.epoll()
+            eps.append(ep)
+            ep.register(map_fd, select.EPOLLIN)
+            if late_fd is not None:
+                both = select.epoll()
+                eps.append(both)
+                both.register(map_fd, select.EPOLLIN)
+                both.register(late_fd, select.EPOLLIN)
+                self._bells_ep = both
+                self._late = pos[1]
+                self._ep.register(late_fd, select.EPOLLIN)
+        except BaseException:
+            for e in eps:
+                e.close()
+            for v in pos:
+                for m in v:
+                    m.release()
+            for m in mms:
+                m.close()
+            raise
+        # also outside the gap: a record that rang may have been submitted without a wakeup of
+        # `events` (probes/common.h at_wake_flags), which the wait there would sleep through
+        self._ep.register(map_fd, select.EPOLLIN)
+        self._bell_mms = tuple(mms)
+        self._bell = (ep, pos[0][0], pos[0][1])
+
+    @property
+    def bells(self) -> int:
+        """How many times the probes rang the doorbell (at most once per read: a ring holds one)."""
+        return self._bell[2][0] // BELL_RECORD if self._bell is not None else 0
+
+    @property
+    def late_bells(self) -> int:
+        """How many times the probes rang the late bell."""
+        return self._late[1][0] // BELL_RECORD if self._late is not None else 0
 
     def close(self) -> None:
         self._ep.close()
@@ -186,6 +263,11 @@ class RingReader:
             ep.close()
             cons.release()
             prod.release()
+            if self._late is not None:
+                self._bells_ep.close()
+                for v in self._late:
+                    v.release()
+                self._late = None
             for mm in self._bell_mms:
                 mm.close()
         for obj in ("_hdr", "_data", "_prod", "_cons"):

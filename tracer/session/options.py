@@ -36,8 +36,10 @@ class SessionOptions:
     # While records keep coming, the reader may let them gather this long (ms) so each read
     # takes a batch of ~64 (ringbuf.RingReader.max_gap_ns): fewer cold-cache wakeups, less CPU
     # per record; a fast stream already fills batches at wakeup_ms and is read at that pace.
-    # Not above wakeup_ms = never longer than wakeup_ms.
-    batch_wait_ms: float = 15.0
+    # Records userspace may act on ring a doorbell that ends the wait sooner (probes/common.h
+    # at_doorbell), so this bounds only records no decision waits for (bench/profiles/
+    # hwait-batching.md). Not above wakeup_ms = never longer than wakeup_ms.
+    batch_wait_ms: float = 50.0
     stats_interval_s: float = 0.0        # 0 = no periodic stats records
     # Work per poll: at most this many records / this much time before timers, drop alerts
     # and the caller's loop (sd_notify watchdog, signals) get their turn; what is left is read

@@ -309,9 +309,17 @@ class Tracer:
                                               self._on_view)
             self._reader.min_gap_ns = int(self.opts.wakeup_ms * 1_000_000)
             self._reader.max_gap_ns = int(self.opts.batch_wait_ms * 1_000_000) if self.opts.wakeup_ms > 0 else 0
-            if "escape" in self.probes.features:
-                # escapes userspace must kill are read at once, not after the reader's gap
-                self._reader.attach_doorbell(self.probes["at_doorbell"].map_fd)
+            bells = []
+            for name in ("at_doorbell", "at_doorbell_late"):
+                try:
+                    bells.append(self.probes[name].map_fd)
+                except KeyError:
+                    break
+            if bells:
+                # records userspace may have to act on (escapes, execs and connects a rule
+                # names) are read within --wakeup-ms, not after the reader's batch gap; execs
+                # from outside the system directories within ringbuf.LATE_BELL_MS
+                self._reader.attach_doorbell(*bells)
         else:
             table.open_ring_buffer(self._on_record)
 
@@ -641,8 +649,13 @@ class Tracer:
                 # reads that found records (the mmap reader): read / read_batches is the batch
                 # size the reader's gap (--batch-wait-ms) reached
                 "read_batches": self._reader.batches if self._reader is not None else None,
-                # gaps cut short for an escape record userspace must act on (probes/escape.c)
+                # gaps cut short for a record userspace may act on (probes/common.h at_doorbell)
                 "read_doorbell": self._reader.bell_rings if self._reader is not None else None,
+                # rings the probes made (records a rule names, escapes): at most one per read;
+                # late: execs from outside the system directories, and the gaps that bell cut
+                "doorbell_rung": self._reader.bells if self._reader is not None else None,
+                "doorbell_late": ({"rung": self._reader.late_bells, "read": self._reader.late_rings}
+                                  if self._reader is not None else None),
                 "decode": {"records": sum(self.enrich.by_type.values()), "unknown": self.enrich.unknown_types,
                            "by_type": {E.TYPE_NAMES.get(t, str(t)): n for t, n in self.enrich.by_type.items()}},
                 # connect records that were the previous record again but for its time, built
