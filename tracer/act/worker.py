@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from agenttrace.act.actions import ActionResult, Actions
+from agenttrace.kernel.wire import FORKF_EXITED
 
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 # /proc starttime has clock-tick resolution (10 ms at 100 Hz): a process that started within
@@ -51,6 +52,29 @@ def proc_start_ns(pid: int) -> Optional[int]:
         return None
 
 
+def reuse_verdict(pid: int, ktime: int, fork_lookup: Optional[Callable] = None) -> Optional[str]:
+    """Why the process holding `pid` now is not the one of an event at `ktime` (kernel ns), or
+    None when it is (as far as can be told). Ask with a pidfd on `pid` already open: the answer
+    is then about the process that pidfd pins (see ActJob.open_target)."""
+    if not ktime:
+        return None
+    if fork_lookup is not None:
+        try:
+            ent = fork_lookup(pid)
+        except Exception:
+            ent = None
+        if ent is not None and not ent[2] & FORKF_EXITED:
+            if ent[1] > ktime:
+                return "pid reused since, by a process forked in the agent"
+            return None
+        # no entry (forked outside scope, or exited after its exec) or one of an exited
+        # process (maybe an earlier holder of the pid): /proc's start time is all there is
+    start = proc_start_ns(pid)
+    if start is not None and start > ktime + _START_SLACK_NS:
+        return "pid reused since"
+    return None
+
+
 def _readable(fd: int, timeout_ms: int = 0) -> bool:
     p = select.poll()
     p.register(fd, select.POLLIN)
@@ -69,8 +93,16 @@ class ActJob:
     result: Optional[ActionResult] = None
     descendants: list = field(default_factory=list)
 
-    def open_target(self) -> None:
-        """On the reader thread, at decision time: pin the process before the pid can be reused."""
+    def open_target(self, fork_lookup: Optional[Callable] = None) -> None:
+        """On the reader thread, at decision time: pin the process before the pid can be reused.
+
+        `fork_lookup` (kernel/forks.py KernelForks.lookup): pid -> (creator, fork ktime, flags)
+        of the kernel's proc_forks entry. Read *after* the pidfd is open, an entry that is not
+        marked exited tells who holds the pid now: forked no later than the event, it is the
+        target, alive when the pidfd was taken (its exit would have released or marked the
+        entry before the pid could go to anyone); forked after the event, the target is gone
+        and a process forked in the agent took its pid. /proc's start time cannot tell that:
+        it has clock-tick resolution, and an agent hands a pid on within a tick."""
         if self.action != "kill" or self.pid <= 1:
             return
         try:
@@ -78,10 +110,10 @@ class ActJob:
         except OSError:
             self.result = ActionResult("exited", f"pid {self.pid} had already exited")
             return
-        start = proc_start_ns(self.pid)
-        if start is not None and self.ktime and start > self.ktime + _START_SLACK_NS:
+        verdict = reuse_verdict(self.pid, self.ktime, fork_lookup)
+        if verdict is not None:
             os.close(fd)
-            self.result = ActionResult("exited", f"pid {self.pid} had already exited (pid reused since)")
+            self.result = ActionResult("exited", f"pid {self.pid} had already exited ({verdict})")
             return
         self.pidfd = fd
 

@@ -233,6 +233,7 @@ class Tracer:
         if self.kernel_forks is None:
             self.kernel_forks = KernelForks(self.probes)
             self.procs.fork_lookup = self.kernel_forks.lookup
+            self.enrich.exe_ids.reborn = self.kernel_forks.forked_after
             self.act.kernel_forks = self.kernel_forks.live
             self.summaries.quiet_forks = lambda cid: self.kernel_forks.counts(cid)["forks_quiet"]
 
@@ -446,7 +447,7 @@ class Tracer:
     def _defer(self, job: ActJob) -> None:
         """Engine → act worker, on the reader thread at decision time."""
         job.ktime -= self.enrich.clock_offset       # wall → kernel time of the event
-        job.open_target()
+        job.open_target(self.kernel_forks.lookup if self.kernel_forks is not None else None)
         self.act.submit(job)
 
     def _collect_actions(self, force: bool = False) -> None:

@@ -1,0 +1,350 @@
+"""pid reuse as an evasion: an agent makes a benign process take the pid of a process the
+tracer is about to act on (or the reverse), hoping the kill lands on the wrong one or the
+records swap identities.
+
+One `agenttrace run --mode enforce` (default pack) per module, as the README starts it; its
+command is a driver inside the agent's cgroup that the test steers over a pipe. The driver
+forks the way an agent would (posix_spawn and fork, inside the agent), and forces the pid the
+next fork gets through /proc/sys/kernel/ns_last_pid (tests/pidreuse.py, under a lock shared
+with the other test that does it). Each case is checked by its records and by who is alive
+afterwards."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+
+from conftest import AGENTTRACE
+from pidreuse import next_pid_is, pid_lock
+
+HERE = Path(__file__).resolve().parent
+PY = sys.executable
+STRATUM = "stratum+tcp://198.51.100.7:3333"
+
+DRIVER = textwrap.dedent(r"""
+    import json, os, socket, sys
+    sys.path.insert(0, sys.argv[1])
+    from pidreuse import next_pid_is, pid_lock
+
+    def spawn(argv):
+        return os.posix_spawn(argv[0], argv, dict(os.environ))
+
+    def spawn_at(pid, argv):
+        # the pid is free (its last holder reaped); retry when another fork took it first
+        with pid_lock():
+            next_pid_is(pid)
+            return spawn(argv)
+
+    def reply(**kw):
+        sys.stdout.write(json.dumps(kw) + "\n")
+        sys.stdout.flush()
+
+    kids = {}
+    for line in sys.stdin:
+        cmd, *arg = line.split()
+        if cmd == "miner-then-benign":
+            for _ in range(50):
+                m = spawn(["/bin/true", "-o", arg[0]])
+                _, mst = os.waitpid(m, 0)
+                b = spawn_at(m, ["/bin/sleep", "60"])
+                if b == m:
+                    break
+                os.kill(b, 9); os.waitpid(b, 0)
+            kids[b] = True
+            reply(miner=m, miner_status=mst, benign=b)
+        elif cmd == "benign-then-miner":
+            # the miner comes from a fork-only worker: its creator is not the benign one's
+            for _ in range(50):
+                b = spawn(["/bin/sh", "-c", "exit 3"])
+                _, bst = os.waitpid(b, 0)
+                r, w = os.pipe()
+                worker = os.fork()
+                if worker == 0:
+                    os.close(r)
+                    m = spawn_at(b, [sys.executable, "-c", "import time; time.sleep(60)", "-o", arg[0]])
+                    os.write(w, b"%d\n" % m)
+                    if m != b:
+                        os.kill(m, 9)
+                    _, st = os.waitpid(m, 0)
+                    os.write(w, b"%d\n" % st)
+                    os._exit(0)
+                os.close(w)
+                f = os.fdopen(r)
+                m = int(f.readline())
+                if m == b:
+                    break
+                f.read(); f.close(); os.waitpid(worker, 0)
+            reply(benign=b, benign_status=bst, miner=m, worker=worker)
+            st = int(f.readline()); f.close(); os.waitpid(worker, 0)
+            reply(miner_status=st)
+        elif cmd == "fork-only":
+            # a worker that never execs: a connect names it, then it exits with code 7
+            f = os.fork()
+            if f == 0:
+                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                s.connect(("127.0.0.1", 9))
+                s.close()
+                os._exit(7)
+            _, st = os.waitpid(f, 0)
+            reply(pid=f, status=st)
+        elif cmd == "alive":
+            pid = int(arg[0])
+            try:
+                state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                state = None
+            reply(state=state)
+        elif cmd == "reap":
+            pid = int(arg[0])
+            os.kill(pid, 15)
+            _, st = os.waitpid(pid, 0)
+            reply(status=st)
+        elif cmd == "whoami":
+            reply(pid=os.getpid(), cgroup=open("/proc/self/cgroup").read().strip().split("::", 1)[1])
+        elif cmd == "quit":
+            break
+""")
+
+
+class Run:
+    """The traced run: commands to the driver, records from the tracer's output file."""
+
+    def __init__(self, tmp: Path):
+        self.out = tmp / "events.jsonl"
+        script = tmp / "driver.py"
+        script.write_text(DRIVER)
+        self.p = subprocess.Popen([AGENTTRACE, "run", "--mode", "enforce", "--output", str(self.out),
+                                   "--agent", "pidreuse", "--", PY, str(script), str(HERE)],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        self._pos = 0
+        self._recs: list[dict] = []
+        me = self.ask("whoami")
+        self.driver, self.cgroup = me["pid"], me["cgroup"]
+
+    def ask(self, *words) -> dict:
+        self.p.stdin.write(" ".join(map(str, words)) + "\n")
+        self.p.stdin.flush()
+        line = self.p.stdout.readline()
+        assert line, f"driver gone (tracer rc {self.p.poll()})"
+        return json.loads(line)
+
+    def more(self) -> dict:
+        line = self.p.stdout.readline()
+        assert line, "driver gone"
+        return json.loads(line)
+
+    def records(self) -> list[dict]:
+        try:
+            data = self.out.read_bytes()
+        except FileNotFoundError:
+            return self._recs
+        end = data.rfind(b"\n", self._pos) + 1
+        for line in data[self._pos:end].splitlines():
+            self._recs.append(orjson.loads(line))
+        self._pos = max(self._pos, end)
+        return self._recs
+
+    def wait_for(self, pred, timeout: float = 20.0) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while True:
+            got = [r for r in self.records() if pred(r)]
+            if got or time.monotonic() > deadline:
+                return got
+            time.sleep(0.05)
+
+    def stop(self) -> int:
+        if self.p.poll() is None:
+            try:
+                self.p.stdin.write("quit\n")
+                self.p.stdin.close()
+            except OSError:
+                pass
+            try:
+                self.p.wait(30)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait()
+        return self.p.returncode
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, request):
+    from conftest import need_bpf
+    need_bpf()
+    r = Run(tmp_path_factory.mktemp("pidreuse"))
+    try:
+        yield r
+    finally:
+        r.stop()
+
+
+def _alerts(run, rule, pid):
+    return [r for r in run.records() if r["kind"] == "alert" and r["rule"]["id"] == rule
+            and r["proc"]["pid"] == pid]
+
+
+def _sha(path) -> str:
+    return hashlib.sha256(Path(os.path.realpath(path)).read_bytes()).hexdigest()
+
+
+def test_kill_earned_by_an_exited_miner_spares_the_benign_process_on_its_pid(run):
+    got = run.ask("miner-then-benign", STRATUM)
+    m, b = got["miner"], got["benign"]
+    assert m == b, "pid reuse not forced"
+    assert got["miner_status"] == 0
+    alerts = run.wait_for(lambda r: r["kind"] == "alert" and r["rule"]["id"] == "mining-stratum-args"
+                          and r["proc"]["pid"] == m and STRATUM in r["proc"]["args"])
+    assert alerts, "no alert for the miner"
+    a = alerts[-1]
+    assert a["rule"]["outcome"] == "exited", a["rule"]
+    assert a["proc"]["exe"] == "/bin/true" or a["proc"]["exe"].endswith("/true")
+    # the benign process on the reused pid was never signalled
+    assert run.ask("alive", b)["state"] in ("S", "R"), "the benign process was stopped or killed"
+    # its records are its own
+    execs = run.wait_for(lambda r: r["kind"] == "exec" and r["proc"]["pid"] == b
+                         and r["proc"]["args"] == ["/bin/sleep", "60"])
+    assert execs, "no exec record of the benign process"
+    bid = execs[-1]["proc"]["exec_id"]
+    assert bid != a["proc"]["exec_id"]
+    mine = [r for r in run.records() if (r.get("proc") or {}).get("exec_id") == bid]
+    assert all(STRATUM not in r["proc"]["args"] for r in mine), mine
+    assert all(r["kind"] != "alert" for r in mine), [r["rule"] for r in mine if r["kind"] == "alert"]
+    assert execs[-1]["proc"]["identity"]["sha256"] == _sha("/bin/sleep")
+    assert os.WTERMSIG(run.ask("reap", b)["status"]) == signal.SIGTERM   # our signal, not the tracer's
+    ex = run.wait_for(lambda r: r["kind"] == "exit" and r["proc"]["exec_id"] == bid)
+    assert ex and ex[-1].get("signal") == signal.SIGTERM
+
+
+def test_miner_on_a_reused_pid_is_killed_and_keeps_its_own_identity(run):
+    got = run.ask("benign-then-miner", STRATUM)
+    b, m, worker = got["benign"], got["miner"], got["worker"]
+    assert m == b, "pid reuse not forced"
+    assert os.WEXITSTATUS(got["benign_status"]) == 3
+    done = run.more()     # the worker reports once its miner is gone
+    assert os.WIFSIGNALED(done["miner_status"]) and os.WTERMSIG(done["miner_status"]) == signal.SIGKILL
+    alerts = run.wait_for(lambda r: r["kind"] == "alert" and r["rule"]["id"] == "mining-stratum-args"
+                          and r["proc"]["pid"] == m and STRATUM in r["proc"]["args"])
+    assert alerts and alerts[-1]["rule"]["outcome"] == "killed", alerts and alerts[-1]["rule"]
+    execs = [r for r in run.records() if r["kind"] == "exec" and r["proc"]["pid"] == m]
+    benign = [r for r in execs if r["proc"]["args"] == ["/bin/sh", "-c", "exit 3"]]
+    miner = [r for r in execs if STRATUM in r["proc"]["args"]]
+    assert benign and miner
+    bp, mp = benign[-1]["proc"], miner[-1]["proc"]
+    assert bp["exec_id"] != mp["exec_id"]
+    # each exec record has its own program and ancestry: the benign one's parent is the
+    # driver, the miner's the fork-only worker (then the driver)
+    assert bp["identity"]["sha256"] == _sha("/bin/sh"), "the benign exec carries another program's identity"
+    assert mp["identity"]["sha256"] == _sha(PY)
+    assert [x["pid"] for x in bp["ancestry"][:1]] == [run.driver]
+    assert [x["pid"] for x in mp["ancestry"][:2]] == [worker, run.driver], mp["ancestry"]
+    assert mp["creator"] == worker
+    # and each exit its own code
+    exits = run.wait_for(lambda r: r["kind"] == "exit" and r["proc"]["exec_id"] == mp["exec_id"])
+    assert exits and exits[-1]["exit_code"] == 128 + 9 and exits[-1]["proc"]["args"] == mp["args"]
+    bex = [r for r in run.records() if r["kind"] == "exit" and r["proc"]["exec_id"] == bp["exec_id"]]
+    assert len(bex) == 1 and bex[0]["exit_code"] == 3 and bex[0]["proc"]["args"] == bp["args"]
+    assert all(STRATUM not in r["proc"]["args"] for r in run.records()
+               if (r.get("proc") or {}).get("exec_id") == bp["exec_id"])
+
+
+def test_fork_only_pid_reused_outside_the_agent_is_not_the_agent(run):
+    f = run.ask("fork-only")
+    pid = f["pid"]
+    assert os.WEXITSTATUS(f["status"]) == 7
+    assert run.wait_for(lambda r: r["kind"] == "connect" and r["proc"]["pid"] == pid)
+    # a process forked outside the agent takes the pid, execs and exits: nothing of it is the agent's
+    for _ in range(50):
+        with pid_lock():
+            next_pid_is(pid)
+            o = subprocess.Popen(["/bin/sh", "-c", "exit 5"])
+        o.wait()
+        if o.pid == pid:
+            break
+    assert o.pid == pid, "pid reuse not forced"
+    # then one forked outside that enters the agent before its exec: the agent's now, but the
+    # fork-only worker's creator (the driver) is not its creator
+    from agenttrace.enrich.cgroups import cgroup2_mount
+    agent_procs = Path(cgroup2_mount()) / run.cgroup.lstrip("/") / "cgroup.procs"
+
+    def enter():
+        with open(agent_procs, "w") as fh:
+            fh.write("0")
+    for _ in range(50):
+        with pid_lock():
+            next_pid_is(pid)
+            o2 = subprocess.Popen(["/bin/sh", "-c", "exit 6"], preexec_fn=enter)
+        o2.wait()
+        if o2.pid == pid:
+            break
+    assert o2.pid == pid, "pid reuse not forced"
+    ex = run.wait_for(lambda r: r["kind"] == "exit" and r["proc"]["pid"] == pid and r["exit_code"] == 6)
+    assert ex, "no exit record of the process that entered the agent"
+    later = [r for r in run.records() if (r.get("proc") or {}).get("pid") == pid]
+    # nothing of the process that stayed outside
+    assert not [r for r in later if r["kind"] == "exit" and r["exit_code"] == 5], later
+    ex6 = [r for r in later if r["kind"] == "exec" and r["proc"]["args"] == ["/bin/sh", "-c", "exit 6"]]
+    assert ex6
+    p6 = ex6[-1]["proc"]
+    assert p6["creator"] in (None, os.getpid()), p6
+    assert run.driver not in [x["pid"] for x in p6["ancestry"][:1]], p6["ancestry"]
+    assert ex[-1]["proc"]["exec_id"] == p6["exec_id"]
+
+
+def test_run_ends_with_the_drivers_own_exit_code(run):
+    # the tracer never signalled the driver (the agent's own process): run ends with its code
+    assert run.stop() == 0
+    assert not [r for r in run.records() if r["kind"] == "alert" and r["proc"]["pid"] == run.driver]
+
+
+READ_LATE = textwrap.dedent(r"""
+    import os, sys
+    sys.path.insert(0, sys.argv[1])
+    from pidreuse import next_pid_is, pid_lock
+    for _ in range(50):
+        b = os.posix_spawn("/bin/sh", ["/bin/sh", "-c", "exit 3"], dict(os.environ))
+        os.waitpid(b, 0)
+        with pid_lock():
+            next_pid_is(b)
+            m = os.posix_spawn(sys.executable, [sys.executable, "-c", "import sys; sys.stdin.read()"],
+                               dict(os.environ))
+        if m == b:
+            break
+        os.kill(m, 9); os.waitpid(m, 0)
+    print(b, m, flush=True)
+    os.waitpid(m, 0)
+""")
+
+
+def test_exec_read_after_its_pid_went_to_another_program_names_its_own(agent_tree, make_session):
+    """The tracer reads the benign exec only once the next process holds its pid (it is not
+    polled until then): /proc/PID/exe is the later program's, the record must not be."""
+    a = agent_tree.agent("late")
+    sess = make_session([agent_tree.root], features=("proc",))
+    d = agent_tree.spawn(a, [PY, "-c", READ_LATE, str(HERE)], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+    try:
+        b, m = map(int, d.stdout.readline().split())
+        assert b == m, "pid reuse not forced"
+        got = sess.wait_for(lambda: [r for r in sess.of("exec") if r["proc"]["pid"] == b
+                                     and r["proc"]["args"][:2] == [PY, "-c"]])
+        assert got
+    finally:
+        d.stdin.close()
+        d.wait(10)
+    execs = [r for r in sess.of("exec") if r["proc"]["pid"] == b]
+    benign = [r["proc"] for r in execs if r["proc"]["args"] == ["/bin/sh", "-c", "exit 3"]][-1]
+    later = [r["proc"] for r in execs if r["proc"]["args"][:2] == [PY, "-c"]][-1]
+    assert benign["identity"]["sha256"] == _sha("/bin/sh"), "the exec carries the later program's identity"
+    assert later["identity"]["sha256"] == _sha(PY)
+    assert benign["exec_id"] != later["exec_id"]
+    ex = sess.wait_for(lambda: [r for r in sess.of("exit") if r["proc"]["exec_id"] == benign["exec_id"]])
+    assert ex and ex[0]["exit_code"] == 3
