@@ -52,8 +52,10 @@ DRIVER = textwrap.dedent(r"""
     for line in sys.stdin:
         cmd, *arg = line.split()
         if cmd == "miner-then-benign":
-            for _ in range(50):
-                m = spawn(["/bin/true", "-o", arg[0]])
+            # each try its own argv: the engine folds an alert whose exe and argv repeat an
+            # earlier one's into that one (de-dup), and the test looks for this pid's own
+            for i in range(50):
+                m = spawn(["/bin/true", "-o", arg[0], f"try-{i}"])
                 _, mst = os.waitpid(m, 0)
                 b = spawn_at(m, ["/bin/sleep", "60"])
                 if b == m:
@@ -63,14 +65,15 @@ DRIVER = textwrap.dedent(r"""
             reply(miner=m, miner_status=mst, benign=b)
         elif cmd == "benign-then-miner":
             # the miner comes from a fork-only worker: its creator is not the benign one's
-            for _ in range(50):
+            for i in range(50):
                 b = spawn(["/bin/sh", "-c", "exit 3"])
                 _, bst = os.waitpid(b, 0)
                 r, w = os.pipe()
                 worker = os.fork()
                 if worker == 0:
                     os.close(r)
-                    m = spawn_at(b, [sys.executable, "-c", "import time; time.sleep(60)", "-o", arg[0]])
+                    m = spawn_at(b, [sys.executable, "-c", "import time; time.sleep(60)", "-o", arg[0],
+                                     f"try-{i}"])
                     os.write(w, b"%d\n" % m)
                     if m != b:
                         os.kill(m, 9)
@@ -123,7 +126,7 @@ class Run:
         script = tmp / "driver.py"
         script.write_text(DRIVER)
         self.p = subprocess.Popen([AGENTTRACE, "run", "--mode", "enforce", "--output", str(self.out),
-                                   "--agent", "pidreuse", "--", PY, str(script), str(HERE)],
+                                   "--agent", f"pidreuse-{os.getpid()}", "--", PY, str(script), str(HERE)],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
         self._pos = 0
         self._recs: list[dict] = []
@@ -233,7 +236,9 @@ def test_miner_on_a_reused_pid_is_killed_and_keeps_its_own_identity(run):
     assert os.WIFSIGNALED(done["miner_status"]) and os.WTERMSIG(done["miner_status"]) == signal.SIGKILL
     alerts = run.wait_for(lambda r: r["kind"] == "alert" and r["rule"]["id"] == "mining-stratum-args"
                           and r["proc"]["pid"] == m and STRATUM in r["proc"]["args"])
-    assert alerts and alerts[-1]["rule"]["outcome"] == "killed", alerts and alerts[-1]["rule"]
+    assert alerts and alerts[-1]["rule"]["outcome"] == "killed", (
+        alerts and alerts[-1]["rule"], [(r["kind"], r.get("rule"), r["proc"]) for r in run.records()
+                                        if (r.get("proc") or {}).get("pid") == m])
     execs = [r for r in run.records() if r["kind"] == "exec" and r["proc"]["pid"] == m]
     benign = [r for r in execs if r["proc"]["args"] == ["/bin/sh", "-c", "exit 3"]]
     miner = [r for r in execs if STRATUM in r["proc"]["args"]]
