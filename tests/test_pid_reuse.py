@@ -55,7 +55,7 @@ DRIVER = textwrap.dedent(r"""
             # each try its own argv: the engine folds an alert whose exe and argv repeat an
             # earlier one's into that one (de-dup), and the test looks for this pid's own
             for i in range(50):
-                m = spawn(["/bin/true", "-o", arg[0], f"try-{i}"])
+                m = spawn([arg[1], "-o", arg[0], f"try-{i}"])
                 _, mst = os.waitpid(m, 0)
                 b = spawn_at(m, ["/bin/sleep", "60"])
                 if b == m:
@@ -123,6 +123,11 @@ class Run:
 
     def __init__(self, tmp: Path):
         self.out = tmp / "events.jsonl"
+        # a miner the tracer takes ~0.1 s to identify (exeid hashes its 64 MiB, never seen
+        # before): its kill is decided well after the next process has its pid, however
+        # quickly the tracer reads the exec
+        self.tmp = tmp
+        self.slow = self.slow_true("slow-true")
         script = tmp / "driver.py"
         script.write_text(DRIVER)
         self.p = subprocess.Popen([AGENTTRACE, "run", "--mode", "enforce", "--output", str(self.out),
@@ -132,6 +137,15 @@ class Run:
         self._recs: list[dict] = []
         me = self.ask("whoami")
         self.driver, self.cgroup = me["pid"], me["cgroup"]
+
+    def slow_true(self, name: str) -> Path:
+        """/bin/true padded (sparse) to 64 MiB: a new file each call, so never in exeid's cache."""
+        path = self.tmp / name
+        with open("/bin/true", "rb") as src, open(path, "wb") as dst:
+            dst.write(src.read())
+            dst.truncate(64 << 20)
+        path.chmod(0o755)
+        return path
 
     def ask(self, *words) -> dict:
         self.p.stdin.write(" ".join(map(str, words)) + "\n")
@@ -200,7 +214,7 @@ def _sha(path) -> str:
 
 
 def test_kill_earned_by_an_exited_miner_spares_the_benign_process_on_its_pid(run):
-    got = run.ask("miner-then-benign", STRATUM)
+    got = run.ask("miner-then-benign", STRATUM, run.slow)
     m, b = got["miner"], got["benign"]
     assert m == b, "pid reuse not forced"
     assert got["miner_status"] == 0
@@ -209,7 +223,7 @@ def test_kill_earned_by_an_exited_miner_spares_the_benign_process_on_its_pid(run
     assert alerts, "no alert for the miner"
     a = alerts[-1]
     assert a["rule"]["outcome"] == "exited", a["rule"]
-    assert a["proc"]["exe"] == "/bin/true" or a["proc"]["exe"].endswith("/true")
+    assert a["proc"]["exe"] == str(run.slow)
     # the benign process on the reused pid was never signalled
     assert run.ask("alive", b)["state"] in ("S", "R"), "the benign process was stopped or killed"
     # its records are its own
@@ -225,6 +239,51 @@ def test_kill_earned_by_an_exited_miner_spares_the_benign_process_on_its_pid(run
     assert os.WTERMSIG(run.ask("reap", b)["status"]) == signal.SIGTERM   # our signal, not the tracer's
     ex = run.wait_for(lambda r: r["kind"] == "exit" and r["proc"]["exec_id"] == bid)
     assert ex and ex[-1].get("signal") == signal.SIGTERM
+
+
+def _procs_file(run) -> Path:
+    from agenttrace.enrich.cgroups import cgroup2_mount
+    return Path(cgroup2_mount()) / run.cgroup.lstrip("/") / "cgroup.procs"
+
+
+def _enter(run):
+    procs = _procs_file(run)
+
+    def enter():
+        with open(procs, "w") as fh:
+            fh.write("0")
+    return enter
+
+
+def test_pid_handed_on_a_tick_later_by_processes_moved_into_the_agent(run):
+    """Forked outside and moved in, neither process has a kernel fork entry: /proc's start
+    time is what tells them apart. The benign one starts over a tick after the miner's exec:
+    its start is later than the event, however /proc rounds it."""
+    procs = _procs_file(run)
+    for i in range(50):
+        # a shell that moves itself in, then execs: a vfork of this process, no copy of its
+        # page tables, so the benign one starts as soon after the sleep as can be
+        m = subprocess.Popen(["/bin/sh", "-c", f'echo 0 > {procs}; exec "$0" "$@"',
+                              str(run.slow_true(f"moved-{i}")), "-o", STRATUM, f"moved-{i}"])
+        m.wait()
+        time.sleep(0.011)     # over a tick after its exec, under the two ticks of slack there used to be
+        with pid_lock():
+            next_pid_is(m.pid)
+            b = subprocess.Popen(["/bin/sh", "-c", f'echo 0 > {procs}; exec /bin/sleep 60'])
+        if b.pid == m.pid:
+            break
+        b.kill()
+        b.wait()
+    try:
+        assert b.pid == m.pid, "pid reuse not forced"
+        alerts = run.wait_for(lambda r: r["kind"] == "alert" and r["rule"]["id"] == "mining-stratum-args"
+                              and r["proc"]["pid"] == m.pid and f"moved-{i}" in r["proc"]["args"])
+        assert alerts and alerts[-1]["rule"]["outcome"] == "exited", alerts and alerts[-1]["rule"]
+        assert b.poll() is None and run.ask("alive", b.pid)["state"] in ("S", "R"), "the benign process was hit"
+    finally:
+        b.terminate()
+        b.wait()
+    assert b.returncode == -signal.SIGTERM
 
 
 def test_miner_on_a_reused_pid_is_killed_and_keeps_its_own_identity(run):
@@ -277,12 +336,7 @@ def test_fork_only_pid_reused_outside_the_agent_is_not_the_agent(run):
     assert o.pid == pid, "pid reuse not forced"
     # then one forked outside that enters the agent before its exec: the agent's now, but the
     # fork-only worker's creator (the driver) is not its creator
-    from agenttrace.enrich.cgroups import cgroup2_mount
-    agent_procs = Path(cgroup2_mount()) / run.cgroup.lstrip("/") / "cgroup.procs"
-
-    def enter():
-        with open(agent_procs, "w") as fh:
-            fh.write("0")
+    enter = _enter(run)
     for _ in range(50):
         with pid_lock():
             next_pid_is(pid)

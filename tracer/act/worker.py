@@ -25,6 +25,7 @@ import queue
 import select
 import signal
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -33,10 +34,21 @@ from agenttrace.act.actions import ActionResult, Actions
 from agenttrace.kernel.wire import FORKF_EXITED
 
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-# /proc starttime has clock-tick resolution (10 ms at 100 Hz): a process that started within
-# one tick after the event could pass for the target; two ticks of slack, still far shorter
-# than any pid_max wrap
+# /proc starttime has clock-tick resolution (10 ms at 100 Hz): a descendant's /proc start and
+# its fork time as the table saw it agree within two ticks
 _START_SLACK_NS = 2 * 1_000_000_000 // CLK_TCK
+# The target of an event began before it, and /proc rounds its start down to the tick: a start
+# later than the event is a later process, whatever the tick. Only the clocks are allowed for:
+# /proc counts CLOCK_BOOTTIME (suspended time included), events CLOCK_MONOTONIC, and an event's
+# kernel time is rebuilt from its wall time with an offset re-read now and then.
+_CLOCK_MARGIN_NS = 1_000_000
+
+
+def _boot_minus_mono() -> int:
+    try:
+        return time.clock_gettime_ns(time.CLOCK_BOOTTIME) - time.monotonic_ns()
+    except (AttributeError, OSError):
+        return 0
 
 
 def proc_start_ns(pid: int) -> Optional[int]:
@@ -70,7 +82,7 @@ def reuse_verdict(pid: int, ktime: int, fork_lookup: Optional[Callable] = None) 
         # no entry (forked outside scope, or exited after its exec) or one of an exited
         # process (maybe an earlier holder of the pid): /proc's start time is all there is
     start = proc_start_ns(pid)
-    if start is not None and start > ktime + _START_SLACK_NS:
+    if start is not None and start > ktime + _boot_minus_mono() + _CLOCK_MARGIN_NS:
         return "pid reused since"
     return None
 
@@ -274,7 +286,7 @@ class ActWorker:
                     continue
                 if start_kt:
                     st = proc_start_ns(k)
-                    if st is None or abs(st - start_kt) > _START_SLACK_NS:
+                    if st is None or abs(st - _boot_minus_mono() - start_kt) > _START_SLACK_NS:
                         os.close(kfd)
                         continue
                 if job.cgroup is not None and not self.actions._in_cgroup(k, job.cgroup):
