@@ -89,6 +89,41 @@ DRIVER = textwrap.dedent(r"""
             reply(benign=b, benign_status=bst, miner=m, worker=worker)
             st = int(f.readline()); f.close(); os.waitpid(worker, 0)
             reply(miner_status=st)
+        elif cmd == "child-pid-handed-on":
+            # M forks C (a connect names it), C exits, a fork-only sleeper of ours takes C's
+            # pid, then M execs a miner: C's old link to M must not make the sleeper M's
+            r1, w1 = os.pipe(); r2, w2 = os.pipe()
+            m = os.fork()
+            if m == 0:
+                os.close(r1); os.close(w2)
+                c = os.fork()
+                if c == 0:
+                    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                    s.connect(("127.0.0.1", 9))
+                    s.close()
+                    os._exit(0)
+                os.waitpid(c, 0)
+                os.write(w1, b"%d\n" % c)
+                os.read(r2, 1)
+                os.execv(sys.executable, [sys.executable, "-c", "import time; time.sleep(60)", "-o", arg[0],
+                                          "handed-on"])
+            os.close(w1); os.close(r2)
+            c = int(os.read(r1, 32))
+            for _ in range(50):
+                with pid_lock():
+                    next_pid_is(c)
+                    b = os.fork()
+                    if b == 0:
+                        import time
+                        time.sleep(60)
+                        os._exit(0)
+                if b == c:
+                    break
+                os.kill(b, 9); os.waitpid(b, 0)
+            kids[b] = True
+            os.write(w2, b"g")
+            _, mst = os.waitpid(m, 0)
+            reply(miner=m, child=c, benign=b, miner_status=mst)
         elif cmd == "fork-only":
             # a worker that never execs: a connect names it, then it exits with code 7
             f = os.fork()
@@ -318,6 +353,19 @@ def test_miner_on_a_reused_pid_is_killed_and_keeps_its_own_identity(run):
     assert len(bex) == 1 and bex[0]["exit_code"] == 3 and bex[0]["proc"]["args"] == bp["args"]
     assert all(STRATUM not in r["proc"]["args"] for r in run.records()
                if (r.get("proc") or {}).get("exec_id") == bp["exec_id"])
+
+
+def test_kill_of_a_miner_spares_the_process_on_its_dead_childs_pid(run):
+    got = run.ask("child-pid-handed-on", STRATUM)
+    m, c, b = got["miner"], got["child"], got["benign"]
+    assert b == c, "pid reuse not forced"
+    assert os.WTERMSIG(got["miner_status"]) == signal.SIGKILL
+    alerts = run.wait_for(lambda r: r["kind"] == "alert" and r["rule"]["id"] == "mining-stratum-args"
+                          and r["proc"]["pid"] == m and "handed-on" in r["proc"]["args"])
+    assert alerts and alerts[-1]["rule"]["outcome"] == "killed", alerts and alerts[-1]["rule"]
+    assert str(b) not in alerts[-1]["rule"]["message"], alerts[-1]["rule"]["message"]
+    assert run.ask("alive", b)["state"] in ("S", "R"), "the process on the child's old pid was hit"
+    assert os.WTERMSIG(run.ask("reap", b)["status"]) == signal.SIGTERM
 
 
 def test_fork_only_pid_reused_outside_the_agent_is_not_the_agent(run):

@@ -144,6 +144,8 @@ class ActWorker:
         # () -> [(pid, creator, fork ktime)] from the kernel (kernel/forks.py): with fork
         # records off, fork-only descendants are there and not in the process table
         self.kernel_forks = None
+        # pid -> (creator, fork ktime, flags) | None (KernelForks.lookup): who holds a pid now
+        self.fork_lookup = None
         self._q: "queue.Queue[Optional[ActJob]]" = queue.Queue(maxsize)
         self.done: "collections.deque[ActJob]" = collections.deque()
         self.queue_full = 0
@@ -284,11 +286,9 @@ class ActWorker:
                     kfd = os.pidfd_open(k)
                 except OSError:
                     continue
-                if start_kt:
-                    st = proc_start_ns(k)
-                    if st is None or abs(st - _boot_minus_mono() - start_kt) > _START_SLACK_NS:
-                        os.close(kfd)
-                        continue
+                if start_kt and not self._began_at(k, start_kt):
+                    os.close(kfd)
+                    continue
                 if job.cgroup is not None and not self.actions._in_cgroup(k, job.cgroup):
                     os.close(kfd)       # outside the agent: not ours to kill
                     continue
@@ -299,6 +299,23 @@ class ActWorker:
                     continue
                 victims[k] = kfd
         return victims
+
+    def _began_at(self, pid: int, start_kt: int) -> bool:
+        """Whether the process on `pid` (pidfd already open) is the one the table or the
+        kernel saw begin at `start_kt` (its fork, or an exec whose fork was not seen). A live
+        kernel fork entry says it exactly: forked after that, it is a later holder of the pid
+        (a child that exited and left its pid to a process forked elsewhere in the agent).
+        Else /proc's start time, within its two ticks."""
+        look = self.fork_lookup
+        if look is not None:
+            try:
+                ent = look(pid)
+            except Exception:
+                ent = None
+            if ent is not None and not ent[2] & FORKF_EXITED:
+                return ent[1] <= start_kt
+        st = proc_start_ns(pid)
+        return st is not None and abs(st - _boot_minus_mono() - start_kt) <= _START_SLACK_NS
 
     def _creator_children(self) -> dict:
         """creator pid -> [(pid, fork ktime)] from the process table (read, never changed)."""

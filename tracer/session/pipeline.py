@@ -235,6 +235,7 @@ class Tracer:
             self.procs.fork_lookup = self.kernel_forks.lookup
             self.enrich.exe_ids.reborn = self.kernel_forks.forked_after
             self.act.kernel_forks = self.kernel_forks.live
+            self.act.fork_lookup = self.kernel_forks.lookup
             self.summaries.quiet_forks = lambda cid: self.kernel_forks.counts(cid)["forks_quiet"]
 
     def set_mode(self, mode: str) -> None:
