@@ -63,6 +63,16 @@ DRIVER = textwrap.dedent(r"""
                 os.kill(b, 9); os.waitpid(b, 0)
             kids[b] = True
             reply(miner=m, miner_status=mst, benign=b)
+        elif cmd == "miner-then-quick":
+            # both gone before the tracer decides: the alert must report the miner's exit
+            for i in range(50):
+                m = spawn([arg[1], "-o", arg[0], f"quick-{i}"])
+                _, mst = os.waitpid(m, 0)
+                b = spawn_at(m, ["/bin/sh", "-c", "exit 9"])
+                _, bst = os.waitpid(b, 0)
+                if b == m:
+                    break
+            reply(miner=m, benign=b, tries=i, miner_status=mst, benign_status=bst)
         elif cmd == "benign-then-miner":
             # the miner comes from a fork-only worker: its creator is not the benign one's
             for i in range(50):
@@ -288,6 +298,17 @@ def _enter(run):
         with open(procs, "w") as fh:
             fh.write("0")
     return enter
+
+
+def test_exited_outcome_reports_the_miners_own_exit_not_the_next_holders(run):
+    got = run.ask("miner-then-quick", STRATUM, run.slow_true("quick-true"))
+    m = got["miner"]
+    assert got["benign"] == m, "pid reuse not forced"
+    assert os.WEXITSTATUS(got["miner_status"]) == 0 and os.WEXITSTATUS(got["benign_status"]) == 9
+    alerts = run.wait_for(lambda r: r["kind"] == "alert" and r["rule"]["id"] == "mining-stratum-args"
+                          and r["proc"]["pid"] == m and f"quick-{got['tries']}" in r["proc"]["args"])
+    assert alerts and alerts[-1]["rule"]["outcome"] == "exited", alerts and alerts[-1]["rule"]
+    assert alerts[-1]["rule"].get("exit_code") == 0, alerts[-1]["rule"]
 
 
 def test_pid_handed_on_a_tick_later_by_processes_moved_into_the_agent(run):
