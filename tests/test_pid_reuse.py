@@ -134,6 +134,15 @@ DRIVER = textwrap.dedent(r"""
             os.write(w2, b"g")
             _, mst = os.waitpid(m, 0)
             reply(miner=m, child=c, benign=b, miner_status=mst)
+        elif cmd == "exec-fork-exit":
+            # the miner forks its worker and exits at once: its kill must not land on nothing
+            note = arg[2]
+            m = spawn([arg[1], "-c", "import os, sys, time\n"
+                       "c = os.fork()\n"
+                       "if c == 0:\n    time.sleep(60)\n    os._exit(0)\n"
+                       "open(sys.argv[3], 'w').write(str(c))\n", "-o", arg[0], note])
+            _, mst = os.waitpid(m, 0)
+            reply(miner=m, child=int(open(note).read()), miner_status=mst)
         elif cmd == "fork-only":
             # a worker that never execs: a connect names it, then it exits with code 7
             f = os.fork()
@@ -387,6 +396,28 @@ def test_kill_of_a_miner_spares_the_process_on_its_dead_childs_pid(run):
     assert str(b) not in alerts[-1]["rule"]["message"], alerts[-1]["rule"]["message"]
     assert run.ask("alive", b)["state"] in ("S", "R"), "the process on the child's old pid was hit"
     assert os.WTERMSIG(run.ask("reap", b)["status"]) == signal.SIGTERM
+
+
+def test_kill_of_a_miner_that_forked_and_exited_reaches_what_it_left_behind(run):
+    slow_py = run.tmp / "python-slow"
+    with open(os.path.realpath(PY), "rb") as src, open(slow_py, "wb") as dst:
+        dst.write(src.read())
+        dst.truncate(64 << 20)       # identified in ~0.1 s: the miner is gone by then
+    slow_py.chmod(0o755)
+    note = run.tmp / "left-behind"
+    got = run.ask("exec-fork-exit", STRATUM, slow_py, note)
+    m, c = got["miner"], got["child"]
+    assert os.WEXITSTATUS(got["miner_status"]) == 0
+    alerts = run.wait_for(lambda r: r["kind"] == "alert" and r["rule"]["id"] == "mining-stratum-args"
+                          and r["proc"]["pid"] == m and str(note) in r["proc"]["args"])
+    assert alerts, "no alert for the miner"
+    rule = alerts[-1]["rule"]
+    assert rule["outcome"] == "exited", rule
+    assert f"killed 1 process(es) it left behind [{c}]" in rule["message"], rule["message"]
+    deadline = time.monotonic() + 10
+    while run.ask("alive", c)["state"] not in (None, "Z") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert run.ask("alive", c)["state"] in (None, "Z"), "the miner's fork runs on"
 
 
 def test_fork_only_pid_reused_outside_the_agent_is_not_the_agent(run):

@@ -104,6 +104,9 @@ class ActJob:
     pidfd: int = -1
     result: Optional[ActionResult] = None
     descendants: list = field(default_factory=list)
+    # why the target is gone (set at decision time): the worker then kills only what it forked
+    gone: Optional[str] = None
+    submitted: int = 0               # monotonic ns when handed to the worker
 
     def open_target(self, fork_lookup: Optional[Callable] = None) -> None:
         """On the reader thread, at decision time: pin the process before the pid can be reused.
@@ -120,12 +123,12 @@ class ActJob:
         try:
             fd = os.pidfd_open(self.pid)
         except OSError:
-            self.result = ActionResult("exited", f"pid {self.pid} had already exited")
+            self.gone = f"pid {self.pid} had already exited"
             return
         verdict = reuse_verdict(self.pid, self.ktime, fork_lookup)
         if verdict is not None:
             os.close(fd)
-            self.result = ActionResult("exited", f"pid {self.pid} had already exited ({verdict})")
+            self.gone = f"pid {self.pid} had already exited ({verdict})"
             return
         self.pidfd = fd
 
@@ -146,6 +149,7 @@ class ActWorker:
         self.kernel_forks = None
         # pid -> (creator, fork ktime, flags) | None (KernelForks.lookup): who holds a pid now
         self.fork_lookup = None
+        self._scan: Optional[tuple] = None     # (monotonic ns, kernel_forks()) see _live_forks
         self._q: "queue.Queue[Optional[ActJob]]" = queue.Queue(maxsize)
         self.done: "collections.deque[ActJob]" = collections.deque()
         self.queue_full = 0
@@ -162,9 +166,10 @@ class ActWorker:
             self._thread.start()
 
     def submit(self, job: ActJob) -> None:
-        if job.result is not None:         # decided on the reader thread (already gone)
+        if job.result is not None:         # decided on the reader thread
             self._finish(job)
             return
+        job.submitted = time.monotonic_ns()
         with self._lock:
             self._inflight += 1
             self._idle.clear()
@@ -226,11 +231,14 @@ class ActWorker:
         return ActionResult("reported", f"unknown action {job.action}")
 
     def _kill_tree(self, job: ActJob) -> ActionResult:
+        if job.gone is not None:
+            return self._kill_left_behind(job)
         fd = job.pidfd
         if fd < 0:
             return ActionResult("reported", f"refusing to signal pid {job.pid}")
         if _readable(fd):
-            return ActionResult("exited", f"pid {job.pid} had already exited")
+            job.gone = f"pid {job.pid} had already exited"
+            return self._kill_left_behind(job)
         if job.cgroup is not None and not self.actions._in_cgroup(job.pid, job.cgroup):
             return ActionResult("exited", f"pid {job.pid} is no longer in agent cgroup {job.cgroup}")
         # Stop first so the tree cannot grow while it is walked; SIGKILL works on stopped tasks.
@@ -260,7 +268,72 @@ class ActWorker:
             extra += f"; still running: {left[:10]}"
         return ActionResult("killed", f"pid {job.pid}{extra} killed")
 
-    def _stop_descendants(self, job: ActJob) -> dict:
+    def _kill_left_behind(self, job: ActJob) -> ActionResult:
+        """The target is gone, maybe on purpose: exec a miner, fork, exit at once, and the kill
+        finds nobody while the fork mines on. What it forked (the kernel's live fork entries
+        naming its pid as creator, forked after its image began and before any later holder of
+        the pid was) dies with their own descendants, inside the agent's cgroup only. The
+        outcome stays `exited`: the target itself was gone; the detail names what was killed."""
+        live = self._live_forks(job.submitted) if job.cgroup is not None else []
+        roots = self._left_behind(job, live) if live else {}
+        if not roots:
+            return ActionResult("exited", job.gone)
+        victims = self._stop_descendants(job, first=roots, live=live)
+        for vfd in victims.values():
+            try:
+                signal.pidfd_send_signal(vfd, signal.SIGKILL)
+            except OSError:
+                pass
+        left = [p for p, vfd in victims.items() if not _readable(vfd, 200)]
+        for vfd in victims.values():
+            os.close(vfd)
+        job.descendants = sorted(victims)
+        if not victims:
+            return ActionResult("exited", job.gone)
+        extra = f"; still running: {left[:10]}" if left else ""
+        return ActionResult("exited", f"{job.gone}; killed {len(victims)} process(es) it left behind "
+                                      f"{sorted(victims)[:10]}{extra}")
+
+    def _live_forks(self, since: int) -> list:
+        """The kernel's live fork entries, read no earlier than `since` (monotonic ns). A gone
+        target's children were forked before its job was submitted, so one read after that
+        serves every job queued before it: a flood of kills earned by processes that exit at
+        once costs one walk of the map per batch, not one each."""
+        if self.kernel_forks is None:
+            return []
+        scan = self._scan
+        if scan is not None and scan[0] >= since:
+            return scan[1]
+        t = time.monotonic_ns()
+        try:
+            live = self.kernel_forks()
+        except Exception:
+            return []
+        self._scan = (t, live)
+        return live
+
+    def _left_behind(self, job: ActJob, live: list) -> dict:
+        """pid -> fork ktime of the live processes the gone target forked (see _kill_left_behind)."""
+        began = job.ktime
+        rec = getattr(job.alert, "record", None) or {}
+        xid = (rec.get("proc") or {}).get("exec_id")
+        if isinstance(xid, str):
+            try:
+                began = min(began, int(xid.rsplit("-", 1)[1]))     # boot id, pid, image start
+            except ValueError:
+                pass
+        until = None
+        if self.fork_lookup is not None:
+            try:
+                ent = self.fork_lookup(job.pid)
+            except Exception:
+                ent = None
+            if ent is not None and not ent[2] & FORKF_EXITED and ent[1] > job.ktime:
+                until = ent[1]          # a later holder of the pid: what it forks is its own
+        return {pid: kt for pid, creator, kt in live
+                if creator == job.pid and kt >= began and (until is None or kt < until)}
+
+    def _stop_descendants(self, job: ActJob, first: Optional[dict] = None, live: Optional[list] = None) -> dict:
         """pid -> pidfd of every live descendant, each stopped. Children come from the kernel's
         /proc/PID/task/*/children (exact: we hold their stopped parent); processes that were
         double-forked away (reparented to init, e.g. `ssh -f`) from the process table's creator
@@ -269,12 +342,15 @@ class ActWorker:
         victims: dict[int, int] = {}
         todo = [job.pid]
         seen = {job.pid}
-        creator = self._creator_children()
+        creator = self._creator_children(live)
         while todo:
             pid = todo.pop()
-            kids = {k: None for k in _proc_children(pid)}
-            for k, start_kt in creator.get(pid, ()):
-                kids.setdefault(k, start_kt)
+            if first is not None and pid == job.pid:
+                kids = dict(first)      # the target is gone: only what it forked, not the pid's
+            else:
+                kids = {k: None for k in _proc_children(pid)}
+                for k, start_kt in creator.get(pid, ()):
+                    kids.setdefault(k, start_kt)
             for k, start_kt in kids.items():
                 if k in seen:
                     continue
@@ -317,7 +393,7 @@ class ActWorker:
         st = proc_start_ns(pid)
         return st is not None and abs(st - _boot_minus_mono() - start_kt) <= _START_SLACK_NS
 
-    def _creator_children(self) -> dict:
+    def _creator_children(self, live: Optional[list] = None) -> dict:
         """creator pid -> [(pid, fork ktime)] from the process table (read, never changed)."""
         out: dict[int, list] = {}
         if self.procs is None:
@@ -332,7 +408,7 @@ class ActWorker:
         if self.kernel_forks is not None:
             try:
                 # the fork time, not the table's exec time, is what /proc's start time shows
-                for pid, creator, ktime in self.kernel_forks():
+                for pid, creator, ktime in (live if live is not None else self.kernel_forks()):
                     if creator:
                         out.setdefault(creator, []).insert(0, (pid, ktime))
             except Exception:
