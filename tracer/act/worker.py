@@ -177,7 +177,9 @@ class ActWorker:
             self._q.put_nowait(job)
         except queue.Full:
             self.queue_full += 1
-            job.result = ActionResult("reported", "act queue full: too many actions pending")
+            job.result = (ActionResult("exited", f"{job.gone}; act queue full: what it forked was not looked for")
+                          if job.gone is not None else
+                          ActionResult("reported", "act queue full: too many actions pending"))
             self._finish(job)
             self._dec()
 
