@@ -145,6 +145,12 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 	at_fill_header(&e->h, AT_EV_EXEC, 0, cg, agent);
 	e->creator = 0;
 	struct at_fork_entry *fe = proc_forks.lookup(&e->h.tgid);
+	if (fe && (fe->flags & AT_FORKF_EXITED)) {
+		/* an exited process cannot exec: the entry is an earlier holder's of this pid and
+		 * this one was forked outside scope. Its creator is not this one's. */
+		proc_forks.delete(&e->h.tgid);
+		fe = 0;
+	}
 	if (fe) {
 		e->creator = fe->creator;
 		fe->flags |= AT_FORKF_SEEN | AT_FORKF_EXECED;

@@ -21,21 +21,26 @@ import struct
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 from agenttrace.enrich.proctable import BOOT_ID
 
 N = 10_000
 WORKLOAD = textwrap.dedent(f"""
     import os, sys
+    sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+    from pidreuse import pid_lock
     exe = sys.argv[2]
-    base = int(open('/proc/sys/kernel/ns_last_pid').read()) + 200
-    if base + 8 >= int(open('/proc/sys/kernel/pid_max').read()):
-        base = 1000     # near the wrap: a last pid past pid_max is EINVAL
-    fd = os.open('/proc/sys/kernel/ns_last_pid', os.O_WRONLY)
-    for i in range({N}):
-        os.pwrite(fd, str(base + i % 8 - 1).encode(), 0)
-        pid = os.posix_spawn(exe, [exe, 'burst-' + str(i)], {{}})
-        os.waitpid(pid, 0)
+    # the burst holds the lock the other tests that steer pids take (tests/pidreuse.py)
+    with pid_lock():
+        base = int(open('/proc/sys/kernel/ns_last_pid').read()) + 200
+        if base + 8 >= int(open('/proc/sys/kernel/pid_max').read()):
+            base = 1000     # near the wrap: a last pid past pid_max is EINVAL
+        fd = os.open('/proc/sys/kernel/ns_last_pid', os.O_WRONLY)
+        for i in range({N}):
+            os.pwrite(fd, str(base + i % 8 - 1).encode(), 0)
+            pid = os.posix_spawn(exe, [exe, 'burst-' + str(i)], {{}})
+            os.waitpid(pid, 0)
 """)
 
 

@@ -189,7 +189,10 @@ def test_cli_renamed_miner_with_json_config_and_renamed_ssh(miner, netlab, tmp_p
     """)
     out = tmp_path / "events.jsonl"
     before = len(netlab.server_events("stratum"))
-    r = subprocess.run([AGENTTRACE, "run", "--mode", mode, "--output", str(out), "--agent", f"sneaky-{mode}", "--",
+    # a name of this suite's own: another suite on the machine running this test at the same
+    # time must not share its agent (test_run_agent_lock)
+    agent = f"sneaky-{mode}-{os.getpid()}"
+    r = subprocess.run([AGENTTRACE, "run", "--mode", mode, "--output", str(out), "--agent", agent, "--",
                         *_lab(netlab, PY, "-c", script)], capture_output=True, timeout=240)
     assert r.returncode == 0, r.stderr.decode(errors="replace")[-2000:]
     recs = [orjson.loads(l) for l in out.read_bytes().splitlines()]
@@ -197,7 +200,7 @@ def test_cli_renamed_miner_with_json_config_and_renamed_ssh(miner, netlab, tmp_p
     execs = {x["proc"]["pid"]: x for x in recs if x["kind"] == "exec"}
     m = [x for x in alerts if x["rule"]["id"] == "mining-binary-exec"]
     assert m and m[0]["proc"]["comm"] == "kworker" and m[0]["proc"]["identity"]["name"] == "xmrig"
-    assert m[0]["agent"]["id"] == f"sneaky-{mode}" and m[0]["proc"]["pid"] in execs
+    assert m[0]["agent"]["id"] == agent and m[0]["proc"]["pid"] in execs
     t = [x for x in alerts if x["rule"]["id"] == "tunnel-ssh-forwarding"]
     assert t and t[0]["proc"]["comm"] == "update-check" and t[0]["proc"]["identity"]["names"] == ["ssh"]
     pool = [e for e in netlab.server_events("stratum")[before:] if e.get("method") == "login"

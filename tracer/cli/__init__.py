@@ -188,6 +188,17 @@ def run(
         if drop_caps != "auto" and not cmd:
             raise BadInput("--drop-caps applies to -- CMD only")
         _require_root()
+        held = None
+        if cmd:
+            # before any output file or probe: a name another run holds starts nothing
+            import atexit
+
+            from agenttrace.session.agentlock import AgentInUse, AgentLock
+            try:
+                held = AgentLock(agent or f"run-{os.getpid()}").acquire()
+            except AgentInUse as e:
+                raise BadInput(str(e)) from None
+            atexit.register(held.release)      # the paths that end before run_command does
         run_user = None
         if user is not None:
             from agenttrace.session.isolation import resolve_user
@@ -238,7 +249,7 @@ def run(
     try:
         if cmd:
             rc = run_command(make, cmd, agent or f"run-{os.getpid()}", flag, user=run_user,
-                             pin=mode == "enforce", drop_caps=opts.drop_caps)
+                             pin=mode == "enforce", drop_caps=opts.drop_caps, lock=held)
             raise typer.Exit(rc)
         tracer = make(opts.cgroups)
 

@@ -157,7 +157,7 @@ class ExeIdentifier:
         self._stated: Dict[str, tuple] = {}
         self.max_entries = max_entries
         self._lock = threading.Lock()
-        self.stats = {"scanned": 0, "cache_hits": 0, "unreadable": 0, "identified": 0}
+        self.stats = {"scanned": 0, "cache_hits": 0, "unreadable": 0, "identified": 0, "reused_pid": 0}
 
     def warm(self, names: Sequence[str] = ()) -> None:
         """Read, at start, the installed programs most likely to exec first (the signatures'
@@ -307,6 +307,9 @@ class ExeIdentifier:
     # when the exec being identified happened (CLOCK_MONOTONIC ns; 0: unknown), set by the
     # enricher around its identify call, for _gone's re-use of a recent stat
     exec_ktime = 0
+    # (pid, exec ktime) -> whether a process forked after that exec holds the pid now (the
+    # kernel's proc_forks entry, set by the session): None where there is no kernel table
+    reborn = None
 
     def identify(self, pid: int, filename: str, exe: str, args: Sequence[str]) -> Optional[dict]:
         """Identity of what an exec ran, or None when nothing could be read.
@@ -321,12 +324,19 @@ class ExeIdentifier:
         own, alive = self._cached(f"/proc/{pid}/exe") if _exists(pid) else (None, False)
         link = None
         if alive:
-            if own is None:
-                own = self._file(lambda: open(f"/proc/{pid}/exe", "rb"))
             try:
                 link = os.readlink(f"/proc/{pid}/exe").split(" (deleted)")[0]
             except OSError:
                 pass
+            # the process on the pid now may be a later one (the exec'd one exited, an agent
+            # handed its pid on): its program is not this exec's. Asked only when the link is
+            # not the exec path, as a later holder's program would mostly not be
+            if link is not None and link != filename and self.reborn is not None and \
+                    self.exec_ktime and self.reborn(pid, self.exec_ktime):
+                own, link = None, None
+                self.stats["reused_pid"] += 1
+            elif own is None and link is not None:
+                own = self._file(lambda: open(f"/proc/{pid}/exe", "rb"))
         else:
             self.stats["unreadable"] += 1      # what opening the link would have counted
         if link is None:

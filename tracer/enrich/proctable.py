@@ -233,6 +233,10 @@ class ProcTable:
     def on_exec(self, pid: int, ppid: int, uid: int, comm: str, exe: str, args: list,
                 ktime: int, creator: int = 0) -> Proc:
         p = self._t.get(pid)
+        if p is not None and (p.exited or (creator and self._forked_since(p))):
+            # not a new image of that process: another process on its pid (an exited one
+            # cannot exec). Kept, it would lend this one its creator, start and exit state
+            p = None
         if p is None:
             p = Proc(pid, ppid, uid, comm, exe, args, start_ktime=ktime)
             # an exec we saw without its fork: the kernel's creator when it saw the fork
@@ -255,6 +259,18 @@ class ProcTable:
             p._anc_gen = -1     # its own chain starts now
         p.uid, p.comm, p.exe, p.args = uid, comm, exe, args
         return self._put(p)
+
+    def _forked_since(self, p: Proc) -> bool:
+        """Whether the kernel saw `p.pid` forked after `p` began: its exit record was lost (a
+        full ring, the agent's rate limit) and the pid went to a process forked in scope."""
+        look = self.fork_lookup
+        if look is None:
+            return False
+        try:
+            ent = look(p.pid)
+        except Exception:
+            return False
+        return ent is not None and ent[1] > p.start_ktime
 
     def on_exit(self, pid: int) -> Proc | None:
         """An exited process stays while something may still ask for it: a child whose

@@ -35,6 +35,12 @@ class KernelForks:
         self.hits += 1
         return v.creator, v.ktime, v.flags
 
+    def forked_after(self, pid: int, ktime: int) -> bool:
+        """Whether the process holding `pid` now was forked in scope after `ktime`: a later
+        process than the one of an event at `ktime` (whose exit released or marked the entry)."""
+        ent = self.lookup(pid)
+        return ent is not None and not ent[2] & E.FORKF_EXITED and ent[1] > ktime
+
     def live(self) -> list[tuple[int, int, int]]:
         """(pid, creator, fork ktime) of every process the kernel saw forked that has not
         exited: a kill's whole tree, fork-only orphans included (act/worker.py)."""

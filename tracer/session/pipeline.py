@@ -47,6 +47,12 @@ _HOLD_EXITED_NS = 1_000_000_000     # how long an `exited` alert waits for the e
 _NOTED = frozenset(("exit", "connect", "flow"))   # kinds whose facts `exited` outcomes report
 
 
+def _fact_key(rec: dict, pid: int):
+    """One process image's key for the facts `exited` outcomes report: its exec_id, the pid
+    where a record has none."""
+    return (rec.get("proc") or {}).get("exec_id") or pid
+
+
 class Tracer:
     def __init__(self, opts: Options, sinks: Iterable, engine=None, actor=None, clock=None):
         # actor: kept for callers that act outside the engine; the engine acts itself
@@ -95,9 +101,10 @@ class Tracer:
         if engine is not None:
             engine.defer = self._defer
         # what `exited` outcomes report: recent exit statuses, and the rule whose kernel block
-        # a process met before it gave up (bounded; pids are recycled, entries are short-lived)
-        self._exits: "collections.OrderedDict[int, tuple]" = collections.OrderedDict()
-        self._blocked_by: "collections.OrderedDict[int, str]" = collections.OrderedDict()
+        # a process met before it gave up (bounded), by exec_id: a pid handed on within the
+        # hold would lend its next holder's exit to the alert (_fact_key)
+        self._exits: "collections.OrderedDict[object, tuple]" = collections.OrderedDict()
+        self._blocked_by: "collections.OrderedDict[object, str]" = collections.OrderedDict()
         self._await_exit: list = []
 
     # --- lifecycle -------------------------------------------------------------------
@@ -233,7 +240,9 @@ class Tracer:
         if self.kernel_forks is None:
             self.kernel_forks = KernelForks(self.probes)
             self.procs.fork_lookup = self.kernel_forks.lookup
+            self.enrich.exe_ids.reborn = self.kernel_forks.forked_after
             self.act.kernel_forks = self.kernel_forks.live
+            self.act.fork_lookup = self.kernel_forks.lookup
             self.summaries.quiet_forks = lambda cid: self.kernel_forks.counts(cid)["forks_quiet"]
 
     def set_mode(self, mode: str) -> None:
@@ -454,7 +463,7 @@ class Tracer:
     def _defer(self, job: ActJob) -> None:
         """Engine → act worker, on the reader thread at decision time."""
         job.ktime -= self.enrich.clock_offset       # wall → kernel time of the event
-        job.open_target()
+        job.open_target(self.kernel_forks.lookup if self.kernel_forks is not None else None)
         self.act.submit(job)
 
     def _collect_actions(self, force: bool = False) -> None:
@@ -466,7 +475,8 @@ class Tracer:
                 self.engine.job_done(job)
             if job.alert is None:
                 continue
-            if job.result.outcome == "exited" and job.pid not in self._exits and not force:
+            if job.result.outcome == "exited" and _fact_key(job.alert.record, job.pid) not in self._exits \
+                    and not force:
                 self._await_exit.append((time.monotonic_ns(), job))
                 continue
             self._emit_acted(job)
@@ -474,7 +484,7 @@ class Tracer:
             now = time.monotonic_ns()
             keep = []
             for t, job in self._await_exit:
-                if job.pid in self._exits or force or now - t > _HOLD_EXITED_NS:
+                if _fact_key(job.alert.record, job.pid) in self._exits or force or now - t > _HOLD_EXITED_NS:
                     self._emit_acted(job)
                 else:
                     keep.append((t, job))
@@ -483,12 +493,13 @@ class Tracer:
     def _emit_acted(self, job: ActJob) -> None:
         r = job.alert.record["rule"]
         if job.result.outcome == "exited":
-            st = self._exits.get(job.pid)
+            key = _fact_key(job.alert.record, job.pid)
+            st = self._exits.get(key)
             if st is not None:
                 r["exit_code"] = st[0]
                 if st[1] is not None:
                     r["exit_signal"] = st[1]
-            stopper = self._blocked_by.get(job.pid)
+            stopper = self._blocked_by.get(key)
             if stopper:
                 r["stopped_by"] = stopper
                 r["message"] += f" [its connect was blocked in the kernel by rule {stopper}]"
@@ -497,9 +508,10 @@ class Tracer:
     def _note(self, ev: Event) -> None:
         """Facts the act stage reports with `exited`: exit status, kernel blocks."""
         rec = ev.record
+        key = _fact_key(rec, ev.pid)
         if ev.kind == "exit":
             d = self._exits
-            d[ev.pid] = (rec.get("exit_code"), rec.get("signal"))
+            d[key] = (rec.get("exit_code"), rec.get("signal"))
         elif ev.kind in ("connect", "flow"):
             net = rec.get("net")
             if not net or net.get("verdict") != "blocked":
@@ -510,10 +522,10 @@ class Tracer:
             if not rid:
                 return
             d = self._blocked_by
-            d[ev.pid] = rid
+            d[key] = rid
         else:
             return
-        d.move_to_end(ev.pid)
+        d.move_to_end(key)
         if len(d) > 4096:
             while len(d) > 4096:
                 d.popitem(last=False)

@@ -94,7 +94,7 @@ def _remove_pin_dir(pin_dir: Path) -> None:
 
 
 def run_command(tracer_factory, cmd: list[str], agent_name: str, flag: StopFlag,
-                user=None, pin: bool = False, drop_caps=()) -> int:
+                user=None, pin: bool = False, drop_caps=(), lock=None) -> int:
     """Create <cgroup2>/agenttrace/<agent_name>, trace it, run cmd inside, return its code.
 
     The command runs in its own session (tracer/session/isolation.py), as `user` when given; with
@@ -104,8 +104,15 @@ def run_command(tracer_factory, cmd: list[str], agent_name: str, flag: StopFlag,
     children) are killed with the cgroup when it exits: the agent's run is over and the
     cgroup must go."""
     from agenttrace.session import isolation as isolation
+    from agenttrace.session.agentlock import AgentLock
+    # AgentInUse: another run's agent, nothing started (the CLI takes it before its outputs)
+    held = lock if lock is not None else AgentLock(agent_name).acquire()
     cg = TempCgroup(f"{RUN_PARENT}/{agent_name}")
-    path = cg.create()
+    try:
+        path = cg.create()
+    except BaseException:
+        held.release()
+        raise
     tracer = None
     pin_dir = None
     try:
@@ -147,7 +154,10 @@ def run_command(tracer_factory, cmd: list[str], agent_name: str, flag: StopFlag,
             tracer.stop()            # unpins: this run's end is not a tracer death
         if pin_dir is not None:
             _remove_pin_dir(pin_dir)
-        cg.remove()
+        try:
+            cg.remove()
+        finally:
+            held.release()
 
 
 class CommandNotFound(Exception):
