@@ -25,6 +25,11 @@ scheduling of the vCPU, not frequency or the guest's own load). A design that re
   median start and stop take, so its neighbours are as far apart in time as theirs.
 - **Placement.** The tracer's process tree is pinned to one CPU; every block runs its loops
   `apart` (workload on the other CPU) and `together` (the tracer's CPU), both reported.
+- **Frozen vs running.** Inside each agenttrace block, `freeze_pairs` pairs of short blocks
+  with its userspace running and stopped (SIGSTOP, programs still attached), a few ms apart:
+  what its own wakeups cost (reader timer, heartbeat, GPU sampler), at a spacing where both
+  sides of a pair see the same host level. Not a substitute for "off" (the programs stay), the
+  part of the tax that timing alone can resolve finely here.
 - **Statistics.** Per configuration, workload, placement and figure: the median of the cycles'
   neighbour ratios with a 95% percentile-bootstrap interval over cycles (bench/interval.py
   median_ci, exact up to 8 cycles). Nothing is dropped: every block's chunks are in the result.
@@ -35,6 +40,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import statistics
 import time
 from pathlib import Path
@@ -47,10 +53,12 @@ FIGURES = ("floor", "median")
 # chunk: syscalls timed together; chunks: per block, per workload and placement; cycles: blocks per configuration (each with its own
 # start and stop). The host's slow/fast levels last a second or more, longer than a tracer's
 # start and stop, so neighbouring blocks fall on independent levels: more cycles, not longer
-# blocks, narrow the interval (a block of 100 chunks is ~30 ms; a cycle of 6 configurations ~10 s)
-SIZES = {"tiny": {"chunk": 1_000, "chunks": 20, "cycles": 3},
-         "small": {"chunk": 2_000, "chunks": 100, "cycles": 12},
-         "full": {"chunk": 2_000, "chunks": 200, "cycles": 20}}
+# blocks, narrow the interval (a block of 100 chunks is ~35 ms per loop; a cycle of the 6 default
+# configurations ~19 s on the 2-vCPU VM, mostly starts: agenttrace 2-3 s, bpftrace-syscalls 4 s)
+# freeze_pairs: running / frozen pairs per agenttrace block, of freeze_chunks chunks each side
+SIZES = {"tiny": {"chunk": 1_000, "chunks": 20, "cycles": 3, "freeze_pairs": 2, "freeze_chunks": 10},
+         "small": {"chunk": 2_000, "chunks": 100, "cycles": 8, "freeze_pairs": 6, "freeze_chunks": 25},
+         "full": {"chunk": 2_000, "chunks": 200, "cycles": 20, "freeze_pairs": 10, "freeze_chunks": 25}}
 INTERVAL = (f"median of the per-cycle neighbour ratios, percentile bootstrap over cycles (exact up to "
             f"{interval.EXACT_MAX} cycles, {interval.SAMPLES} fixed-seed resamples beyond), "
             f"{float(interval.LEVEL) * 100:g}%, at least {interval.MIN_ROUNDS} cycles")
@@ -168,6 +176,48 @@ def worst(summary: dict, configs: list, clock: str = "cpu", figure: str = "floor
     return best
 
 
+def _wait_stopped(pids: list, timeout: float = 1.0) -> None:
+    """Until every thread of `pids` is in the stopped state (SIGSTOP is asynchronous)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        busy = False
+        for pid in pids:
+            try:
+                for tid in os.listdir(f"/proc/{pid}/task"):
+                    with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                        if f.read().rsplit(")", 1)[1].split()[0] not in ("T", "t", "Z", "X"):
+                            busy = True
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+        if not busy:
+            return
+        time.sleep(0.001)
+
+
+def freeze_summary(blocks: list, place: dict) -> dict:
+    """{config: {workload: {placement: {figure: {ratio, ci, n}}}}}: running / frozen of every
+    pair, median over all pairs of all cycles, interval by the bootstrap over pairs."""
+    out: dict = {}
+    for b in blocks:
+        for pair in b.get("freeze") or []:
+            for w in WORKLOADS:
+                for pl in place:
+                    for f in FIGURES:
+                        try:
+                            r = pair["running"][w][pl]["cpu"][f] / pair["frozen"][w][pl]["cpu"][f]
+                        except (KeyError, ZeroDivisionError):
+                            continue
+                        out.setdefault(b["config"], {}).setdefault(w, {}).setdefault(pl, {}).setdefault(f, []).append(r)
+    for c, ws in out.items():
+        for w, pls in ws.items():
+            for pl, fs in pls.items():
+                for f, v in fs.items():
+                    ci = interval.median_ci(v)
+                    fs[f] = {"ratio": round(statistics.median(v), 4), "n": len(v),
+                             "ci": [round(ci[0], 4), round(ci[1], 4)] if ci else None}
+    return out
+
+
 class Phase:
     def __init__(self, cg: sysinfo.AgentCgroup, work: Path, gens: dict, size: str, log):
         self.cg, self.work, self.gens, self.log = cg, work, gens, log
@@ -176,11 +226,11 @@ class Phase:
         self.place = placements(self.tracer_cpu, self.apart_cpu)
         self.gaps: list = []  # (start_s, stop_s) of every tracer block
 
-    def block(self) -> dict:
+    def block(self, chunks: int | None = None) -> dict:
         figs: dict = {}
         for w in WORKLOADS:
             for pl, cpu in self.place.items():
-                res = loadgen.run(self.gens["syscall_blocks"], [w, self.size["chunk"], self.size["chunks"]],
+                res = loadgen.run(self.gens["syscall_blocks"], [w, self.size["chunk"], chunks or self.size["chunks"]],
                                   None, cpu=cpu)
                 figs.setdefault(w, {})[pl] = block_figures(res)
         return figs
@@ -208,6 +258,8 @@ class Phase:
             c0 = tracer.cpu_ns()
             b["figures"] = self.block()
             b["tracer_cpu_ns"] = tracer.cpu_ns() - c0
+            if tracer.family == "agenttrace" and self.size["freeze_pairs"]:
+                b["freeze"] = self.freeze_pairs(tracer, cycle)
             tracer.alive_check()
         except (tracers.TracerError, loadgen.LoadgenError, OSError) as e:
             b["error"] = str(e)
@@ -224,6 +276,35 @@ class Phase:
         if "error" in b:
             b.pop("figures", None)
         return b
+
+    def freeze_pairs(self, tracer, cycle: int) -> list:
+        """Short blocks with the tracer's userspace running and frozen (SIGSTOP, its programs
+        still attached), alternated a few ms apart: what its own wakeups (reader timer,
+        heartbeat, GPU sampler) cost an untraced process, at a spacing where the host's levels
+        are shared by both sides of a pair. Always continued again, also on an error."""
+        pids = tracer.pids()
+        out = []
+        try:
+            for i in range(self.size["freeze_pairs"]):
+                pair = {}
+                for state in (("running", "frozen") if (i + cycle) % 2 == 0 else ("frozen", "running")):
+                    sig = signal.SIGSTOP if state == "frozen" else signal.SIGCONT
+                    for pid in pids:
+                        try:
+                            os.kill(pid, sig)  # the tracer's own processes, by pid
+                        except ProcessLookupError:
+                            pass
+                    if state == "frozen":
+                        _wait_stopped(pids)
+                    pair[state] = self.block(self.size["freeze_chunks"])
+                out.append(pair)
+        finally:
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGCONT)
+                except ProcessLookupError:
+                    pass
+        return out
 
     def _gaps(self) -> tuple:
         """Median start and stop durations of the tracer blocks so far (1.0 s and 0.3 s before any)."""
@@ -249,6 +330,7 @@ class Phase:
         for b in seq:
             b["t"] = round(b["t"] - t0, 3)
         out = summarize(seq, configs, self.place)
+        out["freeze"] = freeze_summary(seq, self.place)
         out.update({
             "design": DESIGN.format(tracer_cpu=self.tracer_cpu, apart_cpu=self.apart_cpu, **self.size),
             "judged_on": "cpu floor ratio (min-of-chunks CPU time per syscall, on / neighbouring off blocks)",
@@ -260,3 +342,53 @@ class Phase:
 
 def measure(configs: list, cg, work, gens, size: str, log) -> dict:
     return Phase(cg, work, gens, size, log).run(configs)
+
+
+def _cell_text(c: dict) -> str:
+    if not c or c.get("ratio") is None:
+        return "-"
+    return f"{c['ratio']:.3f}x" + (f" {interval.fmt_ci(c['ci'])}" if c.get("ci") else "")
+
+
+def markdown(phase: dict) -> list:
+    """The report's section for the phase: design, then one table per figure."""
+    if not phase or not phase.get("cells"):
+        return ([f"## Untraced syscalls, alternated", "", phase.get("status", "not measured"), ""]
+                if phase and phase.get("status") else [])
+    place = list(phase.get("placements") or {})
+    cols = [(w, pl) for w in WORKLOADS for pl in place]
+    L = ["## Untraced syscalls, alternated (the 1.01x goal)", "",
+         f"Design: {phase['design']}. Interval: {phase.get('interval', '')}. "
+         f"{phase.get('duration_s', 0)} s. The goal is judged on the first table; `none` is the A/A check "
+         "(nothing started, the same gaps): its intervals are the method's resolution on this machine.", ""]
+    for title, clock, fig in (("CPU time per syscall, floor (min over a block's chunks)", "cpu", "floor"),
+                              ("CPU time per syscall, median over a block's chunks", "cpu", "median"),
+                              ("Wall time per syscall, floor", "wall", "floor")):
+        L += [f"**{title}**, on block / neighbouring off blocks, median over cycles [95% interval]", "",
+              "| configuration | " + " | ".join(f"{w} {pl}" for w, pl in cols) + " |",
+              "| --- |" + " --- |" * len(cols)]
+        for c in phase.get("configs") or phase["cells"]:
+            cells = phase["cells"].get(c) or {}
+            L.append(f"| {c} | " + " | ".join(_cell_text((cells.get(w, {}).get(pl, {}).get(clock) or {}).get(fig))
+                                           for w, pl in cols) + " |")
+        L.append("")
+    fr = phase.get("freeze") or {}
+    if fr:
+        L += ["**agenttrace running / frozen** (SIGSTOP, programs attached), CPU time per syscall, median over "
+              "all pairs [95% interval]: floor; median of chunks", "",
+              "| configuration | " + " | ".join(f"{w} {pl}" for w, pl in cols) + " |",
+              "| --- |" + " --- |" * len(cols)]
+        for c, ws in fr.items():
+            L.append(f"| {c} | " + " | ".join(
+                f"{_cell_text((ws.get(w, {}).get(pl) or {}).get('floor'))}; "
+                f"{_cell_text((ws.get(w, {}).get(pl) or {}).get('median'))}" for w, pl in cols) + " |")
+        n = next((x["n"] for ws in fr.values() for pls in ws.values() for fs in pls.values() for x in fs.values()), 0)
+        L += ["", f"{n} pairs per cell.", ""]
+    off = phase.get("off_blocks") or {}
+    if off:
+        L.append("Off blocks (no tracer): " + "; ".join(
+            f"{w} {pl} floor {o['floor_ns_median']} ns per syscall (spread {100 * o['floor_spread']:.0f}% over "
+            f"{o['blocks']} blocks), median {o['median_ns_median']} ns (spread {100 * o['median_spread']:.0f}%)"
+            for w, pls in off.items() for pl, o in pls.items()) + ".")
+        L.append("")
+    return L
