@@ -367,12 +367,21 @@ def untraced_goal(phase: dict, at: list, tsum: dict, goal: str) -> dict:
     syscall, on block / neighbouring off blocks, median over cycles), the worst over agenttrace's
     modes, workloads and placements, with its interval; the A/A (none) and the peers beside it."""
     cells = phase["cells"]
+    edge = phase.get("edge") or {}
 
     def figs(t, clock="cpu", figure="floor"):
         return {f"{t} {w}/{pl}": (c[clock][figure]["ratio"], c[clock][figure].get("ci"))
                 for w, pls in (cells.get(t) or {}).items() for pl, c in pls.items()
                 if c.get(clock, {}).get(figure, {}).get("ratio") is not None}
-    vals = {k: v for t in at for k, v in figs(t).items()}
+
+    def edge_figs(t, clock="cpu", figure="floor"):
+        return {f"{t} {w} (stop edge)": (c[clock][figure]["ratio"], c[clock][figure].get("ci"))
+                for w, c in (edge.get(t) or {}).items() if c.get(clock, {}).get(figure, {}).get("ratio") is not None}
+    # the stop edge when the phase has it (off and on a fraction of a second apart); the blocks
+    # (a tracer start apart) otherwise
+    on_edge = any(edge_figs(t) for t in at)
+    primary = edge_figs if on_edge else figs
+    vals = {k: v for t in at for k, v in primary(t).items()}
     if not vals:
         return {"id": "untraced_syscall_slowdown", "issue": 15, "goal": goal, "status": "not measured",
                 "value": None, "detail": "untraced phase: no block measured", "cause": ""}
@@ -381,13 +390,26 @@ def untraced_goal(phase: dict, at: list, tsum: dict, goal: str) -> dict:
 
     def fmt(d):
         return ", ".join(f"{k} {_with_ci(v, ci)}" for k, (v, ci) in d.items())
-    aa = figs("none")
-    peers = {k: v for t in cells if t not in at and t != "none" for k, v in figs(t).items()}
-    med = {k: v for t in at for k, v in figs(t, "cpu", "median").items()}
-    detail = (f"untraced phase ({phase.get('judged_on', 'cpu floor ratio')}; {len(phase.get('orders') or [])} cycles): "
+    aa = primary("none")
+    peers = {k: v for t in cells if t not in at and t != "none" for k, v in primary(t).items()}
+    med = {k: v for t in at for k, v in primary(t, "cpu", "median").items()}
+    how = ("stop edge: CPU floor per syscall in the 0.15 s before each stop / the 0.15 s after it"
+           if on_edge else phase.get("judged_on", "cpu floor ratio"))
+    detail = (f"untraced phase ({how}; {len(phase.get('orders') or [])} cycles): "
               f"{fmt(vals)}; {noise}; A/A (no tracer as a configuration, the method's own noise): {fmt(aa) or '-'}"
               + (f"; peers: {fmt(peers)}" if peers else "")
               + f"; median-of-chunks figure (carries intermittent costs): {fmt(med)}")
+    if on_edge:
+        detail += "; blocks (on and off a tracer start apart): " + fmt({k: v for t in at for k, v in figs(t).items()})
+    frz = {f"{t} {w}/{pl}": (c["floor"]["ratio"], c["floor"].get("ci"))
+           for t in at for w, pls in ((phase.get("freeze") or {}).get(t) or {}).items() for pl, c in pls.items()
+           if c.get("floor", {}).get("ratio") is not None}
+    if frz:
+        detail += f"; userspace running / frozen (programs attached, pairs ms apart): {fmt(frz)}"
+    bpf = {t: (phase.get("bpf") or {}).get(t) for t in at if (phase.get("bpf") or {}).get(t)}
+    if bpf:
+        detail += "; its BPF programs per syscall made: " + ", ".join(
+            f"{t} {o['runs_per_syscall']:.2g} runs ({o['ns_per_syscall']:g} ns)" for t, o in bpf.items())
     cause = ""
     if vals[worst][0] > UNTRACED_MAX:
         t_w = worst.split()[0]
@@ -397,6 +419,7 @@ def untraced_goal(phase: dict, at: list, tsum: dict, goal: str) -> dict:
         cause = noise + "; " + (
             f"{t_w} runs syscall-path programs {sys_tp}: every task pays them" if sys_tp else
             f"{t_w} attaches no syscall-path program" + (f" (BPF programs {progs})" if progs else "")
+            + (f", its programs ran {bpf[t_w]['runs_per_syscall']:.2g} times per syscall made" if t_w in bpf else "")
             + (f"; the A/A intervals reach {aa_hi:.3f}: a ratio this far from 1 is within the method's noise"
                if aa_hi is not None and aa_hi >= vals[worst][0] else
                "; beyond the A/A noise: a cost outside the syscall path (the tracer's own wakeups or "

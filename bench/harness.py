@@ -335,7 +335,8 @@ class Bench:
             # the untraced-syscall phase (bench/untraced.py): off / on blocks alternated, for the
             # 1.01x goal the rounds' single loops cannot resolve
             if "untraced" in only:
-                result["untraced"] = untraced.measure(active, self.cg, self.work, self.gens, opts.size, log)
+                result["untraced"] = untraced.measure(active, self.cg, self.work, self.gens, opts.size, log,
+                                                     bpf_stats=self.bpf_stats_fd >= 0)
             else:
                 result["untraced"] = {"status": "not measured: not selected by --only"}
             if "rate_sweep" not in only:
