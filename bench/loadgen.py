@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -56,17 +55,15 @@ class GenResult:
     extra: dict
 
 
-def run(exe: Path, args: list, cgroup: Path | None, timeout: float = 300.0, cpu: int | None = None) -> GenResult:
+def run(exe: Path, args: list, cgroup: Path | None, timeout: float = 300.0) -> GenResult:
     """Run one generator; inside the agent cgroup when `cgroup` is given (the generator joins
-    it itself before timing anything and takes the bench audit login uid); pinned to `cpu`
-    when given (set in the child before exec, so no taskset process is traced either)."""
+    it itself before timing anything and takes the bench audit login uid)."""
     env = {"PATH": "/usr/bin:/bin", "LC_ALL": "C"}
     if cgroup is not None:
         env["BENCH_CGROUP"] = str(cgroup)
         env["BENCH_AUID"] = str(BENCH_AUID)
     proc = subprocess.Popen([str(exe), *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=env, text=True,
-                            preexec_fn=(lambda: os.sched_setaffinity(0, {cpu})) if cpu is not None else None)
+                            env=env, text=True)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import goals, interval, loadgen, report, untraced
+from bench import goals, interval, untraced
 
 REPO = Path(__file__).resolve().parent.parent
 PLACE = {"apart": 1, "together": 0}
@@ -67,10 +67,9 @@ def test_median_interval_is_exact_and_needs_three_cycles():
 
 
 def test_block_figures_are_per_syscall_floor_and_median():
-    res = loadgen.GenResult("syscall_blocks_getppid", 3000, 1, 1, 0,
-                            {"chunk_n": 1000, "chunk_cpu_ns": [150_000, 130_000, 200_000],
-                             "chunk_wall_ns": [151_000, 131_000, 900_000]})
-    f = untraced.block_figures(res)
+    rec = {"gen": "syscall_blocks_getppid", "n": 3000, "errors": 0, "chunk_n": 1000,
+           "chunk_cpu_ns": [150_000, 130_000, 200_000], "chunk_wall_ns": [151_000, 131_000, 900_000]}
+    f = untraced.block_figures(rec)
     assert f["cpu"] == {"floor": 130.0, "median": 150.0}
     assert f["wall"] == {"floor": 131.0, "median": 151.0}
 
