@@ -3,17 +3,18 @@ agent cgroup, resolved finely enough to judge a 1.01x bound on a noisy 2-vCPU VM
 
 Why a phase of its own. The rounds time one 270 ms getppid loop per session and divide medians
 over 5 sessions; on this VM identical no-tracer sessions spread 32-41%, so the interval of a
-ratio spans 0.77-1.48. Two things make that spread (bench/profiles/hbench-untraced.md):
-neighbours taking the CPU (wall time only; CPU time is immune) and the cost of the syscall path
-itself, which changes between levels about 40% apart for a second or more at a time (130 vs
-180 ns per getppid, while a userspace multiply loop timed in between does not move: host
-scheduling of the vCPU, not frequency or the guest's own load). A design that resolves ~1%:
+ratio spans 0.77-1.48. Three things make that spread (bench/profiles/hbench-untraced.md):
+neighbours taking the CPU (wall time only; CPU time is immune), the cost of the syscall path
+itself, which changes between levels about 40% apart for milliseconds to seconds at a time (130
+vs 180 ns per getppid, while a userspace multiply loop timed in between does not move: the host,
+not frequency or the guest's own load), and the process: each new process pays its own cost,
+~12% apart from the next one's. The design:
 
 - **Blocks of many short chunks.** syscall_blocks (loadgen) runs K chunks of N syscalls, each
   timed with the thread's CPU clock (ns), in one long-lived process per placement (`serve`) for
   the whole phase, off and on blocks alike: a fresh process per block moved the figure by ~12%
-  (sd of the log ratio of neighbouring blocks) where blocks of one process moved 1-4%. A block's figure is the minimum over
-  its chunks (`floor`): the cost of the syscall path itself, which a per-syscall tax (audit,
+  (sd of the log ratio of neighbouring blocks) where blocks of one process moved 1-7%. A
+  block's figure is the minimum over its chunks (`floor`): the cost of the syscall path itself, which a per-syscall tax (audit,
   a syscall tracepoint) raises in every chunk, while an interruption or a slow stretch of the
   host only raises some. The median over the chunks (`median`) is kept beside it: it also
   carries intermittent costs (a tracer's wakeups, cache pollution).
@@ -27,8 +28,8 @@ scheduling of the vCPU, not frequency or the guest's own load). A design that re
   median start and stop take, so its neighbours are as far apart in time as theirs.
 - **The stop edge.** A tracer's start takes 0.1-4 s, its stop 0.05-0.5 s, and the host's
   levels move within seconds, so block neighbours a start apart still differ by ~10% (sd of the
-  log ratio in the A/A). While each tracer is stopped, one generator (getppid and write chunks
-  alternated, the apart CPU) runs across the stop: the chunks of the 0.15 s before the stop
+  log ratio in the A/A). While each tracer is stopped, the apart generator (getppid and write
+  chunks alternated) runs across the stop: the chunks of the 0.15 s before the stop
   began (loaded, idle) over those of 0.15 s from just after it returned (nothing loaded). This
   is the pair the goal is judged on: the closest "on" and really-"off" that can be had.
 - **Placement.** The tracer's process tree is pinned to one CPU; every block runs its loops
@@ -40,7 +41,7 @@ scheduling of the vCPU, not frequency or the guest's own load). A design that re
   part of the tax that timing alone can resolve finely here.
 - **Statistics.** Per configuration, workload, placement and figure: the median of the cycles'
   neighbour ratios with a 95% percentile-bootstrap interval over cycles (bench/interval.py
-  median_ci, exact up to 8 cycles). Nothing is dropped: every block's chunks are in the result.
+  median_ci, exact up to 8 cycles). Nothing is dropped: every block's figures are in the result.
 
 The goal (bench/goals.py) is judged on the stop edge's CPU `floor` ratios, the worst of
 agenttrace's modes and workloads (on the blocks' floor ratios for a phase without edges); the
@@ -371,7 +372,7 @@ class Phase:
             b["figures"] = self.block()
             if self.bpf_stats:
                 # the tracer's programs that ran meanwhile: a syscall-path program would run once
-                # per syscall; the generators' own fork/exec/exit account for the few runs left
+                # per syscall; process starts and exits elsewhere on the machine account for the rest
                 b["bpf"] = sysinfo.bpf_stats_delta(p0, sysinfo.bpf_prog_stats(pids))
             b["tracer_cpu_ns"] = tracer.cpu_ns() - c0
             if tracer.family == "agenttrace" and self.size["freeze_pairs"]:
