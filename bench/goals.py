@@ -234,11 +234,16 @@ def goals(result: dict) -> list:
         add("storm_slowdown_enforce", g, "not measured",
             detail=info.get("agenttrace-enforce", {}).get("reason") or why_not)
 
-    # 5. untraced syscalls outside agents
+    # 5. untraced syscalls outside agents: the untraced phase when it ran (bench/untraced.py),
+    # else the rounds' loops (older results, or a run without the phase)
     g = f"untraced syscalls outside agent cgroups: slowdown <= {UNTRACED_MAX:.2f}x"
-    vals = {f"{t} {w}": _ratio(result, f"{w}/outside", t) for t in at for w in UNTRACED}
+    phase = result.get("untraced") or {}
+    from_phase = bool(phase.get("cells")) and any(t in phase["cells"] for t in at)
+    vals = {} if from_phase else {f"{t} {w}": _ratio(result, f"{w}/outside", t) for t in at for w in UNTRACED}
     vals = {k: v for k, v in vals.items() if v is not None}
-    if vals:
+    if from_phase:
+        out.append(untraced_goal(phase, [t for t in at if t in phase["cells"]], tsum, g))
+    elif vals:
         worst = max(vals, key=vals.get)
         t_w, w_w = worst.split()
         progs = tsum.get(t_w, {}).get("bpf_programs") or []
@@ -355,3 +360,70 @@ def goals(result: dict) -> list:
             cause="; ".join(f"{k}: {a:.3f}x vs {p:.3f}x" + _peer_noise(result, k, t, peer, bound(p))
                             for k, (a, p) in lost.items()), issue=7)
     return out
+
+
+def untraced_goal(phase: dict, at: list, tsum: dict, goal: str) -> dict:
+    """The untraced-syscall goal judged on the phase's CPU floor ratios (min-of-chunks CPU time per
+    syscall, on block / neighbouring off blocks, median over cycles), the worst over agenttrace's
+    modes, workloads and placements, with its interval; the A/A (none) and the peers beside it."""
+    cells = phase["cells"]
+    edge = phase.get("edge") or {}
+
+    def figs(t, clock="cpu", figure="floor"):
+        return {f"{t} {w}/{pl}": (c[clock][figure]["ratio"], c[clock][figure].get("ci"))
+                for w, pls in (cells.get(t) or {}).items() for pl, c in pls.items()
+                if c.get(clock, {}).get(figure, {}).get("ratio") is not None}
+
+    def edge_figs(t, clock="cpu", figure="floor"):
+        return {f"{t} {w} (stop edge)": (c[clock][figure]["ratio"], c[clock][figure].get("ci"))
+                for w, c in (edge.get(t) or {}).items() if c.get(clock, {}).get(figure, {}).get("ratio") is not None}
+    # the stop edge when the phase has it (off and on a fraction of a second apart); the blocks
+    # (a tracer start apart) otherwise
+    on_edge = any(edge_figs(t) for t in at)
+    primary = edge_figs if on_edge else figs
+    vals = {k: v for t in at for k, v in primary(t).items()}
+    if not vals:
+        return {"id": "untraced_syscall_slowdown", "issue": 15, "goal": goal, "status": "not measured",
+                "value": None, "detail": "untraced phase: no block measured", "cause": ""}
+    worst = max(vals, key=lambda k: vals[k][0])
+    civ, noise = interval.judge_bound(vals, UNTRACED_MAX)
+
+    def fmt(d):
+        return ", ".join(f"{k} {_with_ci(v, ci)}" for k, (v, ci) in d.items())
+    aa = primary("none")
+    peers = {k: v for t in cells if t not in at and t != "none" for k, v in primary(t).items()}
+    med = {k: v for t in at for k, v in primary(t, "cpu", "median").items()}
+    how = ("stop edge: CPU floor per syscall in the 0.15 s before each stop / the 0.15 s after it"
+           if on_edge else phase.get("judged_on", "cpu floor ratio"))
+    detail = (f"untraced phase ({how}; {len(phase.get('orders') or [])} cycles): "
+              f"{fmt(vals)}; {noise}; A/A (no tracer as a configuration, the method's own noise): {fmt(aa) or '-'}"
+              + (f"; peers: {fmt(peers)}" if peers else "")
+              + f"; median-of-chunks figure (carries intermittent costs): {fmt(med)}")
+    if on_edge:
+        detail += "; blocks (on and off a tracer start apart): " + fmt({k: v for t in at for k, v in figs(t).items()})
+    frz = {f"{t} {w}/{pl}": (c["floor"]["ratio"], c["floor"].get("ci"))
+           for t in at for w, pls in ((phase.get("freeze") or {}).get(t) or {}).items() for pl, c in pls.items()
+           if c.get("floor", {}).get("ratio") is not None}
+    if frz:
+        detail += f"; userspace running / frozen (programs attached, pairs ms apart): {fmt(frz)}"
+    bpf = {t: (phase.get("bpf") or {}).get(t) for t in at if (phase.get("bpf") or {}).get(t)}
+    if bpf:
+        detail += "; its BPF programs per syscall made: " + ", ".join(
+            f"{t} {o['runs_per_syscall']:.2g} runs ({o['ns_per_syscall']:g} ns)" for t, o in bpf.items())
+    cause = ""
+    if vals[worst][0] > UNTRACED_MAX:
+        t_w = worst.split()[0]
+        progs = tsum.get(t_w, {}).get("bpf_programs") or []
+        sys_tp = [p for p in progs if p.startswith("syscalls__") or p.startswith("sys_")]
+        aa_hi = max((ci[1] for _, ci in aa.values() if ci), default=None)
+        cause = noise + "; " + (
+            f"{t_w} runs syscall-path programs {sys_tp}: every task pays them" if sys_tp else
+            f"{t_w} attaches no syscall-path program" + (f" (BPF programs {progs})" if progs else "")
+            + (f", its programs ran {bpf[t_w]['runs_per_syscall']:.2g} times per syscall made" if t_w in bpf else "")
+            + (f"; the A/A intervals reach {aa_hi:.3f}: a ratio this far from 1 is within the method's noise"
+               if aa_hi is not None and aa_hi >= vals[worst][0] else
+               "; beyond the A/A noise: a cost outside the syscall path (the tracer's own wakeups or "
+               "cache use on the shared machine) is the candidate"))
+    return {"id": "untraced_syscall_slowdown", "issue": 15, "goal": goal,
+            "status": "met" if vals[worst][0] <= UNTRACED_MAX else "missed", "value": vals[worst][0],
+            "detail": detail, "cause": cause, "ci": vals[worst][1], "ci_verdict": civ, "judged_by": "untraced phase"}

@@ -97,6 +97,16 @@ def ratio_ci(num: dict, den: dict, level: Fraction = LEVEL) -> tuple | None:
     return _quantiles(dist, sum(w for _, w in dist), level)
 
 
+def median_ci(values: list, level: Fraction = LEVEL) -> tuple | None:
+    """The `level` interval of the median of `values` (one paired ratio per cycle, as the
+    untraced phase has), by the same exact / fixed-seed bootstrap; None with fewer than
+    MIN_ROUNDS values or a non-positive one."""
+    if len(values) < MIN_ROUNDS or min(values) <= 0:
+        return None
+    dist = ratio_distribution(tuple((v, 1) for v in values))
+    return _quantiles(dist, sum(w for _, w in dist), level)
+
+
 def by_round(cell: dict, field: str) -> dict:
     """{round: figure} of a summary cell (session_rounds and one of its session_* lists)."""
     return dict(zip(cell.get("session_rounds") or [], cell.get(field) or []))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from . import interval, order_effects
+from . import interval, order_effects, untraced
 
 
 def summarize(runs: list, sessions: list, active: list, workloads: list) -> dict:
@@ -259,6 +259,7 @@ def markdown(result: dict, plot_name: str | None) -> str:
                      + (f" Lost: {_one_line(g['cause'], 2000)}." if g.get("cause") else ""))
         L.append("")
     L += before_after(result)
+    L += untraced.markdown(result.get("untraced") or {})
     L.append("## Tracers")
     L.append("")
     for t, i in info.items():
