@@ -382,7 +382,10 @@ def test_ia32_socket_evades_the_tracepoint_but_not_the_capability_drop(tmp_path)
     os.unlink(tmp_path / "ev.jsonl")
     p, recs = _cli(tmp_path, "--mode", "enforce", "--packet", "--drop-caps", "none", "--no-net", "--", str(exe))
     assert p.returncode == 0 and int(p.stdout.strip()) >= 0        # made, and not killed
-    assert not [r for r in recs if r["kind"] == "socket"]
+    # the tracepoint never saw it; the userspace scan may (the socket lives until exit, and a
+    # scan that lands in that window reports it with hook "scan": what the scan is for)
+    socks = [r["socket"] for r in recs if r["kind"] == "socket"]
+    assert all(s.get("hook") == "scan" for s in socks), socks
 
 
 URING_SOCKET = r"""
