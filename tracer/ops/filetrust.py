@@ -52,13 +52,6 @@ def untrusted_reason(path: str, trusted_uids: Optional[tuple] = None) -> Optiona
         # link's target, not the link's folder
         p = os.path.join(os.getcwd(), p)
         cur = "/"
-        try:
-            st = os.lstat(cur)
-        except OSError:
-            return None
-        why = _component_problem(cur, st, uids)
-        if why:
-            return why
         for name in p.split("/"):
             if name in ("", "."):
                 continue
@@ -89,4 +82,5 @@ def untrusted_reason(path: str, trusted_uids: Optional[tuple] = None) -> Optiona
                 cur = nxt
         return None
 
-    return walk(path)
+    # every walk starts at the root folder: judged once
+    return _component_problem("/", os.lstat("/"), uids) or walk(path)
