@@ -312,9 +312,17 @@ def goals(result: dict) -> list:
         tail = "; after `started`, until idle: " + ", ".join(
             f"{t} max {max(v[0] for v in vs):g} s, {max(v[1] for v in vs):g} ms CPU" for t, vs in sorted(settle.items())) \
             if settle else ""
+        # the first start of each configuration before the rounds (harness.first_starts): said,
+        # not judged; a compiling start inside the rounds (a cache that could not be written)
+        # stays in the figure
+        firsts = [f for f in result.get("first_starts") or [] if f.get("startup_s") is not None]
+        first = ("; first start of each configuration before the rounds, not counted: " + ", ".join(
+            f"{f['tracer']} {f['startup_s']:.3g} s (probe cache {f.get('probe_cache') or 'unknown'})"
+            for f in firsts) + "; the rounds' starts are the node's every start after the first on a "
+            "kernel, flag set and probe source") if firsts else ""
         add("startup", g, verdict(st[worst] <= STARTUP_MAX_S), st[worst],
             ", ".join(f"{t} median {tsum[t]['startup_s_median']} s, max {tsum[t]['startup_s_max']} s" for t in st)
-            + tail, cause)
+            + tail + first, cause)
     else:
         add("startup", g, "not measured", detail=why_not)
 

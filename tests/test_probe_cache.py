@@ -95,3 +95,25 @@ def test_tracer_process_never_maps_the_compiler(tmp_path, require_bpf):
     maps = p.stdout
     assert "[stack]" in maps
     assert "libLLVM" not in maps and "libclang" not in maps and "libbcc" not in maps
+
+
+def test_started_says_where_the_probes_came_from(tmp_path, require_bpf):
+    # through the CLI as the README starts it: the first start on an empty cache compiles, the
+    # next one takes the cache's object, and with the cache off every start compiles; a start
+    # time can only be read knowing which (the first is seconds longer)
+    import json
+
+    def started(cache_env):
+        out = tmp_path / f"run-{cache_env.replace('/', '_')}-{len(list(tmp_path.iterdir()))}.jsonl"
+        r = subprocess.run([AGENTTRACE, "run", "--no-net", "--no-rules", "--output", str(out), "--", "true"],
+                           capture_output=True, timeout=180,
+                           env={**os.environ, "AGENTTRACE_PROBE_CACHE": cache_env})
+        assert r.returncode == 0, r.stderr.decode(errors="replace")[-2000:]
+        recs = [json.loads(line) for line in out.read_text().splitlines()]
+        (s,) = [x for x in recs if x.get("kind") == "lifecycle" and x.get("phase") == "started"]
+        return s["probe_cache"]
+
+    d = tmp_path / "cache"
+    assert started(str(d)) == "compiled"
+    assert started(str(d)) == "hit"
+    assert started("off") == "off"

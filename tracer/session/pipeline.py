@@ -184,7 +184,7 @@ class Tracer:
         self.started_ns = time.time_ns()
         self._last_stats = time.monotonic()
         self._lifecycle("started", startup_ms=round((time.monotonic() - t0) * 1000, 1),
-                        probes=list(features),
+                        probes=list(features), probe_cache=self._probe_cache(),
                         watched=[self.agents.agent(c)["cgroup"] for c in self.probes.watched_ids()],
                         **describe(self))
         self._flush()
@@ -196,6 +196,14 @@ class Tracer:
             self.gpu.start()
         from agenttrace.session.heap import settle
         settle()        # start-up's objects out of every later full collection
+
+    def _probe_cache(self) -> str:
+        # a start that compiled takes seconds longer than one that did not (docs/STARTUP.md);
+        # saying which lets a start time be read (and the bench tell its first start apart)
+        from agenttrace.kernel import probecache
+        if getattr(self.probes, "cache_hit", False):
+            return "hit"
+        return "off" if probecache.cache_dir() is None else "compiled"
 
     def install_policy(self, ruleset) -> None:
         """Compile what the kernel can enforce from `ruleset` and write it into the maps.
