@@ -22,6 +22,10 @@ import pytest
 from conftest import AGENTTRACE, AgentTree, ListSink, Session, need_bpf
 from agenttrace.lab.netlab import INTERNAL_HOST, POOL_HOST, WEB_HOST
 
+# unique per test run: `run -- CMD` locks its agent name, and another checkout's suite may run
+# this same test at the same time
+_AGENT_DL_CLI = f"dl-cli-{os.getpid()}"
+
 PY = sys.executable
 
 # A pool client that gives itself no name: connects to the pool, subscribes in stratum, then
@@ -347,7 +351,7 @@ def test_cli_run_reports_download_then_exec(netlab, tmp_path, require_bpf):
     url = _payload(netlab, name)
     dest = tmp_path / name
     out = tmp_path / "events.jsonl"
-    r = subprocess.run([AGENTTRACE, "run", "--output", str(out), "--agent", "dl-cli", "--no-dns", "--",
+    r = subprocess.run([AGENTTRACE, "run", "--output", str(out), "--agent", _AGENT_DL_CLI, "--no-dns", "--",
                         "nsenter", f"--net=/var/run/netns/{netlab.agent_ns}", "/bin/bash", "-c",
                         f"curl -sf -o {dest} {url} && chmod +x {dest} && {dest} 0.3"],
                        capture_output=True, timeout=180)
@@ -358,6 +362,6 @@ def test_cli_run_reports_download_then_exec(netlab, tmp_path, require_bpf):
     run = [x for x in recs if x["kind"] == "exec" and x["proc"]["exe"] == str(dest)]
     curl = [x for x in recs if x["kind"] == "exec" and x["proc"]["exe"] == "/usr/bin/curl"]
     a = al[0]
-    assert a["agent"]["id"] == "dl-cli" and a["proc"]["pid"] == run[0]["proc"]["pid"]
+    assert a["agent"]["id"] == _AGENT_DL_CLI and a["proc"]["pid"] == run[0]["proc"]["pid"]
     assert a["proc"]["fresh_exe"]["downloader"]["pid"] == curl[0]["proc"]["pid"]
     assert a["rule"]["outcome"] == "reported" and a["rule"]["severity"] == "high"

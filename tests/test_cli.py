@@ -9,6 +9,10 @@ import pytest
 
 from conftest import AGENTTRACE
 
+# unique per test run: `run -- CMD` locks its agent name, and another checkout's suite may run
+# this same test at the same time
+_AGENT_SIGTERM_TEST = f"sigterm-test-{os.getpid()}"
+
 
 def _agenttrace_cgroups():
     from agenttrace.enrich.cgroups import cgroup2_mount
@@ -72,7 +76,7 @@ def test_command_not_found_is_127_and_cleans_up(require_bpf):
 
 def test_sigterm_detaches_and_removes_cgroup(tmp_path, require_bpf):
     out = tmp_path / "ev.jsonl"
-    p = subprocess.Popen([AGENTTRACE, "run", "--output", str(out), "--agent", "sigterm-test", "--",
+    p = subprocess.Popen([AGENTTRACE, "run", "--output", str(out), "--agent", _AGENT_SIGTERM_TEST, "--",
                           "sleep", "60"], stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 60
@@ -90,10 +94,10 @@ def test_sigterm_detaches_and_removes_cgroup(tmp_path, require_bpf):
     assert rc == 128 + signal.SIGTERM
     recs = [orjson.loads(l) for l in out.read_bytes().splitlines()]
     assert recs[-1]["phase"] == "stopped"
-    assert "sigterm-test" not in _agenttrace_cgroups()
+    assert _AGENT_SIGTERM_TEST not in _agenttrace_cgroups()
     # no cgroup program remains attached anywhere under the cgroup2 mount from this run
     from agenttrace.enrich.cgroups import cgroup2_mount
-    assert not (cgroup2_mount() / "agenttrace" / "sigterm-test").exists()
+    assert not (cgroup2_mount() / "agenttrace" / _AGENT_SIGTERM_TEST).exists()
 
 
 def test_version_and_doctor(require_bpf):

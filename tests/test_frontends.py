@@ -14,6 +14,10 @@ import threading
 from conftest import AGENTTRACE, need_bpf
 from harness import read_jsonl, wait_until
 
+# unique per test run: `run -- CMD` locks its agent name, and another checkout's suite may run
+# this same test at the same time
+_AGENT_CMD443 = f"cmd443-{os.getpid()}"
+
 FULL = {"proc", "net", "listen", "flow", "dns"}
 TUNNEL_RULE = "tunnel-ssh-external-flow"
 
@@ -69,13 +73,13 @@ def test_run_command(netlab, tmp_path):
     need_bpf()
     out = tmp_path / "ev.jsonl"
     cmd = ["nsenter", f"--net=/var/run/netns/{netlab.agent_ns}", *_ssh443(netlab)]
-    r = subprocess.run([AGENTTRACE, "run", "--agent", "cmd443", "--internal", "10.77.0.0/24",
+    r = subprocess.run([AGENTTRACE, "run", "--agent", _AGENT_CMD443, "--internal", "10.77.0.0/24",
                         "--output", str(out), "--", *cmd], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr        # ssh's own exit code
     recs = read_jsonl(out)
     _check_started(_started(recs)[0])
     al = _tunnel(recs)
-    assert al and al[0]["agent"]["id"] == "cmd443", [x["rule"]["id"] for x in recs if x.get("kind") == "alert"]
+    assert al and al[0]["agent"]["id"] == _AGENT_CMD443, [x["rule"]["id"] for x in recs if x.get("kind") == "alert"]
 
 
 def test_tail_cgroup_alerts(netlab, agent_tree):

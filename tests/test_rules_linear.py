@@ -12,6 +12,11 @@ from conftest import AGENTTRACE
 from agenttrace.match.engine import Engine
 from agenttrace.session.event import Event
 from agenttrace.match.rules import default_rule_paths, lint, load_rules
+import os
+
+# unique per test run: `run -- CMD` locks its agent name, and another checkout's suite may run
+# this same test at the same time
+_AGENT_PADDED = f"padded-{os.getpid()}"
 
 RULE = """\
 rules:
@@ -84,12 +89,12 @@ def test_cli_padded_shell_command_line_alerts_truncation(tmp_path, require_bpf):
     """The kernel keeps 4 KiB of argv; the reverse shell sits after 5000 bytes of padding."""
     out = tmp_path / "events.jsonl"
     hidden = ": " + "#" * 5000 + "; echo /dev/tcp/198.51.100.1/4444"
-    r = subprocess.run([AGENTTRACE, "run", "--no-net", "--output", str(out), "--agent", "padded", "--",
+    r = subprocess.run([AGENTTRACE, "run", "--no-net", "--output", str(out), "--agent", _AGENT_PADDED, "--",
                         "sh", "-c", hidden], capture_output=True, timeout=120)
     assert r.returncode == 0, r.stderr
     recs = [orjson.loads(l) for l in out.read_bytes().splitlines()]
     ex = [x for x in recs if x["kind"] == "exec" and x["proc"]["args"][:1] == ["sh"]]
     assert ex and ex[0]["proc"]["args_truncated"] is True
     al = [x for x in recs if x["kind"] == "alert" and x["rule"]["id"] == "exec-args-truncated"]
-    assert al and al[0]["proc"]["pid"] == ex[0]["proc"]["pid"] and al[0]["agent"]["id"] == "padded"
+    assert al and al[0]["proc"]["pid"] == ex[0]["proc"]["pid"] and al[0]["agent"]["id"] == _AGENT_PADDED
     assert al[0]["rule"]["category"] == "exec"

@@ -13,6 +13,11 @@ from agenttrace.clock import FakeClock
 from agenttrace.match.engine import Engine
 from agenttrace.session.event import Event
 from agenttrace.match.rules import default_rule_paths, load_rules
+import os
+
+# unique per test run: `run -- CMD` locks its agent name, and another checkout's suite may run
+# this same test at the same time
+_AGENT_BINDER = f"binder-{os.getpid()}"
 
 AGENT = {"id": "ep-9", "cgroup": "/agents/ep-9", "cgroup_id": 99}
 
@@ -66,11 +71,11 @@ def test_cli_listener_on_all_interfaces_is_reported(tmp_path, require_bpf):
     code = ("import socket\n"
             "a = socket.create_server(('127.0.0.1', 0)); b = socket.create_server(('0.0.0.0', 0))\n"
             "print(a.getsockname()[1], b.getsockname()[1])\n")
-    r = subprocess.run([AGENTTRACE, "run", "--output", str(out), "--agent", "binder", "--", sys.executable, "-c", code],
+    r = subprocess.run([AGENTTRACE, "run", "--output", str(out), "--agent", _AGENT_BINDER, "--", sys.executable, "-c", code],
                        capture_output=True, timeout=120)
     assert r.returncode == 0, r.stderr
     lo, wild = (int(x) for x in r.stdout.split())
     recs = [orjson.loads(l) for l in out.read_bytes().splitlines()]
     al = [x for x in recs if x["kind"] == "alert" and x["rule"]["id"] == "tunnel-listen-external"]
     assert [a["net"]["local"]["port"] for a in al] == [wild]
-    assert al[0]["net"]["local"]["addr"] == "0.0.0.0" and al[0]["agent"]["id"] == "binder"
+    assert al[0]["net"]["local"]["addr"] == "0.0.0.0" and al[0]["agent"]["id"] == _AGENT_BINDER

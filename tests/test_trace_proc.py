@@ -8,6 +8,10 @@ import pytest
 
 from conftest import AGENTTRACE
 
+# unique per test run: `run -- CMD` locks its agent name, and another checkout's suite may run
+# this same test at the same time
+_AGENT_EXIT3 = f"exit3-{os.getpid()}"
+
 # process records only: these tests need no network hooks, and the full set costs ~4 s per start
 PROC = ("proc",)
 
@@ -204,7 +208,7 @@ def test_exec_burst_overflow_is_counted_exactly(agent_tree, make_session):
 
 def test_run_command_exit_code_and_events(tmp_path, require_bpf):
     out = tmp_path / "events.jsonl"
-    r = subprocess.run([AGENTTRACE, "run", "--output", str(out), "--agent", "exit3", "--",
+    r = subprocess.run([AGENTTRACE, "run", "--output", str(out), "--agent", _AGENT_EXIT3, "--",
                         "sh", "-c", "exit 3"], capture_output=True, timeout=120)
     assert r.returncode == 3, r.stderr
     import orjson
@@ -212,9 +216,9 @@ def test_run_command_exit_code_and_events(tmp_path, require_bpf):
     assert recs[0]["kind"] == "lifecycle" and recs[0]["phase"] == "started"
     assert recs[-1]["kind"] == "lifecycle" and recs[-1]["phase"] == "stopped"
     ex = [r for r in recs if r["kind"] == "exec"]
-    assert ex and ex[0]["proc"]["args"] == ["sh", "-c", "exit 3"] and ex[0]["agent"]["id"] == "exit3"
+    assert ex and ex[0]["proc"]["args"] == ["sh", "-c", "exit 3"] and ex[0]["agent"]["id"] == _AGENT_EXIT3
     exits = [r for r in recs if r["kind"] == "exit"]
     assert exits and exits[-1]["exit_code"] == 3 and exits[-1]["proc"]["pid"] == ex[0]["proc"]["pid"]
     assert recs[-1]["drops"]["kernel"] == 0
     from agenttrace.enrich.cgroups import cgroup2_mount
-    assert not (cgroup2_mount() / "agenttrace" / "exit3").exists()
+    assert not (cgroup2_mount() / "agenttrace" / _AGENT_EXIT3).exists()
