@@ -159,10 +159,6 @@ def test_live_execs_carry_identity_through_rename_ldso_shebang_and_module(miner,
     assert not [x for x in alerts if x["proc"]["pid"] in {sh["proc"]["pid"] for sh in shs}]
 
 
-def _lab(lab, *argv):
-    return ["nsenter", f"--net=/var/run/netns/{lab.agent_ns}", *argv]
-
-
 @pytest.mark.parametrize("mode", ["monitor", "enforce"])
 def test_cli_renamed_miner_with_json_config_and_renamed_ssh(miner, netlab, tmp_path, mode, require_bpf):
     """`agenttrace run` with the default pack: a miner copied to `kworker` that reads its pool
@@ -192,8 +188,8 @@ def test_cli_renamed_miner_with_json_config_and_renamed_ssh(miner, netlab, tmp_p
     # a name of this suite's own: another suite on the machine running this test at the same
     # time must not share its agent (test_run_agent_lock)
     agent = f"sneaky-{mode}-{os.getpid()}"
-    r = subprocess.run([AGENTTRACE, "run", "--mode", mode, "--output", str(out), "--agent", agent, "--",
-                        *_lab(netlab, PY, "-c", script)], capture_output=True, timeout=240)
+    r = subprocess.run([AGENTTRACE, "run", "--mode", mode, "--output", str(out), "--agent", agent,
+                        "--netns", netlab.agent_ns, "--", PY, "-c", script], capture_output=True, timeout=240)
     assert r.returncode == 0, r.stderr.decode(errors="replace")[-2000:]
     recs = [orjson.loads(l) for l in out.read_bytes().splitlines()]
     alerts = [x for x in recs if x["kind"] == "alert"]

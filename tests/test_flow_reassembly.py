@@ -144,12 +144,6 @@ def test_disguised_protocol_dropped_in_the_kernel_far_side_never_sees_it(kernel,
     assert not any(l.startswith("REPLY") and l != "REPLY EOF" for l in out), out
 
 
-def _lab_cmd(lab, code, *args):
-    # `agenttrace run -- CMD` puts CMD in a fresh agent cgroup; nsenter then moves it into the
-    # lab's agent netns (a namespace change keeps the cgroup), so "external" stays in the lab.
-    return ["nsenter", f"--net=/var/run/netns/{lab.agent_ns}", PY, "-c", code, *args]
-
-
 @pytest.mark.parametrize("mode", ["monitor", "enforce"])
 def test_cli_split_ssh_banner_and_padded_stratum(netlab, tmp_path, mode, require_bpf):
     """Through `agenttrace run` with the default pack, as a user starts it."""
@@ -161,8 +155,8 @@ def test_cli_split_ssh_banner_and_padded_stratum(netlab, tmp_path, mode, require
     ) % (netlab.pool_host, DROPPED_WAIT if mode == "enforce" else REPLY_WAIT)
     split_ssh = ",".join(p.hex() for p in DISGUISES["ssh-one-byte-then-rest"][0])
     padded = ",".join(p.hex() for p in DISGUISES["stratum-300-bytes-padding"][0])
-    r = subprocess.run([AGENTTRACE, "run", "--mode", mode, "--output", str(out), "--agent", f"disguise-{mode}", "--",
-                        *_lab_cmd(netlab, script, PIECES, split_ssh, padded)],
+    r = subprocess.run([AGENTTRACE, "run", "--mode", mode, "--output", str(out), "--agent", f"disguise-{mode}-{os.getpid()}",
+                        "--netns", netlab.agent_ns, "--", PY, "-c", script, PIECES, split_ssh, padded],
                        capture_output=True, timeout=240)
     assert r.returncode == 0, r.stderr.decode(errors="replace")[-2000:]
     ports = [int(l.split()[0]) for l in r.stdout.decode().splitlines() if l.split() and l.split()[0].isdigit()]
@@ -175,7 +169,7 @@ def test_cli_split_ssh_banner_and_padded_stratum(netlab, tmp_path, mode, require
     ssh, stratum = alerts.get("tunnel-ssh-external-flow"), alerts.get("mining-stratum-flow")
     assert ssh and stratum, sorted(alerts)
     for al, proto, cport in ((ssh, "ssh", ports[0]), (stratum, "stratum", ports[1])):
-        assert al["flow"]["protocol"] == proto and al["agent"]["id"] == f"disguise-{mode}"
+        assert al["flow"]["protocol"] == proto and al["agent"]["id"] == f"disguise-{mode}-{os.getpid()}"
         assert al["net"]["src"]["port"] == cport and al["net"]["dst"]["addr"] == netlab.pool_host
         assert al["proc"]["pid"] and al["proc"]["comm"].startswith("python")
         seen = pool_saw(netlab, cport)

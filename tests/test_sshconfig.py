@@ -209,8 +209,8 @@ def _run_cli(lab, tmp_path, mode, agent, argv, seconds=6, watch_port=None):
         p.wait()
     """)
     out = tmp_path / f"events-{mode}.jsonl"
-    p = subprocess.Popen([AGENTTRACE, "run", "--mode", mode, "--output", str(out), "--agent", agent, "--",
-                          "nsenter", f"--net=/var/run/netns/{lab.agent_ns}", PY, "-c", script],
+    p = subprocess.Popen([AGENTTRACE, "run", "--mode", mode, "--output", str(out), "--agent", agent,
+                          "--netns", lab.agent_ns, "--", PY, "-c", script],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     seen = False
     try:

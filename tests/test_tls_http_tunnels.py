@@ -102,8 +102,8 @@ def proxy(netlab, tmp_path):
 
 def _cli(lab, tmp_path, mode, agent, code, *args, rcs=(0,)):
     out = tmp_path / f"events-{mode}.jsonl"
-    r = subprocess.run([AGENTTRACE, "run", "--mode", mode, "--output", str(out), "--agent", agent, "--",
-                        "nsenter", f"--net=/var/run/netns/{lab.agent_ns}", PY, "-c", code, *args],
+    r = subprocess.run([AGENTTRACE, "run", "--mode", mode, "--output", str(out), "--agent", agent,
+                        "--netns", lab.agent_ns, "--", PY, "-c", code, *args],
                        capture_output=True, timeout=180)
     assert r.returncode in rcs, r.stderr.decode(errors="replace")[-2000:]
     return r.stdout.decode().splitlines(), [orjson.loads(l) for l in out.read_bytes().splitlines()]

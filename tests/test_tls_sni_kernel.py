@@ -154,8 +154,8 @@ def _seen(log, port: int, timeout: float = 10.0) -> dict:
 
 def _run(lab, tmp_path, mode, agent, *cases, rcs=(0,)):
     out = tmp_path / f"events-{mode}.jsonl"
-    r = subprocess.run([AGENTTRACE, "run", "--mode", mode, "--output", str(out), "--agent", agent, "--",
-                        "nsenter", f"--net=/var/run/netns/{lab.agent_ns}", PY, "-c", CLIENT,
+    r = subprocess.run([AGENTTRACE, "run", "--mode", mode, "--output", str(out), "--agent", agent,
+                        "--netns", lab.agent_ns, "--", PY, "-c", CLIENT,
                         lab.pool_host, *cases],
                        capture_output=True, timeout=180)
     assert r.returncode in rcs, (r.returncode, r.stderr.decode(errors="replace")[-2000:])

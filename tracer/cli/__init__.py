@@ -128,9 +128,9 @@ NOT_HELP = "Leave out the {} probes (on by default)."
 
 
 def _run_drop_caps(spec: str, mode: str, fence) -> list:
-    from agenttrace.session.capdrop import CapError, caps_for_fence, parse_caps
+    from agenttrace.session.capdrop import CapError, caps_for_enforce, parse_caps
     if spec == "auto":
-        return caps_for_fence(fence) if mode == "enforce" else []
+        return caps_for_enforce(fence) if mode == "enforce" else []
     try:
         return parse_caps(spec)
     except CapError as e:
@@ -160,9 +160,10 @@ def run(
     wakeup_ms: float = typer.Option(5.0, "--wakeup-ms", help="Longest a record waits in the kernel ring buffer before it is read; 0 wakes the reader on every record (costs ~20 us of kernel time per event on VMs)."),
     batch_wait_ms: float = typer.Option(50.0, "--batch-wait-ms", help="While records keep coming, how long the reader may let them gather into batches of ~64 (fewer wakeups, less CPU per record); a fast stream is still read every --wakeup-ms, a record after a quiet spell at once, one a rule names (what a userspace kill acts on) within --wakeup-ms, an exec from outside /usr, /bin, /sbin and a connect within 15 ms. Not above --wakeup-ms: never wait longer than it."),
     user: Optional[str] = typer.Option(None, "--user", help="Run CMD as this user (name or uid) instead of root."),
+    netns: Optional[str] = typer.Option(None, "--netns", metavar="NAME", help="Run CMD in this network namespace: an `ip netns` name (/run/netns/NAME) or a namespace file (/proc/PID/ns/net). Entered before the capabilities are dropped, so it works in enforce mode, where CMD can no longer enter one itself (CAP_SYS_ADMIN is dropped)."),
     label: List[str] = typer.Option([], "--label", "-l", help="KEY=VALUE on every record's agent object (repeatable); wins over user.agenttrace.KEY xattrs on the cgroup."),
     fork_records: bool = typer.Option(False, "--fork-records/--no-fork-records", help="Send a fork record per new process, as before record schema 1.2 (off: the kernel keeps who forked whom, exec records carry it; on anyway when a rule matches kind fork). See docs/MIGRATION.md."),
-    drop_caps: str = typer.Option("auto", "--drop-caps", metavar="CAPS", help="Capabilities -- CMD loses before exec: auto (enforce mode: CAP_NET_RAW, so the kernel refuses packet and raw sockets with EPERM on every path; monitor mode: none), none, or a list such as net_raw,net_admin (applied in either mode)."),
+    drop_caps: str = typer.Option("auto", "--drop-caps", metavar="CAPS", help="Capabilities -- CMD loses before exec: auto (enforce mode: CAP_NET_RAW, so the kernel refuses packet and raw sockets with EPERM on every path, and what a root agent could turn against the tracer and its fences: CAP_SYS_ADMIN, CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN, CAP_SYS_MODULE, CAP_SYS_PTRACE, CAP_SYS_RAWIO; monitor mode: none), none, or a list such as net_raw,net_admin (applied in either mode)."),
 ):
     """Trace watched cgroups, or run CMD in a fresh agent cgroup and trace it."""
     from agenttrace.kernel.loader import ProbeError
@@ -184,6 +185,15 @@ def run(
             raise BadInput(f"--agent: '{agent}' is not a valid cgroup directory name")
         if user is not None and not cmd:
             raise BadInput("--user applies to -- CMD only")
+        if netns is not None and not cmd:
+            raise BadInput("--netns applies to -- CMD only")
+        netns_path = None
+        if netns is not None:
+            from agenttrace.session.isolation import resolve_netns
+            try:
+                netns_path = resolve_netns(netns)
+            except ValueError as e:
+                raise BadInput(str(e)) from None
         labels = _labels(label)
         if drop_caps != "auto" and not cmd:
             raise BadInput("--drop-caps applies to -- CMD only")
@@ -249,7 +259,7 @@ def run(
     try:
         if cmd:
             rc = run_command(make, cmd, agent or f"run-{os.getpid()}", flag, user=run_user,
-                             pin=mode == "enforce", drop_caps=opts.drop_caps, lock=held)
+                             pin=mode == "enforce", drop_caps=opts.drop_caps, lock=held, netns=netns_path)
             raise typer.Exit(rc)
         tracer = make(opts.cgroups)
 

@@ -80,6 +80,26 @@ def caps_for_fence(entries: Iterable) -> List[int]:
     return []
 
 
+# What a root agent could turn against the tracer or the kernel's fences, which `run -- CMD`
+# takes away in enforce mode with the fence's own (caps_for_enforce). The agent is an adversary
+# with root in the worst case: with CAP_SYS_ADMIN, CAP_BPF or CAP_NET_ADMIN it could detach or
+# replace the cgroup programs that hold the fences (they are pinned, and still one bpf(2) call
+# away), read the probes' maps, or mount and unshare its way around them; CAP_PERFMON opens
+# perf events and kprobes; CAP_SYS_MODULE loads code into the kernel; CAP_SYS_PTRACE attaches
+# to the tracer itself (without it, ptrace of a process holding more capabilities is refused
+# even for uid 0); CAP_SYS_RAWIO reads and writes /dev/mem and I/O ports. A container runtime's
+# default set leaves all seven out too, so a coding agent built to run in a container does not
+# need them; one that does (nsenter into a namespace, docker-in-docker) names what it loses
+# instead: `--drop-caps net_raw`.
+TAMPER_CAPS = tuple(CAPS[n] for n in ("sys_admin", "bpf", "perfmon", "net_admin", "sys_module",
+                                       "sys_ptrace", "sys_rawio"))
+
+
+def caps_for_enforce(entries: Iterable) -> List[int]:
+    """`--drop-caps auto` in enforce mode: the fence's capability and the tamper set."""
+    return caps_for_fence(entries) + [c for c in TAMPER_CAPS]
+
+
 class _CapHeader(ctypes.Structure):
     _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
 

@@ -43,16 +43,53 @@ def resolve_user(spec: str) -> RunUser:
     return RunUser(pw.pw_name, pw.pw_uid, pw.pw_gid, pw.pw_dir)
 
 
-def agent_preexec(procs_file: str, user: Optional[RunUser] = None, drop_caps: Iterable[int] = ()):
+CLONE_NEWNET = 0x40000000
+_NS_GET_NSTYPE = 0xB703          # uapi linux/nsfs.h _IO(0xb7, 0x3)
+
+
+def resolve_netns(spec: str) -> str:
+    """`--netns NAME` (an `ip netns` name, /run/netns/NAME) or a path to a namespace file
+    (/proc/PID/ns/net); ValueError naming the option when it is not a network namespace."""
+    path = spec if "/" in spec else f"/run/netns/{spec}"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise ValueError(f"--netns: no network namespace '{spec}' ({path}: {e.strerror})") from None
+    try:
+        import fcntl
+        try:
+            kind = fcntl.ioctl(fd, _NS_GET_NSTYPE)
+        except OSError:
+            kind = None
+        if kind != CLONE_NEWNET:
+            raise ValueError(f"--netns: '{spec}' ({path}) is not a network namespace")
+    finally:
+        os.close(fd)
+    return path
+
+
+def agent_preexec(procs_file: str, user: Optional[RunUser] = None, drop_caps: Iterable[int] = (),
+                  netns: Optional[str] = None):
     """What the forked child does before exec: join the agent cgroup (as root, so the exec
-    itself is traced), leave the tracer's session, give up `drop_caps` (while still root:
-    the bounding-set drop needs CAP_SETPCAP), then drop to `user`."""
+    itself is traced), leave the tracer's session, enter `netns` (before the capabilities go:
+    setns needs CAP_SYS_ADMIN, which enforce mode takes away), give up `drop_caps` (while
+    still root: the bounding-set drop needs CAP_SETPCAP), then drop to `user`."""
     caps = list(drop_caps)
 
     def preexec() -> None:
         with open(procs_file, "w") as f:
             f.write("0")
         os.setsid()
+        if netns is not None:
+            import ctypes
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if libc.setns(fd, CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"setns({netns}): {os.strerror(err)}")
+            finally:
+                os.close(fd)
         if caps:
             from agenttrace.session.capdrop import drop
             drop(caps)

@@ -94,13 +94,13 @@ def _remove_pin_dir(pin_dir: Path) -> None:
 
 
 def run_command(tracer_factory, cmd: list[str], agent_name: str, flag: StopFlag,
-                user=None, pin: bool = False, drop_caps=(), lock=None) -> int:
+                user=None, pin: bool = False, drop_caps=(), lock=None, netns=None) -> int:
     """Create <cgroup2>/agenttrace/<agent_name>, trace it, run cmd inside, return its code.
 
     The command runs in its own session (tracer/session/isolation.py), as `user` when given; with
     `pin` (enforce mode) the cgroup programs are pinned before it starts, so killing the
     tracer does not lift its enforcement. `drop_caps` are taken from the command before exec
-    (tracer/session/capdrop.py). Processes the command left behind (daemonised
+    (tracer/session/capdrop.py), after it entered `netns` (a namespace file) when given. Processes the command left behind (daemonised
     children) are killed with the cgroup when it exits: the agent's run is over and the
     cgroup must go."""
     from agenttrace.session import isolation as isolation
@@ -128,7 +128,7 @@ def run_command(tracer_factory, cmd: list[str], agent_name: str, flag: StopFlag,
         tracer.start()
         procs_file = str(path / "cgroup.procs")
         try:
-            child = subprocess.Popen(cmd, preexec_fn=isolation.agent_preexec(procs_file, user, drop_caps),
+            child = subprocess.Popen(cmd, preexec_fn=isolation.agent_preexec(procs_file, user, drop_caps, netns),
                                      env=isolation.user_env(user))
         except FileNotFoundError:
             raise CommandNotFound(cmd[0]) from None
