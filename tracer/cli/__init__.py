@@ -127,6 +127,16 @@ PACKET_HELP = ("Also fence packet, netlink, vsock... sockets (the families cgrou
 NOT_HELP = "Leave out the {} probes (on by default)."
 
 
+def _checked(resolve, value):
+    """resolve(value) for an option given, its ValueError as the option's bad input (exit 2)."""
+    if value is None:
+        return None
+    try:
+        return resolve(value)
+    except ValueError as e:
+        raise BadInput(str(e)) from None
+
+
 def _run_drop_caps(spec: str, mode: str, fence) -> list:
     from agenttrace.session.capdrop import CapError, caps_for_enforce, parse_caps
     if spec == "auto":
@@ -187,13 +197,6 @@ def run(
             raise BadInput("--user applies to -- CMD only")
         if netns is not None and not cmd:
             raise BadInput("--netns applies to -- CMD only")
-        netns_path = None
-        if netns is not None:
-            from agenttrace.session.isolation import resolve_netns
-            try:
-                netns_path = resolve_netns(netns)
-            except ValueError as e:
-                raise BadInput(str(e)) from None
         labels = _labels(label)
         if drop_caps != "auto" and not cmd:
             raise BadInput("--drop-caps applies to -- CMD only")
@@ -209,13 +212,9 @@ def run(
             except AgentInUse as e:
                 raise BadInput(str(e)) from None
             atexit.register(held.release)      # the paths that end before run_command does
-        run_user = None
-        if user is not None:
-            from agenttrace.session.isolation import resolve_user
-            try:
-                run_user = resolve_user(user)
-            except ValueError as e:
-                raise BadInput(str(e)) from None
+        from agenttrace.session.isolation import resolve_netns, resolve_user
+        run_user = _checked(resolve_user, user)
+        netns_path = _checked(resolve_netns, netns)
         egress = None
         if allow_egress:
             from agenttrace.kernel.egress import SpecError, fill_run_policy, run_policy_shell
