@@ -17,6 +17,10 @@
 struct at_path_key { char path[AT_PATH_MAX]; };
 struct at_name_key { char name[AT_COMM_LEN]; };
 BPF_HASH(kill_paths, struct at_path_key, u32, 1024);
+/* [0]: 1 while kill_paths may hold an entry (tracer/kernel/maps.py sets it before the first and
+ * clears it after the last is gone). Hashing the 256-byte key costs ~100 ns hot, more cold, for
+ * every exec in scope, and the default pack names no exec path: an empty map is not asked. */
+BPF_ARRAY(kill_paths_on, u32, 1);
 BPF_HASH(kill_names, struct at_name_key, u32, 1024);
 /* Basenames (as comm: first 15 bytes) that any rule's exec match names, kill or not: their
  * exec records are what userspace-decided rules act on (e.g. ssh with forwarding flags), so
@@ -220,7 +224,10 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 	}
 
 	/* Kernel-side kill: the exec is stopped before the new image runs a single instruction. */
-	u32 *pid_kill = kill_paths.lookup((struct at_path_key *)e->filename);
+	u32 *pid_kill = 0;
+	u32 *paths_on = kill_paths_on.lookup(&zero);
+	if (paths_on && *paths_on)
+		pid_kill = kill_paths.lookup((struct at_path_key *)e->filename);
 	if (!pid_kill)
 		pid_kill = kill_names.lookup((struct at_name_key *)e->h.comm);
 	if (pid_kill) {
