@@ -101,7 +101,10 @@ static __always_inline void at_esc_forked(u64 cg, u64 agent, void *child, u32 ct
 /* any process's exit, in scope or not (one moved out by another writer is still a member) */
 static __always_inline void at_esc_exited(u32 tgid)
 {
-	agent_tasks.delete(&tgid);
+	/* a look-up first: nearly every exit on the machine has no entry, and a delete takes the
+	 * bucket's lock even when there is nothing to delete */
+	if (agent_tasks.lookup(&tgid))
+		agent_tasks.delete(&tgid);
 }
 
 /* Every exec on the machine, inside a watched subtree or not (`inside`, `agent`: at_scope's

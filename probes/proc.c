@@ -17,6 +17,10 @@
 struct at_path_key { char path[AT_PATH_MAX]; };
 struct at_name_key { char name[AT_COMM_LEN]; };
 BPF_HASH(kill_paths, struct at_path_key, u32, 1024);
+/* [0]: 1 while kill_paths may hold an entry (tracer/kernel/maps.py sets it before the first and
+ * clears it after the last is gone). Hashing the 256-byte key costs ~100 ns hot, more cold, for
+ * every exec in scope, and the default pack names no exec path: an empty map is not asked. */
+BPF_ARRAY(kill_paths_on, u32, 1);
 BPF_HASH(kill_names, struct at_name_key, u32, 1024);
 /* Basenames (as comm: first 15 bytes) that any rule's exec match names, kill or not: their
  * exec records are what userspace-decided rules act on (e.g. ssh with forwarding flags), so
@@ -25,16 +29,42 @@ BPF_HASH(exec_watch, struct at_name_key, u32, 4096);
 
 /* Where only root installs programs (/usr/..., /bin/..., /sbin/..., as the exec named them):
  * an agent's renamed copy of a tool lands elsewhere unless it runs as root. ld.so (/lib...) is
- * not one of them: `ld.so PROGRAM` runs whatever PROGRAM is. */
+ * not one of them: `ld.so PROGRAM` runs whatever PROGRAM is. The kernel's copy of the path is
+ * the one the exec passed, not resolved: `/usr/../tmp/x` starts with /usr/ and is not there, so
+ * a path with a `.` or `..` component or an empty one (`//`) is not taken for a system path.
+ * Only paths that pass the prefix test are scanned, one byte a step up to the NUL (the bytes
+ * before it kept in three registers, so each step reads one byte and the verifier one bound);
+ * a path that fills AT_PATH_MAX without a NUL is not taken either. */
+static __always_inline int at_path_plain(const char *f)
+{
+	char c1 = 0, c2 = 0, c3 = 0;   /* the bytes before f[i], nearest first */
+	for (int i = 0; i < AT_PATH_MAX; i++) {
+		char c = f[i];
+		if (c == '/' || c == 0) {
+			/* the component that ends here: empty, `.` or `..` */
+			if (c1 == '/' || (c1 == '.' && (c2 == '/' || (c2 == '.' && c3 == '/'))))
+				return 0;
+			if (c == 0)
+				return 1;
+		}
+		c3 = c2;
+		c2 = c1;
+		c1 = c;
+	}
+	return 0;
+}
+
 static __always_inline int at_system_path(const char *f)
 {
 	if (f[0] != '/')
 		return 0;
 	if (f[1] == 'u' && f[2] == 's' && f[3] == 'r' && f[4] == '/')
-		return 1;
+		return at_path_plain(f);
 	if (f[1] == 'b' && f[2] == 'i' && f[3] == 'n' && f[4] == '/')
-		return 1;
-	return f[1] == 's' && f[2] == 'b' && f[3] == 'i' && f[4] == 'n' && f[5] == '/';
+		return at_path_plain(f);
+	if (f[1] == 's' && f[2] == 'b' && f[3] == 'i' && f[4] == 'n' && f[5] == '/')
+		return at_path_plain(f);
+	return 0;
 }
 
 /* The exec record is ~4.4 KiB, over the 512-byte BPF stack: build it in per-CPU scratch and
@@ -194,7 +224,10 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 	}
 
 	/* Kernel-side kill: the exec is stopped before the new image runs a single instruction. */
-	u32 *pid_kill = kill_paths.lookup((struct at_path_key *)e->filename);
+	u32 *pid_kill = 0;
+	u32 *paths_on = kill_paths_on.lookup(&zero);
+	if (paths_on && *paths_on)
+		pid_kill = kill_paths.lookup((struct at_path_key *)e->filename);
 	if (!pid_kill)
 		pid_kill = kill_names.lookup((struct at_name_key *)e->h.comm);
 	if (pid_kill) {

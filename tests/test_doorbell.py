@@ -177,3 +177,33 @@ def test_rings_in_a_row_raise_the_floor_to_the_late_gap():
     assert floors == [10, 15, 15, 15] and r.bell_rings == 4
     r._bell = (_Ready(False), None, None)
     assert not r._wait_gap(0.0)     # a gap with no ring: poll() puts the floor back
+
+
+@pytest.mark.parametrize("how", ["dotdot", "dot", "slashes", "plain"])
+def test_exec_path_through_dot_components_rings_the_late_bell(agent_tree, tmp_path, how):
+    """The exec path the kernel holds is the one the exec named, not resolved: `/usr/../tmp/x`
+    starts with /usr/ but is not there. `agenttrace run` as the README shows; the stopped record's
+    stages.doorbell_late counts the rings. A path with a `..`, `.` or empty component rings the
+    late bell; the same program named plainly in /usr does not."""
+    import shutil
+    copy = tmp_path / "upd"
+    shutil.copy("/bin/true", copy)
+    exe = {"dotdot": "/usr/.." + str(copy), "dot": "/usr/./bin/true", "slashes": "/usr//bin/true",
+           "plain": "/usr/bin/true"}[how]
+    a = agent_tree.agent("dots")
+    out = tmp_path / "out.jsonl"
+    rel = "/" + os.path.relpath(agent_tree.root, "/sys/fs/cgroup/unified")
+    tracer = subprocess.Popen([AGENTTRACE, "run", "--cgroup", rel, "--mode", "monitor", "--no-net",
+                               "--output", str(out)], stderr=subprocess.PIPE)
+    try:
+        assert wait_until(lambda: out.exists() and '"phase":"started"' in out.read_text(), 60), tracer.stderr
+        assert agent_tree.run(a, [exe]).returncode == 0
+        assert wait_until(lambda: any('"kind":"exec"' in line and json.loads(line)["proc"]["exe"] == exe
+                                      for line in out.read_text().splitlines()), 30)
+    finally:
+        tracer.send_signal(signal.SIGINT)
+        _, err = tracer.communicate(timeout=60)
+    assert tracer.returncode == 0, err.decode(errors="replace")[-2000:]
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    stopped = next(x for x in recs if x.get("phase") == "stopped")
+    assert stopped["stages"]["doorbell_late"]["rung"] == (0 if how == "plain" else 1)

@@ -263,6 +263,11 @@ class PolicyWriter:
     def _exec(self, kp: KernelPolicy) -> None:
         paths, names = self.probes["kill_paths"], self.probes["kill_names"]
         want_p, want_n = set(), set()
+        # kill_paths_on (probes/proc.c): on before the first path goes in, off only once the
+        # last is out, so no path is ever in the map unasked
+        any_path = any(e.match == EXEC_MATCH_PATH for e in kp.exec_kill)
+        if any_path:
+            self._kill_paths_on(1)
         for e in kp.exec_kill:
             if e.match == EXEC_MATCH_PATH:
                 if len(e.value) >= PATH_MAX:
@@ -281,6 +286,13 @@ class PolicyWriter:
                 want_n.add(bytes(k))
         self._delete_stale(paths, want_p)
         self._delete_stale(names, want_n)
+        if not any_path:
+            self._kill_paths_on(0)
+
+    def _kill_paths_on(self, on: int) -> None:
+        if self._has("kill_paths_on"):
+            t = self.probes["kill_paths_on"]
+            t[t.Key(0)] = t.Leaf(on)
 
     # --- files -----------------------------------------------------------------------
     def _files(self, kp: KernelPolicy) -> None:
