@@ -46,7 +46,8 @@ MODULES = [
 # annotation_typing off: an annotation stays documentation, as in CPython (Cython would otherwise
 # turn `x: float` into a C double and refuse None or an int subclass): same behaviour, both paths.
 DIRECTIVES = {"language_level": 3, "annotation_typing": False, "binding": True}
-# -O1: the generated code is calls into the C API; -O2 builds ~40% slower for no gain measured.
+# -O1: the generated code is mostly calls into the C API, and the build must stay short (CI runs
+# setup on 2 cores); -O2 was not measured against it (bench/profiles/hnative.md).
 CFLAGS = ["-O1", "-g0", "-fPIC", "-fwrapv", "-fno-strict-aliasing", "-DNDEBUG", "-w"]
 
 
