@@ -11,7 +11,7 @@ demo:
 
 test:
 	scripts/setup.sh --test --bench
-	AGENTTRACE_REQUIRE_BPF=1 $(VENV)/bin/python -m pytest -q -ra --durations=15 tests
+	AGENTTRACE_REQUIRE_BPF=1 AGENTTRACE_REQUIRE_NATIVE=1 $(VENV)/bin/python -m pytest -q -ra --durations=15 tests
 
 # BENCH_ARGS: more options, e.g. BENCH_ARGS="--before /work/wt-before/.venv/bin/agenttrace" for
 # before/after in one run (bench/README.md). Writes bench/out/.

@@ -9,7 +9,8 @@
 # The venv is built under a staging root and moved into place by rewriting the staging path
 # out of every text file that names it (scripts' #! lines, pyvenv.cfg, pip's records); the
 # interpreter link stays /usr/bin/python3, hence the python3 (>= 3.11, << 3.12) dependency:
-# the compiled wheels inside are for that minor version.
+# the compiled wheels inside are for that minor version. Building needs gcc and python3-dev
+# (the compiled pipeline modules; scripts/setup.sh installs both).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${DEB_OUT:-$ROOT/build}
@@ -66,6 +67,19 @@ fi
 if [ ${#BUILD_OPTS[@]} = 0 ]; then
   "${PIP[@]}" uninstall -q -y pip setuptools >/dev/null 2>&1 || true
 fi
+# The compiled pipeline modules (scripts/build_native.py) into the package's venv, where
+# tracer/native.py looks (sys.prefix/lib/agenttrace-native). Built by a Python that has Cython:
+# this checkout's venv (its build is copied when it matches these sources), else Cython
+# fetched into the work folder. Same /usr/bin/python3, so the same ABI.
+say "compiling the hot modules (Cython)"
+NPY=${AGENTTRACE_VENV_DIR:-$ROOT/.venv}/bin/python
+NPATH=
+if ! "$NPY" -c 'import Cython' 2>/dev/null; then
+  NPY=$PY; NPATH=$WORK/cython
+  "$PY" -m pip install -q --disable-pip-version-check --target "$NPATH" "cython>=3.0,<4" >/dev/null
+fi
+PYTHONPATH=$NPATH "$NPY" "$WORK/src/scripts/build_native.py" --out "$STAGE$PREFIX/lib/agenttrace-native" \
+  --reuse "$(dirname "$(dirname "$NPY")")/lib/agenttrace-native"
 find "$STAGE$PREFIX" -name __pycache__ -prune -exec rm -rf {} +
 grep -rlIF "$STAGE" "$STAGE$PREFIX" | while IFS= read -r f; do sed -i "s|$STAGE||g" "$f"; done
 if grep -rqIF "$STAGE" "$STAGE$PREFIX"; then echo "deb: the staging path is still named in the venv" >&2; exit 1; fi

@@ -20,7 +20,8 @@ say() { echo "setup: $*" >&2; }
 [ "$(id -u)" = 0 ] || { echo "setup.sh: must run as root (eBPF, cgroups and apt need it)" >&2; exit 2; }
 command -v apt-get >/dev/null || { echo "setup.sh: needs a Debian or Ubuntu machine (apt-get not found)" >&2; exit 2; }
 
-pkgs=(python3-bpfcc libbpfcc python3-venv python3-pip iproute2 ca-certificates)
+# gcc + python3-dev: the compiled pipeline modules (scripts/build_native.py)
+pkgs=(python3-bpfcc libbpfcc python3-venv python3-pip iproute2 ca-certificates gcc python3-dev)
 [ $WANT_TEST = 1 ] && pkgs+=(openssh-server openssh-client git gcc make procps util-linux systemd dnsutils chromium rsyslog openssl)
 [ $WANT_BENCH = 1 ] && pkgs+=(bpftrace auditd gcc make)
 
@@ -93,6 +94,15 @@ if ! grep -qxF "$want" "$stamp" 2>/dev/null; then
   "$VENV/bin/pip" install -q --disable-pip-version-check -e ".${extras:+[$extras]}"
   echo "$want" >> "$stamp"
 fi
+# The hot pipeline modules compiled with Cython, outside the tree ($VENV/lib/agenttrace-native);
+# skipped when its manifest matches the sources. A failed build is not fatal: the tracer runs
+# the same .py files pure (slower per record; `agenttrace doctor` says so).
+CYTHON_REQ="cython>=3.0,<4"
+if ! "$VENV/bin/python" -c 'import Cython, sys; sys.exit(int(Cython.__version__.split(".")[0]) < 3)' 2>/dev/null; then
+  say "installing $CYTHON_REQ into $VENV"
+  "$VENV/bin/pip" install -q --disable-pip-version-check "$CYTHON_REQ"
+fi
+"$VENV/bin/python" scripts/build_native.py || say "WARNING: compiled modules not built; agenttrace runs pure Python"
 # Bytecode for the package's own (editable) sources: where PYTHONDONTWRITEBYTECODE is set,
 # as in some CI images, every agenttrace start would otherwise compile ~100 modules again
 # (~0.3 s of its start-up). Stale files are simply recompiled in memory by the interpreter.

@@ -59,6 +59,12 @@ def test_deb_install_doctor_verify_purge(tmp_path, clean_machine):
     assert sh("/usr/bin/agenttrace", "--version", cwd="/").stdout.startswith("agenttrace ")
     doc = sh("/usr/bin/agenttrace", "doctor", cwd="/")
     assert "all required checks passed" in doc.stdout
+    # the package's venv holds the compiled pipeline modules, and they are what it loads
+    assert "./opt/agenttrace/lib/agenttrace-native/manifest.json" in files
+    assert "[ok  ] compiled pipeline modules: " in doc.stdout, doc.stdout
+    so = sh("/opt/agenttrace/bin/python", "-c", "import agenttrace.session.pipeline as p; print(p.__file__)",
+            cwd="/").stdout.strip()
+    assert so.startswith("/opt/agenttrace/lib/agenttrace-native/") and so.endswith(".so"), so
     unit = Path("/lib/systemd/system/agenttrace.service")
     assert "ExecStart=/opt/agenttrace/bin/agenttrace daemon" in unit.read_text()
     r = sh("systemd-analyze", "verify", "--man=no", unit, check=False, env={**os.environ, "SYSTEMD_LOG_COLOR": "0"})

@@ -28,6 +28,11 @@ def _print_version(value: bool) -> None:
 def _main(version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
                                        help="Print the version and exit.")) -> None:
     """agenttrace: eBPF tracing and policy for AI-agent processes."""
+    from agenttrace import native
+    try:
+        native.check_required()
+    except native.NativeError as e:
+        raise fail(str(e)) from None
 
 
 def color_default() -> bool:

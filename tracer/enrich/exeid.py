@@ -26,6 +26,7 @@ import os
 import re
 import stat
 import struct
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -80,7 +81,8 @@ class Signature:
 
 def load_signatures(path: Optional[os.PathLike] = None) -> List[Signature]:
     """Signatures from YAML; a bad file raises ValueError naming the file, entry and field."""
-    p = Path(path) if path else Path(__file__).with_name("identities.yaml")
+    # the package's folder, not __file__'s: compiled (tracer/native.py), __file__ is the .so's
+    p = Path(path) if path else Path(sys.modules[__package__].__file__).with_name("identities.yaml")
     data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     out = []
     for i, e in enumerate(data.get("identities") or []):

@@ -45,6 +45,21 @@ def run_checks(out) -> bool:
     except ImportError:
         good &= _check(out, False, "BCC python module", "apt-get install python3-bpfcc; create the venv with --system-site-packages")
 
+    from agenttrace import native
+    import importlib
+    st = native.status()
+    if st["enabled"]:
+        for m in st.get("not_imported", []):
+            importlib.import_module(m)
+        st = native.status()
+        stale = st.get("stale", {})
+        _check(out, not stale, f"compiled pipeline modules: {len(st['loaded'])} loaded from {native.native_dir()}"
+               + (f"; pure Python (stale): {', '.join(f'{m} ({w})' for m, w in stale.items())}" if stale else ""),
+               "run scripts/build_native.py (or scripts/setup.sh) after editing a module", required=False)
+    else:
+        _check(out, False, f"compiled pipeline modules: none ({st.get('reason')}); pure Python, slower per record",
+               "run scripts/setup.sh (or scripts/build_native.py)", required=False)
+
     from agenttrace.kernel.loader import TRACEFS
     tr = (TRACEFS / "events").is_dir() or Path("/sys/kernel/debug/tracing/events").is_dir()
     _check(out, tr, "tracefs mounted", "mount -t tracefs tracefs /sys/kernel/tracing (agenttrace mounts it itself when root)", required=False)

@@ -163,8 +163,10 @@ def from_config(cfg) -> SessionOptions:
 def describe(tracer) -> dict:
     """What `lifecycle/started` says is active: probes, features, rules, mode, enforcement."""
     e = tracer.engine
+    from agenttrace import native
     out: Dict[str, Any] = {"features": list(tracer.opts.features),
-                           "fork_records": bool(getattr(tracer, "fork_records", False))}
+                           "fork_records": bool(getattr(tracer, "fork_records", False)),
+                           "native": native.status()}
     if getattr(tracer.opts, "node_subnets", None):
         out["node_subnets"] = list(tracer.opts.node_subnets)
     fence = getattr(tracer.opts, "sock_fence", None)

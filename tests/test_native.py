@@ -1,0 +1,130 @@
+"""The compiled pipeline modules (scripts/build_native.py, tracer/native.py): `agenttrace run`
+says which modules run compiled; a module whose source no longer matches the build loads pure
+(never old code) and says so; AGENTTRACE_REQUIRE_NATIVE=1 refuses to start without the build;
+the golden records are the same bytes on both paths."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+
+from conftest import AGENTTRACE
+
+TESTS = Path(__file__).resolve().parent
+# what every record passes through: `run` imports these before its `started` record
+CORE = {"agenttrace.kernel.ringbuf", "agenttrace.enrich.enricher", "agenttrace.enrich.proctable",
+        "agenttrace.session.pipeline", "agenttrace.sinks.outputs"}
+
+
+@pytest.fixture
+def build() -> Path:
+    """The venv's native build (setup.sh makes it); required when AGENTTRACE_REQUIRE_NATIVE=1."""
+    from agenttrace import native
+    d = Path(native.native_dir())
+    if not (d / "manifest.json").is_file():
+        msg = f"no native build at {d} (scripts/build_native.py)"
+        if os.environ.get("AGENTTRACE_REQUIRE_NATIVE") == "1":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return d
+
+
+def _env(**kw) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTTRACE_NATIVE")
+           and k != "AGENTTRACE_REQUIRE_NATIVE"}
+    env.update(kw)
+    return env
+
+
+def _run_true(env) -> tuple[subprocess.CompletedProcess, dict | None]:
+    r = subprocess.run([AGENTTRACE, "run", "--", "/bin/true"], capture_output=True, env=env, timeout=120)
+    started = None
+    for line in r.stdout.splitlines():
+        rec = orjson.loads(line)
+        if rec.get("kind") == "lifecycle" and rec.get("phase") == "started":
+            started = rec
+    return r, started
+
+
+def test_started_record_lists_the_compiled_modules(require_bpf, build):
+    manifest = json.loads((build / "manifest.json").read_text())
+    r, started = _run_true(_env())
+    assert r.returncode == 0, r.stderr.decode()
+    assert started is not None, r.stdout.decode()[-2000:]
+    nat = started["native"]
+    assert nat["enabled"] is True
+    assert CORE <= set(nat["loaded"]) <= set(manifest["modules"]), nat
+    assert "stale" not in nat, nat
+
+    r, started = _run_true(_env(AGENTTRACE_NATIVE="0"))
+    assert r.returncode == 0, r.stderr.decode()
+    assert started["native"] == {"enabled": False, "loaded": [], "reason": "AGENTTRACE_NATIVE=0"}
+
+
+def test_a_source_edited_after_the_build_loads_pure_and_says_so(require_bpf, build, tmp_path):
+    # the build as it is, with one module's recorded source hash no longer that of its .py
+    # (what editing render.py after setup amounts to)
+    d = tmp_path / "native"
+    shutil.copytree(build, d)
+    m = json.loads((d / "manifest.json").read_text())
+    m["modules"]["agenttrace.sinks.render"]["source_sha256"] = "0" * 64
+    (d / "manifest.json").write_text(json.dumps(m))
+    r, started = _run_true(_env(AGENTTRACE_NATIVE_DIR=str(d)))
+    assert r.returncode == 0, r.stderr.decode()
+    nat = started["native"]
+    assert nat["stale"] == {"agenttrace.sinks.render": "source changed since the build"}, nat
+    assert "agenttrace.sinks.render" not in nat["loaded"]
+    assert CORE <= set(nat["loaded"]), nat          # the others still run compiled
+
+    # and with the REQUIRE flag that is an error at start, naming the module
+    r, started = _run_true(_env(AGENTTRACE_NATIVE_DIR=str(d), AGENTTRACE_REQUIRE_NATIVE="1"))
+    assert r.returncode == 2, (r.returncode, r.stderr.decode())
+    assert started is None
+    assert b"agenttrace.sinks.render (source changed since the build)" in r.stderr, r.stderr.decode()
+
+
+def test_require_native_without_a_build_exits_2(require_bpf, tmp_path):
+    r, started = _run_true(_env(AGENTTRACE_NATIVE_DIR=str(tmp_path / "none"), AGENTTRACE_REQUIRE_NATIVE="1"))
+    assert r.returncode == 2, (r.returncode, r.stderr.decode())
+    assert started is None
+    err = r.stderr.decode()
+    assert "AGENTTRACE_REQUIRE_NATIVE=1" in err and "no native build" in err and "build_native.py" in err, err
+    assert "Traceback" not in err, err
+    # without the flag the same missing build is pure Python, and says why
+    r, started = _run_true(_env(AGENTTRACE_NATIVE_DIR=str(tmp_path / "none")))
+    assert r.returncode == 0, r.stderr.decode()
+    assert started["native"]["loaded"] == [] and "no native build" in started["native"]["reason"]
+
+
+_GOLDEN = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import pipeline_golden as G, test_pipeline_golden as T
+from agenttrace import native
+out = {}
+for fmt, path in (("json", G.GOLDEN_JSON), ("ocsf", G.GOLDEN_OCSF)):
+    out[fmt] = b"".join(G.run(fmt)) == T._golden(path)
+out["native"] = native.status()
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("native_on", [True, False], ids=["compiled", "pure"])
+def test_golden_records_on_both_paths(native_on, build):
+    env = _env() if native_on else _env(AGENTTRACE_NATIVE="0")
+    r = subprocess.run([sys.executable, "-c", _GOLDEN, str(TESTS)], capture_output=True, env=env,
+                       timeout=300, cwd=TESTS)
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    out = json.loads(r.stdout.decode().splitlines()[-1])
+    assert out["json"] and out["ocsf"], out
+    if native_on:
+        assert {"agenttrace.session.pipeline", "agenttrace.enrich.enricher", "agenttrace.match.engine",
+                "agenttrace.sinks.outputs"} <= set(out["native"]["loaded"]), out["native"]
+    else:
+        assert out["native"]["loaded"] == [], out["native"]
