@@ -78,8 +78,11 @@ def _top_self(result, n: int = 4) -> str:
     top = prof.get("top_self") or []
     if not top:
         return ""
+    blind = prof.get("compiled_modules") or []
     return ("; py-spy of the exec storm, most self time: "
-            + ", ".join(f"{t['function']} {t['pct']}%" for t in top[:n]))
+            + ", ".join(f"{t['function']} {t['pct']}%" for t in top[:n])
+            + (f" ({len(blind)} compiled modules are invisible to py-spy: their time is counted on the "
+               "Python frame that calls them)" if blind else ""))
 
 
 def goals(result: dict) -> list:

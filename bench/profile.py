@@ -78,6 +78,9 @@ def profile_agenttrace(mode: str, cg, work: Path, gens: dict, size: dict, build:
     spy = None
     try:
         tracer.start(cg, work, gens)
+        # py-spy walks Python frames only: a module compiled by scripts/build_native.py shows no
+        # frame of its own, and its time lands on the Python function that called into it
+        result["compiled_modules"] = list(((tracer.started or {}).get("native") or {}).get("loaded") or [])
         pids = tracer.pids()
         b0 = sysinfo.bpf_prog_stats(pids)
         with open(work / f"py-spy-{build}-{mode}.stderr", "wb") as err:

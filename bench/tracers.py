@@ -368,7 +368,7 @@ class Agenttrace(_TapTracer):
             started = self._find_lifecycle("started")
             if started is not None:
                 self.startup_s = (started[0] - t0_wall) / 1e9
-                self.started = {k: started[1].get(k) for k in ("probes", "startup_ms", "version", "watched", "probe_cache")
+                self.started = {k: started[1].get(k) for k in ("probes", "startup_ms", "version", "watched", "probe_cache", "native")
                                 if k in started[1]}
                 self._settle()
                 return

@@ -281,3 +281,16 @@ def test_startup_goal_says_the_first_compiling_start_apart():
     g = {g["id"]: g for g in report.goals(res)}["startup"]
     assert g["status"] == "met" and g["value"] == 0.6
     assert "agenttrace-enforce 3.71 s (probe cache compiled)" in g["detail"] and "not counted" in g["detail"]
+
+
+def test_profile_cause_says_compiled_modules_are_not_seen():
+    # py-spy sees Python frames only; with the hot modules compiled, the exec-storm profile's
+    # "most self time" names their Python caller, and the cause must say so
+    from bench import report
+    res = _synthetic_result()
+    res["profile"]["after"]["compiled_modules"] = ["agenttrace.enrich.enricher", "agenttrace.match.engine"]
+    g = {g["id"]: g for g in report.goals(res)}["cpu_per_exec"]
+    assert "2 compiled modules are invisible to py-spy" in g["cause"]
+    res["profile"]["after"]["compiled_modules"] = []
+    g = {g["id"]: g for g in report.goals(res)}["cpu_per_exec"]
+    assert "invisible" not in g["cause"]
