@@ -24,7 +24,10 @@ def start(name, root):
     env = dict(os.environ)
     env["AGENTTRACE_NATIVE"] = "0" if name == "pure" else "1"
     env["AGENTTRACE_REQUIRE_NATIVE"] = "1" if name == "native" else "0"
-    exe = os.path.join(os.path.dirname(sys.executable), "agenttrace")
+    # BEFORE_EXE=PATH adds a third side, `before`: another build's agenttrace (the session's start)
+    exe = os.environ["BEFORE_EXE"] if name == "before" else os.path.join(os.path.dirname(sys.executable), "agenttrace")
+    if name == "before":
+        env.pop("AGENTTRACE_REQUIRE_NATIVE")
     p = subprocess.Popen([exe, "run", "--cgroup", root, "--mode", mode], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
     buf = b""; t0 = time.time()
     while b'"phase":"started"' not in buf and time.time() - t0 < 60:
