@@ -96,15 +96,10 @@ def read_jsonl(path: Path) -> list[dict]:
     """The complete lines of a JSON-lines file another process is still writing."""
     if not path.exists():
         return []
-    out = []
-    for line in path.read_bytes().splitlines():
-        if not line.strip():
-            continue
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            pass            # the line being written
-    return out
+    data = path.read_bytes()
+    # what follows the last newline is the line being written (a reader can see part of a
+    # write in progress); every line before it is whole, and one that does not parse is a bug
+    return [json.loads(line) for line in data[:data.rfind(b"\n") + 1].splitlines() if line.strip()]
 
 
 def connect_errno(tree, cg, port: int) -> int:
@@ -182,9 +177,7 @@ class Daemon:
         return self.proc.stderr.read().decode(errors="replace")
 
     def records(self):
-        if not self.out.exists():
-            return []
-        return [orjson.loads(l) for l in self.out.read_bytes().splitlines() if l.strip()]
+        return read_jsonl(self.out)     # whole lines only: the daemon is still writing
 
     def wait_record(self, pred, timeout=30):
         return wait_until(lambda: [r for r in self.records() if pred(r)], timeout) or []
