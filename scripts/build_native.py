@@ -63,12 +63,26 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def pxd_of(mod: str) -> Path:
+    """The optional augmenting declarations beside the source (C types for the compiled build
+    only: the .py stays the pure fallback, bench/profiles/htyped.md)."""
+    return source_of(mod).with_suffix(".pxd")
+
+
+def entry(mod: str) -> dict:
+    e = {"source_sha256": sha256(source_of(mod)),
+         "file": "/".join(mod.split(".")) + sysconfig.get_config_var("EXT_SUFFIX")}
+    pxd = pxd_of(mod)
+    if pxd.is_file():
+        # not checked at load (the .so is the .py compiled either way); a changed .pxd rebuilds
+        e["pxd_sha256"] = sha256(pxd)
+    return e
+
+
 def want_manifest(cython_version: str) -> dict:
     return {"python": sys.implementation.cache_tag, "ext_suffix": sysconfig.get_config_var("EXT_SUFFIX"),
             "cython": cython_version, "cflags": CFLAGS,
-            "modules": {m: {"source_sha256": sha256(source_of(m)),
-                            "file": "/".join(m.split(".")) + sysconfig.get_config_var("EXT_SUFFIX")}
-                        for m in MODULES}}
+            "modules": {m: entry(m) for m in MODULES}}
 
 
 def up_to_date(out: Path, want: dict) -> bool:
@@ -83,7 +97,10 @@ def up_to_date(out: Path, want: dict) -> bool:
 
 def build_one(mod: str, tmp: Path, out_file: Path, include: str) -> str:
     c = tmp / (mod + ".c")
-    cmd = [sys.executable, "-m", "cython", "-3", "--module-name", mod, "-o", str(c), str(source_of(mod))]
+    # compiled through tmp/agenttrace -> tracer, so Cython finds each module's .pxd (and one
+    # module's cimport of another's) by its package name, as it is imported
+    src = tmp.joinpath("agenttrace", *mod.split(".")[1:]).with_suffix(".py")
+    cmd = [sys.executable, "-m", "cython", "-3", "-I", str(tmp), "--module-name", mod, "-o", str(c), str(src)]
     for k, v in DIRECTIVES.items():
         cmd += ["-X", f"{k}={v}"]
     r = subprocess.run(cmd, capture_output=True, text=True)
@@ -130,6 +147,7 @@ def main(argv=None) -> int:
     # the old manifest goes first: a build cut short leaves no manifest, so nothing loads
     (out / "manifest.json").unlink(missing_ok=True)
     with tempfile.TemporaryDirectory(prefix="agenttrace-native-") as tmp:
+        os.symlink(ROOT / "tracer", Path(tmp) / "agenttrace")
         with cf.ThreadPoolExecutor(max(1, a.jobs)) as ex:
             futs = [ex.submit(build_one, m, Path(tmp), out / want["modules"][m]["file"], include)
                     for m in MODULES]

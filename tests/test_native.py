@@ -128,3 +128,46 @@ def test_golden_records_on_both_paths(native_on, build):
                 "agenttrace.sinks.outputs"} <= set(out["native"]["loaded"]), out["native"]
     else:
         assert out["native"]["loaded"] == [], out["native"]
+
+
+def test_a_pxd_beside_a_module_is_compiled_in_and_rebuilds_when_it_changes(tmp_path, monkeypatch):
+    # typed declarations for the compiled build only live in <module>.pxd beside the .py: the
+    # manifest carries the .pxd's hash, so editing one rebuilds (and Cython must find it by the
+    # package name the module is imported as, not the tree's folder name `tracer`)
+    sys.path.insert(0, str(TESTS.parent / "scripts"))
+    try:
+        import build_native as B
+    finally:
+        sys.path.pop(0)
+    tree = tmp_path / "src"
+    shutil.copytree(TESTS.parent / "tracer", tree / "tracer", ignore=shutil.ignore_patterns("__pycache__", "*.pxd"))
+    monkeypatch.setattr(B, "ROOT", tree)
+    mod = "agenttrace.enrich.decodecache"
+    assert "pxd_sha256" not in B.entry(mod)
+    pxd = tree / "tracer" / "enrich" / "decodecache.pxd"
+    pxd.write_text("cdef class DecodeCache:\n    cdef dict _argv\n    cdef dict _text\n")
+    first = B.entry(mod)
+    assert first["pxd_sha256"] == B.sha256(pxd)
+    pxd.write_text("cdef class DecodeCache:\n    cdef dict _argv\n    cdef public dict _text\n")
+    assert B.entry(mod)["pxd_sha256"] != first["pxd_sha256"]
+    # compiled with it: `_argv` is a C field Python cannot see, `_text` the public one
+    if shutil.which("gcc") is None:
+        pytest.skip("no C compiler")
+    pytest.importorskip("Cython")
+    import sysconfig
+    out = tmp_path / "decodecache.so"
+    B.build_one(mod, _linked(tmp_path / "build", tree), out, sysconfig.get_paths()["include"])
+    probe = subprocess.run([sys.executable, "-c", (
+        "import importlib.machinery as M, importlib.util as U, sys\n"
+        f"spec = U.spec_from_file_location({mod!r}, {str(out)!r}, loader=M.ExtensionFileLoader({mod!r}, {str(out)!r}))\n"
+        "m = U.module_from_spec(spec); spec.loader.exec_module(m)\n"
+        "c = m.DecodeCache(); print(type(c._text).__name__, hasattr(c, '_argv'))")],
+        capture_output=True, text=True, timeout=60)
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.split() == ["dict", "False"], probe.stdout
+
+
+def _linked(tmp: Path, tree: Path) -> Path:
+    tmp.mkdir()
+    os.symlink(tree / "tracer", tmp / "agenttrace")
+    return tmp
