@@ -308,21 +308,44 @@ def kill_and_remove(path: Path, timeout: float = 10.0) -> None:
 
 
 class TempCgroup:
-    """A cgroup this process creates and must remove (run -- CMD, tests)."""
+    """A cgroup this process creates and must remove (run -- CMD, tests).
 
-    def __init__(self, rel: str):
+    `shared_parents`: how many of its ancestors are a folder concurrent users share (every `run`
+    makes <cgroup2>/agenttrace/<agent>): made if missing, tolerating another user making or
+    removing it at the same moment, and removed on the way out when empty, whoever made it — the
+    last run out takes it, instead of the first one in leaving it for good."""
+
+    def __init__(self, rel: str, shared_parents: int = 0):
         self.path = cgroup2_mount() / rel.lstrip("/")
         self.created: list[Path] = []
+        self.shared = [self.path.parents[i] for i in range(shared_parents)]
 
     def create(self) -> Path:
+        for attempt in range(50):
+            try:
+                return self._create()
+            except FileNotFoundError:
+                # a shared parent was removed (empty) by another user between our mkdirs
+                if attempt == 49 or not self.shared:
+                    raise
+                time.sleep(0.01)
+        raise AssertionError("unreachable")
+
+    def _create(self) -> Path:
         missing = []
         p = self.path
         while not p.exists():
             missing.append(p)
             p = p.parent
         for d in reversed(missing):
-            d.mkdir()
-            self.created.append(d)
+            try:
+                d.mkdir()
+            except FileExistsError:
+                if d == self.path or d not in self.shared:
+                    raise
+                continue        # another user made the shared parent at the same moment
+            if d not in self.shared:
+                self.created.append(d)
         return self.path
 
     def kill_all(self) -> None:
@@ -344,4 +367,9 @@ class TempCgroup:
                 d.rmdir()
             except OSError:
                 pass
+        for d in self.shared:
+            try:
+                d.rmdir()       # EBUSY/ENOTEMPTY while another user's cgroup is in it: theirs to take
+            except OSError:
+                break
 

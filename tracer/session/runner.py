@@ -107,7 +107,7 @@ def run_command(tracer_factory, cmd: list[str], agent_name: str, flag: StopFlag,
     from agenttrace.session.agentlock import AgentLock
     # AgentInUse: another run's agent, nothing started (the CLI takes it before its outputs)
     held = lock if lock is not None else AgentLock(agent_name).acquire()
-    cg = TempCgroup(f"{RUN_PARENT}/{agent_name}")
+    cg = TempCgroup(f"{RUN_PARENT}/{agent_name}", shared_parents=1)
     try:
         path = cg.create()
     except BaseException:
