@@ -101,3 +101,33 @@ def test_bad_netns_is_refused_before_anything_starts(tmp_path):
     assert p.returncode == 2 and "is not a network namespace" in p.stderr, p.stderr
     p = subprocess.run([AGENTTRACE, "run", "--netns", "x", "--cgroup", "/x"], capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "--netns applies to -- CMD only" in p.stderr
+
+
+def test_tail_cmd_enters_netns_and_pins_in_enforce(tmp_path):
+    # `tail -- CMD` is `run -- CMD` with a terminal sink: the same netns entry before the drop,
+    # and in enforce mode the same pinned cgroup programs (its agent is named tail-<its pid>)
+    need_bpf()
+    import os
+    from agenttrace.session.isolation import RUN_PIN_ROOT
+    ns = f"at-tailns-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        want = os.stat(f"/run/netns/{ns}").st_ino
+        res = tmp_path / "probe.json"     # not stdout: tail's own lines share it
+        probe = ("import json, os, sys; "
+                 f"d = os.path.join({str(RUN_PIN_ROOT)!r}, 'tail-%d' % os.getppid()); "
+                 "json.dump({'ino': os.stat('/proc/self/ns/net').st_ino, "
+                 "'pinned': os.path.isdir(d) and bool(os.listdir(d))}, open(sys.argv[1], 'w'))")
+        p = subprocess.run([AGENTTRACE, "tail", "--mode", "enforce", "--no-rules", "-o", "json", "--netns", ns,
+                            "--", PY, "-c", probe, str(res)], capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stderr[-2000:]
+        got = json.loads(res.read_text())
+        assert got["ino"] == want
+        assert got["pinned"] is True, "tail --mode enforce -- CMD ran unpinned"
+    finally:
+        subprocess.run(["ip", "netns", "delete", ns], check=True)
+    p = subprocess.run([AGENTTRACE, "tail", "--netns", "no-such-ns-here", "--", "true"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "--netns: no network namespace 'no-such-ns-here'" in p.stderr, p.stderr
+    p = subprocess.run([AGENTTRACE, "tail", "--netns", ns, "--cgroup", "/x"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "--netns applies to -- CMD only" in p.stderr, p.stderr

@@ -315,6 +315,7 @@ def tail(
     internal: List[str] = typer.Option([], "--internal", help="When tracing itself: CIDR that counts as internal. Repeatable."),
     no_net: bool = typer.Option(False, "--no-net", help="When tracing itself: process events only (no connect, flow, DNS or listen hooks)."),
     label: List[str] = typer.Option([], "--label", "-l", help="Only records whose agent has KEY=VALUE (repeatable; e.g. episode=ep-7). Filtered by the daemon when attached to it."),
+    netns: Optional[str] = typer.Option(None, "--netns", metavar="NAME", help="As `run --netns`: run CMD in this network namespace (an `ip netns` name or a namespace file), entered before the capabilities are dropped."),
 ):
     """The human view: one coloured line per event. Attaches to the daemon when it runs."""
     from agenttrace.sinks.tailview import Filter, render
@@ -400,8 +401,12 @@ def tail(
             pass
         return
     try:
+        if netns is not None and not cmd:
+            raise BadInput("--netns applies to -- CMD only")
         S.check_mode(mode)
         _require_root()
+        from agenttrace.session.isolation import resolve_netns
+        netns_path = _checked(resolve_netns, netns)
         # the same session `run` builds (probes, rules, enforcement): only the sink differs
         opts = S.SessionOptions(mode=mode, cgroups=_resolve_cgroups(cgroup), internal=_check_cidrs(internal),
                                 features=S.features(no_net=no_net, files=files), rule_paths=list(rules) or None,
@@ -432,7 +437,9 @@ def tail(
         return S.build(opts, [sink], ruleset, prefetch=pre)
     try:
         if cmd:
-            raise typer.Exit(run_command(make, cmd, f"tail-{os.getpid()}", flag, drop_caps=opts.drop_caps))
+            # pinned in enforce mode as under `run`: killing this tail does not lift the fences
+            raise typer.Exit(run_command(make, cmd, f"tail-{os.getpid()}", flag, pin=mode == "enforce",
+                                         drop_caps=opts.drop_caps, netns=netns_path))
         trace_cgroups(make(paths), flag)
     except ProbeError as e:
         raise fail(str(e))
