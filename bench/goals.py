@@ -79,10 +79,13 @@ def _top_self(result, n: int = 4) -> str:
     if not top:
         return ""
     blind = prof.get("compiled_modules") or []
+    native = prof.get("sampling") == "native"
     return ("; py-spy of the exec storm, most self time: "
             + ", ".join(f"{t['function']} {t['pct']}%" for t in top[:n])
             + (f" ({len(blind)} compiled modules are invisible to py-spy: their time is counted on the "
-               "Python frame that calls them)" if blind else ""))
+               "Python frame that calls them)" if blind and not native else "")
+            + (f" (native stacks: {len(blind)} compiled modules as <module>.so frames, C calls as "
+               "their library's; waiting in epoll counts too)" if blind and native else ""))
 
 
 def goals(result: dict) -> list:

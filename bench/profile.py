@@ -26,13 +26,23 @@ def pyspy_exe() -> str | None:
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::\d+)?\)$")
 
 
+_EXT = re.compile(r"\.cpython-[^.]*\.so$")
+
+
 def _short(frame: str) -> str:
-    """'emit (/work/main/tracer/sinks/outputs.py:88)' -> 'sinks.py:emit' (line numbers dropped so one
-    function's samples add up)."""
+    """'emit (/work/main/tracer/sinks/outputs.py:88)' -> 'outputs.py:emit' (line numbers dropped so
+    one function's samples add up); a compiled module's frame (py-spy --native) 'on_view
+    (enricher.cpython-311-x86_64-linux-gnu.so)' -> 'enricher.so:on_view'."""
     m = _FRAME.match(frame.strip())
     if not m:
         return frame.strip()
-    return f"{os.path.basename(m.group('file'))}:{m.group('func')}"
+    return f"{_EXT.sub('.so', os.path.basename(m.group('file')))}:{m.group('func')}"
+
+
+def _glue(frame: str) -> bool:
+    """Cython's call trampolines (__Pyx_CyFunction_Vectorcall_..., __Pyx_PyObject_FastCallDict):
+    a frame between every two compiled functions that says nothing about where time goes."""
+    return frame.split(":", 1)[-1].startswith("__Pyx_")
 
 
 def fold(raw: str, top: int = 30) -> dict:
@@ -45,7 +55,7 @@ def fold(raw: str, top: int = 30) -> dict:
         if not stack or not count.isdigit():
             continue
         n = int(count)
-        frames = [_short(f) for f in stack.split(";")[1:]]  # first entry names the thread
+        frames = [f for f in (_short(f) for f in stack.split(";")[1:]) if not _glue(f)]  # first entry: the thread
         if not frames:
             continue
         total += n
@@ -79,13 +89,16 @@ def profile_agenttrace(mode: str, cg, work: Path, gens: dict, size: dict, build:
     try:
         tracer.start(cg, work, gens)
         # py-spy walks Python frames only: a module compiled by scripts/build_native.py shows no
-        # frame of its own, and its time lands on the Python function that called into it
+        # frame of its own unless it unwinds native stacks too (--native), which needs the
+        # process paused for each sample (no --nonblocking): dearer, but this session is its own
         result["compiled_modules"] = list(((tracer.started or {}).get("native") or {}).get("loaded") or [])
+        how = ["--native"] if result["compiled_modules"] else ["--nonblocking"]
+        result["sampling"] = how[0].lstrip("-")
         pids = tracer.pids()
         b0 = sysinfo.bpf_prog_stats(pids)
         with open(work / f"py-spy-{build}-{mode}.stderr", "wb") as err:
             spy = subprocess.Popen([exe, "record", "--pid", str(tracer.proc.pid), "--rate", "250", "--format", "raw",
-                                    "--nonblocking", "--output", str(out)], stdout=err, stderr=err,
+                                    *how, "--output", str(out)], stdout=err, stderr=err,
                                    start_new_session=True)
         ops = {}
         n = size.get("profile_execs") or max(size["exec_storm"], 100)

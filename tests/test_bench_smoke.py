@@ -291,6 +291,24 @@ def test_profile_cause_says_compiled_modules_are_not_seen():
     res["profile"]["after"]["compiled_modules"] = ["agenttrace.enrich.enricher", "agenttrace.match.engine"]
     g = {g["id"]: g for g in report.goals(res)}["cpu_per_exec"]
     assert "2 compiled modules are invisible to py-spy" in g["cause"]
+    # sampled with native stacks (bench/profile.py does once modules are compiled) they are seen
+    res["profile"]["after"]["sampling"] = "native"
+    g = {g["id"]: g for g in report.goals(res)}["cpu_per_exec"]
+    assert "invisible" not in g["cause"] and "native stacks: 2 compiled modules" in g["cause"]
     res["profile"]["after"]["compiled_modules"] = []
     g = {g["id"]: g for g in report.goals(res)}["cpu_per_exec"]
-    assert "invisible" not in g["cause"]
+    assert "invisible" not in g["cause"] and "native stacks" not in g["cause"]
+
+
+def test_profile_fold_names_compiled_frames_and_skips_cython_glue():
+    from bench import profile
+    raw = ("MainThread;poll (pipeline.cpython-311-x86_64-linux-gnu.so);"
+           "__Pyx_CyFunction_Vectorcall_FASTCALL_KEYWORDS (enricher.cpython-311-x86_64-linux-gnu.so);"
+           "on_view (enricher.cpython-311-x86_64-linux-gnu.so);format_ns (/x/tracer/timefmt.py:19) 3\n"
+           "MainThread;poll (pipeline.cpython-311-x86_64-linux-gnu.so);epoll_wait (libc.so.6) 1\n")
+    r = profile.fold(raw)
+    assert r["samples"] == 4
+    assert r["top_self"][0] == {"function": "timefmt.py:format_ns", "pct": 75.0}
+    incl = {t["function"]: t["pct"] for t in r["top_inclusive"]}
+    assert incl["pipeline.so:poll"] == 100.0 and incl["enricher.so:on_view"] == 75.0
+    assert not any("__Pyx_" in f for f in incl), incl
