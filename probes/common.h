@@ -25,6 +25,26 @@ static __always_inline u32 at_cfg(u32 idx)
 	return v ? *v : 0;
 }
 
+/* Fail-closed (enforce mode, pinned programs): [0] armed, [1] last heartbeat (ktime ns) the
+ * tracer wrote, [2] grace ns. Once armed and the heartbeat is older than the grace, every
+ * non-loopback destination of an agent is denied (net.c) and every exec in an agent is killed
+ * (proc.c): a killed tracer leaves no open door, nor a way to start what its rules would judge. */
+#define AT_FAILCLOSED_POLICY 0xffffffffu
+BPF_ARRAY(heartbeat, u64, 3);
+
+/* `now`: 0 where the caller has not read the clock (it is read only once armed) */
+static __always_inline int at_tracer_dead(u64 now)
+{
+	u32 k0 = 0, k1 = 1, k2 = 2;
+	u64 *armed = heartbeat.lookup(&k0);
+	if (!armed || !*armed)
+		return 0;
+	u64 *last = heartbeat.lookup(&k1), *grace = heartbeat.lookup(&k2);
+	if (!last || !grace)
+		return 0;
+	return (now ? now : bpf_ktime_get_ns()) - *last > *grace;
+}
+
 /* Reader wakeups. Waking the reader is an irq_work self-interrupt that the kernel raises inside
  * the submitting program; on this project's VMs it measured ~20 us per record (bench/
  * ringbuf_wakeup.py), more than everything else a probe does. So records are submitted with

@@ -85,24 +85,8 @@ struct at_learn_key { u32 gid; u8 addr[16]; };
 struct at_learn_val { u64 expires_ns[2]; u64 name[2]; };
 BPF_TABLE("lru_hash", struct at_learn_key, struct at_learn_val, learned, AT_LEARNED_MAX);
 
-/* Fail-closed (enforce mode, pinned programs): [0] armed, [1] last heartbeat (ktime ns) the
- * tracer wrote, [2] grace ns. Once armed and the heartbeat is older than the grace, every
- * non-loopback destination of an agent is denied: a killed tracer leaves no open door. */
-#define AT_FAILCLOSED_POLICY 0xffffffffu
-BPF_ARRAY(heartbeat, u64, 3);
-
-/* `now`: 0 where the caller has not read the clock (it is read only once armed) */
-static __always_inline int at_tracer_dead(u64 now)
-{
-	u32 k0 = 0, k1 = 1, k2 = 2;
-	u64 *armed = heartbeat.lookup(&k0);
-	if (!armed || !*armed)
-		return 0;
-	u64 *last = heartbeat.lookup(&k1), *grace = heartbeat.lookup(&k2);
-	if (!last || !grace)
-		return 0;
-	return (now ? now : bpf_ktime_get_ns()) - *last > *grace;
-}
+/* Fail-closed: the `heartbeat` map and at_tracer_dead() are in common.h (proc.c's exec hook
+ * reads them too). */
 
 static __always_inline int at_learned_ok(u32 gid, u8 *addr16, u16 port, u8 proto)
 {

@@ -236,6 +236,13 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 			bpf_send_signal(9);
 			e->flags |= AT_EXEC_KILLED;
 		}
+	} else if (at_tracer_dead(e->h.ktime) && at_cfg(AT_CFG_ENFORCE)) {
+		/* Fail-closed (pinned, the tracer's heartbeat older than the grace): no one reads this
+		 * record or judges the rules on its argv, so nothing new starts in an agent until a
+		 * tracer is back; a root agent that kills its tracer gains no unjudged exec. */
+		e->policy_id = AT_FAILCLOSED_POLICY;
+		bpf_send_signal(9);
+		e->flags |= AT_EXEC_KILLED;
 	}
 
 	int named = pid_kill || exec_watch.lookup((struct at_name_key *)e->h.comm);

@@ -18,7 +18,7 @@ PY = sys.executable
 WEB = "198.51.100.7"
 
 LOOP = """
-import errno, json, os, socket, sys, time
+import errno, json, os, socket, subprocess, sys, time
 out = open(sys.argv[1], "a", buffering=1)
 out.write(json.dumps({"pid": os.getpid()}) + "\\n")
 while True:
@@ -30,7 +30,9 @@ while True:
     except OSError as ex:
         e = ex.errno or -1
     s.close()
-    out.write(json.dumps({"t": time.monotonic(), "e": e}) + "\\n")
+    # and a new program: the exit status of /bin/true (-9: killed at its exec)
+    x = subprocess.call(["/bin/true"]) if len(sys.argv) > 3 else None
+    out.write(json.dumps({"t": time.monotonic(), "e": e, "x": x}) + "\\n")
     time.sleep(0.1)
 """
 
@@ -45,13 +47,14 @@ def test_sigkill_of_run_enforce_fails_closed(netlab, tmp_path, cgroup2_root):
     script = tmp_path / "loop.py"
     script.write_text(LOOP)
     tracer = netlab.run_in_agent([AGENTTRACE, "run", "--mode", "enforce", "--no-rules", "--agent", name,
-                                  "-o", str(tmp_path / "ev.jsonl"), "--", PY, str(script), str(res), WEB],
+                                  "-o", str(tmp_path / "ev.jsonl"), "--", PY, str(script), str(res), WEB, "exec"],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     cg = cgroup2_root / "agenttrace" / name
     pins = Path("/sys/fs/bpf/agenttrace-run") / name
     try:
-        # the agent reaches the web host while its tracer lives
-        assert wait_until(lambda: [r for r in read_jsonl(res) if r.get("e") == 0]), tracer.stderr.read() if tracer.poll() is not None else ""
+        # the agent reaches the web host and runs programs while its tracer lives
+        assert wait_until(lambda: [r for r in read_jsonl(res) if r.get("e") == 0 and r.get("x") == 0]), \
+            tracer.stderr.read() if tracer.poll() is not None else ""
         assert pins.is_dir() and any(pins.iterdir()), "enforce mode pins its cgroup programs"
         tracer.send_signal(signal.SIGKILL)
         tracer.wait()
@@ -63,6 +66,11 @@ def test_sigkill_of_run_enforce_fails_closed(netlab, tmp_path, cgroup2_root):
         assert all(r["e"] == errno.EPERM for r in _after(res, denied[0]["t"]))
         # the grace is 5 s by default: the first denial comes after it, and not long after
         assert denied[0]["t"] - t_kill < 5 + 10
+        # and every exec is killed in the kernel from then on (proc.c): the agent starts nothing
+        # its dead tracer's rules would have judged; the agent itself (no exec) lives on
+        assert all(r["x"] == -9 for r in _after(res, denied[0]["t"])), _after(res, denied[0]["t"])[-5:]
+        pid = next(r["pid"] for r in read_jsonl(res) if "pid" in r)
+        assert Path(f"/proc/{pid}").exists()
     finally:
         if tracer.poll() is None:
             tracer.kill()
@@ -95,7 +103,7 @@ def test_daemon_sigkill_fails_closed_and_a_new_daemon_takes_over(netlab, tmp_pat
     loop = None
     try:
         d.start()
-        loop = netlab.run_in_agent([PY, "-c", LOOP, str(res), WEB], cgroup=a,
+        loop = netlab.run_in_agent([PY, "-c", LOOP, str(res), WEB, "exec"], cgroup=a,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         assert wait_until(lambda: [r for r in read_jsonl(res) if r.get("e") == 0])
         pins = {f.name.split("-")[0] for f in pin_dir.iterdir()}
@@ -145,18 +153,21 @@ def test_sigkill_of_run_cgroup_enforce_fails_closed_and_the_next_run_takes_over(
     try:
         # pinned before `started` is written: a kill right after it leaves the enforcement
         assert pins.is_dir() and any(f.name.startswith("link-") for f in pins.iterdir())
-        loop = netlab.run_in_agent([PY, "-c", LOOP, str(res), WEB], cgroup=a,
+        loop = netlab.run_in_agent([PY, "-c", LOOP, str(res), WEB, "exec"], cgroup=a,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         assert wait_until(lambda: [r for r in read_jsonl(res) if r.get("e") == 0])
         assert pins.is_dir() and any(f.name.startswith("link-") for f in pins.iterdir())
         t1.send_signal(signal.SIGKILL)
         t1.wait()
         t_kill = time.monotonic()
-        assert wait_until(lambda: [r for r in _after(res, t_kill) if r["e"] == errno.EPERM])
+        closed = wait_until(lambda: [r for r in _after(res, t_kill) if r["e"] == errno.EPERM and r["x"] == -9])
+        assert closed, _after(res, t_kill)[-5:]
         old = {f.name for f in pins.iterdir()}
         t2 = start_tracer("second")
         t_new = time.monotonic()
-        assert wait_until(lambda: [r for r in _after(res, t_new) if r["e"] == 0]), _after(res, t_new)[-5:]
+        # the next tracer opens both again: connects and execs go through
+        assert wait_until(lambda: [r for r in _after(res, t_new) if r["e"] == 0 and r["x"] == 0]), \
+            _after(res, t_new)[-5:]
         assert not old & {f.name for f in pins.iterdir()}, "the killed run's pins were replaced"
         t2.send_signal(signal.SIGTERM)
         assert t2.wait(timeout=60) == 0

@@ -295,7 +295,7 @@ class Heartbeat:
             self._set(1, now)
 
 
-FAIL_CLOSED_POLICY = 0xFFFFFFFF       # AT_FAILCLOSED_POLICY in probes/net.c
+FAIL_CLOSED_POLICY = 0xFFFFFFFF       # AT_FAILCLOSED_POLICY in probes/common.h
 FAIL_CLOSED_RULE = "agenttrace-fail-closed"
 
 

@@ -479,9 +479,10 @@ class Probes:
     def enable_pinning(self, pin_dir: Path) -> None:
         pin_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.pin_dir = pin_dir
-        if "net" in self.features and self.heartbeat is None:
-            # pinned connect hooks outlive this process: armed, they deny agents every
-            # non-loopback destination (in enforce mode) once the reader stops beating
+        if self.heartbeat is None:
+            # pinned hooks outlive this process: armed, the connect hooks deny agents every
+            # non-loopback destination and the exec hook kills every exec (in enforce mode)
+            # once the reader stops beating (the map is in common.h: every probe set has it)
             from agenttrace.kernel.egress import Heartbeat
             self.heartbeat = Heartbeat(self, self.fail_closed_grace_s)
             self.heartbeat.arm()
