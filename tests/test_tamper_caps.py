@@ -9,6 +9,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import AGENTTRACE, need_bpf
 
 PY = sys.executable
@@ -67,27 +69,33 @@ def test_naming_the_drop_gives_them_back(tmp_path):
     assert got["capbnd"] & (1 << BITS["CAP_SYS_ADMIN"]) and not got["capbnd"] & (1 << BITS["CAP_NET_RAW"])
 
 
-def test_netns_is_entered_before_the_drop(tmp_path):
-    # an agent meant to live in a network namespace can no longer enter one itself in enforce
-    # mode (setns needs CAP_SYS_ADMIN); `--netns` enters it for the command, before the drop
+@pytest.fixture
+def netns():
+    """A named network namespace of this test's own (`ip netns`): its name and inode."""
     need_bpf()
     import os
     ns = f"at-tamper-{os.getpid()}"
     subprocess.run(["ip", "netns", "add", ns], check=True)
     try:
-        want = os.stat(f"/run/netns/{ns}").st_ino
-        out = tmp_path / "ev.jsonl"
-        p = subprocess.run([AGENTTRACE, "run", "--mode", "enforce", "--no-rules", "-o", str(out), "--netns", ns,
-                            "--", PY, "-c", "import os; print(os.stat('/proc/self/ns/net').st_ino)"],
-                           capture_output=True, text=True, timeout=120)
-        assert p.returncode == 0, p.stderr[-2000:]
-        assert int(p.stdout.strip()) == want
-        # entering one by hand, as tests did with nsenter, is what the drop now refuses
-        p = subprocess.run([AGENTTRACE, "run", "--mode", "enforce", "--no-rules", "-o", str(out), "--",
-                            "nsenter", f"--net=/run/netns/{ns}", "true"], capture_output=True, text=True, timeout=120)
-        assert p.returncode != 0 and "Operation not permitted" in p.stderr, (p.returncode, p.stderr[-2000:])
+        yield ns, os.stat(f"/run/netns/{ns}").st_ino
     finally:
         subprocess.run(["ip", "netns", "delete", ns], check=True)
+
+
+def test_netns_is_entered_before_the_drop(tmp_path, netns):
+    # an agent meant to live in a network namespace can no longer enter one itself in enforce
+    # mode (setns needs CAP_SYS_ADMIN); `--netns` enters it for the command, before the drop
+    ns, want = netns
+    out = tmp_path / "ev.jsonl"
+    p = subprocess.run([AGENTTRACE, "run", "--mode", "enforce", "--no-rules", "-o", str(out), "--netns", ns,
+                        "--", PY, "-c", "import os; print(os.stat('/proc/self/ns/net').st_ino)"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert int(p.stdout.strip()) == want
+    # entering one by hand, as tests did with nsenter, is what the drop now refuses
+    p = subprocess.run([AGENTTRACE, "run", "--mode", "enforce", "--no-rules", "-o", str(out), "--",
+                        "nsenter", f"--net=/run/netns/{ns}", "true"], capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and "Operation not permitted" in p.stderr, (p.returncode, p.stderr[-2000:])
 
 
 def test_bad_netns_is_refused_before_anything_starts(tmp_path):
@@ -103,29 +111,22 @@ def test_bad_netns_is_refused_before_anything_starts(tmp_path):
     assert p.returncode == 2 and "--netns applies to -- CMD only" in p.stderr
 
 
-def test_tail_cmd_enters_netns_and_pins_in_enforce(tmp_path):
+def test_tail_cmd_enters_netns_and_pins_in_enforce(tmp_path, netns):
     # `tail -- CMD` is `run -- CMD` with a terminal sink: the same netns entry before the drop,
     # and in enforce mode the same pinned cgroup programs (its agent is named tail-<its pid>)
-    need_bpf()
-    import os
     from agenttrace.session.isolation import RUN_PIN_ROOT
-    ns = f"at-tailns-{os.getpid()}"
-    subprocess.run(["ip", "netns", "add", ns], check=True)
-    try:
-        want = os.stat(f"/run/netns/{ns}").st_ino
-        res = tmp_path / "probe.json"     # not stdout: tail's own lines share it
-        probe = ("import json, os, sys; "
-                 f"d = os.path.join({str(RUN_PIN_ROOT)!r}, 'tail-%d' % os.getppid()); "
-                 "json.dump({'ino': os.stat('/proc/self/ns/net').st_ino, "
-                 "'pinned': os.path.isdir(d) and bool(os.listdir(d))}, open(sys.argv[1], 'w'))")
-        p = subprocess.run([AGENTTRACE, "tail", "--mode", "enforce", "--no-rules", "-o", "json", "--netns", ns,
-                            "--", PY, "-c", probe, str(res)], capture_output=True, text=True, timeout=120)
-        assert p.returncode == 0, p.stderr[-2000:]
-        got = json.loads(res.read_text())
-        assert got["ino"] == want
-        assert got["pinned"] is True, "tail --mode enforce -- CMD ran unpinned"
-    finally:
-        subprocess.run(["ip", "netns", "delete", ns], check=True)
+    ns, want = netns
+    res = tmp_path / "probe.json"     # not stdout: tail's own lines share it
+    probe = ("import json, os, sys; "
+             f"d = os.path.join({str(RUN_PIN_ROOT)!r}, 'tail-%d' % os.getppid()); "
+             "json.dump({'ino': os.stat('/proc/self/ns/net').st_ino, "
+             "'pinned': os.path.isdir(d) and bool(os.listdir(d))}, open(sys.argv[1], 'w'))")
+    p = subprocess.run([AGENTTRACE, "tail", "--mode", "enforce", "--no-rules", "-o", "json", "--netns", ns,
+                        "--", PY, "-c", probe, str(res)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    got = json.loads(res.read_text())
+    assert got["ino"] == want
+    assert got["pinned"] is True, "tail --mode enforce -- CMD ran unpinned"
     p = subprocess.run([AGENTTRACE, "tail", "--netns", "no-such-ns-here", "--", "true"],
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "--netns: no network namespace 'no-such-ns-here'" in p.stderr, p.stderr
