@@ -7,6 +7,7 @@
 cimport cython
 from agenttrace.enrich.proctable cimport Proc, ProcTable
 from agenttrace.enrich.activity cimport Activity
+from agenttrace.enrich.exeid cimport ExeIdentifier
 from agenttrace.session.event cimport Event
 
 
@@ -45,3 +46,5 @@ cdef class Enricher:
     @cython.locals(ev=Event, net=dict)
     cpdef list _result_v(self, object v)
     cpdef _remember_socket(self, object cookie, object tgid, object agent)
+    @cython.locals(ids=ExeIdentifier)
+    cpdef object _identity(self, object pid, object filename, object exe, object args, object ktime=*)
