@@ -35,7 +35,7 @@ cdef class Enricher:
     cpdef dict _proc_t(self, object tgid, object uid, object comm)
     @cython.locals(by_type=dict, out=list, act=Activity, ev=Event)
     cpdef list on_view(self, object view, object size)
-    @cython.locals(procs=ProcTable, p=Proc, rec=dict, proc=dict)
+    @cython.locals(procs=ProcTable, p=Proc, rec=dict, proc=dict, filename=str, exe=str)
     cpdef list _exec_v(self, object v)
     @cython.locals(rec=dict, p=Proc)
     cpdef list _exit_v(self, object v)

@@ -232,9 +232,9 @@ class Enricher:
 
     def _exec_v(self, v) -> list[Event]:
         (tgid, uid, ktime, cgroup_id, agent, comm, ppid, flags, n, policy_id, creator,
-         filename) = E.unpack(_EXEC_S, v)
+         raw_name) = E.unpack(_EXEC_S, v)
         dc = self._decoded
-        filename = dc.text(filename)
+        filename = dc.text(raw_name)
         args = dc.argv(E.exec_args(v, n)) if n else []
         exe = filename
         if filename[:1] != "/" or filename.startswith(("/dev/fd/", "/proc/")):
@@ -273,7 +273,7 @@ class Enricher:
         s = getattr(self, "ssh_sessions", None)
         # SshSessions.on_exec does nothing for a program that is not ssh while no proxying
         # session is remembered: the call is skipped then
-        if s is None or s.proxies or exe.rsplit("/", 1)[-1] == "ssh" or (
+        if s is None or s.proxies or exe == "ssh" or exe.endswith("/ssh") or (
                 ident and ident.get("name") == "openssh-client"):
             self._ssh(tgid, uid, exe, args, proc)
         p.cgroup_id, p.agent_cgroup_id = cgroup_id, agent
