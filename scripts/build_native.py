@@ -17,6 +17,7 @@ import concurrent.futures as cf
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -35,9 +36,11 @@ MODULES = [
     "agenttrace.enrich.procshare",
     "agenttrace.enrich.exeid",
     "agenttrace.enrich.decodecache",
+    "agenttrace.enrich.activity",
     "agenttrace.match.engine",
     "agenttrace.match.celgate",
     "agenttrace.match.eqindex",
+    "agenttrace.session.event",
     "agenttrace.session.pipeline",
     "agenttrace.session.summary",
     "agenttrace.sinks.render",
@@ -69,6 +72,14 @@ def pxd_of(mod: str) -> Path:
     return source_of(mod).with_suffix(".pxd")
 
 
+_CIMPORT = re.compile(r"^\s*(?:from\s+(agenttrace(?:\.\w+)+)\s+cimport\b|cimport\s+(agenttrace(?:\.\w+)+))", re.M)
+
+
+def cimports(pxd: Path) -> list[str]:
+    """The agenttrace modules a .pxd takes C types from (`from agenttrace.x cimport T`)."""
+    return sorted({a or b for a, b in _CIMPORT.findall(pxd.read_text())})
+
+
 def entry(mod: str) -> dict:
     e = {"source_sha256": sha256(source_of(mod)),
          "file": "/".join(mod.split(".")) + sysconfig.get_config_var("EXT_SUFFIX")}
@@ -76,6 +87,11 @@ def entry(mod: str) -> dict:
     if pxd.is_file():
         # not checked at load (the .so is the .py compiled either way); a changed .pxd rebuilds
         e["pxd_sha256"] = sha256(pxd)
+        # checked at load: a module compiled against another's C types must not run beside that
+        # module's pure copy (tracer/native.py)
+        deps = [d for d in cimports(pxd) if d != mod]
+        if deps:
+            e["cimports"] = deps
     return e
 
 

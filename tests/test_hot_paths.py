@@ -31,10 +31,17 @@ def test_argv_decoded_whole_equals_each_argument_decoded_alone():
         assert E.split_args(raw) == _per_arg(raw), raw
 
 
+class _Closed(ProcTable):
+    """Nothing outside the table (the test's pids need not exist). A subclass, not an instance
+    attribute: the compiled ProcTable is a C type whose instances take no new attributes."""
+
+    def get(self, pid):
+        return self.peek(pid)
+
+
 def _table(chain: list[int]) -> ProcTable:
     """pids[0] forked pids[1] forked ... : a table that never reads /proc."""
-    t = ProcTable()
-    t.get = t.peek          # nothing outside the table (the test's pids need not exist)
+    t = _Closed()
     for i, pid in enumerate(chain):
         p = Proc(pid, chain[i - 1] if i else 0, 0, f"c{pid}", f"/bin/p{pid}", [], start_ktime=pid)
         t._put(p)

@@ -89,6 +89,62 @@ def test_a_source_edited_after_the_build_loads_pure_and_says_so(require_bpf, bui
     assert b"agenttrace.sinks.render (source changed since the build)" in r.stderr, r.stderr.decode()
 
 
+def test_a_module_compiled_against_a_stale_ones_c_types_loads_pure_too(require_bpf, build, tmp_path):
+    # enricher.pxd cimports the process table's C types: with proctable.py edited after the build
+    # (its pure copy loads), the compiled enricher would read pure Proc objects as C structs. Both
+    # load pure, say why, and the run's records are still right
+    m = json.loads((build / "manifest.json").read_text())
+    dep = "agenttrace.enrich.proctable"
+    users = sorted(k for k, v in m["modules"].items() if dep in v.get("cimports", ()))
+    assert "agenttrace.enrich.enricher" in users, m["modules"]["agenttrace.enrich.enricher"]
+    d = tmp_path / "native"
+    shutil.copytree(build, d)
+    m["modules"][dep]["source_sha256"] = "0" * 64
+    (d / "manifest.json").write_text(json.dumps(m))
+    r, started = _run_true(_env(AGENTTRACE_NATIVE_DIR=str(d)))
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    nat = started["native"]
+    assert nat["stale"] == {dep: "source changed since the build",
+                            **{u: f"compiled against {dep}, which loads as pure Python" for u in users}}, nat
+    assert not set(users) & set(nat["loaded"]), nat
+    assert "agenttrace.session.pipeline" in nat["loaded"], nat      # the rest still run compiled
+    execs = [orjson.loads(x) for x in r.stdout.splitlines() if b'"kind":"exec"' in x]
+    assert any(e["proc"]["exe"] == "/bin/true" and e["proc"]["ancestry"] for e in execs), r.stdout.decode()[-2000:]
+
+
+_TYPES = """
+import json, sys
+from agenttrace.enrich import activity, enricher, exeid, proctable, procshare
+from agenttrace.session import event
+HEAP = 1 << 9       # Py_TPFLAGS_HEAPTYPE: a class statement's type; a cdef class's is static
+kinds = {c.__qualname__: not (c.__flags__ & HEAP) for c in (
+    proctable.Proc, proctable.ProcTable, event.Event, activity.Activity, activity.Actor,
+    enricher.Enricher, exeid.ExeIdentifier, procshare.SharedProcs)}
+p = proctable.Proc(7)
+e = enricher.Enricher.__new__(enricher.Enricher)
+e.set_by_the_session = 1        # what the session builder and stand-ins rely on
+print(json.dumps({"c_types": kinds, "proc_dict": hasattr(p, "__dict__"),
+                  "proc_bytes": proctable.Proc.__basicsize__, "enricher_attr": e.set_by_the_session}))
+"""
+
+
+def test_the_per_record_objects_are_c_types_when_compiled(build):
+    # the .pxd files (bench/profiles/htyped-enrich.md): a process table entry is a C struct with
+    # no instance dict (memory per process, attribute reads from C), the enricher keeps one
+    out = {}
+    for native_on in (True, False):
+        env = _env() if native_on else _env(AGENTTRACE_NATIVE="0")
+        r = subprocess.run([sys.executable, "-c", _TYPES], capture_output=True, text=True, env=env, timeout=120)
+        assert r.returncode == 0, r.stderr[-3000:]
+        out[native_on] = json.loads(r.stdout.splitlines()[-1])
+    assert all(out[True]["c_types"].values()), out[True]
+    assert not any(out[False]["c_types"].values()), out[False]
+    for o in out.values():
+        assert o["proc_dict"] is False and o["enricher_attr"] == 1, o
+    # no larger than the pure class's __slots__ layout
+    assert out[True]["proc_bytes"] <= out[False]["proc_bytes"], out
+
+
 def test_require_native_without_a_build_exits_2(require_bpf, tmp_path):
     r, started = _run_true(_env(AGENTTRACE_NATIVE_DIR=str(tmp_path / "none"), AGENTTRACE_REQUIRE_NATIVE="1"))
     assert r.returncode == 2, (r.returncode, r.stderr.decode())

@@ -43,23 +43,44 @@ class _Finder:
                     if os.path.isfile(os.path.join(p, leaf + ".py"))), None)
         if src is None:
             return None
-        try:
-            with open(src, "rb") as f:
-                digest = hashlib.sha256(f.read()).hexdigest()
-        except OSError:
+        why = self._why_not(fullname, src, set())
+        if why is not None:
+            if why:
+                _stale(fullname, why)
             return None
         so = os.path.join(self.root, entry["file"])
-        if digest != entry.get("source_sha256"):
-            _stale(fullname, "source changed since the build")
-            return None
-        if not os.path.isfile(so):
-            _stale(fullname, "compiled file missing")
-            return None
         spec = spec_from_file_location(fullname, so, loader=ExtensionFileLoader(fullname, so))
         if spec is None:
             return None
         _state["loaded"].append(fullname)
         return spec
+
+    def _why_not(self, fullname: str, src: str, seen: set) -> str | None:
+        """None when the compiled copy of `fullname` matches its source `src` and may run; else
+        why not ('' for an unreadable source, which the normal import reports itself)."""
+        entry = self.modules.get(fullname)
+        if entry is None:
+            return "not in the build"
+        try:
+            with open(src, "rb") as f:
+                digest = hashlib.sha256(f.read()).hexdigest()
+        except OSError:
+            return ""
+        if digest != entry.get("source_sha256"):
+            return "source changed since the build"
+        if not os.path.isfile(os.path.join(self.root, entry["file"])):
+            return "compiled file missing"
+        seen.add(fullname)
+        up = [".."] * (fullname.count(".") - 1)
+        for dep in entry.get("cimports", ()):
+            if dep in seen:
+                continue
+            # compiled against dep's C types: beside dep's pure copy its typed code would read a
+            # Python object as that C struct, so the two run compiled together or not at all
+            dsrc = os.path.normpath(os.path.join(os.path.dirname(src), *up, *dep.split(".")[1:]) + ".py")
+            if self._why_not(dep, dsrc, seen) is not None:
+                return f"compiled against {dep}, which loads as pure Python"
+        return None
 
 
 def _stale(name: str, why: str) -> None:

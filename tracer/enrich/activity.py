@@ -126,7 +126,7 @@ class Activity:
         a.comm, a.exe, a.exec_id = proc.get("comm") or "", proc.get("exe") or "", proc.get("exec_id")
         a.ppid = proc.get("ppid") or a.ppid
         a.identity = ident
-        a.anc = tuple(x.get("pid") for x in (proc.get("ancestry") or ()) if isinstance(x, dict))
+        a.anc = tuple([x.get("pid") for x in (proc.get("ancestry") or ()) if isinstance(x, dict)])
 
     # the kinds `observe` looks at: the enricher does not call it for the others (listen, dns...)
     KINDS = frozenset(("exec", "fork", "exit", "connect", "flow"))

@@ -36,6 +36,19 @@ def wait_status(status: int) -> tuple[int, int | None]:
     return (status >> 8) & 0xFF, None
 
 
+def _event(kind: str, t_ns: int, record: dict, pid: int, agent: int, cookie: int) -> Event:
+    """Event(kind, t_ns, record, pid, agent, cookie) for the hot record types, without the
+    constructor call: compiled, that is an allocation and six stores (enricher.pxd)."""
+    ev = Event.__new__(Event)
+    ev.kind = kind
+    ev.t_ns = t_ns
+    ev.record = record
+    ev.pid = pid
+    ev.agent_cgroup_id = agent
+    ev.cookie = cookie
+    return ev
+
+
 class Enricher:
     def __init__(self, agents: AgentResolver, procs: ProcTable, scoper: Scoper,
                  node: str | None = None, name_lookup=None, gpu_summary=None):
@@ -219,9 +232,9 @@ class Enricher:
 
     def _exec_v(self, v) -> list[Event]:
         (tgid, uid, ktime, cgroup_id, agent, comm, ppid, flags, n, policy_id, creator,
-         filename) = E.unpack(_EXEC_S, v)
+         raw_name) = E.unpack(_EXEC_S, v)
         dc = self._decoded
-        filename = dc.text(filename)
+        filename = dc.text(raw_name)
         args = dc.argv(E.exec_args(v, n)) if n else []
         exe = filename
         if filename[:1] != "/" or filename.startswith(("/dev/fd/", "/proc/")):
@@ -260,12 +273,12 @@ class Enricher:
         s = getattr(self, "ssh_sessions", None)
         # SshSessions.on_exec does nothing for a program that is not ssh while no proxying
         # session is remembered: the call is skipped then
-        if s is None or s.proxies or exe.rsplit("/", 1)[-1] == "ssh" or (
+        if s is None or s.proxies or exe == "ssh" or exe.endswith("/ssh") or (
                 ident and ident.get("name") == "openssh-client"):
             self._ssh(tgid, uid, exe, args, proc)
         p.cgroup_id, p.agent_cgroup_id = cgroup_id, agent
         rec["proc"] = proc
-        return [Event("exec", t, rec, tgid, agent)]
+        return [_event("exec", t, rec, tgid, agent, 0)]
 
     def _fork(self, o: E.Fork) -> Event:
         h = o.h
@@ -290,7 +303,7 @@ class Enricher:
             start = p.start_ktime if p else 0
         rec["duration_ms"] = round((ktime - start) / 1e6, 3) if start and ktime >= start else None
         self.procs.on_exit(tgid)
-        return [Event("exit", t, rec, tgid, agent)]
+        return [_event("exit", t, rec, tgid, agent, 0)]
 
     def _device(self, o: E.Device) -> Event:
         from agenttrace.gpu.service import device_body
@@ -453,7 +466,7 @@ class Enricher:
         t = ktime + self.clock_offset
         rec = {"ts": format_ns(t), "kind": "listen", "node": self.node, "agent": self.agents.agent(agent),
                "proc": self.shared_procs.part(tgid, uid, comm, self._proc_t, self.gpu_summary), "net": net}
-        return [Event("listen", t, rec, tgid, agent, cookie)]
+        return [_event("listen", t, rec, tgid, agent, cookie)]
 
     def _dst(self, agent_id: int, addr: str, port: int) -> dict:
         # one dict per destination while its scope and DNS name are what they were: a storm to
@@ -503,7 +516,7 @@ class Enricher:
         rec["net"] = net
         if relaying:         # _relay's own test, without the call
             self._relay(rec)
-        ev = Event("connect", t, rec, tgid, agent, cookie)
+        ev = _event("connect", t, rec, tgid, agent, cookie)
         self._remember_socket(cookie, tgid, agent)
         if net["result"] == "pending":
             out = []
@@ -555,7 +568,7 @@ class Enricher:
         self.connect_repeats += 1
         # its socket is already the newest one remembered, with this owner: the previous
         # record put it there and no record came in between (_remember_socket)
-        return Event("connect", t, rec, tgid, agent, f[5])
+        return _event("connect", t, rec, tgid, agent, f[5])
 
     def _result_v(self, v) -> list[Event]:
         sk, family, sport, result, error, saddr = E.unpack(_CONN_RESULT_S, v)

@@ -160,6 +160,13 @@ class ExeIdentifier:
         self.max_entries = max_entries
         self._lock = threading.Lock()
         self.stats = {"scanned": 0, "cache_hits": 0, "unreadable": 0, "identified": 0, "reused_pid": 0}
+        # when the exec being identified happened (CLOCK_MONOTONIC ns; 0: unknown), set by the
+        # enricher around its identify call, for _gone's re-use of a recent stat (instance
+        # fields, not class defaults: compiled, this is a C type, exeid.pxd)
+        self.exec_ktime = 0
+        # (pid, exec ktime) -> whether a process forked after that exec holds the pid now (the
+        # kernel's proc_forks entry, set by the session): None where there is no kernel table
+        self.reborn = None
 
     def warm(self, names: Sequence[str] = ()) -> None:
         """Read, at start, the installed programs most likely to exec first (the signatures'
@@ -305,13 +312,6 @@ class ExeIdentifier:
         if len(d) >= self.max_entries and filename not in d:
             d.clear()
         d[filename] = (now, answer)
-
-    # when the exec being identified happened (CLOCK_MONOTONIC ns; 0: unknown), set by the
-    # enricher around its identify call, for _gone's re-use of a recent stat
-    exec_ktime = 0
-    # (pid, exec ktime) -> whether a process forked after that exec holds the pid now (the
-    # kernel's proc_forks entry, set by the session): None where there is no kernel table
-    reborn = None
 
     def identify(self, pid: int, filename: str, exe: str, args: Sequence[str]) -> Optional[dict]:
         """Identity of what an exec ran, or None when nothing could be read.

@@ -334,7 +334,7 @@ class ProcTable:
                     # unless it names this pid (a reused pid looking at its old self)
                     pids = a._anc_pids
                     if pids is None:
-                        pids = a._anc_pids = frozenset(s["pid"] for s in anc)
+                        pids = a._anc_pids = frozenset([s["pid"] for s in anc])
                     if pid not in pids:
                         # siblings (a storm's children of one parent) share one list: built
                         # from the same chain and the same summary it is the same chain, and
