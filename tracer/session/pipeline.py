@@ -563,31 +563,7 @@ class Tracer:
             log.error("agenttrace: %s failed (%s: %s); further such errors are only counted\n%s",
                       stage, type(e).__name__, e, traceback.format_exc())
 
-    def _process(self, ev: Event) -> None:
-        kind = ev.kind
-        counts = self.counts
-        counts[kind] = counts.get(kind, 0) + 1
-        # _note's own tests first: of connects and flows it keeps only kernel blocks
-        if kind in _NOTED and (kind == "exit" or (ev.record.get("net") or {}).get("verdict") == "blocked"):
-            self._note(ev)
-        if self.hooks:
-            for hook in self.hooks:
-                try:
-                    hook(ev)
-                except Exception as e:
-                    self._stage_error("hook", e)
-        batch = self._batch
-        batch.append(ev.record)
-        if self.engine is not None:
-            try:
-                alerts = self.engine.process(ev)
-            except Exception as e:
-                self._stage_error("match", e)
-                alerts = None
-            if alerts:
-                self._alerts(alerts)
-        if len(batch) >= 512:
-            self._flush()
+    # _process(ev) and _flush(): the module's functions below the class (typed in pipeline.pxd)
 
     def _alerts(self, alerts) -> None:
         # the engine acts (enforce mode) before returning, so each alert's outcome is final
@@ -602,21 +578,6 @@ class Tracer:
             self.alerts += 1
             self.counts["alert"] = self.counts.get("alert", 0) + 1
             self._batch.append(al.record)
-
-    def _flush(self) -> None:
-        if not self._batch:
-            return
-        batch, self._batch = self._batch, []
-        observe = self.summaries.observe
-        for r in batch:
-            if "schema_version" not in r:
-                r["schema_version"] = SCHEMA_VERSION
-            observe(r)
-        for s in self.sinks:
-            try:
-                s.emit_batch(batch)
-            except Exception:
-                s.dropped = getattr(s, "dropped", 0) + len(batch)
 
     def _lifecycle(self, phase: str, **extra) -> None:
         t = time.time_ns()
@@ -734,6 +695,60 @@ class Tracer:
                 self.act.submit(ActJob("freeze-agent", 0, ev.record["agent"]["cgroup"], 0, ev))
             else:
                 self._alerts([ev])
+
+
+def _process(self: Tracer, ev: Event) -> None:
+    """One enriched event: counted, noted, shown to the hooks, batched for the sinks, matched.
+    Module-level, installed as Tracer._process: a compiled build types its locals in
+    pipeline.pxd (a plain class's method cannot be declared there)."""
+    kind = ev.kind
+    rec = ev.record
+    counts = self.counts
+    counts[kind] = counts.get(kind, 0) + 1
+    # _note's own tests first: of connects and flows it keeps only kernel blocks
+    if kind in _NOTED and (kind == "exit" or (rec.get("net") or {}).get("verdict") == "blocked"):
+        self._note(ev)
+    hooks = self.hooks
+    if hooks:
+        for hook in hooks:
+            try:
+                hook(ev)
+            except Exception as e:
+                self._stage_error("hook", e)
+    batch = self._batch
+    batch.append(rec)
+    engine = self.engine
+    if engine is not None:
+        try:
+            alerts = engine.process(ev)
+        except Exception as e:
+            self._stage_error("match", e)
+            alerts = None
+        if alerts:
+            self._alerts(alerts)
+    if len(batch) >= 512:
+        self._flush()
+
+
+def _flush(self: Tracer) -> None:
+    """The batch to the summaries and the sinks."""
+    batch = self._batch
+    if not batch:
+        return
+    self._batch = []
+    for r in batch:
+        if "schema_version" not in r:
+            r["schema_version"] = SCHEMA_VERSION
+    self.summaries.observe_batch(batch)
+    for s in self.sinks:
+        try:
+            s.emit_batch(batch)
+        except Exception:
+            s.dropped = getattr(s, "dropped", 0) + len(batch)
+
+
+Tracer._process = _process
+Tracer._flush = _flush
 
 
 def _packet_scan(tracer):
