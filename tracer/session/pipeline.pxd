@@ -8,3 +8,5 @@ cpdef _process(object self, object ev)
 
 @cython.locals(batch=list, r=dict)
 cpdef _flush(object self)
+
+cpdef _on_view(object self, object view, object size)

@@ -539,15 +539,7 @@ class Tracer:
                 d.popitem(last=False)
 
     # --- pipeline ----------------------------------------------------------------------
-    def _on_view(self, view, size) -> None:
-        self._records += 1
-        try:
-            for ev in self.enrich.on_view(view, size):
-                self._process(ev)
-        except Exception as e:
-            # one bad record or a failing enricher never stops the reader; it is counted,
-            # and the first of each kind is logged so it cannot go unnoticed
-            self._stage_error("decode/enrich", e)
+    # _on_view(view, size): the module's function below the class (typed in pipeline.pxd)
 
     def _on_record(self, _ctx, data, size) -> int:
         """BCC's callback (architectures without the mmap reader)."""
@@ -697,6 +689,19 @@ class Tracer:
                 self._alerts([ev])
 
 
+def _on_view(self: Tracer, view, size) -> None:
+    """One ring-buffer record: decoded and enriched into events, each through _process.
+    Module-level, installed as Tracer._on_view (the reader's callback)."""
+    self._records += 1
+    try:
+        for ev in self.enrich.on_view(view, size):
+            _process(self, ev)
+    except Exception as e:
+        # one bad record or a failing enricher never stops the reader; it is counted,
+        # and the first of each kind is logged so it cannot go unnoticed
+        self._stage_error("decode/enrich", e)
+
+
 def _process(self: Tracer, ev: Event) -> None:
     """One enriched event: counted, noted, shown to the hooks, batched for the sinks, matched.
     Module-level, installed as Tracer._process: a compiled build types its locals in
@@ -727,7 +732,7 @@ def _process(self: Tracer, ev: Event) -> None:
         if alerts:
             self._alerts(alerts)
     if len(batch) >= 512:
-        self._flush()
+        _flush(self)
 
 
 def _flush(self: Tracer) -> None:
@@ -747,6 +752,7 @@ def _flush(self: Tracer) -> None:
             s.dropped = getattr(s, "dropped", 0) + len(batch)
 
 
+Tracer._on_view = _on_view
 Tracer._process = _process
 Tracer._flush = _flush
 
