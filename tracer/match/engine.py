@@ -418,133 +418,7 @@ class Engine:
             self.stats["cel_errors"] += 1
         return False
 
-    def process(self, event: Event) -> List[Event]:
-        """Alerts (kind "alert") raised by this event, acted on in enforce mode."""
-        kind = event.kind
-        rules = self._by_kind.get(kind)
-        self.stats["events"] += 1
-        if not rules:
-            return []
-        rec = event.record
-        if kind in self._eq_only:
-            # no other index applies: an accept settles here that it meets none
-            rules = self._eq_ix[kind].candidates(rules, rec)
-            if not rules:
-                return []
-        # the candidates are chosen from the kind's rules, net and proc (and "dns"/"flow",
-        # fixed per kind): a repeated connect holds the record before's very net and proc
-        # objects (enrich/enricher.py _connect_repeat), so it meets none when that one did
-        nc = self._no_cand
-        net_o = rec.get("net")
-        if nc[0] is rules and nc[1] == kind and nc[3] is rec.get("proc") and net_o is not None and (
-                nc[2] is net_o or (nc[4] is not None and type(net_o) is dict and net_o.get("dst") is nc[4])):
-            return []
-        all_rules = rules
-        by_scope = self._by_scope.get(kind)
-        ported = kind in self._port_kinds
-        if by_scope is not None or ported:
-            net = rec.get("net")
-            dst = net.get("dst") if isinstance(net, dict) else None
-            if by_scope is not None and isinstance(dst, dict):
-                rules = by_scope.get(dst.get("scope"), rules)
-        if ported:
-            port = dst.get("port") if isinstance(dst, dict) else False
-            if port is None or type(port) is int:   # a malformed record meets every rule (and its error)
-                # a record naming no host cannot meet a rule that matches host names
-                named = bool(dst.get("name")) or "dns" in rec or "flow" in rec
-                nk = self._needs_key.get(kind)
-                proc = rec.get("proc")
-                present = nk[2](proc) if nk is not None and isinstance(proc, dict) else None
-                key = (kind, dst.get("scope"), port, named, present)
-                cand = self._port_ix.get(key)
-                if cand is None or cand[0] is not rules:
-                    have = {k for k, p in zip(nk[0], present) if p} if present is not None else None
-                    kept = tuple(r for r in rules if (not (ps := _ports_of(r)) or port in ps)
-                                 and (named or not _needs_name(r))
-                                 and (have is None or r.id not in nk[1] or nk[1][r.id] in have))
-                    if len(self._port_ix) >= _PORT_IX_CACHE:
-                        self._port_ix.clear()
-                    cand = self._port_ix[key] = (rules, kept)
-                rules = cand[1]
-        out: List[Event] = []
-        base = comm = exe = None
-        inames: Any = ()
-        if kind in self._gated_kinds:
-            proc = rec.get("proc")
-            if isinstance(proc, dict):
-                exe = proc.get("exe")
-                base = exe.rsplit("/", 1)[-1] if isinstance(exe, str) else None
-                comm = proc.get("comm")
-                ident = proc.get("identity")
-                if isinstance(ident, dict) and isinstance(ident.get("names"), list):
-                    inames = ident["names"]   # a renamed copy is gated by what it is
-            ix = self._gate_ix.get(kind)
-            if ix is not None:
-                nk = self._needs_key.get(kind)
-                present = nk[2](proc) if nk is not None and isinstance(proc, dict) else None
-                # the candidates for one (exe basename, comm, keys present, identity names) are
-                # computed once: a storm repeats a handful of programs
-                pexe = exe if kind in self._prefix_kinds else None
-                key = (kind, base, comm, present, pexe, *inames)
-                try:
-                    cand = self._gate_cache.get(key)
-                except TypeError:          # a malformed identity name: no caching
-                    cand = key = None
-                if cand is None or cand[0] is not rules:
-                    names, ungated = ix
-                    hit = set()
-                    for n in (base, comm, *inames):
-                        got = names.get(n) if isinstance(n, str) else None
-                        if got:
-                            hit |= got
-                    keep = [(i, r) for i, r in enumerate(rules) if (r.gate is None or i in hit)
-                            and (r.exe_prefixes is None or (isinstance(pexe, str) and pexe.startswith(r.exe_prefixes)))]
-                    if present is not None:
-                        have = {k for k, p in zip(nk[0], present) if p}
-                        need = nk[1]
-                        keep = [(i, r) for i, r in keep if r.id not in need or need[r.id] in have]
-                    cand = (rules, tuple(r for _, r in keep))
-                    if key is not None:
-                        if len(self._gate_cache) >= _PORT_IX_CACHE:
-                            self._gate_cache.clear()
-                        self._gate_cache[key] = cand
-                rules = cand[1]
-        eq = self._eq_ix.get(kind)
-        if eq is not None and kind not in self._eq_only:
-            rules = eq.candidates(rules, rec)
-        if not rules:
-            # where only the destination and the process chose the candidates (scope, port,
-            # name, program), a record holding the same dst and proc objects meets none either:
-            # a storm to one listener, whose enricher shares one dst (Enricher._dst)
-            dst_o = net_o.get("dst") if kind in self._dst_keyed and type(net_o) is dict else None
-            self._no_cand = (all_rules, kind, net_o, rec.get("proc"), dst_o if type(dst_o) is dict else None)
-            return out
-        matchers = self._matchers
-        with self._lock:
-            now = None      # read once, when the first rule matches: most records match none
-            for rule in rules:
-                g = rule.gate
-                if g is not None and base not in g and comm not in g and (not inames or g.isdisjoint(inames)):
-                    continue
-                try:
-                    m = rule.match
-                    if m is not None and not matchers.get(rule.id, m)(rec):
-                        continue
-                    if rule.condition is not None and not self._cel(rule, rec):
-                        continue
-                    if now is None:
-                        now = self.clock.monotonic_ns()
-                    self.stats["matched"][rule.id] += 1
-                    if rule.window is not None:
-                        self._window(rule, event, now, out)
-                    else:
-                        self._fire(rule, event, now, out)
-                except Exception as e:
-                    # a malformed record (wrong types from a buggy enricher) must not stop
-                    # the pipeline or the other rules; it is counted and shown in stats
-                    self.stats["errors"] += 1
-                    self.stats["last_error"] = f"{rule.id}: {type(e).__name__}: {e}"
-        return out
+    # process(event) -> alerts: the module's _process below (Engine.process = _process)
 
     # ------------------------------------------------------------------ windows
     def _win_state(self, agent: str, rule_id: str) -> _Win:
@@ -854,6 +728,160 @@ class Engine:
             self._dedup.clear()
             self._tick_windows(self.clock.monotonic_ns(), out, force=True)
         return out
+
+
+def _port_candidates(self: "Engine", key: tuple, rules: tuple, port, named: bool, nk, present) -> tuple:
+    """(rules, the candidates among them) for one (kind, scope, port, named, keys present),
+    kept in the engine's port index: computed once per key, not per record."""
+    have = {k for k, p in zip(nk[0], present) if p} if present is not None else None
+    kept = tuple(r for r in rules if (not (ps := _ports_of(r)) or port in ps)
+                 and (named or not _needs_name(r))
+                 and (have is None or r.id not in nk[1] or nk[1][r.id] in have))
+    if len(self._port_ix) >= _PORT_IX_CACHE:
+        self._port_ix.clear()
+    cand = self._port_ix[key] = (rules, kept)
+    return cand
+
+
+def _gate_candidates(self: "Engine", key, ix: tuple, rules: tuple, gate_names: tuple, pexe, nk, present) -> tuple:
+    """(rules, the candidates among them) for one (exe basename, comm, keys present, exe,
+    identity names), kept in the engine's gate cache unless the key is unhashable (None)."""
+    names, ungated = ix
+    hit = set()
+    for n in gate_names:
+        got = names.get(n) if isinstance(n, str) else None
+        if got:
+            hit |= got
+    keep = [(i, r) for i, r in enumerate(rules) if (r.gate is None or i in hit)
+            and (r.exe_prefixes is None or (isinstance(pexe, str) and pexe.startswith(r.exe_prefixes)))]
+    if present is not None:
+        have = {k for k, p in zip(nk[0], present) if p}
+        need = nk[1]
+        keep = [(i, r) for i, r in keep if r.id not in need or need[r.id] in have]
+    cand = (rules, tuple(r for _, r in keep))
+    if key is not None:
+        if len(self._gate_cache) >= _PORT_IX_CACHE:
+            self._gate_cache.clear()
+        self._gate_cache[key] = cand
+    return cand
+
+
+def _process(self: "Engine", event: Event) -> List[Event]:
+    """Alerts (kind "alert") raised by this event, acted on in enforce mode."""
+    # module-level, installed as Engine.process: a compiled build types its locals in
+    # engine.pxd (a plain class's method cannot be declared there; the class stays plain so
+    # its instances keep their __dict__, e.g. tests that wrap `_cel`)
+    kind = event.kind
+    by_kind = self._by_kind
+    rules = by_kind.get(kind)
+    stats = self.stats
+    stats["events"] += 1
+    if not rules:
+        return []
+    rec = event.record
+    if kind in self._eq_only:
+        # no other index applies: an accept settles here that it meets none
+        rules = self._eq_ix[kind].candidates(rules, rec)
+        if not rules:
+            return []
+    # the candidates are chosen from the kind's rules, net and proc (and "dns"/"flow",
+    # fixed per kind): a repeated connect holds the record before's very net and proc
+    # objects (enrich/enricher.py _connect_repeat), so it meets none when that one did
+    nc = self._no_cand
+    net_o = rec.get("net")
+    if nc[0] is rules and nc[1] == kind and nc[3] is rec.get("proc") and net_o is not None and (
+            nc[2] is net_o or (nc[4] is not None and type(net_o) is dict and net_o.get("dst") is nc[4])):
+        return []
+    all_rules = rules
+    by_scope = self._by_scope.get(kind)
+    ported = kind in self._port_kinds
+    if by_scope is not None or ported:
+        net = rec.get("net")
+        dst = net.get("dst") if isinstance(net, dict) else None
+        if by_scope is not None and isinstance(dst, dict):
+            rules = by_scope.get(dst.get("scope"), rules)
+    if ported:
+        port = dst.get("port") if isinstance(dst, dict) else False
+        if port is None or type(port) is int:   # a malformed record meets every rule (and its error)
+            # a record naming no host cannot meet a rule that matches host names
+            named = bool(dst.get("name")) or "dns" in rec or "flow" in rec
+            nk = self._needs_key.get(kind)
+            proc = rec.get("proc")
+            present = nk[2](proc) if nk is not None and isinstance(proc, dict) else None
+            key = (kind, dst.get("scope"), port, named, present)
+            port_ix = self._port_ix
+            cand = port_ix.get(key)
+            if cand is None or cand[0] is not rules:
+                cand = _port_candidates(self, key, rules, port, named, nk, present)
+            rules = cand[1]
+    out: List[Event] = []
+    base = comm = exe = None
+    inames: Any = ()
+    if kind in self._gated_kinds:
+        proc = rec.get("proc")
+        if isinstance(proc, dict):
+            pd = proc           # typed dict in engine.pxd: these gets are C calls
+            exe = pd.get("exe")
+            base = exe[exe.rfind("/") + 1:] if isinstance(exe, str) else None
+            comm = pd.get("comm")
+            ident = pd.get("identity")
+            if isinstance(ident, dict) and isinstance(ident.get("names"), list):
+                inames = ident["names"]   # a renamed copy is gated by what it is
+        ix = self._gate_ix.get(kind)
+        if ix is not None:
+            nk = self._needs_key.get(kind)
+            present = nk[2](proc) if nk is not None and isinstance(proc, dict) else None
+            # the candidates for one (exe basename, comm, keys present, identity names) are
+            # computed once: a storm repeats a handful of programs
+            pexe = exe if kind in self._prefix_kinds else None
+            key = (kind, base, comm, present, pexe, *inames)
+            gate_cache = self._gate_cache
+            try:
+                cand = gate_cache.get(key)
+            except TypeError:          # a malformed identity name: no caching
+                cand = key = None
+            if cand is None or cand[0] is not rules:
+                cand = _gate_candidates(self, key, ix, rules, (base, comm, *inames), pexe, nk, present)
+            rules = cand[1]
+    eq = self._eq_ix.get(kind)
+    if eq is not None and kind not in self._eq_only:
+        rules = eq.candidates(rules, rec)
+    if not rules:
+        # where only the destination and the process chose the candidates (scope, port,
+        # name, program), a record holding the same dst and proc objects meets none either:
+        # a storm to one listener, whose enricher shares one dst (Enricher._dst)
+        dst_o = net_o.get("dst") if kind in self._dst_keyed and type(net_o) is dict else None
+        self._no_cand = (all_rules, kind, net_o, rec.get("proc"), dst_o if type(dst_o) is dict else None)
+        return out
+    matchers = self._matchers
+    with self._lock:
+        now = None      # read once, when the first rule matches: most records match none
+        for rule in rules:
+            g = rule.gate
+            if g is not None and base not in g and comm not in g and (not inames or g.isdisjoint(inames)):
+                continue
+            try:
+                m = rule.match
+                if m is not None and not matchers.get(rule.id, m)(rec):
+                    continue
+                if rule.condition is not None and not self._cel(rule, rec):
+                    continue
+                if now is None:
+                    now = self.clock.monotonic_ns()
+                stats["matched"][rule.id] += 1
+                if rule.window is not None:
+                    self._window(rule, event, now, out)
+                else:
+                    self._fire(rule, event, now, out)
+            except Exception as e:
+                # a malformed record (wrong types from a buggy enricher) must not stop
+                # the pipeline or the other rules; it is counted and shown in stats
+                stats["errors"] += 1
+                stats["last_error"] = f"{rule.id}: {type(e).__name__}: {e}"
+    return out
+
+
+Engine.process = _process
 
 
 # --------------------------------------------------------------------------- offline

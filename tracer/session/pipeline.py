@@ -539,15 +539,7 @@ class Tracer:
                 d.popitem(last=False)
 
     # --- pipeline ----------------------------------------------------------------------
-    def _on_view(self, view, size) -> None:
-        self._records += 1
-        try:
-            for ev in self.enrich.on_view(view, size):
-                self._process(ev)
-        except Exception as e:
-            # one bad record or a failing enricher never stops the reader; it is counted,
-            # and the first of each kind is logged so it cannot go unnoticed
-            self._stage_error("decode/enrich", e)
+    # _on_view(view, size): the module's function below the class (typed in pipeline.pxd)
 
     def _on_record(self, _ctx, data, size) -> int:
         """BCC's callback (architectures without the mmap reader)."""
@@ -563,31 +555,7 @@ class Tracer:
             log.error("agenttrace: %s failed (%s: %s); further such errors are only counted\n%s",
                       stage, type(e).__name__, e, traceback.format_exc())
 
-    def _process(self, ev: Event) -> None:
-        kind = ev.kind
-        counts = self.counts
-        counts[kind] = counts.get(kind, 0) + 1
-        # _note's own tests first: of connects and flows it keeps only kernel blocks
-        if kind in _NOTED and (kind == "exit" or (ev.record.get("net") or {}).get("verdict") == "blocked"):
-            self._note(ev)
-        if self.hooks:
-            for hook in self.hooks:
-                try:
-                    hook(ev)
-                except Exception as e:
-                    self._stage_error("hook", e)
-        batch = self._batch
-        batch.append(ev.record)
-        if self.engine is not None:
-            try:
-                alerts = self.engine.process(ev)
-            except Exception as e:
-                self._stage_error("match", e)
-                alerts = None
-            if alerts:
-                self._alerts(alerts)
-        if len(batch) >= 512:
-            self._flush()
+    # _process(ev) and _flush(): the module's functions below the class (typed in pipeline.pxd)
 
     def _alerts(self, alerts) -> None:
         # the engine acts (enforce mode) before returning, so each alert's outcome is final
@@ -602,21 +570,6 @@ class Tracer:
             self.alerts += 1
             self.counts["alert"] = self.counts.get("alert", 0) + 1
             self._batch.append(al.record)
-
-    def _flush(self) -> None:
-        if not self._batch:
-            return
-        batch, self._batch = self._batch, []
-        observe = self.summaries.observe
-        for r in batch:
-            if "schema_version" not in r:
-                r["schema_version"] = SCHEMA_VERSION
-            observe(r)
-        for s in self.sinks:
-            try:
-                s.emit_batch(batch)
-            except Exception:
-                s.dropped = getattr(s, "dropped", 0) + len(batch)
 
     def _lifecycle(self, phase: str, **extra) -> None:
         t = time.time_ns()
@@ -734,6 +687,74 @@ class Tracer:
                 self.act.submit(ActJob("freeze-agent", 0, ev.record["agent"]["cgroup"], 0, ev))
             else:
                 self._alerts([ev])
+
+
+def _on_view(self: Tracer, view, size) -> None:
+    """One ring-buffer record: decoded and enriched into events, each through _process.
+    Module-level, installed as Tracer._on_view (the reader's callback)."""
+    self._records += 1
+    try:
+        for ev in self.enrich.on_view(view, size):
+            _process(self, ev)
+    except Exception as e:
+        # one bad record or a failing enricher never stops the reader; it is counted,
+        # and the first of each kind is logged so it cannot go unnoticed
+        self._stage_error("decode/enrich", e)
+
+
+def _process(self: Tracer, ev: Event) -> None:
+    """One enriched event: counted, noted, shown to the hooks, batched for the sinks, matched.
+    Module-level, installed as Tracer._process: a compiled build types its locals in
+    pipeline.pxd (a plain class's method cannot be declared there)."""
+    kind = ev.kind
+    rec = ev.record
+    counts = self.counts
+    counts[kind] = counts.get(kind, 0) + 1
+    # _note's own tests first: of connects and flows it keeps only kernel blocks
+    if kind in _NOTED and (kind == "exit" or (rec.get("net") or {}).get("verdict") == "blocked"):
+        self._note(ev)
+    hooks = self.hooks
+    if hooks:
+        for hook in hooks:
+            try:
+                hook(ev)
+            except Exception as e:
+                self._stage_error("hook", e)
+    batch = self._batch
+    batch.append(rec)
+    engine = self.engine
+    if engine is not None:
+        try:
+            alerts = engine.process(ev)
+        except Exception as e:
+            self._stage_error("match", e)
+            alerts = None
+        if alerts:
+            self._alerts(alerts)
+    if len(batch) >= 512:
+        _flush(self)
+
+
+def _flush(self: Tracer) -> None:
+    """The batch to the summaries and the sinks."""
+    batch = self._batch
+    if not batch:
+        return
+    self._batch = []
+    for r in batch:
+        if "schema_version" not in r:
+            r["schema_version"] = SCHEMA_VERSION
+    self.summaries.observe_batch(batch)
+    for s in self.sinks:
+        try:
+            s.emit_batch(batch)
+        except Exception:
+            s.dropped = getattr(s, "dropped", 0) + len(batch)
+
+
+Tracer._on_view = _on_view
+Tracer._process = _process
+Tracer._flush = _flush
 
 
 def _packet_scan(tracer):

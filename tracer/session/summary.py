@@ -213,6 +213,11 @@ class Summaries:
                 if since is not None:
                     st["seconds"] += (t - since) / 1e9
 
+    def observe_batch(self, records: list) -> None:
+        """observe() for every record of a batch: one call per batch from the pipeline."""
+        for r in records:
+            self.observe(r)
+
     def _quiet_forks(self, cid: int) -> int:
         # fork records off: the kernel counted the forks, so the figure stays what the fork
         # records would have made it
