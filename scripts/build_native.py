@@ -30,6 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # the modules every record passes through. Measured in bench/profiles/hnative.md.
 MODULES = [
     "agenttrace.kernel.ringbuf",
+    "agenttrace.kernel.wire",
+    "agenttrace.timefmt",
     "agenttrace.enrich.enricher",
     "agenttrace.enrich.proctable",
     "agenttrace.enrich.procshare",
