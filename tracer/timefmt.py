@@ -4,19 +4,47 @@ from __future__ import annotations
 import calendar
 import time
 
+# True in the compiled build only (scripts/build_native.py; timefmt.pxd); the deb's venv has no Cython
+_COMPILED = False
+try:
+    import cython
+    _COMPILED = cython.compiled
+except ImportError:
+    pass
+
 
 # the last second formatted, as one (second, text) pair: events come in bursts within one
-# second, and a reader on another thread sees the old pair or the new one, never half of each
-_last = (-1, "")
+# second, and a reader on another thread sees the old pair or the new one, never half of each.
+# It starts as a true pair: a placeholder second would hand its empty text to that second's
+# first record (it did, for the second before the epoch).
+_last = (0, "1970-01-01T00:00:00")
 
 
 def format_ns(t_ns: int) -> str:
     global _last
+    if _COMPILED:
+        try:
+            return _format_c(t_ns)
+        except OverflowError:   # past 2262 or before 1678: Python ints below
+            pass
     sec = t_ns // 1_000_000_000
     last = _last
     if sec != last[0]:
         last = _last = (sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)))
     return f"{last[1]}.{t_ns - sec * 1_000_000_000:09d}Z"
+
+
+def _format_c(t_ns):
+    """format_ns on C integers, for the compiled build only (timefmt.pxd): the arithmetic and
+    the padded digits without int objects or a call into int.__format__."""
+    global _last
+    sec = t_ns // 1_000_000_000
+    frac = t_ns - sec * 1_000_000_000
+    last = _last
+    lsec = last[0]
+    if sec != lsec:
+        last = _last = (sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)))
+    return f"{last[1]}.{frac:09d}Z"
 
 
 def parse_ns(ts: str) -> int:

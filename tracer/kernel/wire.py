@@ -10,6 +10,14 @@ import ipaddress
 import socket
 import struct
 
+# True in the compiled build only (scripts/build_native.py; wire.pxd); the deb's venv has no Cython
+_COMPILED = False
+try:
+    import cython
+    _COMPILED = cython.compiled
+except ImportError:
+    pass
+
 COMM_LEN = 16
 PATH_MAX = 256
 ARGS_MAX = 4096
@@ -331,5 +339,25 @@ def exec_args(view, n: int) -> bytes:
     """The argv bytes an exec record's args_len names, as `bytes(obj)[ARGS_OFF:ARGS_OFF+n]` of
     the zero-padded ctypes copy gives them (at most ARGS_MAX, zeros past the record's end)."""
     m = n if n <= ARGS_MAX else ARGS_MAX
+    if _COMPILED:
+        if m <= 0:
+            return b""
+        return _args_c(view, m)
     raw = bytes(view[ARGS_OFF:ARGS_OFF + m])
     return raw if len(raw) == m else raw.ljust(m, b"\0")
+
+
+def _args_c(view, m):
+    """exec_args for the compiled build only: one copy straight from the record's buffer
+    instead of a slice view and its copy."""
+    PyObject_GetBuffer(view, cython.address(buf), PyBUF_SIMPLE)
+    try:
+        p = cython.cast(cython.p_char, buf.buf)
+        aoff = ARGS_OFF
+        avail = buf.len - aoff
+        if avail >= m:
+            return PyBytes_FromStringAndSize(p + aoff, m)
+        head = p[aoff:aoff + avail] if avail > 0 else b""
+        return head.ljust(m, b"\0")
+    finally:
+        PyBuffer_Release(cython.address(buf))
