@@ -39,6 +39,7 @@ MODULES = [
     "agenttrace.enrich.exeid",
     "agenttrace.enrich.decodecache",
     "agenttrace.enrich.activity",
+    "agenttrace.enrich.cgroups",     # AgentResolver.agent: every record's `agent`
     "agenttrace.match.engine",
     "agenttrace.match.celgate",
     "agenttrace.match.eqindex",
