@@ -85,7 +85,8 @@ def _top_self(result, n: int = 4) -> str:
             + (f" ({len(blind)} compiled modules are invisible to py-spy: their time is counted on the "
                "Python frame that calls them)" if blind and not native else "")
             + (f" (native stacks: {len(blind)} compiled modules as <module>.so frames, C calls as "
-               "their library's; waiting in epoll counts too)" if blind and native else ""))
+               "their library's; samples holding the GIL only, so time in syscalls that release it "
+               "(epoll, write) is not in these shares)" if blind and native else ""))
 
 
 def goals(result: dict) -> list:

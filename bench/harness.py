@@ -68,7 +68,7 @@ SIZES = {
     # would push `make bench --before` past ~12 minutes (auditd alone pays ~40 us per connect)
     "small": {"exec_storm": 400, "connect_storm": 9_000, "refused_storm": 35_000, "bulk_tcp": 800,
               "getppid_loop": 2_000_000, "write_loop": 1_200_000, "burst": 10_000,
-              "rate_steps": [10_000, 20_000, 35_000, 50_000, 75_000, 100_000, 150_000, 200_000], "rate_ms": 2_000, "profile_execs": 3_000,
+              "rate_steps": [10_000, 20_000, 35_000, 50_000, 75_000, 100_000, 150_000, 200_000], "rate_ms": 2_000, "profile_execs": 6_000,
               "rounds": 5, "reps": 2},
     "full": {"exec_storm": 2_000, "connect_storm": 20_000, "refused_storm": 50_000, "bulk_tcp": 1_024,
              "getppid_loop": 10_000_000, "write_loop": 5_000_000, "burst": 10_000,

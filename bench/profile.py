@@ -70,7 +70,7 @@ def fold(raw: str, top: int = 30) -> dict:
 
 
 # execs of the profiled storm: enough samples at 250 Hz for the top functions to settle
-PROFILE_EXECS = {"tiny": 100, "small": 3000, "full": 10000}
+PROFILE_EXECS = {"tiny": 100, "small": 6000, "full": 10000}
 
 
 def profile_agenttrace(mode: str, cg, work: Path, gens: dict, size: dict, build: str = "after") -> dict:
@@ -90,14 +90,18 @@ def profile_agenttrace(mode: str, cg, work: Path, gens: dict, size: dict, build:
         tracer.start(cg, work, gens)
         # py-spy walks Python frames only: a module compiled by scripts/build_native.py shows no
         # frame of its own unless it unwinds native stacks too (--native), which needs the
-        # process paused for each sample (no --nonblocking): dearer, but this session is its own
+        # process paused for each sample (no --nonblocking): dearer, but this session is its own.
+        # Native samples of a waiting thread (epoll_wait, write on a full pipe) would count as
+        # much as work: --gil keeps only samples holding the GIL, which waiting releases; more
+        # samples a second make up for the ones it drops
         result["compiled_modules"] = list(((tracer.started or {}).get("native") or {}).get("loaded") or [])
-        how = ["--native"] if result["compiled_modules"] else ["--nonblocking"]
-        result["sampling"] = how[0].lstrip("-")
+        native = bool(result["compiled_modules"])
+        how = ["--native", "--gil", "--rate", "1000"] if native else ["--nonblocking", "--rate", "250"]
+        result["sampling"] = "native" if native else "nonblocking"
         pids = tracer.pids()
         b0 = sysinfo.bpf_prog_stats(pids)
         with open(work / f"py-spy-{build}-{mode}.stderr", "wb") as err:
-            spy = subprocess.Popen([exe, "record", "--pid", str(tracer.proc.pid), "--rate", "250", "--format", "raw",
+            spy = subprocess.Popen([exe, "record", "--pid", str(tracer.proc.pid), "--format", "raw",
                                     *how, "--output", str(out)], stdout=err, stderr=err,
                                    start_new_session=True)
         ops = {}
