@@ -69,7 +69,7 @@ def fold(raw: str, top: int = 30) -> dict:
     return {"samples": total, "top_self": pct(self_t) if total else [], "top_inclusive": pct(incl) if total else []}
 
 
-# execs of the profiled storm: enough samples at 250 Hz for the top functions to settle
+# execs of the profiled storm: enough samples (1000 Hz native, 250 Hz Python-only) for the top functions to settle
 PROFILE_EXECS = {"tiny": 100, "small": 6000, "full": 10000}
 
 
@@ -108,7 +108,9 @@ def profile_agenttrace(mode: str, cg, work: Path, gens: dict, size: dict, build:
         n = size.get("profile_execs") or max(size["exec_storm"], 100)
         m0, c0 = tracer.mark(), tracer.cpu_ns()
         r = loadgen.run(gens["exec_storm"], [n], cg.path)
-        tracer.drain(m0, r.n)
+        # an exec and its exit per operation; the sampled tracer pauses at every native sample,
+        # so a short quiet spell is not yet the end of its backlog
+        tracer.drain(m0, 2 * r.n, quiet=1.0, timeout=60.0)
         ops["exec_storm"] = r.n
         # includes py-spy's sampling cost to the process: compare builds, not with the rounds
         result["cpu_us_per_exec"] = round((tracer.cpu_ns() - c0) / max(r.n, 1) / 1000, 2)

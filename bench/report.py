@@ -177,7 +177,11 @@ def profile_section(prof) -> list:
     L = ["## Profile: the exec storm under py-spy (agenttrace, enforce)", ""]
     if "status" in prof:
         return L + [prof["status"], ""]
-    L.append("py-spy samples the tracer process at 250 Hz during an exec storm in the agent cgroup, in a "
+    native = any(isinstance(p, dict) and p.get("sampling") == "native" for p in prof.values())
+    how = ("at 1000 Hz with native stacks (compiled modules as `<module>.so` frames), counting only "
+           "samples that hold the GIL (time in syscalls that release it, epoll and write, is not here)"
+           if native else "at 250 Hz (Python frames only)")
+    L.append(f"py-spy samples the tracer process {how} during an exec storm in the agent cgroup, in a "
              "session of its own after the measured rounds (sampling slows the profiled process, so its CPU per "
              "exec is for comparing builds, not with the rounds). Self = samples in the function itself; "
              "inclusive = samples with the function on the stack.")
