@@ -71,6 +71,22 @@ def free_port(kind: int = socket.SOCK_STREAM, addr: str = "127.0.0.1", family: i
     return port
 
 
+def stalled_client(path: str) -> socket.socket:
+    """A client of the event socket at `path` that never reads, with a 4 KiB receive buffer, so
+    the sink's queue for it fills after a few lines."""
+    c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    c.connect(path)
+    return c
+
+
+def wait_clients(sink, n: int) -> None:
+    """Until the socket sink has registered n clients: it accepts on its own thread, and a
+    record emitted before is lost for that client by design."""
+    while len(sink.clients()) < n:
+        time.sleep(0.005)
+
+
 def wait_until(pred, timeout: float = 60.0, step: float = 0.1):
     """Poll pred() until it is truthy or the (generous) timeout passes; return its last value.
     No test asserts how long this took."""

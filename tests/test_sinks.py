@@ -16,6 +16,7 @@ import pytest
 from agenttrace.config import parse_config
 from agenttrace.sinks.outputs import (Fanout, FileSink, QueuedSink, Sink, StreamSink, SyslogSink, UnixSocketSink,
                               build_sinks, dumps_line, parse_syslog_address)
+from harness import stalled_client, wait_clients
 
 
 def rec(i: int, pad: int = 0, **kw) -> dict:
@@ -199,14 +200,6 @@ def connect(path: str) -> socket.socket:
     return c
 
 
-def wait_clients(sink: UnixSocketSink, n: int) -> None:
-    # The sink accepts on its own thread; emitting before it has registered a client would lose
-    # records for that client by design. A connect-then-ping handshake keeps this untimed.
-    import time
-    while len(sink.clients()) < n:
-        time.sleep(0.005)
-
-
 def readlines(c: socket.socket, n: int) -> list:
     f = c.makefile("rb")
     out = [json.loads(f.readline()) for _ in range(n)]
@@ -285,9 +278,7 @@ def test_peer_credentials_are_checked_even_if_the_mode_is_loosened(sockdir):
 def test_a_client_that_stops_reading_loses_records_without_slowing_the_others(sockdir):
     path = str(sockdir / "events.sock")
     s = UnixSocketSink(path, queue_size=50)
-    stuck = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    stuck.connect(path)
+    stuck = stalled_client(path)
     live = connect(path)
     wait_clients(s, 2)
     f = live.makefile("rb")

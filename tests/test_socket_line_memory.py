@@ -1,13 +1,12 @@
 """A line queued for a `tail` client holds about its own size, not orjson's output buffer
 (sinks/outputs.py _exact): orjson >= 3.12 hands out its buffer untrimmed, 4-16 KiB for a
 ~1.2 KB record, and the socket sink keeps up to queue_size lines per client that is behind."""
-import socket
-import time
 import tracemalloc
 
 import orjson
 
 from agenttrace.sinks.outputs import UnixSocketSink
+from harness import stalled_client, wait_clients
 
 
 def _rec(i):
@@ -18,12 +17,9 @@ def _rec(i):
 def test_lines_queued_for_a_stalled_client_are_not_orjsons_buffers(tmp_path):
     path = str(tmp_path / "events.sock")
     s = UnixSocketSink(path, queue_size=5000)
-    stuck = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    stuck.connect(path)
+    stuck = stalled_client(path)
     try:
-        while len(s.clients()) < 1:      # accepted on the sink's thread
-            time.sleep(0.005)
+        wait_clients(s, 1)
         recs = [_rec(i) for i in range(3000)]
         size = sum(len(orjson.dumps(r)) + 1 for r in recs)
         s.emit_batch(recs[:10])

@@ -42,6 +42,18 @@ def _started(p):
     return p
 
 
+def stop_all(procs, timeout):
+    """SIGINT every tracer at once (each writes its `stopped` record), SIGKILL what outlives timeout."""
+    procs = list(procs)
+    for p in procs:
+        p.send_signal(signal.SIGINT)
+    for p in procs:
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            p.kill(); p.wait()
+
+
 def main(launch, storm="exec_storm", unit="op", tag="pair"):
     names = sys.argv[1].split(","); n = int(sys.argv[2]); rounds = int(sys.argv[3])
     storm = os.environ.get("STORM", storm)
@@ -73,13 +85,7 @@ def main(launch, storm="exec_storm", unit="op", tag="pair"):
                 line.append(f"{nm}={v:.1f}us flt={flts[nm][-1]:.2f} rss+={rs[nm][-1]}kB")
             print(f"round {r} load={os.getloadavg()[0]:.1f}: " + "  ".join(line), flush=True)
         finally:
-            for p in ps.values():
-                p.send_signal(signal.SIGINT)
-            for p in ps.values():
-                try:
-                    p.wait(20)
-                except subprocess.TimeoutExpired:
-                    p.kill(); p.wait()
+            stop_all(ps.values(), 20)
             for c in (agent, root):
                 for _ in range(50):
                     try:

@@ -11,6 +11,8 @@ paired before/after figure that no neighbour's load can skew one way.
 import json, os, select, signal, subprocess, sys, threading, time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", ".."))
 from bench import sysinfo  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from pairtool import stop_all  # noqa: E402
 
 builds = [x.split("=", 1) for x in sys.argv[1].split(",")]
 storm, n, rounds = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
@@ -87,14 +89,7 @@ try:
             print(json.dumps(rec), flush=True)
             res.append(rec)
         finally:
-            for p in ps.values():
-                p.send_signal(signal.SIGINT)
-            for p in ps.values():
-                try:
-                    p.wait(30)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
+            stop_all(ps.values(), 30)
             os.rmdir(root + "/agent")
             os.rmdir(root)
 finally:
