@@ -107,4 +107,10 @@ fi
 # as in some CI images, every agenttrace start would otherwise compile ~100 modules again
 # (~0.3 s of its start-up). Stale files are simply recompiled in memory by the interpreter.
 "$VENV/bin/python" -m compileall -q -j 0 tracer >/dev/null || say "bytecode not written (continuing)"
+# The benchmarks' C load generators (bench/loadgen), built where every bench and profile
+# script looks for them (bench/out/bin); the bench rebuilds only what changed since
+if [ $WANT_BENCH = 1 ]; then
+  "$VENV/bin/python" -c 'from pathlib import Path; from bench import loadgen; loadgen.build(Path("bench/out/bin"))' \
+    || { echo "setup.sh: building the load generators (bench/loadgen) failed" >&2; exit 1; }
+fi
 say "ready: $VENV/bin/agenttrace"

@@ -17,7 +17,7 @@ from pairtool import stop_all  # noqa: E402
 builds = [x.split("=", 1) for x in sys.argv[1].split(",")]
 storm, n, rounds = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 outside = len(sys.argv) > 5 and sys.argv[5] == "outside"
-BIN = os.environ.get("BENCH_BIN", "/work/main/bench/out/bin")
+BIN = os.environ.get("BENCH_BIN", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "out", "bin"))
 UNI = "/sys/fs/cgroup/unified"
 
 

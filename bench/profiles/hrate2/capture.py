@@ -4,7 +4,7 @@ OUT, and with PERF=1 the tracer is recorded by `perf record -g` during the storm
     capture.py STORM N OUT"""
 import os, sys, subprocess, time, signal, select, threading
 storm, n, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-BIN = os.environ.get("BENCH_BIN", "/work/main/bench/out/bin")
+BIN = os.environ.get("BENCH_BIN", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "out", "bin"))
 root = "/sys/fs/cgroup/unified/hr2cap%d" % os.getpid()
 os.mkdir(root); agent = root + "/agent"; os.mkdir(agent)
 fo = open(out, "wb")
