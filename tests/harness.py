@@ -210,3 +210,17 @@ class Daemon:
             self.notify.wait("STOPPING=1", timeout=2)   # collect what was sent before exit
             self.notify.close()
         return self.proc.returncode
+
+
+def own_gpu_burner(tmp_path: Path) -> tuple[Path, Path]:
+    """(fixture, burner): the fake-NVML fixture gpu_agent_burner.yaml rewritten to select a comm
+    of this test's own, and a symlink to sleep under that name (comm comes from the exec'd name).
+    The fixture selects by comm machine-wide: with the shared name `gpu-burner`, another test's
+    or demo's burner was once taken for this one's."""
+    comm = f"gb-{uuid.uuid4().hex[:8]}"
+    src = Path(__file__).parent / "fixtures" / "gpu_agent_burner.yaml"
+    fixture = tmp_path / "gpu.yaml"
+    fixture.write_text(src.read_text().replace("comm:gpu-burner", f"comm:{comm}"))
+    burner = tmp_path / comm
+    burner.symlink_to("/usr/bin/sleep")
+    return fixture, burner

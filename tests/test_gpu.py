@@ -11,7 +11,6 @@ import subprocess
 import threading
 import time
 import types
-import uuid
 from pathlib import Path
 
 import pynvml
@@ -494,15 +493,10 @@ def test_table_resolver_on_the_process_table(tree):
 def test_service_end_to_end_with_fake_nvml_from_env(tree, tmp_path, monkeypatch):
     from agenttrace.gpu.service import FAKE_ENV, GpuService
 
-    # the fixture makes every process with this comm a GPU 0 holder: a name of our own, so a
-    # `gpu-burner` of another test or demo on the machine is not taken for ours (it once was:
-    # another pid's "acquired" came first)
-    comm = f"gb-{uuid.uuid4().hex[:8]}"
-    fixture = tmp_path / "gpu.yaml"
-    fixture.write_text((FIX / "gpu_agent_burner.yaml").read_text().replace("comm:gpu-burner", f"comm:{comm}"))
+    from harness import own_gpu_burner
+
+    fixture, burner = own_gpu_burner(tmp_path)
     monkeypatch.setenv(FAKE_ENV, str(fixture))
-    burner = tmp_path / comm
-    burner.symlink_to("/usr/bin/sleep")  # comm comes from the exec'd name: the fixture selects on it
     p = tree._trees[0].spawn(tree.agent, [str(burner), "1000"])
     tree.procs.append(p)
     notices = []
@@ -516,7 +510,7 @@ def test_service_end_to_end_with_fake_nvml_from_env(tree, tmp_path, monkeypatch)
             got += svc.poll()
             time.sleep(0.02)
         assert [(e.pid, e.record["gpu"]["change"]) for e in got] == [(p.pid, "acquired"), (p.pid, "threshold")]
-        assert got[0].record["agent"]["id"] == "a1" and got[0].record["proc"]["comm"] == comm
+        assert got[0].record["agent"]["id"] == "a1" and got[0].record["proc"]["comm"] == burner.name
         assert got[1].record["gpu"]["threshold"]["metric"] == "sm_util_pct"
         assert svc.summary(p.pid)["sm_util_pct"] == 98
         assert notices == []

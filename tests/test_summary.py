@@ -9,12 +9,10 @@ import os
 import subprocess
 import sys
 import time
-import uuid
-from pathlib import Path
 
+from harness import own_gpu_burner
 from netlab import WEB_HOST
 
-FIX = Path(__file__).parent / "fixtures"
 
 EPISODE = """
 set -u
@@ -41,13 +39,7 @@ def test_summary_matches_records_after_removal(netlab, agent_tree, make_session,
     from agenttrace.gpu.fake import FakeBackend
     a = agent_tree.agent("episode")
     os.setxattr(a, "user.agenttrace.episode", b"ep-7")
-    # the fake NVML makes every process with this comm a GPU 0 holder; a name of our own, so
-    # another demo or test on the machine (a `gpu-burner`) is not taken for ours
-    comm = f"gb-{uuid.uuid4().hex[:8]}"
-    fixture = tmp_path / "gpu.yaml"
-    fixture.write_text((FIX / "gpu_agent_burner.yaml").read_text().replace("comm:gpu-burner", f"comm:{comm}"))
-    burner = tmp_path / comm
-    burner.symlink_to("/usr/bin/sleep")
+    fixture, burner = own_gpu_burner(tmp_path)      # a comm of its own: no other test's burner
     ready = tmp_path / "gpu-seen"
     script = EPISODE.format(py=sys.executable, web=WEB_HOST, burner=burner, ready=ready)
     gpu = GpuConfig(interval_s=0.1, default=GpuGroupPolicy(allowed=True), fence="off")
