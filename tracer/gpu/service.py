@@ -31,7 +31,9 @@ from agenttrace.clock import Clock, SystemClock
 from agenttrace.session.event import Event
 from agenttrace.timefmt import format_ns
 
-NVIDIA_MAJOR = 195  # /dev/nvidia0.., /dev/nvidiactl; fixed by the driver (Documentation/admin-guide/devices.txt)
+# the driver's char majors: a module of their own, which the probe plan reads at every start
+# without importing this one (pydantic, ~0.17 s)
+from agenttrace.gpu.devices import NVIDIA_MAJOR, nvidia_majors, nvidia_uvm_major  # noqa: E402,F401
 
 
 # --------------------------------------------------------------------------------------------
@@ -802,36 +804,6 @@ class ProcfsResolver:
 
 # --------------------------------------------------------------------------------------------
 # Kernel device fence (probes/device.c maps)
-
-
-def nvidia_majors(proc_devices: str = "/proc/devices") -> Dict[int, str]:
-    """Every char major that belongs to the NVIDIA driver (nvidia, nvidia-uvm, nvidia-caps, ...)."""
-    out = {NVIDIA_MAJOR: "nvidia"}
-    try:
-        with open(proc_devices) as f:
-            text = f.read()
-    except OSError:
-        return out
-    in_char = False
-    for line in text.splitlines():
-        s = line.strip()
-        if s == "Character devices:":
-            in_char = True
-        elif s == "Block devices:":
-            in_char = False
-        elif in_char and s:
-            num, _, name = s.partition(" ")
-            if num.isdigit() and name.strip().startswith("nvidia"):
-                out[int(num)] = name.strip()
-    return out
-
-
-def nvidia_uvm_major(proc_devices: str = "/proc/devices") -> Optional[int]:
-    """The dynamic char major of nvidia-uvm, or None when the module is not loaded."""
-    for major, name in nvidia_majors(proc_devices).items():
-        if name == "nvidia-uvm":
-            return major
-    return None
 
 
 _ACCESS = ((2, "r"), (4, "w"), (1, "m"))  # BPF_DEVCG_ACC_READ/WRITE/MKNOD, in cgroup v1 "rwm" notation

@@ -24,7 +24,9 @@ class ProbePrefetch:
         self._probes = Probes(features, ringbuf_pages, extra_cflags)
         self.features = self._probes.features
         self.rules_key = None          # session/probeplan.py: what the guess was keyed on
-        self.outcome = "pending"       # used | mismatch | cold | failed | discarded
+        self.outcome = "pending"       # used | mismatch | cold | failed | discarded | replaced
+        self.guessed = None            # probeplan: (features, cflags, rules key, ring pages) guessed
+        self.started = "options"       # launch: from the command line, before the CLI parsed it
         self._key: Optional[tuple] = None
         self._obj = None
         self._hit = False

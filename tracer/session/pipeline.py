@@ -150,6 +150,9 @@ class Tracer:
             self.probes.prefetched = pre     # adopted by load() if it guessed this plan
         try:
             self.probes.load()
+            # where the verified programs came from (lifecycle/started `prefetch`): a start's
+            # time reads differently for each
+            prefetched = pre.started if pre is not None and pre.outcome == "used" else "none"
             if self.gpu is not None and "device" in features:
                 self.gpu.install_fence(self.probes)
                 self.enrich.device_names = self.gpu.device_names()
@@ -184,7 +187,7 @@ class Tracer:
         self.started_ns = time.time_ns()
         self._last_stats = time.monotonic()
         self._lifecycle("started", startup_ms=round((time.monotonic() - t0) * 1000, 1),
-                        probes=list(features), probe_cache=self._probe_cache(),
+                        probes=list(features), probe_cache=self._probe_cache(), prefetch=prefetched,
                         watched=[self.agents.agent(c)["cgroup"] for c in self.probes.watched_ids()],
                         **describe(self))
         self._flush()

@@ -53,7 +53,7 @@ def plan(opts, ruleset=None, from_rules: Optional[List[str]] = None) -> Tuple[tu
         features += ("tls",)
     gpu = opts.gpu
     if gpu is not None and getattr(gpu, "enabled", True) and getattr(gpu, "fence", None) != "off":
-        from agenttrace.gpu.service import nvidia_uvm_major
+        from agenttrace.gpu.devices import nvidia_uvm_major
         if "device" not in features:
             features += ("device",)
         cflags = [f"-DAT_NVIDIA_UVM_MAJOR={nvidia_uvm_major() or 0}"]
@@ -97,10 +97,12 @@ def learn(key: Optional[List[str]], ruleset) -> None:
         remember(_MEMO, key, wanted)
 
 
-def prefetch(opts):
-    """Start loading the probes this session will most likely need (kernel/prefetch.py), on
-    a thread; None where that cannot help (no root, BCC in the process, switched off with
-    AGENTTRACE_PREFETCH=off)."""
+# A prefetch started from the command line before the CLI was imported (agenttrace/launch.py),
+# for the command's own prefetch() to adopt when it guesses the same plan.
+_early = None
+
+
+def _start(opts):
     if os.environ.get("AGENTTRACE_PREFETCH", "").lower() in ("off", "0", "no") or os.geteuid() != 0:
         return None
     from agenttrace.kernel.loader import ProbeError, bcc_in_process
@@ -113,7 +115,37 @@ def prefetch(opts):
     except (ProbeError, OSError, ValueError):
         return None           # a speed-up only: the session's own load says what is wrong
     pf.rules_key = key
+    pf.guessed = (features, cflags, key, opts.ringbuf_pages)
     return pf
+
+
+def start_early(opts):
+    """The prefetch of a command line's guess (agenttrace/launch.py), kept for prefetch()."""
+    global _early
+    discard(_early)
+    _early = _start(opts)
+    if _early is not None:
+        _early.started = "launch"
+    return _early
+
+
+def prefetch(opts):
+    """Start loading the probes this session will most likely need (kernel/prefetch.py), on
+    a thread; None where that cannot help (no root, BCC in the process, switched off with
+    AGENTTRACE_PREFETCH=off). One started at launch for the same guess is adopted instead
+    (its `started` is "launch"); one for another guess is closed."""
+    global _early
+    early, _early = _early, None
+    if early is not None:
+        try:
+            features, cflags, key = guess(opts)
+        except (OSError, ValueError):
+            features = cflags = key = None
+        if early.guessed == (features, cflags, key, opts.ringbuf_pages):
+            return early
+        early.discard()
+        early.outcome = "replaced"
+    return _start(opts)
 
 
 def discard(pf) -> None:

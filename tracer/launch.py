@@ -1,0 +1,112 @@
+"""The `agenttrace` command's entry point: for `agenttrace run`, start the kernel's verification
+of the probes from a look at the command line, before the CLI is even imported (issue 15,
+docs/STARTUP.md).
+
+At a warm start the path to `started` is the kernel verifying the probes (skb egress alone is
+~300k instructions), and the prefetch that overlaps it with the rules' parsing used to begin
+only after typer was imported and had parsed the options: 0.25–0.33 s after launch on the
+2-core VM. The verifier runs inside bpf(2) without the GIL, so starting it here, ~0.07 s after
+launch, takes that Python off the path.
+
+Only a speed-up, never a second source of truth: the options read here are the few the probe
+plan depends on (which families, rules, GPU fence, allow-lists, wakeup); anything this look does
+not understand starts nothing; and `run` compares this guess with the one it makes from its
+own parsed options (probeplan.prefetch), closing this prefetch when they differ. A command that
+then fails on its input exits with these maps and unattached programs, which are only file
+descriptors of this process: nothing is left behind.
+"""
+from __future__ import annotations
+
+import sys
+from typing import List, Optional
+
+# `agenttrace run`'s options (tracer/cli/__init__.py run()), by kind. tests/test_launch.py
+# holds this against typer's own list of the command's options, so a new one cannot go unseen.
+RUN_VALUE_OPTIONS = frozenset({
+    "--cgroup", "-c", "--mode", "--format", "--output", "-o", "--internal", "--agent", "--rules", "-r",
+    "--gpu", "--allow-egress", "--wakeup-ms", "--batch-wait-ms", "--user", "--netns", "--label", "-l",
+    "--drop-caps"})
+RUN_FLAGS = frozenset({
+    "--no-rules", "--no-net", "--no-flow", "--no-dns", "--no-listen", "--files", "--no-files", "--packet",
+    "--no-packet", "--fork-records", "--no-fork-records"})
+
+
+def run_plan_args(argv: List[str]) -> Optional[dict]:
+    """What `run`'s probe plan depends on, from its arguments (after `run`); None where the
+    look is unsure (an option it does not know, --help, a malformed value): then the command's
+    own parse starts the prefetch as before."""
+    got: dict = {"flags": [], "rules": [], "gpu": "allow", "allow_egress": False, "wakeup_ms": 5.0}
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        i += 1
+        if a == "--" or not a.startswith("-") or a == "-":
+            break                      # CMD ARGS: not run's options any more
+        name, eq, value = a.partition("=") if a.startswith("--") else (a[:2], "", a[2:])
+        if not a.startswith("--") and value:
+            eq = "="                   # -rFILE, as click reads a short option's value
+        if name in RUN_FLAGS and not eq:
+            got["flags"].append(name)
+            continue
+        if name not in RUN_VALUE_OPTIONS:
+            return None
+        if not eq:
+            if i >= len(argv):
+                return None
+            value = argv[i]
+            i += 1
+        if name in ("--rules", "-r"):
+            got["rules"].append(value)
+        elif name == "--gpu":
+            got["gpu"] = value
+        elif name == "--allow-egress":
+            got["allow_egress"] = True
+        elif name == "--wakeup-ms":
+            try:
+                got["wakeup_ms"] = float(value)
+            except ValueError:
+                return None
+    return got
+
+
+def _last(flags: list, on: str, off: str) -> bool:
+    """A --X/--no-X pair as click reads it: the last one given wins."""
+    for f in reversed(flags):
+        if f in (on, off):
+            return f == on
+    return False
+
+
+def early_prefetch(argv: List[str]):
+    """Start the probe prefetch for `agenttrace run ARGS` (argv without the program name);
+    returns it (also kept for probeplan.prefetch to adopt), or None."""
+    if len(argv) < 2 or argv[0] != "run":
+        return None
+    got = run_plan_args(argv[1:])
+    if got is None or got["gpu"] not in ("allow", "deny", "off"):
+        return None
+    from types import SimpleNamespace
+
+    from agenttrace.session import probeplan
+    from agenttrace.session.options import SessionOptions, features
+    fl = got["flags"]
+    opts = SessionOptions(
+        features=features(no_net="--no-net" in fl, no_flow="--no-flow" in fl, no_dns="--no-dns" in fl,
+                          no_listen="--no-listen" in fl, files=_last(fl, "--files", "--no-files"),
+                          packet=_last(fl, "--packet", "--no-packet")),
+        rule_paths=got["rules"] or None, use_rules="--no-rules" not in fl, wakeup_ms=got["wakeup_ms"],
+        # what the plan reads of these (probeplan.plan, allow_lists): the GPU fence on or off, an
+        # allow-list on or off; the real objects (pydantic models) cost more to import than
+        # this look saves
+        gpu=None if got["gpu"] == "off" else SimpleNamespace(enabled=True, fence="follow-mode"),
+        egress={"run": {"mode": "allow-list"}} if got["allow_egress"] else None)
+    return probeplan.start_early(opts)
+
+
+def main() -> None:
+    try:
+        early_prefetch(sys.argv[1:])
+    except Exception:
+        pass          # a speed-up only: `run` starts its own prefetch and meets any error itself
+    from agenttrace.cli import main as cli_main
+    cli_main()
