@@ -57,6 +57,9 @@ DISGUISES = {
     "stratum-leading-space": ([b" " + SUBSCRIBE], ev.PROTO_STRATUM),
     "stratum-300-bytes-padding": ([b" \r\n\t" * 75 + LOGIN], ev.PROTO_STRATUM),
     "stratum-padding-in-own-segments": ([b" " * 200, b"\n" * 200, LOGIN], ev.PROTO_STRATUM),
+    # all six of isspace's blanks, a length no multiple of the kernel's 8-byte words (flow.c
+    # at_ws_run), split mid-word
+    "stratum-every-blank-kind": ([b"\v\f \t\r\n" * 11 + b"\f", b"\x0b" * 5 + LOGIN], ev.PROTO_STRATUM),
 }
 
 
@@ -123,6 +126,20 @@ def test_undecided_flow_is_sent_when_the_peer_answers_or_the_flow_ends(kernel, a
     f = kernel.wait(lambda: [x for x in flows(kernel, direction=ev.DIR_EGRESS) if x.sport == cport])
     assert f and data(f[0]) == b"PING\r\n" and f[0].fflags & ev.FLOWF_FLUSHED
     assert f[0].proto_hint == ev.PROTO_UNKNOWN
+
+
+# bytes next to the blanks' values (0x09-0x0d, 0x20, and the same with the high bit) are not
+# blanks: the skip stops at each, at every place in a word
+@pytest.mark.parametrize("stop, at", [(b"\x08", 0), (b"\x0e", 3), (b"\x1f", 7), (b"\x21", 8),
+                                      (b"\xa0", 13), (b"\x89", 62), (b"\x00", 64), (b"\x8d", 70)])
+def test_the_blank_skip_stops_at_the_first_byte_that_is_not_one(kernel, agent_tree, netlab, stop, at):
+    a = agent_tree.agent(f"stop-{stop.hex()}-{at}")
+    blanks = (b" \t\n\v\f\r" * 12)[:at]
+    cport, _ = send_pieces(netlab, a, [blanks + stop + b"PING\r\n"], port=443)
+    f = kernel.wait(lambda: [x for x in flows(kernel, direction=ev.DIR_EGRESS) if x.sport == cport])
+    assert f and f[0].skipped == at, (f[0].skipped if f else None)
+    assert data(f[0]) == stop + b"PING\r\n"
+    assert bool(f[0].fflags & ev.FLOWF_PADDED) == (at > 0)
 
 
 @pytest.mark.parametrize("name", ["ssh-one-byte-then-rest", "ssh-after-prebanner-lines",
