@@ -18,3 +18,15 @@ cdef class ExeIdentifier:
 
 
 cpdef bint _sees_through(str base)
+
+
+# _exists_c: libc's kill(pid, 0) and errno called directly, not through ctypes (renamed: the
+# module imports Python's errno)
+cdef extern from "<signal.h>":
+    int _c_kill "kill" (int pid, int sig)
+cdef extern from "<errno.h>":
+    int _c_errno "errno"
+    enum: _C_ESRCH "ESRCH"
+
+cpdef bint _exists(long pid)
+cdef bint _exists_c(int pid)

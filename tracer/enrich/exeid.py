@@ -36,6 +36,14 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
+# True in the compiled build only (scripts/build_native.py; exeid.pxd); the deb's venv has no Cython
+_COMPILED = False
+try:
+    import cython
+    _COMPILED = cython.compiled
+except ImportError:
+    pass
+
 MAX_BYTES = 64 << 20          # larger files are identified by their first 64 MiB
 SCRIPT_BYTES = 1 << 20
 INTERPRETERS = re.compile(r"^(?:python[0-9.]*|perl[0-9.]*|ruby[0-9.]*|node|nodejs|bash|sh|dash|zsh|ksh|php[0-9.]*|lua[0-9.]*)$")
@@ -404,6 +412,8 @@ def _exists(pid: int) -> bool:
     """Whether `pid` names a process (running or a zombie); no signal is sent."""
     if pid <= 0:
         return False    # 0 and negatives address process groups, not a process
+    if _COMPILED:
+        return _exists_c(pid)
     if _kill is not None:
         # libc's kill answers with a return value. An exec storm's programs are mostly gone
         # when their record is read, and os.kill's ProcessLookupError (built, raised, caught)
@@ -416,6 +426,13 @@ def _exists(pid: int) -> bool:
     except OSError:     # EPERM: it exists, owned by someone else
         pass
     return True
+
+
+def _exists_c(pid):
+    """_exists in the compiled build only (exeid.pxd: libc's kill and errno declared there):
+    through ctypes (argument conversion, errno saved and restored around the call) one answer
+    for a gone pid cost 0.97 µs, called from C 0.46 µs, the syscall included (timeit, s33)."""
+    return _c_kill(pid, 0) == 0 or _c_errno != _C_ESRCH    # EPERM: someone else's
 
 
 def _libc_kill():
