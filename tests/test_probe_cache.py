@@ -34,6 +34,24 @@ def test_memo_computes_once_and_ignores_files_others_could_write(cache):
     assert probecache.memo("t", ["a"], compute) == {"x": 4}
 
 
+def test_key_is_the_environment_not_the_interpreters_name(tmp_path, monkeypatch):
+    """`python` and `python3` of one venv (the tests' interpreter and the entry point's
+    shebang) share compiled probes; another environment, and any change of flags or source,
+    does not."""
+    import sys
+    code = "import sys; from agenttrace.kernel import probecache as P; print(P.cache_key(sys.argv[1], ['-DA']))"
+    exes = [os.path.join(sys.prefix, "bin", n) for n in ("python", "python3")]
+    assert all(os.path.exists(e) for e in exes), exes
+    keys = {subprocess.run([e, "-c", code, "src"], check=True, capture_output=True, text=True).stdout.strip()
+            for e in exes}
+    here = probecache.cache_key("src", ["-DA"])
+    assert keys == {here}
+    assert probecache.cache_key("src", ["-DB"]) != here
+    assert probecache.cache_key("src2", ["-DA"]) != here
+    monkeypatch.setattr(sys, "prefix", str(tmp_path))
+    assert probecache.cache_key("src", ["-DA"]) != here
+
+
 def test_cache_off_still_compiles_out_of_process(monkeypatch, require_bpf):
     from agenttrace.kernel.loader import Probes
     monkeypatch.setenv("AGENTTRACE_PROBE_CACHE", "off")

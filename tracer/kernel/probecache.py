@@ -67,8 +67,10 @@ def _bcc_identity() -> str:
 def cache_key(source: str, cflags: list[str]) -> str:
     u = os.uname()
     h = hashlib.sha256()
-    for part in (str(FORMAT), u.release, u.version, u.machine, _bcc_identity(), sys.executable,
-                 "\0".join(cflags), source):
+    # the environment, not the interpreter's name: `python` and `python3` of one venv (the
+    # tests' and the entry point's) compiled every flag set twice; two checkouts stay apart
+    for part in (str(FORMAT), u.release, u.version, u.machine, _bcc_identity(),
+                 os.path.realpath(sys.prefix), "\0".join(cflags), source):
         h.update(part.encode())
         h.update(b"\0\1")
     return h.hexdigest()[:40]
