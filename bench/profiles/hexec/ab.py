@@ -2,6 +2,9 @@
 """agenttrace CLI with one factor switched off/changed (HXP=comma list), for live A/B."""
 import os, sys
 if os.environ.get("HXROOT"): sys.path.insert(0, os.environ["HXROOT"])
+# it replaces methods of the pipeline's classes, which the compiled build makes immutable: these
+# figures are the pure-Python build's (AGENTTRACE_NATIVE=0), whatever the environment says
+os.environ["AGENTTRACE_NATIVE"] = "0"
 from agenttrace.session import pipeline as P
 from agenttrace.enrich import proctable as PT, activity as AC, enricher as EN
 from agenttrace.session import summary as SU
@@ -48,7 +51,7 @@ if "cnt" in opts:
         C["gone_calls"] += 1; return g0(self, *a)
     XI.ExeIdentifier._gone = g
     atexit.register(lambda: open("/tmp/ab-counts.txt", "w").write(repr(C)))
-from agenttrace.cli import main
+from agenttrace.launch import main   # the entry point as shipped (launch prefetch)
 sys.argv = ["agenttrace"] + sys.argv[1:]
 for o in opts:
     if o.startswith("bwo"):

@@ -2,6 +2,9 @@
 """agenttrace CLI with thread-CPU accounting of the connect path's functions (a copy of ../hexec/stage.py)."""
 import atexit, sys, time, os
 if os.environ.get("HXROOT"): sys.path.insert(0, os.environ["HXROOT"])
+# it replaces methods of the pipeline's classes, which the compiled build makes immutable: these
+# figures are the pure-Python build's (AGENTTRACE_NATIVE=0), whatever the environment says
+os.environ["AGENTTRACE_NATIVE"] = "0"
 from agenttrace.session import pipeline as P
 from agenttrace.kernel import ringbuf as RB
 from agenttrace.enrich import enricher as EN, exeid as XI, proctable as PT, activity as AC
@@ -56,6 +59,6 @@ def report():
     with open(os.environ.get("STAGE_OUT", "/tmp/stage.txt"), "a") as f:
         f.write(f"process total {(_total() - _t0[0]) / int(os.environ.get('NCONN', '3000')) / 1000:.1f} us/conn (since the mark, stop included)\n")
 atexit.register(report)
-from agenttrace.cli import main
+from agenttrace.launch import main   # the entry point as shipped (launch prefetch)
 sys.argv = ["agenttrace"] + sys.argv[1:]
 main()

@@ -26,7 +26,7 @@ BIN = os.environ.get("BENCH_BIN", "/tmp/hwait-bin")
 CG = "/sys/fs/cgroup/unified"
 PY = sys.executable
 RUNNER = ("import os, sys\nif os.environ.get('HXROOT'): sys.path.insert(0, os.environ['HXROOT'])\n"
-          "from agenttrace.cli import main\nsys.argv = ['agenttrace'] + sys.argv[1:]\nmain()\n")
+          "from agenttrace.launch import main\nsys.argv = ['agenttrace'] + sys.argv[1:]\nmain()\n")
 UPD = f"/tmp/hwait-upd-{os.getpid()}"
 
 
