@@ -14,6 +14,7 @@ from agenttrace.session.event cimport Event
 cpdef tuple wait_status(object status)
 
 
+@cython.locals(ev=Event)
 cdef Event _event(object kind, object t_ns, object record, object pid, object agent, object cookie)
 
 
