@@ -164,9 +164,9 @@ BPF_PROG_ARRAY(flow_egress_next, 2);
 BPF_PROG_ARRAY(flow_ingress_next, 2);
 
 /* Leading whitespace eight bytes at a time (SWAR). The byte loop this replaces branched six
- * ways on each of up to 24 x 64 bytes, and the verifier walked all of it: ~190k of the ~720k
- * instructions it checks for the default probes at every start, each way (docs/STARTUP.md).
- * Word arithmetic without branches verifies in a few hundred a chunk and finds the same byte. */
+ * ways on each of up to 24 x 64 bytes, and the verifier walked all of it at every start: the
+ * word-wise skip took the default probes from 718k verified instructions to 592k
+ * (docs/STARTUP.md). Word arithmetic without branches finds the same byte. */
 #define AT_B8(x) (0x0101010101010101ULL * (u8)(x))
 
 /* 0x80 in each byte of x that is zero, nothing else: exact, no borrow crosses a byte */
