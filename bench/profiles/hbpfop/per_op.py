@@ -10,28 +10,26 @@ run, ns per operation. Then the same storm with no tracer, for the CPU an operat
     (root; load generators from scripts/setup.sh --bench in bench/out/bin)
 """
 import argparse
-import json
 import os
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 sys.path.insert(0, ROOT)
-from bench import sysinfo  # noqa: E402
+from bench import loadgen, sysinfo  # noqa: E402
 
 CG_ROOT = "/sys/fs/cgroup/unified" if os.path.isdir("/sys/fs/cgroup/unified") else "/sys/fs/cgroup"
 EXE = os.path.join(ROOT, ".venv", "bin", "agenttrace")
 BIN = os.path.join(ROOT, "bench", "out", "bin")
 
 
-def storm(cg: str, gen: str, n: int) -> dict:
-    """The generator inside cgroup `cg`; its own report (elapsed_ns, cpu_ns of it and children)."""
-    out = subprocess.run(["bash", "-c", f'echo $$ > "{cg}/cgroup.procs" && exec "{BIN}/{gen}" {n}'],
-                         check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+def storm(cg: str, gen: str, n: int):
+    """The generator inside cgroup `cg` (bench.loadgen.run: it joins the cgroup itself)."""
+    return loadgen.run(Path(BIN) / gen, [n], Path(cg))
 
 
 def traced(cgname: str, gens) -> dict:
@@ -77,7 +75,7 @@ def main() -> int:
         res = traced(a.cgroup, gens)
         for gen, n in gens:
             base = storm(cg, gen, n)
-            per_op_ns = base["cpu_ns"] / n
+            per_op_ns = base.cpu_ns / n
             n_, progs = res[gen]
             total = sum(v["run_time_ns"] for v in progs.values()) / n
             print(f"\n{gen} ({n} operations): untraced {per_op_ns / 1000:.1f} us CPU per operation; "
