@@ -57,6 +57,11 @@ def test_deb_install_doctor_verify_purge(tmp_path, clean_machine):
                cwd="/").stdout.strip()
     assert where.startswith("/opt/agenttrace/lib/"), where
     assert sh("/usr/bin/agenttrace", "--version", cwd="/").stdout.startswith("agenttrace ")
+    # postinst compiled what `run` and the shipped config load: the first start finds them
+    prep = sh("/usr/bin/agenttrace", "prepare", cwd="/").stdout.splitlines()
+    assert [ln.split(":")[0] for ln in prep[:3]] == ["run", "run --allow-egress",
+                                                      "daemon --config /etc/agenttrace/agenttrace.yaml"], prep
+    assert all("already in the cache" in ln or "same probes as above" in ln for ln in prep[:3]), prep
     doc = sh("/usr/bin/agenttrace", "doctor", cwd="/")
     assert "all required checks passed" in doc.stdout
     # the package's venv holds the compiled pipeline modules, and they are what it loads

@@ -616,6 +616,23 @@ def report(events: Path = typer.Argument(..., help="Recorded JSON lines (agenttr
 
 
 @app.command()
+def prepare(config: List[Path] = typer.Option([], "--config", help="Also compile what `agenttrace daemon --config FILE` loads (repeatable; default: /etc/agenttrace/agenttrace.yaml where it exists)."),
+            with_run: bool = typer.Option(True, "--run/--no-run", help="Compile what `agenttrace run` loads by default, with and without --allow-egress.")):
+    """Compile the probes a start will load into the probe cache, so the first start is as fast as the next."""
+    from agenttrace.kernel.loader import ProbeError
+    from agenttrace.kernel.probecache import CompileError
+    from agenttrace.ops.prepare import DEFAULT_CONFIG, PrepareInputError, prepare as run_prepare
+    try:
+        _require_root()
+        configs = list(config) or ([DEFAULT_CONFIG] if DEFAULT_CONFIG.exists() else [])
+        run_prepare(configs, with_run, typer.echo)
+    except (BadInput, PrepareInputError, ProbeError) as e:
+        raise fail(str(e))
+    except CompileError as e:
+        raise fail(f"compiling the probes failed: {e}", Exit.FAILURE)
+
+
+@app.command()
 def doctor():
     """What this machine supports, and what to do about what it lacks."""
     from agenttrace.ops.doctor import run_checks
