@@ -26,6 +26,18 @@ def _started(out):
     return s
 
 
+def _daemon_start(d, cache):
+    """(started record, the daemon's stderr) of one daemon start on this cache."""
+    try:
+        d.start(env=_env(cache))
+        (s,) = d.wait_record(lambda r: r.get("phase") == "started")
+    finally:
+        d.stop()
+    err = d.stderr()
+    d.out.unlink()
+    return s, err
+
+
 def test_prepared_first_starts_are_cache_hits(tmp_path, agent_tree, require_bpf):
     cache = tmp_path / "cache"
     d = Daemon(tmp_path, agent_tree.root, "", extra=textwrap.dedent("""\
@@ -37,6 +49,13 @@ def test_prepared_first_starts_are_cache_hits(tmp_path, agent_tree, require_bpf)
         """))
     # the daemon's own default pack (no `rules:`), so its plan has tls like run's
     d.cfg.write_text(d.cfg.read_text().replace("rules: []\n", ""))
+    # unprepared: the daemon compiles, and tells the operator how not to
+    s, err = _daemon_start(d, cache)
+    assert s["probe_cache"] == "compiled", s
+    assert f"agenttrace prepare --config {d.cfg}" in err, err
+    objs = _objects(cache)
+    assert len(objs) == 1, objs
+
     p = subprocess.run([AGENTTRACE, "prepare", "--config", str(d.cfg)], capture_output=True, text=True,
                        timeout=300, env=_env(cache))
     assert p.returncode == 0, p.stderr
@@ -44,9 +63,11 @@ def test_prepared_first_starts_are_cache_hits(tmp_path, agent_tree, require_bpf)
     assert [ln.split(":")[0] for ln in lines[:3]] == ["run", "run --allow-egress", f"daemon --config {d.cfg}"]
     assert "compiled in" in lines[0] and "compiled in" in lines[1], p.stdout
     assert "egress" in lines[1] and "egress" not in lines[0]
+    # the object the daemon's own start compiled is the one prepare makes for its config
+    assert lines[2].endswith("already in the cache"), p.stdout
     assert lines[-1] == f"probe cache: {cache}"
     objs = _objects(cache)
-    assert 2 <= len(objs) <= 3, objs
+    assert len(objs) == 3, objs
 
     # the first start of each is a hit, and the launch-time prefetch guessed its plan
     for extra in ([], ["--allow-egress", "pypi.org:443"]):
@@ -56,19 +77,15 @@ def test_prepared_first_starts_are_cache_hits(tmp_path, agent_tree, require_bpf)
         assert r.returncode == 0, r.stderr.decode(errors="replace")[-2000:]
         s = _started(out)
         assert (s["probe_cache"], s["prefetch"]) == ("hit", "launch"), (extra, s)
-    try:
-        d.start(env=_env(cache))
-        (s,) = d.wait_record(lambda r: r.get("phase") == "started")
-        assert s["probe_cache"] == "hit", s
-    finally:
-        d.stop()
+    s, err = _daemon_start(d, cache)
+    assert s["probe_cache"] == "hit", s
+    assert "agenttrace prepare" not in err, err
     assert _objects(cache) == objs          # nothing compiled by the starts
 
     again = subprocess.run([AGENTTRACE, "prepare", "--config", str(d.cfg)], capture_output=True, text=True,
                            timeout=300, env=_env(cache))
     assert again.returncode == 0, again.stderr
-    assert all("already in the cache" in ln or "same probes as above" in ln for ln in again.stdout.splitlines()[:3]), \
-        again.stdout
+    assert all(ln.endswith("already in the cache") for ln in again.stdout.splitlines()[:3]), again.stdout
     assert _objects(cache) == objs
 
 

@@ -52,6 +52,22 @@ def test_key_is_the_environment_not_the_interpreters_name(tmp_path, monkeypatch)
     assert probecache.cache_key("src", ["-DA"]) != here
 
 
+def test_eviction_keeps_the_objects_in_use(cache, monkeypatch):
+    """A hit renews an object, so the cache evicts the least recently *used* one: the set a
+    node starts with every day (prepared at install) outlives sets compiled once since."""
+    monkeypatch.setattr(probecache, "KEEP", 2)
+    objs = {n: {"format": probecache.FORMAT, "n": n} for n in ("daily", "once", "new")}
+    for age, n in ((300, "daily"), (200, "once")):
+        probecache._write(cache, f"{probecache.cache_key(n, [])}.json", objs[n])
+        path = cache / f"{probecache.cache_key(n, [])}.json"
+        os.utime(path, (path.stat().st_mtime - age,) * 2)
+    assert probecache.cached("daily", []) == objs["daily"]     # the oldest write, used now
+    probecache._write(cache, f"{probecache.cache_key('new', [])}.json", objs["new"])
+    assert probecache.cached("daily", []) == objs["daily"]
+    assert probecache.cached("new", []) == objs["new"]
+    assert probecache.cached("once", []) is None
+
+
 def test_cache_off_still_compiles_out_of_process(monkeypatch, require_bpf):
     from agenttrace.kernel.loader import Probes
     monkeypatch.setenv("AGENTTRACE_PROBE_CACHE", "off")

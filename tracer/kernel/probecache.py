@@ -28,8 +28,10 @@ from agenttrace.kernel import bpfsys
 
 FORMAT = 1
 DEFAULT_DIR = Path("/var/cache/agenttrace/probes")
-KEEP = 192          # newest objects kept (~0.2-0.4 MB each): each edit of a probe or new flag set adds
-                    # one, and the test suite alone loads about 64 sets, which a smaller cache evicted
+KEEP = 192          # most recently used objects kept (~0.2-0.4 MB each): each edit of a probe or new
+                    # flag set adds one, and the test suite alone loads about 64 sets, which a smaller
+                    # cache evicted. A hit renews its file's mtime, so what a node starts with (what
+                    # `agenttrace prepare` put there at install) outlives sets compiled once since.
 _LD_IMM64 = 0x18
 _PSEUDO_MAP_FD = 1
 
@@ -143,7 +145,16 @@ def _write(d: Path, name: str, obj: dict) -> None:
 def cached(source: str, cflags: list[str]) -> dict | None:
     """The compiled object for this source and flags if the cache has it (nothing compiled)."""
     d = cache_dir()
-    return _read(d / f"{cache_key(source, cflags)}.json") if d is not None else None
+    if d is None:
+        return None
+    path = d / f"{cache_key(source, cflags)}.json"
+    obj = _read(path)
+    if obj is not None:
+        try:
+            os.utime(path)      # used now: _write evicts the least recently used first
+        except OSError:
+            pass
+    return obj
 
 
 def compiled(source: str, cflags: list[str]) -> tuple[dict, bool]:

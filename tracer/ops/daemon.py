@@ -152,6 +152,12 @@ def run_daemon(config_path: str, status_path: Path = STATUS_PATH) -> int:
         fanout.tap(records)      # before start: the `started` record counts too
     try:
         tracer.start()
+        if tracer._probe_cache() == "compiled":
+            # the seconds this start spent compiling are the operator's to save: the package's
+            # postinst prepared the shipped config, not one edited since (ops/prepare.py)
+            log.warning("agenttrace: the probes for this config were compiled at start (not in the cache); "
+                        "`agenttrace prepare --config %s` after editing the config makes the next start load "
+                        "them from the cache", config_path)
         watcher = PatternWatcher(cfg.agents, tracer)
         watcher.scan()
         # connections the agents opened while no daemon ran (tracer/enrich/inventory.py)
