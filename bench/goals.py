@@ -326,7 +326,10 @@ def goals(result: dict) -> list:
         first = ("; first start of each configuration before the rounds, not counted: " + ", ".join(
             f"{f['tracer']} {f['startup_s']:.3g} s (probe cache {f.get('probe_cache') or 'unknown'})"
             for f in firsts) + "; the rounds' starts are the node's every start after the first on a "
-            "kernel, flag set and probe source") if firsts else ""
+            "kernel, flag set and probe source" + (
+                ", and a first one where `agenttrace prepare` filled the cache at install (setup, the "
+                "package's postinst): these first starts were cache hits"
+                if all(f.get("probe_cache") == "hit" for f in firsts) else "")) if firsts else ""
         add("startup", g, verdict(st[worst] <= STARTUP_MAX_S), st[worst],
             ", ".join(f"{t} median {tsum[t]['startup_s_median']} s, max {tsum[t]['startup_s_max']} s" for t in st)
             + tail + first, cause)

@@ -281,6 +281,12 @@ def test_startup_goal_says_the_first_compiling_start_apart():
     g = {g["id"]: g for g in report.goals(res)}["startup"]
     assert g["status"] == "met" and g["value"] == 0.6
     assert "agenttrace-enforce 3.71 s (probe cache compiled)" in g["detail"] and "not counted" in g["detail"]
+    assert "agenttrace prepare" not in g["detail"]
+    # after setup's `agenttrace prepare` the first start is a hit, and the detail says why
+    res["first_starts"] = [{"tracer": "agenttrace-enforce", "startup_s": 0.61, "probe_cache": "hit"}]
+    g = {g["id"]: g for g in report.goals(res)}["startup"]
+    assert "agenttrace-enforce 0.61 s (probe cache hit)" in g["detail"]
+    assert "`agenttrace prepare` filled the cache at install" in g["detail"]
 
 
 def test_profile_cause_says_compiled_modules_are_not_seen():
