@@ -107,3 +107,32 @@ def test_nothing_to_prepare_and_cache_off_exit_2(tmp_path):
     p = subprocess.run([AGENTTRACE, "prepare"], capture_output=True, text=True, timeout=120,
                        env=_env("off"))
     assert p.returncode == 2 and "AGENTTRACE_PROBE_CACHE=off" in p.stderr, p.stderr
+
+
+def test_a_run_command_line_is_prepared_as_that_run_loads(tmp_path, require_bpf):
+    cache = tmp_path / "cache"
+    args = ["--files", "--no-dns", "--no-rules"]
+    p = subprocess.run([AGENTTRACE, "prepare", "--no-run", "--", "run", *args], capture_output=True, text=True,
+                       timeout=300, env=_env(cache))
+    assert p.returncode == 0, p.stderr
+    first = p.stdout.splitlines()[0]
+    assert first.startswith(f"run {' '.join(args)}: ") and "compiled in" in first, p.stdout
+    fams = first.split("(")[1].split(")")[0].split(", ")
+    assert "files" in fams and "dns" not in fams and "tls" not in fams   # no rules: no name check
+    out = tmp_path / "run.jsonl"
+    r = subprocess.run([AGENTTRACE, "run", *args, "--output", str(out), "--", "true"],
+                       capture_output=True, timeout=180, env=_env(cache))
+    assert r.returncode == 0, r.stderr.decode(errors="replace")[-2000:]
+    assert _started(out)["probe_cache"] == "hit"
+    assert len(_objects(cache)) == 1
+
+
+def test_command_lines_it_cannot_read_exit_2(tmp_path):
+    for argv, says in ((["--", "run", "--bogus"], "run --bogus: not a command line"),
+                       (["--", "tail"], "not `tail`"),
+                       (["--", "run", "--rules", str(tmp_path / "none.yaml")], "none.yaml"),
+                       (["--", "run", "--no-net", "--allow-egress", "pypi.org"], "needs the connect hooks")):
+        p = subprocess.run([AGENTTRACE, "prepare", "--no-run", *argv], capture_output=True, text=True,
+                           timeout=120, env=_env(tmp_path / "c"))
+        assert p.returncode == 2 and says in p.stderr, (argv, p.stderr)
+        assert _objects(tmp_path / "c") == []

@@ -616,7 +616,8 @@ def report(events: Path = typer.Argument(..., help="Recorded JSON lines (agenttr
 
 
 @app.command()
-def prepare(config: List[Path] = typer.Option([], "--config", help="Also compile what `agenttrace daemon --config FILE` loads (repeatable; default: /etc/agenttrace/agenttrace.yaml where it exists)."),
+def prepare(command: Optional[List[str]] = typer.Argument(None, metavar="[-- run OPTIONS...]", help="Also compile what this `agenttrace run` command line loads (its --files, --no-*, --rules, --gpu, --allow-egress)."),
+            config: List[Path] = typer.Option([], "--config", help="Also compile what `agenttrace daemon --config FILE` loads (repeatable; default: /etc/agenttrace/agenttrace.yaml where it exists)."),
             with_run: bool = typer.Option(True, "--run/--no-run", help="Compile what `agenttrace run` loads by default, with and without --allow-egress.")):
     """Compile the probes a start will load into the probe cache, so the first start is as fast as the next."""
     from agenttrace.kernel.loader import ProbeError
@@ -625,7 +626,9 @@ def prepare(config: List[Path] = typer.Option([], "--config", help="Also compile
     try:
         _require_root()
         configs = list(config) or ([DEFAULT_CONFIG] if DEFAULT_CONFIG.exists() else [])
-        run_prepare(configs, with_run, typer.echo)
+        if command and command[0] != "run":
+            raise BadInput(f"after --: an `agenttrace run` command line (`-- run OPTIONS`), not `{command[0]}`")
+        run_prepare(configs, with_run, typer.echo, command=command[1:] if command else None)
     except (BadInput, PrepareInputError, ProbeError) as e:
         raise fail(str(e))
     except CompileError as e:

@@ -30,7 +30,7 @@ class PrepareInputError(Exception):
 
 @dataclass
 class Plan:
-    name: str            # what starts with it: `run`, `run --allow-egress`, `daemon --config F`
+    name: str            # what starts with it: `run`, `run --allow-egress`, `run OPTIONS`, `daemon --config F`
     features: tuple
     source: str
     cflags: List[str]
@@ -69,6 +69,35 @@ def run_plans() -> List[Plan]:
     return out
 
 
+def command_plan(argv: List[str]) -> Plan:
+    """The plan of one `agenttrace run OPTIONS` command line (argv after `run`), read as the
+    launch-time prefetch reads it (launch.run_plan_args: only the options the probes depend on),
+    with the rules it names loaded and checked as that run will."""
+    import agenttrace.session as S
+    from agenttrace.gpu.service import GpuConfig, GpuGroupPolicy
+    from agenttrace.kernel.egress import run_policy_shell
+    from agenttrace.launch import _last, run_plan_args
+    got = run_plan_args(argv)
+    if got is None or got["gpu"] not in ("allow", "deny", "off"):
+        raise PrepareInputError(f"run {' '.join(argv)}: not a command line whose probes can be told "
+                                "(an option `agenttrace run` does not take, or a value it refuses)")
+    fl = got["flags"]
+    if got["allow_egress"] and "--no-net" in fl:
+        raise PrepareInputError("--allow-egress needs the connect hooks: drop --no-net")
+    opts = S.SessionOptions(
+        features=S.features(no_net="--no-net" in fl, no_flow="--no-flow" in fl, no_dns="--no-dns" in fl,
+                            no_listen="--no-listen" in fl, files=_last(fl, "--files", "--no-files"),
+                            packet=_last(fl, "--packet", "--no-packet")),
+        rule_paths=got["rules"] or None, use_rules="--no-rules" not in fl, wakeup_ms=got["wakeup_ms"],
+        gpu=None if got["gpu"] == "off" else GpuConfig(default=GpuGroupPolicy(allowed=got["gpu"] == "allow")),
+        egress=run_policy_shell("monitor") if got["allow_egress"] else None)
+    try:
+        rs = S.load_ruleset(opts)
+    except S.InputError as e:
+        raise PrepareInputError(str(e)) from None
+    return _plan(f"run {' '.join(argv)}", opts, rs)
+
+
 def config_plan(path: Path) -> Plan:
     """The daemon's plan for this config, its rules loaded and checked as its start does."""
     import agenttrace.session as S
@@ -91,7 +120,7 @@ def _fill(p: Plan) -> Plan:
 
 
 def prepare(configs: List[Path], with_run: bool, out: Callable[[str], None],
-            jobs: Optional[int] = None) -> List[Plan]:
+            jobs: Optional[int] = None, command: Optional[List[str]] = None) -> List[Plan]:
     """Every plan checked first (a bad config compiles nothing), then each distinct flag set
     compiled into the cache, in parallel children (clang is single-threaded)."""
     import os
@@ -101,10 +130,13 @@ def prepare(configs: List[Path], with_run: bool, out: Callable[[str], None],
     if d is None:
         raise PrepareInputError("the probe cache is off (AGENTTRACE_PROBE_CACHE=off): every start compiles, "
                                 "nothing to prepare")
-    daemon = [config_plan(c) for c in configs]      # the operator's input first: its errors end it soonest
-    plans = (run_plans() if with_run else []) + daemon
+    # the operator's input first: its errors end it soonest
+    daemon = [config_plan(c) for c in configs]
+    given = [command_plan(command)] if command is not None else []
+    plans = (run_plans() if with_run else []) + given + daemon
     if not plans:
-        raise PrepareInputError("nothing to prepare: --no-run and no --config (and no /etc/agenttrace/agenttrace.yaml)")
+        raise PrepareInputError("nothing to prepare: --no-run, no -- run OPTIONS and no --config "
+                                "(and no /etc/agenttrace/agenttrace.yaml)")
     distinct = {}
     for p in plans:
         distinct.setdefault(p.key, p)
