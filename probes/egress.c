@@ -44,10 +44,11 @@ struct at_dnp {
 	u32 allowed;
 	u64 allow_key;           /* name_allow key of the pattern that allowed the question name */
 	/* name decoder state */
-	u32 pos, rem, hops, next, outlen, want_name, err, done, lastptr;
+	u32 pos, rem, hops, next, outlen, err, done, lastptr;
 	u64 hash;
 	/* backward hash over `name` */
 	u64 rhash;
+	struct at_dn_key key;    /* at_dn_hit's name_allow key (why there: see it) */
 };
 BPF_PERCPU_ARRAY(dnp_scratch, struct at_dnp, 1);
 
@@ -66,8 +67,10 @@ static __always_inline void at_estat(u32 i)
 
 /* One step of decoding a name: a label length, a compression pointer or one label byte.
  * 1 = finished (s->done or s->err set), 0 = go on. State lives in the scratch map, so the
- * verifier sees the same registers at every loop head and prunes. */
-static __always_inline int at_dn_step(struct at_dnp *s)
+ * verifier sees the same registers at every loop head and prunes. `want` (write the dotted
+ * name too) is the caller's constant, not a field: each decode then verifies only its own
+ * side of that test (at_egress_rr 141,351 -> 123,632 instructions). */
+static __always_inline int at_dn_step(struct at_dnp *s, const u32 want)
 {
 	if (s->pos >= s->len) {
 		s->err = 1;
@@ -105,7 +108,7 @@ static __always_inline int at_dn_step(struct at_dnp *s)
 		s->rem = c;
 		s->pos++;
 		if (s->outlen) {
-			if (s->want_name)
+			if (want)
 				s->name[s->outlen & 255] = '.';
 			s->outlen++;
 			s->hash = (s->hash ^ '.') * AT_FNV_PRIME;
@@ -119,7 +122,7 @@ static __always_inline int at_dn_step(struct at_dnp *s)
 	}
 	if (c >= 'A' && c <= 'Z')
 		c += 'a' - 'A';
-	if (s->want_name)
+	if (want)
 		s->name[s->outlen & 255] = c;
 	s->outlen++;
 	s->hash = (s->hash ^ c) * AT_FNV_PRIME;
@@ -138,12 +141,11 @@ static __always_inline int at_dn_decode(struct at_dnp *s, u32 off, u32 want)
 	s->hops = 0;
 	s->next = 0;
 	s->outlen = 0;
-	s->want_name = want;
 	s->err = 0;
 	s->done = 0;
 	s->hash = AT_FNV_BASIS;
 	for (int i = 0; i < AT_DN_STEPS; i++) {
-		if (at_dn_step(s))
+		if (at_dn_step(s, want))
 			break;
 		/* reload the state from memory each step: values the compiler kept in registers
 		 * would differ between paths and stop the verifier from pruning */
@@ -152,15 +154,21 @@ static __always_inline int at_dn_decode(struct at_dnp *s, u32 off, u32 want)
 	return s->done && !s->err ? 0 : -1;
 }
 
+/* The key is built in the scratch map, not on the stack: at_rev_match calls this inside its
+ * 256-step loop, and a key on the stack left the loop head with stack slots that differ between
+ * the steps that looked up (at a dot) and those that did not, so the verifier could not prune
+ * one against the other. In map memory (whose contents it does not track) every step reaches
+ * the loop head alike: at_egress_learn verified 440,601 instructions with the stack key and
+ * 123,245 with this one (the allow-list's ~0.3 s of every start). */
 static __always_inline void at_dn_hit(struct at_dnp *s, u8 need)
 {
-	struct at_dn_key k = {};
-	k.gid = s->gid;
-	k.hash = s->rhash;
-	struct at_dn_val *v = name_allow.lookup(&k);
+	s->key.gid = s->gid;
+	s->key.pad = 0;
+	s->key.hash = s->rhash;
+	struct at_dn_val *v = name_allow.lookup(&s->key);
 	if (v && (v->flags & need)) {
 		s->allowed = 1;
-		s->allow_key = k.hash;   /* the longest matching suffix wins: it is checked last */
+		s->allow_key = s->rhash;   /* the longest matching suffix wins: it is checked last */
 	}
 }
 
