@@ -54,17 +54,17 @@ static __always_inline int at_path_plain(const char *f)
 	return 0;
 }
 
+/* One scan for the three prefixes, not one per prefix: each inlined call was a 256-step loop of
+ * its own for the verifier (sched_process_exec verified 101,583 instructions, 33,369 now). */
 static __always_inline int at_system_path(const char *f)
 {
 	if (f[0] != '/')
 		return 0;
-	if (f[1] == 'u' && f[2] == 's' && f[3] == 'r' && f[4] == '/')
-		return at_path_plain(f);
-	if (f[1] == 'b' && f[2] == 'i' && f[3] == 'n' && f[4] == '/')
-		return at_path_plain(f);
-	if (f[1] == 's' && f[2] == 'b' && f[3] == 'i' && f[4] == 'n' && f[5] == '/')
-		return at_path_plain(f);
-	return 0;
+	if (!(f[1] == 'u' && f[2] == 's' && f[3] == 'r' && f[4] == '/') &&
+	    !(f[1] == 'b' && f[2] == 'i' && f[3] == 'n' && f[4] == '/') &&
+	    !(f[1] == 's' && f[2] == 'b' && f[3] == 'i' && f[4] == 'n' && f[5] == '/'))
+		return 0;
+	return at_path_plain(f);
 }
 
 /* The exec record is ~4.4 KiB, over the 512-byte BPF stack: build it in per-CPU scratch and
