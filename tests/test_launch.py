@@ -31,7 +31,7 @@ def _run_options():
 
 
 def test_the_look_knows_every_option_of_run_by_kind():
-    """A new option of `run` must be added to launch.py's tables (else a command line with it
+    """A new option of `run` must be added to runargs.py's tables (read through launch.py) (else a command line with it
     would go without the early prefetch, silently slower): this fails until it is."""
     values, flags = _run_options()
     assert values == launch.RUN_VALUE_OPTIONS

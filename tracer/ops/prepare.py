@@ -71,12 +71,12 @@ def run_plans() -> List[Plan]:
 
 def command_plan(argv: List[str]) -> Plan:
     """The plan of one `agenttrace run OPTIONS` command line (argv after `run`), read as the
-    launch-time prefetch reads it (launch.run_plan_args: only the options the probes depend on),
+    launch-time prefetch reads it (runargs.run_plan_args: only the options the probes depend on),
     with the rules it names loaded and checked as that run will."""
     import agenttrace.session as S
     from agenttrace.gpu.service import GpuConfig, GpuGroupPolicy
     from agenttrace.kernel.egress import run_policy_shell
-    from agenttrace.launch import _last, run_plan_args
+    from agenttrace.runargs import _last, run_plan_args
     got = run_plan_args(argv)
     if got is None or got["gpu"] not in ("allow", "deny", "off"):
         raise PrepareInputError(f"run {' '.join(argv)}: not a command line whose probes can be told "
