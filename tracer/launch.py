@@ -22,7 +22,7 @@ from typing import List
 
 # the look at run's argv (its option tables, run_plan_args, _last): runargs.py, shared with
 # `agenttrace prepare -- run OPTIONS`; tests/test_launch.py reads them from here
-from agenttrace.runargs import RUN_FLAGS, RUN_VALUE_OPTIONS, _last, run_plan_args  # noqa: F401
+from agenttrace.runargs import RUN_FLAGS, RUN_VALUE_OPTIONS, _last, feature_args, run_plan_args  # noqa: F401
 
 
 def early_prefetch(argv: List[str]):
@@ -39,9 +39,7 @@ def early_prefetch(argv: List[str]):
     from agenttrace.session.options import SessionOptions, features
     fl = got["flags"]
     opts = SessionOptions(
-        features=features(no_net="--no-net" in fl, no_flow="--no-flow" in fl, no_dns="--no-dns" in fl,
-                          no_listen="--no-listen" in fl, files=_last(fl, "--files", "--no-files"),
-                          packet=_last(fl, "--packet", "--no-packet")),
+        features=features(**feature_args(fl)),
         rule_paths=got["rules"] or None, use_rules="--no-rules" not in fl, wakeup_ms=got["wakeup_ms"],
         # what the plan reads of these (probeplan.plan, allow_lists): the GPU fence on or off, an
         # allow-list on or off; the real objects (pydantic models) cost more to import than

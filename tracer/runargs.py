@@ -61,3 +61,10 @@ def _last(flags: list, on: str, off: str) -> bool:
         if f in (on, off):
             return f == on
     return False
+
+
+def feature_args(flags: list) -> dict:
+    """session.options.features()'s arguments for run's flags, as run() passes them."""
+    return {"no_net": "--no-net" in flags, "no_flow": "--no-flow" in flags, "no_dns": "--no-dns" in flags,
+            "no_listen": "--no-listen" in flags, "files": _last(flags, "--files", "--no-files"),
+            "packet": _last(flags, "--packet", "--no-packet")}

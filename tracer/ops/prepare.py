@@ -76,7 +76,7 @@ def command_plan(argv: List[str]) -> Plan:
     import agenttrace.session as S
     from agenttrace.gpu.service import GpuConfig, GpuGroupPolicy
     from agenttrace.kernel.egress import run_policy_shell
-    from agenttrace.runargs import _last, run_plan_args
+    from agenttrace.runargs import feature_args, run_plan_args
     got = run_plan_args(argv)
     if got is None or got["gpu"] not in ("allow", "deny", "off"):
         raise PrepareInputError(f"run {' '.join(argv)}: not a command line whose probes can be told "
@@ -85,9 +85,7 @@ def command_plan(argv: List[str]) -> Plan:
     if got["allow_egress"] and "--no-net" in fl:
         raise PrepareInputError("--allow-egress needs the connect hooks: drop --no-net")
     opts = S.SessionOptions(
-        features=S.features(no_net="--no-net" in fl, no_flow="--no-flow" in fl, no_dns="--no-dns" in fl,
-                            no_listen="--no-listen" in fl, files=_last(fl, "--files", "--no-files"),
-                            packet=_last(fl, "--packet", "--no-packet")),
+        features=S.features(**feature_args(fl)),
         rule_paths=got["rules"] or None, use_rules="--no-rules" not in fl, wakeup_ms=got["wakeup_ms"],
         gpu=None if got["gpu"] == "off" else GpuConfig(default=GpuGroupPolicy(allowed=got["gpu"] == "allow")),
         egress=run_policy_shell("monitor") if got["allow_egress"] else None)
