@@ -69,7 +69,7 @@ static __always_inline void at_estat(u32 i)
  * 1 = finished (s->done or s->err set), 0 = go on. State lives in the scratch map, so the
  * verifier sees the same registers at every loop head and prunes. `want` (write the dotted
  * name too) is the caller's constant, not a field: each decode then verifies only its own
- * side of that test (at_egress_rr 141,351 -> 123,632 instructions). */
+ * side of that test (at_egress_rr 141,351 -> 123,640 instructions). */
 static __always_inline int at_dn_step(struct at_dnp *s, const u32 want)
 {
 	if (s->pos >= s->len) {
