@@ -17,8 +17,10 @@ runs under py-spy and the samples are folded into top frames and µs per operati
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -191,6 +193,8 @@ def main(argv=None) -> int:
         label, _, path = b.partition("=")
         builds.append((label, Path(path) if path == "bpftrace" else Path(path).absolute()))
     work = Path(tempfile.mkdtemp(prefix="agenttrace-cpu-"))
+    # its fifos and the tracers' stderr files: gone with the run, whatever ends it
+    atexit.register(shutil.rmtree, work, True)
     gens = loadgen.build(REPO / "bench" / "out" / "bin")
     results: dict = {label: [] for label, _ in builds}
     with sysinfo.AgentCgroup(tag="cpu") as cg:

@@ -9,8 +9,10 @@ times (the best counts), the session stops. Tracer CPU is what the tracer's proc
 during the storm and until its output went quiet, divided by the storm's operations."""
 from __future__ import annotations
 
+import atexit
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -501,6 +503,8 @@ def main(argv=None) -> int:
     xs = [int(v) for v in a.x.split(",")]
     cfg = POINTS[a.size]
     work = Path(tempfile.mkdtemp(prefix="agenttrace-growth-"))
+    # its fifos and the tracers' stderr files: gone with the run, whatever ends it
+    atexit.register(shutil.rmtree, work, True)
     gens = loadgen.build(REPO / "bench" / "out" / "bin")
     rows = []
     with sysinfo.AgentCgroup(tag="growth") as cg:
