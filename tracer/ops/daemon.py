@@ -152,7 +152,7 @@ def run_daemon(config_path: str, status_path: Path = STATUS_PATH) -> int:
         fanout.tap(records)      # before start: the `started` record counts too
     try:
         tracer.start()
-        if tracer._probe_cache() == "compiled":
+        if tracer.probe_cache() == "compiled":
             # the seconds this start spent compiling are the operator's to save: the package's
             # postinst prepared the shipped config, not one edited since (ops/prepare.py)
             log.warning("agenttrace: the probes for this config were compiled at start (not in the cache); "

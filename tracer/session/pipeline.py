@@ -187,7 +187,7 @@ class Tracer:
         self.started_ns = time.time_ns()
         self._last_stats = time.monotonic()
         self._lifecycle("started", startup_ms=round((time.monotonic() - t0) * 1000, 1),
-                        probes=list(features), probe_cache=self._probe_cache(), prefetch=prefetched,
+                        probes=list(features), probe_cache=self.probe_cache(), prefetch=prefetched,
                         watched=[self.agents.agent(c)["cgroup"] for c in self.probes.watched_ids()],
                         **describe(self))
         self._flush()
@@ -200,7 +200,7 @@ class Tracer:
         from agenttrace.session.heap import settle
         settle()        # start-up's objects out of every later full collection
 
-    def _probe_cache(self) -> str:
+    def probe_cache(self) -> str:
         # a start that compiled takes seconds longer than one that did not (docs/STARTUP.md);
         # saying which lets a start time be read (and the bench tell its first start apart)
         from agenttrace.kernel import probecache
