@@ -26,12 +26,12 @@ EXT_DST = "198.18.0.1"   # a benchmarking address (RFC 2544), reached from a net
 # x values per dimension and size; the first point of `rules` is the built-in pack
 POINTS = {
     "tiny": {"agents": [1, 10], "rules": [0, 60], "allow_list": [10, 100], "proc_table": [1, 50],
-             "exec": 30, "connect": 200, "reps": 1},
+             "exec": 30, "connect": 200, "reps": 1, "rounds": 1},
     "small": {"agents": [1, 100, 1000], "rules": [0, 250, 500], "allow_list": [10, 1000, 10000, 100000],
-              "proc_table": [1, 300, 3000], "exec": 400, "connect": 4000, "reps": 2},
+              "proc_table": [1, 300, 3000], "exec": 400, "connect": 4000, "reps": 2, "rounds": 2},
     "full": {"agents": [1, 10, 100, 1000], "rules": [0, 100, 250, 500],
              "allow_list": [10, 100, 1000, 10000, 100000], "proc_table": [1, 100, 1000, 3000],
-             "exec": 2000, "connect": 20000, "reps": 3},
+             "exec": 2000, "connect": 20000, "reps": 3, "rounds": 3},
 }
 # the kernel side of the allow-list: addresses learned from DNS answers (bench/egress_storm.py
 # fills the `learned` map directly), BPF run time of the connect hook per connect
@@ -69,6 +69,8 @@ METRICS = {"exec_us_per_op": ("tracer CPU per exec (fork+exec+exit), us", "us"),
            "rss_hwm_mb": ("peak RSS, MB", "MB"),
            "rss_end_mb": ("RSS at stop, MB", "MB"),
            "startup_s": ("start to `started`, s", "s")}
+# per session, kept with the rounds but not fitted
+ROUND_ONLY = ("exec_events_per_op", "connect_events_per_op", "exec_workload_us_per_op", "connect_workload_us_per_op")
 # A change across the measured range smaller than this share of the mean is called flat: two
 # sessions of the same configuration differ by about this much on a shared 2-core machine.
 FLAT_TOLERANCE = 0.10
@@ -97,8 +99,19 @@ for p in sys.argv[1:]:
 """
 
 
+# two-sided 95% Student t quantiles by degrees of freedom: the interval of a slope fitted to a
+# handful of sessions (no scipy in the bench's environment)
+_T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+        2.045, 2.042)
+
+
+def _t95(df: int) -> float:
+    return _T95[df - 1] if df <= len(_T95) else (2.0 if df <= 60 else 1.96)
+
+
 def _lstsq(xs: list, ys: list) -> tuple:
-    """y = a + b x by least squares; returns (a, b, r2)."""
+    """y = a + b x by least squares; returns (a, b, r2, se_b), se_b None without a residual df."""
     n = len(xs)
     mx, my = sum(xs) / n, sum(ys) / n
     sxx = sum((x - mx) ** 2 for x in xs)
@@ -106,54 +119,90 @@ def _lstsq(xs: list, ys: list) -> tuple:
     a = my - b * mx
     ss_tot = sum((y - my) ** 2 for y in ys)
     ss_res = sum((y - a - b * x) ** 2 for x, y in zip(xs, ys))
-    return a, b, (1 - ss_res / ss_tot) if ss_tot else 1.0
+    se = math.sqrt(ss_res / (n - 2) / sxx) if n > 2 and sxx else None
+    return a, b, (1 - ss_res / ss_tot) if ss_tot else 1.0, se
 
 
 def fit(xs: list, ys: list, unit: str = "", what: str = "x", tolerance: float = FLAT_TOLERANCE) -> dict:
-    """Flat, log or linear, fitted: both y = a + b·x and y = a + b·ln x by least squares.
-    Flat when neither model changes y by more than `tolerance` of its mean across the measured
-    range; otherwise the model with the smaller residual. Needs 2 points; with only 2 both fit
-    exactly, so the call is made on the shape over the range only when there are 3 or more;
-    with neither fit reaching R² 0.5 there is no clear trend (scatter, not growth)."""
+    """Flat, log or linear, fitted: both y = a + b·x and y = a + b·ln x by least squares over
+    every observation (a point measured in several sessions gives several, at one x).
+
+    A trend is called only beyond the scatter: each fit's change over the measured range has a
+    95% interval (the slope's Student t interval, n − 2 degrees of freedom); flat when neither
+    fit's change exceeds `tolerance` of the mean; linear or log (the better R²) when that fit's
+    change exceeds the tolerance and its interval excludes no change; otherwise no clear trend,
+    with the interval, so that one outlying session cannot make a growth. With two x values
+    and one observation each there is no interval: the direction is said, not the shape."""
     pts = [(x, y) for x, y in zip(xs, ys) if x is not None and y is not None and x > 0]
-    if len(pts) < 2:
-        return {"growth": "not measured", "points": len(pts), "text": f"{len(pts)} point(s): nothing to fit"}
+    distinct = sorted({p[0] for p in pts})
+    if len(distinct) < 2:
+        return {"growth": "not measured", "points": len(distinct), "observations": len(pts),
+                "text": f"{len(distinct)} point(s): nothing to fit"}
     xs, ys = [p[0] for p in pts], [p[1] for p in pts]
     mean = sum(ys) / len(ys)
     lin = _lstsq(xs, ys)
     lg = _lstsq([math.log(x) for x in xs], ys)
-    span_lin = lin[1] * (max(xs) - min(xs))
-    span_log = lg[1] * (math.log(max(xs)) - math.log(min(xs)))
-    rel = max(abs(span_lin), abs(span_log)) / abs(mean) if mean else 0.0
-    out = {"points": len(pts), "mean": mean, "change_over_range": round(rel, 4),
-           "linear": {"a": lin[0], "b": lin[1], "r2": round(lin[2], 4)},
-           "log": {"a": lg[0], "b": lg[1], "r2": round(lg[2], 4)}, "tolerance": tolerance}
+    width = {"linear": max(xs) - min(xs), "log": math.log(max(xs)) - math.log(min(xs))}
+    t = _t95(len(pts) - 2) if len(pts) > 2 else None
+
+    def rel(v):
+        return v / abs(mean) if mean else 0.0
+
+    models = {}
+    for name, m in (("linear", lin), ("log", lg)):
+        d = {"a": m[0], "b": m[1], "r2": round(m[2], 4), "change": round(rel(m[1] * width[name]), 4)}
+        if m[3] is not None:
+            d["change_ci"] = [round(rel((m[1] - t * m[3]) * width[name]), 4),
+                              round(rel((m[1] + t * m[3]) * width[name]), 4)]
+        models[name] = d
+    change = max(abs(models["linear"]["change"]), abs(models["log"]["change"]))
+    out = {"points": len(distinct), "observations": len(pts), "mean": mean, "change_over_range": round(change, 4),
+           "linear": models["linear"], "log": models["log"], "tolerance": tolerance}
     rng = f"{min(xs):,} to {max(xs):,} {what}"
-    if rel <= tolerance:
+    best = "linear" if lin[2] >= lg[2] else "log"
+    bm = models[best]
+
+    def ci_text(m):
+        ci = m.get("change_ci")
+        return f" [95%: {100 * ci[0]:+.0f}% to {100 * ci[1]:+.0f}%]" if ci else ""
+
+    obs = "" if len(pts) == len(distinct) else f", {len(pts)} sessions"
+    if change <= tolerance:
         out["growth"] = "flat"
+        ci = bm.get("change_ci")
+        wide = (f"; the sessions' scatter leaves room for up to {100 * max(map(abs, ci)):.0f}%"
+                if ci and max(map(abs, ci)) > tolerance else "")
         out["text"] = (f"flat: {mean:.3g} {unit} on average, the fitted change over {rng} is "
-                       f"{100 * rel:.1f}% (<= {100 * tolerance:.0f}%)")
+                       f"{100 * change:.1f}% (<= {100 * tolerance:.0f}%){ci_text(bm)}{obs}{wide}")
         return out
-    if len(pts) == 2:
-        way = "rises" if ys[1] > ys[0] else "falls"
+    if "change_ci" not in bm:
+        lo = [y for x, y in pts if x == distinct[0]][0]
+        hi = [y for x, y in pts if x == distinct[-1]][0]
+        way = "rises" if hi > lo else "falls"
         out["growth"] = f"{way} (2 points: log or linear)"
-        out["text"] = (f"{way}: {ys[0]:.3g} -> {ys[1]:.3g} {unit} over {rng}; two points cannot tell "
-                       f"log from linear")
+        out["text"] = (f"{way}: {lo:.3g} -> {hi:.3g} {unit} over {rng}; two points cannot tell "
+                       f"log from linear, nor a trend from a session's scatter")
         return out
-    if max(lin[2], lg[2]) < 0.5:
+    lo, hi = bm["change_ci"]
+    if max(lin[2], lg[2]) < 0.5 or lo <= 0 <= hi:
         out["growth"] = "no clear trend"
-        out["text"] = (f"no clear trend: neither fit explains the points (R² linear {lin[2]:.2f}, log {lg[2]:.2f}); "
-                       f"{min(ys):.3g} to {max(ys):.3g} {unit} over {rng}, scatter larger than any trend")
+        why = (f"neither fit explains the points (R² linear {lin[2]:.2f}, log {lg[2]:.2f})"
+               if max(lin[2], lg[2]) < 0.5 else
+               f"the {best} fit's change over the range, {100 * bm['change']:+.0f}%, has an interval that "
+               f"includes none{ci_text(bm)}")
+        out["text"] = (f"no clear trend: {why}; {min(ys):.3g} to {max(ys):.3g} {unit} over {rng}{obs}, "
+                       "scatter larger than any trend")
         return out
-    if lin[2] >= lg[2]:
+    other = "log" if best == "linear" else "linear"
+    if best == "linear":
         per = 10 ** max(0, int(math.floor(math.log10(max(xs)))) - 1)
         out["growth"] = "linear"
-        out["text"] = (f"linear: {lin[1] * per:+.3g} {unit} per {per:,} {what} (R² {lin[2]:.2f}; log fit "
-                       f"R² {lg[2]:.2f}), {100 * span_lin / mean:+.0f}% over {rng}")
+        out["text"] = (f"linear: {lin[1] * per:+.3g} {unit} per {per:,} {what} (R² {lin[2]:.2f}; {other} fit "
+                       f"R² {lg[2]:.2f}), {100 * bm['change']:+.0f}%{ci_text(bm)} over {rng}{obs}")
     else:
         out["growth"] = "log"
-        out["text"] = (f"log: {lg[1] * math.log(10):+.3g} {unit} per tenfold {what} (R² {lg[2]:.2f}; linear "
-                       f"fit R² {lin[2]:.2f}), {100 * span_log / mean:+.0f}% over {rng}")
+        out["text"] = (f"log: {lg[1] * math.log(10):+.3g} {unit} per tenfold {what} (R² {lg[2]:.2f}; {other} "
+                       f"fit R² {lin[2]:.2f}), {100 * bm['change']:+.0f}%{ci_text(bm)} over {rng}{obs}")
     return out
 
 
@@ -334,22 +383,58 @@ def run_point(dim: str, x: int, cg, work: Path, gens: dict, cfg: dict, build: st
     return rec
 
 
+def merge_rounds(recs: list) -> dict:
+    """One point from its sessions (one per round): CPU per operation the best session's (as
+    each session's own figure is the best of its storms), peak and end RSS the highest, start
+    the median; every session's figures kept under `rounds`, which the fits use."""
+    pt = {k: v for k, v in recs[0].items() if k not in METRICS and k not in ROUND_ONLY and k not in ("error", "drops")}
+    pt["rounds"] = [{k: r.get(k) for k in (*METRICS, *ROUND_ONLY) if r.get(k) is not None}
+                    | ({"error": r["error"]} if r.get("error") else {}) for r in recs]
+    ok = [r for r in recs if not r.get("error")]
+    for m in METRICS:
+        vals = [r[m] for r in ok if r.get(m) is not None]
+        if vals:
+            pt[m] = (min(vals) if m.endswith("_per_op") else max(vals) if m.startswith("rss")
+                     else sorted(vals)[(len(vals) - 1) // 2])
+    for k in ROUND_ONLY:
+        vals = [r[k] for r in ok if r.get(k) is not None]
+        if vals:
+            pt[k] = vals[0] if k.endswith("events_per_op") else min(vals)
+    errs = [r["error"] for r in recs if r.get("error")]
+    if errs and not ok:
+        pt["error"] = errs[0]
+    elif errs:
+        pt["round_errors"] = errs
+    drops = [r.get("drops") for r in recs if r.get("drops") is not None]
+    if drops:
+        pt["drops"] = drops[0] if len(drops) == 1 else drops
+    return pt
+
+
 def measure(cg, work: Path, gens: dict, size: str, dims: list, log) -> dict:
+    """Each point once per round, one fresh session each; the rounds alternate the order of the
+    points (1, 10, 100 then 100, 10, 1), so a drift of the machine over the section (a warming
+    cache, a neighbour's load) falls on every x alike instead of looking like growth."""
+    import time
     cfg = POINTS[size]
     why = tracers.agenttrace_unavailable()
     if why:
         return {"status": f"not measured: {why}"}
-    out: dict = {"config": {k: cfg[k] for k in ("exec", "connect", "reps")}, "dimensions": {}}
+    t0 = time.monotonic()
+    out: dict = {"config": {k: cfg[k] for k in ("exec", "connect", "reps", "rounds")}, "dimensions": {}}
     for dim in dims:
-        pts = []
-        for x in cfg[dim]:
-            log(f"growth: {dim} = {x}")
-            pts.append(run_point(dim, x, cg, work, gens, cfg))
+        by_x: dict = {x: [] for x in cfg[dim]}
+        for rnd in range(cfg["rounds"]):
+            for x in (cfg[dim] if rnd % 2 == 0 else cfg[dim][::-1]):
+                log(f"growth: {dim} = {x} (round {rnd + 1} of {cfg['rounds']})")
+                by_x[x].append(run_point(dim, x, cg, work, gens, cfg))
+        pts = [merge_rounds(by_x[x]) for x in cfg[dim]]
         out["dimensions"][dim] = {"label": DIMENSIONS[dim][0], "how": DIMENSIONS[dim][1], "points": pts,
                                   "fits": fits(pts, DIMENSIONS[dim][0])}
         if dim == "allow_list":
             log(f"growth: learned addresses {LEARNED[size]} (bench.egress_storm)")
             out["learned"] = learned_series(LEARNED[size], cfg["connect"])
+    out["elapsed_s"] = round(time.monotonic() - t0, 1)
     return out
 
 
@@ -376,12 +461,17 @@ def learned_series(xs: list, n: int) -> dict:
 
 
 def fits(pts: list, what: str) -> dict:
+    """Every session's figure is an observation (a point's `rounds`; a point without them is one)."""
     ok = [p for p in pts if "error" not in p]
     res = {}
     for m, (_, unit) in METRICS.items():
-        xs = [p["x"] for p in ok if p.get(m) is not None]
-        if len(xs) >= 2:
-            res[m] = fit(xs, [p[m] for p in ok if p.get(m) is not None], unit, what)
+        xs, ys = [], []
+        for p in ok:
+            obs = [r[m] for r in p.get("rounds") or [p] if r.get(m) is not None and not r.get("error")]
+            xs += [p["x"]] * len(obs)
+            ys += obs
+        if len(set(xs)) >= 2:
+            res[m] = fit(xs, ys, unit, what)
     return res
 
 
@@ -392,12 +482,17 @@ def markdown(g: dict | None) -> list:
     if "status" in g:
         return L + [g["status"], ""]
     c = g["config"]
-    L.append(f"One fresh `agenttrace run --mode enforce` (every default probe) per point; storms of {c['exec']} "
-             f"execs and {c['connect']} connects inside the agent cgroup, best of {c['reps']}; tracer CPU per "
-             "operation = its processes' CPU time during the storm ÷ operations. Growth: least-squares fits "
-             f"of y = a + b·x and y = a + b·ln x; flat when neither changes y by more than "
-             f"{100 * FLAT_TOLERANCE:.0f}% of its mean over the range, else the better fit; a point with an error "
-             "is shown with it and left out of the fits. Plot: `growth.png`.")
+    rounds = c.get("rounds", 1)
+    L.append(f"One fresh `agenttrace run --mode enforce` (every default probe) per point and round ({rounds} "
+             f"round(s), the order of the points reversed every other round, so that a drift of the machine "
+             f"does not read as growth); storms of {c['exec']} execs and {c['connect']} connects inside the agent "
+             f"cgroup, best of {c['reps']} per session; tracer CPU per operation = its processes' CPU time during "
+             "the storm ÷ operations. A point's CPU is its best session's, its RSS the highest, its start the "
+             "median; in brackets the sessions' range. Growth: least-squares fits of y = a + b·x and "
+             "y = a + b·ln x over every session's figure; flat when neither changes y by more than "
+             f"{100 * FLAT_TOLERANCE:.0f}% of its mean over the range; a trend (the better fit) only when its "
+             "change exceeds that and its 95% interval (Student t, slope) excludes no change; otherwise no clear "
+             "trend. A point with an error is shown with it and left out of the fits. Plot: `growth.png`.")
     L.append("")
     for dim, d in g["dimensions"].items():
         L.append(f"**{d['label']}** ({d['how']})")
@@ -406,10 +501,16 @@ def markdown(g: dict | None) -> list:
                  "RSS at stop (MB) | start (s) | note |")
         L.append("| --- | --- | --- | --- | --- | --- | --- |")
         for p in d["points"]:
-            def v(k):
-                return "-" if p.get(k) is None else str(p[k])
-            ex = "-" if p.get("exec_us_per_op") is None else f"{p['exec_us_per_op']}, {p.get('exec_events_per_op')}"
-            note = ("error: " + str(p["error"]).splitlines()[-1][:200].replace("|", "/")) if p.get("error") else ""
+            def v(k, p=p):
+                if p.get(k) is None:
+                    return "-"
+                seen = [r[k] for r in p.get("rounds") or [] if r.get(k) is not None and not r.get("error")]
+                if len(seen) > 1 and min(seen) != max(seen):
+                    return f"{p[k]} ({min(seen)}–{max(seen)})"
+                return str(p[k])
+            ex = "-" if p.get("exec_us_per_op") is None else f"{v('exec_us_per_op')}, {p.get('exec_events_per_op')}"
+            errs = [p["error"]] if p.get("error") else [f"a round: {e}" for e in p.get("round_errors") or []]
+            note = "; ".join("error: " + str(e).splitlines()[-1][:200].replace("|", "/") for e in errs[:1])
             L.append(f"| {p['x']:,} | {ex} | {v('connect_us_per_op')} | {v('rss_hwm_mb')} | {v('rss_end_mb')} | "
                      f"{v('startup_s')} | {note} |")
         L.append("")
@@ -461,8 +562,13 @@ def plot(g: dict | None, path: Path) -> bool:
                 xy = [(p["x"], p[m]) for p in pts if p.get(m) is not None]
                 if xy:
                     f = d["fits"].get(m, {})
-                    ax.plot([a for a, _ in xy], [b for _, b in xy], marker="o",
-                            label=f"{METRICS[m][0].split(',')[0]} ({f.get('growth', '?')})")
+                    line, = ax.plot([a for a, _ in xy], [b for _, b in xy], marker="o",
+                                    label=f"{METRICS[m][0].split(',')[0]} ({f.get('growth', '?')})")
+                    seen = [(p["x"], r[m]) for p in pts for r in p.get("rounds") or []
+                            if r.get(m) is not None and not r.get("error")]
+                    if len(seen) > len(xy):   # each session, so the scatter is seen beside the trend
+                        ax.scatter([a for a, _ in seen], [b for _, b in seen], s=10, color=line.get_color(),
+                                   alpha=0.5)
             xs = [p["x"] for p in pts if p.get("x")]
             if xs and max(xs) / min(xs) >= 50:   # a decade-spanning axis; rules stay linear
                 ax.set_xscale("log")

@@ -318,3 +318,54 @@ def test_profile_fold_names_compiled_frames_and_skips_cython_glue():
     incl = {t["function"]: t["pct"] for t in r["top_inclusive"]}
     assert incl["pipeline.so:poll"] == 100.0 and incl["enricher.so:on_view"] == 75.0
     assert not any("__Pyx_" in f for f in incl), incl
+
+
+def test_growth_calls_a_trend_only_beyond_the_sessions_scatter():
+    from bench.growth import fit
+    # s34's allow-list connect CPU: one high session at 100,000 made a "linear +25%" of 4 points
+    one_outlier = fit([10, 1000, 10000, 100000], [12.22, 13.46, 12.32, 16.03], "us")
+    assert one_outlier["growth"] == "no clear trend"
+    lo, hi = one_outlier["linear"]["change_ci"]
+    assert lo < 0 < hi and "includes none" in one_outlier["text"]
+    # a real rise, seen in both rounds, stays a trend with its interval above zero
+    xs = [10, 1000, 10000, 100000] * 2
+    rss = fit(xs, [98.5, 98.7, 100.2, 115.1, 98.4, 98.9, 100.0, 115.3], "MB")
+    assert rss["growth"] == "linear" and rss["observations"] == 8 and rss["points"] == 4
+    assert rss["linear"]["change_ci"][0] > 0.1
+    # repeated sessions at two x: an interval exists, so the shape's direction is tested too
+    assert fit([1, 1, 100, 100], [10, 10.4, 10.1, 10.3])["growth"] == "flat"
+    assert fit([1, 1, 100, 100], [10, 12, 14, 30])["growth"] == "no clear trend"
+
+
+def test_growth_rounds_alternate_the_points_and_every_session_is_fitted(monkeypatch):
+    from bench import growth, tracers
+    seen = []
+
+    def fake_point(dim, x, cg, work, gens, cfg, build="after"):
+        seen.append(x)
+        # a machine that drifts: each later session costs 1 us more, whatever x
+        rec = {"dimension": dim, "x": x, "args": "", "exec_us_per_op": 30.0 + len(seen), "exec_events_per_op": 2.0,
+               "rss_hwm_mb": 100.0 + x / 1000, "rss_end_mb": 99.0, "startup_s": 0.5, "drops": {}}
+        if x == 1000 and len(seen) > 3:
+            rec["error"] = "refused: the second session failed"
+        return rec
+
+    monkeypatch.setattr(growth, "run_point", fake_point)
+    monkeypatch.setattr(tracers, "agenttrace_unavailable", lambda build="after": None)
+    monkeypatch.setitem(growth.POINTS, "test", {"agents": [1, 100, 1000], "exec": 1, "connect": 1, "reps": 1,
+                                                 "rounds": 2})
+    g = growth.measure(None, None, {}, "test", ["agents"], lambda m: None)
+    assert seen == [1, 100, 1000, 1000, 100, 1]
+    d = g["dimensions"]["agents"]
+    assert [p["x"] for p in d["points"]] == [1, 100, 1000]
+    first = d["points"][0]
+    assert first["exec_us_per_op"] == 31.0 and [r["exec_us_per_op"] for r in first["rounds"]] == [31.0, 36.0]
+    # the failed session is kept, marked, and left out of the fit; the point stands on the other
+    last = d["points"][2]
+    assert "error" not in last and last["round_errors"] == ["refused: the second session failed"]
+    assert d["fits"]["exec_us_per_op"]["observations"] == 5
+    # the drift falls on both ends alike: no growth is read from it
+    assert d["fits"]["exec_us_per_op"]["growth"] != "linear" and d["fits"]["exec_us_per_op"]["growth"] != "log"
+    assert g["config"]["rounds"] == 2 and "elapsed_s" in g
+    md = "\n".join(growth.markdown(g))
+    assert "31.0 (31.0–36.0), 2.0" in md and "error: a round: refused" in md
