@@ -346,6 +346,7 @@ def run_point(dim: str, x: int, cg, work: Path, gens: dict, cfg: dict, build: st
         rec["x"] = x + builtin_rule_count() if x else builtin_rule_count()
         rec["generated"] = x
     try:
+        rec["settle"] = sysinfo.settle()    # the last session's leftovers are not this start's
         with _room_for_args(sum(len(a) + 9 for a in p.args)):
             tracer.start(cg, work, gens)
         rec["startup_s"] = round(tracer.startup_s, 3)

@@ -117,6 +117,8 @@ class Bench:
         sess = {"tracer": tname, "round": rnd, "ok": False}
         pending = []
         started = False
+        # the last configuration's leftovers (dirty pages, a daemon's exit) are not this one's
+        sess["settle"] = sysinfo.settle()
         t_start = time.monotonic()
         try:
             tracer.start(self.cg, self.work, self.gens)

@@ -402,6 +402,12 @@ def markdown(result: dict, plot_name: str | None) -> str:
     L.append("- 'inside' = the generator joined the agent cgroup (a temporary cgroup2 directory the tracer "
              f"watches, {result.get('agent_cgroup', {}).get('path')}) before its timed loop; 'outside' = "
              "the harness's own cgroup.")
+    st = [s["settle"] for s in result.get("sessions", []) if s.get("settle")]
+    if st:
+        L.append(f"- Between sessions (untimed): dirty pages written back and up to 5 s for a 0.2 s spell of "
+                 f"≥ 90% idle CPUs; {sum(1 for x in st if x.get('quiet'))} of {len(st)} sessions found it, "
+                 f"longest wait {max(x.get('waited_s', 0) for x in st):.1f} s, longest writeback "
+                 f"{max(x.get('sync_s', 0) for x in st):.2f} s.")
     L.append("")
     return "\n".join(L)
 

@@ -230,6 +230,32 @@ _BPF_ENABLE_STATS = 32
 _prog_names: dict[int, str] = {}
 
 
+def _cpu_busy_idle(stat: str = "/proc/stat") -> tuple[int, int]:
+    f = [int(x) for x in open(stat).readline().split()[1:]]
+    idle = f[3] + (f[4] if len(f) > 4 else 0)   # idle + iowait
+    return sum(f) - idle, idle
+
+
+def settle(max_s: float = 5.0, window_s: float = 0.2, idle_share: float = 0.9) -> dict:
+    """Between two configurations, outside anything timed: write back the dirty pages the last
+    one left (auditd's log: a session of it leaves tens of MB, whose writeback otherwise lands
+    on the next tracer's start) and wait, at most `max_s`, for a `window_s` in which the CPUs
+    were at least `idle_share` idle. Returns what it waited, for the session record."""
+    t0 = time.monotonic()
+    os.sync()
+    synced = time.monotonic() - t0
+    quiet = False
+    while time.monotonic() - t0 < max_s:
+        b0, i0 = _cpu_busy_idle()
+        time.sleep(window_s)
+        b1, i1 = _cpu_busy_idle()
+        tot = (b1 - b0) + (i1 - i0)
+        if tot and (i1 - i0) / tot >= idle_share:
+            quiet = True
+            break
+    return {"sync_s": round(synced, 3), "waited_s": round(time.monotonic() - t0, 3), "quiet": quiet}
+
+
 def _bpf(cmd: int, attr) -> int:
     import ctypes
     global _libc

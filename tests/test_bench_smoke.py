@@ -89,6 +89,11 @@ def test_tiny_run_with_bpftrace(tmp_path):
     bts = [s for s in res["sessions"] if s["tracer"] == "bpftrace"]
     assert len(bts) == 1 and bts[0]["ok"], bts
     assert bts[0]["startup_s"] > 0 and bts[0]["rss_hwm_kb"] > 0
+    # every session began after the last one's leftovers were written back, the wait bounded
+    for s in res["sessions"]:
+        st = s["settle"]
+        assert st["sync_s"] >= 0 and 0 <= st["waited_s"] <= 6.0 and isinstance(st["quiet"], bool), s
+    assert "- Between sessions (untimed): dirty pages written back" in (out / "report.md").read_text()
 
     goals = res["goals"]
     assert {"full_probe_set", "cpu_per_exec", "cpu_per_connect", "zero_drop_rate", "storm_slowdown_enforce",
