@@ -55,6 +55,9 @@ def summarize(runs: list, sessions: list, active: list, workloads: list) -> dict
                     "session_rounds": rounds,
                     "session_elapsed_ns": el,
                     "session_cpu_ns": [per_round[k][1] for k in rounds],
+                    # the tracer's CPU per operation in each round (its repetitions pooled), so the
+                    # CPU-per-event goals can pair agenttrace with bpftrace round by round
+                    "session_tracer_cpu_per_op_us": [_tracer_cpu_per_op(rs, k) for k in rounds],
                     "min_elapsed_ns": min(el),
                     "max_elapsed_ns": max(el),
                     # (max - min) / median of the rounds: how far apart identical runs fell
@@ -112,7 +115,19 @@ def summarize(runs: list, sessions: list, active: list, workloads: list) -> dict
             "intervals": {"level": float(interval.LEVEL), "method": interval.METHOD,
                           "fields": "ratio_ci, cpu_ratio_ci: [low, high] of ratio, cpu_ratio; null with fewer "
                                     f"than {interval.MIN_ROUNDS} rounds with both sessions; session_rounds, "
-                                    "session_elapsed_ns, session_cpu_ns: the per-session figures, by round"}}
+                                    "session_elapsed_ns, session_cpu_ns, session_tracer_cpu_per_op_us: the "
+                                    "per-session figures, by round"}}
+
+
+def _tracer_cpu_per_op(rs: list, rnd) -> float | None:
+    """µs of tracer CPU per workload operation over one round's repetitions; None when the round
+    did not see every expected record (the figure would be per a part of them)."""
+    mine = [r for r in rs if r["round"] == rnd]
+    n = sum(r["n"] for r in mine)
+    expected = sum(r["expected_events"] for r in mine)
+    if not n or not expected or expected < n:
+        return None
+    return round(sum(r["tracer_cpu_ns"] for r in mine) / n / 1000, 3)
 
 
 def _ci(cell: dict, base: dict, field: str):

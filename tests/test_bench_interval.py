@@ -178,3 +178,51 @@ def test_a_session_figure_is_the_median_of_its_repetitions():
     cell = report.summarize(runs, [], ["none"], wls)["workloads"]["exec_storm/inside"]["none"]
     assert cell["session_cpu_ns"] == [110, 120, 130] and cell["median_cpu_ns"] == 120
     assert cell["session_elapsed_ns"] == [220, 220, 220]
+
+
+def _cpu_result(per_op_us: dict) -> dict:
+    """The exec storm inside, one session per (tracer, round): tracer CPU per exec as given (µs),
+    the workload's own CPU alike for every tracer."""
+    wls = [w for w in harness.WORKLOADS if w.name == "exec_storm"]
+    runs = [{"round": rd, "rep": 0, "tracer": t, "workload": "exec_storm", "placement": "inside", "n": 30,
+             "elapsed_ns": 200, "cpu_ns": 100, "errors": 0, "expected_events": 30 if t == "bpftrace" else 60,
+             "tracer_cpu_ns": round(us * 30 * 1000), "events": 30 if t == "bpftrace" else 60,
+             "seen_expected_kind": 30}
+            for t, vals in per_op_us.items() for rd, us in enumerate(vals)]
+    runs += [dict(r, tracer="none", tracer_cpu_ns=0, events=0) for r in runs if r["tracer"] == "bpftrace"]
+    tracers = ["none", *per_op_us]
+    res = {"config": {"judge": "cpu", "sizes": harness.SIZES["tiny"]},
+           "tracers": {t: {"available": True, "reason": None, "description": t, "scope": "-"} for t in tracers},
+           "sessions": [], "runs": runs}
+    res["summary"] = report.summarize(runs, [], tracers, wls)
+    res["goals"] = report.goals(res)
+    return res
+
+
+def test_cpu_per_exec_goal_pairs_agenttrace_with_bpftrace_by_round():
+    # every round agenttrace above bpftrace, the machine drifting for both: beyond the noise
+    res = _cpu_result({"agenttrace-enforce": [40, 44, 38, 46, 42], "bpftrace": [34, 37, 32, 39, 35]})
+    cell = res["summary"]["workloads"]["exec_storm/inside"]
+    assert cell["agenttrace-enforce"]["session_tracer_cpu_per_op_us"] == [40, 44, 38, 46, 42]
+    assert cell["bpftrace"]["session_tracer_cpu_per_op_us"] == [34, 37, 32, 39, 35]
+    g = next(g for g in res["goals"] if g["id"] == "cpu_per_exec")
+    assert g["status"] == "missed" and g["value"] == 42.0
+    want = interval.ratio_ci(_r(40, 44, 38, 46, 42), _r(34, 37, 32, 39, 35))
+    assert g["ci"] == list(want) and want[0] > 1
+    assert g["ci_verdict"] == "missed"
+    assert "per round, CPU per operation against bpftrace: agenttrace-enforce/bpftrace 1.200x [1.17–1.20]" in g["detail"]
+    assert g["cause"].startswith("agenttrace-enforce/bpftrace 95% CI") and "missed beyond this run's noise" in g["cause"]
+
+
+def test_cpu_per_exec_goal_says_when_the_gap_is_inside_the_noise():
+    # the pooled figure misses by a little while the rounds cross over: the run cannot tell
+    res = _cpu_result({"agenttrace-enforce": [36, 33, 35, 31, 37], "bpftrace": [33, 35, 32, 34, 33]})
+    g = next(g for g in res["goals"] if g["id"] == "cpu_per_exec")
+    assert g["status"] == "missed" and g["ci_verdict"] == "undecided"
+    assert g["ci"][0] < 1 < g["ci"][1]
+    assert "includes 1: not distinguishable from the goal at this noise" in g["cause"]
+    # met on the point and on every round: met beyond the noise, and no cause
+    res = _cpu_result({"agenttrace-enforce": [30, 31, 29, 30, 28], "bpftrace": [33, 35, 32, 34, 33]})
+    g = next(g for g in res["goals"] if g["id"] == "cpu_per_exec")
+    assert g["status"] == "met" and g["ci_verdict"] == "met" and not g["cause"]
+    assert "met beyond this run's noise" in g["detail"]
