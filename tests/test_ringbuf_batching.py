@@ -55,6 +55,20 @@ def test_gap_from_a_sub_millisecond_floor_still_grows():
     assert r.gap_ns == 1 * MS
 
 
+def test_an_exec_storm_stream_reaches_the_batch_wait_and_a_fast_one_stays_at_the_floor():
+    # the reader's own target (ringbuf.BATCH_TARGET): an exec storm's ~2,600 records/s are read
+    # once per batch wait (50 ms), not every ~25-40 ms as with a 64-record target (a read's cold
+    # start is paid per read); 60,000 records/s fill a batch within the 5-ms wakeup floor
+    from agenttrace.kernel.ringbuf import BATCH_TARGET
+    for rate, want_ms in ((2_600, 50), (60_000, 5)):
+        r = _reader(5, 50)
+        r.batch_target = BATCH_TARGET
+        for _ in range(12):
+            gap_ms = max(r.gap_ns, r.min_gap_ns) / MS
+            r._adapt(int(rate * gap_ms / 1000))
+        assert max(r.gap_ns, r.min_gap_ns) / MS == want_ms, (rate, r.gap_ns / MS)
+
+
 def test_run_with_batch_wait_loses_nothing(agent_tree, tmp_path):
     """`agenttrace run --cgroup ... --batch-wait-ms 40` under an exec loop: every exec is
     reported once and in order, and the stopped record counts the reads."""

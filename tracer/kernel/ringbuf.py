@@ -44,6 +44,14 @@ BELL_RECORD = 2048
 # where the late bell (probes/common.h at_doorbell_late) cuts the reader's gap: the batch wait
 # before the doorbell took decisions out of it, so what it rings for is read no later than then
 LATE_BELL_MS = 15
+# Records a read should take before the gap stops growing (RingReader._adapt). 256, not 64:
+# at 64 an exec storm's reads (~2,600 records/s) stopped growing the gap at ~25 ms, half the
+# batch wait, and paid a read's cold start twice as often; at 256 they reach the batch wait.
+# Sessions alternated (s37, enforce, default set, 5-7 pairs): 34 -> 24.5 us of tracer CPU per
+# exec, 15.5 -> 13 per loopback connect (128: 25 per exec). What a rule may act on still rings
+# a bell (probes/common.h), and a stream of 256 records or more per wakeup interval (51,200/s
+# at 5 ms) is still read at that floor.
+BATCH_TARGET = 256
 
 
 def supported() -> bool:
@@ -90,7 +98,7 @@ class RingReader:
         # so a fast stream (where latency matters most, issue 7) stays at the floor and a
         # record after a quiet spell is still read at once (its wakeup is never deferred).
         self.max_gap_ns = 0
-        self.batch_target = 64
+        self.batch_target = BATCH_TARGET
         self.gap_ns = 0
         self._last_read_ns = 0
         self._last_n = 0

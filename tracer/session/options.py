@@ -34,7 +34,7 @@ class SessionOptions:
     # BPF time per record on VMs.
     wakeup_ms: float = 5.0
     # While records keep coming, the reader may let them gather this long (ms) so each read
-    # takes a batch of ~64 (ringbuf.RingReader.max_gap_ns): fewer cold-cache wakeups, less CPU
+    # takes a batch of ~256 (ringbuf.RingReader.batch_target): fewer cold-cache wakeups, less CPU
     # per record; a fast stream already fills batches at wakeup_ms and is read at that pace.
     # Records userspace may act on ring a doorbell that ends the wait sooner (probes/common.h
     # at_doorbell), so this bounds only records no decision waits for (bench/profiles/
