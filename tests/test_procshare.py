@@ -81,7 +81,7 @@ def _tracer(share: bool):
     t.node = t.enrich.node = "node-1"
     t.enrich.clock_offset = 1_780_000_000_000_000_000
     if not share:       # every part built afresh
-        t.enrich.shared_procs.part = lambda tgid, uid, comm, build, gpu: build(tgid, uid, comm)
+        t.enrich.shared_procs.part = lambda tgid, uid, comm, build, gpu, ktime=0: build(tgid, uid, comm, ktime)
     return t, buf
 
 

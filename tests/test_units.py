@@ -74,6 +74,29 @@ def test_proc_table_reads_proc_for_unknown():
     assert me is not None and me.pid == os.getpid() and me.args
 
 
+def test_proc_table_answers_for_a_gone_process_from_its_failed_look_up():
+    """A pid found nowhere (no table entry, no kernel fork entry, no /proc) is not looked up
+    again for a record from before that look-up, and is for a later record (the pid may be a
+    new process's by then) and for a question without a record's time."""
+    import subprocess
+    import time
+    child = subprocess.Popen(["true"])
+    child.wait()        # reaped: its pid is in no /proc
+    pid = child.pid
+    asked = []
+    t = ProcTable()
+    t.fork_lookup = lambda p: asked.append(p)    # the kernel's map: nothing for it
+    before = time.monotonic_ns()
+    assert t.get(pid, before) is None and asked == [pid]
+    assert t.get(pid, before + 1) is None and asked == [pid] and t.gone_hits == 1
+    assert t.get(pid) is None and asked == [pid, pid]      # no record time: asked again
+    assert t.get(pid, time.monotonic_ns()) is None and asked == [pid, pid, pid]   # newer record
+    # a live process found later on the pid (here: ours) is never hidden by the old answer
+    t._gone[os.getpid()] = time.monotonic_ns() + 10**12
+    assert t.get(os.getpid()) is not None
+    assert t.get(os.getpid(), 1) is not None        # now in the table: the table answers first
+
+
 def test_wait_status():
     assert wait_status(3 << 8) == (3, None)
     assert wait_status(9) == (137, 9)

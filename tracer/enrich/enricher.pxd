@@ -33,7 +33,7 @@ cdef class Enricher:
 
     cdef tuple _base_t(self, str kind, object ktime, object agent)
     @cython.locals(procs=ProcTable, p=Proc, rec=dict)
-    cpdef dict _proc_t(self, object tgid, object uid, object comm)
+    cpdef dict _proc_t(self, object tgid, object uid, object comm, object ktime=*)
     @cython.locals(by_type=dict, out=list, act=Activity, ev=Event)
     cpdef list on_view(self, object view, object size)
     @cython.locals(procs=ProcTable, p=Proc, rec=dict, proc=dict, filename=str, exe=str)

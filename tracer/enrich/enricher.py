@@ -126,11 +126,13 @@ class Enricher:
                 "agent": self.agents.agent(agent)}, t
 
     def _proc(self, h: E.Header) -> dict:
-        return self._proc_t(h.tgid, h.uid, h.comm)
+        return self._proc_t(h.tgid, h.uid, h.comm, h.ktime)
 
-    def _proc_t(self, tgid: int, uid: int, comm: bytes) -> dict:
+    def _proc_t(self, tgid: int, uid: int, comm: bytes, ktime: int = 0) -> dict:
+        """The record's `proc` part; `ktime`, the record's kernel time, lets the table answer
+        for a process that was already gone without looking again (ProcTable.get)."""
         procs = self.procs
-        p = procs.get(tgid)
+        p = procs.get(tgid, ktime)
         if p is None:
             rec = {"pid": tgid, "ppid": 0, "uid": uid, "comm": E.cstr(comm), "exe": "",
                    "args": [], "exec_id": None, "parent_exec_id": None}
@@ -293,7 +295,7 @@ class Enricher:
     def _exit_v(self, v) -> list[Event]:
         tgid, uid, ktime, agent, comm, exit_code, start = E.unpack(_EXIT_S, v)
         rec, t = self._base_t("exit", ktime, agent)
-        rec["proc"] = self._proc_t(tgid, uid, comm)
+        rec["proc"] = self._proc_t(tgid, uid, comm, ktime)
         code, sig = wait_status(exit_code)
         rec["exit_code"] = code
         if sig is not None:
@@ -465,7 +467,7 @@ class Enricher:
         # accept of a TCP storm comes here
         t = ktime + self.clock_offset
         rec = {"ts": format_ns(t), "kind": "listen", "node": self.node, "agent": self.agents.agent(agent),
-               "proc": self.shared_procs.part(tgid, uid, comm, self._proc_t, self.gpu_summary), "net": net}
+               "proc": self.shared_procs.part(tgid, uid, comm, self._proc_t, self.gpu_summary, ktime), "net": net}
         return [_event("listen", t, rec, tgid, agent, cookie)]
 
     def _dst(self, agent_id: int, addr: str, port: int) -> dict:
@@ -496,8 +498,8 @@ class Enricher:
         s = getattr(self, "ssh_sessions", None)
         relaying = s is not None and s.proxies
         # _relay adds to the proc part: then it is this record's own
-        rec["proc"] = (self._proc_t(tgid, uid, comm) if relaying else
-                       self.shared_procs.part(tgid, uid, comm, self._proc_t, self.gpu_summary))
+        rec["proc"] = (self._proc_t(tgid, uid, comm, ktime) if relaying else
+                       self.shared_procs.part(tgid, uid, comm, self._proc_t, self.gpu_summary, ktime))
         addr = E.addr_str(daddr, family)
         proto = _PROTO.get(protocol)
         if proto is None:

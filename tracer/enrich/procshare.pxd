@@ -12,4 +12,5 @@ cdef class SharedProcs:
     cdef public Py_ssize_t shared
 
     @cython.locals(procs=ProcTable, p=Proc, m=tuple, r=dict, d=dict)
-    cpdef dict part(self, object tgid, object uid, object comm, object build, object gpu_summary)
+    cpdef dict part(self, object tgid, object uid, object comm, object build, object gpu_summary,
+                    object ktime=*)

@@ -40,10 +40,10 @@ class SharedProcs:
         self._by_pid: dict[int, tuple] = {}
         self.shared = 0     # records given a part built for an earlier record (stage counter)
 
-    def part(self, tgid: int, uid: int, comm: bytes, build: Callable[[int, int, bytes], dict],
-             gpu_summary: Optional[Callable[[int], Optional[dict]]]) -> dict:
-        """`build(tgid, uid, comm)` (Enricher._proc_t), or the dict it built for an earlier
-        record when the result would be equal to it."""
+    def part(self, tgid: int, uid: int, comm: bytes, build: Callable[[int, int, bytes, int], dict],
+             gpu_summary: Optional[Callable[[int], Optional[dict]]], ktime: int = 0) -> dict:
+        """`build(tgid, uid, comm, ktime)` (Enricher._proc_t), or the dict it built for an
+        earlier record when the result would be equal to it."""
         procs = self.procs
         m = self._by_pid.get(tgid)
         if m is not None:
@@ -55,7 +55,7 @@ class SharedProcs:
                     and (gpu_summary is None or (gpu_summary(tgid) or None) is r.get("gpu"))):
                 self.shared += 1
                 return r
-        r = build(tgid, uid, comm)
+        r = build(tgid, uid, comm, ktime)
         p = procs.peek(tgid)
         if p is not None:       # what build read: no entry, nothing shared
             d = self._by_pid

@@ -24,14 +24,15 @@ cpdef str make_exec_id(object pid, object start_ns)
 cdef class ProcTable:
     cdef public object max_entries, fork_lookup
     cdef public object _t, _holes, _exited, _exited_ids
+    cdef public dict _gone
     cdef public long long _gen
-    cdef public Py_ssize_t evictions, forgotten
+    cdef public Py_ssize_t evictions, forgotten, gone_hits
 
     @cython.locals(old=Proc)
     cpdef Proc _put(self, Proc p)
     cpdef Proc peek(self, object pid)
-    @cython.locals(p=Proc, par=Proc)
-    cpdef Proc get(self, object pid)
+    @cython.locals(p=Proc, par=Proc, gone=dict)
+    cpdef Proc get(self, object pid, object before=*)
     @cython.locals(p=Proc, par=Proc)
     cpdef Proc on_exec(self, object pid, object ppid, object uid, object comm, object exe,
                        object args, object ktime, object creator=*)

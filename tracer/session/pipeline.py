@@ -649,7 +649,10 @@ class Tracer:
             },
             "argv_read_failures": self.enrich.argv_read_failures,
             "file_path_read_failures": self.enrich.file_path_read_failures,
-            "proc_table": {"size": len(self.procs), "evictions": self.procs.evictions},
+            "proc_table": {"size": len(self.procs), "evictions": self.procs.evictions,
+                           # records of processes gone before they were read, answered from an
+                           # earlier look-up that found nothing (ProcTable.get)
+                           "gone_answered": self.procs.gone_hits},
             **({"processes": {"fork_records": self.fork_records, **self.kernel_forks.stats()}}
                if self.kernel_forks is not None else {}),
             # the look-back memory of download-then-exec and GPU+network (enrich/activity.py)
