@@ -45,6 +45,16 @@ def _cell(result, key, tracer) -> dict:
     return result.get("summary", {}).get("workloads", {}).get(key, {}).get(tracer, {})
 
 
+def _bpf_source(cell: dict) -> str:
+    """Where a cell's BPF figures come from, when not from the runs its ratios come from: the
+    stats-on repetitions (BPF_ENABLE_STATS costs the workload; the judged runs go without)."""
+    if not cell.get("bpf_stats_runs"):
+        return ""
+    on = cell.get("stats_cpu_ratio")
+    return (" (BPF figure from the sessions' stats-on repetition, ratio from the stats-off ones"
+            + (f"; with stats on the workload's CPU was {on:.3f}x" if on else "") + ")")
+
+
 def _ratio(result, key, tracer, field=None):
     return _cell(result, key, tracer).get(field or JUDGE_FIELD[judge(result)])
 
@@ -147,7 +157,7 @@ def goals(result: dict) -> list:
                  f"({cb.get('cpu_per_event_us')} us each): the cost is the userspace work per record")
         if ca.get("bpf_ns_per_op") and cb.get("bpf_ns_per_op"):
             cause += (f"; in the kernel (charged to the workload, not to this figure) {ca['bpf_ns_per_op']:.0f} ns "
-                      f"of BPF per operation vs {cb['bpf_ns_per_op']:.0f} ns")
+                      f"of BPF per operation vs {cb['bpf_ns_per_op']:.0f} ns{_bpf_source(ca)}")
         if gid == "cpu_per_exec":
             cause += _top_self(result)
         # the same comparison paired by round (the rounds' sessions ran minutes apart, the machine
@@ -240,7 +250,8 @@ def goals(result: dict) -> list:
             ops = result.get("config", {}).get("sizes", {}).get(worst)
             if base.get("median_cpu_ns") and c.get("bpf_ns_per_op") is not None and ops:
                 per_op = base["median_cpu_ns"] / ops
-                parts.append(f"{worst}: the probes' BPF run time is {c['bpf_ns_per_op']:.0f} ns per operation, "
+                parts.append(f"{worst}: the probes' BPF run time is {c['bpf_ns_per_op']:.0f} ns per operation"
+                             f"{_bpf_source(c)}, "
                              f"{100 * c['bpf_ns_per_op'] / per_op:.1f}% of the {per_op / 1000:.1f} us an operation "
                              f"costs untraced, against a measured {100 * (vals[worst] - 1):.1f}%")
             spread = base.get("cpu_spread" if judge(result) == "cpu" else "spread")

@@ -6,7 +6,15 @@ fitted to flat / log / linear.
 Every point is short: the session starts, the state of the point is made (agent cgroups that
 have each run a program, sleeping processes in the process table), the storms run `reps`
 times (the best counts), the session stops. Tracer CPU is what the tracer's processes spent
-during the storm and until its output went quiet, divided by the storm's operations."""
+during the storm and until its output went quiet, divided by the storm's operations.
+
+BPF run-time stats are off for the points, as agenttrace ships and as in the measured rounds: no
+figure of a point reads them (the tracer's CPU is its own processes', the programs run in the
+workload's tasks). Until 2026-12-06 the harness held them on for the whole run, so the points'
+`*_workload_us_per_op` figures of older results may carry some of their cost (the rounds measured
++4.2% on connect_storm, nothing on exec_storm).
+The learned-address series reads BPF run time and turns kernel.bpf_stats_enabled on in its
+child for its own length (LEARNED_CHILD)."""
 from __future__ import annotations
 
 import atexit

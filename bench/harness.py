@@ -6,7 +6,14 @@ tracer configurations of each in a Williams order (bench/schedule.py: every conf
 every position, and after a different neighbour, as evenly as the number of rounds allows, on a
 noisy 2-core node); inside one tracer session every workload runs once per placement and
 repetition, the placements alternating between rounds. Ratios divide medians of the same run's
-no-tracer rounds, with a 95% interval (bench/interval.py)."""
+no-tracer rounds, with a 95% interval (bench/interval.py).
+
+BPF run-time stats (BPF_ENABLE_STATS) are off for the judged repetitions, as agenttrace ships:
+they cost two clock reads per program run, and agenttrace runs ~11 programs per refused connect
+and ~21 per loopback connect where bpftrace runs 1-2 (stats on vs off, 8 alternated pairs under
+agenttrace-enforce, 2026-12-06: refused_storm +6.2% workload CPU, connect_storm +4.2%, exec_storm
+none). Each workload and placement then gets one more repetition per session with them on, whose
+deltas are the BPF figures; report.summarize keeps the two apart."""
 from __future__ import annotations
 
 import argparse
@@ -98,6 +105,16 @@ def lat_summary(values: list) -> dict | None:
             "max_ms": max(values) / 1e6}
 
 
+def probe_bpf_stats() -> bool:
+    """Whether the kernel grants BPF_ENABLE_STATS, asked once (enabled, then closed at once):
+    holding the fd for the whole run taxed every judged repetition."""
+    with sysinfo.bpf_stats_on() as on:
+        pass
+    if not on:
+        log("BPF run-time stats unavailable (BPF_ENABLE_STATS refused): no BPF figures")
+    return on
+
+
 class Bench:
     def __init__(self, opts):
         self.opts = opts
@@ -109,7 +126,7 @@ class Bench:
         self.latencies: dict[str, list] = {}  # "tracer|workload/placement" -> ns values
         self.cg: sysinfo.AgentCgroup | None = None
         self.gens: dict = {}
-        self.bpf_stats_fd = -1
+        self.bpf_stats = False  # BPF run-time stats available and wanted: one stats-on repetition
 
     # -- one tracer session: every selected workload, each placement
     def session(self, tname: str, rnd: int, workloads: list) -> None:
@@ -126,31 +143,13 @@ class Bench:
             sess["startup_s"] = tracer.startup_s
             if getattr(tracer, "started", None):
                 sess["started"] = tracer.started
-            if self.bpf_stats_fd >= 0:
-                # what the tracer hooks: BCC names a tracepoint program after its category
-                # (sched__..., sock__..., syscalls__...), so a syscall tracepoint shows here
-                sess["bpf_programs"] = sorted({v[0] for v in sysinfo.bpf_prog_stats(tracer.pids()).values()})
+            # what the tracer hooks: BCC names a tracepoint program after its category
+            # (sched__..., sock__..., syscalls__...), so a syscall tracepoint shows here; the
+            # names come from fdinfo, which lists every program with or without run-time stats
+            sess["bpf_programs"] = sorted({v[0] for v in sysinfo.bpf_prog_stats(tracer.pids()).values()})
             for wl in workloads:
-                placements = wl.placements if rnd % 2 == 0 else tuple(reversed(wl.placements))
-                reps = self.opts.reps if wl.name != "burst" else 1
-                for rep, pl in [(r, p) for r in range(reps) for p in placements]:
-                    pids = tracer.pids()
-                    b0 = sysinfo.bpf_prog_stats(pids) if self.bpf_stats_fd >= 0 else {}
-                    m0, c0 = tracer.mark(), tracer.cpu_ns()
-                    res = loadgen.run(self.gens[wl.gen], wl.args(self.size),
-                                      self.cg.path if pl == "inside" else None)
-                    expected = wl.expected(self.size, pl)
-                    tracer.drain(m0, expected)
-                    m1, c1 = tracer.mark(), tracer.cpu_ns()
-                    b1 = sysinfo.bpf_prog_stats(pids) if self.bpf_stats_fd >= 0 else {}
-                    tracer.alive_check()
-                    rec = {"round": rnd, "rep": rep, "tracer": tname, "workload": wl.name, "placement": pl,
-                           "n": res.n, "elapsed_ns": res.elapsed_ns, "cpu_ns": res.cpu_ns, "errors": res.errors,
-                           "expected_events": expected, "tracer_cpu_ns": max(c1 - c0, 0), **res.extra}
-                    if b1:
-                        rec["bpf"] = sysinfo.bpf_stats_delta(b0, b1)
-                    self.runs.append(rec)
-                    pending.append((rec, m0, m1))
+                for rep, pl, stats in self.plan(wl, rnd):
+                    pending.append(self.timed_run(tracer, tname, rnd, wl, rep, pl, stats))
             sess["ok"] = True
         except (tracers.TracerError, loadgen.LoadgenError, OSError) as e:
             sess["error"] = str(e)
@@ -176,6 +175,38 @@ class Bench:
             if w["latency_ns"]:
                 rec["latency"] = lat_summary(w["latency_ns"])
                 self.latencies.setdefault(f"{tname}|{rec['workload']}/{rec['placement']}", []).extend(w["latency_ns"])
+
+    def plan(self, wl: Workload, rnd: int) -> list:
+        """(rep, placement, bpf_stats) of one workload in one session: the judged repetitions
+        with BPF run-time stats off, as agenttrace ships (on, they cost ~2 clock reads per
+        program run: refused_storm +6.2% workload CPU under agenttrace-enforce, 8 alternated
+        pairs, 2026-12-06), then one repetition per placement with them on for the BPF figures."""
+        placements = wl.placements if rnd % 2 == 0 else tuple(reversed(wl.placements))
+        reps = self.opts.reps if wl.name != "burst" else 1
+        judged = [(r, p, False) for r in range(reps) for p in placements]
+        return judged + ([(reps, p, True) for p in placements] if self.bpf_stats else [])
+
+    def timed_run(self, tracer, tname: str, rnd: int, wl: Workload, rep: int, pl: str, stats: bool) -> tuple:
+        """One workload run under `tracer`: its record (appended to the runs) and the tracer's
+        output marks around it. With `stats` the run-time stats are on from just before the
+        first BPF snapshot to just after the second, and no longer."""
+        pids = tracer.pids()
+        with sysinfo.bpf_stats_on(stats) as on:
+            b0 = sysinfo.bpf_prog_stats(pids) if on else {}
+            m0, c0 = tracer.mark(), tracer.cpu_ns()
+            res = loadgen.run(self.gens[wl.gen], wl.args(self.size), self.cg.path if pl == "inside" else None)
+            expected = wl.expected(self.size, pl)
+            tracer.drain(m0, expected)
+            m1, c1 = tracer.mark(), tracer.cpu_ns()
+            b1 = sysinfo.bpf_prog_stats(pids) if on else {}
+        tracer.alive_check()
+        rec = {"round": rnd, "rep": rep, "tracer": tname, "workload": wl.name, "placement": pl,
+               "n": res.n, "elapsed_ns": res.elapsed_ns, "cpu_ns": res.cpu_ns, "errors": res.errors,
+               "expected_events": expected, "tracer_cpu_ns": max(c1 - c0, 0), "bpf_stats": on, **res.extra}
+        if on:
+            rec["bpf"] = sysinfo.bpf_stats_delta(b0, b1)
+        self.runs.append(rec)
+        return rec, m0, m1
 
     def warmup(self, workloads: list) -> list:
         """Every workload once per placement, no tracer, not counted: the first timed session
@@ -267,6 +298,8 @@ class Bench:
         return step
 
     def rate_sweep(self) -> dict:
+        # BPF run-time stats stay off, as agenttrace ships and as in the rounds: no figure here
+        # reads them, and on they would tax the generator's every connect
         steps, ms = self.size["rate_steps"], self.size["rate_ms"]
         what = {"udp": "connect(2) repeated on one UDP socket to a loopback port (one syscall, no packet, "
                        "per connect event)",
@@ -344,12 +377,11 @@ class Bench:
         workloads = [w for w in WORKLOADS if w.name in only]
         result["workloads"] = {w.name: {"what": w.what, "placements": list(w.placements), "event_kind": w.kind,
                                         "args": w.args(self.size)} for w in workloads}
-        if opts.bpf_stats:
-            try:
-                self.bpf_stats_fd = sysinfo.enable_bpf_stats()
-            except OSError as e:
-                log(f"BPF run-time stats unavailable: {e}")
-        result["config"]["bpf_stats"] = self.bpf_stats_fd >= 0
+        self.bpf_stats = opts.bpf_stats and probe_bpf_stats()
+        result["config"]["bpf_stats"] = self.bpf_stats
+        result["config"]["bpf_stats_sysctl"] = sysinfo.bpf_stats_sysctl()
+        if result["config"]["bpf_stats_sysctl"] == "1":
+            log("kernel.bpf_stats_enabled is 1: BPF run-time stats are on for every run, the judged ones too")
         self.cg = sysinfo.AgentCgroup().create()
         result["agent_cgroup"] = {"path": str(self.cg.path), "id": self.cg.id}
         try:
@@ -371,7 +403,7 @@ class Bench:
                 # for a figure no goal reads
                 result["untraced"] = untraced.measure([t for t in active if not t.startswith("agenttrace-before")],
                                                      self.cg, self.work, self.gens, opts.size, log,
-                                                     bpf_stats=self.bpf_stats_fd >= 0)
+                                                     bpf_stats=self.bpf_stats)
             else:
                 result["untraced"] = {"status": "not measured: not selected by --only"}
             if "rate_sweep" not in only:
@@ -398,11 +430,10 @@ class Bench:
                 for build in builds:
                     log(f"profiling agenttrace-enforce ({build}) under an exec storm with py-spy")
                     result["profile"][build] = profile.profile_agenttrace("enforce", self.cg, self.work, self.gens,
-                                                                          self.size, build=build)
+                                                                          self.size, build=build,
+                                                                          bpf_stats=self.bpf_stats)
         finally:
             self.cg.remove()
-            if self.bpf_stats_fd >= 0:
-                os.close(self.bpf_stats_fd)
         result["runs"] = self.runs
         result["sessions"] = self.sessions
         result["latency"] = {k: lat_summary(v) for k, v in sorted(self.latencies.items())}
@@ -424,7 +455,8 @@ def parse_args(argv=None):
                     help="repetitions of each workload inside one tracer session; their median is the "
                          "session's figure "
                          "(default by size: " + ", ".join(f"{k} {v['reps']}" for k, v in SIZES.items())
-                         + "; burst always runs once)")
+                         + "; burst always runs once), with BPF run-time stats off; one more repetition "
+                           "with them on follows for the BPF figures unless --no-bpf-stats")
     ap.add_argument("--only", default=None,
                     help="comma-separated workloads to run (" + ", ".join(WORKLOAD_NAMES) + ")")
     ap.add_argument("--tracers", default="none,agenttrace,bpftrace,bpftrace-syscalls,auditd",
@@ -450,8 +482,10 @@ def parse_args(argv=None):
     ap.add_argument("--no-warmup", dest="warmup", action="store_false",
                     help="skip the untimed warm-up pass of every workload before the first round")
     ap.add_argument("--no-bpf-stats", dest="bpf_stats", action="store_false",
-                    help="do not turn on BPF run-time statistics (BPF_ENABLE_STATS) for the run; with them, "
-                         "the time each tracer's BPF programs spend in the traced tasks is reported per event")
+                    help="no repetition with BPF run-time statistics (BPF_ENABLE_STATS) on, and none for the "
+                         "untraced phase and profile either; with them, the time each tracer's BPF programs "
+                         "spend in the traced tasks is reported per event (the judged repetitions run with "
+                         "them off either way)")
     ap.add_argument("--out", default=str(HERE / "out"), help="output folder (default bench/out)")
     opts = ap.parse_args(argv)
     if opts.rounds is None:

@@ -2,9 +2,12 @@
 the functions that take the most time (self and inclusive), plus the BPF programs' run time.
 
 Run as its own session after the measured rounds (`--profile`): sampling costs the profiled
-process, so it never shares a session with the figures the goals are judged on."""
+process, so it never shares a session with the figures the goals are judged on. BPF run-time
+stats are on from just before the storm's first BPF snapshot to just after its last (the rounds
+run without them); `bpf_stats=False` (`--no-bpf-stats`) leaves them off and the BPF table empty."""
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -73,7 +76,8 @@ def fold(raw: str, top: int = 30) -> dict:
 PROFILE_EXECS = {"tiny": 100, "small": 6000, "full": 10000}
 
 
-def profile_agenttrace(mode: str, cg, work: Path, gens: dict, size: dict, build: str = "after") -> dict:
+def profile_agenttrace(mode: str, cg, work: Path, gens: dict, size: dict, build: str = "after",
+                       bpf_stats: bool = True) -> dict:
     """py-spy of one agenttrace session (`build` "after": the build measured; "before": the
     --before build) under an exec storm in the agent cgroup."""
     exe = pyspy_exe()
@@ -86,6 +90,7 @@ def profile_agenttrace(mode: str, cg, work: Path, gens: dict, size: dict, build:
     out = work / f"profile-{build}-{mode}.txt"
     result: dict = {"mode": mode, "build": build, "exe": str(tracers.agenttrace_exe(build))}
     spy = None
+    stats = contextlib.ExitStack()
     try:
         tracer.start(cg, work, gens)
         # py-spy walks Python frames only: a module compiled by scripts/build_native.py shows no
@@ -99,6 +104,7 @@ def profile_agenttrace(mode: str, cg, work: Path, gens: dict, size: dict, build:
         how = ["--native", "--gil", "--rate", "1000"] if native else ["--nonblocking", "--rate", "250"]
         result["sampling"] = "native" if native else "nonblocking"
         pids = tracer.pids()
+        stats.enter_context(sysinfo.bpf_stats_on(bpf_stats))
         b0 = sysinfo.bpf_prog_stats(pids)
         with open(work / f"py-spy-{build}-{mode}.stderr", "wb") as err:
             spy = subprocess.Popen([exe, "record", "--pid", str(tracer.proc.pid), "--format", "raw",
@@ -116,11 +122,13 @@ def profile_agenttrace(mode: str, cg, work: Path, gens: dict, size: dict, build:
         result["cpu_us_per_exec"] = round((tracer.cpu_ns() - c0) / max(r.n, 1) / 1000, 2)
         result["events_per_exec"] = round((tracer.mark()[1] - m0[1]) / max(r.n, 1), 2)
         b1 = sysinfo.bpf_prog_stats(pids)
+        stats.close()
         result["workloads"] = ops
         result["bpf"] = sysinfo.bpf_stats_delta(b0, b1)
     except (tracers.TracerError, loadgen.LoadgenError, OSError) as e:
         result["error"] = str(e)
     finally:
+        stats.close()
         if spy is not None:
             if spy.poll() is None:
                 spy.send_signal(signal.SIGINT)

@@ -16,69 +16,8 @@ def summarize(runs: list, sessions: list, active: list, workloads: list) -> dict
             cell: dict = {}
             for t in active:
                 rs = [r for r in runs if r["tracer"] == t and r["workload"] == wl.name and r["placement"] == pl]
-                if not rs:
-                    continue
-                # one figure per session: the median of its repetitions, then the median over the
-                # sessions. Not the best: the noise here is not only added time. Over the two small
-                # runs of 2026-12-02 (2 repetitions, 60 tracer/workload cells each) the variance of
-                # log(tracer / none) between rounds was lower with the mean of the repetitions on
-                # 45 and 44 of the 60 cells, 24% and 15% lower on average, than with their minimum
-                per_round: dict = {}
-                for r in rs:
-                    reps = per_round.setdefault(r["round"], ([], []))
-                    reps[0].append(r["elapsed_ns"])
-                    if r.get("cpu_ns") is not None:
-                        reps[1].append(r["cpu_ns"])
-                per_round = {k: [statistics.median(e), statistics.median(c) if c else None]
-                             for k, (e, c) in per_round.items()}
-                rounds = sorted(per_round)
-                el = [per_round[k][0] for k in rounds]
-                wcpu = [per_round[k][1] for k in rounds if per_round[k][1] is not None]
-                events = sum(r.get("events", 0) for r in rs)
-                cpu = sum(r["tracer_cpu_ns"] for r in rs)
-                expected = sum(r["expected_events"] for r in rs)
-                seen = sum(r.get("seen_expected_kind", 0) for r in rs)
-                bpf_runs = sum(p["run_cnt"] for r in rs for p in r.get("bpf", {}).values())
-                bpf_ns = sum(p["run_time_ns"] for r in rs for p in r.get("bpf", {}).values())
-                progs: dict = {}
-                for r in rs:
-                    for name, p in r.get("bpf", {}).items():
-                        d = progs.setdefault(name, {"run_cnt": 0, "run_time_ns": 0})
-                        d["run_cnt"] += p["run_cnt"]
-                        d["run_time_ns"] += p["run_time_ns"]
-                cell[t] = {
-                    "rounds": len(per_round),
-                    "runs": len(rs),
-                    "median_elapsed_ns": statistics.median(el),
-                    "median_cpu_ns": statistics.median(wcpu) if wcpu else None,
-                    # one figure per session, by round: what the intervals resample
-                    "session_rounds": rounds,
-                    "session_elapsed_ns": el,
-                    "session_cpu_ns": [per_round[k][1] for k in rounds],
-                    # the tracer's CPU per operation in each round (its repetitions pooled), so the
-                    # CPU-per-event goals can pair agenttrace with bpftrace round by round
-                    "session_tracer_cpu_per_op_us": [_tracer_cpu_per_op(rs, k) for k in rounds],
-                    "min_elapsed_ns": min(el),
-                    "max_elapsed_ns": max(el),
-                    # (max - min) / median of the rounds: how far apart identical runs fell
-                    "spread": round((max(el) - min(el)) / statistics.median(el), 3),
-                    "cpu_spread": round((max(wcpu) - min(wcpu)) / statistics.median(wcpu), 3) if wcpu else None,
-                    "events": events,
-                    "events_per_op": round(events / sum(r["n"] for r in rs), 3),
-                    "tracer_cpu_ns": cpu,
-                    "cpu_per_event_us": round(cpu / events / 1000, 3) if events else None,
-                    # per operation of the workload (one exec = fork + exec + exit records for
-                    # agenttrace, one line for bpftrace): what issue 15 compares between tracers
-                    # (not for bulk_tcp: one connect per run, so its figure is the idle cost of the window)
-                    "cpu_per_op_us": (round(cpu / sum(r["n"] for r in rs) / 1000, 3)
-                                      if expected and expected >= sum(r["n"] for r in rs) else None),
-                    "coverage": round(seen / expected, 4) if expected else None,
-                    "bpf_runs_per_op": round(bpf_runs / sum(r["n"] for r in rs), 3) if bpf_runs else None,
-                    "bpf_ns_per_event": round(bpf_ns / events) if events and bpf_ns else None,
-                    "bpf_ns_per_op": round(bpf_ns / sum(r["n"] for r in rs), 3) if bpf_ns else 0.0,
-                    "bpf_progs": progs,
-                    "errors": sum(r["errors"] for r in rs),
-                }
+                if rs:
+                    cell[t] = _cell(rs)
             base = cell.get("none")
             for t, c in cell.items():
                 c["ratio"] = round(c["median_elapsed_ns"] / base["median_elapsed_ns"], 4) if base else None
@@ -111,12 +50,116 @@ def summarize(runs: list, sessions: list, active: list, workloads: list) -> dict
             "drops_total": sum(drops) if drops else (0 if t == "none" else None),
             "bpf_programs": progs,
         }
-    return {"workloads": out, "tracers": per_tracer, "order_effects": order_effects.measure(runs, sessions),
+    # the drift of a round or a position, as the judged figures saw it
+    judged = [r for r in runs if not r.get("bpf_stats")]
+    return {"workloads": out, "tracers": per_tracer, "order_effects": order_effects.measure(judged, sessions),
             "intervals": {"level": float(interval.LEVEL), "method": interval.METHOD,
                           "fields": "ratio_ci, cpu_ratio_ci: [low, high] of ratio, cpu_ratio; null with fewer "
                                     f"than {interval.MIN_ROUNDS} rounds with both sessions; session_rounds, "
                                     "session_elapsed_ns, session_cpu_ns, session_tracer_cpu_per_op_us: the "
                                     "per-session figures, by round"}}
+
+
+def _split_by_stats(rs: list) -> tuple:
+    """(judged, bpf) runs of one cell. The judged ones ran with BPF run-time stats off and give
+    the time and tracer-CPU figures; the stats-on repetitions give the BPF figures. A result
+    from before the stats-on repetition (no `bpf_stats` key, stats held on for the whole run)
+    takes both from every run, as it did then."""
+    if not any("bpf_stats" in r for r in rs):
+        return rs, rs
+    return [r for r in rs if not r.get("bpf_stats")] or rs, [r for r in rs if r.get("bpf_stats")]
+
+
+def _cell(rs: list) -> dict:
+    """One tracer's figures on one workload cell. Counts of what was seen (runs, events,
+    coverage, errors) are over every run, stats on or off: the tracer saw both."""
+    judged, bpf_rs = _split_by_stats(rs)
+    # one figure per session: the median of its repetitions, then the median over the
+    # sessions. Not the best: the noise here is not only added time. Over the two small
+    # runs of 2026-12-02 (2 repetitions, 60 tracer/workload cells each) the variance of
+    # log(tracer / none) between rounds was lower with the mean of the repetitions on
+    # 45 and 44 of the 60 cells, 24% and 15% lower on average, than with their minimum
+    per_round: dict = {}
+    for r in judged:
+        reps = per_round.setdefault(r["round"], ([], []))
+        reps[0].append(r["elapsed_ns"])
+        if r.get("cpu_ns") is not None:
+            reps[1].append(r["cpu_ns"])
+    per_round = {k: [statistics.median(e), statistics.median(c) if c else None]
+                 for k, (e, c) in per_round.items()}
+    rounds = sorted(per_round)
+    el = [per_round[k][0] for k in rounds]
+    wcpu = [per_round[k][1] for k in rounds if per_round[k][1] is not None]
+    n_all = sum(r["n"] for r in rs)
+    events = sum(r.get("events", 0) for r in rs)
+    expected = sum(r["expected_events"] for r in rs)
+    seen = sum(r.get("seen_expected_kind", 0) for r in rs)
+    cpu = sum(r["tracer_cpu_ns"] for r in judged)
+    n = sum(r["n"] for r in judged)
+    judged_events = sum(r.get("events", 0) for r in judged)
+    judged_expected = sum(r["expected_events"] for r in judged)
+    median_cpu = statistics.median(wcpu) if wcpu else None
+    return {
+        "rounds": len(per_round),
+        "runs": len(rs),
+        "median_elapsed_ns": statistics.median(el),
+        "median_cpu_ns": median_cpu,
+        # one figure per session, by round: what the intervals resample
+        "session_rounds": rounds,
+        "session_elapsed_ns": el,
+        "session_cpu_ns": [per_round[k][1] for k in rounds],
+        # the tracer's CPU per operation in each round (its repetitions pooled), so the
+        # CPU-per-event goals can pair agenttrace with bpftrace round by round
+        "session_tracer_cpu_per_op_us": [_tracer_cpu_per_op(judged, k) for k in rounds],
+        "min_elapsed_ns": min(el),
+        "max_elapsed_ns": max(el),
+        # (max - min) / median of the rounds: how far apart identical runs fell
+        "spread": round((max(el) - min(el)) / statistics.median(el), 3),
+        "cpu_spread": round((max(wcpu) - min(wcpu)) / statistics.median(wcpu), 3) if wcpu else None,
+        "events": events,
+        "events_per_op": round(events / n_all, 3),
+        "tracer_cpu_ns": cpu,
+        "cpu_per_event_us": round(cpu / judged_events / 1000, 3) if judged_events else None,
+        # per operation of the workload (one exec = fork + exec + exit records for
+        # agenttrace, one line for bpftrace): what issue 15 compares between tracers
+        # (not for bulk_tcp: one connect per run, so its figure is the idle cost of the window)
+        "cpu_per_op_us": (round(cpu / n / 1000, 3) if judged_expected and judged_expected >= n else None),
+        "coverage": round(seen / expected, 4) if expected else None,
+        **_bpf_figures(bpf_rs),
+        "bpf_stats_runs": (sum(1 for r in rs if r.get("bpf_stats")) if any("bpf_stats" in r for r in rs) else None),
+        "stats_cpu_ratio": _stats_cpu_ratio(rs, median_cpu),
+        "errors": sum(r["errors"] for r in rs),
+    }
+
+
+def _bpf_figures(rs: list) -> dict:
+    """BPF runs and run time per operation and per event of the runs that had run-time stats
+    on, normalised by those runs' own operations and events; None when none had."""
+    if not rs:
+        return {"bpf_runs_per_op": None, "bpf_ns_per_event": None, "bpf_ns_per_op": None, "bpf_progs": {}}
+    n = sum(r["n"] for r in rs)
+    events = sum(r.get("events", 0) for r in rs)
+    progs: dict = {}
+    for r in rs:
+        for name, p in r.get("bpf", {}).items():
+            d = progs.setdefault(name, {"run_cnt": 0, "run_time_ns": 0})
+            d["run_cnt"] += p["run_cnt"]
+            d["run_time_ns"] += p["run_time_ns"]
+    bpf_runs = sum(p["run_cnt"] for p in progs.values())
+    bpf_ns = sum(p["run_time_ns"] for p in progs.values())
+    return {"bpf_runs_per_op": round(bpf_runs / n, 3) if bpf_runs else None,
+            "bpf_ns_per_event": round(bpf_ns / events) if events and bpf_ns else None,
+            "bpf_ns_per_op": round(bpf_ns / n, 3) if bpf_ns else 0.0,
+            "bpf_progs": progs}
+
+
+def _stats_cpu_ratio(rs: list, median_off) -> float | None:
+    """Median workload CPU of the stats-on repetitions / the cell's median over sessions of the
+    stats-off ones: what the BPF figures' own measurement cost the workload."""
+    on = [r["cpu_ns"] for r in rs if r.get("bpf_stats") and r.get("cpu_ns") is not None]
+    if not on or not median_off or not any(r.get("bpf_stats") is False for r in rs):
+        return None
+    return round(statistics.median(on) / median_off, 4)
 
 
 def _tracer_cpu_per_op(rs: list, rnd) -> float | None:
@@ -242,6 +285,29 @@ def profile_section(prof) -> list:
     return L
 
 
+# why the judged repetitions run with the stats off: workload CPU with them on vs off, measured
+# before the harness stopped holding them on for the whole run
+STATS_EFFECT = ("stats on vs off under agenttrace-enforce, 8 alternated pairs, 2026-12-06, Intel Xeon 2-CPU VM: "
+                "refused_storm +6.2% workload CPU (every pair +4.3% to +19.6%), connect_storm +4.2% (noisy), "
+                "exec_storm none")
+
+
+def bpf_stats_note(result: dict) -> str:
+    """How BPF run-time stats (BPF_ENABLE_STATS, two clock reads per program run) were used,
+    for the report's header: the goals' figures and the BPF tables come from different runs."""
+    runs = result.get("runs") or []
+    if runs and not any("bpf_stats" in r for r in runs):
+        return ("BPF run-time stats (BPF_ENABLE_STATS) were on for every repetition, the judged ones too "
+                "(a result from before the stats-on repetition).")
+    if not result.get("config", {}).get("bpf_stats"):
+        return ("Goals are judged on repetitions with BPF run-time stats (BPF_ENABLE_STATS) off, as agenttrace "
+                "ships; they were not turned on at all (`--no-bpf-stats`, or refused), so there are no BPF figures.")
+    return ("Goals are judged on repetitions with BPF run-time stats (BPF_ENABLE_STATS, two clock reads per "
+            "program run) off, as agenttrace ships; each session adds one repetition per workload and placement "
+            "with them on, the only source of the BPF figures, its cost shown as the BPF table's stats on / off "
+            f"CPU column ({STATS_EFFECT}).")
+
+
 def markdown(result: dict, plot_name: str | None) -> str:
     m = result["machine"]
     cfg = result["config"]
@@ -255,7 +321,7 @@ def markdown(result: dict, plot_name: str | None) -> str:
              f"the {cfg.get('session_figure', 'best')} of its repetitions; ratios divide medians over sessions (configurations in a "
              f"{'Williams' if cfg.get('order', '').startswith('williams') else 'rotated'} order each round"
              f"{', after an untimed warm-up pass' if cfg.get('warmup') else ''}) by the no-tracer median of the "
-             f"same run, with a 95% interval over rounds in brackets.")
+             f"same run, with a 95% interval over rounds in brackets. {bpf_stats_note(result)}")
     L.append("")
     L.append("## Goals (issue 15)")
     L.append("")
@@ -337,10 +403,14 @@ def markdown(result: dict, plot_name: str | None) -> str:
              "kind reported / operations done (1.0 = saw every exec/connect).")
     L.append("")
     L.append("BPF ns/event = run time of the tracer's BPF programs (BPF_ENABLE_STATS), spent inside the "
-             "traced tasks, per reported event.")
+             "traced tasks, per reported event, from the sessions' stats-on repetitions alone (per their own "
+             "operations and events); CPU/op and CPU/event come from the judged, stats-off ones. Stats on / off "
+             "CPU = median workload CPU of the stats-on repetitions / median of the stats-off ones: what "
+             "measuring the BPF figures cost the workload.")
     L.append("")
-    L.append("| workload | tracer | events/op | CPU/op (us) | CPU/event (us) | BPF ns/op | BPF ns/event | coverage |")
-    L.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    L.append("| workload | tracer | events/op | CPU/op (us) | CPU/event (us) | BPF ns/op | BPF ns/event | "
+             "stats on / off CPU | coverage |")
+    L.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for key, cell in summ["workloads"].items():
         if not key.endswith("/inside"):
             continue
@@ -352,7 +422,8 @@ def markdown(result: dict, plot_name: str | None) -> str:
             bpf = "-" if c.get("bpf_ns_per_event") is None else str(c["bpf_ns_per_event"])
             cpo = "-" if c.get("cpu_per_op_us") is None else f"{c['cpu_per_op_us']:.2f}"
             bpo = "-" if not c.get("bpf_ns_per_op") else f"{c['bpf_ns_per_op']:.0f}"
-            L.append(f"| {key} | {t} | {c['events_per_op']} | {cpo} | {cpe} | {bpo} | {bpf} | {cov} |")
+            son = "-" if c.get("stats_cpu_ratio") is None else f"{c['stats_cpu_ratio']:.3f}x"
+            L.append(f"| {key} | {t} | {c['events_per_op']} | {cpo} | {cpe} | {bpo} | {bpf} | {son} | {cov} |")
     L.append("")
     L.append("| tracer | startup median / max (s) | peak RSS (MB) | RSS at stop (MB) | drops | sessions ok |")
     L.append("| --- | --- | --- | --- | --- | --- |")

@@ -2,6 +2,7 @@
 /proc says about a process (CPU time, peak RSS)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import signal
@@ -274,6 +275,34 @@ def enable_bpf_stats() -> int:
     import ctypes
     attr = ctypes.create_string_buffer(16)  # enable_stats.type = BPF_STATS_RUN_TIME (0)
     return _bpf(_BPF_ENABLE_STATS, attr)
+
+
+@contextlib.contextmanager
+def bpf_stats_on(wanted: bool = True):
+    """BPF run-time stats on for the with-block only, yielding whether they are: the measured
+    rounds run with them off, as agenttrace ships, so each phase that reads run time turns
+    them on for itself. A kernel that refuses (no CAP_SYS_ADMIN, too old) yields False."""
+    fd = -1
+    if wanted:
+        try:
+            fd = enable_bpf_stats()
+        except OSError:
+            fd = -1
+    try:
+        yield fd >= 0
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def bpf_stats_sysctl() -> str | None:
+    """kernel.bpf_stats_enabled ("0" / "1"; None when unreadable). At "1" the stats are on for
+    everyone whatever the fd does: a script that set it and died (bench.egress_storm, growth's
+    learned-address child) would leave the stats-off repetitions with them on."""
+    try:
+        return Path("/proc/sys/kernel/bpf_stats_enabled").read_text().strip()
+    except OSError:
+        return None
 
 
 def bpf_prog_name(prog_id: int) -> str:

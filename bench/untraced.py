@@ -42,6 +42,9 @@ not frequency or the guest's own load), and the process: each new process pays i
 - **Statistics.** Per configuration, workload, placement and figure: the median of the cycles'
   neighbour ratios with a 95% percentile-bootstrap interval over cycles (bench/interval.py
   median_ci, exact up to 8 cycles). Nothing is dropped: every block's figures are in the result.
+- **BPF run-time stats.** With them available and wanted (`--no-bpf-stats` turns them off) the
+  phase turns them on for its whole length itself, for the blocks' BPF runs per syscall; the
+  rounds before it run without them.
 
 The goal (bench/goals.py) is judged on the stop edge's CPU `floor` ratios, the worst of
 agenttrace's modes and workloads (on the blocks' floor ratios for a phase without edges); the
@@ -493,7 +496,11 @@ class Phase:
 
 
 def measure(configs: list, cg, work, gens, size: str, log, bpf_stats: bool = False) -> dict:
-    return Phase(cg, work, gens, size, log, bpf_stats).run(configs)
+    """The phase; with `bpf_stats` BPF run-time stats are on for its whole length (the rounds run
+    without them): its per-syscall BPF figures need them, and every block, off and on alike, then
+    runs under the same stats as before the rounds turned them off."""
+    with sysinfo.bpf_stats_on(bpf_stats) as on:
+        return Phase(cg, work, gens, size, log, on).run(configs)
 
 
 def bpf_per_syscall(blocks: list, place: dict, sizes: dict) -> dict:

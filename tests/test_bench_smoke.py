@@ -69,6 +69,19 @@ def test_tiny_run_with_bpftrace(tmp_path):
     assert got == {(t, c) for t in ("none", "bpftrace") for c in expected_cells}
     for run in res["runs"]:
         assert run["elapsed_ns"] > 0 and run["n"] > 0 and run["errors"] == 0, run
+    # the judged repetitions ran with BPF run-time stats off; one more per workload, placement and
+    # session with them on, the only runs that carry BPF deltas
+    assert all(("bpf" in run) == run["bpf_stats"] for run in res["runs"])
+    if res["config"]["bpf_stats"]:
+        for t, c in got:
+            mine = [r for r in res["runs"] if (r["tracer"], f"{r['workload']}/{r['placement']}") == (t, c)]
+            assert [r["bpf_stats"] for r in mine] == [False, True], (t, c)
+            assert mine[1]["rep"] == 1
+        assert res["summary"]["workloads"]["exec_storm/inside"]["bpftrace"]["stats_cpu_ratio"] > 0
+        assert res["summary"]["workloads"]["exec_storm/inside"]["bpftrace"]["bpf_ns_per_event"] > 0
+    else:
+        assert not any(run["bpf_stats"] for run in res["runs"])
+    assert "| stats on / off CPU |" in (out / "report.md").read_text()
 
     # one round: no interval can be claimed, and the fields say so
     assert res["round_orders"] == [["none", "bpftrace"]]
