@@ -26,7 +26,7 @@ bench-baseline:
 	@size=$$(sed -n 's/.*Size `\([a-z]*\)`.*/\1/p' bench/out/report.md | head -1); \
 	 d=bench/baseline/$$(date -u +%F)-$$size$(if $(BASELINE_TAG),-$(BASELINE_TAG)); \
 	 if [ -e $$d ]; then echo "bench-baseline: $$d exists; set BASELINE_TAG=... to keep both" >&2; exit 2; fi; \
-	 mkdir -p $$d && cp bench/out/report.md bench/out/*.png $$d/ && echo "bench-baseline: wrote $$d"
+	 mkdir -p $$d && cp bench/out/report.md bench/out/*.png $$d/ && { ! test -f bench/out/backlog.md || cp bench/out/backlog.md $$d/; } && echo "bench-baseline: wrote $$d"
 
 # A Debian package of this tree (packaging/build-deb.sh): agenttrace in its own venv in
 # /opt/agenttrace, the unit, the example config (a conffile) and a man page. DEB_OUT: where;

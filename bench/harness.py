@@ -26,7 +26,7 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import growth, loadgen, profile, report, schedule, sysinfo, tracers, untraced
+from . import backlog, growth, loadgen, profile, report, schedule, sysinfo, tracers, untraced
 
 HERE = Path(__file__).resolve().parent
 
@@ -63,12 +63,13 @@ WORKLOADS = [
     Workload("burst", "burst", ("inside",), "exec",
              "N execs of /bin/true as fast as possible, 64 children alive at once (ring-buffer sizing)"),
 ]
-WORKLOAD_NAMES = [w.name for w in WORKLOADS] + ["untraced", "rate_sweep", "growth"]
+WORKLOAD_NAMES = [w.name for w in WORKLOADS] + ["untraced", "rate_sweep", "growth", "backlog"]
 
 SIZES = {
     "tiny": {"exec_storm": 30, "connect_storm": 200, "refused_storm": 500, "bulk_tcp": 8,
              "getppid_loop": 200_000, "write_loop": 100_000, "burst": 300,
-             "rate_steps": [2_000, 10_000], "rate_ms": 300, "rounds": 1, "reps": 1, "profile_execs": 100},
+             "rate_steps": [2_000, 10_000], "rate_ms": 300, "rounds": 1, "reps": 1, "profile_execs": 100,
+             "backlog_pairs": 2},
     # small: each run >= ~200 ms of workload CPU with no tracer on the 2-core VM (the 2026-12-02
     # baseline's no-tracer runs scaled: exec 229 ms, connect ~211, refused ~217, bulk ~220 (800 MiB: 600 measured 138 ms under load),
     # getppid 267, write ~214): at 40-95 ms the network storms' sessions spread 9-32%. Longer
@@ -76,11 +77,11 @@ SIZES = {
     "small": {"exec_storm": 400, "connect_storm": 9_000, "refused_storm": 35_000, "bulk_tcp": 800,
               "getppid_loop": 2_000_000, "write_loop": 1_200_000, "burst": 10_000,
               "rate_steps": [10_000, 20_000, 35_000, 50_000, 75_000, 100_000, 150_000, 200_000], "rate_ms": 2_000, "profile_execs": 6_000,
-              "rounds": 5, "reps": 2},
+              "rounds": 5, "reps": 2, "backlog_pairs": 5},
     "full": {"exec_storm": 2_000, "connect_storm": 20_000, "refused_storm": 50_000, "bulk_tcp": 1_024,
              "getppid_loop": 10_000_000, "write_loop": 5_000_000, "burst": 10_000,
              "rate_steps": [10_000, 20_000, 35_000, 50_000, 75_000, 100_000, 150_000, 200_000, 300_000, 400_000],
-             "rate_ms": 5_000, "rounds": 7, "reps": 3, "profile_execs": 10_000},
+             "rate_ms": 5_000, "rounds": 7, "reps": 3, "profile_execs": 10_000, "backlog_pairs": 7},
 }
 
 
@@ -423,6 +424,17 @@ class Bench:
                     "agenttrace not among --tracers")}
             else:
                 result["growth"] = growth.measure(self.cg, self.work, self.gens, opts.size, opts.growth_dims, log)
+            # a record read behind a storm against one read live (bench/backlog.py)
+            if "backlog" not in only:
+                result["backlog"] = {"status": "not measured: not selected by --only"}
+            elif not info.get("agenttrace-enforce", {}).get("available"):
+                result["backlog"] = {"status": "not measured: agenttrace-enforce not among --tracers or unavailable"}
+            else:
+                builds = ["after"] + (["before"] if tracers.BEFORE.get("exe") else [])
+                log("backlog: connect storms read behind and live")
+                result["backlog"] = backlog.measure(builds, self.size.get("backlog_pairs", 5),
+                                                    self.size["connect_storm"], self.work, log, cg=self.cg,
+                                                    gens=self.gens)
             if opts.profile:
                 # the exec storm, under the build measured and under the before build when given
                 builds = ["after"] + (["before"] if tracers.BEFORE.get("exe") else [])

@@ -180,6 +180,7 @@ def _ci(cell: dict, base: dict, field: str):
 
 from .goals import JUDGE_FIELD, JUDGE_TEXT, goals, judge as _judge  # noqa: E402,F401  (goals: harness API)
 from . import growth as _growth  # noqa: E402
+from . import backlog as _backlog  # noqa: E402
 
 
 def _one_line(text, n: int = 160) -> str:
@@ -317,7 +318,9 @@ def markdown(result: dict, plot_name: str | None) -> str:
     L.append(f"Machine: {m['hostname']}, {m['nproc']} CPUs ({m['cpu_model']}), kernel {m['kernel']}, "
              f"{m['mem_total_mb']} MB; load average at start {m['loadavg'][0]:.2f}, at end "
              f"{m.get('loadavg_end', [0])[0]:.2f}. Size `{cfg['size']}`, {cfg['rounds']} round(s), "
-             f"{cfg.get('reps', 1)} repetition(s) per session, {result.get('duration_s', 0)} s. A session's figure is "
+             f"{cfg.get('reps', 1)} repetition(s) per session"
+             + (" (and one with BPF run-time stats on)" if any(r.get("bpf_stats") for r in result.get("runs") or []) else "")
+             + f", {result.get('duration_s', 0)} s. A session's figure is "
              f"the {cfg.get('session_figure', 'best')} of its repetitions; ratios divide medians over sessions (configurations in a "
              f"{'Williams' if cfg.get('order', '').startswith('williams') else 'rotated'} order each round"
              f"{', after an untimed warm-up pass' if cfg.get('warmup') else ''}) by the no-tracer median of the "
@@ -478,6 +481,8 @@ def markdown(result: dict, plot_name: str | None) -> str:
                  f"{sweep.get('max_zero_drop_rate_any')}/s. " + sweep.get("limit", ""))
     L.append("")
     L += _growth.markdown(result.get("growth"))
+    if result.get("backlog") is not None:
+        L += _backlog.render(result["backlog"], "##").rstrip("\n").split("\n") + [""]
     L += profile_section(result.get("profile"))
     L.append("## Notes")
     L.append("")
