@@ -247,3 +247,35 @@ def test_tcp_storm_through_the_cli(tmp_path, agent_tree):
     stopped = [x for x in read_jsonl(out) if x.get("kind") == "lifecycle" and x.get("phase") == "stopped"]
     assert stopped and stopped[0]["drops"]["kernel"] == 0
     assert stopped[0]["stages"]["enrich"]["errors"] == 0
+
+
+def test_a_gone_process_shares_its_part_only_for_records_from_before_its_look_up():
+    """A process found nowhere (ProcTable.get's failed look-up at T): its records from before T
+    with the same uid and comm share one part; a later record (maybe a new process on the pid),
+    another comm, or an entry the table gained is built afresh."""
+    import time
+
+    from agenttrace.enrich.procshare import SharedProcs
+    from agenttrace.enrich.proctable import ProcTable
+    child = subprocess.Popen(["true"])
+    child.wait()
+    pid = child.pid
+    t = ProcTable()
+    sp = SharedProcs(t)
+    built = []
+
+    def build(tgid, uid, comm, ktime):
+        built.append(ktime)
+        return {"pid": tgid, "uid": uid, "comm": comm.decode(), "ancestry": t.ancestry(tgid),
+                "exec_id": None if t.get(tgid, ktime) is None else "x"}
+    k = time.monotonic_ns()
+    first = sp.part(pid, 0, b"python3", build, None, k)     # looks, finds nothing at T > k
+    assert sp.part(pid, 0, b"python3", build, None, k + 1) is first and len(built) == 1
+    assert sp.shared == 1
+    other = sp.part(pid, 0, b"renamed", build, None, k + 2)  # the header's comm is in the part
+    assert other is not first and other["comm"] == "renamed" and len(built) == 2
+    assert sp.part(pid, 0, b"python3", build, None, time.monotonic_ns()) is not first   # after T
+    assert sp.part(pid, 0, b"python3", build, None, 0) is not first      # no record time
+    n = len(built)
+    t._put(__import__("agenttrace.enrich.proctable", fromlist=["Proc"]).Proc(pid, 1, 0, "new", "/x", []))
+    assert sp.part(pid, 0, b"python3", build, None, k + 3)["exec_id"] == "x" and len(built) == n + 1

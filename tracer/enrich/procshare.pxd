@@ -11,6 +11,6 @@ cdef class SharedProcs:
     cdef public dict _by_pid
     cdef public Py_ssize_t shared
 
-    @cython.locals(procs=ProcTable, p=Proc, m=tuple, r=dict, d=dict)
+    @cython.locals(procs=ProcTable, p=Proc, m=tuple, r=dict, d=dict, memo=tuple)
     cpdef dict part(self, object tgid, object uid, object comm, object build, object gpu_summary,
                     object ktime=*)

@@ -15,7 +15,9 @@ to those the part was built from (an exec gives a new exec id at least), the ver
 list the table returns now (it builds a new list whenever a chain may have changed) and the
 very GPU summary. The
 header's uid and comm are not part of it: with a table entry, `_proc_t` ignores them too, and
-they are the fields the agent can change without an exec. Without an entry nothing is shared.
+they are the fields the agent can change without an exec. Without an entry, a part is shared only
+between records of a process found nowhere from before the look-up that found nothing (a storm
+read after its process exited: ProcTable.get), with the same uid and comm.
 
 Sharing is safe because nothing downstream mutates a connect or accept record's `proc` (the
 renderer, the engine's alerts and `_connect_repeat` share it the same way); the one enricher
@@ -49,17 +51,32 @@ class SharedProcs:
         if m is not None:
             p = m[0]
             r = m[2]
+            if p is None:
+                # a process found nowhere, for a record from before the look-up that found
+                # nothing (ProcTable.get answers it without looking): the part is the header's
+                # uid and comm and no more, so equal ones give an equal part. A later record
+                # may be a new process's on the pid: it is built, and looked up
+                if (ktime and ktime < procs._gone.get(tgid, 0) and procs._t.get(tgid) is None
+                        and m[1] == (uid, comm)
+                        and (gpu_summary is None or (gpu_summary(tgid) or None) is r.get("gpu"))):
+                    self.shared += 1
+                    return r
             # the ancestry test is ProcTable.ancestry's own: its cached list is what it returns
-            if (procs._t.get(tgid) is p and m[1] == _fields(p)
+            elif (procs._t.get(tgid) is p and m[1] == _fields(p)
                     and p._anc is r["ancestry"] and p._anc_gen == procs._gen
                     and (gpu_summary is None or (gpu_summary(tgid) or None) is r.get("gpu"))):
                 self.shared += 1
                 return r
         r = build(tgid, uid, comm, ktime)
         p = procs.peek(tgid)
-        if p is not None:       # what build read: no entry, nothing shared
-            d = self._by_pid
-            if len(d) >= _LIMIT and tgid not in d:
-                d.clear()
-            d[tgid] = (p, _fields(p), r)
+        d = self._by_pid
+        if p is not None:
+            memo = (p, _fields(p), r)
+        elif ktime and ktime < procs._gone.get(tgid, 0):
+            memo = (None, (uid, comm), r)
+        else:       # no entry and no answer that stands for the next record: nothing shared
+            return r
+        if len(d) >= _LIMIT and tgid not in d:
+            d.clear()
+        d[tgid] = memo
         return r
