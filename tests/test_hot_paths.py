@@ -35,7 +35,7 @@ class _Closed(ProcTable):
     """Nothing outside the table (the test's pids need not exist). A subclass, not an instance
     attribute: the compiled ProcTable is a C type whose instances take no new attributes."""
 
-    def get(self, pid):
+    def get(self, pid, before=0):
         return self.peek(pid)
 
 
